@@ -1,0 +1,1 @@
+"""Tracing models into static-shape step graphs and compiling them (installed as `flashdreams.export`)."""

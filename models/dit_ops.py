@@ -1,0 +1,106 @@
+"""The DiT's elementwise, norm and attention steps, with a switch between torch and our kernels.
+
+`impl="sdpa"` is plain torch (the reference, and what CPU tests use); `impl="triton"`
+routes the same steps through `flashdreams.kernels` (ring attention, fused
+RMSNorm + RoPE + cache write, fused AdaLN). Both compute the same function; the
+kernels' own tests hold them to their torch twins.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.rope import apply_rope
+
+IMPLS = ("sdpa", "triton")
+
+
+def check_impl(impl: str) -> None:
+    if impl not in IMPLS:
+        raise InvalidArgumentError(f"attention implementation '{impl}' is unknown; choose one of {IMPLS}")
+
+
+def _kernels():
+    from flashdreams import kernels
+
+    return kernels
+
+
+def _per_frame(x: torch.Tensor, num_frames: int) -> torch.Tensor:
+    """[B, L, D] -> [B, F, L/F, D] so that per-frame [B, F, 1, D] rows broadcast."""
+    return x.unflatten(1, (num_frames, -1))
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x * rsqrt(mean(x^2) + eps) over the last dim in float32, cast back, then times weight."""
+    xf = x.float()
+    y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return y * weight
+
+
+def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
+                   impl: str = "sdpa") -> torch.Tensor:
+    """LayerNorm(x) * (1 + scale) + shift with per-frame shift/scale [B, F, D] (float32 math)."""
+    if impl == "triton":
+        return _kernels().adaln_modulate(x, shift, scale, eps)
+    nf = shift.shape[1]
+    xn = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
+    y = _per_frame(xn, nf) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
+    return y.flatten(1, 2).to(x.dtype)
+
+
+def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
+    """x + y * gate with a per-frame gate [B, F, D] (float32 math, x's dtype)."""
+    if impl == "triton":
+        return _kernels().gated_residual(x, y, gate)
+    nf = gate.shape[1]
+    out = _per_frame(x.float(), nf) + _per_frame(y.float(), nf) * gate.unsqueeze(2)
+    return out.flatten(1, 2).to(x.dtype)
+
+
+def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
+                      impl: str = "sdpa") -> torch.Tensor:
+    """The cross-attention pre-norm (`norm3`): affine LayerNorm in float32."""
+    if impl == "triton":
+        return _kernels().layer_norm_affine(x, weight, bias, eps)
+    return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Unmasked softmax(q k^T / sqrt(d)) v; q [B, Lq, N, d], k/v [B, Lk, N, d] -> [B, Lq, N, d]."""
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+    return out.transpose(1, 2)
+
+
+def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, frame_seq_length, impl="sdpa"):
+    """Normalise q and k across heads, rotate both, write k and v into the ring at `slots`.
+
+    q, k, v: projections [B, L, D]; ring_k/v: one layer's ring [B, S, N, d]; slots:
+    int64 [nf]. Returns the rotated q [B, L, N, d]. The ring rows of token t of
+    block-local frame f are slots[f]*fs + t % fs.
+    """
+    if impl == "triton":
+        return _kernels().qk_norm_rope_cache_write(
+            q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin,
+            ring_k, ring_v, slots, frame_seq_length,
+        )
+    qr = apply_rope(attn.heads(attn.norm_q(q)), cos, sin)
+    kr = apply_rope(attn.heads(attn.norm_k(k)), cos, sin)
+    rows = (slots[:, None] * frame_seq_length + torch.arange(frame_seq_length, device=slots.device)).reshape(-1)
+    ring_k.index_copy_(1, rows, kr.to(ring_k.dtype))
+    ring_v.index_copy_(1, rows, attn.heads(v).to(ring_v.dtype))
+    return qr
+
+
+def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, valid_len: torch.Tensor,
+                   impl: str = "sdpa") -> torch.Tensor:
+    """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d]."""
+    if impl == "triton":
+        return _kernels().ring_attention(q, ring_k, ring_v, valid_len)
+    keep = torch.arange(ring_k.shape[1], device=q.device) < valid_len
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), ring_k.transpose(1, 2), ring_v.transpose(1, 2), attn_mask=keep[None, None, None, :]
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,235 @@
+"""The Wan2.1 DiT: bidirectional (`WanModel`) and causal streaming (`CausalWanModel`) forwards.
+
+Both share one set of weights under the official key names (`blocks.0.self_attn.q.weight`,
+...), so a Wan2.1 or Self-Forcing checkpoint loads as is. The causal forward is written
+for static shapes: every value that changes between blocks (timestep, RoPE frame
+positions, ring slots, valid cache length) is a device tensor, and nothing reads a
+device value back to the host, so one traced graph serves every block.
+
+Precision follows the reference where it matters for parity: the timestep sinusoid
+and the RoPE angles in float64, norms and modulation arithmetic in float32, the
+residual stream and the linears in the model's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashdreams.models import dit_ops
+from flashdreams.models.rope import apply_rope, rope_tables
+from flashdreams.models.wan_config import WanConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm over the last dim (all heads together), float32 math, weight after the cast."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dit_ops.rms_norm(x, self.weight, self.eps)
+
+
+class WanAttention(nn.Module):
+    """q/k/v/o projections with the across-heads q/k RMSNorm (self- and cross-attention)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim)
+        self.k = nn.Linear(dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.o = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(dim, eps)
+        self.norm_k = RMSNorm(dim, eps)
+
+    def heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.num_heads, -1))
+
+    def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of a context [B, T, D] as [B, T, N, d] (the cross-attention cache)."""
+        return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
+
+
+class WanBlock(nn.Module):
+    """One WanAttentionBlock; the self-attention's cache policy comes in as `attend`."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
+        self.self_attn = WanAttention(d, cfg.num_heads, cfg.eps)
+        self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
+        self.cross_attn = WanAttention(d, cfg.num_heads, cfg.eps)
+        self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
+
+    def forward(self, x, e0, attend, cross_k, cross_v, impl: str = "sdpa"):
+        """x [B, L, D]; e0 [B, F, 6, D] float32 (per-frame time projection); returns x.
+
+        `attend(q, k, v, self_attn)` turns the raw q/k/v projections into the
+        self-attention output [B, L, N, d]; it owns RoPE and the cache policy.
+        """
+        mod = (self.modulation.float().unsqueeze(1) + e0).unbind(2)  # 6 x [B, F, D]
+        shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl)
+        sa = self.self_attn
+        attn = attend(sa.q(h), sa.k(h), sa.v(h), sa)
+        x = dit_ops.gated_residual(x, sa.o(attn.flatten(2)), gate1, impl)
+        if self.norm3 is not None:
+            h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
+        else:
+            h = x
+        ca = self.cross_attn
+        q = ca.heads(ca.norm_q(ca.q(h)))
+        x = x + ca.o(dit_ops.attention(q, cross_k, cross_v).flatten(2))
+        h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
+        return dit_ops.gated_residual(x, self.ffn(h), gate2, impl)
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        d = cfg.dim
+        self.eps = cfg.eps
+        self.head = nn.Linear(d, math.prod(cfg.patch_size) * cfg.out_dim)
+        self.modulation = nn.Parameter(torch.randn(1, 2, d) / d**0.5)
+
+    def forward(self, x: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        shift, scale = (self.modulation.float().unsqueeze(1) + e.float().unsqueeze(2)).unbind(2)
+        return self.head(dit_ops.adaln_modulate(x, shift, scale, self.eps))
+
+
+def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """[..., dim] = [cos(t w_j), sin(t w_j)], w_j = 10000^(-j/half); float64 like the reference."""
+    half = dim // 2
+    t64 = t.to(torch.float64)
+    w = torch.pow(torch.tensor(10000.0, dtype=torch.float64, device=t.device),
+                  -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    ang = t64.unsqueeze(-1) * w
+    return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).float()
+
+
+class WanDiT(nn.Module):
+    """Wan2.1 DiT weights plus the bidirectional forward; `forward_step` is the causal one."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.dim
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, d, kernel_size=cfg.patch_size, stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
+        self.head = WanHead(cfg)
+        self.attention_impl = "sdpa"
+
+    # -- shared pieces -------------------------------------------------------------
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.patch_embedding.weight.dtype
+
+    def set_attention(self, impl: str) -> None:
+        """'sdpa' (torch) or 'triton' (FlashDreams kernels: ring attention, fused norms)."""
+        dit_ops.check_impl(impl)
+        self.attention_impl = impl
+
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """Latents [B, C, F, H, W] -> tokens [B, L, D] and the token grid (F', H', W')."""
+        y = self.patch_embedding(x.to(self.dtype))
+        grid = tuple(y.shape[2:])
+        return y.flatten(2).transpose(1, 2), grid
+
+    def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """t [B, F] -> e [B, F, D] and e0 [B, F, 6, D], both float32."""
+        s = sinusoidal_embedding(t, self.cfg.freq_dim).to(self.dtype)
+        e = self.time_embedding(s)
+        e0 = self.time_projection(e).unflatten(-1, (6, self.cfg.dim))
+        return e.float(), e0.float()
+
+    def embed_text(self, context: torch.Tensor) -> torch.Tensor:
+        """Prompt embeddings [B, T, text_dim], zero-padded to text_len, through text_embedding."""
+        t = context.shape[1]
+        if t < self.cfg.text_len:
+            context = F.pad(context, (0, 0, 0, self.cfg.text_len - t))
+        return self.text_embedding(context[:, : self.cfg.text_len].to(self.dtype))
+
+    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention cache of a prompt: K, V of shape [layers, B, text_len, N, d]."""
+        c = self.embed_text(context)
+        kvs = [blk.cross_attn.kv(c) for blk in self.blocks]
+        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+
+    def unpatchify(self, y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """Head output [B, L, pt*ph*pw*C] -> [B, C, F, H, W] float32 (channel-fastest token vectors)."""
+        pt, ph, pw = self.cfg.patch_size
+        f, h, w = grid
+        b = y.shape[0]
+        y = y.float().reshape(b, f, h, w, pt, ph, pw, self.cfg.out_dim)
+        y = y.permute(0, 7, 1, 4, 2, 5, 3, 6)
+        return y.reshape(b, self.cfg.out_dim, f * pt, h * ph, w * pw)
+
+    # -- bidirectional forward (WanModel) -------------------------------------------
+    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Full attention over all tokens of each sample; t [B] (or [B, F]); returns flow [B, C, F, H, W]."""
+        tokens, grid = self.embed_tokens(x)
+        f, h, w = grid
+        if t.dim() == 1:
+            t = t[:, None].expand(-1, f)
+        e, e0 = self.time_embed(t)
+        cos, sin = rope_tables(torch.arange(f, device=x.device), h, w, self.cfg.head_dim)
+        cross_k, cross_v = self.cross_kv(context)
+
+        def attend(q, k, v, sa):
+            q = apply_rope(sa.heads(sa.norm_q(q)), cos, sin)
+            k = apply_rope(sa.heads(sa.norm_k(k)), cos, sin)
+            return dit_ops.attention(q, k, sa.heads(v))
+
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, e0, attend, cross_k[i], cross_v[i])
+        return self.unpatchify(self.head(tokens, e), grid)
+
+    # -- causal streaming forward (CausalWanModel with the KV ring) -------------------
+    def forward_step(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+        ring_k: torch.Tensor,
+        ring_v: torch.Tensor,
+        frame_positions: torch.Tensor,
+        slots: torch.Tensor,
+        valid_len: torch.Tensor,
+    ) -> torch.Tensor:
+        """One forward of a block of frames against the KV ring.
+
+        x [B, C, nf, H, W]; t [B, nf] float; cross_k/v [layers, B, T, N, d];
+        ring_k/v [layers, B, S, N, d], written in place at the block's slots;
+        frame_positions, slots: int64 [nf]; valid_len: int64 [1]. Returns the flow
+        prediction [B, C, nf, H, W] in float32.
+        """
+        tokens, grid = self.embed_tokens(x)
+        f, h, w = grid
+        fs = h * w
+        e, e0 = self.time_embed(t)
+        cos, sin = rope_tables(frame_positions, h, w, self.cfg.head_dim)
+        impl = self.attention_impl
+
+        def attend(q, k, v, sa, layer):
+            qr = dit_ops.qk_norm_rope_cache_write(
+                q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl
+            )
+            return dit_ops.ring_attention(qr, ring_k[layer], ring_v[layer], valid_len, impl)
+
+        for i, blk in enumerate(self.blocks):
+            tokens = blk(tokens, e0, partial(attend, layer=i), cross_k[i], cross_v[i], impl)
+        return self.unpatchify(self.head(tokens, e), grid)

@@ -1,0 +1,217 @@
+"""Building blocks of the Wan 2.1 VAE (`wan/modules/vae.py`), with explicit temporal caches.
+
+Every layer works on [B, C, T, H, W] and keeps the reference's parameter names, so a
+`Wan2.1_VAE.pth` state dict loads as it is. Where the reference feeds one frame at a
+time and keeps a per-conv cache of the last 2 input frames, these layers take a whole
+chunk of frames at once and convolve over `[cached 2 frames | chunk]`: the same sums,
+far fewer kernel launches. A cache is a tensor of fixed shape that is updated in place
+(`copy_`), so a decode step can be captured in a CUDA graph.
+
+Spatial 2-D convs are run as 3-D convs with a (1, k, k) kernel view of the same weight:
+identical numbers, and no per-frame reshapes of the activations.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flashdreams.errors import InvalidArgumentError
+
+# Frames of history a kernel-3 causal conv needs (the reference's CACHE_T).
+CACHE_T = 2
+
+# A list of per-conv caches indexed by each conv's `slot`; `None` entries are
+# created as zeros on first use (the encoder, whose caches live for one call).
+Caches = list
+
+
+class RMSNorm(nn.Module):
+    """The VAE's RMS_norm: L2-normalise over channels, times sqrt(C) and `gamma`.
+
+    Not the DiT's RMSNorm: there is no eps inside a root mean, only F.normalize's 1e-12 floor.
+    """
+
+    def __init__(self, dim: int, images: bool = True) -> None:
+        super().__init__()
+        # The reference stores gamma as [C,1,1] for 2-D (attention) and [C,1,1,1] for 3-D use.
+        self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
+        self.scale = dim**0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        gamma = self.gamma.view(-1, 1, 1, 1) if x.dim() == 5 else self.gamma
+        return F.normalize(x, dim=1) * self.scale * gamma
+
+
+class CausalConv3d(nn.Conv3d):
+    """Conv3d padded in time on the past side only; kernel-3 ones carry a 2-frame cache.
+
+    `slot` is this conv's index in the decoder's cache list, set by the model that owns it
+    (None for pointwise convs and the strided downsampling conv, which need no cache).
+    """
+
+    def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int, int], spatial_pad: int = 0):
+        super().__init__(in_ch, out_ch, kernel, padding=(0, spatial_pad, spatial_pad))
+        self.slot: int | None = None
+
+    @property
+    def causal(self) -> bool:
+        return self.kernel_size[0] > 1
+
+    def forward(self, x: Tensor, caches: Caches | None = None) -> Tensor:
+        if not self.causal:
+            return super().forward(x)
+        if caches is None:
+            # Whole stream at once: the past is zeros.
+            x = F.pad(x, (0, 0, 0, 0, self.kernel_size[0] - 1, 0))
+            return super().forward(x)
+        cache = caches[self.slot]
+        if cache is None:
+            cache = caches[self.slot] = x.new_zeros(x.shape[:2] + (CACHE_T,) + x.shape[3:])
+        x = torch.cat([cache, x], dim=2)
+        # The cache is always the last 2 frames of this conv's own input stream (zeros before it).
+        cache.copy_(x[:, :, -CACHE_T:])
+        return super().forward(x)
+
+
+class ResidualBlock(nn.Module):
+    """RMS_norm, SiLU, conv, RMS_norm, SiLU, dropout, conv; plus a (1x1x1-conv) shortcut."""
+
+    def __init__(self, in_dim: int, out_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        # Indices 0..6 reproduce the reference's `residual.{0,2,3,6}` keys.
+        self.residual = nn.Sequential(
+            RMSNorm(in_dim, images=False),
+            nn.SiLU(),
+            CausalConv3d(in_dim, out_dim, 3, spatial_pad=1),
+            RMSNorm(out_dim, images=False),
+            nn.SiLU(),
+            nn.Dropout(dropout),
+            CausalConv3d(out_dim, out_dim, 3, spatial_pad=1),
+        )
+        self.shortcut = CausalConv3d(in_dim, out_dim, 1) if in_dim != out_dim else nn.Identity()
+
+    def forward(self, x: Tensor, caches: Caches | None = None) -> Tensor:
+        h = self.shortcut(x)
+        for layer in self.residual:
+            x = layer(x, caches) if isinstance(layer, CausalConv3d) else layer(x)
+        return x + h
+
+
+class AttentionBlock(nn.Module):
+    """Single-head self-attention over the h*w positions of each frame separately."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.norm = RMSNorm(dim, images=True)
+        self.to_qkv = nn.Conv2d(dim, dim * 3, 1)
+        self.proj = nn.Conv2d(dim, dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = self.norm(x)
+        qkv = F.conv3d(y, self.to_qkv.weight.unsqueeze(2), self.to_qkv.bias)
+        # [B, 3C, T, H, W] -> [B*T, 1, H*W, 3C]: one head per frame.
+        qkv = qkv.permute(0, 2, 3, 4, 1).reshape(b * t, 1, h * w, 3 * c)
+        q, k, v = qkv.chunk(3, dim=-1)
+        out = F.scaled_dot_product_attention(q, k, v)
+        out = out.reshape(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        out = F.conv3d(out, self.proj.weight.unsqueeze(2), self.proj.bias)
+        return out + x
+
+
+class Resample(nn.Module):
+    """Spatial 2x up/down-sampling, with a temporal 2x step for the 3-D modes.
+
+    Keys: `resample.1` (the 3x3 Conv2d) and `time_conv` (kernel (3,1,1)).
+    """
+
+    MODES = ("upsample2d", "upsample3d", "downsample2d", "downsample3d")
+
+    def __init__(self, dim: int, mode: str) -> None:
+        super().__init__()
+        if mode not in self.MODES:
+            raise InvalidArgumentError(f"Resample mode '{mode}' is not one of {self.MODES}")
+        self.mode = mode
+        if mode.startswith("upsample"):
+            # Index 0 is the (parameterless) nearest upsample of the reference.
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim // 2, 3, padding=1))
+        else:
+            self.resample = nn.Sequential(nn.Identity(), nn.Conv2d(dim, dim, 3, stride=2))
+        if mode == "upsample3d":
+            self.time_conv = CausalConv3d(dim, dim * 2, (3, 1, 1))
+        elif mode == "downsample3d":
+            self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
+        self.down_slot: int | None = None  # downsample3d's one-frame memory, set by the owner
+
+    def _spatial(self, x: Tensor) -> Tensor:
+        conv = self.resample[1]
+        weight = conv.weight.unsqueeze(2)
+        if self.mode.startswith("upsample"):
+            # Nearest 2x (the reference's 'nearest-exact' is the same at an exact factor of 2).
+            x = F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+            return F.conv3d(x, weight, conv.bias, padding=(0, 1, 1))
+        # Zero-pad right and bottom only, then a stride-2 valid conv.
+        x = F.pad(x, (0, 1, 0, 1))
+        return F.conv3d(x, weight, conv.bias, stride=(1, 2, 2))
+
+    def _time_double(self, x: Tensor, caches: Caches | None) -> Tensor:
+        b, c, t, h, w = x.shape
+        y = self.time_conv(x, caches)
+        # Output channels [0:C] become frame 2t, [C:2C] frame 2t+1.
+        return y.view(b, 2, c, t, h, w).permute(0, 2, 3, 1, 4, 5).reshape(b, c, 2 * t, h, w)
+
+    def forward(self, x: Tensor, caches: Caches | None = None, skip_first: bool = False) -> Tensor:
+        if self.mode == "upsample3d":
+            if skip_first:
+                # Official first-frame rule: latent frame 0 passes un-doubled and never
+                # enters the time_conv's stream, which starts at the next frame.
+                head, rest = x[:, :, :1], x[:, :, 1:]
+                x = head if rest.shape[2] == 0 else torch.cat([head, self._time_double(rest, caches)], 2)
+            else:
+                x = self._time_double(x, caches)
+        x = self._spatial(x)
+        if self.mode == "downsample3d":
+            x = self._time_halve(x, caches)
+        return x
+
+    def _time_halve(self, x: Tensor, caches: Caches | None) -> Tensor:
+        """Frame 0 passes; then a stride-2 valid conv over [previous chunk's last frame | chunk]."""
+        if caches is None:
+            head, body = x[:, :, :1], x
+        else:
+            last = caches[self.down_slot]
+            caches[self.down_slot] = x[:, :, -1:].clone()
+            if last is None:  # first chunk of the stream: skipped, only remembered
+                return x
+            head, body = None, torch.cat([last, x], 2)
+        out = self.time_conv(body) if body.shape[2] >= 3 else body[:, :, :0]
+        return out if head is None else torch.cat([head, out], 2)
+
+
+def assign_slots(module: nn.Module, first: int = 0) -> int:
+    """Number the cached convs (and downsample3d memories) of `module` in execution order.
+
+    Module registration order is execution order in the Wan VAE (residual before shortcut,
+    spatial resample before or after time_conv does not matter: they are separate slots).
+    Returns the next free slot index.
+    """
+    slot = first
+    for sub in module.modules():
+        if isinstance(sub, CausalConv3d) and sub.causal:
+            sub.slot = slot
+            slot += 1
+        elif isinstance(sub, Resample) and sub.mode == "downsample3d":
+            sub.down_slot = slot
+            slot += 1
+    return slot
+
+
+def fan_in_uniform_(param: Tensor, generator: torch.Generator, gain: float = 1.0) -> None:
+    """Uniform init with std `gain / sqrt(fan_in)`, drawn in place from `generator`."""
+    fan_in = math.prod(param.shape[1:]) if param.dim() > 1 else 1
+    bound = gain * math.sqrt(3.0 / fan_in)
+    param.uniform_(-bound, bound, generator=generator)
