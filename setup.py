@@ -8,8 +8,12 @@ import os
 
 from setuptools import setup
 
-ROOTS = {"flashdreams": "flashdreams", "flashdreams.models": "models",
-         "flashdreams.kernels": "kernels", "flashdreams.export": "export"}
+ROOTS = {
+    "flashdreams": "flashdreams",
+    "flashdreams.models": "models",
+    "flashdreams.kernels": "kernels",
+    "flashdreams.export": "export",
+}
 
 
 def _packages() -> list[str]:

@@ -1,10 +1,10 @@
 """FlashDreams: run autoregressive video and world models as live, compiled sessions.
 
-    import flashdreams
-    engine = flashdreams.load()                      # built-in tiny model, no download
-    session = engine.session(seed=0)
-    for _ in range(4):
-        result = session.step()                      # latents [B, C, nf, h, w] (+ frames)
+import flashdreams
+engine = flashdreams.load()                      # built-in tiny model, no download
+session = engine.session(seed=0)
+for _ in range(4):
+    result = session.step()                      # latents [B, C, nf, h, w] (+ frames)
 """
 
 from __future__ import annotations
@@ -21,5 +21,13 @@ from flashdreams.session import Session, StepResult  # noqa: E402
 # Where a C++ host finds the CMake package (`find_package(flashdreams)`), like torch.utils.cmake_prefix_path.
 cmake_prefix_path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), "share", "cmake")
 
-__all__ = ["Engine", "FlashDreamsError", "Session", "StepResult", "get_preset", "load", "preset_names",
-           "cmake_prefix_path"]
+__all__ = [
+    "Engine",
+    "FlashDreamsError",
+    "Session",
+    "StepResult",
+    "get_preset",
+    "load",
+    "preset_names",
+    "cmake_prefix_path",
+]

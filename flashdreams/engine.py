@@ -25,8 +25,14 @@ from flashdreams.session import Session
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -51,8 +57,13 @@ class EngineSpec:
         ph, pw = preset.model.patch_size[1:]
         fs = (lh // ph) * (lw // pw)
         return cls(
-            preset=preset, height=height, width=width, latent_h=lh, latent_w=lw,
-            latent_channels=preset.model.in_dim, text_dim=preset.model.text_dim,
+            preset=preset,
+            height=height,
+            width=width,
+            latent_h=lh,
+            latent_w=lw,
+            latent_channels=preset.model.in_dim,
+            text_dim=preset.model.text_dim,
             num_frame_per_block=preset.num_frame_per_block,
             ring=RingSpec(preset.sink_frames, preset.window_frames, fs),
             schedule=preset.schedule(),
@@ -95,8 +106,10 @@ class Engine:
 
     def __repr__(self) -> str:
         s = self.spec
-        return (f"Engine({self.spec.preset.name}, backend={self.backend.name}, {s.height}x{s.width}, "
-                f"device={self.device}, dtype={self.backend.dtype})")
+        return (
+            f"Engine({self.spec.preset.name}, backend={self.backend.name}, {s.height}x{s.width}, "
+            f"device={self.device}, dtype={self.backend.dtype})"
+        )
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):

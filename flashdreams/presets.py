@@ -72,40 +72,67 @@ def register_preset(preset: Preset) -> Preset:
     return preset
 
 
-register_preset(Preset(
-    name="tiny", description="built-in tiny causal Wan with deterministic random weights (no download)",
-    model=TINY_WAN, sink_frames=1, window_frames=8, height=64, width=96, builtin=True,
-))
-register_preset(Preset(
-    name="self-forcing-1.3b",
-    description="Self-Forcing Wan2.1-T2V-1.3B as inference.py runs it: 4 warped steps, shift 5, full 21-frame cache",
-    model=WAN21_T2V_1_3B,
-))
-register_preset(Preset(
-    name="self-forcing-1.3b-demo",
-    description="Self-Forcing 1.3B with demo.py's shift 8 (timesteps 1000, 960, 888.9, 727.3)",
-    model=WAN21_T2V_1_3B, timestep_shift=8.0,
-))
-register_preset(Preset(
-    name="self-forcing-1.3b-rolling",
-    description="Self-Forcing 1.3B with a bounded cache: sink 1 + 8 history frames + the current 3 (runs forever)",
-    model=WAN21_T2V_1_3B, sink_frames=1, window_frames=11,
-))
-register_preset(Preset(
-    name="causvid-1.3b",
-    description="CausVid wan_causal_dmd: 3 unwarped steps [1000, 757, 522], shift 8",
-    model=WAN21_T2V_1_3B, denoising_step_list=(1000, 757, 522), timestep_shift=8.0, warp_denoising_step=False,
-))
-register_preset(Preset(
-    name="causal-forcing-chunkwise",
-    description="Causal-Forcing chunkwise T2V: blocks of 3 frames, 4 warped steps, shift 5",
-    model=WAN21_T2V_1_3B,
-))
-register_preset(Preset(
-    name="causal-forcing-framewise",
-    description="Causal-Forcing framewise T2V: blocks of 1 frame, 4 warped steps, shift 5",
-    model=WAN21_T2V_1_3B, num_frame_per_block=1,
-))
+register_preset(
+    Preset(
+        name="tiny",
+        description="built-in tiny causal Wan with deterministic random weights (no download)",
+        model=TINY_WAN,
+        sink_frames=1,
+        window_frames=8,
+        height=64,
+        width=96,
+        builtin=True,
+    )
+)
+register_preset(
+    Preset(
+        name="self-forcing-1.3b",
+        description="Self-Forcing Wan2.1-T2V-1.3B (inference.py): 4 warped steps, shift 5, full 21-frame cache",
+        model=WAN21_T2V_1_3B,
+    )
+)
+register_preset(
+    Preset(
+        name="self-forcing-1.3b-demo",
+        description="Self-Forcing 1.3B with demo.py's shift 8 (timesteps 1000, 960, 888.9, 727.3)",
+        model=WAN21_T2V_1_3B,
+        timestep_shift=8.0,
+    )
+)
+register_preset(
+    Preset(
+        name="self-forcing-1.3b-rolling",
+        description="Self-Forcing 1.3B with a bounded cache: sink 1 + 8 history frames + the current 3 (runs forever)",
+        model=WAN21_T2V_1_3B,
+        sink_frames=1,
+        window_frames=11,
+    )
+)
+register_preset(
+    Preset(
+        name="causvid-1.3b",
+        description="CausVid wan_causal_dmd: 3 unwarped steps [1000, 757, 522], shift 8",
+        model=WAN21_T2V_1_3B,
+        denoising_step_list=(1000, 757, 522),
+        timestep_shift=8.0,
+        warp_denoising_step=False,
+    )
+)
+register_preset(
+    Preset(
+        name="causal-forcing-chunkwise",
+        description="Causal-Forcing chunkwise T2V: blocks of 3 frames, 4 warped steps, shift 5",
+        model=WAN21_T2V_1_3B,
+    )
+)
+register_preset(
+    Preset(
+        name="causal-forcing-framewise",
+        description="Causal-Forcing framewise T2V: blocks of 1 frame, 4 warped steps, shift 5",
+        model=WAN21_T2V_1_3B,
+        num_frame_per_block=1,
+    )
+)
 
 
 def get_preset(name: str) -> Preset:

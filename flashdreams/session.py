@@ -59,8 +59,9 @@ class Session:
         b = context.shape[0]
         self.batch = b
         nf, c, h, w = spec.num_frame_per_block, spec.latent_channels, spec.latent_h, spec.latent_w
-        self.ring = KVRing(spec.ring, backend.num_layers, b, backend.num_heads, backend.head_dim,
-                           self.device, backend.dtype)
+        self.ring = KVRing(
+            spec.ring, backend.num_layers, b, backend.num_heads, backend.head_dim, self.device, backend.dtype
+        )
         self.positions = BlockPositions.allocate(nf, self.device)
         self.cross_k, self.cross_v = backend.encode_prompt(context)
         sched = spec.schedule
@@ -139,13 +140,22 @@ class Session:
         nf = spec.num_frame_per_block
         first = self.block * nf
         if not self._warned_roll and spec.ring.sink_frames == 0 and first + nf > spec.ring.capacity_frames:
-            log.info("session passed the cache's %d frames: the oldest frames roll out from now on",
-                     spec.ring.capacity_frames)
+            log.info(
+                "session passed the cache's %d frames: the oldest frames roll out from now on",
+                spec.ring.capacity_frames,
+            )
             self._warned_roll = True
         self.positions.fill(spec.ring, first)
         self._draw(noise, renoise_draws)
-        state = (self.cross_k, self.cross_v, self.ring.k, self.ring.v,
-                 self.positions.frame_positions, self.positions.slots, self.positions.valid_len)
+        state = (
+            self.cross_k,
+            self.cross_v,
+            self.ring.k,
+            self.ring.v,
+            self.positions.frame_positions,
+            self.positions.slots,
+            self.positions.valid_len,
+        )
         sched = spec.schedule
         x = self.noise
         for s in range(sched.num_steps):

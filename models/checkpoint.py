@@ -109,13 +109,13 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor], prefer_ema: bool = True) -> d
     roots = [r for r in EMA_ROOTS if any(k.startswith(r) for k in sd)]
     if roots:
         root = roots[0] if prefer_ema else roots[-1]
-        sd = {k[len(root):]: v for k, v in sd.items() if k.startswith(root)}
+        sd = {k[len(root) :]: v for k, v in sd.items() if k.startswith(root)}
     changed = True
     while changed:
         changed = False
         for prefix in WRAPPER_PREFIXES:
             if sd and all(k.startswith(prefix) for k in sd):
-                sd = {k[len(prefix):]: v for k, v in sd.items()}
+                sd = {k[len(prefix) :]: v for k, v in sd.items()}
                 changed = True
         # FSDP inserts its wrapper name in the middle of keys too (blocks.0._fsdp_wrapped_module.x).
         if any("._fsdp_wrapped_module." in k for k in sd):

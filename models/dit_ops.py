@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from flashdreams.models.rope import apply_rope
 
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.models.rope import apply_rope
 
 IMPLS = ("sdpa", "triton")
 
@@ -40,8 +40,9 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return y * weight
 
 
-def adaln_modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float,
-                   impl: str = "sdpa") -> torch.Tensor:
+def adaln_modulate(
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, impl: str = "sdpa"
+) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift with per-frame shift/scale [B, F, D] (float32 math)."""
     if impl == "triton":
         return _kernels().adaln_modulate(x, shift, scale, eps)
@@ -60,8 +61,9 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, impl: s
     return out.flatten(1, 2).to(x.dtype)
 
 
-def layer_norm_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float,
-                      impl: str = "sdpa") -> torch.Tensor:
+def layer_norm_affine(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "sdpa"
+) -> torch.Tensor:
     """The cross-attention pre-norm (`norm3`): affine LayerNorm in float32."""
     if impl == "triton":
         return _kernels().layer_norm_affine(x, weight, bias, eps)
@@ -83,8 +85,18 @@ def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, fra
     """
     if impl == "triton":
         return _kernels().qk_norm_rope_cache_write(
-            q, k, v, attn.norm_q.weight, attn.norm_k.weight, attn.norm_q.eps, cos, sin,
-            ring_k, ring_v, slots, frame_seq_length,
+            q,
+            k,
+            v,
+            attn.norm_q.weight,
+            attn.norm_k.weight,
+            attn.norm_q.eps,
+            cos,
+            sin,
+            ring_k,
+            ring_v,
+            slots,
+            frame_seq_length,
         )
     qr = apply_rope(attn.heads(attn.norm_q(q)), cos, sin)
     kr = apply_rope(attn.heads(attn.norm_k(k)), cos, sin)
@@ -94,8 +106,9 @@ def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, fra
     return qr
 
 
-def ring_attention(q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, valid_len: torch.Tensor,
-                   impl: str = "sdpa") -> torch.Tensor:
+def ring_attention(
+    q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, valid_len: torch.Tensor, impl: str = "sdpa"
+) -> torch.Tensor:
     """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d]."""
     if impl == "triton":
         return _kernels().ring_attention(q, ring_k, ring_v, valid_len)

@@ -41,9 +41,7 @@ class RingSpec:
             )
 
     @classmethod
-    def from_reference(
-        cls, local_attn_size: int, sink_size: int, frame_seq_length: int, max_frames: int
-    ) -> RingSpec:
+    def from_reference(cls, local_attn_size: int, sink_size: int, frame_seq_length: int, max_frames: int) -> RingSpec:
         """The ring equivalent to the reference's cache settings.
 
         `local_attn_size == -1` is the reference's unbounded cache: a window of

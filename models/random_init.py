@@ -29,7 +29,7 @@ def init_random_(module: nn.Module, seed: int = 0, generator_device: str | torch
             std, mean = 0.05, 1.0
         else:
             fan_in = p[0].numel()
-            std, mean = fan_in ** -0.5, 0.0
+            std, mean = fan_in**-0.5, 0.0
         draw = torch.randn(p.shape, generator=gen, device=generator_device, dtype=torch.float32)
         p.copy_((draw * std + mean).to(p.device, p.dtype))
     return module

@@ -40,7 +40,11 @@ class FlowSchedule:
 
     @classmethod
     def from_reference(
-        cls, denoising_step_list: list[int] | tuple[int, ...], shift: float, warp: bool, context_noise: float = 0.0
+        cls,
+        denoising_step_list: list[int] | tuple[int, ...],
+        shift: float,
+        warp: bool,
+        context_noise: float = 0.0,
     ) -> FlowSchedule:
         """The schedule `CausalInferencePipeline` derives from its config."""
         if not denoising_step_list:
@@ -66,8 +70,12 @@ class FlowSchedule:
         return len(self.timesteps)
 
     def to_dict(self) -> dict:
-        return {"timesteps": list(self.timesteps), "sigmas": list(self.sigmas),
-                "context_noise": self.context_noise, "shift": self.shift}
+        return {
+            "timesteps": list(self.timesteps),
+            "sigmas": list(self.sigmas),
+            "context_noise": self.context_noise,
+            "shift": self.shift,
+        }
 
 
 def x0_from_flow(x: torch.Tensor, flow: torch.Tensor, sigma: float) -> torch.Tensor:

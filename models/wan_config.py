@@ -73,7 +73,9 @@ class WanConfig:
             raise InvalidArgumentError("diffusers config: image-conditioned (I2V) Wan models are not supported yet")
         qk = d.get("qk_norm", "rms_norm_across_heads")
         if qk not in ("rms_norm_across_heads", True):
-            raise InvalidArgumentError(f"diffusers config: qk_norm '{qk}' is not supported (need rms_norm_across_heads)")
+            raise InvalidArgumentError(
+                f"diffusers config: qk_norm '{qk}' is not supported (need rms_norm_across_heads)"
+            )
         heads, head_dim = int(d["num_attention_heads"]), int(d["attention_head_dim"])
         return cls(
             patch_size=tuple(d.get("patch_size", (1, 2, 2))),

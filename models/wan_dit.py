@@ -18,11 +18,10 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
-
 from flashdreams.models import dit_ops
 from flashdreams.models.rope import apply_rope, rope_tables
 from flashdreams.models.wan_config import WanConfig
+from torch import nn
 
 
 class RMSNorm(nn.Module):
@@ -111,8 +110,10 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """[..., dim] = [cos(t w_j), sin(t w_j)], w_j = 10000^(-j/half); float64 like the reference."""
     half = dim // 2
     t64 = t.to(torch.float64)
-    w = torch.pow(torch.tensor(10000.0, dtype=torch.float64, device=t.device),
-                  -torch.arange(half, dtype=torch.float64, device=t.device) / half)
+    w = torch.pow(
+        torch.tensor(10000.0, dtype=torch.float64, device=t.device),
+        -torch.arange(half, dtype=torch.float64, device=t.device) / half,
+    )
     ang = t64.unsqueeze(-1) * w
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).float()
 
@@ -225,9 +226,7 @@ class WanDiT(nn.Module):
         impl = self.attention_impl
 
         def attend(q, k, v, sa, layer):
-            qr = dit_ops.qk_norm_rope_cache_write(
-                q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl
-            )
+            qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
             return dit_ops.ring_attention(qr, ring_k[layer], ring_v[layer], valid_len, impl)
 
         for i, blk in enumerate(self.blocks):

@@ -9,11 +9,17 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
-
-from flashdreams.errors import CheckpointError
-from flashdreams.models.checkpoint import find_weights, max_index, read_state_dict, strip_prefixes, validate_and_load
+from flashdreams.models.checkpoint import (
+    find_weights,
+    max_index,
+    read_state_dict,
+    strip_prefixes,
+    validate_and_load,
+)
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_dit import WanDiT
+
+from flashdreams.errors import CheckpointError
 
 # diffusers WanTransformer3DModel name -> Wan name (block-level names after `blocks.N.`).
 _DIFFUSERS_TOP = {
@@ -65,7 +71,7 @@ def diffusers_to_wan(sd: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         else:
             for src, dst in _DIFFUSERS_TOP.items():
                 if key == src or key.startswith(src + "."):
-                    new = dst + key[len(src):]
+                    new = dst + key[len(src) :]
                     break
         if new in ("head.modulation",) or new.endswith(".modulation"):
             value = value.reshape(1, -1, value.shape[-1])
@@ -89,9 +95,16 @@ def infer_config(sd: Mapping[str, torch.Tensor], base: WanConfig | None = None) 
     base = base or WanConfig()
     heads = base.num_heads if base.dim == dim else max(1, dim // 128)
     return base.replace(
-        dim=int(dim), in_dim=int(in_dim), patch_size=patch, ffn_dim=int(ffn_dim), text_dim=int(text_dim),
-        freq_dim=int(freq_dim), out_dim=int(out_dim), num_heads=int(heads),
-        num_layers=max_index(sd, r"^blocks\.(\d+)\."), cross_attn_norm="blocks.0.norm3.weight" in sd,
+        dim=int(dim),
+        in_dim=int(in_dim),
+        patch_size=patch,
+        ffn_dim=int(ffn_dim),
+        text_dim=int(text_dim),
+        freq_dim=int(freq_dim),
+        out_dim=int(out_dim),
+        num_heads=int(heads),
+        num_layers=max_index(sd, r"^blocks\.(\d+)\."),
+        cross_attn_norm="blocks.0.norm3.weight" in sd,
     )
 
 
@@ -132,7 +145,9 @@ def load_wan_dit(
         model = WanDiT(config)
     model = model.to_empty(device=device).to(dtype)
     validate_and_load(
-        model, sd, name,
+        model,
+        sd,
+        name,
         hint="is this a Wan2.1 DiT checkpoint (Wan or diffusers layout) of the preset's size?",
     )
     return model.eval().requires_grad_(False)

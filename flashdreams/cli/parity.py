@@ -20,8 +20,12 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="example: fd-parity ../shared/fixtures/causal_wan_rollout_rolling_sink --attention triton",
     )
     p.add_argument("fixture", help="fixture directory")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"],
-                   help="attention/norm implementation for DiT fixtures (triton on CPU needs TRITON_INTERPRET=1)")
+    p.add_argument(
+        "--attention",
+        default="sdpa",
+        choices=["sdpa", "triton"],
+        help="attention/norm implementation for DiT fixtures (triton on CPU needs TRITON_INTERPRET=1)",
+    )
     p.add_argument("--device", default="cpu", help="device to run on (fixtures are float32 references; default cpu)")
     return p
 

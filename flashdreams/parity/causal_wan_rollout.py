@@ -23,11 +23,19 @@ def engine_for_fixture(fixture: Fixture, device: str = "cpu", attention: str = "
     fs = (lh // cfg.patch_size[1]) * (lw // cfg.patch_size[2])
     ring = RingSpec.from_reference(cfg.local_attn_size, cfg.sink_size, fs, p["num_latent_frames"])
     preset = Preset(
-        name=f"fixture:{fixture.path.name}", description="parity fixture", model=cfg,
-        denoising_step_list=tuple(p["denoising_step_list"]), timestep_shift=p["timestep_shift"],
-        warp_denoising_step=p["warp_denoising_step"], context_noise=p["context_noise"],
-        num_frame_per_block=nf, sink_frames=ring.sink_frames, window_frames=ring.window_frames,
-        decoder=None, height=lh * 8, width=lw * 8,
+        name=f"fixture:{fixture.path.name}",
+        description="parity fixture",
+        model=cfg,
+        denoising_step_list=tuple(p["denoising_step_list"]),
+        timestep_shift=p["timestep_shift"],
+        warp_denoising_step=p["warp_denoising_step"],
+        context_noise=p["context_noise"],
+        num_frame_per_block=nf,
+        sink_frames=ring.sink_frames,
+        window_frames=ring.window_frames,
+        decoder=None,
+        height=lh * 8,
+        width=lw * 8,
     )
     model = load_wan_dit(fixture.weights(), cfg, device=device)
     model.set_attention(attention)
