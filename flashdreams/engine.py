@@ -93,8 +93,14 @@ class Engine:
         gen = torch.Generator().manual_seed(seed)
         return torch.randn(batch, self.backend.text_len, self.spec.text_dim, generator=gen)
 
-    def session(self, prompt_embeds: torch.Tensor | None = None, seed: int = 0) -> Session:
-        """A new session with its own state; `prompt_embeds` [B, T, text_dim] (built-in: optional)."""
+    def session(
+        self, prompt_embeds: torch.Tensor | None = None, seed: int = 0, cuda_graphs: bool | None = None
+    ) -> Session:
+        """A new session with its own state; `prompt_embeds` [B, T, text_dim] (built-in: optional).
+
+        `cuda_graphs` (default: on with CUDA) replays each block as captured graphs after
+        one eager warm-up of its kind.
+        """
         if prompt_embeds is None:
             if not self.spec.preset.builtin:
                 raise InvalidArgumentError(
@@ -102,7 +108,7 @@ class Engine:
                     "(from the text encoder, or fd-run --prompt-embeds FILE)"
                 )
             prompt_embeds = self.default_prompt()
-        return Session(self, prompt_embeds, seed)
+        return Session(self, prompt_embeds, seed, cuda_graphs=cuda_graphs)
 
     def __repr__(self) -> str:
         s = self.spec

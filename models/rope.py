@@ -25,7 +25,8 @@ def pair_frequencies(head_dim: int, device: torch.device | str | None = None) ->
     parts = []
     for n in axis_pairs(head_dim):
         j = torch.arange(n, dtype=torch.float64, device=device)
-        parts.append(1.0 / torch.pow(torch.tensor(10000.0, dtype=torch.float64, device=device), j / n))
+        # A Python base keeps this free of host-to-device copies (CUDA-graph capturable).
+        parts.append(1.0 / torch.pow(10000.0, j / n))
     return torch.cat(parts)
 
 

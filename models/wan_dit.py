@@ -110,10 +110,7 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
     """[..., dim] = [cos(t w_j), sin(t w_j)], w_j = 10000^(-j/half); float64 like the reference."""
     half = dim // 2
     t64 = t.to(torch.float64)
-    w = torch.pow(
-        torch.tensor(10000.0, dtype=torch.float64, device=t.device),
-        -torch.arange(half, dtype=torch.float64, device=t.device) / half,
-    )
+    w = torch.pow(10000.0, -torch.arange(half, dtype=torch.float64, device=t.device) / half)
     ang = t64.unsqueeze(-1) * w
     return torch.cat([torch.cos(ang), torch.sin(ang)], dim=-1).float()
 

@@ -1,0 +1,1 @@
+"""fd-bench: latency, throughput, memory and power of sessions, per backend, in one process."""

@@ -1,0 +1,123 @@
+"""fd-bench output: the printed table, the PNG plots, and ratios against another results.json."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(v, unit: str = "", digits: int = 1) -> str:
+    return "-" if v is None else f"{v:.{digits}f}{unit}"
+
+
+def table(results: dict) -> str:
+    """A short human table, one row per run."""
+    lines = []
+    env = results["environment"]
+    ceil = results.get("ceilings", {})
+    lines.append(
+        f"device {env.get('device_name')}  torch {env.get('torch')}  triton {env.get('triton')}  "
+        f"matmul peak {_fmt(ceil.get('matmul_tflops'), ' TFLOP/s')}  copy {_fmt(ceil.get('copy_gbps'), ' GB/s', 0)}"
+    )
+    c = results["config"]
+    lines.append(f"model {c['preset']}  {c['height']}x{c['width']}  blocks {c['blocks']}  decoder {c['decoder']}")
+    head = (
+        f"{'backend':<10}{'attn':<8}{'p50 ms':>9}{'p90':>9}{'p99':>9}{'denoise':>9}{'decode':>8}"
+        f"{'commit':>8}{'frames@':>9}{'fps':>7}{'TFLOP/s':>9}{'peak GB':>9}{'cold s':>8}"
+    )
+    lines.append(head)
+    for r in results["runs"]:
+        lat = r["latency"]
+        tf = [b["dit_tflops"] for b in r["per_block_index"] if b.get("dit_tflops")]
+        cold = r["cold_start"].get("process_start_to_first_frame_s") or r["cold_start"].get("load_to_first_frame_s")
+        lines.append(
+            f"{r['backend']:<10}{r['attention']:<8}{_fmt(lat['total_ms'].get('p50')):>9}"
+            f"{_fmt(lat['total_ms'].get('p90')):>9}{_fmt(lat['total_ms'].get('p99')):>9}"
+            f"{_fmt(lat['denoise_ms'].get('p50')):>9}{_fmt(lat['decode_ms'].get('p50')):>8}"
+            f"{_fmt(lat['commit_ms'].get('p50')):>8}{_fmt(lat['to_frames_ms'].get('p50')):>9}"
+            f"{_fmt(r.get('fps_steady')):>7}{_fmt(max(tf) if tf else None):>9}"
+            f"{_fmt(r.get('peak_memory_gb'), digits=2):>9}{_fmt(cold):>8}"
+        )
+    lines.append("per block index (median ms, total / to frames):")
+    for r in results["runs"]:
+        row = "  ".join(f"{b['block']}:{b['total_ms']:.1f}/{b['to_frames_ms']:.1f}" for b in r["per_block_index"])
+        lines.append(f"  {r['backend']}/{r['attention']}: {row}")
+    return "\n".join(lines)
+
+
+def plots(results: dict, out_dir: Path) -> list[Path]:
+    """latency_per_block.png, stages.png, backends.png; nothing if matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        log.warning("matplotlib is not installed: no plots (pip install 'flashdreams[bench]')")
+        return []
+    runs = results["runs"]
+    labels = [f"{r['backend']}/{r['attention']}" for r in runs]
+    written = []
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r, label in zip(runs, labels):
+        idx = [b["block"] for b in r["per_block_index"]]
+        ax.plot(idx, [b["total_ms"] for b in r["per_block_index"]], marker="o", label=f"{label} block")
+        ax.plot(idx, [b["to_frames_ms"] for b in r["per_block_index"]], ls="--", label=f"{label} to frames")
+    ax.set_xlabel("block index (the cache grows until it is full)")
+    ax.set_ylabel("ms (median)")
+    ax.set_title(f"{results['config']['preset']} on {results['environment'].get('device_name')}")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir / "latency_per_block.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    bottom = [0.0] * len(runs)
+    for stage in ("denoise", "decode", "commit"):
+        vals = [r["latency"][f"{stage}_ms"].get("p50", 0.0) for r in runs]
+        ax.bar(labels, vals, bottom=bottom, label=stage)
+        bottom = [b + v for b, v in zip(bottom, vals)]
+    ax.set_ylabel("ms per block (p50)")
+    ax.set_title("per-stage breakdown")
+    ax.legend()
+    written.append(_save(fig, out_dir / "stages.png"))
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.bar(labels, [r.get("fps_steady") or 0 for r in runs])
+    ax.set_ylabel("frames per second (steady state)")
+    ax.set_title("backend comparison")
+    written.append(_save(fig, out_dir / "backends.png"))
+    return written
+
+
+def _save(fig, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def compare(results: dict, other_path: str | Path) -> str:
+    """Ratios other / this for runs present in both (same backend and attention)."""
+    other = json.loads(Path(other_path).read_text())
+    theirs = {(r["backend"], r["attention"]): r for r in other["runs"]}
+    lines = [f"ratios against {other_path} (>1: this run is faster / smaller)"]
+    for r in results["runs"]:
+        o = theirs.get((r["backend"], r["attention"]))
+        if o is None:
+            lines.append(f"  {r['backend']}/{r['attention']}: not in the other run")
+            continue
+        parts = []
+        for key in ("total_ms", "to_frames_ms", "denoise_ms", "commit_ms", "decode_ms"):
+            a, b = r["latency"][key].get("p50"), o["latency"][key].get("p50")
+            if a and b:
+                parts.append(f"{key[:-3]} {b / a:.2f}x")
+        if r.get("peak_memory_gb") and o.get("peak_memory_gb"):
+            parts.append(f"memory {o['peak_memory_gb'] / r['peak_memory_gb']:.2f}x")
+        lines.append(f"  {r['backend']}/{r['attention']}: " + ", ".join(parts))
+    return "\n".join(lines)

@@ -1,0 +1,227 @@
+"""Running one benchmark configuration: load or build, warm up, capture, then measure rollouts."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+import flashdreams
+from flashdreams.benchmark.environment import NvmlSampler
+from flashdreams.benchmark.flops import dit_forward_flops
+from flashdreams.errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+
+def process_age_s() -> float | None:
+    """Seconds since this process started (Linux /proc), for cold-start figures."""
+    try:
+        ticks = os.sysconf("SC_CLK_TCK")
+        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - start_ticks / ticks
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+@dataclass
+class BenchConfig:
+    source: str | None = None
+    preset: str | None = None
+    random_weights: bool = False
+    blocks: int = 7
+    rollouts: int = 1
+    steady_blocks: int = 0
+    height: int | None = None
+    width: int | None = None
+    decoder: str | None = "preset"
+    device: str | None = None
+    dtype: str | None = None
+    seed: int = 0
+    cuda_graphs: bool | None = None
+    workdir: str | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _percentiles(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {}
+    v = sorted(values)
+    pick = lambda q: v[min(len(v) - 1, max(0, round(q * (len(v) - 1))))]  # noqa: E731
+    return {"p50": pick(0.5), "p90": pick(0.9), "p99": pick(0.99), "min": v[0], "max": v[-1], "n": len(v)}
+
+
+def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.Engine, dict]:
+    """The engine for one backend, with the time its build and its load took."""
+    times: dict[str, float] = {}
+    kw = dict(
+        preset=cfg.preset,
+        device=cfg.device,
+        dtype=cfg.dtype,
+        attention=attention,
+        height=cfg.height,
+        width=cfg.width,
+        seed=cfg.seed,
+    )
+    if backend == "eager":
+        t0 = time.perf_counter()
+        engine = flashdreams.load(cfg.source, decoder=cfg.decoder, random_weights=cfg.random_weights, **kw)
+        times["load_s"] = time.perf_counter() - t0
+        return engine, times
+    try:
+        from flashdreams.export.build import build_engine
+    except ImportError as exc:
+        raise InvalidArgumentError(f"backend '{backend}' needs flashdreams.export ({exc})") from None
+    out = os.path.join(cfg.workdir or tempfile.mkdtemp(prefix="fd-bench-"), f"engine-{backend}-{attention}")
+    t0 = time.perf_counter()
+    build_engine(out, checkpoint=cfg.source, backend=backend, random_weights=cfg.random_weights, **kw)
+    times["build_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    engine = flashdreams.load(out, device=cfg.device, attention=attention, decoder=cfg.decoder)
+    times["load_s"] = time.perf_counter() - t0
+    times.update({f"load_{k}": v for k, v in getattr(engine, "load_times", {}).items()})
+    return engine, times
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _rollout(session, blocks: int) -> tuple[list, float]:
+    """`blocks` steps with stage marks; no host sync inside the loop. Returns results and wall seconds."""
+    t0 = time.perf_counter()
+    results = [session.step() for _ in range(blocks)]
+    _sync(session.device)
+    return results, time.perf_counter() - t0
+
+
+def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process: bool) -> dict:
+    """Benchmark one (backend, attention) pair; returns its results.json entry."""
+    dev_probe = torch.device(cfg.device) if cfg.device else None
+    if dev_probe is None or dev_probe.type == "cuda":
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+    t_start = time.perf_counter()
+    engine, times = _load(cfg, backend, attention)
+    device = engine.device
+    spec = engine.spec
+    prompt = engine.default_prompt(seed=cfg.seed)
+    session = engine.session(prompt, seed=cfg.seed, cuda_graphs=cfg.cuda_graphs)
+    session.timing = True
+
+    # Cold: the first block of the first rollout (eager warm-up on CUDA), to its frames.
+    t0 = time.perf_counter()
+    first = session.step()
+    if first.frames_ready is not None:
+        first.frames_ready.synchronize()
+    _sync(device)
+    cold = {"first_block_s": time.perf_counter() - t0, **times}
+    cold["load_to_first_frame_s"] = time.perf_counter() - t_start
+    if first_in_process:
+        age = process_age_s()
+        cold["process_start_to_first_frame_s"] = age
+    # Warm-up: the rest of the rollout, then a second rollout so both block kinds are captured.
+    t0 = time.perf_counter()
+    _rollout(session, cfg.blocks - 1)
+    session.reset()
+    _rollout(session, cfg.blocks)
+    cold["warmup_and_capture_s"] = time.perf_counter() - t0
+    cold["capture_s"] = session.capture_s
+
+    per_block: list[list[dict]] = []
+    warm_first_frame = []
+    fps_wall = []
+    with NvmlSampler(device) as nvml:
+        for _ in range(max(1, cfg.rollouts)):
+            t0 = time.perf_counter()
+            session.reset()
+            r0 = session.step()
+            if r0.frames_ready is not None:
+                r0.frames_ready.synchronize()
+            _sync(device)
+            warm_first_frame.append((time.perf_counter() - t0) * 1e3)
+            rest, wall = _rollout(session, cfg.blocks - 1)
+            results = [r0, *rest]
+            frames = sum(r.frames.shape[1] for r in results if r.frames is not None)
+            if frames:
+                fps_wall.append(frames / (wall + warm_first_frame[-1] / 1e3))
+            per_block.append([_block_entry(r, spec, engine) for r in results])
+        steady = []
+        if cfg.steady_blocks:
+            session.reset()
+            results, wall = _rollout(session, cfg.steady_blocks)
+            steady = [_block_entry(r, spec, engine) for r in results]
+    return _summarise(
+        cfg, backend, attention, engine, cold, per_block, steady, warm_first_frame, fps_wall, nvml.summary(), device
+    )
+
+
+def _block_entry(result, spec, engine) -> dict:
+    ms = result.stage_ms()
+    entry = {"block": result.block, **{f"{k}_ms": v for k, v in ms.items()}}
+    entry["total_ms"] = sum(ms.values())
+    entry["to_frames_ms"] = ms.get("denoise", 0.0) + ms.get("decode", 0.0)
+    entry["frames"] = int(result.frames.shape[1]) if result.frames is not None else 0
+    nf, fs = spec.num_frame_per_block, spec.ring.frame_seq_length
+    kv = spec.ring.valid_tokens((result.block + 1) * nf)
+    flops = dit_forward_flops(engine.spec.preset.model, nf * fs, kv)["total"] * (spec.schedule.num_steps + 1)
+    dit_ms = ms.get("denoise", 0.0) + ms.get("commit", 0.0)
+    entry["dit_tflop"] = flops / 1e12
+    entry["dit_tflops"] = flops / dit_ms / 1e9 if dit_ms > 0 else None
+    return entry
+
+
+def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff, fps_wall, nvml, device) -> dict:
+    flat = [b for rollout in per_block for b in rollout]
+    stages = {
+        k: _percentiles([b[k] for b in flat if k in b])
+        for k in ("total_ms", "denoise_ms", "decode_ms", "commit_ms", "to_frames_ms")
+    }
+    by_index = {}
+    for b in flat:
+        by_index.setdefault(b["block"], []).append(b)
+    index_table = [
+        {
+            "block": i,
+            **{k: sorted(x[k] for x in bs)[len(bs) // 2] for k in bs[0] if k.endswith("_ms")},
+            "dit_tflops": sorted(x["dit_tflops"] or 0 for x in bs)[len(bs) // 2],
+            "dit_tflop": bs[0]["dit_tflop"],
+        }
+        for i, bs in sorted(by_index.items())
+    ]
+    out = {
+        "backend": backend,
+        "attention": attention,
+        "engine": repr(engine),
+        "cold_start": cold,
+        "warm_first_frame_ms": _percentiles(warm_ff),
+        "latency": stages,
+        "per_block_index": index_table,
+        "blocks": flat,
+        "fps_wall": max(fps_wall) if fps_wall else None,
+        "frames_per_steady_block": engine.spec.frames_per_block,
+        "nvml": nvml,
+    }
+    p50 = stages["total_ms"].get("p50")
+    if p50:
+        out["fps_steady"] = engine.spec.frames_per_block * 1e3 / p50
+        out["jitter_ms"] = stages["total_ms"]["p99"] - stages["total_ms"]["p50"]
+    if steady:
+        tot = _percentiles([b["total_ms"] for b in steady])
+        out["steady_state"] = {
+            "blocks": len(steady),
+            "total_ms": tot,
+            "to_frames_ms": _percentiles([b["to_frames_ms"] for b in steady]),
+            "p99_over_p50": tot["p99"] / tot["p50"],
+            "series_ms": [b["total_ms"] for b in steady],
+        }
+    if device.type == "cuda":
+        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+    return out

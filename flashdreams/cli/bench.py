@@ -1,0 +1,141 @@
+"""fd-bench: measure sessions (latency per block and per stage, cold start, memory, power) per backend."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from flashdreams.errors import FlashDreamsError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="fd-bench",
+        description=(
+            "Benchmark streaming sessions. For each backend x attention implementation, in one process: "
+            "cold start (load / build / capture, to first frame), warm first frame after reset, per-block "
+            "latency p50/p90/p99 split into denoise / decode / commit (CUDA events, no syncs in the loop), "
+            "latency per block index, steady-state FPS, jitter, peak GPU memory, NVML clocks/power/temperature, "
+            "and the DiT's achieved TFLOP/s against a matmul peak measured in the same run. Writes "
+            "results.json and PNG plots to --out and prints a short table."
+        ),
+        epilog=(
+            "examples:\n  fd-bench                                   # built-in tiny model, eager\n"
+            "  fd-bench --preset self-forcing-1.3b --random-weights --backend eager,inductor "
+            "--attention sdpa,triton --decoder taehv\n"
+            "  fd-bench --preset self-forcing-1.3b-rolling --random-weights --steady-blocks 200"
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--checkpoint", help="checkpoint file or directory (default: built-in model or --preset)")
+    p.add_argument("--preset", help="model preset (fd-run --list-presets); default: tiny built-in")
+    p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
+    p.add_argument("--backend", default="eager", help="comma list of: eager, inductor, aoti (default eager)")
+    p.add_argument("--attention", default="sdpa", help="comma list of: sdpa, triton (default sdpa)")
+    p.add_argument("--blocks", type=int, default=7, help="blocks per rollout (7 = 21 latent frames)")
+    p.add_argument("--rollouts", type=int, default=3, help="measured rollouts after warm-up (default 3)")
+    p.add_argument("--steady-blocks", type=int, default=0, help="also run one long rollout of N blocks (jitter)")
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--decoder", default="preset", help="wan-vae | taehv | none | preset (default)")
+    p.add_argument("--device")
+    p.add_argument("--dtype", help="bfloat16 (GPU default) | float16 | float32 (CPU default)")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="run every block eagerly")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="fd-bench-out", help="output directory (results.json + plots)")
+    p.add_argument("--compare", help="another results.json: print ratios against it")
+    p.add_argument("--quick-ceilings", action="store_true", help="small matmul/copy ceilings (smoke runs)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from flashdreams.benchmark.environment import environment, measure_ceilings
+    from flashdreams.benchmark.report import compare, plots, table
+    from flashdreams.benchmark.runner import BenchConfig, run_config
+    from flashdreams.engine import resolve_device_dtype
+    from flashdreams.presets import get_preset
+
+    out = Path(args.out)
+    try:
+        device, dtype = resolve_device_dtype(args.device, args.dtype)
+        preset = get_preset(args.preset or ("self-forcing-1.3b" if args.checkpoint else "tiny"))
+        if args.blocks < 2:
+            raise FlashDreamsError("--blocks must be at least 2 (a first block and a steady one)")
+        cfg = BenchConfig(
+            source=args.checkpoint,
+            preset=preset.name,
+            random_weights=args.random_weights,
+            blocks=args.blocks,
+            rollouts=args.rollouts,
+            steady_blocks=args.steady_blocks,
+            height=args.height,
+            width=args.width,
+            decoder=None if args.decoder == "none" else args.decoder,
+            device=str(device),
+            dtype=str(dtype).replace("torch.", ""),
+            seed=args.seed,
+            cuda_graphs=False if args.no_cuda_graphs else None,
+            workdir=str(out / "engines"),
+        )
+        out.mkdir(parents=True, exist_ok=True)
+        runs = []
+        first = True
+        for backend in args.backend.split(","):
+            for attention in args.attention.split(","):
+                print(f"fd-bench: {backend}/{attention} ...", file=sys.stderr, flush=True)
+                runs.append(run_config(cfg, backend.strip(), attention.strip(), first))
+                first = False
+        ceilings = measure_ceilings(device, dtype if dtype != torch.float32 else torch.float32, args.quick_ceilings)
+    except FlashDreamsError as exc:
+        print(f"fd-bench: {exc}", file=sys.stderr)
+        return 2
+    spec_h = args.height or preset.height
+    spec_w = args.width or preset.width
+    results = {
+        "schema": "fd-bench/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(device),
+        "ceilings": ceilings,
+        "config": {
+            "preset": preset.name,
+            "checkpoint": args.checkpoint,
+            "random_weights": args.random_weights,
+            "height": spec_h,
+            "width": spec_w,
+            "blocks": args.blocks,
+            "rollouts": args.rollouts,
+            "steady_blocks": args.steady_blocks,
+            "decoder": args.decoder,
+            "dtype": str(dtype),
+            "cuda_graphs": not args.no_cuda_graphs,
+            "seed": args.seed,
+            "model": preset.model.to_dict(),
+            "sink_frames": preset.sink_frames,
+            "window_frames": preset.window_frames,
+            "schedule": preset.schedule().to_dict(),
+        },
+        "runs": runs,
+    }
+    for r in runs:
+        peak = ceilings.get("matmul_tflops")
+        best = max((b["dit_tflops"] or 0 for b in r["per_block_index"]), default=0)
+        r["dit_fraction_of_matmul_peak"] = best / peak if peak else None
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    written = plots(results, out)
+    print(table(results))
+    if args.compare:
+        print(compare(results, args.compare))
+    print(f"wrote {out / 'results.json'}" + (f" and {len(written)} plots" if written else ""))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

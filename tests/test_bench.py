@@ -1,0 +1,97 @@
+"""fd-bench on the CPU: the JSON it writes has the promised fields, and its numbers are consistent."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from flashdreams.models.wan_config import WanConfig
+
+from flashdreams.benchmark.flops import dit_forward_flops
+from flashdreams.cli.bench import main as bench_main
+
+
+def test_flops_match_the_published_block_counts():
+    # Issue figures: block 5 is 182 TFLOP over 5 forwards (11.7 linear + 24.2 attention + 0.4 cross
+    # per forward), block 6 is 202 TFLOP, block 0 is 81.
+    f = dit_forward_flops(WanConfig(), 4680, 28080)
+    assert f["linear"] / 1e12 == pytest.approx(11.7, abs=0.05)
+    assert f["attention"] / 1e12 == pytest.approx(24.2, abs=0.05)
+    assert f["cross_attention"] / 1e12 == pytest.approx(0.44, abs=0.01)
+    assert 5 * f["total"] / 1e12 == pytest.approx(182, abs=0.5)
+    assert 5 * dit_forward_flops(WanConfig(), 4680, 32760)["total"] / 1e12 == pytest.approx(202, abs=0.5)
+    assert 5 * dit_forward_flops(WanConfig(), 4680, 4680)["total"] / 1e12 == pytest.approx(81, abs=0.5)
+
+
+def test_fd_bench_cpu_smoke(tmp_path, capsys):
+    out = tmp_path / "bench"
+    rc = bench_main(
+        [
+            "--blocks",
+            "3",
+            "--rollouts",
+            "2",
+            "--steady-blocks",
+            "4",
+            "--out",
+            str(out),
+            "--quick-ceilings",
+            "--decoder",
+            "none",
+        ]
+    )
+    assert rc == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["schema"] == "fd-bench/1"
+    assert res["environment"]["torch"] and res["environment"]["device_type"] == "cpu"
+    assert res["ceilings"]["matmul_tflops"] > 0 and res["ceilings"]["copy_gbps"] > 0
+    (run,) = res["runs"]
+    assert (run["backend"], run["attention"]) == ("eager", "sdpa")
+    for stage, p in run["latency"].items():
+        assert 0 <= p["min"] <= p["p50"] <= p["p90"] <= p["p99"] <= p["max"], stage
+        assert p["n"] == 2 * 3
+    lat = run["latency"]
+    assert lat["total_ms"]["p50"] > 0 and lat["denoise_ms"]["p50"] > 0 and lat["commit_ms"]["p50"] > 0
+    # A block is its stages: the sum of the per-stage medians is close to the median total.
+    assert lat["to_frames_ms"]["p50"] <= lat["total_ms"]["max"]
+    assert [b["block"] for b in run["per_block_index"]] == [0, 1, 2]
+    assert len(run["blocks"]) == 2 * 3
+    for b in run["blocks"]:
+        assert b["total_ms"] == pytest.approx(b["denoise_ms"] + b["decode_ms"] + b["commit_ms"], rel=1e-9)
+        assert b["to_frames_ms"] == pytest.approx(b["denoise_ms"] + b["decode_ms"], rel=1e-9)
+        assert b["dit_tflop"] > 0
+    # The cache grows over the first blocks, so the DiT does more work per block.
+    flops = [b["dit_tflop"] for b in run["per_block_index"]]
+    assert flops[0] < flops[1] < flops[2]
+    assert run["cold_start"]["load_s"] > 0 and run["cold_start"]["load_to_first_frame_s"] >= run["cold_start"]["load_s"]
+    assert run["fps_steady"] > 0 and run["jitter_ms"] >= 0
+    assert run["steady_state"]["blocks"] == 4 and run["steady_state"]["p99_over_p50"] >= 1.0
+    assert run["warm_first_frame_ms"]["p50"] > 0
+    assert (out / "latency_per_block.png").stat().st_size > 1000
+    assert "eager" in capsys.readouterr().out
+    # --compare against itself gives ratios of 1.00x.
+    assert (
+        bench_main(
+            [
+                "--blocks",
+                "2",
+                "--rollouts",
+                "1",
+                "--out",
+                str(tmp_path / "b2"),
+                "--quick-ceilings",
+                "--decoder",
+                "none",
+                "--compare",
+                str(out / "results.json"),
+            ]
+        )
+        == 0
+    )
+    assert "ratios against" in capsys.readouterr().out
+
+
+def test_fd_bench_refuses_bad_options(tmp_path, capsys):
+    assert bench_main(["--blocks", "1", "--out", str(tmp_path)]) == 2
+    assert bench_main(["--preset", "nope", "--out", str(tmp_path)]) == 2
+    assert "preset 'nope' is unknown" in capsys.readouterr().err
