@@ -7,6 +7,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -22,8 +23,8 @@ def process_age_s() -> float | None:
     """Seconds since this process started (Linux /proc), for cold-start figures."""
     try:
         ticks = os.sysconf("SC_CLK_TCK")
-        start_ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
-        uptime = float(open("/proc/uptime").read().split()[0])
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
         return uptime - start_ticks / ticks
     except (OSError, ValueError, IndexError):
         return None
@@ -103,10 +104,8 @@ def _rollout(session, blocks: int) -> tuple[list, float]:
 
 def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process: bool) -> dict:
     """Benchmark one (backend, attention) pair; returns its results.json entry."""
-    dev_probe = torch.device(cfg.device) if cfg.device else None
-    if dev_probe is None or dev_probe.type == "cuda":
-        if torch.cuda.is_available():
-            torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available() and (cfg.device is None or torch.device(cfg.device).type == "cuda"):
+        torch.cuda.reset_peak_memory_stats()
     t_start = time.perf_counter()
     engine, times = _load(cfg, backend, attention)
     device = engine.device
