@@ -48,11 +48,17 @@ class EagerBackend:
     def encode_prompt(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.model.cross_kv(context.to(self.device))
 
-    @torch.no_grad()
-    def denoise(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len) -> torch.Tensor:
-        return self.model.forward_step(x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len)
+    @property
+    def shape_specialized(self) -> bool:
+        """True when calls depend on the host-known fill level (torch attention slices the ring);
+        the session then keys its captured graphs by fill level."""
+        return self.model.attention_impl == "sdpa"
 
     @torch.no_grad()
-    def commit(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len) -> None:
+    def denoise(self, x, t, *state, valid_len_host: int | None = None) -> torch.Tensor:
+        return self.model.forward_step(x, t, *state, valid_len_host=valid_len_host)
+
+    @torch.no_grad()
+    def commit(self, x, t, *state, valid_len_host: int | None = None) -> None:
         # The output is discarded: the call exists to rewrite the block's K/V with clean values.
-        self.model.forward_step(x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len)
+        self.model.forward_step(x, t, *state, valid_len_host=valid_len_host)

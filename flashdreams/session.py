@@ -141,6 +141,7 @@ class Session:
         if self.cuda_graphs and self.device.type != "cuda":
             raise InvalidArgumentError("cuda_graphs=True needs a CUDA device; this session runs on " + str(self.device))
         self._graphs: dict[str, _BlockGraphs] = {}
+        self._specialized = bool(getattr(backend, "shape_specialized", False))
         self.timing = False  # record stage boundaries (events) for fd-bench
         self.capture_s = 0.0  # wall seconds spent capturing graphs
         self._warm: set[str] = set()
@@ -225,7 +226,11 @@ class Session:
         # Per-block inputs go into static buffers, outside any captured graph.
         self.positions.fill(spec.ring, first)
         self._draw(noise, renoise_draws)
+        # Graph kinds: the first block (its decode differs) and the rest; a backend whose calls
+        # are specialised to the fill level (torch attention slicing the ring) adds that level.
         key = "first" if self.block == 0 else "steady"
+        if self._specialized:
+            key = f"{key}@{self.positions.valid_tokens}"
         graphs = None
         if self._use_graphs():
             graphs = self._graphs.get(key)
@@ -235,7 +240,8 @@ class Session:
         if graphs is not None:
             graphs.denoise.replay()
             marks.mark("denoise")
-            graphs.decode.replay()
+            if graphs.frames is not None:
+                graphs.decode.replay()
             ready = marks.mark("decode", always=True)
             graphs.commit.replay()
             marks.mark("commit")
@@ -254,6 +260,9 @@ class Session:
         self.block += 1
         return result
 
+    def _call_kw(self) -> dict:
+        return {"valid_len_host": self.positions.valid_tokens} if self._specialized else {}
+
     def _state(self) -> tuple[torch.Tensor, ...]:
         p = self.positions
         return (self.cross_k, self.cross_v, self.ring.k, self.ring.v, p.frame_positions, p.slots, p.valid_len)
@@ -263,7 +272,7 @@ class Session:
         sched, backend, state = self.engine.spec.schedule, self.engine.backend, self._state()
         x = self.noise
         for s in range(sched.num_steps):
-            flow = backend.denoise(x, self.t_steps[s], *state)
+            flow = backend.denoise(x, self.t_steps[s], *state, **self._call_kw())
             if self.probe is not None:
                 self.probe(self.block, s, x, self.t_steps[s], flow)
             x0 = x0_from_flow(x, flow, sched.sigmas[s])
@@ -273,7 +282,7 @@ class Session:
 
     def _commit(self, x0: torch.Tensor) -> None:
         """The clean forward at `context_noise` that rewrites the block's K/V in the ring."""
-        self.engine.backend.commit(x0, self.t_commit, *self._state())
+        self.engine.backend.commit(x0, self.t_commit, *self._state(), **self._call_kw())
         if self.probe is not None:
             self.probe(self.block, self.engine.spec.schedule.num_steps, x0, self.t_commit, None)
 
@@ -302,10 +311,12 @@ class Session:
         torch.cuda.synchronize(self.device)
         with torch.cuda.graph(g_denoise, pool=pool):
             x0 = self._denoise()
-        with torch.cuda.graph(g_decode, pool=g_denoise.pool()):
-            frames = self._decode(x0)
+        frames = None
+        if self.decoder is not None:
+            with torch.cuda.graph(g_decode, pool=g_denoise.pool()):
+                frames = self._decode(x0)
         with torch.cuda.graph(g_commit, pool=g_denoise.pool()):
             self._commit(x0)
         self.capture_s += time.perf_counter() - t0
-        log.info("captured block graphs (%s) at block %d", "first" if self.block == 0 else "steady", self.block)
+        log.info("captured block graphs at block %d", self.block)
         return _BlockGraphs(g_denoise, g_decode, g_commit, x0, frames)

@@ -107,11 +107,24 @@ def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, fra
 
 
 def ring_attention(
-    q: torch.Tensor, ring_k: torch.Tensor, ring_v: torch.Tensor, valid_len: torch.Tensor, impl: str = "sdpa"
+    q: torch.Tensor,
+    ring_k: torch.Tensor,
+    ring_v: torch.Tensor,
+    valid_len: torch.Tensor,
+    impl: str = "sdpa",
+    valid_len_host: int | None = None,
 ) -> torch.Tensor:
-    """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d]."""
+    """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d].
+
+    With `valid_len_host` (the same length, known on the host) the torch path slices the
+    ring instead of masking it, so SDPA can pick its fastest backend (cuDNN, flash); a
+    graph traced that way is specialised to that fill level. The Triton kernel reads
+    the length from device memory, so one graph serves every fill level.
+    """
     if impl == "triton":
         return _kernels().ring_attention(q, ring_k, ring_v, valid_len)
+    if valid_len_host is not None:
+        return attention(q, ring_k[:, :valid_len_host], ring_v[:, :valid_len_host])
     keep = torch.arange(ring_k.shape[1], device=q.device) < valid_len
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), ring_k.transpose(1, 2), ring_v.transpose(1, 2), attn_mask=keep[None, None, None, :]

@@ -98,6 +98,7 @@ class BlockPositions:
     frame_positions: torch.Tensor  # int64 [nf]: absolute latent-frame index of each frame (RoPE)
     slots: torch.Tensor  # int64 [nf]: frame-slot of each frame in the ring
     valid_len: torch.Tensor  # int64 [1]: valid ring rows after this block is written
+    valid_tokens: int = 0  # the same on the host (known without a read-back), for shape-specialised paths
 
     @classmethod
     def allocate(cls, num_frames: int, device: torch.device | str) -> BlockPositions:
@@ -117,6 +118,7 @@ class BlockPositions:
         self.frame_positions.copy_(host[:nf], non_blocking=True)
         self.slots.copy_(host[nf : 2 * nf], non_blocking=True)
         self.valid_len.copy_(host[2 * nf :], non_blocking=True)
+        self.valid_tokens = spec.valid_tokens(first_frame + nf)
 
 
 class KVRing:

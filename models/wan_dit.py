@@ -207,13 +207,16 @@ class WanDiT(nn.Module):
         frame_positions: torch.Tensor,
         slots: torch.Tensor,
         valid_len: torch.Tensor,
+        valid_len_host: int | None = None,
     ) -> torch.Tensor:
         """One forward of a block of frames against the KV ring.
 
         x [B, C, nf, H, W]; t [B, nf] float; cross_k/v [layers, B, T, N, d];
         ring_k/v [layers, B, S, N, d], written in place at the block's slots;
         frame_positions, slots: int64 [nf]; valid_len: int64 [1]. Returns the flow
-        prediction [B, C, nf, H, W] in float32.
+        prediction [B, C, nf, H, W] in float32. `valid_len_host` optionally repeats
+        valid_len as a host int: the torch attention path then slices the ring (see
+        dit_ops.ring_attention), specialising the call to that fill level.
         """
         tokens, grid = self.embed_tokens(x)
         f, h, w = grid
@@ -224,7 +227,7 @@ class WanDiT(nn.Module):
 
         def attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
-            return dit_ops.ring_attention(qr, ring_k[layer], ring_v[layer], valid_len, impl)
+            return dit_ops.ring_attention(qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host)
 
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens, e0, partial(attend, layer=i), cross_k[i], cross_v[i], impl)

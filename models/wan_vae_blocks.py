@@ -13,8 +13,6 @@ identical numbers, and no per-frame reshapes of the activations.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -208,10 +206,3 @@ def assign_slots(module: nn.Module, first: int = 0) -> int:
             sub.down_slot = slot
             slot += 1
     return slot
-
-
-def fan_in_uniform_(param: Tensor, generator: torch.Generator, gain: float = 1.0) -> None:
-    """Uniform init with std `gain / sqrt(fan_in)`, drawn in place from `generator`."""
-    fan_in = math.prod(param.shape[1:]) if param.dim() > 1 else 1
-    bound = gain * math.sqrt(3.0 / fan_in)
-    param.uniform_(-bound, bound, generator=generator)

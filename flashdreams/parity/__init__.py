@@ -14,6 +14,7 @@ _KIND_MODULES = {
     "wan_dit_forward": "flashdreams.parity.wan_dit_forward",
     "wan_vae_decode": "flashdreams.parity.wan_vae_decode",
     "taehv_decode": "flashdreams.parity.taehv_decode",
+    "wan_vae_encode": "flashdreams.parity.wan_vae_encode",
 }
 
 

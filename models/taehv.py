@@ -1,0 +1,279 @@
+"""TAEHV, the tiny video decoder of the Self-Forcing demo (`demo_utils/taehv.py`, `taew2_1.pth`).
+
+TAEHV takes the *normalised* Wan latents as they are: no mean/std de-normalisation (unlike the
+Wan VAE and LightTAE). Its only temporal state is the MemBlock memory: each MemBlock sees its
+own input of the previous time step (zeros at the start). Carrying that memory in a fixed-shape
+tensor per MemBlock lets a whole block of latent frames be decoded in parallel per call with
+exactly the numbers of a parallel decode of the whole video (`decode_stream`).
+
+Layout: latents [N, T, 16, h, w] and frames [N, 4T, 3, 8h, 8w] (NTCHW), values nominally in [0, 1].
+Only the decoder is built; the `encoder.*` keys of the released file are accepted and ignored.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, fields
+
+import torch
+import torch.nn.functional as F
+from flashdreams.models.checkpoint import validate_and_load
+from torch import Tensor, nn
+
+from flashdreams.errors import InvalidArgumentError
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TAEHVConfig:
+    """Decoder shape. `channels` is the reference's `n_f`; smaller ones give a test-sized model."""
+
+    decoder_time_upscale: tuple[bool, ...] = (True, True)
+    decoder_space_upscale: tuple[bool, ...] = (True, True, True)
+    channels: tuple[int, ...] = (256, 128, 64, 64)
+    latent_channels: int = 16
+    image_channels: int = 3
+
+    def __post_init__(self) -> None:
+        for name in ("decoder_time_upscale", "decoder_space_upscale", "channels"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
+        if len(self.decoder_time_upscale) != 2 or len(self.decoder_space_upscale) != 3 or len(self.channels) != 4:
+            raise InvalidArgumentError(
+                f"TAEHVConfig: need 2 time flags, 3 space flags and 4 channel widths; got {self}"
+            )
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TAEHVConfig:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise InvalidArgumentError(f"TAEHVConfig: unknown keys {unknown}; known are {sorted(known)}")
+        return cls(**d)
+
+    @property
+    def time_upscale(self) -> int:
+        return 2 ** sum(self.decoder_time_upscale)
+
+    @property
+    def space_upscale(self) -> int:
+        return 2 ** sum(self.decoder_space_upscale)
+
+    @property
+    def frames_to_trim(self) -> int:
+        """Frames before the first real one: the reference's (commented-out) trim, 3 by default."""
+        return self.time_upscale - 1
+
+
+def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
+
+
+class Clamp(nn.Module):
+    """Soft clamp of the latents: tanh(x/3) * 3."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.tanh(x / 3) * 3
+
+
+class MemBlock(nn.Module):
+    """ReLU(conv(ReLU(conv(ReLU(conv(cat[x, past]))))) + x), `past` = the previous step's input."""
+
+    def __init__(self, n: int) -> None:
+        super().__init__()
+        # Indices 0, 2, 4 reproduce the reference's `conv.{0,2,4}` keys.
+        self.conv = nn.Sequential(_conv(2 * n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n))
+
+    def forward(self, x: Tensor, past: Tensor) -> Tensor:
+        h = F.relu(self.conv[0](torch.cat([x, past], 1)), inplace=True)
+        h = F.relu(self.conv[2](h), inplace=True)
+        return F.relu(self.conv[4](h) + x, inplace=True)
+
+
+class TGrow(nn.Module):
+    """1x1 conv C -> C*stride; output channel group j of frame t becomes frame t*stride + j."""
+
+    def __init__(self, n: int, stride: int) -> None:
+        super().__init__()
+        self.stride = stride
+        self.conv = nn.Conv2d(n, n * stride, 1, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        nt, c, h, w = x.shape
+        return self.conv(x).reshape(nt * self.stride, c, h, w)
+
+
+@dataclass
+class TAEHVDecodeState:
+    """One [N, C, H, W] memory per MemBlock (its previous input frame), updated in place."""
+
+    memory: list[Tensor]
+    batch: int
+    latent_h: int
+    latent_w: int
+    # Host-side flag: has the first block been decoded (its leading frames are trimmed)?
+    started: bool = field(default=False)
+
+    def reset(self) -> None:
+        for mem in self.memory:
+            mem.zero_()
+        self.started = False
+
+
+class TAEHV(nn.Module):
+    """The TAEHV decoder under the `taew2_1.pth` key names (`decoder.<index>...`)."""
+
+    def __init__(self, config: TAEHVConfig | None = None) -> None:
+        super().__init__()
+        self.config = cfg = config or TAEHVConfig()
+        c = cfg.channels
+        tu, su = cfg.decoder_time_upscale, cfg.decoder_space_upscale
+
+        def stage(n_in: int, n_out: int, space: bool, stride: int) -> list[nn.Module]:
+            blocks: list[nn.Module] = [MemBlock(n_in) for _ in range(3)]
+            return [
+                *blocks,
+                nn.Upsample(scale_factor=2 if space else 1),
+                TGrow(n_in, stride),
+                _conv(n_in, n_out, False),
+            ]
+
+        self.decoder = nn.Sequential(
+            Clamp(),
+            _conv(cfg.latent_channels, c[0]),
+            nn.ReLU(),
+            *stage(c[0], c[1], su[0], 1),
+            *stage(c[1], c[2], su[1], 2 if tu[0] else 1),
+            *stage(c[2], c[3], su[2], 2 if tu[1] else 1),
+            nn.ReLU(),
+            _conv(c[3], cfg.image_channels),
+        )
+
+    # ---- weights -------------------------------------------------------------------------
+
+    def load_weights(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:
+        """Load a `taew2_1.pth`-layout state dict (any float dtype) into the decoder.
+
+        Where a time upscale is disabled, a TGrow weight with more output channels than needed
+        keeps only the last C*stride of them (the reference's `patch_tgrow_layers`).
+        """
+        own = self.state_dict()
+        patched = dict(state_dict)
+        for i, layer in enumerate(self.decoder):
+            key = f"decoder.{i}.conv.weight"
+            if isinstance(layer, TGrow) and key in patched:
+                need = own[key].shape[0]
+                if patched[key].shape[0] > need and patched[key].shape[0] % layer.conv.in_channels == 0:
+                    patched[key] = patched[key][-need:]
+        # The encoder half of taew2_1.pth is not built; its keys are expected and skipped.
+        wanted = {k: v for k, v in patched.items() if not k.startswith("encoder.")}
+        validate_and_load(
+            self,
+            wanted,
+            source,
+            hint=f"expected the taew2_1.pth layout (decoder.<index>.*, encoder.*) for {self.config}; "
+            "LightTAE (lighttaew2_1) files use decoder.blocks.<index> and are a different model",
+        )
+        logger.debug("loaded %d TAEHV tensors from %s", len(wanted), source)
+
+    # ---- decoding ------------------------------------------------------------------------
+
+    def _memory_specs(self) -> list[tuple[int, int]]:
+        """(channels, spatial upscale) of each MemBlock's memory, in order."""
+        specs, up = [], 1
+        for layer in self.decoder:
+            if isinstance(layer, MemBlock):
+                specs.append((layer.conv[2].in_channels, up))
+            elif isinstance(layer, nn.Upsample):
+                up *= int(layer.scale_factor)
+        return specs
+
+    def _run(self, latents: Tensor, memory: list[Tensor] | None) -> Tensor:
+        """Latents [N, T, C, h, w] -> frames [N, T', 3, H, W], all frames in parallel.
+
+        With `memory`, each MemBlock's past for the first frame is its stored previous input,
+        which is then overwritten in place by this call's last input frame.
+        """
+        n, t = latents.shape[:2]
+        x = latents.reshape(n * t, *latents.shape[2:]).to(self.decoder[1].weight.dtype)
+        index = 0
+        for layer in self.decoder:
+            if not isinstance(layer, MemBlock):
+                x = layer(x)
+                continue
+            frames = x.view(n, x.shape[0] // n, *x.shape[1:])
+            if memory is None:
+                past = F.pad(frames, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]
+            else:
+                mem = memory[index]
+                past = torch.cat([mem.unsqueeze(1), frames[:, :-1]], dim=1)
+                mem.copy_(frames[:, -1])
+            x = layer(x, past.reshape(x.shape))
+            index += 1
+        return x.view(n, x.shape[0] // n, *x.shape[1:])
+
+    def decode_full(self, latents: Tensor) -> Tensor:
+        """`decode_video(parallel=True)`: all frames at once, nothing trimmed (4T frames)."""
+        with torch.no_grad():
+            return self._run(latents, None)
+
+    def new_decode_state(
+        self,
+        batch: int,
+        latent_h: int,
+        latent_w: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> TAEHVDecodeState:
+        """Zeroed MemBlock memories for a stream (on the model's device/dtype by default)."""
+        ref = self.decoder[1].weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        memory = [
+            torch.zeros(batch, ch, latent_h * up, latent_w * up, device=device, dtype=dtype)
+            for ch, up in self._memory_specs()
+        ]
+        return TAEHVDecodeState(memory, batch, latent_h, latent_w)
+
+    def decode_stream(self, latents: Tensor, state: TAEHVDecodeState, trim: bool = True) -> Tensor:
+        """Decode the next block [N, n, 16, h, w] with carried memory; equals the parallel decode.
+
+        With `trim`, the first `frames_to_trim` frames of the stream are dropped, so a first
+        block of n latents gives 4n - 3 frames and later ones 4n (the Wan VAE's counts).
+        """
+        expected = (state.batch, self.config.latent_channels, state.latent_h, state.latent_w)
+        if latents.dim() != 5 or (latents.shape[0], *latents.shape[2:]) != expected:
+            raise InvalidArgumentError(
+                f"TAEHV decode: latents of shape {tuple(latents.shape)} do not fit the state, which expects "
+                f"[{state.batch}, n, {self.config.latent_channels}, {state.latent_h}, {state.latent_w}]"
+            )
+        with torch.no_grad():
+            out = self._run(latents, state.memory)
+        first = not state.started
+        state.started = True
+        return out[:, self.config.frames_to_trim :] if trim and first else out
+
+    def decode_sequential(self, latents: Tensor) -> Tensor:
+        """`decode_video(parallel=False)`: one latent frame at a time, carrying the memory."""
+        n, t, _, h, w = latents.shape
+        state = self.new_decode_state(n, h, w, latents.device)
+        return torch.cat([self.decode_stream(latents[:, i : i + 1], state, trim=False) for i in range(t)], 1)
+
+    def decode_demo(self, latents: Tensor, block: int = 3, context: int = 3) -> Tensor:
+        """The Self-Forcing demo's stream: each block decoded from scratch after the previous one.
+
+        The first block alone keeps frames [frames_to_trim:]; every later block is decoded as
+        cat[previous block's last `context` latents, block] and keeps the frames after the
+        context's (context * time_upscale of them).
+        """
+        outs, previous = [], None
+        for i in range(0, latents.shape[1], block):
+            current = latents[:, i : i + block]
+            if previous is None:
+                outs.append(self.decode_full(current)[:, self.config.frames_to_trim :])
+            else:
+                window = torch.cat([previous[:, -context:], current], dim=1)
+                ctx_frames = window.shape[1] - current.shape[1]
+                outs.append(self.decode_full(window)[:, ctx_frames * self.config.time_upscale :])
+            previous = current
+        return torch.cat(outs, dim=1)

@@ -1,0 +1,202 @@
+"""Wan VAE: fixture parity, streaming with preallocated state, the decoder interface, loading errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flashdreams.models.decoders import init_random_, tiny_decoder
+from flashdreams.models.wan_vae import WAN21_LATENT_MEAN, WanVAE, WanVAEConfig
+
+from flashdreams.errors import CheckpointError, InvalidArgumentError
+from flashdreams.parity.common import fixtures_root, load_fixture, rel_l2
+
+
+def _fixture(name: str):
+    root = fixtures_root()
+    if root is None or not (root / name).is_dir():
+        pytest.skip(f"parity fixture '{name}' not found (looked in {root}); set FD_FIXTURES to ../shared/fixtures")
+    return load_fixture(root / name)
+
+
+@pytest.fixture(scope="module")
+def vae() -> WanVAE:
+    """A small decoder-only VAE with seeded random weights (dim 4 keeps the CPU time low)."""
+    model = WanVAE(WanVAEConfig(dim=4), parts=("decoder",))
+    init_random_(model, torch.Generator().manual_seed(7))
+    return model.eval()
+
+
+def _latents(*shape: int, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+
+
+# ---- fixtures --------------------------------------------------------------------------------
+
+
+def test_decode_fixture_parity() -> None:
+    from flashdreams.parity.wan_vae_decode import run
+
+    fixture = _fixture("wan_vae_decode")
+    checks = run(fixture, attention="ignored", device="cpu")
+    assert {c.name for c in checks} == {"video_full_raw", "video_full", "video_stream_raw", "video_stream"}
+    for check in checks:
+        assert check.passed, f"{check.name}: rel_l2 {check.rel_l2:.3e} > {check.tolerance}"
+
+
+def test_decode_cache_shapes_match_the_demo_zero_cache() -> None:
+    fixture = _fixture("wan_vae_decode")
+    model = WanVAE(WanVAEConfig.from_dict(fixture.config), parts=("decoder",))
+    h, w = fixture.params["latent_hw"]
+    state = model.new_decode_state(fixture.params["batch_size"], h, w)
+    assert [list(c.shape) for c in state.caches] == fixture.params["zero_cache_shapes"]
+
+
+def test_encode_fixture_parity() -> None:
+    from flashdreams.parity.wan_vae_encode import run
+
+    fixture = _fixture("wan21_vae_encode")
+    checks = run(fixture)
+    assert {c.name for c in checks} >= {"mu", "latent"}
+    for check in checks:
+        assert check.passed, f"{check.name}: rel_l2 {check.rel_l2:.3e} > {check.tolerance}"
+
+
+# ---- streaming -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("split", [(1, 1, 1, 1, 1, 1), (3, 3), (2, 4), (1, 5), (4, 1, 1)])
+def test_official_stream_equals_full_decode(vae: WanVAE, split: tuple[int, ...]) -> None:
+    z = _latents(1, 16, sum(split), 4, 4, seed=sum(s * 10**i for i, s in enumerate(split)))
+    full = vae.decode_full(z, chunk=z.shape[2])  # the whole video in one call
+    assert full.shape == (1, 3, 1 + 4 * (z.shape[2] - 1), 32, 32)
+    state = vae.new_decode_state(1, 4, 4)
+    outs, start = [], 0
+    for i, n in enumerate(split):
+        out = vae.decode_stream(z[:, :, start : start + n], state)
+        assert out.shape[2] == (1 + 4 * (n - 1) if i == 0 else 4 * n)
+        outs.append(out)
+        start += n
+    assert rel_l2(torch.cat(outs, 2), full) < 1e-5
+
+
+def test_state_is_updated_in_place(vae: WanVAE) -> None:
+    state = vae.new_decode_state(2, 4, 6)
+    pointers = [c.data_ptr() for c in state.caches]
+    for block in range(3):
+        vae.decode_stream(_latents(2, 16, 3, 4, 6, seed=100 + block), state)
+        assert [c.data_ptr() for c in state.caches] == pointers
+    assert all(c.abs().sum() > 0 for c in state.caches)
+
+
+def test_reset_restores_the_start(vae: WanVAE) -> None:
+    z1, z2 = _latents(1, 16, 3, 4, 4, seed=1), _latents(1, 16, 3, 4, 4, seed=2)
+    state = vae.new_decode_state(1, 4, 4)
+    first = vae.decode_stream(z1, state)
+    vae.decode_stream(z2, state)
+    state.reset()
+    assert not state.started and all(c.abs().sum() == 0 for c in state.caches)
+    again = vae.decode_stream(z1, state)
+    assert torch.equal(first, again)
+
+
+def test_demo_mode_differs_from_official_and_gives_four_frames_per_latent(vae: WanVAE) -> None:
+    z = _latents(1, 16, 6, 4, 4, seed=3)
+    demo = vae.decode_demo(z, block=3, drop=0)
+    assert demo.shape[2] == 24
+    state = vae.new_decode_state(1, 4, 4, mode="demo")
+    blocks = torch.cat([vae.decode_stream(z[:, :, :3], state), vae.decode_stream(z[:, :, 3:], state)], 2)
+    assert torch.equal(blocks, demo)
+    official = vae.decode_full(z)
+    assert rel_l2(demo[:, :, 3:], official) > 1e-3  # zero caches without the skip: a different stream
+
+
+def test_wrong_latent_shape_is_refused(vae: WanVAE) -> None:
+    state = vae.new_decode_state(1, 4, 4)
+    with pytest.raises(InvalidArgumentError, match="do not fit the state"):
+        vae.decode_stream(_latents(1, 16, 3, 4, 6, seed=4), state)
+
+
+# ---- the decoder interface -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("first_frame", "batch"), [("official", 2), ("demo", 1)])
+def test_interface_frame_counts_and_range(first_frame: str, batch: int) -> None:
+    decoder = tiny_decoder("wan-vae", seed=0, first_frame=first_frame)
+    state = decoder.new_state(batch, 4, 6)
+    for block, frames in enumerate((9, 12, 12)):
+        video = decoder.decode_block(_latents(batch, 16, 3, 4, 6, seed=20 + block), state)
+        assert video.shape == (batch, frames, 3, 32, 48) and video.dtype == torch.float32
+        assert decoder.num_frames(3, first=block == 0) == frames
+        assert video.min() >= 0.0 and video.max() <= 1.0
+        assert video.std() > 0.05  # random weights, but not a constant picture
+        assert (video == 0).logical_or(video == 1).float().mean() < 0.5  # nor a saturated one
+
+
+def test_interface_matches_the_model(vae: WanVAE) -> None:
+    from flashdreams.models.decoders import WanVAEDecoder
+
+    decoder = WanVAEDecoder(vae)
+    z = _latents(1, 16, 6, 4, 4, seed=5)
+    state = decoder.new_state(1, 4, 4)
+    video = torch.cat([decoder.decode_block(z[:, :, :3], state), decoder.decode_block(z[:, :, 3:], state)], 1)
+    expected = (vae.decode_full(z).clamp(-1, 1) + 1) / 2
+    assert rel_l2(video, expected.permute(0, 2, 1, 3, 4)) < 1e-5
+
+
+def test_tiny_decoder_is_deterministic() -> None:
+    a, b, c = (tiny_decoder("wan-vae", seed=s).vae.state_dict() for s in (0, 0, 1))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)
+
+
+# ---- loading ---------------------------------------------------------------------------------
+
+
+def _full_weights(cfg: WanVAEConfig) -> dict[str, torch.Tensor]:
+    model = WanVAE(cfg)
+    init_random_(model, torch.Generator().manual_seed(11))
+    return model.state_dict()
+
+
+def test_decoder_only_load_accepts_a_full_checkpoint() -> None:
+    cfg = WanVAEConfig(dim=4)
+    weights = _full_weights(cfg)
+    model = WanVAE(cfg, parts=("decoder",))
+    model.load_weights(weights)
+    assert torch.equal(model.decoder.conv1.weight, weights["decoder.conv1.weight"])
+    encoder_only = {k: v for k, v in weights.items() if k.startswith(("encoder.", "conv1."))}
+    WanVAE(cfg, parts=("encoder",)).load_weights(encoder_only)
+    with pytest.raises(CheckpointError, match="decoder.conv1.weight"):
+        WanVAE(cfg, parts=("decoder",)).load_weights(encoder_only)
+
+
+@pytest.mark.parametrize("fault", ["missing", "shape", "unexpected"])
+def test_bad_weights_are_refused_and_nothing_is_loaded(fault: str) -> None:
+    cfg = WanVAEConfig(dim=4)
+    weights = _full_weights(cfg)
+    key = "decoder.upsamples.3.time_conv.weight"
+    if fault == "missing":
+        del weights[key]
+    elif fault == "shape":
+        weights[key] = weights[key][:, :-1]
+    else:
+        key = "decoder.upsamples.99.bias"
+        weights[key] = torch.randn(3)
+    model = WanVAE(cfg, parts=("decoder",))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
+        model.load_weights(weights, source="bad.pth")
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_latent_stats_stay_float32_under_dtype_casts() -> None:
+    model = WanVAE(WanVAEConfig(dim=4), parts=("decoder",)).to(torch.bfloat16)
+    assert model.latent_mean.dtype == torch.float32
+    assert torch.equal(model.latent_mean, torch.tensor(WAN21_LATENT_MEAN, dtype=torch.float32))
+    assert model.conv2.weight.dtype == torch.bfloat16
+
+
+def test_encode_refuses_a_bad_frame_count() -> None:
+    model = WanVAE(WanVAEConfig(dim=4), parts=("encoder",))
+    with pytest.raises(InvalidArgumentError, match="1\\+4k"):
+        model.encode(torch.rand(1, 3, 8, 16, 16) * 2 - 1)
