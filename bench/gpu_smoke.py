@@ -36,8 +36,9 @@ def main() -> None:
     gen = torch.Generator().manual_seed(1)
     shape = (1, spec.latent_channels, spec.num_frame_per_block, spec.latent_h, spec.latent_w)
     steps = spec.schedule.num_steps
-    draws = [(torch.randn(shape, generator=gen), torch.randn((steps - 1, *shape), generator=gen))
-             for _ in range(args.blocks)]
+    draws = [
+        (torch.randn(shape, generator=gen), torch.randn((steps - 1, *shape), generator=gen)) for _ in range(args.blocks)
+    ]
     ref32 = rollout(e32, draws, cuda_graphs=False)
     bf16_eager = rollout(e16, draws, cuda_graphs=False)
     bf16_graph = rollout(e16, draws, cuda_graphs=True)

@@ -113,8 +113,12 @@ class TextEncoder:
             raise InvalidArgumentError("this text encoder has no tokenizer; use encode_ids")
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         tok = self.tokenizer(
-            [clean_prompt(t) for t in prompts], padding="max_length", max_length=self.text_len,
-            truncation=True, add_special_tokens=True, return_tensors="pt",
+            [clean_prompt(t) for t in prompts],
+            padding="max_length",
+            max_length=self.text_len,
+            truncation=True,
+            add_special_tokens=True,
+            return_tensors="pt",
         )
         return self.encode_ids(tok["input_ids"], tok["attention_mask"])
 

@@ -11,9 +11,19 @@ from flashdreams.models.text_encoder import TextEncoder, clean_prompt, wan_t5_to
 
 
 def _tiny_umt5():
-    cfg = transformers.UMT5Config(vocab_size=97, d_model=24, d_kv=6, d_ff=40, num_layers=2, num_heads=4,
-                                  relative_attention_num_buckets=32, relative_attention_max_distance=128,
-                                  feed_forward_proj="gated-gelu", dropout_rate=0.0, layer_norm_epsilon=1e-6)
+    cfg = transformers.UMT5Config(
+        vocab_size=97,
+        d_model=24,
+        d_kv=6,
+        d_ff=40,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=32,
+        relative_attention_max_distance=128,
+        feed_forward_proj="gated-gelu",
+        dropout_rate=0.0,
+        layer_norm_epsilon=1e-6,
+    )
     torch.manual_seed(0)
     return transformers.UMT5EncoderModel(cfg).eval()
 
