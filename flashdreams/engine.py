@@ -146,9 +146,15 @@ def load(
     height: int | None = None,
     width: int | None = None,
     random_weights: bool = False,
-    seed: int = 0,
+    weights_seed: int = 0,
+    decoder_weights: str | os.PathLike | None = None,
 ) -> Engine:
     """Load an engine.
+
+    `decoder` is "wan-vae", "taehv", None (latents only) or "preset" (the preset's choice);
+    a real checkpoint needs `decoder_weights` (Wan2.1_VAE / taew2_1 as safetensors) for it.
+    `weights_seed` picks the random weights of the built-in and `random_weights` models; a
+    session's own `seed` (engine.session) only drives its noise.
 
     * `load()`: the built-in tiny model (deterministic random weights, no download).
     * `load(preset="self-forcing-1.3b", random_weights=True)`: full size, random weights (speed runs).
@@ -174,26 +180,44 @@ def load(
             model = WanDiT(preset.model)
         model = model.to_empty(device=dev).to(dt)
         # The built-in model draws on the CPU (identical everywhere); big speed runs on the device.
-        init_random_(model, seed, "cpu" if preset.builtin or dev.type == "cpu" else dev)
+        init_random_(model, weights_seed, "cpu" if preset.builtin or dev.type == "cpu" else dev)
         model = model.eval().requires_grad_(False)
         label = "builtin:" + preset.name if preset.builtin else f"random:{preset.name}"
     else:
         model = load_wan_dit(source, preset.model, device=dev, dtype=dt)
         label = str(source)
     model.set_attention(attention)
-    dec = _build_decoder(preset, decoder, dev, dt, seed)
+    dec = build_session_decoder(
+        preset, decoder, dev, dt, weights_seed, decoder_weights, random_weights or source is None
+    )
     return Engine(EagerBackend(model), spec, dec, label)
 
 
-def _build_decoder(preset: Preset, decoder: str | None, device: torch.device, dtype: torch.dtype, seed: int):
+def build_session_decoder(
+    preset: Preset,
+    decoder: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    seed: int = 0,
+    weights: str | os.PathLike | None = None,
+    random_ok: bool = False,
+):
+    """The streaming decoder a session uses: from weights, tiny (built-in), or random (speed runs)."""
+    from flashdreams.models import decoders
+    from flashdreams.models.checkpoint import read_state_dict, strip_prefixes
+
     name = preset.decoder if decoder == "preset" else decoder
-    if name is None:
+    if name in (None, "none"):
         return None
-    try:
-        from flashdreams.models import decoders
-    except ImportError:
-        log.warning("decoders are not available in this build; sessions return latents only")
-        return None
+    if name not in decoders.DECODER_NAMES:
+        raise InvalidArgumentError(f"decoder '{name}' is unknown; choose one of {decoders.DECODER_NAMES} or none")
+    if weights is not None:
+        return decoders.build_decoder(name, strip_prefixes(read_state_dict(weights)), device=device, dtype=dtype)
     if preset.builtin:
         return decoders.tiny_decoder(name, seed=seed, device=device, dtype=dtype)
-    return decoders.random_decoder(name, device=device, dtype=dtype)
+    if random_ok:
+        return decoders.random_decoder(name, device=device, dtype=dtype, seed=seed)
+    raise InvalidArgumentError(
+        f"decoder '{name}' needs its weights for a real checkpoint: pass decoder_weights "
+        "(fd-run --decoder-weights Wan2.1_VAE.safetensors or taew2_1.safetensors), or decoder=None for latents"
+    )

@@ -69,6 +69,8 @@ def status_of(exc: BaseException) -> int:
     """The C status code for any exception (non-FlashDreams ones count as internal)."""
     if isinstance(exc, FlashDreamsError):
         return STATUS_CODES[exc.status]
-    if isinstance(exc, MemoryError):
+    # torch.OutOfMemoryError (CUDA) is a RuntimeError, not a MemoryError: match it by name so
+    # this module stays free of a torch import.
+    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
         return STATUS_CODES["FD_OUT_OF_MEMORY"]
     return STATUS_CODES["FD_INTERNAL"]

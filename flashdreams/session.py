@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -320,3 +320,10 @@ class Session:
         self.capture_s += time.perf_counter() - t0
         log.info("captured block graphs at block %d", self.block)
         return _BlockGraphs(g_denoise, g_decode, g_commit, x0, frames)
+
+    def frames(self, num_blocks: int | None = None) -> Iterator[torch.Tensor]:
+        """Iterate over blocks' frames (uint8 [T, H, W, 3] on the host, batch 0), for embedding in an app."""
+        n = 0
+        while num_blocks is None or n < num_blocks:
+            yield self.step().frames_cpu()[0]
+            n += 1

@@ -67,7 +67,6 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         attention=attention,
         height=cfg.height,
         width=cfg.width,
-        seed=cfg.seed,
     )
     if backend == "eager":
         t0 = time.perf_counter()
@@ -110,7 +109,7 @@ def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process:
     engine, times = _load(cfg, backend, attention)
     device = engine.device
     spec = engine.spec
-    prompt = engine.default_prompt(seed=cfg.seed)
+    prompt = engine.default_prompt()
     session = engine.session(prompt, seed=cfg.seed, cuda_graphs=cfg.cuda_graphs)
     session.timing = True
 

@@ -1,0 +1,63 @@
+// Internals of libflashdreams shared by its two source files: the embedded Python
+// runtime (start once, never finalize, GIL only while calling in), the thread-local
+// last error, and the registry of live handles. Not installed; not part of the ABI.
+#pragma once
+
+#include <pybind11/embed.h>
+
+#include <functional>
+#include <memory>
+#include <mutex>
+#include <string>
+
+#include "flashdreams.h"
+
+namespace fdcapi {
+
+namespace py = pybind11;
+
+// The calling thread's last error. fail() stores the message and returns the status.
+fd_status fail(fd_status status, std::string message);
+fd_status succeed();
+const char* last_error();
+
+// Runs `body` with the interpreter started, flashdreams imported and the GIL held.
+// A Python exception becomes its status (flashdreams.errors.status_of) and message;
+// a C++ exception becomes FD_INTERNAL (FD_OUT_OF_MEMORY for bad_alloc). Never throws.
+fd_status with_python(const std::function<fd_status()>& body) noexcept;
+
+// A function of the glue module (see capi_runtime.cpp). Only with the GIL held.
+py::object glue(const char* name);
+
+// Drops a Python reference, taking the GIL for it (safe with or without the GIL held).
+void release_py(py::object& obj) noexcept;
+
+struct EngineImpl {
+    py::object engine;  // flashdreams.Engine
+    ~EngineImpl() { release_py(engine); }
+};
+
+struct SessionImpl {
+    std::shared_ptr<EngineImpl> engine;  // keeps the engine alive after fd_engine_destroy
+    py::object session;                  // flashdreams.Session
+    py::object last;                     // the last StepResult, or None
+    std::mutex mu;                       // one call at a time on a session
+    ~SessionImpl() {
+        release_py(last);
+        release_py(session);
+    }
+};
+
+// Live handles. A handle is an id that is never reused, not an address, so a
+// destroyed or foreign handle is refused without touching any memory.
+fd_engine* register_engine(std::shared_ptr<EngineImpl> impl);
+fd_session* register_session(std::shared_ptr<SessionImpl> impl);
+std::shared_ptr<EngineImpl> find_engine(fd_engine* handle);
+std::shared_ptr<SessionImpl> find_session(fd_session* handle);
+std::shared_ptr<EngineImpl> remove_engine(fd_engine* handle);
+std::shared_ptr<SessionImpl> remove_session(fd_session* handle);
+
+// Locks a session; if this thread holds the GIL (a Python host), lets it go while waiting.
+std::unique_lock<std::mutex> lock_session(SessionImpl& s);
+
+}  // namespace fdcapi

@@ -1,0 +1,184 @@
+// sim_host: a small C++ "simulator" that drives a FlashDreams session through the C ABI.
+//
+//   sim_host [--ticks N] [--seed S] [--out FRAMES.npy] [--latents LATENTS.npy]
+//
+// It checks the API version, opens the built-in tiny model, creates a session, and
+// runs N ticks (default 6). Every 2nd tick (0, 2, 4, ...) it steers the world with a
+// new "prompt_embeds" input, [1, 16, 32] float32 for the built-in model, filled by
+//   value[i] = ((7 * i + 13 * phase) % 17 - 8) / 8,   i = flat index, phase = tick / 2
+// (exact in float32, so a Python replay gets the same bits). Each tick it steps one
+// block, reads the block's frames into a host buffer, and prints its timing. At the
+// end it writes every frame to --out (default sim_host_frames.npy): uint8
+// [frames, height, width, 3], readable with numpy.load. --latents also writes each
+// block's latents, float32 [ticks, channels, frames, height, width].
+#include <flashdreams.h>
+
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+constexpr int kInputEvery = 2;                    // ticks between input changes
+constexpr int64_t kPromptShape[3] = {1, 16, 32};  // the built-in model's prompt_embeds
+
+struct EngineDeleter {
+    void operator()(fd_engine* e) const { fd_engine_destroy(e); }
+};
+struct SessionDeleter {
+    void operator()(fd_session* s) const { fd_session_destroy(s); }
+};
+using EnginePtr = std::unique_ptr<fd_engine, EngineDeleter>;
+using SessionPtr = std::unique_ptr<fd_session, SessionDeleter>;
+
+bool ok(fd_status st, const char* what) {
+    if (st == FD_OK) return true;
+    std::fprintf(stderr, "sim_host: %s failed: %s: %s\n", what, fd_status_name(st), fd_last_error());
+    return false;
+}
+
+double ms_since(std::chrono::steady_clock::time_point t0) {
+    return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
+}
+
+std::vector<float> prompt_for(int phase) {
+    std::vector<float> v(kPromptShape[0] * kPromptShape[1] * kPromptShape[2]);
+    for (size_t i = 0; i < v.size(); ++i) {
+        v[i] = static_cast<float>(static_cast<int>((7 * i + 13 * phase) % 17) - 8) / 8.0f;
+    }
+    return v;
+}
+
+// A .npy file (format 1.0): magic, header length, a Python dict literal, the raw data.
+bool write_npy(const std::string& path, const char* descr, const std::vector<int64_t>& shape, const void* data,
+               size_t bytes) {
+    std::string dims;
+    for (int64_t d : shape) dims += std::to_string(d) + ", ";
+    std::string header = "{'descr': '" + std::string(descr) + "', 'fortran_order': False, 'shape': (" + dims + "), }";
+    header.append(63 - (10 + header.size()) % 64, ' ');  // pad so the data starts 64-byte aligned
+    header += '\n';
+    FILE* f = std::fopen(path.c_str(), "wb");
+    if (f == nullptr) {
+        std::fprintf(stderr, "sim_host: cannot write %s\n", path.c_str());
+        return false;
+    }
+    const unsigned char magic[8] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0};
+    const unsigned char len[2] = {static_cast<unsigned char>(header.size() & 0xff),
+                                  static_cast<unsigned char>(header.size() >> 8)};
+    bool good = std::fwrite(magic, 1, 8, f) == 8 && std::fwrite(len, 1, 2, f) == 2 &&
+                std::fwrite(header.data(), 1, header.size(), f) == header.size() &&
+                std::fwrite(data, 1, bytes, f) == bytes;
+    good = (std::fclose(f) == 0) && good;
+    return good;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    int ticks = 6;
+    uint64_t seed = 0;
+    std::string out = "sim_host_frames.npy", latents_out;
+    for (int i = 1; i < argc; ++i) {
+        const std::string a = argv[i];
+        const bool has_value = i + 1 < argc;
+        if (a == "--ticks" && has_value) {
+            ticks = std::atoi(argv[++i]);
+        } else if (a == "--seed" && has_value) {
+            seed = std::strtoull(argv[++i], nullptr, 10);
+        } else if (a == "--out" && has_value) {
+            out = argv[++i];
+        } else if (a == "--latents" && has_value) {
+            latents_out = argv[++i];
+        } else {
+            std::fprintf(stderr, "usage: sim_host [--ticks N] [--seed S] [--out FILE.npy] [--latents FILE.npy]\n");
+            return 2;
+        }
+    }
+
+    if (!ok(fd_check_version(FD_API_VERSION), "fd_check_version")) return 1;
+    const uint32_t v = fd_api_version();
+    std::printf("libflashdreams API %u.%u\n", v >> 16, v & 0xffff);
+
+    auto t0 = std::chrono::steady_clock::now();
+    fd_engine* raw_engine = nullptr;
+    if (!ok(fd_engine_open(nullptr, nullptr, &raw_engine), "fd_engine_open")) return 1;  // the built-in model
+    EnginePtr engine(raw_engine);
+    fd_session_options sopts = FD_SESSION_OPTIONS_INIT;
+    sopts.seed = seed;
+    fd_session* raw_session = nullptr;
+    if (!ok(fd_session_create(engine.get(), &sopts, &raw_session), "fd_session_create")) return 1;
+    SessionPtr session(raw_session);
+    std::printf("engine + session ready in %.1f ms (seed %llu)\n", ms_since(t0), static_cast<unsigned long long>(seed));
+
+    std::vector<uint8_t> frames, block;  // all frames so far; this tick's frames
+    std::vector<float> latents, lat_block;
+    int64_t total_frames = 0, height = 0, width = 0, lat_shape[4] = {0, 0, 0, 0};
+    bool have_frames = true;
+    for (int tick = 0; tick < ticks; ++tick) {
+        auto t_tick = std::chrono::steady_clock::now();
+        const bool change = tick % kInputEvery == 0;
+        if (change) {
+            std::vector<float> prompt = prompt_for(tick / kInputEvery);
+            fd_tensor_view view = {prompt.data(), FD_DTYPE_FLOAT32, 3, kPromptShape, FD_MEMORY_HOST, 0};
+            if (!ok(fd_session_set_input(session.get(), "prompt_embeds", &view), "fd_session_set_input")) return 1;
+        }
+        auto t_step = std::chrono::steady_clock::now();
+        if (!ok(fd_session_step(session.get()), "fd_session_step")) return 1;
+        const double step_ms = ms_since(t_step);
+
+        auto t_read = std::chrono::steady_clock::now();
+        int64_t t = 0, h = 0, w = 0, c = 0;
+        if (have_frames) {
+            const fd_status st = fd_session_frame_info(session.get(), &t, &h, &w, &c);
+            if (st == FD_NOT_FOUND) {
+                std::printf("note: %s\n", fd_last_error());  // an engine without a decoder: latents only
+                have_frames = false;
+            } else if (!ok(st, "fd_session_frame_info")) {
+                return 1;
+            }
+        }
+        if (have_frames) {
+            block.resize(static_cast<size_t>(t * h * w * c));
+            if (!ok(fd_session_read_frames(session.get(), block.data(), block.size(), FD_MEMORY_HOST),
+                    "fd_session_read_frames")) {
+                return 1;
+            }
+            frames.insert(frames.end(), block.begin(), block.end());
+            total_frames += t;
+            height = h;
+            width = w;
+        }
+        if (!latents_out.empty()) {
+            if (!ok(fd_session_latent_info(session.get(), &lat_shape[0], &lat_shape[1], &lat_shape[2], &lat_shape[3]),
+                    "fd_session_latent_info")) {
+                return 1;
+            }
+            lat_block.resize(static_cast<size_t>(lat_shape[0] * lat_shape[1] * lat_shape[2] * lat_shape[3]));
+            if (!ok(fd_session_read_latents(session.get(), lat_block.data(), lat_block.size() * sizeof(float),
+                                            FD_MEMORY_HOST),
+                    "fd_session_read_latents")) {
+                return 1;
+            }
+            latents.insert(latents.end(), lat_block.begin(), lat_block.end());
+        }
+        std::printf("tick %d:%s step %.1f ms, read %.2f ms, total %.1f ms, %lld frames %lldx%lld\n", tick,
+                    change ? " new input," : "", step_ms, ms_since(t_read), ms_since(t_tick),
+                    static_cast<long long>(t), static_cast<long long>(h), static_cast<long long>(w));
+    }
+
+    if (have_frames && ticks > 0) {
+        if (!write_npy(out, "|u1", {total_frames, height, width, 3}, frames.data(), frames.size())) return 1;
+        std::printf("wrote %lld frames to %s\n", static_cast<long long>(total_frames), out.c_str());
+    }
+    if (!latents_out.empty() && ticks > 0) {
+        const std::vector<int64_t> shape = {ticks, lat_shape[0], lat_shape[1], lat_shape[2], lat_shape[3]};
+        if (!write_npy(latents_out, "<f4", shape, latents.data(), latents.size() * sizeof(float))) return 1;
+        std::printf("wrote latents to %s\n", latents_out.c_str());
+    }
+    return 0;
+}

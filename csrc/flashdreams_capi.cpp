@@ -1,0 +1,317 @@
+// The exported C functions of libflashdreams (see include/flashdreams.h). Each one
+// checks its C arguments here, then calls the flashdreams package through the
+// embedded interpreter (capi_runtime.cpp). No C++ exception leaves this file.
+#include <cstddef>
+#include <cstdint>
+#include <new>
+#include <string>
+
+#include "capi_runtime.h"
+
+using namespace fdcapi;
+
+static_assert(sizeof(fd_status) == 4 && sizeof(fd_dtype) == 4 && sizeof(fd_memory) == 4, "fd_* enums are 32-bit");
+
+namespace {
+
+// Runs a call's body; whatever it throws becomes a status. Never throws.
+template <class F>
+fd_status guarded(F&& body) noexcept {
+    try {
+        return body();
+    } catch (const std::bad_alloc&) {
+        return fail(FD_OUT_OF_MEMORY, "out of host memory");
+    } catch (const std::exception& e) {
+        return fail(FD_INTERNAL, std::string("internal error: ") + e.what());
+    } catch (...) {
+        return fail(FD_INTERNAL, "internal error: unknown C++ exception");
+    }
+}
+
+fd_status null_arg(const char* fn, const char* arg) {
+    return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": " + arg + " is NULL");
+}
+
+fd_status dead_handle(const char* fn, const char* kind) {
+    return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": the " + kind + " handle is not live (destroyed already, or " +
+                                         "not returned by fd_" + kind + (kind[0] == 'e' ? "_open)" : "_create)"));
+}
+
+// struct_size must cover at least the size field and at most what this library knows.
+fd_status check_struct_size(const char* fn, const char* type, const char* init, size_t given, size_t known) {
+    if (given >= sizeof(size_t) && given <= known) return FD_OK;
+    if (given > known) {
+        return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": " + type + ".struct_size is " + std::to_string(given) +
+                                             " but this library knows " + std::to_string(known) +
+                                             " bytes; the host was compiled against a newer flashdreams.h "
+                                             "(check fd_check_version)");
+    }
+    return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": " + type + ".struct_size is " + std::to_string(given) +
+                                         "; initialise the options with " + init);
+}
+
+// True when the host's struct (of struct_size bytes) has this field.
+#define FD_HAS_FIELD(opts, type, field) ((opts)->struct_size >= offsetof(type, field) + sizeof((opts)->field))
+
+py::object str_or_none(const char* s) { return s != nullptr && *s != '\0' ? py::object(py::str(s)) : py::none(); }
+
+// Checks a view's C-level fields (pointer, dtype, rank, sizes) before Python sees it.
+fd_status check_view(const char* fn, const char* what, const fd_tensor_view* v) {
+    const std::string where = std::string(fn) + ": " + what;
+    if (v == nullptr) return fail(FD_INVALID_ARGUMENT, where + " view is NULL");
+    if (v->dtype < FD_DTYPE_FLOAT32 || v->dtype > FD_DTYPE_INT64) {
+        return fail(FD_INVALID_ARGUMENT, where + ": dtype " + std::to_string(static_cast<int>(v->dtype)) +
+                                             " is not an fd_dtype (FD_DTYPE_FLOAT32 = 1 ... FD_DTYPE_INT64 = 6)");
+    }
+    if (v->memory != FD_MEMORY_HOST && v->memory != FD_MEMORY_DEVICE) {
+        return fail(FD_INVALID_ARGUMENT, where + ": memory " + std::to_string(static_cast<int>(v->memory)) +
+                                             " is neither FD_MEMORY_HOST nor FD_MEMORY_DEVICE");
+    }
+    if (v->ndim < 0 || v->ndim > FD_MAX_DIMS) {
+        return fail(FD_INVALID_ARGUMENT, where + ": ndim " + std::to_string(v->ndim) + " is outside 0.." +
+                                             std::to_string(FD_MAX_DIMS));
+    }
+    if (v->ndim > 0 && v->shape == nullptr) return fail(FD_INVALID_ARGUMENT, where + ": shape is NULL, ndim > 0");
+    int64_t numel = 1;
+    for (int32_t i = 0; i < v->ndim; ++i) {
+        const int64_t d = v->shape[i];
+        if (d < 0 || d > (int64_t{1} << 40)) {
+            return fail(FD_INVALID_ARGUMENT, where + ": shape[" + std::to_string(i) + "] is " + std::to_string(d));
+        }
+        numel = (numel > 0 && d > (int64_t{1} << 42) / numel) ? -1 : numel * d;
+        if (numel < 0) return fail(FD_INVALID_ARGUMENT, where + ": the shape holds more than 2^42 elements");
+    }
+    if (v->data == nullptr && numel > 0) return fail(FD_INVALID_ARGUMENT, where + ": data is NULL");
+    return FD_OK;
+}
+
+// The Python tensor (a copy) of a checked view. With the GIL held.
+py::object view_to_tensor(const fd_tensor_view* v) {
+    py::tuple shape(v->ndim);
+    for (int32_t i = 0; i < v->ndim; ++i) shape[i] = py::int_(v->shape[i]);
+    return glue("tensor_from_view")(reinterpret_cast<uintptr_t>(v->data), static_cast<int>(v->dtype), shape,
+                                    static_cast<int>(v->memory), v->device_index);
+}
+
+// Looks a session up and checks it; `s` is set on FD_OK.
+fd_status get_session(const char* fn, fd_session* handle, std::shared_ptr<SessionImpl>& s) {
+    if (handle == nullptr) return null_arg(fn, "session");
+    s = find_session(handle);
+    return s ? FD_OK : dead_handle(fn, "session");
+}
+
+fd_status block_info(const char* fn, fd_session* handle, const char* what, int64_t* out[4]) {
+    std::shared_ptr<SessionImpl> s;
+    fd_status st = get_session(fn, handle, s);
+    if (st != FD_OK) return st;
+    for (int i = 0; i < 4; ++i) {
+        if (out[i] == nullptr) return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": an out pointer is NULL");
+    }
+    auto lock = lock_session(*s);
+    return with_python([&] {
+        py::tuple shape = glue("shape")(s->last, what);
+        for (int i = 0; i < 4; ++i) *out[i] = shape[i].cast<int64_t>();
+        return FD_OK;
+    });
+}
+
+fd_status read_block(const char* fn, fd_session* handle, const char* what, void* dst, size_t bytes, fd_memory mem) {
+    std::shared_ptr<SessionImpl> s;
+    fd_status st = get_session(fn, handle, s);
+    if (st != FD_OK) return st;
+    if (dst == nullptr) return null_arg(fn, "dst");
+    if (mem != FD_MEMORY_HOST && mem != FD_MEMORY_DEVICE) {
+        return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": memory " + std::to_string(static_cast<int>(mem)) +
+                                             " is neither FD_MEMORY_HOST nor FD_MEMORY_DEVICE");
+    }
+    auto lock = lock_session(*s);
+    return with_python([&] {
+        glue("read")(s->last, what, reinterpret_cast<uintptr_t>(dst), bytes, static_cast<int>(mem));
+        return FD_OK;
+    });
+}
+
+}  // namespace
+
+extern "C" {
+
+FD_API uint32_t fd_api_version(void) { return FD_API_VERSION; }
+
+FD_API fd_status fd_check_version(uint32_t compiled) {
+    const uint32_t major = compiled >> 16, minor = compiled & 0xffffu;
+    if (major == FD_API_VERSION_MAJOR && minor <= FD_API_VERSION_MINOR) return succeed();
+    return fail(FD_ENGINE_INCOMPATIBLE,
+                "the host was compiled against flashdreams.h API " + std::to_string(major) + "." +
+                    std::to_string(minor) + ", but the loaded libflashdreams implements API " +
+                    std::to_string(FD_API_VERSION_MAJOR) + "." + std::to_string(FD_API_VERSION_MINOR) +
+                    "; rebuild the host against this library's header, or load the library it was built with");
+}
+
+FD_API const char* fd_last_error(void) { return last_error(); }
+
+FD_API const char* fd_status_name(fd_status status) {
+    static const char* const names[] = {"FD_OK",           "FD_INVALID_ARGUMENT", "FD_NOT_FOUND",
+                                        "FD_ENGINE_INCOMPATIBLE", "FD_OUT_OF_MEMORY", "FD_DEVICE_ERROR",
+                                        "FD_INTERNAL"};
+    const int i = static_cast<int>(status);
+    return i >= 0 && i < static_cast<int>(sizeof(names) / sizeof(names[0])) ? names[i] : "FD_UNKNOWN_STATUS";
+}
+
+FD_API fd_status fd_engine_open(const char* path, const fd_engine_options* opts, fd_engine** out) {
+    static const char* fn = "fd_engine_open";
+    return guarded([&]() -> fd_status {
+        if (out == nullptr) return null_arg(fn, "out");
+        *out = nullptr;
+        if (path != nullptr && *path == '\0') {
+            return fail(FD_INVALID_ARGUMENT, "fd_engine_open: path is empty; pass NULL for the built-in model");
+        }
+        fd_engine_options o = FD_ENGINE_OPTIONS_INIT;
+        if (opts != nullptr) {
+            fd_status st = check_struct_size(fn, "fd_engine_options", "FD_ENGINE_OPTIONS_INIT", opts->struct_size,
+                                             sizeof(fd_engine_options));
+            if (st != FD_OK) return st;
+            if (FD_HAS_FIELD(opts, fd_engine_options, device)) o.device = opts->device;
+            if (FD_HAS_FIELD(opts, fd_engine_options, dtype)) o.dtype = opts->dtype;
+            if (FD_HAS_FIELD(opts, fd_engine_options, preset)) o.preset = opts->preset;
+            if (FD_HAS_FIELD(opts, fd_engine_options, attention)) o.attention = opts->attention;
+        }
+        auto impl = std::make_shared<EngineImpl>();
+        fd_status st = with_python([&] {
+            impl->engine = glue("open_engine")(str_or_none(path), str_or_none(o.device), str_or_none(o.dtype),
+                                               str_or_none(o.preset), str_or_none(o.attention));
+            return FD_OK;
+        });
+        if (st == FD_OK) *out = register_engine(std::move(impl));
+        return st;
+    });
+}
+
+FD_API fd_status fd_engine_destroy(fd_engine* engine) {
+    return guarded([&]() -> fd_status {
+        if (engine == nullptr) return succeed();
+        std::shared_ptr<EngineImpl> impl = remove_engine(engine);
+        if (!impl) return dead_handle("fd_engine_destroy", "engine");
+        impl.reset();  // sessions keep their own reference
+        return succeed();
+    });
+}
+
+FD_API fd_status fd_session_create(fd_engine* engine, const fd_session_options* opts, fd_session** out) {
+    static const char* fn = "fd_session_create";
+    return guarded([&]() -> fd_status {
+        if (out == nullptr) return null_arg(fn, "out");
+        *out = nullptr;
+        if (engine == nullptr) return null_arg(fn, "engine");
+        std::shared_ptr<EngineImpl> eng = find_engine(engine);
+        if (!eng) return dead_handle(fn, "engine");
+        fd_session_options o = FD_SESSION_OPTIONS_INIT;
+        if (opts != nullptr) {
+            fd_status st = check_struct_size(fn, "fd_session_options", "FD_SESSION_OPTIONS_INIT", opts->struct_size,
+                                             sizeof(fd_session_options));
+            if (st != FD_OK) return st;
+            if (FD_HAS_FIELD(opts, fd_session_options, seed)) o.seed = opts->seed;
+            if (FD_HAS_FIELD(opts, fd_session_options, prompt_embeds)) o.prompt_embeds = opts->prompt_embeds;
+            if (FD_HAS_FIELD(opts, fd_session_options, prompt_embeds_file)) {
+                o.prompt_embeds_file = opts->prompt_embeds_file;
+            }
+        }
+        const bool has_file = o.prompt_embeds_file != nullptr && *o.prompt_embeds_file != '\0';
+        if (o.prompt_embeds != nullptr && has_file) {
+            return fail(FD_INVALID_ARGUMENT, "fd_session_create: both prompt_embeds and prompt_embeds_file are set; "
+                                             "pass one");
+        }
+        if (o.prompt_embeds != nullptr) {
+            fd_status st = check_view(fn, "prompt_embeds", o.prompt_embeds);
+            if (st != FD_OK) return st;
+        }
+        auto impl = std::make_shared<SessionImpl>();
+        impl->engine = eng;
+        fd_status st = with_python([&] {
+            py::object prompt = py::none();
+            if (o.prompt_embeds != nullptr) prompt = view_to_tensor(o.prompt_embeds);
+            if (has_file) prompt = glue("load_prompt_file")(o.prompt_embeds_file);
+            impl->session = glue("create_session")(eng->engine, py::int_(o.seed), prompt);
+            impl->last = py::none();
+            return FD_OK;
+        });
+        if (st == FD_OK) *out = register_session(std::move(impl));
+        return st;
+    });
+}
+
+FD_API fd_status fd_session_set_input(fd_session* session, const char* name, const fd_tensor_view* value) {
+    static const char* fn = "fd_session_set_input";
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SessionImpl> s;
+        fd_status st = get_session(fn, session, s);
+        if (st != FD_OK) return st;
+        if (name == nullptr) return null_arg(fn, "name");
+        st = check_view(fn, name, value);
+        if (st != FD_OK) return st;
+        auto lock = lock_session(*s);
+        return with_python([&] {
+            s->session.attr("set_input")(name, view_to_tensor(value));
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_session_step(fd_session* session) {
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SessionImpl> s;
+        fd_status st = get_session("fd_session_step", session, s);
+        if (st != FD_OK) return st;
+        auto lock = lock_session(*s);
+        return with_python([&] {
+            s->last = py::none();  // a failed step leaves no stale block to read
+            s->last = s->session.attr("step")();
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_session_frame_info(fd_session* session, int64_t* num_frames, int64_t* height, int64_t* width,
+                                       int64_t* channels) {
+    int64_t* out[4] = {num_frames, height, width, channels};
+    return guarded([&] { return block_info("fd_session_frame_info", session, "frames", out); });
+}
+
+FD_API fd_status fd_session_read_frames(fd_session* session, void* dst, size_t dst_bytes, fd_memory memory) {
+    return guarded([&] { return read_block("fd_session_read_frames", session, "frames", dst, dst_bytes, memory); });
+}
+
+FD_API fd_status fd_session_latent_info(fd_session* session, int64_t* channels, int64_t* num_frames, int64_t* height,
+                                        int64_t* width) {
+    int64_t* out[4] = {channels, num_frames, height, width};
+    return guarded([&] { return block_info("fd_session_latent_info", session, "latents", out); });
+}
+
+FD_API fd_status fd_session_read_latents(fd_session* session, void* dst, size_t dst_bytes, fd_memory memory) {
+    return guarded([&] { return read_block("fd_session_read_latents", session, "latents", dst, dst_bytes, memory); });
+}
+
+FD_API fd_status fd_session_reset(fd_session* session, uint64_t seed) {
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SessionImpl> s;
+        fd_status st = get_session("fd_session_reset", session, s);
+        if (st != FD_OK) return st;
+        auto lock = lock_session(*s);
+        return with_python([&] {
+            s->last = py::none();
+            s->session.attr("reset")(py::arg("seed") = py::int_(seed));
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_session_destroy(fd_session* session) {
+    return guarded([&]() -> fd_status {
+        if (session == nullptr) return succeed();
+        std::shared_ptr<SessionImpl> impl = remove_session(session);
+        if (!impl) return dead_handle("fd_session_destroy", "session");
+        impl.reset();  // frees the session's state (a call still running on another thread finishes first)
+        return succeed();
+    });
+}
+
+}  // extern "C"

@@ -1,0 +1,245 @@
+/*
+ * flashdreams.h: the C ABI of FlashDreams, for simulators and other native hosts.
+ *
+ * A host opens an engine once, creates one session per rollout, and each tick
+ * sets its inputs, steps one block, and reads the block's frames (check every
+ * returned status in real code; examples/sim_host/sim_host.cpp shows how):
+ *
+ *     if (fd_check_version(FD_API_VERSION) != FD_OK) { puts(fd_last_error()); return 1; }
+ *     fd_engine* eng = NULL;   fd_session* s = NULL;
+ *     fd_engine_open(NULL, NULL, &eng);             // NULL path: the built-in tiny model
+ *     fd_session_create(eng, NULL, &s);             // seed 0, default prompt
+ *     for (;;) {
+ *         fd_session_set_input(s, "prompt_embeds", &view);   // optional, any tick
+ *         fd_session_step(s);
+ *         int64_t t, h, w, c;
+ *         fd_session_frame_info(s, &t, &h, &w, &c);
+ *         fd_session_read_frames(s, buf, (size_t)(t * h * w * c), FD_MEMORY_HOST);
+ *     }
+ *     fd_session_destroy(s);  fd_engine_destroy(eng);
+ *
+ * Errors. Every call that can fail returns an fd_status; FD_OK is 0. On failure,
+ * fd_last_error() holds a message for the calling thread: it names the thing, the
+ * expected and the found value, and what to do. No call crashes on a NULL or a
+ * destroyed handle: those return FD_INVALID_ARGUMENT.
+ *
+ * Threads. An engine may be shared between threads (sessions of one engine may
+ * run on different threads). A session is used from one thread at a time; calls
+ * on one session from two threads are serialised, never interleaved. The Python
+ * runtime runs one thread at a time outside torch's kernels, so sessions on several
+ * threads overlap only in device and kernel time.
+ *
+ * Runtime. This version runs the Python implementation inside the process: the
+ * library starts one Python interpreter on first use (or joins the host's, when
+ * the host is itself Python) and never shuts it down. It finds the `flashdreams`
+ * package like this:
+ *   1. $FLASHDREAMS_PYTHON, else the Python the library was built with, names the
+ *      interpreter whose environment (virtualenv included) is used;
+ *   2. $PYTHONHOME and $PYTHONPATH are honoured as by `python` itself;
+ *   3. if `import flashdreams` still fails, the site-packages folder of the build
+ *      is added to sys.path.
+ * So a host built against the package's CMake files runs as is; a host moved to
+ * another machine sets FLASHDREAMS_PYTHON=/path/to/venv/bin/python (or PYTHONPATH).
+ * The interpreter does not install signal handlers: Ctrl-C stays the host's.
+ *
+ * Build. `python csrc/build.py` installs this header, libflashdreams and a CMake
+ * package into `python -c 'import flashdreams; print(flashdreams.cmake_prefix_path)'`;
+ * a host's CMakeLists.txt then says:
+ *     find_package(flashdreams REQUIRED)
+ *     target_link_libraries(app PRIVATE flashdreams::flashdreams)
+ */
+#ifndef FLASHDREAMS_H_
+#define FLASHDREAMS_H_
+
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  if defined(FD_BUILDING_LIBRARY)
+#    define FD_API __declspec(dllexport)
+#  else
+#    define FD_API __declspec(dllimport)
+#  endif
+#elif defined(__GNUC__) || defined(__clang__)
+#  define FD_API __attribute__((visibility("default")))
+#else
+#  define FD_API
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#  define FD_MUST_USE __attribute__((warn_unused_result))
+#else
+#  define FD_MUST_USE
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* ---- Status and errors -------------------------------------------------- */
+
+/* Numbering shared with flashdreams.errors.STATUS_CODES; append only. */
+typedef enum fd_status {
+    FD_OK = 0,
+    FD_INVALID_ARGUMENT = 1,    /* wrong shape, dtype, range, option, handle, buffer size */
+    FD_NOT_FOUND = 2,           /* missing file, key, preset, graph, decoder, package */
+    FD_ENGINE_INCOMPATIBLE = 3, /* engine built for another machine or schema; API version */
+    FD_OUT_OF_MEMORY = 4,       /* the device (or host) cannot hold the session */
+    FD_DEVICE_ERROR = 5,        /* CUDA or driver failure */
+    FD_INTERNAL = 6,            /* a bug in FlashDreams: the message has a traceback, report it */
+    FD_STATUS_MAX_ENUM_ = 0x7fffffff /* not a status: keeps every fd_* enum 32-bit, any int32 valid */
+} fd_status;
+
+/* The message of the calling thread's last call: empty after a call that returned
+ * FD_OK. Valid until this thread's next fd_* call; copy it to keep it. Never NULL. */
+FD_API const char* fd_last_error(void);
+
+/* "FD_OK", "FD_INVALID_ARGUMENT", ...; "FD_UNKNOWN_STATUS" for other values. */
+FD_API const char* fd_status_name(fd_status status);
+
+/* ---- Version ------------------------------------------------------------ */
+
+/* The API this header describes. Same major: compatible; a newer minor only adds. */
+#define FD_API_VERSION_MAJOR 1
+#define FD_API_VERSION_MINOR 0
+#define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
+
+/* The API version of the loaded library, (major << 16) | minor. */
+FD_API uint32_t fd_api_version(void);
+
+/* FD_OK if a host compiled against `compiled_version` (pass FD_API_VERSION) can use
+ * the loaded library: same major, and the library's minor is at least the host's.
+ * Otherwise FD_ENGINE_INCOMPATIBLE, naming both versions. Call it once at start. */
+FD_API FD_MUST_USE fd_status fd_check_version(uint32_t compiled_version);
+
+/* ---- Tensors ------------------------------------------------------------ */
+
+typedef enum fd_dtype {
+    FD_DTYPE_FLOAT32 = 1,
+    FD_DTYPE_FLOAT16 = 2,
+    FD_DTYPE_BFLOAT16 = 3, /* passed as uint16_t bit patterns */
+    FD_DTYPE_UINT8 = 4,
+    FD_DTYPE_INT32 = 5,
+    FD_DTYPE_INT64 = 6,
+    FD_DTYPE_MAX_ENUM_ = 0x7fffffff
+} fd_dtype;
+
+typedef enum fd_memory {
+    FD_MEMORY_HOST = 0,  /* ordinary (or pinned) CPU memory */
+    FD_MEMORY_DEVICE = 1, /* CUDA device memory */
+    FD_MEMORY_MAX_ENUM_ = 0x7fffffff
+} fd_memory;
+
+#define FD_MAX_DIMS 8
+
+/* A borrowed view of caller memory: dense, C order (last dimension fastest).
+ * The library copies what it needs before the call returns; it never keeps `data`.
+ * Device data must be ready when the call starts (synchronise the host's stream). */
+typedef struct fd_tensor_view {
+    void* data;           /* may be NULL only when a dimension is 0 */
+    fd_dtype dtype;
+    int32_t ndim;         /* 0 .. FD_MAX_DIMS */
+    const int64_t* shape; /* ndim sizes, each >= 0 */
+    fd_memory memory;
+    int32_t device_index; /* CUDA device of `data` when memory == FD_MEMORY_DEVICE; else ignored */
+} fd_tensor_view;
+
+/* ---- Engines ------------------------------------------------------------ */
+
+typedef struct fd_engine fd_engine;   /* opaque */
+typedef struct fd_session fd_session; /* opaque */
+
+/* Options for fd_engine_open. Start from FD_ENGINE_OPTIONS_INIT: struct_size tells
+ * the library which fields the host knows, so the struct can grow. NULL or "" in a
+ * string field means its default. */
+typedef struct fd_engine_options {
+    size_t struct_size;    /* sizeof(fd_engine_options) */
+    const char* device;    /* "cpu", "cuda", "cuda:1"; default: the GPU if any, else the CPU */
+    const char* dtype;     /* "float32", "bfloat16", "float16"; default: bfloat16 on GPU, float32 on CPU */
+    const char* preset;    /* preset name; default: "tiny" for the built-in model, else "self-forcing-1.3b" */
+    const char* attention; /* attention implementation; default: "sdpa" */
+} fd_engine_options;
+
+#define FD_ENGINE_OPTIONS_INIT {sizeof(fd_engine_options), NULL, NULL, NULL, NULL}
+
+/* Open an engine. `path`:
+ *   NULL                      the built-in tiny model (deterministic weights, no download);
+ *   a .safetensors file/dir   a checkpoint, run eagerly (opts->preset names its model);
+ *   a directory with manifest.json   an engine built by fd-build.
+ * `opts` may be NULL (all defaults). On success *out is a new handle; on failure
+ * *out is NULL and the status says why: FD_NOT_FOUND for a missing path or preset,
+ * FD_ENGINE_INCOMPATIBLE for an engine built for another machine, FD_INVALID_ARGUMENT
+ * for a bad option. Loading takes seconds: do it before the main loop. */
+FD_API FD_MUST_USE fd_status fd_engine_open(const char* path, const fd_engine_options* opts, fd_engine** out);
+
+/* Release the host's handle. Sessions created from the engine stay valid and keep
+ * what they need alive. NULL: FD_OK, nothing done. A handle already destroyed:
+ * FD_INVALID_ARGUMENT (its memory is never touched). */
+FD_API fd_status fd_engine_destroy(fd_engine* engine);
+
+/* ---- Sessions ----------------------------------------------------------- */
+
+/* Options for fd_session_create. Start from FD_SESSION_OPTIONS_INIT. */
+typedef struct fd_session_options {
+    size_t struct_size;                  /* sizeof(fd_session_options) */
+    uint64_t seed;                       /* seeds the session's noise; default 0 */
+    const fd_tensor_view* prompt_embeds; /* [B, T, text_dim] or [T, text_dim], floating point, copied */
+    const char* prompt_embeds_file;      /* or: a .safetensors file holding tensor "prompt_embeds" (or one tensor) */
+} fd_session_options;
+
+#define FD_SESSION_OPTIONS_INIT {sizeof(fd_session_options), 0, NULL, NULL}
+
+/* Create a session: its own state (caches, noise generator, block counter) on the
+ * engine's device. `opts` may be NULL (seed 0; the built-in model's default
+ * prompt). A model other than the built-in one needs prompt embeddings (from its
+ * text encoder): pass a view or a file, not both. The batch B of the prompt is the
+ * session's batch; frames and latents are read for batch 0. */
+FD_API FD_MUST_USE fd_status fd_session_create(fd_engine* engine, const fd_session_options* opts, fd_session** out);
+
+/* Set a named input; it takes effect at the next fd_session_step and stays until
+ * set again. Inputs of this version: "prompt_embeds" [B, T, text_dim] (or
+ * [T, text_dim]) floating point, B as at creation; for the built-in tiny model
+ * [1, 16, 32] float32. An unknown name, wrong shape or dtype: FD_INVALID_ARGUMENT. */
+FD_API FD_MUST_USE fd_status fd_session_set_input(fd_session* session, const char* name, const fd_tensor_view* value);
+
+/* Generate the next block: denoise, decode, commit it to the cache. On a CPU it
+ * returns when the block is done; on a GPU when its work is queued (the reads below
+ * wait for the decode, not for the commit after it). The block's frames and latents
+ * stay readable until the next step or reset; a failed step leaves none. */
+FD_API FD_MUST_USE fd_status fd_session_step(fd_session* session);
+
+/* Size of the last block's frames: uint8 RGB [num_frames, height, width, channels]
+ * (channels is 3; the first block has fewer frames than later ones, so query each
+ * tick). FD_INVALID_ARGUMENT before the first step; FD_NOT_FOUND when the engine has
+ * no decoder (read the latents instead). Every out pointer must be non-NULL. */
+FD_API FD_MUST_USE fd_status fd_session_frame_info(fd_session* session, int64_t* num_frames, int64_t* height,
+                                                   int64_t* width, int64_t* channels);
+
+/* Copy the last block's frames (batch 0, uint8, [T, H, W, 3], C order) into `dst`.
+ * memory == FD_MEMORY_HOST: `dst` is CPU memory; FD_MEMORY_DEVICE: CUDA memory on
+ * any device (the copy has finished when the call returns). `dst_bytes` smaller than
+ * T*H*W*3: FD_INVALID_ARGUMENT naming both sizes, and nothing is written. */
+FD_API FD_MUST_USE fd_status fd_session_read_frames(fd_session* session, void* dst, size_t dst_bytes, fd_memory memory);
+
+/* Size of the last block's latents (the final denoised x0, batch 0): float32
+ * [channels, num_frames, height, width], channels before frames as in the model. */
+FD_API FD_MUST_USE fd_status fd_session_latent_info(fd_session* session, int64_t* channels, int64_t* num_frames,
+                                                    int64_t* height, int64_t* width);
+
+/* Copy the last block's latents (batch 0, float32, C order) into `dst`; as
+ * fd_session_read_frames, with dst_bytes at least 4*C*F*H*W. */
+FD_API FD_MUST_USE fd_status fd_session_read_latents(fd_session* session, void* dst, size_t dst_bytes,
+                                                     fd_memory memory);
+
+/* Back to block 0 with a new seed: caches cleared, inputs kept, buffers reused. */
+FD_API FD_MUST_USE fd_status fd_session_reset(fd_session* session, uint64_t seed);
+
+/* Release a session and its device memory. NULL: FD_OK. A handle already destroyed:
+ * FD_INVALID_ARGUMENT (its memory is never touched). */
+FD_API fd_status fd_session_destroy(fd_session* session);
+
+#ifdef __cplusplus
+} /* extern "C" */
+#endif
+
+#endif /* FLASHDREAMS_H_ */

@@ -1,0 +1,203 @@
+// capi_errors: drives every error path of the C ABI and prints one line per case:
+//   case=<name> expected=<FD_...> got=<FD_...> result=PASS|FAIL|SKIP message=<first line of fd_last_error()>
+// A failing call must return its status with a non-empty message; a call that succeeds
+// must leave an empty message. Nothing may crash. Exit code 0 only if every case passed.
+//
+//   capi_errors [--prompt-file FILE.safetensors]   (the file: prompt_embeds [1, 16, 32])
+#include <flashdreams.h>
+
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <thread>
+#include <vector>
+
+namespace {
+
+int g_failed = 0;
+
+// Records one case; `must_contain` lists strings the message has to include.
+bool expect(const char* name, fd_status got, fd_status want, std::vector<std::string> must_contain = {}) {
+    const std::string msg = fd_last_error();
+    bool good = got == want && (want == FD_OK ? msg.empty() : !msg.empty());
+    for (const std::string& s : must_contain) good = good && msg.find(s) != std::string::npos;
+    std::printf("case=%s expected=%s got=%s result=%s message=%s\n", name, fd_status_name(want), fd_status_name(got),
+                good ? "PASS" : "FAIL", msg.substr(0, msg.find('\n')).c_str());
+    if (!good) ++g_failed;
+    return good;
+}
+
+void skip(const char* name, fd_status want, const char* why) {
+    std::printf("case=%s expected=%s got=- result=SKIP message=%s\n", name, fd_status_name(want), why);
+}
+
+const int64_t kPrompt[3] = {1, 16, 32};  // the built-in model's prompt_embeds
+const int64_t kWrongDim[3] = {1, 16, 31};
+
+}  // namespace
+
+int main(int argc, char** argv) {
+    const char* prompt_file = nullptr;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (std::strcmp(argv[i], "--prompt-file") == 0) prompt_file = argv[i + 1];
+    }
+    std::vector<float> prompt(16 * 32, 0.25f), wrong(16 * 31, 0.25f);
+    std::vector<int32_t> ints(16 * 32, 1);
+    const fd_tensor_view good_view = {prompt.data(), FD_DTYPE_FLOAT32, 3, kPrompt, FD_MEMORY_HOST, 0};
+
+    // ---- versions
+    expect("check_version_ok", fd_check_version(FD_API_VERSION), FD_OK);
+    expect("check_version_wrong_major", fd_check_version(static_cast<uint32_t>(FD_API_VERSION_MAJOR + 1) << 16),
+           FD_ENGINE_INCOMPATIBLE);
+    expect("check_version_newer_minor", fd_check_version(FD_API_VERSION + 1), FD_ENGINE_INCOMPATIBLE);
+
+    // ---- engines
+    fd_engine_options cpu = FD_ENGINE_OPTIONS_INIT;
+    cpu.device = "cpu";
+    expect("engine_open_null_out", fd_engine_open(nullptr, &cpu, nullptr), FD_INVALID_ARGUMENT);
+    fd_engine* engine = reinterpret_cast<fd_engine*>(&cpu);  // garbage that a failed open must clear
+    expect("engine_open_empty_path", fd_engine_open("", &cpu, &engine), FD_INVALID_ARGUMENT);
+    engine = reinterpret_cast<fd_engine*>(&cpu);
+    const fd_status missing = fd_engine_open("/nonexistent/flashdreams_engine_dir", &cpu, &engine);
+    expect("engine_open_missing_dir", engine == nullptr ? missing : FD_INTERNAL, FD_NOT_FOUND);
+    fd_engine_options o = cpu;
+    o.preset = "no-such-preset";
+    expect("engine_open_unknown_preset", fd_engine_open(nullptr, &o, &engine), FD_NOT_FOUND);
+    o = cpu;
+    o.dtype = "float64";
+    expect("engine_open_bad_dtype", fd_engine_open(nullptr, &o, &engine), FD_INVALID_ARGUMENT);
+    o = cpu;
+    o.struct_size = 0;
+    expect("engine_open_struct_size_zero", fd_engine_open(nullptr, &o, &engine), FD_INVALID_ARGUMENT);
+    o.struct_size = sizeof(fd_engine_options) + 8;
+    expect("engine_open_struct_size_newer", fd_engine_open(nullptr, &o, &engine), FD_INVALID_ARGUMENT);
+    if (!expect("engine_open", fd_engine_open(nullptr, &cpu, &engine), FD_OK)) {
+        std::printf("cannot go on without an engine\n");
+        return 1;
+    }
+
+    // ---- sessions
+    fd_session* session = nullptr;
+    fd_session_options so = FD_SESSION_OPTIONS_INIT;
+    expect("session_create_null_engine", fd_session_create(nullptr, &so, &session), FD_INVALID_ARGUMENT);
+    expect("session_create_null_out", fd_session_create(engine, &so, nullptr), FD_INVALID_ARGUMENT);
+    int not_a_handle = 0;
+    expect("session_create_foreign_handle",
+           fd_session_create(reinterpret_cast<fd_engine*>(&not_a_handle), &so, &session), FD_INVALID_ARGUMENT);
+    so.prompt_embeds_file = "/nonexistent/prompt.safetensors";
+    expect("session_create_missing_prompt_file", fd_session_create(engine, &so, &session), FD_NOT_FOUND);
+    so.prompt_embeds = &good_view;
+    expect("session_create_prompt_and_file", fd_session_create(engine, &so, &session), FD_INVALID_ARGUMENT);
+    so.prompt_embeds_file = nullptr;
+    const fd_tensor_view wrong_view = {wrong.data(), FD_DTYPE_FLOAT32, 3, kWrongDim, FD_MEMORY_HOST, 0};
+    so.prompt_embeds = &wrong_view;
+    expect("session_create_prompt_wrong_dim", fd_session_create(engine, &so, &session), FD_INVALID_ARGUMENT, {"32"});
+    so = FD_SESSION_OPTIONS_INIT;
+    if (prompt_file != nullptr) {
+        so.prompt_embeds_file = prompt_file;
+        fd_session* from_file = nullptr;
+        expect("session_create_prompt_file", fd_session_create(engine, &so, &from_file), FD_OK);
+        expect("session_destroy_from_file", fd_session_destroy(from_file), FD_OK);
+        so.prompt_embeds_file = nullptr;
+    } else {
+        skip("session_create_prompt_file", FD_OK, "no --prompt-file given");
+    }
+    if (!expect("session_create", fd_session_create(engine, &so, &session), FD_OK)) return 1;
+
+    // ---- inputs
+    fd_tensor_view v = good_view;
+    expect("set_input_null_session", fd_session_set_input(nullptr, "prompt_embeds", &v), FD_INVALID_ARGUMENT);
+    expect("set_input_engine_as_session",
+           fd_session_set_input(reinterpret_cast<fd_session*>(engine), "prompt_embeds", &v), FD_INVALID_ARGUMENT);
+    expect("set_input_null_name", fd_session_set_input(session, nullptr, &v), FD_INVALID_ARGUMENT);
+    expect("set_input_null_view", fd_session_set_input(session, "prompt_embeds", nullptr), FD_INVALID_ARGUMENT);
+    expect("set_input_unknown_name", fd_session_set_input(session, "action", &v), FD_INVALID_ARGUMENT, {"action"});
+    expect("set_input_wrong_last_dim", fd_session_set_input(session, "prompt_embeds", &wrong_view),
+           FD_INVALID_ARGUMENT, {"31"});
+    v = good_view;
+    v.data = ints.data();
+    v.dtype = FD_DTYPE_INT32;
+    expect("set_input_int32", fd_session_set_input(session, "prompt_embeds", &v), FD_INVALID_ARGUMENT, {"int32"});
+    v = good_view;
+    v.dtype = static_cast<fd_dtype>(0);
+    expect("set_input_bad_dtype_enum", fd_session_set_input(session, "prompt_embeds", &v), FD_INVALID_ARGUMENT);
+    v = good_view;
+    v.data = nullptr;
+    expect("set_input_null_data", fd_session_set_input(session, "prompt_embeds", &v), FD_INVALID_ARGUMENT);
+    v = good_view;
+    v.ndim = -1;
+    expect("set_input_negative_ndim", fd_session_set_input(session, "prompt_embeds", &v), FD_INVALID_ARGUMENT);
+    v = good_view;
+    v.memory = static_cast<fd_memory>(7);
+    expect("set_input_bad_memory", fd_session_set_input(session, "prompt_embeds", &v), FD_INVALID_ARGUMENT);
+    expect("set_input", fd_session_set_input(session, "prompt_embeds", &good_view), FD_OK);
+
+    // ---- steps and reads
+    int64_t t = 0, h = 0, w = 0, c = 0;
+    expect("frame_info_before_step", fd_session_frame_info(session, &t, &h, &w, &c), FD_INVALID_ARGUMENT);
+    expect("step_null", fd_session_step(nullptr), FD_INVALID_ARGUMENT);
+    if (!expect("step", fd_session_step(session), FD_OK)) return 1;
+    const fd_status info = fd_session_frame_info(session, &t, &h, &w, &c);
+    const bool has_frames = info != FD_NOT_FOUND;  // an engine without a decoder has latents only
+    if (has_frames) {
+        expect("frame_info", info, FD_OK);
+        expect("frame_info_null_out", fd_session_frame_info(session, &t, nullptr, &w, &c), FD_INVALID_ARGUMENT);
+        const size_t need = static_cast<size_t>(t * h * w * c);
+        std::vector<uint8_t> buf(need);
+        expect("read_frames_null_dst", fd_session_read_frames(session, nullptr, need, FD_MEMORY_HOST),
+               FD_INVALID_ARGUMENT);
+        expect("read_frames_too_small", fd_session_read_frames(session, buf.data(), need - 1, FD_MEMORY_HOST),
+               FD_INVALID_ARGUMENT, {std::to_string(need - 1), std::to_string(need)});
+        expect("read_frames_bad_memory", fd_session_read_frames(session, buf.data(), need, static_cast<fd_memory>(7)),
+               FD_INVALID_ARGUMENT);
+        expect("read_frames", fd_session_read_frames(session, buf.data(), need, FD_MEMORY_HOST), FD_OK);
+    } else {
+        for (const char* name : {"frame_info", "frame_info_null_out", "read_frames_null_dst", "read_frames_too_small",
+                                 "read_frames_bad_memory", "read_frames"}) {
+            skip(name, FD_OK, "the engine has no decoder");
+        }
+    }
+    int64_t lc = 0, lf = 0, lh = 0, lw = 0;
+    expect("latent_info", fd_session_latent_info(session, &lc, &lf, &lh, &lw), FD_OK);
+    const size_t lat_bytes = static_cast<size_t>(lc * lf * lh * lw) * sizeof(float);
+    std::vector<float> lat(lat_bytes / sizeof(float));
+    expect("read_latents_too_small", fd_session_read_latents(session, lat.data(), lat_bytes / 2, FD_MEMORY_HOST),
+           FD_INVALID_ARGUMENT, {std::to_string(lat_bytes / 2), std::to_string(lat_bytes)});
+    expect("read_latents", fd_session_read_latents(session, lat.data(), lat_bytes, FD_MEMORY_HOST), FD_OK);
+    expect("reset_null", fd_session_reset(nullptr, 1), FD_INVALID_ARGUMENT);
+    expect("reset", fd_session_reset(session, 1), FD_OK);
+    expect("latent_info_after_reset", fd_session_latent_info(session, &lc, &lf, &lh, &lw), FD_INVALID_ARGUMENT);
+
+    // ---- an engine destroyed while a session lives; that session stepped on another thread
+    fd_session* other = nullptr;
+    expect("session_create_second", fd_session_create(engine, nullptr, &other), FD_OK);
+    expect("engine_destroy", fd_engine_destroy(engine), FD_OK);
+    expect("engine_destroy_twice", fd_engine_destroy(engine), FD_INVALID_ARGUMENT);
+    fd_session* never = nullptr;
+    expect("session_create_destroyed_engine", fd_session_create(engine, nullptr, &never), FD_INVALID_ARGUMENT);
+    fd_status thread_status = FD_INTERNAL;
+    std::string thread_error;
+    std::thread worker([&] {
+        thread_status = fd_session_step(other);
+        thread_error = fd_last_error();
+    });
+    worker.join();
+    std::printf("case=step_on_thread_after_engine_destroy expected=FD_OK got=%s result=%s message=%s\n",
+                fd_status_name(thread_status), thread_status == FD_OK ? "PASS" : "FAIL",
+                thread_error.substr(0, thread_error.find('\n')).c_str());
+    if (thread_status != FD_OK) ++g_failed;
+
+    // ---- destroyed sessions
+    expect("session_destroy", fd_session_destroy(session), FD_OK);
+    expect("step_after_destroy", fd_session_step(session), FD_INVALID_ARGUMENT, {"not live"});
+    expect("frame_info_after_destroy", fd_session_frame_info(session, &t, &h, &w, &c), FD_INVALID_ARGUMENT);
+    expect("set_input_after_destroy", fd_session_set_input(session, "prompt_embeds", &good_view),
+           FD_INVALID_ARGUMENT);
+    expect("session_destroy_twice", fd_session_destroy(session), FD_INVALID_ARGUMENT);
+    expect("session_destroy_other", fd_session_destroy(other), FD_OK);
+    expect("session_destroy_null", fd_session_destroy(nullptr), FD_OK);
+    expect("engine_destroy_null", fd_engine_destroy(nullptr), FD_OK);
+
+    std::printf("%s: %d case(s) failed\n", g_failed == 0 ? "ALL PASSED" : "FAILED", g_failed);
+    return g_failed == 0 ? 0 : 1;
+}

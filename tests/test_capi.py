@@ -1,0 +1,244 @@
+"""The C ABI (csrc/): status numbering, a C++ simulator host matching the Python API bit for bit,
+every error path, a C program, and a Python host joining its own interpreter through ctypes.
+
+The library and the hosts are built with CMake into a temporary folder (about a minute on a CPU).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import flashdreams
+from flashdreams import errors
+
+REPO = Path(__file__).resolve().parents[1]
+CSRC = REPO / "csrc"
+INPUT_EVERY = 2  # sim_host changes its input on ticks 0, 2, 4, ...
+
+
+# ---- the status mapping (no build needed) ------------------------------------------------
+
+
+def header_statuses() -> dict[str, int]:
+    text = (CSRC / "include" / "flashdreams.h").read_text()
+    enum = re.search(r"typedef enum fd_status \{(.*?)\} fd_status;", text, re.S).group(1)
+    return {name: int(value) for name, value in re.findall(r"(FD_[A-Z_]+)\s*=\s*(\d+)\s*,", enum)}
+
+
+def test_header_numbering_is_the_python_table():
+    statuses = header_statuses()
+    assert {k: statuses[k] for k in errors.STATUS_CODES} == errors.STATUS_CODES
+    assert set(statuses) == set(errors.STATUS_CODES), "a status added in C must be added to STATUS_CODES too"
+
+
+@pytest.mark.parametrize(
+    ("exc", "status"),
+    [
+        (errors.InvalidArgumentError("x"), "FD_INVALID_ARGUMENT"),
+        (errors.CheckpointError("x"), "FD_INVALID_ARGUMENT"),
+        (errors.NotFoundError("x"), "FD_NOT_FOUND"),
+        (errors.EngineIncompatibleError("x"), "FD_ENGINE_INCOMPATIBLE"),
+        (errors.OutOfMemoryError("x"), "FD_OUT_OF_MEMORY"),
+        (errors.DeviceError("x"), "FD_DEVICE_ERROR"),
+        (errors.InternalError("x"), "FD_INTERNAL"),
+        (errors.FlashDreamsError("x"), "FD_INTERNAL"),
+        (MemoryError(), "FD_OUT_OF_MEMORY"),
+        (ValueError("not ours"), "FD_INTERNAL"),
+        (KeyError("not ours"), "FD_INTERNAL"),
+    ],
+    ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else v,
+)
+def test_each_exception_maps_to_its_c_status(exc, status):
+    assert errors.status_of(exc) == errors.STATUS_CODES[status] == header_statuses()[status]
+
+
+# ---- building ------------------------------------------------------------------------------
+
+
+def _missing_tools() -> str | None:
+    if shutil.which("cmake") is None and not (Path(sys.executable).parent / "cmake").is_file():
+        return "cmake is not installed"
+    if not any(shutil.which(c) for c in (os.environ.get("CXX", "c++"), "g++", "clang++")):
+        return "no C++ compiler (c++, g++, clang++)"
+    if not any(shutil.which(c) for c in (os.environ.get("CC", "cc"), "gcc", "clang")):
+        return "no C compiler (cc, gcc, clang)"
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return "pybind11 is not installed (pip install 'flashdreams[cabi]')"
+    return None
+
+
+def _run(cmd, **kw) -> subprocess.CompletedProcess:
+    p = subprocess.run([str(c) for c in cmd], capture_output=True, text=True, **kw)
+    assert p.returncode == 0, f"{cmd} failed ({p.returncode}):\n{p.stdout[-4000:]}\n{p.stderr[-4000:]}"
+    return p
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> dict[str, Path]:
+    """libflashdreams installed into a prefix, then moved (the package must be relocatable),
+    and sim_host / c_check built against the moved copy through find_package(flashdreams)."""
+    why = _missing_tools()
+    if why:
+        pytest.skip(f"cannot build the C ABI: {why}")
+    tmp = tmp_path_factory.mktemp("capi")
+    _run([sys.executable, CSRC / "build.py", "--prefix", tmp / "prefix", "--build-dir", tmp / "lib", "--tests"])
+    shutil.copytree(tmp / "prefix", tmp / "moved", symlinks=True)
+    shutil.rmtree(tmp / "prefix")
+    cmake = shutil.which("cmake") or str(Path(sys.executable).parent / "cmake")
+    for host in ("sim_host", "c_check"):
+        _run([cmake, "-S", CSRC / "examples" / host, "-B", tmp / host, f"-DCMAKE_PREFIX_PATH={tmp / 'moved'}"])
+        _run([cmake, "--build", tmp / host])
+    return {
+        "dir": tmp,
+        "lib": tmp / "moved" / "lib" / "libflashdreams.so",
+        "sim_host": tmp / "sim_host" / "sim_host",
+        "c_check": tmp / "c_check" / "c_check",
+        "capi_errors": tmp / "lib" / "capi_errors",
+    }
+
+
+# ---- the hosts -----------------------------------------------------------------------------
+
+
+def sim_host_prompt(phase: int) -> torch.Tensor:
+    """sim_host's input for a phase: ((7 i + 13 phase) % 17 - 8) / 8 over the flat index i."""
+    i = torch.arange(16 * 32)
+    return ((((7 * i + 13 * phase) % 17) - 8).float() / 8).reshape(1, 16, 32)
+
+
+@pytest.mark.slow
+def test_sim_host_frames_are_identical_to_the_python_api(built):
+    out, lat = built["dir"] / "frames.npy", built["dir"] / "latents.npy"
+    p = _run([built["sim_host"], "--ticks", 4, "--seed", 0, "--out", out, "--latents", lat], cwd=built["dir"])
+    assert len(re.findall(r"^tick \d+:.* step [\d.]+ ms", p.stdout, re.M)) == 4, p.stdout
+
+    session = flashdreams.load().session(seed=0)
+    frames, latents = [], []
+    for tick in range(4):
+        if tick % INPUT_EVERY == 0:
+            session.set_input("prompt_embeds", sim_host_prompt(tick // INPUT_EVERY))
+        result = session.step()
+        latents.append(result.latents[0].cpu().numpy())
+        frames.append(None if result.frames is None else result.frames_cpu()[0].numpy())
+    assert np.array_equal(np.load(lat), np.stack(latents)), "latents differ from the Python API's"
+    if frames[0] is None:
+        pytest.skip("flashdreams.load() has no decoder in this build, so there are no frames to compare")
+    got = np.load(out)
+    assert got.dtype == np.uint8 and got.shape == np.concatenate(frames).shape
+    assert np.array_equal(got, np.concatenate(frames)), "frames differ from the Python API's"
+
+
+# Every case capi_errors runs, with the status it must return (checked here, not only by the driver).
+OK, BAD, MISSING, INCOMPATIBLE = "FD_OK", "FD_INVALID_ARGUMENT", "FD_NOT_FOUND", "FD_ENGINE_INCOMPATIBLE"
+ERROR_CASES = {
+    "check_version_ok": OK, "check_version_wrong_major": INCOMPATIBLE, "check_version_newer_minor": INCOMPATIBLE,
+    "engine_open_null_out": BAD, "engine_open_empty_path": BAD, "engine_open_missing_dir": MISSING,
+    "engine_open_unknown_preset": MISSING, "engine_open_bad_dtype": BAD, "engine_open_struct_size_zero": BAD,
+    "engine_open_struct_size_newer": BAD, "engine_open": OK,
+    "session_create_null_engine": BAD, "session_create_null_out": BAD, "session_create_foreign_handle": BAD,
+    "session_create_missing_prompt_file": MISSING, "session_create_prompt_and_file": BAD,
+    "session_create_prompt_wrong_dim": BAD, "session_create_prompt_file": OK, "session_destroy_from_file": OK,
+    "session_create": OK,
+    "set_input_null_session": BAD, "set_input_engine_as_session": BAD, "set_input_null_name": BAD,
+    "set_input_null_view": BAD, "set_input_unknown_name": BAD, "set_input_wrong_last_dim": BAD,
+    "set_input_int32": BAD, "set_input_bad_dtype_enum": BAD, "set_input_null_data": BAD,
+    "set_input_negative_ndim": BAD, "set_input_bad_memory": BAD, "set_input": OK,
+    "frame_info_before_step": BAD, "step_null": BAD, "step": OK, "frame_info": OK, "frame_info_null_out": BAD,
+    "read_frames_null_dst": BAD, "read_frames_too_small": BAD, "read_frames_bad_memory": BAD, "read_frames": OK,
+    "latent_info": OK, "read_latents_too_small": BAD, "read_latents": OK, "reset_null": BAD, "reset": OK,
+    "latent_info_after_reset": BAD,
+    "session_create_second": OK, "engine_destroy": OK, "engine_destroy_twice": BAD,
+    "session_create_destroyed_engine": BAD, "step_on_thread_after_engine_destroy": OK,
+    "session_destroy": OK, "step_after_destroy": BAD, "frame_info_after_destroy": BAD,
+    "set_input_after_destroy": BAD, "session_destroy_twice": BAD, "session_destroy_other": OK,
+    "session_destroy_null": OK, "engine_destroy_null": OK,
+}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_capi_errors_every_case_returns_its_status(built):
+    from safetensors.torch import save_file
+
+    prompt_file = built["dir"] / "prompt.safetensors"
+    save_file({"prompt_embeds": sim_host_prompt(3)}, str(prompt_file))
+    p = subprocess.run(
+        [str(built["capi_errors"]), "--prompt-file", str(prompt_file)], capture_output=True, text=True, timeout=600
+    )
+    cases = {
+        m["name"]: m for m in re.finditer(r"^case=(?P<name>\S+) expected=(?P<want>\S+) got=(?P<got>\S+) "
+                                          r"result=(?P<result>\S+) message=(?P<msg>.*)$", p.stdout, re.M)
+    }  # fmt: skip
+    assert set(cases) == set(ERROR_CASES), f"cases missing or unexpected:\n{p.stdout}\n{p.stderr}"
+    no_decoder = flashdreams.load().decoder is None
+    for name, want in ERROR_CASES.items():
+        case = cases[name]
+        if case["result"] == "SKIP":
+            assert no_decoder and "frame" in name, f"{name} was skipped: {case['msg']}"
+            continue
+        assert case["got"] == want, f"{name}: expected {want}, got {case['got']}: {case['msg']}"
+        assert case["result"] == "PASS", f"{name}: {case.group(0)}"
+        assert (want == OK) == (case["msg"] == ""), f"{name}: message {case['msg']!r}"
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+
+
+@pytest.mark.slow
+def test_c_program_checks_the_version_and_opens_an_engine(built):
+    p = _run([built["c_check"]])
+    assert "engine opened and destroyed" in p.stdout
+
+
+PYTHON_HOST = """
+import ctypes, sys
+import flashdreams  # the host is Python: the library must join this interpreter, not start one
+lib = ctypes.CDLL(sys.argv[1])
+lib.fd_last_error.restype = ctypes.c_char_p
+assert lib.fd_check_version(ctypes.c_uint32(lib.fd_api_version())) == 0
+eng, sess = ctypes.c_void_p(), ctypes.c_void_p()
+assert lib.fd_engine_open(None, None, ctypes.byref(eng)) == 0, lib.fd_last_error()
+assert lib.fd_session_create(eng, None, ctypes.byref(sess)) == 0, lib.fd_last_error()
+assert lib.fd_session_step(sess) == 0, lib.fd_last_error()
+dims = [ctypes.c_int64() for _ in range(4)]
+assert lib.fd_session_latent_info(sess, *[ctypes.byref(d) for d in dims]) == 0, lib.fd_last_error()
+n = dims[0].value * dims[1].value * dims[2].value * dims[3].value
+host = (ctypes.c_float * n)()
+assert lib.fd_session_read_latents(sess, host, ctypes.c_size_t(4 * n), 0) == 0, lib.fd_last_error()
+if "--device" in sys.argv:  # FD_MEMORY_DEVICE: frames and latents into CUDA memory
+    import torch
+    dev = torch.empty(n, dtype=torch.float32, device="cuda")
+    assert lib.fd_session_read_latents(sess, ctypes.c_void_p(dev.data_ptr()), ctypes.c_size_t(4 * n), 1) == 0
+    assert torch.equal(dev.cpu(), torch.tensor(list(host))), "device read differs from host read"
+    t = [ctypes.c_int64() for _ in range(4)]
+    assert lib.fd_session_frame_info(sess, *[ctypes.byref(d) for d in t]) == 0, lib.fd_last_error()
+    nb = t[0].value * t[1].value * t[2].value * t[3].value
+    fh, fd = (ctypes.c_uint8 * nb)(), torch.empty(nb, dtype=torch.uint8, device="cuda")
+    assert lib.fd_session_read_frames(sess, fh, ctypes.c_size_t(nb), 0) == 0, lib.fd_last_error()
+    assert lib.fd_session_read_frames(sess, ctypes.c_void_p(fd.data_ptr()), ctypes.c_size_t(nb), 1) == 0
+    assert torch.equal(fd.cpu(), torch.frombuffer(bytearray(fh), dtype=torch.uint8))
+assert lib.fd_session_destroy(sess) == 0 and lib.fd_engine_destroy(eng) == 0
+print("python host ok", n)
+"""
+
+
+@pytest.mark.slow
+def test_python_host_joins_its_own_interpreter(built):
+    p = _run([sys.executable, "-c", textwrap.dedent(PYTHON_HOST), built["lib"]], timeout=600)
+    assert "python host ok" in p.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_device_memory_reads_match_host_reads(built):
+    p = _run([sys.executable, "-c", textwrap.dedent(PYTHON_HOST), built["lib"], "--device"], timeout=600)
+    assert "python host ok" in p.stdout

@@ -1,0 +1,102 @@
+"""fd-run: the README's run command writes a playable video; options and errors behave."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import flashdreams
+from flashdreams.cli.run import main as run_main
+from flashdreams.video import read_video
+
+
+def test_readme_run_command_writes_a_playable_mp4(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["--no-progress"]) == 0  # the README's command is plain `fd-run`
+    video = read_video(tmp_path / "flashdreams.mp4")
+    spec = flashdreams.load(decoder=None).spec
+    assert video.shape == (9 + 12 * 6, spec.height, spec.width, 3)  # 7 blocks: 81 frames
+    # Frames differ from one another (a stream, not a still), and are not flat.
+    diffs = np.abs(np.diff(video.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
+    assert (diffs > 0.5).all()
+    assert video.std() > 5
+
+
+def test_latents_saved_match_the_python_api(tmp_path):
+    out, lat = tmp_path / "v.mp4", tmp_path / "lat.safetensors"
+    assert (
+        run_main(
+            [
+                "--blocks",
+                "3",
+                "--seed",
+                "5",
+                "--out",
+                str(out),
+                "--save-latents",
+                str(lat),
+                "--decoder",
+                "taehv",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    saved = load_file(str(lat))
+    assert sorted(saved) == ["block_0", "block_1", "block_2"]
+    session = flashdreams.load(decoder=None).session(seed=5)
+    for k in range(3):
+        assert torch.equal(saved[f"block_{k}"], session.step().latents)
+    assert read_video(out).shape[0] == 9 + 12 + 12
+
+
+def test_prompt_embeds_file_and_errors(tmp_path, capsys):
+    emb = torch.randn(1, 16, 32)
+    save_file({"prompt_embeds": emb}, str(tmp_path / "p.safetensors"))
+    assert (
+        run_main(
+            [
+                "--blocks",
+                "1",
+                "--decoder",
+                "none",
+                "--prompt-embeds",
+                str(tmp_path / "p.safetensors"),
+                "--save-latents",
+                str(tmp_path / "l.safetensors"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
+    session = flashdreams.load(decoder=None).session(emb, seed=0)
+    assert torch.equal(load_file(str(tmp_path / "l.safetensors"))["block_0"], session.step().latents)
+    assert run_main(["--preset", "self-forcing-1.3b", "--device", "cpu"]) == 2
+    assert "needs a checkpoint" in capsys.readouterr().err
+    assert run_main(["--prompt", "a cat", "--decoder", "none"]) == 2
+    assert "--text-encoder" in capsys.readouterr().err
+    assert run_main(["--decoder", "vqgan"]) == 2
+    assert "decoder 'vqgan' is unknown" in capsys.readouterr().err
+    assert not (tmp_path / "flashdreams.mp4").exists()
+
+
+def test_list_presets(capsys):
+    assert run_main(["--list-presets"]) == 0
+    out = capsys.readouterr().out
+    assert "self-forcing-1.3b" in out and "tiny" in out
+
+
+@pytest.mark.parametrize("name", ["wan-vae", "taehv"])
+def test_session_frames_are_uint8_rgb_with_reference_counts(name):
+    s = flashdreams.load(decoder=name).session(seed=0)
+    spec = s.engine.spec
+    counts = []
+    for _ in range(3):
+        r = s.step()
+        assert r.frames.dtype == torch.uint8 and r.frames.shape[2:] == (spec.height, spec.width, 3)
+        counts.append(r.frames.shape[1])
+    assert counts == [9, 12, 12]
+    it = s.frames(num_blocks=2)
+    assert next(it).shape == (12, spec.height, spec.width, 3)
