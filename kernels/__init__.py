@@ -1,1 +1,54 @@
-"""Triton kernels with plain-torch twins (installed as `flashdreams.kernels`)."""
+"""Triton kernels of the engine, each beside its plain-torch reference twin.
+
+Every kernel is also a torch custom op, `torch.ops.flashdreams.<name>`, registered
+through `torch.library.triton_op` so that torch.export, Inductor and AOTInductor can
+compile it into engines (DESIGN.md, "Kernels"). The twins (`*_reference`) define what
+each kernel computes and run anywhere; the kernels run on CUDA, or on a CPU under
+Triton's interpreter (`TRITON_INTERPRET=1` set before triton is imported).
+"""
+
+from ._common import require_triton, triton_available
+from .adaln import (
+    adaln_modulate,
+    adaln_modulate_reference,
+    gated_residual,
+    gated_residual_adaln,
+    gated_residual_adaln_reference,
+    gated_residual_reference,
+    layer_norm_affine,
+    layer_norm_affine_reference,
+)
+from .attention_merge import merge_attention, merge_attention_reference
+from .qk_norm_rope import (
+    qk_norm_rope_cache_write,
+    qk_norm_rope_cache_write_reference,
+    rms_norm,
+    rms_norm_reference,
+)
+from .ring_attention import AttnConfig, ring_attention, ring_attention_reference
+from .rope_cache_write import apply_rope_reference, rope_cache_write, rope_cache_write_reference
+
+__all__ = [
+    "AttnConfig",
+    "adaln_modulate",
+    "adaln_modulate_reference",
+    "apply_rope_reference",
+    "gated_residual",
+    "gated_residual_adaln",
+    "gated_residual_adaln_reference",
+    "gated_residual_reference",
+    "layer_norm_affine",
+    "layer_norm_affine_reference",
+    "merge_attention",
+    "merge_attention_reference",
+    "qk_norm_rope_cache_write",
+    "qk_norm_rope_cache_write_reference",
+    "require_triton",
+    "ring_attention",
+    "ring_attention_reference",
+    "rms_norm",
+    "rms_norm_reference",
+    "rope_cache_write",
+    "rope_cache_write_reference",
+    "triton_available",
+]

@@ -8,16 +8,13 @@ enables when `TRITON_INTERPRET=1` is in the environment before it is first impor
 
 from __future__ import annotations
 
-import functools
-import logging
-from collections.abc import Callable, Iterable, Sequence
+import contextlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from flashdreams.errors import InvalidArgumentError
-
-log = logging.getLogger(__name__)
 
 try:
     import triton
@@ -39,9 +36,7 @@ except ImportError:  # pragma: no cover - exercised only where triton is absent
     triton = tl = _Stub()  # type: ignore[assignment]
 
 
-@functools.cache
-def interpreted() -> bool:
-    """True when `@triton.jit` kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+def _probe_interpreter() -> bool:
     if not HAS_TRITON:
         return False
     from triton.runtime.interpreter import InterpretedFunction
@@ -51,6 +46,15 @@ def interpreted() -> bool:
         pass
 
     return isinstance(_probe, InterpretedFunction)
+
+
+# Decided once, like Triton itself decides when each `@triton.jit` kernel is defined.
+INTERPRETED = _probe_interpreter()
+
+
+def interpreted() -> bool:
+    """True when `@triton.jit` kernels run in Triton's CPU interpreter (TRITON_INTERPRET=1 at import)."""
+    return INTERPRETED
 
 
 def triton_available(device: torch.device | str) -> bool:
@@ -85,6 +89,19 @@ def next_pow2(n: int, minimum: int = 1) -> int:
     return 1 << (n - 1).bit_length()
 
 
+# Elements one program of a row kernel (norms, AdaLN, RoPE writes) holds per tensor on a GPU:
+# 4096 bf16 = 8 KB in flight per tensor and program. The bench sweeps it.
+ROW_TILE_ELEMS = 4096
+
+
+def row_tile(row_width: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(rows per program, num_warps) for a row kernel whose rows are `row_width` (padded) wide."""
+    if device.type != "cuda":  # the interpreter: fewer, larger programs run faster
+        return min(32, next_pow2(rows)), 4
+    block = max(1, min(64, ROW_TILE_ELEMS // row_width))
+    return block, 8 if block * row_width >= 4096 else 4
+
+
 def _is_traced(args: Iterable[Any]) -> bool:
     from torch._subclasses.fake_tensor import is_fake
 
@@ -110,6 +127,28 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
             )
         return
     torch.library.wrap_triton(kernel)[tuple(grid)](*args, **kwargs)
+
+
+_poison = False
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """For tests: outputs the launchers allocate start as NaN, so an element a kernel forgot shows."""
+    global _poison
+    before, _poison = _poison, True
+    try:
+        yield
+    finally:
+        _poison = before
+
+
+def new_output(shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """An uninitialised output tensor (NaN-filled inside `poisoned_outputs`)."""
+    t = torch.empty(tuple(shape), dtype=dtype, device=device)
+    if _poison:
+        t.fill_(float("nan"))
+    return t
 
 
 # ----------------------------------------------------------------------------- argument checks

@@ -144,7 +144,7 @@ class WanDiT(nn.Module):
         """Latents [B, C, F, H, W] -> tokens [B, L, D] and the token grid (F', H', W')."""
         y = self.patch_embedding(x.to(self.dtype))
         grid = tuple(y.shape[2:])
-        return y.flatten(2).transpose(1, 2), grid
+        return y.flatten(2).transpose(1, 2).contiguous(), grid
 
     def time_embed(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """t [B, F] -> e [B, F, D] and e0 [B, F, 6, D], both float32."""

@@ -6,6 +6,7 @@ import json
 import shutil
 
 import pytest
+import torch
 from conftest import params_or_skip, require_fixtures
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +22,19 @@ def test_fixture_passes(fixture_dir):
     assert {c.name for c in checks} >= set(expected), "every [expected] tensor is compared"
     for c in checks:
         assert c.passed, f"{fixture_dir.name}: {c.name} rel_l2 {c.rel_l2:.3e} > {c.tolerance}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fixture_dir", params_or_skip(("causal_wan_rollout",)))
+def test_rollout_fixture_passes_with_triton_kernels(fixture_dir):
+    """The same rollouts through our Triton kernels (ring attention, fused norms, RoPE + cache write)."""
+    from flashdreams.kernels import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+    fixture, checks = run_fixture(fixture_dir, attention="triton")
+    for c in checks:
+        assert c.passed, f"{fixture_dir.name} [triton]: {c.name} rel_l2 {c.rel_l2:.3e} > {c.tolerance}"
 
 
 def test_cli_passes_and_prints(capsys):

@@ -1,0 +1,100 @@
+"""Launch configurations of the ring-attention kernel: tile shapes, pipelining, key splits.
+
+Kept apart from the kernel because they are tuned, not derived: `bench/kernels_bench.py`
+sweeps `SWEEP_CONFIGS` at Self-Forcing's shape on the H100, and the winner goes into
+`CUDA_CONFIGS`. A config is chosen on the host from shapes alone (never from `valid_len`,
+which lives on the device), so one compiled graph serves every block.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+import torch
+
+from ._common import next_pow2
+
+
+@dataclass(frozen=True)
+class AttnConfig:
+    """Tile shape and launch knobs of the ring-attention kernel.
+
+    `splits=0` picks the key split from the grid size; `use_tma` loads K/V through
+    device-side tensor descriptors (Hopper's bulk copy engine; falls back to pointer loads
+    where the strides do not allow it); `warp_specialize` asks Triton to split the key loop
+    into producer and consumer warps.
+    """
+
+    block_m: int = 128
+    block_n: int = 64
+    num_warps: int = 8
+    num_stages: int = 3
+    splits: int = 0
+    use_tma: bool = False
+    warp_specialize: bool = False
+
+
+# Chosen by head-dim tile (d padded to a power of two) on CUDA. The bench sweeps
+# `SWEEP_CONFIGS` at Self-Forcing's shape; update the d=128 entry from its result.
+CUDA_CONFIGS: dict[int, AttnConfig] = {
+    16: AttnConfig(128, 64, 4, 3),
+    32: AttnConfig(128, 64, 4, 3),
+    64: AttnConfig(128, 64, 4, 3),
+    128: AttnConfig(128, 64, 8, 3),
+    256: AttnConfig(64, 32, 4, 2),
+}
+# The interpreter runs one program at a time with numpy: fewer, larger tiles are faster.
+CPU_CONFIG = AttnConfig(64, 64, 1, 1, splits=1)
+
+# What the bench sweeps at Self-Forcing's shape. Cross-compiled for sm_90 (triton 3.9), all of
+# these use wgmma with no register spills except (128, 128, 8, 3) without TMA (8 bytes of
+# stack); with 4 warps a 128-row tile spills heavily, so those are left out.
+SWEEP_CONFIGS: list[AttnConfig] = [
+    AttnConfig(128, 64, 8, 3, splits=1),
+    AttnConfig(128, 64, 8, 3, splits=2),
+    AttnConfig(128, 64, 8, 4, splits=1),
+    AttnConfig(128, 128, 8, 2, splits=1),
+    AttnConfig(128, 128, 8, 2, splits=2),
+    AttnConfig(128, 128, 8, 3, splits=1),
+    AttnConfig(64, 64, 4, 3, splits=1),
+    AttnConfig(128, 64, 8, 3, splits=1, use_tma=True),
+    AttnConfig(128, 64, 8, 3, splits=2, use_tma=True),
+    AttnConfig(128, 64, 8, 4, splits=2, use_tma=True),
+    AttnConfig(128, 128, 8, 2, splits=1, use_tma=True),
+    AttnConfig(128, 128, 8, 3, splits=1, use_tma=True),
+    AttnConfig(128, 128, 8, 3, splits=2, use_tma=True),
+    AttnConfig(128, 64, 8, 3, splits=1, use_tma=True, warp_specialize=True),
+    AttnConfig(128, 128, 8, 2, splits=1, use_tma=True, warp_specialize=True),
+]
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def pick_config(q: torch.Tensor, capacity: int) -> AttnConfig:
+    """The config for these shapes; on CUDA, `splits` evens out the last wave of programs."""
+    d_pad = next_pow2(q.shape[-1], 16)
+    if q.device.type != "cuda":
+        return CPU_CONFIG
+    cfg = CUDA_CONFIGS[d_pad]
+    if cfg.splits:
+        return cfg
+    programs = _cdiv(q.shape[1], cfg.block_m) * q.shape[0] * q.shape[2]
+    slots = _sm_count(q.device) * (1 if cfg.block_m * d_pad >= 128 * 128 else 2)
+    tiles = _cdiv(capacity, cfg.block_n)
+
+    def efficiency(s: int) -> float:
+        return programs * s / (_cdiv(programs * s, slots) * slots)
+
+    best = 1
+    for s in (2, 3, 4):
+        # A split must keep >= 16 key tiles of work and beat one split by 5% in wave use.
+        if tiles // s >= 16 and efficiency(s) > efficiency(best) + 0.05:
+            best = s
+    return dataclasses.replace(cfg, splits=best)

@@ -1,0 +1,138 @@
+"""The AdaLN row kernels (modulate, gated residual, both fused, affine LayerNorm) against their twins.
+
+On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
+triton is imported). bf16 tolerances are loose there because the interpreter truncates
+fp32 -> bf16 instead of rounding to nearest even (fp16 is exact and checked tightly).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from flashdreams.kernels import (  # noqa: E402
+    adaln_modulate,
+    adaln_modulate_reference,
+    gated_residual,
+    gated_residual_adaln,
+    gated_residual_adaln_reference,
+    gated_residual_reference,
+    layer_norm_affine,
+    layer_norm_affine_reference,
+    triton_available,
+)
+from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(
+    not triton_available(DEVICE),
+    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 set before triton is first imported",
+)
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+SHAPES = [(2, 3, 15, 96), (1, 3, 15, 1536), (1, 2, 7, 144)]  # (B, F, fs, D): L = 45, 45, 14
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def make(B, F, fs, D, dtype, y_dtype=None, seed=0):
+    """x with a large mean (LayerNorm must centre it), y, and per-frame float32 modulations."""
+    g = torch.Generator().manual_seed(seed + D)
+    x = (torch.randn(B, F * fs, D, generator=g) * 2 + 3).to(dtype).to(DEVICE)
+    y = torch.randn(B, F * fs, D, generator=g).to(y_dtype or dtype).to(DEVICE)
+    # e[:, :, i] views of one [B, F, 6, D] tensor, as the model's modulation chunks are
+    e = torch.randn(B, F, 6, D, generator=g).to(DEVICE)
+    return x, y, e[:, :, 0], e[:, :, 1], e[:, :, 2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,F,fs,D", SHAPES)
+def test_modulate_and_residual_match_twins(dtype, B, F, fs, D):
+    x, y, shift, scale, gate = make(B, F, fs, D, dtype)
+    with poisoned_outputs():
+        h = adaln_modulate(x, shift, scale, 1e-6)
+        r = gated_residual(x, y, gate)
+        x_new, h2 = gated_residual_adaln(x, y, gate, shift, scale, 1e-6)
+    assert h.dtype == r.dtype == x_new.dtype == h2.dtype == dtype
+    assert rel_l2(h, adaln_modulate_reference(x, shift, scale, 1e-6)) < TOL[dtype]
+    assert rel_l2(r, gated_residual_reference(x, y, gate)) < TOL[dtype]
+    ref_x, ref_h = gated_residual_adaln_reference(x, y, gate, shift, scale, 1e-6)
+    assert rel_l2(x_new, ref_x) < TOL[dtype] and rel_l2(h2, ref_h) < TOL[dtype]
+    assert torch.equal(x_new, r)  # the fused residual is the same kernel arithmetic
+
+
+@pytest.mark.parametrize("B,F,fs,D", SHAPES)
+def test_fp32_residual_stream_with_bf16_branch(B, F, fs, D):
+    """Wan keeps the residual x in float32 while the attention/FFN output y is bf16."""
+    x, y, shift, scale, gate = make(B, F, fs, D, torch.float32, y_dtype=torch.bfloat16, seed=1)
+    with poisoned_outputs():
+        x_new, h = gated_residual_adaln(x, y, gate, shift, scale, 1e-6, out_dtype=torch.float16)
+        h1 = adaln_modulate(x, shift, scale, 1e-6, out_dtype=torch.float16)
+    ref_x, ref_h = gated_residual_adaln_reference(x, y, gate, shift, scale, 1e-6, out_dtype=torch.float16)
+    assert x_new.dtype == torch.float32 and h.dtype == torch.float16 and h1.dtype == torch.float16
+    assert rel_l2(x_new, ref_x) < 1e-6 and rel_l2(h, ref_h) < 2e-3
+    assert rel_l2(h1, adaln_modulate_reference(x, shift, scale, 1e-6, out_dtype=torch.float16)) < 2e-3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,F,fs,D", SHAPES)
+def test_layer_norm_affine_matches_twin(dtype, B, F, fs, D):
+    x, _, _, _, _ = make(B, F, fs, D, dtype, seed=2)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(D, generator=g).to(DEVICE)
+    b = torch.randn(D, generator=g).to(dtype).to(DEVICE)
+    with poisoned_outputs():
+        h = layer_norm_affine(x, w, b, 1e-6)
+    assert h.dtype == dtype
+    assert rel_l2(h, layer_norm_affine_reference(x, w, b, 1e-6)) < TOL[dtype]
+
+
+def test_custom_ops_and_export():
+    x, y, shift, scale, gate = make(1, 3, 5, 64, torch.float32, seed=4)
+    w, b = shift[0, 0].contiguous(), scale[0, 0].contiguous()
+    h = torch.ops.flashdreams.adaln_modulate(x, shift, scale, 1e-6, None)
+    assert rel_l2(h, adaln_modulate_reference(x, shift, scale, 1e-6)) < 1e-6
+
+    class Block(torch.nn.Module):
+        def forward(self, x, y, shift, scale, gate):
+            x1, h = gated_residual_adaln(x, y, gate, shift, scale, 1e-6)
+            x2 = gated_residual(x1, h, gate)
+            return layer_norm_affine(x2, w, b, 1e-6), adaln_modulate(x2, shift, scale, 1e-6)
+
+    def twin(x, y, shift, scale, gate):
+        x1, h = gated_residual_adaln_reference(x, y, gate, shift, scale, 1e-6)
+        x2 = gated_residual_reference(x1, h, gate)
+        return layer_norm_affine_reference(x2, w, b, 1e-6), adaln_modulate_reference(x2, shift, scale, 1e-6)
+
+    args = (x, y, shift, scale, gate)
+    ep = torch.export.export(Block(), args)
+    graph = str(ep.graph)
+    for name in ("gated_residual_adaln", "gated_residual", "layer_norm_affine", "adaln_modulate"):
+        assert f"flashdreams.{name}" in graph
+    for got, want in zip(ep.module()(*args), twin(*args)):
+        assert rel_l2(got, want) < 1e-5
+
+
+def test_bad_arguments_name_the_argument():
+    x, y, shift, scale, gate = make(1, 3, 5, 64, torch.float32)
+    with pytest.raises(InvalidArgumentError, match="shift"):
+        adaln_modulate(x, shift.half(), scale, 1e-6)
+    with pytest.raises(InvalidArgumentError, match="frames"):
+        adaln_modulate(x, shift[:, :2], scale[:, :2], 1e-6)
+    with pytest.raises(InvalidArgumentError, match="one frame count"):
+        gated_residual_adaln(x, y, gate, shift[:, :1], scale, 1e-6)
+    with pytest.raises(InvalidArgumentError, match="y"):
+        gated_residual(x, y[:, :3], gate)
+    with pytest.raises(InvalidArgumentError, match="bias"):
+        layer_norm_affine(x, shift[0, 0].contiguous(), shift[0, 0, :3].contiguous(), 1e-6)
+    with pytest.raises(InvalidArgumentError, match="out_dtype"):
+        adaln_modulate(x, shift, scale, 1e-6, out_dtype=torch.int32)
