@@ -32,6 +32,8 @@ def main() -> None:
     t0 = time.perf_counter()
     e32 = flashdreams.load(device="cuda", dtype="float32", decoder=None)
     e16 = flashdreams.load(device="cuda", dtype="bfloat16", decoder=None)
+    e16t = flashdreams.load(device="cuda", dtype="bfloat16", decoder=None, attention="triton")
+    e32t = flashdreams.load(device="cuda", dtype="float32", decoder=None, attention="triton")
     spec = e32.spec
     gen = torch.Generator().manual_seed(1)
     shape = (1, spec.latent_channels, spec.num_frame_per_block, spec.latent_h, spec.latent_w)
@@ -43,6 +45,8 @@ def main() -> None:
     bf16_eager = rollout(e16, draws, cuda_graphs=False)
     bf16_graph = rollout(e16, draws, cuda_graphs=True)
     f32_graph = rollout(e32, draws, cuda_graphs=True)
+    bf16_triton = rollout(e16t, draws, cuda_graphs=True)
+    f32_triton = rollout(e32t, draws, cuda_graphs=True)
     cpu = flashdreams.load(device="cpu", dtype="float32", decoder=None)
     ref_cpu = rollout(cpu, draws, cuda_graphs=False)
     res = {
@@ -52,6 +56,8 @@ def main() -> None:
         "bf16_graphs_vs_bf16_eager_rel_l2": [rel_l2(a, b) for a, b in zip(bf16_graph, bf16_eager)],
         "fp32_graphs_vs_fp32_eager_rel_l2": [rel_l2(a, b) for a, b in zip(f32_graph, ref32)],
         "cuda_fp32_vs_cpu_fp32_rel_l2": [rel_l2(a, b) for a, b in zip(ref32, ref_cpu)],
+        "triton_bf16_graphs_vs_fp32_rel_l2": [rel_l2(a, b) for a, b in zip(bf16_triton, ref32)],
+        "triton_fp32_graphs_vs_fp32_sdpa_rel_l2": [rel_l2(a, b) for a, b in zip(f32_triton, ref32)],
         "seconds": time.perf_counter() - t0,
     }
     with open(args.out, "w") as f:

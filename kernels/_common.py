@@ -9,6 +9,7 @@ enables when `TRITON_INTERPRET=1` is in the environment before it is first impor
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
@@ -116,6 +117,8 @@ def launch(kernel: Any, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
     outputs are already allocated). Inductor, which would need to compile the kernel
     itself, is refused there with a clear error.
     """
+    if not inline_into_compilers() and _is_traced(list(args) + list(kwargs.values())):
+        return  # the fake implementation of an opaque op: shapes only, nothing to run
     if interpreted() and _is_traced(list(args) + list(kwargs.values())):
         from torch._subclasses.functional_tensor import FunctionalTensor
 
@@ -196,12 +199,27 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def register_op(name: str, fn: Callable, mutates_args: Iterable[str] = ()) -> None:
-    """Register `fn` as `torch.ops.flashdreams.<name>` via `torch.library.triton_op`, once.
+def inline_into_compilers() -> bool:
+    """Whether ops are `triton_op`s (Inductor sees and compiles the Triton source) rather than
+    opaque custom ops (Inductor calls them as they are). Opaque is the default: on our H100
+    image (torch 2.11, triton 3.6) Inductor failed to recompile the ring-attention kernel
+    (CompilationError at its nested tile loop, bench/results/kernels-h100.json), while the
+    same kernel runs fine when called. FD_TRITON_OP_INLINE=1 selects triton_op."""
+    return os.environ.get("FD_TRITON_OP_INLINE", "0") == "1"
 
-    Needs triton only to launch; registering on a CPU machine without the interpreter is
-    harmless. Re-importing a module (e.g. under another name) does not register twice.
+
+def register_op(name: str, fn: Callable, mutates_args: Iterable[str] = ()) -> None:
+    """Register `fn` as `torch.ops.flashdreams.<name>`, once.
+
+    Opaque custom op by default (its fake implementation is `fn` itself: launches are
+    skipped on fake tensors, and outputs are allocated by shape), or a `triton_op`
+    (see `inline_into_compilers`). Needs triton only to launch; registering on a CPU
+    machine without the interpreter is harmless.
     """
     if not HAS_TRITON or hasattr(torch.ops.flashdreams, name):
         return
-    torch.library.triton_op(f"flashdreams::{name}", fn, mutates_args=tuple(mutates_args))
+    if inline_into_compilers():
+        torch.library.triton_op(f"flashdreams::{name}", fn, mutates_args=tuple(mutates_args))
+        return
+    op = torch.library.custom_op(f"flashdreams::{name}", fn, mutates_args=tuple(mutates_args))
+    op.register_fake(fn)

@@ -33,8 +33,10 @@ def _per_frame(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     return x.unflatten(1, (num_frames, -1))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "sdpa") -> torch.Tensor:
     """x * rsqrt(mean(x^2) + eps) over the last dim in float32, cast back, then times weight."""
+    if impl == "triton":
+        return _kernels().rms_norm(x, weight, eps)
     xf = x.float()
     y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
     return y * weight

@@ -87,7 +87,7 @@ class WanBlock(nn.Module):
         else:
             h = x
         ca = self.cross_attn
-        q = ca.heads(ca.norm_q(ca.q(h)))
+        q = ca.heads(dit_ops.rms_norm(ca.q(h), ca.norm_q.weight, ca.norm_q.eps, impl))
         x = x + ca.o(dit_ops.attention(q, cross_k, cross_v).flatten(2))
         h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
         return dit_ops.gated_residual(x, self.ffn(h), gate2, impl)
