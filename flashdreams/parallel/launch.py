@@ -1,0 +1,154 @@
+"""Starting a context-parallel engine under torchrun: the process group, the device, the engine.
+
+    torchrun --nproc-per-node 4 my_app.py      # in my_app.py:
+    engine = flashdreams.parallel.load_context_parallel(preset="self-forcing-1.3b", mode="ulysses", ...)
+    session = engine.session(prompt_embeds, seed=0)    # same seed on every rank
+    for _ in range(n):
+        result = session.step()                        # every rank steps; rank 0 gets the frames
+
+NCCL is used with CUDA, gloo otherwise. NCCL's environment (e.g. NCCL_NVLS_ENABLE=0 on our
+GPU machines) is left exactly as the launcher set it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from flashdreams.engine import Engine, load
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.parallel.context_parallel import ContextParallelBackend, check_token_shardable
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits: its rank among `world_size`, its local rank, its device, the backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_from_env(backend: str | None = None, timeout_s: float | None = None) -> DistInfo:
+    """Initialise torch.distributed from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_*).
+
+    Picks NCCL when CUDA is there, else gloo (or `backend`); with CUDA, binds this process to
+    GPU LOCAL_RANK. Without torchrun's variables it makes a group of one. Calling it again
+    returns the existing group's info.
+    """
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if backend is None and dist.is_initialized():
+        backend = str(dist.get_backend())  # keep the group the application already made
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend not in ("nccl", "gloo"):
+        raise InvalidArgumentError(f"distributed backend '{backend}' is not supported; choose nccl or gloo")
+    if backend == "nccl":
+        if not torch.cuda.is_available():
+            raise InvalidArgumentError("distributed backend 'nccl' needs CUDA; torch sees no CUDA device (use gloo)")
+        if local_rank >= torch.cuda.device_count():
+            raise InvalidArgumentError(
+                f"LOCAL_RANK {local_rank} has no GPU: this host shows {torch.cuda.device_count()}; "
+                "start at most that many processes per node"
+            )
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if not dist.is_initialized():
+        kwargs: dict = {}
+        if timeout_s is not None:
+            kwargs["timeout"] = timedelta(seconds=timeout_s)
+        if backend == "nccl":
+            kwargs["device_id"] = device  # binds the communicator to this GPU up front
+        if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+            dist.init_process_group(backend, **kwargs)
+        else:
+            log.info("no torchrun environment: a context-parallel group of one process")
+            dist.init_process_group(
+                backend, init_method=f"tcp://127.0.0.1:{_free_port()}", rank=0, world_size=1, **kwargs
+            )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device, str(dist.get_backend()))
+
+
+def shutdown() -> None:
+    """Tear the process group down (end of a torchrun script)."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+class ContextParallelEngine(Engine):
+    """An Engine whose sessions default to eager steps (no CUDA graphs) unless asked at load.
+
+    Whether NCCL collectives replay safely inside captured CUDA graphs through
+    torch.distributed is not settled on our machines yet (see bench/context_parallel_bench.py
+    --cuda-graphs); until it is, graphs are opt-in for context-parallel sessions.
+    """
+
+    def __init__(self, *args, cuda_graphs: bool = False, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.cuda_graphs = cuda_graphs
+
+    def session(self, prompt_embeds=None, seed: int = 0, cuda_graphs: bool | None = None):
+        graphs = self.cuda_graphs and self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
+        return super().session(prompt_embeds, seed, cuda_graphs=graphs)
+
+
+def load_context_parallel(
+    preset="tiny",
+    mode: str = "ulysses",
+    *,
+    group=None,
+    ring_pass: str = "q",
+    device: str | torch.device | None = None,
+    decoder: str | None = "preset",
+    sync_weights: bool = True,
+    all_to_all: str = "auto",
+    slice_ring: bool | None = None,
+    cuda_graphs: bool = False,
+    **load_kwargs,
+) -> ContextParallelEngine:
+    """An engine whose backend splits each block over the ranks of `group` (default: all of them).
+
+    Every rank of the group calls this with the same arguments. `load_kwargs` go to
+    `flashdreams.load` (source, dtype, attention, height, width, random_weights, ...);
+    `device` defaults to this rank's GPU (or the CPU). Only group rank 0 gets the decoder,
+    the others produce latents only. `sync_weights` broadcasts rank 0's weights, so all
+    ranks surely agree (checkpoints and random weights alike). `cuda_graphs` is the default
+    of its sessions (off: see `ContextParallelEngine`). Every rank then creates its session
+    with the same seed and steps it; rank 0's steps carry the frames.
+    """
+    info = init_from_env()
+    rank = dist.get_rank(group)
+    size = dist.get_world_size(group)
+    dev = info.device if device is None else torch.device(device)
+    base = load(preset=preset, device=dev, decoder=decoder if rank == 0 else None, **load_kwargs)
+    model = getattr(base.backend, "model", None)
+    if model is None:
+        raise InvalidArgumentError(
+            f"context parallel runs the eager model; '{base.source}' loaded a '{base.backend.name}' "
+            "backend (built engine directories are not supported yet): load a checkpoint or a preset"
+        )
+    check_token_shardable(base.spec.ring.frame_seq_length, size)
+    backend = ContextParallelBackend(model, group, mode, ring_pass, all_to_all=all_to_all, slice_ring=slice_ring)
+    if sync_weights:
+        backend.broadcast_weights()
+    log.info("context parallel %s: rank %d of %d on %s", backend.name, rank, size, dev)
+    source = f"{backend.name}:{base.source}"
+    return ContextParallelEngine(backend, base.spec, base.decoder, source, cuda_graphs=cuda_graphs)

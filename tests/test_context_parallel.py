@@ -1,0 +1,252 @@
+"""Context parallel on the CPU: 2 and 4 gloo processes must give a single process's latents.
+
+Each world size is spawned once (a module fixture) and runs every case in turn: Ulysses and
+ring attention (queries or K/V passed around), sliced and masked ring reads, batch 2, the
+isend/irecv all-to-all fallback, process subgroups, and a rolling cache that wraps (the
+tiny preset keeps sink 1 + window 8 frames; 7 blocks of 3 frames wrap it twice). Shape
+errors must come as named InvalidArgumentErrors on every rank.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import traceback
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashdreams
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.parallel import attention_lse, check_head_shardable, check_token_shardable, merge_partials
+from flashdreams.presets import TINY_WAN, get_preset
+
+REPO = Path(__file__).resolve().parents[1]
+BLOCKS = 7  # 21 frames through a ring of 1 + 8 frames: the window wraps
+TOL = 1e-5  # rel. L2 in float32
+TINY = get_preset("tiny")
+TINY_4H = TINY.replace(name="tiny-4heads", model=TINY_WAN.replace(num_heads=4))
+
+# name -> (preset, world size of the group or None for all, options)
+CASES_2 = {
+    "ulysses": (TINY, None, dict(mode="ulysses")),
+    "ring-q": (TINY, None, dict(mode="ring", ring_pass="q")),
+    "ring-kv": (TINY, None, dict(mode="ring", ring_pass="kv")),
+    "ulysses-p2p-masked-b2": (TINY, None, dict(mode="ulysses", all_to_all="p2p", slice_ring=False, batch=2)),
+    "ring-q-masked-b2": (TINY, None, dict(mode="ring", ring_pass="q", slice_ring=False, batch=2)),
+    "ring-kv-masked": (TINY, None, dict(mode="ring", ring_pass="kv", slice_ring=False)),
+    "ring-q-group-of-1": (TINY, 1, dict(mode="ring", ring_pass="q")),
+}
+CASES_4 = {
+    "ulysses": (TINY_4H, None, dict(mode="ulysses")),
+    "ring-q": (TINY_4H, None, dict(mode="ring", ring_pass="q")),
+    "ring-kv-masked": (TINY_4H, None, dict(mode="ring", ring_pass="kv", slice_ring=False)),
+    "ring-q-2-heads": (TINY, None, dict(mode="ring", ring_pass="q")),  # ring mode has no head constraint
+    "ulysses-groups-of-2": (TINY, 2, dict(mode="ulysses", all_to_all="p2p")),
+    "ring-kv-groups-of-2": (TINY, 2, dict(mode="ring", ring_pass="kv")),
+}
+try:  # the Triton kernels (ring attention with its LSE, the merge) run here under Triton's interpreter
+    from flashdreams.kernels import triton_available
+
+    _TRITON = os.environ.get("TRITON_INTERPRET") == "1" and triton_available("cpu")
+except ImportError:
+    _TRITON = False
+if _TRITON:
+    CASES_2["ulysses-triton"] = (TINY, None, dict(mode="ulysses", attention="triton"))
+    CASES_2["ring-q-triton"] = (TINY, None, dict(mode="ring", ring_pass="q", attention="triton"))
+# name -> (preset, options): each must raise InvalidArgumentError on every rank.
+ERRORS_2 = {"odd-frame-tokens": (TINY, dict(mode="ring", height=48, width=80))}  # 3x5 = 15 tokens a frame
+ERRORS_4 = {
+    "heads-not-divisible": (TINY, dict(mode="ulysses")),  # 2 heads over 4 ranks
+    "frame-tokens-not-divisible": (TINY_4H, dict(mode="ring", height=48, width=96)),  # 3x6 = 18 tokens
+}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _session_latents(engine, batch: int, seed: int = 5) -> torch.Tensor:
+    prompt = engine.default_prompt(batch=batch, seed=1)
+    s = engine.session(prompt, seed=seed)
+    return torch.stack([s.step().latents.clone() for _ in range(BLOCKS)])
+
+
+def _worker(rank: int, world: int, port: int, cases: dict, errors: dict, out: str) -> None:
+    """One rank: run every case and error probe, save what it saw."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank)
+    )
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    from flashdreams.parallel import init_from_env, load_context_parallel, shutdown
+
+    init_from_env(backend="gloo", timeout_s=120)
+    results: dict = {"latents": {}, "errors": {}, "failure": None}
+    try:
+        for name, (preset, group_size, opts) in cases.items():
+            opts = dict(opts)
+            batch = opts.pop("batch", 1)
+            group = None
+            if group_size is not None:  # every rank creates every subgroup, in the same order
+                groups = [dist.new_group(list(range(g, g + group_size))) for g in range(0, world, group_size)]
+                group = groups[rank // group_size]
+            eng = load_context_parallel(preset=preset, group=group, decoder=None, dtype="float32", **opts)
+            results["latents"][name] = _session_latents(eng, batch)
+            results.setdefault("ring_shape", {})[name] = tuple(eng.backend.new_ring(eng.spec.ring, batch).k.shape)
+        for name, (preset, opts) in errors.items():
+            try:
+                load_context_parallel(preset=preset, decoder=None, dtype="float32", **opts)
+                results["errors"][name] = None
+            except Exception as exc:  # recorded, checked by the test
+                results["errors"][name] = (type(exc).__name__, str(exc))
+    except Exception:
+        results["failure"] = traceback.format_exc()
+    torch.save(results, os.path.join(out, f"rank{rank}.pt"))
+    shutdown()
+
+
+def _spawn(world: int, cases: dict, errors: dict, out: Path) -> list[dict]:
+    torch.multiprocessing.spawn(_worker, args=(world, _free_port(), cases, errors, str(out)), nprocs=world, join=True)
+    ranks = [torch.load(out / f"rank{r}.pt", weights_only=False) for r in range(world)]
+    for r, res in enumerate(ranks):
+        assert res["failure"] is None, f"rank {r} failed:\n{res['failure']}"
+    return ranks
+
+
+@pytest.fixture(scope="module")
+def world2(tmp_path_factory) -> list[dict]:
+    return _spawn(2, CASES_2, ERRORS_2, tmp_path_factory.mktemp("cp2"))
+
+
+@pytest.fixture(scope="module")
+def world4(tmp_path_factory) -> list[dict]:
+    return _spawn(4, CASES_4, ERRORS_4, tmp_path_factory.mktemp("cp4"))
+
+
+_REFERENCE: dict = {}
+
+
+def _reference(preset, batch: int) -> torch.Tensor:
+    """The same session in one process, through the plain eager backend."""
+    key = (preset.name, batch)
+    if key not in _REFERENCE:
+        eng = flashdreams.load(preset=preset, decoder=None, device="cpu", dtype="float32")
+        _REFERENCE[key] = _session_latents(eng, batch)
+    return _REFERENCE[key]
+
+
+def _check_case(ranks: list[dict], name: str, case) -> None:
+    preset, _, opts = case
+    ref = _reference(preset, opts.get("batch", 1))
+    got = [res["latents"][name] for res in ranks]
+    assert got[0].shape == ref.shape
+    assert ref.abs().mean() > 0.1 and not torch.equal(ref[0], ref[-1])  # a real, changing rollout
+    # This rank's ring holds 1/P of the single-GPU ring: all tokens of N/P heads, or S/P tokens of all heads.
+    p = len(ranks) if case[1] is None else case[1]
+    cfg, spec = preset.model, flashdreams.engine.EngineSpec.from_preset(preset).ring
+    full = (cfg.num_layers, ref.shape[1], spec.capacity_tokens, cfg.num_heads, cfg.head_dim)
+    shard = (
+        (*full[:2], full[2], full[3] // p, full[4])
+        if opts["mode"] == "ulysses"
+        else (*full[:2], full[2] // p, *full[3:])
+    )
+    assert ranks[0]["ring_shape"][name] == shard
+    err = [float((g[b] - ref[b]).norm() / ref[b].norm()) for g in got[:1] for b in range(BLOCKS)]
+    print(f"{name}: max rel. L2 over {BLOCKS} blocks = {max(err):.3e}")
+    assert max(err) <= TOL, f"{name}: rel. L2 per block {err}"
+    # Every rank returns the same latents, so the sampler stays in lock step.
+    for r, g in enumerate(got[1:], 1):
+        assert torch.equal(g, got[0]), f"{name}: rank {r} diverged from rank 0"
+
+
+def _check_errors(ranks: list[dict], errors: dict, needle: dict) -> None:
+    for name in errors:
+        for r, res in enumerate(ranks):
+            found = res["errors"][name]
+            assert found is not None, f"{name}: rank {r} raised nothing"
+            assert found[0] == "InvalidArgumentError", f"{name}: rank {r} raised {found}"
+            assert needle[name] in found[1], found[1]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES_2))
+def test_two_ranks_match_one_process(world2, name):
+    _check_case(world2, name, CASES_2[name])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES_4))
+def test_four_ranks_match_one_process(world4, name):
+    _check_case(world4, name, CASES_4[name])
+
+
+@pytest.mark.slow
+def test_indivisible_shapes_raise_named_errors(world2, world4):
+    _check_errors(world2, ERRORS_2, {"odd-frame-tokens": "15 tokens"})
+    _check_errors(world4, ERRORS_4, {"heads-not-divisible": "2 attention heads", "frame-tokens-not-divisible": "18"})
+
+
+@pytest.mark.slow
+def test_bench_smoke_under_torchrun(tmp_path):
+    """The GPU benchmark script runs end to end on the CPU with gloo (tiny preset)."""
+    out = tmp_path / "cp.json"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+        str(REPO / "bench" / "context_parallel_bench.py"), "--preset", "tiny", "--device", "cpu",
+        "--mode", "ring", "--blocks", "4", "--with-cp1", "--out", str(out),
+    ]  # fmt: skip
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    import json
+
+    res = json.loads(out.read_text())
+    runs = {r["gpus"]: r for r in res["runs"] if r["backend"].startswith("cp-")}
+    assert set(runs) == {1, 2}
+    assert runs[2]["rel_l2_vs_single"] <= TOL
+    assert runs[2]["per_block_ms"] and all(t > 0 for t in runs[2]["per_block_ms"])
+
+
+# ----------------------------------------------------------------------------- single-process pieces
+
+
+def test_shape_checks_name_the_numbers():
+    assert check_token_shardable(1560, 8) == 195
+    assert check_head_shardable(40, 8) == 5
+    with pytest.raises(InvalidArgumentError, match="1560 tokens .* 7 ranks"):
+        check_token_shardable(1560, 7)
+    with pytest.raises(InvalidArgumentError, match="12 attention heads .* 8 ranks"):
+        check_head_shardable(12, 8)
+
+
+@pytest.mark.parametrize("sliced", [False, True])
+def test_attention_lse_matches_the_kernel_reference(sliced):
+    from flashdreams.kernels import ring_attention_reference
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 7, 3, 16, generator=g)
+    k, v = torch.randn(2, 40, 3, 16, generator=g), torch.randn(2, 40, 3, 16, generator=g)
+    k[:, 29:] = float("nan")  # rows past the valid prefix must never count
+    v[:, 29:] = float("nan")
+    valid = torch.tensor([29])
+    out, lse = attention_lse(q, k, v, valid, 29 if sliced else None)
+    ref_out, ref_lse = ring_attention_reference(q, k.nan_to_num(0.0), v.nan_to_num(0.0), valid, return_lse=True)
+    torch.testing.assert_close(out.float(), ref_out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-6)
+
+
+def test_merged_partials_equal_attention_over_all_keys():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(1, 5, 2, 8, generator=g)
+    k, v = torch.randn(1, 24, 2, 8, generator=g), torch.randn(1, 24, 2, 8, generator=g)
+    full, _ = attention_lse(q, k, v, torch.tensor([24]), 24)
+    parts = [attention_lse(q, k[:, i : i + 6], v[:, i : i + 6], torch.tensor([6]), 6) for i in range(0, 24, 6)]
+    merged = merge_partials(torch.stack([p[0] for p in parts]), torch.stack([p[1] for p in parts]))
+    torch.testing.assert_close(merged, full, rtol=1e-5, atol=1e-6)
