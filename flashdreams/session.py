@@ -117,9 +117,14 @@ class Session:
         b = context.shape[0]
         self.batch = b
         nf, c, h, w = spec.num_frame_per_block, spec.latent_channels, spec.latent_h, spec.latent_w
-        self.ring = KVRing(
-            spec.ring, backend.num_layers, b, backend.num_heads, backend.head_dim, self.device, backend.dtype
-        )
+        # A backend may shape the ring itself (context parallel keeps a shard per rank).
+        new_ring = getattr(backend, "new_ring", None)
+        if new_ring is not None:
+            self.ring = new_ring(spec.ring, b)
+        else:
+            self.ring = KVRing(
+                spec.ring, backend.num_layers, b, backend.num_heads, backend.head_dim, self.device, backend.dtype
+            )
         self.positions = BlockPositions.allocate(nf, self.device)
         self.cross_k, self.cross_v = backend.encode_prompt(context)
         sched = spec.schedule
