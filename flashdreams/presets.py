@@ -59,6 +59,25 @@ class Preset:
         d["denoising_step_list"] = list(self.denoising_step_list)
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> Preset:
+        """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise InvalidArgumentError(
+                f"preset dict has unknown fields {unknown}; was it written by a newer FlashDreams?"
+            )
+        missing = sorted(n for n in ("name", "description", "model") if n not in d)
+        if missing:
+            raise InvalidArgumentError(f"preset dict lacks the fields {missing}")
+        fields = dict(d)
+        model = fields["model"]
+        fields["model"] = model if isinstance(model, WanConfig) else WanConfig.from_dict(model)
+        if "denoising_step_list" in fields:
+            fields["denoising_step_list"] = tuple(fields["denoising_step_list"])
+        return cls(**fields)
+
 
 # The tiny built-in model: the real architecture at toy size, so a fresh CPU machine
 # plays a session in seconds. A rolling cache (sink 1 + window 8) lets it run forever.

@@ -1,0 +1,263 @@
+"""Engines built from the built-in tiny model on CPU: sessions match eager, bad engines are refused.
+
+One engine per backend is built once per module (Inductor's CPU compile is the slow part):
+inductor through the fd-build CLI with its decoder, aoti through build_engine without
+one (latents only, to keep the file short), onnx through build_engine with its decoder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from flashdreams.export.build import build_engine
+from flashdreams.export.manifest import read_manifest, validate_engine, write_manifest
+
+import flashdreams
+from flashdreams.cli.build import main as fd_build
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
+
+pytestmark = pytest.mark.slow
+
+BLOCKS = 4
+SEED = 7
+TOL = 1e-5  # rel. L2 on each block's latents, float32
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("engines")
+
+
+@pytest.fixture(scope="module")
+def eager_blocks():
+    """Latents and frames of the eager built-in model, the reference every engine must match."""
+    session = flashdreams.load().session(seed=SEED)
+    out = []
+    for _ in range(BLOCKS):
+        r = session.step()
+        out.append((r.latents.clone(), r.frames.clone()))
+    return out
+
+
+@pytest.fixture(scope="module")
+def inductor_dir(workdir) -> Path:
+    out = workdir / "tiny-inductor"
+    assert fd_build(["--backend", "inductor", "--device", "cpu", "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def aoti_dir(workdir) -> Path:
+    out = workdir / "tiny-aoti"
+    build_engine(out, backend="aoti", device="cpu", decoder=None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(workdir) -> Path:
+    pytest.importorskip("onnxruntime")
+    out = workdir / "tiny-onnx"
+    build_engine(out, backend="onnx", device="cpu")
+    return out
+
+
+def _copy(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _check_session(engine_dir: Path, eager_blocks, frames: bool) -> flashdreams.Engine:
+    engine = flashdreams.load(engine_dir)
+    assert set(engine.load_times) >= {"validate", "load_artifacts", "load_programs", "first_call", "total"}
+    session = engine.session(seed=SEED)
+    for b, (lat, fr) in enumerate(eager_blocks):
+        r = session.step()
+        err = rel_l2(r.latents, lat)
+        assert err <= TOL, f"block {b}: latents differ from eager by rel. L2 {err:.3g}"
+        if frames:
+            assert r.frames is not None and r.frames.shape == fr.shape
+            assert (r.frames.int() - fr.int()).abs().max() <= 1, f"block {b}: frames differ by more than 1 level"
+        else:
+            assert r.frames is None
+    return engine
+
+
+# -- sessions from engines --------------------------------------------------------------
+
+
+def test_inductor_engine_session_matches_eager(inductor_dir, eager_blocks):
+    engine = _check_session(inductor_dir, eager_blocks, frames=True)
+    assert engine.backend.name == "inductor"
+    m = read_manifest(inductor_dir)
+    info = torch.compiler.load_cache_artifacts((inductor_dir / m["artifacts"]["inductor_cache"]["file"]).read_bytes())
+    assert len(info.artifacts["inductor"]) >= 4  # one compiled graph per step program
+    assert set(m["graphs"]) == {"encode_prompt", "dit", "decode_first", "decode"}
+    dit = m["graphs"]["dit"]
+    assert dit["mutates"] == ["ring_k_0", "ring_k_1", "ring_v_0", "ring_v_1"]  # one input per layer
+    assert dit["groups"]["ring_k"] == ["ring_k_0", "ring_k_1"] and "ring_k" in dit["call_inputs"]
+
+
+def test_inductor_engine_never_recompiles_silently(inductor_dir):
+    engine = flashdreams.load(inductor_dir)
+    s = engine.session(seed=SEED)
+    s.positions.fill(engine.spec.ring, 0)
+    x = torch.randn(1, 16, 3, 12, 8).transpose(3, 4)  # the right shape, other strides: a new graph
+    with pytest.raises(InvalidArgumentError, match="recompile"):
+        engine.backend.denoise(x, s.t_steps[0], *s._state())
+
+
+def test_aoti_engine_session_matches_eager(aoti_dir, eager_blocks):
+    engine = _check_session(aoti_dir, eager_blocks, frames=False)
+    assert engine.backend.name == "aoti"
+    assert engine.load_times["first_call"] < 5.0  # no compiler at load
+
+
+def test_onnx_engine_session_matches_eager(onnx_dir, eager_blocks):
+    m = read_manifest(onnx_dir)
+    assert m["engine"]["graph_attention"] == "sdpa"
+    for name, g in m["graphs"].items():  # each graph under onnxruntime vs eager, checked at build
+        assert g["build_check"]["max_rel_l2"] <= TOL, name
+    assert m["graphs"]["dit"]["state_outputs"]["ring_k_1_out"] == "ring_k_1"
+    engine = _check_session(onnx_dir, eager_blocks, frames=True)
+    assert engine.backend.name == "onnx"
+
+
+def test_session_reset_replays_same_latents(aoti_dir):
+    session = flashdreams.load(aoti_dir).session(seed=SEED)
+    first = [session.step().latents.clone() for _ in range(2)]
+    session.reset()
+    again = [session.step().latents.clone() for _ in range(2)]
+    for a, b in zip(first, again):
+        assert torch.equal(a, b)
+
+
+def test_engine_refuses_other_batch(aoti_dir):
+    engine = flashdreams.load(aoti_dir)
+    with pytest.raises(InvalidArgumentError, match="batch 1"):
+        engine.session(prompt_embeds=engine.default_prompt(batch=2))
+
+
+# -- fd-build --check and refusals --------------------------------------------------------
+
+
+def test_check_cli_accepts_good_engine(inductor_dir, capsys):
+    assert fd_build(["--check", str(inductor_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "sha256 verified" in out and "device_type" in out and "engine OK" in out
+
+
+def test_tampered_manifest_is_refused(inductor_dir, workdir, capsys):
+    d = _copy(inductor_dir, workdir / "tampered-manifest")
+    m = json.loads((d / "manifest.json").read_text())
+    m["engine"]["schedule"]["timesteps"][0] = 999.0  # a hand edit, not re-sealed
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(EngineIncompatibleError, match="modified after the build"):
+        flashdreams.load(d)
+    assert fd_build(["--check", str(d)]) == 1
+    assert "modified after the build" in capsys.readouterr().err
+
+
+def test_tampered_graph_file_is_refused(aoti_dir, workdir):
+    d = _copy(aoti_dir, workdir / "tampered-graph")
+    g = d / read_manifest(d)["graphs"]["dit"]["files"][0]["file"]
+    data = bytearray(g.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, different bytes
+    g.write_bytes(bytes(data))
+    with pytest.raises(EngineIncompatibleError, match="sha256"):
+        validate_engine(d)
+
+
+def test_missing_graph_file_is_refused(aoti_dir, workdir):
+    d = _copy(aoti_dir, workdir / "missing-graph")
+    (d / read_manifest(d)["graphs"]["encode_prompt"]["files"][0]["file"]).unlink()
+    with pytest.raises(NotFoundError, match="missing"):
+        flashdreams.load(d)
+
+
+def test_foreign_device_fingerprint_is_refused(aoti_dir, workdir, capsys):
+    d = _copy(aoti_dir, workdir / "foreign-device")
+    m = read_manifest(d)
+    m["fingerprint"].update(device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capability="sm_90")
+    write_manifest(d, m)  # properly sealed: only the fingerprint is foreign
+    with pytest.raises(EngineIncompatibleError, match=r"'NVIDIA H100 80GB HBM3' \(sm_90\), this machine has 'cpu'"):
+        flashdreams.load(d)
+    assert fd_build(["--check", str(d)]) == 1
+    assert "NVIDIA H100 80GB HBM3" in capsys.readouterr().err
+
+
+def test_foreign_torch_version_is_refused(aoti_dir, workdir):
+    d = _copy(aoti_dir, workdir / "foreign-torch")
+    m = read_manifest(d)
+    m["fingerprint"]["torch"] = "2.11.0+cu130"
+    write_manifest(d, m)
+    with pytest.raises(EngineIncompatibleError, match="torch '2.11.0\\+cu130'"):
+        flashdreams.load(d)
+
+
+def test_schema_version_mismatch_is_refused(aoti_dir, workdir):
+    d = _copy(aoti_dir, workdir / "schema")
+    m = read_manifest(d)
+    m["schema_version"] = 99
+    write_manifest(d, m)
+    with pytest.raises(EngineIncompatibleError, match="schema version 99"):
+        validate_engine(d)
+
+
+# -- the build's own guarantees ----------------------------------------------------------------
+
+
+def _leftovers(parent: Path, name: str) -> list[Path]:
+    return [p for p in parent.iterdir() if p.name.startswith(f".{name}.")]
+
+
+def test_interrupted_build_leaves_nothing(workdir):
+    pytest.importorskip("onnxscript")
+    out = workdir / "interrupted"
+
+    def progress(phase, i, n):
+        if phase == "compile dit":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        build_engine(out, backend="onnx", device="cpu", decoder=None, progress=progress)
+    assert not out.exists()
+    assert _leftovers(workdir, "interrupted") == []
+
+
+def test_failed_build_leaves_nothing(workdir):
+    pytest.importorskip("onnxscript")
+    out = workdir / "failed"
+
+    def progress(phase, i, n):
+        if phase == "write manifest":
+            raise RuntimeError("disk full (simulated)")
+
+    with pytest.raises(RuntimeError, match="simulated"):
+        build_engine(out, backend="onnx", device="cpu", decoder=None, progress=progress)
+    assert not out.exists() and _leftovers(workdir, "failed") == []
+
+
+def test_build_refuses_non_engine_dir_and_existing_engine(aoti_dir, workdir):
+    other = workdir / "not-an-engine"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(InvalidArgumentError, match="not an engine directory"):
+        build_engine(other, backend="aoti", device="cpu")
+    assert (other / "notes.txt").read_text() == "mine"
+    with pytest.raises(InvalidArgumentError, match="--force"):
+        build_engine(aoti_dir, backend="aoti", device="cpu")
+    assert fd_build(["--out", str(other), "--device", "cpu"]) == 2
+
+
+def test_cli_usage_errors():
+    assert fd_build([]) == 2
+    assert fd_build(["--out", "x", "--backend", "nope", "--device", "cpu"]) == 2
+    assert fd_build(["--help"]) == 0

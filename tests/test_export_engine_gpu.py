@@ -1,0 +1,48 @@
+"""Engines of the built-in tiny model on CUDA: built, loaded, run under the session's CUDA graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flashdreams.export.backends.aoti import cuda_load_blocked
+from flashdreams.export.build import build_engine
+
+import flashdreams
+
+pytestmark = [pytest.mark.gpu, pytest.mark.slow]
+
+BLOCKS = 4
+
+
+def _latents(engine, seed=5):
+    s = engine.session(seed=seed)
+    return [s.step().latents.float().cpu() for _ in range(BLOCKS)]
+
+
+def _rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "attention", "tol"),
+    [("float32", "sdpa", 1e-4), ("bfloat16", "triton", 3e-2)],
+)
+def test_inductor_engine_on_cuda_matches_eager(tmp_path, dtype, attention, tol):
+    out = tmp_path / "engine"
+    build_engine(out, backend="inductor", device="cuda", dtype=dtype, attention=attention)
+    engine = flashdreams.load(out)
+    eager = flashdreams.load(device="cuda", dtype=dtype, attention=attention)
+    for b, (x, y) in enumerate(zip(_latents(engine), _latents(eager))):
+        assert _rel(x, y) <= tol, f"block {b}: rel. L2 {_rel(x, y):.3g}"
+
+
+def test_aoti_engine_on_cuda(tmp_path):
+    reason = cuda_load_blocked(torch.device("cuda"))
+    if reason:
+        pytest.skip(reason)
+    out = tmp_path / "engine"
+    build_engine(out, backend="aoti", device="cuda", dtype="float32", decoder=None)
+    engine = flashdreams.load(out)
+    eager = flashdreams.load(device="cuda", dtype="float32", decoder=None)
+    for x, y in zip(_latents(engine), _latents(eager)):
+        assert _rel(x, y) <= 1e-4

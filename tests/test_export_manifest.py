@@ -1,0 +1,138 @@
+"""The engine manifest's checks on a hand-made engine directory (fast: nothing is compiled)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from flashdreams.export.backends import get_backend
+from flashdreams.export.backends.aoti import cuda_load_blocked
+from flashdreams.export.manifest import (
+    SCHEMA_VERSION,
+    check_fingerprint,
+    file_record,
+    machine_fingerprint,
+    read_manifest,
+    required_fields,
+    validate_engine,
+    write_manifest,
+)
+
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
+from flashdreams.presets import Preset, get_preset, preset_names
+
+
+@pytest.fixture
+def engine_dir(tmp_path):
+    (tmp_path / "graphs").mkdir()
+    (tmp_path / "graphs" / "dit.pt2").write_bytes(b"not really a program" * 100)
+    m = {
+        "schema_version": SCHEMA_VERSION,
+        "backend": "aoti",
+        "graphs": {"dit": {"files": [file_record(tmp_path, "graphs/dit.pt2")]}},
+        "artifacts": {},
+        "fingerprint": machine_fingerprint("cpu"),
+    }
+    write_manifest(tmp_path, m)
+    return tmp_path
+
+
+def test_valid_engine_passes_and_reports_checks(engine_dir):
+    val = validate_engine(engine_dir)
+    assert val.device == torch.device("cpu")
+    text = "\n".join(val.checks)
+    assert "sha256 verified" in text and "device_type" in text and "torch" in text
+
+
+def test_seal_detects_hand_edits(engine_dir):
+    path = engine_dir / "manifest.json"
+    m = json.loads(path.read_text())
+    m["backend"] = "inductor"
+    path.write_text(json.dumps(m))
+    with pytest.raises(EngineIncompatibleError, match="modified after the build"):
+        validate_engine(engine_dir)
+
+
+def test_missing_manifest_and_file(engine_dir, tmp_path_factory):
+    with pytest.raises(NotFoundError, match="manifest.json"):
+        validate_engine(tmp_path_factory.mktemp("empty"))
+    (engine_dir / "graphs" / "dit.pt2").unlink()
+    with pytest.raises(NotFoundError, match="graphs/dit.pt2"):
+        validate_engine(engine_dir)
+
+
+def test_truncated_and_modified_files(engine_dir):
+    f = engine_dir / "graphs" / "dit.pt2"
+    data = f.read_bytes()
+    f.write_bytes(data[:-1])
+    with pytest.raises(EngineIncompatibleError, match="truncated"):
+        validate_engine(engine_dir)
+    f.write_bytes(data[:-1] + b"?")
+    with pytest.raises(EngineIncompatibleError, match="sha256"):
+        validate_engine(engine_dir)
+    assert validate_engine(engine_dir, check_files=False).checks  # sizes only: passes
+
+
+def test_unparseable_manifest(tmp_path):
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(EngineIncompatibleError, match="not valid JSON"):
+        read_manifest(tmp_path)
+
+
+def test_fingerprint_rules():
+    here = machine_fingerprint("cpu")
+    gpu = dict(here, device_type="cuda", device_name="NVIDIA H100 80GB HBM3", capability="sm_90", cuda="13.0")
+    with pytest.raises(EngineIncompatibleError, match=r"'NVIDIA H100 80GB HBM3' \(sm_90\), this machine has 'cpu'"):
+        check_fingerprint(gpu, here, "inductor")
+    assert check_fingerprint(gpu, here, "onnx") == []  # ONNX graphs are portable
+    other_isa = dict(here, capability="x86_64-scalar")
+    with pytest.raises(EngineIncompatibleError, match="capability"):
+        check_fingerprint(other_isa, here, "aoti")
+    assert "triton" in required_fields("inductor", "cuda") and "triton" not in required_fields("inductor", "cpu")
+    assert "tensorrt" in required_fields("tensorrt", "cuda") and "python_minor" in required_fields("inductor", "cpu")
+    newer_cudnn = dict(here, cudnn="99999")
+    check_fingerprint(newer_cudnn, here, "inductor")  # recorded, never enforced
+
+
+def test_aoti_cuda_guard(monkeypatch):
+    monkeypatch.delenv("FD_AOTI_FORCE", raising=False)
+    monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    assert "segfault" in cuda_load_blocked(torch.device("cuda"))
+    assert cuda_load_blocked(torch.device("cpu")) is None
+    monkeypatch.setenv("FD_AOTI_FORCE", "1")
+    assert cuda_load_blocked(torch.device("cuda")) is None
+
+
+def test_tensorrt_refuses_clearly_where_absent():
+    try:
+        import tensorrt  # noqa: F401
+
+        pytest.skip("tensorrt is importable here; this test covers machines without it")
+    except Exception:
+        pass
+    reason = get_backend("tensorrt").unavailable_reason(torch.device("cpu"))
+    assert reason and "tensorrt" in reason.lower()
+    from flashdreams.export.build import build_engine
+
+    with pytest.raises(InvalidArgumentError, match="tensorrt"):
+        build_engine("/tmp/fd-never-written", backend="tensorrt", device="cpu")
+
+
+def test_unknown_backend():
+    with pytest.raises(InvalidArgumentError, match="unknown"):
+        get_backend("tvm")
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_preset_dict_roundtrip(name):
+    p = get_preset(name)
+    assert Preset.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_preset_from_dict_refuses_unknown_fields():
+    d = get_preset("tiny").to_dict()
+    d["warp_speed"] = 9
+    with pytest.raises(InvalidArgumentError, match="warp_speed"):
+        Preset.from_dict(d)
