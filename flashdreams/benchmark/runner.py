@@ -46,6 +46,7 @@ class BenchConfig:
     seed: int = 0
     cuda_graphs: bool | None = None
     workdir: str | None = None
+    engine_dir: str | None = None  # backend "engine": load this prebuilt engine directory
     extra: dict = field(default_factory=dict)
 
 
@@ -72,6 +73,15 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         t0 = time.perf_counter()
         engine = flashdreams.load(cfg.source, decoder=cfg.decoder, random_weights=cfg.random_weights, **kw)
         times["load_s"] = time.perf_counter() - t0
+        return engine, times
+    if backend == "engine":
+        if not cfg.engine_dir:
+            raise InvalidArgumentError("backend 'engine' needs --engine DIR (an engine built by fd-build)")
+        t0 = time.perf_counter()
+        engine = flashdreams.load(cfg.engine_dir, device=cfg.device, attention=attention, decoder=cfg.decoder)
+        times["load_s"] = time.perf_counter() - t0
+        times.update({f"load_{k}": v for k, v in getattr(engine, "load_times", {}).items()})
+        times["engine_backend"] = engine.manifest.get("backend") if hasattr(engine, "manifest") else None
         return engine, times
     try:
         from flashdreams.export.build import build_engine

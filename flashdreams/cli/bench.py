@@ -34,7 +34,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint file or directory (default: built-in model or --preset)")
     p.add_argument("--preset", help="model preset (fd-run --list-presets); default: tiny built-in")
     p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
-    p.add_argument("--backend", default="eager", help="comma list of: eager, inductor, aoti (default eager)")
+    p.add_argument(
+        "--backend",
+        default="eager",
+        help="comma list of: eager, inductor, aoti (built in-process), engine (loads --engine DIR); default eager",
+    )
+    p.add_argument("--engine", help="a prebuilt engine directory (fd-build) for --backend engine")
     p.add_argument("--attention", default="sdpa", help="comma list of: sdpa, triton (default sdpa)")
     p.add_argument("--blocks", type=int, default=7, help="blocks per rollout (7 = 21 latent frames)")
     p.add_argument("--rollouts", type=int, default=3, help="measured rollouts after warm-up (default 3)")
@@ -83,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             dtype=str(dtype).replace("torch.", ""),
             seed=args.seed,
             cuda_graphs=False if args.no_cuda_graphs else None,
+            engine_dir=args.engine,
             workdir=str(out / "engines"),
         )
         out.mkdir(parents=True, exist_ok=True)
