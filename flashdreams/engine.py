@@ -148,13 +148,15 @@ def load(
     random_weights: bool = False,
     weights_seed: int = 0,
     decoder_weights: str | os.PathLike | None = None,
+    precision: str = "bf16",
 ) -> Engine:
     """Load an engine.
 
     `decoder` is "wan-vae", "taehv", None (latents only) or "preset" (the preset's choice);
     a real checkpoint needs `decoder_weights` (Wan2.1_VAE / taew2_1 as safetensors) for it.
     `weights_seed` picks the random weights of the built-in and `random_weights` models; a
-    session's own `seed` (engine.session) only drives its noise.
+    session's own `seed` (engine.session) only drives its noise. `precision="fp8"` (with
+    attention="triton") runs the blocks' linears and self-attention in float8 (opt-in).
 
     * `load()`: the built-in tiny model (deterministic random weights, no download).
     * `load(preset="self-forcing-1.3b", random_weights=True)`: full size, random weights (speed runs).
@@ -186,7 +188,9 @@ def load(
     else:
         model = load_wan_dit(source, preset.model, device=dev, dtype=dt)
         label = str(source)
+    model.fuse_projections_()
     model.set_attention(attention)
+    model.set_precision(precision)
     dec = build_session_decoder(
         preset, decoder, dev, dt, weights_seed, decoder_weights, random_weights or source is None
     )

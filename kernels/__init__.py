@@ -1,8 +1,8 @@
 """Triton kernels of the engine, each beside its plain-torch reference twin.
 
-Every kernel is also a torch custom op, `torch.ops.flashdreams.<name>`, registered
-through `torch.library.triton_op` so that torch.export, Inductor and AOTInductor can
-compile it into engines (DESIGN.md, "Kernels"). The twins (`*_reference`) define what
+Every kernel is also a torch custom op, `torch.ops.flashdreams.<name>`, so that
+torch.export, Inductor and AOTInductor can carry it into engines (DESIGN.md, "Kernels");
+see `_common.register_op` for why they are opaque ops by default. The twins (`*_reference`) define what
 each kernel computes and run anywhere; the kernels run on CUDA, or on a CPU under
 Triton's interpreter (`TRITON_INTERPRET=1` set before triton is imported).
 """
@@ -19,6 +19,7 @@ from .adaln import (
     layer_norm_affine_reference,
 )
 from .attention_merge import merge_attention, merge_attention_reference
+from .fp8_linear import Fp8Linear, fp8_linear, fp8_linear_reference, quantize_linears_fp8_
 from .qk_norm_rope import (
     qk_norm_rope_cache_write,
     qk_norm_rope_cache_write_reference,
@@ -26,10 +27,17 @@ from .qk_norm_rope import (
     rms_norm_reference,
 )
 from .ring_attention import AttnConfig, ring_attention, ring_attention_reference
+from .ring_attention_fp8 import ring_attention_fp8, ring_attention_fp8_reference
 from .rope_cache_write import apply_rope_reference, rope_cache_write, rope_cache_write_reference
 
 __all__ = [
     "AttnConfig",
+    "Fp8Linear",
+    "fp8_linear",
+    "fp8_linear_reference",
+    "quantize_linears_fp8_",
+    "ring_attention_fp8",
+    "ring_attention_fp8_reference",
     "adaln_modulate",
     "adaln_modulate_reference",
     "apply_rope_reference",

@@ -115,14 +115,21 @@ def ring_attention(
     valid_len: torch.Tensor,
     impl: str = "sdpa",
     valid_len_host: int | None = None,
+    precision: str = "bf16",
 ) -> torch.Tensor:
     """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d].
+
+    `precision="fp8"` runs both attention matmuls in float8 e4m3 (our Triton kernel only).
 
     With `valid_len_host` (the same length, known on the host) the torch path slices the
     ring instead of masking it, so SDPA can pick its fastest backend (cuDNN, flash); a
     graph traced that way is specialised to that fill level. The Triton kernel reads
     the length from device memory, so one graph serves every fill level.
     """
+    if precision == "fp8":
+        if impl != "triton":
+            raise InvalidArgumentError("precision 'fp8' needs attention='triton' (there is no torch FP8 attention)")
+        return _kernels().ring_attention_fp8(q, ring_k, ring_v, valid_len)
     if impl == "triton":
         return _kernels().ring_attention(q, ring_k, ring_v, valid_len)
     if valid_len_host is not None:

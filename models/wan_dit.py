@@ -23,6 +23,8 @@ from flashdreams.models.rope import apply_rope, rope_tables
 from flashdreams.models.wan_config import WanConfig
 from torch import nn
 
+from flashdreams.errors import InvalidArgumentError
+
 
 class RMSNorm(nn.Module):
     """RMSNorm over the last dim (all heads together), float32 math, weight after the cast."""
@@ -52,6 +54,24 @@ class WanAttention(nn.Module):
     def heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.num_heads, -1))
 
+    def fuse_qkv_(self) -> None:
+        """Keep q/k/v as one [3D, D] projection too: one GEMM of N = 3D runs the tensor cores
+        far better than three of N = D (a 4680x1536x1536 addmm reached ~290 TFLOP/s on the
+        H100). Non-persistent, so checkpoints and state dicts keep the reference's keys."""
+        with torch.no_grad():
+            w = torch.cat([self.q.weight, self.k.weight, self.v.weight])
+            b = torch.cat([self.q.bias, self.k.bias, self.v.bias])
+        self.register_buffer("qkv_weight", w, persistent=False)
+        self.register_buffer("qkv_bias", b, persistent=False)
+
+    def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Raw q, k, v projections [B, L, D] (views of one fused GEMM when fuse_qkv_ ran)."""
+        if getattr(self, "qkv_fp8", None) is not None:
+            return self.qkv_fp8(x).chunk(3, dim=-1)
+        if getattr(self, "qkv_weight", None) is not None:
+            return F.linear(x, self.qkv_weight, self.qkv_bias).chunk(3, dim=-1)
+        return self.q(x), self.k(x), self.v(x)
+
     def kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values of a context [B, T, D] as [B, T, N, d] (the cross-attention cache)."""
         return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
@@ -80,7 +100,7 @@ class WanBlock(nn.Module):
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
         h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl)
         sa = self.self_attn
-        attn = attend(sa.q(h), sa.k(h), sa.v(h), sa)
+        attn = attend(*sa.project_qkv(h), sa)
         x = dit_ops.gated_residual(x, sa.o(attn.flatten(2)), gate1, impl)
         if self.norm3 is not None:
             h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
@@ -129,11 +149,52 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
         self.attention_impl = "sdpa"
+        self.precision = "bf16"
 
     # -- shared pieces -------------------------------------------------------------
     @property
     def dtype(self) -> torch.dtype:
         return self.patch_embedding.weight.dtype
+
+    def fuse_projections_(self) -> WanDiT:
+        """Fuse each self-attention's q/k/v into one GEMM (after the weights are final)."""
+        for blk in self.blocks:
+            blk.self_attn.fuse_qkv_()
+        return self
+
+    def set_precision(self, precision: str) -> None:
+        """'bf16' (the model's dtype) or 'fp8': the blocks' linears and the self-attention in
+        float8 e4m3 (opt-in; its quality cost is measured in bench/). Irreversible: reload
+        the weights to go back. Embeddings, the head, cross-attention K/V stay in bf16."""
+        if precision not in ("bf16", "fp8"):
+            raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
+        if precision == "fp8" and self.precision != "fp8":
+            if self.attention_impl != "triton":
+                raise InvalidArgumentError("precision 'fp8' needs attention='triton'")
+            from flashdreams.kernels import Fp8Linear, quantize_linears_fp8_
+            from flashdreams.kernels.fp8_linear import is_dit_fp8_linear
+
+            for blk in self.blocks:
+                sa = blk.self_attn
+                fused = nn.Linear(
+                    sa.q.in_features, 3 * sa.q.out_features, device=sa.q.weight.device, dtype=sa.q.weight.dtype
+                )
+                with torch.no_grad():
+                    fused.weight.copy_(torch.cat([sa.q.weight, sa.k.weight, sa.v.weight]))
+                    fused.bias.copy_(torch.cat([sa.q.bias, sa.k.bias, sa.v.bias]))
+                sa.qkv_fp8 = Fp8Linear.from_linear(fused)  # one FP8 GEMM for q, k and v
+                for name in ("qkv_weight", "qkv_bias"):
+                    sa._buffers.pop(name, None)
+            # q/k/v run as the fused qkv_fp8 above; the rest of the blocks' linears go FP8 one by one.
+            quantize_linears_fp8_(
+                self,
+                include=lambda n, lin: (
+                    is_dit_fp8_linear(n, lin)
+                    and not n.endswith(("attn.q", "attn.k", "attn.v"))
+                    or n.endswith("cross_attn.q")
+                ),
+            )
+        self.precision = precision
 
     def set_attention(self, impl: str) -> None:
         """'sdpa' (torch) or 'triton' (FlashDreams kernels: ring attention, fused norms)."""
@@ -227,7 +288,9 @@ class WanDiT(nn.Module):
 
         def attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
-            return dit_ops.ring_attention(qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host)
+            return dit_ops.ring_attention(
+                qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host, self.precision
+            )
 
         for i, blk in enumerate(self.blocks):
             tokens = blk(tokens, e0, partial(attend, layer=i), cross_k[i], cross_v[i], impl)

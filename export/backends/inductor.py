@@ -17,6 +17,7 @@ no compiler. On CUDA the Triton kernels are bundled and only need loading.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -30,14 +31,24 @@ CACHE_FILE = "inductor_cache.bin"
 CUDA_MODE = "max-autotune-no-cudagraphs"
 
 
+def autotune_requested() -> bool:
+    """FD_INDUCTOR_AUTOTUNE=1 (fd-build --autotune) autotunes the DiT and prompt GEMMs.
+
+    Off by default: on the H100 the full 1.3B build spent ~60 s benchmarking each GEMM
+    shape and passed 5 minutes (bench/results/engine-h100-autotune-timeout.json); the
+    default mode uses cuBLAS for the GEMMs and Inductor's fused kernels for the rest.
+    """
+    return os.environ.get("FD_INDUCTOR_AUTOTUNE", "0") == "1"
+
+
 def compile_options(device: torch.device, graph: str = "dit") -> dict:
     """Inductor options of one graph (recorded in the manifest, reused at load).
 
-    The DiT and prompt graphs are autotuned on CUDA; the decoder's graphs are compiled in
-    the default mode (its convolutions go to cuDNN either way, and autotuning them
-    would cost minutes of build time for little).
+    With autotuning requested, the DiT and prompt graphs are autotuned on CUDA; the
+    decoder's graphs always use the default mode (its convolutions go to cuDNN either
+    way, and autotuning them would cost minutes of build time for little).
     """
-    if device.type == "cuda" and not graph.startswith("decode"):
+    if device.type == "cuda" and autotune_requested() and not graph.startswith("decode"):
         from torch._inductor import list_mode_options
 
         return dict(list_mode_options(CUDA_MODE))

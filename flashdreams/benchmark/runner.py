@@ -47,6 +47,7 @@ class BenchConfig:
     cuda_graphs: bool | None = None
     workdir: str | None = None
     engine_dir: str | None = None  # backend "engine": load this prebuilt engine directory
+    precision: str = "bf16"
     extra: dict = field(default_factory=dict)
 
 
@@ -71,7 +72,9 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
     )
     if backend == "eager":
         t0 = time.perf_counter()
-        engine = flashdreams.load(cfg.source, decoder=cfg.decoder, random_weights=cfg.random_weights, **kw)
+        engine = flashdreams.load(
+            cfg.source, decoder=cfg.decoder, random_weights=cfg.random_weights, precision=cfg.precision, **kw
+        )
         times["load_s"] = time.perf_counter() - t0
         return engine, times
     if backend == "engine":
@@ -206,6 +209,7 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
     out = {
         "backend": backend,
         "attention": attention,
+        "precision": cfg.precision,
         "engine": repr(engine),
         "cold_start": cold,
         "warm_first_frame_ms": _percentiles(warm_ff),

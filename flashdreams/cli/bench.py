@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         default="eager",
         help="comma list of: eager, inductor, aoti (built in-process), engine (loads --engine DIR); default eager",
     )
+    p.add_argument(
+        "--precision", default="bf16", choices=["bf16", "fp8"], help="fp8: blocks' linears + attention in e4m3"
+    )
     p.add_argument("--engine", help="a prebuilt engine directory (fd-build) for --backend engine")
     p.add_argument("--attention", default="sdpa", help="comma list of: sdpa, triton (default sdpa)")
     p.add_argument("--blocks", type=int, default=7, help="blocks per rollout (7 = 21 latent frames)")
@@ -89,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             cuda_graphs=False if args.no_cuda_graphs else None,
             engine_dir=args.engine,
+            precision=args.precision,
             workdir=str(out / "engines"),
         )
         out.mkdir(parents=True, exist_ok=True)
@@ -123,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype),
             "cuda_graphs": not args.no_cuda_graphs,
             "seed": args.seed,
+            "precision": args.precision,
             "model": preset.model.to_dict(),
             "sink_frames": preset.sink_frames,
             "window_frames": preset.window_frames,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 import traceback
@@ -78,6 +79,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
     p.add_argument("--seed", type=int, default=0, help="seed of the built-in / random weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing engine at --out")
+    p.add_argument(
+        "--autotune",
+        action="store_true",
+        help="inductor on CUDA: autotune the DiT's GEMMs (max-autotune; minutes more build time)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the build does")
     return p
@@ -164,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    if args.autotune:
+        os.environ["FD_INDUCTOR_AUTOTUNE"] = "1"  # read by the inductor backend's compile options
     if args.check:
         if args.out:
             print("fd-build: --check takes no --out", file=sys.stderr)

@@ -47,6 +47,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="cuda | cpu (default: cuda if present)")
     p.add_argument("--dtype", help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
     p.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"], help="attention/norm kernels")
+    p.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["bf16", "fp8"],
+        help="fp8: the DiT blocks' linears and attention in float8 e4m3 (needs --attention triton)",
+    )
     p.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
     p.add_argument("--width", type=int, help="video width in pixels (default: the preset's)")
     p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")

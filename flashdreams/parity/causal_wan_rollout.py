@@ -38,6 +38,7 @@ def engine_for_fixture(fixture: Fixture, device: str = "cpu", attention: str = "
         width=lw * 8,
     )
     model = load_wan_dit(fixture.weights(), cfg, device=device)
+    model.fuse_projections_()
     model.set_attention(attention)
     return Engine(EagerBackend(model), EngineSpec.from_preset(preset), None, preset.name)
 

@@ -1,0 +1,320 @@
+"""FP8 (e4m3) linear layers for the DiT: per-token activations x per-output-channel weights.
+
+y = (x8 @ w8^T) * sx[m] * sw[n] + bias, where x8 = e4m3(x * 448/amax(x_row)) with
+sx = amax(x_row)/448 (one scale per token, computed on the fly) and w8 / sw likewise per output
+channel (once, at load). On CUDA the product is `torch._scaled_mm` with row-wise scales (on sm_90
+a CUTLASS/cuBLASLt fp8 GEMM, bf16 output, fp32 accumulation; `use_fast_accum` lets the tensor
+core accumulate in its reduced-precision adder for the whole K loop); the activations are
+quantized by one Triton pass (read x once, write x8 and sx). Elsewhere (CPU tests) the same
+quantization is emulated in torch and the product is an fp32 matmul of the dequantized operands.
+
+Cost model at Self-Forcing's block (4680 tokens): the GEMMs are compute-bound, 22-129 GFLOP
+each; quantizing x moves 1.5 bytes per element (14 MB for D 1536, 84+42 MB for the FFN's 8960),
+i.e. 5-45 us against 30-110 us of fp8 GEMM, so the quantization pass is worth fusing into its
+producer (AdaLN / GELU) later; the bench reports it separately.
+
+Which layers (`quantize_linears_fp8_`, default `is_dit_fp8_linear`): in every DiT block the
+self-attention q/k/v/o, the cross-attention q/o and the FFN's two linears. Cross-attention k/v
+run once per prompt (the cross cache) and stay bf16, as do the patch, text and time embeddings
+and the head.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from flashdreams.errors import InvalidArgumentError
+
+from ._common import (
+    check_tensor,
+    interpreted,
+    launch,
+    new_output,
+    next_pow2,
+    register_op,
+    require_triton,
+    row_tile,
+    tl,
+    triton,
+)
+from .ring_attention_fp8 import _to_e4m3, quantize_rows_e4m3
+
+FP8 = torch.float8_e4m3fn
+
+
+# ----------------------------------------------------------------------------- activation quantization
+
+
+@triton.jit
+def _quantize_rows_kernel(X, X8, SX, stride_x, R, K, K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr):
+    """BLOCK_R rows: x8 = e4m3(x * 448/amax(|x_row|)), sx = amax/448 (amax floored at 1e-16)."""
+    r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    c = tl.arange(0, K_PAD)
+    mask = (r < R)[:, None] & (c < K)[None, :]
+    x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-16)
+    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    tl.store(X8 + r[:, None] * K + c[None, :], _to_e4m3(x * inv[:, None], EMULATE), mask=mask)
+    tl.store(SX + r, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=r < R)
+
+
+def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    R, K = x.shape
+    x8 = new_output((R, K), FP8, x.device)
+    sx = new_output((R,), torch.float32, x.device)
+    k_pad = next_pow2(K)
+    block_r, num_warps = row_tile(k_pad, R, x.device)
+    # fmt: off
+    launch(
+        _quantize_rows_kernel, (triton.cdiv(R, block_r),),
+        x, x8, sx, x.stride(0), R, K,
+        K_PAD=k_pad, BLOCK_R=block_r, EMULATE=interpreted(), num_warps=num_warps,
+    )
+    # fmt: on
+    return x8, sx
+
+
+register_op("quantize_rows_fp8", _quantize_rows_op)
+
+
+def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row e4m3 quantization of a 2-D `[R, K]` tensor (last dim contiguous) by the Triton kernel:
+    (x8 `[R, K]` float8_e4m3fn, contiguous; sx `[R]` float32) with x ~= sx[:, None] * x8."""
+    check_tensor("x", x, ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32), last_contiguous=True)
+    require_triton(x.device)
+    return torch.ops.flashdreams.quantize_rows_fp8(x)
+
+
+def quantize_rows_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `quantize_rows_fp8` computes, in torch (any device)."""
+    x8, sx, _ = quantize_rows_e4m3(x.float())
+    return x8.to(FP8), sx
+
+
+def quantize_weight_fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An `[N, K]` linear weight -> (w8 `[N, K]` e4m3 contiguous, scale `[N]` float32), per output channel."""
+    check_tensor("w", w, ndim=2)
+    w8, sw, _ = quantize_rows_e4m3(w.detach().float())
+    return w8.to(FP8).contiguous(), sw.contiguous()
+
+
+# ----------------------------------------------------------------------------- the linear
+
+
+_bias_fusable: dict[torch.device, bool] = {}
+
+
+def _scaled_mm_takes_bias(device: torch.device) -> bool:
+    """Whether this torch's row-wise `_scaled_mm` accepts a bf16 bias (probed once per device)."""
+    if device not in _bias_fusable:
+        if torch.compiler.is_compiling() or torch.cuda.is_current_stream_capturing():
+            return False  # cannot probe inside a trace or a capture: add the bias outside, always right
+        a = torch.ones(16, 32, device=device).to(FP8)
+        b = torch.ones(16, 32, device=device).to(FP8)
+        one = torch.ones(16, 1, device=device)
+        try:
+            y = torch._scaled_mm(
+                a, b.t(), one, one.t(), bias=torch.ones(16, device=device, dtype=torch.bfloat16),
+                out_dtype=torch.bfloat16,
+            )  # fmt: skip
+            _bias_fusable[device] = bool((y.float() == 33.0).all().item())
+        except (RuntimeError, TypeError, ValueError):
+            _bias_fusable[device] = False
+    return _bias_fusable[device]
+
+
+def _gemm_ok(x: torch.Tensor, w8: torch.Tensor) -> bool:
+    """The shapes `_scaled_mm` takes: K and N multiples of 16 (cuBLASLt / CUTLASS fp8 alignment)."""
+    return x.device.type == "cuda" and w8.shape[0] % 16 == 0 and w8.shape[1] % 16 == 0
+
+
+def fp8_linear(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+    *,
+    use_fast_accum: bool = False,
+) -> torch.Tensor:
+    """F.linear(x, w, bias) with x quantized per token and w = w_scale[:, None] * w_fp8 (e4m3).
+
+    x `[..., K]`; w_fp8 `[N, K]` float8_e4m3fn; w_scale `[N]` float32; bias `[N]` or None.
+    Returns `[..., N]` in `out_dtype` (default x's dtype). On CUDA: Triton quantization +
+    `torch._scaled_mm` (bf16 output, cast if another dtype is asked for); elsewhere, or for
+    shapes `_scaled_mm` refuses, `fp8_linear_reference`.
+    """
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    if w_fp8.dtype != FP8 or w_fp8.dim() != 2:
+        raise InvalidArgumentError(
+            f"w_fp8: expected a 2-D float8_e4m3fn tensor, found {w_fp8.dtype} {list(w_fp8.shape)}"
+        )
+    N, K = w_fp8.shape
+    if x.shape[-1] != K:
+        raise InvalidArgumentError(f"x: expected last dim {K} (the weight's in_features), found {list(x.shape)}")
+    if w_scale.shape != (N,) or w_scale.dtype != torch.float32:
+        raise InvalidArgumentError(f"w_scale: expected float32 [{N}], found {w_scale.dtype} {list(w_scale.shape)}")
+    if not _gemm_ok(x, w_fp8):
+        return fp8_linear_reference(x, w_fp8, w_scale, bias, out_dtype)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    x8, sx = quantize_rows_fp8(x2)
+    fuse = bias is not None and _scaled_mm_takes_bias(x.device)
+    y = torch._scaled_mm(
+        x8,
+        w_fp8.t(),  # [K, N] column-major, as the second operand must be
+        scale_a=sx[:, None],
+        scale_b=w_scale[None, :],
+        bias=bias.to(torch.bfloat16) if fuse else None,
+        out_dtype=torch.bfloat16,
+        use_fast_accum=use_fast_accum,
+    )
+    if bias is not None and not fuse:
+        y = y + bias.to(y.dtype)
+    return y.to(out_dtype).reshape(*lead, N)
+
+
+def fp8_linear_reference(
+    x: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    out_dtype: torch.dtype | None = None,
+) -> torch.Tensor:
+    """What `fp8_linear` computes, in torch: the same quantization of x, then an fp32 matmul of the
+    dequantized operands (the GPU's result differs by fp32 summation order and bf16 rounding)."""
+    out_dtype = x.dtype if out_dtype is None else out_dtype
+    x8, sx, _ = quantize_rows_e4m3(x.float())
+    w = w_fp8.float() * w_scale[:, None]
+    y = (x8 * sx[..., None]) @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    if out_dtype != torch.float32:
+        y = y.to(torch.bfloat16)  # _scaled_mm's output rounding
+    return y.to(out_dtype)
+
+
+class Fp8Linear(nn.Module):
+    """A frozen `nn.Linear` with an e4m3 weight (per output channel) and per-token fp8 activations.
+
+    Buffers `weight_fp8` `[out, in]` float8_e4m3fn and `weight_scale` `[out]` float32 keep their
+    dtypes through `module.to(dtype)` (only their device follows); `bias` (if any) is an ordinary
+    frozen parameter in the original dtype, which is also the output dtype.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        use_fast_accum: bool = False,
+    ) -> None:
+        super().__init__()
+        self.in_features = in_features
+        self.out_features = out_features
+        self.use_fast_accum = use_fast_accum
+        self.register_buffer("weight_fp8", torch.zeros(out_features, in_features, dtype=FP8, device=device))
+        self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
+        if bias:
+            self.bias = nn.Parameter(torch.zeros(out_features, dtype=dtype, device=device), requires_grad=False)
+        else:
+            self.register_parameter("bias", None)
+        self._dtype = dtype
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, *, use_fast_accum: bool = False) -> Fp8Linear:
+        """Quantize an `nn.Linear` (its weight per output channel); output dtype = its weight's dtype."""
+        w = linear.weight
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=w.device,
+            dtype=w.dtype,
+            use_fast_accum=use_fast_accum,
+        )
+        w8, sw = quantize_weight_fp8(w)
+        mod.weight_fp8.copy_(w8)
+        mod.weight_scale.copy_(sw)
+        if linear.bias is not None:
+            mod.bias.data = linear.bias.detach().clone()
+        return mod
+
+    @property
+    def out_dtype(self) -> torch.dtype:
+        return self.bias.dtype if self.bias is not None else self._dtype
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight this layer multiplies by, `[out, in]` float32."""
+        return self.weight_fp8.float() * self.weight_scale[:, None]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return fp8_linear(
+            x, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype, use_fast_accum=self.use_fast_accum
+        )
+
+    def _apply(self, fn, recurse=True):  # type: ignore[override]
+        """`.to()` / `.cuda()` move the fp8 weight and its scale but never change their dtypes."""
+        keep = {n: self._buffers.pop(n) for n in ("weight_fp8", "weight_scale")}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, t in keep.items():
+                target = fn(torch.empty(0, device=t.device)).device
+                self._buffers[name] = t.to(target)
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"fp8=e4m3 (per-channel weight, per-token activation), fast_accum={self.use_fast_accum}"
+        )
+
+
+# ----------------------------------------------------------------------------- swapping a model's linears
+
+_DIT_FP8 = re.compile(r"(^|\.)blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$")
+
+
+def is_dit_fp8_linear(name: str, linear: nn.Linear) -> bool:
+    """The DiT linears that run per token per forward: self-attn q/k/v/o, cross-attn q/o, ffn.0/ffn.2
+    of every block (and whose dims suit fp8 GEMMs: multiples of 16)."""
+    return bool(_DIT_FP8.search(name)) and linear.in_features % 16 == 0 and linear.out_features % 16 == 0
+
+
+def quantize_linears_fp8_(
+    module: nn.Module,
+    include: Callable[[str, nn.Linear], bool] | None = None,
+    *,
+    use_fast_accum: bool = False,
+) -> list[str]:
+    """Replace, in place, every `nn.Linear` of `module` for which `include(name, linear)` holds
+    (default `is_dit_fp8_linear`) by `Fp8Linear.from_linear`; returns the replaced names.
+
+    Run it after the weights are loaded and the model is on its device and dtype.
+    """
+    include = is_dit_fp8_linear if include is None else include
+    targets = [
+        (name, parent, child_name, child)
+        for name, parent in module.named_modules()
+        for child_name, child in parent.named_children()
+        if type(child) is nn.Linear
+    ]
+    done = []
+    for name, parent, child_name, child in targets:
+        full = f"{name}.{child_name}" if name else child_name
+        if include(full, child):
+            setattr(parent, child_name, Fp8Linear.from_linear(child, use_fast_accum=use_fast_accum))
+            done.append(full)
+            if child.weight.is_cuda:
+                _scaled_mm_takes_bias(child.weight.device)  # probe now, not during a graph capture
+    return done

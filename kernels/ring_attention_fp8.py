@@ -1,0 +1,639 @@
+"""Ring attention with both matmuls in float8 e4m3 on tensor cores (fp32 accumulation).
+
+Same contract as `ring_attention.ring_attention`: q `[B, Lq, N, d]` against bf16/fp16 ring
+caches `[B, S, N, d]`, keys `[0, valid_len)` attended, `valid_len` read on the device, output
+in q's dtype (plus, on request, the natural-log LSE). Opt-in (`precision="fp8"`): it trades
+accuracy for speed; `ring_attention_fp8_reference` emulates the quantization exactly in torch
+and states the cost.
+
+Quantization scheme (scales fp32; fp8 values e4m3, round-to-nearest-even, saturating at 448):
+
+* q, per query row (in the kernel, once per program): q8 = q * 448/amax(|q_row|); the row
+  scale and softmax_scale * log2(e) form one per-row factor.
+* K and V, per key tile (the kernel's BLOCK_N keys x head dim, one scalar each, by a pre-pass):
+  k8 = k * 448/amax(|K tile|), v8 = v * 448/amax(|V tile|). e4m3 is floating point: its relative
+  precision (3 mantissa bits) does not depend on the scale, which only has to keep the tile
+  inside e4m3's 2^15 normal range, so a tile scale costs no accuracy against per-row or
+  per-channel scales (measured: 5.2% vs 5.1% on the worst-case data below) and costs nothing in
+  the loop: the K scale joins the per-row logit factor (a BLOCK_M-vector multiply per tile), the
+  V scale joins the accumulator's running rescale (acc *= alpha * u_prev / u_tile,
+  out = acc * u_last / l). The per-element work is then exactly the bf16 kernel's.
+* P, after the running-max exp2, is taken as 256 * P (exp2 of s - m + 8): its row maximum sits
+  at 256, so weights down to 2^-14 of it are normal e4m3 numbers; the row sum l uses the same
+  fp32 values, so the factor cancels. P goes to e4m3 directly.
+* The `pv_fp8=False` variant keeps P @ V in bf16 (P rounded to bf16, V read from the bf16 ring),
+  so the bench can show what each half buys.
+
+Quality (twin vs exact fp32 attention, unit-RMS q/k as Wan's RMSNorm makes them): zero-mean
+V ~ N(0, 1), where the output is pure cancellation and every per-element error shows, costs
+~5% rel. L2 (fp8 QK + bf16 PV: ~3.5%; bf16: ~0.2%); V with a common component (mean 0.5)
+~0.5%. Each of q, k, P, V rounded to e4m3 contributes ~2.6% RMS.
+
+Why K and V are quantized by a pre-pass, not inside the attention kernel: each key tile is
+read by every query tile of its head (Lq / BLOCK_M = 37 programs at Self-Forcing's block), so
+in-kernel quantization would redo the amax / scale / convert / shared-memory round trip 37
+times, in the very instruction slots fp8 attention is short of (at d 128 a 128x128 tile's fp8
+wgmma time is about what 8 warps need to issue its softmax alone). The pre-pass
+(`quantize_kv_fp8`) reads the valid rows of the bf16 ring once and writes transient fp8 copies
+in the layout fp8 wgmma wants (both operands K-major: K as `[B, N, S, D]`, V transposed as
+`[B, N, D, S]`); the ring itself stays bf16 and unchanged. It moves ~2.5 bytes per K/V element
+(~0.1 ms per layer at kv 28080, against ~1 ms of attention). Tiles are aligned to absolute ring
+rows, so a future fp8 shadow of the ring needs only the tiles a block writes requantized.
+
+Accumulation: Hopper's fp8 wgmma adds into its accumulator with reduced precision (about 14
+fraction bits kept, DeepSeek-V3 sec. 3.3.2). Chaining all key tiles of P @ V through it
+loses accuracy over 200+ tiles, so by default (`precise_pv`) each tile's P @ V product is
+taken into fresh registers and added to the fp32 accumulator by ordinary FMAs (the rescale
+FMUL becomes an FFMA; only registers cost more). `precise_pv=False` accumulates in the
+tensor core, for the bench to compare.
+
+Triton's interpreter (CPU tests) converts fp32 to fp8 and bf16 with truncation and a broken
+carry; there (only) values are first rounded to the target grid with integer arithmetic
+(`EMULATE`), after which its conversion is exact, so the CPU tests check the GPU's math.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+
+from flashdreams.errors import InvalidArgumentError
+
+from ._common import interpreted, launch, new_output, next_pow2, register_op, require_triton, tl, triton
+from .attention_merge import merge_into
+from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok
+from .ring_attention_configs import AttnConfig
+
+E4M3_MAX = 448.0
+P_SHIFT = 8.0  # P is stored as 2^P_SHIFT * exp2(s - m): row maximum 256 < 448
+# An all-zero row or tile gets this amax (its values quantize to exactly 0). Not much smaller: when a
+# zero V tile becomes the accumulator's unit, acc (<= 448^2 * S ~ 1e10) grows by u_prev / u_zero
+# (<~ 1e20 for tile maxima up to 1e4), which must stay finite in fp32.
+AMAX_FLOOR = 1e-16
+LN2 = 0.6931471805599453
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+@dataclass(frozen=True)
+class Fp8AttnConfig(AttnConfig):
+    """`AttnConfig` plus where P @ V accumulates (see the module docstring)."""
+
+    precise_pv: bool = True
+
+
+# By head dim padded to a power of two >= 32 (fp8 wgmma's K step is 32). Not yet timed: d 128 is
+# the bf16 kernel's swept winner's shape, to be replaced by the best of bench/fp8_bench.py's sweep;
+# the others are spill-free (cross-compiled for sm_90) guesses.
+FP8_CUDA_CONFIGS: dict[int, Fp8AttnConfig] = {
+    32: Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True),
+    64: Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True),
+    128: Fp8AttnConfig(128, 128, 8, 3, splits=1, use_tma=True),
+    256: Fp8AttnConfig(64, 64, 8, 2, splits=1, use_tma=True),
+}
+FP8_CPU_CONFIG = Fp8AttnConfig(64, 64, 1, 1, splits=1)
+
+# What the bench sweeps at Self-Forcing's shape (d 128). Cross-compiled for sm_90 with triton 3.6
+# (the H100's) and 3.9: all use fp8 wgmma (QGMMA) without spills; the 128-row tiles need ~246
+# registers x 8 warps (one CTA per SM), the 64-row ones ~241 x 4 warps and <= 107 KB of shared
+# memory, so two CTAs share an SM and one's softmax can hide under the other's MMAs. Without
+# TMA the 128x128 tile spills, so pointer loads are left out.
+FP8_SWEEP_CONFIGS: list[Fp8AttnConfig] = [
+    Fp8AttnConfig(128, 128, 8, 3, splits=1, use_tma=True),
+    Fp8AttnConfig(64, 128, 4, 3, splits=1, use_tma=True),
+    Fp8AttnConfig(128, 128, 8, 2, splits=1, use_tma=True),
+    Fp8AttnConfig(64, 128, 4, 2, splits=1, use_tma=True),
+    Fp8AttnConfig(128, 64, 8, 3, splits=1, use_tma=True),
+    Fp8AttnConfig(128, 128, 8, 4, splits=1, use_tma=True),
+    Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True),
+    Fp8AttnConfig(64, 64, 4, 4, splits=1, use_tma=True),
+    Fp8AttnConfig(128, 128, 8, 3, splits=2, use_tma=True),
+    Fp8AttnConfig(128, 128, 8, 2, splits=1, use_tma=True, warp_specialize=True),
+    Fp8AttnConfig(64, 128, 4, 3, splits=1, use_tma=True, warp_specialize=True),
+    Fp8AttnConfig(128, 128, 8, 3, splits=1, use_tma=True, precise_pv=False),
+    Fp8AttnConfig(64, 128, 4, 3, splits=1, use_tma=True, precise_pv=False),
+]
+
+
+def fp8_d_pad(d: int) -> int:
+    return next_pow2(d, 32)
+
+
+def pick_fp8_config(q: torch.Tensor) -> Fp8AttnConfig:
+    if q.device.type != "cuda":
+        return FP8_CPU_CONFIG
+    return FP8_CUDA_CONFIGS[fp8_d_pad(q.shape[-1])]
+
+
+# ----------------------------------------------------------------------------- rounding helpers
+
+
+@triton.jit
+def _round_e4m3(x):
+    """x (fp32) rounded to the nearest e4m3 value, ties to even, saturated at +-448; still fp32."""
+    a = tl.minimum(tl.abs(x), 448.0)
+    bits = a.to(tl.int32, bitcast=True)
+    normal = (((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
+    sub = (a + 16384.0) - 16384.0  # below 2^-6 the e4m3 grid is 2^-9: fp32 addition rounds to it
+    r = tl.where(a >= 0.015625, normal, sub)
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def _round_bf16(x):
+    """x (fp32, finite) rounded to the nearest bf16 value, ties to even; still fp32."""
+    a = tl.abs(x)
+    bits = a.to(tl.int32, bitcast=True)
+    r = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
+    return tl.where(x < 0.0, -r, r)
+
+
+@triton.jit
+def _to_e4m3(x, EMULATE: tl.constexpr):
+    if EMULATE:
+        x = _round_e4m3(x)
+    return x.to(tl.float8e4nv)  # round to nearest even, saturating (cvt.rn.satfinite on sm_90)
+
+
+@triton.jit
+def _to_out(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    if EMULATE and dtype == tl.bfloat16:
+        x = _round_bf16(x)
+    return x.to(dtype)
+
+
+# ----------------------------------------------------------------------------- K/V pre-pass
+
+
+class Fp8KV(NamedTuple):
+    """The fp8 operands of one layer's ring, in key tiles of `block_n` rows: rows [0, valid_len)
+    are meaningful.
+
+    k8 `[B, N, S, D]` e4m3 (D = head dim padded to a power of two >= 32, padding zero) and
+    v8t `[B, N, D, S_pad]` e4m3 (V transposed: keys contiguous; S_pad a multiple of 16); kt / vt
+    `[B, N, ceil(S / block_n)]` fp32 are the tiles' scales: row n of K is kt[n // block_n] * k8[n],
+    of V vt[n // block_n] * v8t[:, n]. v8t / vt are placeholders when only K was quantized (the
+    bf16-PV variant).
+    """
+
+    k8: torch.Tensor
+    kt: torch.Tensor
+    v8t: torch.Tensor
+    vt: torch.Tensor
+    block_n: int
+
+
+@triton.jit
+def _quantize_tile(x, EMULATE: tl.constexpr):
+    """One-scale e4m3 quantization of an fp32 tile: (x8, scale) with x ~= scale * x8."""
+    amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-16)
+    one = amax * 0.0 + 1.0
+    x8 = _to_e4m3(x * tl.math.div_rn(one * 448.0, amax), EMULATE)
+    return x8, tl.math.div_rn(amax, one * 448.0)
+
+
+@triton.jit
+def _quantize_kv_kernel(
+    K, V, K8, KT, V8T, VT, VALID,
+    stride_kb, stride_kn, stride_kh,
+    stride_vb, stride_vn, stride_vh,
+    S, S_PAD, H, N_TILES,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, QUANT_V: tl.constexpr,
+    EMULATE: tl.constexpr,
+):  # fmt: skip
+    """One key tile (BLOCK_R rows) of one (batch, head): K to k8 and its scale, V (transposed) to
+    v8t and its scale."""
+    pid_r = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    b = bh // H
+    h = bh % H
+    valid = tl.load(VALID).to(tl.int32)
+    valid = tl.maximum(tl.minimum(valid, S), 0)
+    r0 = pid_r * BLOCK_R
+    if r0 < valid:
+        rows = r0 + tl.arange(0, BLOCK_R)
+        offs_d = tl.arange(0, D_PAD)
+        ok = rows < valid
+        ld_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        k_ptrs = K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
+        k8, kt = _quantize_tile(tl.load(k_ptrs, mask=ld_mask, other=0.0).to(tl.float32), EMULATE)
+        tl.store(K8 + bh * S * D_PAD + rows[:, None] * D_PAD + offs_d[None, :], k8, mask=ok[:, None])
+        tl.store(KT + bh * N_TILES + pid_r, kt)
+        if QUANT_V:
+            v_ptrs = V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :]
+            v8, vt = _quantize_tile(tl.load(v_ptrs, mask=ld_mask, other=0.0).to(tl.float32), EMULATE)
+            v8t_ptrs = V8T + bh * D_PAD * S_PAD + offs_d[:, None] * S_PAD + rows[None, :]
+            tl.store(v8t_ptrs, tl.trans(v8), mask=ok[None, :])
+            tl.store(VT + bh * N_TILES + pid_r, vt)
+
+
+def quantize_kv_fp8(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    block_n: int,
+    quant_v: bool = True,
+) -> Fp8KV:
+    """fp8 copies of ring rows [0, valid_len) of `[B, S, N, d]` K/V caches (rows past it untouched),
+    in key tiles of `block_n` rows: the key tile of the attention kernel that will read them."""
+    B, S, H, d = k_cache.shape
+    d_pad = fp8_d_pad(d)
+    s_pad = -(-S // 16) * 16
+    n_tiles = -(-S // block_n)
+    dev = k_cache.device
+    k8 = torch.empty((B, H, S, d_pad), dtype=torch.float8_e4m3fn, device=dev)
+    kt = torch.empty((B, H, n_tiles), dtype=torch.float32, device=dev)
+    if quant_v:
+        v8t = torch.empty((B, H, d_pad, s_pad), dtype=torch.float8_e4m3fn, device=dev)
+        vt = torch.empty((B, H, n_tiles), dtype=torch.float32, device=dev)
+    else:  # never read
+        v8t = torch.zeros((16,), dtype=torch.float8_e4m3fn, device=dev)
+        vt = torch.zeros((4,), dtype=torch.float32, device=dev)
+    # fmt: off
+    launch(
+        _quantize_kv_kernel, (n_tiles, B * H),
+        k_cache, v_cache, k8, kt, v8t, vt, valid_len,
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        S, s_pad, H, n_tiles,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=block_n, QUANT_V=quant_v, EMULATE=interpreted(),
+        num_warps=4 if block_n * d_pad <= 8192 else 8,
+    )
+    # fmt: on
+    return Fp8KV(k8, kt, v8t, vt, block_n)
+
+
+# ----------------------------------------------------------------------------- attention kernel
+
+
+@triton.jit
+def _fp8_attend_tiles(
+    acc, l_i, m_i, u_i, q8, q_fac, k_src, v8_src, v_src, KT, VT, stride_vn, lo, hi, valid, offs_n, d_ok,
+    MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, USE_TMA: tl.constexpr,
+    V_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PV_FP8: tl.constexpr, PRECISE_PV: tl.constexpr,
+    EMULATE: tl.constexpr,
+):  # fmt: skip
+    """Fold key tiles [lo, hi) into the running (acc, l_i, m_i, u_i); MASK_N masks keys >= valid.
+
+    m_i is the running row max of the base-2 logits, l_i the row sum of 2^8 * exp2(s - m_i),
+    u_i the V scale acc is held in (pv_fp8: the true numerator is u_i * acc).
+    """
+    for start in tl.range(lo, hi, BLOCK_N, warp_specialize=WARP_SPEC):
+        rows = start + offs_n
+        ok = rows < valid
+        if USE_TMA:
+            k = k_src.load([start, 0])
+        elif MASK_N:
+            k = tl.load(k_src + start * D_PAD, mask=ok[:, None], other=0.0)
+        else:
+            k = tl.load(k_src + start * D_PAD)
+        f = q_fac * tl.load(KT + start // BLOCK_N)  # the logit factor of this tile's rows
+        s = tl.dot(q8, tl.trans(k))
+        if MASK_N:
+            s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * f)
+        p = tl.math.exp2(s * f[:, None] - (m_new - 8.0)[:, None])  # 2^8 * exp2(logit - max)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        if PV_FP8:
+            u_new = tl.load(VT + start // BLOCK_N)
+            p8 = _to_e4m3(p, EMULATE)
+            if USE_TMA:
+                vt = v8_src.load([0, start])
+            elif MASK_N:
+                vt = tl.load(v8_src + start, mask=ok[None, :], other=0.0)
+            else:
+                vt = tl.load(v8_src + start)
+            alpha = alpha * tl.math.div_rn(u_i, u_new)
+            if PRECISE_PV:
+                acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+            else:
+                acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+            u_i = u_new
+        else:
+            if V_TMA:
+                v = v_src.load([start, 0])
+            elif MASK_N:
+                v = tl.load(v_src + start * stride_vn, mask=ok[:, None] & d_ok[None, :], other=0.0)
+            else:
+                v = tl.load(v_src + start * stride_vn, mask=d_ok[None, :], other=0.0)
+            if EMULATE:  # the interpreter's bf16 dot is wrong: exact fp32 products of bf16 values
+                pb = _to_out(p, v.dtype, EMULATE).to(tl.float32)
+                acc = tl.dot(pb, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
+            else:
+                acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
+        m_i = m_new
+    return acc, l_i, m_i, u_i
+
+
+@triton.jit
+def _ring_attention_fp8_kernel(
+    Q, K8, KT, V8T, VT, V, Out, LSE, VALID,
+    stride_qb, stride_qm, stride_qh,
+    stride_vb, stride_vn, stride_vh,
+    stride_os, stride_ob, stride_om, stride_oh,
+    stride_ls, stride_lb, stride_lh,
+    Lq, S, S_PAD, H, N_TILES, qk_fac,
+    HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    SPLITS: tl.constexpr, USE_TMA: tl.constexpr, V_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
+    PV_FP8: tl.constexpr, PRECISE_PV: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
+    pid_m = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    pid_s = tl.program_id(2)
+    b = bh // H
+    h = bh % H
+
+    valid = tl.load(VALID).to(tl.int32)
+    valid = tl.maximum(tl.minimum(valid, S), 0)
+    per_split = tl.cdiv(tl.cdiv(valid, BLOCK_N), SPLITS) * BLOCK_N
+    lo = tl.minimum(pid_s * per_split, valid)
+    hi = tl.minimum(lo + per_split, valid)
+    full_hi = lo + ((hi - lo) // BLOCK_N) * BLOCK_N
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D_PAD)
+    d_ok = offs_d < HEAD_DIM
+    m_ok = offs_m < Lq
+
+    # q: per-row e4m3; the row scale and softmax_scale * log2(e) / 448 form q_fac.
+    q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
+    q_amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-16)
+    q8 = _to_e4m3(q * tl.math.div_rn(tl.full(q_amax.shape, 448.0, tl.float32), q_amax)[:, None], EMULATE)
+    q_fac = q_amax * qk_fac
+
+    k_base = K8 + bh * S * D_PAD
+    v8_base = V8T + bh * D_PAD * S_PAD
+    v_base = V + b * stride_vb + h * stride_vh
+    rows_desc = tl.maximum(valid, 1)  # a descriptor needs a non-empty shape; no tile is read if valid is 0
+    if USE_TMA:
+        k_src = tl.make_tensor_descriptor(
+            k_base, shape=[rows_desc, D_PAD], strides=[D_PAD, 1], block_shape=[BLOCK_N, D_PAD]
+        )
+        if PV_FP8:
+            v8_src = tl.make_tensor_descriptor(
+                v8_base, shape=[D_PAD, rows_desc], strides=[S_PAD, 1], block_shape=[D_PAD, BLOCK_N]
+            )
+        else:
+            v8_src = v8_base
+    else:
+        k_src = k_base + offs_n[:, None] * D_PAD + offs_d[None, :]
+        v8_src = v8_base + offs_d[:, None] * S_PAD + offs_n[None, :]
+    if V_TMA:
+        v_src = tl.make_tensor_descriptor(
+            v_base, shape=[rows_desc, HEAD_DIM], strides=[stride_vn, 1], block_shape=[BLOCK_N, D_PAD]
+        )
+    else:
+        v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
+    KT_b = KT + bh * N_TILES
+    VT_b = VT + bh * N_TILES
+
+    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    u_i = tl.max(tl.full([BLOCK_N], 1.0, dtype=tl.float32), 0)  # the V scale of acc (a scalar)
+    # fmt: off
+    acc, l_i, m_i, u_i = _fp8_attend_tiles(
+        acc, l_i, m_i, u_i, q8, q_fac, k_src, v8_src, v_src, KT_b, VT_b, stride_vn, lo, full_hi, valid,
+        offs_n, d_ok, False, BLOCK_N, D_PAD, USE_TMA, V_TMA, WARP_SPEC, PV_FP8, PRECISE_PV, EMULATE,
+    )
+    if full_hi < hi:  # the one partial tile, masked
+        acc, l_i, m_i, u_i = _fp8_attend_tiles(
+            acc, l_i, m_i, u_i, q8, q_fac, k_src, v8_src, v_src, KT_b, VT_b, stride_vn, full_hi, hi, valid,
+            offs_n, d_ok, True, BLOCK_N, D_PAD, USE_TMA, V_TMA, False, PV_FP8, PRECISE_PV, EMULATE,
+        )
+    # fmt: on
+
+    has_keys = l_i > 0.0
+    l_safe = tl.where(has_keys, l_i, 1.0)
+    if PV_FP8:
+        out = acc * tl.math.div_rn(u_i + tl.zeros_like(l_safe), l_safe)[:, None]
+    else:
+        out = acc / l_safe[:, None]
+    lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe) - 8.0) * 0.6931471805599453, float("-inf"))
+    o_ptrs = Out + pid_s * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
+    tl.store(o_ptrs, _to_out(out, Out.dtype.element_ty, EMULATE), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def launch_ring_attention_fp8_quantized(
+    q: torch.Tensor,
+    kv: Fp8KV,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float,
+    config: Fp8AttnConfig | None = None,
+    pv_fp8: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The attention kernel on already-quantized K/V (`quantize_kv_fp8`); v_cache is read only
+    when `pv_fp8` is False. Unchecked arguments (the bench and tests use this)."""
+    B, Lq, H, d = q.shape
+    S = kv.k8.shape[2]
+    d_pad = kv.k8.shape[3]
+    s_pad = kv.v8t.shape[3] if pv_fp8 else -(-S // 16) * 16
+    n_tiles = kv.kt.shape[2]
+    cfg = config if config is not None else pick_fp8_config(q)
+    if not isinstance(cfg, Fp8AttnConfig):
+        cfg = Fp8AttnConfig(**dataclasses.asdict(cfg))
+    if cfg.block_n != kv.block_n:
+        raise InvalidArgumentError(f"kv: quantized in key tiles of {kv.block_n}, the config has block_n {cfg.block_n}")
+    splits = cfg.splits or 1
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((B, H, Lq), torch.float32, q.device)
+    if splits == 1:
+        o_buf, l_buf, os_, ls_ = out, lse, 0, 0
+    else:
+        o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
+        l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
+        os_, ls_ = o_buf.stride(0), l_buf.stride(0)
+    ob = o_buf if splits == 1 else o_buf[0]
+    lb = l_buf if splits == 1 else l_buf[0]
+    use_tma = bool(cfg.use_tma)
+    v_tma = use_tma and not pv_fp8 and _tma_ok(v_cache) and d == d_pad
+    if (use_tma or v_tma) and q.device.type == "cuda":
+        _ensure_tma_allocator()
+    grid = (triton.cdiv(Lq, cfg.block_m), B * H, splits)
+    # fmt: off
+    launch(
+        _ring_attention_fp8_kernel, grid,
+        q, kv.k8, kv.kt, kv.v8t, kv.vt, v_cache, o_buf, l_buf, valid_len,
+        q.stride(0), q.stride(1), q.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        os_, ob.stride(0), ob.stride(1), ob.stride(2),
+        ls_, lb.stride(0), lb.stride(1),
+        Lq, S, s_pad, H, n_tiles, scale * LOG2E / E4M3_MAX,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
+        USE_TMA=use_tma, V_TMA=v_tma, WARP_SPEC=cfg.warp_specialize,
+        PV_FP8=pv_fp8, PRECISE_PV=cfg.precise_pv, EMULATE=interpreted(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    # fmt: on
+    if splits > 1:
+        merge_into(o_buf, l_buf, out, lse)
+    return out, lse
+
+
+def launch_ring_attention_fp8(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float,
+    config: Fp8AttnConfig | None = None,
+    pv_fp8: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-pass + kernel with an explicit config (unchecked arguments; the bench and tests use this)."""
+    cfg = config if config is not None else pick_fp8_config(q)
+    kv = quantize_kv_fp8(k_cache, v_cache, valid_len, cfg.block_n, quant_v=pv_fp8)
+    return launch_ring_attention_fp8_quantized(q, kv, v_cache, valid_len, scale, cfg, pv_fp8)
+
+
+def _ring_attention_fp8_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, scale: float, pv_fp8: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_ring_attention_fp8(q, k_cache, v_cache, valid_len, scale, None, pv_fp8)
+
+
+register_op("ring_attention_fp8", _ring_attention_fp8_op)
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def ring_attention_fp8(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    pv_fp8: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`ring_attention` with QK^T (and, unless `pv_fp8=False`, P @ V) in fp8 e4m3.
+
+    q `[B, Lq, N, d]` bf16/fp16/fp32, caches `[B, S, N, d]` of q's dtype, valid_len a 1-element int
+    device tensor; keys [0, valid_len) are attended. Returns out `[B, Lq, N, d]` in q's dtype
+    and, with `return_lse`, the natural-log LSE `[B, N, Lq]` float32. `scale` defaults to 1/sqrt(d).
+    """
+    _check_attention_args(q, k_cache, v_cache, valid_len)
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
+    require_triton(q.device)
+    out, lse = torch.ops.flashdreams.ring_attention_fp8(q, k_cache, v_cache, valid_len.reshape(1), scale, bool(pv_fp8))
+    return (out, lse) if return_lse else out
+
+
+# ----------------------------------------------------------------------------- reference twin
+
+
+def round_e4m3(x: torch.Tensor) -> torch.Tensor:
+    """fp32 -> the nearest e4m3 value (ties to even, saturating at +-448), as fp32."""
+    return x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn).float()
+
+
+def quantize_rows_e4m3(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row (last dim) e4m3 quantization of fp32 x: (x8 as fp32 values, scale, amax); x ~= scale * x8."""
+    amax = x.abs().amax(-1).clamp_min(AMAX_FLOOR)
+    c = torch.full_like(amax, E4M3_MAX)  # tensor / tensor: correctly rounded, like the kernel's div_rn
+    x8 = round_e4m3(x * (c / amax)[..., None])  # (a python scalar / tensor is reciprocal-then-multiply)
+    return x8, amax / c, amax
+
+
+def quantize_tiles_e4m3(x: torch.Tensor, block_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """x `[B, N, L, d]` fp32 in tiles of `block_n` rows along L, one scale per tile:
+    (x8 as fp32 values `[B, N, L, d]`, scales `[B, N, ceil(L / block_n)]`)."""
+    B, N, L, d = x.shape
+    tiles = -(-L // block_n)
+    xp = torch.nn.functional.pad(x, (0, 0, 0, tiles * block_n - L)).reshape(B, N, tiles, block_n * d)
+    x8, scale, _ = quantize_rows_e4m3(xp)
+    return x8.reshape(B, N, tiles * block_n, d)[:, :, :L], scale
+
+
+def ring_attention_fp8_reference(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float | None = None,
+    return_lse: bool = False,
+    *,
+    pv_fp8: bool = True,
+    block_n: int | None = None,
+    splits: int = 1,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """What `ring_attention_fp8` computes, emulated in torch (fp32 math, e4m3 roundings as the GPU's).
+
+    The K/V scales are per key tile and the P quantization depends on the running max at each
+    tile, so the twin walks the keys in the kernel's tiles (`block_n`, default that of the
+    config the kernel would pick) and `splits`. Products of e4m3 values are exact in fp32, so
+    the kernel differs from this only by fp32 summation order and exp2 rounding (and the GPU's
+    imprecise accumulation if `precise_pv` is off).
+    """
+    B, Lq, H, d = q.shape
+    S = k_cache.shape[1]
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if block_n is None:
+        block_n = pick_fp8_config(q).block_n
+    valid = max(0, min(int(valid_len.reshape(()).item()), S))
+    dev = q.device
+    q8, _, q_amax = quantize_rows_e4m3(q.float().permute(0, 2, 1, 3))  # [B, H, Lq, d]
+    q_fac = (q_amax * (scale * LOG2E / E4M3_MAX))[..., None]  # [B, H, Lq, 1]
+    k8, kt = quantize_tiles_e4m3(k_cache[:, :valid].float().permute(0, 2, 1, 3), block_n)
+    vf = v_cache[:, :valid].float().permute(0, 2, 1, 3)
+    if pv_fp8:
+        v8, vt = quantize_tiles_e4m3(vf, block_n)
+
+    tiles = -(-valid // block_n)
+    per_split = -(-tiles // splits) * block_n
+    outs, lses = [], []
+    for sp in range(splits):
+        lo = min(sp * per_split, valid)
+        hi = min(lo + per_split, valid)
+        acc = torch.zeros(B, H, Lq, d, device=dev)
+        l_i = torch.zeros(B, H, Lq, 1, device=dev)
+        m_i = torch.full((B, H, Lq, 1), float("-inf"), device=dev)
+        u_i = torch.ones(B, H, 1, 1, device=dev)
+        for start in range(lo, hi, block_n):
+            t, ti = slice(start, min(start + block_n, hi)), start // block_n
+            f = q_fac * kt[:, :, ti, None, None]
+            s = q8 @ k8[:, :, t].transpose(-1, -2)
+            m_new = torch.maximum(m_i, s.amax(-1, keepdim=True) * f)
+            p = torch.exp2(s * f - (m_new - P_SHIFT))
+            alpha = torch.exp2(m_i - m_new)
+            l_i = l_i * alpha + p.sum(-1, keepdim=True)
+            if pv_fp8:
+                u_new = vt[:, :, ti, None, None]
+                acc = acc * (alpha * (u_i / u_new)) + round_e4m3(p) @ v8[:, :, t]
+                u_i = u_new
+            else:
+                pb = p.to(torch.bfloat16 if q.dtype == torch.bfloat16 else q.dtype).float()
+                acc = acc * alpha + pb @ vf[:, :, t]
+            m_i = m_new
+        has = l_i > 0
+        l_safe = torch.where(has, l_i, torch.ones_like(l_i))
+        out = acc * (u_i / l_safe) if pv_fp8 else acc / l_safe
+        lse = torch.where(has, (m_i + torch.log2(l_safe) - P_SHIFT) * LN2, float("-inf"))
+        outs.append(out)
+        lses.append(lse[..., 0])
+    if splits == 1:
+        out, lse = outs[0], lses[0]
+    else:
+        lse_all = torch.stack(lses)  # [P, B, H, Lq]
+        lse = torch.logsumexp(lse_all, 0)
+        w = torch.exp(lse_all - lse).nan_to_num(0.0)[..., None]
+        out = sum(torch.where(w[i] > 0, outs[i], 0.0) * w[i] for i in range(splits))
+    out = out.permute(0, 2, 1, 3).to(q.dtype)
+    return (out, lse) if return_lse else out

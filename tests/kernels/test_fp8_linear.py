@@ -1,0 +1,205 @@
+"""FP8 linears: per-token activation quantization (Triton) against torch, fp8_linear against an fp32
+reference, `Fp8Linear` round trips, and which layers of a (tiny) WanDiT get swapped.
+
+On a CPU the quantization kernel runs in Triton's interpreter; `fp8_linear` itself takes its torch
+path there (dequantize, fp32 matmul). The `gpu`-marked test holds `torch._scaled_mm` to that path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from flashdreams.kernels import triton_available  # noqa: E402
+from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
+from flashdreams.kernels.fp8_linear import (  # noqa: E402
+    Fp8Linear,
+    fp8_linear,
+    fp8_linear_reference,
+    is_dit_fp8_linear,
+    quantize_linears_fp8_,
+    quantize_rows_fp8,
+    quantize_rows_fp8_reference,
+    quantize_weight_fp8,
+)
+from flashdreams.models.wan_config import WanConfig  # noqa: E402
+from flashdreams.models.wan_dit import WanDiT  # noqa: E402
+from torch import nn  # noqa: E402
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(
+    not triton_available(DEVICE),
+    reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 set before triton is first imported",
+)
+# e4m3 keeps 3 mantissa bits: each operand element carries ~2.6% RMS rounding error, so a GEMM of
+# Gaussian data lands at ~3.5% relative L2 (x and w both quantized); measured 3.5% here.
+LINEAR_TOL = 4.5e-2
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("R,K", [(37, 96), (5, 1536), (3, 8960)])
+def test_quantize_rows_kernel_matches_torch(dtype, R, K):
+    g = torch.Generator().manual_seed(0)
+    x = (torch.randn(R, K, generator=g) * torch.rand(R, 1, generator=g) * 10).to(dtype).to(DEVICE)
+    x[0] = 0.0  # an all-zero row quantizes to zeros
+    with poisoned_outputs():
+        x8, sx = quantize_rows_fp8(x)
+    r8, rs = quantize_rows_fp8_reference(x)
+    assert x8.dtype == torch.float8_e4m3fn and x8.shape == (R, K) and x8.is_contiguous() and sx.shape == (R,)
+    assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(sx, rs)
+    assert (x8[0].float() == 0).all()
+    assert rel_l2(x8.float() * sx[:, None], x.float()) < 0.03
+
+
+@needs_triton
+def test_quantize_rows_strided_view():
+    g = torch.Generator().manual_seed(1)
+    wide = torch.randn(9, 200, generator=g).to(torch.bfloat16).to(DEVICE)
+    x = wide[:, 40:136]  # rows strided by 200, last dim contiguous
+    x8, sx = quantize_rows_fp8(x)
+    r8, rs = quantize_rows_fp8_reference(x)
+    assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(sx, rs)
+    with pytest.raises(InvalidArgumentError, match="x"):
+        quantize_rows_fp8(wide.t())
+
+
+def test_quantize_weight_per_output_channel():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(48, 64, generator=g) * torch.logspace(-3, 1, 48)[:, None]  # channels 10^4 apart
+    w8, sw = quantize_weight_fp8(w.to(torch.bfloat16))
+    assert w8.dtype == torch.float8_e4m3fn and w8.shape == (48, 64) and sw.shape == (48,) and sw.dtype == torch.float32
+    assert torch.allclose(w8.float().abs().amax(1), torch.full((48,), 448.0))
+    back = w8.float() * sw[:, None]
+    per_channel = [rel_l2(back[i], w.to(torch.bfloat16)[i].float()) for i in range(48)]
+    assert max(per_channel) < 0.04  # every channel keeps its own relative precision
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp8_linear_against_fp32(bias):
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 45, 256, generator=g).to(torch.bfloat16).to(DEVICE)
+    w = (torch.randn(192, 256, generator=g) / 16).to(torch.bfloat16).to(DEVICE)
+    b = torch.randn(192, generator=g).to(torch.bfloat16).to(DEVICE) if bias else None
+    w8, sw = quantize_weight_fp8(w)
+    y = fp8_linear(x, w8, sw, b)
+    ref = F.linear(x.float(), w.float(), None if b is None else b.float())
+    assert y.shape == (2, 45, 192) and y.dtype == torch.bfloat16
+    err = rel_l2(y, ref)
+    print(f"\nfp8_linear rel L2 vs fp32: {err:.4f} (bf16 F.linear: {rel_l2(F.linear(x, w, b), ref):.4f})")
+    assert err < LINEAR_TOL
+    assert fp8_linear(x, w8, sw, b, torch.float32).dtype == torch.float32
+
+
+def test_fp8_linear_checks_arguments():
+    w8, sw = quantize_weight_fp8(torch.randn(32, 64))
+    x = torch.randn(3, 64)
+    with pytest.raises(InvalidArgumentError, match="x"):
+        fp8_linear(torch.randn(3, 48), w8, sw)
+    with pytest.raises(InvalidArgumentError, match="w_fp8"):
+        fp8_linear(x, w8.float(), sw)
+    with pytest.raises(InvalidArgumentError, match="w_scale"):
+        fp8_linear(x, w8, sw[:16])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("fast_accum", [False, True])
+def test_scaled_mm_matches_reference_on_gpu(fast_accum):
+    g = torch.Generator(device="cuda").manual_seed(4)
+    x = torch.randn(300, 1536, device="cuda", generator=g).to(torch.bfloat16)
+    w = (torch.randn(8960, 1536, device="cuda", generator=g) / 40).to(torch.bfloat16)
+    b = torch.randn(8960, device="cuda", generator=g).to(torch.bfloat16)
+    w8, sw = quantize_weight_fp8(w)
+    y = fp8_linear(x, w8, sw, b, use_fast_accum=fast_accum)
+    assert rel_l2(y, fp8_linear_reference(x, w8, sw, b)) < (1e-2 if fast_accum else 5e-3)
+
+
+def test_from_linear_round_trip():
+    g = torch.Generator().manual_seed(5)
+    lin = nn.Linear(64, 96).to(torch.bfloat16)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(96, 64, generator=g) / 8)
+        lin.bias.copy_(torch.randn(96, generator=g))
+    f = Fp8Linear.from_linear(lin)
+    assert (f.in_features, f.out_features) == (64, 96) and f.out_dtype == torch.bfloat16
+    assert f.weight_fp8.dtype == torch.float8_e4m3fn and f.weight_scale.dtype == torch.float32
+    assert torch.equal(f.bias, lin.bias) and not f.bias.requires_grad
+    assert rel_l2(f.dequantized_weight(), lin.weight.float()) < 0.03
+    x = torch.randn(7, 64, generator=g).to(torch.bfloat16)
+    y = f(x)
+    assert (
+        y.dtype == torch.bfloat16 and rel_l2(y, F.linear(x.float(), lin.weight.float(), lin.bias.float())) < LINEAR_TOL
+    )
+    # state_dict round trip into a fresh module
+    g2 = Fp8Linear(64, 96)
+    g2.load_state_dict(f.state_dict())
+    assert torch.equal(g2(x), y)
+    assert set(f.state_dict()) == {"weight_fp8", "weight_scale", "bias"}
+    # .to(dtype) leaves the fp8 weight and fp32 scale alone
+    f.to(torch.float32)
+    assert f.weight_fp8.dtype == torch.float8_e4m3fn and f.weight_scale.dtype == torch.float32
+    no_bias = Fp8Linear.from_linear(nn.Linear(64, 32, bias=False))
+    assert no_bias.bias is None and no_bias(torch.randn(2, 64)).shape == (2, 32)
+
+
+TINY = WanConfig(dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=16)
+EXPECTED = {
+    f"blocks.{i}.{n}"
+    for i in range(2)
+    for n in (
+        "self_attn.q",
+        "self_attn.k",
+        "self_attn.v",
+        "self_attn.o",
+        "cross_attn.q",
+        "cross_attn.o",
+        "ffn.0",
+        "ffn.2",
+    )
+}
+
+
+def test_quantize_linears_swaps_exactly_the_dit_block_linears():
+    torch.manual_seed(6)
+    model = WanDiT(TINY)
+    before = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    x = torch.randn(1, TINY.in_dim, 2, 4, 4)
+    t = torch.tensor([500.0])
+    ctx = torch.randn(1, 10, TINY.text_dim)
+    with torch.no_grad():
+        ref = model(x, t, ctx)
+    swapped = quantize_linears_fp8_(model)
+    assert set(swapped) == EXPECTED
+    after_fp8 = {n for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    still_linear = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert after_fp8 == EXPECTED and still_linear == before - EXPECTED
+    kept = {"blocks.0.cross_attn.k", "blocks.0.cross_attn.v", "head.head", "text_embedding.0", "time_projection.1"}
+    assert kept <= still_linear
+    assert quantize_linears_fp8_(model) == []  # idempotent: nothing left to swap
+    with torch.no_grad():
+        out = model(x, t, ctx)
+    assert out.shape == ref.shape and torch.isfinite(out).all()
+    assert rel_l2(out, ref) < 0.1  # two blocks of fp8 linears on a random-weight model
+
+
+def test_include_predicate():
+    assert is_dit_fp8_linear("blocks.12.ffn.2", nn.Linear(64, 64))
+    assert not is_dit_fp8_linear("blocks.12.cross_attn.k", nn.Linear(64, 64))
+    assert not is_dit_fp8_linear("blocks.1.self_attn.q", nn.Linear(60, 64))  # not a multiple of 16
+    model = WanDiT(TINY)
+    only_ffn = quantize_linears_fp8_(model, include=lambda name, lin: name.endswith(("ffn.0", "ffn.2")))
+    assert set(only_ffn) == {n for n in EXPECTED if "ffn" in n}
