@@ -18,7 +18,7 @@ if [ -f $ENG/manifest.json ] && [ "$(left)" -gt 90 ]; then
   COLD=$(mktemp -d)
   ( export TORCHINDUCTOR_CACHE_DIR=$COLD/inductor TRITON_CACHE_DIR=$COLD/triton
     /usr/bin/time -f "cold start: process start to first frame (fd-run 1 block, empty caches) %e s" \
-      timeout 150 python3 -m flashdreams.cli.run --checkpoint $ENG --blocks 1 --out $COLD/x.mp4 --no-progress \
+      timeout 150 python3 -m flashdreams.cli.run --checkpoint $ENG --random-weights --blocks 1 --out $COLD/x.mp4 --no-progress \
       2>&1 | grep -v -i warn | tail -4 )
 fi
 if [ -f $ENG/manifest.json ] && [ "$(left)" -gt 100 ]; then
