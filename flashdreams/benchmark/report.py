@@ -25,7 +25,7 @@ def table(results: dict) -> str:
     c = results["config"]
     lines.append(f"model {c['preset']}  {c['height']}x{c['width']}  blocks {c['blocks']}  decoder {c['decoder']}")
     head = (
-        f"{'backend':<10}{'attn':<8}{'p50 ms':>9}{'p90':>9}{'p99':>9}{'denoise':>9}{'decode':>8}"
+        f"{'backend':<10}{'attn':<8}{'prec':<6}{'p50 ms':>9}{'p90':>9}{'p99':>9}{'denoise':>9}{'decode':>8}"
         f"{'commit':>8}{'frames@':>9}{'fps':>7}{'TFLOP/s':>9}{'peak GB':>9}{'cold s':>8}"
     )
     lines.append(head)
@@ -34,7 +34,7 @@ def table(results: dict) -> str:
         tf = [b["dit_tflops"] for b in r["per_block_index"] if b.get("dit_tflops")]
         cold = r["cold_start"].get("process_start_to_first_frame_s") or r["cold_start"].get("load_to_first_frame_s")
         lines.append(
-            f"{r['backend']:<10}{r['attention']:<8}{_fmt(lat['total_ms'].get('p50')):>9}"
+            f"{r['backend']:<10}{r['attention']:<8}{r.get('precision', 'bf16'):<6}{_fmt(lat['total_ms'].get('p50')):>9}"
             f"{_fmt(lat['total_ms'].get('p90')):>9}{_fmt(lat['total_ms'].get('p99')):>9}"
             f"{_fmt(lat['denoise_ms'].get('p50')):>9}{_fmt(lat['decode_ms'].get('p50')):>8}"
             f"{_fmt(lat['commit_ms'].get('p50')):>8}{_fmt(lat['to_frames_ms'].get('p50')):>9}"
@@ -44,7 +44,7 @@ def table(results: dict) -> str:
     lines.append("per block index (median ms, total / to frames):")
     for r in results["runs"]:
         row = "  ".join(f"{b['block']}:{b['total_ms']:.1f}/{b['to_frames_ms']:.1f}" for b in r["per_block_index"])
-        lines.append(f"  {r['backend']}/{r['attention']}: {row}")
+        lines.append(f"  {r['backend']}/{r['attention']}/{r.get('precision', 'bf16')}: {row}")
     return "\n".join(lines)
 
 
@@ -59,7 +59,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         log.warning("matplotlib is not installed: no plots (pip install 'flashdreams[bench]')")
         return []
     runs = results["runs"]
-    labels = [f"{r['backend']}/{r['attention']}" for r in runs]
+    labels = [f"{r['backend']}/{r['attention']}/{r.get('precision', 'bf16')}" for r in runs]
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -105,10 +105,11 @@ def _save(fig, path: Path) -> Path:
 def compare(results: dict, other_path: str | Path) -> str:
     """Ratios other / this for runs present in both (same backend and attention)."""
     other = json.loads(Path(other_path).read_text())
-    theirs = {(r["backend"], r["attention"]): r for r in other["runs"]}
+    key = lambda r: (r["backend"], r["attention"], r.get("precision", "bf16"))  # noqa: E731
+    theirs = {key(r): r for r in other["runs"]}
     lines = [f"ratios against {other_path} (>1: this run is faster / smaller)"]
     for r in results["runs"]:
-        o = theirs.get((r["backend"], r["attention"]))
+        o = theirs.get(key(r))
         if o is None:
             lines.append(f"  {r['backend']}/{r['attention']}: not in the other run")
             continue

@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="comma list of: eager, inductor, aoti (built in-process), engine (loads --engine DIR); default eager",
     )
     p.add_argument(
-        "--precision", default="bf16", choices=["bf16", "fp8"], help="fp8: blocks' linears + attention in e4m3"
+        "--precision", default="bf16", help="comma list of: bf16, fp8 (fp8: blocks' linears + attention in e4m3)"
     )
     p.add_argument("--engine", help="a prebuilt engine directory (fd-build) for --backend engine")
     p.add_argument("--attention", default="sdpa", help="comma list of: sdpa, triton (default sdpa)")
@@ -92,17 +92,18 @@ def main(argv: list[str] | None = None) -> int:
             seed=args.seed,
             cuda_graphs=False if args.no_cuda_graphs else None,
             engine_dir=args.engine,
-            precision=args.precision,
             workdir=str(out / "engines"),
         )
         out.mkdir(parents=True, exist_ok=True)
         runs = []
         first = True
-        for backend in args.backend.split(","):
-            for attention in args.attention.split(","):
-                print(f"fd-bench: {backend}/{attention} ...", file=sys.stderr, flush=True)
-                runs.append(run_config(cfg, backend.strip(), attention.strip(), first))
-                first = False
+        for precision in args.precision.split(","):
+            cfg.precision = precision.strip()
+            for backend in args.backend.split(","):
+                for attention in args.attention.split(","):
+                    print(f"fd-bench: {backend}/{attention}/{cfg.precision} ...", file=sys.stderr, flush=True)
+                    runs.append(run_config(cfg, backend.strip(), attention.strip(), first))
+                    first = False
         ceilings = measure_ceilings(device, dtype if dtype != torch.float32 else torch.float32, args.quick_ceilings)
     except FlashDreamsError as exc:
         print(f"fd-bench: {exc}", file=sys.stderr)
