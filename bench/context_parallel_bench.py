@@ -32,13 +32,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from flashdreams.models.wan_config import WAN21_T2V_14B
-from flashdreams.models.wan_dit import WanDiT
 
 import flashdreams
 from flashdreams.backend import EagerBackend
 from flashdreams.benchmark.environment import environment
 from flashdreams.engine import Engine, EngineSpec, resolve_device_dtype
+from flashdreams.models.wan_config import WAN21_T2V_14B
+from flashdreams.models.wan_dit import WanDiT
 from flashdreams.parallel import Comm, ContextParallelBackend, attention_lse, init_from_env, shutdown
 from flashdreams.parity.common import rel_l2
 from flashdreams.presets import get_preset

@@ -24,8 +24,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from flashdreams.models.decoders import DECODER_NAMES, random_decoder, tiny_decoder
 
+from flashdreams.benchmark.environment import time_calls_ms
+from flashdreams.models.decoders import DECODER_NAMES, random_decoder, tiny_decoder
 from flashdreams.parity.common import rel_l2
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -38,23 +39,7 @@ def _sync(device: torch.device) -> None:
 
 def time_ms(fn: Callable[[], object], device: torch.device, iters: int, warmup: int) -> list[float]:
     """Per-call times in ms: CUDA events on a GPU, perf_counter on a CPU."""
-    for _ in range(warmup):
-        fn()
-    _sync(device)
-    times = []
-    for _ in range(iters):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return times
+    return time_calls_ms(fn, device, iters, warmup)
 
 
 def summary(times: list[float]) -> dict:

@@ -19,6 +19,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from torch import nn
+
+from flashdreams.errors import InternalError, InvalidArgumentError
 from flashdreams.export.backends import get_backend
 from flashdreams.export.manifest import (
     MANIFEST_NAME,
@@ -29,9 +32,7 @@ from flashdreams.export.manifest import (
     write_manifest,
 )
 from flashdreams.export.steps import GRAPH_OF_CALL, decode_programs, decoder_module, dit_program, encode_program
-from torch import nn
-
-from flashdreams.errors import InternalError, InvalidArgumentError
+from flashdreams.parity.common import rel_l2
 from flashdreams.presets import Preset
 
 log = logging.getLogger(__name__)
@@ -53,13 +54,6 @@ def weights_sha256(module: nn.Module) -> str:
         if data.numel():
             h.update(memoryview(data.view(torch.uint8).numpy()))
     return h.hexdigest()
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double().cpu(), b.detach().double().cpu()
-    denom = b.norm().item()
-    err = (a - b).norm().item()
-    return err / denom if denom > 0 else err
 
 
 def _check_out_dir(out: Path, force: bool) -> None:

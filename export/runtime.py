@@ -19,12 +19,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphFn, get_backend
 from flashdreams.export.manifest import TensorSpec, dtype_from_name, validate_engine
 from flashdreams.export.steps import flatten_call
 from flashdreams.models.scheduler import FlowSchedule
-
-from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 

@@ -25,9 +25,10 @@ import logging
 from dataclasses import dataclass, field
 
 import torch
+from torch import nn
+
 from flashdreams.export.manifest import TensorSpec
 from flashdreams.models.wan_dit import WanAttention, WanDiT
-from torch import nn
 
 log = logging.getLogger(__name__)
 

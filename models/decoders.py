@@ -18,11 +18,11 @@ from collections.abc import Mapping
 from typing import Protocol, runtime_checkable
 
 import torch
-from flashdreams.models.taehv import TAEHV, TAEHVConfig, TAEHVDecodeState
-from flashdreams.models.wan_vae import FIRST_FRAME_MODES, WanVAE, WanVAEConfig, WanVAEDecodeState
 from torch import Tensor, nn
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.taehv import TAEHV, TAEHVConfig, TAEHVDecodeState
+from flashdreams.models.wan_vae import FIRST_FRAME_MODES, WanVAE, WanVAEConfig, WanVAEDecodeState
 
 logger = logging.getLogger(__name__)
 

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from flashdreams.models.rope import apply_rope
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.rope import apply_rope
 
 IMPLS = ("sdpa", "triton")
 

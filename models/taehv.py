@@ -17,10 +17,10 @@ from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
-from flashdreams.models.checkpoint import validate_and_load
 from torch import Tensor, nn
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.checkpoint import validate_and_load
 
 logger = logging.getLogger(__name__)
 

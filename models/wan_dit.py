@@ -18,12 +18,12 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from flashdreams.models import dit_ops
-from flashdreams.models.rope import apply_rope, rope_tables
-from flashdreams.models.wan_config import WanConfig
 from torch import nn
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models import dit_ops
+from flashdreams.models.rope import apply_rope, rope_tables
+from flashdreams.models.wan_config import WanConfig
 
 
 class RMSNorm(nn.Module):

@@ -9,6 +9,8 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import torch
+
+from flashdreams.errors import CheckpointError
 from flashdreams.models.checkpoint import (
     find_weights,
     max_index,
@@ -18,8 +20,6 @@ from flashdreams.models.checkpoint import (
 )
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_dit import WanDiT
-
-from flashdreams.errors import CheckpointError
 
 # diffusers WanTransformer3DModel name -> Wan name (block-level names after `blocks.N.`).
 _DIFFUSERS_TOP = {

@@ -19,6 +19,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 
 import torch
+from torch import Tensor, nn
+
+from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.checkpoint import validate_and_load
 from flashdreams.models.wan_vae_blocks import (
     CACHE_T,
@@ -29,9 +32,6 @@ from flashdreams.models.wan_vae_blocks import (
     RMSNorm,
     assign_slots,
 )
-from torch import Tensor, nn
-
-from flashdreams.errors import InvalidArgumentError
 
 logger = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 
 import pytest
-from flashdreams.models.wan_config import WanConfig
 
 from flashdreams.benchmark.flops import dit_forward_flops
 from flashdreams.cli.bench import main as bench_main
+from flashdreams.models.wan_config import WanConfig
 
 
 def test_flops_match_the_published_block_counts():

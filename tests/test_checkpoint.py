@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
-from flashdreams.models.random_init import init_random_
-from flashdreams.models.wan_config import WanConfig
-from flashdreams.models.wan_dit import WanDiT
-from flashdreams.models.wan_loader import _DIFFUSERS_BLOCK, _DIFFUSERS_TOP, load_wan_dit
 from safetensors.torch import save_file
 
 from flashdreams.cli.convert import main as convert_main
 from flashdreams.convert import convert_checkpoint
 from flashdreams.errors import CheckpointError, NotFoundError
+from flashdreams.models.random_init import init_random_
+from flashdreams.models.wan_config import WanConfig
+from flashdreams.models.wan_dit import WanDiT
+from flashdreams.models.wan_loader import _DIFFUSERS_BLOCK, _DIFFUSERS_TOP, load_wan_dit
 
 CFG = WanConfig(dim=32, ffn_dim=48, num_heads=2, num_layers=2, text_dim=8, text_len=4, freq_dim=16)
 

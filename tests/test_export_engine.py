@@ -13,12 +13,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from flashdreams.export.build import build_engine
-from flashdreams.export.manifest import read_manifest, validate_engine, write_manifest
 
 import flashdreams
 from flashdreams.cli.build import main as fd_build
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
+from flashdreams.export.build import build_engine
+from flashdreams.export.manifest import read_manifest, validate_engine, write_manifest
 
 pytestmark = pytest.mark.slow
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashdreams.export.backends.aoti import cuda_load_blocked
-from flashdreams.export.build import build_engine
 
 import flashdreams
+from flashdreams.export.backends.aoti import cuda_load_blocked
+from flashdreams.export.build import build_engine
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 

@@ -6,6 +6,8 @@ import json
 
 import pytest
 import torch
+
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
 from flashdreams.export.backends import get_backend
 from flashdreams.export.backends.aoti import cuda_load_blocked
 from flashdreams.export.manifest import (
@@ -18,8 +20,6 @@ from flashdreams.export.manifest import (
     validate_engine,
     write_manifest,
 )
-
-from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
 from flashdreams.presets import Preset, get_preset, preset_names
 
 

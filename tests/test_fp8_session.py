@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashdreams.kernels import triton_available
 
 import flashdreams
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.kernels import triton_available
 from flashdreams.parity.common import rel_l2
 
 pytestmark = pytest.mark.skipif(

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashdreams.models.kv_ring import BlockPositions, KVRing, RingSpec
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.kv_ring import BlockPositions, KVRing, RingSpec
 
 
 def reference_cache_frames(local_attn_size: int, sink: int, nf: int, num_blocks: int, calls_per_block: int = 5):

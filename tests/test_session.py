@@ -6,12 +6,12 @@ from functools import partial
 
 import pytest
 import torch
-from flashdreams.models.dit_ops import attention
-from flashdreams.models.rope import apply_rope, rope_tables
-from flashdreams.models.scheduler import renoise, x0_from_flow
 
 import flashdreams
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.dit_ops import attention
+from flashdreams.models.rope import apply_rope, rope_tables
+from flashdreams.models.scheduler import renoise, x0_from_flow
 
 
 def _engine(**kw):

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashdreams.models.decoders import TINY_CONFIGS, init_random_, tiny_decoder
-from flashdreams.models.taehv import TAEHV, TAEHVConfig
 
 from flashdreams.errors import CheckpointError, InvalidArgumentError
+from flashdreams.models.decoders import TINY_CONFIGS, init_random_, tiny_decoder
+from flashdreams.models.taehv import TAEHV, TAEHVConfig
 from flashdreams.parity.common import fixtures_root, load_fixture, rel_l2
 
 

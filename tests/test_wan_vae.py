@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flashdreams.models.decoders import init_random_, tiny_decoder
-from flashdreams.models.wan_vae import WAN21_LATENT_MEAN, WanVAE, WanVAEConfig
 
 from flashdreams.errors import CheckpointError, InvalidArgumentError
+from flashdreams.models.decoders import init_random_, tiny_decoder
+from flashdreams.models.wan_vae import WAN21_LATENT_MEAN, WanVAE, WanVAEConfig
 from flashdreams.parity.common import fixtures_root, load_fixture, rel_l2
 
 

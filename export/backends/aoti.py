@@ -15,10 +15,10 @@ import os
 from pathlib import Path
 
 import torch
-from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
-from flashdreams.export.backends.inductor import export_program
 
 from flashdreams.errors import EngineIncompatibleError
+from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
+from flashdreams.export.backends.inductor import export_program
 
 log = logging.getLogger(__name__)
 

@@ -21,9 +21,9 @@ import os
 from pathlib import Path
 
 import torch
-from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
 
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
+from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
 
 log = logging.getLogger(__name__)
 

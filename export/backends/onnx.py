@@ -16,10 +16,10 @@ import warnings
 from pathlib import Path
 
 import torch
-from flashdreams.export.backends import GraphBackend, GraphFn, rel
-from flashdreams.export.manifest import TensorSpec
 
 from flashdreams.errors import EngineIncompatibleError
+from flashdreams.export.backends import GraphBackend, GraphFn, rel
+from flashdreams.export.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
 

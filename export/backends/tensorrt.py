@@ -28,11 +28,11 @@ import threading
 from pathlib import Path
 
 import torch
+
+from flashdreams.errors import DeviceError, EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphBackend, GraphFn, rel
 from flashdreams.export.backends.onnx import export_onnx
 from flashdreams.export.manifest import TensorSpec
-
-from flashdreams.errors import DeviceError, EngineIncompatibleError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 

@@ -62,7 +62,12 @@ def environment(device: torch.device) -> dict:
     return env
 
 
-def _median_ms(fn, device: torch.device, reps: int) -> float:
+def time_calls_ms(fn, device: torch.device, reps: int, warmup: int = 0) -> list[float]:
+    """Milliseconds of each of `reps` calls: CUDA events on a GPU, the host clock on a CPU."""
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -76,7 +81,11 @@ def _median_ms(fn, device: torch.device, reps: int) -> float:
             t0 = time.perf_counter()
             fn()
             times.append((time.perf_counter() - t0) * 1e3)
-    times.sort()
+    return times
+
+
+def _median_ms(fn, device: torch.device, reps: int) -> float:
+    times = sorted(time_calls_ms(fn, device, reps))
     return times[len(times) // 2]
 
 

@@ -15,6 +15,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from kernel_testing import rel_l2
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import (  # noqa: E402
     adaln_modulate,
     adaln_modulate_reference,
@@ -28,8 +31,6 @@ from flashdreams.kernels import (  # noqa: E402
 )
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 
-from flashdreams.errors import InvalidArgumentError  # noqa: E402
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
     not triton_available(DEVICE),
@@ -37,11 +38,6 @@ pytestmark = pytest.mark.skipif(
 )
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 SHAPES = [(2, 3, 15, 96), (1, 3, 15, 1536), (1, 2, 7, 144)]  # (B, F, fs, D): L = 45, 45, 14
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make(B, F, fs, D, dtype, y_dtype=None, seed=0):

@@ -22,6 +22,9 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from kernel_testing import rel_l2
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import ring_attention_reference, triton_available  # noqa: E402
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 from flashdreams.kernels.ring_attention_fp8 import (  # noqa: E402
@@ -35,8 +38,6 @@ from flashdreams.kernels.ring_attention_fp8 import (  # noqa: E402
     round_e4m3,
 )
 
-from flashdreams.errors import InvalidArgumentError  # noqa: E402
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
     not triton_available(DEVICE),
@@ -46,11 +47,6 @@ pytestmark = pytest.mark.skipif(
 # GPU the fp8 wgmma accumulator keeps ~14 fraction bits and exp2 is approximate, which flips a
 # few e4m3 roundings of P (a few 1e-3 of rel. L2).
 TWIN_TOL = 1e-3 if DEVICE.type == "cpu" else 1.5e-2
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def rms_normed(*shape: int, g: torch.Generator, gain: float = 1.0) -> torch.Tensor:

@@ -16,6 +16,10 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from kernel_testing import rel_l2
+from torch import nn  # noqa: E402
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import triton_available  # noqa: E402
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 from flashdreams.kernels.fp8_linear import (  # noqa: E402
@@ -30,9 +34,6 @@ from flashdreams.kernels.fp8_linear import (  # noqa: E402
 )
 from flashdreams.models.wan_config import WanConfig  # noqa: E402
 from flashdreams.models.wan_dit import WanDiT  # noqa: E402
-from torch import nn  # noqa: E402
-
-from flashdreams.errors import InvalidArgumentError  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(
@@ -42,11 +43,6 @@ needs_triton = pytest.mark.skipif(
 # e4m3 keeps 3 mantissa bits: each operand element carries ~2.6% RMS rounding error, so a GEMM of
 # Gaussian data lands at ~3.5% relative L2 (x and w both quantized); measured 3.5% here.
 LINEAR_TOL = 4.5e-2
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 @needs_triton

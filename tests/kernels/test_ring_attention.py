@@ -17,6 +17,9 @@ if not torch.cuda.is_available():
 import math  # noqa: E402
 
 import pytest  # noqa: E402
+from kernel_testing import rel_l2
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import (  # noqa: E402
     AttnConfig,
     merge_attention,
@@ -31,19 +34,12 @@ from flashdreams.kernels import (  # noqa: E402
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 from flashdreams.kernels.ring_attention import launch_ring_attention  # noqa: E402
 
-from flashdreams.errors import InvalidArgumentError  # noqa: E402
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
     not triton_available(DEVICE),
     reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 set before triton is first imported",
 )
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def make_case(B, Lq, H, d, S, valid, dtype, seed=0):

@@ -17,10 +17,11 @@ if not torch.cuda.is_available():
 import math  # noqa: E402
 
 import pytest  # noqa: E402
-from flashdreams.kernels import rope_cache_write, rope_cache_write_reference, triton_available  # noqa: E402
-from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
+from kernel_testing import rel_l2
 
 from flashdreams.errors import InvalidArgumentError  # noqa: E402
+from flashdreams.kernels import rope_cache_write, rope_cache_write_reference, triton_available  # noqa: E402
+from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(
@@ -28,11 +29,6 @@ pytestmark = pytest.mark.skipif(
     reason="Triton kernels need CUDA, or TRITON_INTERPRET=1 set before triton is first imported",
 )
 TOL = {torch.float32: 1e-6, torch.float16: 1e-3, torch.bfloat16: 1e-2}
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
 
 
 def rand(*shape, g, dtype=torch.float32):
