@@ -172,14 +172,29 @@ def child_cold(args) -> dict:
     import flashdreams
 
     out["import_s"] = time.perf_counter() - t
+    prof = None
+    if os.environ.get("FD_COLD_PROFILE") == "1":  # where a cold load spends its time (slower under cProfile)
+        import cProfile
+
+        prof = cProfile.Profile()
+        prof.enable()
     t = time.perf_counter()
     engine = flashdreams.load(args["engine_dir"], device=args["device"], attention=args["attention"])
     out["engine_load_s"] = time.perf_counter() - t
+    if prof is not None:
+        import io
+        import pstats
+
+        prof.disable()
+        text = io.StringIO()
+        pstats.Stats(prof, stream=text).sort_stats("cumulative").print_stats(60)
+        out["cprofile_load_top"] = text.getvalue()[-12000:]
     out["load_times"] = engine.load_times
     try:
         from torch._dynamo.utils import counters
 
         out["inductor_counters"] = {k: v for k, v in counters["inductor"].items() if "cache" in k}
+        out["dynamo_frames"] = dict(counters["frames"])  # empty for precompiled graphs (no re-trace)
     except Exception:  # counters are diagnostics only
         pass
     r = _rollout(engine, args, t_origin)
@@ -212,6 +227,7 @@ def child_aoti_probe(args) -> dict:
 
 
 CHILDREN = {"build": child_build, "eager": child_eager, "cold": child_cold, "aoti-probe": child_aoti_probe}
+CHILDREN.update({f"cold{i}": child_cold for i in range(8)})
 
 
 def child_main(mode: str, args_path: str) -> int:
@@ -296,9 +312,10 @@ def print_table(res: dict) -> None:
             ("process start -> main", c.get("process_start_to_main_s")),
             ("import flashdreams", c.get("import_s")),
             ("validate (sha256, fingerprint)", lt.get("validate")),
-            ("load artifacts", lt.get("load_artifacts")),
+            ("install Triton kernels", lt.get("install_kernels")),
+            ("load artifacts (weights, caches)", lt.get("load_artifacts")),
             ("load programs", lt.get("load_programs")),
-            ("first call (cached compile)", lt.get("first_call")),
+            ("first call (warm-up)", lt.get("first_call")),
             ("session create", c.get("session_create_s")),
             ("first block", (c.get("block_ms") or [None])[0] and c["block_ms"][0] / 1e3),
             ("=> first frame from process start", c.get("first_frame_from_process_start_s")),
@@ -312,6 +329,12 @@ def print_table(res: dict) -> None:
         print(f"    block ms (engine): {[round(x, 1) for x in c.get('block_ms', [])]}")
     else:
         print(f"  cold start: {c.get('error')}")
+    for v in res.get("cold_start_variants", []):
+        lt = v.get("load_times", {})
+        print(
+            f"  cold start with {v['env']}: first frame {v.get('first_frame_from_process_start_s', v.get('error'))} s "
+            f"(load programs {lt.get('load_programs')} s, first call {lt.get('first_call')} s)"
+        )
     e = res.get("eager", {})
     if "block_ms" in e:
         print(f"    block ms (eager):  {[round(x, 1) for x in e['block_ms']]}")
@@ -340,6 +363,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aoti-timeout", type=float, default=150.0)
     ap.add_argument("--budget", type=float, default=530.0, help="seconds for the whole script (default 530)")
     ap.add_argument("--workdir", help="where the engine is built (default: a temp dir, removed after)")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager reference (no parity) and the AOTI probe")
+    ap.add_argument(
+        "--cold-env",
+        action="append",
+        default=[],
+        metavar="K=V[,K=V]",
+        help="one more cold start with these environment variables (repeatable), e.g. TORCHINDUCTOR_COMPILE_THREADS=1",
+    )
     ap.add_argument("--out", default="bench/results/engine-h100.json")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_args", help=argparse.SUPPRESS)
@@ -380,15 +411,16 @@ def main(argv: list[str] | None = None) -> int:
     left = lambda reserve=0.0: deadline - time.perf_counter() - reserve  # noqa: E731
 
     # 1. build (its own process, time-limited; ~200 s are kept for the steps after it)
-    res["build"] = Child("build", common).result(min(a.build_timeout, left(200)))
+    res["build"] = Child("build", common).result(min(a.build_timeout, left(60 if a.no_eager else 200)))
     print(f"build: {res['build'].get('seconds', res['build'].get('error'))}", flush=True)
 
     # 2. eager reference, with the AOTI probe beside it (the probe is mostly host compile time)
-    probe = Child("aoti-probe", common, {"FD_AOTI_FORCE": "1"})
-    eager = Child("eager", {**common, "latents_out": str(workdir / "eager.pt")})
-    res["eager"] = eager.result(min(240, left(110)))
-    res["aoti_probe"] = probe.result(min(a.aoti_timeout, max(left(110), 5)))
-    res["aoti_probe"]["loads"] = "error" not in res["aoti_probe"]
+    if not a.no_eager:
+        probe = Child("aoti-probe", common, {"FD_AOTI_FORCE": "1"})
+        eager = Child("eager", {**common, "latents_out": str(workdir / "eager.pt")})
+        res["eager"] = eager.result(min(240, left(110)))
+        res["aoti_probe"] = probe.result(min(a.aoti_timeout, max(left(110), 5)))
+        res["aoti_probe"]["loads"] = "error" not in res["aoti_probe"]
 
     # 3. cold start from the engine: a fresh process with empty Inductor/Triton caches, nothing beside it
     if (engine_dir / "manifest.json").is_file():
@@ -397,6 +429,13 @@ def main(argv: list[str] | None = None) -> int:
         env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton")}
         cold = Child("cold", {**common, "latents_out": str(workdir / "engine.pt")}, env)
         res["cold_start"] = cold.result(max(left(5), 30))
+        res["cold_start"]["env"] = {}
+        for i, variant in enumerate(a.cold_env):
+            extra = dict(kv.split("=", 1) for kv in variant.split(","))
+            cache = workdir / f"inductor-cache-cold-{i}"
+            env = {"TORCHINDUCTOR_CACHE_DIR": str(cache), "TRITON_CACHE_DIR": str(cache / "triton"), **extra}
+            cold = Child(f"cold{i}", {**common, "latents_out": str(workdir / f"engine{i}.pt")}, env)
+            res.setdefault("cold_start_variants", []).append({"env": extra, **cold.result(max(left(5), 30))})
     else:
         res["cold_start"] = {"error": "no engine was built"}
 

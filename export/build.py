@@ -23,6 +23,7 @@ from torch import nn
 
 from flashdreams.errors import InternalError, InvalidArgumentError
 from flashdreams.export.backends import get_backend
+from flashdreams.export.kernel_cache import bundle_kernels, capture_compile_caches
 from flashdreams.export.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -140,106 +141,119 @@ def build_engine(
         step[0] += 1
         return time.perf_counter()
 
-    try:
-        t = phase("load model")
-        eager = load(
-            checkpoint,
-            preset=preset_arg,
-            device=dev,
-            dtype=dt,
-            attention=graph_attention,
-            decoder=decoder,
-            height=height,
-            width=width,
-            random_weights=random_weights,
-            weights_seed=seed,
-            decoder_weights=decoder_weights,
-        )
-        progs = [encode_program(eager, batch), dit_program(eager, batch, gb.functional)]
-        dec_progs = decode_programs(eager, batch, gb.functional)
-        progs += dec_progs or []
-        total[0] = 4 + len(progs)
-        phases["load model"] = time.perf_counter() - t
+    # Our Triton kernels (and on CUDA Inductor's autotuning results) land in `scratch` during
+    # the build and are bundled into the engine below (export/kernel_cache.py).
+    with capture_compile_caches(redirect_inductor=dev.type == "cuda") as scratch:
+        try:
+            t = phase("load model")
+            eager = load(
+                checkpoint,
+                preset=preset_arg,
+                device=dev,
+                dtype=dt,
+                attention=graph_attention,
+                decoder=decoder,
+                height=height,
+                width=width,
+                random_weights=random_weights,
+                weights_seed=seed,
+                decoder_weights=decoder_weights,
+            )
+            progs = [encode_program(eager, batch), dit_program(eager, batch, gb.functional)]
+            dec_progs = decode_programs(eager, batch, gb.functional)
+            progs += dec_progs or []
+            total[0] = 4 + len(progs)
+            phases["load model"] = time.perf_counter() - t
 
-        t = phase("hash weights")
-        w_hash = weights_sha256(eager.backend.model)
-        dec_module = decoder_module(eager.decoder) if eager.decoder is not None else None
-        dec_hash = weights_sha256(dec_module) if dec_module is not None else None
-        phases["hash weights"] = time.perf_counter() - t
+            t = phase("hash weights")
+            w_hash = weights_sha256(eager.backend.model)
+            dec_module = decoder_module(eager.decoder) if eager.decoder is not None else None
+            dec_hash = weights_sha256(dec_module) if dec_module is not None else None
+            phases["hash weights"] = time.perf_counter() - t
 
-        gb.begin_build(tmp, dev)
-        graphs: dict[str, dict] = {}
-        for prog in progs:
-            t = phase(f"compile {prog.name}")
-            record, fn = gb.build_graph(prog, tmp, dev)
-            record = {"backend": backend, **record, **prog.to_dict()}
-            record["files"] = [file_record(tmp, f) for f in record["files"]]
-            record["build_check"] = _check_graph(prog, fn, gb.functional, dt)
-            graphs[prog.name] = record
-            phases[f"compile {prog.name}"] = time.perf_counter() - t
-            del fn
+            gb.begin_build(tmp, dev)
+            graphs: dict[str, dict] = {}
+            for prog in progs:
+                t = phase(f"compile {prog.name}")
+                record, fn = gb.build_graph(prog, tmp, dev)
+                record = {"backend": backend, **record, **prog.to_dict()}
+                record["files"] = [file_record(tmp, f) for f in record["files"]]
+                record["build_check"] = _check_graph(prog, fn, gb.functional, dt)
+                graphs[prog.name] = record
+                phases[f"compile {prog.name}"] = time.perf_counter() - t
+                del fn
 
-        t = phase("save artifacts")
-        artifacts = {name: file_record(tmp, f) for name, f in gb.finish_build(tmp).items()}
-        phases["save artifacts"] = time.perf_counter() - t
+            t = phase("save artifacts")
+            produced = gb.finish_build(tmp)
+            kernels = bundle_kernels(scratch, tmp)
+            if kernels is not None:
+                produced["kernels"] = kernels
+            artifacts = {name: file_record(tmp, f) for name, f in produced.items()}
+            phases["save artifacts"] = time.perf_counter() - t
 
-        t = phase("write manifest")
-        spec = eager.spec
-        sched = spec.schedule
-        calls = ["denoise"] * sched.num_steps + (["decode"] if eager.decoder is not None else []) + ["commit"]
-        manifest = {
-            "schema_version": SCHEMA_VERSION,
-            "fd_version": flashdreams.__version__,
-            "model_id": spec.preset.name,
-            "preset": spec.preset.to_dict(),
-            "config": spec.preset.model.to_dict(),
-            "config_hash": spec.preset.model.hash(),
-            "weights_sha256": w_hash,
-            "weights_source": eager.source + (f" (seed {seed})" if checkpoint is None else ""),
-            "weights_seed": seed if checkpoint is None else None,
-            "backend": backend,
-            "engine": {
-                "batch": batch,
-                "height": spec.height,
-                "width": spec.width,
-                "dtype": dtype_name(dt),
-                "device_type": dev.type,
-                "attention": attention,
-                "graph_attention": graph_attention,
-                "latent_shape": [batch, spec.latent_channels, spec.num_frame_per_block, spec.latent_h, spec.latent_w],
-                "text_len": eager.backend.text_len,
-                "text_dim": spec.text_dim,
-                "num_layers": eager.backend.num_layers,
-                "num_heads": eager.backend.num_heads,
-                "head_dim": eager.backend.head_dim,
-                "ring": spec.ring.to_dict(),
-                "schedule": {
-                    **sched.to_dict(),
-                    "block_calls": calls,
-                    "graph_of_call": {c: g for c, g in GRAPH_OF_CALL.items() if c != "decode" or dec_progs},
-                    "first_block_graph_of_call": {"decode": "decode_first"} if dec_progs else {},
+            t = phase("write manifest")
+            spec = eager.spec
+            sched = spec.schedule
+            calls = ["denoise"] * sched.num_steps + (["decode"] if eager.decoder is not None else []) + ["commit"]
+            manifest = {
+                "schema_version": SCHEMA_VERSION,
+                "fd_version": flashdreams.__version__,
+                "model_id": spec.preset.name,
+                "preset": spec.preset.to_dict(),
+                "config": spec.preset.model.to_dict(),
+                "config_hash": spec.preset.model.hash(),
+                "weights_sha256": w_hash,
+                "weights_source": eager.source + (f" (seed {seed})" if checkpoint is None else ""),
+                "weights_seed": seed if checkpoint is None else None,
+                "backend": backend,
+                "engine": {
+                    "batch": batch,
+                    "height": spec.height,
+                    "width": spec.width,
+                    "dtype": dtype_name(dt),
+                    "device_type": dev.type,
+                    "attention": attention,
+                    "graph_attention": graph_attention,
+                    "latent_shape": [
+                        batch,
+                        spec.latent_channels,
+                        spec.num_frame_per_block,
+                        spec.latent_h,
+                        spec.latent_w,
+                    ],
+                    "text_len": eager.backend.text_len,
+                    "text_dim": spec.text_dim,
+                    "num_layers": eager.backend.num_layers,
+                    "num_heads": eager.backend.num_heads,
+                    "head_dim": eager.backend.head_dim,
+                    "ring": spec.ring.to_dict(),
+                    "schedule": {
+                        **sched.to_dict(),
+                        "block_calls": calls,
+                        "graph_of_call": {c: g for c, g in GRAPH_OF_CALL.items() if c != "decode" or dec_progs},
+                        "first_block_graph_of_call": {"decode": "decode_first"} if dec_progs else {},
+                    },
                 },
-            },
-            "decoder": _decoder_record(eager.decoder, dec_progs, dec_hash, decoder_weights),
-            "graphs": graphs,
-            "artifacts": artifacts,
-            "fingerprint": machine_fingerprint(dev),
-            "build": {
-                "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "seconds": None,
-                "phases": {},
-            },
-        }
-        phases["write manifest"] = time.perf_counter() - t
-        manifest["build"]["phases"] = {k: round(v, 3) for k, v in phases.items()}
-        manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 3)
-        sealed = write_manifest(tmp, manifest)
+                "decoder": _decoder_record(eager.decoder, dec_progs, dec_hash, decoder_weights),
+                "graphs": graphs,
+                "artifacts": artifacts,
+                "fingerprint": machine_fingerprint(dev),
+                "build": {
+                    "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                    "seconds": None,
+                    "phases": {},
+                },
+            }
+            phases["write manifest"] = time.perf_counter() - t
+            manifest["build"]["phases"] = {k: round(v, 3) for k, v in phases.items()}
+            manifest["build"]["seconds"] = round(time.perf_counter() - t_start, 3)
+            sealed = write_manifest(tmp, manifest)
 
-        phase("install")
-        _install(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+            phase("install")
+            _install(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     log.info("built %s engine %s in %.1f s", backend, out, time.perf_counter() - t_start)
     return sealed
 

@@ -51,7 +51,7 @@ from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, No
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("inductor", "aoti", "onnx", "tensorrt")
 
@@ -291,20 +291,43 @@ def read_manifest(engine_dir: str | os.PathLike) -> dict:
     return data
 
 
-def file_sha256(path: str | os.PathLike, chunk: int = 1 << 24) -> str:
+# Files are hashed as a sha256 tree: the sha256 of each 64 MiB chunk, then the sha256 of
+# those digests. Chunks hash in parallel (hashlib releases the GIL), so checking a 2.6 GB
+# engine takes a fraction of a second on a many-core host instead of several seconds.
+HASH_CHUNK = 64 << 20
+HASH_NAME = "sha256-tree-64MiB"
+
+
+def _chunk_sha256(path: str | os.PathLike, offset: int, size: int) -> bytes:
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
-            block = f.read(chunk)
+        f.seek(offset)
+        left = size
+        while left > 0:
+            block = f.read(min(left, 1 << 24))
             if not block:
                 break
             h.update(block)
-    return h.hexdigest()
+            left -= len(block)
+    return h.digest()
+
+
+def file_sha256(path: str | os.PathLike, pool: ThreadPoolExecutor | None = None) -> str:
+    """The file's sha256 tree digest (see HASH_NAME); `pool` hashes the chunks in parallel."""
+    size = os.path.getsize(path)
+    offsets = range(0, max(size, 1), HASH_CHUNK)
+    if pool is None:
+        parts = [_chunk_sha256(path, o, HASH_CHUNK) for o in offsets]
+    else:
+        parts = list(pool.map(lambda o: _chunk_sha256(path, o, HASH_CHUNK), offsets))
+    return hashlib.sha256(b"".join(parts)).hexdigest()
 
 
 def file_record(engine_dir: Path, rel: str) -> dict:
     p = engine_dir / rel
-    return {"file": rel, "sha256": file_sha256(p), "bytes": p.stat().st_size}
+    with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+        digest = file_sha256(p, pool)
+    return {"file": rel, "sha256": digest, "hash": HASH_NAME, "bytes": p.stat().st_size}
 
 
 def listed_files(manifest: dict) -> list[dict]:
@@ -383,9 +406,8 @@ def validate_engine(
                 f"recorded {rec['bytes']}; the file was modified or truncated, rebuild the engine"
             )
     if check_files and records:
-        # hashlib releases the GIL on large buffers: hash the files in parallel.
-        with ThreadPoolExecutor(max_workers=min(8, len(records))) as pool:
-            digests = list(pool.map(lambda r: file_sha256(engine_dir / r["file"]), records))
+        with ThreadPoolExecutor(max_workers=min(16, os.cpu_count() or 1)) as pool:
+            digests = [file_sha256(engine_dir / r["file"], pool) for r in records]
         for rec, digest in zip(records, digests):
             if digest != rec["sha256"]:
                 raise EngineIncompatibleError(

@@ -65,6 +65,11 @@ class GraphRunner:
                     f"graph '{self.name}': input '{spec.name}' must be {spec.dtype} {list(spec.shape)} on "
                     f"{self.device} (the engine's static shapes); got {t.dtype} {list(t.shape)} on {t.device}"
                 )
+            if not t.is_contiguous():  # compiled graphs assume the traced (contiguous) strides
+                raise InvalidArgumentError(
+                    f"graph '{self.name}': input '{spec.name}' must be contiguous (the engine's static strides); "
+                    f"got strides {t.stride()}"
+                )
 
     def __call__(self, *call_args: torch.Tensor) -> tuple[torch.Tensor, ...]:
         if len(call_args) != len(self.call_names):
@@ -259,9 +264,19 @@ def load_engine_dir(
     graphs = {n: r for n, r in m["graphs"].items() if compiled_decoder or "decode" not in r["serves"]}
 
     backend = get_backend(m["backend"])
+    kernels = m.get("artifacts", {}).get("kernels")
+    if kernels is not None and dev.type == "cuda":
+        from flashdreams.export.kernel_cache import install_kernels
+
+        t = time.perf_counter()
+        added = install_kernels(path / kernels["file"])
+        times["install_kernels"] = time.perf_counter() - t
+        log.info("engine %s: %d kernel cache entries added to this machine's caches", path, added)
     t = time.perf_counter()
+    backend.load_times = {}
     backend.begin_load(path, m, dev)
     times["load_artifacts"] = time.perf_counter() - t
+    times.update({f"load_artifacts.{k}": v for k, v in backend.load_times.items()})
 
     t = time.perf_counter()
     runners = {n: GraphRunner(n, backend.load_graph(path, n, rec, dev), rec, dev) for n, rec in graphs.items()}

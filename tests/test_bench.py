@@ -33,6 +33,8 @@ def test_fd_bench_cpu_smoke(tmp_path, capsys):
             "2",
             "--steady-blocks",
             "4",
+            "--profile-block",
+            "2",
             "--out",
             str(out),
             "--quick-ceilings",
@@ -68,7 +70,17 @@ def test_fd_bench_cpu_smoke(tmp_path, capsys):
     assert run["steady_state"]["blocks"] == 4 and run["steady_state"]["p99_over_p50"] >= 1.0
     assert run["warm_first_frame_ms"]["p50"] > 0
     assert (out / "latency_per_block.png").stat().st_size > 1000
-    assert "eager" in capsys.readouterr().out
+    # The profile of block 2: the tiny model's time is mostly attention and GEMMs, the categories
+    # add up to the kernel total, which cannot exceed the block's wall time.
+    prof = run["profile"]
+    assert prof["block"] == 2 and prof["stage_ms"] and prof["stage_ms"]["denoise"] > 0
+    cats = prof["categories"]
+    assert sum(c["ms"] for c in cats.values()) == pytest.approx(prof["kernel_ms"], abs=0.01)
+    assert 0 < prof["kernel_ms"] <= prof["wall_ms"] * 1.01
+    assert cats["attention"]["ms"] > 0 and cats["gemm"]["ms"] > 0
+    assert prof["top_kernels"][0]["ms"] >= prof["top_kernels"][-1]["ms"]
+    printed = capsys.readouterr().out
+    assert "profile of block 2" in printed and "eager" in printed
     # --compare against itself gives ratios of 1.00x.
     assert (
         bench_main(
@@ -91,7 +103,29 @@ def test_fd_bench_cpu_smoke(tmp_path, capsys):
     assert "ratios against" in capsys.readouterr().out
 
 
+def test_kernel_categories():
+    from flashdreams.benchmark.profile import kernel_category, summarise_kernels
+
+    assert kernel_category("_ring_attention_fwd_kernel") == "attention"
+    assert kernel_category("ring_attention_fp8_kernel") == "attention"
+    assert kernel_category("sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64") == "gemm"
+    assert kernel_category("nvjet_tst_256x128_64x4_1x2_h_bz_coopA_TNT") == "gemm"
+    assert kernel_category("triton_tem_fused_addmm_0") == "gemm"
+    assert kernel_category("triton_per_fused_add_native_layer_norm_3") == "elementwise/norm/rope"
+    assert kernel_category("_adaln_modulate_kernel") == "elementwise/norm/rope"
+    assert kernel_category("cudnn::conv2d_fprop_kernel") == "conv"
+    assert kernel_category("triton_poi_fused__to_copy_convert_element_type_7") == "elementwise/norm/rope"
+    assert kernel_category("Memcpy DtoD (Device -> Device)") == "copy/fill"
+    assert kernel_category("void at::native::elementwise_kernel<128, 2>") == "elementwise/norm/rope"
+    assert kernel_category("aten::view") == "other"
+    s = summarise_kernels([("a_gemm", 3000.0), ("flash_fwd", 6000.0), ("a_gemm", 1000.0)], wall_ms=12.5)
+    assert s["kernel_ms"] == 10.0 and s["kernel_coverage"] == 0.8
+    assert list(s["categories"]) == ["attention", "gemm"] and s["categories"]["gemm"]["count"] == 2
+    assert s["top_kernels"][0] == {"name": "flash_fwd", "category": "attention", "ms": 6.0, "count": 1}
+
+
 def test_fd_bench_refuses_bad_options(tmp_path, capsys):
     assert bench_main(["--blocks", "1", "--out", str(tmp_path)]) == 2
+    assert bench_main(["--profile-block", "-1", "--out", str(tmp_path)]) == 2
     assert bench_main(["--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "preset 'nope' is unknown" in capsys.readouterr().err

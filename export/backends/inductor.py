@@ -1,26 +1,37 @@
-"""The `inductor` backend (the default): torch.export programs plus Inductor's own cache.
+"""The `inductor` backend (the default): exported step programs plus Inductor's compiled output.
 
-Build: each step program is saved with `torch.export.save`, loaded back and compiled
-with `torch.compile` exactly as the loader will do it (on CUDA the DiT and prompt graphs
-in max-autotune-no-cudagraphs mode: the session captures its own CUDA graphs), run once,
-and everything Inductor compiled and autotuned is saved with
-`torch.compiler.save_cache_artifacts()` into `inductor_cache.bin`.
-Load: `load_cache_artifacts`, `torch.export.load`, `torch.compile(ep.module())`; the
-first call (the runtime's warm-up) then compiles from the cache instead of from scratch.
+Build, per step program:
+1. The step is exported with its weights as leading *inputs* (`WeightsAsInputs`), so the
+   saved `graphs/<name>.pt2` holds the graph alone; the weights go once into the engine's
+   `weights.safetensors` (deduplicated across graphs: the prompt graph shares the DiT's
+   cross-attention projections), and each graph's record lists the weight keys it takes.
+   Weights the graph never reads (q/k/v kept beside their fused copy) are left out.
+2. The program is compiled with Inductor and its output is saved, in one of two modes
+   (`compile.mode` in the graph's record):
+   - `precompiled` (default): `torch._inductor.standalone_compile` on the unlifted
+     graph, saved with `CompiledArtifact.save(format="binary")` as
+     `graphs/<name>.inductor`. Load is `CompiledArtifact.load`: no Dynamo trace, no
+     compile, only the generated wrapper and its kernels are loaded.
+   - `cache` (FD_INDUCTOR_MODE=cache): the older path. `torch.compile(ep.module())` is
+     run once and Inductor's caches are saved with `torch.compiler.save_cache_artifacts`
+     (`inductor_cache.bin`); load re-traces the program with Dynamo and compiles from
+     that cache (on the H100 the 1.3B DiT spent ~19 s re-tracing at the first call).
+On CUDA, FD_INDUCTOR_AUTOTUNE=1 (fd-build --autotune) autotunes the DiT and prompt GEMMs.
 
-On CPU the artifacts hold Inductor's generated C++ source but not the compiled .so
-files, so a machine whose local Inductor cache is cold recompiles the C++ at the first
-call (tens of seconds for the tiny model). Use `aoti` for a CPU engine that starts with
-no compiler. On CUDA the Triton kernels are bundled and only need loading.
+On CPU the artifacts hold Inductor's generated C++; a machine whose local Inductor cache
+is cold may compile that C++ at load (seconds for the tiny model). Use `aoti` for a CPU
+engine that starts with no compiler at all. On CUDA the Triton kernels are bundled.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
@@ -28,7 +39,9 @@ from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "inductor_cache.bin"
+WEIGHTS_FILE = "weights.safetensors"
 CUDA_MODE = "max-autotune-no-cudagraphs"
+MODES = ("precompiled", "cache")
 
 
 def autotune_requested() -> bool:
@@ -41,8 +54,15 @@ def autotune_requested() -> bool:
     return os.environ.get("FD_INDUCTOR_AUTOTUNE", "0") == "1"
 
 
+def build_mode() -> str:
+    mode = os.environ.get("FD_INDUCTOR_MODE", "precompiled")
+    if mode not in MODES:
+        raise InvalidArgumentError(f"FD_INDUCTOR_MODE={mode!r} is unknown; choose one of {MODES}")
+    return mode
+
+
 def compile_options(device: torch.device, graph: str = "dit") -> dict:
-    """Inductor options of one graph (recorded in the manifest, reused at load).
+    """Inductor options of one graph (recorded in the manifest).
 
     With autotuning requested, the DiT and prompt graphs are autotuned on CUDA; the
     decoder's graphs always use the default mode (its convolutions go to cuDNN either
@@ -56,31 +76,128 @@ def compile_options(device: torch.device, graph: str = "dit") -> dict:
 
 
 def export_program(prog) -> torch.export.ExportedProgram:
-    """torch.export of a step program at its fixed example shapes."""
+    """torch.export of a step program at its fixed example shapes, weights inside (aoti)."""
     with torch.no_grad():
         return torch.export.export(prog.module, prog.fresh_inputs(), strict=False)
 
 
-def compile_saved(path: Path, options: dict):
-    """What the loader runs: the saved program, unlifted, under torch.compile (fullgraph)."""
+# -- weights as inputs -----------------------------------------------------------------
+
+
+class WeightsAsInputs(nn.Module):
+    """`step` with the tensors named in `names` (parameters/buffers) taken as leading inputs.
+
+    The step is held outside the module tree on purpose: registered, its weights would be
+    saved inside the exported program as well.
+    """
+
+    def __init__(self, step: nn.Module, names: list[str]) -> None:
+        super().__init__()
+        object.__setattr__(self, "step", step)
+        self.names = list(names)
+
+    def forward(self, *flat):
+        n = len(self.names)
+        return torch.func.functional_call(self.step, dict(zip(self.names, flat[:n])), tuple(flat[n:]))
+
+
+def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    out = {n: p.detach() for n, p in module.named_parameters()}
+    out.update({n: b.detach() for n, b in module.named_buffers()})
+    return out
+
+
+def _export_with_weight_inputs(prog) -> tuple[torch.export.ExportedProgram, list[str], list[torch.Tensor]]:
+    """Export the step with only the weights its graph reads as inputs (two traces: the first finds them)."""
+    tensors = _module_tensors(prog.module)
+    names = list(tensors)
+    for _ in range(2):
+        weights = [tensors[n] for n in names]
+        with torch.no_grad():
+            ep = torch.export.export(
+                WeightsAsInputs(prog.module, names), (*weights, *prog.fresh_inputs()), strict=False
+            )
+        placeholders = [n for n in ep.graph_module.graph.nodes if n.op == "placeholder"]
+        user = ep.graph_signature.user_inputs
+        used = {p.name for p in placeholders if p.users}
+        keep = [name for name, ph in zip(names, user[: len(names)]) if ph in used]
+        if len(keep) == len(names):
+            return ep, names, weights
+        names = keep
+    raise EngineIncompatibleError(f"graph '{prog.name}': could not export it with its weights as inputs")
+
+
+def _plain_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
+    """ep.module() as a plain FX module: flat tensor inputs, tuple output, no pytree or guard
+    code (standalone_compile pickles the module for its cache key; those helpers do not pickle).
+    Mutated inputs stay mutated in place (ep.module() re-applies them with copy_)."""
+    gm = ep.module()
+    graph = gm.graph
+    for node in list(graph.nodes):
+        if node.op in ("call_module", "call_function") and "_guards_fn" in str(node.target):
+            graph.erase_node(node)
+    graph._codegen = torch.fx.graph.CodeGen()
+    plain = torch.fx.GraphModule(gm, graph)  # keeps the get_attr constants it references
+    plain.recompile()
+    return plain
+
+
+class _WeightStore:
+    """The engine's weights, deduplicated by storage across graphs, in one safetensors file."""
+
+    def __init__(self) -> None:
+        self.tensors: dict[str, torch.Tensor] = {}
+        self._by_storage: dict[tuple, str] = {}
+
+    def add(self, graph: str, names: list[str], tensors: list[torch.Tensor]) -> list[str]:
+        keys = []
+        for name, t in zip(names, tensors):
+            ident = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype)
+            key = self._by_storage.get(ident)
+            if key is None:
+                key = f"{graph}.{name}"
+                self._by_storage[ident] = key
+                self.tensors[key] = t
+            keys.append(key)
+        return keys
+
+    def save(self, path: Path) -> None:
+        from safetensors.torch import save_file
+
+        # Own CPU copies: safetensors refuses tensors that share storage.
+        save_file({k: t.detach().to("cpu", copy=True).contiguous() for k, t in self.tensors.items()}, str(path))
+        path.chmod(0o644)  # safetensors creates it owner-only; an engine is meant to be shared
+
+
+def _bind(fn, weights: list[torch.Tensor]) -> GraphFn:
+    def call(*args):
+        with torch.no_grad():
+            return as_tuple(fn(*weights, *args))
+
+    return call
+
+
+# -- the `cache` mode's loader ---------------------------------------------------------
+
+
+def _compile_saved(path: Path, options: dict):
     ep = torch.export.load(str(path))
     return torch.compile(ep.module(), options=dict(options) or None, fullgraph=True)
 
 
-def _no_recompile(fn, name: str) -> GraphFn:
-    """Call the compiled graph. The first call compiles (from the cache); after it, a call that
-    would recompile is an error, never a silent compile in the middle of a session."""
+def _no_recompile(fn, name: str):
+    """The first call compiles (from the cache); after it, a call that would recompile is an
+    error, never a silent compile in the middle of a session."""
     warm = [False]
 
     def call(*args):
         if not warm[0]:
-            with torch.no_grad():
-                out = as_tuple(fn(*args))
+            out = fn(*args)
             warm[0] = True
             return out
-        with torch.no_grad(), torch.compiler.set_stance("fail_on_recompile"):
+        with torch.compiler.set_stance("fail_on_recompile"):
             try:
-                return as_tuple(fn(*args))
+                return fn(*args)
             except RuntimeError as exc:
                 if "recompil" in str(exc).lower():
                     raise InvalidArgumentError(
@@ -95,7 +212,14 @@ def _no_recompile(fn, name: str) -> GraphFn:
 class InductorBackend(GraphBackend):
     name = "inductor"
 
+    def __init__(self) -> None:
+        self._store = _WeightStore()
+        self._mode = "precompiled"
+        self._weights: dict[str, torch.Tensor] = {}
+
     def begin_build(self, engine_dir: Path, device: torch.device) -> None:
+        self._store = _WeightStore()
+        self._mode = build_mode()
         torch.compiler.reset()
         try:  # keep only this build's artifacts in inductor_cache.bin
             from torch.compiler._cache import CacheArtifactManager
@@ -105,41 +229,86 @@ class InductorBackend(GraphBackend):
             pass
 
     def build_graph(self, prog, engine_dir: Path, device: torch.device):
-        path = engine_dir / "graphs" / f"{prog.name}.pt2"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        ep = export_program(prog)
-        # torch.export keeps the example inputs and saves them: for the DiT that is the whole
-        # KV ring (6 GB of the 9 GB dit.pt2 of the first full-size H100 build). Only the
-        # manifest's shapes are needed at load.
-        ep.example_inputs = None
-        torch.export.save(ep, str(path))
-        del ep
+        graphs = engine_dir / "graphs"
+        graphs.mkdir(parents=True, exist_ok=True)
+        ep, names, weights = _export_with_weight_inputs(prog)
+        keys = self._store.add(prog.name, names, weights)
+        ep.example_inputs = None  # the KV ring would be saved with it (6 GB at full size)
+        pt2 = graphs / f"{prog.name}.pt2"
+        torch.export.save(ep, str(pt2))
         options = compile_options(device, prog.name)
-        fn = compile_saved(path, options)
-        fn = _no_recompile(fn, prog.name)
-        fn(*prog.fresh_inputs())  # compiles (and on CUDA autotunes) now, into the cache
-        record = {"files": [rel(engine_dir, path)], "compile": {"options": options}}
+        files = [rel(engine_dir, pt2)]
+        if self._mode == "precompiled":
+            from torch._inductor import standalone_compile
+
+            art_path = graphs / f"{prog.name}.inductor"
+            with torch.no_grad():
+                art = standalone_compile(
+                    _plain_graph_module(ep),
+                    [*weights, *prog.fresh_inputs()],
+                    dynamic_shapes="from_example_inputs",
+                    options=dict(options),
+                )
+            art.save(path=str(art_path), format="binary")
+            files.append(rel(engine_dir, art_path))
+            fn = _bind(art, weights)
+        else:
+            fn = _bind(_no_recompile(_compile_saved(pt2, options), prog.name), weights)
+            fn(*prog.fresh_inputs())  # compiles (and on CUDA autotunes) now, into the cache
+        del ep
+        record = {"files": files, "weights": keys, "compile": {"mode": self._mode, "options": options}}
         return record, fn
 
     def finish_build(self, engine_dir: Path) -> dict[str, str]:
-        saved = torch.compiler.save_cache_artifacts()
-        if saved is None:
-            raise EngineIncompatibleError("Inductor produced no cache artifacts for this build")
-        data, info = saved
-        (engine_dir / CACHE_FILE).write_bytes(data)
-        log.info("inductor cache artifacts: %d bytes (%s)", len(data), dict(info.artifacts))
-        return {"inductor_cache": CACHE_FILE}
+        out = {"weights": WEIGHTS_FILE}
+        self._store.save(engine_dir / WEIGHTS_FILE)
+        self._store = _WeightStore()
+        if self._mode == "cache":
+            saved = torch.compiler.save_cache_artifacts()
+            if saved is None:
+                raise EngineIncompatibleError("Inductor produced no cache artifacts for this build")
+            data, info = saved
+            (engine_dir / CACHE_FILE).write_bytes(data)
+            log.info("inductor cache artifacts: %d bytes (%s)", len(data), dict(info.artifacts))
+            out["inductor_cache"] = CACHE_FILE
+        return out
 
     def begin_load(self, engine_dir: Path, manifest: dict, device: torch.device) -> None:
+        from flashdreams.export.weight_file import read_safetensors
+
         if manifest["engine"].get("graph_attention") == "triton":
-            import flashdreams.kernels  # noqa: F401  (registers torch.ops.flashdreams.* before torch.export.load)
-        art = manifest.get("artifacts", {}).get("inductor_cache")
-        if art is not None:
-            torch.compiler.load_cache_artifacts((engine_dir / art["file"]).read_bytes())
+            import flashdreams.kernels  # noqa: F401  (registers torch.ops.flashdreams.* the graphs call)
+        arts = manifest.get("artifacts", {})
+        t = time.perf_counter()
+        if "inductor_cache" in arts:
+            torch.compiler.load_cache_artifacts((engine_dir / arts["inductor_cache"]["file"]).read_bytes())
+        t_cache = time.perf_counter()
+        self._weights = read_safetensors(engine_dir / arts["weights"]["file"], device)
+        self.load_times = {"inductor_cache": t_cache - t, "weights": time.perf_counter() - t_cache}
 
     def load_graph(self, engine_dir: Path, name: str, record: dict, device: torch.device) -> GraphFn:
-        fn = compile_saved(engine_dir / record["files"][0]["file"], record.get("compile", {}).get("options", {}))
-        return _no_recompile(fn, name)
+        try:
+            weights = [self._weights[k] for k in record["weights"]]
+        except KeyError as exc:
+            raise EngineIncompatibleError(
+                f"engine '{engine_dir}': graph '{name}' takes weight {exc} that {WEIGHTS_FILE} lacks; rebuild it"
+            ) from None
+        files = [f["file"] for f in record["files"]]
+        mode = record.get("compile", {}).get("mode", "precompiled")
+        if mode == "precompiled":
+            from torch._inductor import CompiledArtifact
+
+            art_file = next(f for f in files if f.endswith(".inductor"))
+            try:
+                art = CompiledArtifact.load(path=str(engine_dir / art_file), format="binary")
+            except Exception as exc:  # a corrupt or foreign artifact: name it, do not limp on
+                raise EngineIncompatibleError(
+                    f"engine '{engine_dir}': Inductor could not load '{art_file}' ({type(exc).__name__}: {exc}); "
+                    "rebuild the engine with fd-build on this machine"
+                ) from exc
+            return _bind(art, weights)
+        options = record.get("compile", {}).get("options", {})
+        return _bind(_no_recompile(_compile_saved(engine_dir / files[0], options), name), weights)
 
 
 BACKEND = InductorBackend()

@@ -45,6 +45,17 @@ def table(results: dict) -> str:
     for r in results["runs"]:
         row = "  ".join(f"{b['block']}:{b['total_ms']:.1f}/{b['to_frames_ms']:.1f}" for b in r["per_block_index"])
         lines.append(f"  {r['backend']}/{r['attention']}/{r.get('precision', 'bf16')}: {row}")
+    for r in results["runs"]:
+        prof = r.get("profile")
+        if not prof:
+            continue
+        lines.append(
+            f"profile of block {prof['block']} ({r['backend']}/{r['attention']}): wall {prof['wall_ms']:.1f} ms, "
+            f"kernels {prof['kernel_ms']:.1f} ms ({_fmt(prof['kernel_coverage'] and 100 * prof['kernel_coverage'])}%)"
+        )
+        lines.append(
+            "  " + "  ".join(f"{c} {v['ms']:.1f} ms ({100 * v['share']:.0f}%)" for c, v in prof["categories"].items())
+        )
     return "\n".join(lines)
 
 

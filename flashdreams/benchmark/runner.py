@@ -38,6 +38,7 @@ class BenchConfig:
     blocks: int = 7
     rollouts: int = 1
     steady_blocks: int = 0
+    profile_block: int | None = None  # also profile this block index (flashdreams.benchmark.profile)
     height: int | None = None
     width: int | None = None
     decoder: str | None = "preset"
@@ -168,9 +169,14 @@ def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process:
             session.reset()
             results, wall = _rollout(session, cfg.steady_blocks)
             steady = [_block_entry(r, spec, engine) for r in results]
-    return _summarise(
+    out = _summarise(
         cfg, backend, attention, engine, cold, per_block, steady, warm_first_frame, fps_wall, nvml.summary(), device
     )
+    if cfg.profile_block is not None:
+        from flashdreams.benchmark.profile import profile_block
+
+        out["profile"] = profile_block(session, cfg.profile_block)
+    return out
 
 
 def _block_entry(result, spec, engine) -> dict:

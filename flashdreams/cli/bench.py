@@ -47,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--blocks", type=int, default=7, help="blocks per rollout (7 = 21 latent frames)")
     p.add_argument("--rollouts", type=int, default=3, help="measured rollouts after warm-up (default 3)")
     p.add_argument("--steady-blocks", type=int, default=0, help="also run one long rollout of N blocks (jitter)")
+    p.add_argument(
+        "--profile-block",
+        type=int,
+        help="also profile block N (torch.profiler): device time per kernel category and the top kernels",
+    )
     p.add_argument("--height", type=int)
     p.add_argument("--width", type=int)
     p.add_argument("--decoder", default="preset", help="wan-vae | taehv | none | preset (default)")
@@ -77,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
         preset = get_preset(args.preset or ("self-forcing-1.3b" if args.checkpoint else "tiny"))
         if args.blocks < 2:
             raise FlashDreamsError("--blocks must be at least 2 (a first block and a steady one)")
+        if args.profile_block is not None and args.profile_block < 0:
+            raise FlashDreamsError(f"--profile-block must be a block index >= 0, got {args.profile_block}")
         cfg = BenchConfig(
             source=args.checkpoint,
             preset=preset.name,
@@ -84,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             blocks=args.blocks,
             rollouts=args.rollouts,
             steady_blocks=args.steady_blocks,
+            profile_block=args.profile_block,
             height=args.height,
             width=args.width,
             decoder=None if args.decoder == "none" else args.decoder,

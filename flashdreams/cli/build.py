@@ -24,9 +24,10 @@ def _backend_help() -> str:
 
     lines = [
         "backends:",
-        "  inductor  (default) torch.export programs + what Inductor compiled and (on CUDA) autotuned for",
-        "            them, saved as cache artifacts; at load the first call compiles from that cache in",
-        "            seconds. On CPU the artifacts hold no compiled C++: a cold machine rebuilds it (use aoti).",
+        "  inductor  (default) torch.export programs + Inductor's precompiled graphs (loaded without a",
+        "            trace or compile) + weights.safetensors + kernels.tar (our Triton kernels and",
+        "            Inductor's autotuning results). FD_INDUCTOR_MODE=cache: the older re-trace path.",
+        "            On CPU the artifacts hold C++ source: a cold machine compiles it at load (use aoti).",
         "            verified: " + verified["inductor"],
         "  aoti      AOTInductor .pt2 packages: no compiler at load, loadable from C++.",
         "            verified: " + verified["aoti"],

@@ -1,0 +1,156 @@
+"""Compiled kernels and autotuning results that an engine carries, so a cold start compiles nothing.
+
+Two things Inductor's artifacts leave out, both measured on the H100 cold start:
+
+* FlashDreams' own Triton kernels (ring attention, fused RoPE + cache write, adaLN, ...):
+  the graphs call them as opaque custom ops, so on a machine with an empty Triton cache
+  each would be JIT-compiled at the first call; and Triton's compiled launcher stubs
+  (small C modules it builds with gcc, one per kernel signature).
+* Inductor's runtime autotuning results (`*.best_config`): a generated kernel with
+  several candidate configs benchmarks them at its first call unless its result is
+  cached beside its source.
+
+The build runs with Triton's cache (and, on CUDA, Inductor's) pointed at scratch
+directories (`capture_compile_caches`); `bundle_kernels` packs the entries of our
+kernels (`triton/...`) and the autotuning results (`inductor/...`) into
+`kernels.tar`. At load, `install_kernels` unpacks what this machine's caches lack, at
+the paths Triton and Inductor look them up by (content hashes, so an entry either fits
+exactly or is never looked up). The fingerprint already guarantees the versions match.
+
+A kernel the building process had compiled before the build started (fd-bench builds
+after an eager run in the same process) is in Triton's in-memory cache and is not
+written again, so it is missing from the bundle: only that kernel compiles at load.
+CPU builds keep the local Inductor cache (redirecting it would recompile their C++).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+BUNDLE_FILE = "kernels.tar"
+TRITON_ENV = "TRITON_CACHE_DIR"
+INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+
+
+def triton_cache_dir() -> Path:
+    """Where this process's Triton looks up compiled kernels."""
+    try:
+        from triton import knobs
+
+        return Path(knobs.cache.dir)
+    except (ImportError, AttributeError):  # pragma: no cover - older triton
+        return Path(os.environ.get(TRITON_ENV, Path.home() / ".triton" / "cache"))
+
+
+def inductor_cache_dir() -> Path:
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(cache_dir())
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None) -> Iterator[None]:
+    old = os.environ.get(name)
+    if value is not None:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
+@contextlib.contextmanager
+def capture_compile_caches(redirect_inductor: bool) -> Iterator[Path]:
+    """Point Triton's cache (and with `redirect_inductor` Inductor's) at fresh scratch directories
+    for this process and Inductor's compile workers; yields the scratch root."""
+    scratch = Path(tempfile.mkdtemp(prefix="fd-build-caches-"))
+    try:
+        with (
+            _env(TRITON_ENV, str(scratch / "triton")),
+            _env(INDUCTOR_ENV, str(scratch / "inductor") if redirect_inductor else None),
+        ):
+            yield scratch
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _kernel_names(entry: Path) -> list[str]:
+    names = []
+    for meta in entry.glob("*.json"):
+        if meta.name.startswith("__grp__"):
+            continue
+        try:
+            names.append(json.loads(meta.read_text()).get("name", meta.stem))
+        except (OSError, ValueError):
+            names.append(meta.stem)
+    return names
+
+
+def bundle_kernels(scratch: Path, engine_dir: Path) -> str | None:
+    """Pack our Triton kernels (not Inductor's `triton_*`, its artifacts hold those) and Inductor's
+    autotuning results from the build's scratch caches into the engine; the file name, or None."""
+    members: list[tuple[Path, str]] = []
+    triton = scratch / "triton"
+    if triton.is_dir():
+        for e in sorted(triton.iterdir()):
+            if not e.is_dir():
+                continue
+            # Inductor's kernels travel in its artifacts; ours, and the compiled launcher stubs
+            # (entries without kernel metadata: gcc builds them, ~0.35 s each on the H100), do not.
+            names = _kernel_names(e)
+            if not names or not all(n.startswith("triton_") for n in names):
+                members.append((e, f"triton/{e.name}"))
+    inductor = scratch / "inductor"
+    if inductor.is_dir():
+        for f in sorted(inductor.rglob("*.best_config")):
+            members.append((f, f"inductor/{f.relative_to(inductor).as_posix()}"))
+    if not members:
+        return None
+    with tarfile.open(engine_dir / BUNDLE_FILE, "w") as tar:
+        for path, arcname in members:
+            tar.add(path, arcname=arcname)
+    log.info("bundled %d kernel cache entries into %s", len(members), BUNDLE_FILE)
+    return BUNDLE_FILE
+
+
+def install_kernels(bundle: Path) -> int:
+    """Unpack the bundle's entries that this machine's caches lack; how many were added."""
+    roots = {"triton": triton_cache_dir(), "inductor": inductor_cache_dir()}
+    added = 0
+    with tarfile.open(fileobj=io.BytesIO(bundle.read_bytes())) as tar:
+        members = tar.getmembers()
+        # one unit per Triton cache entry (a directory) or per autotuning file
+        units: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
+        for m in members:
+            kind, _, rest = m.name.partition("/")
+            if kind not in roots or not rest:
+                continue
+            key = rest.split("/", 1)[0] if kind == "triton" else rest
+            units.setdefault((kind, key), []).append(m)
+        for (kind, key), mine in sorted(units.items()):
+            dest = roots[kind] / key
+            if dest.exists() or (kind == "inductor" and not any(m.isfile() for m in mine)):
+                continue
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+                tar.extractall(tmp, members=mine, filter="data")
+                try:  # atomic: a concurrent reader never sees half an entry
+                    os.replace(Path(tmp) / kind / key, dest)
+                    added += 1
+                except OSError:  # another process installed it first
+                    pass
+    return added

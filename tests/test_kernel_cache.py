@@ -1,0 +1,91 @@
+"""Our Triton kernels and Inductor's autotuning results travel in the engine and are installed
+where Triton and Inductor look them up."""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from pathlib import Path
+
+from flashdreams.export import kernel_cache
+from flashdreams.export.kernel_cache import (
+    bundle_kernels,
+    capture_compile_caches,
+    inductor_cache_dir,
+    install_kernels,
+    triton_cache_dir,
+)
+
+
+def _entry(cache: Path, key: str, name: str) -> None:
+    d = cache / key
+    d.mkdir(parents=True)
+    (d / f"{name}.json").write_text(json.dumps({"name": name}))
+    (d / f"__grp__{name}.json").write_text("{}")
+    (d / f"{name}.cubin").write_bytes(b"\x7fELF" + key.encode())
+
+
+def _best_config(cache: Path, rel: str, value: str) -> None:
+    p = cache / rel
+    p.parent.mkdir(parents=True, exist_ok=True)
+    p.write_text(value)
+
+
+def test_bundle_and_install(tmp_path, monkeypatch):
+    scratch, engine = tmp_path / "scratch", tmp_path / "engine"
+    engine.mkdir()
+    _entry(scratch / "triton", "AAA", "_ring_attention_kernel")
+    _entry(scratch / "triton", "BBB", "triton_poi_fused_add_0")  # Inductor's: its artifacts carry it
+    _entry(scratch / "triton", "CCC", "_adaln_modulate_kernel")
+    (scratch / "triton" / "DDD").mkdir()
+    (scratch / "triton" / "DDD" / "__triton_launcher.so").write_bytes(b"\x7fELF")  # a launcher stub: no metadata
+    _best_config(scratch / "inductor", "ab/cabc.best_config", '{"XBLOCK": 64}')
+    _best_config(scratch / "inductor", "cd/ccd.best_config", '{"XBLOCK": 128}')
+    (scratch / "inductor" / "ab" / "cabc.py").write_text("# kernel source: not bundled")
+    assert bundle_kernels(scratch, engine) == kernel_cache.BUNDLE_FILE
+    with tarfile.open(engine / kernel_cache.BUNDLE_FILE) as tar:
+        names = {m.name for m in tar.getmembers() if m.isfile()}
+    assert {n.split("/")[1] for n in names if n.startswith("triton/")} == {"AAA", "CCC", "DDD"}
+    assert {n for n in names if n.startswith("inductor/")} == {
+        "inductor/ab/cabc.best_config",
+        "inductor/cd/ccd.best_config",
+    }
+
+    here_t, here_i = tmp_path / "here-triton", tmp_path / "here-inductor"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(here_t))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(here_i))
+    assert triton_cache_dir() == here_t and inductor_cache_dir() == here_i
+    _entry(here_t, "CCC", "_adaln_modulate_kernel")
+    (here_t / "CCC" / "_adaln_modulate_kernel.cubin").write_bytes(b"mine")  # present entries stay as they are
+    _best_config(here_i, "cd/ccd.best_config", "mine")
+    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 3
+    assert (here_t / "AAA" / "_ring_attention_kernel.cubin").read_bytes() == b"\x7fELFAAA"
+    assert (here_t / "CCC" / "_adaln_modulate_kernel.cubin").read_bytes() == b"mine"
+    assert (here_i / "ab" / "cabc.best_config").read_text() == '{"XBLOCK": 64}'
+    assert (here_i / "cd" / "ccd.best_config").read_text() == "mine"
+    assert (here_t / "DDD" / "__triton_launcher.so").is_file()
+    assert sorted(p.name for p in here_t.iterdir()) == ["AAA", "CCC", "DDD"]  # no temp dirs left behind
+    assert sorted(p.name for p in (here_i / "ab").iterdir()) == ["cabc.best_config"]
+    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 0
+
+
+def test_nothing_to_bundle_writes_nothing(tmp_path):
+    _entry(tmp_path / "s" / "triton", "BBB", "triton_per_fused_sum_1")
+    (tmp_path / "e").mkdir()
+    assert bundle_kernels(tmp_path / "s", tmp_path / "e") is None
+    assert not list((tmp_path / "e").iterdir())
+
+
+def test_capture_redirects_and_restores(monkeypatch):
+    monkeypatch.setenv("TRITON_CACHE_DIR", "/somewhere/else")
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    with capture_compile_caches(redirect_inductor=True) as scratch:
+        assert os.environ["TRITON_CACHE_DIR"] == str(scratch / "triton")
+        assert triton_cache_dir() == scratch / "triton"
+        assert inductor_cache_dir() == scratch / "inductor"
+    assert os.environ["TRITON_CACHE_DIR"] == "/somewhere/else"
+    assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+    assert not scratch.exists()
+    with capture_compile_caches(redirect_inductor=False):
+        assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
