@@ -61,9 +61,12 @@ def inductor_cache_dir() -> Path:
 
 @contextlib.contextmanager
 def _env(name: str, value: str | None) -> Iterator[None]:
+    """Set an environment variable for the block and restore it after; None leaves it alone."""
+    if value is None:
+        yield
+        return
     old = os.environ.get(name)
-    if value is not None:
-        os.environ[name] = value
+    os.environ[name] = value
     try:
         yield
     finally:

@@ -280,6 +280,7 @@ def load_engine_dir(
 
     t = time.perf_counter()
     runners = {n: GraphRunner(n, backend.load_graph(path, n, rec, dev), rec, dev) for n, rec in graphs.items()}
+    backend.end_load()
     times["load_programs"] = time.perf_counter() - t
 
     t = time.perf_counter()

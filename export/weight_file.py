@@ -14,6 +14,7 @@ H100 that was 2785 device-to-device copies, 17 ms, per 1.3B block before this la
 from __future__ import annotations
 
 import json
+import math
 import os
 import struct
 
@@ -108,7 +109,7 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
                 raise EngineIncompatibleError(f"'{path}': tensor '{name}' has unsupported dtype {info.get('dtype')}")
             begin, end = info["data_offsets"]
             esize = torch.empty((), dtype=_DTYPES[info["dtype"]]).element_size()
-            if not 0 <= begin <= end <= size or (end - begin) != esize * _numel(info["shape"]):
+            if not 0 <= begin <= end <= size or (end - begin) != esize * math.prod(info["shape"]):
                 raise EngineIncompatibleError(f"'{path}': tensor '{name}' lies outside the file or has the wrong size")
         items, total = _layout(header)
         buf = _stream_to(f, size, items, total, device)
@@ -116,10 +117,3 @@ def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu"
         name: buf[dest : dest + end - begin].view(_DTYPES[header[name]["dtype"]]).reshape(header[name]["shape"])
         for name, begin, end, dest in items
     }
-
-
-def _numel(shape: list[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n

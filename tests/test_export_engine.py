@@ -99,6 +99,9 @@ def test_inductor_engine_session_matches_eager(inductor_dir, eager_blocks):
     # precompiled graphs: loading and running them never enters Dynamo
     assert sum(torch._dynamo.utils.counters["frames"].values()) == frames_before
     assert engine.backend.name == "inductor"
+    from flashdreams.export.backends.inductor import BACKEND
+
+    assert BACKEND._weights == {}  # the shared backend object keeps no engine's weights alive
     m = read_manifest(inductor_dir)
     assert set(m["graphs"]) == {"encode_prompt", "dit", "decode_first", "decode"}
     for name, g in m["graphs"].items():

@@ -71,6 +71,9 @@ class GraphBackend:
     def load_graph(self, engine_dir: Path, name: str, record: dict, device: torch.device) -> GraphFn:
         raise NotImplementedError
 
+    def end_load(self) -> None:
+        """After the last load_graph: drop what begin_load kept (the graphs hold what they need)."""
+
 
 def get_backend(name: str) -> GraphBackend:
     """The backend called `name` (its module is imported on first use)."""

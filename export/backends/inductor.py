@@ -310,5 +310,8 @@ class InductorBackend(GraphBackend):
         options = record.get("compile", {}).get("options", {})
         return _bind(_no_recompile(_compile_saved(engine_dir / files[0], options), name), weights)
 
+    def end_load(self) -> None:
+        self._weights = {}  # the bound graphs keep their tensors; the backend object is shared
+
 
 BACKEND = InductorBackend()
