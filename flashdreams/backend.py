@@ -1,9 +1,10 @@
-"""Step backends: what a session calls to run the model's step graphs.
+"""Graph backends at run time: one contract for eager and compiled graphs alike.
 
-A backend exposes the steps of a streaming Wan model (`encode_prompt`, `denoise`,
-`commit`) as functions of device tensors. `EagerBackend` runs the torch modules as
-they are; compiled backends (flashdreams.export) replay built graphs with the same
-signatures, so one session loop serves both.
+A backend runs a named graph on named tensors: `call(graph, args, block)` takes the graph's
+call inputs by name (the plan's `GraphSig.args`) and returns its outputs in `outs` order.
+`EagerBackend` runs a family's torch modules; a built engine's backend
+(`flashdreams.engine_runtime`) runs compiled graphs with the same contract, so one session
+loop serves both.
 """
 
 from __future__ import annotations
@@ -12,53 +13,40 @@ from typing import Protocol
 
 import torch
 
-from flashdreams.models.wan_dit import WanDiT
+from flashdreams.models.family import LoadedModel
 
 
-class StepBackend(Protocol):
+class GraphBackend(Protocol):
     name: str
-    num_layers: int
-    num_heads: int
-    head_dim: int
-    text_len: int
-    dtype: torch.dtype
     device: torch.device
+    dtype: torch.dtype
+    shape_specialized: bool
 
-    def encode_prompt(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
-
-    def denoise(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len) -> torch.Tensor: ...
-
-    def commit(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len) -> None: ...
+    def call(self, graph: str, args: dict[str, torch.Tensor], block: int) -> tuple[torch.Tensor, ...]: ...
 
 
 class EagerBackend:
-    """The torch modules as they are: the reference path and what CPU tests use."""
+    """A family's torch modules as they are: the reference path and what CPU tests use."""
 
     name = "eager"
 
-    def __init__(self, model: WanDiT) -> None:
+    def __init__(self, model: LoadedModel) -> None:
         self.model = model
-        cfg = model.cfg
-        self.num_layers, self.num_heads, self.head_dim = cfg.num_layers, cfg.num_heads, cfg.head_dim
-        self.text_len = cfg.text_len
+        self.plan = model.plan
+        self.device = model.device
         self.dtype = model.dtype
-        self.device = model.patch_embedding.weight.device
-
-    @torch.no_grad()
-    def encode_prompt(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.cross_kv(context.to(self.device))
+        self.graphs = model.graphs
 
     @property
     def shape_specialized(self) -> bool:
-        """True when calls depend on the host-known fill level (torch attention slices the ring);
-        the session then keys its captured graphs by fill level."""
-        return self.model.attention_impl == "sdpa"
+        """True when calls depend on a host-known value per block (torch attention slicing the
+        ring to its fill level); the session then keys its captured graphs by block index value."""
+        hints = self.model.eager_hints
+        return hints is not None and any(hints(g, 0) for g in self.plan.graphs)
 
     @torch.no_grad()
-    def denoise(self, x, t, *state, valid_len_host: int | None = None) -> torch.Tensor:
-        return self.model.forward_step(x, t, *state, valid_len_host=valid_len_host)
-
-    @torch.no_grad()
-    def commit(self, x, t, *state, valid_len_host: int | None = None) -> None:
-        # The output is discarded: the call exists to rewrite the block's K/V with clean values.
-        self.model.forward_step(x, t, *state, valid_len_host=valid_len_host)
+    def call(self, graph: str, args: dict[str, torch.Tensor], block: int) -> tuple[torch.Tensor, ...]:
+        sig = self.plan.graphs[graph]
+        hints = self.model.eager_hints(graph, block) if self.model.eager_hints else {}
+        out = self.graphs[graph](*[args[a] for a in sig.args], **hints)
+        return (out,) if isinstance(out, torch.Tensor) else tuple(out)

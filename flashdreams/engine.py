@@ -1,7 +1,9 @@
 """Engines: a loaded model (eager or compiled) plus everything fixed for its sessions.
 
-`flashdreams.load()` is the one entry point: the built-in default, a checkpoint, a
-full-size preset with random weights, or (flashdreams.export) a built engine directory.
+`flashdreams.load()` is the one entry point: the built-in default, a checkpoint, a full-size
+preset with random weights, or a built engine directory. The model comes from its family in
+the registry as a `BlockPlan` plus graphs; the engine pairs the plan with a backend that runs
+the graphs by name, and sessions run the plan. Nothing here knows a model family.
 """
 
 from __future__ import annotations
@@ -10,17 +12,14 @@ import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from flashdreams.backend import EagerBackend, StepBackend
-from flashdreams.errors import InvalidArgumentError
-from flashdreams.models.kv_ring import RingSpec
-from flashdreams.models.random_init import init_random_
-from flashdreams.models.scheduler import FlowSchedule
-from flashdreams.models.wan_dit import WanDiT
-from flashdreams.models.wan_loader import load_wan_dit
-from flashdreams.presets import Preset, get_preset
+from flashdreams import registry
+from flashdreams.backend import EagerBackend
+from flashdreams.errors import InvalidArgumentError, NotFoundError
+from flashdreams.models.family import BlockPlan, LoadOptions
 from flashdreams.session import Session
 
 log = logging.getLogger(__name__)
@@ -37,90 +36,132 @@ DTYPES = {
 
 @dataclass(frozen=True)
 class EngineSpec:
-    """The static shapes and schedule every session of an engine shares."""
+    """The static shapes every session of an engine shares (read from its plan)."""
 
-    preset: Preset
-    height: int
-    width: int
-    latent_h: int
-    latent_w: int
-    latent_channels: int
-    text_dim: int
-    num_frame_per_block: int
-    ring: RingSpec
-    schedule: FlowSchedule
+    preset: Any
+    plan: BlockPlan
 
-    @classmethod
-    def from_preset(cls, preset: Preset, height: int | None = None, width: int | None = None) -> EngineSpec:
-        height, width = height or preset.height, width or preset.width
-        lh, lw = preset.latent_size(height, width)
-        ph, pw = preset.model.patch_size[1:]
-        fs = (lh // ph) * (lw // pw)
-        return cls(
-            preset=preset,
-            height=height,
-            width=width,
-            latent_h=lh,
-            latent_w=lw,
-            latent_channels=preset.model.in_dim,
-            text_dim=preset.model.text_dim,
-            num_frame_per_block=preset.num_frame_per_block,
-            ring=RingSpec(preset.sink_frames, preset.window_frames, fs),
-            schedule=preset.schedule(),
-        )
+    @property
+    def height(self) -> int:
+        return self.plan.meta["height"]
+
+    @property
+    def width(self) -> int:
+        return self.plan.meta["width"]
+
+    @property
+    def latent_h(self) -> int:
+        return self.plan.latents.shape[3]
+
+    @property
+    def latent_w(self) -> int:
+        return self.plan.latents.shape[4]
+
+    @property
+    def latent_channels(self) -> int:
+        return self.plan.latents.shape[1]
+
+    @property
+    def num_frame_per_block(self) -> int:
+        return self.plan.latents.shape[2]
 
     @property
     def frames_per_block(self) -> int:
-        """Video frames of a steady-state block (the first block has 3 fewer)."""
-        return 4 * self.num_frame_per_block
+        """Video frames of a steady-state block."""
+        return self.plan.meta.get("video_frames_steady") or 4 * self.num_frame_per_block
+
+    def block_flops(self, block: int) -> float | None:
+        """Matmul FLOPs of block `block` (from the plan), or None when the family does not count them."""
+        flops = self.plan.meta.get("block_flops")
+        if not flops:
+            return None
+        return flops[min(block, len(flops) - 1)]
 
 
 class Engine:
     """A model ready to run sessions. Engines may be shared; a session belongs to one thread."""
 
-    def __init__(self, backend: StepBackend, spec: EngineSpec, decoder=None, source: str = "") -> None:
+    def __init__(
+        self,
+        backend,
+        plan: BlockPlan,
+        preset,
+        source: str = "",
+        decoder=None,
+        stand_in_inputs: bool = False,
+        model=None,
+    ) -> None:
         self.backend = backend
-        self.spec = spec
+        self.plan = plan
+        self.spec = EngineSpec(preset, plan)
         self.decoder = decoder
         self.source = source
+        self.model = model  # the family's LoadedModel (eager engines; fd-build traces it)
+        # Built-in and random-weight models get seeded stand-ins for required inputs (no text encoder).
+        self.stand_in_inputs = stand_in_inputs
 
     @property
     def device(self) -> torch.device:
         return self.backend.device
 
+    @property
+    def preset_name(self) -> str:
+        return getattr(self.spec.preset, "name", "?")
+
+    def input_specs(self):
+        return list(self.plan.inputs.values())
+
+    def default_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
+        """Deterministic stand-ins for the required inputs (seeded normal draws), for models without encoders."""
+        gen = torch.Generator().manual_seed(seed)
+        return {
+            n: torch.randn(s.shape, generator=gen)
+            for n, s in self.plan.inputs.items()
+            if s.required and s.torch_dtype().is_floating_point
+        }
+
     def default_prompt(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """A deterministic stand-in prompt embedding, for models whose text encoder is not loaded."""
-        gen = torch.Generator().manual_seed(seed)
-        return torch.randn(batch, self.backend.text_len, self.spec.text_dim, generator=gen)
+        return self.default_inputs(seed)["prompt_embeds"]
 
     def session(
-        self, prompt_embeds: torch.Tensor | None = None, seed: int = 0, cuda_graphs: bool | None = None
+        self,
+        prompt_embeds: torch.Tensor | None = None,
+        seed: int = 0,
+        cuda_graphs: bool | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
     ) -> Session:
-        """A new session with its own state; `prompt_embeds` [B, T, text_dim] (built-in: optional).
+        """A new session with its own state. `inputs` are named session inputs (see `input_specs()`);
+        `prompt_embeds` is the same as inputs={"prompt_embeds": ...}.
 
         `cuda_graphs` (default: on with CUDA) replays each block as captured graphs after
         one eager warm-up of its kind.
         """
-        if prompt_embeds is None:
-            if not self.spec.preset.builtin:
-                raise InvalidArgumentError(
-                    f"engine '{self.source}': a session needs prompt_embeds [B, T, {self.spec.text_dim}] "
-                    "(from the text encoder, or fd-run --prompt-embeds FILE)"
-                )
-            prompt_embeds = self.default_prompt()
-        return Session(self, prompt_embeds, seed, cuda_graphs=cuda_graphs)
+        given = dict(inputs or {})
+        if prompt_embeds is not None:
+            given["prompt_embeds"] = prompt_embeds
+        if self.stand_in_inputs:
+            given = {**{k: v for k, v in self.default_inputs().items() if k not in given}, **given}
+        return Session(self, given, seed, cuda_graphs=cuda_graphs)
 
     def __repr__(self) -> str:
         s = self.spec
         return (
-            f"Engine({self.spec.preset.name}, backend={self.backend.name}, {s.height}x{s.width}, "
+            f"Engine({self.preset_name}, backend={self.backend.name}, {s.height}x{s.width}, "
             f"device={self.device}, dtype={self.backend.dtype})"
         )
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
     """Defaults: the GPU in bfloat16 when there is one, else the CPU in float32."""
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device) if device is not None else None
+    except (RuntimeError, TypeError):
+        raise InvalidArgumentError(f"device '{device}' is unknown; use cpu or cuda (cuda:N)") from None
+    if dev is None:
+        dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidArgumentError(f"device '{device}' is not supported; use cpu or cuda")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise InvalidArgumentError("device 'cuda' was asked for, but torch sees no CUDA device here")
     if dtype is None:
@@ -138,7 +179,7 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
 def load(
     source: str | os.PathLike | None = None,
     *,
-    preset: str | Preset | None = None,
+    preset: str | Any | None = None,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     attention: str = "sdpa",
@@ -149,6 +190,7 @@ def load(
     weights_seed: int = 0,
     decoder_weights: str | os.PathLike | None = None,
     precision: str = "bf16",
+    batch: int = 1,
 ) -> Engine:
     """Load an engine.
 
@@ -163,65 +205,35 @@ def load(
     * `load("ckpt.safetensors" | "ckpt_dir", preset=...)`: a real checkpoint, run eagerly.
     * `load("engine_dir")`: a built engine (manifest.json), see `fd-build`.
     """
-    if source is not None and (Path(source) / "manifest.json").is_file():
-        from flashdreams.export.runtime import load_engine_dir
+    if source is not None:
+        path = Path(source)
+        if (path / "manifest.json").is_file():
+            from flashdreams.engine_runtime import load_engine_dir
 
-        return load_engine_dir(source, device=device, attention=attention, decoder=decoder)
+            return load_engine_dir(source, device=device, attention=attention, decoder=decoder)
+        if not path.exists():
+            raise NotFoundError(f"checkpoint '{source}' does not exist")
     if isinstance(preset, str):
-        preset = get_preset(preset)
+        preset = registry.get_preset(preset)
     if preset is None:
-        preset = get_preset("tiny" if source is None else "self-forcing-1.3b")
+        preset = registry.get_preset("tiny" if source is None else "self-forcing-1.3b")
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
     dev, dt = resolve_device_dtype(device, dtype)
-    spec = EngineSpec.from_preset(preset, height, width)
-    if source is None:
-        if not (preset.builtin or random_weights):
-            raise InvalidArgumentError(
-                f"preset '{preset.name}' needs a checkpoint; pass one, or random_weights=True for speed runs"
-            )
-        with torch.device("meta"):
-            model = WanDiT(preset.model)
-        model = model.to_empty(device=dev).to(dt)
-        # The built-in model draws on the CPU (identical everywhere); big speed runs on the device.
-        init_random_(model, weights_seed, "cpu" if preset.builtin or dev.type == "cpu" else dev)
-        model = model.eval().requires_grad_(False)
-        label = "builtin:" + preset.name if preset.builtin else f"random:{preset.name}"
-    else:
-        model = load_wan_dit(source, preset.model, device=dev, dtype=dt)
-        label = str(source)
-    model.fuse_projections_()
-    model.set_attention(attention)
-    model.set_precision(precision)
-    dec = build_session_decoder(
-        preset, decoder, dev, dt, weights_seed, decoder_weights, random_weights or source is None
+    opts = LoadOptions(
+        source=None if source is None else str(source),
+        device=dev,
+        dtype=dt,
+        attention=attention,
+        precision=precision,
+        height=height,
+        width=width,
+        batch=batch,
+        random_weights=random_weights,
+        weights_seed=weights_seed,
+        decoder=decoder,
+        decoder_weights=None if decoder_weights is None else str(decoder_weights),
     )
-    return Engine(EagerBackend(model), spec, dec, label)
-
-
-def build_session_decoder(
-    preset: Preset,
-    decoder: str | None,
-    device: torch.device,
-    dtype: torch.dtype,
-    seed: int = 0,
-    weights: str | os.PathLike | None = None,
-    random_ok: bool = False,
-):
-    """The streaming decoder a session uses: from weights, tiny (built-in), or random (speed runs)."""
-    from flashdreams.models import decoders
-    from flashdreams.models.checkpoint import read_state_dict, strip_prefixes
-
-    name = preset.decoder if decoder == "preset" else decoder
-    if name in (None, "none"):
-        return None
-    if name not in decoders.DECODER_NAMES:
-        raise InvalidArgumentError(f"decoder '{name}' is unknown; choose one of {decoders.DECODER_NAMES} or none")
-    if weights is not None:
-        return decoders.build_decoder(name, strip_prefixes(read_state_dict(weights)), device=device, dtype=dtype)
-    if preset.builtin:
-        return decoders.tiny_decoder(name, seed=seed, device=device, dtype=dtype)
-    if random_ok:
-        return decoders.random_decoder(name, device=device, dtype=dtype, seed=seed)
-    raise InvalidArgumentError(
-        f"decoder '{name}' needs its weights for a real checkpoint: pass decoder_weights "
-        "(fd-run --decoder-weights Wan2.1_VAE.safetensors or taew2_1.safetensors), or decoder=None for latents"
-    )
+    model = registry.family(preset.family).load(preset, opts)
+    stand_in = source is None and (preset.builtin or random_weights)
+    return Engine(EagerBackend(model), model.plan, preset, model.source, model.decoder, stand_in, model)

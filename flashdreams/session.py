@@ -1,10 +1,13 @@
-"""A live session: all state of one rollout on the device, and the per-block loop.
+"""A live session: all state of one rollout on the device, and the loop that runs the block plan.
 
-The loop is Self-Forcing's inference loop (../shared/fixtures/README.md, "The loop"):
-per block, the few-step flow-matching denoise with re-noising between steps, the
-frames decoded from the final x0, then the commit forward that rewrites the
-block's keys and values with clean ones. Everything per block is a device tensor
-filled from host-known block indices; nothing is read back from the device.
+The session knows no model. Its engine's `BlockPlan` (flashdreams.models.family) names the
+state buffers, the static input buffers, the constants and the random draws of a block, and
+the block program: which graph runs on which buffers, the sampler's updates, when the frames
+leave, when the cache is committed. The session allocates those buffers once (their
+addresses never change, so captured CUDA graphs stay valid), validates every input against
+its spec before copying it into its buffer, and runs each block's program: eagerly, or on
+CUDA as captured graphs after one eager warm-up of each block kind. Nothing reads a device
+value back inside a block.
 """
 
 from __future__ import annotations
@@ -18,28 +21,23 @@ from typing import TYPE_CHECKING
 import torch
 
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.models.kv_ring import BlockPositions, KVRing
-from flashdreams.models.scheduler import renoise, x0_from_flow
+from flashdreams.models.family import InputSpec, run_ops
 
 if TYPE_CHECKING:
     from flashdreams.engine import Engine
 
 log = logging.getLogger(__name__)
 
-# probe(block, call, x_in, t, flow): sees every model call (the commit is the last call
-# of a block); for parity debugging. Its tensors are live buffers: copy what you keep.
-Probe = Callable[[int, int, torch.Tensor, torch.Tensor, torch.Tensor | None], None]
+# probe(block, call_index, graph, args, outs): sees every graph call of a block, for parity
+# debugging. Its tensors are live buffers: copy what you keep.
+Probe = Callable[[int, int, str, dict, tuple], None]
+
+_SEED_MIX = 0x9E3779B97F4A7C15
 
 
-@dataclass
-class _BlockGraphs:
-    """A captured block (denoise steps, decode, commit) with the graphs' output buffers."""
-
-    denoise: torch.cuda.CUDAGraph
-    decode: torch.cuda.CUDAGraph
-    commit: torch.cuda.CUDAGraph
-    x0: torch.Tensor
-    frames: torch.Tensor | None
+def block_seed(seed: int, block: int) -> int:
+    """The generator seed of block `block`: a retried or replayed block draws the same noise."""
+    return (seed * 1_000_003 + block * _SEED_MIX + 1) % (2**63 - 1)
 
 
 class _Marks:
@@ -81,13 +79,21 @@ class _Marks:
 
 @dataclass
 class StepResult:
-    """What one block produced. Tensors live on the session's device."""
+    """What one block produced. Tensors live on the session's device.
+
+    `latents` and `frames` are the block's own copies. `frames_buffer` is the session's output
+    buffer the frames were written to before the commit ran; it is valid until the next step,
+    and `frames_ready` (CUDA) is recorded right after it was written, so a host can copy the
+    frames out while the commit still runs (`frames_cpu` does).
+    """
 
     block: int
     latents: torch.Tensor  # [B, C, nf, h, w] float32: the block's final x0
     frames: torch.Tensor | None  # uint8 [B, T, H, W, 3], or None without a decoder
-    frames_ready: torch.cuda.Event | None = None  # recorded after the decode, before the commit
+    frames_ready: torch.cuda.Event | None = None
     marks: _Marks | None = None  # stage boundaries when the session's `timing` is on
+    frames_buffer: torch.Tensor | None = None
+    _session: Session | None = None
 
     def stage_ms(self) -> dict[str, float]:
         """{'denoise', 'decode', 'commit'}: milliseconds of each stage (needs `session.timing = True`)."""
@@ -96,235 +102,310 @@ class StepResult:
         return self.marks.stage_ms()
 
     def frames_cpu(self) -> torch.Tensor:
-        """The frames on the host; waits only for the decode, not for the commit after it."""
+        """The frames on the host; on CUDA waits only for the decode, not for the commit after it."""
         if self.frames is None:
             raise InvalidArgumentError("this session has no decoder, so the step produced no frames")
-        if self.frames_ready is not None:
-            self.frames_ready.synchronize()
-        return self.frames.cpu()
+        current = self._session is not None and self._session.block == self.block + 1
+        if self.frames_ready is None or self.frames_buffer is None or not current:
+            return self.frames.cpu()
+        stream = self._session._side_stream()
+        stream.wait_event(self.frames_ready)
+        with torch.cuda.stream(stream):
+            return self.frames_buffer.to("cpu")
+
+
+@dataclass
+class _Captured:
+    """One block kind captured as CUDA graphs, one per stage, with the stage names."""
+
+    graphs: list[torch.cuda.CUDAGraph]
+    names: list[str]
+    emit_stage: int
+
+
+def _split_stages(ops: list[dict]) -> list[tuple[str, list[dict]]]:
+    """The program cut at its `mark` ops: [(stage name, ops)], the mark closing each stage."""
+    stages, cur = [], []
+    for op in ops:
+        if op["op"] == "mark":
+            stages.append((op["name"], cur))
+            cur = []
+        else:
+            cur.append(op)
+    if cur:
+        stages.append(("end", cur))
+    return stages
 
 
 class Session:
     """One rollout. Create it with `engine.session(...)`; call `step()` once per block."""
 
     def __init__(
-        self, engine: Engine, prompt_embeds: torch.Tensor, seed: int = 0, cuda_graphs: bool | None = None
+        self,
+        engine: Engine,
+        inputs: dict[str, torch.Tensor] | None = None,
+        seed: int = 0,
+        cuda_graphs: bool | None = None,
     ) -> None:
         self.engine = engine
-        backend, spec = engine.backend, engine.spec
-        self.device = backend.device
-        context = self._check_prompt(prompt_embeds)
-        b = context.shape[0]
-        self.batch = b
-        nf, c, h, w = spec.num_frame_per_block, spec.latent_channels, spec.latent_h, spec.latent_w
-        # A backend may shape the ring itself (context parallel keeps a shard per rank).
-        new_ring = getattr(backend, "new_ring", None)
-        if new_ring is not None:
-            self.ring = new_ring(spec.ring, b)
-        else:
-            self.ring = KVRing(
-                spec.ring, backend.num_layers, b, backend.num_heads, backend.head_dim, self.device, backend.dtype
-            )
-        self.positions = BlockPositions.allocate(nf, self.device)
-        self.cross_k, self.cross_v = backend.encode_prompt(context)
-        sched = spec.schedule
-        f32 = dict(dtype=torch.float32, device=self.device)
-        self.noise = torch.empty(b, c, nf, h, w, **f32)
-        self.renoise = torch.empty(max(sched.num_steps - 1, 1), b, c, nf, h, w, **f32)
-        self.t_steps = [torch.full((b, nf), t, **f32) for t in sched.timesteps]
-        self.t_commit = torch.full((b, nf), sched.context_noise, **f32)
-        self.decoder = engine.decoder
-        self.decoder_state = self.decoder.new_state(b, h, w) if self.decoder is not None else None
-        self.seed = seed
-        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.plan = plan = engine.plan
+        self.backend = engine.backend
+        self.device = self.backend.device
+        self.batch = plan.batch
+        self.seed = _check_seed(seed)
+        self.buffers: dict[str, torch.Tensor] = {}
+        for group in (plan.state, plan.constants, plan.draws):
+            for name, decl in group.items():
+                self.buffers[name] = decl.allocate(self.device)
+        for name, spec in plan.inputs.items():
+            self.buffers[name] = torch.zeros(spec.shape, dtype=spec.torch_dtype(), device=self.device)
+        self._given: set[str] = set()
+        self.generator = torch.Generator(device=self.device)
         self.block = 0
         self.probe: Probe | None = None
-        self._warned_roll = False
-        # On CUDA a block kind ("first", "steady") runs eagerly once as warm-up, is captured
-        # the next time it comes, and is replayed from then on.
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
         if self.cuda_graphs and self.device.type != "cuda":
             raise InvalidArgumentError("cuda_graphs=True needs a CUDA device; this session runs on " + str(self.device))
-        self._graphs: dict[str, _BlockGraphs] = {}
-        self._specialized = bool(getattr(backend, "shape_specialized", False))
+        self._captured: dict[str, _Captured] = {}
+        self._warm: set[str] = set()
+        self._pool = None
+        self._stream = None
+        self._outputs: dict[tuple, torch.Tensor] = {}
+        self._emitted: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.timing = False  # record stage boundaries (events) for fd-bench
         self.capture_s = 0.0  # wall seconds spent capturing graphs
-        self._warm: set[str] = set()
+        for name, value in (inputs or {}).items():
+            self.set_input(name, value)
+        missing = [n for n, s in plan.inputs.items() if s.required and n not in self._given]
+        if missing:
+            raise InvalidArgumentError(
+                f"engine '{engine.source}': a session needs the inputs {missing}; "
+                + "; ".join(plan.inputs[n].describe() for n in missing)
+            )
 
     # -- inputs ------------------------------------------------------------------
-    def _check_prompt(self, prompt_embeds: torch.Tensor) -> torch.Tensor:
-        backend = self.engine.backend
-        if not isinstance(prompt_embeds, torch.Tensor):
-            raise InvalidArgumentError(f"prompt_embeds must be a tensor, got {type(prompt_embeds).__name__}")
-        x = prompt_embeds if prompt_embeds.dim() == 3 else prompt_embeds.unsqueeze(0)
-        text_dim = self.engine.spec.text_dim
-        if x.dim() != 3 or x.shape[-1] != text_dim:
+    def input_specs(self) -> list[InputSpec]:
+        """The named inputs this session takes (shape, dtype, units, range, meaning)."""
+        return list(self.plan.inputs.values())
+
+    def input_names(self) -> list[str]:
+        return list(self.plan.inputs)
+
+    def check_input(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` validated against the input's spec, widened, padded and on the device; nothing is written."""
+        spec = self.plan.inputs.get(name)
+        if spec is None:
             raise InvalidArgumentError(
-                f"prompt_embeds must be [B, T, {text_dim}] (or [T, {text_dim}]); got {tuple(prompt_embeds.shape)}"
+                f"session input '{name}' is unknown for {self.engine.preset_name}; inputs: {self.input_names()}"
             )
-        if x.shape[1] > backend.text_len:
+        if not isinstance(value, torch.Tensor):
+            raise InvalidArgumentError(f"input '{name}' must be a tensor, got {type(value).__name__}")
+        if value.is_meta or value.device.type not in ("cpu", "cuda"):
+            raise InvalidArgumentError(f"input '{name}' is on device '{value.device}'; pass it on the CPU or CUDA")
+        x = value
+        while x.dim() < len(spec.shape) and x.dim() >= 1:
+            x = x.unsqueeze(0)
+        if x.dim() != len(spec.shape):
+            raise InvalidArgumentError(f"input '{name}' must have shape {list(spec.shape)}; got {list(value.shape)}")
+        if x.shape[0] != spec.shape[0]:
             raise InvalidArgumentError(
-                f"prompt_embeds has {x.shape[1]} rows; this model attends to at most text_len={backend.text_len}"
+                f"input '{name}': batch {x.shape[0]} differs from the session's batch {spec.shape[0]}"
             )
-        if not torch.is_floating_point(x):
-            raise InvalidArgumentError(f"prompt_embeds must be floating point, got {x.dtype}")
-        return x.to(self.engine.backend.device)
+        want_float = spec.torch_dtype().is_floating_point
+        if want_float and not torch.is_floating_point(x):
+            raise InvalidArgumentError(f"input '{name}' must be floating point ({spec.dtype}); got {x.dtype}")
+        for d, (have, want) in enumerate(zip(x.shape, spec.shape)):
+            if have == want or (d == spec.pad_dim and 0 < have < want):
+                continue
+            if d == spec.pad_dim and have > want:
+                raise InvalidArgumentError(
+                    f"input '{name}' has {have} rows along dim {d}; this model takes at most {want}"
+                )
+            raise InvalidArgumentError(f"input '{name}' must have shape {list(spec.shape)}; got {list(value.shape)}")
+        if want_float:
+            bad = ~torch.isfinite(x)
+            if bool(bad.any()):  # checked on the host-side value before anything is written
+                raise InvalidArgumentError(
+                    f"input '{name}' holds {int(bad.sum())} non-finite values (NaN or inf); nothing was changed"
+                )
+        if spec.low is not None and bool((x < spec.low).any()) or spec.high is not None and bool((x > spec.high).any()):
+            raise InvalidArgumentError(
+                f"input '{name}' has values outside [{spec.low}, {spec.high}] ({spec.units or 'no units'})"
+            )
+        x = x.to(self.device, spec.torch_dtype())
+        if spec.pad_dim is not None and x.shape[spec.pad_dim] < spec.shape[spec.pad_dim]:
+            pad = list(x.shape)
+            pad[spec.pad_dim] = spec.shape[spec.pad_dim] - x.shape[spec.pad_dim]
+            x = torch.cat([x, x.new_zeros(pad)], dim=spec.pad_dim)
+        return x
+
+    @torch.no_grad()
+    def set_input(self, name: str, value: torch.Tensor) -> None:
+        """Set a named input; it is checked whole before anything is written. Takes effect at the next block
+        (inputs marked `when="reset"`, such as a start image, at the next reset)."""
+        x = self.check_input(name, value)
+        self.buffers[name].copy_(x)
+        self._given.add(name)
+        spec = self.plan.inputs[name]
+        if spec.program:
+            run_ops(list(spec.program), self.buffers, self._call, self.plan.graphs)
 
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
         """Switch the prompt between blocks: the cross-attention cache is rewritten in place."""
-        context = self._check_prompt(prompt_embeds)
-        if context.shape[0] != self.batch:
-            raise InvalidArgumentError(f"set_prompt: batch {context.shape[0]} differs from the session's {self.batch}")
-        k, v = self.engine.backend.encode_prompt(context)
-        self.cross_k.copy_(k)
-        self.cross_v.copy_(v)
+        self.set_input("prompt_embeds", prompt_embeds)
 
-    def input_names(self) -> list[str]:
-        """Names `set_input` accepts. A text-to-video world model is steered by its prompt."""
-        return ["prompt_embeds"]
-
-    def set_input(self, name: str, value: torch.Tensor) -> None:
-        """Set a named per-step input (for hosts such as the C ABI); takes effect at the next step."""
-        if name == "prompt_embeds":
-            self.set_prompt(value)
-            return
-        raise InvalidArgumentError(
-            f"session input '{name}' is unknown for {self.engine.spec.preset.name}; inputs: {self.input_names()}"
-        )
-
-    def reset(self, seed: int | None = None, prompt_embeds: torch.Tensor | None = None) -> None:
-        """Back to block 0 (same buffers, so captured graphs stay valid); optionally a new seed/prompt."""
-        if prompt_embeds is not None:
-            self.set_prompt(prompt_embeds)
-        self.seed = self.seed if seed is None else seed
-        self.generator.manual_seed(self.seed)
-        self.ring.clear()
-        if self.decoder is not None:
-            self.decoder.reset(self.decoder_state)
+    def reset(self, seed: int | None = None, **inputs: torch.Tensor) -> None:
+        """Back to block 0 (same buffers, so captured graphs stay valid); optionally a new seed and inputs."""
+        new_seed = self.seed if seed is None else _check_seed(seed)
+        checked = {n: self.check_input(n, v) for n, v in inputs.items()}
+        for name, x in checked.items():
+            self.set_input(name, x)
+        self.seed = new_seed
+        for name, decl in self.plan.state.items():
+            self.buffers[name].fill_(decl.fill)
+        for name, spec in self.plan.inputs.items():
+            if spec.program and name in self._given:  # state derived from inputs is rebuilt
+                run_ops(list(spec.program), self.buffers, self._call, self.plan.graphs)
         self.block = 0
 
-    def _draw(self, noise: torch.Tensor | None, renoise_draws: torch.Tensor | None) -> None:
-        """Fill the noise buffers: given tensors (parity, replay) or the session's generator."""
-        for name, buf, given in (("noise", self.noise, noise), ("renoise", self.renoise, renoise_draws)):
-            if given is None:
-                torch.randn(buf.shape, generator=self.generator, device=self.device, out=buf)
-            elif tuple(given.shape) != tuple(buf.shape):
-                raise InvalidArgumentError(f"step: {name} must have shape {tuple(buf.shape)}, got {tuple(given.shape)}")
-            else:
-                buf.copy_(given)
-
     # -- the loop ------------------------------------------------------------------
-    @torch.no_grad()
-    def step(self, noise: torch.Tensor | None = None, renoise_draws: torch.Tensor | None = None) -> StepResult:
-        """Generate the next block: denoise, decode, then commit it to the cache.
+    def _call(self, graph: str, args: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        return self.backend.call(graph, args, self.block)
 
-        `noise` [B, C, nf, h, w] and `renoise_draws` [steps-1, B, C, nf, h, w] replace the
-        session's own random draws (for parity with stored draws); by default the
-        session's generator draws them.
-        """
-        spec = self.engine.spec
-        nf = spec.num_frame_per_block
-        first = self.block * nf
-        if not self._warned_roll and spec.ring.sink_frames == 0 and first + nf > spec.ring.capacity_frames:
-            log.info("session passed the cache's %d frames: the oldest roll out from now on", spec.ring.capacity_frames)
-            self._warned_roll = True
-        # Per-block inputs go into static buffers, outside any captured graph.
-        self.positions.fill(spec.ring, first)
-        self._draw(noise, renoise_draws)
-        # Graph kinds: the first block (its decode differs) and the rest; a backend whose calls
-        # are specialised to the fill level (torch attention slicing the ring) adds that level.
-        key = "first" if self.block == 0 else "steady"
-        if self._specialized:
-            key = f"{key}@{self.positions.valid_tokens}"
-        graphs = None
-        if self._use_graphs():
-            graphs = self._graphs.get(key)
-            if graphs is None and key in self._warm:
-                graphs = self._graphs[key] = self._capture()
+    def _fill_block_values(self) -> int | None:
+        ring = self.plan.ring
+        if ring is None:
+            return None
+        values = ring.values(self.block)
+        host = torch.tensor([v for name in values for v in values[name]], dtype=torch.int64)
+        i = 0
+        for name, vals in values.items():
+            self.buffers[name].copy_(host[i : i + len(vals)], non_blocking=True)
+            i += len(vals)
+        return values[ring.valid_len][0]
+
+    def _draw(self, draws: dict[str, torch.Tensor] | None) -> None:
+        """Fill the draw buffers: given tensors (parity, replay) or the generator seeded by (seed, block)."""
+        given = dict(draws or {})
+        unknown = sorted(set(given) - set(self.plan.draws))
+        if unknown:
+            raise InvalidArgumentError(f"step: unknown draws {unknown}; this model draws {sorted(self.plan.draws)}")
+        for name, decl in given.items():
+            if tuple(decl.shape) != self.plan.draws[name].shape:
+                raise InvalidArgumentError(
+                    f"step: draw '{name}' must have shape {list(self.plan.draws[name].shape)}, got {list(decl.shape)}"
+                )
+        self.generator.manual_seed(block_seed(self.seed, self.block))
+        for name, decl in self.plan.draws.items():
+            buf = self.buffers[name]
+            if name in given:
+                buf.copy_(given[name])
+            else:
+                torch.randn(buf.shape, generator=self.generator, device=self.device, out=buf)
+
+    @torch.no_grad()
+    def step(self, draws: dict[str, torch.Tensor] | None = None) -> StepResult:
+        """Generate the next block. `draws` ({name: tensor}) replace the session's own random draws
+        (parity with stored draws); by default they come from a generator seeded by (seed, block)."""
+        plan = self.plan
+        kind = plan.kind_of(self.block)
+        valid = self._fill_block_values()
+        self._draw(draws)
+        key = kind if not self.backend.shape_specialized else f"{kind}@{valid}"
+        captured = None
+        if self.cuda_graphs and self.probe is None:
+            captured = self._captured.get(key)
+            if captured is None and key in self._warm:
+                captured = self._captured[key] = self._capture(plan.programs[kind])
         marks = _Marks(self.device, self.timing)
-        if graphs is not None:
-            graphs.denoise.replay()
-            marks.mark("denoise")
-            if graphs.frames is not None:
-                graphs.decode.replay()
-            ready = marks.mark("decode", always=True)
-            graphs.commit.replay()
-            marks.mark("commit")
-            # The graphs' outputs are overwritten by the next replay: hand out copies.
-            x0 = graphs.x0.clone()
-            frames = graphs.frames.clone() if graphs.frames is not None else None
+        ready = None
+        self._emitted = None
+        if captured is not None:
+            for i, (g, name) in enumerate(zip(captured.graphs, captured.names)):
+                g.replay()
+                ev = marks.mark(name, always=i == captured.emit_stage)
+                if i == captured.emit_stage:
+                    ready = ev
+            lat, frames = self._outputs[("latents", kind)], self._outputs.get(("frames", kind))
         else:
-            x0 = self._denoise()
-            marks.mark("denoise")
-            frames = self._decode(x0)
-            ready = marks.mark("decode", always=True)
-            self._commit(x0)
-            marks.mark("commit")
+            calls = [0]
+
+            def call(graph, args):
+                outs = self._call(graph, args)
+                if self.probe is not None:
+                    self.probe(self.block, calls[0], graph, args, outs)
+                calls[0] += 1
+                return outs
+
+            for name, ops in _split_stages(plan.programs[kind]):
+                already = self._emitted is not None
+                run_ops(ops, self.buffers, call, plan.graphs, on_emit=lambda lat, fr: self._emit(kind, lat, fr))
+                emit_stage = self._emitted is not None and not already
+                ev = marks.mark(name, always=emit_stage)
+                if emit_stage:
+                    ready = ev
             self._warm.add(key)
-        result = StepResult(self.block, x0, frames, ready, marks if self.timing else None)
+            lat, frames = self._emitted if self._emitted else (None, None)
+        if lat is None:
+            raise InvalidArgumentError(f"block program '{kind}' emitted no latents")
+        result = StepResult(
+            self.block,
+            lat.clone(),
+            frames.clone() if frames is not None else None,
+            ready,
+            marks if self.timing else None,
+            frames,
+            self,
+        )
         self.block += 1
         return result
 
-    def _call_kw(self) -> dict:
-        return {"valid_len_host": self.positions.valid_tokens} if self._specialized else {}
+    def _emit(self, kind: str, latents: torch.Tensor, frames: torch.Tensor | None) -> None:
+        """Copy the block's results into persistent output buffers (inside the captured decode stage)."""
+        lat = self._output(("latents", kind), latents)
+        fr = self._output(("frames", kind), frames) if frames is not None else None
+        self._emitted = (lat, fr)
 
-    def _state(self) -> tuple[torch.Tensor, ...]:
-        p = self.positions
-        return (self.cross_k, self.cross_v, self.ring.k, self.ring.v, p.frame_positions, p.slots, p.valid_len)
+    def _output(self, key: tuple, value: torch.Tensor) -> torch.Tensor:
+        buf = self._outputs.get(key)
+        if buf is None or buf.shape != value.shape:
+            buf = self._outputs[key] = torch.empty_like(value)
+        buf.copy_(value)
+        return buf
 
-    def _denoise(self) -> torch.Tensor:
-        """The block's denoising steps, re-noising between them; returns the final x0."""
-        sched, backend, state = self.engine.spec.schedule, self.engine.backend, self._state()
-        x = self.noise
-        for s in range(sched.num_steps):
-            flow = backend.denoise(x, self.t_steps[s], *state, **self._call_kw())
-            if self.probe is not None:
-                self.probe(self.block, s, x, self.t_steps[s], flow)
-            x0 = x0_from_flow(x, flow, sched.sigmas[s])
-            if s + 1 < sched.num_steps:
-                x = renoise(x0, self.renoise[s], sched.sigmas[s + 1])
-        return x0
-
-    def _commit(self, x0: torch.Tensor) -> None:
-        """The clean forward at `context_noise` that rewrites the block's K/V in the ring."""
-        self.engine.backend.commit(x0, self.t_commit, *self._state(), **self._call_kw())
-        if self.probe is not None:
-            self.probe(self.block, self.engine.spec.schedule.num_steps, x0, self.t_commit, None)
-
-    def _decode(self, latents: torch.Tensor) -> torch.Tensor | None:
-        if self.decoder is None:
-            return None
-        video = self.decoder.decode_block(latents, self.decoder_state)  # [B, T, 3, H, W] in [0, 1]
-        return (video.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 1, 3, 4, 2)
+    def _side_stream(self) -> torch.cuda.Stream:
+        if self._stream is None:
+            self._stream = torch.cuda.Stream(self.device)
+        return self._stream
 
     # -- CUDA graphs -----------------------------------------------------------------
-    def _use_graphs(self) -> bool:
-        return self.cuda_graphs and self.probe is None
+    def _capture(self, ops: list[dict]) -> _Captured:
+        """Capture this block kind as one CUDA graph per stage (split at the program's marks).
 
-    def _capture(self) -> _BlockGraphs:
-        """Capture this block as three graphs: denoise steps, decode, commit.
-
-        Capture records work without running it; `step` replays right after. Every
-        tensor the graphs touch is a session buffer whose address never changes. The
-        commit is its own graph so the frames can leave before it runs; the decode is
-        its own graph (one extra launch, a few microseconds) so that timing events can
-        sit between the stages without entering a graph.
+        Capture records work without running it; `step` replays right after. Every tensor the
+        graphs touch is a session buffer whose address never changes. The stage that emits the
+        frames ends before the commit's stage, so the frames can leave before the commit runs.
         """
         t0 = time.perf_counter()
-        pool = next((g.denoise.pool() for g in self._graphs.values()), None)
-        g_denoise, g_decode, g_commit = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
         torch.cuda.synchronize(self.device)
-        with torch.cuda.graph(g_denoise, pool=pool):
-            x0 = self._denoise()
-        frames = None
-        if self.decoder is not None:
-            with torch.cuda.graph(g_decode, pool=g_denoise.pool()):
-                frames = self._decode(x0)
-        with torch.cuda.graph(g_commit, pool=g_denoise.pool()):
-            self._commit(x0)
+        graphs, names, emit_stage = [], [], -1
+        kind = self.plan.kind_of(self.block)
+        for i, (name, stage_ops) in enumerate(_split_stages(ops)):
+            g = torch.cuda.CUDAGraph()
+            self._emitted = None
+            with torch.cuda.graph(g, pool=self._pool):
+                run_ops(
+                    stage_ops, self.buffers, self._call, self.plan.graphs, on_emit=lambda la, fr: self._emit(kind, la, fr)
+                )
+            if self._pool is None:
+                self._pool = g.pool()
+            if self._emitted is not None:
+                emit_stage = i
+            graphs.append(g)
+            names.append(name)
         self.capture_s += time.perf_counter() - t0
-        log.info("captured block graphs at block %d", self.block)
-        return _BlockGraphs(g_denoise, g_decode, g_commit, x0, frames)
+        log.info("captured block kind '%s' at block %d (%d graphs)", kind, self.block, len(graphs))
+        return _Captured(graphs, names, emit_stage)
 
     def frames(self, num_blocks: int | None = None) -> Iterator[torch.Tensor]:
         """Iterate over blocks' frames (uint8 [T, H, W, 3] on the host, batch 0), for embedding in an app."""
@@ -332,3 +413,11 @@ class Session:
         while num_blocks is None or n < num_blocks:
             yield self.step().frames_cpu()[0]
             n += 1
+
+
+def _check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise InvalidArgumentError(f"seed must be an integer, got {type(seed).__name__} {seed!r}")
+    if not 0 <= seed < 2**63:
+        raise InvalidArgumentError(f"seed must be in [0, 2**63), got {seed}")
+    return seed

@@ -231,3 +231,32 @@ def random_decoder(
     model = _empty_model(name, _config_for(name, config), device, dtype)
     init_random_(model, torch.Generator(device=torch.device(device)).manual_seed(seed))
     return _wrap(name, model, first_frame)
+
+
+def choose_decoder(
+    name: str | None,
+    device: torch.device,
+    dtype: torch.dtype,
+    *,
+    builtin: bool,
+    random_ok: bool,
+    seed: int = 0,
+    weights: str | None = None,
+) -> StreamingDecoder | None:
+    """The streaming decoder a session uses: from weights, tiny (built-in models), or random (speed runs)."""
+    from flashdreams.models.checkpoint import read_state_dict, strip_prefixes
+
+    if name in (None, "none"):
+        return None
+    if name not in DECODER_NAMES:
+        raise InvalidArgumentError(f"decoder '{name}' is unknown; choose one of {DECODER_NAMES} or none")
+    if weights is not None:
+        return build_decoder(name, strip_prefixes(read_state_dict(weights)), device=device, dtype=dtype)
+    if builtin:
+        return tiny_decoder(name, seed=seed, device=device, dtype=dtype)
+    if random_ok:
+        return random_decoder(name, device=device, dtype=dtype, seed=seed)
+    raise InvalidArgumentError(
+        f"decoder '{name}' needs its weights for a real checkpoint: pass --decoder-weights "
+        "(Wan2.1_VAE.safetensors or taew2_1.safetensors), or --decoder none for latents only"
+    )

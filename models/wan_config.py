@@ -13,6 +13,10 @@ from dataclasses import dataclass, field
 
 from flashdreams.errors import InvalidArgumentError
 
+MODEL_TYPES = ("t2v", "i2v")
+# I2V conditioning `y`: 4 mask channels + the 16-channel VAE latent of the start image.
+I2V_COND_CHANNELS = 20
+
 
 @dataclass(frozen=True)
 class WanConfig:
@@ -37,6 +41,8 @@ class WanConfig:
     local_attn_size: int = -1
     sink_size: int = 0
     num_frame_per_block: int = 1
+    # I2V: width of the CLIP image tokens fed to `img_emb` (the released model hard-codes 1280).
+    clip_dim: int = 1280
     extra: dict = field(default_factory=dict, compare=False, hash=False)
 
     def __post_init__(self) -> None:
@@ -46,10 +52,14 @@ class WanConfig:
             raise InvalidArgumentError(f"WanConfig: dim {self.dim} is not divisible by num_heads {self.num_heads}")
         if self.head_dim % 2:
             raise InvalidArgumentError(f"WanConfig: head_dim {self.head_dim} must be even for RoPE")
-        if self.model_type != "t2v":
+        if self.model_type not in MODEL_TYPES:
             raise InvalidArgumentError(
-                f"WanConfig: model_type '{self.model_type}' is not supported yet (only 't2v'); "
-                "image-to-video Wan models are a later issue"
+                f"WanConfig: model_type '{self.model_type}' is not supported (choose one of {MODEL_TYPES})"
+            )
+        if self.model_type == "i2v" and self.in_dim != self.out_dim + I2V_COND_CHANNELS:
+            raise InvalidArgumentError(
+                f"WanConfig: an i2v model takes the latent plus {I2V_COND_CHANNELS} conditioning channels, "
+                f"so in_dim must be {self.out_dim + I2V_COND_CHANNELS}; got {self.in_dim}"
             )
 
     @property
@@ -95,6 +105,8 @@ class WanConfig:
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self)
         d.pop("extra")
+        if self.model_type == "t2v":
+            d.pop("clip_dim")  # unused by t2v; left out so t2v identities (hash) stay as they were
         d["patch_size"] = list(self.patch_size)
         d["window_size"] = list(self.window_size)
         return d
@@ -109,3 +121,4 @@ class WanConfig:
 
 WAN21_T2V_1_3B = WanConfig()
 WAN21_T2V_14B = WanConfig(dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+WAN21_I2V_14B = WanConfig(model_type="i2v", in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)

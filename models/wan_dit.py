@@ -1,5 +1,10 @@
 """The Wan2.1 DiT: bidirectional (`WanModel`) and causal streaming (`CausalWanModel`) forwards.
 
+`model_type='i2v'` adds the image branch of Wan2.1-I2V: `img_emb` maps the 257 CLIP tokens
+into the model width, each block's cross-attention attends to them with its own K/V
+(`k_img`, `v_img`, `norm_k_img`) and adds that result to the text attention before `o`.
+The cross-attention cache then holds [image rows; text rows], split at `CLIP_TOKENS`.
+
 Both share one set of weights under the official key names (`blocks.0.self_attn.q.weight`,
 ...), so a Wan2.1 or Self-Forcing checkpoint loads as is. The causal forward is written
 for static shapes: every value that changes between blocks (timestep, RoPE frame
@@ -24,6 +29,9 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models import dit_ops
 from flashdreams.models.rope import apply_rope, rope_tables
 from flashdreams.models.wan_config import WanConfig
+
+# The reference splits the I2V context at this hard-coded row: CLIP image tokens come first.
+CLIP_TOKENS = 257
 
 
 class RMSNorm(nn.Module):
@@ -77,6 +85,37 @@ class WanAttention(nn.Module):
         return self.heads(self.norm_k(self.k(context))), self.heads(self.v(context))
 
 
+class WanI2VCrossAttention(WanAttention):
+    """Cross-attention with the extra image branch of Wan2.1-I2V (`k_img`, `v_img`, `norm_k_img`)."""
+
+    def __init__(self, dim: int, num_heads: int, eps: float) -> None:
+        super().__init__(dim, num_heads, eps)
+        self.k_img = nn.Linear(dim, dim)
+        self.v_img = nn.Linear(dim, dim)
+        self.norm_k_img = RMSNorm(dim, eps)
+
+    def kv_img(self, context_img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values of the embedded image tokens [B, 257, D] as [B, 257, N, d]."""
+        return self.heads(self.norm_k_img(self.k_img(context_img))), self.heads(self.v_img(context_img))
+
+
+class MLPProj(nn.Module):
+    """`img_emb`: CLIP tokens [B, 257, clip_dim] -> [B, 257, D] (LN, Linear, exact GELU, Linear, LN)."""
+
+    def __init__(self, clip_dim: int, dim: int) -> None:
+        super().__init__()
+        self.proj = nn.Sequential(
+            nn.LayerNorm(clip_dim, eps=1e-5),
+            nn.Linear(clip_dim, clip_dim),
+            nn.GELU(),
+            nn.Linear(clip_dim, dim),
+            nn.LayerNorm(dim, eps=1e-5),
+        )
+
+    def forward(self, clip_fea: torch.Tensor) -> torch.Tensor:
+        return self.proj(clip_fea)
+
+
 class WanBlock(nn.Module):
     """One WanAttentionBlock; the self-attention's cache policy comes in as `attend`."""
 
@@ -87,7 +126,8 @@ class WanBlock(nn.Module):
         self.modulation = nn.Parameter(torch.randn(1, 6, d) / d**0.5)
         self.self_attn = WanAttention(d, cfg.num_heads, cfg.eps)
         self.norm3 = nn.LayerNorm(d, eps=cfg.eps, elementwise_affine=True) if cfg.cross_attn_norm else None
-        self.cross_attn = WanAttention(d, cfg.num_heads, cfg.eps)
+        cross = WanI2VCrossAttention if cfg.model_type == "i2v" else WanAttention
+        self.cross_attn = cross(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
 
     def forward(self, x, e0, attend, cross_k, cross_v, impl: str = "sdpa"):
@@ -95,6 +135,7 @@ class WanBlock(nn.Module):
 
         `attend(q, k, v, self_attn)` turns the raw q/k/v projections into the
         self-attention output [B, L, N, d]; it owns RoPE and the cache policy.
+        cross_k/v [B, T, N, d]; for an i2v block the first CLIP_TOKENS rows are the image's.
         """
         mod = (self.modulation.float().unsqueeze(1) + e0).unbind(2)  # 6 x [B, F, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
@@ -108,7 +149,13 @@ class WanBlock(nn.Module):
             h = x
         ca = self.cross_attn
         q = ca.heads(dit_ops.rms_norm(ca.q(h), ca.norm_q.weight, ca.norm_q.eps, impl))
-        x = x + ca.o(dit_ops.attention(q, cross_k, cross_v).flatten(2))
+        if isinstance(ca, WanI2VCrossAttention):
+            n = CLIP_TOKENS
+            out = dit_ops.attention(q, cross_k[:, n:], cross_v[:, n:])
+            out = out + dit_ops.attention(q, cross_k[:, :n], cross_v[:, :n])
+        else:
+            out = dit_ops.attention(q, cross_k, cross_v)
+        x = x + ca.o(out.flatten(2))
         h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
         return dit_ops.gated_residual(x, self.ffn(h), gate2, impl)
 
@@ -146,6 +193,7 @@ class WanDiT(nn.Module):
         self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, d), nn.GELU(approximate="tanh"), nn.Linear(d, d))
         self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, d), nn.SiLU(), nn.Linear(d, d))
         self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(d, 6 * d))
+        self.img_emb = MLPProj(cfg.clip_dim, d) if cfg.model_type == "i2v" else None
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
         self.attention_impl = "sdpa"
@@ -221,11 +269,31 @@ class WanDiT(nn.Module):
             context = F.pad(context, (0, 0, 0, self.cfg.text_len - t))
         return self.text_embedding(context[:, : self.cfg.text_len].to(self.dtype))
 
-    def cross_kv(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-attention cache of a prompt: K, V of shape [layers, B, text_len, N, d]."""
+    def cross_kv(
+        self, context: torch.Tensor, clip_fea: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention cache of a prompt: K, V of shape [layers, B, text_len, N, d].
+
+        An i2v model needs the CLIP tokens `clip_fea` [B, 257, clip_dim]; its cache is then
+        [layers, B, 257 + text_len, N, d], the image rows first (the reference's context order).
+        """
         c = self.embed_text(context)
         kvs = [blk.cross_attn.kv(c) for blk in self.blocks]
-        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+        k, v = torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+        if self.img_emb is None:
+            if clip_fea is not None:
+                raise InvalidArgumentError("clip_fea was given, but this is a t2v Wan model (model_type 't2v')")
+            return k, v
+        if clip_fea is None or clip_fea.dim() != 3 or tuple(clip_fea.shape[1:]) != (CLIP_TOKENS, self.cfg.clip_dim):
+            got = None if clip_fea is None else tuple(clip_fea.shape)
+            raise InvalidArgumentError(
+                f"an i2v Wan model needs clip_fea [B, {CLIP_TOKENS}, {self.cfg.clip_dim}] (CLIP image tokens); got {got}"
+            )
+        ci = self.img_emb(clip_fea.to(self.dtype))
+        kvi = [blk.cross_attn.kv_img(ci) for blk in self.blocks]
+        k = torch.cat([torch.stack([a for a, _ in kvi]), k], dim=2)
+        v = torch.cat([torch.stack([b for _, b in kvi]), v], dim=2)
+        return k, v
 
     def unpatchify(self, y: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
         """Head output [B, L, pt*ph*pw*C] -> [B, C, F, H, W] float32 (channel-fastest token vectors)."""
@@ -237,15 +305,35 @@ class WanDiT(nn.Module):
         return y.reshape(b, self.cfg.out_dim, f * pt, h * ph, w * pw)
 
     # -- bidirectional forward (WanModel) -------------------------------------------
-    def forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Full attention over all tokens of each sample; t [B] (or [B, F]); returns flow [B, C, F, H, W]."""
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        clip_fea: torch.Tensor | None = None,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Full attention over all tokens of each sample; t [B] (or [B, F]); returns flow [B, C, F, H, W].
+
+        i2v: `clip_fea` [B, 257, clip_dim] CLIP tokens and `y` [B, 20, F, H, W] (mask + image
+        latent), which is concatenated to x on channels before the patch embedding.
+        """
+        if (self.img_emb is not None) != (y is not None):
+            raise InvalidArgumentError(
+                f"the conditioning y [B, 20, F, H, W] is needed by an i2v model and only by it "
+                f"(model_type '{self.cfg.model_type}', y {'given' if y is not None else 'missing'})"
+            )
+        if y is not None:
+            if y.shape[0] != x.shape[0] or tuple(y.shape[2:]) != tuple(x.shape[2:]):
+                raise InvalidArgumentError(f"y {tuple(y.shape)} does not match the latent x {tuple(x.shape)}")
+            x = torch.cat([x, y.to(x.dtype)], dim=1)
         tokens, grid = self.embed_tokens(x)
         f, h, w = grid
         if t.dim() == 1:
             t = t[:, None].expand(-1, f)
         e, e0 = self.time_embed(t)
         cos, sin = rope_tables(torch.arange(f, device=x.device), h, w, self.cfg.head_dim)
-        cross_k, cross_v = self.cross_kv(context)
+        cross_k, cross_v = self.cross_kv(context, clip_fea)
 
         def attend(q, k, v, sa):
             q = apply_rope(sa.heads(sa.norm_q(q)), cos, sin)

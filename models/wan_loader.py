@@ -93,6 +93,8 @@ def infer_config(sd: Mapping[str, torch.Tensor], base: WanConfig | None = None) 
             f"checkpoint has no {exc} tensor, so it is not a Wan DiT (Wan or diffusers layout)"
         ) from None
     base = base or WanConfig()
+    # An I2V checkpoint carries the image projection; its first Linear gives the CLIP width.
+    i2v = {"model_type": "i2v", "clip_dim": int(sd["img_emb.proj.1.weight"].shape[1])} if "img_emb.proj.1.weight" in sd else {}
     heads = base.num_heads if base.dim == dim else max(1, dim // 128)
     return base.replace(
         dim=int(dim),
@@ -105,12 +107,29 @@ def infer_config(sd: Mapping[str, torch.Tensor], base: WanConfig | None = None) 
         num_heads=int(heads),
         num_layers=max_index(sd, r"^blocks\.(\d+)\."),
         cross_attn_norm="blocks.0.norm3.weight" in sd,
+        **i2v,
     )
 
 
-def wan_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Read a checkpoint and bring it to plain Wan keys (prefixes stripped, diffusers renamed)."""
+def select_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """The tensors under `prefix` (e.g. 'dit.' of a file that also holds 'clip.' and 'vae.'), prefix removed."""
+    out = {k[len(prefix) :]: v for k, v in sd.items() if k.startswith(prefix)}
+    if not out:
+        roots = sorted({k.split(".", 1)[0] + "." for k in sd})
+        raise CheckpointError(f"checkpoint has no tensor under '{prefix}' (its key roots: {', '.join(roots[:8])})")
+    return out
+
+
+def wan_state_dict(
+    source: str | os.PathLike | Mapping[str, torch.Tensor], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """Read a checkpoint and bring it to plain Wan keys (prefixes stripped, diffusers renamed).
+
+    `prefix` first keeps only the keys under it (a combined file, e.g. 'dit.').
+    """
     sd = read_state_dict(source) if not isinstance(source, Mapping) else dict(source)
+    if prefix:
+        sd = select_prefix(sd, prefix)
     sd = strip_prefixes(sd)
     return diffusers_to_wan(sd) if is_diffusers_layout(sd) else sd
 
@@ -133,10 +152,14 @@ def load_wan_dit(
     config: WanConfig | None = None,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
+    prefix: str = "",
 ) -> WanDiT:
-    """A WanDiT with the checkpoint's weights; refuses any key or shape mismatch whole."""
+    """A WanDiT with the checkpoint's weights; refuses any key or shape mismatch whole.
+
+    `prefix` selects the DiT's keys in a combined file (e.g. 'dit.' of the I2V fixtures).
+    """
     name = str(source) if not isinstance(source, Mapping) else "<state dict>"
-    sd = wan_state_dict(source)
+    sd = wan_state_dict(source, prefix)
     if config is None and not isinstance(source, Mapping):
         config = read_config(source)
     if config is None:

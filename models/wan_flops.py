@@ -1,4 +1,4 @@
-"""FLOPs of the causal Wan DiT forward, counted from its shapes (matmuls and attention only)."""
+"""FLOPs of a Wan DiT forward, counted from its shapes (matmuls and attention only)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,1 @@
+"""Model families, one package each; `flashdreams.registry` names them (the runtime never imports them directly)."""
