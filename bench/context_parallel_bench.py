@@ -6,8 +6,10 @@
 
 One launch measures every GPU count up to the world size: ranks [0, P) form a group and run
 a session while the others wait on a CPU barrier, so P = 1, 2, 4 share one launch, one set
-of weights and one JSON. P = 1 runs the plain eager backend, the baseline of every speedup
-(--with-cp1 adds the context-parallel backend on one rank: its overhead). Models: Wan2.1
+of weights and one JSON. P = 1 runs the plain eager engine, the baseline of every speedup
+(--with-cp1 adds the context-parallel engine on one rank: its overhead). The context-parallel
+engines wrap the loaded one (`flashdreams.parallel.context_parallel_engine`): the family's
+own graphs with its attention and token-sharding hooks set. Models: Wan2.1
 1.3B and 14B with random weights (speed does not depend on the values), bf16, 480x832, the
 Self-Forcing schedule (4 steps + commit a block) and its full 21-frame cache; blocks whose
 window is full are the steady state. Each count also reports the rel. L2 of its first
@@ -25,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import statistics
 import time
 from datetime import timedelta
@@ -34,13 +37,11 @@ import torch
 import torch.distributed as dist
 
 import flashdreams
-from flashdreams.backend import EagerBackend
 from flashdreams.benchmark.environment import environment
-from flashdreams.engine import Engine, EngineSpec, resolve_device_dtype
+from flashdreams.engine import Engine, resolve_device_dtype
 from flashdreams.models.wan_config import WAN21_T2V_14B
-from flashdreams.models.wan_dit import WanDiT
-from flashdreams.parallel import Comm, ContextParallelBackend, attention_lse, init_from_env, shutdown
-from flashdreams.parity.common import rel_l2
+from flashdreams.numerics import max_abs_err, rel_l2
+from flashdreams.parallel import Comm, attention_lse, context_parallel_engine, init_from_env, parallel_hooks, shutdown
 from flashdreams.presets import get_preset
 
 MODELS = {
@@ -84,15 +85,14 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def param_bytes(preset, dtype: torch.dtype) -> int:
-    with torch.device("meta"):
-        model = WanDiT(preset.model)
-    return sum(p.numel() for p in model.parameters()) * torch.empty((), dtype=dtype).element_size()
+def param_bytes(engine: Engine) -> int:
+    return sum(p.numel() * p.element_size() for p in engine.model.weights.parameters())
 
 
-def ring_bytes(spec, cfg, dtype: torch.dtype, world: int) -> int:
-    item = torch.empty((), dtype=dtype).element_size()
-    return 2 * cfg.num_layers * spec.ring.capacity_tokens * cfg.dim * item // world
+def ring_bytes(engine: Engine, world: int) -> int:
+    """Bytes of the KV rings of one session, per rank when split over `world` ranks."""
+    decls = [engine.plan.state[n] for n in parallel_hooks(engine).kv_rings]
+    return sum(math.prod(d.shape) * torch.empty((), dtype=d.torch_dtype()).element_size() for d in decls) // world
 
 
 def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tensor]:
@@ -121,8 +121,8 @@ def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tenso
         stages.append(res.stage_ms())
         if b == 0:
             first_latents = res.latents.float().cpu().clone()
-    spec = engine.spec
-    nf, cap = spec.num_frame_per_block, spec.ring.capacity_frames
+    spec, ring = engine.spec, engine.plan.ring
+    nf, cap = spec.num_frame_per_block, ring.sink + ring.window
     # Steady state: blocks that see a full window (attention no longer grows); never block 0.
     steady = [b for b in range(1, args.blocks) if (b + 1) * nf >= cap] or list(range(1, args.blocks)) or [0]
     steady_ms = [per_block[b] for b in steady]
@@ -135,7 +135,7 @@ def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tenso
         "steady_fps": 1e3 * spec.frames_per_block / statistics.median(steady_ms),
         "first_block_ms": per_block[0],
         "capture_s": s.capture_s,
-        "ring_gb_per_rank": s.ring.nbytes / 2**30,
+        "ring_gb_per_rank": sum(s.buffers[n].nbytes for n in parallel_hooks(engine).kv_rings) / 2**30,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
     }
     del s
@@ -154,7 +154,7 @@ def lse_check(dev: torch.device, dtype: torch.dtype, attention: str) -> dict | N
     return {
         "path": attention,
         "out_rel_l2": rel_l2(out.float().cpu(), ref_out.cpu()),
-        "lse_max_abs": float((lse.float() - ref_lse).abs().max()),
+        "lse_max_abs": max_abs_err(lse, ref_lse),
     }
 
 
@@ -164,15 +164,16 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def skip_reason(args, preset, spec, dev, dtype, p: int, coord) -> str | None:
+def skip_reason(args, engine: Engine, dev, p: int, coord) -> str | None:
     """Why `p` ranks cannot run this model (the same answer on every rank), or None."""
-    if args.mode == "ulysses" and preset.model.num_heads % p:
-        return f"{preset.model.num_heads} heads not divisible by {p}"
-    if spec.ring.frame_seq_length % p:
-        return f"{spec.ring.frame_seq_length} tokens a frame not divisible by {p}"
+    hooks = parallel_hooks(engine)
+    if args.mode == "ulysses" and hooks.num_heads % p:
+        return f"{hooks.num_heads} heads not divisible by {p}"
+    if hooks.frame_tokens % p:
+        return f"{hooks.frame_tokens} tokens a frame not divisible by {p}"
     if dev.type != "cuda":
         return None
-    need = ring_bytes(spec, preset.model, dtype, p) / 2**30 + HEADROOM_GB  # weights are loaded already
+    need = ring_bytes(engine, p) / 2**30 + HEADROOM_GB  # weights are loaded already
     have = torch.cuda.mem_get_info(dev)[0] / 2**30
     decision = [f"needs ~{need:.0f} GiB more per GPU, {have:.0f} GiB free" if need > have else None]
     dist.broadcast_object_list(decision, src=0, group=coord)  # rank 0 decides (free memory differs a bit)
@@ -182,31 +183,32 @@ def skip_reason(args, preset, spec, dev, dtype, p: int, coord) -> str | None:
 def run_preset(args, preset, dev, dtype, counts, groups, coord, warmup, result) -> None:
     """Every rank count for one model: P = 1 baseline first, then the groups of 2, 4, ..."""
     rank = dist.get_rank()
-    spec = EngineSpec.from_preset(preset, args.height, args.width)
-    label = f"{preset.name} {spec.height}x{spec.width}"
     base = flashdreams.load(
         preset=preset, device=dev, dtype=dtype, decoder=None, attention=args.attention,
         random_weights=not preset.builtin, height=args.height, width=args.width, weights_seed=args.seed,
     )  # fmt: skip
-    model = base.backend.model
+    label = f"{preset.name} {base.spec.height}x{base.spec.width}"
     comm = Comm(None)
-    for t in model.parameters():
+    weights = base.model.weights
+    for t in list(weights.parameters()) + list(weights.buffers()):
         comm.broadcast_(t.data)  # the same weights everywhere, whatever each device's RNG did
-    log0(f"[{label}] {param_bytes(preset, dtype) / 2**30:.1f} GiB of weights on each rank")
+    log0(f"[{label}] {param_bytes(base) / 2**30:.1f} GiB of weights on each rank")
     ref_latents, base_ms = None, None
     for p in counts:
-        reason = skip_reason(args, preset, spec, dev, dtype, p, coord)
+        reason = skip_reason(args, base, dev, p, coord)
         if reason is not None:
             result["skipped"].append({"model": label, "gpus": p, "reason": reason})
             log0(f"[{label}] skip {p} rank(s): {reason}")
             continue
         if rank < p:
-            backends = [("eager", EagerBackend(model))] if p == 1 else []
+            engines = [("eager", base)] if p == 1 else []
             if p > 1 or args.with_cp1:
-                cp = ContextParallelBackend(model, groups[p], args.mode, args.ring_pass)
-                backends.append((cp.name, cp))
-            for name, backend in backends:
-                stats, latents = measure(Engine(backend, spec, None, name), args, warmup)
+                cp = context_parallel_engine(
+                    base, args.mode, group=groups[p], ring_pass=args.ring_pass, sync_weights=False
+                )
+                engines.append((cp.backend.name, cp))
+            for name, engine in engines:
+                stats, latents = measure(engine, args, warmup)
                 if name == "eager":
                     ref_latents, base_ms = latents, stats["steady_p50_ms"]
                 if rank == 0:
@@ -225,7 +227,7 @@ def run_preset(args, preset, dev, dtype, counts, groups, coord, warmup, result) 
                     )
                 free_memory()
         dist.barrier(group=coord)
-    del base, model
+    del base
     free_memory()
 
 

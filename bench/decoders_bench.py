@@ -27,7 +27,7 @@ import torch
 
 from flashdreams.benchmark.environment import time_calls_ms
 from flashdreams.models.decoders import DECODER_NAMES, random_decoder, tiny_decoder
-from flashdreams.parity.common import rel_l2
+from flashdreams.numerics import rel_l2
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 

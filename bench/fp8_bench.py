@@ -50,6 +50,8 @@ from pathlib import Path  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from flashdreams.numerics import rel_l2  # noqa: E402
+
 SECTIONS = ("attention", "gemm", "peak", "sweep")
 # Seconds each section may take at most (the sweep gets what is left of --budget-s).
 SECTION_CAPS = {"attention": 100.0, "gemm": 50.0, "peak": 30.0, "sweep": 120.0}
@@ -91,11 +93,6 @@ SMOKE = Shapes(1, 45, 2, 64, 300, (150, 300), 45, 300, 300, 37, 64, 128, 256, 2)
 
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.detach().double(), b.detach().double()
-    return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
 GRAPH_FALLBACKS: list[str] = []

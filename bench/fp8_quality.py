@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 
 import torch
 
 import flashdreams
 from flashdreams.benchmark.environment import environment
-from flashdreams.parity.common import rel_l2
+from flashdreams.numerics import psnr, rel_l2
 
 
 def rollout(engine, draws):
@@ -28,11 +27,6 @@ def rollout(engine, draws):
         lat.append(r.latents.float().cpu())
         frames.append(r.frames_cpu()[0].float())
     return lat, frames
-
-
-def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
-    mse = float(((a - b) ** 2).mean())
-    return float("inf") if mse == 0 else 10 * math.log10(255.0**2 / mse)
 
 
 def main() -> None:

@@ -15,7 +15,7 @@ import torch
 
 import flashdreams
 from flashdreams.benchmark.environment import environment
-from flashdreams.parity.common import rel_l2
+from flashdreams.numerics import rel_l2
 
 
 def rollout(engine, draws, cuda_graphs):

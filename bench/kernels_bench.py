@@ -51,7 +51,7 @@ from flashdreams.kernels import _common  # noqa: E402
 from flashdreams.kernels import ring_attention_configs as configs  # noqa: E402
 from flashdreams.kernels.ring_attention import launch_ring_attention  # noqa: E402
 from flashdreams.kernels.ring_attention_configs import SWEEP_CONFIGS, AttnConfig, pick_config  # noqa: E402
-from flashdreams.parity.common import rel_l2  # noqa: E402
+from flashdreams.numerics import rel_l2  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)

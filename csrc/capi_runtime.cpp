@@ -108,6 +108,53 @@ def create_session(engine, seed, prompt):
     return engine.session(prompt_embeds=prompt, seed=seed)
 
 
+FD_DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "uint8": 4, "int32": 5, "int64": 6}
+
+
+def _legacy_input_specs(session):
+    """A session without input_specs() lists names only; prompt_embeds is the one input it had."""
+    from types import SimpleNamespace
+
+    specs = []
+    for name in session.input_names():
+        shape, dtype, meaning, units = (), "", "", ""
+        if name == "prompt_embeds":
+            try:
+                shape = (session.batch, session.engine.backend.text_len, session.engine.spec.text_dim)
+                dtype, units = "float32", "embedding"
+                meaning = "text embeddings of the prompt (umT5-XXL output); fewer rows are zero-padded"
+            except AttributeError:
+                pass
+        specs.append(
+            SimpleNamespace(
+                name=name, shape=shape, dtype=dtype, meaning=meaning, units=units, low=None, high=None, when="block"
+            )
+        )
+    return specs
+
+
+def input_specs(session):
+    """(name, dtype, fd_dtype or 0, shape, meaning, units, low, high, when) of each input, in order."""
+    specs = session.input_specs() if hasattr(session, "input_specs") else _legacy_input_specs(session)
+    out = []
+    for s in specs:
+        dtype = str(s.dtype)
+        out.append(
+            (
+                str(s.name),
+                dtype,
+                FD_DTYPE_CODES.get(dtype, 0),
+                tuple(int(d) for d in s.shape),
+                str(s.meaning or ""),
+                str(s.units or ""),
+                None if s.low is None else float(s.low),
+                None if s.high is None else float(s.high),
+                str(s.when),
+            )
+        )
+    return out
+
+
 def _block(result, what):
     if result is None:
         raise InvalidArgumentError("the session has no block yet: call fd_session_step first (a reset clears it)")
@@ -116,6 +163,16 @@ def _block(result, what):
             "this engine has no decoder: its blocks have latents but no frames (use fd_session_read_latents)"
         )
     return getattr(result, what)[0]
+
+
+def _frames_before_commit(result, what):
+    """Batch 0 of the session's frame buffer while it still holds this block (read after `frames_ready`);
+    None when the copy in the result must be read instead (it is ready only after the commit)."""
+    buf = getattr(result, "frames_buffer", None)
+    session = getattr(result, "_session", None)
+    if what != "frames" or buf is None or result.frames_ready is None or session is None:
+        return None
+    return buf[0] if session.block == result.block + 1 else None
 
 
 def shape(result, what):
@@ -133,12 +190,16 @@ def read(result, what, ptr, nbytes, memory):
             f"({str(src.dtype).replace('torch.', '')} {list(src.shape)}); size it from {info}"
         )
     dst = _raw(ptr, need, memory).view(src.dtype).view(src.shape)
+    early = _frames_before_commit(result, what)
+    if early is not None:
+        src = early
     if src.is_cuda:
-        # A side stream waits for the decode only, not for the commit queued after it.
+        # A side stream waits for the decode only, not for the commit queued after it: it reads the
+        # session's output buffer, written inside the decode stage, right after `frames_ready`.
         side = _side_streams.get(src.device)
         if side is None:
             side = _side_streams[src.device] = torch.cuda.Stream(src.device)
-        if result.frames_ready is not None:
+        if early is not None:
             side.wait_event(result.frames_ready)
         else:
             side.wait_stream(torch.cuda.current_stream(src.device))

@@ -9,6 +9,7 @@
 #include <memory>
 #include <mutex>
 #include <string>
+#include <vector>
 
 #include "flashdreams.h"
 
@@ -37,11 +38,24 @@ struct EngineImpl {
     ~EngineImpl() { release_py(engine); }
 };
 
+// One input of a session, copied out of Python once: fd_input_info points into it.
+struct InputInfo {
+    std::string name, dtype_name, meaning, units, when;
+    int32_t dtype = 0;  // fd_dtype, or 0
+    std::vector<int64_t> shape;
+    bool has_low = false, has_high = false;
+    double low = 0.0, high = 0.0;
+};
+
 struct SessionImpl {
     std::shared_ptr<EngineImpl> engine;  // keeps the engine alive after fd_engine_destroy
     py::object session;                  // flashdreams.Session
     py::object last;                     // the last StepResult, or None
     std::mutex mu;                       // one call at a time on a session
+    // The session's inputs, read on first use (under mu) and never changed after, so the
+    // strings handed out stay valid until the session is destroyed.
+    bool inputs_known = false;
+    std::vector<InputInfo> inputs;
     ~SessionImpl() {
         release_py(last);
         release_py(session);

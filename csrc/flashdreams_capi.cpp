@@ -3,8 +3,10 @@
 // embedded interpreter (capi_runtime.cpp). No C++ exception leaves this file.
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <new>
 #include <string>
+#include <vector>
 
 #include "capi_runtime.h"
 
@@ -47,7 +49,7 @@ fd_status check_struct_size(const char* fn, const char* type, const char* init, 
                                              "(check fd_check_version)");
     }
     return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": " + type + ".struct_size is " + std::to_string(given) +
-                                         "; initialise the options with " + init);
+                                         "; initialise it with " + init);
 }
 
 // True when the host's struct (of struct_size bytes) has this field.
@@ -98,6 +100,53 @@ fd_status get_session(const char* fn, fd_session* handle, std::shared_ptr<Sessio
     if (handle == nullptr) return null_arg(fn, "session");
     s = find_session(handle);
     return s ? FD_OK : dead_handle(fn, "session");
+}
+
+// Looks a session up and reads its inputs from Python on first use; `s` is set on FD_OK.
+// s->inputs never changes once read, so it may be used after the lock is let go.
+fd_status session_inputs(const char* fn, const fd_session* handle, std::shared_ptr<SessionImpl>& s) {
+    fd_status st = get_session(fn, const_cast<fd_session*>(handle), s);
+    if (st != FD_OK) return st;
+    auto lock = lock_session(*s);
+    if (s->inputs_known) return FD_OK;
+    return with_python([&]() -> fd_status {
+        std::vector<InputInfo> inputs;
+        for (py::handle item : glue("input_specs")(s->session)) {
+            py::tuple spec = py::reinterpret_borrow<py::tuple>(item);
+            InputInfo in;
+            in.name = spec[0].cast<std::string>();
+            in.dtype_name = spec[1].cast<std::string>();
+            in.dtype = spec[2].cast<int32_t>();
+            py::tuple shape = spec[3].cast<py::tuple>();
+            if (shape.size() > FD_MAX_DIMS) {
+                return fail(FD_ENGINE_INCOMPATIBLE, std::string(fn) + ": input '" + in.name + "' has " +
+                                                        std::to_string(shape.size()) + " dimensions; the C ABI " +
+                                                        "describes at most FD_MAX_DIMS = " +
+                                                        std::to_string(FD_MAX_DIMS));
+            }
+            for (py::handle d : shape) in.shape.push_back(d.cast<int64_t>());
+            in.meaning = spec[4].cast<std::string>();
+            in.units = spec[5].cast<std::string>();
+            in.has_low = !spec[6].is_none();
+            in.low = in.has_low ? spec[6].cast<double>() : 0.0;
+            in.has_high = !spec[7].is_none();
+            in.high = in.has_high ? spec[7].cast<double>() : 0.0;
+            in.when = spec[8].cast<std::string>();
+            inputs.push_back(std::move(in));
+        }
+        if (inputs.size() > static_cast<size_t>(INT32_MAX)) {
+            return fail(FD_INTERNAL, std::string(fn) + ": the session lists more than INT32_MAX inputs");
+        }
+        s->inputs = std::move(inputs);
+        s->inputs_known = true;
+        return FD_OK;
+    });
+}
+
+std::string input_names(const SessionImpl& s) {
+    std::string names;
+    for (const InputInfo& in : s.inputs) names += (names.empty() ? "" : ", ") + in.name;
+    return names.empty() ? "(none)" : names;
 }
 
 fd_status block_info(const char* fn, fd_session* handle, const char* what, int64_t* out[4]) {
@@ -253,6 +302,78 @@ FD_API fd_status fd_session_set_input(fd_session* session, const char* name, con
             s->session.attr("set_input")(name, view_to_tensor(value));
             return FD_OK;
         });
+    });
+}
+
+FD_API fd_status fd_session_input_count(const fd_session* session, int32_t* count) {
+    static const char* fn = "fd_session_input_count";
+    return guarded([&]() -> fd_status {
+        if (count == nullptr) return null_arg(fn, "count");
+        *count = 0;
+        std::shared_ptr<SessionImpl> s;
+        fd_status st = session_inputs(fn, session, s);
+        if (st != FD_OK) return st;
+        *count = static_cast<int32_t>(s->inputs.size());
+        return succeed();
+    });
+}
+
+FD_API fd_status fd_session_input_info(const fd_session* session, int32_t index, fd_input_info* info) {
+    static const char* fn = "fd_session_input_info";
+    return guarded([&]() -> fd_status {
+        if (info == nullptr) return null_arg(fn, "info");
+        fd_status st = check_struct_size(fn, "fd_input_info", "FD_INPUT_INFO_INIT", info->struct_size,
+                                         sizeof(fd_input_info));
+        if (st != FD_OK) return st;
+        std::shared_ptr<SessionImpl> s;
+        st = session_inputs(fn, session, s);
+        if (st != FD_OK) return st;
+        const int32_t n = static_cast<int32_t>(s->inputs.size());
+        if (index < 0 || index >= n) {
+            return fail(FD_INVALID_ARGUMENT,
+                        std::string(fn) + ": index " + std::to_string(index) + " is out of range: " +
+                            (n == 0 ? std::string("the session has no inputs")
+                                    : "valid indices are 0.." + std::to_string(n - 1) + " (the session has " +
+                                          std::to_string(n) + (n == 1 ? " input" : " inputs") +
+                                          "; see fd_session_input_count)"));
+        }
+        const InputInfo& in = s->inputs[static_cast<size_t>(index)];
+        fd_input_info full = FD_INPUT_INFO_INIT;
+        full.struct_size = info->struct_size;
+        full.name = in.name.c_str();
+        full.dtype_name = in.dtype_name.c_str();
+        full.dtype = static_cast<fd_dtype>(in.dtype);
+        full.ndim = static_cast<int32_t>(in.shape.size());
+        for (size_t i = 0; i < in.shape.size(); ++i) full.shape[i] = in.shape[i];
+        full.meaning = in.meaning.c_str();
+        full.units = in.units.c_str();
+        full.has_low = in.has_low ? 1 : 0;
+        full.low = in.low;
+        full.has_high = in.has_high ? 1 : 0;
+        full.high = in.high;
+        full.when = in.when.c_str();
+        std::memcpy(info, &full, info->struct_size);  // the fields the host's struct has
+        return succeed();
+    });
+}
+
+FD_API fd_status fd_session_input_find(const fd_session* session, const char* name, int32_t* index) {
+    static const char* fn = "fd_session_input_find";
+    return guarded([&]() -> fd_status {
+        if (index == nullptr) return null_arg(fn, "index");
+        *index = -1;
+        if (name == nullptr) return null_arg(fn, "name");
+        std::shared_ptr<SessionImpl> s;
+        fd_status st = session_inputs(fn, session, s);
+        if (st != FD_OK) return st;
+        for (size_t i = 0; i < s->inputs.size(); ++i) {
+            if (s->inputs[i].name == name) {
+                *index = static_cast<int32_t>(i);
+                return succeed();
+            }
+        }
+        return fail(FD_NOT_FOUND, std::string(fn) + ": the session has no input '" + name + "'; its inputs: " +
+                                      input_names(*s));
     });
 }
 

@@ -9,6 +9,7 @@ An existing non-engine directory is refused; an existing engine is replaced only
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import shutil
@@ -21,8 +22,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from flashdreams import registry
 from flashdreams.errors import InternalError, InvalidArgumentError
 from flashdreams.export.backends import get_backend
+from flashdreams.export.build_config import BuildConfig
 from flashdreams.export.kernel_cache import bundle_kernels, capture_compile_caches
 from flashdreams.export.manifest import (
     MANIFEST_NAME,
@@ -32,9 +35,10 @@ from flashdreams.export.manifest import (
     machine_fingerprint,
     write_manifest,
 )
-from flashdreams.export.steps import GRAPH_OF_CALL, decode_programs, decoder_module, dit_program, encode_program
+from flashdreams.export.steps import step_programs
+from flashdreams.models.decode_step import decoder_module
+from flashdreams.models.family import LoadOptions
 from flashdreams.parity.common import rel_l2
-from flashdreams.presets import Preset
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +76,43 @@ def _check_out_dir(out: Path, force: bool) -> None:
         )
 
 
+def remove_stale_builds(out: str | os.PathLike) -> list[Path]:
+    """Remove the `.<name>.building-<pid>-<hex>` siblings of `out` left by builds that were killed
+    (SIGKILL, power loss) before they could clean up; a folder whose pid is alive is left alone.
+    Returns the folders removed."""
+    out = Path(out).absolute()
+    if not out.parent.is_dir():
+        return []
+    prefix = f".{out.name}.building-"
+    removed = []
+    for entry in out.parent.iterdir():
+        if not entry.name.startswith(prefix) or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid_text = entry.name[len(prefix) :].split("-", 1)[0]
+        if not pid_text.isdigit() or _pid_alive(int(pid_text)):
+            continue
+        log.warning("removing %s, left by build process %s which is no longer running", entry, pid_text)
+        shutil.rmtree(entry, ignore_errors=True)
+        if not entry.exists():
+            removed.append(entry)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists on this machine (one we may not signal counts as alive)."""
+    if pid <= 0:
+        return False
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: someone else's live process
+        return True
+    return True
+
+
 def _install(tmp: Path, out: Path) -> None:
     """Move the finished build into place; an old engine there is removed only after."""
     old = None
@@ -90,7 +131,7 @@ def build_engine(
     out_dir: str | os.PathLike,
     *,
     checkpoint: str | os.PathLike | None = None,
-    preset: str | Preset | None = None,
+    preset=None,
     backend: str = "inductor",
     height: int | None = None,
     width: int | None = None,
@@ -104,6 +145,8 @@ def build_engine(
     seed: int = 0,
     force: bool = False,
     progress: Progress | None = None,
+    precision: str = "bf16",
+    config: BuildConfig | None = None,
 ) -> dict:
     """Build an engine directory at `out_dir` and return its (sealed) manifest.
 
@@ -114,14 +157,14 @@ def build_engine(
     `decoder_weights`.
     """
     import flashdreams
-    from flashdreams.engine import load, resolve_device_dtype
+    from flashdreams.engine import resolve_device_dtype
 
     t_start = time.perf_counter()
     if batch < 1:
         raise InvalidArgumentError(f"batch must be >= 1, got {batch}")
     out = Path(out_dir).absolute()
     _check_out_dir(out, force)
-    gb = get_backend(backend)
+    gb = get_backend(backend, config)  # config None: BuildConfig(backend=backend)
     dev, dt = resolve_device_dtype(device, dtype)
     reason = gb.unavailable_reason(dev)
     if reason:
@@ -129,6 +172,7 @@ def build_engine(
     graph_attention = gb.build_attention(attention)
     preset_arg = preset if preset is not None else ("tiny" if checkpoint is None else "self-forcing-1.3b")
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_builds(out)  # what killed builds into the same place left behind
     tmp = out.with_name(f".{out.name}.building-{os.getpid()}-{uuid.uuid4().hex[:8]}")
     tmp.mkdir()
     phases: dict[str, float] = {}
@@ -146,28 +190,29 @@ def build_engine(
     with capture_compile_caches(redirect_inductor=dev.type == "cuda") as scratch:
         try:
             t = phase("load model")
-            eager = load(
-                checkpoint,
-                preset=preset_arg,
+            preset_obj = registry.get_preset(preset_arg) if isinstance(preset_arg, str) else preset_arg
+            opts = LoadOptions(
+                source=None if checkpoint is None else str(checkpoint),
                 device=dev,
                 dtype=dt,
                 attention=graph_attention,
-                decoder=decoder,
+                precision=precision,
                 height=height,
                 width=width,
+                batch=batch,
                 random_weights=random_weights,
                 weights_seed=seed,
-                decoder_weights=decoder_weights,
+                decoder=decoder,
+                decoder_weights=None if decoder_weights is None else str(decoder_weights),
             )
-            progs = [encode_program(eager, batch), dit_program(eager, batch, gb.functional)]
-            dec_progs = decode_programs(eager, batch, gb.functional)
-            progs += dec_progs or []
+            model = registry.family(preset_obj.family).load(preset_obj, opts)
+            progs = step_programs(model, gb.functional)
             total[0] = 4 + len(progs)
             phases["load model"] = time.perf_counter() - t
 
             t = phase("hash weights")
-            w_hash = weights_sha256(eager.backend.model)
-            dec_module = decoder_module(eager.decoder) if eager.decoder is not None else None
+            w_hash = weights_sha256(model.weights)
+            dec_module = decoder_module(model.decoder) if model.decoder is not None else None
             dec_hash = weights_sha256(dec_module) if dec_module is not None else None
             phases["hash weights"] = time.perf_counter() - t
 
@@ -192,49 +237,32 @@ def build_engine(
             phases["save artifacts"] = time.perf_counter() - t
 
             t = phase("write manifest")
-            spec = eager.spec
-            sched = spec.schedule
-            calls = ["denoise"] * sched.num_steps + (["decode"] if eager.decoder is not None else []) + ["commit"]
+            plan = model.plan
             manifest = {
                 "schema_version": SCHEMA_VERSION,
                 "fd_version": flashdreams.__version__,
-                "model_id": spec.preset.name,
-                "preset": spec.preset.to_dict(),
-                "config": spec.preset.model.to_dict(),
-                "config_hash": spec.preset.model.hash(),
+                "model_id": preset_obj.name,
+                "family": plan.family,
+                "preset": preset_obj.to_dict(),
+                "config_hash": config_hash(preset_obj),
                 "weights_sha256": w_hash,
-                "weights_source": eager.source + (f" (seed {seed})" if checkpoint is None else ""),
+                "weights_source": model.source + (f" (seed {seed})" if checkpoint is None else ""),
                 "weights_seed": seed if checkpoint is None else None,
+                "stand_in_inputs": checkpoint is None and (getattr(preset_obj, "builtin", False) or random_weights),
                 "backend": backend,
                 "engine": {
                     "batch": batch,
-                    "height": spec.height,
-                    "width": spec.width,
+                    "height": plan.meta.get("height"),
+                    "width": plan.meta.get("width"),
                     "dtype": dtype_name(dt),
                     "device_type": dev.type,
                     "attention": attention,
                     "graph_attention": graph_attention,
-                    "latent_shape": [
-                        batch,
-                        spec.latent_channels,
-                        spec.num_frame_per_block,
-                        spec.latent_h,
-                        spec.latent_w,
-                    ],
-                    "text_len": eager.backend.text_len,
-                    "text_dim": spec.text_dim,
-                    "num_layers": eager.backend.num_layers,
-                    "num_heads": eager.backend.num_heads,
-                    "head_dim": eager.backend.head_dim,
-                    "ring": spec.ring.to_dict(),
-                    "schedule": {
-                        **sched.to_dict(),
-                        "block_calls": calls,
-                        "graph_of_call": {c: g for c, g in GRAPH_OF_CALL.items() if c != "decode" or dec_progs},
-                        "first_block_graph_of_call": {"decode": "decode_first"} if dec_progs else {},
-                    },
+                    "precision": precision,
+                    "latent_shape": list(plan.latents.shape),
                 },
-                "decoder": _decoder_record(eager.decoder, dec_progs, dec_hash, decoder_weights),
+                "plan": plan.to_dict(),
+                "decoder": _decoder_record(model.decoder, progs, dec_hash, decoder_weights),
                 "graphs": graphs,
                 "artifacts": artifacts,
                 "fingerprint": machine_fingerprint(dev),
@@ -242,6 +270,7 @@ def build_engine(
                     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                     "seconds": None,
                     "phases": {},
+                    "config": gb.config.to_dict(),
                 },
             }
             phases["write manifest"] = time.perf_counter() - t
@@ -258,17 +287,23 @@ def build_engine(
     return sealed
 
 
-def _decoder_record(decoder, dec_progs, dec_hash, weights) -> dict | None:
+def _decoder_record(decoder, progs, dec_hash, weights) -> dict | None:
     if decoder is None:
         return None
+    shapes = {p.name: p.outputs[0].shape for p in progs if p.name in ("decode_first", "decode")}
     return {
         "name": decoder.name,
         "weights": str(weights) if weights is not None else "random (seeded)",
-        "compiled": bool(dec_progs),
+        "compiled": bool(shapes),
         "weights_sha256": dec_hash,
-        "frames_first_block": dec_progs[0].outputs[0].shape[1] if dec_progs else None,
-        "frames_per_block": dec_progs[1].outputs[0].shape[1] if dec_progs else None,
+        "frames_first_block": shapes["decode_first"][1] if "decode_first" in shapes else None,
+        "frames_per_block": shapes["decode"][1] if "decode" in shapes else None,
     }
+
+
+def config_hash(preset) -> str:
+    """A stable hash of the preset (its config and schedule): part of an engine's identity."""
+    return hashlib.sha256(json.dumps(preset.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 @torch.no_grad()

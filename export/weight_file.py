@@ -39,26 +39,92 @@ _DTYPES = {
 
 CHUNK = 64 << 20
 ALIGN = 256
+MAX_HEADER = 100_000_000  # bytes; the safetensors library's own limit on the JSON header
+_FIELDS = ("dtype", "shape", "data_offsets")
+_FIX = "the weights file is corrupt or not the one this engine wrote: rebuild the engine with fd-build"
 
 
-def _header(f, path: str) -> tuple[dict, int]:
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _header(f, path: str, file_size: int) -> tuple[dict, int]:
+    """The header's tensor entries (metadata dropped) and where the data section starts.
+
+    The declared header length is bounded by the file and by MAX_HEADER before anything is
+    read, so a corrupt length cannot make the reader allocate gigabytes.
+    """
     raw = f.read(8)
     if len(raw) != 8:
         raise EngineIncompatibleError(f"'{path}' is not a safetensors file (shorter than its header)")
     (n,) = struct.unpack("<Q", raw)
+    if n > min(MAX_HEADER, file_size - 8):
+        raise EngineIncompatibleError(
+            f"'{path}': the safetensors header claims {n} bytes, but at most {min(MAX_HEADER, file_size - 8)} "
+            f"are possible (file of {file_size} bytes, header limit {MAX_HEADER}); {_FIX}"
+        )
     try:
         header = json.loads(f.read(n))
     except ValueError as exc:
-        raise EngineIncompatibleError(f"'{path}' has a corrupt safetensors header ({exc})") from None
+        raise EngineIncompatibleError(f"'{path}' has a corrupt safetensors header ({exc}); {_FIX}") from None
+    if not isinstance(header, dict):
+        raise EngineIncompatibleError(
+            f"'{path}': the safetensors header is a JSON {type(header).__name__}, expected an object "
+            f"of tensor entries; {_FIX}"
+        )
     header.pop("__metadata__", None)
     return header, 8 + n
 
 
-def _layout(header: dict) -> tuple[list[tuple[str, int, int, int]], int]:
+def _entries(header: dict, path: str, size: int) -> dict[str, tuple[torch.dtype, list[int], int, int]]:
+    """Every tensor entry checked against the `size`-byte data section: {name: (dtype, shape, begin, end)}.
+
+    Refuses, naming the file and the tensor: an entry that is not an object or lacks a field,
+    an unknown dtype, a malformed shape or offsets, bytes outside the data section, a byte
+    count that is not shape x dtype, and tensors whose bytes overlap.
+    """
+    out: dict[str, tuple[torch.dtype, list[int], int, int]] = {}
+    for name, info in header.items():
+        where = f"'{path}': tensor '{name}'"
+        if not isinstance(info, dict):
+            raise EngineIncompatibleError(f"{where} is a JSON {type(info).__name__}, expected an object; {_FIX}")
+        absent = [k for k in _FIELDS if k not in info]
+        if absent:
+            raise EngineIncompatibleError(f"{where} lacks {', '.join(absent)} in the header; {_FIX}")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if not isinstance(dtype, str) or dtype not in _DTYPES:
+            raise EngineIncompatibleError(
+                f"{where} has unsupported dtype {dtype!r} (expected one of {', '.join(_DTYPES)}); {_FIX}"
+            )
+        if not isinstance(shape, list) or not all(_is_int(d) and d >= 0 for d in shape):
+            raise EngineIncompatibleError(f"{where} has shape {shape!r}, expected a list of sizes >= 0; {_FIX}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_int(o) for o in offsets):
+            raise EngineIncompatibleError(f"{where} has data_offsets {offsets!r}, expected [begin, end]; {_FIX}")
+        begin, end = offsets
+        if not 0 <= begin <= end <= size:
+            raise EngineIncompatibleError(
+                f"{where} lies outside the file's data: bytes [{begin}, {end}) of a {size}-byte data section "
+                f"(the file is truncated or its header corrupt); {_FIX}"
+            )
+        want = _DTYPES[dtype].itemsize * math.prod(shape)
+        if end - begin != want:
+            raise EngineIncompatibleError(
+                f"{where} has {end - begin} bytes, but shape {shape} of {dtype} needs {want}; {_FIX}"
+            )
+        out[name] = (_DTYPES[dtype], shape, begin, end)
+    spans = sorted((begin, end, name) for name, (_, _, begin, end) in out.items() if end > begin)
+    for (_, prev_end, prev), (begin, _, name) in zip(spans, spans[1:]):
+        if begin < prev_end:
+            raise EngineIncompatibleError(
+                f"'{path}': tensors '{prev}' and '{name}' overlap (bytes [{begin}, {prev_end}) of the data); {_FIX}"
+            )
+    return out
+
+
+def _layout(entries: dict[str, tuple[torch.dtype, list[int], int, int]]) -> tuple[list[tuple[str, int, int, int]], int]:
     """[(name, begin, end, destination offset)] in file order, and the aligned buffer size."""
     items, pos = [], 0
-    for name, info in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-        begin, end = info["data_offsets"]
+    for name, (_, _, begin, end) in sorted(entries.items(), key=lambda kv: kv[1][2]):
         items.append((name, begin, end, pos))
         pos += -(-(end - begin) // ALIGN) * ALIGN
     return items, pos
@@ -98,22 +164,20 @@ def _stream_to(f, size: int, items, total: int, device: torch.device) -> torch.T
 
 
 def read_safetensors(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Every tensor of a safetensors file on `device`: views of one buffer, each ALIGN-aligned."""
+    """Every tensor of a safetensors file on `device`: views of one buffer, each ALIGN-aligned.
+
+    The whole header is validated before the device buffer is allocated: a malformed file is
+    refused with an EngineIncompatibleError naming the file and the tensor.
+    """
     device = torch.device(device)
     path = str(path)
     with open(path, "rb") as f:
-        header, start = _header(f, path)
-        size = os.fstat(f.fileno()).st_size - start
-        for name, info in header.items():
-            if info.get("dtype") not in _DTYPES:
-                raise EngineIncompatibleError(f"'{path}': tensor '{name}' has unsupported dtype {info.get('dtype')}")
-            begin, end = info["data_offsets"]
-            esize = torch.empty((), dtype=_DTYPES[info["dtype"]]).element_size()
-            if not 0 <= begin <= end <= size or (end - begin) != esize * math.prod(info["shape"]):
-                raise EngineIncompatibleError(f"'{path}': tensor '{name}' lies outside the file or has the wrong size")
-        items, total = _layout(header)
-        buf = _stream_to(f, size, items, total, device)
+        file_size = os.fstat(f.fileno()).st_size
+        header, start = _header(f, path, file_size)
+        entries = _entries(header, path, file_size - start)
+        items, total = _layout(entries)
+        buf = _stream_to(f, file_size - start, items, total, device)
     return {
-        name: buf[dest : dest + end - begin].view(_DTYPES[header[name]["dtype"]]).reshape(header[name]["shape"])
+        name: buf[dest : dest + end - begin].view(entries[name][0]).reshape(entries[name][1])
         for name, begin, end, dest in items
     }

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -111,18 +112,26 @@ class Engine:
     def input_specs(self):
         return list(self.plan.inputs.values())
 
-    def default_inputs(self, seed: int = 0) -> dict[str, torch.Tensor]:
-        """Deterministic stand-ins for the required inputs (seeded normal draws), for models without encoders."""
-        gen = torch.Generator().manual_seed(seed)
-        return {
-            n: torch.randn(s.shape, generator=gen)
-            for n, s in self.plan.inputs.items()
-            if s.required and s.torch_dtype().is_floating_point
-        }
+    def default_inputs(self, seed: int = 0, batch: int | None = None) -> dict[str, torch.Tensor]:
+        """Deterministic stand-ins for the required inputs (seeded draws in each input's range), for
+        models whose encoders are not loaded; `batch` overrides the engine's batch."""
+        out = {}
+        for n, s in self.plan.inputs.items():
+            if not (s.required and s.torch_dtype().is_floating_point):
+                continue
+            # Each input from its own stream, keyed by name: the stand-ins do not depend on the order
+            # the inputs are listed in (a manifest may store them in another order).
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(n.encode()))
+            shape = (batch or s.shape[0], *s.shape[1:])
+            if s.low is not None and s.high is not None:
+                out[n] = s.low + (s.high - s.low) * torch.rand(shape, generator=gen)
+            else:
+                out[n] = torch.randn(shape, generator=gen)
+        return out
 
     def default_prompt(self, batch: int = 1, seed: int = 0) -> torch.Tensor:
         """A deterministic stand-in prompt embedding, for models whose text encoder is not loaded."""
-        return self.default_inputs(seed)["prompt_embeds"]
+        return self.default_inputs(seed, batch)["prompt_embeds"]
 
     def session(
         self,
@@ -150,6 +159,11 @@ class Engine:
             f"Engine({self.preset_name}, backend={self.backend.name}, {s.height}x{s.width}, "
             f"device={self.device}, dtype={self.backend.dtype})"
         )
+
+
+def looks_like_engine_dir(path: Path) -> bool:
+    """A directory holding what fd-build writes (graphs/, an engine weights file, a kernel bundle)."""
+    return path.is_dir() and ((path / "graphs").is_dir() or (path / "kernels.tar").is_file())
 
 
 def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.dtype | None):
@@ -213,6 +227,11 @@ def load(
             return load_engine_dir(source, device=device, attention=attention, decoder=decoder)
         if not path.exists():
             raise NotFoundError(f"checkpoint '{source}' does not exist")
+        if looks_like_engine_dir(path):
+            raise NotFoundError(
+                f"'{source}' is an engine directory missing its manifest.json (an interrupted copy or build?); "
+                "rebuild it with fd-build, or copy the whole directory again"
+            )
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:

@@ -46,6 +46,11 @@ class DeviceError(FlashDreamsError, RuntimeError):
     status = "FD_DEVICE_ERROR"
 
 
+class SessionFailedError(DeviceError):
+    """A step failed where its effects could not be undone (inside a replayed CUDA graph): the
+    session refuses every call until `reset()`."""
+
+
 class InternalError(FlashDreamsError, RuntimeError):
     """A bug in FlashDreams; please report it."""
 

@@ -23,7 +23,9 @@ def family(name: str):
     try:
         module = FAMILIES[name]
     except KeyError:
-        raise NotFoundError(f"model family '{name}' is unknown; known families: {', '.join(sorted(FAMILIES))}") from None
+        raise NotFoundError(
+            f"model family '{name}' is unknown; known families: {', '.join(sorted(FAMILIES))}"
+        ) from None
     return importlib.import_module(module).FAMILY
 
 

@@ -20,8 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from flashdreams.errors import InvalidArgumentError
-from flashdreams.models.family import InputSpec, run_ops
+from flashdreams.errors import InvalidArgumentError, OutOfMemoryError, SessionFailedError
+from flashdreams.models.family import InputSpec, op_writes, run_ops
 
 if TYPE_CHECKING:
     from flashdreams.engine import Engine
@@ -171,9 +171,14 @@ class Session:
         self._pool = None
         self._stream = None
         self._outputs: dict[tuple, torch.Tensor] = {}
+        self._shelf: dict = {}  # buffers of other shapes (run_ops): kept alive for captured graphs
         self._emitted: tuple[torch.Tensor, torch.Tensor | None] | None = None
         self.timing = False  # record stage boundaries (events) for fd-bench
         self.capture_s = 0.0  # wall seconds spent capturing graphs
+        self._failed: str | None = None  # why the session refuses calls until reset()
+        self._replaying = False
+        self._rollback = [n for n, d in plan.state.items() if d.rollback]
+        self.recording = None  # a flashdreams.recording.Recording while one is made
         for name, value in (inputs or {}).items():
             self.set_input(name, value)
         missing = [n for n, s in plan.inputs.items() if s.required and n not in self._given]
@@ -242,13 +247,29 @@ class Session:
     @torch.no_grad()
     def set_input(self, name: str, value: torch.Tensor) -> None:
         """Set a named input; it is checked whole before anything is written. Takes effect at the next block
-        (inputs marked `when="reset"`, such as a start image, at the next reset)."""
+        (inputs marked `when="reset"`, such as a start image, at the next reset).
+
+        All or nothing: if the input's program (e.g. the prompt's cross-attention cache) fails, the
+        input and every buffer the program writes are restored."""
+        self._check_alive()
         x = self.check_input(name, value)
-        self.buffers[name].copy_(x)
-        self._given.add(name)
         spec = self.plan.inputs[name]
-        if spec.program:
-            run_ops(list(spec.program), self.buffers, self._call, self.plan.graphs)
+        touched = [name] + [n for op in spec.program for n in op_writes(op) if n in self.plan.state]
+        saved = {n: self.buffers[n].clone() for n in touched}
+        try:
+            self.buffers[name].copy_(x)
+            if spec.program:
+                run_ops(list(spec.program), self.buffers, self._call, self.plan.graphs)
+        except BaseException as exc:
+            for n, t in saved.items():
+                self.buffers[n].copy_(t)
+            mapped = _mapped(exc, f"set_input('{name}')")
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        self._given.add(name)
+        if self.recording is not None:
+            self.recording.input(name, x)
 
     def set_prompt(self, prompt_embeds: torch.Tensor) -> None:
         """Switch the prompt between blocks: the cross-attention cache is rewritten in place."""
@@ -258,6 +279,7 @@ class Session:
         """Back to block 0 (same buffers, so captured graphs stay valid); optionally a new seed and inputs."""
         new_seed = self.seed if seed is None else _check_seed(seed)
         checked = {n: self.check_input(n, v) for n, v in inputs.items()}
+        self._failed = None  # reset is the way out of a failed state
         for name, x in checked.items():
             self.set_input(name, x)
         self.seed = new_seed
@@ -267,6 +289,9 @@ class Session:
             if spec.program and name in self._given:  # state derived from inputs is rebuilt
                 run_ops(list(spec.program), self.buffers, self._call, self.plan.graphs)
         self.block = 0
+        self._failed = None
+        if self.recording is not None:
+            self.recording.reset(new_seed)
 
     # -- the loop ------------------------------------------------------------------
     def _call(self, graph: str, args: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
@@ -284,19 +309,27 @@ class Session:
             i += len(vals)
         return values[ring.valid_len][0]
 
-    def _draw(self, draws: dict[str, torch.Tensor] | None) -> None:
-        """Fill the draw buffers: given tensors (parity, replay) or the generator seeded by (seed, block)."""
+    def _check_draws(self, draws: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
+        """Given draws checked whole (names, shapes, finite floats) before anything is written."""
+        if draws is not None and not isinstance(draws, dict):
+            raise InvalidArgumentError(f"step: draws must be a dict {{name: tensor}}, got {type(draws).__name__}")
         given = dict(draws or {})
         unknown = sorted(set(given) - set(self.plan.draws))
         if unknown:
             raise InvalidArgumentError(f"step: unknown draws {unknown}; this model draws {sorted(self.plan.draws)}")
-        for name, decl in given.items():
-            if tuple(decl.shape) != self.plan.draws[name].shape:
-                raise InvalidArgumentError(
-                    f"step: draw '{name}' must have shape {list(self.plan.draws[name].shape)}, got {list(decl.shape)}"
-                )
+        for name, t in given.items():
+            want = self.plan.draws[name].shape
+            if not isinstance(t, torch.Tensor) or tuple(t.shape) != want:
+                got = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+                raise InvalidArgumentError(f"step: draw '{name}' must have shape {list(want)}, got {got}")
+            if not torch.is_floating_point(t) or not bool(torch.isfinite(t).all()):
+                raise InvalidArgumentError(f"step: draw '{name}' must hold finite floating-point values")
+        return given
+
+    def _draw(self, given: dict[str, torch.Tensor]) -> None:
+        """Fill the draw buffers: given tensors (parity, replay) or the generator seeded by (seed, block)."""
         self.generator.manual_seed(block_seed(self.seed, self.block))
-        for name, decl in self.plan.draws.items():
+        for name in self.plan.draws:
             buf = self.buffers[name]
             if name in given:
                 buf.copy_(given[name])
@@ -307,20 +340,44 @@ class Session:
     def step(self, draws: dict[str, torch.Tensor] | None = None) -> StepResult:
         """Generate the next block. `draws` ({name: tensor}) replace the session's own random draws
         (parity with stored draws); by default they come from a generator seeded by (seed, block)."""
+        self._check_alive()
+        given = self._check_draws(draws)
+        snapshot = {n: self.buffers[n].clone() for n in self._rollback}
+        try:
+            result = self._run_block(given)
+        except BaseException as exc:
+            if self._replaying:
+                # Work inside a replayed graph cannot be undone or even located: refuse until reset().
+                self._failed = f"{type(exc).__name__}: {exc}"
+            for n, t in snapshot.items():
+                self.buffers[n].copy_(t)
+            mapped = _mapped(exc, f"step (block {self.block})")
+            if mapped is exc:
+                raise
+            raise mapped from exc
+        self.block += 1
+        if self.recording is not None:
+            self.recording.step(given)
+        return result
+
+    def _run_block(self, given: dict[str, torch.Tensor]) -> StepResult:
         plan = self.plan
         kind = plan.kind_of(self.block)
+        self._replaying = False
         valid = self._fill_block_values()
-        self._draw(draws)
+        self._draw(given)
         key = kind if not self.backend.shape_specialized else f"{kind}@{valid}"
         captured = None
         if self.cuda_graphs and self.probe is None:
             captured = self._captured.get(key)
             if captured is None and key in self._warm:
+                self._replaying = True  # a failed capture leaves the stream's state unknown
                 captured = self._captured[key] = self._capture(plan.programs[kind])
         marks = _Marks(self.device, self.timing)
         ready = None
         self._emitted = None
         if captured is not None:
+            self._replaying = True
             for i, (g, name) in enumerate(zip(captured.graphs, captured.names)):
                 g.replay()
                 ev = marks.mark(name, always=i == captured.emit_stage)
@@ -339,7 +396,14 @@ class Session:
 
             for name, ops in _split_stages(plan.programs[kind]):
                 already = self._emitted is not None
-                run_ops(ops, self.buffers, call, plan.graphs, on_emit=lambda lat, fr: self._emit(kind, lat, fr))
+                run_ops(
+                    ops,
+                    self.buffers,
+                    call,
+                    plan.graphs,
+                    on_emit=lambda lat, fr: self._emit(kind, lat, fr),
+                    shelf=self._shelf,
+                )
                 emit_stage = self._emitted is not None and not already
                 ev = marks.mark(name, always=emit_stage)
                 if emit_stage:
@@ -357,8 +421,30 @@ class Session:
             frames,
             self,
         )
-        self.block += 1
         return result
+
+    def _check_alive(self) -> None:
+        if self._failed is not None:
+            raise SessionFailedError(
+                f"this session failed inside a replayed CUDA graph ({self._failed}); its state is unknown: "
+                "call reset() to start it again"
+            )
+
+    def start_recording(self):
+        """Record the seed and every named input from here on, for a bit-exact replay in another process
+        (`flashdreams.recording`); starts at block 0, so a running session is reset first."""
+        from flashdreams.recording import Recording
+
+        if self.block != 0:
+            self.reset()
+        self.recording = Recording.begin(self)
+        return self.recording
+
+    def save_recording(self, path) -> None:
+        """Write the recording (one safetensors file: the inputs, the event log in its metadata)."""
+        if self.recording is None:
+            raise InvalidArgumentError("this session is not recording: call start_recording() first")
+        self.recording.save(path)
 
     def _emit(self, kind: str, latents: torch.Tensor, frames: torch.Tensor | None) -> None:
         """Copy the block's results into persistent output buffers (inside the captured decode stage)."""
@@ -395,7 +481,12 @@ class Session:
             self._emitted = None
             with torch.cuda.graph(g, pool=self._pool):
                 run_ops(
-                    stage_ops, self.buffers, self._call, self.plan.graphs, on_emit=lambda la, fr: self._emit(kind, la, fr)
+                    stage_ops,
+                    self.buffers,
+                    self._call,
+                    self.plan.graphs,
+                    on_emit=lambda la, fr: self._emit(kind, la, fr),
+                    shelf=self._shelf,
                 )
             if self._pool is None:
                 self._pool = g.pool()
@@ -413,6 +504,16 @@ class Session:
         while num_blocks is None or n < num_blocks:
             yield self.step().frames_cpu()[0]
             n += 1
+
+
+def _mapped(exc: BaseException, where: str) -> BaseException:
+    """A device out-of-memory becomes our named error (the step was undone); anything else as it is."""
+    if isinstance(exc, torch.OutOfMemoryError):
+        return OutOfMemoryError(
+            f"{where}: the device ran out of memory ({exc}); the session is unchanged. Free memory, or use "
+            "a smaller batch or resolution"
+        )
+    return exc
 
 
 def _check_seed(seed) -> int:

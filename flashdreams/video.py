@@ -2,14 +2,71 @@
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterable
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from flashdreams.errors import InvalidArgumentError
+
+# Containers the writer knows, by suffix, with the codecs it tries in order (the first FFmpeg has).
+CODECS: dict[str, tuple[str, ...]] = {
+    ".mp4": ("libx264", "mpeg4"),
+    ".m4v": ("libx264", "mpeg4"),
+    ".mov": ("libx264", "mpeg4"),
+    ".mkv": ("libx264", "mpeg4"),
+    ".avi": ("libx264", "mpeg4"),
+    ".webm": ("libvpx-vp9", "libvpx"),
+}
+
+
+def frame_rate(fps: float | Fraction) -> Fraction:
+    """`fps` as an exact Fraction (7.5 -> 15/2, 29.97 -> 2997/100, 24000/1001 stays); refuses <= 0, NaN, inf."""
+    if isinstance(fps, bool) or not isinstance(fps, (int, float, Fraction)):
+        raise InvalidArgumentError(f"frame rate must be a number, got {type(fps).__name__}")
+    if isinstance(fps, float) and not math.isfinite(fps) or fps <= 0:
+        raise InvalidArgumentError(f"frame rate must be a positive number of frames per second, got {fps}")
+    rate = Fraction(fps).limit_denominator(1001)
+    if rate <= 0:
+        raise InvalidArgumentError(f"frame rate {fps} is too small to write (under 1 frame per 1001 s)")
+    return rate
+
+
+def check_video_path(path: str | os.PathLike) -> Path:
+    """Refuse, before any work, a video path that cannot be written: an unknown suffix, a
+    missing or read-only folder, or a directory in the way. Creates nothing."""
+    p = Path(path)
+    suffix = p.suffix.lower()
+    if suffix not in CODECS:
+        raise InvalidArgumentError(
+            f"cannot write a video to '{p}': use one of the suffixes {', '.join(CODECS)} (the suffix picks the format)"
+        )
+    check_writable(p)
+    return p
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """Refuse a file path whose folder is missing or not writable, or that names a directory."""
+    p = Path(path)
+    folder = p.parent
+    if p.is_dir():
+        raise InvalidArgumentError(f"'{p}' is a directory; give a file name")
+    if not folder.is_dir():
+        raise InvalidArgumentError(f"the folder '{folder}' of '{p}' does not exist; create it or pick another path")
+    try:  # a real write, since os.access says yes to root on read-only file systems
+        import tempfile
+
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{p.name}.probe-"):
+            pass
+    except OSError as exc:
+        raise InvalidArgumentError(
+            f"cannot write into the folder '{folder}' ({exc.strerror or exc}); pick another path"
+        ) from None
+    return p
 
 
 class VideoWriter:
@@ -19,30 +76,45 @@ class VideoWriter:
     half-written file that looks finished.
     """
 
-    def __init__(self, path: str | os.PathLike, fps: float = 16.0, codec: str = "libx264", crf: int = 18) -> None:
+    def __init__(
+        self, path: str | os.PathLike, fps: float | Fraction = 16.0, codec: str | None = None, crf: int = 18
+    ) -> None:
+        """`fps` is kept exactly (7.5 writes a 15/2 stream); `codec` defaults to the suffix's (H.264 for
+        .mp4/.mkv/.mov, VP9 for .webm)."""
         try:
             import av
         except ImportError:
             raise InvalidArgumentError("writing video needs PyAV: pip install 'flashdreams[video]'") from None
         self.path = Path(path)
+        self.rate = frame_rate(fps)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._tmp = self.path.with_name(f".{self.path.name}.partial{self.path.suffix}")
         self._av = av
         self._container = av.open(str(self._tmp), mode="w")
-        self._codec, self._crf, self._fps = codec, crf, fps
+        default = CODECS.get(self.path.suffix.lower(), ("libx264", "mpeg4"))
+        self._codecs = (codec,) if codec else default
+        self._crf = crf
         self._stream = None
         self.frames_written = 0
 
     def _open_stream(self, height: int, width: int) -> None:
         if height % 2 or width % 2:
-            raise InvalidArgumentError(f"H.264 needs even frame sizes; got {height}x{width}")
-        try:
-            stream = self._container.add_stream(self._codec, rate=round(self._fps))
-        except (ValueError, self._av.error.FFmpegError):
-            stream = self._container.add_stream("mpeg4", rate=round(self._fps))  # FFmpeg without x264
+            raise InvalidArgumentError(f"video frames need even sizes (yuv420p); got {height}x{width}")
+        stream, errors = None, []
+        for name in self._codecs:  # e.g. mpeg4 on an FFmpeg built without x264
+            try:
+                stream = self._container.add_stream(name, rate=self.rate)
+                break
+            except (ValueError, self._av.error.FFmpegError) as exc:
+                errors.append(f"{name}: {exc}")
+        if stream is None:
+            raise InvalidArgumentError(f"cannot encode '{self.path.name}' here: {'; '.join(errors)}")
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        if stream.codec_context.name == "libx264":
-            stream.options = {"crf": str(self._crf)}
+        if stream.codec_context.name in ("libx264", "libvpx-vp9", "libvpx"):
+            opts = {"crf": str(self._crf)}
+            if stream.codec_context.name != "libx264":
+                opts["b"] = "0"  # VP8/9: constant quality
+            stream.options = opts
         self._stream = stream
 
     def write(self, frames: torch.Tensor | np.ndarray) -> None:

@@ -1,7 +1,8 @@
 """Reading model weights from safetensors: single files, sharded indexes, both key layouts.
 
 Everything is validated before anything is loaded into a module: a checkpoint with
-missing keys, unexpected keys or wrong shapes is refused whole with a
+missing keys, unexpected keys, wrong shapes, non-floating-point weights (int, bool,
+complex) for floating-point parameters, or NaN/inf values is refused whole with a
 `CheckpointError` that lists them, so no model is ever half-loaded.
 """
 
@@ -124,8 +125,66 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor], prefer_ema: bool = True) -> d
     return dict(sd)
 
 
+_SHOWN = 5  # keys named in an error before "..."
+
+
+def _some(items: list[str]) -> str:
+    """The first few items, comma-separated, with '...' when there are more."""
+    return ", ".join(items[:_SHOWN]) + (", ..." if len(items) > _SHOWN else "")
+
+
+def nonfinite_keys(sd: Mapping[str, torch.Tensor]) -> list[str]:
+    """The keys of the floating-point tensors that hold a NaN or an infinity, sorted.
+
+    One `isfinite().all()` reduction per tensor on the tensor's own device; the flags are
+    read back once per device at the end, not with one host sync per tensor.
+    """
+    flags: dict[torch.device, tuple[list[str], list[torch.Tensor]]] = {}
+    for k, t in sd.items():
+        if not t.is_floating_point() or t.device.type == "meta" or t.numel() == 0:
+            continue
+        if t.dtype.itemsize == 1:
+            t = t.to(torch.float16)  # isfinite is not implemented for every float8 format
+        keys, found = flags.setdefault(t.device, ([], []))
+        keys.append(k)
+        found.append(torch.isfinite(t).all())
+    bad: list[str] = []
+    for keys, found in flags.values():
+        bad.extend(k for k, ok in zip(keys, torch.stack(found).tolist()) if not ok)
+    return sorted(bad)
+
+
+def _check_values(expected: Mapping[str, torch.Tensor], sd: Mapping[str, torch.Tensor], source: str) -> None:
+    """Refuse integer/bool/complex weights for floating-point parameters, then NaN/inf weights."""
+    wrong_kind = sorted(
+        f"{k} ({str(sd[k].dtype).removeprefix('torch.')})"
+        for k, t in expected.items()
+        if t.is_floating_point() and not sd[k].is_floating_point()
+    )
+    if wrong_kind:
+        raise CheckpointError(
+            f"checkpoint '{source}': {len(wrong_kind)} keys hold non-floating-point weights where the model "
+            f"expects floating point ({_some(wrong_kind)}); this looks like a quantized or corrupt checkpoint. "
+            "FlashDreams loads float16/bfloat16/float32 weights: dequantize it (or use the unquantized release) "
+            "first. Nothing was loaded."
+        )
+    bad = nonfinite_keys({k: sd[k] for k in expected})
+    if bad:
+        counts = [f"{k} ({int((~torch.isfinite(sd[k].float())).sum())} of {sd[k].numel()})" for k in bad[:_SHOWN]]
+        shown = ", ".join(counts) + (", ..." if len(bad) > _SHOWN else "")
+        raise CheckpointError(
+            f"checkpoint '{source}': {len(bad)} weights hold NaN or infinite values ({shown}); the file is "
+            "corrupt or was saved from a diverged run: re-download or re-export it. Nothing was loaded."
+        )
+
+
 def validate_and_load(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], source: str, hint: str = "") -> None:
-    """Load `sd` into `module` only if keys and shapes match exactly; else raise CheckpointError."""
+    """Load `sd` into `module` only if it is fully valid; else raise CheckpointError and load nothing.
+
+    Valid: keys and shapes match exactly, every floating-point parameter/buffer gets a
+    floating-point tensor (a cast of int8/bool/complex data would silently give garbage),
+    and no weight holds NaN or infinity.
+    """
     expected = module.state_dict()
     missing = sorted(expected.keys() - sd.keys())
     unexpected = sorted(sd.keys() - expected.keys())
@@ -138,9 +197,9 @@ def validate_and_load(module: torch.nn.Module, sd: Mapping[str, torch.Tensor], s
         parts = []
         for label, items in (("missing", missing), ("unexpected", unexpected), ("with wrong shape", wrong)):
             if items:
-                shown = ", ".join(items[:5]) + (", ..." if len(items) > 5 else "")
-                parts.append(f"{len(items)} keys {label} ({shown})")
+                parts.append(f"{len(items)} keys {label} ({_some(items)})")
         raise CheckpointError(f"checkpoint '{source}': " + "; ".join(parts) + (f"; {hint}" if hint else ""))
+    _check_values(expected, sd, source)
     with torch.no_grad():
         for k, t in expected.items():
             t.copy_(sd[k])

@@ -45,7 +45,9 @@ class ClipVisionConfig:
         if self.dim % self.num_heads:
             raise InvalidArgumentError(f"ClipVisionConfig: dim {self.dim} is not divisible by num_heads")
         if self.num_layers < 2:
-            raise InvalidArgumentError("ClipVisionConfig: the I2V tokens skip the last block, so num_layers must be >= 2")
+            raise InvalidArgumentError(
+                "ClipVisionConfig: the I2V tokens skip the last block, so num_layers must be >= 2"
+            )
 
     @property
     def num_tokens(self) -> int:

@@ -86,7 +86,7 @@ def decoder_graphs(decoder, batch: int, latent_h: int, latent_w: int, num_latent
     tensors = list(getattr(state, fld))
     names = [f"dec_{i}" for i in range(len(tensors))]
     decls = {
-        n: TensorDecl(n, tuple(t.shape), dtype_name(t.dtype), f"{decoder.name} streaming cache {i}")
+        n: TensorDecl(n, tuple(t.shape), dtype_name(t.dtype), f"{decoder.name} streaming cache {i}", rollback=True)
         for i, (n, t) in enumerate(zip(names, tensors))
     }
     graphs, sigs = {}, {}

@@ -64,6 +64,10 @@ class TensorDecl:
     dtype: str = "float32"
     meaning: str = ""
     fill: float = 0.0  # the value it holds after allocation and after reset
+    # State a block advances in a way a retry cannot redo (a decoder's carried caches): the session
+    # snapshots it before a step and restores it if the step fails. A KV ring needs no snapshot:
+    # a block rewrites exactly the slots it wrote before the failure.
+    rollback: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
@@ -146,7 +150,9 @@ class GraphSig:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> GraphSig:
-        return cls(d["name"], tuple(d["args"]), tuple(d["outs"]), tuple(d.get("mutates", ())), tuple(d.get("groups", ())))
+        return cls(
+            d["name"], tuple(d["args"]), tuple(d["outs"]), tuple(d.get("mutates", ())), tuple(d.get("groups", ()))
+        )
 
 
 @dataclass(frozen=True)
@@ -212,9 +218,11 @@ class BlockPlan:
     def validate(self) -> None:
         """Every buffer an op names exists or is written earlier; every graph is declared."""
         known = set(self.state) | set(self.inputs) | set(self.constants) | set(self.draws)
-        for kind, ops in list(self.programs.items()) + [("reset", self.reset_program)] + [
-            (f"input {n}", list(s.program)) for n, s in self.inputs.items()
-        ]:
+        for kind, ops in (
+            list(self.programs.items())
+            + [("reset", self.reset_program)]
+            + [(f"input {n}", list(s.program)) for n, s in self.inputs.items()]
+        ):
             written = set(known)
             for i, op in enumerate(ops):
                 for name in op_reads(op):
@@ -226,6 +234,35 @@ class BlockPlan:
         for kind in {*self.sequence, self.steady}:
             if kind not in self.programs:
                 raise InvalidArgumentError(f"plan: block kind '{kind}' has no program")
+
+    def without_decoder(self) -> BlockPlan:
+        """The same plan with its decoder graphs left out: blocks hand out latents only."""
+        dec = set(self.meta.get("decoder_graphs", ()))
+        if not dec:
+            return self
+        dropped: set[str] = set()
+        programs = {}
+        for kind, ops in self.programs.items():
+            kept = []
+            for op in ops:
+                if op["op"] == "call" and op["graph"] in dec:
+                    dropped |= set(op["outs"].values())
+                elif op["op"] == "frames" and op["src"] in dropped:
+                    dropped.add(op["out"])
+                elif op["op"] == "emit":
+                    kept.append({**op, "frames": None})
+                else:
+                    kept.append(op)
+            programs[kind] = kept
+        dec_state = set(self.meta.get("decoder_state", ()))
+        meta = {**self.meta, "decoder": None, "decoder_graphs": [], "decoder_state": []}
+        return dataclasses.replace(
+            self,
+            graphs={n: g for n, g in self.graphs.items() if n not in dec},
+            state={n: s for n, s in self.state.items() if n not in dec_state},
+            programs=programs,
+            meta=meta,
+        )
 
     def to_dict(self) -> dict:
         return {
@@ -321,13 +358,17 @@ def run_ops(
     graphs: Mapping[str, GraphSig],
     on_emit: Callable[[torch.Tensor, torch.Tensor | None], None] | None = None,
     on_mark: Callable[[str], None] | None = None,
+    shelf: dict | None = None,
 ) -> None:
     """Run block-program ops eagerly over named buffers.
 
     `call_graph(name, args)` runs a graph on its named call inputs and returns its outputs in
     `graphs[name].outs` order. A buffer an op writes is written in place when it exists with
-    the same shape (its address stays fixed, which captured graphs need), else created.
+    the same shape (its address stays fixed, which captured graphs need), else created. With a
+    `shelf`, a buffer whose shape changes (a first block's 9 frames, then 12) is kept there and
+    reused when that shape comes back, so no buffer a captured graph writes is ever freed.
     """
+    store = lambda name, value: _store(buffers, name, value, shelf)  # noqa: E731
     for op in ops:
         kind = op["op"]
         if kind == "call":
@@ -335,17 +376,17 @@ def run_ops(
             outs = call_graph(op["graph"], {a: buffers[b] for a, b in op["args"].items()})
             for out_name, value in zip(sig.outs, outs):
                 if out_name in op["outs"]:
-                    _store(buffers, op["outs"][out_name], value)
+                    store(op["outs"][out_name], value)
         elif kind == "lincomb":
-            _store(buffers, op["out"], run_lincomb(op["terms"], buffers, op.get("f64", False)))
+            store(op["out"], run_lincomb(op["terms"], buffers, op.get("f64", False)))
         elif kind == "frames":
-            _store(buffers, op["out"], video_to_frames(buffers[op["src"]]))
+            store(op["out"], video_to_frames(buffers[op["src"]]))
         elif kind == "copy":
             src = buffers[op["src"]]
             if op.get("index"):
                 dim, start, end = op["index"]
                 src = src.narrow(dim, start, end - start)
-            _store(buffers, op["out"], src)
+            store(op["out"], src)
         elif kind == "emit":
             if on_emit is not None:
                 on_emit(buffers[op["latents"]], buffers[op["frames"]] if op.get("frames") else None)
@@ -356,9 +397,15 @@ def run_ops(
             raise InvalidArgumentError(f"block program: unknown op '{kind}'")
 
 
-def _store(buffers: dict[str, torch.Tensor], name: str, value: torch.Tensor) -> None:
+def _store(buffers: dict[str, torch.Tensor], name: str, value: torch.Tensor, shelf: dict | None = None) -> None:
     cur = buffers.get(name)
-    if cur is not None and cur.shape == value.shape and cur.dtype == value.dtype and cur.device == value.device:
+    key = lambda t: (name, tuple(t.shape), t.dtype, t.device)  # noqa: E731
+    if cur is not None and key(cur) != key(value) and shelf is not None:
+        shelf[key(cur)] = cur  # still referenced: a captured graph may write it
+        cur = shelf.pop(key(value), None)
+        if cur is not None:
+            buffers[name] = cur
+    if cur is not None and key(cur) == key(value):
         if cur.data_ptr() != value.data_ptr():
             cur.copy_(value)
     else:
@@ -386,6 +433,9 @@ class LoadedModel:
     examples: Callable[[str], tuple[torch.Tensor, ...]] | None = None
     flops: Callable[[int], float] | None = None
     eager_hints: Callable[[str, int], dict] | None = None  # extra kwargs for an eager call (host-side fill level)
+    # Context-parallel hooks (flashdreams.parallel): how the family's attention and tokens are
+    # sharded across ranks; None when the family does not support it.
+    parallel: Any = None
     source: str = ""
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
     dtype: torch.dtype = torch.float32

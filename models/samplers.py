@@ -13,6 +13,7 @@ Buffers (names per step k with `history=True`; rolling names otherwise):
   m_k       the data prediction x_k - sigma_k * v_k (v_k the guided prediction)
   xc_k      the corrected sample x'_k (x'_0 = x_0)
   t_k       the integer timestep of step k, an int64 [1] constant (`timestep_constants`)
+  cfg_delta, cfg_v   temporaries: c - u and the guided prediction u + g*(c - u)
   out       the result (`latents` unless told otherwise)
 """
 
@@ -103,8 +104,8 @@ def _add(d: dict[str, float], name: str, c: float) -> None:
 class _Names:
     """Buffer names: one per step (history) or a small rolling set (what a session keeps)."""
 
-    def __init__(self, history: bool, out: str) -> None:
-        self.history, self.out = history, out
+    def __init__(self, history: bool) -> None:
+        self.history = history
 
     def _n(self, base: str, k: int, period: int) -> str:
         return f"{base}_{k if self.history else k % period}"
@@ -151,6 +152,7 @@ def unipc_cfg_ops(
     output: str = "flow",
     out: str = "latents",
     history: bool = True,
+    batched_outs: tuple[str, str] | None = None,
 ) -> list[list[dict]]:
     """The ops of each of the S = len(sigmas) - 1 steps (UniPC order 2, bh2, with CFG).
 
@@ -158,6 +160,10 @@ def unipc_cfg_ops(
     non-latent inputs such as the contexts), v = u + g*(c - u), m_k = x_k - sigma_k*v, the
     corrector x'_k (k >= 1), then the predictor x_{k+1} (`out` at the last step, where it
     equals m_{S-1}). The caller provides x_0 and the `t_k` constants.
+
+    With `batched_outs` (two output names of `graph`) the guidance pair is one call with
+    `cond_args` that returns both predictions (the cond and uncond rows of one batch);
+    `uncond_args` is then unused.
     """
     if len(sigmas) < 2:
         raise InvalidArgumentError(f"UniPC: the sigma table needs S+1 >= 2 entries; got {len(sigmas)}")
@@ -169,14 +175,18 @@ def unipc_cfg_ops(
     sig = [_f32(s) for s in sigmas]
     g = float(torch.tensor(guide_scale, dtype=torch.float32))
     orders = solver_orders(steps)
-    nm = _Names(history, out)
+    nm = _Names(history)
     program: list[list[dict]] = []
     for k in range(steps):
         ops: list[dict] = []
         x = nm.x(k)
-        for args, dst in ((cond_args, nm.cond(k)), (uncond_args, nm.uncond(k))):
-            call_args = {latent_arg: x, timestep_arg: timestep_name(k), **args}
-            ops.append(call(graph, call_args, {output: dst}))
+        if batched_outs is not None:
+            call_args = {latent_arg: x, timestep_arg: timestep_name(k), **cond_args}
+            ops.append(call(graph, call_args, dict(zip(batched_outs, (nm.cond(k), nm.uncond(k))))))
+        else:
+            for args, dst in ((cond_args, nm.cond(k)), (uncond_args, nm.uncond(k))):
+                call_args = {latent_arg: x, timestep_arg: timestep_name(k), **args}
+                ops.append(call(graph, call_args, {output: dst}))
         # CFG as the reference evaluates it: u + g * (c - u), then m = x - sigma * v.
         ops.append(lincomb("cfg_delta", [(1.0, nm.cond(k)), (-1.0, nm.uncond(k))]))
         ops.append(lincomb("cfg_v", [(1.0, nm.uncond(k)), (g, "cfg_delta")]))

@@ -19,7 +19,9 @@ residual stream and the linears in the model's dtype.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -287,7 +289,8 @@ class WanDiT(nn.Module):
         if clip_fea is None or clip_fea.dim() != 3 or tuple(clip_fea.shape[1:]) != (CLIP_TOKENS, self.cfg.clip_dim):
             got = None if clip_fea is None else tuple(clip_fea.shape)
             raise InvalidArgumentError(
-                f"an i2v Wan model needs clip_fea [B, {CLIP_TOKENS}, {self.cfg.clip_dim}] (CLIP image tokens); got {got}"
+                f"an i2v Wan model needs the CLIP image tokens clip_fea [B, {CLIP_TOKENS}, {self.cfg.clip_dim}]; "
+                f"got {got}"
             )
         ci = self.img_emb(clip_fea.to(self.dtype))
         kvi = [blk.cross_attn.kv_img(ci) for blk in self.blocks]
@@ -318,6 +321,21 @@ class WanDiT(nn.Module):
         i2v: `clip_fea` [B, 257, clip_dim] CLIP tokens and `y` [B, 20, F, H, W] (mask + image
         latent), which is concatenated to x on channels before the patch embedding.
         """
+        return self.forward_cached(x, t, *self.cross_kv(context, clip_fea), y=y)
+
+    def forward_cached(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+        y: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """`forward` with the cross-attention cache given ([layers, B, T, N, d], from `cross_kv`).
+
+        A sampler computes the prompt's K/V once and reuses them at every step; the result is
+        the same as `forward` on the prompt the cache was made from.
+        """
         if (self.img_emb is not None) != (y is not None):
             raise InvalidArgumentError(
                 f"the conditioning y [B, 20, F, H, W] is needed by an i2v model and only by it "
@@ -333,7 +351,6 @@ class WanDiT(nn.Module):
             t = t[:, None].expand(-1, f)
         e, e0 = self.time_embed(t)
         cos, sin = rope_tables(torch.arange(f, device=x.device), h, w, self.cfg.head_dim)
-        cross_k, cross_v = self.cross_kv(context, clip_fea)
 
         def attend(q, k, v, sa):
             q = apply_rope(sa.heads(sa.norm_q(q)), cos, sin)
@@ -357,6 +374,9 @@ class WanDiT(nn.Module):
         slots: torch.Tensor,
         valid_len: torch.Tensor,
         valid_len_host: int | None = None,
+        *,
+        attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        shard: Any = None,
     ) -> torch.Tensor:
         """One forward of a block of frames against the KV ring.
 
@@ -366,6 +386,14 @@ class WanDiT(nn.Module):
         prediction [B, C, nf, H, W] in float32. `valid_len_host` optionally repeats
         valid_len as a host int: the torch attention path then slices the ring (see
         dit_ops.ring_attention), specialising the call to that fill level.
+
+        Context-parallel hooks (flashdreams.parallel; both None on one GPU, which leaves this
+        path exactly as it is): `shard` keeps this rank's token rows of every frame
+        (`shard.take(x, frame_tokens, dim)`, applied to the tokens and the RoPE tables alike)
+        and gathers the head's output back (`shard.gather(y, frame_tokens)`); `attend(layer,
+        q, k, v)` replaces the self-attention's cache write and attention: it gets q and k
+        after the q/k norm and RoPE and v, each [B, L, N, d] for this rank's tokens, and owns
+        the ring (`ring_k/v` are then this rank's shard of it).
         """
         tokens, grid = self.embed_tokens(x)
         f, h, w = grid
@@ -373,13 +401,25 @@ class WanDiT(nn.Module):
         e, e0 = self.time_embed(t)
         cos, sin = rope_tables(frame_positions, h, w, self.cfg.head_dim)
         impl = self.attention_impl
+        if shard is not None:
+            tokens = shard.take(tokens, fs, 1)
+            cos, sin = shard.take(cos, fs, 0), shard.take(sin, fs, 0)
 
-        def attend(q, k, v, sa, layer):
+        def cached_attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
             return dit_ops.ring_attention(
                 qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host, self.precision
             )
 
+        def hooked_attend(q, k, v, sa, layer):
+            qr = apply_rope(sa.heads(sa.norm_q(q)), cos, sin)
+            kr = apply_rope(sa.heads(sa.norm_k(k)), cos, sin)
+            return attend(layer, qr, kr, sa.heads(v).to(qr.dtype))
+
+        layer_attend = cached_attend if attend is None else hooked_attend
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, partial(attend, layer=i), cross_k[i], cross_v[i], impl)
-        return self.unpatchify(self.head(tokens, e), grid)
+            tokens = blk(tokens, e0, partial(layer_attend, layer=i), cross_k[i], cross_v[i], impl)
+        y = self.head(tokens, e)
+        if shard is not None:
+            y = shard.gather(y, fs)
+        return self.unpatchify(y, grid)

@@ -94,7 +94,11 @@ def infer_config(sd: Mapping[str, torch.Tensor], base: WanConfig | None = None) 
         ) from None
     base = base or WanConfig()
     # An I2V checkpoint carries the image projection; its first Linear gives the CLIP width.
-    i2v = {"model_type": "i2v", "clip_dim": int(sd["img_emb.proj.1.weight"].shape[1])} if "img_emb.proj.1.weight" in sd else {}
+    i2v = (
+        {"model_type": "i2v", "clip_dim": int(sd["img_emb.proj.1.weight"].shape[1])}
+        if "img_emb.proj.1.weight" in sd
+        else {}
+    )
     heads = base.num_heads if base.dim == dim else max(1, dim // 128)
     return base.replace(
         dim=int(dim),
@@ -120,9 +124,7 @@ def select_prefix(sd: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torc
     return out
 
 
-def wan_state_dict(
-    source: str | os.PathLike | Mapping[str, torch.Tensor], prefix: str = ""
-) -> dict[str, torch.Tensor]:
+def wan_state_dict(source: str | os.PathLike | Mapping[str, torch.Tensor], prefix: str = "") -> dict[str, torch.Tensor]:
     """Read a checkpoint and bring it to plain Wan keys (prefixes stripped, diffusers renamed).
 
     `prefix` first keeps only the keys under it (a combined file, e.g. 'dit.').

@@ -3,6 +3,37 @@
 from __future__ import annotations
 
 import os
+import sys
+from pathlib import Path
+
+
+def _unshadow_repo_root() -> None:
+    """Move the repo root to the end of sys.path so its top-level folders shadow no PyPI package.
+
+    `python -m pytest` puts the working directory (the repo root) first on sys.path, where the
+    repo's `kernels/` folder (installed as `flashdreams.kernels`) hides the PyPI package `kernels`
+    that transformers imports. The root stays on the path, last, so `flashdreams` still imports
+    from a checkout that is not pip-installed. A repo `kernels` imported already is dropped.
+    """
+    root = Path(__file__).resolve().parents[1]
+
+    def is_root(entry: str) -> bool:
+        try:
+            return Path(entry or os.curdir).resolve() == root
+        except OSError:
+            return False
+
+    kept = [e for e in sys.path if not is_root(e)]
+    if len(kept) != len(sys.path):
+        sys.path[:] = [*kept, str(root)]
+    shadow = sys.modules.get("kernels")
+    if shadow is not None and Path(getattr(shadow, "__file__", None) or "").resolve().parent == root / "kernels":
+        for name in [m for m in sys.modules if m == "kernels" or m.startswith("kernels.")]:
+            del sys.modules[name]
+
+
+# Before anything below (torch, flashdreams, transformers) can import `kernels`.
+_unshadow_repo_root()
 
 # Triton kernels run on the CPU under the interpreter; it must be chosen before triton is
 # imported anywhere. On a CUDA machine the kernels run natively.
@@ -15,13 +46,12 @@ if os.environ.get("FD_TEST_DEVICE", "cpu") == "cpu" and "TRITON_INTERPRET" not i
     except ImportError:
         pass
 
-import json
-from pathlib import Path
+import json  # noqa: E402
 
-import pytest
-import torch
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
-from flashdreams.parity.common import fixtures_root
+from flashdreams.parity.common import fixtures_root  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
@@ -49,7 +79,8 @@ def fixture_dirs(*kinds: str) -> list[Path]:
 def require_fixtures() -> Path:
     root = fixtures_root()
     if root is None or not root.is_dir():
-        pytest.skip("parity fixtures not found: set FD_FIXTURES or put them at ../shared/fixtures")
+        where = os.environ.get("FD_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+        pytest.skip(f"parity fixtures not found in {where}; set FD_FIXTURES to the directory that holds them")
     return root
 
 
@@ -57,5 +88,7 @@ def params_or_skip(kinds: tuple[str, ...]):
     """pytest params over fixture dirs; one skipped param when the fixture set is absent."""
     dirs = fixture_dirs(*kinds)
     if not dirs:
-        return [pytest.param(None, marks=pytest.mark.skip(reason="parity fixtures not found (FD_FIXTURES)"))]
+        where = os.environ.get("FD_FIXTURES") or Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+        reason = f"parity fixtures of kinds {', '.join(kinds)} not found in {where}; set FD_FIXTURES"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
     return [pytest.param(d, id=d.name) for d in dirs]

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from flashdreams.benchmark.flops import dit_forward_flops
 from flashdreams.cli.bench import main as bench_main
 from flashdreams.models.wan_config import WanConfig
+from flashdreams.models.wan_flops import dit_forward_flops
 
 
 def test_flops_match_the_published_block_counts():
@@ -129,3 +129,48 @@ def test_fd_bench_refuses_bad_options(tmp_path, capsys):
     assert bench_main(["--profile-block", "-1", "--out", str(tmp_path)]) == 2
     assert bench_main(["--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "preset 'nope' is unknown" in capsys.readouterr().err
+
+
+def _bench_run(backend: str, attention: str, p50_ms: float, precision: str = "bf16") -> dict:
+    """One entry of results.json's `runs`, with only what `compare` reads."""
+    stages = ("total_ms", "to_frames_ms", "denoise_ms", "commit_ms", "decode_ms")
+    return {
+        "backend": backend,
+        "attention": attention,
+        "precision": precision,
+        "latency": {s: {"p50": p50_ms} for s in stages},
+        "peak_memory_gb": 2.0,
+    }
+
+
+def test_compare_prints_ratios_for_several_backends(tmp_path, capsys):
+    # Two or more runs used to crash: the stage loop rebound the run-key function to a string.
+    from flashdreams.benchmark.report import compare
+
+    this = {
+        "runs": [
+            _bench_run("eager", "sdpa", 100.0),
+            _bench_run("inductor", "triton", 50.0),
+            _bench_run("inductor", "triton", 40.0, precision="fp8"),
+        ]
+    }
+    other = {"runs": [_bench_run("eager", "sdpa", 200.0), _bench_run("inductor", "triton", 25.0)]}
+    other_path = tmp_path / "other.json"
+    other_path.write_text(json.dumps(other))
+    print(compare(this, other_path))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"ratios against {other_path}")
+    assert lines[1].startswith("  eager/sdpa/bf16: total 2.00x, to_frames 2.00x") and "memory 1.00x" in lines[1]
+    assert lines[2].startswith("  inductor/triton/bf16: total 0.50x")
+    assert lines[3] == "  inductor/triton/fp8: not in the other run"
+
+
+def test_the_plan_carries_the_block_flops_fd_bench_reports():
+    """fd-bench reads FLOPs from the plan: block 0, 5 and 6 of Self-Forcing 1.3B at 480x832."""
+    from flashdreams import registry
+    from flashdreams.models.families.causal_wan.plan import build_plan
+
+    p = registry.get_preset("self-forcing-1.3b")
+    flops = build_plan(p, p.model, 1, 480, 832, "bfloat16", None).meta["block_flops"]
+    assert len(flops) == 7  # the full 21-frame cache is full after block 6; later blocks repeat it
+    assert [round(flops[i] / 1e12) for i in (0, 5, 6)] == [81, 182, 202]

@@ -140,6 +140,44 @@ def test_sim_host_frames_are_identical_to_the_python_api(built):
     assert np.array_equal(got, np.concatenate(frames)), "frames differ from the Python API's"
 
 
+def python_inputs(session) -> list[dict]:
+    """What Python says the session takes: input_specs() (name, shape, dtype, when), or only the
+    names from input_names() on a session that predates input_specs()."""
+    if not hasattr(session, "input_specs"):
+        return [{"name": n} for n in session.input_names()]
+    return [{"name": s.name, "shape": tuple(s.shape), "dtype": s.dtype, "when": s.when} for s in session.input_specs()]
+
+
+SIM_HOST_INPUT = re.compile(
+    r"^input (?P<i>\d+): (?P<name>\S+) (?P<dtype>\S*) \[(?P<shape>[\d, ]*)\] when=(?P<when>\S*) ", re.M
+)
+
+
+@pytest.mark.slow
+def test_sim_host_lists_the_inputs_python_reports(built):
+    p = _run([built["sim_host"], "--ticks", 0], cwd=built["dir"])
+    listed = [m.groupdict() for m in SIM_HOST_INPUT.finditer(p.stdout)]
+    count = re.search(r"^session inputs: (\d+)$", p.stdout, re.M)
+    assert count and int(count.group(1)) == len(listed) >= 1, p.stdout
+    assert [int(m["i"]) for m in listed] == list(range(len(listed))), p.stdout
+
+    session = flashdreams.load().session(seed=0)
+    want = python_inputs(session)
+    got = [
+        {"name": m["name"], "shape": tuple(int(d) for d in m["shape"].split(",") if d.strip()), "dtype": m["dtype"],
+         "when": m["when"]}
+        for m in listed
+    ]  # fmt: skip
+    assert [g["name"] for g in got] == [w["name"] for w in want], p.stdout
+    bounds = {s.name: (s.low, s.high) for s in session.input_specs()} if hasattr(session, "input_specs") else {}
+    for g, w in zip(got, want):
+        assert {k: g[k] for k in w} == w, f"sim_host lists {g}, Python says {w}"
+        # Whatever the C ABI reports, the session must accept: a tensor of that shape and dtype.
+        low, high = bounds.get(g["name"], (None, None))
+        fill = min(max(0.0, low if low is not None else 0.0), high if high is not None else float("inf"))
+        session.set_input(g["name"], torch.full(g["shape"], fill, dtype=getattr(torch, g["dtype"])))
+
+
 # Every case capi_errors runs, with the status it must return (checked here, not only by the driver).
 OK, BAD, MISSING, INCOMPATIBLE = "FD_OK", "FD_INVALID_ARGUMENT", "FD_NOT_FOUND", "FD_ENGINE_INCOMPATIBLE"
 ERROR_CASES = {
@@ -151,6 +189,12 @@ ERROR_CASES = {
     "session_create_missing_prompt_file": MISSING, "session_create_prompt_and_file": BAD,
     "session_create_prompt_wrong_dim": BAD, "session_create_prompt_file": OK, "session_destroy_from_file": OK,
     "session_create": OK,
+    "input_count_null_session": BAD, "input_count_null_out": BAD, "input_count_engine_as_session": BAD,
+    "input_count": OK, "input_info_null_session": BAD, "input_info_null_out": BAD, "input_info_dead_session": BAD,
+    "input_info_index_negative": BAD, "input_info_index_past_end": BAD, "input_info_index_max": BAD,
+    "input_info_struct_size_zero": BAD, "input_info_struct_size_newer": BAD, "input_info": OK,
+    "input_info_older_struct": OK, "input_find_null_session": BAD, "input_find_null_name": BAD,
+    "input_find_null_out": BAD, "input_find_unknown": MISSING, "input_find": OK,
     "set_input_null_session": BAD, "set_input_engine_as_session": BAD, "set_input_null_name": BAD,
     "set_input_null_view": BAD, "set_input_unknown_name": BAD, "set_input_wrong_last_dim": BAD,
     "set_input_int32": BAD, "set_input_bad_dtype_enum": BAD, "set_input_null_data": BAD,
@@ -162,7 +206,8 @@ ERROR_CASES = {
     "session_create_second": OK, "engine_destroy": OK, "engine_destroy_twice": BAD,
     "session_create_destroyed_engine": BAD, "step_on_thread_after_engine_destroy": OK,
     "session_destroy": OK, "step_after_destroy": BAD, "frame_info_after_destroy": BAD,
-    "set_input_after_destroy": BAD, "session_destroy_twice": BAD, "session_destroy_other": OK,
+    "set_input_after_destroy": BAD, "input_count_after_destroy": BAD, "input_info_after_destroy": BAD,
+    "session_destroy_twice": BAD, "session_destroy_other": OK,
     "session_destroy_null": OK, "engine_destroy_null": OK,
 }  # fmt: skip
 
@@ -197,6 +242,7 @@ def test_capi_errors_every_case_returns_its_status(built):
 def test_c_program_checks_the_version_and_opens_an_engine(built):
     p = _run([built["c_check"]])
     assert "engine opened and destroyed" in p.stdout
+    assert re.search(r"^c_check: input prompt_embeds \S+, rank \d+$", p.stdout, re.M), p.stdout
 
 
 PYTHON_HOST = """
@@ -229,6 +275,116 @@ if "--device" in sys.argv:  # FD_MEMORY_DEVICE: frames and latents into CUDA mem
 assert lib.fd_session_destroy(sess) == 0 and lib.fd_engine_destroy(eng) == 0
 print("python host ok", n)
 """
+
+
+INPUTS_HOST = """
+import ctypes, re, sys
+import flashdreams
+from flashdreams.models.family import InputSpec
+
+class InputInfo(ctypes.Structure):  # fd_input_info
+    _fields_ = [("struct_size", ctypes.c_size_t), ("name", ctypes.c_char_p), ("dtype_name", ctypes.c_char_p),
+                ("dtype", ctypes.c_int32), ("ndim", ctypes.c_int32), ("shape", ctypes.c_int64 * 8),
+                ("meaning", ctypes.c_char_p), ("units", ctypes.c_char_p), ("has_low", ctypes.c_int32),
+                ("low", ctypes.c_double), ("has_high", ctypes.c_int32), ("high", ctypes.c_double),
+                ("when", ctypes.c_char_p)]
+
+lib = ctypes.CDLL(sys.argv[1])
+lib.fd_last_error.restype = ctypes.c_char_p
+err = lambda: lib.fd_last_error().decode()
+FD_OK, FD_INVALID_ARGUMENT, FD_NOT_FOUND, FD_ENGINE_INCOMPATIBLE = 0, 1, 2, 3
+eng = ctypes.c_void_p()
+assert lib.fd_engine_open(None, None, ctypes.byref(eng)) == FD_OK, err()
+
+def new_session():
+    s = ctypes.c_void_p()
+    assert lib.fd_session_create(eng, None, ctypes.byref(s)) == FD_OK, err()
+    return s
+
+def c_inputs(s):
+    n = ctypes.c_int32(-1)
+    assert lib.fd_session_input_count(s, ctypes.byref(n)) == FD_OK, err()
+    out = []
+    for i in range(n.value):
+        info = InputInfo(struct_size=ctypes.sizeof(InputInfo))
+        assert lib.fd_session_input_info(s, i, ctypes.byref(info)) == FD_OK, err()
+        assert err() == ""
+        out.append({
+            "name": info.name.decode(), "dtype": info.dtype_name.decode(), "fd_dtype": info.dtype,
+            "shape": tuple(info.shape[:info.ndim]), "pad": tuple(info.shape[info.ndim:]),
+            "meaning": info.meaning.decode(), "units": info.units.decode(),
+            "low": info.low if info.has_low else None, "high": info.high if info.has_high else None,
+            "low0": info.low, "high0": info.high, "when": info.when.decode()})
+        index = ctypes.c_int32(-1)
+        assert lib.fd_session_input_find(s, info.name, ctypes.byref(index)) == FD_OK and index.value == i, err()
+    return out
+
+# The layout ctypes uses here is the library's: a struct_size one past it names the size it knows.
+info = InputInfo(struct_size=ctypes.sizeof(InputInfo) + 1)
+s = new_session()
+assert lib.fd_session_input_info(s, 0, ctypes.byref(info)) == FD_INVALID_ARGUMENT
+assert f"knows {ctypes.sizeof(InputInfo)} bytes" in err(), err()
+
+# 1. The built-in model: what Python reports.
+session = flashdreams.load().session(seed=0)
+got = c_inputs(s)
+if hasattr(session, "input_specs"):
+    want = [(p.name, tuple(p.shape), p.dtype, p.meaning, p.units, p.low, p.high, p.when) for p in session.input_specs()]
+    assert [(g["name"], g["shape"], g["dtype"], g["meaning"], g["units"], g["low"], g["high"], g["when"])
+            for g in got] == want, (got, want)
+else:  # a session before input_specs(): the names
+    assert [g["name"] for g in got] == session.input_names(), got
+n = len(got)
+for bad in (n, n + 7, -1):
+    info = InputInfo(struct_size=ctypes.sizeof(InputInfo))
+    assert lib.fd_session_input_info(s, bad, ctypes.byref(info)) == FD_INVALID_ARGUMENT
+    assert f"index {bad} is out of range" in err() and info.name is None, err()
+
+# 2. Every field, through a session whose model declares these inputs.
+SPECS = [
+    InputSpec("throttle", (1,), "float32", "pedal position", "fraction", low=0.0, high=1.0),
+    InputSpec("steer", (2, 3), "bfloat16", "Lenkwinkel \u00b0", "rad", low=-0.5),
+    InputSpec("gear", (), "int64", "", "", high=5.0),
+    InputSpec("start", (1, 16, 1, 8, 8, 1, 1, 2), "float64", "start latents", "latent", when="reset"),
+]
+flashdreams.Session.input_specs = lambda self: SPECS
+s2 = new_session()
+got = c_inputs(s2)
+codes = {"float32": 1, "bfloat16": 3, "int64": 6, "float64": 0}
+assert [(g["name"], g["shape"], g["dtype"], g["fd_dtype"], g["meaning"], g["units"], g["low"], g["high"],
+         g["when"]) for g in got] == [(p.name, p.shape, p.dtype, codes[p.dtype], p.meaning, p.units, p.low, p.high,
+                                        p.when) for p in SPECS], got
+assert all(set(g["pad"]) <= {0} for g in got) and got[1]["high0"] == 0.0 and got[2]["low0"] == 0.0, got
+index = ctypes.c_int32(7)
+assert lib.fd_session_input_find(s2, b"prompt_embeds", ctypes.byref(index)) == FD_NOT_FOUND and index.value == -1
+assert "'prompt_embeds'" in err() and "throttle, steer, gear, start" in err(), err()
+# Strings live as long as the session: the struct read before stays readable after more calls.
+first = InputInfo(struct_size=ctypes.sizeof(InputInfo))
+assert lib.fd_session_input_info(s2, 1, ctypes.byref(first)) == FD_OK
+for _ in range(3):
+    c_inputs(s2)
+assert first.name == b"steer" and first.meaning.decode() == "Lenkwinkel \u00b0"
+
+# 3. A model input of more than FD_MAX_DIMS dimensions cannot be described.
+flashdreams.Session.input_specs = lambda self: [InputSpec("deep", (1,) * 9)]
+s3 = new_session()
+count = ctypes.c_int32(5)
+assert lib.fd_session_input_count(s3, ctypes.byref(count)) == FD_ENGINE_INCOMPATIBLE and count.value == 0
+assert "'deep'" in err() and "9 dimensions" in err(), err()
+
+for h in (s, s2, s3):
+    assert lib.fd_session_destroy(h) == FD_OK
+assert lib.fd_engine_destroy(eng) == FD_OK
+print("inputs host ok", n)
+"""
+
+
+@pytest.mark.slow
+def test_input_discovery_reports_every_field(built):
+    script = built["dir"] / "inputs_host.py"
+    script.write_text(textwrap.dedent(INPUTS_HOST))
+    p = _run([sys.executable, script, built["lib"]], timeout=600)
+    assert "inputs host ok" in p.stdout
 
 
 @pytest.mark.slow

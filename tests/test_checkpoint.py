@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -11,6 +12,7 @@ from safetensors.torch import save_file
 from flashdreams.cli.convert import main as convert_main
 from flashdreams.convert import convert_checkpoint
 from flashdreams.errors import CheckpointError, NotFoundError
+from flashdreams.models.checkpoint import nonfinite_keys, validate_and_load
 from flashdreams.models.random_init import init_random_
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_dit import WanDiT
@@ -155,3 +157,77 @@ def test_convert_refuses_arbitrary_objects_and_leaves_nothing(tmp_path, capsys):
     assert "arbitrary code ran" not in capsys.readouterr().out
     assert not any(p.name.endswith(".safetensors") or p.name.endswith(".tmp") for p in tmp_path.iterdir())
     assert convert_main([str(tmp_path / "missing.pt"), str(tmp_path / "x.safetensors")]) == 2
+
+
+# A late key in the model's order: a loader that checked while copying would already have
+# overwritten the earlier parameters when it met this one.
+_LATE = "blocks.1.ffn.2.weight"
+
+
+def _as(t, dtype):
+    return (t * 50).to(dtype) if dtype == torch.int8 else (t > 0).to(dtype) if dtype == torch.bool else t.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.int8, torch.bool, torch.complex64])
+def test_non_float_weights_are_refused_naming_the_key(tmp_path, reference, dtype):
+    sd = dict(reference.state_dict())
+    sd[_LATE] = _as(sd[_LATE], dtype)
+    path = tmp_path / "q.safetensors"
+    save_file(sd, str(path))
+    name = str(dtype).removeprefix("torch.")
+    with pytest.raises(CheckpointError, match=rf"1 keys hold non-floating-point .*\({_LATE} \({name}\)\).*float16"):
+        load_wan_dit(path, CFG)
+    # Nothing is loaded: every other tensor differs from the model's, and none was copied.
+    model = copy.deepcopy(reference)
+    shifted = {k: (v + 1 if k != _LATE else v) for k, v in sd.items()}
+    with pytest.raises(CheckpointError, match=_LATE):
+        validate_and_load(model, shifted, "shifted")
+    assert _same(model, reference)
+
+
+def test_many_non_float_weights_are_counted(reference):
+    sd = {k: v.to(torch.int8) if k.startswith("blocks.") else v for k, v in reference.state_dict().items()}
+    n = sum(k.startswith("blocks.") for k in sd)
+    with pytest.raises(CheckpointError, match=rf"{n} keys hold non-floating-point .*\(int8\), \.\.\.\)"):
+        load_wan_dit(sd, CFG)
+
+
+def test_nan_and_inf_weights_are_refused_naming_the_keys(tmp_path, reference):
+    sd = {k: v.clone() for k, v in reference.state_dict().items()}
+    sd["blocks.0.self_attn.q.weight"][0, 0] = float("nan")
+    sd[_LATE][1, 2] = float("-inf")
+    path = tmp_path / "nan.safetensors"
+    save_file(sd, str(path))
+    with pytest.raises(
+        CheckpointError,
+        match=rf"2 weights hold NaN or infinite values \(blocks\.0\.self_attn\.q\.weight \(1 of 1024\), "
+        rf"{_LATE} \(1 of 1536\)\).*Nothing was loaded",
+    ):
+        load_wan_dit(path, CFG)
+    model = copy.deepcopy(reference)
+    with pytest.raises(CheckpointError, match="NaN or infinite"):
+        validate_and_load(model, {k: v + 1 for k, v in sd.items()}, "shifted")
+    assert _same(model, reference)
+    # Half-precision and float8 files are checked too (isfinite has no float8_e4m3fn kernel on CPU).
+    half = {k: v.half() for k, v in sd.items()}
+    with pytest.raises(CheckpointError, match=r"2 weights hold NaN"):
+        load_wan_dit(half, CFG)
+    fp8 = {
+        "ok": torch.ones(4).to(torch.float8_e4m3fn),
+        "bad": torch.tensor([1.0, float("nan")]).to(torch.float8_e4m3fn),
+    }
+    assert nonfinite_keys(fp8) == ["bad"]
+
+
+def test_finite_check_reads_the_flags_back_once(monkeypatch, reference):
+    """One host sync for the whole checkpoint, not one per tensor (bool()/item() on each flag)."""
+
+    def no_sync(self, *args):
+        raise AssertionError("a per-tensor host sync in the finite check")
+
+    sd = {k: v.clone() for k, v in reference.state_dict().items()}
+    sd[_LATE][0, 0] = float("inf")
+    monkeypatch.setattr(torch.Tensor, "__bool__", no_sync)
+    monkeypatch.setattr(torch.Tensor, "item", no_sync)
+    assert nonfinite_keys(sd) == [_LATE]
+    assert nonfinite_keys({"i": torch.arange(3), "e": torch.empty(0)}) == []  # non-float and empty: skipped

@@ -18,17 +18,15 @@ import flashdreams
 from flashdreams.cli.build import main as fd_build
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
 from flashdreams.export.build import build_engine
+from flashdreams.export.build_config import BuildConfig
 from flashdreams.export.manifest import read_manifest, validate_engine, write_manifest
+from flashdreams.numerics import rel_l2
 
 pytestmark = pytest.mark.slow
 
 BLOCKS = 4
 SEED = 7
 TOL = 1e-5  # rel. L2 on each block's latents, float32
-
-
-def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.fixture(scope="module")
@@ -93,16 +91,25 @@ def _check_session(engine_dir: Path, eager_blocks, frames: bool) -> flashdreams.
 # -- sessions from engines --------------------------------------------------------------
 
 
-def test_inductor_engine_session_matches_eager(inductor_dir, eager_blocks):
+def test_inductor_engine_session_matches_eager(inductor_dir, eager_blocks, monkeypatch):
+    from flashdreams.export.backends.inductor import InductorBackend
+
+    made, init = [], InductorBackend.__init__
+
+    def recording_init(self, *args, **kwargs):
+        init(self, *args, **kwargs)
+        made.append(self)
+
+    monkeypatch.setattr(InductorBackend, "__init__", recording_init)
     frames_before = sum(torch._dynamo.utils.counters["frames"].values())
     engine = _check_session(inductor_dir, eager_blocks, frames=True)
     # precompiled graphs: loading and running them never enters Dynamo
     assert sum(torch._dynamo.utils.counters["frames"].values()) == frames_before
     assert engine.backend.name == "inductor"
-    from flashdreams.export.backends.inductor import BACKEND
-
-    assert BACKEND._weights == {}  # the shared backend object keeps no engine's weights alive
+    # Each load gets its own backend object, and it keeps no engine's weights after the load.
+    assert len(made) == 1 and made[0]._weights == {}
     m = read_manifest(inductor_dir)
+    assert m["build"]["config"] == BuildConfig().to_dict()  # fd-build's defaults, recorded
     assert set(m["graphs"]) == {"encode_prompt", "dit", "decode_first", "decode"}
     for name, g in m["graphs"].items():
         assert g["compile"]["mode"] == "precompiled"
@@ -125,25 +132,27 @@ def test_inductor_engine_session_matches_eager(inductor_dir, eager_blocks):
 
 def test_inductor_cache_mode_engine_matches_eager(workdir, eager_blocks, monkeypatch):
     """The older mode (Dynamo re-trace from the saved program, compiled from Inductor's cache)."""
-    monkeypatch.setenv("FD_INDUCTOR_MODE", "cache")
-    out = build_engine(workdir / "tiny-inductor-cache", backend="inductor", device="cpu", decoder=None)
+    monkeypatch.setenv("FD_INDUCTOR_MODE", "precompiled")  # ignored: the mode comes with the config
+    config = BuildConfig(backend="inductor", inductor_mode="cache")
+    out = build_engine(workdir / "tiny-inductor-cache", backend="inductor", device="cpu", decoder=None, config=config)
     assert out["graphs"]["dit"]["compile"]["mode"] == "cache" and "inductor_cache" in out["artifacts"]
-    monkeypatch.delenv("FD_INDUCTOR_MODE")
+    assert out["build"]["config"] == config.to_dict()
     engine = _check_session(workdir / "tiny-inductor-cache", eager_blocks, frames=False)
+    _refuses_other_strides(engine)
+
+
+def _refuses_other_strides(engine) -> None:
     s = engine.session(seed=SEED)
-    s.positions.fill(engine.spec.ring, 0)
-    x = torch.randn(1, 16, 3, 12, 8).transpose(3, 4)  # the right shape, other strides
+    args = {n: s.buffers[n] for n in engine.plan.graphs["dit"].args if n in s.buffers}
+    args["x"] = torch.randn(1, 16, 3, 12, 8).transpose(3, 4)  # the right shape, other strides
+    args["t"] = s.buffers["t_steady_0"]
     with pytest.raises(InvalidArgumentError, match="contiguous"):
-        engine.backend.denoise(x, s.t_steps[0], *s._state())
+        engine.backend.call("dit", args, 0)
 
 
 def test_inductor_engine_refuses_other_strides(inductor_dir):
     engine = flashdreams.load(inductor_dir)
-    s = engine.session(seed=SEED)
-    s.positions.fill(engine.spec.ring, 0)
-    x = torch.randn(1, 16, 3, 12, 8).transpose(3, 4)  # the right shape, other strides
-    with pytest.raises(InvalidArgumentError, match="contiguous"):
-        engine.backend.denoise(x, s.t_steps[0], *s._state())
+    _refuses_other_strides(engine)
 
 
 def test_aoti_engine_session_matches_eager(aoti_dir, eager_blocks):
@@ -189,7 +198,7 @@ def test_check_cli_accepts_good_engine(inductor_dir, capsys):
 def test_tampered_manifest_is_refused(inductor_dir, workdir, capsys):
     d = _copy(inductor_dir, workdir / "tampered-manifest")
     m = json.loads((d / "manifest.json").read_text())
-    m["engine"]["schedule"]["timesteps"][0] = 999.0  # a hand edit, not re-sealed
+    m["plan"]["constants"]["t_steady_0"]["fill"] = 999.0  # a hand edit of the schedule, not re-sealed
     (d / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(EngineIncompatibleError, match="modified after the build"):
         flashdreams.load(d)

@@ -8,6 +8,7 @@ import torch
 import flashdreams
 from flashdreams.export.backends.aoti import cuda_load_blocked
 from flashdreams.export.build import build_engine
+from flashdreams.numerics import rel_l2
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -17,10 +18,6 @@ BLOCKS = 4
 def _latents(engine, seed=5):
     s = engine.session(seed=seed)
     return [s.step().latents.float().cpu() for _ in range(BLOCKS)]
-
-
-def _rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
 
 
 @pytest.mark.parametrize(
@@ -33,7 +30,7 @@ def test_inductor_engine_on_cuda_matches_eager(tmp_path, dtype, attention, tol):
     engine = flashdreams.load(out)
     eager = flashdreams.load(device="cuda", dtype=dtype, attention=attention)
     for b, (x, y) in enumerate(zip(_latents(engine), _latents(eager))):
-        assert _rel(x, y) <= tol, f"block {b}: rel. L2 {_rel(x, y):.3g}"
+        assert rel_l2(x, y) <= tol, f"block {b}: rel. L2 {rel_l2(x, y):.3g}"
 
 
 def test_aoti_engine_on_cuda(tmp_path):
@@ -45,4 +42,4 @@ def test_aoti_engine_on_cuda(tmp_path):
     engine = flashdreams.load(out)
     eager = flashdreams.load(device="cuda", dtype="float32", decoder=None)
     for x, y in zip(_latents(engine), _latents(eager)):
-        assert _rel(x, y) <= 1e-4
+        assert rel_l2(x, y) <= 1e-4

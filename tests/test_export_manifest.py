@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
-from flashdreams.export.backends import get_backend
+from flashdreams.export.backends import backend_names, get_backend
 from flashdreams.export.backends.aoti import cuda_load_blocked
+from flashdreams.export.build_config import BuildConfig
 from flashdreams.export.manifest import (
     SCHEMA_VERSION,
     check_fingerprint,
@@ -20,7 +22,7 @@ from flashdreams.export.manifest import (
     validate_engine,
     write_manifest,
 )
-from flashdreams.presets import Preset, get_preset, preset_names
+from flashdreams.presets import get_preset, preset_from_dict, preset_names
 
 
 @pytest.fixture
@@ -96,13 +98,49 @@ def test_fingerprint_rules():
 
 
 def test_aoti_cuda_guard(monkeypatch):
-    monkeypatch.delenv("FD_AOTI_FORCE", raising=False)
+    monkeypatch.setenv("FD_AOTI_FORCE", "1")  # the guard reads its config, never the environment
     monkeypatch.setattr(torch, "__version__", "2.11.0+cu130")
     monkeypatch.setattr(torch.version, "cuda", "13.0")
     assert "segfault" in cuda_load_blocked(torch.device("cuda"))
     assert cuda_load_blocked(torch.device("cpu")) is None
-    monkeypatch.setenv("FD_AOTI_FORCE", "1")
-    assert cuda_load_blocked(torch.device("cuda")) is None
+    assert cuda_load_blocked(torch.device("cuda"), force=True) is None
+    forced = get_backend("aoti", BuildConfig(backend="aoti", aoti_force=True))
+    forced.begin_load(Path("/nowhere"), {}, torch.device("cuda"))  # not refused
+    with pytest.raises(EngineIncompatibleError, match="--aoti-force"):
+        get_backend("aoti").begin_load(Path("/nowhere"), {}, torch.device("cuda"))
+
+
+def test_backends_are_new_objects_with_their_config():
+    a, b = get_backend("inductor"), get_backend("inductor")
+    assert a is not b and a.load_times is not b.load_times
+    assert a.config == BuildConfig() and a.config.backend == "inductor"
+    cfg = BuildConfig(backend="inductor", autotune=True, inductor_mode="cache")
+    c = get_backend("inductor", cfg)
+    assert c.config is cfg and c._mode == "cache"
+    for name in backend_names():
+        assert get_backend(name).name == name and get_backend(name).config.backend == name
+    with pytest.raises(InvalidArgumentError, match="build config for backend 'aoti'"):
+        get_backend("inductor", BuildConfig(backend="aoti"))
+
+
+def test_build_config_record_and_environment_defaults():
+    cfg = BuildConfig(backend="aoti", aoti_force=True)
+    assert BuildConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    with pytest.raises(InvalidArgumentError, match="unknown fields"):
+        BuildConfig.from_dict({**cfg.to_dict(), "color": "red"})
+    with pytest.raises(InvalidArgumentError, match="inductor mode 'fast'"):
+        BuildConfig(inductor_mode="fast")
+    with pytest.raises(InvalidArgumentError, match="backend 'tvm' is unknown"):
+        BuildConfig(backend="tvm")
+    env = {"FD_INDUCTOR_AUTOTUNE": "1", "FD_INDUCTOR_MODE": "cache", "FD_AOTI_FORCE": "1"}
+    assert BuildConfig.from_env("inductor", env) == BuildConfig("inductor", True, "cache", True)
+    assert BuildConfig.from_env("inductor", {}) == BuildConfig()
+    # a flag given on the command line wins over its environment default; None means "not given"
+    assert BuildConfig.from_env("inductor", env, inductor_mode="precompiled", autotune=None).inductor_mode == (
+        "precompiled"
+    )
+    with pytest.raises(InvalidArgumentError, match="FD_INDUCTOR_MODE='fast'"):
+        BuildConfig.from_env("inductor", {"FD_INDUCTOR_MODE": "fast"})
 
 
 def test_tensorrt_refuses_clearly_where_absent():
@@ -128,11 +166,22 @@ def test_unknown_backend():
 @pytest.mark.parametrize("name", preset_names())
 def test_preset_dict_roundtrip(name):
     p = get_preset(name)
-    assert Preset.from_dict(json.loads(json.dumps(p.to_dict()))) == p
+    assert preset_from_dict(json.loads(json.dumps(p.to_dict()))) == p
 
 
 def test_preset_from_dict_refuses_unknown_fields():
     d = get_preset("tiny").to_dict()
     d["warp_speed"] = 9
     with pytest.raises(InvalidArgumentError, match="warp_speed"):
-        Preset.from_dict(d)
+        preset_from_dict(d)
+
+
+def test_an_engine_directory_without_its_manifest_is_named(tmp_path):
+    """Not mistaken for a checkpoint directory: the error says what is missing."""
+    import flashdreams
+
+    (tmp_path / "graphs").mkdir()
+    (tmp_path / "graphs" / "dit.inductor").write_bytes(b"x")
+    (tmp_path / "weights.safetensors").write_bytes(b"x")
+    with pytest.raises(NotFoundError, match="missing its manifest.json"):
+        flashdreams.load(tmp_path)

@@ -8,7 +8,7 @@ import torch
 import flashdreams
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.kernels import triton_available
-from flashdreams.parity.common import rel_l2
+from flashdreams.numerics import rel_l2
 
 pytestmark = pytest.mark.skipif(
     not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.skipif(
 def test_fp8_session_stays_close_to_full_precision():
     ref_engine = flashdreams.load(decoder=None, attention="triton")
     fp8_engine = flashdreams.load(decoder=None, attention="triton", precision="fp8")
-    fp8_names = sorted(n for n, m in fp8_engine.backend.model.named_modules() if type(m).__name__ == "Fp8Linear")
+    fp8_names = sorted(n for n, m in fp8_engine.model.weights.named_modules() if type(m).__name__ == "Fp8Linear")
     per_block = {"self_attn.qkv_fp8", "self_attn.o", "cross_attn.q", "cross_attn.o", "ffn.0", "ffn.2"}
     assert fp8_names == sorted(f"blocks.{i}.{n}" for i in range(2) for n in per_block)
     a, b = ref_engine.session(seed=3), fp8_engine.session(seed=3)

@@ -8,7 +8,8 @@ import torch
 from flashdreams.errors import CheckpointError, InvalidArgumentError
 from flashdreams.models.decoders import TINY_CONFIGS, init_random_, tiny_decoder
 from flashdreams.models.taehv import TAEHV, TAEHVConfig
-from flashdreams.parity.common import fixtures_root, load_fixture, rel_l2
+from flashdreams.numerics import rel_l2
+from flashdreams.parity.common import fixtures_root, load_fixture
 
 
 @pytest.fixture(scope="module")

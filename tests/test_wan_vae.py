@@ -8,7 +8,8 @@ import torch
 from flashdreams.errors import CheckpointError, InvalidArgumentError
 from flashdreams.models.decoders import init_random_, tiny_decoder
 from flashdreams.models.wan_vae import WAN21_LATENT_MEAN, WanVAE, WanVAEConfig
-from flashdreams.parity.common import fixtures_root, load_fixture, rel_l2
+from flashdreams.numerics import rel_l2
+from flashdreams.parity.common import fixtures_root, load_fixture
 
 
 def _fixture(name: str):

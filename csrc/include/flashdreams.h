@@ -9,6 +9,9 @@
  *     fd_engine* eng = NULL;   fd_session* s = NULL;
  *     fd_engine_open(NULL, NULL, &eng);             // NULL path: the built-in tiny model
  *     fd_session_create(eng, NULL, &s);             // seed 0, default prompt
+ *     int32_t n;  fd_input_info in = FD_INPUT_INFO_INIT;
+ *     fd_session_input_count(s, &n);                // what the model takes: name, dtype, shape, ...
+ *     for (int32_t i = 0; i < n; ++i) fd_session_input_info(s, i, &in);
  *     for (;;) {
  *         fd_session_set_input(s, "prompt_embeds", &view);   // optional, any tick
  *         fd_session_step(s);
@@ -101,7 +104,7 @@ FD_API const char* fd_status_name(fd_status status);
 
 /* The API this header describes. Same major: compatible; a newer minor only adds. */
 #define FD_API_VERSION_MAJOR 1
-#define FD_API_VERSION_MINOR 0
+#define FD_API_VERSION_MINOR 1 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find */
 #define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
 
 /* The API version of the loaded library, (major << 16) | minor. */
@@ -196,11 +199,53 @@ typedef struct fd_session_options {
  * session's batch; frames and latents are read for batch 0. */
 FD_API FD_MUST_USE fd_status fd_session_create(fd_engine* engine, const fd_session_options* opts, fd_session** out);
 
-/* Set a named input; it takes effect at the next fd_session_step and stays until
- * set again. Inputs of this version: "prompt_embeds" [B, T, text_dim] (or
- * [T, text_dim]) floating point, B as at creation; for the built-in tiny model
- * [1, 16, 32] float32. An unknown name, wrong shape or dtype: FD_INVALID_ARGUMENT. */
+/* Set a named input; it takes effect at the next fd_session_step (an input whose
+ * `when` is "reset": at the next fd_session_reset) and stays until set again. The
+ * inputs a session takes, with their shapes and dtypes, are listed by
+ * fd_session_input_count / fd_session_input_info below; for the built-in tiny model
+ * "prompt_embeds" [1, 16, 32] float32. An unknown name, wrong shape or dtype, or a
+ * value outside the input's bounds: FD_INVALID_ARGUMENT, naming the input. */
 FD_API FD_MUST_USE fd_status fd_session_set_input(fd_session* session, const char* name, const fd_tensor_view* value);
+
+/* ---- Input discovery (API 1.1) ------------------------------------------- */
+
+/* One input a session takes, as the model declares it. Start from FD_INPUT_INFO_INIT:
+ * struct_size tells the library which fields the host knows (it fills only those), so
+ * the struct can grow. Every string is owned by the session: never NULL (possibly ""),
+ * and valid until fd_session_destroy of that session; copy it to keep it longer. */
+typedef struct fd_input_info {
+    size_t struct_size;       /* sizeof(fd_input_info) */
+    const char* name;         /* the name fd_session_set_input takes, e.g. "prompt_embeds" */
+    const char* dtype_name;   /* "float32", "bfloat16", "int64", ... (what the model declares) */
+    fd_dtype dtype;           /* the same as an fd_dtype; 0 when it has none (e.g. "float64", "bool") */
+    int32_t ndim;             /* rank: 0 .. FD_MAX_DIMS */
+    int64_t shape[FD_MAX_DIMS]; /* exact sizes, batch included; shape[ndim..] are 0 */
+    const char* meaning;      /* what the input is, in words */
+    const char* units;        /* its units ("embedding", "latent", "m/s", ...); "" when none */
+    int32_t has_low;          /* 1: every value must be >= low; 0: no lower bound (low is 0) */
+    double low;
+    int32_t has_high;         /* 1: every value must be <= high; 0: no upper bound (high is 0) */
+    double high;
+    const char* when;         /* "block": read by every step; "reset": takes effect at the next reset */
+} fd_input_info;
+
+#define FD_INPUT_INFO_INIT \
+    {sizeof(fd_input_info), NULL, NULL, (fd_dtype)0, 0, {0, 0, 0, 0, 0, 0, 0, 0}, NULL, NULL, 0, 0.0, 0, 0.0, NULL}
+
+/* The number of inputs the session takes (set with fd_session_set_input), in *count;
+ * their indices are 0 .. count-1, in the model's order, fixed for the session's life.
+ * A NULL pointer or a dead session: FD_INVALID_ARGUMENT (and *count, if given, is 0). */
+FD_API FD_MUST_USE fd_status fd_session_input_count(const fd_session* session, int32_t* count);
+
+/* Describe input `index` (0 .. count-1) in *info, whose struct_size the host has set
+ * (FD_INPUT_INFO_INIT). An index outside that range, a NULL or a dead handle, or a
+ * struct_size this library does not know: FD_INVALID_ARGUMENT, and *info is unchanged. */
+FD_API FD_MUST_USE fd_status fd_session_input_info(const fd_session* session, int32_t index, fd_input_info* info);
+
+/* The index of the input called `name` in *index (then fd_session_input_info describes
+ * it). No input of that name: FD_NOT_FOUND, the message listing the names there are;
+ * a NULL or dead argument: FD_INVALID_ARGUMENT. On failure *index (if given) is -1. */
+FD_API FD_MUST_USE fd_status fd_session_input_find(const fd_session* session, const char* name, int32_t* index);
 
 /* Generate the next block: denoise, decode, commit it to the cache. On a CPU it
  * returns when the block is done; on a GPU when its work is queued (the reads below

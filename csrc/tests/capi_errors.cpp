@@ -6,6 +6,8 @@
 //   capi_errors [--prompt-file FILE.safetensors]   (the file: prompt_embeds [1, 16, 32])
 #include <flashdreams.h>
 
+#include <cstddef>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <string>
@@ -104,6 +106,53 @@ int main(int argc, char** argv) {
     }
     if (!expect("session_create", fd_session_create(engine, &so, &session), FD_OK)) return 1;
 
+    // ---- input discovery
+    int32_t n_inputs = -5;
+    expect("input_count_null_session", fd_session_input_count(nullptr, &n_inputs), FD_INVALID_ARGUMENT);
+    expect("input_count_null_out", fd_session_input_count(session, nullptr), FD_INVALID_ARGUMENT);
+    expect("input_count_engine_as_session",
+           fd_session_input_count(reinterpret_cast<fd_session*>(engine), &n_inputs), FD_INVALID_ARGUMENT);
+    const fd_status counted = fd_session_input_count(session, &n_inputs);
+    expect("input_count", n_inputs >= 1 ? counted : FD_INTERNAL, FD_OK);
+    fd_input_info in_info = FD_INPUT_INFO_INIT;
+    expect("input_info_null_session", fd_session_input_info(nullptr, 0, &in_info), FD_INVALID_ARGUMENT);
+    expect("input_info_null_out", fd_session_input_info(session, 0, nullptr), FD_INVALID_ARGUMENT);
+    expect("input_info_dead_session", fd_session_input_info(reinterpret_cast<fd_session*>(&not_a_handle), 0, &in_info),
+           FD_INVALID_ARGUMENT, {"not live"});
+    fd_status st = fd_session_input_info(session, -1, &in_info);
+    expect("input_info_index_negative", in_info.name == nullptr ? st : FD_INTERNAL, FD_INVALID_ARGUMENT, {"-1"});
+    st = fd_session_input_info(session, n_inputs, &in_info);  // one past the end: *in_info must stay as it was
+    expect("input_info_index_past_end", in_info.name == nullptr ? st : FD_INTERNAL, FD_INVALID_ARGUMENT,
+           {"index " + std::to_string(n_inputs), "0.." + std::to_string(n_inputs - 1)});
+    expect("input_info_index_max", fd_session_input_info(session, INT32_MAX, &in_info), FD_INVALID_ARGUMENT,
+           {std::to_string(INT32_MAX)});
+    in_info.struct_size = 0;
+    expect("input_info_struct_size_zero", fd_session_input_info(session, 0, &in_info), FD_INVALID_ARGUMENT,
+           {"FD_INPUT_INFO_INIT"});
+    in_info.struct_size = sizeof(fd_input_info) + 8;
+    expect("input_info_struct_size_newer", fd_session_input_info(session, 0, &in_info), FD_INVALID_ARGUMENT);
+    in_info = FD_INPUT_INFO_INIT;
+    st = fd_session_input_info(session, 0, &in_info);
+    const bool filled = in_info.name != nullptr && in_info.name[0] != '\0' && in_info.dtype_name != nullptr &&
+                        in_info.meaning != nullptr && in_info.units != nullptr && in_info.when != nullptr &&
+                        in_info.ndim >= 0 && in_info.ndim <= FD_MAX_DIMS;
+    expect("input_info", filled ? st : FD_INTERNAL, FD_OK);
+    // A host compiled against a header whose fd_input_info ended after dtype_name: nothing past it is written.
+    fd_input_info older = FD_INPUT_INFO_INIT;
+    older.struct_size = offsetof(fd_input_info, dtype);
+    older.ndim = -7;
+    st = fd_session_input_info(session, 0, &older);
+    expect("input_info_older_struct", older.name != nullptr && older.ndim == -7 ? st : FD_INTERNAL, FD_OK);
+    int32_t index = 5;
+    expect("input_find_null_session", fd_session_input_find(nullptr, "prompt_embeds", &index), FD_INVALID_ARGUMENT);
+    expect("input_find_null_name", fd_session_input_find(session, nullptr, &index), FD_INVALID_ARGUMENT);
+    expect("input_find_null_out", fd_session_input_find(session, "prompt_embeds", nullptr), FD_INVALID_ARGUMENT);
+    index = 5;
+    st = fd_session_input_find(session, "action", &index);
+    expect("input_find_unknown", index == -1 ? st : FD_INTERNAL, FD_NOT_FOUND, {"'action'", "prompt_embeds"});
+    st = fd_session_input_find(session, "prompt_embeds", &index);
+    expect("input_find", index >= 0 && index < n_inputs ? st : FD_INTERNAL, FD_OK);
+
     // ---- inputs
     fd_tensor_view v = good_view;
     expect("set_input_null_session", fd_session_set_input(nullptr, "prompt_embeds", &v), FD_INVALID_ARGUMENT);
@@ -193,6 +242,9 @@ int main(int argc, char** argv) {
     expect("frame_info_after_destroy", fd_session_frame_info(session, &t, &h, &w, &c), FD_INVALID_ARGUMENT);
     expect("set_input_after_destroy", fd_session_set_input(session, "prompt_embeds", &good_view),
            FD_INVALID_ARGUMENT);
+    expect("input_count_after_destroy", fd_session_input_count(session, &n_inputs), FD_INVALID_ARGUMENT,
+           {"not live"});
+    expect("input_info_after_destroy", fd_session_input_info(session, 0, &in_info), FD_INVALID_ARGUMENT, {"not live"});
     expect("session_destroy_twice", fd_session_destroy(session), FD_INVALID_ARGUMENT);
     expect("session_destroy_other", fd_session_destroy(other), FD_OK);
     expect("session_destroy_null", fd_session_destroy(nullptr), FD_OK);

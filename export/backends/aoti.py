@@ -4,14 +4,14 @@ No compiler runs at load: the package holds the compiled kernels and weights, an
 hosts can load it without Python. Built and verified on CPU (the test suite runs a
 session from an aoti engine). On our H100 image (torch 2.11 + CUDA) loading ANY
 AOTInductor package segfaults inside the loader, so a CUDA aoti engine is refused there
-with EngineIncompatibleError; set FD_AOTI_FORCE=1 to try anyway (bench/engine_bench.py
-probes it in a subprocess).
+with EngineIncompatibleError unless `BuildConfig.aoti_force` is set (fd-build --aoti-force;
+FD_AOTI_FORCE=1 where the engine is loaded) to try anyway (bench/engine_bench.py probes it
+in a subprocess).
 """
 
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -22,18 +22,16 @@ from flashdreams.export.backends.inductor import export_program
 
 log = logging.getLogger(__name__)
 
-FORCE_ENV = "FD_AOTI_FORCE"
 
-
-def cuda_load_blocked(device: torch.device) -> str | None:
-    """Why loading an AOTI package on `device` is refused here, or None."""
-    if device.type != "cuda" or os.environ.get(FORCE_ENV) == "1":
+def cuda_load_blocked(device: torch.device, force: bool = False) -> str | None:
+    """Why loading an AOTI package on `device` is refused here, or None (always None with `force`)."""
+    if device.type != "cuda" or force:
         return None
     if torch.__version__.startswith("2.11") and torch.version.cuda is not None:
         return (
             f"loading AOTInductor packages on CUDA segfaults inside the loader with torch {torch.__version__} "
-            f"(seen on our H100 image, torch 2.11+cu130); use the inductor backend there, or set "
-            f"{FORCE_ENV}=1 to try anyway"
+            f"(seen on our H100 image, torch 2.11+cu130); use the inductor backend there, or force it "
+            "(fd-build --aoti-force; FD_AOTI_FORCE=1 where the engine is loaded) to try anyway"
         )
     return None
 
@@ -55,7 +53,7 @@ class AOTIBackend(GraphBackend):
         configs = _configs(device, prog.name)
         aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
         record = {"files": [rel(engine_dir, path)], "compile": {"inductor_configs": configs}}
-        blocked = cuda_load_blocked(device)
+        blocked = cuda_load_blocked(device, self.config.aoti_force)
         if blocked:
             log.warning("aoti: built %s, but not loading it for the build check: %s", prog.name, blocked)
             return record, None
@@ -73,12 +71,9 @@ class AOTIBackend(GraphBackend):
         return call
 
     def begin_load(self, engine_dir: Path, manifest: dict, device: torch.device) -> None:
-        reason = cuda_load_blocked(device)
+        reason = cuda_load_blocked(device, self.config.aoti_force)
         if reason:
             raise EngineIncompatibleError(f"engine '{engine_dir}' (aoti): {reason}")
 
     def load_graph(self, engine_dir: Path, name: str, record: dict, device: torch.device) -> GraphFn:
         return self._load(engine_dir / record["files"][0]["file"], name)
-
-
-BACKEND = AOTIBackend()

@@ -12,11 +12,12 @@ Build, per step program:
      graph, saved with `CompiledArtifact.save(format="binary")` as
      `graphs/<name>.inductor`. Load is `CompiledArtifact.load`: no Dynamo trace, no
      compile, only the generated wrapper and its kernels are loaded.
-   - `cache` (FD_INDUCTOR_MODE=cache): the older path. `torch.compile(ep.module())` is
-     run once and Inductor's caches are saved with `torch.compiler.save_cache_artifacts`
-     (`inductor_cache.bin`); load re-traces the program with Dynamo and compiles from
-     that cache (on the H100 the 1.3B DiT spent ~19 s re-tracing at the first call).
-On CUDA, FD_INDUCTOR_AUTOTUNE=1 (fd-build --autotune) autotunes the DiT and prompt GEMMs.
+   - `cache` (`BuildConfig.inductor_mode`, fd-build --inductor-mode cache): the older
+     path. `torch.compile(ep.module())` is run once and Inductor's caches are saved
+     with `torch.compiler.save_cache_artifacts` (`inductor_cache.bin`); load re-traces
+     the program with Dynamo and compiles from that cache (on the H100 the 1.3B DiT
+     spent ~19 s re-tracing at the first call).
+On CUDA, `BuildConfig.autotune` (fd-build --autotune) autotunes the DiT and prompt GEMMs.
 
 On CPU the artifacts hold Inductor's generated C++; a machine whose local Inductor cache
 is cold may compile that C++ at load (seconds for the tiny model). Use `aoti` for a CPU
@@ -26,7 +27,6 @@ engine that starts with no compiler at all. On CUDA the Triton kernels are bundl
 from __future__ import annotations
 
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -35,40 +35,27 @@ from torch import nn
 
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
+from flashdreams.export.build_config import BuildConfig
 
 log = logging.getLogger(__name__)
 
 CACHE_FILE = "inductor_cache.bin"
 WEIGHTS_FILE = "weights.safetensors"
 CUDA_MODE = "max-autotune-no-cudagraphs"
-MODES = ("precompiled", "cache")
 
 
-def autotune_requested() -> bool:
-    """FD_INDUCTOR_AUTOTUNE=1 (fd-build --autotune) autotunes the DiT and prompt GEMMs.
-
-    Off by default: on the H100 the full 1.3B build spent ~60 s benchmarking each GEMM
-    shape and passed 5 minutes (bench/results/engine-h100-autotune-timeout.json); the
-    default mode uses cuBLAS for the GEMMs and Inductor's fused kernels for the rest.
-    """
-    return os.environ.get("FD_INDUCTOR_AUTOTUNE", "0") == "1"
-
-
-def build_mode() -> str:
-    mode = os.environ.get("FD_INDUCTOR_MODE", "precompiled")
-    if mode not in MODES:
-        raise InvalidArgumentError(f"FD_INDUCTOR_MODE={mode!r} is unknown; choose one of {MODES}")
-    return mode
-
-
-def compile_options(device: torch.device, graph: str = "dit") -> dict:
+def compile_options(device: torch.device, graph: str = "dit", autotune: bool = False) -> dict:
     """Inductor options of one graph (recorded in the manifest).
 
-    With autotuning requested, the DiT and prompt graphs are autotuned on CUDA; the
-    decoder's graphs always use the default mode (its convolutions go to cuDNN either
-    way, and autotuning them would cost minutes of build time for little).
+    With `autotune` (BuildConfig.autotune, fd-build --autotune), the DiT and prompt graphs
+    are autotuned on CUDA. Off by default: on the H100 the full 1.3B build spent ~60 s
+    benchmarking each GEMM shape and passed 5 minutes
+    (bench/results/engine-h100-autotune-timeout.json); the default mode uses cuBLAS for the
+    GEMMs and Inductor's fused kernels for the rest. The decoder's graphs always use the
+    default mode (its convolutions go to cuDNN either way, and autotuning them would cost
+    minutes of build time for little).
     """
-    if device.type == "cuda" and autotune_requested() and not graph.startswith("decode"):
+    if device.type == "cuda" and autotune and not graph.startswith("decode"):
         from torch._inductor import list_mode_options
 
         return dict(list_mode_options(CUDA_MODE))
@@ -212,14 +199,15 @@ def _no_recompile(fn, name: str):
 class InductorBackend(GraphBackend):
     name = "inductor"
 
-    def __init__(self) -> None:
+    def __init__(self, config: BuildConfig | None = None) -> None:
+        super().__init__(config)
         self._store = _WeightStore()
-        self._mode = "precompiled"
+        self._mode = self.config.inductor_mode
         self._weights: dict[str, torch.Tensor] = {}
 
     def begin_build(self, engine_dir: Path, device: torch.device) -> None:
         self._store = _WeightStore()
-        self._mode = build_mode()
+        self._mode = self.config.inductor_mode
         torch.compiler.reset()
         try:  # keep only this build's artifacts in inductor_cache.bin
             from torch.compiler._cache import CacheArtifactManager
@@ -236,7 +224,7 @@ class InductorBackend(GraphBackend):
         ep.example_inputs = None  # the KV ring would be saved with it (6 GB at full size)
         pt2 = graphs / f"{prog.name}.pt2"
         torch.export.save(ep, str(pt2))
-        options = compile_options(device, prog.name)
+        options = compile_options(device, prog.name, self.config.autotune)
         files = [rel(engine_dir, pt2)]
         if self._mode == "precompiled":
             from torch._inductor import standalone_compile
@@ -311,7 +299,4 @@ class InductorBackend(GraphBackend):
         return _bind(_no_recompile(_compile_saved(engine_dir / files[0], options), name), weights)
 
     def end_load(self) -> None:
-        self._weights = {}  # the bound graphs keep their tensors; the backend object is shared
-
-
-BACKEND = InductorBackend()
+        self._weights = {}  # the bound graphs keep their tensors; nothing else needs the dict

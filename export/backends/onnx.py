@@ -165,6 +165,3 @@ class ONNXBackend(GraphBackend):
         outputs = [TensorSpec.from_dict(d) for d in record["outputs"]]
         session = ort_session(engine_dir / record["files"][0]["file"], device)
         return ort_callable(session, inputs, outputs, device)
-
-
-BACKEND = ONNXBackend()

@@ -32,6 +32,7 @@ import torch
 from flashdreams.errors import DeviceError, EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphBackend, GraphFn, rel
 from flashdreams.export.backends.onnx import export_onnx
+from flashdreams.export.build_config import BuildConfig
 from flashdreams.export.manifest import TensorSpec
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class TensorRTBackend(GraphBackend):
     name = "tensorrt"
     functional = True
 
-    def __init__(self) -> None:
+    def __init__(self, config: BuildConfig | None = None) -> None:
+        super().__init__(config)
         self._logger = None
         self._timing_cache = None
 
@@ -181,6 +183,3 @@ class TensorRTBackend(GraphBackend):
 
         call.engine = engine  # keep the engine alive with its callable
         return call
-
-
-BACKEND = TensorRTBackend()

@@ -9,6 +9,18 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 
+SHORT_DTYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64"}
+
+
+def precision_label(precision: str, dtype: object) -> str:
+    """What a run computed in: "fp8" for --precision fp8, else its dtype (bf16, fp16, fp32), never the
+    --precision default when the dtype differs (a float32 CPU run is "fp32", not "bf16")."""
+    if precision == "fp8":
+        return "fp8"
+    name = str(dtype).removeprefix("torch.")
+    return SHORT_DTYPES.get(name, name)
+
+
 def _fmt(v, unit: str = "", digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}{unit}"
 
@@ -113,23 +125,28 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def _run_id(r: dict) -> tuple[str, str, str]:
+    """What identifies a run across two results.json files: backend, attention and precision."""
+    return r["backend"], r["attention"], r.get("precision", "bf16")
+
+
 def compare(results: dict, other_path: str | Path) -> str:
-    """Ratios other / this for runs present in both (same backend and attention)."""
+    """Ratios other / this for runs present in both (same backend, attention and precision)."""
     other = json.loads(Path(other_path).read_text())
-    key = lambda r: (r["backend"], r["attention"], r.get("precision", "bf16"))  # noqa: E731
-    theirs = {key(r): r for r in other["runs"]}
+    theirs = {_run_id(r): r for r in other["runs"]}
     lines = [f"ratios against {other_path} (>1: this run is faster / smaller)"]
     for r in results["runs"]:
-        o = theirs.get(key(r))
+        label = "/".join(_run_id(r))
+        o = theirs.get(_run_id(r))
         if o is None:
-            lines.append(f"  {r['backend']}/{r['attention']}: not in the other run")
+            lines.append(f"  {label}: not in the other run")
             continue
         parts = []
-        for key in ("total_ms", "to_frames_ms", "denoise_ms", "commit_ms", "decode_ms"):
-            a, b = r["latency"][key].get("p50"), o["latency"][key].get("p50")
+        for stage in ("total_ms", "to_frames_ms", "denoise_ms", "commit_ms", "decode_ms"):
+            a, b = r["latency"][stage].get("p50"), o["latency"][stage].get("p50")
             if a and b:
-                parts.append(f"{key[:-3]} {b / a:.2f}x")
+                parts.append(f"{stage[:-3]} {b / a:.2f}x")
         if r.get("peak_memory_gb") and o.get("peak_memory_gb"):
             parts.append(f"memory {o['peak_memory_gb'] / r['peak_memory_gb']:.2f}x")
-        lines.append(f"  {r['backend']}/{r['attention']}: " + ", ".join(parts))
+        lines.append(f"  {label}: " + ", ".join(parts))
     return "\n".join(lines)

@@ -8,13 +8,17 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 import flashdreams
 from flashdreams.benchmark.environment import NvmlSampler
-from flashdreams.benchmark.flops import dit_forward_flops
+from flashdreams.benchmark.report import precision_label
 from flashdreams.errors import InvalidArgumentError
+
+if TYPE_CHECKING:
+    from flashdreams.export.build_config import BuildConfig
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +53,9 @@ class BenchConfig:
     workdir: str | None = None
     engine_dir: str | None = None  # backend "engine": load this prebuilt engine directory
     precision: str = "bf16"
+    decoder_weights: str | None = None
+    weights_seed: int = 0  # seed of built-in / random weights (`seed` drives the sessions' noise)
+    build_config: BuildConfig | None = None  # how engines built in-process are compiled (default: BuildConfig())
     extra: dict = field(default_factory=dict)
 
 
@@ -70,11 +77,17 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         attention=attention,
         height=cfg.height,
         width=cfg.width,
+        decoder_weights=cfg.decoder_weights,
     )
     if backend == "eager":
         t0 = time.perf_counter()
         engine = flashdreams.load(
-            cfg.source, decoder=cfg.decoder, random_weights=cfg.random_weights, precision=cfg.precision, **kw
+            cfg.source,
+            decoder=cfg.decoder,
+            random_weights=cfg.random_weights,
+            weights_seed=cfg.weights_seed,
+            precision=cfg.precision,
+            **kw,
         )
         times["load_s"] = time.perf_counter() - t0
         return engine, times
@@ -93,7 +106,17 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         raise InvalidArgumentError(f"backend '{backend}' needs flashdreams.export ({exc})") from None
     out = os.path.join(cfg.workdir or tempfile.mkdtemp(prefix="fd-bench-"), f"engine-{backend}-{attention}")
     t0 = time.perf_counter()
-    build_engine(out, checkpoint=cfg.source, backend=backend, random_weights=cfg.random_weights, **kw)
+    config = cfg.build_config if cfg.build_config is not None and cfg.build_config.backend == backend else None
+    build_engine(
+        out,
+        checkpoint=cfg.source,
+        backend=backend,
+        random_weights=cfg.random_weights,
+        seed=cfg.weights_seed,
+        decoder=cfg.decoder,
+        config=config,
+        **kw,
+    )
     times["build_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
     engine = flashdreams.load(out, device=cfg.device, attention=attention, decoder=cfg.decoder)
@@ -185,12 +208,11 @@ def _block_entry(result, spec, engine) -> dict:
     entry["total_ms"] = sum(ms.values())
     entry["to_frames_ms"] = ms.get("denoise", 0.0) + ms.get("decode", 0.0)
     entry["frames"] = int(result.frames.shape[1]) if result.frames is not None else 0
-    nf, fs = spec.num_frame_per_block, spec.ring.frame_seq_length
-    kv = spec.ring.valid_tokens((result.block + 1) * nf)
-    flops = dit_forward_flops(engine.spec.preset.model, nf * fs, kv)["total"] * (spec.schedule.num_steps + 1)
+    # The model's matmul FLOPs of this block come from its plan (the family counts them).
+    flops = spec.block_flops(result.block) or 0.0
     dit_ms = ms.get("denoise", 0.0) + ms.get("commit", 0.0)
     entry["dit_tflop"] = flops / 1e12
-    entry["dit_tflops"] = flops / dit_ms / 1e9 if dit_ms > 0 else None
+    entry["dit_tflops"] = flops / dit_ms / 1e9 if dit_ms > 0 and flops else None
     return entry
 
 
@@ -215,7 +237,9 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
     out = {
         "backend": backend,
         "attention": attention,
-        "precision": cfg.precision,
+        "precision": precision_label(cfg.precision, engine.backend.dtype),  # what ran: fp8, or the dtype
+        "precision_option": cfg.precision,
+        "dtype": str(engine.backend.dtype).removeprefix("torch."),
         "engine": repr(engine),
         "cold_start": cold,
         "warm_first_frame_ms": _percentiles(warm_ff),

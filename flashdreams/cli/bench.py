@@ -9,7 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-from flashdreams.errors import FlashDreamsError
+from flashdreams.cli.options import (
+    add_build_options,
+    add_load_options,
+    build_config,
+    check_load_args,
+    flag_message,
+    load_kwargs,
+    split_list,
+)
+from flashdreams.errors import FlashDreamsError, InvalidArgumentError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,19 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", help="checkpoint file or directory (default: built-in model or --preset)")
-    p.add_argument("--preset", help="model preset (fd-run --list-presets); default: tiny built-in")
-    p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
     p.add_argument(
         "--backend",
         default="eager",
         help="comma list of: eager, inductor, aoti (built in-process), engine (loads --engine DIR); default eager",
     )
-    p.add_argument(
-        "--precision", default="bf16", help="comma list of: bf16, fp8 (fp8: blocks' linears + attention in e4m3)"
-    )
     p.add_argument("--engine", help="a prebuilt engine directory (fd-build) for --backend engine")
-    p.add_argument("--attention", default="sdpa", help="comma list of: sdpa, triton (default sdpa)")
     p.add_argument("--blocks", type=int, default=7, help="blocks per rollout (7 = 21 latent frames)")
     p.add_argument("--rollouts", type=int, default=3, help="measured rollouts after warm-up (default 3)")
     p.add_argument("--steady-blocks", type=int, default=0, help="also run one long rollout of N blocks (jitter)")
@@ -52,49 +54,58 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="also profile block N (torch.profiler): device time per kernel category and the top kernels",
     )
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--decoder", default="preset", help="wan-vae | taehv | none | preset (default)")
-    p.add_argument("--device")
-    p.add_argument("--dtype", help="bfloat16 (GPU default) | float16 | float32 (CPU default)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every block eagerly")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the sessions' noise (default 0)")
     p.add_argument("--out", default="fd-bench-out", help="output directory (results.json + plots)")
     p.add_argument("--compare", help="another results.json: print ratios against it")
     p.add_argument("--quick-ceilings", action="store_true", help="small matmul/copy ceilings (smoke runs)")
+    add_load_options(p, lists=True)
+    add_build_options(p)  # for the engines fd-bench builds in-process (--backend inductor, aoti)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import torch
 
     from flashdreams.benchmark.environment import environment, measure_ceilings
-    from flashdreams.benchmark.report import compare, plots, table
+    from flashdreams.benchmark.report import compare, plots, precision_label, table
     from flashdreams.benchmark.runner import BenchConfig, run_config
     from flashdreams.engine import resolve_device_dtype
+    from flashdreams.export.backends import backend_names
     from flashdreams.presets import get_preset
 
     out = Path(args.out)
     try:
-        device, dtype = resolve_device_dtype(args.device, args.dtype)
-        preset = get_preset(args.preset or ("self-forcing-1.3b" if args.checkpoint else "tiny"))
+        kw = load_kwargs(args)
+        device, dtype = resolve_device_dtype(kw["device"], kw["dtype"])
+        preset = get_preset(kw["preset"] or ("self-forcing-1.3b" if kw["source"] else "tiny"))
+        check_load_args({**kw, "preset": preset.name, "attention": None, "precision": None})
         if args.blocks < 2:
-            raise FlashDreamsError("--blocks must be at least 2 (a first block and a steady one)")
+            raise InvalidArgumentError("--blocks must be at least 2 (a first block and a steady one)")
+        if args.rollouts < 1:
+            raise InvalidArgumentError(f"--rollouts must be at least 1, got {args.rollouts}")
+        if args.steady_blocks < 0:
+            raise InvalidArgumentError(f"--steady-blocks must be 0 (off) or more, got {args.steady_blocks}")
         if args.profile_block is not None and args.profile_block < 0:
-            raise FlashDreamsError(f"--profile-block must be a block index >= 0, got {args.profile_block}")
+            raise InvalidArgumentError(f"--profile-block must be a block index >= 0, got {args.profile_block}")
+        if not 0 <= args.seed < 2**63:
+            raise InvalidArgumentError(f"--seed must be in [0, 2**63), got {args.seed}")
         cfg = BenchConfig(
-            source=args.checkpoint,
+            source=kw["source"],
             preset=preset.name,
-            random_weights=args.random_weights,
+            random_weights=kw["random_weights"],
             blocks=args.blocks,
             rollouts=args.rollouts,
             steady_blocks=args.steady_blocks,
             profile_block=args.profile_block,
-            height=args.height,
-            width=args.width,
-            decoder=None if args.decoder == "none" else args.decoder,
+            height=kw["height"],
+            width=kw["width"],
+            decoder=kw["decoder"],
+            decoder_weights=kw["decoder_weights"],
+            weights_seed=kw["weights_seed"],
             device=str(device),
             dtype=str(dtype).replace("torch.", ""),
             seed=args.seed,
@@ -105,16 +116,19 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         runs = []
         first = True
-        for precision in args.precision.split(","):
-            cfg.precision = precision.strip()
-            for backend in args.backend.split(","):
-                for attention in args.attention.split(","):
-                    print(f"fd-bench: {backend}/{attention}/{cfg.precision} ...", file=sys.stderr, flush=True)
-                    runs.append(run_config(cfg, backend.strip(), attention.strip(), first))
+        for precision in split_list(args.precision):
+            cfg.precision = precision
+            for backend in split_list(args.backend):
+                if backend in backend_names():  # built in-process: its build options
+                    cfg.build_config = build_config(args, backend)
+                for attention in split_list(args.attention):
+                    label = precision_label(precision, dtype)
+                    print(f"fd-bench: {backend}/{attention}/{label} ...", file=sys.stderr, flush=True)
+                    runs.append(run_config(cfg, backend, attention, first))
                     first = False
         ceilings = measure_ceilings(device, dtype if dtype != torch.float32 else torch.float32, args.quick_ceilings)
     except FlashDreamsError as exc:
-        print(f"fd-bench: {exc}", file=sys.stderr)
+        print(f"fd-bench: {flag_message(str(exc), parser)}", file=sys.stderr)
         return 2
     spec_h = args.height or preset.height
     spec_w = args.width or preset.width
@@ -136,7 +150,9 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype),
             "cuda_graphs": not args.no_cuda_graphs,
             "seed": args.seed,
-            "precision": args.precision,
+            "weights_seed": args.weights_seed,
+            "precision": ",".join(precision_label(pr, dtype) for pr in split_list(args.precision)),  # what ran
+            "precision_option": args.precision,
             "model": preset.model.to_dict(),
             "sink_frames": preset.sink_frames,
             "window_frames": preset.window_frames,

@@ -4,11 +4,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
+import math
 import sys
 import time
 import traceback
 
+from flashdreams.cli.options import (
+    add_build_options,
+    add_load_options,
+    build_config,
+    check_load_args,
+    flag_message,
+    load_kwargs,
+)
 from flashdreams.errors import FlashDreamsError
 
 EXIT_OK, EXIT_CHECK_FAILED, EXIT_USAGE = 0, 1, 2
@@ -26,7 +34,7 @@ def _backend_help() -> str:
         "backends:",
         "  inductor  (default) torch.export programs + Inductor's precompiled graphs (loaded without a",
         "            trace or compile) + weights.safetensors + kernels.tar (our Triton kernels and",
-        "            Inductor's autotuning results). FD_INDUCTOR_MODE=cache: the older re-trace path.",
+        "            Inductor's autotuning results). --inductor-mode cache: the older re-trace path.",
         "            On CPU the artifacts hold C++ source: a cold machine compiles it at load (use aoti).",
         "            verified: " + verified["inductor"],
         "  aoti      AOTInductor .pt2 packages: no compiler at load, loadable from C++.",
@@ -66,39 +74,42 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--check", metavar="ENGINE_DIR", help="validate an engine against this machine and exit")
     p.add_argument("--out", metavar="ENGINE_DIR", help="engine directory to write (built beside it, then renamed)")
-    p.add_argument("--checkpoint", help="DiT checkpoint (.safetensors / sharded index / dir); default: built-in")
-    p.add_argument("--preset", help="model preset (default: tiny built-in, or self-forcing-1.3b with a checkpoint)")
     p.add_argument("--backend", default="inductor", help="inductor (default) | aoti | onnx | tensorrt")
-    p.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
-    p.add_argument("--width", type=int, help="video width in pixels (default: the preset's)")
     p.add_argument("--batch", type=int, default=1, help="sessions' batch size (default 1)")
-    p.add_argument("--device", help="cuda | cpu (default: cuda if present); the engine runs only there")
-    p.add_argument("--dtype", help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"], help="attention/norm kernels")
-    p.add_argument("--decoder", default="preset", help="wan-vae | taehv | none | preset (default)")
-    p.add_argument("--decoder-weights", help="decoder weights (.safetensors) for a real checkpoint")
-    p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
-    p.add_argument("--seed", type=int, default=0, help="seed of the built-in / random weights (default 0)")
     p.add_argument("--force", action="store_true", help="replace an existing engine at --out")
-    p.add_argument(
-        "--autotune",
-        action="store_true",
-        help="inductor on CUDA: autotune the DiT's GEMMs (max-autotune; minutes more build time)",
-    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument("-v", "--verbose", action="store_true", help="log what the build does")
+    add_load_options(p, weights_seed_flags=("--seed", "--weights-seed"))  # the engine runs only on --device
+    add_build_options(p)
     return p
 
 
-def _check(path: str) -> int:
-    from flashdreams.export.manifest import validate_engine
+def _field(fp: dict, name: str):
+    """A fingerprint field's value as the check compares it (python_minor: major.minor of python)."""
+    if name == "python_minor":
+        return ".".join(str(fp.get("python", "")).split(".")[:2])
+    return fp.get(name)
+
+
+def _check(path: str, parser: argparse.ArgumentParser | None = None) -> int:
+    """Validate an engine (`validate_engine`) and print each thing verified, with its value."""
+    from flashdreams.export.manifest import (
+        MANIFEST_NAME,
+        SCHEMA_VERSION,
+        listed_files,
+        machine_fingerprint,
+        manifest_digest,
+        required_fields,
+        validate_engine,
+    )
 
     print(f"checking engine {path}")
     try:
         t0 = time.perf_counter()
         val = validate_engine(path)
     except FlashDreamsError as exc:
-        print(f"FAILED: {exc}", file=sys.stderr)
+        msg = flag_message(str(exc), parser) if parser is not None else str(exc)
+        print(f"FAILED: {msg}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     m = val.manifest
     eng = m["engine"]
@@ -106,8 +117,25 @@ def _check(path: str) -> int:
         f"  {m['model_id']} ({m['backend']}, {eng['dtype']}, batch {eng['batch']}, {eng['height']}x{eng['width']}, "
         f"attention {eng['graph_attention']}) on {val.device}; graphs: {', '.join(m['graphs'])}"
     )
-    for c in val.checks:
-        print(f"  ok  {c}")
+    print(f"  ok  schema version {m.get('schema_version')} (this FlashDreams reads {SCHEMA_VERSION})")
+    print(
+        f"  ok  seal: {MANIFEST_NAME} content sha256 {manifest_digest(m)} equals its recorded manifest_sha256 "
+        "(unchanged since the build)"
+    )
+    records = listed_files(m)
+    print(f"  ok  {len(records)} files present, sha256 verified (each file's size and sha256 equal the manifest's):")
+    width = max((len(r["file"]) for r in records), default=0)
+    for r in records:
+        print(f"        {r['file']:<{width}}  {r['bytes']:>12,d} B  sha256 {r['sha256']}")
+    built = m.get("fingerprint", {})
+    here = machine_fingerprint(val.device)
+    fields = required_fields(m["backend"], built.get("device_type", "cpu"))
+    if fields:
+        print(f"  ok  fingerprint: {len(fields)} fields must equal this machine's ({m['backend']} engine):")
+        for name in fields:
+            print(f"        {name:<12} built {_field(built, name)!r:<24} here {_field(here, name)!r}")
+    else:
+        print(f"  ok  fingerprint: {m['backend']} graphs are portable; no field has to match")
     for n in val.notes:
         print(f"  --  {n}")
     print(f"engine OK for this machine ({time.perf_counter() - t0:.2f} s)")
@@ -142,12 +170,20 @@ class _Bar:
             self.bar.close()
 
 
+def _state_mib(m: dict) -> float:
+    """Bytes of one session's state buffers (KV rings, caches), from the plan in the manifest."""
+    from flashdreams.models.family import TensorDecl
+
+    decls = [TensorDecl.from_dict(d) for d in m["plan"]["state"].values()]
+    return sum(d.torch_dtype().itemsize * math.prod(d.shape) for d in decls) / 2**20
+
+
 def _summary(m: dict, out: str) -> None:
     eng = m["engine"]
     print(f"built {m['backend']} engine {out} in {m['build']['seconds']:.1f} s")
     print(
         f"  model {m['model_id']} ({m['weights_source']}), {eng['dtype']}, batch {eng['batch']}, "
-        f"{eng['height']}x{eng['width']}, latents {eng['latent_shape']}, ring {eng['ring']['capacity_tokens']} tokens"
+        f"{eng['height']}x{eng['width']}, latents {eng['latent_shape']}, session state {_state_mib(m):.1f} MiB"
     )
     fp = m["fingerprint"]
     print(f"  device {fp['device_name']} ({fp['capability']}), torch {fp['torch']}")
@@ -171,13 +207,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
-    if args.autotune:
-        os.environ["FD_INDUCTOR_AUTOTUNE"] = "1"  # read by the inductor backend's compile options
     if args.check:
         if args.out:
             print("fd-build: --check takes no --out", file=sys.stderr)
             return EXIT_USAGE
-        return _check(args.check)
+        return _check(args.check, p)
     if not args.out:
         print("fd-build: --out ENGINE_DIR is required (or --check ENGINE_DIR); see fd-build --help", file=sys.stderr)
         return EXIT_USAGE
@@ -186,31 +220,26 @@ def main(argv: list[str] | None = None) -> int:
 
     bar = _Bar(args.no_progress)
     try:
+        kw = load_kwargs(args)
+        check_load_args(kw)
         m = build_engine(
             args.out,
-            checkpoint=args.checkpoint,
-            preset=args.preset,
+            checkpoint=kw.pop("source"),
+            seed=kw.pop("weights_seed"),
             backend=args.backend,
-            height=args.height,
-            width=args.width,
             batch=args.batch,
-            device=args.device,
-            dtype=args.dtype,
-            attention=args.attention,
-            decoder=None if args.decoder == "none" else args.decoder,
-            decoder_weights=args.decoder_weights,
-            random_weights=args.random_weights,
-            seed=args.seed,
             force=args.force,
             progress=bar,
+            config=build_config(args, args.backend),
+            **kw,
         )
     except InvalidArgumentError as exc:
         bar.close()
-        print(f"fd-build: {exc}", file=sys.stderr)
+        print(f"fd-build: {flag_message(str(exc), p)}", file=sys.stderr)
         return EXIT_CHECK_FAILED if isinstance(exc, CheckpointError) else EXIT_USAGE
     except FlashDreamsError as exc:
         bar.close()
-        print(f"fd-build: build failed: {exc}", file=sys.stderr)
+        print(f"fd-build: build failed: {flag_message(str(exc), p)}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     except KeyboardInterrupt:
         bar.close()

@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from flashdreams.cli.options import flag_message
 from flashdreams.errors import FlashDreamsError
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fd-convert",
         description=(
@@ -22,13 +23,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("src", help="the .pt/.pth file")
     p.add_argument("dst", help="the .safetensors file to write (written atomically)")
     p.add_argument("--key", help="keep only this top-level entry, e.g. generator_ema")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = build_parser()
     args = p.parse_args(argv)
     from flashdreams.convert import convert_checkpoint
 
     try:
         info = convert_checkpoint(args.src, args.dst, key=args.key)
     except FlashDreamsError as exc:
-        print(f"fd-convert: {exc}", file=sys.stderr)
+        msg = str(exc).removeprefix("fd-convert: ")  # library messages may name the tool already
+        print(f"fd-convert: {flag_message(msg, p)}", file=sys.stderr)
         return 2
     print(f"wrote {info['output']}: {info['tensors']} tensors, {info['bytes'] / 2**20:.1f} MiB")
     if info["skipped"]:

@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import math
+import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
-from flashdreams.errors import FlashDreamsError, InvalidArgumentError
+from flashdreams.cli.options import add_load_options, check_load_args, flag_message, load_kwargs
+from flashdreams.errors import FlashDreamsError, InvalidArgumentError, NotFoundError
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,135 +38,310 @@ def build_parser() -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--checkpoint", help="DiT checkpoint (.safetensors / sharded index / dir) or engine directory")
-    p.add_argument("--preset", help="model preset (default: tiny built-in, or self-forcing-1.3b with a checkpoint)")
     p.add_argument("--list-presets", action="store_true", help="list presets and exit")
-    p.add_argument("--prompt-embeds", help=".safetensors with one tensor [T, 4096] or [B, T, 4096] (umT5 output)")
+    p.add_argument(
+        "--prompt-embeds",
+        metavar="FILE",
+        help=".safetensors with one tensor (or one named prompt_embeds) of shape [T, D] or [B, T, D]: "
+        "umT5 output, D = 4096 for the Wan models (32 for the built-in tiny model)",
+    )
     p.add_argument("--prompt", help="prompt text (needs --text-encoder)")
     p.add_argument("--text-encoder", help="directory of a transformers UMT5EncoderModel + tokenizer (umT5-XXL)")
     p.add_argument("--offload-text-encoder", action="store_true", help="free the text encoder after encoding")
-    p.add_argument("--decoder", default="preset", help="wan-vae | taehv | none (default: the preset's)")
-    p.add_argument("--decoder-weights", help="decoder weights (.safetensors): Wan2.1_VAE or taew2_1")
     p.add_argument("--blocks", type=int, default=7, help="blocks to generate (default 7 = 81 frames at nf 3)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default="flashdreams.mp4", help="video file to write (default flashdreams.mp4)")
-    p.add_argument("--fps", type=float, default=16.0, help="frame rate of the video (default 16)")
-    p.add_argument("--device", help="cuda | cpu (default: cuda if present)")
-    p.add_argument("--dtype", help="bfloat16 | float16 | float32 (default: bf16 on GPU, fp32 on CPU)")
-    p.add_argument("--attention", default="sdpa", choices=["sdpa", "triton"], help="attention/norm kernels")
+    p.add_argument("--seed", type=int, default=0, help="seed of the session's noise (default 0)")
     p.add_argument(
-        "--precision",
-        default="bf16",
-        choices=["bf16", "fp8"],
-        help="fp8: the DiT blocks' linears and attention in float8 e4m3 (needs --attention triton)",
+        "--out",
+        default="flashdreams.mp4",
+        help="video file to write: .mp4, .mkv, .mov, .avi or .webm, in an existing folder (default flashdreams.mp4)",
     )
-    p.add_argument("--height", type=int, help="video height in pixels (default: the preset's)")
-    p.add_argument("--width", type=int, help="video width in pixels (default: the preset's)")
-    p.add_argument("--random-weights", action="store_true", help="full-size preset with random weights")
+    p.add_argument("--fps", type=float, default=16.0, help="frame rate of the video, kept exactly (default 16)")
     p.add_argument("--save-latents", help="write every block's latents to this .safetensors (block_0, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--record",
+        metavar="LOG",
+        help="record the seed and every input of this run to LOG (one .safetensors file) for --replay",
+    )
+    p.add_argument(
+        "--replay",
+        metavar="LOG",
+        help="replay a recorded run (its seed and inputs, block by block) instead of --blocks/--seed/--prompt*: "
+        "the same engine on the same machine gives the same frames, bit for bit",
+    )
+    add_load_options(p)
     return p
 
 
-def _prompt(args, engine):
-    from safetensors.torch import load_file
+SEED_LIMIT = 2**63
 
+
+def check_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Refuse, before anything is loaded, the numbers, output paths and files fd-run cannot use.
+
+    Returns what it learnt on the way (the prompt file's tensor name and shape) for the checks
+    that need the model (`check_prompt_shape`).
+    """
+    from flashdreams.video import check_video_path, check_writable
+
+    found: dict[str, Any] = {}
+    if args.blocks < 1:
+        raise InvalidArgumentError(f"--blocks must be at least 1, got {args.blocks}")
+    if not (math.isfinite(args.fps) and args.fps > 0):
+        raise InvalidArgumentError(f"--fps must be a positive number of frames per second, got {args.fps:g}")
+    if not 0 <= args.seed < SEED_LIMIT:
+        raise InvalidArgumentError(f"--seed must be in [0, 2**63), got {args.seed}")
+    if args.prompt_embeds and args.prompt:
+        raise InvalidArgumentError("give --prompt-embeds FILE or --prompt TEXT, not both")
+    if args.prompt and not args.text_encoder:
+        raise InvalidArgumentError("--prompt needs --text-encoder DIR (or give --prompt-embeds FILE)")
+    if args.text_encoder and not Path(args.text_encoder).is_dir():
+        raise NotFoundError(f"--text-encoder '{args.text_encoder}' is not a directory (a UMT5EncoderModel + tokenizer)")
+    if args.decoder != "none":
+        _flagged("--out", check_video_path, args.out)
+    if args.save_latents:
+        if Path(args.save_latents).suffix != ".safetensors":
+            raise InvalidArgumentError(f"--save-latents '{args.save_latents}' must end in .safetensors")
+        _flagged("--save-latents", check_writable, args.save_latents)
     if args.prompt_embeds:
-        tensors = load_file(args.prompt_embeds)
-        if len(tensors) != 1 and "prompt_embeds" not in tensors:
-            raise InvalidArgumentError(
-                f"'{args.prompt_embeds}' holds {len(tensors)} tensors; keep one, or name it 'prompt_embeds'"
-            )
-        return tensors.get("prompt_embeds", next(iter(tensors.values()))).float()
+        found["prompt"] = prompt_file_header(args.prompt_embeds)
+    if args.record:
+        if Path(args.record).suffix != ".safetensors":
+            raise InvalidArgumentError(f"--record '{args.record}' must end in .safetensors")
+        _flagged("--record", check_writable, args.record)
+    if args.replay:
+        if args.record or args.prompt or args.prompt_embeds:
+            raise InvalidArgumentError("--replay takes its inputs from the recording: drop --record/--prompt*")
+        if not Path(args.replay).is_file():
+            raise NotFoundError(f"--replay '{args.replay}' does not exist (a file written by fd-run --record)")
+    return found
+
+
+def _flagged(flag: str, check, value) -> None:
+    try:
+        check(value)
+    except InvalidArgumentError as exc:
+        raise InvalidArgumentError(f"{flag}: {exc}") from None
+
+
+def prompt_file_header(path: str) -> tuple[str, list[int]]:
+    """(tensor name, shape) of a --prompt-embeds file, read from its header only; refuses what cannot be a prompt."""
+    from safetensors import safe_open
+
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"--prompt-embeds '{path}' does not exist")
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            names = list(f.keys())
+            name = "prompt_embeds" if "prompt_embeds" in names else (names[0] if len(names) == 1 else None)
+            if name is None:
+                raise InvalidArgumentError(
+                    f"--prompt-embeds '{path}' holds {len(names)} tensors; keep one, or name it 'prompt_embeds'"
+                )
+            sl = f.get_slice(name)
+            shape, dtype = list(sl.get_shape()), sl.get_dtype()
+    except InvalidArgumentError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for a file that is not one
+        raise InvalidArgumentError(
+            f"--prompt-embeds '{path}' is not a readable safetensors file ({exc}); "
+            "write it with safetensors.torch.save_file({'prompt_embeds': tensor}, path)"
+        ) from None
+    if len(shape) not in (2, 3) or not all(shape) or dtype not in ("F16", "BF16", "F32", "F64"):
+        raise InvalidArgumentError(
+            f"--prompt-embeds '{path}': tensor '{name}' is {dtype} {shape}; "
+            "expected floats of shape [T, D] or [B, T, D]"
+        )
+    return name, shape
+
+
+def check_prompt_shape(path: str, name: str, shape: list[int], engine) -> None:
+    """Refuse a prompt whose width, length or batch the loaded model cannot take (before any block)."""
+    specs = {s.name: s for s in engine.input_specs()}
+    spec = specs.get("prompt_embeds")
+    if spec is None:
+        raise InvalidArgumentError(
+            f"--prompt-embeds: {engine.preset_name} takes no prompt_embeds input (its inputs: {', '.join(specs)})"
+        )
+    batch, text_len, width = spec.shape[0], spec.shape[-2], spec.shape[-1]
+    b = shape[0] if len(shape) == 3 else batch
+    if shape[-1] != width or shape[-2] > text_len or b != batch:
+        raise InvalidArgumentError(
+            f"--prompt-embeds '{path}': tensor '{name}' has shape {shape}; {engine.preset_name} takes "
+            f"[T, {width}] or [{batch}, T, {width}] with T <= {text_len} (its text width is {width})"
+        )
+
+
+def _prompt(args, engine, found: dict[str, Any]):
+    if args.prompt_embeds:
+        from safetensors import safe_open
+
+        name, shape = found["prompt"]
+        check_prompt_shape(args.prompt_embeds, name, shape, engine)
+        with safe_open(args.prompt_embeds, framework="pt") as f:
+            return f.get_tensor(name).float()
     if args.prompt:
-        if not args.text_encoder:
-            raise InvalidArgumentError("--prompt needs --text-encoder DIR (or give --prompt-embeds FILE)")
         from flashdreams.models.text_encoder import TextEncoder
 
-        enc = TextEncoder.from_dir(args.text_encoder, device=engine.device, text_len=engine.backend.text_len)
+        spec = {s.name: s for s in engine.input_specs()}.get("prompt_embeds")
+        if spec is None:
+            raise InvalidArgumentError(f"--prompt: {engine.preset_name} takes no prompt_embeds input")
+        enc = TextEncoder.from_dir(args.text_encoder, device=engine.device, text_len=spec.shape[-2])
         embeds = enc.encode(args.prompt)
         if args.offload_text_encoder:
             enc.offload()
             del enc
         return embeds
-    if engine.spec.preset.builtin or args.random_weights:
-        return engine.default_prompt()  # the stand-in prompt Engine.session uses too
+    if engine.stand_in_inputs:
+        return None  # the session draws the seeded stand-in prompt
     raise InvalidArgumentError("a real model needs a prompt: --prompt-embeds FILE or --prompt TEXT --text-encoder DIR")
 
 
+class _Stopped(BaseException):
+    """Raised in the main thread by SIGTERM / SIGHUP, like KeyboardInterrupt for SIGINT."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, n) for n in ("SIGTERM", "SIGHUP") if hasattr(signal, n))
+
+
+@contextlib.contextmanager
+def _stop_signals():
+    """While fd-run works, SIGTERM and SIGHUP raise `_Stopped` (SIGINT raises KeyboardInterrupt) so the
+    partial outputs are removed; after the first, further stop signals are ignored until cleanup ends."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    watched = (*STOP_SIGNALS, signal.SIGINT)
+
+    def stop(signum, _frame):
+        for s in watched:
+            signal.signal(s, signal.SIG_IGN)
+        raise KeyboardInterrupt if signum == signal.SIGINT else _Stopped(signum)
+
+    old = {s: signal.getsignal(s) for s in watched}
+    for s in watched:
+        signal.signal(s, stop)
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+class _Outputs:
+    """The files a run is writing; each is written beside its target and renamed into place at the end."""
+
+    def __init__(self) -> None:
+        self.writer = None
+        self.latents_tmp: Path | None = None
+
+    def discard(self) -> None:
+        if self.writer is not None:
+            self.writer.abort()
+            self.writer = None
+        if self.latents_tmp is not None:
+            self.latents_tmp.unlink(missing_ok=True)
+            self.latents_tmp = None
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     import flashdreams
-    from flashdreams.video import VideoWriter
 
     if args.list_presets:
         for name in flashdreams.preset_names():
             print(f"{name:28s} {flashdreams.get_preset(name).description}")
         return 0
-    if args.blocks < 1:
-        print("fd-run: --blocks must be at least 1", file=sys.stderr)
-        return 2
-    writer = None
-    try:
-        t0 = time.perf_counter()
-        engine = flashdreams.load(
-            args.checkpoint,
-            preset=args.preset,
-            device=args.device,
-            dtype=args.dtype,
-            attention=args.attention,
-            decoder=None if args.decoder == "none" else args.decoder,
-            height=args.height,
-            width=args.width,
-            random_weights=args.random_weights,
-            decoder_weights=args.decoder_weights,
-        )
-        session = engine.session(_prompt(args, engine), seed=args.seed)
-        print(f"fd-run: {engine} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        if engine.decoder is not None:
-            writer = VideoWriter(args.out, fps=args.fps)
-        latents = {}
-        bar = _progress(args.blocks, disable=args.no_progress)
-        frames_total, t_start = 0, time.perf_counter()
-        for k in range(args.blocks):
-            tb = time.perf_counter()
-            result = session.step()
-            if writer is not None:
-                frames = result.frames_cpu()[0]
-                writer.write(frames)
-                frames_total += frames.shape[0]
-            if args.save_latents:
-                latents[f"block_{k}"] = result.latents.float().cpu().contiguous()
-            else:
-                result.latents.cpu()  # the block is done before its time is reported
-            dt = time.perf_counter() - tb
-            fps = frames_total / (time.perf_counter() - t_start) if frames_total else 0.0
-            bar.set_postfix_str(f"block {dt * 1e3:.0f} ms, {fps:.1f} fps")
-            bar.update(1)
-        bar.close()
-        if writer is not None:
-            path = writer.close()
-            writer = None
-            print(f"wrote {path}: {frames_total} frames, {engine.spec.height}x{engine.spec.width} at {args.fps:g} fps")
-        else:
-            print("no decoder: no video written (latents only)")
-        if args.save_latents:
-            from safetensors.torch import save_file
+    outputs = _Outputs()
+    with _stop_signals():
+        try:
+            return _run(args, outputs)
+        except FlashDreamsError as exc:
+            outputs.discard()
+            print(f"fd-run: {flag_message(str(exc), parser)}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            outputs.discard()
+            print("fd-run: interrupted; no video written", file=sys.stderr)
+            return 130
+        except _Stopped as exc:
+            outputs.discard()
+            print(f"fd-run: stopped by {signal.Signals(exc.signum).name}; no video written", file=sys.stderr)
+            return 128 + exc.signum
+        except BaseException:
+            outputs.discard()
+            raise
 
-            Path(args.save_latents).parent.mkdir(parents=True, exist_ok=True)
-            save_file(latents, args.save_latents)
-            print(f"wrote {args.save_latents}: {len(latents)} blocks of latents")
-    except FlashDreamsError as exc:
-        if writer is not None:
-            writer.abort()
-        print(f"fd-run: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        if writer is not None:
-            writer.abort()
-        print("fd-run: interrupted; no video written", file=sys.stderr)
-        return 130
+
+def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
+    import flashdreams
+    from flashdreams.video import VideoWriter
+
+    found = check_args(args)
+    kw = load_kwargs(args)
+    check_load_args(kw)
+    t0 = time.perf_counter()
+    engine = flashdreams.load(**kw)
+    if args.replay:
+        from flashdreams.recording import Recording, replay
+
+        recording = Recording.load(args.replay)
+        args.blocks = recording.num_steps
+        steps = replay(recording, engine)
+    else:
+        session = engine.session(_prompt(args, engine, found), seed=args.seed)
+        if args.record:
+            session.start_recording()
+        steps = (session.step() for _ in range(args.blocks))
+    print(f"fd-run: {engine} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    if engine.decoder is not None:
+        outputs.writer = VideoWriter(args.out, fps=args.fps)
+    latents = {}
+    bar = _progress(args.blocks, disable=args.no_progress)
+    frames_total, t_start = 0, time.perf_counter()
+    for k in range(args.blocks):
+        tb = time.perf_counter()
+        result = next(steps)
+        if outputs.writer is not None:
+            frames = result.frames_cpu()[0]
+            outputs.writer.write(frames)
+            frames_total += frames.shape[0]
+        if args.save_latents:
+            latents[f"block_{k}"] = result.latents.float().cpu().contiguous()
+        else:
+            result.latents.cpu()  # the block is done before its time is reported
+        dt = time.perf_counter() - tb
+        fps = frames_total / (time.perf_counter() - t_start) if frames_total else 0.0
+        bar.set_postfix_str(f"block {dt * 1e3:.0f} ms, {fps:.1f} fps")
+        bar.update(1)
+    bar.close()
+    if args.save_latents:
+        from safetensors.torch import save_file
+
+        target = Path(args.save_latents)
+        outputs.latents_tmp = target.with_name(f".{target.name}.partial-{os.getpid()}.safetensors")
+        save_file(latents, str(outputs.latents_tmp))
+    if outputs.writer is not None:
+        path = outputs.writer.close()
+        outputs.writer = None
+        rate = f"{args.fps:g}"
+        print(f"wrote {path}: {frames_total} frames, {engine.spec.height}x{engine.spec.width} at {rate} fps")
+    else:
+        print("no decoder: no video written (latents only)")
+    if outputs.latents_tmp is not None:
+        os.replace(outputs.latents_tmp, args.save_latents)
+        outputs.latents_tmp = None
+        print(f"wrote {args.save_latents}: {len(latents)} blocks of latents")
+    if args.record:
+        session.save_recording(args.record)
+        print(f"wrote {args.record}: the seed and inputs of {args.blocks} blocks (fd-run --replay {args.record})")
     return 0
 
 

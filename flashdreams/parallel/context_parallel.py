@@ -1,9 +1,11 @@
 """Context parallel: one session's block split over the GPUs of a host, tokens within each frame.
 
-Rank r of P takes token rows [r*fs/P, (r+1)*fs/P) of every frame of the block (fs tokens a
-frame), so its shard stays frame-major, [B, F*fs/P, D]: the per-frame modulation, the
-norms, the linears, the cross-attention and the FFN run on it unchanged, with the RoPE
-tables sliced the same way. Only the self-attention needs the other ranks' tokens:
+A wrapper over a family's hooks (hooks.py), not a copy of its forward: the family's own
+graph runs with a `TokenShard` and a sharded `attend`. Rank r of P takes token rows
+[r*fs/P, (r+1)*fs/P) of every frame of the block (fs tokens a frame), so its shard stays
+frame-major, [B, F*fs/P, D]: the per-frame modulation, the norms, the linears, the
+cross-attention and the FFN run on it unchanged, with the RoPE tables sliced the same way.
+Only the self-attention needs the other ranks' tokens:
 
 * `ulysses` (DeepSpeed-Ulysses): after q/k norm + RoPE on the shard, one all-to-all turns
   q, k, v [B, L/P, N, d] into [B, L, N/P, d]: all tokens, N/P heads. The rank's ring keeps
@@ -29,17 +31,16 @@ to the host: valid lengths stay device tensors, collectives are enqueued like ke
 
 from __future__ import annotations
 
+import dataclasses
 import logging
-from functools import partial
 
 import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models import dit_ops
-from flashdreams.models.kv_ring import KVRing, RingSpec
-from flashdreams.models.rope import apply_rope, rope_tables
-from flashdreams.models.wan_dit import WanDiT
+from flashdreams.models.family import BlockPlan
 from flashdreams.parallel.comm import Comm
+from flashdreams.parallel.hooks import AttendFn, ParallelHooks, TokenShard
 
 log = logging.getLogger(__name__)
 
@@ -168,173 +169,160 @@ def _merge_online(acc_out, acc_lse, out, lse):
     return acc_out * wa + out * wb, new
 
 
+# ----------------------------------------------------------------------------- the plan of one rank
+
+
+def shard_plan(plan: BlockPlan, hooks: ParallelHooks, mode: str, world_size: int) -> BlockPlan:
+    """`plan` with each KV-ring state decl reshaped to one rank's shard, so a session allocates that.
+
+    Ulysses keeps every token of N/P heads (the head dim divided), ring mode every head of
+    frame_tokens/P rows per frame-slot (the token dim divided). Nothing else changes.
+    """
+    check_mode(mode)
+    if plan.ring is None:
+        raise InvalidArgumentError(
+            f"context parallel: the '{plan.family}' plan has no KV ring rule (plan.ring); "
+            "context parallel shards a streaming model's KV ring"
+        )
+    if hooks.frame_tokens != plan.ring.frame_tokens:
+        raise InvalidArgumentError(
+            f"context parallel: the hooks say {hooks.frame_tokens} tokens a frame, the plan's ring "
+            f"{plan.ring.frame_tokens}; the family's hooks and plan disagree"
+        )
+    check_token_shardable(hooks.frame_tokens, world_size)
+    dim = hooks.head_dim if mode == "ulysses" else hooks.token_dim
+    if mode == "ulysses":
+        check_head_shardable(hooks.num_heads, world_size, mode)
+    state = dict(plan.state)
+    for name in hooks.kv_rings:
+        decl = state.get(name)
+        if decl is None:
+            raise InvalidArgumentError(
+                f"context parallel: the hooks name the KV ring '{name}', which is not a state buffer of the "
+                f"'{plan.family}' plan (state: {sorted(state)})"
+            )
+        shape = list(decl.shape)
+        if len(shape) <= dim or shape[dim] % world_size:
+            raise InvalidArgumentError(
+                f"context parallel '{mode}': KV ring '{name}' {list(decl.shape)} cannot be split over "
+                f"{world_size} ranks along dim {dim}"
+            )
+        shape[dim] //= world_size
+        what = "heads" if mode == "ulysses" else "token rows"
+        state[name] = dataclasses.replace(
+            decl, shape=tuple(shape), meaning=f"{decl.meaning} (this rank's {what}, 1/{world_size})"
+        )
+    meta = {**plan.meta, "context_parallel": {"mode": mode, "world_size": world_size}}
+    return dataclasses.replace(plan, state=state, meta=meta)
+
+
+def check_mode(mode: str, ring_pass: str = "q") -> None:
+    if mode not in MODES:
+        raise InvalidArgumentError(f"context parallel mode '{mode}' is unknown; choose one of {MODES}")
+    if ring_pass not in RING_PASSES:
+        raise InvalidArgumentError(f"ring_pass '{ring_pass}' is unknown; choose one of {RING_PASSES}")
+
+
 # ----------------------------------------------------------------------------- the backend
 
 
 class ContextParallelBackend:
-    """A StepBackend that runs each block split over the ranks of `group` (see the module doc).
+    """A graph backend that runs the family's hooked graph split over the ranks of `group`.
 
-    `model` must hold the same weights on every rank (`broadcast_weights()` makes sure).
-    `mode` is "ulysses" or "ring"; `ring_pass` ("q" or "kv") picks how the ring mode's
-    ranks meet. `slice_ring` (default: with torch attention) takes the host-known fill
-    level per call, like `EagerBackend`; off, every call masks, so one graph serves all.
+    `base` is the family's eager backend (the same graphs); `plan` is this rank's plan
+    (`shard_plan`). Calls to `hooks.graph` run `hooks.step` with this rank's `TokenShard` and
+    the sharded attention; every other graph runs on `base` unchanged (rank 0's inputs first
+    for the graphs in `hooks.broadcast`). `slice_ring` (default: as `base`, i.e. with torch
+    attention) slices the ring to the host-known fill level; off, every call masks.
     """
 
     def __init__(
         self,
-        model: WanDiT,
+        base,
+        hooks: ParallelHooks,
+        plan: BlockPlan,
         group=None,
         mode: str = "ulysses",
         ring_pass: str = "q",
         all_to_all: str = "auto",
         slice_ring: bool | None = None,
     ) -> None:
-        if mode not in MODES:
-            raise InvalidArgumentError(f"context parallel mode '{mode}' is unknown; choose one of {MODES}")
-        if ring_pass not in RING_PASSES:
-            raise InvalidArgumentError(f"ring_pass '{ring_pass}' is unknown; choose one of {RING_PASSES}")
+        check_mode(mode, ring_pass)
         self.comm = Comm(group, all_to_all)
         self.world_size, self.rank = self.comm.size, self.comm.rank
-        cfg = model.cfg
-        if mode == "ulysses":
-            check_head_shardable(cfg.num_heads, self.world_size, mode)
-        self.model = model
+        self.base, self.hooks, self.plan = base, hooks, plan
         self.mode, self.ring_pass = mode, ring_pass
-        self.num_layers, self.num_heads, self.head_dim = cfg.num_layers, cfg.num_heads, cfg.head_dim
-        self.text_len = cfg.text_len
-        self.dtype = model.dtype
-        self.device = model.patch_embedding.weight.device
+        self.ring = plan.ring
+        sig = plan.graphs.get(hooks.graph)
+        if sig is None or self.ring is None:
+            raise InvalidArgumentError(
+                f"context parallel: the plan has no graph '{hooks.graph}' or no ring rule; use shard_plan's plan"
+            )
+        if len(hooks.kv_rings) != 2:
+            raise InvalidArgumentError(f"context parallel: kv_rings must name (keys, values); got {hooks.kv_rings}")
+        needed = (*hooks.kv_rings, self.ring.slots, self.ring.valid_len)
+        missing = [n for n in needed if n not in sig.args]
+        if missing:
+            raise InvalidArgumentError(f"context parallel: graph '{hooks.graph}' does not take {missing}")
+        self._sig = sig
+        self._ring_shapes = {n: tuple(plan.state[n].shape) for n in hooks.kv_rings}
+        self._frame_rows = check_token_shardable(hooks.frame_tokens, self.world_size)
+        self.shard = TokenShard(self.rank, self.world_size, self.comm.all_gather)
+        self.device, self.dtype = base.device, base.dtype
+        self.impl = hooks.attention
         self.name = f"cp-{mode}" + (f"-{ring_pass}" if mode == "ring" else "") + f"x{self.world_size}"
         self._slice_ring = slice_ring
 
-    # -- setup ----------------------------------------------------------------------------
     @property
     def shape_specialized(self) -> bool:
         """True when calls take the host-known fill level (torch attention slicing the ring)."""
         if self._slice_ring is not None:
             return self._slice_ring
-        return self.model.attention_impl == "sdpa"
-
-    def new_ring(self, spec: RingSpec, batch: int) -> KVRing:
-        """This rank's part of the ring: all tokens of its heads (Ulysses) or its token rows (ring)."""
-        c = check_token_shardable(spec.frame_seq_length, self.world_size)
-        if self.mode == "ulysses":
-            n = self.num_heads // self.world_size
-            return KVRing(spec, self.num_layers, batch, n, self.head_dim, self.device, self.dtype)
-        local = RingSpec(spec.sink_frames, spec.window_frames, c)
-        return KVRing(local, self.num_layers, batch, self.num_heads, self.head_dim, self.device, self.dtype)
+        return bool(self.base.shape_specialized)
 
     @torch.no_grad()
-    def broadcast_weights(self, src: int = 0) -> None:
-        """Copy group rank `src`'s parameters and buffers to every rank (weights must agree)."""
-        for t in list(self.model.parameters()) + list(self.model.buffers()):
+    def broadcast_weights(self, module: torch.nn.Module, src: int = 0) -> None:
+        """Copy group rank `src`'s parameters and buffers of `module` to every rank."""
+        for t in list(module.parameters()) + list(module.buffers()):
             self.comm.broadcast_(t.data, src)
 
-    # -- steps ----------------------------------------------------------------------------
     @torch.no_grad()
-    def encode_prompt(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The cross-attention cache, from rank 0's prompt (so every rank attends to the same text)."""
-        context = context.to(device=self.device, dtype=self.dtype).clone()  # broadcast writes in place
-        shape = torch.tensor(context.shape, dtype=torch.int64, device=self.device)
-        shapes = self.comm.all_gather(shape).cpu()  # setup, not a step: a host read is fine here
-        if not bool((shapes == shapes[0]).all()):
-            raise InvalidArgumentError(
-                f"context parallel: the ranks were given prompts of different shapes {shapes.tolist()}; "
-                "give every rank the same prompt_embeds"
-            )
-        self.comm.broadcast_(context, 0)
-        return self.model.cross_kv(context)
+    def call(self, graph: str, args: dict[str, torch.Tensor], block: int) -> tuple[torch.Tensor, ...]:
+        if graph != self.hooks.graph:
+            if graph in self.hooks.broadcast:  # the same call inputs everywhere (a session's buffers stay as given)
+                args = {n: self.comm.broadcast_(args[n].clone()) for n in self.plan.graphs[graph].args}
+            return self.base.call(graph, args, block)
+        for name, want in self._ring_shapes.items():
+            if tuple(args[name].shape) != want:
+                raise InvalidArgumentError(
+                    f"context parallel '{self.mode}' x{self.world_size}: {name} has shape {list(args[name].shape)}; "
+                    f"this rank's shard is {list(want)} (run sessions of the context-parallel engine)"
+                )
+        host = self.ring.valid_tokens(block) if self.shape_specialized else None
+        out = self.hooks.step(*[args[a] for a in self._sig.args], attend=self._attend(args, host), shard=self.shard)
+        return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
-    @torch.no_grad()
-    def denoise(self, x, t, *state, valid_len_host: int | None = None) -> torch.Tensor:
-        return self.forward_step(x, t, *state, valid_len_host=valid_len_host)
-
-    @torch.no_grad()
-    def commit(self, x, t, *state, valid_len_host: int | None = None) -> None:
-        # The call only rewrites the block's K/V (this rank's part) with clean values: no head, no gather.
-        self.forward_step(x, t, *state, valid_len_host=valid_len_host, need_output=False)
-
-    def forward_step(
-        self,
-        x,
-        t,
-        cross_k,
-        cross_v,
-        ring_k,
-        ring_v,
-        frame_positions,
-        slots,
-        valid_len,
-        valid_len_host=None,
-        need_output: bool = True,
-    ) -> torch.Tensor | None:
-        """`WanDiT.forward_step` on this rank's token shard; returns the full flow [B, C, nf, H, W] fp32.
-
-        With `need_output=False` (the commit) it stops after the blocks have written the ring.
-        """
-        m, p, r = self.model, self.world_size, self.rank
-        tokens, grid = m.embed_tokens(x)
-        nf, gh, gw = grid
-        fs = gh * gw
-        c = check_token_shardable(fs, p)
-        self._check_ring(ring_k, ring_v, x.shape[0], fs)
-        rows = slice(r * c, (r + 1) * c)
-        tokens = tokens.unflatten(1, (nf, fs))[:, :, rows].flatten(1, 2)  # [B, nf*c, D], frame-major
-        e, e0 = m.time_embed(t)
-        cos, sin = rope_tables(frame_positions, gh, gw, m.cfg.head_dim)
-        cos = cos.unflatten(0, (nf, fs))[:, rows].flatten(0, 1)
-        sin = sin.unflatten(0, (nf, fs))[:, rows].flatten(0, 1)
-        impl = m.attention_impl
+    def _attend(self, args: dict[str, torch.Tensor], host: int | None) -> AttendFn:
+        """The sharded self-attention of one call: the ring rows of the block, then per layer attend."""
+        ring_k, ring_v = (args[n] for n in self.hooks.kv_rings)
+        slots, valid = args[self.ring.slots], args[self.ring.valid_len]
+        p, fs, c = self.world_size, self.hooks.frame_tokens, self._frame_rows
+        nf, dev = slots.shape[0], slots.device
         if self.mode == "ulysses":
             # Ring rows of the gathered tokens, in all-to-all order (source rank, frame, row).
-            dev = slots.device
             src = torch.arange(p, device=dev).view(p, 1, 1) * c
-            ring_rows = (slots.view(1, nf, 1) * fs + src + torch.arange(c, device=dev).view(1, 1, c)).reshape(-1)
-            attend = partial(self._attend_ulysses, cos=cos, sin=sin, rows=ring_rows, valid=valid_len)
-            host = valid_len_host
-        else:
-            # Every frame holds c rows on every rank, so the local valid prefix is valid_len / P.
-            local_valid = torch.div(valid_len, p, rounding_mode="floor")
-            host = None if valid_len_host is None else valid_len_host // p
-            attend = partial(self._attend_ring, cos=cos, sin=sin, slots=slots, fs_local=c, valid=local_valid)
-        for i, blk in enumerate(m.blocks):
-            fn = partial(attend, ring_k=ring_k[i], ring_v=ring_v[i], host=host)
-            tokens = blk(tokens, e0, fn, cross_k[i], cross_v[i], impl)
-        if not need_output:
-            return None
-        y = self.comm.all_gather(m.head(tokens, e))  # [P, B, nf*c, O]
-        y = y.unflatten(2, (nf, c)).permute(1, 2, 0, 3, 4).flatten(1, 3)  # [B, nf*fs, O] in (f, h, w) order
-        return m.unpatchify(y, grid)
-
-    def _check_ring(self, ring_k: torch.Tensor, ring_v: torch.Tensor, batch: int, fs: int) -> None:
-        """The ring must be this backend's shard (from `new_ring`), not a full single-GPU ring."""
-        p = self.world_size
-        if self.mode == "ulysses":
-            heads, rows_per_frame = self.num_heads // p, fs
-        else:
-            heads, rows_per_frame = self.num_heads, fs // p
-        for name, ring in (("ring_k", ring_k), ("ring_v", ring_v)):
-            ok = (
-                ring.dim() == 5
-                and ring.shape[0] == self.num_layers
-                and ring.shape[1] == batch
-                and ring.shape[2] % rows_per_frame == 0
-                and ring.shape[3] == heads
-                and ring.shape[4] == self.head_dim
-            )
-            if not ok:
-                raise InvalidArgumentError(
-                    f"context parallel '{self.mode}' x{p}: {name} has shape {tuple(ring.shape)}; expected "
-                    f"[{self.num_layers}, {batch}, frames*{rows_per_frame}, {heads}, {self.head_dim}] "
-                    "(allocate it with backend.new_ring)"
-                )
+            rows = (slots.view(1, nf, 1) * fs + src + torch.arange(c, device=dev).view(1, 1, c)).reshape(-1)
+            return lambda layer, q, k, v: self._ulysses(q, k, v, ring_k[layer], ring_v[layer], rows, valid, host)
+        # Every frame-slot holds c rows on every rank, so the local valid prefix is valid_len / P.
+        rows = (slots.view(nf, 1) * c + torch.arange(c, device=dev).view(1, c)).reshape(-1)
+        local = torch.div(valid, p, rounding_mode="floor")
+        lhost = None if host is None else host // p
+        return lambda layer, q, k, v: self._ring(q, k, v, ring_k[layer], ring_v[layer], rows, local, lhost)
 
     # -- self-attention, Ulysses ------------------------------------------------------------
-    def _attend_ulysses(self, q, k, v, sa, *, ring_k, ring_v, host, cos, sin, rows, valid):
+    def _ulysses(self, q, k, v, ring_k, ring_v, rows, valid, host):
         p = self.world_size
-        qr = apply_rope(sa.heads(sa.norm_q(q)), cos, sin)
-        kr = apply_rope(sa.heads(sa.norm_k(k)), cos, sin)
-        qkv = torch.stack([qr, kr, sa.heads(v).to(qr.dtype)])  # [3, B, Lc, N, d]
+        qkv = torch.stack([q, k, v])  # [3, B, Lc, N, d]
         _, b, lc, n, d = qkv.shape
         nl = n // p
         send = qkv.unflatten(3, (p, nl)).permute(3, 0, 1, 2, 4, 5)  # [P, 3, B, Lc, N/P, d]: row j to rank j
@@ -342,31 +330,31 @@ class ContextParallelBackend:
         qg, kg, vg = got.permute(1, 2, 0, 3, 4, 5).reshape(3, b, p * lc, nl, d).unbind(0)
         ring_k.index_copy_(1, rows, kg.to(ring_k.dtype))
         ring_v.index_copy_(1, rows, vg.to(ring_v.dtype))
-        out = dit_ops.ring_attention(qg, ring_k, ring_v, valid, self.model.attention_impl, host)  # [B, P*Lc, N/P, d]
+        out = dit_ops.ring_attention(qg, ring_k, ring_v, valid, self.impl, host)  # [B, P*Lc, N/P, d]
         back = self.comm.all_to_all(out.unflatten(1, (p, lc)).transpose(0, 1))  # row j: my tokens, heads of j
         return back.permute(1, 2, 0, 3, 4).reshape(b, lc, n, d)
 
     # -- self-attention, ring ---------------------------------------------------------------
-    def _attend_ring(self, q, k, v, sa, *, ring_k, ring_v, host, cos, sin, slots, fs_local, valid):
-        impl = self.model.attention_impl
-        qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k, ring_v, slots, fs_local, impl)
+    def _ring(self, q, k, v, ring_k, ring_v, rows, valid, host):
+        ring_k.index_copy_(1, rows, k.to(ring_k.dtype))
+        ring_v.index_copy_(1, rows, v.to(ring_v.dtype))
         if self.world_size == 1:
-            return attention_lse(qr, ring_k, ring_v, valid, host, impl)[0].to(qr.dtype)
+            return attention_lse(q, ring_k, ring_v, valid, host, self.impl)[0].to(q.dtype)
         if self.ring_pass == "q":
-            return self._pass_q(qr, ring_k, ring_v, valid, host, impl)
-        return self._pass_kv(qr, ring_k, ring_v, valid, host, impl)
+            return self._pass_q(q, ring_k, ring_v, valid, host)
+        return self._pass_kv(q, ring_k, ring_v, valid, host)
 
-    def _pass_q(self, q, ring_k, ring_v, valid, host, impl):
+    def _pass_q(self, q, ring_k, ring_v, valid, host):
         """All queries meet this rank's keys; each partial (+ LSE) goes back to its query's rank."""
         p = self.world_size
         b, lc, n, d = q.shape
         q_all = self.comm.all_gather(q).transpose(0, 1).reshape(b, p * lc, n, d)  # [B, P*Lc, N, d], rank-major
-        out, lse = attention_lse(q_all, ring_k, ring_v, valid, host, impl)
+        out, lse = attention_lse(q_all, ring_k, ring_v, valid, host, self.impl)
         parts = out.to(q.dtype).unflatten(1, (p, lc)).transpose(0, 1)  # [P, B, Lc, N, d]: row j = rank j's queries
         lses = lse.float().unflatten(2, (p, lc)).permute(2, 0, 1, 3)  # [P, B, N, Lc]
-        return merge_partials(self.comm.all_to_all(parts), self.comm.all_to_all(lses), impl)
+        return merge_partials(self.comm.all_to_all(parts), self.comm.all_to_all(lses), self.impl)
 
-    def _pass_kv(self, q, ring_k, ring_v, valid, host, impl):
+    def _pass_kv(self, q, ring_k, ring_v, valid, host):
         """Classic ring attention: K/V shards travel rank to rank, merged online by their LSE."""
         if host is not None:
             ring_k, ring_v = ring_k[:, :host], ring_v[:, :host]
@@ -375,7 +363,7 @@ class ContextParallelBackend:
         acc_out = acc_lse = None
         for step in range(self.world_size):
             works = self.comm.ring_shift_start(kv, spare) if step + 1 < self.world_size else []
-            out, lse = attention_lse(q, kv[0], kv[1], valid, host, impl)
+            out, lse = attention_lse(q, kv[0], kv[1], valid, host, self.impl)
             acc_out, acc_lse = _merge_online(acc_out, acc_lse, out, lse)
             self.comm.wait(works)
             kv, spare = spare, kv
@@ -388,6 +376,8 @@ __all__ = [
     "ContextParallelBackend",
     "attention_lse",
     "check_head_shardable",
+    "check_mode",
     "check_token_shardable",
     "merge_partials",
+    "shard_plan",
 ]

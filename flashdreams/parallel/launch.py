@@ -6,6 +6,11 @@
     for _ in range(n):
         result = session.step()                        # every rank steps; rank 0 gets the frames
 
+`context_parallel_engine(engine, mode)` wraps an engine already loaded. Either way the result
+is a plain `flashdreams.Engine`: its plan is this rank's (KV rings sharded, no decoder off
+rank 0), so `Session` allocates the sharded rings itself, and its backend runs the family's
+graphs with the context-parallel hooks (`engine.model.parallel`) set.
+
 NCCL is used with CUDA, gloo otherwise. NCCL's environment (e.g. NCCL_NVLS_ENABLE=0 on our
 GPU machines) is left exactly as the launcher set it.
 """
@@ -23,7 +28,8 @@ import torch.distributed as dist
 
 from flashdreams.engine import Engine, load
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.parallel.context_parallel import ContextParallelBackend, check_token_shardable
+from flashdreams.parallel.context_parallel import ContextParallelBackend, check_mode, shard_plan
+from flashdreams.parallel.hooks import ParallelHooks
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +111,76 @@ class ContextParallelEngine(Engine):
         super().__init__(*args, **kwargs)
         self.cuda_graphs = cuda_graphs
 
-    def session(self, prompt_embeds=None, seed: int = 0, cuda_graphs: bool | None = None):
+    def session(self, prompt_embeds=None, seed: int = 0, cuda_graphs: bool | None = None, inputs=None):
         graphs = self.cuda_graphs and self.device.type == "cuda" if cuda_graphs is None else cuda_graphs
-        return super().session(prompt_embeds, seed, cuda_graphs=graphs)
+        return super().session(prompt_embeds, seed, cuda_graphs=graphs, inputs=inputs)
+
+
+def parallel_hooks(engine: Engine) -> ParallelHooks:
+    """The family's context-parallel hooks of `engine`; a named error when it has none."""
+    model = getattr(engine, "model", None)
+    if model is None:
+        raise InvalidArgumentError(
+            f"context parallel runs a family's eager graphs; '{engine.source}' loaded a "
+            f"'{engine.backend.name}' backend without them (built engine directories are not supported yet): "
+            "load a checkpoint or a preset"
+        )
+    hooks = model.parallel
+    if hooks is None:
+        raise InvalidArgumentError(
+            f"context parallel: model family '{engine.plan.family}' (preset '{engine.preset_name}') exposes no "
+            "context-parallel hooks (LoadedModel.parallel is None), so it runs on one GPU only"
+        )
+    if not isinstance(hooks, ParallelHooks):
+        raise InvalidArgumentError(
+            f"context parallel: model family '{engine.plan.family}' gave LoadedModel.parallel as "
+            f"{type(hooks).__name__}; it must be a flashdreams.parallel.ParallelHooks"
+        )
+    return hooks
+
+
+def context_parallel_engine(
+    engine: Engine,
+    mode: str = "ulysses",
+    *,
+    group=None,
+    ring_pass: str = "q",
+    all_to_all: str = "auto",
+    slice_ring: bool | None = None,
+    sync_weights: bool = True,
+    cuda_graphs: bool = False,
+) -> ContextParallelEngine:
+    """`engine` split over the ranks of `group` (default: all): every rank calls this with its own
+    copy of the same engine (torch.distributed initialised, see `init_from_env`).
+
+    Rank 0 keeps the decoder and hands out frames; the others run the plan without it.
+    `sync_weights` broadcasts rank 0's weights (`engine.model.weights`), so all ranks agree.
+    Every rank then creates its session with the same seed and inputs, and steps it.
+    """
+    hooks = parallel_hooks(engine)
+    check_mode(mode, ring_pass)
+    if not dist.is_available() or not dist.is_initialized():
+        raise InvalidArgumentError(
+            "context parallel needs torch.distributed initialised: launch with torchrun and call "
+            "flashdreams.parallel.init_from_env() first"
+        )
+    rank, size = dist.get_rank(group), dist.get_world_size(group)
+    plan = engine.plan if rank == 0 else engine.plan.without_decoder()
+    plan = shard_plan(plan, hooks, mode, size)
+    backend = ContextParallelBackend(engine.backend, hooks, plan, group, mode, ring_pass, all_to_all, slice_ring)
+    if sync_weights:
+        backend.broadcast_weights(engine.model.weights)
+    log.info("context parallel %s: rank %d of %d on %s", backend.name, rank, size, backend.device)
+    return ContextParallelEngine(
+        backend,
+        plan,
+        engine.spec.preset,
+        f"{backend.name}:{engine.source}",
+        engine.decoder if rank == 0 else None,
+        engine.stand_in_inputs,
+        engine.model,
+        cuda_graphs=cuda_graphs,
+    )
 
 
 def load_context_parallel(
@@ -124,31 +197,25 @@ def load_context_parallel(
     cuda_graphs: bool = False,
     **load_kwargs,
 ) -> ContextParallelEngine:
-    """An engine whose backend splits each block over the ranks of `group` (default: all of them).
+    """Load `preset` on every rank of `group` and split its sessions over them (`context_parallel_engine`).
 
     Every rank of the group calls this with the same arguments. `load_kwargs` go to
-    `flashdreams.load` (source, dtype, attention, height, width, random_weights, ...);
-    `device` defaults to this rank's GPU (or the CPU). Only group rank 0 gets the decoder,
-    the others produce latents only. `sync_weights` broadcasts rank 0's weights, so all
-    ranks surely agree (checkpoints and random weights alike). `cuda_graphs` is the default
-    of its sessions (off: see `ContextParallelEngine`). Every rank then creates its session
-    with the same seed and steps it; rank 0's steps carry the frames.
+    `flashdreams.load` (source, dtype, attention, height, width, random_weights, batch, ...);
+    `device` defaults to this rank's GPU (or the CPU). Only group rank 0 loads the decoder.
+    `cuda_graphs` is the default of its sessions (off: see `ContextParallelEngine`).
     """
+    check_mode(mode, ring_pass)
     info = init_from_env()
     rank = dist.get_rank(group)
-    size = dist.get_world_size(group)
     dev = info.device if device is None else torch.device(device)
     base = load(preset=preset, device=dev, decoder=decoder if rank == 0 else None, **load_kwargs)
-    model = getattr(base.backend, "model", None)
-    if model is None:
-        raise InvalidArgumentError(
-            f"context parallel runs the eager model; '{base.source}' loaded a '{base.backend.name}' "
-            "backend (built engine directories are not supported yet): load a checkpoint or a preset"
-        )
-    check_token_shardable(base.spec.ring.frame_seq_length, size)
-    backend = ContextParallelBackend(model, group, mode, ring_pass, all_to_all=all_to_all, slice_ring=slice_ring)
-    if sync_weights:
-        backend.broadcast_weights()
-    log.info("context parallel %s: rank %d of %d on %s", backend.name, rank, size, dev)
-    source = f"{backend.name}:{base.source}"
-    return ContextParallelEngine(backend, base.spec, base.decoder, source, cuda_graphs=cuda_graphs)
+    return context_parallel_engine(
+        base,
+        mode,
+        group=group,
+        ring_pass=ring_pass,
+        all_to_all=all_to_all,
+        slice_ring=slice_ring,
+        sync_weights=sync_weights,
+        cuda_graphs=cuda_graphs,
+    )

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -19,23 +20,34 @@ import torch
 from safetensors.torch import load_file
 
 from flashdreams.errors import InvalidArgumentError, NotFoundError
+from flashdreams.numerics import rel_l2  # re-exported: export/build.py and the runners import it from here
 
 ROLES = ("input", "input, random draws", "expected", "debug", "info")
 
 
 @dataclass(frozen=True)
 class Check:
-    """One compared tensor: its rel. L2 error against the reference and the bound."""
+    """One compared tensor: its rel. L2 error against the reference and the bound.
+
+    `reason` is set on a check that failed without a comparison (an `[expected]` tensor that the
+    runner did not compare); its `rel_l2` is NaN.
+    """
 
     name: str
     rel_l2: float
     tolerance: float
     role: str = "expected"
+    reason: str = ""
 
     @property
     def passed(self) -> bool:
         # NaN compares false, so a NaN output never passes.
         return self.rel_l2 <= self.tolerance
+
+    @property
+    def tensor(self) -> str:
+        """The fixture tensor compared: the name without a qualifier such as `[denoise calls]`."""
+        return self.name.partition("[")[0]
 
 
 @dataclass
@@ -73,6 +85,22 @@ class Fixture:
                 f"(has {sorted(self.tensors)[:8]}...); is the fixture malformed?"
             ) from None
 
+    def has(self, name: str) -> bool:
+        """Whether io.safetensors holds `name` (runners compare only the outputs a fixture has)."""
+        return name in self.tensors
+
+    def declared(self, role: str) -> list[str]:
+        """The tensors fixture.json gives `role` ("expected", "debug", ...), in its order."""
+        return [name for name, r in self.roles.items() if r == role]
+
+    def check_present(self, outputs: dict[str, Callable[[], torch.Tensor]]) -> list[Check]:
+        """One Check per output the fixture holds; `outputs[name]()` runs only for those.
+
+        A fixture may leave an output out (a TAEHV fixture without the demo stream): the runner
+        then skips it instead of failing on the missing reference.
+        """
+        return [self.check(name, make()) for name, make in outputs.items() if self.has(name)]
+
     def weights(self) -> dict[str, torch.Tensor]:
         return load_file(str(self.weights_path))
 
@@ -85,17 +113,6 @@ class Fixture:
                 f"the reference {tuple(ref.shape)}"
             )
         return Check(name, rel_l2(out, ref), self.tolerance, self.roles.get(name, "expected"))
-
-
-def rel_l2(out: torch.Tensor, ref: torch.Tensor) -> float:
-    """||out - ref||_2 / ||ref||_2 over the whole tensor, in float64."""
-    out64 = out.detach().to("cpu", torch.float64)
-    ref64 = ref.detach().to("cpu", torch.float64)
-    denom = torch.linalg.vector_norm(ref64)
-    num = torch.linalg.vector_norm(out64 - ref64)
-    if denom == 0:
-        return float(num)
-    return float(num / denom)
 
 
 def fixtures_root() -> Path | None:
@@ -161,6 +178,26 @@ def load_fixture(path: str | os.PathLike) -> Fixture:
     if missing:
         raise InvalidArgumentError(f"fixture '{path}': fixture.json lists tensors not in io.safetensors: {missing}")
     return Fixture(path=path, meta=meta, tensors=tensors, weights_path=weights, roles=roles)
+
+
+def uncompared_expected(fixture: Fixture, checks: list[Check]) -> list[Check]:
+    """A failed Check, with a reason, for each `[expected]` tensor that no check in `checks` compared.
+
+    Every `[expected]` tensor must match within the tolerance (../shared/fixtures/README.md,
+    "File format"), so one the runner skipped is a failure, not a silent pass.
+    """
+    compared = {c.tensor for c in checks}
+    return [
+        Check(
+            name,
+            math.nan,
+            fixture.tolerance,
+            "expected",
+            reason=f"the {fixture.kind} runner does not compare this [expected] tensor",
+        )
+        for name in fixture.declared("expected")
+        if name not in compared
+    ]
 
 
 Runner = Callable[..., list[Check]]

@@ -22,7 +22,6 @@ import math  # noqa: E402
 import pytest  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
-from kernel_testing import rel_l2
 
 from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import ring_attention_reference, triton_available  # noqa: E402
@@ -37,6 +36,7 @@ from flashdreams.kernels.ring_attention_fp8 import (  # noqa: E402
     ring_attention_fp8_reference,
     round_e4m3,
 )
+from flashdreams.numerics import rel_l2  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(

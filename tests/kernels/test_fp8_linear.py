@@ -16,7 +16,6 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-from kernel_testing import rel_l2
 from torch import nn  # noqa: E402
 
 from flashdreams.errors import InvalidArgumentError  # noqa: E402
@@ -34,6 +33,7 @@ from flashdreams.kernels.fp8_linear import (  # noqa: E402
 )
 from flashdreams.models.wan_config import WanConfig  # noqa: E402
 from flashdreams.models.wan_dit import WanDiT  # noqa: E402
+from flashdreams.numerics import rel_l2  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 needs_triton = pytest.mark.skipif(

@@ -18,7 +18,6 @@ if not torch.cuda.is_available():
 import math  # noqa: E402
 
 import pytest  # noqa: E402
-from kernel_testing import rel_l2
 
 from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import (  # noqa: E402
@@ -29,6 +28,7 @@ from flashdreams.kernels import (  # noqa: E402
     triton_available,
 )
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
+from flashdreams.numerics import rel_l2  # noqa: E402
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 pytestmark = pytest.mark.skipif(

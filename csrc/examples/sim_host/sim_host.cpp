@@ -2,9 +2,11 @@
 //
 //   sim_host [--ticks N] [--seed S] [--out FRAMES.npy] [--latents LATENTS.npy]
 //
-// It checks the API version, opens the built-in tiny model, creates a session, and
-// runs N ticks (default 6). Every 2nd tick (0, 2, 4, ...) it steers the world with a
-// new "prompt_embeds" input, [1, 16, 32] float32 for the built-in model, filled by
+// It checks the API version, opens the built-in tiny model, creates a session, prints
+// the inputs the session takes (one line each: "input I: NAME DTYPE [SHAPE] when=...
+// units=... range=[LOW, HIGH]: MEANING"), and runs N ticks (default 6). Every 2nd tick
+// (0, 2, 4, ...) it steers the world with a new "prompt_embeds" input, of the shape and
+// dtype the session reports ([1, 16, 32] float32 for the built-in model), filled by
 //   value[i] = ((7 * i + 13 * phase) % 17 - 8) / 8,   i = flat index, phase = tick / 2
 // (exact in float32, so a Python replay gets the same bits). Each tick it steps one
 // block, reads the block's frames into a host buffer, and prints its timing. At the
@@ -24,8 +26,7 @@
 
 namespace {
 
-constexpr int kInputEvery = 2;                    // ticks between input changes
-constexpr int64_t kPromptShape[3] = {1, 16, 32};  // the built-in model's prompt_embeds
+constexpr int kInputEvery = 2;  // ticks between input changes
 
 struct EngineDeleter {
     void operator()(fd_engine* e) const { fd_engine_destroy(e); }
@@ -46,12 +47,36 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-std::vector<float> prompt_for(int phase) {
-    std::vector<float> v(kPromptShape[0] * kPromptShape[1] * kPromptShape[2]);
+std::vector<float> prompt_for(int phase, size_t numel) {
+    std::vector<float> v(numel);
     for (size_t i = 0; i < v.size(); ++i) {
         v[i] = static_cast<float>(static_cast<int>((7 * i + 13 * phase) % 17) - 8) / 8.0f;
     }
     return v;
+}
+
+// "[1, 16, 32]"
+std::string shape_text(const int64_t* shape, int32_t ndim) {
+    std::string s = "[";
+    for (int32_t i = 0; i < ndim; ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+    return s + "]";
+}
+
+// Prints the inputs the session takes; returns false if the C ABI refused.
+bool print_inputs(const fd_session* session) {
+    int32_t n = 0;
+    if (!ok(fd_session_input_count(session, &n), "fd_session_input_count")) return false;
+    std::printf("session inputs: %d\n", n);
+    for (int32_t i = 0; i < n; ++i) {
+        fd_input_info in = FD_INPUT_INFO_INIT;
+        if (!ok(fd_session_input_info(session, i, &in), "fd_session_input_info")) return false;
+        char low[32] = "-inf", high[32] = "inf";
+        if (in.has_low) std::snprintf(low, sizeof(low), "%g", in.low);
+        if (in.has_high) std::snprintf(high, sizeof(high), "%g", in.high);
+        std::printf("input %d: %s %s %s when=%s units=%s range=[%s, %s]: %s\n", i, in.name, in.dtype_name,
+                    shape_text(in.shape, in.ndim).c_str(), in.when, in.units, low, high, in.meaning);
+    }
+    return true;
 }
 
 // A .npy file (format 1.0): magic, header length, a Python dict literal, the raw data.
@@ -115,6 +140,19 @@ int main(int argc, char** argv) {
     SessionPtr session(raw_session);
     std::printf("engine + session ready in %.1f ms (seed %llu)\n", ms_since(t0), static_cast<unsigned long long>(seed));
 
+    // What the model takes: the prompt's shape comes from the session, not from this file.
+    if (!print_inputs(session.get())) return 1;
+    int32_t prompt_index = -1;
+    if (!ok(fd_session_input_find(session.get(), "prompt_embeds", &prompt_index), "fd_session_input_find")) return 1;
+    fd_input_info prompt_info = FD_INPUT_INFO_INIT;
+    if (!ok(fd_session_input_info(session.get(), prompt_index, &prompt_info), "fd_session_input_info")) return 1;
+    if (prompt_info.dtype != FD_DTYPE_FLOAT32) {
+        std::fprintf(stderr, "sim_host: prompt_embeds is %s; this host sends float32\n", prompt_info.dtype_name);
+        return 1;
+    }
+    size_t prompt_numel = 1;
+    for (int32_t i = 0; i < prompt_info.ndim; ++i) prompt_numel *= static_cast<size_t>(prompt_info.shape[i]);
+
     std::vector<uint8_t> frames, block;  // all frames so far; this tick's frames
     std::vector<float> latents, lat_block;
     int64_t total_frames = 0, height = 0, width = 0, lat_shape[4] = {0, 0, 0, 0};
@@ -123,8 +161,9 @@ int main(int argc, char** argv) {
         auto t_tick = std::chrono::steady_clock::now();
         const bool change = tick % kInputEvery == 0;
         if (change) {
-            std::vector<float> prompt = prompt_for(tick / kInputEvery);
-            fd_tensor_view view = {prompt.data(), FD_DTYPE_FLOAT32, 3, kPromptShape, FD_MEMORY_HOST, 0};
+            std::vector<float> prompt = prompt_for(tick / kInputEvery, prompt_numel);
+            fd_tensor_view view = {prompt.data(), FD_DTYPE_FLOAT32, prompt_info.ndim, prompt_info.shape,
+                                   FD_MEMORY_HOST, 0};
             if (!ok(fd_session_set_input(session.get(), "prompt_embeds", &view), "fd_session_set_input")) return 1;
         }
         auto t_step = std::chrono::steady_clock::now();

@@ -14,13 +14,14 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.decode_step import decoder_graphs
 from flashdreams.models.decoders import choose_decoder
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
 from flashdreams.models.families.causal_wan.plan import LATENT_CHANNELS, build_plan
 from flashdreams.models.families.causal_wan.presets import PRESETS, Preset
 from flashdreams.models.families.causal_wan.steps import DiTStep, EncodePromptStep
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
 from flashdreams.models.random_init import init_random_
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_loader import load_wan_dit
+from flashdreams.parallel.hooks import ParallelHooks
 
 
 class CausalWanFamily(Family):
@@ -41,7 +42,8 @@ class CausalWanFamily(Family):
         else:
             if not (preset.builtin or opts.random_weights):
                 raise InvalidArgumentError(
-                    f"preset '{preset.name}' needs a checkpoint: pass --checkpoint FILE, or --random-weights for speed runs"
+                    f"preset '{preset.name}' needs a checkpoint: pass --checkpoint FILE, "
+                    "or --random-weights for speed runs"
                 )
             with torch.device("meta"):
                 model = WanDiT(preset.model)
@@ -98,11 +100,25 @@ class CausalWanFamily(Family):
             decoder=decoder,
             examples=lambda g: example_inputs(plan, g, model.dtype, opts.device),
             eager_hints=hints,
+            parallel=parallel_hooks(model, ring.frame_tokens),
             source=source,
             device=opts.device,
             dtype=opts.dtype,
             describe={"attention": model.attention_impl, "precision": opts.precision},
         )
+
+
+def parallel_hooks(model: WanDiT, frame_tokens: int) -> ParallelHooks:
+    """Context parallel over the DiT: `forward_step`'s `attend`/`shard` hooks, the KV ring sharded."""
+    return ParallelHooks(
+        graph="dit",
+        step=model.forward_step,
+        frame_tokens=frame_tokens,
+        num_heads=model.cfg.num_heads,
+        kv_rings=("ring_k", "ring_v"),
+        broadcast=("encode_prompt",),
+        attention=model.attention_impl,
+    )
 
 
 def example_inputs(plan, graph: str, dtype: torch.dtype, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.decode_step import DecoderGraphs
-from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, dtype_name, lincomb
 from flashdreams.models.families.causal_wan.presets import Preset
 from flashdreams.models.families.causal_wan.steps import DIT_SIG, ENCODE_SIG
+from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_flops import dit_forward_flops
@@ -72,7 +72,8 @@ def build_plan(
     fs = (lh // cfg.patch_size[1]) * (lw // cfg.patch_size[2])
     if preset.num_input_frames % nf:
         raise InvalidArgumentError(
-            f"preset {preset.name}: num_input_frames {preset.num_input_frames} must be a multiple of the block size {nf}"
+            f"preset {preset.name}: num_input_frames {preset.num_input_frames} "
+            f"must be a multiple of the block size {nf}"
         )
     ring = RingRule(preset.sink_frames, preset.window_frames, fs, nf)
     if nf > preset.window_frames:
@@ -101,7 +102,9 @@ def build_plan(
             units="embedding",
             pad_dim=1,
             required=True,
-            program=(call("encode_prompt", {"prompt_embeds": "prompt_embeds"}, {"cross_k": "cross_k", "cross_v": "cross_v"}),),
+            program=(
+                call("encode_prompt", {"prompt_embeds": "prompt_embeds"}, {"cross_k": "cross_k", "cross_v": "cross_v"}),
+            ),
         )
     }
     n_prefill = preset.num_input_frames // nf
@@ -163,6 +166,8 @@ def build_plan(
         "video_frames_first": decoder.frames_first if decoder else None,
         "video_frames_steady": decoder.frames_steady if decoder else None,
         "decoder": decoder.name if decoder else None,
+        "decoder_graphs": list(decoder.sigs) if decoder else [],
+        "decoder_state": list(decoder.state_names) if decoder else [],
         "schedule": steady.to_dict(),
         "schedule_first": first.to_dict(),
         "ring": {"sink_frames": ring.sink, "window_frames": ring.window, "frame_seq_length": fs},

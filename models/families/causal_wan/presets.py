@@ -165,7 +165,8 @@ register_preset(
 register_preset(
     Preset(
         name="causal-forcing-i2v-framewise",
-        description="Causal-Forcing framewise I2V: the start image latent prefilled into the cache, then blocks of 1 frame",
+        description="Causal-Forcing framewise I2V: the start image latent prefilled into the cache, "
+        "then blocks of 1 frame",
         model=WAN21_T2V_1_3B,
         num_frame_per_block=1,
         num_input_frames=1,

@@ -3,28 +3,28 @@
 `load_engine_dir` validates the manifest first (seal, files, fingerprint), loads the
 backend's shared artifacts and each graph, runs each graph once (the warm-up: for the
 inductor backend this is where the cached compile happens), and returns a plain
-`flashdreams.Engine` whose backend, `CompiledBackend`, calls the loaded graphs. Sessions
-made from it run through the same `Session` loop as eager ones. Each load phase is timed
-into `engine.load_times` (seconds) for fd-bench.
+`flashdreams.Engine` whose backend, `CompiledBackend`, calls the loaded graphs by name. The
+block plan comes from the manifest, so sessions made from it run the same program through
+the same `Session` loop as eager ones, and no model family's code runs. Each load phase is
+timed into `engine.load_times` (seconds) for fd-bench.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
+from flashdreams import registry
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphFn, get_backend
+from flashdreams.export.build_config import BuildConfig
 from flashdreams.export.manifest import TensorSpec, dtype_from_name, validate_engine
 from flashdreams.export.steps import flatten_call
-from flashdreams.models.scheduler import FlowSchedule
+from flashdreams.models.family import BlockPlan
 
 log = logging.getLogger(__name__)
 
@@ -105,115 +105,21 @@ class GraphRunner:
 
 
 class CompiledBackend:
-    """The StepBackend of a built engine: encode_prompt / denoise / commit call loaded graphs."""
+    """The graph backend of a built engine: runs its loaded graphs by name, with the eager contract."""
 
-    def __init__(self, name: str, graphs: dict[str, GraphRunner], manifest: dict, device: torch.device) -> None:
-        eng = manifest["engine"]
+    shape_specialized = False
+
+    def __init__(self, name: str, graphs: dict[str, GraphRunner], plan: BlockPlan, dtype, device) -> None:
         self.name = name
         self.graphs = graphs
+        self.plan = plan
         self.device = device
-        self.dtype = dtype_from_name(eng["dtype"])
-        self.num_layers, self.num_heads, self.head_dim = eng["num_layers"], eng["num_heads"], eng["head_dim"]
-        self.text_len = eng["text_len"]
-        self.batch = eng["batch"]
-        sched = eng["schedule"]
-        self._encode = graphs[sched["graph_of_call"]["encode_prompt"]]
-        self._denoise = graphs[sched["graph_of_call"]["denoise"]]
-        self._commit = graphs[sched["graph_of_call"]["commit"]]
+        self.dtype = dtype
 
     @torch.no_grad()
-    def encode_prompt(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        if context.shape[0] != self.batch:
-            raise InvalidArgumentError(
-                f"this engine was built for batch {self.batch}; the prompt has batch {context.shape[0]} "
-                "(rebuild with fd-build --batch N)"
-            )
-        ctx = context.to(self.device, torch.float32)
-        if ctx.shape[1] < self.text_len:  # the eager model zero-pads the same way
-            ctx = F.pad(ctx, (0, 0, 0, self.text_len - ctx.shape[1]))
-        cross_k, cross_v = self._encode(ctx.contiguous())
-        return cross_k, cross_v
-
-    @torch.no_grad()
-    def denoise(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len) -> torch.Tensor:
-        return self._denoise(x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len)[0]
-
-    @torch.no_grad()
-    def commit(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len) -> None:
-        self._commit(x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len)
-
-
-@dataclass
-class CompiledDecodeState:
-    """The decoder's state tensors (allocated once, updated in place) and the host-side first-block flag."""
-
-    tensors: list[torch.Tensor]
-    started: bool = field(default=False)
-
-    def reset(self) -> None:
-        for t in self.tensors:
-            t.zero_()
-        self.started = False
-
-
-class CompiledDecoder:
-    """A StreamingDecoder over the engine's `decode_first` / `decode` graphs."""
-
-    def __init__(self, name: str, first: GraphRunner, steady: GraphRunner, manifest: dict) -> None:
-        self.name = name
-        self.first, self.steady = first, steady
-        self.device = first.device
-        self.state_specs = first.inputs[1:]
-        self.dtype = self.state_specs[0].dtype if self.state_specs else torch.float32
-        lat = manifest["engine"]["latent_shape"]
-        self.batch, self.latent_h, self.latent_w = lat[0], lat[3], lat[4]
-        self.frames_first = first.outputs[0].shape[1]
-        self.frames = steady.outputs[0].shape[1]
-
-    def new_state(self, batch: int, latent_h: int, latent_w: int) -> CompiledDecodeState:
-        if (batch, latent_h, latent_w) != (self.batch, self.latent_h, self.latent_w):
-            raise InvalidArgumentError(
-                f"decoder '{self.name}' was built for batch {self.batch}, latents {self.latent_h}x{self.latent_w}; "
-                f"asked for batch {batch}, {latent_h}x{latent_w}"
-            )
-        return CompiledDecodeState([torch.zeros(s.shape, dtype=s.dtype, device=self.device) for s in self.state_specs])
-
-    @torch.no_grad()
-    def decode_block(self, latents: torch.Tensor, state: CompiledDecodeState) -> torch.Tensor:
-        graph = self.steady if state.started else self.first
-        video = graph(latents.float(), *state.tensors)[0]
-        state.started = True
-        return video
-
-    def reset(self, state: CompiledDecodeState) -> None:
-        state.reset()
-
-    def num_frames(self, num_latents: int, first: bool) -> int:
-        return self.frames_first if first else self.frames
-
-
-def _spec_from_manifest(m: dict):
-    from flashdreams.engine import EngineSpec
-    from flashdreams.presets import Preset
-
-    eng = m["engine"]
-    preset = Preset.from_dict(m["preset"])
-    spec = EngineSpec.from_preset(preset, eng["height"], eng["width"])
-    s = eng["schedule"]
-    schedule = FlowSchedule(
-        timesteps=tuple(float(v) for v in s["timesteps"]),
-        sigmas=tuple(float(v) for v in s["sigmas"]),
-        context_noise=float(s["context_noise"]),
-        shift=float(s["shift"]),
-    )
-    spec = dataclasses.replace(spec, schedule=schedule)
-    lat = [eng["batch"], spec.latent_channels, spec.num_frame_per_block, spec.latent_h, spec.latent_w]
-    if lat != eng["latent_shape"] or spec.ring.to_dict() != eng["ring"]:
-        raise EngineIncompatibleError(
-            f"manifest's engine shapes (latents {eng['latent_shape']}, ring {eng['ring']}) disagree with its preset "
-            f"(latents {lat}, ring {spec.ring.to_dict()}); rebuild the engine"
-        )
-    return spec
+    def call(self, graph: str, args: dict[str, torch.Tensor], block: int) -> tuple[torch.Tensor, ...]:
+        runner = self.graphs[graph]
+        return runner(*[args[n] for n in runner.call_names])
 
 
 def _resolve_device(device, fallback: torch.device) -> torch.device:
@@ -237,7 +143,7 @@ def load_engine_dir(
     `decoder`: "preset" uses the engine's compiled decoder (if it was built with one),
     None gives latents only, another name builds that decoder eagerly (random weights).
     """
-    from flashdreams.engine import Engine, build_session_decoder
+    from flashdreams.engine import Engine
 
     path = Path(path)
     times: dict[str, float] = {}
@@ -253,17 +159,28 @@ def load_engine_dir(
             f"engine '{path}' was built with attention '{built_attention}'; attention is fixed at build time "
             f"(asked for '{attention}'): rebuild with fd-build --attention {attention}"
         )
-    spec = _spec_from_manifest(m)
+    plan = BlockPlan.from_dict(m["plan"])
+    preset = registry.preset_from_dict(m["preset"])
+    if plan.batch != eng["batch"] or list(plan.latents.shape) != eng["latent_shape"]:
+        raise EngineIncompatibleError(
+            f"manifest's engine shapes (batch {eng['batch']}, latents {eng['latent_shape']}) disagree with its plan "
+            f"(batch {plan.batch}, latents {list(plan.latents.shape)}); rebuild the engine"
+        )
     times["validate"] = time.perf_counter() - t0
 
-    # Which decoder: the compiled one, an eager one, or none (then its graphs are not loaded).
+    # The compiled decoder, or none (then its graphs are not loaded).
     dec_rec = m.get("decoder")
     built_name = dec_rec["name"] if dec_rec else None
-    want = None if decoder in (None, "none") else (built_name if decoder == "preset" else decoder)
-    compiled_decoder = want is not None and want == built_name and bool(dec_rec.get("compiled"))
-    graphs = {n: r for n, r in m["graphs"].items() if compiled_decoder or "decode" not in r["serves"]}
+    if decoder not in (None, "none", "preset", built_name):
+        raise InvalidArgumentError(
+            f"engine '{path}' was built with decoder '{built_name}'; the decoder is fixed at build time "
+            f"(asked for '{decoder}'): rebuild with fd-build --decoder {decoder}, or pass --decoder none"
+        )
+    if decoder in (None, "none"):
+        plan = plan.without_decoder()
+    graphs = {n: r for n, r in m["graphs"].items() if n in plan.graphs}
 
-    backend = get_backend(m["backend"])
+    backend = get_backend(m["backend"], BuildConfig.from_env(m["backend"]))  # FD_AOTI_FORCE=1: try a blocked load
     kernels = m.get("artifacts", {}).get("kernels")
     if kernels is not None and dev.type == "cuda":
         from flashdreams.export.kernel_cache import install_kernels
@@ -292,17 +209,9 @@ def load_engine_dir(
             torch.cuda.synchronize(dev)
     times["first_call"] = time.perf_counter() - t
 
-    cb = CompiledBackend(m["backend"], runners, m, dev)
-    dec = None
-    if compiled_decoder:
-        dec = CompiledDecoder(want, runners["decode_first"], runners["decode"], m)
-    elif want is not None:
-        log.warning("engine %s: decoder '%s' is not compiled into it; running it eagerly", path, want)
-        seed = m.get("weights_seed") or 0
-        dec = build_session_decoder(spec.preset, want, dev, cb.dtype, seed, None, True)
-    elif decoder == "preset":
-        log.info("engine %s was built without a decoder: sessions return latents only", path)
-    engine = Engine(cb, spec, dec, str(path))
+    cb = CompiledBackend(m["backend"], runners, plan, dtype_from_name(eng["dtype"]), dev)
+    engine = Engine(cb, plan, preset, str(path), None, bool(m.get("stand_in_inputs")))
+    engine.decoder_name = plan.meta.get("decoder")
     times["total"] = time.perf_counter() - t0
     engine.load_times = {k: round(v, 4) for k, v in times.items()}
     engine.manifest = m
