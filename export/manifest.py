@@ -51,7 +51,7 @@ from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, No
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3  # 3: the block plan replaced the per-block schedule (the model-family seam)
 MANIFEST_NAME = "manifest.json"
 BACKENDS = ("inductor", "aoti", "onnx", "tensorrt")
 
