@@ -4,7 +4,7 @@ Only the image path the I2V pipeline uses is computed: bicubic resize to the tow
 size, CLIP normalisation, patch embedding, cls + position embedding, pre-norm, then every
 transformer block but the last. The post-norm and the pooled head are loaded (so the
 checkpoint's keys match) but never applied. The result is [B, 257, dim] tokens.
-../shared/fixtures/wan21.md, "CLIP tokens".
+the fixture set's wan21.md ($FD_FIXTURES), "CLIP tokens".
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ that solver (lambdas, h, expm1, the corrector's 2x2 solve) depends only on the s
 so it is computed here on the host, once, in the reference's float32 arithmetic; what is left
 per step are linear combinations of latent-sized buffers, emitted as `lincomb` ops next to the
 two model `call`s of classifier-free guidance. The same ops run in a parity runner (through
-`models.family.run_ops`) and inside a session. ../shared/fixtures/wan21.md, "The UniPC solver".
+`models.family.run_ops`) and inside a session. the fixture set's wan21.md ($FD_FIXTURES), "The UniPC solver".
 
 Buffers (names per step k with `history=True`; rolling names otherwise):
   x_k       the model input (x_0 = the initial noise, which the caller provides)

@@ -1,7 +1,7 @@
 """Wan2.1-I2V conditioning: the latent size, the first-frame mask, `y`, and the CLIP tokens.
 
 Plain functions over the loaded VAE encoder and CLIP tower, as `WanI2V.generate` prepares
-its inputs (../shared/fixtures/wan21.md, "Kinds wan_i2v_forward and wan_i2v_sample"). The
+its inputs (the fixture set's wan21.md ($FD_FIXTURES), "Kinds wan_i2v_forward and wan_i2v_sample"). The
 image comes in as `TF.to_tensor` gives it ([3, h, w] in [0, 1]); everything here runs once
 per start image, before sampling.
 """

@@ -5,7 +5,7 @@ Parameter names are those of `Wan2.1_VAE.pth` (`encoder.*`, `conv1.*`, `conv2.*`
 kernel-3 causal conv and `decode_stream` decodes a whole block of latent frames per call,
 updating those caches in place, so the steady-state step can be captured in a CUDA graph.
 
-Two first-frame rules (../shared/fixtures/README.md, "Kind wan_vae_decode"):
+Two first-frame rules (the fixture set's README.md ($FD_FIXTURES), "Kind wan_vae_decode"):
   * "official": the upsample3d time_conv skips latent frame 0 of the stream; decoding the
     blocks one after another equals `decode_full` (1 + 4(T-1) frames).
   * "demo": Self-Forcing's `demo_utils/vae_block3.py`; every cache starts as 2 zero frames and

@@ -28,7 +28,8 @@ def test_fixture_parity() -> None:
 
     root = fixtures_root()
     if root is None or not (root / "taehv_decode").is_dir():
-        pytest.skip(f"parity fixture 'taehv_decode' not found (looked in {root}); set FD_FIXTURES")
+        where = root or "$FD_FIXTURES (unset) or ../shared/fixtures beside the repo (absent)"
+        pytest.skip(f"parity fixture 'taehv_decode' not found in {where}; set FD_FIXTURES")
     checks = run(load_fixture(root / "taehv_decode"), attention="ignored")
     assert {c.name for c in checks} == {"video_full", "video_sequential", "video_stream"}
     for check in checks:

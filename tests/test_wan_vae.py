@@ -15,7 +15,8 @@ from flashdreams.parity.common import fixtures_root, load_fixture
 def _fixture(name: str):
     root = fixtures_root()
     if root is None or not (root / name).is_dir():
-        pytest.skip(f"parity fixture '{name}' not found (looked in {root}); set FD_FIXTURES to ../shared/fixtures")
+        where = root or "$FD_FIXTURES (unset) or ../shared/fixtures beside the repo (absent)"
+        pytest.skip(f"parity fixture '{name}' not found in {where}; set FD_FIXTURES to the fixture folder")
     return load_fixture(root / name)
 
 

@@ -1,4 +1,4 @@
-"""Reading parity fixtures (../shared/fixtures/README.md) and comparing against them.
+"""Reading parity fixtures (the fixture set's README.md ($FD_FIXTURES)) and comparing against them.
 
 A fixture is a directory with `fixture.json`, `io.safetensors` and either
 `weights.safetensors` or `weights.recipe.json`; a recipe is materialised once
@@ -183,7 +183,7 @@ def load_fixture(path: str | os.PathLike) -> Fixture:
 def uncompared_expected(fixture: Fixture, checks: list[Check]) -> list[Check]:
     """A failed Check, with a reason, for each `[expected]` tensor that no check in `checks` compared.
 
-    Every `[expected]` tensor must match within the tolerance (../shared/fixtures/README.md,
+    Every `[expected]` tensor must match within the tolerance (the fixture set's README.md ($FD_FIXTURES),
     "File format"), so one the runner skipped is a failure, not a silent pass.
     """
     compared = {c.tensor for c in checks}

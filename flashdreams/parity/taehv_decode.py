@@ -1,6 +1,6 @@
 """fd-parity runner for `taehv_decode`: TAEHV parallel, sequential and the demo's stream.
 
-../shared/fixtures/README.md, "Kind taehv_decode". The float16 weights are computed in float32.
+the fixture set's README.md ($FD_FIXTURES), "Kind taehv_decode". The float16 weights are computed in float32.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 One weights file holds the DiT (`dit.`), the CLIP vision tower (`clip.visual.`) and the VAE
 encoder (`vae.`). `wan_i2v_forward` computes the CLIP tokens and `y` from the image here and
 uses them for the two DiT calls; `wan_i2v_sample` runs a wan21 Session, which computes them
-from its `image` input (so an error upstream shows downstream too). ../shared/fixtures/wan21.md,
+from its `image` input (so an error upstream shows downstream too). the fixture set's wan21.md ($FD_FIXTURES),
 "Kinds wan_i2v_forward and wan_i2v_sample".
 """
 

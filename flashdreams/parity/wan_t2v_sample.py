@@ -4,7 +4,7 @@ UniPC + CFG loop through a real Session of the `wan21` family.
 The fixture becomes a preset of that family (its config, steps, shift, guide scale and size,
 with `history=True` so the session keeps every step's solver buffers); its weights load
 through `FAMILY.load`, its contexts are the session's prompt inputs, its stored noise is the
-block's `noise` draw. ../shared/fixtures/wan21.md, "Kind wan_t2v_sample".
+block's `noise` draw. the fixture set's wan21.md ($FD_FIXTURES), "Kind wan_t2v_sample".
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """fd-parity runner for `wan_vae_decode`: the Wan VAE full decode and the demo's block stream.
 
-../shared/fixtures/README.md, "Kind wan_vae_decode". Computed in float32 on the CPU.
+the fixture set's README.md ($FD_FIXTURES), "Kind wan_vae_decode". Computed in float32 on the CPU.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """fd-parity runner for `wan_vae_encode`: the Wan VAE encoder (chunks 1, 4, 4, ...).
 
-../shared/fixtures/wan21.md, "Kind wan_vae_encode". Only `encoder.*` and `conv1.*` are stored,
+the fixture set's wan21.md ($FD_FIXTURES), "Kind wan_vae_encode". Only `encoder.*` and `conv1.*` are stored,
 so only the encoder half is built.
 """
 
