@@ -96,6 +96,7 @@ def _rollout(engine, args, t_origin: float | None = None) -> dict:
 
 def child_build(args) -> dict:
     from flashdreams.export.build import build_engine
+    from flashdreams.export.build_config import BuildConfig
 
     phases = []
     t0 = time.perf_counter()
@@ -118,6 +119,8 @@ def child_build(args) -> dict:
         seed=args["weights_seed"],
         force=True,
         progress=progress,
+        # FD_INDUCTOR_MODE / FD_INDUCTOR_AUTOTUNE in this child's environment pick the build options.
+        config=BuildConfig.from_env("inductor"),
     )
     return {
         "seconds": m["build"]["seconds"],
