@@ -35,6 +35,11 @@ Probe = Callable[[int, int, str, dict, tuple], None]
 _SEED_MIX = 0x9E3779B97F4A7C15
 
 
+# A state buffer of this name (int64 [B]) holds each row's block index; the runtime writes it
+# before every block (see BlockPlan's docstring, "row-independent plans").
+BLOCK_INDEX = "block_index"
+
+
 def block_seed(seed: int, block: int) -> int:
     """The generator seed of block `block`: a retried or replayed block draws the same noise."""
     return (seed * 1_000_003 + block * _SEED_MIX + 1) % (2**63 - 1)
@@ -365,6 +370,8 @@ class Session:
         kind = plan.kind_of(self.block)
         self._replaying = False
         valid = self._fill_block_values()
+        if BLOCK_INDEX in self.buffers:  # row-independent plans read each row's block index on the device
+            self.buffers[BLOCK_INDEX].fill_(self.block)
         self._draw(given)
         key = kind if not self.backend.shape_specialized else f"{kind}@{valid}"
         captured = None

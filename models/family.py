@@ -16,6 +16,14 @@ Block program ops (JSON objects; every name is a session buffer):
   {"op": "copy", "src": A, "out": B, "index": [dim, start, end] (optional: a slice of A)}
   {"op": "emit", "latents": A, "frames": F | None}   the block's result; frames may leave from here
   {"op": "mark", "name": stage}   a stage boundary (timing, and where captured graphs split)
+
+Row-independent plans (`meta["rows"] == "independent"`) can be stepped as many worlds in one
+batch, each at its own block index (flashdreams.batched): every state, input, draw and latents
+buffer has the batch as dim 0, the plan has one block kind (`sequence == []`), and a state
+buffer `block_index` (int64 [B]) that the runtime writes before each block gives every row its
+own block index on the device; graphs derive RoPE positions, ring slots and valid lengths from
+it, so no graph branches on a host-side block index. Rows never mix: row i of every output
+depends only on row i of the inputs and state.
 """
 
 from __future__ import annotations
@@ -95,6 +103,11 @@ class InputSpec:
     `when` is "block" (read by every block) or "reset" (takes effect when the session resets,
     e.g. a start image). Setting an input runs `program` (ops) if it has one, e.g. the
     prompt's cross-attention cache.
+
+    `units` says what kind of control it is, so hosts (fd-serve's page, the Gymnasium space)
+    can build it without knowing the family: "keys" (0/1 key states per video frame, the last
+    dim's columns named by `labels`, e.g. ("w", "s", "a", "d")), "mouse" (per-frame deltas,
+    `labels` e.g. ("pitch", "yaw")), "embedding" (a prompt), "camera", "image", "latent", ...
     """
 
     name: str
@@ -108,6 +121,7 @@ class InputSpec:
     pad_dim: int | None = None
     required: bool = False
     program: tuple[dict, ...] = ()
+    labels: tuple[str, ...] = ()  # names of the last dim's columns (keys, mouse axes), if they have names
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
@@ -128,7 +142,14 @@ class InputSpec:
 
     @classmethod
     def from_dict(cls, d: Mapping) -> InputSpec:
-        return cls(**{**d, "shape": tuple(d["shape"]), "program": tuple(d.get("program", ()))})
+        return cls(
+            **{
+                **d,
+                "shape": tuple(d["shape"]),
+                "program": tuple(d.get("program", ())),
+                "labels": tuple(d.get("labels", ())),
+            }
+        )
 
 
 @dataclass(frozen=True)
