@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import zlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,20 @@ class Engine:
         if self.stand_in_inputs:
             given = {**{k: v for k, v in self.default_inputs().items() if k not in given}, **given}
         return Session(self, given, seed, cuda_graphs=cuda_graphs)
+
+    def worlds(
+        self,
+        n: int,
+        seeds: Sequence[int] | None = None,
+        inputs: dict[str, torch.Tensor] | None = None,
+        capacity: int | None = None,
+        cuda_graphs: bool | None = None,
+    ):
+        """n independent worlds stepped in one batch (`flashdreams.batched.Worlds`), world i seeded
+        with seeds[i] (default i); `capacity` (default: the bucket that holds n) bounds later add()s."""
+        from flashdreams.batched import Worlds
+
+        return Worlds(self, n, seeds=seeds, inputs=inputs, capacity=capacity, cuda_graphs=cuda_graphs)
 
     def __repr__(self) -> str:
         s = self.spec

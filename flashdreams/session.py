@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from flashdreams.errors import InvalidArgumentError, OutOfMemoryError, SessionFailedError
-from flashdreams.models.family import InputSpec, op_writes, run_ops
+from flashdreams.models.family import BlockPlan, InputSpec, op_writes, run_ops
 
 if TYPE_CHECKING:
     from flashdreams.engine import Engine
@@ -151,19 +151,25 @@ class Session:
         inputs: dict[str, torch.Tensor] | None = None,
         seed: int = 0,
         cuda_graphs: bool | None = None,
+        *,
+        _plan: BlockPlan | None = None,
+        _buffers: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        # `_plan`/`_buffers`: a session over buffers someone else owns (flashdreams.batched runs
+        # one per batch bucket over a prefix of the worlds' rows).
         self.engine = engine
-        self.plan = plan = engine.plan
+        self.plan = plan = _plan or engine.plan
         self.backend = engine.backend
         self.device = self.backend.device
         self.batch = plan.batch
         self.seed = _check_seed(seed)
-        self.buffers: dict[str, torch.Tensor] = {}
-        for group in (plan.state, plan.constants, plan.draws):
-            for name, decl in group.items():
-                self.buffers[name] = decl.allocate(self.device)
-        for name, spec in plan.inputs.items():
-            self.buffers[name] = torch.zeros(spec.shape, dtype=spec.torch_dtype(), device=self.device)
+        self.buffers: dict[str, torch.Tensor] = {} if _buffers is None else dict(_buffers)
+        if _buffers is None:
+            for group in (plan.state, plan.constants, plan.draws):
+                for name, decl in group.items():
+                    self.buffers[name] = decl.allocate(self.device)
+            for name, spec in plan.inputs.items():
+                self.buffers[name] = torch.zeros(spec.shape, dtype=spec.torch_dtype(), device=self.device)
         self._given: set[str] = set()
         self.generator = torch.Generator(device=self.device)
         self.block = 0
@@ -187,7 +193,7 @@ class Session:
         for name, value in (inputs or {}).items():
             self.set_input(name, value)
         missing = [n for n, s in plan.inputs.items() if s.required and n not in self._given]
-        if missing:
+        if missing and _buffers is None:
             raise InvalidArgumentError(
                 f"engine '{engine.source}': a session needs the inputs {missing}; "
                 + "; ".join(plan.inputs[n].describe() for n in missing)
@@ -314,6 +320,10 @@ class Session:
             i += len(vals)
         return values[ring.valid_len][0]
 
+    def _fill_block_index(self) -> None:
+        if BLOCK_INDEX in self.buffers:  # row-independent plans read each row's block index on the device
+            self.buffers[BLOCK_INDEX].fill_(self.block)
+
     def _check_draws(self, draws: dict[str, torch.Tensor] | None) -> dict[str, torch.Tensor]:
         """Given draws checked whole (names, shapes, finite floats) before anything is written."""
         if draws is not None and not isinstance(draws, dict):
@@ -370,8 +380,7 @@ class Session:
         kind = plan.kind_of(self.block)
         self._replaying = False
         valid = self._fill_block_values()
-        if BLOCK_INDEX in self.buffers:  # row-independent plans read each row's block index on the device
-            self.buffers[BLOCK_INDEX].fill_(self.block)
+        self._fill_block_index()
         self._draw(given)
         key = kind if not self.backend.shape_specialized else f"{kind}@{valid}"
         captured = None

@@ -19,11 +19,11 @@ Block program ops (JSON objects; every name is a session buffer):
 
 Row-independent plans (`meta["rows"] == "independent"`) can be stepped as many worlds in one
 batch, each at its own block index (flashdreams.batched): every state, input, draw and latents
-buffer has the batch as dim 0, the plan has one block kind (`sequence == []`), and a state
-buffer `block_index` (int64 [B]) that the runtime writes before each block gives every row its
-own block index on the device; graphs derive RoPE positions, ring slots and valid lengths from
-it, so no graph branches on a host-side block index. Rows never mix: row i of every output
-depends only on row i of the inputs and state.
+buffer has the batch as dim 0 (constants have it, or no batch dim at all), the plan has one
+block kind (`sequence == []`), and a state buffer `block_index` (int64 [B]) that the runtime
+writes before each block gives every row its own block index on the device; graphs derive RoPE
+positions, ring slots and valid lengths from it, so no graph branches on a host-side block
+index. Rows never mix: row i of every output depends only on row i of the inputs and state.
 """
 
 from __future__ import annotations
@@ -255,6 +255,40 @@ class BlockPlan:
         for kind in {*self.sequence, self.steady}:
             if kind not in self.programs:
                 raise InvalidArgumentError(f"plan: block kind '{kind}' has no program")
+
+    @property
+    def row_independent(self) -> bool:
+        return self.meta.get("rows") == "independent"
+
+    def with_batch(self, batch: int) -> BlockPlan:
+        """The same row-independent plan for `batch` rows: every buffer's dim 0 resized."""
+        if not self.row_independent:
+            raise InvalidArgumentError(
+                f"the {self.family} plan is not row-independent (meta['rows']), so its batch is fixed at {self.batch}"
+            )
+        if not isinstance(batch, int) or batch < 1:
+            raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
+
+        def resized(d):
+            if not d.shape or d.shape[0] != self.batch:
+                raise InvalidArgumentError(
+                    f"plan buffer '{d.name}' {list(d.shape)} does not have the batch ({self.batch}) as dim 0"
+                )
+            return dataclasses.replace(d, shape=(batch, *d.shape[1:]))
+
+        def group(g):
+            return {n: resized(d) for n, d in g.items()}
+
+        return dataclasses.replace(
+            self,
+            batch=batch,
+            state=group(self.state),
+            inputs=group(self.inputs),
+            # Constants hold one value for every row: resized when batched, else shared as they are.
+            constants={n: resized(d) if d.shape and d.shape[0] == self.batch else d for n, d in self.constants.items()},
+            draws=group(self.draws),
+            latents=resized(self.latents),
+        )
 
     def without_decoder(self) -> BlockPlan:
         """The same plan with its decoder graphs left out: blocks hand out latents only."""

@@ -1,0 +1,314 @@
+"""Many worlds of one model, stepped together: one forward pass per block for all of them.
+
+`engine.worlds(n)` returns a `Worlds`: n independent sessions of a row-independent model (see
+`BlockPlan`'s docstring) that live in the rows of one set of buffers. Each world keeps its own
+seed, inputs, KV ring, decoder state and block index; worlds at different block indices share
+a batch, because every graph reads each row's block index from the `block_index` buffer on the
+device. One world can be reset, replaced, added or removed while the others go on.
+
+Batch buckets. The buffers are allocated once for `capacity` rows. A step runs over the
+smallest bucket (1, 2, 4, ... up to the capacity) that holds the live worlds: a prefix view of
+every buffer, with its own `Session` over those views, so on CUDA each bucket is captured as
+CUDA graphs once and replayed (the views never move). Rows past the live worlds in a bucket are
+computed and thrown away.
+
+Isolation. Inputs are checked per world before anything is written, so a bad input (NaN, wrong
+shape) is refused for that world alone. After a step, a world whose latents are not finite is
+reported in `WorldsStep.failed` and reset by itself; rows never mix, so the other worlds' frames
+are the same bit for bit as if nothing had happened.
+
+Noise. World i's draws at its block b come from a generator seeded by (seed_i, b), the same
+rule as a lone session, so a world stepped in a batch equals the same world stepped alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.family import BlockPlan, InputSpec, run_ops
+from flashdreams.session import BLOCK_INDEX, Session, _check_seed, block_seed
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def bucket_for(n: int, capacity: int) -> int:
+    """The smallest bucket that holds n worlds (the capacity itself if no listed bucket fits)."""
+    return next((b for b in BUCKETS if n <= b <= capacity), capacity)
+
+
+@dataclass
+class WorldsStep:
+    """One block of every live world, in `ids` order (row r belongs to world ids[r])."""
+
+    ids: list[int]
+    blocks: list[int]  # each world's block index in this step
+    latents: torch.Tensor  # [n, ...] on the device
+    frames: torch.Tensor | None  # uint8 [n, T, H, W, 3] on the device, or None without a decoder
+    failed: dict[int, str] = field(default_factory=dict)  # world id -> why; those worlds were reset
+    frames_ready: torch.cuda.Event | None = None
+
+    def frames_cpu(self) -> torch.Tensor:
+        if self.frames is None:
+            raise InvalidArgumentError("this model has no decoder, so the step produced no frames")
+        if self.frames_ready is not None:
+            self.frames_ready.synchronize()
+        return self.frames.cpu()
+
+
+class _BucketSession(Session):
+    """A session over the first `bucket` rows of the worlds' buffers; the owner fills block indices and draws."""
+
+    def __init__(self, owner: Worlds, plan: BlockPlan, views: dict[str, torch.Tensor], cuda_graphs: bool) -> None:
+        super().__init__(owner.engine, None, 0, cuda_graphs, _plan=plan, _buffers=views)
+        self.owner = owner
+
+    def _fill_block_index(self) -> None:  # written per row by the owner before the step
+        pass
+
+    def _draw(self, given: dict[str, torch.Tensor]) -> None:
+        self.owner._draw_rows(self.buffers, self.batch)
+
+
+class Worlds:
+    """n independent worlds of one row-independent model, stepped in one batch. See the module docstring."""
+
+    def __init__(
+        self,
+        engine,
+        n: int,
+        seeds: Sequence[int] | None = None,
+        inputs: Mapping[str, torch.Tensor] | None = None,
+        capacity: int | None = None,
+        cuda_graphs: bool | None = None,
+        check_finite: bool = True,
+    ) -> None:
+        plan = engine.plan
+        if not plan.row_independent:
+            raise InvalidArgumentError(
+                f"{engine.preset_name}: its plan is not row-independent, so its worlds cannot sit at different "
+                "block indices in one batch; for worlds stepped in lockstep load it with batch=N and use "
+                "engine.session()"
+            )
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidArgumentError(f"worlds: n must be an integer >= 1, got {n!r}")
+        seeds = list(range(n)) if seeds is None else [_check_seed(s) for s in seeds]
+        if len(seeds) != n:
+            raise InvalidArgumentError(f"worlds: {len(seeds)} seeds for {n} worlds")
+        static = getattr(engine.backend, "name", "eager") != "eager"
+        if static:  # compiled graphs have the batch they were built with
+            capacity = capacity or plan.batch
+            if capacity != plan.batch or n > plan.batch:
+                raise InvalidArgumentError(
+                    f"this built engine runs batch {plan.batch} only: ask for at most {plan.batch} worlds, or "
+                    f"rebuild it with fd-build --batch {max(n, capacity)}"
+                )
+        else:
+            capacity = capacity or bucket_for(n, 1 << 30)
+        if capacity < n:
+            raise InvalidArgumentError(f"worlds: capacity {capacity} is smaller than n = {n}")
+        self.engine = engine
+        self.device = engine.device
+        self.capacity = capacity
+        self.check_finite = check_finite
+        self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
+        self._static = static
+        self.plan = plan if plan.batch == capacity else plan.with_batch(capacity)
+        self.buffers: dict[str, torch.Tensor] = {}
+        for group in (self.plan.state, self.plan.constants, self.plan.draws):
+            for name, decl in group.items():
+                self.buffers[name] = decl.allocate(self.device)
+        for name, spec in self.plan.inputs.items():
+            self.buffers[name] = torch.zeros(spec.shape, dtype=spec.torch_dtype(), device=self.device)
+        if BLOCK_INDEX not in self.buffers:
+            raise InvalidArgumentError(f"{engine.preset_name}: a row-independent plan needs a '{BLOCK_INDEX}' buffer")
+        self._sessions: dict[int, _BucketSession] = {}
+        # Checks one world's inputs against the batch-1 specs; it never steps.
+        one = self.plan.with_batch(1)
+        self._checker = _BucketSession(self, one, {k: self._view(k, b, 1) for k, b in self.buffers.items()}, False)
+        self._generator = torch.Generator(device=self.device)
+        self.ids: list[int] = []  # row -> world id
+        self.seeds: list[int] = []
+        self.blocks: list[int] = []
+        self._next_id = 0
+        self.episodes: dict[int, int] = {}
+        for i in range(n):
+            self.add(seeds[i], inputs=_row(inputs, i, n) if inputs else None)
+
+    # -- worlds --------------------------------------------------------------------
+    @property
+    def n(self) -> int:
+        return len(self.ids)
+
+    def input_specs(self) -> list[InputSpec]:
+        """The named inputs of one world (batch 1)."""
+        return list(self._checker.plan.inputs.values())
+
+    def row_of(self, world: int) -> int:
+        try:
+            return self.ids.index(world)
+        except ValueError:
+            raise InvalidArgumentError(f"world {world} does not exist; live worlds: {self.ids}") from None
+
+    def add(self, seed: int = 0, inputs: Mapping[str, torch.Tensor] | None = None) -> int:
+        """A new world at block 0 in the next free row; returns its id."""
+        if self.n >= self.capacity:
+            raise InvalidArgumentError(f"all {self.capacity} rows hold worlds: remove one first")
+        seed = _check_seed(seed)
+        checked = {k: self.check_input(k, v) for k, v in (inputs or {}).items()}
+        world, row = self._next_id, self.n
+        self._next_id += 1
+        self.ids.append(world)
+        self.seeds.append(seed)
+        self.blocks.append(0)
+        self._clear_row(row)
+        for name in self.plan.inputs:
+            self.buffers[name][row].zero_()
+        for name, x in checked.items():
+            self.buffers[name][row].copy_(x[0])
+        # Every input counts as given (zeros unless set), so state derived from inputs is always
+        # their program's output: the same for a world whichever other worlds share its batch.
+        self._run_input_programs(self.plan.inputs)
+        return world
+
+    def remove(self, world: int) -> None:
+        """End a world; the last row's world moves into its row (its state moves with it)."""
+        row, last = self.row_of(world), self.n - 1
+        if row != last:
+            for buf in self._row_buffers():
+                buf[row].copy_(buf[last])
+            for lst in (self.ids, self.seeds, self.blocks):
+                lst[row] = lst[last]
+        for lst in (self.ids, self.seeds, self.blocks):
+            lst.pop()
+
+    def reset(self, world: int, seed: int | None = None, **inputs: torch.Tensor) -> None:
+        """World `world` back to block 0 (optionally a new seed and inputs); the others go on."""
+        row = self.row_of(world)
+        new_seed = self.seeds[row] if seed is None else _check_seed(seed)
+        checked = {k: self.check_input(k, v) for k, v in inputs.items()}
+        for name, x in checked.items():
+            self.buffers[name][row].copy_(x[0])
+        self._clear_row(row)
+        self._run_input_programs(self.plan.inputs)
+        self.seeds[row] = new_seed
+        self.blocks[row] = 0
+
+    def check_input(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """One world's input ([1, ...] or without the batch dim), validated, on the device; nothing is written."""
+        return self._checker.check_input(name, value)
+
+    def set_input(self, world: int, name: str, value: torch.Tensor) -> None:
+        """Set one world's input (checked first; refused for this world alone). Takes effect next block."""
+        row = self.row_of(world)
+        x = self.check_input(name, value)
+        self.buffers[name][row].copy_(x[0])
+        if self.plan.inputs[name].program:
+            self._run_input_programs({name: None})
+
+    def set_inputs(self, name: str, values: torch.Tensor) -> dict[int, str]:
+        """Every live world's input at once (values [n, ...] in row order). Rows that fail their check
+        are left as they were and returned as {world id: reason}; the others are written."""
+        if not isinstance(values, torch.Tensor) or values.dim() < 1 or values.shape[0] != self.n:
+            got = list(values.shape) if isinstance(values, torch.Tensor) else type(values).__name__
+            raise InvalidArgumentError(f"set_inputs('{name}'): need one row per live world ({self.n}), got {got}")
+        refused: dict[int, str] = {}
+        good_rows, good = [], []
+        for row in range(self.n):
+            try:
+                good.append(self.check_input(name, values[row : row + 1])[0])
+                good_rows.append(row)
+            except InvalidArgumentError as exc:
+                refused[self.ids[row]] = str(exc)
+        if good_rows:
+            idx = torch.tensor(good_rows, device=self.device)
+            self.buffers[name].index_copy_(0, idx, torch.stack(good))
+            if self.plan.inputs[name].program:
+                self._run_input_programs({name: None})
+        return refused
+
+    # -- the step --------------------------------------------------------------------
+    @torch.no_grad()
+    def step(self) -> WorldsStep:
+        """One block of every live world, in one batch (the smallest bucket that holds them)."""
+        if self.n == 0:
+            raise InvalidArgumentError("there are no worlds to step: add() one")
+        n = self.n
+        bucket = self.capacity if self._static else bucket_for(n, self.capacity)
+        session = self._session_for(bucket)
+        blocks = self.blocks + [0] * (bucket - n)
+        host = torch.tensor(blocks, dtype=torch.int64)
+        self.buffers[BLOCK_INDEX][:bucket].copy_(host, non_blocking=True)
+        result = session.step()
+        lat = result.latents[:n]
+        frames = result.frames[:n] if result.frames is not None else None
+        out = WorldsStep(list(self.ids), list(self.blocks), lat, frames, {}, result.frames_ready)
+        for row in range(n):
+            self.blocks[row] += 1
+        if self.check_finite:
+            ok = torch.isfinite(lat.reshape(n, -1)).all(1).tolist()  # after the block: one read-back per step
+            for row, good in enumerate(ok):
+                if not good:
+                    world = self.ids[row]
+                    out.failed[world] = f"world {world}: non-finite output at block {out.blocks[row]}; it was reset"
+                    self.reset(world)
+        return out
+
+    # -- internals ------------------------------------------------------------------
+    def _session_for(self, bucket: int) -> _BucketSession:
+        s = self._sessions.get(bucket)
+        if s is None:
+            plan = self.plan if bucket == self.capacity else self.plan.with_batch(bucket)
+            views = {name: self._view(name, buf, bucket) for name, buf in self.buffers.items()}
+            s = self._sessions[bucket] = _BucketSession(self, plan, views, self.cuda_graphs)
+        return s
+
+    def _view(self, name: str, buf: torch.Tensor, bucket: int) -> torch.Tensor:
+        if name in self.plan.constants and (not buf.dim() or buf.shape[0] != self.capacity):
+            return buf  # a constant without a batch dim: shared by every row
+        return buf[:bucket]
+
+    def _row_buffers(self) -> list[torch.Tensor]:
+        return [self.buffers[n] for n in (*self.plan.state, *self.plan.inputs)]
+
+    def _clear_row(self, row: int) -> None:
+        for name, decl in self.plan.state.items():
+            self.buffers[name][row].fill_(decl.fill)
+
+    def _run_input_programs(self, names: Mapping[str, object]) -> None:
+        """Rebuild state derived from inputs (e.g. a prompt's cache) over the live bucket. Rows are
+        independent and the programs deterministic, so the other worlds' rows are rewritten unchanged."""
+        if self.n == 0:
+            return
+        bucket = self.capacity if self._static else bucket_for(self.n, self.capacity)
+        session = self._session_for(bucket)
+        for name in names:
+            spec = self.plan.inputs[name]
+            if spec.program:
+                run_ops(list(spec.program), session.buffers, session._call, self.plan.graphs)
+
+    def _draw_rows(self, buffers: dict[str, torch.Tensor], bucket: int) -> None:
+        """Row r's draws from a generator seeded by (its world's seed, its block): as a lone session draws."""
+        gen = self._generator
+        for row in range(self.n):
+            gen.manual_seed(block_seed(self.seeds[row], self.blocks[row]))
+            for name in self.plan.draws:
+                torch.randn(buffers[name].shape[1:], generator=gen, device=self.device, out=buffers[name][row])
+
+    def memory_bytes(self) -> int:
+        """Bytes of the worlds' buffers (state, inputs, draws, constants) at the full capacity."""
+        return sum(b.numel() * b.element_size() for b in self.buffers.values())
+
+    def __repr__(self) -> str:
+        return f"Worlds({self.engine.preset_name}, n={self.n}, capacity={self.capacity}, blocks={self.blocks})"
+
+
+def _row(inputs: Mapping[str, torch.Tensor], i: int, n: int) -> dict[str, torch.Tensor]:
+    """World i's slice of batched inputs ([n, ...]), or the same value for every world ([1, ...] / unbatched)."""
+    out = {}
+    for k, v in inputs.items():
+        out[k] = v[i : i + 1] if isinstance(v, torch.Tensor) and v.dim() >= 1 and v.shape[0] == n and n > 1 else v
+    return out

@@ -1,0 +1,290 @@
+"""Gymnasium environments over batched worlds: `import flashdreams.gym` registers `flashdreams/World-v0`.
+
+    import gymnasium, flashdreams.gym
+    envs = gymnasium.make_vec("flashdreams/World-v0", num_envs=64, preset="arena")
+    obs, info = envs.reset(seed=0)          # world i seeded with 0 + i
+    obs, reward, terminated, truncated, info = envs.step(envs.action_space.sample())
+
+`WorldVectorEnv` steps all its worlds in one batch (`flashdreams.batched.Worlds`): one forward
+pass per step for every environment. Observations are a block's frames (uint8
+[num_envs, T, H, W, 3] as numpy, or the device tensor with observation="torch"); actions are
+the model's per-block named inputs as a `Dict` space built from their specs ("keys" inputs are
+`MultiBinary`, the rest `Box` within their declared range). Autoreset is Gymnasium's
+NEXT_STEP mode: the step after an episode ends resets that world and returns its first block.
+An episode is truncated after `max_episode_steps` steps; `reward_fn(obs, actions, info)` and
+`termination_fn(obs, info)` are the user's hooks. An action a world refuses (NaN, out of
+range) ends that world's episode (truncated, with the reason in info["error"]); the other
+worlds go on untouched. `WorldEnv` is the single-world environment (`gymnasium.make`).
+
+gymnasium is an optional dependency (`pip install "flashdreams[gym]"`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+
+try:
+    import gymnasium
+    from gymnasium import spaces
+    from gymnasium.vector import AutoresetMode, VectorEnv
+    from gymnasium.vector.utils import batch_space
+except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without gymnasium
+    from flashdreams.errors import NotFoundError
+
+    raise NotFoundError('flashdreams.gym needs gymnasium: pip install "flashdreams[gym]"') from exc
+
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.family import InputSpec
+
+ENV_ID = "flashdreams/World-v0"
+RewardFn = Callable[[Any, dict, dict], Any]
+TerminationFn = Callable[[Any, dict], Any]
+
+
+def action_space_for(specs: list[InputSpec]) -> spaces.Dict:
+    """One world's action space: its per-block inputs, without the batch dim."""
+    out = {}
+    for s in specs:
+        if s.when != "block":
+            continue
+        shape = tuple(s.shape[1:])
+        if s.units == "keys":
+            out[s.name] = spaces.MultiBinary(shape)
+        else:
+            low = -np.inf if s.low is None else s.low
+            high = np.inf if s.high is None else s.high
+            out[s.name] = spaces.Box(low, high, shape, np.float32)
+    return spaces.Dict(out)
+
+
+class _Worlds:
+    """What both environments share: the engine, the worlds, episodes and the observation."""
+
+    def __init__(
+        self,
+        num_envs: int,
+        preset: str | None,
+        engine,
+        max_episode_steps: int,
+        reward_fn: RewardFn | None,
+        termination_fn: TerminationFn | None,
+        observation: str,
+        load_kwargs: dict,
+    ) -> None:
+        import flashdreams
+        from flashdreams import presets
+
+        if observation not in ("numpy", "torch"):
+            raise InvalidArgumentError(f"observation must be 'numpy' or 'torch', got {observation!r}")
+        if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int) or max_episode_steps < 1:
+            raise InvalidArgumentError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
+        cuda_graphs = load_kwargs.pop("cuda_graphs", None)
+        default = getattr(presets, "DEFAULT_WORLD", "tiny")
+        self.engine = engine if engine is not None else flashdreams.load(preset=preset or default, **load_kwargs)
+        self.worlds = self.engine.worlds(num_envs, cuda_graphs=cuda_graphs)
+        self.num_envs = num_envs
+        self.max_episode_steps = max_episode_steps
+        self.reward_fn, self.termination_fn, self.observation = reward_fn, termination_fn, observation
+        self.specs = {s.name: s for s in self.worlds.input_specs() if s.when == "block"}
+        self.action_space = action_space_for(list(self.specs.values()))
+        first = self.worlds.step()  # a dry block: the frames' shape (the worlds are reset before use)
+        if first.frames is None:
+            raise InvalidArgumentError(f"{self.engine.preset_name} has no decoder: an environment needs frames")
+        self.frame_shape = tuple(first.frames.shape[1:])
+        self.observation_space = spaces.Box(0, 255, self.frame_shape, np.uint8)
+        self.steps = [0] * num_envs
+        self.rngs = [np.random.default_rng(i) for i in range(num_envs)]
+
+    def reset_world(self, i: int, seed: int | None) -> None:
+        if seed is not None:
+            self.rngs[i] = np.random.default_rng(seed)
+        else:  # an unseeded reset continues the world's own seed stream, as a Gymnasium env does
+            seed = int(self.rngs[i].integers(2**62))
+        zeros = {n: torch.zeros(s.shape[1:]) for n, s in self.specs.items()}
+        self.worlds.reset(self.worlds.ids[i], seed=seed, **zeros)
+        self.steps[i] = 0
+
+    def set_actions(self, actions: dict | None, skip: set[int]) -> dict[int, str]:
+        """Write every world's actions (rows in `skip` get zeros); returns {world: why} for refused rows."""
+        actions = actions or {}
+        unknown = sorted(set(actions) - set(self.specs))
+        if unknown:
+            raise InvalidArgumentError(f"unknown actions {unknown}; this world takes {sorted(self.specs)}")
+        refused: dict[int, str] = {}
+        for name, spec in self.specs.items():
+            value = actions.get(name)
+            full = (self.num_envs, *spec.shape[1:])
+            if value is None:
+                t = torch.zeros(full)
+            else:
+                t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+                if tuple(t.shape) != full:
+                    raise InvalidArgumentError(f"action '{name}' must have shape {list(full)}, got {list(t.shape)}")
+                t = t.to(torch.float32)
+            for i in skip:
+                t[i] = 0
+            refused.update(self.worlds.set_inputs(name, t))
+        return refused
+
+    def step(self) -> tuple[Any, dict]:
+        out = self.worlds.step()
+        frames = out.frames if self.observation == "torch" else out.frames_cpu().numpy()
+        info: dict = {"block": np.array(out.blocks)}
+        if out.failed:
+            info["error"] = np.array([out.failed.get(w, "") for w in out.ids], dtype=object)
+        return frames, info
+
+    def rewards(self, obs, actions: dict, info: dict) -> np.ndarray:
+        if self.reward_fn is None:
+            return np.zeros(self.num_envs, dtype=np.float64)
+        return np.asarray(self.reward_fn(obs, actions, info), dtype=np.float64).reshape(self.num_envs)
+
+    def terminated(self, obs, info: dict) -> np.ndarray:
+        if self.termination_fn is None:
+            return np.zeros(self.num_envs, dtype=bool)
+        return np.asarray(self.termination_fn(obs, info), dtype=bool).reshape(self.num_envs)
+
+
+class WorldVectorEnv(VectorEnv):
+    """num_envs worlds of one model, stepped in one batch; see the module docstring."""
+
+    metadata = {"autoreset_mode": AutoresetMode.NEXT_STEP, "render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        num_envs: int = 1,
+        preset: str | None = None,
+        engine=None,
+        max_episode_steps: int = 100,
+        reward_fn: RewardFn | None = None,
+        termination_fn: TerminationFn | None = None,
+        observation: str = "numpy",
+        render_mode: str | None = None,
+        **load_kwargs,
+    ) -> None:
+        self.core = _Worlds(
+            num_envs, preset, engine, max_episode_steps, reward_fn, termination_fn, observation, load_kwargs
+        )
+        self.num_envs = num_envs
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": self.core.engine.plan.meta.get("fps")}
+        self.single_observation_space = self.core.observation_space
+        self.single_action_space = self.core.action_space
+        self.observation_space = batch_space(self.single_observation_space, num_envs)
+        self.action_space = batch_space(self.single_action_space, num_envs)
+        self._autoreset = np.zeros(num_envs, dtype=bool)
+        self._last = None
+
+    def reset(self, *, seed: int | list[int] | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        seeds = seed if isinstance(seed, list) else [None if seed is None else seed + i for i in range(self.num_envs)]
+        if len(seeds) != self.num_envs:
+            raise InvalidArgumentError(f"reset: {len(seeds)} seeds for {self.num_envs} environments")
+        for i, s in enumerate(seeds):
+            self.core.reset_world(i, s)
+        self.core.set_actions(None, set())
+        obs, info = self.core.step()
+        self._autoreset[:] = False
+        self._last = obs
+        return obs, info
+
+    def step(self, actions: dict):
+        n = self.num_envs
+        resetting = set(np.flatnonzero(self._autoreset).tolist())
+        for i in resetting:
+            self.core.reset_world(i, None)
+        refused = self.core.set_actions(actions, resetting)
+        for w in refused:  # a refused action ends that world's episode; it restarts next step
+            self.core.steps[self.core.worlds.row_of(w)] = self.core.max_episode_steps
+        obs, info = self.core.step()
+        for i in range(n):
+            self.core.steps[i] += 0 if i in resetting else 1
+        rewards = self.core.rewards(obs, actions, info)
+        terminated = self.core.terminated(obs, info)
+        truncated = np.array([s >= self.core.max_episode_steps for s in self.core.steps])
+        if refused or "error" in info:
+            errors = info.get("error", np.array([""] * n, dtype=object))
+            for w, why in refused.items():
+                errors[self.core.worlds.row_of(w)] = why
+            info["error"] = errors
+            truncated |= errors != ""
+        for i in resetting:  # the first block of a new episode: nothing ended, nothing earned
+            rewards[i], terminated[i], truncated[i] = 0.0, False, False
+        self._autoreset = terminated | truncated
+        self._last = obs
+        return obs, rewards, terminated, truncated, info
+
+    def render(self):
+        if self.render_mode != "rgb_array" or self._last is None:
+            return None
+        last = self._last if isinstance(self._last, np.ndarray) else self._last.cpu().numpy()
+        return tuple(last[i, -1] for i in range(self.num_envs))
+
+
+class WorldEnv(gymnasium.Env):
+    """One world as a Gymnasium environment (no autoreset: call reset() when an episode ends)."""
+
+    metadata = {"render_modes": ["rgb_array"]}
+
+    def __init__(
+        self,
+        preset: str | None = None,
+        engine=None,
+        max_episode_steps: int = 100,
+        reward_fn: RewardFn | None = None,
+        termination_fn: TerminationFn | None = None,
+        observation: str = "numpy",
+        render_mode: str | None = None,
+        **load_kwargs,
+    ) -> None:
+        self.core = _Worlds(1, preset, engine, max_episode_steps, reward_fn, termination_fn, observation, load_kwargs)
+        self.observation_space = self.core.observation_space
+        self.action_space = self.core.action_space
+        self.render_mode = render_mode
+        self.metadata = {**self.metadata, "render_fps": self.core.engine.plan.meta.get("fps")}
+        self._last = None
+
+    def reset(self, *, seed: int | None = None, options: dict | None = None):
+        super().reset(seed=seed)
+        self.core.reset_world(0, seed)
+        self.core.set_actions(None, set())
+        obs, info = self.core.step()
+        self._last = obs[0]
+        return obs[0], _first(info)
+
+    def step(self, action: dict):
+        batched = {k: np.asarray(v)[None] if not isinstance(v, torch.Tensor) else v[None] for k, v in action.items()}
+        refused = self.core.set_actions(batched, set())
+        obs, info = self.core.step()
+        self.core.steps[0] += 1
+        reward = float(self.core.rewards(obs, batched, info)[0])
+        terminated = bool(self.core.terminated(obs, info)[0])
+        truncated = self.core.steps[0] >= self.core.max_episode_steps
+        info = _first(info)
+        if refused:
+            info["error"], truncated = next(iter(refused.values())), True
+        self._last = obs[0]
+        return obs[0], reward, terminated, truncated or bool(info.get("error")), info
+
+    def render(self):
+        if self.render_mode != "rgb_array" or self._last is None:
+            return None
+        last = self._last if isinstance(self._last, np.ndarray) else self._last.cpu().numpy()
+        return last[-1]
+
+
+def _first(info: dict) -> dict:
+    return {k: v[0] for k, v in info.items()}
+
+
+if ENV_ID not in gymnasium.registry:
+    gymnasium.register(
+        id=ENV_ID,
+        entry_point="flashdreams.gym:WorldEnv",
+        vector_entry_point="flashdreams.gym:WorldVectorEnv",
+        disable_env_checker=True,  # the worlds check their own inputs; the passive checker would copy frames
+    )

@@ -1,0 +1,148 @@
+"""Batched worlds (flashdreams.batched) on the toy row-independent world: worlds stepped together
+equal the same worlds stepped alone, also at different block indices; faults stay in their world."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from toy_world import FRAMES, KEYS, toy_engine
+
+from flashdreams.batched import bucket_for
+from flashdreams.errors import InvalidArgumentError
+
+
+def rel_l2(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm().clamp(min=1e-12))
+
+
+def keys_for(world: int, block: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(world * 100 + block)
+    return (torch.rand(1, FRAMES, KEYS, generator=g) > 0.5).float()
+
+
+def alone(engine, seed: int, world: int, schedule: list[str]) -> list[torch.Tensor]:
+    """One world stepped by a lone session: 's' steps (with that world's keys), 'r' resets."""
+    s = engine.session(seed=seed)
+    out, block = [], 0
+    for ev in schedule:
+        if ev == "r":
+            s.reset()
+            block = 0
+            continue
+        s.set_input("keyboard", keys_for(world, block))
+        out.append(s.step().latents[0])
+        block += 1
+    return out
+
+
+def test_worlds_together_equal_worlds_alone_at_different_block_indices():
+    engine = toy_engine()
+    seeds = [11, 12, 13]
+    worlds = engine.worlds(3, seeds=seeds)
+    # world 1 is reset after 2 blocks, world 2 after 3: from then on the batch holds three block indices
+    schedules = {0: ["s"] * 6, 1: ["s", "s", "r", "s", "s", "s", "s"], 2: ["s", "s", "s", "r", "s", "s", "s"]}
+    together = {w: [] for w in range(3)}
+    resets = {1: 2, 2: 3}
+    for t in range(6):
+        for w, after in resets.items():
+            if t == after:
+                worlds.reset(w)
+        for w in range(3):
+            worlds.set_input(w, "keyboard", keys_for(w, worlds.blocks[worlds.row_of(w)]))
+        step = worlds.step()
+        for row, w in enumerate(step.ids):
+            together[w].append(step.latents[row])
+    assert worlds.blocks == [6, 4, 3]
+    for w in range(3):
+        ref = alone(engine, seeds[w], w, schedules[w])
+        assert len(ref) == len(together[w]) == 6
+        for a, b in zip(together[w], ref):
+            assert rel_l2(a, b) <= 1e-6
+
+
+def test_nan_input_is_refused_for_that_world_only():
+    engine = toy_engine()
+    base = engine.worlds(4, seeds=[1, 2, 3, 4])
+    hit = engine.worlds(4, seeds=[1, 2, 3, 4])
+    for _ in range(2):
+        base.step(), hit.step()
+    keys = torch.stack([keys_for(w, 2)[0] for w in range(4)])
+    bad = keys.clone()
+    bad[2, 0, 1] = float("nan")
+    assert base.set_inputs("keyboard", keys) == {}
+    refused = hit.set_inputs("keyboard", bad)
+    assert list(refused) == [2] and "non-finite" in refused[2]
+    with pytest.raises(InvalidArgumentError):
+        hit.set_input(2, "keyboard", bad[2:3])
+    a, b = base.step(), hit.step()
+    for row in (0, 1, 3):  # untouched worlds: bit for bit
+        assert torch.equal(a.frames[row], b.frames[row]) and torch.equal(a.latents[row], b.latents[row])
+    assert not torch.equal(a.latents[2], b.latents[2])  # world 2 kept its old keys
+
+
+def test_non_finite_output_resets_that_world_alone():
+    engine = toy_engine()
+    base = engine.worlds(3, seeds=[4, 5, 6])
+    hit = engine.worlds(3, seeds=[4, 5, 6])
+    for _ in range(2):
+        base.step(), hit.step()
+    hit.buffers["ring"][1, 0, 0] = float("nan")  # a fault inside world 1's state
+    a, b = base.step(), hit.step()
+    assert list(b.failed) == [1] and not a.failed
+    assert hit.blocks == [3, 0, 3]  # world 1 was reset; the others went on
+    for row in (0, 2):
+        assert torch.equal(a.frames[row], b.frames[row])
+    a, b = base.step(), hit.step()
+    for row in (0, 2):
+        assert torch.equal(a.latents[row], b.latents[row])
+    # world 1 restarted from block 0 with its seed: equal to a fresh world of that seed
+    fresh = engine.session(seed=5).step().latents[0]
+    assert rel_l2(b.latents[1], fresh) <= 1e-6
+
+
+def test_add_remove_and_buckets():
+    engine = toy_engine()
+    worlds = engine.worlds(3, seeds=[1, 2, 3], capacity=8)
+    assert bucket_for(3, 8) == 4 and bucket_for(5, 8) == 8 and bucket_for(1, 8) == 1
+    worlds.step()
+    ring_of_2 = worlds.buffers["ring"][2].clone()
+    worlds.remove(0)  # the last world (id 2) moves into row 0 with its state
+    assert worlds.ids == [2, 1] and worlds.seeds == [3, 2]
+    assert torch.equal(worlds.buffers["ring"][0], ring_of_2)
+    new = worlds.add(seed=9)
+    assert worlds.ids == [2, 1, new] and worlds.blocks == [1, 1, 0]
+    step = worlds.step()
+    assert step.latents.shape[0] == 3 and step.blocks == [1, 1, 0]
+    # the added world equals a fresh world of its seed
+    assert rel_l2(step.latents[2], engine.session(seed=9).step().latents[0]) <= 1e-6
+    for _ in range(5):
+        worlds.add()
+    with pytest.raises(InvalidArgumentError, match="rows hold worlds"):
+        worlds.add()
+    with pytest.raises(InvalidArgumentError, match="does not exist"):
+        worlds.remove(0)
+
+
+def test_refusals():
+    engine = toy_engine()
+    with pytest.raises(InvalidArgumentError):
+        engine.worlds(0)
+    with pytest.raises(InvalidArgumentError, match="seeds"):
+        engine.worlds(2, seeds=[1])
+    with pytest.raises(InvalidArgumentError, match="capacity"):
+        engine.worlds(4, capacity=2)
+    worlds = engine.worlds(2)
+    with pytest.raises(InvalidArgumentError, match="unknown"):
+        worlds.set_input(0, "mouse", torch.zeros(1, 2, 2))
+    with pytest.raises(InvalidArgumentError, match="one row per live world"):
+        worlds.set_inputs("keyboard", torch.zeros(3, FRAMES, KEYS))
+
+
+def test_a_plan_that_is_not_row_independent_is_refused():
+    import flashdreams
+
+    engine = flashdreams.load()  # the tiny causal Wan: its first block differs from the others
+    with pytest.raises(InvalidArgumentError, match="not row-independent"):
+        engine.worlds(2)
+    with pytest.raises(InvalidArgumentError, match="not row-independent"):
+        engine.plan.with_batch(2)
