@@ -58,6 +58,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the sessions' noise (default 0)")
     p.add_argument("--out", default="fd-bench-out", help="output directory (results.json + plots)")
     p.add_argument("--compare", help="another results.json: print ratios against it")
+    p.add_argument(
+        "--sessions",
+        help="many worlds per GPU instead: comma list of world counts (e.g. 1,2,4,8,16,32,64); reports "
+        "aggregate frames/s, per-world block latency p50/p99 and memory per world (first backend and attention)",
+    )
     p.add_argument("--quick-ceilings", action="store_true", help="small matmul/copy ceilings (smoke runs)")
     add_load_options(p, lists=True)
     add_build_options(p)  # for the engines fd-bench builds in-process (--backend inductor, aoti)
@@ -78,6 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     from flashdreams.presets import get_preset
 
     out = Path(args.out)
+    if args.sessions:
+        return _sessions_main(args, parser, out)
     try:
         kw = load_kwargs(args)
         device, dtype = resolve_device_dtype(kw["device"], kw["dtype"])
@@ -170,6 +177,58 @@ def main(argv: list[str] | None = None) -> int:
     if args.compare:
         print(compare(results, args.compare))
     print(f"wrote {out / 'results.json'}" + (f" and {len(written)} plots" if written else ""))
+    return 0
+
+
+def _sessions_main(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path) -> int:
+    import torch
+
+    import flashdreams
+    from flashdreams.benchmark.environment import environment
+    from flashdreams.benchmark.sessions import bench_sessions, largest_fit
+    from flashdreams.engine import resolve_device_dtype
+
+    try:
+        counts = [int(c) for c in split_list(args.sessions)]
+        if not counts or any(c < 1 for c in counts):
+            raise ValueError
+    except ValueError:
+        print(f"fd-bench: --sessions must be a comma list of positive integers, got {args.sessions!r}", file=sys.stderr)
+        return 2
+    try:
+        kw = load_kwargs(args, attention=split_list(args.attention)[0], precision=split_list(args.precision)[0])
+        device, _ = resolve_device_dtype(kw["device"], kw["dtype"])
+        if args.blocks < 1:
+            raise InvalidArgumentError("--blocks must be at least 1")
+        first = flashdreams.load(**kw)
+        cache = {1: first}
+
+        def engine_for(n: int):
+            if first.plan.row_independent:
+                return first
+            if n not in cache:  # lockstep: one session of batch n
+                cache.clear()
+                cache[n] = flashdreams.load(**kw, batch=n)
+            return cache[n]
+
+        rows = bench_sessions(
+            engine_for, sorted(counts), blocks=args.blocks, warmup=3, cuda_graphs=False if args.no_cuda_graphs else None
+        )
+    except FlashDreamsError as exc:
+        print(f"fd-bench: {flag_message(str(exc), parser)}", file=sys.stderr)
+        return 2
+    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+    results = {
+        "schema": "fd-bench-sessions/1",
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "environment": environment(device),
+        "config": {"preset": first.preset_name, "blocks": args.blocks, "cuda_graphs": not args.no_cuda_graphs},
+        "rows": rows,
+        "largest_worlds_fit_estimate": largest_fit(rows, free) if free else None,
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {out / 'results.json'}")
     return 0
 
 

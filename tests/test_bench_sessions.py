@@ -1,0 +1,32 @@
+"""fd-bench --sessions: the many-worlds benchmark's rows and its refusals."""
+
+from __future__ import annotations
+
+from toy_world import toy_engine
+
+from flashdreams.benchmark.sessions import bench_sessions, largest_fit
+from flashdreams.cli.bench import main
+
+
+def test_rows_report_throughput_latency_and_memory_per_world():
+    engine = toy_engine()
+    rows = bench_sessions(lambda n: engine, [1, 4], blocks=3, warmup=1)
+    assert [r["worlds"] for r in rows] == [1, 4] and all(r["mode"] == "worlds" for r in rows)
+    for r in rows:
+        assert r["frames_per_block"] == 1
+        assert 0 < r["block_ms_p50"] <= r["block_ms_p99"]
+        assert abs(r["per_world_fps"] * r["worlds"] - r["aggregate_fps"]) < 1e-6 * r["aggregate_fps"]
+    # state per world: the toy ring (3 x 8 float32), the block index, keys and noise
+    assert rows[1]["state_bytes_per_world"] == (3 * 8 * 4 + 8 + 2 * 4 * 4 + 8 * 4)
+    assert rows[0]["speedup_vs_first"] == 1.0
+
+
+def test_largest_fit_extrapolates_the_measured_slope():
+    rows = [{"worlds": 1, "peak_bytes_above_weights": 300}, {"worlds": 4, "peak_bytes_above_weights": 900}]
+    assert largest_fit(rows, 10_000) == 4 + (10_000 - 900) // 200
+    assert largest_fit(rows[:1], 10_000) is None
+
+
+def test_cli_refuses_bad_counts(capsys):
+    assert main(["--sessions", "0,2"]) == 2
+    assert "positive integers" in capsys.readouterr().err
