@@ -93,8 +93,8 @@ class Worlds:
                 "block indices in one batch; for worlds stepped in lockstep load it with batch=N and use "
                 "engine.session()"
             )
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise InvalidArgumentError(f"worlds: n must be an integer >= 1, got {n!r}")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (n == 0 and not capacity):
+            raise InvalidArgumentError(f"worlds: n must be an integer >= 1 (or 0 with a capacity), got {n!r}")
         seeds = list(range(n)) if seeds is None else [_check_seed(s) for s in seeds]
         if len(seeds) != n:
             raise InvalidArgumentError(f"worlds: {len(seeds)} seeds for {n} worlds")
@@ -107,7 +107,7 @@ class Worlds:
                     f"rebuild it with fd-build --batch {max(n, capacity)}"
                 )
         else:
-            capacity = capacity or bucket_for(n, 1 << 30)
+            capacity = capacity or bucket_for(max(n, 1), 1 << 30)
         if capacity < n:
             raise InvalidArgumentError(f"worlds: capacity {capacity} is smaller than n = {n}")
         self.engine = engine
@@ -232,28 +232,40 @@ class Worlds:
 
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
-    def step(self) -> WorldsStep:
-        """One block of every live world, in one batch (the smallest bucket that holds them)."""
+    def step(self, only: Sequence[int] | None = None) -> WorldsStep:
+        """One block of every live world, in one batch (the smallest bucket that holds them).
+
+        `only` (world ids) advances just those worlds: the others' state rows are restored after the
+        batch ran (a paused world costs a copy of its state), and the result holds the chosen rows."""
         if self.n == 0:
             raise InvalidArgumentError("there are no worlds to step: add() one")
         n = self.n
+        rows = list(range(n)) if only is None else sorted({self.row_of(w) for w in only})
+        held = [r for r in range(n) if r not in set(rows)]
         bucket = self.capacity if self._static else bucket_for(n, self.capacity)
         session = self._session_for(bucket)
+        saved = {name: self.buffers[name][held].clone() for name in self.plan.state} if held else {}
         blocks = self.blocks + [0] * (bucket - n)
         host = torch.tensor(blocks, dtype=torch.int64)
         self.buffers[BLOCK_INDEX][:bucket].copy_(host, non_blocking=True)
         result = session.step()
-        lat = result.latents[:n]
-        frames = result.frames[:n] if result.frames is not None else None
-        out = WorldsStep(list(self.ids), list(self.blocks), lat, frames, {}, result.frames_ready)
-        for row in range(n):
+        if held:
+            idx = torch.tensor(held, device=self.device)
+            for name, rows_before in saved.items():
+                self.buffers[name].index_copy_(0, idx, rows_before)
+        pick = slice(0, n) if not held else torch.tensor(rows, device=self.device)
+        lat = result.latents[pick]
+        frames = result.frames[pick] if result.frames is not None else None
+        ids = [self.ids[r] for r in rows]
+        out = WorldsStep(ids, [self.blocks[r] for r in rows], lat, frames, {}, result.frames_ready)
+        for row in rows:
             self.blocks[row] += 1
         if self.check_finite:
-            ok = torch.isfinite(lat.reshape(n, -1)).all(1).tolist()  # after the block: one read-back per step
-            for row, good in enumerate(ok):
+            ok = torch.isfinite(lat.reshape(len(rows), -1)).all(1).tolist()  # after the block: one read-back
+            for i, good in enumerate(ok):
                 if not good:
-                    world = self.ids[row]
-                    out.failed[world] = f"world {world}: non-finite output at block {out.blocks[row]}; it was reset"
+                    world = ids[i]
+                    out.failed[world] = f"world {world}: non-finite output at block {out.blocks[i]}; it was reset"
                     self.reset(world)
         return out
 

@@ -146,3 +146,20 @@ def test_a_plan_that_is_not_row_independent_is_refused():
         engine.worlds(2)
     with pytest.raises(InvalidArgumentError, match="not row-independent"):
         engine.plan.with_batch(2)
+
+
+def test_step_only_some_worlds_holds_the_others():
+    engine = toy_engine()
+    worlds = engine.worlds(0, capacity=4)
+    a, b, c = worlds.add(1), worlds.add(2), worlds.add(3)
+    ref = engine.worlds(3, seeds=[1, 2, 3])
+    worlds.step(), ref.step()
+    held_ring = worlds.buffers["ring"][1].clone()
+    out = worlds.step(only=[a, c])  # b is paused
+    assert out.ids == [a, c] and worlds.blocks == [2, 1, 2]
+    assert torch.equal(worlds.buffers["ring"][1], held_ring)
+    full = ref.step()
+    assert torch.equal(out.latents[0], full.latents[0]) and torch.equal(out.latents[1], full.latents[2])
+    # b resumes where it paused: equal to a world that never paused
+    out = worlds.step(only=[b])
+    assert rel_l2(out.latents[0], full.latents[1]) <= 1e-6
