@@ -15,6 +15,13 @@ from flashdreams.errors import NotFoundError
 FAMILIES: dict[str, str] = {
     "causal_wan": "flashdreams.models.families.causal_wan",
     "wan21": "flashdreams.models.families.wan21",
+    "wan22": "flashdreams.models.families.wan22",
+    "arena": "flashdreams.models.families.arena",
+    "matrixgame": "flashdreams.models.families.matrixgame",
+    "flashvsr": "flashdreams.models.families.flashvsr",
+    "cosmos": "flashdreams.models.families.cosmos",
+    "omnidreams": "flashdreams.models.families.omnidreams",
+    "lingbot": "flashdreams.models.families.lingbot",
 }
 
 

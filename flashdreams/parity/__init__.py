@@ -27,6 +27,20 @@ _KIND_MODULES = {
     "wan_t2v_sample": "flashdreams.parity.wan_t2v_sample",
     "wan_i2v_forward": "flashdreams.parity.wan_i2v",
     "wan_i2v_sample": "flashdreams.parity.wan_i2v",
+    "lingbot_camera_embed": "flashdreams.parity.lingbot_camera_embed",
+    "lingbot_dit_forward": "flashdreams.parity.lingbot_dit_forward",
+    "matrixgame_action_module": "flashdreams.parity.matrixgame_action_module",
+    "matrixgame_dit_forward": "flashdreams.parity.matrixgame_dit_forward",
+    "matrixgame_rollout": "flashdreams.parity.matrixgame_rollout",
+    "wan22_moe_rollout": "flashdreams.parity.wan22_moe_rollout",
+    "flashvsr_lq_projector": "flashdreams.parity.flashvsr_lq_projector",
+    "flashvsr_dit_forward": "flashdreams.parity.flashvsr_dit_forward",
+    "flashvsr_tcdecoder": "flashdreams.parity.flashvsr_tcdecoder",
+    "flashvsr_stream": "flashdreams.parity.flashvsr_stream",
+    "cosmos_dit_forward": "flashdreams.parity.cosmos_dit_forward",
+    "cosmos_sample": "flashdreams.parity.cosmos_sample",
+    "omnidreams_dit_forward": "flashdreams.parity.omnidreams_dit_forward",
+    "omnidreams_rollout": "flashdreams.parity.omnidreams_rollout",
 }
 
 
