@@ -132,12 +132,15 @@ class WanBlock(nn.Module):
         self.cross_attn = cross(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
 
-    def forward(self, x, e0, attend, cross_k, cross_v, impl: str = "sdpa"):
+    def forward(self, x, e0, attend, cross_k, cross_v, impl: str = "sdpa", after_cross=None, after_self=None):
         """x [B, L, D]; e0 [B, F, 6, D] float32 (per-frame time projection); returns x.
 
         `attend(q, k, v, self_attn)` turns the raw q/k/v projections into the
         self-attention output [B, L, N, d]; it owns RoPE and the cache policy.
         cross_k/v [B, T, N, d]; for an i2v block the first CLIP_TOKENS rows are the image's.
+        `after_cross(x) -> x`, if given, runs between the cross-attention residual and the FFN
+        (Matrix-Game's action module sits there). `after_self(x) -> x`, if given, runs between the
+        self-attention residual and the cross-attention (LingBot's camera scale/shift).
         """
         mod = (self.modulation.float().unsqueeze(1) + e0).unbind(2)  # 6 x [B, F, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
@@ -145,6 +148,8 @@ class WanBlock(nn.Module):
         sa = self.self_attn
         attn = attend(*sa.project_qkv(h), sa)
         x = dit_ops.gated_residual(x, sa.o(attn.flatten(2)), gate1, impl)
+        if after_self is not None:
+            x = after_self(x)
         if self.norm3 is not None:
             h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
         else:
@@ -158,6 +163,8 @@ class WanBlock(nn.Module):
         else:
             out = dit_ops.attention(q, cross_k, cross_v)
         x = x + ca.o(out.flatten(2))
+        if after_cross is not None:
+            x = after_cross(x)
         h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
         return dit_ops.gated_residual(x, self.ffn(h), gate2, impl)
 
@@ -330,6 +337,7 @@ class WanDiT(nn.Module):
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
         y: torch.Tensor | None = None,
+        after_self: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """`forward` with the cross-attention cache given ([layers, B, T, N, d], from `cross_kv`).
 
@@ -358,7 +366,8 @@ class WanDiT(nn.Module):
             return dit_ops.attention(q, k, sa.heads(v))
 
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, attend, cross_k[i], cross_v[i])
+            hook = partial(after_self, i) if after_self is not None else None
+            tokens = blk(tokens, e0, attend, cross_k[i], cross_v[i], after_self=hook)
         return self.unpatchify(self.head(tokens, e), grid)
 
     # -- causal streaming forward (CausalWanModel with the KV ring) -------------------
@@ -377,6 +386,8 @@ class WanDiT(nn.Module):
         *,
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         shard: Any = None,
+        after_cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        after_self: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """One forward of a block of frames against the KV ring.
 
@@ -394,7 +405,14 @@ class WanDiT(nn.Module):
         q, k, v)` replaces the self-attention's cache write and attention: it gets q and k
         after the q/k norm and RoPE and v, each [B, L, N, d] for this rank's tokens, and owns
         the ring (`ring_k/v` are then this rank's shard of it).
+
+        `after_cross(layer, x) -> x` (None: nothing) runs inside every block between the
+        cross-attention and the FFN on the block's tokens [B, L, D] (Matrix-Game's action modules);
+        `after_self(layer, x) -> x` between the self-attention residual and the cross-attention
+        (LingBot's camera scale/shift).
         """
+        if (after_cross is not None or after_self is not None) and shard is not None:
+            raise InvalidArgumentError("forward_step: block hooks need every token of a frame (no context parallel)")
         tokens, grid = self.embed_tokens(x)
         f, h, w = grid
         fs = h * w
@@ -418,7 +436,9 @@ class WanDiT(nn.Module):
 
         layer_attend = cached_attend if attend is None else hooked_attend
         for i, blk in enumerate(self.blocks):
-            tokens = blk(tokens, e0, partial(layer_attend, layer=i), cross_k[i], cross_v[i], impl)
+            hook = partial(after_cross, i) if after_cross is not None else None
+            hook_self = partial(after_self, i) if after_self is not None else None
+            tokens = blk(tokens, e0, partial(layer_attend, layer=i), cross_k[i], cross_v[i], impl, hook, hook_self)
         y = self.head(tokens, e)
         if shard is not None:
             y = shard.gather(y, fs)

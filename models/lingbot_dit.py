@@ -1,0 +1,193 @@
+"""LingBot-World's DiT: a Wan2.2-I2V-style Wan DiT with camera control in every block.
+
+The network is the Wan DiT of wan_dit.py (same keys, same forward) with 36 input channels
+([noise 16, mask 4, image latent 16]; no CLIP branch: Wan2.2 I2V conditions on the image only
+through y) plus the camera layers of the released checkpoints:
+  * model level: `patch_embedding_wancamctrl` (1536 -> dim) and `c2ws_hidden_states_layer1/2`
+    make the conditioning tokens `c = E + L2(SiLU(L1(E)))`, E the projected camera tokens;
+  * per block i: `blocks.i.cam_injector_layer1/2`, `blocks.i.cam_scale_layer`,
+    `blocks.i.cam_shift_layer`: hc = L2'(SiLU(L1'(c))) + c, then right after the self-attention
+    residual x <- (1 + scale(hc)) * x + shift(hc), ungated (wan_dit's `after_self` hook).
+The camera path depends on neither x nor t, so a streaming block computes every layer's scale
+and shift once (`camera_modulation`) and reuses them in its denoising and commit calls.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.camera_rays import FOLD, RAY_CHANNELS
+from flashdreams.models.checkpoint import validate_and_load
+from flashdreams.models.wan_config import I2V_COND_CHANNELS, WanConfig
+from flashdreams.models.wan_dit import WanDiT
+from flashdreams.models.wan_loader import wan_state_dict
+
+# Wan2.2-I2V-A14B's expert (and LingBot-World-Fast's network): dim 5120, 40 layers, 40 heads, 36 input channels.
+LINGBOT_14B = WanConfig(in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
+# The fixtures' toy size: the real structure at dim 64, 2 heads, 2 layers.
+LINGBOT_TINY = WanConfig(in_dim=36, dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=16)
+
+
+def lingbot_config(cfg: WanConfig | Mapping) -> WanConfig:
+    """A reference `WanModel` config (model_type 'i2v', in_dim 36) as our WanConfig.
+
+    The image enters only through y, so the network is the t2v-shaped Wan DiT with 36 input
+    channels (no `img_emb`, no image rows in the cross-attention).
+    """
+    cfg = WanConfig.from_dict(dict(cfg)) if isinstance(cfg, Mapping) else cfg
+    if cfg.in_dim != cfg.out_dim + I2V_COND_CHANNELS:
+        raise InvalidArgumentError(
+            f"LingBot: in_dim must be out_dim + {I2V_COND_CHANNELS} (noise, mask, image latent); got {cfg.in_dim}"
+        )
+    return cfg.replace(model_type="t2v")
+
+
+class LingBotDiT(WanDiT):
+    """WanDiT plus the camera layers; forwards take the camera as tokens [B, L, 1536] or as precomputed
+    per-layer modulation (scale, shift) [layers, B, L, D]."""
+
+    def __init__(self, cfg: WanConfig) -> None:
+        cfg = lingbot_config(cfg)
+        super().__init__(cfg)
+        d = cfg.dim
+        feats = RAY_CHANNELS * FOLD * FOLD * cfg.patch_size[0] * cfg.patch_size[1] * cfg.patch_size[2]
+        self.patch_embedding_wancamctrl = nn.Linear(feats, d)
+        self.c2ws_hidden_states_layer1 = nn.Linear(d, d)
+        self.c2ws_hidden_states_layer2 = nn.Linear(d, d)
+        for blk in self.blocks:
+            blk.cam_injector_layer1 = nn.Linear(d, d)
+            blk.cam_injector_layer2 = nn.Linear(d, d)
+            blk.cam_scale_layer = nn.Linear(d, d)
+            blk.cam_shift_layer = nn.Linear(d, d)
+
+    # -- the camera path ---------------------------------------------------------------
+    def camera_cond(self, cam_tokens: torch.Tensor) -> torch.Tensor:
+        """Folded camera tokens [B, L, 1536] -> the conditioning c [B, L, D] every block receives."""
+        e = self.patch_embedding_wancamctrl(cam_tokens.to(self.dtype))
+        return e + self.c2ws_hidden_states_layer2(F.silu(self.c2ws_hidden_states_layer1(e)))
+
+    def layer_modulation(self, layer: int, cond: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Block `layer`'s camera (scale, shift) [B, L, D] from the conditioning c."""
+        blk = self.blocks[layer]
+        hc = blk.cam_injector_layer2(F.silu(blk.cam_injector_layer1(cond))) + cond
+        return blk.cam_scale_layer(hc), blk.cam_shift_layer(hc)
+
+    def camera_modulation(self, cam_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every layer's (scale, shift), stacked [layers, B, L, D]: computed once per streaming block."""
+        c = self.camera_cond(cam_tokens)
+        mods = [self.layer_modulation(i, c) for i in range(len(self.blocks))]
+        return torch.stack([s for s, _ in mods]), torch.stack([b for _, b in mods])
+
+    @staticmethod
+    def apply_camera(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
+        """x <- (1 + scale) * x + shift, float32 arithmetic (like the other modulations), x's dtype out."""
+        return ((1 + scale.float()) * x.float() + shift.float()).to(x.dtype)
+
+    def _hook(self, cam_tokens=None, cam_scale=None, cam_shift=None, debug: dict | None = None):
+        if cam_tokens is None and cam_scale is None:
+            return None
+        if cam_tokens is not None:
+            cond = self.camera_cond(cam_tokens)
+            if debug is not None:
+                debug["cam_cond"] = cond
+
+        def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
+            if cam_tokens is not None:
+                scale, shift = self.layer_modulation(layer, cond)
+            else:
+                scale, shift = cam_scale[layer], cam_shift[layer]
+            if debug is not None:
+                debug[f"block{layer}.cam_scale"], debug[f"block{layer}.cam_shift"] = scale, shift
+            return self.apply_camera(x, scale, shift)
+
+        return hook
+
+    # -- forwards ------------------------------------------------------------------------
+    def forward_camera(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+        y: torch.Tensor,
+        cam_tokens: torch.Tensor | None = None,
+        debug: dict | None = None,
+    ) -> torch.Tensor:
+        """The bidirectional I2V forward with the camera (None: the camera branch is skipped).
+
+        x [B, 16, F, H, W]; t [B] (one per sample), [B, F] or [B, L] (per token); y [B, 20, F, H, W];
+        cam_tokens [B, L, 1536]. `debug` (a dict) receives cam_cond, per block the camera scale/shift
+        and `block{i}.out`.
+        """
+        if y.shape[0] != x.shape[0] or tuple(y.shape[2:]) != tuple(x.shape[2:]) or y.shape[1] != I2V_COND_CHANNELS:
+            raise InvalidArgumentError(f"LingBot: y {tuple(y.shape)} must be [B, 20, F, H, W] like x {tuple(x.shape)}")
+        hook = self._hook(cam_tokens, debug=debug)
+        handles = []
+        if debug is not None:
+            for i, blk in enumerate(self.blocks):
+                record = lambda _m, _a, out, i=i: debug.__setitem__(f"block{i}.out", out)  # noqa: E731
+                handles.append(blk.register_forward_hook(record))
+        try:
+            return self.forward_cached(torch.cat([x, y.to(x.dtype)], dim=1), t, cross_k, cross_v, after_self=hook)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def forward_step_camera(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        y: torch.Tensor,
+        cam_scale: torch.Tensor,
+        cam_shift: torch.Tensor,
+        cross_k: torch.Tensor,
+        cross_v: torch.Tensor,
+        ring_k: torch.Tensor,
+        ring_v: torch.Tensor,
+        frame_positions: torch.Tensor,
+        slots: torch.Tensor,
+        valid_len: torch.Tensor,
+        valid_len_host: int | None = None,
+    ) -> torch.Tensor:
+        """The causal forward of one block against the KV ring (wan_dit.forward_step) with y and the
+        block's precomputed camera modulation [layers, B, L, D]."""
+        hook = self._hook(cam_scale=cam_scale, cam_shift=cam_shift)
+        return self.forward_step(
+            torch.cat([x, y.to(x.dtype)], dim=1),
+            t,
+            cross_k,
+            cross_v,
+            ring_k,
+            ring_v,
+            frame_positions,
+            slots,
+            valid_len,
+            valid_len_host,
+            after_self=hook,
+        )
+
+
+def load_lingbot_dit(
+    source: str | os.PathLike | Mapping[str, torch.Tensor],
+    config: WanConfig,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    prefix: str = "",
+) -> LingBotDiT:
+    """A LingBotDiT from the released layout (`diffusion_pytorch_model*.safetensors`, a sharded index, a
+    folder, or a state dict); refuses any missing, unexpected or mis-shaped key whole."""
+    name = str(source) if not isinstance(source, Mapping) else "<state dict>"
+    sd = wan_state_dict(source, prefix)
+    with torch.device("meta"):
+        model = LingBotDiT(config)
+    model = model.to_empty(device=device).to(dtype)
+    validate_and_load(
+        model, sd, name, hint="is this a LingBot-World DiT (Wan keys plus the camera layers) of the preset's size?"
+    )
+    return model.eval().requires_grad_(False)
