@@ -22,6 +22,7 @@ from flashdreams import registry
 from flashdreams.backend import EagerBackend
 from flashdreams.errors import InvalidArgumentError, NotFoundError
 from flashdreams.models.family import BlockPlan, LoadOptions
+from flashdreams.models.input_rules import stand_in
 from flashdreams.session import Session
 
 log = logging.getLogger(__name__)
@@ -124,7 +125,10 @@ class Engine:
             # the inputs are listed in (a manifest may store them in another order).
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(n.encode()))
             shape = (batch or s.shape[0], *s.shape[1:])
-            if s.low is not None and s.high is not None:
+            valid = stand_in(s.rules, shape)
+            if valid is not None:
+                out[n] = valid
+            elif s.low is not None and s.high is not None:
                 out[n] = s.low + (s.high - s.low) * torch.rand(shape, generator=gen)
             else:
                 out[n] = torch.randn(shape, generator=gen)

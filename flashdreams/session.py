@@ -22,6 +22,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError, OutOfMemoryError, SessionFailedError
 from flashdreams.models.family import BlockPlan, InputSpec, op_writes, run_ops
+from flashdreams.models.input_rules import check_rules
 
 if TYPE_CHECKING:
     from flashdreams.engine import Engine
@@ -248,6 +249,8 @@ class Session:
             raise InvalidArgumentError(
                 f"input '{name}' has values outside [{spec.low}, {spec.high}] ({spec.units or 'no units'})"
             )
+        if spec.rules:
+            check_rules(spec.rules, x, f"input '{name}'")
         x = x.to(self.device, spec.torch_dtype())
         if spec.pad_dim is not None and x.shape[spec.pad_dim] < spec.shape[spec.pad_dim]:
             pad = list(x.shape)

@@ -122,6 +122,7 @@ class InputSpec:
     required: bool = False
     program: tuple[dict, ...] = ()
     labels: tuple[str, ...] = ()  # names of the last dim's columns (keys, mouse axes), if they have names
+    rules: tuple[str, ...] = ()  # named value checks (models/input_rules.py), e.g. "rigid_transform"
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)
@@ -148,6 +149,7 @@ class InputSpec:
                 "shape": tuple(d["shape"]),
                 "program": tuple(d.get("program", ())),
                 "labels": tuple(d.get("labels", ())),
+                "rules": tuple(d.get("rules", ())),
             }
         )
 
@@ -255,6 +257,12 @@ class BlockPlan:
         for kind in {*self.sequence, self.steady}:
             if kind not in self.programs:
                 raise InvalidArgumentError(f"plan: block kind '{kind}' has no program")
+        from flashdreams.models.input_rules import RULES
+
+        for spec in self.inputs.values():
+            unknown = [r for r in spec.rules if r not in RULES]
+            if unknown:
+                raise InvalidArgumentError(f"plan input '{spec.name}': unknown rules {unknown}; known: {sorted(RULES)}")
 
     @property
     def row_independent(self) -> bool:

@@ -320,3 +320,20 @@ def test_camera_inputs_for_a_session(tmp_path):
     base = flashdreams.load(preset="lingbot-world-base-tiny", decoder=None)
     clip = camera_inputs(base.plan, cam, 0)
     assert clip["poses"].shape == (1, 9, 4, 4) and "world_scale" not in clip
+
+
+def test_session_refuses_a_pose_that_is_not_rigid_and_a_zero_focal_length():
+    engine = flashdreams.load(preset="lingbot-world-fast-tiny")
+    session = engine.session(seed=0)
+    spec = {s.name: s for s in engine.input_specs()}
+    poses = torch.eye(4).expand(*spec["poses"].shape).clone()
+    session.set_input("poses", poses)  # identity poses are rigid
+    before = session.buffers["poses"].clone()
+    sheared = poses.clone()
+    sheared[0, 1, 0, 1] = 0.3
+    with pytest.raises(InvalidArgumentError, match="not a rigid transform"):
+        session.set_input("poses", sheared)
+    assert torch.equal(session.buffers["poses"], before)  # nothing was written
+    k = torch.tensor([[0.0, 100.0, 32.0, 32.0]])
+    with pytest.raises(InvalidArgumentError, match="focal lengths"):
+        session.set_input("intrinsics", k)

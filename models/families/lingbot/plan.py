@@ -115,8 +115,7 @@ def _intrinsics_input(b: int, height: int, width: int) -> InputSpec:
         "(rescale from the capture size first: fx, cx by width ratio, fy, cy by height ratio); fx, fy > 0",
         units="camera",
         labels=("fx", "fy", "cx", "cy"),
-        # The runtime's range check refuses negative values; zero and the rotation checks of the poses are
-        # camera_rays.check_intrinsics / check_poses (not run by the session yet).
+        rules=("positive_focal",),  # fx, fy > 0 (models/input_rules.py); the range bounds the rest
         low=0.0,
         high=1e6,
         required=True,
@@ -170,6 +169,7 @@ def build_fast_plan(
             "frame j is video frame 4j). Only the motion matters: poses are made relative frame to frame, the first "
             "anchored on the previous block's last used pose. Set them before every block",
             units="camera",
+            rules=("rigid_transform",),
             required=True,
         ),
         "intrinsics": _intrinsics_input(b, height, width),
@@ -325,6 +325,7 @@ def build_base_plan(
         meaning=f"camera-to-world poses (OpenCV axes) of the clip's {frames} video frames; latent frame j uses "
         "pose 4j, made relative frame to frame with translations divided by the clip's largest one",
         units="camera",
+        rules=("rigid_transform",),
         required=True,
     )
     inputs["intrinsics"] = _intrinsics_input(b, height, width)

@@ -1,0 +1,36 @@
+"""Named value checks an input spec can ask for (`InputSpec.rules`), beyond shape, dtype and range.
+
+The session runs them on the host-side value before anything is written, so a refused value
+changes nothing. A rule is data in the plan (a name), so a built engine's manifest and a C++ host
+see the same checks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.camera_rays import check_intrinsics, check_poses
+
+# name -> check(value, what) raising InvalidArgumentError
+RULES: dict[str, Callable[[torch.Tensor, str], None]] = {
+    "rigid_transform": check_poses,  # [..., 4, 4] camera-to-world: R a proper rotation, bottom row 0 0 0 1
+    "positive_focal": check_intrinsics,  # [..., 4] = (fx, fy, cx, cy) with fx, fy > 0
+}
+
+
+def check_rules(rules: tuple[str, ...], value: torch.Tensor, what: str) -> None:
+    for rule in rules:
+        check = RULES.get(rule)
+        if check is None:
+            raise InvalidArgumentError(f"{what}: unknown input rule '{rule}'; known: {sorted(RULES)}")
+        check(value, what)
+
+
+def stand_in(rules: tuple[str, ...], shape: tuple[int, ...]) -> torch.Tensor | None:
+    """A value that passes the rules, for inputs a built-in model fills itself; None: no constraint."""
+    if "rigid_transform" in rules:
+        return torch.eye(4).expand(*shape).clone()
+    return None
