@@ -19,8 +19,9 @@ from flashdreams.numerics import rel_l2
 
 
 def rollout(engine, draws, cuda_graphs):
+    """Blocks with the given draws ({name: CPU tensor} per block), so every device and dtype sees the same noise."""
     s = engine.session(engine.default_prompt(seed=0), seed=0, cuda_graphs=cuda_graphs)
-    return [s.step(n.to(engine.device), r.to(engine.device)).latents.float().cpu() for n, r in draws]
+    return [s.step({k: v.to(engine.device) for k, v in d.items()}).latents.float().cpu() for d in draws]
 
 
 def main() -> None:
@@ -34,12 +35,11 @@ def main() -> None:
     e16 = flashdreams.load(device="cuda", dtype="bfloat16", decoder=None)
     e16t = flashdreams.load(device="cuda", dtype="bfloat16", decoder=None, attention="triton")
     e32t = flashdreams.load(device="cuda", dtype="float32", decoder=None, attention="triton")
-    spec = e32.spec
     gen = torch.Generator().manual_seed(1)
-    shape = (1, spec.latent_channels, spec.num_frame_per_block, spec.latent_h, spec.latent_w)
-    steps = spec.schedule.num_steps
+    decls = e32.plan.draws  # the plan's random draws: name -> TensorDecl (shape, dtype)
     draws = [
-        (torch.randn(shape, generator=gen), torch.randn((steps - 1, *shape), generator=gen)) for _ in range(args.blocks)
+        {n: torch.randn(d.shape, generator=gen, dtype=d.torch_dtype()) for n, d in decls.items()}
+        for _ in range(args.blocks)
     ]
     ref32 = rollout(e32, draws, cuda_graphs=False)
     bf16_eager = rollout(e16, draws, cuda_graphs=False)
@@ -51,7 +51,7 @@ def main() -> None:
     ref_cpu = rollout(cpu, draws, cuda_graphs=False)
     res = {
         "environment": environment(dev),
-        "workload": f"built-in tiny model ({spec.preset.name}), {args.blocks} blocks, same draws everywhere",
+        "workload": f"built-in tiny model ({e32.preset_name}), {args.blocks} blocks, same draws everywhere",
         "bf16_vs_fp32_rel_l2_per_block": [rel_l2(a, b) for a, b in zip(bf16_eager, ref32)],
         "bf16_graphs_vs_bf16_eager_rel_l2": [rel_l2(a, b) for a, b in zip(bf16_graph, bf16_eager)],
         "fp32_graphs_vs_fp32_eager_rel_l2": [rel_l2(a, b) for a, b in zip(f32_graph, ref32)],

@@ -177,7 +177,7 @@ def build_engine(
     tmp.mkdir()
     phases: dict[str, float] = {}
     step = [0]
-    total = [4]
+    total = [5]  # load, hash, save, manifest, install; plus one per graph once they are known
 
     def phase(name: str) -> float:
         if progress is not None:
@@ -207,7 +207,7 @@ def build_engine(
             )
             model = registry.family(preset_obj.family).load(preset_obj, opts)
             progs = step_programs(model, gb.functional)
-            total[0] = 4 + len(progs)
+            total[0] = 5 + len(progs)
             phases["load model"] = time.perf_counter() - t
 
             t = phase("hash weights")

@@ -37,8 +37,11 @@ wgmma time is about what 8 warps need to issue its softmax alone). The pre-pass
 (`quantize_kv_fp8`) reads the valid rows of the bf16 ring once and writes transient fp8 copies
 in the layout fp8 wgmma wants (both operands K-major: K as `[B, N, S, D]`, V transposed as
 `[B, N, D, S]`); the ring itself stays bf16 and unchanged. It moves ~2.5 bytes per K/V element
-(~0.1 ms per layer at kv 28080, against ~1 ms of attention). Tiles are aligned to absolute ring
-rows, so a future fp8 shadow of the ring needs only the tiles a block writes requantized.
+(~0.1 ms per layer at kv 28080, against ~1 ms of attention; 0.05 ms at kv 4680, where the
+kernel itself takes only ~0.3 ms). Tiles are aligned to absolute ring rows, so an fp8 shadow of
+the ring (`empty_fp8_kv`) needs only the tiles a block writes re-quantized (`update_fp8_kv`, one
+pass over the block's own rows) and `ring_attention_fp8_prequantized` then attends with no pass
+per call: 5 forwards x 30 layers of a Self-Forcing block read the ring's history once, not 150 times.
 
 Accumulation: Hopper's fp8 wgmma adds into its accumulator with reduced precision (about 14
 fraction bits kept, DeepSeek-V3 sec. 3.3.2). Chaining all key tiles of P @ V through it
@@ -63,7 +66,19 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 
-from ._common import interpreted, launch, new_output, next_pow2, register_op, require_triton, tl, triton
+from ._common import (
+    FLOAT_DTYPES,
+    INDEX_DTYPES,
+    check_tensor,
+    interpreted,
+    launch,
+    new_output,
+    next_pow2,
+    register_op,
+    require_triton,
+    tl,
+    triton,
+)
 from .attention_merge import merge_into
 from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok
 from .ring_attention_configs import AttnConfig
@@ -87,14 +102,21 @@ class Fp8AttnConfig(AttnConfig):
     precise_pv: bool = True
 
 
-# By head dim padded to a power of two >= 32 (fp8 wgmma's K step is 32). Not yet timed: d 128 is
-# the bf16 kernel's swept winner's shape, to be replaced by the best of bench/fp8_bench.py's sweep;
-# the others are spill-free (cross-compiled for sm_90) guesses.
+# By head dim padded to a power of two >= 32 (fp8 wgmma's K step is 32): spill-free (cross-compiled for
+# sm_90) defaults for any CUDA device that runs fp8 dots; FP8_ARCH_CONFIGS overrides them per
+# compute capability where a config was measured.
 FP8_CUDA_CONFIGS: dict[int, Fp8AttnConfig] = {
     32: Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True),
     64: Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True),
     128: Fp8AttnConfig(128, 128, 8, 3, splits=1, use_tma=True),
     256: Fp8AttnConfig(64, 64, 8, 2, splits=1, use_tma=True),
+}
+FP8_ARCH_CONFIGS: dict[tuple[int, int], dict[int, Fp8AttnConfig]] = {
+    # H200 (issue 22, q 4680 / kv 28080, 12 heads, d 128, L2 flushed, medians of 3 rounds): 620 TFLOP/s
+    # with 64-row query tiles / 4 warps / 3 stages / TMA against 511 with the 128x128 / 8-warp default;
+    # two 4-warp CTAs share an SM, so one's softmax runs under the other's MMAs. Same key tile (128), so
+    # K/V quantized for either config serve both.
+    (9, 0): {128: Fp8AttnConfig(64, 128, 4, 3, splits=1, use_tma=True)},
 }
 FP8_CPU_CONFIG = Fp8AttnConfig(64, 64, 1, 1, splits=1)
 
@@ -125,9 +147,12 @@ def fp8_d_pad(d: int) -> int:
 
 
 def pick_fp8_config(q: torch.Tensor) -> Fp8AttnConfig:
+    """The config for q's device and head dim: the per-capability table first, then the generic one."""
     if q.device.type != "cuda":
         return FP8_CPU_CONFIG
-    return FP8_CUDA_CONFIGS[fp8_d_pad(q.shape[-1])]
+    d_pad = fp8_d_pad(q.shape[-1])
+    arch = FP8_ARCH_CONFIGS.get(torch.cuda.get_device_capability(q.device), {})
+    return arch.get(d_pad, FP8_CUDA_CONFIGS[d_pad])
 
 
 # ----------------------------------------------------------------------------- rounding helpers
@@ -199,15 +224,15 @@ def _quantize_tile(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _quantize_kv_kernel(
-    K, V, K8, KT, V8T, VT, VALID,
+    K, V, K8, KT, V8T, VT, VALID, ROWS,
     stride_kb, stride_kn, stride_kh,
     stride_vb, stride_vn, stride_vh,
     S, S_PAD, H, N_TILES,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, QUANT_V: tl.constexpr,
-    EMULATE: tl.constexpr,
+    ROW_RANGE: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """One key tile (BLOCK_R rows) of one (batch, head): K to k8 and its scale, V (transposed) to
-    v8t and its scale."""
+    v8t and its scale. With ROW_RANGE only tiles overlapping ring rows [ROWS[0], ROWS[1]) are done."""
     pid_r = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -215,32 +240,44 @@ def _quantize_kv_kernel(
     valid = tl.load(VALID).to(tl.int32)
     valid = tl.maximum(tl.minimum(valid, S), 0)
     r0 = pid_r * BLOCK_R
-    if r0 < valid:
+    todo = r0 < valid
+    if ROW_RANGE:
+        todo = todo & (r0 < tl.load(ROWS + 1).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS).to(tl.int32))
+    if todo:
         rows = r0 + tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, D_PAD)
         ok = rows < valid
         ld_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
+        # Both loads are issued before either reduction, so the two tiles' latencies overlap.
         k_ptrs = K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
-        k8, kt = _quantize_tile(tl.load(k_ptrs, mask=ld_mask, other=0.0).to(tl.float32), EMULATE)
+        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+        if QUANT_V:
+            v_ptrs = V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :]
+            v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+        k8, kt = _quantize_tile(k.to(tl.float32), EMULATE)
         tl.store(K8 + bh * S * D_PAD + rows[:, None] * D_PAD + offs_d[None, :], k8, mask=ok[:, None])
         tl.store(KT + bh * N_TILES + pid_r, kt)
         if QUANT_V:
-            v_ptrs = V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :]
-            v8, vt = _quantize_tile(tl.load(v_ptrs, mask=ld_mask, other=0.0).to(tl.float32), EMULATE)
+            v8, vt = _quantize_tile(v.to(tl.float32), EMULATE)
             v8t_ptrs = V8T + bh * D_PAD * S_PAD + offs_d[:, None] * S_PAD + rows[None, :]
             tl.store(v8t_ptrs, tl.trans(v8), mask=ok[None, :])
             tl.store(VT + bh * N_TILES + pid_r, vt)
 
 
-def quantize_kv_fp8(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid_len: torch.Tensor,
-    block_n: int,
-    quant_v: bool = True,
-) -> Fp8KV:
-    """fp8 copies of ring rows [0, valid_len) of `[B, S, N, d]` K/V caches (rows past it untouched),
-    in key tiles of `block_n` rows: the key tile of the attention kernel that will read them."""
+# Warps of the pre-pass per (BLOCK_R x D_PAD) tile; None: 4 up to 8192 elements, else 8. The GPU
+# suite's attention part times 4 against 8 at 128 x 128 (bench/attention_bench.py).
+PREPASS_WARPS: int | None = None
+
+
+def _prepass_warps(block_n: int, d_pad: int) -> int:
+    if PREPASS_WARPS is not None:
+        return PREPASS_WARPS
+    return 4 if block_n * d_pad <= 8192 else 8
+
+
+def empty_fp8_kv(k_cache: torch.Tensor, block_n: int, quant_v: bool = True) -> Fp8KV:
+    """Uninitialised fp8 operands for `[B, S, N, d]` caches in key tiles of `block_n` rows: an fp8
+    shadow of a ring that `quantize_kv_fp8_into` keeps up to date as rows are written."""
     B, S, H, d = k_cache.shape
     d_pad = fp8_d_pad(d)
     s_pad = -(-S // 16) * 16
@@ -254,18 +291,53 @@ def quantize_kv_fp8(
     else:  # never read
         v8t = torch.zeros((16,), dtype=torch.float8_e4m3fn, device=dev)
         vt = torch.zeros((4,), dtype=torch.float32, device=dev)
+    return Fp8KV(k8, kt, v8t, vt, block_n)  # the pre-pass writes a tile's padding columns too
+
+
+def _launch_quantize(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, kv: Fp8KV, rows: torch.Tensor | None
+) -> None:
+    B, S, H, d = k_cache.shape
+    d_pad = kv.k8.shape[3]
+    quant_v = kv.v8t.dim() == 4
+    s_pad = kv.v8t.shape[3] if quant_v else -(-S // 16) * 16
+    n_tiles = kv.kt.shape[2]
     # fmt: off
     launch(
         _quantize_kv_kernel, (n_tiles, B * H),
-        k_cache, v_cache, k8, kt, v8t, vt, valid_len,
+        k_cache, v_cache, kv.k8, kv.kt, kv.v8t, kv.vt, valid_len, rows if rows is not None else valid_len,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         S, s_pad, H, n_tiles,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=block_n, QUANT_V=quant_v, EMULATE=interpreted(),
-        num_warps=4 if block_n * d_pad <= 8192 else 8,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=kv.block_n, QUANT_V=quant_v, ROW_RANGE=rows is not None,
+        EMULATE=interpreted(), num_warps=_prepass_warps(kv.block_n, d_pad),
     )
     # fmt: on
-    return Fp8KV(k8, kt, v8t, vt, block_n)
+
+
+def quantize_kv_fp8(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    block_n: int,
+    quant_v: bool = True,
+) -> Fp8KV:
+    """fp8 copies of ring rows [0, valid_len) of `[B, S, N, d]` K/V caches (rows past it untouched),
+    in key tiles of `block_n` rows: the key tile of the attention kernel that will read them."""
+    kv = empty_fp8_kv(k_cache, block_n, quant_v)
+    _launch_quantize(k_cache, v_cache, valid_len, kv, None)
+    return kv
+
+
+def quantize_kv_fp8_into(
+    kv: Fp8KV, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """Re-quantize, in place, the key tiles of `kv` that overlap ring rows [rows[0], rows[1]) (a
+    2-element int device tensor; tiles past valid_len are left alone): after a block writes its
+    rows into the bf16 ring, only the tiles holding them change, so an fp8 shadow of the ring costs
+    one pass over the block's rows (plus the two tiles it shares with its neighbours) per write,
+    not one over the whole ring per attention call. Tiles are aligned to absolute ring rows."""
+    _launch_quantize(k_cache, v_cache, valid_len, kv, rows)
 
 
 # ----------------------------------------------------------------------------- attention kernel
@@ -533,6 +605,90 @@ def ring_attention_fp8(
         raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
     require_triton(q.device)
     out, lse = torch.ops.flashdreams.ring_attention_fp8(q, k_cache, v_cache, valid_len.reshape(1), scale, bool(pv_fp8))
+    return (out, lse) if return_lse else out
+
+
+def _quantize_kv_fp8_into_op(
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    rows: torch.Tensor,
+    k8: torch.Tensor,
+    kt: torch.Tensor,
+    v8t: torch.Tensor,
+    vt: torch.Tensor,
+    block_n: int,
+) -> None:
+    quantize_kv_fp8_into(Fp8KV(k8, kt, v8t, vt, block_n), k_cache, v_cache, valid_len, rows)
+
+
+register_op("quantize_kv_fp8_into", _quantize_kv_fp8_into_op, mutates_args=("k8", "kt", "v8t", "vt"))
+
+
+def _ring_attention_fp8_prequantized_op(
+    q: torch.Tensor,
+    k8: torch.Tensor,
+    kt: torch.Tensor,
+    v8t: torch.Tensor,
+    vt: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = Fp8KV(k8, kt, v8t, vt, block_n)
+    return launch_ring_attention_fp8_quantized(q, kv, v8t, valid_len, scale, None, True)
+
+
+register_op("ring_attention_fp8_prequantized", _ring_attention_fp8_prequantized_op)
+
+
+def fp8_kv_block_n(q_or_cache: torch.Tensor) -> int:
+    """The key tile an fp8 shadow of a ring on this device must be quantized in (the attention
+    config's block_n there), for `empty_fp8_kv`."""
+    return pick_fp8_config(q_or_cache).block_n
+
+
+def update_fp8_kv(
+    kv: Fp8KV, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, rows: torch.Tensor
+) -> None:
+    """`quantize_kv_fp8_into` as a registered op (traceable by torch.export / capturable in a CUDA graph)."""
+    if kv.v8t.dim() != 4:
+        raise InvalidArgumentError("kv: an fp8 shadow of a ring holds V too (empty_fp8_kv(..., quant_v=True))")
+    check_tensor("rows", rows, dtypes=INDEX_DTYPES, device=k_cache.device)
+    if rows.numel() != 2:
+        raise InvalidArgumentError(f"rows: expected 2 elements [first, end), found shape {list(rows.shape)}")
+    torch.ops.flashdreams.quantize_kv_fp8_into(
+        k_cache, v_cache, valid_len.reshape(1), rows.reshape(2), kv.k8, kv.kt, kv.v8t, kv.vt, kv.block_n
+    )
+
+
+def ring_attention_fp8_prequantized(
+    q: torch.Tensor,
+    kv: Fp8KV,
+    valid_len: torch.Tensor,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`ring_attention_fp8` (fp8 QK^T and P @ V) on an fp8 shadow of the ring kept by `update_fp8_kv`:
+    no K/V pass per call. The result equals `ring_attention_fp8` on the bf16 ring the shadow mirrors."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, last_contiguous=True)
+    B, _, H, d = q.shape
+    if kv.v8t.dim() != 4 or kv.k8.shape[:2] != (B, H) or kv.k8.shape[3] != fp8_d_pad(d):
+        raise InvalidArgumentError(
+            f"kv: expected an fp8 shadow [B {B}, N {H}, S, {fp8_d_pad(d)}] with V, found k8 {list(kv.k8.shape)}"
+        )
+    if kv.block_n != fp8_kv_block_n(q):
+        raise InvalidArgumentError(
+            f"kv: quantized in key tiles of {kv.block_n}, the kernel here reads tiles of {fp8_kv_block_n(q)}"
+        )
+    check_tensor("valid_len", valid_len, dtypes=INDEX_DTYPES, device=q.device)
+    scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
+    require_triton(q.device)
+    out, lse = torch.ops.flashdreams.ring_attention_fp8_prequantized(
+        q, kv.k8, kv.kt, kv.v8t, kv.vt, valid_len.reshape(1), scale, kv.block_n
+    )
     return (out, lse) if return_lse else out
 
 

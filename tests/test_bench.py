@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -81,6 +86,20 @@ def test_fd_bench_cpu_smoke(tmp_path, capsys):
     assert prof["top_kernels"][0]["ms"] >= prof["top_kernels"][-1]["ms"]
     printed = capsys.readouterr().out
     assert "profile of block 2" in printed and "eager" in printed
+    # The table: every column named in its header, one meaning each. On the CPU the first run of
+    # the process has a process-start figure and its load-to-first-frame figure.
+    from flashdreams.benchmark.report import COLUMNS
+
+    header = next(line for line in printed.splitlines() if line.startswith("backend"))
+    for name, _ in COLUMNS:
+        assert name in header, name
+    assert "cold s" not in header and "peak GB" not in header
+    row = printed.splitlines()[printed.splitlines().index(header) + 1].split()
+    med, best = run["dit_tflops_median"], run["dit_tflops_best"]
+    assert 0 < med <= best and best == max(b["dit_tflops"] for b in run["blocks"])
+    assert row[-5:-3] == [f"{med:.1f}", f"{best:.1f}"]
+    assert row[-2] == f"{run['cold_start']['process_start_to_first_frame_s']:.1f}"
+    assert row[-1] == f"{run['cold_start']['load_to_first_frame_s']:.1f}"
     # --compare against itself gives ratios of 1.00x.
     assert (
         bench_main(
@@ -101,6 +120,8 @@ def test_fd_bench_cpu_smoke(tmp_path, capsys):
         == 0
     )
     assert "ratios against" in capsys.readouterr().out
+    second = json.loads((tmp_path / "b2" / "results.json").read_text())["runs"][0]
+    assert second["cold_start"]["process_start_to_first_frame_s"] is not None  # a new invocation: first again
 
 
 def test_kernel_categories():
@@ -139,7 +160,7 @@ def _bench_run(backend: str, attention: str, p50_ms: float, precision: str = "bf
         "attention": attention,
         "precision": precision,
         "latency": {s: {"p50": p50_ms} for s in stages},
-        "peak_memory_gb": 2.0,
+        "peak_memory_gib": 2.0,
     }
 
 
@@ -174,3 +195,153 @@ def test_the_plan_carries_the_block_flops_fd_bench_reports():
     flops = build_plan(p, p.model, 1, 480, 832, "bfloat16", None).meta["block_flops"]
     assert len(flops) == 7  # the full 21-frame cache is full after block 6; later blocks repeat it
     assert [round(flops[i] / 1e12) for i in (0, 5, 6)] == [81, 182, 202]
+
+
+def test_table_names_the_load_column_apart_from_process_start():
+    """A run that is not the first in its process shows '-' under proc->frame s, its load time apart."""
+    from flashdreams.benchmark.report import COLUMNS, table
+
+    def run(backend: str, proc: float | None, load: float) -> dict:
+        r = _bench_run(backend, "triton", 100.0)
+        r["latency"] = {s: {"p50": 100.0, "p90": 110.0, "p99": 120.0} for s in r["latency"]}
+        r["cold_start"] = {"process_start_to_first_frame_s": proc, "load_to_first_frame_s": load}
+        r["blocks"] = [{"dit_tflops": t} for t in (300.0, 500.0, 400.0)]
+        r["per_block_index"] = []
+        return r
+
+    results = {
+        "environment": {"device_name": "x"},
+        "config": {"preset": "p", "height": 1, "width": 2, "blocks": 3, "decoder": "none"},
+        "runs": [run("eager", 18.4, 12.0), run("engine", None, 5.6)],
+    }
+    lines = table(results).splitlines()
+    header = lines[2]
+    assert [h for h, _ in COLUMNS][-5:] == ["TFLOP/s med", "TFLOP/s best", "peak GiB", "proc->frame s", "load->frame s"]
+    assert header.rstrip().endswith("load->frame s") and "peak GiB" in header
+    first, second = lines[3].split(), lines[4].split()
+    assert first[-5:] == ["400.0", "500.0", "2.00", "18.4", "12.0"]  # median 400 of 300/400/500, best 500
+    assert second[-5:] == ["400.0", "500.0", "2.00", "-", "5.6"]
+    legend = " ".join(line.strip() for line in lines[5:])
+    assert "proc->frame s = process start to first frame" in legend and "peak GiB = peak allocated" in legend
+
+
+# ----------------------------------------------------------------------------- the GPU suite (bench/gpu_suite.sh)
+
+REPO = Path(__file__).resolve().parents[1]
+SUITE = REPO / "bench" / "gpu_suite.sh"
+
+
+def _suite(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        ["bash", str(SUITE), *args], capture_output=True, text=True, timeout=60, env={**os.environ, **(env or {})}
+    )
+
+
+def test_gpu_suite_help_lists_every_part_it_defines():
+    """Each `part_<name>` function is listed by --help and each listed part has its function."""
+    out = _suite("--help")
+    assert out.returncode == 0
+    defined = set(re.findall(r"^part_([\w-]+)\(\) \{$", SUITE.read_text(), re.M))
+    listed = set(re.findall(r"^  ([a-z0-9-]+)\s+\d+ s  ", out.stdout, re.M))
+    assert defined == listed and {"env", "attention", "sf-fp8", "engine", "cold", "rolling"} <= defined
+    assert "issue22          attention sf-fp8" in out.stdout
+
+
+def test_gpu_suite_dry_run_prints_the_issue22_commands_and_writes_nothing(tmp_path):
+    out = _suite("--dry-run", "--name", "x", "issue22", env={"FD_SUITE_OUT": str(tmp_path / "o")})
+    assert out.returncode == 0, out.stderr
+    lines = [ln for ln in out.stdout.splitlines() if "[dry-run]" in ln]
+    assert any(
+        "bench/attention_bench.py" in ln and "--out " + str(tmp_path / "o" / "x" / "attention.json") in ln
+        for ln in lines
+    )
+    assert any(
+        "flashdreams.cli.bench" in ln and "--precision bf16,fp8" in ln and "--profile-block 5" in ln for ln in lines
+    )
+    assert any("bench/fp8_quality.py" in ln and "--blocks 7" in ln for ln in lines)
+    # each command's limit stays inside the part's cap and the whole budget
+    limits = [int(m) for m in re.findall(r"\(limit (\d+) s\)", out.stdout)]
+    assert limits and max(limits) <= 330
+    assert not (tmp_path / "o").exists()
+
+
+def test_gpu_suite_refuses_unknown_parts_and_odd_names(tmp_path):
+    assert _suite("nope").returncode == 2
+    assert _suite("--name", "a/b", "attention").returncode == 2
+    assert _suite().returncode == 2
+
+
+def test_attention_bench_smoke(tmp_path):
+    """The suite's attention part on the CPU (Triton interpreter, tiny shapes): every variant runs and
+    is checked against exact attention; the ring's fp8 shadow gives the per-call fp8 result bit for bit."""
+    out = tmp_path / "attention.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "attention_bench.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["env"]["torch"] and r["check_failures"] == []
+    q = r["quality"]
+    assert q["fp8_shadow_equals_fp8"] is True
+    for name in ("cudnn", "bf16", "bf16_split2", "fp8", "fp8_shadow", "fp8_kernel"):
+        assert q[name]["ok"] and q[name]["rel_l2_vs_exact"] > 0, name
+    assert q["bf16"]["rel_l2_vs_exact"] < 1e-2 < q["fp8"]["rel_l2_vs_exact"] < 0.08  # fp8 costs ~5%, bf16 ~0.3%
+    for name, rows in r["timings"].items():
+        assert [e["kv"] for e in rows] == r["shapes"]["kvs"] and all(e["ms"] > 0 for e in rows), name
+    assert r["summary"]["variants"]["fp8"]["tflops_at_block5_kv"] > 0
+    assert "attention TFLOP/s" in proc.stdout and "CHECKS: all passed" in proc.stdout
+
+
+def test_a_run_that_breaks_costs_only_itself(tmp_path, capsys, monkeypatch):
+    """One run raising (a kernel fault, a compiler error) is recorded under failed_runs and named in the
+    table; the other runs are still measured and written, and the exit code says something failed."""
+    from flashdreams.benchmark import runner
+
+    real = runner.run_config
+
+    def flaky(cfg, backend, attention, first):
+        if attention == "triton":
+            raise RuntimeError("CUDA error: an illegal memory access was encountered\nmore")
+        return real(cfg, backend, attention, first)
+
+    monkeypatch.setattr(runner, "run_config", flaky)
+    out = tmp_path / "b"
+    argv = ["--attention", "triton,sdpa", "--blocks", "2", "--rollouts", "1", "--quick-ceilings", "--decoder", "none"]
+    assert bench_main([*argv, "--out", str(out)]) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert [(r["backend"], r["attention"]) for r in res["runs"]] == [("eager", "sdpa")]
+    (f,) = res["failed_runs"]
+    assert (f["attention"], f["error"]) == (
+        "triton",
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    )
+    # the failed run came first in the process: the measured one is not credited with process start
+    assert res["runs"][0]["cold_start"]["process_start_to_first_frame_s"] is None
+    assert "eager/triton/fp32 FAILED: RuntimeError" in capsys.readouterr().out
+
+
+def test_results_json_is_written_after_each_run(tmp_path, monkeypatch):
+    """A fd-bench killed during its second run (a time limit) leaves the first run's results."""
+    from flashdreams.benchmark import runner
+
+    real = runner.run_config
+    seen = []
+
+    def second_is_killed(cfg, backend, attention, first):
+        if seen:
+            partial = json.loads((tmp_path / "b" / "results.json").read_text())
+            assert partial["complete"] is False and [r["attention"] for r in partial["runs"]] == ["sdpa"]
+            assert partial["environment"]["torch"] and partial["ceilings"] == {}
+            raise KeyboardInterrupt  # what a kill would leave: the file as it is now
+        seen.append(attention)
+        return real(cfg, backend, attention, first)
+
+    monkeypatch.setattr(runner, "run_config", second_is_killed)
+    argv = ["--attention", "sdpa,triton", "--blocks", "2", "--rollouts", "1", "--quick-ceilings", "--decoder", "none"]
+    with pytest.raises(KeyboardInterrupt):
+        bench_main([*argv, "--out", str(tmp_path / "b")])
+    assert json.loads((tmp_path / "b" / "results.json").read_text())["runs"][0]["latency"]["total_ms"]["p50"] > 0

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import re
 import subprocess
@@ -14,6 +16,7 @@ from flashdreams.cli.build import main as fd_build
 from flashdreams.export.manifest import listed_files, machine_fingerprint, manifest_digest, required_fields
 
 pytestmark = pytest.mark.slow  # one real build of the tiny model (about a minute on a CPU)
+BUILD_LOG: dict[str, str] = {}  # what the build printed on stderr
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +27,10 @@ def engine(tmp_path_factory) -> Path:
     stale = root / f".tiny.building-{proc.pid}-0123abcd"  # what a build killed with SIGKILL leaves
     (stale / "graphs").mkdir(parents=True)
     out = root / "tiny"
-    assert fd_build(["--out", str(out), "--device", "cpu", "--decoder", "none", "--no-progress"]) == 0
+    log = io.StringIO()  # stderr as in a CI log: not a terminal
+    with contextlib.redirect_stderr(log):
+        assert fd_build(["--out", str(out), "--device", "cpu", "--decoder", "none"]) == 0
+    BUILD_LOG["stderr"] = log.getvalue()
     assert not stale.exists()
     assert sorted(p.name for p in root.iterdir()) == ["tiny"]
     return out
@@ -63,3 +69,63 @@ def test_check_of_a_modified_file_fails_with_its_name(engine, tmp_path, capsys):
     assert fd_build(["--check", str(copy)]) == 1
     captured = capsys.readouterr()
     assert "FAILED" in captured.err and rec["file"] in captured.err and "engine OK" not in captured.out
+
+
+# fd-build's progress in a log: plain lines, no carriage-return bar (these run without a build).
+
+
+@pytest.mark.parametrize("ok", [True, False])
+def test_progress_in_a_log_is_plain_lines(ok):
+    import io
+
+    from flashdreams.export.progress import PhaseProgress
+
+    log = io.StringIO()  # not a terminal
+    bar = PhaseProgress(stream=log)
+    assert not bar.use_bar
+    for i, phase in enumerate(["load model", "compile dit", "check"]):
+        bar(phase, i, 3)
+    bar.close(ok=ok)
+    text = log.getvalue()
+    assert "\r" not in text and "\x1b" not in text
+    lines = text.splitlines()
+    assert [ln.split(" (")[0] for ln in lines[:3]] == [
+        "fd-build: [1/3] load model",
+        "fd-build: [2/3] compile dit",
+        "fd-build: [3/3] check",
+    ]
+    assert lines[3].startswith("fd-build: done in " if ok else "fd-build: stopped in ") and len(lines) == 4
+
+
+def test_progress_on_a_terminal_draws_a_bar_and_no_progress_prints_nothing():
+    import io
+
+    from flashdreams.export.progress import PhaseProgress
+
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    tty = Tty()
+    bar = PhaseProgress(stream=tty)
+    assert bar.use_bar
+    bar("load model", 0, 2)
+    bar.close()
+    assert "\r" in tty.getvalue() and "2/2" in tty.getvalue()
+    quiet = io.StringIO()
+    off = PhaseProgress(disable=True, stream=quiet)
+    off("load model", 0, 2)
+    off.close()
+    assert quiet.getvalue() == ""
+
+
+def test_a_real_build_logs_one_plain_line_per_phase(engine):
+    """The module's build ran with stderr to a file: every phase is one line, no carriage return."""
+    text = BUILD_LOG["stderr"]
+    assert "\r" not in text and "\x1b" not in text
+    lines = [ln for ln in text.splitlines() if ln.startswith("fd-build: ")]
+    steps = [re.match(r"fd-build: \[(\d+)/(\d+)\] (.+) \(\d+\.\d s\)$", ln) for ln in lines[:-1]]
+    assert len(steps) >= 3 and all(steps), lines
+    assert [int(m.group(1)) for m in steps] == list(range(1, len(steps) + 1))
+    assert steps[0].group(3) == "load model" and int(steps[-1].group(2)) == len(steps)
+    assert re.fullmatch(r"fd-build: done in \d+\.\d s", lines[-1])

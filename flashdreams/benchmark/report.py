@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import textwrap
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -25,8 +26,77 @@ def _fmt(v, unit: str = "", digits: int = 1) -> str:
     return "-" if v is None else f"{v:.{digits}f}{unit}"
 
 
+# The run table's columns: (header, width, value of a run). One meaning each; LEGEND says which.
+COLUMNS: list[tuple[str, int]] = [
+    ("backend", 10),
+    ("attn", 8),
+    ("prec", 6),
+    ("p50 ms", 9),
+    ("p90 ms", 9),
+    ("p99 ms", 9),
+    ("denoise", 9),
+    ("decode", 8),
+    ("commit", 8),
+    ("frames@ms", 10),
+    ("fps", 7),
+    ("TFLOP/s med", 12),
+    ("TFLOP/s best", 13),
+    ("peak GiB", 9),
+    ("proc->frame s", 14),
+    ("load->frame s", 14),
+]
+LEGEND = (
+    "columns: p50/p90/p99 ms = whole block (denoise + decode + commit) over every measured block; "
+    "denoise/decode/commit = p50 ms of that stage; frames@ms = p50 of denoise + decode (frames handed out); "
+    "fps = frames per block / p50; TFLOP/s med / best = the DiT's matmul FLOPs over its denoise + commit time, "
+    "median over measured blocks / best block; peak GiB = peak allocated GPU memory in GiB (2^30 bytes); "
+    "proc->frame s = process start to first frame (only for the first run of a process, else '-'); "
+    "load->frame s = this run's load (or build + load) to its first frame"
+)
+
+
+def peak_gib(run: dict) -> float | None:
+    """Peak allocated GPU memory in GiB (older results.json called the same number peak_memory_gb)."""
+    v = run.get("peak_memory_gib", run.get("peak_memory_gb"))
+    return None if v is None else float(v)
+
+
+def run_tflops(run: dict) -> tuple[float | None, float | None]:
+    """(median over measured blocks, best block) of the DiT's achieved TFLOP/s; None when not counted."""
+    tf = sorted(b["dit_tflops"] for b in run.get("blocks", []) if b.get("dit_tflops"))
+    if not tf:
+        tf = sorted(b["dit_tflops"] for b in run.get("per_block_index", []) if b.get("dit_tflops"))
+    if not tf:
+        return None, None
+    return tf[(len(tf) - 1) // 2], tf[-1]
+
+
+def _cells(r: dict) -> list[str]:
+    lat = r["latency"]
+    med, best = run_tflops(r)
+    cold = r.get("cold_start", {})
+    return [
+        r["backend"],
+        r["attention"],
+        r.get("precision", "bf16"),
+        _fmt(lat["total_ms"].get("p50")),
+        _fmt(lat["total_ms"].get("p90")),
+        _fmt(lat["total_ms"].get("p99")),
+        _fmt(lat["denoise_ms"].get("p50")),
+        _fmt(lat["decode_ms"].get("p50")),
+        _fmt(lat["commit_ms"].get("p50")),
+        _fmt(lat["to_frames_ms"].get("p50")),
+        _fmt(r.get("fps_steady")),
+        _fmt(med),
+        _fmt(best),
+        _fmt(peak_gib(r), digits=2),
+        _fmt(cold.get("process_start_to_first_frame_s")),
+        _fmt(cold.get("load_to_first_frame_s")),
+    ]
+
+
 def table(results: dict) -> str:
-    """A short human table, one row per run."""
+    """A short human table, one row per run, its columns named in the header and explained below it."""
     lines = []
     env = results["environment"]
     ceil = results.get("ceilings", {})
@@ -36,23 +106,16 @@ def table(results: dict) -> str:
     )
     c = results["config"]
     lines.append(f"model {c['preset']}  {c['height']}x{c['width']}  blocks {c['blocks']}  decoder {c['decoder']}")
-    head = (
-        f"{'backend':<10}{'attn':<8}{'prec':<6}{'p50 ms':>9}{'p90':>9}{'p99':>9}{'denoise':>9}{'decode':>8}"
-        f"{'commit':>8}{'frames@':>9}{'fps':>7}{'TFLOP/s':>9}{'peak GB':>9}{'cold s':>8}"
-    )
-    lines.append(head)
-    for r in results["runs"]:
-        lat = r["latency"]
-        tf = [b["dit_tflops"] for b in r["per_block_index"] if b.get("dit_tflops")]
-        cold = r["cold_start"].get("process_start_to_first_frame_s") or r["cold_start"].get("load_to_first_frame_s")
-        lines.append(
-            f"{r['backend']:<10}{r['attention']:<8}{r.get('precision', 'bf16'):<6}{_fmt(lat['total_ms'].get('p50')):>9}"
-            f"{_fmt(lat['total_ms'].get('p90')):>9}{_fmt(lat['total_ms'].get('p99')):>9}"
-            f"{_fmt(lat['denoise_ms'].get('p50')):>9}{_fmt(lat['decode_ms'].get('p50')):>8}"
-            f"{_fmt(lat['commit_ms'].get('p50')):>8}{_fmt(lat['to_frames_ms'].get('p50')):>9}"
-            f"{_fmt(r.get('fps_steady')):>7}{_fmt(max(tf) if tf else None):>9}"
-            f"{_fmt(r.get('peak_memory_gb'), digits=2):>9}{_fmt(cold):>8}"
-        )
+    widths = [max(w, len(h) + 2) for h, w in COLUMNS]  # at least two spaces between headers
+
+    def row(cells: list[str]) -> str:
+        return "".join(f"{v:<{w}}" if i < 3 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths)))
+
+    lines.append(row([h for h, _ in COLUMNS]))
+    lines.extend(row(_cells(r)) for r in results["runs"])
+    for f in results.get("failed_runs", []):
+        lines.append(f"{f['backend']}/{f['attention']}/{f['precision']} FAILED: {f['error']}")
+    lines.extend(textwrap.wrap(LEGEND, 118, subsequent_indent="  "))
     lines.append("per block index (median ms, total / to frames):")
     for r in results["runs"]:
         row = "  ".join(f"{b['block']}:{b['total_ms']:.1f}/{b['to_frames_ms']:.1f}" for b in r["per_block_index"])
@@ -62,7 +125,7 @@ def table(results: dict) -> str:
         if not prof:
             continue
         lines.append(
-            f"profile of block {prof['block']} ({r['backend']}/{r['attention']}): wall {prof['wall_ms']:.1f} ms, "
+            f"profile of block {prof['block']} ({'/'.join(_run_id(r))}): wall {prof['wall_ms']:.1f} ms, "
             f"kernels {prof['kernel_ms']:.1f} ms ({_fmt(prof['kernel_coverage'] and 100 * prof['kernel_coverage'])}%)"
         )
         lines.append(
@@ -146,7 +209,7 @@ def compare(results: dict, other_path: str | Path) -> str:
             a, b = r["latency"][stage].get("p50"), o["latency"][stage].get("p50")
             if a and b:
                 parts.append(f"{stage[:-3]} {b / a:.2f}x")
-        if r.get("peak_memory_gb") and o.get("peak_memory_gb"):
-            parts.append(f"memory {o['peak_memory_gb'] / r['peak_memory_gb']:.2f}x")
+        if peak_gib(r) and peak_gib(o):
+            parts.append(f"memory {peak_gib(o) / peak_gib(r):.2f}x")
         lines.append(f"  {label}: " + ", ".join(parts))
     return "\n".join(lines)

@@ -14,7 +14,7 @@ import torch
 
 import flashdreams
 from flashdreams.benchmark.environment import NvmlSampler
-from flashdreams.benchmark.report import precision_label
+from flashdreams.benchmark.report import precision_label, run_tflops
 from flashdreams.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -158,9 +158,9 @@ def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process:
     _sync(device)
     cold = {"first_block_s": time.perf_counter() - t0, **times}
     cold["load_to_first_frame_s"] = time.perf_counter() - t_start
-    if first_in_process:
-        age = process_age_s()
-        cold["process_start_to_first_frame_s"] = age
+    # Process start to first frame means that only for the first run of a process: later runs
+    # would add the earlier runs' time. Their figure is load_to_first_frame_s alone.
+    cold["process_start_to_first_frame_s"] = process_age_s() if first_in_process else None
     # Warm-up: the rest of the rollout, then a second rollout so both block kinds are captured.
     t0 = time.perf_counter()
     _rollout(session, cfg.blocks - 1)
@@ -264,6 +264,8 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
             "series_ms": [b["total_ms"] for b in steady],
         }
     if device.type == "cuda":
-        out["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        out["peak_reserved_gb"] = torch.cuda.max_memory_reserved(device) / 2**30
+        # GiB (2^30 bytes), named so; results before this change called the same numbers "_gb".
+        out["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        out["peak_reserved_gib"] = torch.cuda.max_memory_reserved(device) / 2**30
+    out["dit_tflops_median"], out["dit_tflops_best"] = run_tflops(out)
     return out

@@ -121,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
             workdir=str(out / "engines"),
         )
         out.mkdir(parents=True, exist_ok=True)
-        runs = []
+        runs: list[dict] = []
+        failed: list[dict] = []  # runs that raised: recorded in results.json, the others still measured
+        env = environment(device)
         first = True
         for precision in split_list(args.precision):
             cfg.precision = precision
@@ -131,18 +133,46 @@ def main(argv: list[str] | None = None) -> int:
                 for attention in split_list(args.attention):
                     label = precision_label(precision, dtype)
                     print(f"fd-bench: {backend}/{attention}/{label} ...", file=sys.stderr, flush=True)
-                    runs.append(run_config(cfg, backend, attention, first))
+                    try:
+                        runs.append(run_config(cfg, backend, attention, first))
+                    except FlashDreamsError:
+                        raise  # bad options: a usage error, whatever ran before
+                    except Exception as exc:  # noqa: BLE001 - a run that breaks (a kernel, a compiler) costs only itself
+                        failed.append(_failed_run(backend, attention, label, exc))
+                        print(f"fd-bench: {backend}/{attention}/{label} FAILED: {failed[-1]['error']}", file=sys.stderr)
+                        if torch.cuda.is_available():
+                            torch.cuda.empty_cache()
                     first = False
+                    partial = _results(args, preset, dtype, env, {}, runs, failed, complete=False)
+                    (out / "results.json").write_text(json.dumps(partial, indent=1))
         ceilings = measure_ceilings(device, dtype if dtype != torch.float32 else torch.float32, args.quick_ceilings)
     except FlashDreamsError as exc:
         print(f"fd-bench: {flag_message(str(exc), parser)}", file=sys.stderr)
         return 2
+    results = _results(args, preset, dtype, env, ceilings, runs, failed, complete=True)
+    peak = ceilings.get("matmul_tflops")
+    for r in runs:  # the DiT's rate against the matmul peak measured in this run: median block and best block
+        r["dit_fraction_of_matmul_peak_median"] = (r.get("dit_tflops_median") or 0) / peak if peak else None
+        r["dit_fraction_of_matmul_peak_best"] = (r.get("dit_tflops_best") or 0) / peak if peak else None
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    written = plots(results, out)
+    print(table(results))
+    if args.compare:
+        print(compare(results, args.compare))
+    print(f"wrote {out / 'results.json'}" + (f" and {len(written)} plots" if written else ""))
+    return 1 if failed else 0
+
+
+def _results(args, preset, dtype, env: dict, ceilings: dict, runs: list, failed: list, complete: bool) -> dict:
+    """results.json: environment, ceilings, the configuration and every run."""
+    from flashdreams.benchmark.report import precision_label
+
     spec_h = args.height or preset.height
     spec_w = args.width or preset.width
-    results = {
+    return {
         "schema": "fd-bench/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": environment(device),
+        "environment": env,
         "ceilings": ceilings,
         "config": {
             "preset": preset.name,
@@ -166,18 +196,22 @@ def main(argv: list[str] | None = None) -> int:
             "schedule": preset.schedule().to_dict(),
         },
         "runs": runs,
+        "failed_runs": failed,
+        "complete": complete,  # False: written after a run, before the rest (a killed fd-bench keeps it)
     }
-    for r in runs:
-        peak = ceilings.get("matmul_tflops")
-        best = max((b["dit_tflops"] or 0 for b in r["per_block_index"]), default=0)
-        r["dit_fraction_of_matmul_peak"] = best / peak if peak else None
-    (out / "results.json").write_text(json.dumps(results, indent=1))
-    written = plots(results, out)
-    print(table(results))
-    if args.compare:
-        print(compare(results, args.compare))
-    print(f"wrote {out / 'results.json'}" + (f" and {len(written)} plots" if written else ""))
-    return 0
+
+
+def _failed_run(backend: str, attention: str, precision: str, exc: BaseException) -> dict:
+    import traceback
+
+    msg = str(exc).strip().splitlines()
+    return {
+        "backend": backend,
+        "attention": attention,
+        "precision": precision,
+        "error": f"{type(exc).__name__}: {msg[0][:300] if msg else ''}",
+        "traceback": traceback.format_exc()[-3000:],
+    }
 
 
 def _sessions_main(args: argparse.Namespace, parser: argparse.ArgumentParser, out: Path) -> int:

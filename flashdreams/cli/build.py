@@ -77,7 +77,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", default="inductor", help="inductor (default) | aoti | onnx | tensorrt")
     p.add_argument("--batch", type=int, default=1, help="sessions' batch size (default 1)")
     p.add_argument("--force", action="store_true", help="replace an existing engine at --out")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress (a bar on a terminal, else one line a phase)",
+    )
     p.add_argument("-v", "--verbose", action="store_true", help="log what the build does")
     add_load_options(p, weights_seed_flags=("--seed", "--weights-seed"))  # the engine runs only on --device
     add_build_options(p)
@@ -142,34 +146,6 @@ def _check(path: str, parser: argparse.ArgumentParser | None = None) -> int:
     return EXIT_OK
 
 
-class _Bar:
-    """A tqdm bar over the build phases, on stderr."""
-
-    def __init__(self, disable: bool) -> None:
-        self.bar = None
-        self.disable = disable
-        self.t0 = time.perf_counter()
-
-    def __call__(self, phase: str, index: int, total: int) -> None:
-        if self.disable:
-            return
-        if self.bar is None:
-            from tqdm import tqdm
-
-            fmt = "{l_bar}{bar}| {n}/{total} [{elapsed}]"
-            self.bar = tqdm(total=total, unit="phase", file=sys.stderr, bar_format=fmt)
-        self.bar.total = total
-        self.bar.n = index
-        self.bar.set_description(f"fd-build: {phase}")
-        self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.n = self.bar.total
-            self.bar.refresh()
-            self.bar.close()
-
-
 def _state_mib(m: dict) -> float:
     """Bytes of one session's state buffers (KV rings, caches), from the plan in the manifest."""
     from flashdreams.models.family import TensorDecl
@@ -217,8 +193,9 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     from flashdreams.errors import CheckpointError, InvalidArgumentError
     from flashdreams.export.build import build_engine
+    from flashdreams.export.progress import PhaseProgress
 
-    bar = _Bar(args.no_progress)
+    bar = PhaseProgress(disable=args.no_progress)  # a bar on a terminal, plain lines in a log
     try:
         kw = load_kwargs(args)
         check_load_args(kw)
@@ -234,19 +211,19 @@ def main(argv: list[str] | None = None) -> int:
             **kw,
         )
     except InvalidArgumentError as exc:
-        bar.close()
+        bar.close(ok=False)
         print(f"fd-build: {flag_message(str(exc), p)}", file=sys.stderr)
         return EXIT_CHECK_FAILED if isinstance(exc, CheckpointError) else EXIT_USAGE
     except FlashDreamsError as exc:
-        bar.close()
+        bar.close(ok=False)
         print(f"fd-build: build failed: {flag_message(str(exc), p)}", file=sys.stderr)
         return EXIT_CHECK_FAILED
     except KeyboardInterrupt:
-        bar.close()
+        bar.close(ok=False)
         print("fd-build: interrupted; nothing was written", file=sys.stderr)
         return 130
     except Exception:  # a compiler failure: show it all, nothing was written
-        bar.close()
+        bar.close(ok=False)
         traceback.print_exc()
         print("fd-build: build failed (the traceback above); nothing was written", file=sys.stderr)
         return EXIT_CHECK_FAILED

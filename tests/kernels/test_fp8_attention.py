@@ -263,3 +263,81 @@ def test_bad_arguments_name_the_argument():
         ring_attention_fp8(q, k, v, torch.tensor([1, 2], device=DEVICE))
     with pytest.raises(InvalidArgumentError, match="scale"):
         ring_attention_fp8(q, k, v, vl, scale=0.0)
+
+
+# ----------------------------------------------------------------------------- fp8 shadow of the ring
+
+
+def test_shadow_updated_per_write_equals_a_full_quantization():
+    """A ring written block by block (rows not aligned to key tiles), its fp8 shadow re-quantized only
+    where each write landed: the shadow equals a full pre-pass of the ring after every write, tiles
+    outside a write are left alone, and attention on the shadow equals `ring_attention_fp8` exactly."""
+    from flashdreams.kernels.ring_attention_fp8 import (
+        empty_fp8_kv,
+        fp8_kv_block_n,
+        ring_attention_fp8_prequantized,
+        update_fp8_kv,
+    )
+
+    g = torch.Generator().manual_seed(11)
+    B, H, d, S = 1, 2, 64, 150  # writes of 50 / 25 / 75 rows: they straddle the 64-row key tiles
+    ring_k = torch.zeros(B, S, H, d, dtype=torch.bfloat16, device=DEVICE)
+    ring_v = torch.zeros_like(ring_k)
+    q = rms_normed(B, 19, H, d, g=g).to(torch.bfloat16).to(DEVICE)
+    bn = fp8_kv_block_n(q)
+    shadow = empty_fp8_kv(ring_k, bn)
+    shadow.kt.fill_(-1.0)  # a tile no write touched keeps this
+    for blk, (lo, hi) in enumerate([(0, 50), (50, 75), (75, 150)]):
+        ring_k[:, lo:hi] = rms_normed(B, hi - lo, H, d, g=g).to(torch.bfloat16).to(DEVICE)
+        ring_v[:, lo:hi] = torch.randn(B, hi - lo, H, d, generator=g).to(torch.bfloat16).to(DEVICE)
+        vl = torch.tensor([hi], dtype=torch.int32, device=DEVICE)
+        update_fp8_kv(shadow, ring_k, ring_v, vl, torch.tensor([lo, hi], device=DEVICE))
+        full = quantize_kv_fp8(ring_k, ring_v, vl, bn)
+        tiles = -(-hi // bn)
+        assert torch.equal(shadow.kt[..., :tiles], full.kt[..., :tiles]), blk
+        assert torch.equal(shadow.vt[..., :tiles], full.vt[..., :tiles]), blk
+        assert (shadow.kt[..., tiles:] == -1.0).all(), blk  # past valid: untouched
+        assert torch.equal(shadow.k8[:, :, :hi].float(), full.k8[:, :, :hi].float())
+        assert torch.equal(shadow.v8t[..., :hi].float(), full.v8t[..., :hi].float())
+        out = ring_attention_fp8_prequantized(q, shadow, vl)
+        assert torch.equal(out, ring_attention_fp8(q, ring_k, ring_v, vl)), blk
+    # A write in the middle of a full ring (a rolling window overwriting a slot) re-quantizes only
+    # the tiles it overlaps.
+    before = shadow.kt.clone()
+    ring_k[:, 70:80] *= 4.0
+    update_fp8_kv(shadow, ring_k, ring_v, torch.tensor([S], device=DEVICE), torch.tensor([70, 80], device=DEVICE))
+    changed = (shadow.kt != before).any(0).any(0)
+    assert changed.tolist() == [False, True, False]  # tiles of 64: rows 70..79 lie in tile 1 only
+    full = quantize_kv_fp8(ring_k, ring_v, torch.tensor([S], device=DEVICE), bn)
+    assert torch.equal(shadow.kt, full.kt) and torch.equal(shadow.k8.float(), full.k8.float())
+
+
+def test_shadow_refuses_a_mismatched_tile_or_layout():
+    from flashdreams.kernels.ring_attention_fp8 import (
+        empty_fp8_kv,
+        fp8_kv_block_n,
+        ring_attention_fp8_prequantized,
+        update_fp8_kv,
+    )
+
+    q, k, v, vl = make_case(1, 8, 2, 64, 64, 64)
+    with pytest.raises(InvalidArgumentError, match="key tiles of"):
+        ring_attention_fp8_prequantized(q, empty_fp8_kv(k, fp8_kv_block_n(q) // 2), vl)
+    with pytest.raises(InvalidArgumentError, match="holds V too"):
+        update_fp8_kv(empty_fp8_kv(k, 64, quant_v=False), k, v, vl, torch.tensor([0, 8], device=DEVICE))
+    with pytest.raises(InvalidArgumentError, match="rows: expected 2 elements"):
+        update_fp8_kv(empty_fp8_kv(k, 64), k, v, vl, torch.tensor([0], device=DEVICE))
+    with pytest.raises(InvalidArgumentError, match="fp8 shadow"):
+        ring_attention_fp8_prequantized(q[:, :, :1], empty_fp8_kv(k, 64), vl)
+
+
+def test_sm90_config_keeps_the_key_tile():
+    """The measured sm_90 config may change the query tile and warps but not the key tile: K/V
+    quantized for one config (a ring's fp8 shadow) must serve the other."""
+    from flashdreams.kernels.ring_attention_fp8 import FP8_ARCH_CONFIGS, FP8_CUDA_CONFIGS
+
+    sm90 = FP8_ARCH_CONFIGS[(9, 0)][128]
+    assert (sm90.block_m, sm90.block_n, sm90.num_warps, sm90.num_stages, sm90.use_tma) == (64, 128, 4, 3, True)
+    for arch in FP8_ARCH_CONFIGS.values():
+        for d_pad, cfg in arch.items():
+            assert cfg.block_n == FP8_CUDA_CONFIGS[d_pad].block_n

@@ -1,0 +1,400 @@
+#!/usr/bin/env bash
+# One GPU suite in place of the round scripts: named parts, each one function, run in the order
+# given inside one wall-clock budget (one device call), results under <out>/<name>/.
+#
+#   bash bench/gpu_suite.sh --help                          # the parts and groups
+#   bash bench/gpu_suite.sh --name issue22-h200 issue22     # on the GPU machine (results in $OUT/issue22-h200/)
+#   bash bench/gpu_suite.sh --smoke --name smoke issue22    # here, on the CPU: tiny shapes, Triton interpreter
+#   bash bench/gpu_suite.sh --dry-run issue22               # print the commands only
+#
+# Results: <out>/<name>/suite.json (device, versions, git commit, each part's exit code and seconds),
+# suite.log (every part's whole output) and one JSON per part. <out> is $FD_SUITE_OUT, else $OUT (the
+# device machine's return folder), else bench/results. The device machine returns at most 8 files,
+# so parts write one JSON each and no plots (fd-bench's plots can be redrawn from its results.json:
+# python -c "import json,sys; from pathlib import Path; from flashdreams.benchmark.report import plots;
+# plots(json.load(open(sys.argv[1])), Path('.'))" FILE).
+set -u
+export PYTHONUNBUFFERED=1
+
+REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+PY=${PYTHON:-python3}
+NAME=suite
+SMOKE=0
+DRY=0
+BUDGET=${FD_BUDGET_S:-540}
+WORK=${FD_SUITE_WORK:-/tmp/fd-suite}
+PARTS=()
+
+# name | seconds it may take at most | what it measures (the old round scripts it replaces)
+PART_TABLE="
+env|30|device, driver, versions, git commit (always run first)
+attention|190|issue 22: attention TFLOP/s at q 4680 / kv 4680..32760: cuDNN, our bf16 and FP8 kernels (with their quantization, per call and through a ring fp8 shadow), config sweeps, matmul peak in the same run
+sf-fp8|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV, Triton) in bf16 and FP8 in one invocation with a block-5 profile, then the FP8 quality over 7 blocks (latents rel. L2, decoded PSNR) (round 6)
+gpu-smoke|100|tiny model: bf16 vs fp32, CUDA graphs vs eager, CUDA vs CPU (round 2)
+kernels|260|every Triton kernel vs its twin and SDPA, the bf16 ring-attention config sweep, memory-bound kernels vs copy bandwidth (round 2)
+decoders|100|Wan VAE and TAEHV per block at 480x832 (round 2)
+sf-eager|170|fd-bench Self-Forcing eager, torch SDPA vs our Triton kernels (round 2)
+fp8-kernels|240|FP8 attention and linears vs bf16, peak, FP8 config sweep (bench/fp8_bench.py) (round 6)
+engine|330|bench/engine_bench.py: build the full-size engine, cold start in a fresh process, engine vs eager; FD_SUITE_ENGINE_ARGS adds options (--no-eager, --cold-env K=V) (rounds 4, 8, 9, 10, 11)
+build|400|fd-build of the full-size engine, when the engine part left none (round 5)
+cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
+eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
+rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
+probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
+"
+declare -A PART_GROUPS=(
+  [issue22]="attention sf-fp8"
+  [round2]="gpu-smoke kernels decoders sf-eager"
+  [round4]="engine eager-vs-engine"
+  [round5]="build cold eager-vs-engine"
+  [round6]="sf-fp8 rolling fp8-kernels"
+  [round8]="probe engine rolling"
+  [round9]="engine rolling"
+  [round10]="engine eager-vs-engine rolling"
+  [round11]="engine rolling"
+)
+
+usage() {
+  cat <<EOF
+usage: bash bench/gpu_suite.sh [--smoke] [--dry-run] [--name NAME] [--budget SECONDS] PART_OR_GROUP...
+
+Runs the named parts in order inside one budget (default ${BUDGET} s, \$FD_BUDGET_S) and writes
+<out>/NAME/suite.json, suite.log and one JSON per part (<out>: \$FD_SUITE_OUT, else \$OUT, else
+bench/results). --smoke runs the parts that have a CPU form on tiny shapes under the Triton
+interpreter (no install); --dry-run prints each part's commands.
+
+parts (cap in seconds: what it measures):
+EOF
+  while IFS='|' read -r name cap what; do
+    [ -n "$name" ] && printf '  %-16s %4s s  %s\n' "$name" "$cap" "$what"
+  done <<<"$PART_TABLE"
+  echo
+  echo "groups:"
+  for g in issue22 round2 round4 round5 round6 round8 round9 round10 round11; do
+    printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
+  done
+}
+
+part_cap() { awk -F'|' -v n="$1" '$1 == n {print $2}' <<<"$PART_TABLE"; }
+
+while [ $# -gt 0 ]; do
+  case "$1" in
+    -h | --help) usage; exit 0 ;;
+    --smoke) SMOKE=1 ;;
+    --dry-run) DRY=1 ;;
+    --name) NAME=$2; shift ;;
+    --budget) BUDGET=$2; shift ;;
+    -*) echo "gpu_suite: unknown option $1 (see --help)" >&2; exit 2 ;;
+    *)
+      if [ -n "${PART_GROUPS[$1]+x}" ]; then
+        read -r -a more <<<"${PART_GROUPS[$1]}"
+        PARTS+=("${more[@]}")
+      elif [ -n "$(part_cap "$1")" ]; then
+        PARTS+=("$1")
+      else
+        echo "gpu_suite: unknown part or group '$1' (see --help)" >&2
+        exit 2
+      fi
+      ;;
+  esac
+  shift
+done
+if [ ${#PARTS[@]} -eq 0 ]; then
+  usage >&2
+  exit 2
+fi
+if ! [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]]; then
+  echo "gpu_suite: --name must be letters, digits, '.', '_' or '-' (the device returns only such names)" >&2
+  exit 2
+fi
+DEST=${FD_SUITE_OUT:-${OUT:-$REPO/bench/results}}/$NAME
+ENGINE=$WORK/engine-work/engine # the full-size engine the engine or build part leaves for later parts
+T0=$(date +%s)
+left() { echo $((BUDGET - ($(date +%s) - T0))); }
+
+# ----------------------------------------------------------------------------- running
+
+RUNDIR=$REPO
+SITE=""
+install() {
+  # On the device: the package installed beside the checkout (its package-dir mapping needs an
+  # install), and every command run from $WORK so the checkout's folders shadow nothing.
+  if [ $SMOKE = 1 ] || [ "${FD_SUITE_NO_INSTALL:-0}" = 1 ] || [ $DRY = 1 ]; then
+    return 0
+  fi
+  rm -rf "$WORK/site"
+  $PY -m pip install -q --no-deps --no-build-isolation --no-index --target "$WORK/site" "$REPO" 2>&1 | grep -v -i warn | tail -2
+  SITE=$WORK/site
+  RUNDIR=$WORK
+}
+
+# py LIMIT ARGS...: python in the run folder, killed after LIMIT seconds (10 more, then KILL).
+py() {
+  local limit=$1
+  shift
+  if [ $DRY = 1 ]; then
+    echo "  [dry-run] (limit ${limit} s) $PY $*"
+    return 0
+  fi
+  if [ "$limit" -lt 5 ]; then # (timeout 0 would mean no limit at all)
+    echo "gpu_suite: no time left for: $PY $*"
+    return 124
+  fi
+  (cd "$RUNDIR" && PYTHONPATH="${SITE}${SITE:+:}${PYTHONPATH:-}" timeout -k 10 "$limit" "$PY" "$@")
+}
+
+# ----------------------------------------------------------------------------- parts
+
+SF="--preset self-forcing-1.3b --random-weights --decoder taehv --attention triton"
+
+part_env() {
+  py "$1" - "$DEST/env.json" "$REPO" <<'EOF'
+import json, subprocess, sys
+import torch
+from flashdreams.benchmark.environment import environment
+dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+env = environment(dev)
+def sh(*cmd):
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=15).stdout.strip()
+    except Exception as e:  # noqa: BLE001
+        return f"unavailable: {e}"
+env["git_commit"] = env.get("git_commit") or sh("git", "-C", sys.argv[2], "rev-parse", "HEAD") or None
+env["git_dirty_files"] = len(sh("git", "-C", sys.argv[2], "status", "--short").splitlines())
+if dev.type == "cuda":
+    env["nvidia_smi"] = sh("nvidia-smi", "--query-gpu=name,driver_version,clocks.sm,clocks.max.sm,power.limit,temperature.gpu", "--format=csv,noheader")
+json.dump(env, open(sys.argv[1], "w"), indent=1)
+print(json.dumps(env))
+EOF
+}
+
+part_attention() {
+  local budget=$(($1 - 25))
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/attention_bench.py" --smoke --budget-s "$budget" --out "$DEST/attention.json"
+  else
+    py "$1" "$REPO/bench/attention_bench.py" --budget-s "$budget" --out "$DEST/attention.json"
+  fi
+}
+
+part_sf-fp8() {
+  # fd-bench: bf16 and fp8 in one invocation (same weights, prompt and draws), profile of block 5;
+  # then the quality of fp8 against bf16 over 7 blocks with what is left.
+  local t0 rc
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then
+    py "$1" -m flashdreams.cli.bench --preset tiny --attention triton --precision bf16,fp8 --decoder none \
+      --blocks 2 --rollouts 1 --profile-block 1 --quick-ceilings --out "$WORK/sf-fp8"
+  else
+    py $(($1 > 200 ? $1 - 90 : $1 * 2 / 3)) -m flashdreams.cli.bench $SF --precision bf16,fp8 --blocks 7 --rollouts 2 --profile-block 5 \
+      --out "$WORK/sf-fp8"
+  fi
+  rc=$?
+  [ $DRY = 1 ] || cp "$WORK/sf-fp8/results.json" "$DEST/sf-fp8-fdb.json" 2>/dev/null
+  local rest=$(($1 - ($(date +%s) - t0)))
+  if [ $SMOKE = 1 ]; then
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset tiny --blocks 2 --no-decoder --out "$DEST/fp8-quality.json" || rc=$?
+  else
+    py "$rest" "$REPO/bench/fp8_quality.py" --blocks 7 --out "$DEST/fp8-quality.json" || rc=$?
+  fi
+  return $rc
+}
+
+part_gpu-smoke() {
+  [ $SMOKE = 1 ] && { echo "gpu-smoke has no CPU form (it compares CUDA with the CPU)"; return 0; }
+  py "$1" "$REPO/bench/gpu_smoke.py" --out "$DEST/gpu-smoke.json"
+}
+
+part_kernels() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/kernels_bench.py" --smoke --no-sweep --no-compile-check --out "$DEST/kernels.json"
+  else
+    py "$1" "$REPO/bench/kernels_bench.py" --out "$DEST/kernels.json"
+  fi
+}
+
+part_decoders() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/decoders_bench.py" --tiny --device cpu --dtype fp32 --out "$DEST/decoders.json"
+  else
+    py "$1" "$REPO/bench/decoders_bench.py" --out "$DEST/decoders.json"
+  fi
+}
+
+fdb_to() { # fd-bench into $WORK/$1, its results.json copied to $DEST/$1.json
+  local name=$1 limit=$2 rc
+  shift 2
+  py "$limit" -m flashdreams.cli.bench "$@" --out "$WORK/$name"
+  rc=$?
+  [ $DRY = 1 ] || cp "$WORK/$name/results.json" "$DEST/$name.json" 2>/dev/null
+  rm -rf "$WORK/$name/engines"
+  return $rc
+}
+
+part_sf-eager() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to sf-eager "$1" --preset tiny --attention sdpa,triton --decoder none --blocks 2 --rollouts 1 --quick-ceilings
+  else
+    fdb_to sf-eager "$1" $SF --attention sdpa,triton --blocks 7 --rollouts 2
+  fi
+}
+
+part_fp8-kernels() {
+  local budget=$(($1 - 20))
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/fp8_bench.py" --smoke --sections attention,peak --budget-s "$budget" --out "$DEST/fp8-kernels.json"
+  else
+    py "$1" "$REPO/bench/fp8_bench.py" --budget-s "$budget" --out "$DEST/fp8-kernels.json"
+  fi
+}
+
+part_engine() {
+  # shellcheck disable=SC2086 # FD_SUITE_ENGINE_ARGS is a list of options
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/engine_bench.py" --preset tiny --workdir "$WORK/engine-work" --budget $(($1 - 10)) \
+      ${FD_SUITE_ENGINE_ARGS:-} --out "$DEST/engine.json"
+  else
+    py "$1" "$REPO/bench/engine_bench.py" --workdir "$WORK/engine-work" --budget $(($1 - 10)) \
+      --build-timeout $(($1 - 110)) ${FD_SUITE_ENGINE_ARGS:-} --out "$DEST/engine.json"
+  fi
+}
+
+part_build() {
+  if [ -f "$ENGINE/manifest.json" ]; then
+    echo "an engine is there already: $ENGINE"
+    return 0
+  fi
+  if [ $SMOKE = 1 ]; then
+    py "$1" -m flashdreams.cli.build --device cpu --decoder none --out "$ENGINE"
+  else
+    py "$1" -m flashdreams.cli.build $SF --out "$ENGINE"
+  fi
+}
+
+part_cold() {
+  # fd-bench's first run in a process records process start -> first frame; three fresh processes,
+  # each with empty Inductor / Triton caches, as on a new machine.
+  if [ $DRY = 0 ] && [ ! -f "$ENGINE/manifest.json" ]; then
+    echo "no engine at $ENGINE: run the engine or build part first"
+    return 3
+  fi
+  local i per=$(($1 / 3 - 2)) attn=triton
+  [ $SMOKE = 1 ] && attn=sdpa # the CPU engine of the build part's smoke form
+  for i in 1 2 3; do
+    rm -rf "$WORK/cold-cache"
+    TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
+      py "$per" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" --attention $attn --blocks 2 --rollouts 1 \
+      --quick-ceilings --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
+  done
+  [ $DRY = 1 ] && return 0
+  py 30 - "$WORK" "$DEST/cold.json" <<'EOF'
+import json, statistics, sys
+from pathlib import Path
+runs = []
+for i in (1, 2, 3):
+    p = Path(sys.argv[1]) / f"cold-{i}" / "results.json"
+    if p.exists():
+        r = json.loads(p.read_text())
+        runs.append({"environment": r["environment"] if i == 1 else None, **r["runs"][0]["cold_start"]})
+vals = [r["process_start_to_first_frame_s"] for r in runs if r.get("process_start_to_first_frame_s")]
+out = {"what": "process start to first frame, fresh processes with empty compiler caches (fd-bench --backend engine)",
+       "runs": runs, "median_s": statistics.median(vals) if vals else None, "target_s": 10.0}
+Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
+print(f"cold start, process start to first frame: {[round(v, 2) for v in vals]} s, median {out['median_s']}")
+EOF
+}
+
+part_eager-vs-engine() {
+  if [ $DRY = 0 ] && [ ! -f "$ENGINE/manifest.json" ]; then
+    echo "no engine at $ENGINE: run the engine or build part first"
+    return 3
+  fi
+  if [ $SMOKE = 1 ]; then
+    fdb_to eager-vs-engine "$1" --backend eager,engine --engine "$ENGINE" --decoder none --blocks 2 --rollouts 1 \
+      --profile-block 1 --quick-ceilings
+  else
+    fdb_to eager-vs-engine "$1" $SF --backend eager,engine --engine "$ENGINE" --blocks 7 --rollouts 2 --profile-block 5
+  fi
+}
+
+part_rolling() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to rolling "$1" --preset tiny --decoder none --blocks 3 --rollouts 1 --steady-blocks 6 --quick-ceilings
+  else
+    fdb_to rolling "$1" --preset self-forcing-1.3b-rolling --random-weights --decoder taehv --attention triton \
+      --backend eager,inductor --blocks 12 --rollouts 1 --steady-blocks 200 --profile-block 11
+  fi
+}
+
+part_probe() {
+  [ $SMOKE = 1 ] && { echo "probe has no CPU form (it builds for CUDA)"; return 0; }
+  py 150 -m flashdreams.cli.build --device cuda --out "$WORK/tiny-engine" --force --no-progress || return $?
+  py 60 -c "
+import flashdreams, torch
+e = flashdreams.load('$WORK/tiny-engine'); s = e.session(seed=1); r = [s.step() for _ in range(4)]
+torch.cuda.synchronize(); print('probe ok', e.load_times, r[-1].frames.shape)"
+}
+
+# ----------------------------------------------------------------------------- main
+
+[ $DRY = 1 ] || mkdir -p "$DEST" "$WORK"
+if [ $SMOKE = 1 ]; then
+  export TRITON_INTERPRET=1 OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+fi
+LOG=$DEST/suite.log
+STATUS=$WORK/status.tsv
+: >"$STATUS"
+[ $DRY = 1 ] || : >"$LOG"
+echo "gpu_suite: parts ${PARTS[*]}, budget ${BUDGET} s, results in $DEST$([ $SMOKE = 1 ] && echo ' (smoke: CPU)')"
+install
+for part in env "${PARTS[@]}"; do
+  cap=$(part_cap "$part")
+  limit=$(($(left) - 15))
+  [ "$limit" -gt "$cap" ] && limit=$cap
+  if [ $DRY = 0 ] && [ "$limit" -lt 20 ]; then
+    echo "== $part: skipped ($(left) s left)"
+    printf '%s\t%s\t%s\n' "$part" skipped 0 >>"$STATUS"
+    continue
+  fi
+  echo "== $part (up to ${limit} s, $(left) s left)"
+  t=$(date +%s)
+  if [ $DRY = 1 ]; then
+    "part_$part" "$limit"
+    rc=$?
+  else
+    {
+      echo "== $part (up to ${limit} s) at $(date -u +%H:%M:%S)"
+      "part_$part" "$limit"
+      echo "== $part exit $?"
+    } >"$WORK/$part.log" 2>&1
+    rc=$(tail -1 "$WORK/$part.log" | awk '{print $NF}')
+    cat "$WORK/$part.log" >>"$LOG"
+    grep -v -i -E "warn|^\s*$" "$WORK/$part.log" | tail -n "${FD_SUITE_TAIL:-30}"
+  fi
+  printf '%s\t%s\t%s\n' "$part" "$rc" $(($(date +%s) - t)) >>"$STATUS"
+  echo "== $part: exit $rc in $(($(date +%s) - t)) s"
+done
+[ $DRY = 1 ] && exit 0
+py 30 - "$DEST" "$STATUS" "$NAME" "$BUDGET" "$SMOKE" <<'EOF'
+import json, sys, time
+from pathlib import Path
+dest, status, name, budget, smoke = Path(sys.argv[1]), Path(sys.argv[2]), sys.argv[3], int(sys.argv[4]), sys.argv[5]
+env_p = dest / "env.json"
+env = json.loads(env_p.read_text()) if env_p.exists() else None
+parts = []
+for line in status.read_text().splitlines():
+    part, rc, secs = line.split("\t")
+    parts.append({"part": part, "exit": rc if rc == "skipped" else int(rc), "seconds": int(secs)})
+files = sorted(p.name for p in dest.iterdir() if p.is_file())
+suite = {"schema": "fd-gpu-suite/1", "name": name, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+         "smoke": smoke == "1", "budget_s": budget, "environment": env, "parts": parts, "files": files}
+(dest / "suite.json").write_text(json.dumps(suite, indent=1))
+env_p.unlink(missing_ok=True)  # folded into suite.json: one file fewer to bring back
+files = sorted(p.name for p in dest.iterdir() if p.is_file())
+print(f"gpu_suite: {len(files)} files in {dest}: {' '.join(files)}")
+if len(files) > 8:
+    print("gpu_suite: WARNING: the device machine returns at most 8 files; run fewer parts per call")
+for p in parts:
+    print(f"  {p['part']:<16} exit {p['exit']!s:<8} {p['seconds']:>5} s")
+EOF
+echo "gpu_suite: done in $(($(date +%s) - T0)) s"

@@ -1,0 +1,75 @@
+"""fd-build's progress: a bar on a terminal, plain lines in a log.
+
+A tqdm bar redraws itself with carriage returns; written to a file or a pipe (a CI log, a GPU
+script's `| tee`), every redraw stays in the text as one long line of `\\r`-separated states.
+So the bar is drawn only when the stream is a terminal; otherwise each phase is one line:
+
+    fd-build: [3/9] compile dit (12.4 s)
+
+with the seconds since the build started, and a last line when the build ends.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def is_terminal(stream: TextIO) -> bool:
+    """Whether `stream` is an interactive terminal (a closed or odd stream counts as not)."""
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class PhaseProgress:
+    """`progress(phase, index, total)` for `build_engine`: a tqdm bar on a terminal, else one line a phase.
+
+    `bar=None` decides from the stream; `disable` prints nothing at all (`--no-progress`).
+    """
+
+    def __init__(
+        self, disable: bool = False, stream: TextIO | None = None, bar: bool | None = None, prefix: str = "fd-build"
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.disable = disable
+        self.use_bar = is_terminal(self.stream) if bar is None else bar
+        self.prefix = prefix
+        self.t0 = time.perf_counter()
+        self.total = 0
+        self.bar = None
+        self.closed = False
+
+    def __call__(self, phase: str, index: int, total: int) -> None:
+        if self.disable:
+            return
+        self.total = total
+        if not self.use_bar:
+            elapsed = time.perf_counter() - self.t0
+            print(f"{self.prefix}: [{index + 1}/{total}] {phase} ({elapsed:.1f} s)", file=self.stream, flush=True)
+            return
+        if self.bar is None:
+            from tqdm import tqdm
+
+            fmt = "{l_bar}{bar}| {n}/{total} [{elapsed}]"
+            self.bar = tqdm(total=total, unit="phase", file=self.stream, bar_format=fmt)
+        self.bar.total = total
+        self.bar.n = index
+        self.bar.set_description(f"{self.prefix}: {phase}")
+        self.bar.refresh()
+
+    def close(self, ok: bool = True) -> None:
+        """End the display: the bar filled (ok) or left where it stopped; in a log, a last line."""
+        if self.disable or self.closed:
+            return
+        self.closed = True
+        if self.bar is not None:
+            if ok:
+                self.bar.n = self.bar.total
+                self.bar.refresh()
+            self.bar.close()
+        elif not self.use_bar and self.total:
+            state = "done" if ok else "stopped"
+            print(f"{self.prefix}: {state} in {time.perf_counter() - self.t0:.1f} s", file=self.stream, flush=True)
