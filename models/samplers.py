@@ -49,6 +49,30 @@ def unipc_schedule(steps: int, shift: float) -> tuple[list[int], list[float]]:
     return [int(t) for t in timesteps], [float(s) for s in table]
 
 
+def karras_schedule(
+    steps: int, sigma_max: float = 200.0, sigma_min: float = 0.01, rho: float = 7.0
+) -> tuple[list[int], list[float]]:
+    """(timesteps, sigmas) of the Karras override (Cosmos-Predict2.5's `use_kerras_sigma_at_inference`).
+
+    In float64: k_i = (sigma_max^(1/rho) + i/S * (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho for
+    i = 0..S (S + 1 evaluations), sigma_i = k_i / (1 + k_i), t_i = int(1000*sigma_i) (truncated);
+    the sigma table [sigma_0..sigma_S, 0] is float32. `shift` does not apply here.
+    """
+    if steps < 1:
+        raise InvalidArgumentError(f"Karras schedule: need at least 1 step; got {steps}")
+    if not 0 < sigma_min < sigma_max or rho <= 0:
+        raise InvalidArgumentError(
+            f"Karras schedule: need 0 < sigma_min < sigma_max and rho > 0; got {sigma_min}, {sigma_max}, {rho}"
+        )
+    u = np.arange(steps + 1, dtype=np.float64) / steps
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
+    k = (hi + u * (lo - hi)) ** rho
+    sigma = k / (1 + k)
+    timesteps = (sigma * NUM_TRAIN_TIMESTEPS).astype(np.int64)
+    table = np.concatenate([sigma, [0.0]]).astype(np.float32)
+    return [int(t) for t in timesteps], [float(s) for s in table]
+
+
 def solver_orders(steps: int) -> list[int]:
     """The predictor order of each step: 1, 2, ..., 2, 1 (lower order first and last)."""
     return [min(SOLVER_ORDER, steps - k, k + 1) for k in range(steps)]
@@ -153,6 +177,8 @@ def unipc_cfg_ops(
     out: str = "latents",
     history: bool = True,
     batched_outs: tuple[str, str] | None = None,
+    guidance_base: str = "uncond",
+    keep_velocity: bool = False,
 ) -> list[list[dict]]:
     """The ops of each of the S = len(sigmas) - 1 steps (UniPC order 2, bh2, with CFG).
 
@@ -164,7 +190,13 @@ def unipc_cfg_ops(
     With `batched_outs` (two output names of `graph`) the guidance pair is one call with
     `cond_args` that returns both predictions (the cond and uncond rows of one batch);
     `uncond_args` is then unused.
+
+    `guidance_base`: "uncond" gives Wan's v = u + g*(c - u); "cond" gives Cosmos' v = c + g*(c - u).
+    `keep_velocity` (with `history`) keeps each step's guided velocity as `v_k` (else the
+    temporary `cfg_v`).
     """
+    if guidance_base not in ("uncond", "cond"):
+        raise InvalidArgumentError(f"UniPC: guidance_base must be 'uncond' or 'cond'; got {guidance_base!r}")
     if len(sigmas) < 2:
         raise InvalidArgumentError(f"UniPC: the sigma table needs S+1 >= 2 entries; got {len(sigmas)}")
     if sigmas[-1] != 0.0 or any(not 0 < s < 1 for s in sigmas[:-1]):
@@ -187,10 +219,12 @@ def unipc_cfg_ops(
             for args, dst in ((cond_args, nm.cond(k)), (uncond_args, nm.uncond(k))):
                 call_args = {latent_arg: x, timestep_arg: timestep_name(k), **args}
                 ops.append(call(graph, call_args, {output: dst}))
-        # CFG as the reference evaluates it: u + g * (c - u), then m = x - sigma * v.
+        # CFG as the reference evaluates it: base + g * (c - u), then m = x - sigma * v.
+        v = f"v_{k}" if keep_velocity and history else "cfg_v"
+        base = nm.uncond(k) if guidance_base == "uncond" else nm.cond(k)
         ops.append(lincomb("cfg_delta", [(1.0, nm.cond(k)), (-1.0, nm.uncond(k))]))
-        ops.append(lincomb("cfg_v", [(1.0, nm.uncond(k)), (g, "cfg_delta")]))
-        ops.append(lincomb(nm.m(k), [(1.0, x), (-float(sig[k]), "cfg_v")]))
+        ops.append(lincomb(v, [(1.0, base), (g, "cfg_delta")]))
+        ops.append(lincomb(nm.m(k), [(1.0, x), (-float(sig[k]), v)]))
         if k == 0:
             ops.append({"op": "copy", "src": x, "out": nm.xc(k)})
         else:

@@ -1,0 +1,162 @@
+"""The cosmos family on the seam: presets, the plan as data, the batched guidance graph, video2world
+conditioning, the loader's two key layouts and what it refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import flashdreams
+from flashdreams import registry
+from flashdreams.errors import CheckpointError, InvalidArgumentError
+from flashdreams.models.cosmos_dit import CosmosDiT, patchify, unpatchify
+from flashdreams.models.cosmos_loader import load_cosmos_dit, official_state_dict
+from flashdreams.models.families.cosmos import FAMILY
+from flashdreams.models.families.cosmos.plan import build_plan
+from flashdreams.models.families.cosmos.presets import TINY_COSMOS
+from flashdreams.models.family import BlockPlan
+from flashdreams.models.random_init import init_random_
+from flashdreams.models.samplers import unipc_cfg_ops
+from flashdreams.parity import rel_l2
+
+TINY = "cosmos-predict2.5-tiny"
+
+
+def _inputs(seed: int = 0, rows: int = 5) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(1, rows, 80, generator=g),
+        "negative_prompt_embeds": torch.randn(1, rows, 80, generator=g),
+        "cond_latent": torch.randn(1, 16, 3, 8, 12, generator=g),
+    }
+
+
+def _tiny_model(seed: int = 0) -> CosmosDiT:
+    return init_random_(CosmosDiT(TINY_COSMOS), seed).eval().requires_grad_(False)
+
+
+def test_presets_carry_the_release_settings_and_round_trip():
+    presets = {p.name: p for p in FAMILY.presets()}
+    real = presets["cosmos-predict2.5-2b"]
+    assert (real.num_steps, real.guidance, real.sigma_max, real.sigma_min, real.rho) == (35, 7.0, 200.0, 0.01, 7.0)
+    assert (real.latent_frames, real.latent_size(), real.cond_timestep) == (24, (88, 160), 0.1)
+    cfg = real.model
+    assert (cfg.dim, cfg.num_blocks, cfg.num_heads, cfg.rope_dims, cfg.text_in_dim) == (
+        2048,
+        28,
+        16,
+        (44, 42, 42),
+        100352,
+    )
+    assert presets["cosmos-predict2.5-2b-video2world"].num_cond_frames == 2
+    for p in presets.values():
+        assert registry.get_preset(p.name) is p
+        assert registry.preset_from_dict(json.loads(json.dumps(p.to_dict()))) == p
+
+
+def test_full_size_plan_is_data_with_36_evaluations():
+    real = registry.get_preset("cosmos-predict2.5-2b")
+    plan = build_plan(real, 1, real.latent_size(), "bfloat16", None)
+    sched = plan.meta["schedule"]
+    assert sched["evaluations"] == 36 and len(sched["sigmas"]) == 37 and sched["sigmas"][-1] == 0.0
+    calls = [op for op in plan.programs["clip"] if op["op"] == "call"]
+    assert len(calls) == 36 and {c["graph"] for c in calls} == {"dit_cfg"}
+    assert plan.inputs["prompt_embeds"].shape == (1, 512, 100352)
+    assert plan.inputs["cond_latent"].shape == (1, 16, 24, 88, 160)
+    assert BlockPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).to_dict() == plan.to_dict()
+
+
+def test_tiny_session_is_deterministic_and_decodes():
+    engine = flashdreams.load(preset=TINY, device="cpu", dtype="float32", decoder=None)
+    a = engine.session(inputs=_inputs(), seed=3).step()
+    b = engine.session(inputs=_inputs(), seed=3).step()
+    assert torch.equal(a.latents, b.latents) and a.frames is None
+    c = engine.session(inputs=_inputs(), seed=4).step()
+    assert rel_l2(a.latents, c.latents) > 1e-2
+    decoded = flashdreams.load(preset=TINY, device="cpu", dtype="float32").session(inputs=_inputs(), seed=3).step()
+    assert torch.equal(decoded.latents, a.latents) and decoded.frames.shape == (1, 9, 64, 96, 3)
+
+
+def test_guidance_pair_is_two_forwards_and_given_frames_move_with_the_noise():
+    """The batched graph equals two separate forwards; on the given frame the velocity is noise - cond."""
+    engine = flashdreams.load(preset=TINY, device="cpu", dtype="float32")
+    step = engine.model.graphs["dit_cfg"]
+    inp = _inputs(1, rows=8)
+    k, v = engine.model.graphs["encode_prompt"](inp["prompt_embeds"], inp["negative_prompt_embeds"])
+    g = torch.Generator().manual_seed(2)
+    x, noise = torch.randn(1, 16, 3, 8, 12, generator=g), torch.randn(1, 16, 3, 8, 12, generator=g)
+    t = torch.tensor([593])
+    cond, uncond = step(x, t, k, v, inp["cond_latent"], noise)
+    net = step.model
+    mask = torch.zeros(1, 1, 3, 8, 12)
+    mask[:, :, 0] = 1
+    x_in = torch.cat([inp["cond_latent"][:, :, :1], x[:, :, 1:]], dim=2)
+    ts = torch.tensor([[0.1, 593.0, 593.0]])
+    ref_c = net(x_in, ts, inp["prompt_embeds"], mask)
+    ref_u = net(x_in, ts, inp["negative_prompt_embeds"], mask)
+    assert rel_l2(cond[:, :, 1:], ref_c[:, :, 1:]) < 1e-5 and rel_l2(uncond[:, :, 1:], ref_u[:, :, 1:]) < 1e-5
+    given = noise[:, :, :1] - inp["cond_latent"][:, :, :1]
+    assert torch.allclose(cond[:, :, :1], given) and torch.allclose(uncond[:, :, :1], given)
+    assert rel_l2(cond, uncond) > 1e-3  # the prompts differ, so do the branches
+
+
+def test_session_refuses_bad_inputs_before_anything_changes():
+    engine = flashdreams.load(preset=TINY, device="cpu", dtype="float32")
+    session = engine.session(inputs=_inputs(), seed=0)
+    before = session.buffers["cross_k"].clone()
+    with pytest.raises(InvalidArgumentError):
+        session.set_input("prompt_embeds", torch.randn(1, 9, 80))  # more rows than text_len 8
+    with pytest.raises(InvalidArgumentError):
+        session.set_input("prompt_embeds", torch.full((1, 4, 80), float("nan")))
+    with pytest.raises(InvalidArgumentError):
+        session.set_input("cond_latent", torch.randn(1, 16, 2, 8, 12))
+    assert torch.equal(session.buffers["cross_k"], before)
+
+
+def test_patchify_is_channel_slowest_and_unpatchify_channel_fastest():
+    x = torch.arange(2 * 3 * 1 * 4 * 4, dtype=torch.float32).reshape(2, 3, 1, 4, 4)
+    p = patchify(x)
+    assert p.shape == (2, 4, 12)
+    assert p[0, 1, 1 * 4 + 1 * 2 + 0].item() == x[0, 1, 0, 1, 2].item()  # token (0, 0, 1), vector (c=1, kh=1, kw=0)
+    y = torch.arange(1 * 4 * 12, dtype=torch.float32).reshape(1, 4, 12)  # 4 tokens, [p1, p2, C=3]
+    out = unpatchify(y, 1, 2, 2, 3)
+    assert out[0, 2, 0, 2 + 1, 0 + 0].item() == y[0, 2, (1 * 2 + 0) * 3 + 2].item()
+
+
+def test_loader_reads_both_layouts_and_drops_weightless_entries():
+    model = _tiny_model()
+    sd = {f"net.{k}": v for k, v in model.state_dict().items()}
+    sd |= {"net.pos_embedder.seq": torch.zeros(3), "net.blocks.0.self_attn.q_norm._extra_state": torch.zeros(1)}
+    sd |= {"net.accum_iteration": torch.zeros(()), "net.t_embedding_norm._extra_state": torch.zeros(1)}
+    loaded = load_cosmos_dit(sd, TINY_COSMOS)
+    for k, v in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    with pytest.raises(CheckpointError, match="missing"):
+        load_cosmos_dit({k: v for k, v in sd.items() if "mlp.layer2" not in k}, TINY_COSMOS)
+    with pytest.raises(CheckpointError, match="wrong shape"):
+        load_cosmos_dit(sd, TINY_COSMOS.replace(text_in_dim=96))
+    assert "x_embedder.proj.1.weight" in official_state_dict({"net.x_embedder.proj.1.weight": torch.zeros(1)})
+
+
+def test_unipc_guidance_forms():
+    ops = unipc_cfg_ops([0.9, 0.5, 0.0], 7.0, guidance_base="cond", keep_velocity=True)
+    guided = [op for op in ops[0] if op["op"] == "lincomb" and op["out"] == "v_0"][0]
+    assert guided["terms"] == [[1.0, "cond_0"], [7.0, "cfg_delta"]]
+    wan = unipc_cfg_ops([0.9, 0.5, 0.0], 5.0)
+    assert [op for op in wan[0] if op.get("out") == "cfg_v"][0]["terms"] == [[1.0, "uncond_0"], [5.0, "cfg_delta"]]
+    with pytest.raises(InvalidArgumentError):
+        unipc_cfg_ops([0.9, 0.0], 7.0, guidance_base="both")
+
+
+@pytest.mark.gpu
+def test_cuda_graph_clip_matches_eager():
+    """The captured clip (36 ops of UniPC + CFG, decode) replays what the eager session computes."""
+    engine = flashdreams.load(preset=TINY, device="cuda", dtype="float32")
+    inputs = {k: v.cuda() for k, v in _inputs().items()}
+    eager = engine.session(inputs=inputs, seed=5, cuda_graphs=False)
+    graphs = engine.session(inputs=inputs, seed=5, cuda_graphs=True)
+    for _ in range(3):  # eager warm-up, capture, replay
+        a, b = eager.step(), graphs.step()
+        assert rel_l2(a.latents, b.latents) < 1e-5

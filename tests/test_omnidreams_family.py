@@ -1,0 +1,190 @@
+"""The omnidreams family on the seam: the public preset's numbers, the streaming plan as data, the hdmap
+input read by every chunk, the KV window, the first chunk's image, and what a session refuses."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import flashdreams
+from flashdreams import registry
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.cosmos_dit import CosmosDiT
+from flashdreams.models.cosmos_loader import load_cosmos_dit
+from flashdreams.models.families.omnidreams import FAMILY
+from flashdreams.models.families.omnidreams.plan import build_plan
+from flashdreams.models.families.omnidreams.presets import TINY_OMNIDREAMS
+from flashdreams.models.family import BlockPlan
+from flashdreams.models.random_init import init_random_
+from flashdreams.parity import rel_l2
+
+TINY = "omnidreams-sv-tiny-latent"
+LAT = (1, 16, 2, 8, 12)
+
+
+def _inputs(seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "prompt_embeds": torch.randn(1, 6, 80, generator=g),
+        "image_latent": torch.randn(1, 16, 1, 8, 12, generator=g),
+        "hdmap": torch.randn(*LAT, generator=g),
+    }
+
+
+def _engine():
+    return flashdreams.load(preset=TINY, device="cpu", dtype="float32", decoder=None)
+
+
+def test_public_preset_numbers():
+    p = registry.get_preset("omnidreams-sv")
+    assert (p.len_t, p.window_t, p.sink_t, p.denoising_timesteps, p.shift, p.context_noise, p.fps) == (
+        2,
+        6,
+        0,
+        (1000, 450),
+        5.0,
+        128.0,
+        30,
+    )
+    sched = p.schedule()
+    assert sched.timesteps[0] == 1000.0 and abs(sched.timesteps[1] - 803.5714111328125) < 1e-9
+    assert p.hdmap_input == "pixels"
+    plan = build_plan(p.replace(hdmap_input="latent"), 1, p.latent_size(), "bfloat16", None)  # no encoder at 704p
+    ring = plan.meta["ring"]
+    assert p.latent_size() == (88, 160) and ring["frame_seq_length"] == 3520
+    assert plan.ring.valid_tokens(2) == 21120 and plan.ring.valid_tokens(50) == 21120  # 6 latent frames
+    assert abs(plan.meta["schedule"]["context_sigma"] - 0.12992832) < 1e-7
+    assert plan.inputs["hdmap"].shape == (1, 16, 2, 88, 160) and plan.inputs["hdmap"].units == "latent"
+    assert 150e12 < plan.meta["block_flops"][-1] < 230e12  # the issue's ~190 TFLOP per chunk over 3 forwards
+    calls = [op["graph"] for op in plan.programs["steady"] if op["op"] == "call"]
+    assert calls == ["dit", "dit", "dit"]
+    assert BlockPlan.from_dict(json.loads(json.dumps(plan.to_dict()))).to_dict() == plan.to_dict()
+    for q in FAMILY.presets():
+        assert registry.preset_from_dict(json.loads(json.dumps(q.to_dict()))) == q
+
+
+def test_stream_follows_the_hdmap_and_keeps_the_start_frame():
+    engine = _engine()
+    inp = _inputs()
+    a = engine.session(inputs=inp, seed=1)
+    b = engine.session(inputs=inp, seed=1)
+    first = a.step()
+    assert torch.equal(first.latents[:, :, :1], inp["image_latent"])  # chunk 0 keeps the given frame
+    assert torch.equal(b.step().latents, first.latents)
+    b.set_input("hdmap", inp["hdmap"].flip(-1))  # a different map for chunk 1 only
+    la, lb = a.step().latents, b.step().latents
+    assert rel_l2(la, lb) > 1e-3
+    for _ in range(3):  # the window rolls (chunks 3, 4): the ring holds 6 latent frames
+        a.step()
+    assert int(a.buffers["valid_len"]) == 6 * 4 * 6 and a.block == 5
+
+
+def test_reset_replays_the_stream():
+    engine = _engine()
+    s = engine.session(inputs=_inputs(), seed=2)
+    first = [s.step().latents for _ in range(4)]
+    s.reset()
+    again = [s.step().latents for _ in range(4)]
+    assert all(torch.equal(x, y) for x, y in zip(first, again))
+
+
+def test_session_refuses_bad_hdmap_and_missing_inputs():
+    engine = _engine()
+    s = engine.session(inputs=_inputs(), seed=0)
+    before = s.buffers["hdmap"].clone()
+    with pytest.raises(InvalidArgumentError):
+        s.set_input("hdmap", torch.randn(1, 16, 3, 8, 12))  # 3 latent frames: a chunk has 2
+    with pytest.raises(InvalidArgumentError):
+        s.set_input("hdmap", torch.full(LAT, float("inf")))
+    assert torch.equal(s.buffers["hdmap"], before)
+    latent = registry.get_preset("omnidreams-sv").replace(hdmap_input="latent")
+    real = build_plan(latent, 1, (88, 160), "bfloat16", None)
+    assert {n for n, spec in real.inputs.items() if spec.required} == {"prompt_embeds", "image_latent", "hdmap"}
+    pixels = flashdreams.load(preset="omnidreams-sv-tiny", device="cpu", dtype="float32", decoder=None)
+    spec = pixels.plan.inputs["hdmap_video"]
+    assert spec.shape == (1, 8, 3, 64, 96) and (spec.low, spec.high, spec.units) == (0.0, 1.0, "image")
+    with pytest.raises(InvalidArgumentError):  # rendered frames are in [0, 1]
+        pixels.session(inputs={**_inputs(), "hdmap_video": torch.full(spec.shape, 2.0)})
+
+
+def test_loader_drops_the_padding_mask_columns():
+    """The released checkpoint's x_embedder has 72 columns; OmniDreams uses the first 68."""
+    full = init_random_(CosmosDiT(TINY_OMNIDREAMS.replace(padding_channel=True)), 0)
+    sd = {f"net.{k}": v for k, v in full.state_dict().items()}
+    model = load_cosmos_dit(sd, TINY_OMNIDREAMS)
+    w = model.state_dict()["x_embedder.proj.1.weight"]
+    assert w.shape == (64, 68) and torch.equal(w, sd["net.x_embedder.proj.1.weight"][:, :68])
+    assert "additional_patch_embedding.proj.1.weight" in model.state_dict()
+
+
+def _video(seed: int, frames: int = 8) -> torch.Tensor:
+    return torch.rand(1, frames, 3, 64, 96, generator=torch.Generator().manual_seed(seed))
+
+
+def test_hdmap_encoder_streams_like_one_causal_encode():
+    """Chunk 0 codes its last 5 frames, later chunks 8: the streamed latents equal one encode of the whole
+    video (frames 3, 4, ...), so the cached stream is consistent; a reset starts it over."""
+    engine = flashdreams.load(preset="omnidreams-sv-tiny", device="cpu", dtype="float32", decoder=None)
+    inp = {k: v for k, v in _inputs().items() if k != "hdmap"}
+    videos = [_video(i) for i in range(3)]
+    s = engine.session(inputs={**inp, "hdmap_video": videos[0]}, seed=0)
+    got = []
+    for v in videos:
+        s.set_input("hdmap_video", v)
+        s.step()
+        got.append(s.buffers["hdmap"].clone())
+    assert all(g.shape == LAT for g in got)
+    vae = engine.model.graphs["encode_hdmap"].vae
+    whole = torch.cat(videos, dim=1)[:, 3:].permute(0, 2, 1, 3, 4) * 2 - 1  # 21 = 1 + 4*5 frames
+    ref = vae.encode_latent(whole)
+    assert rel_l2(torch.cat(got, dim=2), ref) < 1e-5
+    s.reset()
+    s.set_input("hdmap_video", videos[0])
+    s.step()
+    assert torch.equal(s.buffers["hdmap"], got[0])
+
+
+def test_released_pt_layout_converts_and_loads(tmp_path):
+    """A `.pt` like the release's (`net.` prefix, training counters) goes through fd-convert and loads."""
+    from flashdreams.convert import convert_checkpoint
+
+    full = init_random_(CosmosDiT(TINY_OMNIDREAMS.replace(padding_channel=True)), 5)
+    ckpt = {f"net.{k}": v for k, v in full.state_dict().items()} | {"net.accum_iteration": torch.tensor(7)}
+    torch.save(ckpt, tmp_path / "model_ema_bf16.pt")
+    convert_checkpoint(tmp_path / "model_ema_bf16.pt", tmp_path / "model.safetensors")
+    engine = flashdreams.load(tmp_path / "model.safetensors", preset=TINY, device="cpu", dtype="float32", decoder=None)
+    got = engine.model.weights.state_dict()
+    assert torch.equal(got["blocks.1.mlp.layer2.weight"], full.state_dict()["blocks.1.mlp.layer2.weight"])
+    s = engine.session(inputs=_inputs(), seed=0)
+    assert torch.isfinite(s.step().latents).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("preset", ["omnidreams-sv-tiny", "omnidreams-sv-tiny-latent"])
+def test_cuda_graph_stream_matches_eager(preset):
+    """Captured chunks (HD-map encode, denoise, decode, finalize) replay what the eager session computes."""
+    engine = flashdreams.load(preset=preset, device="cuda", dtype="float32")
+    inputs = {k: v.cuda() for k, v in _inputs().items()}
+    if preset == "omnidreams-sv-tiny":
+        inputs = {k: v for k, v in inputs.items() if k != "hdmap"}
+        inputs["hdmap_video"] = torch.rand(1, 8, 3, 64, 96, generator=torch.Generator().manual_seed(0)).cuda()
+    eager = engine.session(inputs=inputs, seed=3, cuda_graphs=False)
+    graphs = engine.session(inputs=inputs, seed=3, cuda_graphs=True)
+    for _ in range(5):
+        a, b = eager.step(), graphs.step()
+        assert rel_l2(a.latents, b.latents) < 1e-5
+        assert a.frames.shape == b.frames.shape and (a.frames.int() - b.frames.int()).abs().max() <= 1
+
+
+def test_fp8_precision_quantizes_the_per_token_linears():
+    engine = flashdreams.load(preset=TINY, device="cpu", dtype="float32", decoder=None, precision="fp8")
+    net = engine.model.weights
+    kinds = {n: type(m).__name__ for n, m in net.named_modules() if n.startswith("blocks.0.") and n.count(".") == 3}
+    assert kinds["blocks.0.self_attn.q_proj"] == kinds["blocks.0.mlp.layer2"] == "Fp8Linear"
+    assert kinds["blocks.0.cross_attn.k_proj"] == "Linear"  # text K/V run once per prompt: kept
+    assert type(net.final_layer.linear).__name__ == "Linear" and net.precision == "fp8"
+    ref = _engine().session(inputs=_inputs(), seed=1).step().latents
+    got = engine.session(inputs=_inputs(), seed=1).step().latents
+    assert 1e-4 < rel_l2(got, ref) < 0.1  # quantized, and close
