@@ -307,7 +307,7 @@ class Worlds:
         gen = self._generator
         for row in range(self.n):
             gen.manual_seed(block_seed(self.seeds[row], self.blocks[row]))
-            for name in self.plan.draws:
+            for name in sorted(self.plan.draws):  # the order a lone session draws in
                 torch.randn(buffers[name].shape[1:], generator=gen, device=self.device, out=buffers[name][row])
 
     def memory_bytes(self) -> int:

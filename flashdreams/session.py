@@ -347,7 +347,7 @@ class Session:
     def _draw(self, given: dict[str, torch.Tensor]) -> None:
         """Fill the draw buffers: given tensors (parity, replay) or the generator seeded by (seed, block)."""
         self.generator.manual_seed(block_seed(self.seed, self.block))
-        for name in self.plan.draws:
+        for name in sorted(self.plan.draws):  # a canonical order: a manifest may list them in another
             buf = self.buffers[name]
             if name in given:
                 buf.copy_(given[name])

@@ -219,3 +219,19 @@ def test_fd_run_record_then_replay_in_another_process(tmp_path):
     want, got = load_file(str(a)), load_file(str(b))
     assert sorted(want) == sorted(got) == ["block_0", "block_1", "block_2"]
     assert all(torch.equal(want[k], got[k]) for k in want)
+
+
+def test_draws_do_not_depend_on_the_order_the_plan_lists_them():
+    """A built engine's manifest may list the draws in another order: the noise must not change."""
+    import dataclasses
+
+    from flashdreams.engine import Engine
+
+    engine = flashdreams.load()
+    plan = engine.plan
+    reordered = dataclasses.replace(plan, draws=dict(reversed(list(plan.draws.items()))))
+    assert list(reordered.draws) != list(plan.draws)
+    other = Engine(engine.backend, reordered, engine.spec.preset, engine.source, engine.decoder, True, engine.model)
+    a = engine.session(seed=3).step().latents
+    b = other.session(seed=3).step().latents
+    assert torch.equal(a, b)
