@@ -229,6 +229,8 @@ class Session:
                 f"input '{name}': batch {x.shape[0]} differs from the session's batch {spec.shape[0]}"
             )
         want_float = spec.torch_dtype().is_floating_point
+        if want_float and x.dtype == torch.uint8 and spec.units == "image":
+            x = x.float()  # frames as they come from a camera or a decoder: pixel values, widened
         if want_float and not torch.is_floating_point(x):
             raise InvalidArgumentError(f"input '{name}' must be floating point ({spec.dtype}); got {x.dtype}")
         for d, (have, want) in enumerate(zip(x.shape, spec.shape)):

@@ -333,3 +333,14 @@ def test_a_failed_block_retries_to_the_same_frames():
 
     clean, retried = run(None), run(1)
     assert all(torch.equal(a, b) for a, b in zip(clean, retried))
+
+
+def test_uint8_frames_are_taken_as_pixel_values():
+    engine = flashdreams.load(preset="flashvsr-tiny")
+    lq = _lq(25, seed=2).round()
+    a = engine.session(inputs={"lq_frames": lq}, seed=1).step().frames
+    b = engine.session(inputs={"lq_frames": lq.to(torch.uint8)}, seed=1).step().frames
+    assert torch.equal(a, b)
+    s = engine.session(inputs={"lq_frames": lq}, seed=1)
+    with pytest.raises(InvalidArgumentError, match="floating point"):  # integers that are not frames
+        s.set_input("lq_frames", lq[:, :8].to(torch.int32))
