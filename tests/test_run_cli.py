@@ -14,14 +14,31 @@ from flashdreams.video import read_video
 
 def test_readme_run_command_writes_a_playable_mp4(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run_main(["--no-progress"]) == 0  # the README's command is plain `fd-run`
+    assert run_main(["--no-progress"]) == 0  # the README's command is plain `fd-run`: the arena world
+    video = read_video(tmp_path / "flashdreams.mp4")
+    assert video.shape == (80, 64, 64, 3)  # 20 blocks of 4 frames: one loop of the built-in key script
+    assert video.std() > 5
+    # The yellow agent walks the loop (right, down, left, up; 20 frames each): read its place from the
+    # video (loosely: the mp4's chroma is subsampled) and check each leg moves the way its key says.
+    v = torch.from_numpy(video).float() / 255
+    yellow = (v[..., 0] > 0.55) & (v[..., 1] > 0.5) & (v[..., 2] < 0.45)
+    ys, xs = torch.arange(64.0).view(1, 64, 1), torch.arange(64.0).view(1, 1, 64)
+    n = yellow.sum(dim=(1, 2)).clamp(min=1)
+    cx, cy = (yellow * xs).sum(dim=(1, 2)) / n, (yellow * ys).sum(dim=(1, 2)) / n
+    assert (yellow.sum(dim=(1, 2)) >= 6).float().mean() > 0.8, "the agent is visible in most frames"
+    legs = [(cx, 1), (cy, 1), (cx, -1), (cy, -1)]  # d: +x, s: +y, a: -x, w: -y
+    moved = [sign * float(axis[20 * i + 17] - axis[20 * i + 2]) for i, (axis, sign) in enumerate(legs)]
+    assert sum(m > 3 for m in moved) >= 3, moved  # a wall or block may stop one leg
+
+
+def test_tiny_model_still_plays_with_its_preset(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["--preset", "tiny", "--no-progress"]) == 0
     video = read_video(tmp_path / "flashdreams.mp4")
     spec = flashdreams.load(decoder=None).spec
     assert video.shape == (9 + 12 * 6, spec.height, spec.width, 3)  # 7 blocks: 81 frames
-    # Frames differ from one another (a stream, not a still), and are not flat.
     diffs = np.abs(np.diff(video.astype(np.int16), axis=0)).mean(axis=(1, 2, 3))
     assert (diffs > 0.5).all()
-    assert video.std() > 5
 
 
 def test_latents_saved_match_the_python_api(tmp_path):
@@ -85,7 +102,7 @@ def test_prompt_embeds_file_and_errors(tmp_path, capsys):
 def test_list_presets(capsys):
     assert run_main(["--list-presets"]) == 0
     out = capsys.readouterr().out
-    assert "self-forcing-1.3b" in out and "tiny" in out
+    assert "self-forcing-1.3b" in out and "tiny" in out and "arena" in out
 
 
 @pytest.mark.parametrize("name", ["wan-vae", "taehv"])

@@ -146,8 +146,8 @@ def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process:
     engine, times = _load(cfg, backend, attention)
     device = engine.device
     spec = engine.spec
-    prompt = engine.default_prompt()
-    session = engine.session(prompt, seed=cfg.seed, cuda_graphs=cfg.cuda_graphs)
+    # Stand-ins for every required input (a prompt for causal Wan, a start image for Matrix-Game, ...).
+    session = engine.session(inputs=engine.default_inputs(), seed=cfg.seed, cuda_graphs=cfg.cuda_graphs)
     session.timing = True
 
     # Cold: the first block of the first rollout (eager warm-up on CUDA), to its frames.

@@ -167,8 +167,8 @@ def _results(args, preset, dtype, env: dict, ceilings: dict, runs: list, failed:
     """results.json: environment, ceilings, the configuration and every run."""
     from flashdreams.benchmark.report import precision_label
 
-    spec_h = args.height or preset.height
-    spec_w = args.width or preset.width
+    spec_h = args.height or getattr(preset, "height", None)
+    spec_w = args.width or getattr(preset, "width", None)
     return {
         "schema": "fd-bench/1",
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -190,10 +190,8 @@ def _results(args, preset, dtype, env: dict, ceilings: dict, runs: list, failed:
             "weights_seed": args.weights_seed,
             "precision": ",".join(precision_label(pr, dtype) for pr in split_list(args.precision)),  # what ran
             "precision_option": args.precision,
-            "model": preset.model.to_dict(),
-            "sink_frames": preset.sink_frames,
-            "window_frames": preset.window_frames,
-            "schedule": preset.schedule().to_dict(),
+            # The whole preset as its family writes it (every family's preset has to_dict).
+            "preset_config": preset.to_dict(),
         },
         "runs": runs,
         "failed_runs": failed,

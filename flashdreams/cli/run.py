@@ -23,14 +23,19 @@ def build_parser() -> argparse.ArgumentParser:
         prog="fd-run",
         description=(
             "Play a streaming world-model session block by block and write the frames to a video. "
-            "With no checkpoint it plays the built-in tiny model (deterministic random weights, no "
-            "download: the frames are structured noise, which is what a random model draws) on whatever "
-            "device is here. With --checkpoint it runs a real model (a .safetensors file or directory, or "
-            "an engine directory made by fd-build)."
+            "With no model options it plays the arena: the project's own small world model (trained by "
+            "train/train_arena.py, shipped in the package), driven by a built-in key script that walks the "
+            "agent around the arena (or by --actions FILE), in real time on a CPU. Options that only fit "
+            "the Wan models (--prompt*, --text-encoder, --decoder NAME, --decoder-weights, --height/--width, "
+            "--random-weights) select the built-in tiny causal Wan instead (random weights: structured "
+            "noise). With --checkpoint it runs a real model (a .safetensors file or directory, or an engine "
+            "directory made by fd-build)."
         ),
         epilog=(
             "examples:\n"
-            "  fd-run                                   # built-in model -> flashdreams.mp4\n"
+            "  fd-run                                   # the arena world, a loop around it -> flashdreams.mp4\n"
+            '  fd-run --actions keys.json --seed 3      # your keys: [{"keys": ["d"]}, {"keys": ["w", "d"]}, ...]\n'
+            "  fd-run --preset tiny                     # the tiny causal Wan (random weights)\n"
             "  fd-run --checkpoint self_forcing_dmd.safetensors --decoder-weights Wan2.1_VAE.safetensors \\\n"
             "         --prompt-embeds prompt.safetensors --blocks 7 --out city.mp4\n"
             "  fd-run --checkpoint ckpt.safetensors --text-encoder umt5-xxl/ --prompt 'a drive through a city' \\\n"
@@ -48,7 +53,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", help="prompt text (needs --text-encoder)")
     p.add_argument("--text-encoder", help="directory of a transformers UMT5EncoderModel + tokenizer (umT5-XXL)")
     p.add_argument("--offload-text-encoder", action="store_true", help="free the text encoder after encoding")
-    p.add_argument("--blocks", type=int, default=7, help="blocks to generate (default 7 = 81 frames at nf 3)")
+    p.add_argument(
+        "--blocks",
+        type=int,
+        help="blocks to generate (default: enough for the --actions script; 20 for the arena's loop, "
+        "80 frames; 7 otherwise, 81 frames at nf 3)",
+    )
+    p.add_argument(
+        "--actions",
+        metavar="FILE",
+        help="key script (Matrix-Game's format): a JSON list with one object per video frame, "
+        'e.g. [{"keys": ["d"]}, {"keys": ["w", "d"]}, {"keys": []}]; key names are the model\'s keyboard '
+        'labels (w, s, a, d); optional "mouse": [pitch, yaw] where the model takes a mouse input. '
+        "Frames past the script's end hold no keys",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the session's noise (default 0)")
     p.add_argument(
         "--out",
@@ -85,7 +103,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     from flashdreams.video import check_video_path, check_writable
 
     found: dict[str, Any] = {}
-    if args.blocks < 1:
+    if args.blocks is not None and args.blocks < 1:
         raise InvalidArgumentError(f"--blocks must be at least 1, got {args.blocks}")
     if not (math.isfinite(args.fps) and args.fps > 0):
         raise InvalidArgumentError(f"--fps must be a positive number of frames per second, got {args.fps:g}")
@@ -109,12 +127,125 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         if Path(args.record).suffix != ".safetensors":
             raise InvalidArgumentError(f"--record '{args.record}' must end in .safetensors")
         _flagged("--record", check_writable, args.record)
+    if args.actions:
+        if args.replay:
+            raise InvalidArgumentError("--replay takes its inputs from the recording: drop --actions")
+        found["actions"] = read_action_script(args.actions)
     if args.replay:
         if args.record or args.prompt or args.prompt_embeds:
             raise InvalidArgumentError("--replay takes its inputs from the recording: drop --record/--prompt*")
         if not Path(args.replay).is_file():
             raise NotFoundError(f"--replay '{args.replay}' does not exist (a file written by fd-run --record)")
     return found
+
+
+ACTION_FIELDS = ("keys", "mouse")
+MAX_ACTION_FRAMES = 1_000_000
+
+
+def read_action_script(path: str) -> list[dict]:
+    """A --actions file, checked whole (it exists, is JSON, a non-empty list of objects with a "keys" list of
+    key-name strings and an optional "mouse" pair of finite numbers); the key names are checked against the
+    model once it is loaded (`action_tensors`)."""
+    import json
+
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(
+            f'--actions \'{path}\' does not exist (a JSON list of per-frame objects like {{"keys": ["d"]}})'
+        )
+    try:
+        script = json.loads(p.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise InvalidArgumentError(f"--actions '{path}' is not valid JSON ({exc})") from None
+    if not isinstance(script, list) or not script:
+        raise InvalidArgumentError(
+            f"--actions '{path}' must hold a non-empty JSON list with one object per video frame, "
+            f'like [{{"keys": ["d"]}}]; got {type(script).__name__ if script else "an empty list"}'
+        )
+    if len(script) > MAX_ACTION_FRAMES:
+        raise InvalidArgumentError(f"--actions '{path}' has {len(script)} frames; at most {MAX_ACTION_FRAMES}")
+    for i, item in enumerate(script):
+        where = f"--actions '{path}' frame {i}"
+        if not isinstance(item, dict):
+            raise InvalidArgumentError(f'{where} must be an object like {{"keys": ["d"]}}, got {json.dumps(item)}')
+        unknown = sorted(set(item) - set(ACTION_FIELDS))
+        if unknown:
+            raise InvalidArgumentError(f"{where} has unknown fields {unknown}; known: {list(ACTION_FIELDS)}")
+        keys = item.get("keys", [])
+        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
+            raise InvalidArgumentError(f'{where}: "keys" must be a list of key names (strings), got {json.dumps(keys)}')
+        if len(set(keys)) != len(keys):
+            raise InvalidArgumentError(f'{where}: "keys" names a key twice: {json.dumps(keys)}')
+        if "mouse" in item:
+            m = item["mouse"]
+            ok = isinstance(m, list) and len(m) == 2
+            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in m)
+            if not ok:
+                raise InvalidArgumentError(
+                    f'{where}: "mouse" must be [pitch, yaw], two finite numbers; got {json.dumps(m)}'
+                )
+    return script
+
+
+def _control(engine, units: str):
+    """The engine's input of these units (keys, mouse) with per-frame rows [B, F, C], or None."""
+    for spec in engine.input_specs():
+        if spec.units == units and len(spec.shape) == 3 and spec.when == "block":
+            return spec
+    return None
+
+
+def action_tensors(script: list[dict], engine, path: str) -> dict[str, Any]:
+    """The script as per-frame tensors {input name: [T, C]}; refuses keys or mouse the model does not take."""
+    import torch
+
+    keys, mouse = _control(engine, "keys"), _control(engine, "mouse")
+    if keys is None:
+        raise InvalidArgumentError(
+            f"--actions: {engine.preset_name} takes no keyboard input (it is not a world you steer)"
+        )
+    labels = list(keys.labels)
+    out = {keys.name: torch.zeros(len(script), keys.shape[-1])}
+    if mouse is not None:
+        out[mouse.name] = torch.zeros(len(script), mouse.shape[-1])
+    for i, item in enumerate(script):
+        for k in item.get("keys", []):
+            if k not in labels:
+                raise InvalidArgumentError(
+                    f"--actions '{path}' frame {i}: key '{k}' is not one of {engine.preset_name}'s keys {labels}"
+                )
+            out[keys.name][i, labels.index(k)] = 1.0
+        if "mouse" in item:
+            if mouse is None:
+                raise InvalidArgumentError(
+                    f"--actions '{path}' frame {i}: {engine.preset_name} takes no mouse input; drop \"mouse\""
+                )
+            row = out[mouse.name][i] = torch.tensor(item["mouse"], dtype=torch.float32)
+            low = -math.inf if mouse.low is None else mouse.low
+            high = math.inf if mouse.high is None else mouse.high
+            if not bool(((row >= low) & (row <= high)).all()):
+                raise InvalidArgumentError(
+                    f"--actions '{path}' frame {i}: mouse {item['mouse']} outside [{mouse.low}, {mouse.high}]"
+                )
+    return out
+
+
+LOOP_SIDE_FRAMES = 20  # frames per side of the built-in loop
+
+
+def loop_script(engine, frames: int) -> dict[str, Any] | None:
+    """The built-in script for a keyboard world with w/a/s/d: d, s, a, w for 20 frames each, round and round."""
+    import torch
+
+    keys = _control(engine, "keys")
+    if keys is None or not {"w", "a", "s", "d"} <= set(keys.labels):
+        return None
+    labels = list(keys.labels)
+    out = torch.zeros(frames, keys.shape[-1])
+    for t in range(frames):
+        out[t, labels.index("dsaw"[(t // LOOP_SIDE_FRAMES) % 4])] = 1.0
+    return {keys.name: out}
 
 
 def _flagged(flag: str, check, value) -> None:
@@ -286,6 +417,10 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
 
     found = check_args(args)
     kw = load_kwargs(args)
+    if plays_default_world(args):
+        from flashdreams.presets import DEFAULT_WORLD
+
+        kw["preset"] = DEFAULT_WORLD
     check_load_args(kw)
     t0 = time.perf_counter()
     engine = flashdreams.load(**kw)
@@ -296,10 +431,11 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         args.blocks = recording.num_steps
         steps = replay(recording, engine)
     else:
+        controls, args.blocks = _controls(args, engine, found)
         session = engine.session(_prompt(args, engine, found), seed=args.seed)
         if args.record:
             session.start_recording()
-        steps = (session.step() for _ in range(args.blocks))
+        steps = (_step_with(session, controls, k) for k in range(args.blocks))
     print(f"fd-run: {engine} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if engine.decoder is not None:
         outputs.writer = VideoWriter(args.out, fps=args.fps)
@@ -343,6 +479,46 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         session.save_recording(args.record)
         print(f"wrote {args.record}: the seed and inputs of {args.blocks} blocks (fd-run --replay {args.record})")
     return 0
+
+
+def plays_default_world(args: argparse.Namespace) -> bool:
+    """No option picks a model: fd-run plays the default world (the arena). The options that only fit the Wan
+    models (prompts, decoders, resolutions, random full-size weights) keep the tiny causal Wan as before."""
+    wan_only = args.prompt or args.prompt_embeds or args.text_encoder or args.decoder_weights or args.random_weights
+    sized = args.height is not None or args.width is not None
+    return not (args.checkpoint or args.preset or wan_only or sized or args.decoder not in ("preset", "none"))
+
+
+def _controls(args: argparse.Namespace, engine, found: dict[str, Any]) -> tuple[dict[str, Any], int]:
+    """Per-frame control tensors ({input: [T, C]}) from --actions or the built-in loop, and the block count."""
+    if args.actions:
+        controls = action_tensors(found["actions"], engine, args.actions)
+    else:
+        loop = loop_script(engine, 1)
+        rows = _control(engine, "keys").shape[1] if loop else 1
+        blocks = args.blocks or (math.ceil(4 * LOOP_SIDE_FRAMES / rows) if loop else 7)
+        return (loop_script(engine, blocks * rows) or {}), blocks
+    rows = _control(engine, "keys").shape[1]
+    frames = next(iter(controls.values())).shape[0]
+    return controls, args.blocks or math.ceil(frames / rows)
+
+
+def _step_with(session, controls: dict[str, Any], k: int):
+    """Block k with its rows of each control (frames past the script's end hold zeros: no keys)."""
+    for name, per_frame in controls.items():
+        spec = session.plan.inputs[name]
+        rows = spec.shape[1]
+        chunk = per_frame[k * rows : (k + 1) * rows]
+        if chunk.shape[0] < rows:
+            chunk = torch_cat_zeros(chunk, rows)
+        session.set_input(name, chunk[None].expand(spec.shape[0], *chunk.shape))
+    return session.step()
+
+
+def torch_cat_zeros(chunk, rows: int):
+    import torch
+
+    return torch.cat([chunk, chunk.new_zeros(rows - chunk.shape[0], *chunk.shape[1:])])
 
 
 def _progress(total: int, disable: bool):

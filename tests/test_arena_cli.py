@@ -1,0 +1,90 @@
+"""fd-run --actions: a Matrix-Game-style key script drives the arena; bad scripts are refused by name, early."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import flashdreams
+from flashdreams.cli.run import main as run_main
+from flashdreams.models.families.arena import world
+
+
+def _write(path, obj) -> str:
+    path.write_text(obj if isinstance(obj, str) else json.dumps(obj))
+    return str(path)
+
+
+def test_actions_file_drives_the_arena_like_the_python_api(tmp_path):
+    script = [{"keys": ["d"]}] * 6 + [{"keys": ["s", "a"]}] * 5 + [{"keys": []}]  # 12 frames: 3 blocks
+    actions = _write(tmp_path / "keys.json", script)
+    lat = tmp_path / "lat.safetensors"
+    argv = ["--actions", actions, "--seed", "2", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(lat)]
+    assert run_main([*argv, "--no-progress"]) == 0
+    saved = load_file(str(lat))
+    assert sorted(saved) == ["block_0", "block_1", "block_2"]  # blocks follow the script's length
+    session = flashdreams.load(preset="arena", device="cpu").session(seed=2)
+    keys = torch.zeros(12, 4)
+    for t, item in enumerate(script):
+        for k in item["keys"]:
+            keys[t, world.KEYS.index(k)] = 1.0
+    for b in range(3):
+        session.set_input("keyboard", keys[b * 4 : (b + 1) * 4][None])
+        assert torch.equal(saved[f"block_{b}"], session.step().latents)
+
+
+def test_frames_past_the_script_hold_no_keys(tmp_path):
+    actions = _write(tmp_path / "keys.json", [{"keys": ["w"]}])
+    lat = tmp_path / "lat.safetensors"
+    assert run_main(["--actions", actions, "--blocks", "2", "--decoder", "none", "--save-latents", str(lat),
+                     "--no-progress"]) == 0  # fmt: skip
+    session = flashdreams.load(preset="arena", device="cpu", decoder=None).session(seed=0)
+    first = torch.zeros(1, 4, 4)
+    first[0, 0, 0] = 1.0
+    for b, kb in enumerate([first, torch.zeros(1, 4, 4)]):
+        session.set_input("keyboard", kb)
+        assert torch.equal(load_file(str(lat))[f"block_{b}"], session.step().latents)
+
+
+BAD = [
+    ("{tmp}/none.json", None, "does not exist"),
+    ("{tmp}/a.json", "[{", "is not valid JSON"),
+    ("{tmp}/a.json", "[]", "non-empty JSON list"),
+    ("{tmp}/a.json", {"keys": ["d"]}, "non-empty JSON list"),
+    ("{tmp}/a.json", [{"keys": ["d"]}, 3], "frame 1 must be an object"),
+    ("{tmp}/a.json", [{"key": ["d"]}], "unknown fields ['key']"),
+    ("{tmp}/a.json", [{"keys": "d"}], "must be a list of key names"),
+    ("{tmp}/a.json", [{"keys": ["d", "d"]}], "names a key twice"),
+    ("{tmp}/a.json", [{"keys": [], "mouse": [0.1]}], "two finite numbers"),
+]
+
+
+@pytest.mark.parametrize("path, content, message", BAD, ids=[m for _, _, m in BAD])
+def test_bad_scripts_are_refused_before_loading(path, content, message, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    path = path.replace("{tmp}", str(tmp_path))
+    if content is not None:
+        _write(tmp_path / "a.json", content)
+
+    def no_load(*_a, **_k):
+        raise AssertionError("flashdreams.load was called")
+
+    monkeypatch.setattr(flashdreams, "load", no_load)
+    assert run_main(["--actions", path, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("fd-run: ") and message in err and "--actions" in err, err
+    assert not (tmp_path / "flashdreams.mp4").exists()
+
+
+def test_keys_and_mouse_the_model_does_not_take_are_refused(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_main(["--actions", _write(tmp_path / "k.json", [{"keys": ["q"]}]), "--no-progress"]) == 2
+    assert "key 'q' is not one of arena's keys ['w', 's', 'a', 'd']" in capsys.readouterr().err
+    assert run_main(["--actions", _write(tmp_path / "m.json", [{"keys": [], "mouse": [0, 1]}]), "--no-progress"]) == 2
+    assert "takes no mouse input" in capsys.readouterr().err
+    assert run_main(["--preset", "tiny", "--actions", str(tmp_path / "k.json"), "--no-progress"]) == 2
+    assert "takes no keyboard input" in capsys.readouterr().err
+    assert not (tmp_path / "flashdreams.mp4").exists()
