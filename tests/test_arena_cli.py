@@ -36,17 +36,41 @@ def test_actions_file_drives_the_arena_like_the_python_api(tmp_path):
         assert torch.equal(saved[f"block_{b}"], session.step().latents)
 
 
-def test_frames_past_the_script_hold_no_keys(tmp_path):
-    actions = _write(tmp_path / "keys.json", [{"keys": ["w"]}])
+def test_frames_past_the_script_repeat_its_last_entry(tmp_path):
+    actions = _write(tmp_path / "keys.json", [{"keys": []}, {"keys": ["w"]}])
     lat = tmp_path / "lat.safetensors"
     assert run_main(["--actions", actions, "--blocks", "2", "--decoder", "none", "--save-latents", str(lat),
                      "--no-progress"]) == 0  # fmt: skip
     session = flashdreams.load(preset="arena", device="cpu", decoder=None).session(seed=0)
     first = torch.zeros(1, 4, 4)
-    first[0, 0, 0] = 1.0
-    for b, kb in enumerate([first, torch.zeros(1, 4, 4)]):
+    first[0, 1:, 0] = 1.0  # frame 0 no keys, then w held
+    held = torch.zeros(1, 4, 4)
+    held[..., 0] = 1.0
+    for b, kb in enumerate([first, held]):
         session.set_input("keyboard", kb)
         assert torch.equal(load_file(str(lat))[f"block_{b}"], session.step().latents)
+
+
+def test_matrixgame_script_frames_land_on_their_video_frames(tmp_path):
+    """Matrix-Game's block 0 makes video frames 0..8 from its action rows 3..11: script frame i steers video
+    frame i (rows 0..2 repeat frame 0), and block 1 takes script frames 9..20."""
+    names = ["w", "s", "a", "d"]
+    script = [{"keys": [names[i % 4]], "mouse": [0.0, 0.01 * i]} for i in range(21)]
+    actions = _write(tmp_path / "keys.json", script)
+    lat = tmp_path / "lat.safetensors"
+    argv = ["--preset", "matrix-game-2-tiny", "--actions", actions, "--decoder", "none", "--save-latents", str(lat)]
+    assert run_main([*argv, "--no-progress"]) == 0
+    saved = load_file(str(lat))
+    assert sorted(saved) == ["block_0", "block_1"]  # 9 + 12 frames: two blocks
+    keys = torch.zeros(21, 4)
+    keys[torch.arange(21), torch.arange(21) % 4] = 1.0
+    mouse = torch.tensor([item["mouse"] for item in script])
+    session = flashdreams.load(preset="matrix-game-2-tiny", device="cpu", decoder=None).session(seed=0)
+    rows0 = torch.cat([torch.zeros(3, dtype=torch.long), torch.arange(9)])
+    for b, rows in enumerate([rows0, torch.arange(9, 21)]):
+        session.set_input("keyboard", keys[rows][None])
+        session.set_input("mouse", mouse[rows][None])
+        assert torch.equal(saved[f"block_{b}"], session.step().latents)
 
 
 BAD = [

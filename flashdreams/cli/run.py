@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="key script (Matrix-Game's format): a JSON list with one object per video frame, "
         'e.g. [{"keys": ["d"]}, {"keys": ["w", "d"]}, {"keys": []}]; key names are the model\'s keyboard '
         'labels (w, s, a, d); optional "mouse": [pitch, yaw] where the model takes a mouse input. '
-        "Frames past the script's end hold no keys",
+        "Past the script's end its last frame holds (a shorter list repeats its last entry)",
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the session's noise (default 0)")
     p.add_argument(
@@ -496,29 +496,44 @@ def _controls(args: argparse.Namespace, engine, found: dict[str, Any]) -> tuple[
     else:
         loop = loop_script(engine, 1)
         rows = _control(engine, "keys").shape[1] if loop else 1
-        blocks = args.blocks or (math.ceil(4 * LOOP_SIDE_FRAMES / rows) if loop else 7)
+        blocks = args.blocks or (script_blocks(engine.plan, rows, 4 * LOOP_SIDE_FRAMES) if loop else 7)
         return (loop_script(engine, blocks * rows) or {}), blocks
     rows = _control(engine, "keys").shape[1]
     frames = next(iter(controls.values())).shape[0]
-    return controls, args.blocks or math.ceil(frames / rows)
+    return controls, args.blocks or script_blocks(engine.plan, rows, frames)
+
+
+def block_frames(plan, rows: int, k: int) -> tuple[int, int, int]:
+    """(start, count, lead): block k's video frames in a per-frame script.
+
+    A plan may cover fewer video frames in its first block (meta "action_rows_first_block": Matrix-Game's
+    block 0 makes frames 0..8 from rows 3..11 of its 12 action rows). Those frames fill the block's last
+    rows; the `lead` rows before them stand before the video (the model ignores them) and repeat the first.
+    """
+    first = plan.meta.get("action_rows_first_block", rows)
+    return (0, first, rows - first) if k == 0 else (first + (k - 1) * rows, rows, 0)
+
+
+def script_blocks(plan, rows: int, frames: int) -> int:
+    """Blocks that play a script of `frames` video frames to its end."""
+    first = plan.meta.get("action_rows_first_block", rows)
+    return 1 + math.ceil(max(0, frames - first) / rows)
 
 
 def _step_with(session, controls: dict[str, Any], k: int):
-    """Block k with its rows of each control (frames past the script's end hold zeros: no keys)."""
+    """Block k with its rows of each control; past the script's end its last frame holds."""
+    import torch
+
     for name, per_frame in controls.items():
         spec = session.plan.inputs[name]
         rows = spec.shape[1]
-        chunk = per_frame[k * rows : (k + 1) * rows]
-        if chunk.shape[0] < rows:
-            chunk = torch_cat_zeros(chunk, rows)
+        start, count, lead = block_frames(session.plan, rows, k)
+        idx = torch.arange(start, start + count).clamp(max=per_frame.shape[0] - 1)
+        chunk = per_frame[idx]
+        if lead:
+            chunk = torch.cat([chunk[:1].expand(lead, *chunk.shape[1:]), chunk])
         session.set_input(name, chunk[None].expand(spec.shape[0], *chunk.shape))
     return session.step()
-
-
-def torch_cat_zeros(chunk, rows: int):
-    import torch
-
-    return torch.cat([chunk, chunk.new_zeros(rows - chunk.shape[0], *chunk.shape[1:])])
 
 
 def _progress(total: int, disable: bool):

@@ -1,0 +1,172 @@
+"""Matrix-Game step graphs with named inputs: the action windows of a block, the DiT against all
+caches, and the start-image encoders that fill the session's conditioning state."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from flashdreams.models.action_module import block_window_index
+from flashdreams.models.clip_vision import CLIP_MEAN, CLIP_STD, ClipVision
+from flashdreams.models.family import GraphSig
+from flashdreams.models.matrixgame_dit import MatrixGameDiT
+from flashdreams.models.wan_i2v import first_frame_mask, image_latent
+from flashdreams.models.wan_vae import WanVAE
+
+CACHES_KB = ("keyboard_k", "keyboard_v")
+CACHES_MOUSE = ("mouse_k", "mouse_v")
+
+
+def dit_sig(mouse: bool) -> GraphSig:
+    caches = ("ring_k", "ring_v", *CACHES_KB, *(CACHES_MOUSE if mouse else ()))
+    args = (
+        "x",
+        "t",
+        "cond_concat",
+        "cross_k",
+        "cross_v",
+        *caches,
+        "frame_positions",
+        "slots",
+        "valid_len",
+        "keyboard_win",
+        *(("mouse_win",) if mouse else ()),
+    )
+    return GraphSig("dit", args, ("flow",), caches, caches)
+
+
+def actions_sig(mouse: bool) -> GraphSig:
+    ins = ("keyboard", "keyboard_hist", *(("mouse", "mouse_hist") if mouse else ()), "block_index")
+    outs = ("keyboard_win", "keyboard_hist", *(("mouse_win", "mouse_hist") if mouse else ()))
+    return GraphSig("actions", ins, outs)
+
+
+ENCODE_CONTEXT_SIG = GraphSig("encode_context", ("visual_context",), ("cross_k", "cross_v"))
+ENCODE_IMAGE_SIG = GraphSig("encode_image", ("image",), ("visual_context", "cond_concat"))
+
+
+class DiTStep(nn.Module):
+    """The `dit` graph: MatrixGameDiT.step with the plan's argument order (see `dit_sig`)."""
+
+    def __init__(self, model: MatrixGameDiT) -> None:
+        super().__init__()
+        self.model = model
+        self.mouse = model.action_cfg.enable_mouse
+
+    def forward(self, x, t, cond_concat, cross_k, cross_v, ring_k, ring_v, keyboard_k, keyboard_v, *rest, **hints):
+        if self.mouse:
+            mouse_k, mouse_v, frame_positions, slots, valid_len, keyboard_win, mouse_win = rest
+        else:
+            (frame_positions, slots, valid_len, keyboard_win), mouse_k, mouse_v, mouse_win = rest, None, None, None
+        return self.model.step(
+            x,
+            t,
+            cond_concat,
+            cross_k,
+            cross_v,
+            ring_k,
+            ring_v,
+            keyboard_k,
+            keyboard_v,
+            mouse_k,
+            mouse_v,
+            frame_positions,
+            slots,
+            valid_len,
+            keyboard_win,
+            mouse_win,
+            valid_len_host=hints.get("valid_len_host"),
+        )
+
+
+class ActionWindowStep(nn.Module):
+    """The `actions` graph: a block's action rows plus the carried history -> each latent frame's window.
+
+    keyboard [B, R*nf, K] (mouse [B, R*nf, 2]) are the block's video frames R*f0-(R-1) .. R*(f0+nf-1)+... ,
+    i.e. R*nf rows; `*_hist` [B, W, .] the W rows before them (state). Block 0 (block_index 0, per
+    row) has only 1 + R*(nf-1) video frames: its first R-1 rows stand for frames before frame 0,
+    which the reference clamps to frame 0, so they and the history are replaced by row R-1 (frame 0)
+    on the device; whatever the host sent there is ignored. Returns the windows [B, nf, W, .] and
+    the new history (the last W rows).
+    """
+
+    def __init__(self, num_frames: int, ratio: int, window: int, mouse: bool) -> None:
+        super().__init__()
+        self.ratio, self.window, self.mouse = ratio, window, mouse
+        idx = torch.tensor(block_window_index(num_frames, ratio, window), dtype=torch.int64)
+        self.register_buffer("index", idx, persistent=False)
+
+    def _one(self, new: torch.Tensor, hist: torch.Tensor, first: torch.Tensor):
+        seq = torch.cat([hist.to(new.dtype), new], dim=1)
+        r, w = self.ratio, self.window
+        before_frame0 = torch.arange(seq.shape[1], device=seq.device) < w + r - 1
+        seq = torch.where(first[:, None, None] & before_frame0[None, :, None], new[:, r - 1 : r], seq)
+        return seq[:, self.index], seq[:, -w:]
+
+    def forward(self, keyboard, keyboard_hist, *rest):
+        block_index = rest[-1]
+        first = block_index == 0
+        kb_win, kb_hist = self._one(keyboard, keyboard_hist, first)
+        if not self.mouse:
+            return kb_win, kb_hist
+        ms_win, ms_hist = self._one(rest[0], rest[1], first)
+        return kb_win, kb_hist, ms_win, ms_hist
+
+
+class _CrossKV(nn.Module):
+    """One layer's cross-attention K/V projections (shares the DiT's modules)."""
+
+    def __init__(self, attn: nn.Module) -> None:
+        super().__init__()
+        self.num_heads = attn.num_heads
+        self.k, self.v, self.norm_k = attn.k, attn.v, attn.norm_k
+
+    def forward(self, c: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        heads = lambda y: y.unflatten(-1, (self.num_heads, -1))  # noqa: E731
+        return heads(self.norm_k(self.k(c))), heads(self.v(c))
+
+
+class EncodeContextStep(nn.Module):
+    """The `encode_context` graph: CLIP tokens [B, 257, vdim] -> cross_k, cross_v [layers, B, 257, N, d].
+
+    Holds only the weights it uses (img_emb, per-layer k/v/norm_k)."""
+
+    def __init__(self, model: MatrixGameDiT) -> None:
+        super().__init__()
+        self.img_emb = model.img_emb
+        self.layers = nn.ModuleList([_CrossKV(blk.cross_attn) for blk in model.blocks])
+
+    def forward(self, visual_context):
+        c = self.img_emb(visual_context.to(self.img_emb.proj[1].weight.dtype))
+        kvs = [layer(c) for layer in self.layers]
+        return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
+
+
+class EncodeImageStep(nn.Module):
+    """The `encode_image` graph: start image [B, 3, H, W] in [0, 1] (already at the video size) ->
+    visual_context [B, 257, vdim] (CLIP tokens of the image resized to the tower's input) and
+    cond_concat [B, 20, Nc, h, w] (first-frame mask + the VAE latent of [image; black frames]),
+    as `inference.py` prepares them after its centre crop and resize.
+
+    The CLIP normalisation constants and the mask are buffers made once here (ClipVision.preprocess
+    and first_frame_mask build them inside the call, which fd-build's export lifts into extra
+    graph inputs it does not feed)."""
+
+    def __init__(self, clip: ClipVision, vae: WanVAE, latent_hw: tuple[int, int], cond_frames: int) -> None:
+        super().__init__()
+        self.clip, self.vae = clip, vae
+        self.latent_hw = tuple(latent_hw)
+        self.cond_frames = cond_frames
+        dev = clip.patch_embedding.weight.device
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mask", first_frame_mask(cond_frames, *latent_hw).to(dev), persistent=False)
+
+    def forward(self, image):
+        img = (image.float() - 0.5) / 0.5
+        size = (self.clip.cfg.image_size, self.clip.cfg.image_size)
+        pixels = F.interpolate(img, size=size, mode="bicubic", align_corners=False) * 0.5 + 0.5
+        tokens = self.clip((pixels - self.clip_mean) / self.clip_std).float()
+        lat = torch.stack([image_latent(self.vae, im, self.latent_hw, self.cond_frames) for im in img])
+        return tokens, torch.cat([self.mask.expand(img.shape[0], *self.mask.shape), lat], dim=1)
