@@ -34,7 +34,7 @@ from flashdreams.kernels.block_sparse_attention import (
     select_blocks,
 )
 from flashdreams.models.families.flashvsr.presets import PRESETS
-from flashdreams.models.families.flashvsr.stage import Upscaler
+from flashdreams.stage import Upscaler
 
 PRESET = {p.name: p for p in PRESETS}
 TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]

@@ -28,7 +28,7 @@ import torch
 import flashdreams
 from flashdreams.benchmark.environment import environment, measure_ceilings, time_calls_ms
 from flashdreams.models.cosmos_dit import forward_flops
-from flashdreams.models.families.omnidreams.hdmap import DemoDrive
+from flashdreams.models.hdmap import DemoDrive
 
 BUDGET_MS = 8 / 30 * 1e3  # 8 frames at 30 fps
 

@@ -1,17 +1,17 @@
-"""Writing frames to a video file through PyAV (FFmpeg), H.264 in an MP4 by default."""
+"""Writing frames to a video file through PyAV (FFmpeg), H.264 in an MP4 by default; reading one as a stream."""
 
 from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from flashdreams.errors import InvalidArgumentError
+from flashdreams.errors import InvalidArgumentError, NotFoundError
 
 # Containers the writer knows, by suffix, with the codecs it tries in order (the first FFmpeg has).
 CODECS: dict[str, tuple[str, ...]] = {
@@ -173,3 +173,42 @@ def read_video(path: str | os.PathLike) -> np.ndarray:
 
     with av.open(str(path)) as c:
         return np.stack([f.to_ndarray(format="rgb24") for f in c.decode(video=0)])
+
+
+def _open_input(path: str | os.PathLike):
+    try:
+        import av
+    except ImportError:
+        raise InvalidArgumentError("reading video needs PyAV: pip install 'flashdreams[video]'") from None
+    p = Path(path)
+    if not p.is_file():
+        raise NotFoundError(f"input video '{p}' does not exist")
+    try:
+        return av.open(str(p))
+    except av.error.FFmpegError as exc:
+        raise InvalidArgumentError(f"cannot read '{p}' as a video: {exc}") from None
+
+
+def video_rate(path: str | os.PathLike, default: float = 16.0) -> Fraction:
+    """The average frame rate of a video file's first video stream (`default` if it states none)."""
+    with _open_input(path) as c:
+        if not c.streams.video:
+            raise InvalidArgumentError(f"'{path}' has no video stream")
+        rate = c.streams.video[0].average_rate
+    return Fraction(rate) if rate else frame_rate(default)
+
+
+def iter_video(path: str | os.PathLike, frames_per_block: int = 8) -> Iterator[torch.Tensor]:
+    """The frames of a video file as uint8 [1, n, H, W, 3] blocks of `frames_per_block` (the last may be
+    shorter), decoded as they are read, so a long video never sits in memory whole."""
+    with _open_input(path) as c:
+        if not c.streams.video:
+            raise InvalidArgumentError(f"'{path}' has no video stream")
+        block: list[torch.Tensor] = []
+        for frame in c.decode(video=0):
+            block.append(torch.from_numpy(frame.to_ndarray(format="rgb24")))
+            if len(block) == frames_per_block:
+                yield torch.stack(block)[None]
+                block = []
+        if block:
+            yield torch.stack(block)[None]

@@ -161,7 +161,7 @@ def test_loads_the_released_file_layout(tmp_path):
 
 def test_upscaler_chains_a_frame_stream():
     """Blocks of 9, 12, 12 frames (a world's) larger than the LQ size: cropped, queued, all 33 frames come out."""
-    from flashdreams.models.families.flashvsr.stage import fit_frames, upscale
+    from flashdreams.stage import fit_frames, upscale
 
     engine = flashdreams.load(preset="flashvsr-tiny")
     g = torch.Generator().manual_seed(5)
@@ -181,7 +181,7 @@ def test_other_decoders_are_refused():
 
 def test_upscaler_flushes_a_short_stream():
     """10 frames (fewer than block 0's 25): flush repeats the last one and trims, so exactly 10 come out."""
-    from flashdreams.models.families.flashvsr.stage import Upscaler
+    from flashdreams.stage import Upscaler
 
     engine = flashdreams.load(preset="flashvsr-tiny")
     up = Upscaler(engine.session(inputs={"lq_frames": _lq(25)}))
@@ -192,26 +192,34 @@ def test_upscaler_flushes_a_short_stream():
         up.push(torch.zeros(10, 32, 64, 3))
 
 
-def _fd_run_takes(flag: str) -> bool:
-    from flashdreams.cli.run import build_parser
-
-    return any(flag in a.option_strings for a in build_parser()._actions)
-
-
-@pytest.mark.skipif(not _fd_run_takes("--input"), reason="fd-run has no --input option in this checkout")
-def test_fd_run_upscales_a_video_file(tmp_path):
-    """`fd-run --preset flashvsr-tiny --input low.mp4`: every frame of the low-res video comes out 4x larger."""
+def test_fd_run_upscales_a_video_file(tmp_path, monkeypatch):
+    """`fd-run --preset flashvsr-tiny --input low.mp4`: the decoded input streams through the Upscaler stage
+    block by block; every frame comes out 4x larger, equal to the stage run on the whole video at once."""
+    import flashdreams.video
     from flashdreams.cli.run import main as run_main
+    from flashdreams.stage import upscale
     from flashdreams.video import read_video, write_video
+
+    written = []
+
+    class Recorder(flashdreams.video.VideoWriter):
+        def write(self, frames):
+            written.append(torch.as_tensor(frames).clone())
+            return super().write(frames)
 
     low = tmp_path / "low.mp4"
     write_video(low, [torch.randint(0, 256, (30, 32, 64, 3), dtype=torch.uint8)], fps=12)
+    monkeypatch.setattr(flashdreams.video, "VideoWriter", Recorder)
     out = tmp_path / "up.mp4"
     assert run_main(["--preset", "flashvsr-tiny", "--input", str(low), "--out", str(out), "--no-progress"]) == 0
-    assert read_video(out).shape == (30, 128, 256, 3)
+    got = torch.cat(written)
+    assert got.shape == (30, 128, 256, 3) and read_video(out).shape == (30, 128, 256, 3)
+    engine = flashdreams.load(preset="flashvsr-tiny", device="cpu")
+    session = engine.session(seed=0, inputs={"lq_frames": torch.zeros(engine.plan.inputs["lq_frames"].shape)})
+    want = torch.cat(list(upscale(iter([torch.from_numpy(read_video(low))[None]]), session)), dim=1)[0]
+    assert torch.equal(got, want)
 
 
-@pytest.mark.skipif(not _fd_run_takes("--upscale"), reason="fd-run has no --upscale option in this checkout")
 def test_fd_run_upscales_a_world_as_it_streams(tmp_path):
     from flashdreams.cli.run import main as run_main
     from flashdreams.video import read_video

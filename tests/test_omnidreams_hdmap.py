@@ -9,7 +9,7 @@ import torch
 
 import flashdreams
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.models.families.omnidreams.hdmap import (
+from flashdreams.models.hdmap import (
     Camera,
     DemoDrive,
     EgoModel,

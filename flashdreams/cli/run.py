@@ -14,6 +14,15 @@ import time
 from pathlib import Path
 from typing import Any
 
+from flashdreams.cli.feeds import (
+    Feeds,
+    camera_feed,
+    drive_feed,
+    image_input,
+    key_controls,
+    read_action_script,
+    read_image,
+)
 from flashdreams.cli.options import add_load_options, check_load_args, flag_message, load_kwargs
 from flashdreams.errors import FlashDreamsError, InvalidArgumentError, NotFoundError
 
@@ -39,7 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
             "  fd-run --checkpoint self_forcing_dmd.safetensors --decoder-weights Wan2.1_VAE.safetensors \\\n"
             "         --prompt-embeds prompt.safetensors --blocks 7 --out city.mp4\n"
             "  fd-run --checkpoint ckpt.safetensors --text-encoder umt5-xxl/ --prompt 'a drive through a city' \\\n"
-            "         --decoder taehv --decoder-weights taew2_1.safetensors --offload-text-encoder"
+            "         --decoder taehv --decoder-weights taew2_1.safetensors --offload-text-encoder\n"
+            "  fd-run --preset flashvsr --checkpoint FlashVSR/ --prompt-embeds posi_prompt.safetensors \\\n"
+            "         --input low_res.mp4 --out upscaled.mp4      # video super-resolution\n"
+            "  fd-run --upscale flashvsr-tiny --out upscaled.mp4   # the default world, upscaled as it streams"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -67,13 +79,51 @@ def build_parser() -> argparse.ArgumentParser:
         'labels (w, s, a, d); optional "mouse": [pitch, yaw] where the model takes a mouse input. '
         "Past the script's end its last frame holds (a shorter list repeats its last entry)",
     )
+    p.add_argument(
+        "--image",
+        metavar="FILE",
+        help="start image (PNG/JPEG) of an image-to-video world (Matrix-Game, LingBot-World): centre-cropped to "
+        "the video's aspect and resized; without it a seeded stand-in image is used",
+    )
+    p.add_argument(
+        "--camera",
+        metavar="FILE",
+        help='camera path of a camera-controlled world (LingBot-World): JSON {"moves": ["forward 2 m", '
+        '"yaw 30 deg", ...]} or {"poses": [[4x4 camera-to-world, OpenCV axes], ...] one per video frame}, '
+        'optional "intrinsics": [fx, fy, cx, cy] with "intrinsics_hw": [H, W], optional "world_scale"; '
+        "default: a built-in orbit",
+    )
+    p.add_argument(
+        "--drive",
+        choices=("demo",),
+        help="OmniDreams: drive the scripted demo route; its HD map, rendered on the device chunk by chunk, is "
+        "the session's hdmap_video input (a simulator passes its own rendered HD map through the API instead)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the session's noise (default 0)")
     p.add_argument(
         "--out",
         default="flashdreams.mp4",
         help="video file to write: .mp4, .mkv, .mov, .avi or .webm, in an existing folder (default flashdreams.mp4)",
     )
-    p.add_argument("--fps", type=float, default=16.0, help="frame rate of the video, kept exactly (default 16)")
+    p.add_argument(
+        "--fps",
+        type=float,
+        default=None,
+        help="frame rate of the video, kept exactly (default 16, or the --input video's)",
+    )
+    p.add_argument(
+        "--input",
+        metavar="VIDEO",
+        help="a video whose frames stream into the model's frame input (FlashVSR: the low-resolution frames), "
+        "read with PyAV block by block; the whole video is processed (--blocks is ignored)",
+    )
+    p.add_argument(
+        "--upscale",
+        metavar="PRESET",
+        help="stream this model's frames through a super-resolution preset as they are made (e.g. flashvsr); "
+        "the video holds the upscaled frames",
+    )
+    p.add_argument("--upscale-checkpoint", metavar="DIR", help="weights of the --upscale model (its release directory)")
     p.add_argument("--save-latents", help="write every block's latents to this .safetensors (block_0, ...)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.add_argument(
@@ -105,7 +155,7 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
     found: dict[str, Any] = {}
     if args.blocks is not None and args.blocks < 1:
         raise InvalidArgumentError(f"--blocks must be at least 1, got {args.blocks}")
-    if not (math.isfinite(args.fps) and args.fps > 0):
+    if args.fps is not None and not (math.isfinite(args.fps) and args.fps > 0):
         raise InvalidArgumentError(f"--fps must be a positive number of frames per second, got {args.fps:g}")
     if not 0 <= args.seed < SEED_LIMIT:
         raise InvalidArgumentError(f"--seed must be in [0, 2**63), got {args.seed}")
@@ -127,125 +177,33 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         if Path(args.record).suffix != ".safetensors":
             raise InvalidArgumentError(f"--record '{args.record}' must end in .safetensors")
         _flagged("--record", check_writable, args.record)
+    if args.input:
+        if not Path(args.input).is_file():
+            raise NotFoundError(f"--input '{args.input}' does not exist (a video file)")
+        if args.replay or args.record or args.upscale or args.actions:
+            raise InvalidArgumentError(
+                "--input streams a video through one model: drop --replay/--record/--upscale/--actions"
+            )
+    if args.upscale_checkpoint and not args.upscale:
+        raise InvalidArgumentError("--upscale-checkpoint needs --upscale PRESET")
+    if args.upscale and args.decoder == "none":
+        raise InvalidArgumentError("--upscale needs the model's frames: drop --decoder none")
     if args.actions:
         if args.replay:
             raise InvalidArgumentError("--replay takes its inputs from the recording: drop --actions")
         found["actions"] = read_action_script(args.actions)
+    if args.image:
+        read_image(args.image)  # exists and is an image: before a model loads
+    if args.camera and not Path(args.camera).is_file():
+        raise NotFoundError(f"--camera '{args.camera}' does not exist (a JSON camera path; see --help)")
+    if (args.image or args.camera or args.drive) and (args.replay or args.input):
+        raise InvalidArgumentError("--image/--camera/--drive feed a new session: drop --replay/--input")
     if args.replay:
         if args.record or args.prompt or args.prompt_embeds:
             raise InvalidArgumentError("--replay takes its inputs from the recording: drop --record/--prompt*")
         if not Path(args.replay).is_file():
             raise NotFoundError(f"--replay '{args.replay}' does not exist (a file written by fd-run --record)")
     return found
-
-
-ACTION_FIELDS = ("keys", "mouse")
-MAX_ACTION_FRAMES = 1_000_000
-
-
-def read_action_script(path: str) -> list[dict]:
-    """A --actions file, checked whole (it exists, is JSON, a non-empty list of objects with a "keys" list of
-    key-name strings and an optional "mouse" pair of finite numbers); the key names are checked against the
-    model once it is loaded (`action_tensors`)."""
-    import json
-
-    p = Path(path)
-    if not p.is_file():
-        raise NotFoundError(
-            f'--actions \'{path}\' does not exist (a JSON list of per-frame objects like {{"keys": ["d"]}})'
-        )
-    try:
-        script = json.loads(p.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, ValueError) as exc:
-        raise InvalidArgumentError(f"--actions '{path}' is not valid JSON ({exc})") from None
-    if not isinstance(script, list) or not script:
-        raise InvalidArgumentError(
-            f"--actions '{path}' must hold a non-empty JSON list with one object per video frame, "
-            f'like [{{"keys": ["d"]}}]; got {type(script).__name__ if script else "an empty list"}'
-        )
-    if len(script) > MAX_ACTION_FRAMES:
-        raise InvalidArgumentError(f"--actions '{path}' has {len(script)} frames; at most {MAX_ACTION_FRAMES}")
-    for i, item in enumerate(script):
-        where = f"--actions '{path}' frame {i}"
-        if not isinstance(item, dict):
-            raise InvalidArgumentError(f'{where} must be an object like {{"keys": ["d"]}}, got {json.dumps(item)}')
-        unknown = sorted(set(item) - set(ACTION_FIELDS))
-        if unknown:
-            raise InvalidArgumentError(f"{where} has unknown fields {unknown}; known: {list(ACTION_FIELDS)}")
-        keys = item.get("keys", [])
-        if not isinstance(keys, list) or not all(isinstance(k, str) for k in keys):
-            raise InvalidArgumentError(f'{where}: "keys" must be a list of key names (strings), got {json.dumps(keys)}')
-        if len(set(keys)) != len(keys):
-            raise InvalidArgumentError(f'{where}: "keys" names a key twice: {json.dumps(keys)}')
-        if "mouse" in item:
-            m = item["mouse"]
-            ok = isinstance(m, list) and len(m) == 2
-            ok = ok and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in m)
-            if not ok:
-                raise InvalidArgumentError(
-                    f'{where}: "mouse" must be [pitch, yaw], two finite numbers; got {json.dumps(m)}'
-                )
-    return script
-
-
-def _control(engine, units: str):
-    """The engine's input of these units (keys, mouse) with per-frame rows [B, F, C], or None."""
-    for spec in engine.input_specs():
-        if spec.units == units and len(spec.shape) == 3 and spec.when == "block":
-            return spec
-    return None
-
-
-def action_tensors(script: list[dict], engine, path: str) -> dict[str, Any]:
-    """The script as per-frame tensors {input name: [T, C]}; refuses keys or mouse the model does not take."""
-    import torch
-
-    keys, mouse = _control(engine, "keys"), _control(engine, "mouse")
-    if keys is None:
-        raise InvalidArgumentError(
-            f"--actions: {engine.preset_name} takes no keyboard input (it is not a world you steer)"
-        )
-    labels = list(keys.labels)
-    out = {keys.name: torch.zeros(len(script), keys.shape[-1])}
-    if mouse is not None:
-        out[mouse.name] = torch.zeros(len(script), mouse.shape[-1])
-    for i, item in enumerate(script):
-        for k in item.get("keys", []):
-            if k not in labels:
-                raise InvalidArgumentError(
-                    f"--actions '{path}' frame {i}: key '{k}' is not one of {engine.preset_name}'s keys {labels}"
-                )
-            out[keys.name][i, labels.index(k)] = 1.0
-        if "mouse" in item:
-            if mouse is None:
-                raise InvalidArgumentError(
-                    f"--actions '{path}' frame {i}: {engine.preset_name} takes no mouse input; drop \"mouse\""
-                )
-            row = out[mouse.name][i] = torch.tensor(item["mouse"], dtype=torch.float32)
-            low = -math.inf if mouse.low is None else mouse.low
-            high = math.inf if mouse.high is None else mouse.high
-            if not bool(((row >= low) & (row <= high)).all()):
-                raise InvalidArgumentError(
-                    f"--actions '{path}' frame {i}: mouse {item['mouse']} outside [{mouse.low}, {mouse.high}]"
-                )
-    return out
-
-
-LOOP_SIDE_FRAMES = 20  # frames per side of the built-in loop
-
-
-def loop_script(engine, frames: int) -> dict[str, Any] | None:
-    """The built-in script for a keyboard world with w/a/s/d: d, s, a, w for 20 frames each, round and round."""
-    import torch
-
-    keys = _control(engine, "keys")
-    if keys is None or not {"w", "a", "s", "d"} <= set(keys.labels):
-        return None
-    labels = list(keys.labels)
-    out = torch.zeros(frames, keys.shape[-1])
-    for t in range(frames):
-        out[t, labels.index("dsaw"[(t // LOOP_SIDE_FRAMES) % 4])] = 1.0
-    return {keys.name: out}
 
 
 def _flagged(flag: str, check, value) -> None:
@@ -424,6 +382,11 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
     check_load_args(kw)
     t0 = time.perf_counter()
     engine = flashdreams.load(**kw)
+    if args.input:
+        return _run_input(args, engine, outputs, found, t0)
+    upscaler = _upscaler(args, kw) if args.upscale else None
+    if args.fps is None:
+        args.fps = float(engine.plan.meta.get("fps", 16.0))  # the model's own pace (OmniDreams 30, the arena 16)
     if args.replay:
         from flashdreams.recording import Recording, replay
 
@@ -431,21 +394,29 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         args.blocks = recording.num_steps
         steps = replay(recording, engine)
     else:
-        controls, args.blocks = _controls(args, engine, found)
-        session = engine.session(_prompt(args, engine, found), seed=args.seed)
+        feeds = _feeds(args, engine, found)
+        start = feeds.start_inputs()
+        if args.image:
+            start.update(image_input(engine, args.image))
+        session = engine.session(_prompt(args, engine, found), seed=args.seed, inputs=start)
         if args.record:
             session.start_recording()
-        steps = (_step_with(session, controls, k) for k in range(args.blocks))
+        steps = (feeds.step(session, k) for k in range(args.blocks))
     print(f"fd-run: {engine} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     if engine.decoder is not None:
         outputs.writer = VideoWriter(args.out, fps=args.fps)
+    height, width = engine.spec.height, engine.spec.width
     latents = {}
     bar = _progress(args.blocks, disable=args.no_progress)
     frames_total, t_start = 0, time.perf_counter()
     for k in range(args.blocks):
         tb = time.perf_counter()
         result = next(steps)
-        if outputs.writer is not None:
+        if outputs.writer is not None and upscaler is not None:
+            for frames in upscaler.push(result.frames):
+                outputs.writer.write(frames[0].cpu())
+                frames_total += frames.shape[1]
+        elif outputs.writer is not None:
             frames = result.frames_cpu()[0]
             outputs.writer.write(frames)
             frames_total += frames.shape[0]
@@ -458,6 +429,11 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         bar.set_postfix_str(f"block {dt * 1e3:.0f} ms, {fps:.1f} fps")
         bar.update(1)
     bar.close()
+    if upscaler is not None:
+        for frames in upscaler.flush():
+            outputs.writer.write(frames[0].cpu())
+            frames_total += frames.shape[1]
+        height, width = upscaler.vsr.plan.meta["height"], upscaler.vsr.plan.meta["width"]
     if args.save_latents:
         from safetensors.torch import save_file
 
@@ -468,7 +444,7 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         path = outputs.writer.close()
         outputs.writer = None
         rate = f"{args.fps:g}"
-        print(f"wrote {path}: {frames_total} frames, {engine.spec.height}x{engine.spec.width} at {rate} fps")
+        print(f"wrote {path}: {frames_total} frames, {height}x{width} at {rate} fps")
     else:
         print("no decoder: no video written (latents only)")
     if outputs.latents_tmp is not None:
@@ -489,54 +465,81 @@ def plays_default_world(args: argparse.Namespace) -> bool:
     return not (args.checkpoint or args.preset or wan_only or sized or args.decoder not in ("preset", "none"))
 
 
-def _controls(args: argparse.Namespace, engine, found: dict[str, Any]) -> tuple[dict[str, Any], int]:
-    """Per-frame control tensors ({input: [T, C]}) from --actions or the built-in loop, and the block count."""
-    if args.actions:
-        controls = action_tensors(found["actions"], engine, args.actions)
-    else:
-        loop = loop_script(engine, 1)
-        rows = _control(engine, "keys").shape[1] if loop else 1
-        blocks = args.blocks or (script_blocks(engine.plan, rows, 4 * LOOP_SIDE_FRAMES) if loop else 7)
-        return (loop_script(engine, blocks * rows) or {}), blocks
-    rows = _control(engine, "keys").shape[1]
-    frames = next(iter(controls.values())).shape[0]
-    return controls, args.blocks or script_blocks(engine.plan, rows, frames)
+def _feeds(args: argparse.Namespace, engine, found: dict[str, Any]) -> Feeds:
+    """--actions (or the built-in key loop), --camera (or the built-in orbit) and --drive, checked against the
+    model; sets args.blocks when the user gave none (the script's length, or the loop's)."""
+    controls, args.blocks = key_controls(found.get("actions"), args.actions, engine, args.blocks)
+    per_block = []
+    camera = camera_feed(engine, args.camera)
+    if camera is not None:
+        per_block.append(camera)
+    if args.drive:
+        per_block.append(drive_feed(engine, args.drive))
+    return Feeds(controls, per_block)
 
 
-def block_frames(plan, rows: int, k: int) -> tuple[int, int, int]:
-    """(start, count, lead): block k's video frames in a per-frame script.
-
-    A plan may cover fewer video frames in its first block (meta "action_rows_first_block": Matrix-Game's
-    block 0 makes frames 0..8 from rows 3..11 of its 12 action rows). Those frames fill the block's last
-    rows; the `lead` rows before them stand before the video (the model ignores them) and repeat the first.
-    """
-    first = plan.meta.get("action_rows_first_block", rows)
-    return (0, first, rows - first) if k == 0 else (first + (k - 1) * rows, rows, 0)
+def _frame_input(engine, flag: str) -> dict:
+    spec = engine.plan.meta.get("frame_input")
+    if spec is None:
+        raise InvalidArgumentError(f"{flag}: preset '{engine.preset_name}' takes no stream of frames (try flashvsr)")
+    return spec
 
 
-def script_blocks(plan, rows: int, frames: int) -> int:
-    """Blocks that play a script of `frames` video frames to its end."""
-    first = plan.meta.get("action_rows_first_block", rows)
-    return 1 + math.ceil(max(0, frames - first) / rows)
-
-
-def _step_with(session, controls: dict[str, Any], k: int):
-    """Block k with its rows of each control; past the script's end its last frame holds."""
+def _frame_session(args, engine, found, flag: str):
+    """A session of a frame-stream model: its frame input starts as zeros (the first block replaces them)."""
     import torch
 
-    for name, per_frame in controls.items():
-        spec = session.plan.inputs[name]
-        rows = spec.shape[1]
-        start, count, lead = block_frames(session.plan, rows, k)
-        idx = torch.arange(start, start + count).clamp(max=per_frame.shape[0] - 1)
-        chunk = per_frame[idx]
-        if lead:
-            chunk = torch.cat([chunk[:1].expand(lead, *chunk.shape[1:]), chunk])
-        session.set_input(name, chunk[None].expand(spec.shape[0], *chunk.shape))
-    return session.step()
+    name = _frame_input(engine, flag)["name"]
+    zeros = torch.zeros(engine.plan.inputs[name].shape)
+    prompt = _prompt(args, engine, found) if "prompt_embeds" in engine.plan.inputs else None
+    return engine.session(prompt, seed=args.seed, inputs={name: zeros})
+
+
+def _upscaler(args, kw: dict):
+    """The --upscale model's session, wrapped to take the world's frames as they come."""
+    import flashdreams
+    from flashdreams.stage import Upscaler
+
+    up_kw = {**kw, "preset": args.upscale, "source": args.upscale_checkpoint, "decoder": "preset"}
+    up_kw.update(decoder_weights=None, height=None, width=None, precision="bf16")
+    check_load_args(up_kw)
+    engine = flashdreams.load(**up_kw)
+    _frame_input(engine, "--upscale")
+    print(f"fd-run: upscaling with {engine}", file=sys.stderr)
+    return Upscaler(_frame_session(args, engine, {}, "--upscale"))
+
+
+def _run_input(args, engine, outputs, found, t0) -> int:
+    """--input: stream a video file's frames through the model; write what it makes."""
+    from flashdreams.stage import Upscaler
+    from flashdreams.video import VideoWriter, iter_video, video_rate
+
+    spec = _frame_input(engine, "--input")
+    if engine.decoder is None:
+        raise InvalidArgumentError("--input writes a video: drop --decoder none")
+    fps = args.fps if args.fps is not None else video_rate(args.input)
+    up = Upscaler(_frame_session(args, engine, found, "--input"))
+    print(f"fd-run: {engine} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
+    outputs.writer = VideoWriter(args.out, fps=fps)
+    done, t_start = 0, time.perf_counter()
+    for block in iter_video(args.input, spec["steady"]):
+        for frames in up.push(block.to(engine.device)):
+            outputs.writer.write(frames[0].cpu())
+            done += frames.shape[1]
+    for frames in up.flush():
+        outputs.writer.write(frames[0].cpu())
+        done += frames.shape[1]
+    path = outputs.writer.close()
+    outputs.writer = None
+    rate = done / max(time.perf_counter() - t_start, 1e-9)
+    meta = engine.plan.meta
+    print(f"wrote {path}: {done} frames, {meta['height']}x{meta['width']} at {float(fps):g} fps ({rate:.1f} fps made)")
+    return 0
 
 
 def _progress(total: int, disable: bool):
+    if not sys.stderr.isatty():  # a log file or a pipe: no carriage-return bar (the summary line follows)
+        disable = True
     try:
         from tqdm import tqdm
 

@@ -9,8 +9,8 @@ of the last frame are appended until every real frame has come out, and the extr
 dropped.
 
 It only calls `set_input`, `step` and `plan.meta["frame_input"]` (the input's name, frames of
-the first and later blocks, LQ size) on the session it is given: duck typing, since models/
-never imports the runtime; it belongs in the runtime (flashdreams/) once fd-run uses it.
+the first and later blocks, LQ size) on the session it is given, so any family whose plan takes a
+frame stream (FlashVSR today) works as a stage; fd-run's --input and --upscale use it.
 """
 
 from __future__ import annotations
