@@ -1,0 +1,148 @@
+"""Steppers: the live worlds of one engine, advanced one block at a time on the server's worker thread.
+
+The session manager talks to a `Stepper` only: open a world for a session id, set its inputs,
+advance a set of worlds one block, read each one's frames, close it. `SessionStepper` keeps one
+`flashdreams.Session` per id and steps them in turn; a batched stepper (many worlds in one
+forward pass) implements the same methods and replaces it without touching the server. Every
+method runs on the manager's single worker thread, so a session is only ever used from one thread.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from flashdreams.errors import InvalidArgumentError
+
+log = logging.getLogger(__name__)
+
+# Inputs of these units are impulses (pointer deltas since the last block): a block consumes them,
+# then they read zero until the client sends new ones. Key states and prompts persist instead.
+IMPULSE_UNITS = frozenset({"mouse"})
+
+
+@dataclass
+class BlockOut:
+    """One world's block: its frames (uint8 [T, H, W, 3], batch row 0) or the error that ended it."""
+
+    block: int
+    frames: np.ndarray | None
+    block_ms: float
+    error: BaseException | None = None
+
+
+class Stepper(ABC):
+    """The live worlds of one engine. All methods run on one worker thread."""
+
+    engine: object
+
+    @abstractmethod
+    def open(self, sid: str, seed: int) -> None:
+        """Create the world of session `sid` (raises OutOfMemoryError when the device cannot hold it)."""
+
+    @abstractmethod
+    def close(self, sid: str) -> None:
+        """End `sid` and free its memory; unknown ids are ignored."""
+
+    @abstractmethod
+    def check_input(self, sid: str, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` validated by the input's spec without setting it (InvalidArgumentError when bad).
+        Called from the server's event loop: it must not touch a world's state."""
+
+    @abstractmethod
+    def set_input(self, sid: str, name: str, value: torch.Tensor) -> None:
+        """Set a checked input of `sid`; it takes effect at its next block."""
+
+    @abstractmethod
+    def reset(self, sid: str, seed: int | None) -> None:
+        """Back to block 0 with the same inputs (and a new seed when given)."""
+
+    @abstractmethod
+    def step(self, sids: list[str]) -> dict[str, BlockOut]:
+        """Advance every world in `sids` one block. A world that fails gets an error entry; the others
+        are unaffected."""
+
+    @abstractmethod
+    def session_bytes(self) -> int:
+        """Memory one more session takes on the engine's device (measured)."""
+
+
+class SessionStepper(Stepper):
+    """One `Session` per id, stepped one after another (the batched stepper steps them together)."""
+
+    def __init__(self, engine, defaults: dict[str, torch.Tensor] | None = None) -> None:
+        self.engine = engine
+        self.defaults = dict(defaults or {})  # inputs every new session starts with (e.g. fd-serve --prompt-embeds)
+        self.sessions: dict = {}
+        self._impulses: dict[str, set[str]] = {}
+        self._units = {s.name: s.units for s in engine.input_specs()}
+
+    def open(self, sid: str, seed: int) -> None:
+        if sid in self.sessions:
+            raise InvalidArgumentError(f"session '{sid}' is already open")
+        self.sessions[sid] = self.engine.session(seed=seed, inputs=self.defaults)
+        self._impulses[sid] = set()
+
+    def close(self, sid: str) -> None:
+        self.sessions.pop(sid, None)
+        self._impulses.pop(sid, None)
+        if self.engine.device.type == "cuda":
+            torch.cuda.empty_cache()  # give the freed buffers back so the memory budget stays true
+
+    def check_input(self, sid: str, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` validated by the input's spec (shape, dtype, finite, range) without setting it."""
+        return self.sessions[sid].check_input(name, value)
+
+    def set_input(self, sid: str, name: str, value: torch.Tensor) -> None:
+        self.sessions[sid].set_input(name, value)
+        if self._units.get(name) in IMPULSE_UNITS:
+            self._impulses[sid].add(name)
+
+    def reset(self, sid: str, seed: int | None) -> None:
+        self.sessions[sid].reset(seed=seed)
+
+    def step(self, sids: list[str]) -> dict[str, BlockOut]:
+        out = {}
+        for sid in sids:
+            s = self.sessions.get(sid)
+            if s is None:
+                continue
+            t0 = time.perf_counter()
+            try:
+                result = s.step()
+                frames = result.frames_cpu()[0].numpy()
+            except Exception as exc:  # one world's failure ends that world only
+                log.warning("session %s failed at block %d: %s", sid, s.block, exc)
+                out[sid] = BlockOut(s.block, None, (time.perf_counter() - t0) * 1e3, exc)
+                continue
+            for name in self._impulses[sid]:
+                s.set_input(name, torch.zeros(s.plan.inputs[name].shape))
+            self._impulses[sid].clear()
+            out[sid] = BlockOut(result.block, frames, (time.perf_counter() - t0) * 1e3)
+        return out
+
+    def session_bytes(self) -> int:
+        """One probe session: on CUDA the allocator's growth over its creation and first block (buffers,
+        captured graphs' pool, the step's peak temporaries); on a CPU the bytes of its buffers."""
+        eng = self.engine
+        if eng.device.type == "cuda":
+            torch.cuda.synchronize(eng.device)
+            torch.cuda.reset_peak_memory_stats(eng.device)
+            before = torch.cuda.memory_allocated(eng.device)
+            probe = eng.session(seed=0, inputs=self.defaults)
+            probe.step()
+            probe.step()  # the second block replays captured graphs: their pool is counted
+            torch.cuda.synchronize(eng.device)
+            used = torch.cuda.max_memory_allocated(eng.device) - before
+            del probe
+            torch.cuda.empty_cache()
+            return int(used)
+        probe = eng.session(seed=0, inputs=self.defaults)
+        probe.step()
+        tensors = list(probe.buffers.values()) + list(probe._outputs.values())
+        return int(sum(t.numel() * t.element_size() for t in tensors))
