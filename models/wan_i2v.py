@@ -12,9 +12,10 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.models.clip_vision import ClipVision
+from flashdreams.models.clip_vision import CLIP_MEAN, CLIP_STD, ClipVision
 from flashdreams.models.wan_vae import WanVAE
 
 VAE_STRIDE = (4, 8, 8)  # temporal, height, width compression of the Wan VAE
@@ -99,3 +100,33 @@ def i2v_condition(
 def clip_tokens(clip: ClipVision, image: torch.Tensor) -> torch.Tensor:
     """The image's CLIP tokens [257, clip_dim] for `img_emb` (image in [0, 1])."""
     return clip.encode_image(to_model_range(image).to(clip.patch_embedding.weight.device))[0]
+
+
+class EncodeImageStep(nn.Module):
+    """The `encode_image` graph of the Wan I2V models (Wan2.1 I2V, Matrix-Game): start image [B, 3, H, W] in
+    [0, 1] at the video size -> CLIP tokens [B, 257, clip_dim] (all but the last ViT block, of the image
+    resized to the tower's input) and y [B, 20, F, h, w] (the first-frame mask + the VAE latent of
+    [image; black frames]), as the releases prepare their conditioning.
+
+    The CLIP normalisation and the mask are buffers made here, on the weights' device, rather than
+    tensors built inside the call: torch.export lifts such tensors into extra graph inputs, which a
+    built engine would have to feed (`tests/test_wan21_family.py` checks none is lifted).
+    """
+
+    def __init__(self, clip: ClipVision, vae: WanVAE, latent_hw: tuple[int, int], num_latent_frames: int) -> None:
+        super().__init__()
+        self.clip, self.vae = clip, vae
+        self.latent_hw = tuple(latent_hw)
+        self.num_latent_frames = num_latent_frames
+        dev = clip.patch_embedding.weight.device
+        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("clip_std", torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("mask", first_frame_mask(num_latent_frames, *latent_hw).to(dev), persistent=False)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        img = (image.float() - 0.5) / 0.5
+        size = (self.clip.cfg.image_size, self.clip.cfg.image_size)
+        pixels = F.interpolate(img, size=size, mode="bicubic", align_corners=False) * 0.5 + 0.5
+        tokens = self.clip((pixels - self.clip_mean) / self.clip_std).float()
+        lat = torch.stack([image_latent(self.vae, im, self.latent_hw, self.num_latent_frames) for im in img])
+        return tokens, torch.cat([self.mask.expand(img.shape[0], *self.mask.shape), lat], dim=1)

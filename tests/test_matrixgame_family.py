@@ -264,3 +264,30 @@ def test_a_checkpoint_folder_loads_with_its_image_encoders(engine, tmp_path):
         flashdreams.load(tmp_path / "base.safetensors", preset=TINY, decoder=None, height=32, width=32)
     with pytest.raises(InvalidArgumentError, match="--random-weights"):
         flashdreams.load(preset="matrix-game-2-universal", decoder=None)
+
+
+def test_encode_image_exports_without_lifted_constants():
+    """fd-build exports `encode_image`; a tensor built inside the call (a mask, CLIP's mean) would become an
+    extra graph input that a built engine does not feed. The shared Wan I2V step keeps them as buffers."""
+    from torch.export.graph_signature import InputKind
+
+    from flashdreams import registry
+    from flashdreams.models.family import LoadOptions
+    from flashdreams.models.wan_i2v import first_frame_mask
+
+    family = registry.family("matrixgame")
+    preset = next(p for p in family.presets() if p.name == "matrix-game-2-tiny")
+    step = family.load(preset, LoadOptions(device=torch.device("cpu"))).graphs["encode_image"]
+    image = torch.rand(1, 3, preset.height, preset.width)
+
+    def lifted(module) -> list:
+        ep = torch.export.export(module, (image,), strict=False)
+        return [s.target for s in ep.graph_signature.input_specs if s.kind == InputKind.CONSTANT_TENSOR]
+
+    assert lifted(step) == []
+
+    class MaskInside(torch.nn.Module):  # the pattern the step avoids: the same mask, made in the call
+        def forward(self, image):
+            return image.sum() + first_frame_mask(step.num_latent_frames, *step.latent_hw).sum()
+
+    assert lifted(MaskInside()) != []

@@ -4,15 +4,12 @@ caches, and the start-image encoders that fill the session's conditioning state.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from flashdreams.models.action_module import block_window_index
-from flashdreams.models.clip_vision import CLIP_MEAN, CLIP_STD, ClipVision
 from flashdreams.models.family import GraphSig
 from flashdreams.models.matrixgame_dit import MatrixGameDiT
-from flashdreams.models.wan_i2v import first_frame_mask, image_latent
-from flashdreams.models.wan_vae import WanVAE
+from flashdreams.models.wan_i2v import EncodeImageStep  # noqa: F401  (the family's encode_image graph)
 
 CACHES_KB = ("keyboard_k", "keyboard_v")
 CACHES_MOUSE = ("mouse_k", "mouse_v")
@@ -141,32 +138,3 @@ class EncodeContextStep(nn.Module):
         c = self.img_emb(visual_context.to(self.img_emb.proj[1].weight.dtype))
         kvs = [layer(c) for layer in self.layers]
         return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
-
-
-class EncodeImageStep(nn.Module):
-    """The `encode_image` graph: start image [B, 3, H, W] in [0, 1] (already at the video size) ->
-    visual_context [B, 257, vdim] (CLIP tokens of the image resized to the tower's input) and
-    cond_concat [B, 20, Nc, h, w] (first-frame mask + the VAE latent of [image; black frames]),
-    as `inference.py` prepares them after its centre crop and resize.
-
-    The CLIP normalisation constants and the mask are buffers made once here (ClipVision.preprocess
-    and first_frame_mask build them inside the call, which fd-build's export lifts into extra
-    graph inputs it does not feed)."""
-
-    def __init__(self, clip: ClipVision, vae: WanVAE, latent_hw: tuple[int, int], cond_frames: int) -> None:
-        super().__init__()
-        self.clip, self.vae = clip, vae
-        self.latent_hw = tuple(latent_hw)
-        self.cond_frames = cond_frames
-        dev = clip.patch_embedding.weight.device
-        self.register_buffer("clip_mean", torch.tensor(CLIP_MEAN, device=dev).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("clip_std", torch.tensor(CLIP_STD, device=dev).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("mask", first_frame_mask(cond_frames, *latent_hw).to(dev), persistent=False)
-
-    def forward(self, image):
-        img = (image.float() - 0.5) / 0.5
-        size = (self.clip.cfg.image_size, self.clip.cfg.image_size)
-        pixels = F.interpolate(img, size=size, mode="bicubic", align_corners=False) * 0.5 + 0.5
-        tokens = self.clip((pixels - self.clip_mean) / self.clip_std).float()
-        lat = torch.stack([image_latent(self.vae, im, self.latent_hw, self.cond_frames) for im in img])
-        return tokens, torch.cat([self.mask.expand(img.shape[0], *self.mask.shape), lat], dim=1)

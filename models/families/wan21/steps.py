@@ -6,12 +6,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from flashdreams.models.clip_vision import ClipVision
 from flashdreams.models.decode_step import decoder_module
 from flashdreams.models.family import GraphSig
 from flashdreams.models.wan_dit import WanDiT
-from flashdreams.models.wan_i2v import first_frame_mask, image_latent
-from flashdreams.models.wan_vae import WanVAE
+from flashdreams.models.wan_i2v import EncodeImageStep  # noqa: F401  (the family's encode_image graph)
 
 
 def dit_sig(i2v: bool) -> GraphSig:
@@ -100,29 +98,6 @@ class EncodePromptStep(nn.Module):
             image = self.img_emb(torch.cat([clip_fea, clip_fea]).to(self.dtype))
         kvs = [layer(text, image) for layer in self.layers]
         return torch.stack([k for k, _ in kvs]), torch.stack([v for _, v in kvs])
-
-
-class EncodeImageStep(nn.Module):
-    """image [B, 3, h, w] in [0, 1] -> clip_fea [B, 257, clip_dim], y [B, 20, F, lat_h, lat_w] (float32).
-
-    As `WanI2V.generate` prepares its conditioning: the CLIP tokens of all but the last ViT
-    block, and y = the first-frame mask plus the VAE latent of [the resized image; black frames].
-    """
-
-    def __init__(self, clip: ClipVision, vae: WanVAE, latent_hw: tuple[int, int], num_latent_frames: int) -> None:
-        super().__init__()
-        self.clip = clip
-        self.vae = vae
-        self.latent_hw = tuple(latent_hw)
-        self.num_latent_frames = num_latent_frames
-
-    def forward(self, image):
-        img = (image.float() - 0.5) / 0.5
-        clip_fea = self.clip(self.clip.preprocess(img)).float()
-        latents = torch.stack([image_latent(self.vae, im, self.latent_hw, self.num_latent_frames) for im in img])
-        mask = first_frame_mask(self.num_latent_frames, *self.latent_hw).to(latents.device)
-        y = torch.cat([mask.expand(img.shape[0], *mask.shape), latents], dim=1)
-        return clip_fea, y
 
 
 class ClipDecodeStep(nn.Module):
