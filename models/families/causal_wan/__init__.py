@@ -18,7 +18,7 @@ from flashdreams.models.families.causal_wan.plan import LATENT_CHANNELS, build_p
 from flashdreams.models.families.causal_wan.presets import PRESETS, Preset
 from flashdreams.models.families.causal_wan.steps import DiTStep, EncodePromptStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
-from flashdreams.models.random_init import init_random_
+from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_loader import load_wan_dit
 from flashdreams.parallel.hooks import ParallelHooks
@@ -47,10 +47,8 @@ class CausalWanFamily(Family):
                 )
             with torch.device("meta"):
                 model = WanDiT(preset.model)
-            model = model.to_empty(device=dev).to(dt)
             # The built-in model draws on the CPU (identical everywhere); big speed runs on the device.
-            init_random_(model, opts.weights_seed, "cpu" if preset.builtin or dev.type == "cpu" else dev)
-            model = model.eval().requires_grad_(False)
+            model = seeded_module(model, opts.weights_seed, dev, dt, preset.builtin)
         model.fuse_projections_()
         model.set_attention(opts.attention)
         model.set_precision(opts.precision)

@@ -22,7 +22,7 @@ from flashdreams.models.families.cosmos.presets import PRESETS, Preset
 from flashdreams.models.families.cosmos.steps import CosmosCfgStep, EncodePromptStep
 from flashdreams.models.families.wan21.steps import ClipDecodeStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
-from flashdreams.models.random_init import init_random_
+from flashdreams.models.random_init import seeded_module
 
 
 def build_dit(cfg, opts: LoadOptions, source, builtin: bool, seed_offset: int = 0) -> CosmosDiT:
@@ -32,10 +32,7 @@ def build_dit(cfg, opts: LoadOptions, source, builtin: bool, seed_offset: int = 
     else:
         with torch.device("meta"):
             model = CosmosDiT(cfg)
-        model = model.to_empty(device=opts.device).to(opts.dtype)
-        dev = opts.device
-        init_random_(model, opts.weights_seed + seed_offset, "cpu" if builtin or dev.type == "cpu" else dev)
-        model = model.eval().requires_grad_(False)
+        model = seeded_module(model, opts.weights_seed + seed_offset, opts.device, opts.dtype, builtin)
     model.set_attention(opts.attention)
     model.set_precision(opts.precision)
     return model

@@ -19,19 +19,12 @@ from flashdreams.errors import CheckpointError, InvalidArgumentError
 from flashdreams.models.checkpoint import read_state_dict
 from flashdreams.models.family import LoadOptions
 from flashdreams.models.lingbot_dit import LingBotDiT, load_lingbot_dit
-from flashdreams.models.random_init import init_random_
+from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_loader import select_prefix
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 
 EXPERT_DIRS = {"high": "high_noise_model", "low": "low_noise_model"}
 VAE_FILE = "Wan2.1_VAE.safetensors"
-
-
-def _random(module: torch.nn.Module, opts: LoadOptions, builtin: bool, seed_offset: int) -> torch.nn.Module:
-    module = module.to_empty(device=opts.device).to(opts.dtype)
-    dev = opts.device
-    init_random_(module, opts.weights_seed + seed_offset, "cpu" if builtin or dev.type == "cpu" else dev)
-    return module.eval().requires_grad_(False)
 
 
 def _finish(model: LingBotDiT, opts: LoadOptions) -> LingBotDiT:
@@ -53,7 +46,9 @@ def load_networks(preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor]
         for i, n in enumerate(names):
             with torch.device("meta"):
                 model = LingBotDiT(preset.model)
-            out[n] = _finish(_random(model, opts, preset.builtin, 10 * i), opts)
+            out[n] = _finish(
+                seeded_module(model, opts.weights_seed + 10 * i, opts.device, opts.dtype, preset.builtin), opts
+            )
         return out
     kw = {"device": opts.device, "dtype": opts.dtype}
     if preset.mode == "fast":
@@ -83,7 +78,7 @@ def load_image_encoder(preset, opts: LoadOptions, weights: Mapping[str, torch.Te
     if weights is None and opts.source is None:
         with torch.device("meta"):
             vae = WanVAE(cfg, parts=("encoder",))
-        return _random(vae, opts, preset.builtin, 100)
+        return seeded_module(vae, opts.weights_seed + 100, opts.device, opts.dtype, preset.builtin)
     if weights is not None:
         sd = select_prefix(dict(weights), "vae.")
         where = "the state dict's vae. keys"

@@ -31,19 +31,11 @@ from flashdreams.models.families.matrixgame.steps import (
 )
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
 from flashdreams.models.matrixgame_dit import MatrixGameDiT
-from flashdreams.models.random_init import init_random_
+from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 
 CLIP_FILE_GLOB = "models_clip_*.safetensors"
 VAE_FILE = "Wan2.1_VAE.safetensors"
-
-
-def _random(module: torch.nn.Module, opts: LoadOptions, builtin: bool, seed_offset: int) -> torch.nn.Module:
-    """`module` (built on meta) with seeded random weights on the load device."""
-    module = module.to_empty(device=opts.device).to(opts.dtype)
-    dev = opts.device
-    init_random_(module, opts.weights_seed + seed_offset, "cpu" if builtin or dev.type == "cpu" else dev)
-    return module.eval().requires_grad_(False)
 
 
 class MatrixGameFamily(Family):
@@ -73,7 +65,7 @@ class MatrixGameFamily(Family):
                 )
             with torch.device("meta"):
                 model = MatrixGameDiT(preset.model, preset.action, preset.visual_context_dim)
-            model = _random(model, opts, preset.builtin, 0)
+            model = seeded_module(model, opts.weights_seed, opts.device, opts.dtype, preset.builtin)
         model.fuse_projections_()
         model.set_attention(opts.attention)
         if opts.precision != "bf16":
@@ -108,7 +100,8 @@ class MatrixGameFamily(Family):
             with torch.device("meta"):
                 clip = ClipVision(clip_cfg)
                 vae = WanVAE(vae_cfg, parts=("encoder",))
-            clip, vae = _random(clip, opts, preset.builtin, 1), _random(vae, opts, preset.builtin, 2)
+            clip = seeded_module(clip, opts.weights_seed + 1, opts.device, opts.dtype, preset.builtin)
+            vae = seeded_module(vae, opts.weights_seed + 2, opts.device, opts.dtype, preset.builtin)
         else:
             clip = ClipVision(clip_cfg)
             clip.load_weights(clip_sd, source="CLIP weights")

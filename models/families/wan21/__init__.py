@@ -28,7 +28,7 @@ from flashdreams.models.families.wan21.steps import (
     EncodePromptStep,
 )
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
-from flashdreams.models.random_init import init_random_
+from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_loader import load_wan_dit, select_prefix
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
@@ -36,14 +36,6 @@ from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 COMBINED_PREFIXES = ("dit.", "clip.", "vae.")
 CLIP_FILE_GLOB = "models_clip_*.safetensors"
 VAE_FILE = "Wan2.1_VAE.safetensors"
-
-
-def _random(module: torch.nn.Module, opts: LoadOptions, builtin: bool, seed_offset: int = 0) -> torch.nn.Module:
-    """`module` (built on meta) with seeded random weights on the load device."""
-    module = module.to_empty(device=opts.device).to(opts.dtype)
-    dev = opts.device
-    init_random_(module, opts.weights_seed + seed_offset, "cpu" if builtin or dev.type == "cpu" else dev)
-    return module.eval().requires_grad_(False)
 
 
 def _is_combined(sd: Mapping[str, torch.Tensor]) -> bool:
@@ -103,7 +95,7 @@ class Wan21Family(Family):
         else:
             with torch.device("meta"):
                 model = WanDiT(preset.model)
-            model = _random(model, opts, preset.builtin)
+            model = seeded_module(model, opts.weights_seed, opts.device, opts.dtype, preset.builtin)
         model.fuse_projections_()
         model.set_attention(opts.attention)
         model.set_precision(opts.precision)
@@ -116,10 +108,10 @@ class Wan21Family(Family):
         if clip_sd is None:
             with torch.device("meta"):
                 clip = ClipVision(clip_cfg)
-            clip = _random(clip, opts, preset.builtin, 1)
+            clip = seeded_module(clip, opts.weights_seed + 1, opts.device, opts.dtype, preset.builtin)
             with torch.device("meta"):
                 vae = WanVAE(vae_cfg, parts=("encoder",))
-            vae = _random(vae, opts, preset.builtin, 2)
+            vae = seeded_module(vae, opts.weights_seed + 2, opts.device, opts.dtype, preset.builtin)
         else:
             clip = ClipVision(clip_cfg)
             clip.load_weights(clip_sd, source="CLIP weights")

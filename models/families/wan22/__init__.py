@@ -30,24 +30,12 @@ from flashdreams.models.families.wan22.steps import (
     host_positions,
 )
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
-from flashdreams.models.random_init import init_random_
+from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 
 # Seed offsets of the random weights: the experts differ, as the released ones do.
 SEED_OFFSETS = {"high": 0, "low": 1, "vae": 2}
-
-
-def _random(module: torch.nn.Module, preset: Preset, opts: LoadOptions, offset: int) -> torch.nn.Module:
-    """`module` (built on meta) with seeded random weights, allocated directly in the load dtype.
-
-    Converting on meta first allocates each 14B expert once in bf16 (28 GB), not in float32 and
-    then again in bf16; a GPU draws its own weights (seconds, not minutes, for 2 x 14B).
-    """
-    module = module.to(opts.dtype).to_empty(device=opts.device)
-    gen_dev = "cpu" if preset.builtin or opts.device.type == "cpu" else opts.device
-    init_random_(module, opts.weights_seed + offset, gen_dev)
-    return module.eval().requires_grad_(False)
 
 
 class Wan22Family(Family):
@@ -80,7 +68,9 @@ class Wan22Family(Family):
             for e in ("high", "low"):
                 with torch.device("meta"):
                     model = WanDiT(preset.model)
-                experts[e] = _random(model, preset, opts, SEED_OFFSETS[e])
+                experts[e] = seeded_module(
+                    model, opts.weights_seed + SEED_OFFSETS[e], opts.device, opts.dtype, preset.builtin
+                )
         drop_unused_cross_kv_(experts["low"])
         for model in experts.values():
             # No fuse_projections_(): it keeps a second copy of q/k/v (3 D^2 per layer, 6.3 GB per 14B
@@ -95,7 +85,7 @@ class Wan22Family(Family):
         if use_random:
             with torch.device("meta"):
                 vae = WanVAE(cfg, parts=("encoder",))
-            vae = _random(vae, preset, opts, SEED_OFFSETS["vae"])
+            vae = seeded_module(vae, opts.weights_seed + SEED_OFFSETS["vae"], opts.device, opts.dtype, preset.builtin)
         else:
             if not opts.decoder_weights:
                 raise InvalidArgumentError(
