@@ -60,6 +60,12 @@ def test_fd_serve_batching_choice(choice, batched):
     assert isinstance(stepper, WorldsStepper) is batched
     if batched:
         assert stepper.worlds.capacity == 3
+    args = build_parser().parse_args(["--preset", "arena", "--device", "cpu", "--batching", choice])
+    manager = build_manager(args)
+    if batched:  # admission stops at the batch's rows, whatever memory would hold
+        assert manager.limits.max_sessions == manager.stepper.worlds.capacity == 64
+    else:
+        assert manager.limits.max_sessions is None
 
 
 def test_fd_serve_refuses_batching_a_lockstep_model():

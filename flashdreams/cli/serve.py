@@ -179,8 +179,12 @@ def build_manager(args: argparse.Namespace, engine=None):
         text_encoder = TextEncoder.from_dir(args.text_encoder, device=engine.device, text_len=spec.shape[-2])
     defaults = session_defaults(args, engine, text_encoder)
     largest = max((s.torch_dtype().itemsize * _numel(s.shape) for s in engine.input_specs()), default=0)
+    batched = batches(args.batching, engine)
+    # Batched sessions are rows of one batch of fixed capacity: admission stops there even if memory would
+    # hold more (the capacity is --max-sessions, else DEFAULT_BATCHED_CAPACITY).
+    cap = args.max_sessions or (DEFAULT_BATCHED_CAPACITY if batched else None)
     limits = Limits(
-        max_sessions=args.max_sessions,
+        max_sessions=cap,
         memory_budget=None if args.memory_budget is None else int(args.memory_budget * 2**30),
         idle_timeout_s=args.idle_timeout,
         min_fps=args.min_fps,
@@ -188,12 +192,12 @@ def build_manager(args: argparse.Namespace, engine=None):
         max_message_bytes=args.max_message_bytes or max(256 * 1024, 2 * largest + 16 * 1024),
     )
     codec = FrameCodec.choose(args.encoding, args.jpeg_quality)
-    if batches(args.batching, engine):
+    if batched:
         # Every world of a row-independent model can sit at its own block: all due sessions step as
-        # one batch (one forward pass per round), up to --max-sessions rows.
+        # one batch (one forward pass per round).
         from flashdreams.serve.worlds_stepper import WorldsStepper
 
-        stepper = WorldsStepper(engine, args.max_sessions or DEFAULT_BATCHED_CAPACITY, defaults)
+        stepper = WorldsStepper(engine, cap, defaults)
     else:
         stepper = SessionStepper(engine, defaults)
     return SessionManager(stepper, limits, codec, text_encoder)
