@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.families.arena.model import ArenaConfig
+from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 WEIGHTS_FILE = "arena.safetensors"
@@ -43,20 +43,12 @@ class Preset:
         return height, width
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
+        return preset_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(f"arena preset dict has unknown fields {unknown}")
-        fields = dict(d)
-        if isinstance(fields.get("model"), dict):
-            fields["model"] = ArenaConfig(**fields["model"])
-        return cls(**fields)
+        """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
+        return preset_from_dict(cls, d, {"model": ArenaConfig})
 
 
 PRESETS: list[Preset] = [

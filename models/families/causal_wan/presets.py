@@ -9,6 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_config import WAN21_T2V_1_3B, WanConfig
 
@@ -60,32 +61,12 @@ class Preset:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        d["denoising_step_list"] = list(self.denoising_step_list)
-        if self.denoising_step_list_first_chunk is not None:
-            d["denoising_step_list_first_chunk"] = list(self.denoising_step_list_first_chunk)
-        return d
+        return preset_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
         """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"preset dict has unknown fields {unknown}; was it written by a newer FlashDreams?"
-            )
-        missing = sorted(n for n in ("name", "description", "model") if n not in d)
-        if missing:
-            raise InvalidArgumentError(f"preset dict lacks the fields {missing}")
-        fields = dict(d)
-        model = fields["model"]
-        fields["model"] = model if isinstance(model, WanConfig) else WanConfig.from_dict(model)
-        for key in ("denoising_step_list", "denoising_step_list_first_chunk"):
-            if fields.get(key) is not None:
-                fields[key] = tuple(fields[key])
-        return cls(**fields)
+        return preset_from_dict(cls, d, {"model": WanConfig})
 
 
 # The tiny built-in model: the real architecture at toy size, so a fresh CPU machine

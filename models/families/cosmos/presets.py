@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.cosmos_dit import COSMOS_PREDICT25_2B, CosmosConfig
+from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 
 VAE_STRIDE = (4, 8, 8)
 
@@ -72,23 +73,12 @@ class Preset:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        return d
+        return preset_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(f"cosmos preset dict has unknown fields {unknown}")
-        missing = sorted(n for n in ("name", "description", "model") if n not in d)
-        if missing:
-            raise InvalidArgumentError(f"cosmos preset dict lacks the fields {missing}")
-        fields = dict(d)
-        model = fields["model"]
-        fields["model"] = model if isinstance(model, CosmosConfig) else CosmosConfig.from_dict(model)
-        return cls(**fields)
+        """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
+        return preset_from_dict(cls, d, {"model": CosmosConfig})
 
 
 # The real architecture at toy size (the fixtures' widths), so a CPU samples a clip in seconds.

@@ -15,6 +15,7 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.kernels.block_sparse_attention import topk_budget, topk_ratio_for
 from flashdreams.models.families.flashvsr.lq_proj import LQProjConfig
 from flashdreams.models.families.flashvsr.tcdecoder import RELEASED_CHANNELS
+from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 from flashdreams.models.wan_config import WAN21_T2V_1_3B, WanConfig
 
 PIXELS_PER_WINDOW = 128  # 8 tokens x 2 (patch) x 8 (VAE) pixels per side of one attention window
@@ -70,24 +71,12 @@ class Preset:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        d["lq_proj"] = self.lq_proj.to_dict()
-        d["tc_channels"] = list(self.tc_channels)
-        return d
+        return preset_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(f"flashvsr preset dict has unknown fields {unknown}")
-        fields = dict(d)
-        if isinstance(fields.get("model"), dict):
-            fields["model"] = WanConfig.from_dict(fields["model"])
-        if isinstance(fields.get("lq_proj"), dict):
-            fields["lq_proj"] = LQProjConfig.from_dict(fields["lq_proj"])
-        return cls(**fields)
+        """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
+        return preset_from_dict(cls, d, {"model": WanConfig, "lq_proj": LQProjConfig})
 
 
 TINY_DIT = WanConfig(dim=48, ffn_dim=96, num_heads=2, num_layers=2, text_dim=24, text_len=8)

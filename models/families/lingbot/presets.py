@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.lingbot_dit import LINGBOT_14B, LINGBOT_TINY
+from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 from flashdreams.models.wan_config import WanConfig
 
 VAE_STRIDE = (4, 8, 8)
@@ -89,28 +90,12 @@ class Preset:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        d["denoising_step_list"] = list(self.denoising_step_list)
-        return d
+        return preset_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
         """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(
-                f"lingbot preset dict has unknown fields {unknown}; was it written by a newer FlashDreams?"
-            )
-        missing = sorted(n for n in ("name", "description", "model") if n not in d)
-        if missing:
-            raise InvalidArgumentError(f"lingbot preset dict lacks the fields {missing}")
-        fields = dict(d)
-        model = fields["model"]
-        fields["model"] = model if isinstance(model, WanConfig) else WanConfig.from_dict(model)
-        fields["denoising_step_list"] = tuple(fields.get("denoising_step_list", FAST_STEPS))
-        return cls(**fields)
+        return preset_from_dict(cls, d, {"model": WanConfig})
 
 
 TINY_VAE = {"dim": 8}

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.action_module import ActionConfig
+from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_config import WanConfig
 
@@ -105,29 +106,12 @@ class Preset:
         return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict:
-        d = dataclasses.asdict(self)
-        d["model"] = self.model.to_dict()
-        d["action"] = self.action.to_dict()
-        d["denoising_step_list"] = list(self.denoising_step_list)
-        return d
+        return preset_to_dict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preset:
         """The inverse of `to_dict` (an engine manifest stores its preset this way)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise InvalidArgumentError(f"matrixgame preset dict has unknown fields {unknown}")
-        missing = sorted(n for n in ("name", "description", "model", "action") if n not in d)
-        if missing:
-            raise InvalidArgumentError(f"matrixgame preset dict lacks the fields {missing}")
-        f = dict(d)
-        if not isinstance(f["model"], WanConfig):
-            f["model"] = WanConfig.from_dict(f["model"])
-        if not isinstance(f["action"], ActionConfig):
-            f["action"] = ActionConfig.from_dict(f["action"])
-        f["denoising_step_list"] = tuple(f.get("denoising_step_list", (1000, 666, 333)))
-        return cls(**f)
+        return preset_from_dict(cls, d, {"model": WanConfig, "action": ActionConfig})
 
 
 # The released DiT: Wan2.1-1.3B shape with 36 input channels and no text branch (model_type
