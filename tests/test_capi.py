@@ -140,6 +140,25 @@ def test_sim_host_frames_are_identical_to_the_python_api(built):
     assert np.array_equal(got, np.concatenate(frames)), "frames differ from the Python API's"
 
 
+@pytest.mark.parametrize("preset", ["arena", "matrix-game-2-tiny"])
+def test_the_same_calls_drive_a_keyboard_world(built, preset):
+    """sim_host --input keyboard: the calls that steer the prompt model steer a keyboard world (the arena,
+    Matrix-Game): each phase presses the keys (7 i + 13 phase) % 17 >= 9, bit for bit as in Python."""
+    lat = built["dir"] / f"latents-{preset}.npy"
+    args = ["--ticks", 3, "--preset", preset, "--input", "keyboard", "--latents", lat, "--out", built["dir"] / "f.npy"]
+    _run([built["sim_host"], *args], cwd=built["dir"])
+    session = flashdreams.load(preset=preset, device="cpu").session(seed=0)
+    shape = session.plan.inputs["keyboard"].shape
+    i = torch.arange(int(np.prod(shape)))
+    latents = []
+    for tick in range(3):
+        if tick % INPUT_EVERY == 0:
+            keys = ((7 * i + 13 * (tick // INPUT_EVERY)) % 17 >= 9).float().reshape(shape)
+            session.set_input("keyboard", keys)
+        latents.append(session.step().latents[0].numpy())
+    assert np.array_equal(np.load(lat), np.stack(latents)), "latents differ from the Python API's"
+
+
 def python_inputs(session) -> list[dict]:
     """What Python says the session takes: input_specs() (name, shape, dtype, when), or only the
     names from input_names() on a session that predates input_specs()."""

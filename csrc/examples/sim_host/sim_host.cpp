@@ -1,14 +1,17 @@
 // sim_host: a small C++ "simulator" that drives a FlashDreams session through the C ABI.
 //
-//   sim_host [--ticks N] [--seed S] [--out FRAMES.npy] [--latents LATENTS.npy]
+//   sim_host [--ticks N] [--seed S] [--preset NAME] [--input NAME] [--out FRAMES.npy] [--latents LATENTS.npy]
 //
-// It checks the API version, opens the built-in tiny model, creates a session, prints
-// the inputs the session takes (one line each: "input I: NAME DTYPE [SHAPE] when=...
-// units=... range=[LOW, HIGH]: MEANING"), and runs N ticks (default 6). Every 2nd tick
-// (0, 2, 4, ...) it steers the world with a new "prompt_embeds" input, of the shape and
-// dtype the session reports ([1, 16, 32] float32 for the built-in model), filled by
+// It checks the API version, opens a built-in model (--preset; default the tiny causal Wan),
+// creates a session, prints the inputs the session takes (one line each: "input I: NAME
+// DTYPE [SHAPE] when=... units=... range=[LOW, HIGH]: MEANING"), and runs N ticks (default
+// 6). Every 2nd tick (0, 2, 4, ...) it steers the world through one named input (--input;
+// default "prompt_embeds"), of the shape and dtype the session reports, filled by
 //   value[i] = ((7 * i + 13 * phase) % 17 - 8) / 8,   i = flat index, phase = tick / 2
-// (exact in float32, so a Python replay gets the same bits). Each tick it steps one
+// or, for an input with a range [LOW, HIGH] (keys, mouse), by
+//   value[i] = (7 * i + 13 * phase) % 17 >= 9 ? HIGH : LOW
+// (exact in float32, so a Python replay gets the same bits). The same calls drive a
+// prompt-steered model and a keyboard world (--preset arena --input keyboard). Each tick it steps one
 // block, reads the block's frames into a host buffer, and prints its timing. At the
 // end it writes every frame to --out (default sim_host_frames.npy): uint8
 // [frames, height, width, 3], readable with numpy.load. --latents also writes each
@@ -47,10 +50,13 @@ double ms_since(std::chrono::steady_clock::time_point t0) {
     return std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - t0).count();
 }
 
-std::vector<float> prompt_for(int phase, size_t numel) {
+// The value sim_host sends for phase `phase` (see the top of this file).
+std::vector<float> input_for(int phase, size_t numel, const fd_input_info& info) {
     std::vector<float> v(numel);
+    const bool ranged = info.has_low && info.has_high;
     for (size_t i = 0; i < v.size(); ++i) {
-        v[i] = static_cast<float>(static_cast<int>((7 * i + 13 * phase) % 17) - 8) / 8.0f;
+        const int k = static_cast<int>((7 * i + 13 * phase) % 17);
+        v[i] = ranged ? static_cast<float>(k >= 9 ? info.high : info.low) : static_cast<float>(k - 8) / 8.0f;
     }
     return v;
 }
@@ -107,7 +113,7 @@ bool write_npy(const std::string& path, const char* descr, const std::vector<int
 int main(int argc, char** argv) {
     int ticks = 6;
     uint64_t seed = 0;
-    std::string out = "sim_host_frames.npy", latents_out;
+    std::string out = "sim_host_frames.npy", latents_out, preset, input = "prompt_embeds";
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         const bool has_value = i + 1 < argc;
@@ -119,8 +125,14 @@ int main(int argc, char** argv) {
             out = argv[++i];
         } else if (a == "--latents" && has_value) {
             latents_out = argv[++i];
+        } else if (a == "--preset" && has_value) {
+            preset = argv[++i];
+        } else if (a == "--input" && has_value) {
+            input = argv[++i];
         } else {
-            std::fprintf(stderr, "usage: sim_host [--ticks N] [--seed S] [--out FILE.npy] [--latents FILE.npy]\n");
+            std::fprintf(stderr,
+                         "usage: sim_host [--ticks N] [--seed S] [--preset NAME] [--input NAME] [--out FILE.npy] "
+                         "[--latents FILE.npy]\n");
             return 2;
         }
     }
@@ -131,7 +143,9 @@ int main(int argc, char** argv) {
 
     auto t0 = std::chrono::steady_clock::now();
     fd_engine* raw_engine = nullptr;
-    if (!ok(fd_engine_open(nullptr, nullptr, &raw_engine), "fd_engine_open")) return 1;  // the built-in model
+    fd_engine_options eopts = FD_ENGINE_OPTIONS_INIT;
+    eopts.preset = preset.empty() ? nullptr : preset.c_str();
+    if (!ok(fd_engine_open(nullptr, &eopts, &raw_engine), "fd_engine_open")) return 1;  // a built-in model
     EnginePtr engine(raw_engine);
     fd_session_options sopts = FD_SESSION_OPTIONS_INIT;
     sopts.seed = seed;
@@ -140,18 +154,18 @@ int main(int argc, char** argv) {
     SessionPtr session(raw_session);
     std::printf("engine + session ready in %.1f ms (seed %llu)\n", ms_since(t0), static_cast<unsigned long long>(seed));
 
-    // What the model takes: the prompt's shape comes from the session, not from this file.
+    // What the model takes: the input's shape and range come from the session, not from this file.
     if (!print_inputs(session.get())) return 1;
-    int32_t prompt_index = -1;
-    if (!ok(fd_session_input_find(session.get(), "prompt_embeds", &prompt_index), "fd_session_input_find")) return 1;
-    fd_input_info prompt_info = FD_INPUT_INFO_INIT;
-    if (!ok(fd_session_input_info(session.get(), prompt_index, &prompt_info), "fd_session_input_info")) return 1;
-    if (prompt_info.dtype != FD_DTYPE_FLOAT32) {
-        std::fprintf(stderr, "sim_host: prompt_embeds is %s; this host sends float32\n", prompt_info.dtype_name);
+    int32_t input_index = -1;
+    if (!ok(fd_session_input_find(session.get(), input.c_str(), &input_index), "fd_session_input_find")) return 1;
+    fd_input_info info = FD_INPUT_INFO_INIT;
+    if (!ok(fd_session_input_info(session.get(), input_index, &info), "fd_session_input_info")) return 1;
+    if (info.dtype != FD_DTYPE_FLOAT32) {
+        std::fprintf(stderr, "sim_host: %s is %s; this host sends float32\n", input.c_str(), info.dtype_name);
         return 1;
     }
-    size_t prompt_numel = 1;
-    for (int32_t i = 0; i < prompt_info.ndim; ++i) prompt_numel *= static_cast<size_t>(prompt_info.shape[i]);
+    size_t input_numel = 1;
+    for (int32_t i = 0; i < info.ndim; ++i) input_numel *= static_cast<size_t>(info.shape[i]);
 
     std::vector<uint8_t> frames, block;  // all frames so far; this tick's frames
     std::vector<float> latents, lat_block;
@@ -161,10 +175,9 @@ int main(int argc, char** argv) {
         auto t_tick = std::chrono::steady_clock::now();
         const bool change = tick % kInputEvery == 0;
         if (change) {
-            std::vector<float> prompt = prompt_for(tick / kInputEvery, prompt_numel);
-            fd_tensor_view view = {prompt.data(), FD_DTYPE_FLOAT32, prompt_info.ndim, prompt_info.shape,
-                                   FD_MEMORY_HOST, 0};
-            if (!ok(fd_session_set_input(session.get(), "prompt_embeds", &view), "fd_session_set_input")) return 1;
+            std::vector<float> value = input_for(tick / kInputEvery, input_numel, info);
+            fd_tensor_view view = {value.data(), FD_DTYPE_FLOAT32, info.ndim, info.shape, FD_MEMORY_HOST, 0};
+            if (!ok(fd_session_set_input(session.get(), input.c_str(), &view), "fd_session_set_input")) return 1;
         }
         auto t_step = std::chrono::steady_clock::now();
         if (!ok(fd_session_step(session.get()), "fd_session_step")) return 1;
