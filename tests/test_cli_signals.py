@@ -17,14 +17,14 @@ from flashdreams.export.build import remove_stale_builds
 
 
 def _start_fd_run(cwd: Path) -> subprocess.Popen:
-    argv = [sys.executable, "-m", "flashdreams.cli.run", "--blocks", "200", "--out", "v.mp4"]
+    argv = [sys.executable, "-m", "flashdreams.cli.run", "--preset", "tiny", "--blocks", "200", "--out", "v.mp4"]
     argv += ["--save-latents", "l.safetensors"]
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(argv, cwd=cwd, stderr=subprocess.PIPE, stdout=subprocess.PIPE, env=env)
 
 
 def _wait_for_blocks(proc: subprocess.Popen, blocks: int, timeout: float = 240.0) -> str:
-    """Read the progress bar on stderr until it shows `blocks` blocks done."""
+    """Read fd-run's progress lines on stderr (a pipe: "fd-run: block N/200, ...") until `blocks` are done."""
     seen = ""
     deadline = time.monotonic() + timeout
     fd = proc.stderr.fileno()
@@ -32,7 +32,7 @@ def _wait_for_blocks(proc: subprocess.Popen, blocks: int, timeout: float = 240.0
     while time.monotonic() < deadline:
         with contextlib.suppress(BlockingIOError):
             seen += os.read(fd, 65536).decode(errors="replace")
-        done = [int(n) for n in re.findall(r"\| *(\d+)/200", seen)]
+        done = [int(n) for n in re.findall(r"block (\d+)/200", seen)]
         if done and max(done) >= blocks:
             return seen
         if proc.poll() is not None:
