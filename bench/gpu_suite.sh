@@ -41,9 +41,26 @@ cold|150|cold start from the built engine: process start to first frame, 3 fresh
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
+worlds-arena|90|issue 19: many worlds of the default world (arena), bf16, N = 1..256 (fd-bench sessions, one N at a time: bench/worlds_rows.py)
+worlds-arena-fp32|45|issue 19: the arena in float32 at N = 1 and 64 (comparison)
+worlds-mg|170|issue 19: Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton), lockstep N = 1..16
+mg-taehv|100|issue 14: fd-bench Matrix-Game 2.0 universal 352x640 single session, TAEHV, Triton, 8 blocks, block-5 profile
+mg-wanvae|110|issue 14: the same with the Wan VAE decoder (the preset's)
+gpu-tests|200|pytest -m gpu: the new families' GPU tests (cosmos, omnidreams, flashvsr, wan22, block-sparse kernel, matrixgame)
+flashvsr|180|issue 20: FlashVSR 768x1408 sparse 2.0 steady FPS, sparse kernel vs dense SDPA, 1152x1920 (1080p) FPS (bench/family_parts.py)
+flashvsr-more|240|issue 20: Self-Forcing -> FlashVSR 2x chain FPS, sparse 1.5 and dense FPS, the 1080p kernel rate
+omnidreams|200|issue 16: OmniDreams 704x1280 chunk (frames out, whole chunk), Cosmos-Predict2.5 2B CFG evaluation TFLOP/s (bench/family_parts.py)
+cosmos|200|issue 16: Cosmos-Predict2.5 2B alone: one CFG evaluation (3 timed), TFLOP/s vs the matmul peak (bench/family_parts.py)
+mg-steady|260|issue 14: Matrix-Game 2.0 universal 352x640 TAEHV, one rollout of 1000 blocks (fd-bench --steady-blocks: jitter, memory)
+omnidreams-triton|120|issue 16: the OmniDreams chunk with our Triton attention kernels (--omni-attention triton)
+lingbot-fp8|150|issue 15: bench/lingbot_bench.py in FP8 (CUDA graphs)
+lingbot|150|issue 15: bench/lingbot_bench.py block latency, bf16, CUDA graphs
+wan22-mem|200|bench/wan22_memory.py --measure (wan2.2-a14b-t2v-rolling, 4 blocks)
 "
 declare -A PART_GROUPS=(
   [issue22]="attention sf-fp8"
+  [issue19-14]="worlds-arena worlds-arena-fp32 worlds-mg mg-taehv mg-wanvae gpu-tests"
+  [issue20-16]="flashvsr omnidreams flashvsr-more lingbot wan22-mem"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -70,7 +87,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -333,6 +350,144 @@ part_probe() {
 import flashdreams, torch
 e = flashdreams.load('$WORK/tiny-engine'); s = e.session(seed=1); r = [s.step() for _ in range(4)]
 torch.cuda.synchronize(); print('probe ok', e.load_times, r[-1].frames.shape)"
+}
+
+# ----------------------------------------------------------------------------- issues 19, 14, 20, 16, 15
+
+MG="--preset matrix-game-2-universal --random-weights --height 352 --width 640 --attention triton"
+
+rows_to() { # bench/worlds_rows.py (fd-bench sessions, one N at a time) into $WORK/$1, copied to $DEST/$1.json
+  local name=$1 limit=$2 rc
+  shift 2
+  py "$limit" "$REPO/bench/worlds_rows.py" --budget-s $((limit - 10)) -- "$@" --out "$WORK/$name"
+  rc=$?
+  [ $DRY = 1 ] || cp "$WORK/$name/results.json" "$DEST/$name.json" 2>/dev/null
+  return $rc
+}
+
+part_worlds-arena() {
+  if [ $SMOKE = 1 ]; then
+    rows_to worlds-arena "$1" --preset arena --sessions 1,2,4 --blocks 3
+  else
+    rows_to worlds-arena "$1" --preset arena --sessions 1,2,4,8,16,32,64,128,256 --blocks 30
+  fi
+}
+
+part_worlds-arena-fp32() {
+  if [ $SMOKE = 1 ]; then
+    rows_to worlds-arena-fp32 "$1" --preset arena --dtype float32 --sessions 1,2 --blocks 3
+  else
+    rows_to worlds-arena-fp32 "$1" --preset arena --dtype float32 --sessions 1,64 --blocks 30
+  fi
+}
+
+part_worlds-mg() {
+  if [ $SMOKE = 1 ]; then
+    rows_to worlds-matrixgame "$1" --preset matrix-game-2-tiny --decoder taehv --sessions 1,2 --blocks 2
+  else
+    rows_to worlds-matrixgame "$1" $MG --decoder taehv --sessions 1,2,4,8,16 --blocks 6
+  fi
+}
+
+part_mg-taehv() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to mg-taehv "$1" --preset matrix-game-2-tiny --decoder taehv --blocks 3 --rollouts 1 --profile-block 2 --quick-ceilings
+  else
+    fdb_to mg-taehv "$1" $MG --decoder taehv --blocks 8 --rollouts 2 --profile-block 5
+  fi
+}
+
+part_mg-wanvae() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to mg-wanvae "$1" --preset matrix-game-2-tiny --decoder preset --blocks 3 --rollouts 1 --profile-block 2 --quick-ceilings
+  else
+    fdb_to mg-wanvae "$1" $MG --decoder preset --blocks 8 --rollouts 2 --profile-block 5
+  fi
+}
+
+part_gpu-tests() {
+  # the installed package under test; the checkout gives the tests and their conftest (--rootdir)
+  local t="$REPO/tests"
+  local files="$t/test_cosmos_family.py $t/test_omnidreams_family.py $t/test_flashvsr.py $t/test_wan22_family.py"
+  files="$files $t/kernels/test_block_sparse_attention.py $t/test_matrixgame_family.py"
+  if [ $SMOKE = 1 ]; then
+    py "$1" -m pytest -q -p no:cacheprovider --rootdir "$REPO" -m gpu $files
+    return 0 # on a CPU every gpu test is skipped (pytest exits 5 when all are deselected)
+  fi
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" -m gpu $files
+}
+
+fam_to() { # bench/family_parts.py items into $DEST/$1.json
+  local name=$1 limit=$2
+  shift 2
+  if [ $SMOKE = 1 ]; then
+    TRITON_INTERPRET=1 py "$limit" "$REPO/bench/family_parts.py" --device cpu --tiny --blocks 2 --chunks 2 --reps 1 \
+      --budget-s $((limit - 10)) --out "$DEST/$name.json" "$@"
+  else
+    py "$limit" "$REPO/bench/family_parts.py" --budget-s $((limit - 10)) --out "$DEST/$name.json" "$@"
+  fi
+}
+
+part_flashvsr() {
+  if [ $SMOKE = 1 ]; then
+    fam_to flashvsr "$1" vsr-stream:flashvsr-tiny vsr-attn:flashvsr-tiny
+  else
+    fam_to flashvsr "$1" vsr-stream:flashvsr vsr-attn:flashvsr vsr-stream:flashvsr-1080p
+  fi
+}
+
+part_flashvsr-more() {
+  if [ $SMOKE = 1 ]; then
+    echo "flashvsr-more has no CPU form (full-size presets only)"
+    return 0
+  fi
+  fam_to flashvsr-more "$1" vsr-chain vsr-stream:flashvsr-faster vsr-stream:flashvsr-dense vsr-attn:flashvsr-1080p
+}
+
+part_omnidreams() {
+  fam_to omnidreams "$1" omnidreams cosmos
+}
+
+part_cosmos() {
+  if [ $SMOKE = 1 ]; then
+    fam_to cosmos "$1" cosmos
+  else
+    fam_to cosmos "$1" --reps 3 cosmos
+  fi
+}
+
+part_mg-steady() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to mg-steady "$1" --preset matrix-game-2-tiny --decoder taehv --blocks 2 --rollouts 1 --steady-blocks 5 --quick-ceilings
+  else
+    fdb_to mg-steady "$1" $MG --decoder taehv --blocks 3 --rollouts 1 --steady-blocks 1000
+  fi
+}
+
+part_omnidreams-triton() {
+  fam_to omnidreams-triton "$1" --omni-attention triton omnidreams
+}
+
+part_lingbot-fp8() {
+  [ $SMOKE = 1 ] && { echo "lingbot-fp8 has no CPU form here"; return 0; }
+  py "$1" "$REPO/bench/lingbot_bench.py" --cuda-graphs --precision fp8 --out "$DEST/lingbot-fp8.json"
+}
+
+part_lingbot() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/lingbot_bench.py" ${FD_SUITE_LINGBOT_SMOKE:---device cpu --preset lingbot-world-fast-tiny --attention sdpa --blocks 2 --height 64 --width 96} \
+      --out "$DEST/lingbot.json"
+  else
+    py "$1" "$REPO/bench/lingbot_bench.py" --cuda-graphs --out "$DEST/lingbot.json"
+  fi
+}
+
+part_wan22-mem() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/wan22_memory.py" --out "$DEST/wan22-memory.json"
+  else
+    py "$1" "$REPO/bench/wan22_memory.py" --measure --out "$DEST/wan22-memory.json"
+  fi
 }
 
 # ----------------------------------------------------------------------------- main
