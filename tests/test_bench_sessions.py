@@ -30,3 +30,28 @@ def test_largest_fit_extrapolates_the_measured_slope():
 def test_cli_refuses_bad_counts(capsys):
     assert main(["--sessions", "0,2"]) == 2
     assert "positive integers" in capsys.readouterr().err
+
+
+def test_cli_keeps_the_rows_before_a_count_that_fails(tmp_path, monkeypatch, capsys):
+    """results.json is written after every N: a later N that runs out of memory keeps the earlier rows."""
+    import json
+
+    from flashdreams.engine import Engine
+    from flashdreams.errors import OutOfMemoryError
+
+    real = Engine.worlds
+
+    def worlds(self, n, *a, **k):
+        if n >= 4:
+            raise OutOfMemoryError(f"{n} worlds do not fit (test)")
+        return real(self, n, *a, **k)
+
+    monkeypatch.setattr(Engine, "worlds", worlds)
+    out = tmp_path / "bench"
+    assert (
+        main(["--preset", "arena", "--device", "cpu", "--sessions", "1,2,4,8", "--blocks", "1", "--out", str(out)]) == 1
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert [r["worlds"] for r in results["rows"]] == [1, 2]
+    assert results["failed"]["worlds"] == 4 and "do not fit" in results["failed"]["error"]
+    assert "4 worlds failed" in capsys.readouterr().err

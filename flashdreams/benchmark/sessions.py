@@ -56,9 +56,11 @@ def bench_sessions(
     blocks: int = 20,
     warmup: int = 3,
     cuda_graphs: bool | None = None,
+    on_row: Callable[[dict], object] | None = None,
 ) -> list[dict]:
     """One row per N in `counts`. `engine_for(n)` gives an engine able to hold n worlds (the same one
-    for row-independent models; one loaded at batch n for lockstep)."""
+    for row-independent models; one loaded at batch n for lockstep). `on_row` sees each row as it is
+    measured (its speedup filled against the first)."""
     rows = []
     for n in counts:
         engine = engine_for(n)
@@ -89,14 +91,15 @@ def bench_sessions(
             row["peak_bytes_above_weights"] = torch.cuda.max_memory_allocated(device) - base
             row["peak_bytes_per_world"] = row["peak_bytes_above_weights"] / n
         rows.append(row)
+        base_fps = rows[0]["aggregate_fps"]
+        row["speedup_vs_first"] = row["aggregate_fps"] / base_fps if base_fps else None
+        if on_row is not None:
+            on_row(row)
         print(
             f"fd-bench: {n:4d} worlds ({mode}): {row['aggregate_fps']:9.1f} frames/s in all, block p50 "
             f"{row['block_ms_p50']:8.2f} ms p99 {row['block_ms_p99']:8.2f} ms",
             flush=True,
         )
-    base_fps = rows[0]["aggregate_fps"] if rows else 0
-    for r in rows:
-        r["speedup_vs_first"] = r["aggregate_fps"] / base_fps if base_fps else None
     return rows
 
 

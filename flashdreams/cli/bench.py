@@ -243,23 +243,46 @@ def _sessions_main(args: argparse.Namespace, parser: argparse.ArgumentParser, ou
                 cache[n] = flashdreams.load(**kw, batch=n)
             return cache[n]
 
-        rows = bench_sessions(
-            engine_for, sorted(counts), blocks=args.blocks, warmup=3, cuda_graphs=False if args.no_cuda_graphs else None
-        )
+        env = environment(device)
+        config = {"preset": first.preset_name, "blocks": args.blocks, "cuda_graphs": not args.no_cuda_graphs}
+
+        def write(rows: list[dict], failed: dict | None = None) -> None:
+            """results.json after every N, so a later N that fails (out of memory) keeps the earlier rows."""
+            free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
+            results = {
+                "schema": "fd-bench-sessions/1",
+                "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "environment": env,
+                "config": config,
+                "rows": rows,
+                "failed": failed,
+                "largest_worlds_fit_estimate": largest_fit(rows, free) if free else None,
+            }
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "results.json").write_text(json.dumps(results, indent=1))
+
+        done: list[dict] = []
+        try:
+            bench_sessions(
+                engine_for,
+                sorted(counts),
+                blocks=args.blocks,
+                warmup=3,
+                cuda_graphs=False if args.no_cuda_graphs else None,
+                on_row=lambda row: (done.append(row), write(done)),
+            )
+        except (FlashDreamsError, torch.OutOfMemoryError) as exc:
+            failed_n = sorted(counts)[len(done)]
+            write(done, {"worlds": failed_n, "error": f"{type(exc).__name__}: {exc}"})
+            print(
+                f"fd-bench: {failed_n} worlds failed ({type(exc).__name__}: {exc}); rows before it kept",
+                file=sys.stderr,
+            )
+            print(f"wrote {out / 'results.json'}")
+            return 1
     except FlashDreamsError as exc:
         print(f"fd-bench: {flag_message(str(exc), parser)}", file=sys.stderr)
         return 2
-    free = torch.cuda.mem_get_info(device)[0] if device.type == "cuda" else None
-    results = {
-        "schema": "fd-bench-sessions/1",
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "environment": environment(device),
-        "config": {"preset": first.preset_name, "blocks": args.blocks, "cuda_graphs": not args.no_cuda_graphs},
-        "rows": rows,
-        "largest_worlds_fit_estimate": largest_fit(rows, free) if free else None,
-    }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.json").write_text(json.dumps(results, indent=1))
     print(f"wrote {out / 'results.json'}")
     return 0
 

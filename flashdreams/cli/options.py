@@ -64,7 +64,8 @@ def add_load_options(
     g.add_argument(
         "--preset",
         metavar="NAME",
-        help="model preset, see fd-run --list-presets (default: tiny built-in; self-forcing-1.3b with --checkpoint)",
+        help="model preset, see fd-run --list-presets (default: fd-run and fd-serve play the arena world, fd-build and "
+        "fd-bench the tiny built-in causal Wan; self-forcing-1.3b with --checkpoint)",
     )
     g.add_argument("--device", help="cuda | cpu | cuda:N (default: cuda if torch sees a GPU, else cpu)")
     g.add_argument("--dtype", help="bfloat16 | float16 | float32 (default: bfloat16 on a GPU, float32 on a CPU)")

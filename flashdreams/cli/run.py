@@ -109,7 +109,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fps",
         type=float,
         default=None,
-        help="frame rate of the video, kept exactly (default 16, or the --input video's)",
+        help="frame rate of the video, kept exactly (default: the model's own, e.g. 16 for the Wan models and the "
+        "arena, 30 for OmniDreams; with --input, the input video's)",
     )
     p.add_argument(
         "--input",
