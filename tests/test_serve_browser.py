@@ -181,3 +181,32 @@ def test_different_keys_make_different_frames(browser):
         page.close()
     finally:
         srv.stop()
+
+
+def test_the_drive_page_steers_with_sliders(browser):
+    """fd-serve --drive demo: the page shows steer and throttle sliders (from the `drive` spec); moving one
+    sends the controls, and the session's car takes them."""
+    from flashdreams.serve.drive import DriveStepper
+
+    engine = flashdreams.load(preset="omnidreams-sv-tiny", device="cpu")
+    stepper = DriveStepper(SessionStepper(engine))
+    srv = ServerThread(SessionManager(stepper, Limits(max_sessions=2), protocol.FrameCodec.choose()))
+    try:
+        page = open_page(browser, srv.url)
+        labels = page.eval_on_selector_all(
+            "[data-input='drive'] label.slider", "els => els.map(e => e.textContent.trim())"
+        )
+        assert labels == ["steer", "throttle"]
+        assert not page.query_selector("[data-input='hdmap_video']")  # the drive renders the HD map itself
+        page.click("#start")
+        page.wait_for_function("window.fdStats.presented >= 1", timeout=120_000)
+        page.eval_on_selector(
+            "[data-input='drive'] input[type=range]", "s => { s.value = 0.8; s.dispatchEvent(new Event('input')); }"
+        )
+        page.wait_for_function("window.fdStats.latencies.length > 0", timeout=120_000)
+        drive = stepper.drives[page.evaluate("window.fdStats.session")]
+        assert drive.override is not None and abs(drive.override[0] - 0.8) < 1e-6 and drive.override[1] == 0.0
+        assert not page.page_errors, page.page_errors
+        page.close()
+    finally:
+        srv.stop()

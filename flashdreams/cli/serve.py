@@ -41,6 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
             "  fd-serve --preset tiny --port 0           # any free port\n"
             "  fd-serve --host 0.0.0.0                   # reachable from others: a token is generated and printed\n"
             "  fd-serve --checkpoint engine_dir/ --max-sessions 8\n"
+            "  fd-serve --preset omnidreams-sv-tiny --drive demo   # steer a car: the HD map follows it\n"
             "  fd-serve --ray --workers 2                # one Ray Serve worker per GPU, sticky sessions\n"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -97,6 +98,12 @@ def build_parser() -> argparse.ArgumentParser:
         "per round for all; off: in turn, one forward pass each; auto (default): on with a GPU, off on a CPU "
         "(a CPU forward costs in proportion to its batch, so a batch gains nothing there, and sessions that "
         "are not due would still ride along)",
+    )
+    ses.add_argument(
+        "--drive",
+        choices=("demo",),
+        help="OmniDreams: each session drives a car on the demo road, steered from the page (steer, throttle); "
+        "the HD map the model takes is rendered along the car's path every block",
     )
     ses.add_argument(
         "--text-encoder", metavar="DIR", help="umT5 encoder directory: enables the page's prompt box (else stand-ins)"
@@ -200,6 +207,10 @@ def build_manager(args: argparse.Namespace, engine=None):
         stepper = WorldsStepper(engine, cap, defaults)
     else:
         stepper = SessionStepper(engine, defaults)
+    if args.drive:
+        from flashdreams.serve.drive import DriveStepper
+
+        stepper = DriveStepper(stepper)
     return SessionManager(stepper, limits, codec, text_encoder)
 
 

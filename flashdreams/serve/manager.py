@@ -88,7 +88,7 @@ class SessionManager:
         self.limits = limits
         self.codec = codec
         self.text_encoder = text_encoder
-        self.specs = {s.name: s for s in self.engine.input_specs()}
+        self.specs = {s.name: s for s in stepper.input_specs()}  # what clients may send
         self.sessions: dict[str, Live] = {}
         self.worker = ThreadPoolExecutor(1, thread_name_prefix="fd-serve-step")
         self.encoders = ThreadPoolExecutor(max(1, min(4, (os.cpu_count() or 2) // 2)), "fd-serve-encode")

@@ -41,9 +41,14 @@ class Stepper(ABC):
 
     engine: object
 
+    def input_specs(self) -> list:
+        """The inputs clients may send (the model's, unless a wrapper feeds some itself)."""
+        return list(self.engine.input_specs())
+
     @abstractmethod
-    def open(self, sid: str, seed: int) -> None:
-        """Create the world of session `sid` (raises OutOfMemoryError when the device cannot hold it)."""
+    def open(self, sid: str, seed: int, inputs: dict | None = None) -> None:
+        """Create the world of session `sid` with its starting `inputs` on top of the stepper's defaults
+        (raises OutOfMemoryError when the device cannot hold it)."""
 
     @abstractmethod
     def close(self, sid: str) -> None:
@@ -82,10 +87,10 @@ class SessionStepper(Stepper):
         self._impulses: dict[str, set[str]] = {}
         self._units = {s.name: s.units for s in engine.input_specs()}
 
-    def open(self, sid: str, seed: int) -> None:
+    def open(self, sid: str, seed: int, inputs: dict | None = None) -> None:
         if sid in self.sessions:
             raise InvalidArgumentError(f"session '{sid}' is already open")
-        self.sessions[sid] = self.engine.session(seed=seed, inputs=self.defaults)
+        self.sessions[sid] = self.engine.session(seed=seed, inputs={**self.defaults, **(inputs or {})})
         self._impulses[sid] = set()
 
     def close(self, sid: str) -> None:

@@ -29,7 +29,7 @@ class WorldsStepper(Stepper):
         self._impulses: dict[str, set[str]] = {}
         self.specs = {s.name: s for s in self.worlds.input_specs()}
 
-    def open(self, sid: str, seed: int) -> None:
+    def open(self, sid: str, seed: int, inputs: dict | None = None) -> None:
         if sid in self.ids:
             raise InvalidArgumentError(f"session '{sid}' is already open")
         if self.worlds.n >= self.worlds.capacity:
@@ -37,7 +37,7 @@ class WorldsStepper(Stepper):
 
             raise OutOfMemoryError(f"all {self.worlds.capacity} world rows are taken")
         stand_ins = self.engine.default_inputs(seed, batch=1) if self.engine.stand_in_inputs else {}
-        self.ids[sid] = self.worlds.add(seed, inputs={**stand_ins, **self.defaults})
+        self.ids[sid] = self.worlds.add(seed, inputs={**stand_ins, **self.defaults, **(inputs or {})})
         self._impulses[sid] = set()
 
     def close(self, sid: str) -> None:
