@@ -527,6 +527,26 @@ class LoadOptions:
     decoder_weights: str | None = None
 
 
+def weights_source(opts: LoadOptions, weights, preset) -> str:
+    """What `LoadedModel.source` says: the checkpoint path, a state dict given in memory, or the preset's
+    built-in / seeded random weights."""
+    if opts.source is not None:
+        return str(opts.source)
+    if weights is not None:
+        return "<state dict>"
+    return ("builtin:" if preset.builtin else "random:") + preset.name
+
+
+def ring_length_hints(ring, use: bool, graphs: tuple[str, ...] = ("dit",)):
+    """`LoadedModel.eager_hints` for torch attention over a KV ring: the ring's fill level at each block,
+    known on the host, so eager SDPA attends only the valid prefix (our kernels read it on the device)."""
+
+    def hints(graph: str, block: int) -> dict:
+        return {"valid_len_host": ring.valid_tokens(block)} if use and graph in graphs else {}
+
+    return hints
+
+
 class Family:
     """Base class of a registry entry: presets, and loading a preset into a `LoadedModel`."""
 

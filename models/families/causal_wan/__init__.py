@@ -17,7 +17,7 @@ from flashdreams.models.decoders import choose_decoder
 from flashdreams.models.families.causal_wan.plan import LATENT_CHANNELS, build_plan
 from flashdreams.models.families.causal_wan.presets import PRESETS, Preset
 from flashdreams.models.families.causal_wan.steps import DiTStep, EncodePromptStep
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_loader import load_wan_dit
@@ -78,19 +78,9 @@ class CausalWanFamily(Family):
         graphs = {"dit": DiTStep(model), "encode_prompt": EncodePromptStep(model)}
         if dec is not None:
             graphs.update(dec.graphs)
-        ring = plan.ring
-        sdpa = model.attention_impl == "sdpa"
+        hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
 
-        def hints(graph: str, block: int) -> dict:
-            # torch attention slices the ring to its host-known fill level (see dit_ops.ring_attention).
-            return {"valid_len_host": ring.valid_tokens(block)} if sdpa and graph == "dit" else {}
-
-        if opts.source is not None:
-            source = str(opts.source)
-        elif weights is not None:
-            source = "<state dict>"
-        else:
-            source = ("builtin:" if preset.builtin else "random:") + preset.name
+        source = weights_source(opts, weights, preset)
         return LoadedModel(
             plan=plan,
             graphs=graphs,
@@ -98,7 +88,7 @@ class CausalWanFamily(Family):
             decoder=decoder,
             examples=lambda g: example_inputs(plan, g, model.dtype, opts.device),
             eager_hints=hints,
-            parallel=parallel_hooks(model, ring.frame_tokens),
+            parallel=parallel_hooks(model, plan.ring.frame_tokens),
             source=source,
             device=opts.device,
             dtype=opts.dtype,

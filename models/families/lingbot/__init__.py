@@ -28,7 +28,7 @@ from flashdreams.models.families.lingbot.steps import (
     EncodePromptStep,
 )
 from flashdreams.models.families.wan21.steps import ClipDecodeStep
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
 
 
 class LingBotFamily(Family):
@@ -75,11 +75,7 @@ class LingBotFamily(Family):
             }
             if dec is not None:
                 graphs.update(dec.graphs)
-            ring, sdpa = plan.ring, model.attention_impl == "sdpa"
-
-            def hints(graph: str, block: int) -> dict:
-                # torch attention slices the ring to its host-known fill level (see dit_ops.ring_attention).
-                return {"valid_len_host": ring.valid_tokens(block)} if sdpa and graph == "dit" else {}
+            hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
 
             identity = torch.nn.ModuleDict({"dit": model, "image_encoder": vae})
         else:
@@ -96,12 +92,7 @@ class LingBotFamily(Family):
             if decoder is not None:
                 graphs["decode"] = ClipDecodeStep(decoder, opts.batch, (lh, lw), 3)
             identity = torch.nn.ModuleDict({"high": nets["high"], "low": nets["low"], "image_encoder": vae})
-        if opts.source is not None:
-            source = str(opts.source)
-        elif weights is not None:
-            source = "<state dict>"
-        else:
-            source = ("builtin:" if preset.builtin else "random:") + preset.name
+        source = weights_source(opts, weights, preset)
         return LoadedModel(
             plan=plan,
             graphs=graphs,

@@ -29,7 +29,7 @@ from flashdreams.models.families.matrixgame.steps import (
     EncodeContextStep,
     EncodeImageStep,
 )
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
 from flashdreams.models.matrixgame_dit import MatrixGameDiT
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
@@ -151,19 +151,9 @@ class MatrixGameFamily(Family):
             weights_module["image_encoder"] = graphs["encode_image"]
         if dec is not None:
             graphs.update(dec.graphs)
-        ring = plan.ring
-        sdpa = model.attention_impl == "sdpa"
+        hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
 
-        def hints(graph: str, block: int) -> dict:
-            # torch attention slices the ring to its host-known fill level (dit_ops.ring_attention).
-            return {"valid_len_host": ring.valid_tokens(block)} if sdpa and graph == "dit" else {}
-
-        if opts.source is not None:
-            source = str(opts.source)
-        elif weights is not None:
-            source = "<state dict>"
-        else:
-            source = ("builtin:" if preset.builtin else "random:") + preset.name
+        source = weights_source(opts, weights, preset)
         return LoadedModel(
             plan=plan,
             graphs=graphs,

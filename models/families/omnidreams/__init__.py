@@ -26,7 +26,7 @@ from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, encod
 from flashdreams.models.families.omnidreams.plan import build_plan
 from flashdreams.models.families.omnidreams.presets import PRESETS, Preset
 from flashdreams.models.families.omnidreams.steps import ChunkStep, EncodePromptStep, InjectStep
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints
 from flashdreams.models.random_init import init_random_
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 
@@ -101,12 +101,7 @@ class OmniDreamsFamily(Family):
             graphs.update(dec.graphs)
         if enc is not None:
             graphs.update(enc_graphs)
-        ring = plan.ring
-        sdpa = model.attention_impl == "sdpa"
-
-        def hints(graph: str, block: int) -> dict:
-            # torch attention slices the ring to its host-known fill level (see dit_ops.ring_attention).
-            return {"valid_len_host": ring.valid_tokens(block)} if sdpa and graph in ("dit", "dit_first") else {}
+        hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa", ("dit", "dit_first"))
 
         return LoadedModel(
             plan=plan,

@@ -27,7 +27,7 @@ from flashdreams.models.families.wan21.steps import (
     EncodeImageStep,
     EncodePromptStep,
 )
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, weights_source
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_loader import load_wan_dit, select_prefix
@@ -154,12 +154,7 @@ class Wan21Family(Family):
             weights_module["image_encoder"] = graphs["encode_image"]
         if decoder is not None:
             graphs["decode"] = ClipDecodeStep(decoder, opts.batch, latent_hw, preset.decode_chunk)
-        if opts.source is not None:
-            source = str(opts.source)
-        elif weights is not None:
-            source = "<state dict>"
-        else:
-            source = ("builtin:" if preset.builtin else "random:") + preset.name
+        source = weights_source(opts, weights, preset)
         return LoadedModel(
             plan=plan,
             graphs=graphs,

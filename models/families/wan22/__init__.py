@@ -29,7 +29,7 @@ from flashdreams.models.families.wan22.steps import (
     expert_graph,
     host_positions,
 )
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, weights_source
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
@@ -134,12 +134,7 @@ class Wan22Family(Family):
             weights_module["image_encoder"] = graphs["encode_image"]
         if dec is not None:
             graphs.update(dec.graphs)
-        if opts.source is not None:
-            source = str(opts.source)
-        elif weights is not None:
-            source = "<state dict>"
-        else:
-            source = ("builtin:" if preset.builtin else "random:") + preset.name
+        source = weights_source(opts, weights, preset)
         return LoadedModel(
             plan=plan,
             graphs=graphs,
