@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from flashdreams.cli.bench import main as bench_main
 from flashdreams.models.wan_config import WanConfig
@@ -345,3 +346,33 @@ def test_results_json_is_written_after_each_run(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         bench_main([*argv, "--out", str(tmp_path / "b")])
     assert json.loads((tmp_path / "b" / "results.json").read_text())["runs"][0]["latency"]["total_ms"]["p50"] > 0
+
+
+@pytest.mark.parametrize("preset", ["arena", "matrix-game-2-tiny", "lingbot-world-fast-tiny", "omnidreams-sv-tiny"])
+def test_varying_inputs_are_valid_and_change_every_block(preset):
+    """fd-bench --steady-inputs / --input-latency feed every per-block input a new valid value each block."""
+    import flashdreams
+    from flashdreams.benchmark.runner import varying_inputs
+
+    engine = flashdreams.load(preset=preset, device="cpu", decoder=None)
+    session = engine.session(seed=0)
+    inputs = varying_inputs(engine)
+    first, second = inputs(1), inputs(2)
+    assert set(first) == {s.name for s in engine.input_specs() if s.when == "block"}
+    for name, value in first.items():
+        session.check_input(name, value)  # raises when a value breaks its spec
+    assert any(not torch.equal(first[n], second[n]) for n in first)
+    assert all(torch.equal(a, b) for a, b in zip(inputs(1).values(), first.values()))  # seeded by the block
+
+
+def test_fd_bench_reports_input_latency_and_memory_with_changing_inputs(tmp_path):
+    import json
+
+    out = tmp_path / "b"
+    argv = ["--preset", "arena", "--device", "cpu", "--blocks", "2", "--rollouts", "1", "--steady-blocks", "5"]
+    assert bench_main([*argv, "--steady-inputs", "--input-latency", "4", "--out", str(out)]) == 0
+    run = json.loads((out / "results.json").read_text())["runs"][0]
+    lat = run["input_to_frames_ms"]
+    assert lat["blocks"] == 4 and lat["n"] == 3 and 0 < lat["p50"] <= lat["p99"] and lat["over_block_p50"] > 0
+    assert run["steady_state"]["blocks"] == 5 and run["steady_state"]["inputs_changed_every_block"] is True
+    assert bench_main([*argv[:-2], "--steady-inputs", "--out", str(out)]) == 2  # --steady-inputs needs --steady-blocks

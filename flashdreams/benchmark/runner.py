@@ -42,6 +42,8 @@ class BenchConfig:
     blocks: int = 7
     rollouts: int = 1
     steady_blocks: int = 0
+    steady_inputs: bool = False  # the steady rollout sets a new value of every per-block input before each block
+    input_latency: int = 0  # blocks measuring input set -> that block's frames on the host
     profile_block: int | None = None  # also profile this block index (flashdreams.benchmark.profile)
     height: int | None = None
     width: int | None = None
@@ -130,12 +132,62 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _rollout(session, blocks: int) -> tuple[list, float]:
-    """`blocks` steps with stage marks; no host sync inside the loop. Returns results and wall seconds."""
+def _rollout(session, blocks: int, inputs=None, memory: list | None = None) -> tuple[list, float]:
+    """`blocks` steps with stage marks; no host sync inside the loop. Returns results and wall seconds.
+    `inputs(k)` (optional) gives the inputs to set before block k; `memory` (optional) gets the allocator's
+    bytes after each block (a host-side query: no sync)."""
     t0 = time.perf_counter()
-    results = [session.step() for _ in range(blocks)]
+    results = []
+    for k in range(blocks):
+        for name, value in (inputs(k) if inputs else {}).items():
+            session.set_input(name, value)
+        results.append(session.step())
+        if memory is not None and session.device.type == "cuda":
+            memory.append(torch.cuda.memory_allocated(session.device))
     _sync(session.device)
     return results, time.perf_counter() - t0
+
+
+def varying_inputs(engine, seed: int = 0):
+    """inputs(k): a new valid value of every per-block input for block k (seeded by k): uniform in its range
+    (keys, mouse, intrinsics), the rule's stand-in where it has one (poses), normal draws otherwise (a prompt);
+    built on the host and copied in by set_input, as a live host sends them."""
+    from flashdreams.models.input_rules import stand_in
+
+    specs = [s for s in engine.input_specs() if s.when == "block" and s.torch_dtype().is_floating_point]
+
+    def inputs(k: int) -> dict:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
+        out = {}
+        for spec in specs:
+            fixed = stand_in(spec.rules, spec.shape)
+            if fixed is not None:
+                out[spec.name] = fixed
+            elif spec.low is not None and spec.high is not None:
+                out[spec.name] = spec.low + (spec.high - spec.low) * torch.rand(spec.shape, generator=gen)
+            else:
+                out[spec.name] = torch.randn(spec.shape, generator=gen)
+        return out
+
+    return inputs
+
+
+def input_latency(session, inputs, blocks: int) -> list[float]:
+    """ms from setting block k's new inputs to its frames on the host (its first frame is the first that
+    can reflect them), for `blocks` blocks; each block waits for its frames, as a live host does."""
+    out = []
+    for k in range(blocks):
+        t0 = time.perf_counter()
+        for name, value in inputs(k).items():
+            session.set_input(name, value)
+        result = session.step()
+        if result.frames is not None:
+            result.frames_cpu()
+        else:
+            _sync(session.device)
+        out.append((time.perf_counter() - t0) * 1e3)
+    _sync(session.device)
+    return out
 
 
 def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process: bool) -> dict:
@@ -187,14 +239,32 @@ def run_config(cfg: BenchConfig, backend: str, attention: str, first_in_process:
             if frames:
                 fps_wall.append(frames / (wall + warm_first_frame[-1] / 1e3))
             per_block.append([_block_entry(r, spec, engine) for r in results])
-        steady = []
+        steady, memory = [], []
         if cfg.steady_blocks:
             session.reset()
-            results, wall = _rollout(session, cfg.steady_blocks)
+            changing = varying_inputs(engine, cfg.seed) if cfg.steady_inputs else None
+            results, wall = _rollout(session, cfg.steady_blocks, changing, memory)
             steady = [_block_entry(r, spec, engine) for r in results]
+        latency = []
+        if cfg.input_latency:
+            session.reset()
+            latency = input_latency(session, varying_inputs(engine, cfg.seed + 1), cfg.input_latency)
     out = _summarise(
         cfg, backend, attention, engine, cold, per_block, steady, warm_first_frame, fps_wall, nvml.summary(), device
     )
+    if steady:
+        out["steady_state"]["inputs_changed_every_block"] = cfg.steady_inputs
+        if memory:
+            out["steady_state"]["allocated_bytes_first_last_max"] = [memory[0], memory[-1], max(memory)]
+            out["steady_state"]["allocated_bytes_series"] = memory[:: max(1, len(memory) // 200)]
+    if latency:
+        lat = _percentiles(latency[1:] if len(latency) > 1 else latency)  # block 0 is its own kind
+        block = out["latency"]["total_ms"].get("p50")
+        out["input_to_frames_ms"] = {
+            **lat,
+            "blocks": len(latency),
+            "over_block_p50": lat["p50"] / block if block else None,
+        }
     if cfg.profile_block is not None:
         from flashdreams.benchmark.profile import profile_block
 

@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", type=int, default=3, help="measured rollouts after warm-up (default 3)")
     p.add_argument("--steady-blocks", type=int, default=0, help="also run one long rollout of N blocks (jitter)")
     p.add_argument(
+        "--steady-inputs",
+        action="store_true",
+        help="in the --steady-blocks rollout, set a new value of every per-block input (keys, mouse, camera, a "
+        "prompt) before each block, and record the allocated GPU memory after each block (flat or not)",
+    )
+    p.add_argument(
+        "--input-latency",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also measure N blocks of input-to-frames latency: a new input set, then its block's frames on the "
+        "host (p50/p99, and over the block's p50)",
+    )
+    p.add_argument(
         "--profile-block",
         type=int,
         help="also profile block N (torch.profiler): device time per kernel category and the top kernels",
@@ -94,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidArgumentError("--blocks must be at least 2 (a first block and a steady one)")
         if args.rollouts < 1:
             raise InvalidArgumentError(f"--rollouts must be at least 1, got {args.rollouts}")
+        if args.input_latency < 0:
+            raise InvalidArgumentError(f"--input-latency must be 0 (off) or more blocks, got {args.input_latency}")
+        if args.steady_inputs and not args.steady_blocks:
+            raise InvalidArgumentError("--steady-inputs changes the inputs of the --steady-blocks rollout: give both")
         if args.steady_blocks < 0:
             raise InvalidArgumentError(f"--steady-blocks must be 0 (off) or more, got {args.steady_blocks}")
         if args.profile_block is not None and args.profile_block < 0:
@@ -107,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
             blocks=args.blocks,
             rollouts=args.rollouts,
             steady_blocks=args.steady_blocks,
+            steady_inputs=args.steady_inputs,
+            input_latency=args.input_latency,
             profile_block=args.profile_block,
             height=kw["height"],
             width=kw["width"],
