@@ -376,3 +376,17 @@ def test_fd_bench_reports_input_latency_and_memory_with_changing_inputs(tmp_path
     assert lat["blocks"] == 4 and lat["n"] == 3 and 0 < lat["p50"] <= lat["p99"] and lat["over_block_p50"] > 0
     assert run["steady_state"]["blocks"] == 5 and run["steady_state"]["inputs_changed_every_block"] is True
     assert bench_main([*argv[:-2], "--steady-inputs", "--out", str(out)]) == 2  # --steady-inputs needs --steady-blocks
+
+
+def test_the_steady_rollout_keeps_no_frames_when_it_tracks_memory():
+    """The memory series is the session's: the long rollout drops each block's copies of its frames and
+    latents (1000 Matrix-Game blocks would otherwise hold 8.8 GB), keeping shapes and stage marks."""
+    import flashdreams
+    from flashdreams.benchmark.runner import _block_entry, _rollout
+
+    engine = flashdreams.load(preset="arena", device="cpu")
+    session = engine.session(seed=0)
+    session.timing = True
+    results, _ = _rollout(session, 3, memory=[])
+    assert all(r.frames.is_meta and r.latents.is_meta and r.frames_buffer is None for r in results)
+    assert [_block_entry(r, engine.spec, engine)["frames"] for r in results] == [4, 4, 4]
