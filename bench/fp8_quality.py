@@ -1,6 +1,8 @@
-"""Quality cost of the FP8 path against bf16 on the same inputs (issue target 6).
+"""Quality cost of the FP8 path against bf16 on the same inputs (issues 15, 16, 21, 22).
 
-Full-size Self-Forcing 1.3B with random weights (the same weights for both), bf16 with our
+Any family with an FP8 path (`--preset`; its seeded stand-ins for every required input, so the
+same script measures LingBot, OmniDreams, Wan2.2, Matrix-Game). By default full-size
+Self-Forcing 1.3B with random weights (the same weights for both), bf16 with our
 Triton kernels vs precision fp8, the same prompt and the same noise draws (sessions of one
 seed draw the same noise: the generator is seeded by (seed, block)), 7 blocks: rel. L2 of each
 block's latents, and PSNR of the TAEHV-decoded frames (bf16 frames as the reference). Random
@@ -8,6 +10,7 @@ weights make the picture meaningless but the numerical cost real. Targets (issue
 rel. L2 <= 3% over the 7 blocks, frames >= 38 dB.
 
     python bench/fp8_quality.py --out fp8-quality.json             # GPU, full size
+    python bench/fp8_quality.py --preset lingbot-world-fast-stream --decoder preset --out lingbot-fp8-quality.json
     TRITON_INTERPRET=1 python bench/fp8_quality.py --preset tiny --blocks 3 --out /tmp/q.json  # CPU smoke
 """
 
@@ -24,7 +27,7 @@ from flashdreams.numerics import psnr, rel_l2
 
 
 def rollout(engine, blocks: int, seed: int):
-    s = engine.session(engine.default_prompt(), seed=seed)
+    s = engine.session(inputs=engine.default_inputs(), seed=seed)  # the same stand-ins for both runs
     lat, frames = [], []
     for _ in range(blocks):
         r = s.step()
@@ -40,13 +43,19 @@ def main() -> None:
     ap.add_argument("--blocks", type=int, default=7)
     ap.add_argument("--seed", type=int, default=0, help="the sessions' seed (both runs draw the same noise)")
     ap.add_argument("--no-decoder", action="store_true", help="latents only (no PSNR)")
+    ap.add_argument("--decoder", default="taehv", help="decoder of both runs (default taehv; 'preset': the preset's)")
+    ap.add_argument("--height", type=int, help="video height (default: the preset's)")
+    ap.add_argument("--width", type=int, help="video width (default: the preset's)")
     ap.add_argument("--out", default="bench/results/fp8-quality-h100.json")
     a = ap.parse_args()
+    builtin = getattr(flashdreams.get_preset(a.preset), "builtin", False)
     kw = dict(
         preset=a.preset,
-        random_weights=a.preset != "tiny",
+        random_weights=not builtin,
         attention="triton",
-        decoder=None if a.no_decoder else "taehv",
+        decoder=None if a.no_decoder else a.decoder,
+        height=a.height,
+        width=a.width,
     )
     ref = flashdreams.load(**kw)
     spec = ref.spec

@@ -56,11 +56,16 @@ omnidreams-triton|120|issue 16: the OmniDreams chunk with our Triton attention k
 lingbot-fp8|150|issue 15: bench/lingbot_bench.py in FP8 (CUDA graphs)
 lingbot|150|issue 15: bench/lingbot_bench.py block latency, bf16, CUDA graphs
 wan22-mem|200|bench/wan22_memory.py --measure (wan2.2-a14b-t2v-rolling, 4 blocks)
+mg-memory|220|issue 14: Matrix-Game 352x640 TAEHV, 1000 blocks with new actions every block: allocated memory per block (flat?), p99/p50, action-to-frame latency
+omni-fp8|200|issue 16: fd-bench OmniDreams 704x1280 chunk in bf16 and FP8 (Triton), then FP8 vs bf16 quality over 7 chunks
+lingbot-fp8-quality|200|issue 15: LingBot-World Fast stream, FP8 vs bf16 quality over 7 blocks (latent rel. L2, frame PSNR)
+wan22-speed|300|issue 21: fd-bench Wan2.2 A14B T2V (both experts, Triton, CUDA graphs, TAEHV) 6 blocks, block-5 profile, peak memory
 "
 declare -A PART_GROUPS=(
   [issue22]="attention sf-fp8"
   [issue19-14]="worlds-arena worlds-arena-fp32 worlds-mg mg-taehv mg-wanvae gpu-tests"
   [issue20-16]="flashvsr omnidreams flashvsr-more lingbot wan22-mem"
+  [next]="mg-memory omni-fp8 lingbot-fp8-quality wan22-speed"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -87,7 +92,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 next round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -487,6 +492,59 @@ part_wan22-mem() {
     py "$1" "$REPO/bench/wan22_memory.py" --out "$DEST/wan22-memory.json"
   else
     py "$1" "$REPO/bench/wan22_memory.py" --measure --out "$DEST/wan22-memory.json"
+  fi
+}
+
+# ----------------------------------------------------------------------------- still owed (group next)
+
+part_mg-memory() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to mg-memory "$1" --preset matrix-game-2-tiny --decoder taehv --blocks 2 --rollouts 1 --steady-blocks 5 \
+      --steady-inputs --input-latency 3 --quick-ceilings
+  else
+    fdb_to mg-memory "$1" $MG --decoder taehv --blocks 3 --rollouts 1 --steady-blocks 1000 --steady-inputs \
+      --input-latency 30
+  fi
+}
+
+part_omni-fp8() {
+  local t0 rc
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then
+    fdb_to omni-fp8 $(($1 / 2)) --preset omnidreams-sv-tiny --attention triton --precision bf16,fp8 --blocks 2 \
+      --rollouts 1 --quick-ceilings
+  else
+    fdb_to omni-fp8 $(($1 * 2 / 3)) --preset omnidreams-sv --random-weights --attention triton --precision bf16,fp8 \
+      --blocks 6 --rollouts 2 --profile-block 4
+  fi
+  rc=$?
+  local rest=$(($1 - ($(date +%s) - t0)))
+  if [ $SMOKE = 1 ]; then
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset omnidreams-sv-tiny --decoder preset --blocks 2 \
+      --out "$DEST/omni-fp8-quality.json" || rc=$?
+  else
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset omnidreams-sv --decoder preset --blocks 7 \
+      --out "$DEST/omni-fp8-quality.json" || rc=$?
+  fi
+  return $rc
+}
+
+part_lingbot-fp8-quality() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/fp8_quality.py" --preset lingbot-world-fast-tiny --decoder preset --blocks 2 \
+      --out "$DEST/lingbot-fp8-quality.json"
+  else
+    py "$1" "$REPO/bench/fp8_quality.py" --preset lingbot-world-fast-stream --decoder preset --blocks 7 \
+      --out "$DEST/lingbot-fp8-quality.json"
+  fi
+}
+
+part_wan22-speed() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to wan22-speed "$1" --preset wan2.2-tiny --attention triton --decoder taehv --blocks 2 --rollouts 1 --quick-ceilings
+  else
+    fdb_to wan22-speed "$1" --preset wan2.2-a14b-t2v --random-weights --attention triton --decoder taehv --blocks 6 \
+      --rollouts 1 --profile-block 5
   fi
 }
 
