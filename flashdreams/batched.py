@@ -305,9 +305,14 @@ class Worlds:
     def _draw_rows(self, buffers: dict[str, torch.Tensor], bucket: int) -> None:
         """Row r's draws from a generator seeded by (its world's seed, its block): as a lone session draws."""
         gen = self._generator
+        every = sorted(n for n, d in self.plan.draws.items() if not d.first_block_only)
+        names = sorted(self.plan.draws)  # the order a lone session draws in
         for row in range(self.n):
+            todo = names if self.blocks[row] == 0 else every  # past block 0: no first-block-only draws
+            if not todo:
+                continue
             gen.manual_seed(block_seed(self.seeds[row], self.blocks[row]))
-            for name in sorted(self.plan.draws):  # the order a lone session draws in
+            for name in todo:
                 torch.randn(buffers[name].shape[1:], generator=gen, device=self.device, out=buffers[name][row])
 
     def memory_bytes(self) -> int:

@@ -353,7 +353,7 @@ class Session:
             buf = self.buffers[name]
             if name in given:
                 buf.copy_(given[name])
-            else:
+            elif self.block == 0 or not self.plan.draws[name].first_block_only:
                 torch.randn(buf.shape, generator=self.generator, device=self.device, out=buf)
 
     @torch.no_grad()

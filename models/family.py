@@ -76,6 +76,10 @@ class TensorDecl:
     # snapshots it before a step and restores it if the step fails. A KV ring needs no snapshot:
     # a block rewrites exactly the slots it wrote before the failure.
     rollback: bool = False
+    # A random draw the graphs read only at block 0 (a start pick): drawn there and never again, so
+    # a batch of worlds past their first block draws nothing for it (one seeded draw per row each block
+    # would cost a launch per world).
+    first_block_only: bool = False
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)

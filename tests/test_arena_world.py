@@ -109,3 +109,21 @@ def test_batched_worlds_at_their_own_blocks_match_sessions():
         for i in range(2):
             want = solo[i].step().frames[0]
             assert (got.frames[i].int() - want.int()).abs().max() <= 1  # float rounding of batched GEMMs at most
+
+
+def test_the_start_draw_is_made_at_block_0_only():
+    """`start_noise` is read only at block 0 (first_block_only): later blocks draw nothing for it, so a batch
+    of worlds past their start launches no per-world draw."""
+    import flashdreams
+
+    engine = flashdreams.load(preset="arena", device="cpu")
+    assert engine.plan.draws["start_noise"].first_block_only
+    s = engine.session(seed=3)
+    s.step()
+    first = s.buffers["start_noise"].clone()
+    s.buffers["start_noise"].fill_(7.0)
+    s.step()
+    assert bool((s.buffers["start_noise"] == 7.0).all())  # block 1 did not draw it
+    s.reset()
+    s.step()
+    assert torch.equal(s.buffers["start_noise"], first)  # block 0 draws it again, from the same seed

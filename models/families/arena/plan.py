@@ -55,7 +55,11 @@ def build_plan(cfg: ArenaConfig, batch: int, fps: float, decoder: bool = True) -
             ),
         },
         constants={},
-        draws={"start_noise": TensorDecl("start_noise", (b, 1), "float32", "picks the built-in start at block 0")},
+        draws={
+            "start_noise": TensorDecl(
+                "start_noise", (b, 1), "float32", "picks the built-in start at block 0", first_block_only=True
+            )
+        },
         programs={
             "step": [
                 call(
