@@ -58,6 +58,17 @@ def latent_size(image_hw: tuple[int, int], max_area: float) -> tuple[int, int]:
     return int(lat_h), int(lat_w)
 
 
+def pixel_latent_size(height: int, width: int, patch_hw: int, name: str) -> tuple[int, int]:
+    """Latent (h, w) of a Wan-VAE video at height x width; both must be positive multiples of the VAE's
+    stride times the DiT's patch (16 for the Wan models), else InvalidArgumentError naming the preset."""
+    step = VAE_STRIDE[1] * patch_hw
+    if height <= 0 or width <= 0 or height % step or width % step:
+        raise InvalidArgumentError(
+            f"resolution {height}x{width}: height and width must be positive multiples of {step} for {name}"
+        )
+    return height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+
+
 def first_frame_mask(num_latent_frames: int, lat_h: int, lat_w: int) -> torch.Tensor:
     """The 4-channel mask [4, F_lat, lat_h, lat_w]: ones on latent frame 0, zeros elsewhere.
 

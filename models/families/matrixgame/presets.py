@@ -16,8 +16,7 @@ from flashdreams.models.action_module import ActionConfig
 from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_config import WanConfig
-
-VAE_STRIDE = (4, 8, 8)
+from flashdreams.models.wan_i2v import pixel_latent_size
 
 # Key names of each mode's keyboard columns (lower case, as the action script names them).
 MODE_KEYS = {
@@ -94,13 +93,7 @@ class Preset:
         )
 
     def latent_size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
-        height, width = height or self.height, width or self.width
-        step = VAE_STRIDE[1] * self.model.patch_size[1]
-        if height <= 0 or width <= 0 or height % step or width % step:
-            raise InvalidArgumentError(
-                f"resolution {height}x{width}: height and width must be positive multiples of {step} for {self.name}"
-            )
-        return height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+        return pixel_latent_size(height or self.height, width or self.width, self.model.patch_size[1], self.name)
 
     def replace(self, **changes) -> Preset:
         return dataclasses.replace(self, **changes)

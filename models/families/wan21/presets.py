@@ -9,12 +9,9 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.preset_dict import preset_from_dict, preset_to_dict
 from flashdreams.models.wan_config import WAN21_I2V_14B, WAN21_T2V_1_3B, WAN21_T2V_14B, WanConfig
-from flashdreams.models.wan_i2v import latent_frames, latent_size
-
-VAE_STRIDE = (4, 8, 8)
+from flashdreams.models.wan_i2v import latent_frames, latent_size, pixel_latent_size
 
 
 @dataclass(frozen=True)
@@ -70,13 +67,7 @@ class Preset:
             ih, iw = self.image_size(height, width)
             area = self.max_area if self.max_area and height is None and width is None else ih * iw
             return latent_size((ih, iw), area)
-        height, width = height or self.height, width or self.width
-        step = VAE_STRIDE[1] * self.model.patch_size[1]
-        if height <= 0 or width <= 0 or height % step or width % step:
-            raise InvalidArgumentError(
-                f"resolution {height}x{width}: height and width must be positive multiples of {step} for {self.name}"
-            )
-        return height // VAE_STRIDE[1], width // VAE_STRIDE[2]
+        return pixel_latent_size(height or self.height, width or self.width, self.model.patch_size[1], self.name)
 
     def replace(self, **changes) -> Preset:
         return dataclasses.replace(self, **changes)
