@@ -177,6 +177,9 @@ class EgoModel:
 DEMO_ROUTE = ((2.0, 0.0, 0.3), (1.5, 0.12, 0.0), (1.5, -0.12, 0.0), (2.0, 0.0, -0.2), (1.0, 0.0, 0.5))
 
 
+HDMAP_INPUT = "hdmap_video"  # the input of an HD-map-conditioned plan that a drive feeds
+
+
 class DemoDrive:
     """A scripted drive on a straight 3-lane road with a few agents: HD-map chunks for an OmniDreams session.
 
@@ -197,6 +200,16 @@ class DemoDrive:
         )
         self.scene = straight_road(device=device) + box_scene(agents)
         self.override: tuple[float, float] | None = None
+
+    @classmethod
+    def for_plan(cls, plan, device=None, who: str = "the model") -> DemoDrive:
+        """A drive rendering the chunks of `plan`'s `hdmap_video` input (its size, frames per chunk, fps);
+        InvalidArgumentError naming `who` for a plan without that input."""
+        spec = plan.inputs.get(HDMAP_INPUT)
+        if spec is None:
+            raise InvalidArgumentError(f"{who} takes no {HDMAP_INPUT} input (an omnidreams preset does)")
+        meta = plan.meta
+        return cls(meta["height"], meta["width"], fps=meta.get("fps", 30), frames=spec.shape[1], device=device)
 
     def controls(self, t: float) -> tuple[float, float]:
         if self.override is not None:

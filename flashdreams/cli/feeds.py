@@ -214,17 +214,11 @@ def camera_feed(engine, path: str | None) -> BlockFeed | None:
 
 def drive_feed(engine, name: str) -> BlockFeed:
     """--drive demo: the scripted route's HD map, rendered on the device chunk by chunk (input `hdmap_video`)."""
-    if "hdmap_video" not in engine.plan.inputs:
-        raise InvalidArgumentError(
-            f"--drive: {engine.preset_name} takes no hdmap_video input (an omnidreams preset does)"
-        )
-    from flashdreams.models.hdmap import DemoDrive
+    from flashdreams.models.hdmap import HDMAP_INPUT, DemoDrive
 
-    spec, meta = engine.plan.inputs["hdmap_video"], engine.plan.meta
-    drive = DemoDrive(
-        meta["height"], meta["width"], fps=meta.get("fps", 30), frames=spec.shape[1], device=engine.device
-    )
-    return lambda k: {"hdmap_video": drive.next_chunk().expand(spec.shape[0], -1, -1, -1, -1)}
+    drive = DemoDrive.for_plan(engine.plan, engine.device, who=f"--drive: {engine.preset_name}")
+    batch = engine.plan.inputs[HDMAP_INPUT].shape[0]
+    return lambda k: {HDMAP_INPUT: drive.next_chunk().expand(batch, -1, -1, -1, -1)}
 
 
 class Feeds:

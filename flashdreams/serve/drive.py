@@ -13,9 +13,10 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import InputSpec
+from flashdreams.models.hdmap import HDMAP_INPUT, DemoDrive
 from flashdreams.serve.stepper import BlockOut, Stepper
 
-HDMAP = "hdmap_video"
+HDMAP = HDMAP_INPUT
 DRIVE = InputSpec(
     "drive",
     (1, 2),
@@ -33,23 +34,16 @@ class DriveStepper(Stepper):
     """Wraps a stepper of an HD-map model: per-session demo drives feed `hdmap_video`; `drive` steers them."""
 
     def __init__(self, inner: Stepper) -> None:
-        if HDMAP not in inner.engine.plan.inputs:
-            raise InvalidArgumentError(
-                f"--drive: {inner.engine.preset_name} takes no {HDMAP} input (an omnidreams preset does)"
-            )
         self.inner, self.engine = inner, inner.engine
+        self._new_drive()  # refuses a model without an HD-map input, before any session opens
         self.drives: dict = {}
         self.fresh: set[str] = set()  # sessions whose next block uses the chunk they were opened/reset with
 
     def input_specs(self) -> list[InputSpec]:
         return [s for s in self.inner.input_specs() if s.name != HDMAP] + [DRIVE]
 
-    def _new_drive(self):
-        from flashdreams.models.hdmap import DemoDrive
-
-        meta, spec = self.engine.plan.meta, self.engine.plan.inputs[HDMAP]
-        return DemoDrive(meta["height"], meta["width"], fps=meta.get("fps", 30), frames=spec.shape[1],
-                         device=self.engine.device)  # fmt: skip
+    def _new_drive(self) -> DemoDrive:
+        return DemoDrive.for_plan(self.engine.plan, self.engine.device, who=f"--drive: {self.engine.preset_name}")
 
     def open(self, sid: str, seed: int, inputs: dict | None = None) -> None:
         drive = self._new_drive()
