@@ -22,7 +22,7 @@ from flashdreams import registry
 from flashdreams.backend import EagerBackend
 from flashdreams.errors import InvalidArgumentError, NotFoundError
 from flashdreams.models.family import BlockPlan, LoadOptions
-from flashdreams.models.input_rules import stand_in
+from flashdreams.models.input_rules import sample_valid
 from flashdreams.session import Session
 
 log = logging.getLogger(__name__)
@@ -125,13 +125,7 @@ class Engine:
             # the inputs are listed in (a manifest may store them in another order).
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(n.encode()))
             shape = (batch or s.shape[0], *s.shape[1:])
-            valid = stand_in(s.rules, shape)
-            if valid is not None:
-                out[n] = valid
-            elif s.low is not None and s.high is not None:
-                out[n] = s.low + (s.high - s.low) * torch.rand(shape, generator=gen)
-            else:
-                out[n] = torch.randn(shape, generator=gen)
+            out[n] = sample_valid(s, shape, gen)
         return out
 
     def default_prompt(self, batch: int = 1, seed: int = 0) -> torch.Tensor:

@@ -34,3 +34,15 @@ def stand_in(rules: tuple[str, ...], shape: tuple[int, ...]) -> torch.Tensor | N
     if "rigid_transform" in rules:
         return torch.eye(4).expand(*shape).clone()
     return None
+
+
+def sample_valid(spec, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
+    """A seeded value of input `spec` at `shape` that its checks accept: the rules' stand-in where they
+    have one (poses), uniform in the range where it has one (keys, mouse, intrinsics), normal draws
+    otherwise (embeddings). For stand-in inputs and for benchmarks that change inputs every block."""
+    valid = stand_in(spec.rules, shape)
+    if valid is not None:
+        return valid
+    if spec.low is not None and spec.high is not None:
+        return spec.low + (spec.high - spec.low) * torch.rand(shape, generator=gen)
+    return torch.randn(shape, generator=gen)

@@ -159,22 +159,13 @@ def varying_inputs(engine, seed: int = 0):
     """inputs(k): a new valid value of every per-block input for block k (seeded by k): uniform in its range
     (keys, mouse, intrinsics), the rule's stand-in where it has one (poses), normal draws otherwise (a prompt);
     built on the host and copied in by set_input, as a live host sends them."""
-    from flashdreams.models.input_rules import stand_in
+    from flashdreams.models.input_rules import sample_valid
 
     specs = [s for s in engine.input_specs() if s.when == "block" and s.torch_dtype().is_floating_point]
 
     def inputs(k: int) -> dict:
         gen = torch.Generator().manual_seed(seed * 1_000_003 + k)
-        out = {}
-        for spec in specs:
-            fixed = stand_in(spec.rules, spec.shape)
-            if fixed is not None:
-                out[spec.name] = fixed
-            elif spec.low is not None and spec.high is not None:
-                out[spec.name] = spec.low + (spec.high - spec.low) * torch.rand(spec.shape, generator=gen)
-            else:
-                out[spec.name] = torch.randn(spec.shape, generator=gen)
-        return out
+        return {spec.name: sample_valid(spec, spec.shape, gen) for spec in specs}
 
     return inputs
 
