@@ -33,10 +33,10 @@ from flashdreams.kernels.block_sparse_attention import (
     mask_to_lists,
     select_blocks,
 )
-from flashdreams.models.families.flashvsr.presets import PRESETS
+from flashdreams.registry import all_presets
 from flashdreams.stage import Upscaler
 
-PRESET = {p.name: p for p in PRESETS}
+PRESET = {n: p for n, p in all_presets().items() if p.family == "flashvsr"}  # through the registry
 TILES = [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (64, 128, 4, 2), (128, 32, 4, 3)]
 
 
