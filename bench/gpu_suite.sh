@@ -60,6 +60,7 @@ mg-memory|220|issue 14: Matrix-Game 352x640 TAEHV, 1000 blocks with new actions 
 omni-fp8|200|issue 16: fd-bench OmniDreams 704x1280 chunk in bf16 and FP8 (Triton), then FP8 vs bf16 quality over 7 chunks
 lingbot-fp8-quality|200|issue 15: LingBot-World Fast stream, FP8 vs bf16 quality over 7 blocks (latent rel. L2, frame PSNR)
 wan22-speed|300|issue 21: fd-bench Wan2.2 A14B T2V (both experts, Triton, CUDA graphs, TAEHV) 6 blocks, block-5 profile, peak memory
+wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
   [issue22]="attention sf-fp8"
@@ -546,6 +547,28 @@ part_wan22-speed() {
     fdb_to wan22-speed "$1" --preset wan2.2-a14b-t2v --random-weights --attention triton --decoder taehv --blocks 6 \
       --rollouts 1 --profile-block 5
   fi
+}
+
+part_wan22-more() {
+  local t0 rc=0 tiny="--preset wan2.2-tiny --decoder taehv --blocks 2 --rollouts 1 --quick-ceilings"
+  local full="--preset wan2.2-a14b-t2v --random-weights --decoder taehv --blocks 6 --rollouts 1"
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then
+    fdb_to wan22-sdpa $(($1 / 3)) $tiny --attention sdpa || rc=$?
+    fdb_to wan22-fp8 $(($1 / 3)) $tiny --attention triton --precision fp8 || rc=$?
+  else
+    fdb_to wan22-sdpa $(($1 / 3)) $full --attention sdpa || rc=$?
+    fdb_to wan22-fp8 $(($1 / 3)) $full --attention triton --precision fp8 || rc=$?
+  fi
+  local rest=$(($1 - ($(date +%s) - t0)))
+  if [ $SMOKE = 1 ]; then
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset wan2.2-tiny --no-decoder --blocks 2 \
+      --out "$DEST/wan22-fp8-quality.json" || rc=$?
+  else
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset wan2.2-a14b-t2v --no-decoder --blocks 3 \
+      --out "$DEST/wan22-fp8-quality.json" || rc=$?
+  fi
+  return $rc
 }
 
 # ----------------------------------------------------------------------------- main

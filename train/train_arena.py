@@ -56,10 +56,13 @@ def _import_arena():
 
 model_mod, world = _import_arena()
 ArenaConfig, ArenaNet = model_mod.ArenaConfig, model_mod.ArenaNet
+from flashdreams.models.families.arena import quality  # noqa: E402 (after the import fallback above)
 
 CALIBRATE = 200  # steps timed before --minutes fits the schedule
 MEAN_BLOCKS = 4.6  # mean rollout blocks per step over the curriculum (plan_of), relative to its first 2
-HELD_OUT_SEEDS = (10**9, 10**9 + 1, 10**9 + 2, 10**9 + 3)  # the tests' worlds: never in a training pool
+# Validation arenas (model selection, the log's metrics): held out of training like the CI tests'
+# seeds (10**9 + 10 .. 15), and disjoint from them, so picking a checkpoint never looks at the tests.
+VAL_SEEDS = tuple([10**9, 10**9 + 1, 10**9 + 2, 10**9 + 3] + [10**9 + 100 + i for i in range(8)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -93,6 +96,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-every", type=int, default=500)
     p.add_argument("--log-every", type=int, default=50)
     p.add_argument("--eval-blocks", type=int, default=20)
+    p.add_argument("--eval-every", type=int, default=500, help="validate every N steps")
+    p.add_argument(
+        "--eval-loop-blocks", type=int, default=100, help="blocks of the built-in loop script in each validation"
+    )
+    p.add_argument(
+        "--persistence",
+        default="0.85",
+        help="comma-separated probabilities that a frame keeps the last key set; steps take them in turn "
+        "(a high one gives the long holds of the built-in loop script)",
+    )
+    p.add_argument(
+        "--burn-max",
+        type=int,
+        default=0,
+        help="after the teacher-forced steps, each step first runs 0..N blocks of the model's own rollout "
+        "without gradients (the states a long session reaches), then --rollout graded blocks",
+    )
+    p.add_argument(
+        "--relabel",
+        action="store_true",
+        help="the targets after a burn-in continue from where the model's own last frame shows the agent "
+        "(re-rendered clean), not from the true position (see rollout_targets)",
+    )
+    p.add_argument(
+        "--settle", type=float, default=0.02, help="palette projection inside training rollouts, as the plan does"
+    )
+    p.add_argument("--keep-best", help="export the weights with the best validation score (evaluate) here, as it goes")
     p.add_argument("--export", help="write the final fp16 weights (with the training record) to this file")
     p.add_argument("--dim", type=int, default=ArenaConfig.dim)
     p.add_argument("--layers", type=int, default=ArenaConfig.layers)
@@ -126,22 +156,57 @@ class Pool:
         return world.ArenaState(pos, blocks, self.colors[idx], self.floor[idx])
 
 
-def make_batch(pool: Pool, batch: int, blocks: int, frames: int, seed: int, device: torch.device):
-    """(start frames [B, 3, H, W], keys [B, blocks, F, 4], target frames [B, blocks, F, 3, H, W])."""
+def make_batch(
+    pool: Pool, batch: int, blocks: int, frames: int, seed: int, device: torch.device, persistence: float = 0.85
+):
+    """(states, start frames [B, 3, H, W], keys [B, blocks, F, 4], target frames [B, blocks, F, 3, H, W],
+    true positions [B, blocks * F, 2])."""
     gen = torch.Generator().manual_seed(seed)
     state = pool.sample(batch, gen)
-    keys = world.random_actions(batch, blocks * frames, seed + 1, device=device)
+    keys = world.random_actions(batch, blocks * frames, seed + 1, persistence, device=device)
     start = world.render(state)
-    target, _ = world.rollout(state, keys)
-    return start, keys.view(batch, blocks, frames, 4), target.view(batch, blocks, frames, *target.shape[2:])
+    target, pos = world.rollout(state, keys)
+    shaped = target.view(batch, blocks, frames, *target.shape[2:])
+    return state, start, keys.view(batch, blocks, frames, 4), shaped, pos
 
 
 # -- loss -----------------------------------------------------------------------------------------
 
 
-def rollout_loss(net, start, keys, target, teacher: bool, motion_weight: float):
-    """Weighted MSE over a rollout; the context of block r is the model's (or, teacher-forced, the true) last frame."""
-    ctx, total = start, 0.0
+def own_rollout(net, ctx, keys, palette, settle: float) -> torch.Tensor:
+    """The model's last frame after playing keys [B, R, F, 4] from ctx, projected as the plan does (no gradients)."""
+    with torch.no_grad():
+        for r in range(keys.shape[1]):
+            ctx = model_mod.project_to_palette(net(ctx, keys[:, r]).float().clamp(0, 1)[:, -1], palette, settle)
+    return ctx
+
+
+def rollout_targets(state, ctx, keys, relabel: bool):
+    """(start of the targets [B, 3, H, W], targets [B, R, F, 3, H, W]) for graded blocks that continue from ctx.
+
+    Without relabel the targets continue the true state. With it they continue from the agent's
+    place as the model's own context `ctx` shows it (read by world.detect_agent, rounded; the true
+    place where it is not found or lands on a block): the renderer's answer to the state the model
+    is actually in. A model that drifted a pixel then learns to move on from there, and to redraw a
+    blurred agent and erase trails, instead of hedging between its place and the true one, which is
+    what blurs the agent over long sessions.
+    """
+    if relabel:
+        seen, found = world.detect_agent(ctx)
+        cand = seen.round().long()
+        ok = found & ~world._overlaps(cand[:, 0], cand[:, 1], state.blocks)
+        state = state.clone()
+        state.pos = torch.where(ok[:, None], cand, state.pos)
+    b, r, f = keys.shape[:3]
+    target, _ = world.rollout(state, keys.reshape(b, r * f, 4))
+    return world.render(state), target.view(b, r, f, *target.shape[2:])
+
+
+def rollout_loss(net, ctx, start, keys, target, teacher: bool, motion_weight: float, palette, settle: float):
+    """Weighted MSE over a rollout from ctx; later blocks' context is the model's (teacher-forced: the true) last frame.
+
+    start: the clean frame the targets continue from (for the motion mask)."""
+    total = 0.0
     blocks = keys.shape[1]
     for r in range(blocks):
         pred = net(ctx, keys[:, r]).float()
@@ -150,7 +215,7 @@ def rollout_loss(net, start, keys, target, teacher: bool, motion_weight: float):
         moved = ((tgt - prev).abs().amax(dim=2, keepdim=True) > 0.02).float()
         w = 1.0 + motion_weight * moved
         total = total + (w * (pred - tgt) ** 2).mean()
-        ctx = tgt[:, -1] if teacher else pred[:, -1].clamp(0, 1)
+        ctx = tgt[:, -1] if teacher else model_mod.project_to_palette(pred[:, -1].clamp(0, 1), palette, settle)
     return total / blocks
 
 
@@ -158,39 +223,41 @@ def rollout_loss(net, start, keys, target, teacher: bool, motion_weight: float):
 
 
 @torch.no_grad()
-def evaluate(net, device: torch.device, blocks: int, frames: int) -> dict[str, float]:
-    """Held-out arenas: position error (fraction of the arena), direction agreement, PSNR over blocks 0..7."""
+def evaluate(
+    net, device: torch.device, blocks: int, frames: int, palette, settle: float, loop_blocks: int = 100
+) -> dict[str, float]:
+    """The CI test's measures (quality.measure) on the validation arenas, rolled out as the plan runs them.
+
+    Two scripts: a random one over `blocks` blocks (pos_err, direction, found, psnr8: the CI test's
+    measures) and the built-in loop over `loop_blocks` (loop_err, loop_found: the long holds and
+    wall contacts of the default `fd-run`, where an agent that blurs away shows up)."""
     net.eval()
-    n = len(HELD_OUT_SEEDS)
-    state = world.new_worlds(list(HELD_OUT_SEEDS), device)
-    keys = world.random_actions(n, blocks * frames, 4242, device=device)
+    n = len(VAL_SEEDS)
+    state = world.new_worlds(list(VAL_SEEDS), device)
     start = world.render(state)
-    target, pos = world.rollout(state, keys)
-    ctx, preds = start, []
-    for r in range(blocks):
-        out = net(ctx, keys[:, r * frames : (r + 1) * frames]).float().clamp(0, 1)
-        preds.append(out)
-        ctx = out[:, -1]
-    pred = torch.cat(preds, dim=1)
-    p_pos, found = world.detect_agent(pred)
-    span = world.SIZE - 2 * world.WALL - world.AGENT
-    err = ((p_pos - pos.float()).norm(dim=-1) / span)[:, frames - 1 :: frames]
-    true_end = pos[:, frames - 1 :: frames].float()
-    pred_end = p_pos[:, frames - 1 :: frames]
-    t0 = torch.cat([world.detect_agent(start)[0][:, None], pred_end[:, :-1]], 1)
-    s0 = torch.cat([state.pos.float()[:, None], true_end[:, :-1]], 1)
-    dt, dp = true_end - s0, pred_end - t0
-    moving = dt.abs().amax(-1) > 0
-    agree = ((torch.sign(dt) == torch.sign(dp.round())) | (dt == 0)).all(-1)
-    mse = ((pred[:, : 8 * frames] - target[:, : 8 * frames]) ** 2).mean(dim=(2, 3, 4))
-    psnr = (10 * torch.log10(1 / mse.clamp(min=1e-10))).mean()
+    out = {}
+    for name, keys, count in (
+        ("", world.random_actions(n, blocks * frames, 4242, device=device), blocks),
+        ("loop_", world.loop_actions(loop_blocks * frames).to(device)[None].expand(n, -1, -1), loop_blocks),
+    ):
+        target, _ = world.rollout(state, keys)
+        ctx, preds = start, []
+        for r in range(count):
+            video = net(ctx, keys[:, r * frames : (r + 1) * frames]).float().clamp(0, 1)
+            preds.append(model_mod.project_to_palette(video, palette, settle))
+            ctx = preds[-1][:, -1]
+        pred = torch.cat(preds, dim=1)
+        per = [quality.measure(pred[i].cpu(), target[i].cpu(), start[i].cpu(), frames) for i in range(n)]
+        out[name + "pos_err"] = sum(q.pos_err for q in per) / n
+        out[name + "found"] = sum(q.found for q in per) / n
+        if not name:
+            moving = sum(q.moving_blocks for q in per)
+            out["pos_err_max"] = max(q.pos_err for q in per)
+            out["direction"] = sum(q.direction * q.moving_blocks for q in per) / max(1, moving)
+            out["psnr8"] = sum(q.psnr for q in per) / n
+    out["score"] = out["pos_err"] + out["loop_pos_err"]  # --keep-best keeps the lowest
     net.train()
-    return {
-        "pos_err": float(err.mean()),
-        "direction": float(agree[moving].float().mean()) if bool(moving.any()) else 1.0,
-        "found": float(found.float().mean()),
-        "psnr8": float(psnr),
-    }
+    return out
 
 
 # -- checkpoints ----------------------------------------------------------------------------------
@@ -253,6 +320,18 @@ def export(path: Path, net, record: dict) -> None:
 # -- the loop -------------------------------------------------------------------------------------
 
 
+def training_record(args, argv, step: int, cfg, metrics: dict) -> dict:
+    """What an exported weights file says of itself: the command, data seed, steps, config and metrics."""
+    return {
+        "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
+        "schedule_steps": args.steps,
+        "data_seed": args.data_seed,
+        "steps": step,
+        "config": cfg.to_dict(),
+        "metrics": metrics,
+    }
+
+
 def lr_at(step: int, args) -> float:
     if step < args.warmup:
         return args.lr * (step + 1) / args.warmup
@@ -260,12 +339,17 @@ def lr_at(step: int, args) -> float:
     return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
-def plan_of(step: int, args) -> tuple[int, bool]:
-    """(rollout blocks, teacher forcing) at `step`: short teacher-forced rollouts first, then growing own rollouts."""
+def plan_of(step: int, args) -> tuple[int, int, bool]:
+    """(burn-in blocks, graded blocks, teacher forcing) at `step`.
+
+    Short teacher-forced rollouts first; then either own rollouts growing to --rollout blocks, or
+    (--burn-max) a burn-in of 0..N own blocks drawn per step followed by --rollout graded blocks."""
     if step < args.teacher_frac * args.steps:
-        return 2, True
+        return 0, 2, True
+    if args.burn_max:
+        return (step * 7919 + args.data_seed) % (args.burn_max + 1), args.rollout, False
     t = (step - args.teacher_frac * args.steps) / max(1.0, (1 - args.teacher_frac) * args.steps)
-    return max(2, min(args.rollout, 2 + int(t * 2 * (args.rollout - 1)))), False
+    return 0, max(2, min(args.rollout, 2 + int(t * 2 * (args.rollout - 1)))), False
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -292,24 +376,41 @@ def main(argv: list[str] | None = None) -> int:
     params = sum(p.numel() for p in net.parameters())
     print(f"arena model: {params / 1e6:.2f} M parameters, {cfg}, device {device}", flush=True)
     amp = device.type == "cuda"
+    palette = world.palette().to(device)
+    persistences = [float(x) for x in args.persistence.split(",")]
+    best = float("inf")
     t_start = time.time()
     refresh = step // args.pool_every
     pool = Pool(world_pool(args.data_seed, refresh, args.pool), device)
     log = (out / "log.jsonl").open("a")
+    if args.keep_best and (args.init or step):  # the starting weights are the first candidate
+        metrics = evaluate(net, device, args.eval_blocks, cfg.frames, palette, args.settle, args.eval_loop_blocks)
+        best = metrics["score"]
+        export(Path(args.keep_best), net, training_record(args, argv, step, cfg, metrics))
+        print(json.dumps({"step": step, "start": True, **metrics}), flush=True)
+        log.write(json.dumps({"step": step, "start": True, **metrics}) + "\n")
     losses: list[float] = []
     metrics: dict[str, float] = {}
     while step < args.steps:
         if step // args.pool_every != refresh:
             refresh = step // args.pool_every
             pool = Pool(world_pool(args.data_seed, refresh, args.pool), device)
-        blocks, teacher = plan_of(step, args)
-        start, keys, target = make_batch(
-            pool, args.batch, blocks, cfg.frames, args.data_seed * 1_000_003 + step * 7 + 5, device
+        burn, blocks, teacher = plan_of(step, args)
+        persistence = persistences[step % len(persistences)]
+        state, start, keys, target, pos = make_batch(
+            pool, args.batch, burn + blocks, cfg.frames, args.data_seed * 1_000_003 + step * 7 + 5, device, persistence
         )
+        ctx = start
+        if burn:  # the graded blocks start where the model's own rollout of the first `burn` blocks left it
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+                ctx = own_rollout(net, start, keys[:, :burn], palette, args.settle)
+            state.pos = pos[:, burn * cfg.frames - 1]
+            start, target = rollout_targets(state, ctx, keys[:, burn:], args.relabel)
+            keys = keys[:, burn:]
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss = rollout_loss(net, start, keys, target, teacher, args.motion_weight)
+            loss = rollout_loss(net, ctx, start, keys, target, teacher, args.motion_weight, palette, args.settle)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
@@ -320,18 +421,28 @@ def main(argv: list[str] | None = None) -> int:
             mean = sum(losses) / len(losses)
             losses.clear()
             rec = {"step": step, "loss": mean, "lr": lr_at(step, args), "rollout": blocks, "teacher": teacher}
+            rec["burn"] = burn
             rec["minutes"] = (time.time() - t_start) / 60
-            if step % (args.log_every * 10) == 0 or step == args.steps:
-                metrics = evaluate(net, device, args.eval_blocks, cfg.frames)
+            if step % args.eval_every == 0 or step == args.steps:
+                metrics = evaluate(
+                    net, device, args.eval_blocks, cfg.frames, palette, args.settle, args.eval_loop_blocks
+                )
                 rec.update(metrics)
+                if args.keep_best and metrics["score"] < best:
+                    best = metrics["score"]
+                    export(Path(args.keep_best), net, training_record(args, argv, step, cfg, metrics))
+                    rec["kept"] = True
             print(json.dumps(rec), flush=True)
             log.write(json.dumps(rec) + "\n")
             log.flush()
         if step == CALIBRATE and args.minutes and not args.fixed_steps:
             # Fit the schedule to the time limit: the steps so far ran 2-block rollouts; later steps run
             # MEAN_BLOCKS on average (the curriculum), so scale the time per step by that.
-            per_block = (time.time() - t_start) / (step - step0) / 2
-            args.steps = max(step + 1, int(args.minutes * 60 * 0.97 / (per_block * MEAN_BLOCKS)) + step0)
+            # With a burn-in and no teacher forcing every step costs the same on average: no scaling.
+            per_step = (time.time() - t_start) / (step - step0)
+            if not (args.burn_max and args.teacher_frac == 0):
+                per_step *= MEAN_BLOCKS / 2
+            args.steps = max(step + 1, int(args.minutes * 60 * 0.97 / per_step) + step0)
             print(f"schedule fitted to {args.minutes} min: --steps {args.steps}", flush=True)
         if step % args.save_every == 0:
             save_ckpt(ckpt, net, opt, step, cfg, args)
@@ -339,18 +450,13 @@ def main(argv: list[str] | None = None) -> int:
             print(f"time limit: stopping at step {step} (resume with --resume)", flush=True)
             break
     save_ckpt(ckpt, net, opt, step, cfg, args)
-    metrics = evaluate(net, device, args.eval_blocks, cfg.frames)
+    metrics = evaluate(net, device, args.eval_blocks, cfg.frames, palette, args.settle, args.eval_loop_blocks)
     print(json.dumps({"final_step": step, **metrics}), flush=True)
+    if args.keep_best and metrics["score"] < best:
+        export(Path(args.keep_best), net, training_record(args, argv, step, cfg, metrics))
+        print(f"kept the final weights in {args.keep_best}", flush=True)
     if args.export:
-        record = {
-            "command": "python " + " ".join([sys.argv[0], *(argv if argv is not None else sys.argv[1:])]),
-            "schedule_steps": args.steps,
-            "data_seed": args.data_seed,
-            "steps": step,
-            "config": cfg.to_dict(),
-            "metrics": metrics,
-        }
-        export(Path(args.export), net, record)
+        export(Path(args.export), net, training_record(args, argv, step, cfg, metrics))
         print(f"exported {args.export}", flush=True)
     return 0
 

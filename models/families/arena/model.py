@@ -123,6 +123,22 @@ class ArenaNet(nn.Module):
         return self.unpatchify(out.reshape(b * f, n, -1)).view(b, f, 3, cfg.size, cfg.size)
 
 
+def project_to_palette(video: torch.Tensor, palette: torch.Tensor, settle: float) -> torch.Tensor:
+    """Pixels within `settle` (squared RGB distance) of a floor, wall or block color become that color.
+
+    video [..., 3, H, W]; palette [P, 3] with the agent's two colors in rows 0 and 1. The arena's
+    static things have a fixed palette; the learned model leaves small errors on them that, fed
+    back as context, grow into noise over a few hundred blocks. Snapping only the pixels that are
+    already close keeps the static world clean and leaves everything uncertain (the agent, blur
+    around it) as the model drew it. Training rolls out through the same function.
+    """
+    d = ((video.unsqueeze(-4) - palette.view(-1, 3, 1, 1)) ** 2).sum(dim=-3)  # [..., P, H, W]
+    best, idx = d.min(dim=-3)
+    snapped = palette[idx].movedim(-1, -3)
+    keep = (idx <= 1) | (best >= settle)
+    return torch.where(keep.unsqueeze(-3), video, snapped)
+
+
 class ArenaStep(nn.Module):
     """The plan's graph: one block for every row, each row at its own block index.
 
@@ -139,18 +155,7 @@ class ArenaStep(nn.Module):
         self.settle = settle
 
     def project(self, video: torch.Tensor) -> torch.Tensor:
-        """Pixels within `settle` (squared RGB distance) of a floor, wall or block color become that color.
-
-        The arena's static things have a fixed palette; the learned model leaves small errors on
-        them that, fed back as context, grow into noise over a few hundred blocks. Snapping only the
-        pixels that are already close keeps the static world clean and leaves everything uncertain
-        (the agent, blur around it) as the model drew it.
-        """
-        d = ((video.unsqueeze(-4) - self.palette.view(-1, 3, 1, 1)) ** 2).sum(dim=-3)  # [B, F, P, H, W]
-        best, idx = d.min(dim=-3)
-        snapped = self.palette[idx].movedim(-1, -3)
-        keep = (idx <= 1) | (best >= self.settle)
-        return torch.where(keep.unsqueeze(-3), video, snapped)
+        return project_to_palette(video, self.palette, self.settle)
 
     def forward(
         self,
