@@ -60,6 +60,9 @@ mg-memory|220|issue 14: Matrix-Game 352x640 TAEHV, 1000 blocks with new actions 
 omni-fp8|200|issue 16: fd-bench OmniDreams 704x1280 chunk in bf16 and FP8 (Triton), then FP8 vs bf16 quality over 7 chunks
 lingbot-fp8-quality|200|issue 15: LingBot-World Fast stream, FP8 vs bf16 quality over 7 blocks (latent rel. L2, frame PSNR)
 wan22-speed|300|issue 21: fd-bench Wan2.2 A14B T2V (both experts, Triton, CUDA graphs, TAEHV) 6 blocks, block-5 profile, peak memory
+mg-inductor|360|issue 14: Matrix-Game 352x640 TAEHV through an inductor engine built in-process (fuses the ~8000 small elementwise launches eager leaves: 25% of the eager block), block-5 profile
+wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) instead of our ring kernel, bf16, CUDA graphs, TAEHV
+wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -67,6 +70,7 @@ declare -A PART_GROUPS=(
   [issue19-14]="worlds-arena worlds-arena-fp32 worlds-mg mg-taehv mg-wanvae gpu-tests"
   [issue20-16]="flashvsr omnidreams flashvsr-more lingbot wan22-mem"
   [next]="mg-memory omni-fp8 lingbot-fp8-quality wan22-speed"
+  [next2]="mg-inductor wan22-sdpa"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -93,7 +97,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 next round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 next next2 round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -546,6 +550,34 @@ part_wan22-speed() {
   else
     fdb_to wan22-speed "$1" --preset wan2.2-a14b-t2v --random-weights --attention triton --decoder taehv --blocks 6 \
       --rollouts 1 --profile-block 5
+  fi
+}
+
+part_mg-inductor() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to mg-inductor "$1" --preset matrix-game-2-tiny --decoder taehv --backend inductor --blocks 3 --rollouts 1 \
+      --profile-block 2 --quick-ceilings
+  else
+    fdb_to mg-inductor "$1" $MG --decoder taehv --backend inductor --blocks 8 --rollouts 2 --profile-block 5
+  fi
+}
+
+part_wan22-sdpa() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to wan22-sdpa "$1" --preset wan2.2-tiny --attention sdpa --decoder taehv --blocks 2 --rollouts 1 --quick-ceilings
+  else
+    fdb_to wan22-sdpa "$1" --preset wan2.2-a14b-t2v --random-weights --attention sdpa --decoder taehv --blocks 6 \
+      --rollouts 1 --profile-block 5
+  fi
+}
+
+part_wan22-inductor() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to wan22-inductor "$1" --preset wan2.2-tiny --attention triton --backend inductor --decoder taehv --blocks 2 \
+      --rollouts 1 --quick-ceilings
+  else
+    fdb_to wan22-inductor "$1" --preset wan2.2-a14b-t2v --random-weights --attention triton --backend inductor \
+      --decoder taehv --blocks 6 --rollouts 1 --profile-block 5
   fi
 }
 
