@@ -42,6 +42,7 @@ eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile o
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
 worlds-arena|90|issue 19: many worlds of the default world (arena), bf16, N = 1..256 (fd-bench sessions, one N at a time: bench/worlds_rows.py)
+worlds-arena-profile|60|issue 19: the arena at N = 1 and 64 with one profiled step each (where the N = 64 block's 3.7 ms go)
 worlds-arena-fp32|45|issue 19: the arena in float32 at N = 1 and 64 (comparison)
 worlds-mg|170|issue 19: Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton), lockstep N = 1..16
 mg-taehv|100|issue 14: fd-bench Matrix-Game 2.0 universal 352x640 single session, TAEHV, Triton, 8 blocks, block-5 profile
@@ -70,7 +71,7 @@ declare -A PART_GROUPS=(
   [issue19-14]="worlds-arena worlds-arena-fp32 worlds-mg mg-taehv mg-wanvae gpu-tests"
   [issue20-16]="flashvsr omnidreams flashvsr-more lingbot wan22-mem"
   [next]="mg-memory omni-fp8 lingbot-fp8-quality wan22-speed"
-  [next2]="mg-inductor wan22-sdpa"
+  [next2]="mg-inductor wan22-sdpa worlds-arena-profile"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -380,6 +381,14 @@ part_worlds-arena() {
     rows_to worlds-arena "$1" --preset arena --sessions 1,2,4 --blocks 3
   else
     rows_to worlds-arena "$1" --preset arena --sessions 1,2,4,8,16,32,64,128,256 --blocks 30
+  fi
+}
+
+part_worlds-arena-profile() {
+  if [ $SMOKE = 1 ]; then
+    rows_to worlds-arena-profile "$1" --preset arena --sessions 1,4 --blocks 3 --profile-block 0
+  else
+    rows_to worlds-arena-profile "$1" --preset arena --sessions 1,64 --blocks 30 --profile-block 0
   fi
 }
 

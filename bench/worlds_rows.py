@@ -103,7 +103,12 @@ def main() -> int:
         t = time.perf_counter()
         try:
             (row,) = bench_sessions(
-                engine_for, [n], blocks=args.blocks, warmup=3, cuda_graphs=False if args.no_cuda_graphs else None
+                engine_for,
+                [n],
+                blocks=args.blocks,
+                warmup=3,
+                cuda_graphs=False if args.no_cuda_graphs else None,
+                profile=args.profile_block is not None,
             )
             row["wall_s"] = time.perf_counter() - t
             results["rows"].append(row)

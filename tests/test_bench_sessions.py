@@ -55,3 +55,30 @@ def test_cli_keeps_the_rows_before_a_count_that_fails(tmp_path, monkeypatch, cap
     assert [r["worlds"] for r in results["rows"]] == [1, 2]
     assert results["failed"]["worlds"] == 4 and "do not fit" in results["failed"]["error"]
     assert "4 worlds failed" in capsys.readouterr().err
+
+
+def test_cli_profiles_one_step_per_world_count(tmp_path):
+    """--profile-block with --sessions: every row carries the kernel profile of one step of that many worlds."""
+    import json
+
+    out = tmp_path / "bench"
+    argv = ["--preset", "arena", "--device", "cpu", "--sessions", "1,4", "--blocks", "1", "--out", str(out)]
+    assert main([*argv, "--profile-block", "0"]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    for r in rows:
+        prof = r["profile"]
+        assert prof["wall_ms"] > 0 and prof["kernel_ms"] > 0
+        assert abs(sum(c["ms"] for c in prof["categories"].values()) - prof["kernel_ms"]) < 0.01
+        assert any("linear" in k["name"] or "addmm" in k["name"] for k in prof["top_kernels"])  # the net's GEMMs
+    # Four worlds are more work than one: the profiled step's device (here CPU op) time grows with N.
+    assert rows[1]["profile"]["kernel_ms"] > rows[0]["profile"]["kernel_ms"]
+    assert "profile" not in json.loads(main_rows(tmp_path))[0]
+
+
+def main_rows(tmp_path) -> str:
+    """Rows of a run without --profile-block (no profile in them)."""
+    import json
+
+    out = tmp_path / "plain"
+    main(["--preset", "arena", "--device", "cpu", "--sessions", "1", "--blocks", "1", "--out", str(out)])
+    return json.dumps(json.loads((out / "results.json").read_text())["rows"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import torch
 
@@ -114,24 +115,29 @@ def summarise_kernels(events: list[tuple[str, float]], wall_ms: float, top: int 
     }
 
 
-def profile_block(session, block: int) -> dict:
-    """Reset the session, run blocks 0..block-1, profile block `block`; the summary of its kernels."""
+def profile_call(fn: Callable[[], object], device: torch.device) -> tuple[dict, object]:
+    """Profile one call of `fn` (warmed up already, so no capture or compile inside): (the summary of its
+    kernels, what `fn` returned)."""
     from torch.profiler import ProfilerActivity, profile
 
-    device = session.device
-    session.reset()
-    for _ in range(block):
-        session.step()
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
-        result = session.step()
+        result = fn()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall_ms = (time.perf_counter() - t0) * 1e3
-    out = summarise_kernels(_device_events(prof, device), wall_ms)
+    return summarise_kernels(_device_events(prof, device), wall_ms), result
+
+
+def profile_block(session, block: int) -> dict:
+    """Reset the session, run blocks 0..block-1, profile block `block`; the summary of its kernels."""
+    session.reset()
+    for _ in range(block):
+        session.step()
+    out, result = profile_call(session.step, session.device)
     out["block"] = block
     out["stage_ms"] = result.stage_ms() if getattr(session, "timing", False) else None
     out["cuda_graphs"] = bool(getattr(session, "cuda_graphs", False))

@@ -57,10 +57,12 @@ def bench_sessions(
     warmup: int = 3,
     cuda_graphs: bool | None = None,
     on_row: Callable[[dict], object] | None = None,
+    profile: bool = False,
 ) -> list[dict]:
     """One row per N in `counts`. `engine_for(n)` gives an engine able to hold n worlds (the same one
     for row-independent models; one loaded at batch n for lockstep). `on_row` sees each row as it is
-    measured (its speedup filled against the first)."""
+    measured (its speedup filled against the first). `profile`: each row also gets the kernel profile
+    of one more step after the timed ones (`row["profile"]`, benchmark.profile's summary)."""
     rows = []
     for n in counts:
         engine = engine_for(n)
@@ -85,6 +87,10 @@ def bench_sessions(
                 return session.step().frames_cpu()
 
         row = {"worlds": n, "mode": mode, **bench_one(step, device, warmup, blocks)}
+        if profile:
+            from flashdreams.benchmark.profile import profile_call
+
+            row["profile"] = profile_call(step, device)[0]
         row["per_world_fps"] = row["aggregate_fps"] / n
         row["state_bytes_per_world"] = state_bytes / n
         if device.type == "cuda":

@@ -66,7 +66,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile-block",
         type=int,
-        help="also profile block N (torch.profiler): device time per kernel category and the top kernels",
+        help="also profile block N (torch.profiler): device time per kernel category and the top kernels; "
+        "with --sessions, any N profiles one more step of every world count",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every block eagerly")
     p.add_argument("--seed", type=int, default=0, help="seed of the sessions' noise (default 0)")
@@ -290,6 +291,7 @@ def _sessions_main(args: argparse.Namespace, parser: argparse.ArgumentParser, ou
                 warmup=3,
                 cuda_graphs=False if args.no_cuda_graphs else None,
                 on_row=lambda row: (done.append(row), write(done)),
+                profile=args.profile_block is not None,
             )
         except (FlashDreamsError, torch.OutOfMemoryError) as exc:
             failed_n = sorted(counts)[len(done)]
