@@ -16,6 +16,13 @@ for hundreds of blocks without drifting, the loss is taken over rollouts of up t
 of the steps use the true previous frame (teacher forcing) and shorter rollouts. There is
 no sampler: inference is exactly one forward per block, the same as the last training steps.
 
+Long sessions (--burn-max N --relabel, the shipped weights' last run): each step first plays
+0..N blocks of the model's own rollout without gradients, reaching the states a long session
+reaches, then --rollout graded blocks whose targets are re-rendered from where the model's own
+frame shows the agent (rollout_targets), so the model learns to redraw the agent where it is
+rather than hedge towards a true position it cannot see. --keep-best keeps the weights with the
+best validation score (evaluate: 12 held-out arenas, none of them the CI tests').
+
 Checkpoints are safetensors (model, AdamW moments, step); --resume continues one. --export
 writes the shipped fp16 weights with the training command, data seed, steps and metrics in
 their metadata.
