@@ -6,6 +6,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 from flashdreams.models.families.arena import world
@@ -76,3 +77,24 @@ def test_a_tiny_cpu_run_keeps_its_best_weights_with_their_record(tmp_path):
     assert metrics["score"] == metrics["pos_err"] + metrics["loop_pos_err"]
     assert int(meta["steps"]) <= 2 and json.loads(meta["config"])["dim"] == 32
     assert (tmp_path / "ckpt" / "ckpt.safetensors").is_file()
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "message"),
+    [
+        ("--burn-max", "-1", "--burn-max must be at least 0"),
+        ("--rollout", "0", "--rollout must be at least 1"),
+        ("--eval-every", "0", "--eval-every must be at least 1"),
+        ("--persistence", "0.8,x", "comma-separated numbers"),
+        ("--persistence", "1.0", "in [0, 1)"),
+        ("--settle", "-0.1", "--settle must be >= 0"),
+    ],
+)
+def test_bad_options_are_refused_before_anything_is_written(tmp_path, capsys, flag, value, message):
+    t = _train_module()
+    out = tmp_path / "ckpt"
+    with pytest.raises(SystemExit) as exc:
+        t.main(["--out", str(out), "--device", "cpu", flag, value])
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

@@ -166,15 +166,19 @@ class Pool:
 def make_batch(
     pool: Pool, batch: int, blocks: int, frames: int, seed: int, device: torch.device, persistence: float = 0.85
 ):
-    """(states, start frames [B, 3, H, W], keys [B, blocks, F, 4], target frames [B, blocks, F, 3, H, W],
-    true positions [B, blocks * F, 2])."""
+    """(states, start frames [B, 3, H, W], keys [B, blocks, F, 4]); rollout_targets renders the targets."""
     gen = torch.Generator().manual_seed(seed)
     state = pool.sample(batch, gen)
     keys = world.random_actions(batch, blocks * frames, seed + 1, persistence, device=device)
-    start = world.render(state)
-    target, pos = world.rollout(state, keys)
-    shaped = target.view(batch, blocks, frames, *target.shape[2:])
-    return state, start, keys.view(batch, blocks, frames, 4), shaped, pos
+    return state, world.render(state), keys.view(batch, blocks, frames, 4)
+
+
+def advance(state: world.ArenaState, keys: torch.Tensor) -> world.ArenaState:
+    """The true state after keys [B, R, F, 4], without rendering the frames on the way."""
+    frames = keys.flatten(1, 2)
+    for t in range(frames.shape[1]):
+        state = world.step(state, frames[:, t])
+    return state
 
 
 # -- loss -----------------------------------------------------------------------------------------
@@ -359,8 +363,27 @@ def plan_of(step: int, args) -> tuple[int, int, bool]:
     return 0, max(2, min(args.rollout, 2 + int(t * 2 * (args.rollout - 1)))), False
 
 
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked before anything is created (argparse's usage error, exit status 2)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        args.persistences = [float(x) for x in args.persistence.split(",")]
+    except ValueError:
+        parser.error(f"--persistence must be comma-separated numbers, got {args.persistence!r}")
+    if not all(0.0 <= x < 1.0 for x in args.persistences):
+        parser.error(f"--persistence values must be in [0, 1), got {args.persistence!r}")
+    for name in ("burn_max", "rollout", "eval_every", "eval_loop_blocks", "eval_blocks"):
+        least = 0 if name == "burn_max" else 1
+        if getattr(args, name) < least:
+            parser.error(f"--{name.replace('_', '-')} must be at least {least}, got {getattr(args, name)}")
+    if args.settle < 0:
+        parser.error(f"--settle must be >= 0, got {args.settle}")
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     device = torch.device(args.device)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -384,7 +407,6 @@ def main(argv: list[str] | None = None) -> int:
     print(f"arena model: {params / 1e6:.2f} M parameters, {cfg}, device {device}", flush=True)
     amp = device.type == "cuda"
     palette = world.palette().to(device)
-    persistences = [float(x) for x in args.persistence.split(",")]
     best = float("inf")
     t_start = time.time()
     refresh = step // args.pool_every
@@ -403,17 +425,17 @@ def main(argv: list[str] | None = None) -> int:
             refresh = step // args.pool_every
             pool = Pool(world_pool(args.data_seed, refresh, args.pool), device)
         burn, blocks, teacher = plan_of(step, args)
-        persistence = persistences[step % len(persistences)]
-        state, start, keys, target, pos = make_batch(
+        persistence = args.persistences[step % len(args.persistences)]
+        state, start, keys = make_batch(
             pool, args.batch, burn + blocks, cfg.frames, args.data_seed * 1_000_003 + step * 7 + 5, device, persistence
         )
         ctx = start
         if burn:  # the graded blocks start where the model's own rollout of the first `burn` blocks left it
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 ctx = own_rollout(net, start, keys[:, :burn], palette, args.settle)
-            state.pos = pos[:, burn * cfg.frames - 1]
-            start, target = rollout_targets(state, ctx, keys[:, burn:], args.relabel)
+            state = advance(state, keys[:, :burn])
             keys = keys[:, burn:]
+        start, target = rollout_targets(state, ctx, keys, args.relabel and burn > 0)
         for g in opt.param_groups:
             g["lr"] = lr_at(step, args)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
