@@ -64,6 +64,7 @@ wan22-speed|300|issue 21: fd-bench Wan2.2 A14B T2V (both experts, Triton, CUDA g
 mg-inductor|360|issue 14: Matrix-Game 352x640 TAEHV through an inductor engine built in-process (fuses the ~8000 small elementwise launches eager leaves: 25% of the eager block), block-5 profile
 wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) instead of our ring kernel, bf16, CUDA graphs, TAEHV
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
+fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -72,6 +73,7 @@ declare -A PART_GROUPS=(
   [issue20-16]="flashvsr omnidreams flashvsr-more lingbot wan22-mem"
   [next]="mg-memory omni-fp8 lingbot-fp8-quality wan22-speed"
   [next2]="mg-inductor wan22-sdpa worlds-arena-profile"
+  [next3]="fused-kernels omni-fp8 mg-taehv"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -98,7 +100,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 next next2 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 next next2 next3 round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -434,6 +436,12 @@ part_gpu-tests() {
     return 0 # on a CPU every gpu test is skipped (pytest exits 5 when all are deselected)
   fi
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" -m gpu $files
+}
+
+part_fused-kernels() {
+  local t="$REPO/tests"
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_head_norm_rope.py \
+    $t/test_matrixgame_family.py $t/test_omnidreams_family.py -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph"
 }
 
 fam_to() { # bench/family_parts.py items into $DEST/$1.json

@@ -20,6 +20,7 @@ from .adaln import (
 )
 from .attention_merge import merge_attention, merge_attention_reference
 from .fp8_linear import Fp8Linear, fp8_linear, fp8_linear_reference, quantize_linears_fp8_
+from .head_norm_rope import head_norm_rope_cache_write, head_norm_rope_cache_write_reference
 from .qk_norm_rope import (
     qk_norm_rope_cache_write,
     qk_norm_rope_cache_write_reference,
@@ -45,6 +46,8 @@ __all__ = [
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
     "gated_residual_reference",
+    "head_norm_rope_cache_write",
+    "head_norm_rope_cache_write_reference",
     "layer_norm_affine",
     "layer_norm_affine_reference",
     "merge_attention",

@@ -286,18 +286,19 @@ class CosmosBlock(nn.Module):
         return m.chunk(3, dim=-1)
 
     def forward(self, x, emb, lora, attend: Callable, cross_k, cross_v, impl: str = "sdpa"):
-        """x [B, L, D]; emb/lora [B, F, D]/[B, F, 3D] float32 per frame; `attend(q, k, v)` -> [B, L, N, d]
-        owns RoPE and the cache policy; cross_k/v [B, Lt, N, d]."""
+        """x [B, L, D]; emb/lora [B, F, D]/[B, F, 3D] float32 per frame; `attend(attn, q, k, v)` -> [B, L, N, d]
+        takes the raw projections and owns the q/k norms, RoPE and the cache policy; cross_k/v [B, Lt, N, d]."""
         sa = self.self_attn
         shift, scale, gate = self._mod(self.adaln_modulation_self_attn, emb, lora)
         h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
         q, k, v = sa.heads(sa.q_proj(h)), sa.heads(sa.k_proj(h)), sa.heads(sa.v_proj(h))
-        y = attend(sa.q_norm(q), sa.k_norm(k), v)
+        y = attend(sa, q, k, v)
         x = dit_ops.gated_residual(x, sa.output_proj(y.flatten(2)), gate, impl)
         ca = self.cross_attn
         shift, scale, gate = self._mod(self.adaln_modulation_cross_attn, emb, lora)
         h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
-        y = dit_ops.attention(ca.q_norm(ca.heads(ca.q_proj(h))), cross_k.to(h.dtype), cross_v.to(h.dtype))
+        q = dit_ops.rms_norm(ca.heads(ca.q_proj(h)), ca.q_norm.weight, ca.q_norm.eps, impl)
+        y = dit_ops.attention(q, cross_k.to(h.dtype), cross_v.to(h.dtype))
         x = dit_ops.gated_residual(x, ca.output_proj(y.flatten(2)), gate, impl)
         shift, scale, gate = self._mod(self.adaln_modulation_mlp, emb, lora)
         h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
@@ -450,8 +451,12 @@ class CosmosDiT(nn.Module):
             debug["x_embed"] = tokens.float().reshape(x.shape[0], nt, gh, gw, -1)
             debug["rope_angles"] = ang[:, None, None, :]
 
+        def attend(sa, q, k, v):
+            q, k = rope_rotate_half(sa.q_norm(q), cos, sin), rope_rotate_half(sa.k_norm(k), cos, sin)
+            return dit_ops.attention(q, k, v)
+
         def attend_of(_i):
-            return lambda q, k, v: dit_ops.attention(rope_rotate_half(q, cos, sin), rope_rotate_half(k, cos, sin), v)
+            return attend
 
         return self._run(tokens, grid, timesteps, cross_k, cross_v, attend_of, debug)
 
@@ -480,18 +485,22 @@ class CosmosDiT(nn.Module):
         fs = gh * gw
         tokens = self.embed_tokens(x, condition_mask, hdmap=hdmap)
         ang = rope_angles(self.cfg, frame_positions, gh, gw)
-        cos, sin = torch.cos(ang), torch.sin(ang)
-        rows = (slots[:, None] * fs + torch.arange(fs, device=slots.device)).reshape(-1)
+        half = ang[:, : ang.shape[1] // 2]  # the tables are [a, a]: one angle per rotate-half pair
+        cos, sin = torch.cos(half), torch.sin(half)
         impl = self.attention_impl
 
         def attend_of(i):
-            def attend(q, k, v):
+            def attend(sa, q, k, v):
                 rk, rv = ring_k[i], ring_v[i]
-                rk.index_copy_(1, rows, rope_rotate_half(k, cos, sin).to(rk.dtype))
-                rv.index_copy_(1, rows, v.to(rv.dtype))
+                # One fused pass (norms, RoPE, ring write) where the ring holds what the torch path writes.
+                w_dtype = torch.promote_types(k.dtype, sa.k_norm.weight.dtype)
+                fused = impl == "triton" and rk.dtype == w_dtype and rv.dtype == v.dtype
+                qr = dit_ops.head_norm_rope_cache_write(
+                    q, k, v, sa.q_norm.weight, sa.k_norm.weight, sa.q_norm.eps, cos, sin, rk, rv, slots, fs,
+                    "triton" if fused else "sdpa",
+                )  # fmt: skip
                 if debug is not None and i == 0:
                     debug["cache_k0"] = rk
-                qr = rope_rotate_half(q, cos, sin)
                 precision = self.precision if impl == "triton" else "bf16"  # FP8 attention is a Triton kernel
                 return dit_ops.ring_attention(qr, rk, rv, valid_len, impl, valid_len_host, precision)
 

@@ -108,6 +108,29 @@ def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, fra
     return qr
 
 
+def head_norm_rope_cache_write(
+    q, k, v, norm_q_weight, norm_k_weight, eps, cos, sin, ring_k, ring_v, slots, frame_seq_length, impl="sdpa"
+):
+    """Cosmos' prologue: per-head RMSNorm of q and k [B, L, N, d] (weights [d]), rotate-half RoPE
+    (channels i, i + d/2) by angle tables cos/sin [L, d/2], k and v written into the ring at `slots`.
+    Returns the rotated q. The torch path is the DiT's unfused one, operation for operation."""
+    if impl == "triton":
+        return _kernels().head_norm_rope_cache_write(
+            q, k, v, norm_q_weight, norm_k_weight, eps, cos, sin, ring_k, ring_v, slots, frame_seq_length
+        )
+
+    def turn(x: torch.Tensor) -> torch.Tensor:
+        x1, x2 = x.float().chunk(2, dim=-1)
+        c, s = cos[None, :, None, :], sin[None, :, None, :]
+        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+    fs = frame_seq_length
+    rows = (slots[:, None] * fs + torch.arange(fs, device=slots.device)).reshape(-1)
+    ring_k.index_copy_(1, rows, turn(rms_norm(k, norm_k_weight, eps)).to(ring_k.dtype))
+    ring_v.index_copy_(1, rows, v.to(ring_v.dtype))
+    return turn(rms_norm(q, norm_q_weight, eps))
+
+
 def ring_attention(
     q: torch.Tensor,
     ring_k: torch.Tensor,

@@ -291,3 +291,22 @@ def test_encode_image_exports_without_lifted_constants():
             return image.sum() + first_frame_mask(step.num_latent_frames, *step.latent_hw).sum()
 
     assert lifted(MaskInside()) != []
+
+
+@pytest.mark.parametrize("lq", [3, 40])  # the short-query matmul path and the SDPA path
+def test_ring_attend_masks_slots_past_valid(lq):
+    """Slots at or past `valid` never contribute (filled with huge values here), and both paths equal
+    a plain softmax over the valid prefix."""
+    from flashdreams.models.action_module import SHORT_QUERIES, ring_attend
+    from flashdreams.numerics import rel_l2
+
+    assert (lq <= SHORT_QUERIES) == (lq == 3)
+    g = torch.Generator().manual_seed(lq)
+    q = torch.randn(2, 5, 4, lq, 16, generator=g)
+    k, v = torch.randn(2, 5, 4, 9, 16, generator=g), torch.randn(2, 5, 4, 9, 16, generator=g)
+    valid = torch.tensor(6)
+    k[..., 6:, :], v[..., 6:, :] = 1e4, -1e4
+    out = ring_attend(q, k, v, valid)
+    probs = torch.softmax(q @ k[..., :6, :].transpose(-1, -2) / 4.0, dim=-1)
+    assert out.shape == q.shape
+    assert rel_l2(out, probs @ v[..., :6, :]) < 1e-6

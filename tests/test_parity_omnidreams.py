@@ -19,6 +19,21 @@ def test_fixture_passes(fixture_dir):
         assert c.passed, f"{fixture_dir.name}: {c.name} rel_l2 {c.rel_l2:.3e} > {c.tolerance}"
 
 
+@pytest.mark.parametrize("fixture_dir", params_or_skip(("omnidreams_dit_forward", "omnidreams_rollout")))
+def test_fixture_passes_with_triton_kernels(fixture_dir):
+    """The Triton path (fused q/k norm + rotate-half RoPE + ring write, ring attention, AdaLN kernels)
+    meets the same tolerances: on a CPU through Triton's interpreter."""
+    import torch
+
+    from flashdreams.kernels import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+    _, checks = run_fixture(fixture_dir, attention="triton")
+    for c in checks:
+        assert c.passed, f"{fixture_dir.name} [triton]: {c.name} rel_l2 {c.rel_l2:.3e} > {c.tolerance}"
+
+
 def _worst(name: str) -> float:
     root = require_fixtures()
     if not (root / name).is_dir():
