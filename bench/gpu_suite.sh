@@ -65,6 +65,7 @@ mg-inductor|360|issue 14: Matrix-Game 352x640 TAEHV through an inductor engine b
 wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) instead of our ring kernel, bf16, CUDA graphs, TAEHV
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream
+attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -74,6 +75,7 @@ declare -A PART_GROUPS=(
   [next]="mg-memory omni-fp8 lingbot-fp8-quality wan22-speed"
   [next2]="mg-inductor wan22-sdpa worlds-arena-profile"
   [next3]="fused-kernels omni-fp8 mg-taehv"
+  [next4]="attn-splits wan22-speed sf-fp8 omni-fp8"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -100,7 +102,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 next next2 next3 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 next next2 next3 next4 round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -436,6 +438,14 @@ part_gpu-tests() {
     return 0 # on a CPU every gpu test is skipped (pytest exits 5 when all are deselected)
   fi
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" -m gpu $files
+}
+
+part_attn-splits() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/attention_splits_bench.py" --smoke --out "$DEST/attn-splits.json"
+  else
+    py "$1" "$REPO/bench/attention_splits_bench.py" --out "$DEST/attn-splits.json"
+  fi
 }
 
 part_fused-kernels() {

@@ -41,9 +41,11 @@ CUDA_CONFIGS: dict[int, AttnConfig] = {
     16: AttnConfig(128, 64, 4, 3),
     32: AttnConfig(128, 64, 4, 3),
     64: AttnConfig(128, 64, 4, 3),
-    # Swept on the H100 (bench/results/kernels-h100.json): 474 / 515 / 507 TFLOP/s at kv
-    # 4680 / 18720 / 32760, against cuDNN SDPA's 517 / 502 / 507 on the same data.
-    128: AttnConfig(128, 128, 8, 3, splits=1, use_tma=True),
+    # Tiles swept on the H100 (bench/results/kernels-h100.json): 474 / 515 / 507 TFLOP/s at kv
+    # 4680 / 18720 / 32760, against cuDNN SDPA's 517 / 502 / 507 on the same data. Splits follow
+    # the grid (`pick_config`): on the H200 two splits ran 3.7% faster at Self-Forcing's block
+    # (bench/results/issue22-h200/attention.json), whose 444 programs fill 3.4 waves of 132 SMs.
+    128: AttnConfig(128, 128, 8, 3, splits=0, use_tma=True),
     256: AttnConfig(64, 32, 4, 2),
 }
 # The interpreter runs one program at a time with numpy: fewer, larger tiles are faster.
@@ -71,6 +73,10 @@ SWEEP_CONFIGS: list[AttnConfig] = [
 ]
 
 
+# Wave use a key split must add to be taken (bench/attention_splits_bench.py measures each model's shape).
+SPLIT_GAIN = 0.03
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -89,14 +95,21 @@ def pick_config(q: torch.Tensor, capacity: int) -> AttnConfig:
         return cfg
     programs = _cdiv(q.shape[1], cfg.block_m) * q.shape[0] * q.shape[2]
     slots = _sm_count(q.device) * (1 if cfg.block_m * d_pad >= 128 * 128 else 2)
-    tiles = _cdiv(capacity, cfg.block_n)
+    return dataclasses.replace(cfg, splits=choose_splits(programs, slots, _cdiv(capacity, cfg.block_n)))
+
+
+def choose_splits(programs: int, slots: int, key_tiles: int) -> int:
+    """Key splits (1..4) for `programs` query tiles on `slots` concurrent programs over `key_tiles`.
+
+    A split multiplies the programs, so the last, partly empty wave weighs less; it must keep
+    >= 16 key tiles of work per program and beat the best so far by SPLIT_GAIN in wave use (the
+    merge re-reads fp32 partials: ~1-2% of a call at the models' shapes)."""
 
     def efficiency(s: int) -> float:
         return programs * s / (_cdiv(programs * s, slots) * slots)
 
     best = 1
     for s in (2, 3, 4):
-        # A split must keep >= 16 key tiles of work and beat one split by 5% in wave use.
-        if tiles // s >= 16 and efficiency(s) > efficiency(best) + 0.05:
+        if key_tiles // s >= 16 and efficiency(s) > efficiency(best) + SPLIT_GAIN:
             best = s
-    return dataclasses.replace(cfg, splits=best)
+    return best

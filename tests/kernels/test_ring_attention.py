@@ -210,3 +210,15 @@ def test_bad_arguments_name_the_argument():
         ring_attention(q, k, v, vl, scale=-1.0)
     with pytest.raises(InvalidArgumentError, match="head_dim"):
         ring_attention(*make_case(1, 2, 1, 264, 4, 4, torch.float32)[:3], vl)
+
+
+def test_key_splits_follow_the_last_wave():
+    """On 132 SMs: Self-Forcing's block (37 query tiles x 12 heads = 444 programs, 3.4 waves) splits
+    in two; LingBot's stream (36 x 40 = 1440, 10.9 waves: the last one 91% full) does not; a ring
+    too short to keep 16 key tiles per split is never split."""
+    from flashdreams.kernels.ring_attention_configs import choose_splits
+
+    assert choose_splits(444, 132, 220) == 2
+    assert choose_splits(1440, 132, 213) == 1
+    assert choose_splits(444, 132, 20) == 1
+    assert choose_splits(132, 132, 500) == 1  # exactly one full wave: nothing to even out
