@@ -66,6 +66,7 @@ wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) ins
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
+cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -76,6 +77,7 @@ declare -A PART_GROUPS=(
   [next2]="mg-inductor wan22-sdpa worlds-arena-profile"
   [next3]="fused-kernels omni-fp8 mg-taehv"
   [next4]="attn-splits wan22-speed sf-fp8 omni-fp8"
+  [next5]="cudnn-bm"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -102,7 +104,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 next next2 next3 next4 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 next next2 next3 next4 next5 round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -446,6 +448,17 @@ part_attn-splits() {
   else
     py "$1" "$REPO/bench/attention_splits_bench.py" --out "$DEST/attn-splits.json"
   fi
+}
+
+part_cudnn-bm() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to cudnn-bm-mg "$1" --preset matrix-game-2-tiny --decoder preset --blocks 2 --rollouts 1 --quick-ceilings \
+      --cudnn-benchmark off,on
+    return
+  fi
+  fdb_to cudnn-bm-mg $(($1 * 2 / 5)) $MG --decoder preset --blocks 6 --rollouts 1 --cudnn-benchmark off,on
+  fdb_to cudnn-bm-omni $(($1 * 3 / 5)) --preset omnidreams-sv --random-weights --attention triton \
+    --precision bf16,fp8 --blocks 5 --rollouts 1 --cudnn-benchmark off,on
 }
 
 part_fused-kernels() {

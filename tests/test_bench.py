@@ -151,6 +151,26 @@ def test_fd_bench_refuses_bad_options(tmp_path, capsys):
     assert bench_main(["--profile-block", "-1", "--out", str(tmp_path)]) == 2
     assert bench_main(["--preset", "nope", "--out", str(tmp_path)]) == 2
     assert "preset 'nope' is unknown" in capsys.readouterr().err
+    assert bench_main(["--cudnn-benchmark", "yes", "--out", str(tmp_path / "cb")]) == 2
+    assert "--cudnn-benchmark takes off, on or off,on; got 'yes'" in capsys.readouterr().err
+    assert not (tmp_path / "cb").exists()  # refused before anything was written
+
+
+def test_fd_bench_cudnn_benchmark_runs_both_modes(tmp_path, capsys):
+    """off,on: one run each, the second marked in results.json and in the table's backend column."""
+    import torch
+
+    before = torch.backends.cudnn.benchmark
+    argv = ["--blocks", "2", "--rollouts", "1", "--quick-ceilings", "--decoder", "none"]
+    try:
+        assert bench_main([*argv, "--cudnn-benchmark", "off,on", "--out", str(tmp_path)]) == 0
+        assert torch.backends.cudnn.benchmark is True  # the last mode stays set in fd-bench's process
+    finally:
+        torch.backends.cudnn.benchmark = before
+    runs = json.loads((tmp_path / "results.json").read_text())["runs"]
+    assert [r["cudnn_benchmark"] for r in runs] == [False, True]
+    lines = capsys.readouterr().out.splitlines()
+    assert any(ln.startswith("eager+cudnn-bm  ") for ln in lines) and any(ln.startswith("eager  ") for ln in lines)
 
 
 def _bench_run(backend: str, attention: str, p50_ms: float, precision: str = "bf16") -> dict:

@@ -76,7 +76,7 @@ def _cells(r: dict) -> list[str]:
     med, best = run_tflops(r)
     cold = r.get("cold_start", {})
     return [
-        r["backend"],
+        backend_label(r),
         r["attention"],
         r.get("precision", "bf16"),
         _fmt(lat["total_ms"].get("p50")),
@@ -107,6 +107,7 @@ def table(results: dict) -> str:
     c = results["config"]
     lines.append(f"model {c['preset']}  {c['height']}x{c['width']}  blocks {c['blocks']}  decoder {c['decoder']}")
     widths = [max(w, len(h) + 2) for h, w in COLUMNS]  # at least two spaces between headers
+    widths[0] = max([widths[0]] + [len(backend_label(r)) + 2 for r in results["runs"]])
 
     def row(cells: list[str]) -> str:
         return "".join(f"{v:<{w}}" if i < 3 else f"{v:>{w}}" for i, (v, w) in enumerate(zip(cells, widths)))
@@ -119,7 +120,7 @@ def table(results: dict) -> str:
     lines.append("per block index (median ms, total / to frames):")
     for r in results["runs"]:
         row = "  ".join(f"{b['block']}:{b['total_ms']:.1f}/{b['to_frames_ms']:.1f}" for b in r["per_block_index"])
-        lines.append(f"  {r['backend']}/{r['attention']}/{r.get('precision', 'bf16')}: {row}")
+        lines.append(f"  {backend_label(r)}/{r['attention']}/{r.get('precision', 'bf16')}: {row}")
     for r in results["runs"]:
         prof = r.get("profile")
         if not prof:
@@ -145,7 +146,7 @@ def plots(results: dict, out_dir: Path) -> list[Path]:
         log.warning("matplotlib is not installed: no plots (pip install 'flashdreams[bench]')")
         return []
     runs = results["runs"]
-    labels = [f"{r['backend']}/{r['attention']}/{r.get('precision', 'bf16')}" for r in runs]
+    labels = [f"{backend_label(r)}/{r['attention']}/{r.get('precision', 'bf16')}" for r in runs]
     written = []
 
     fig, ax = plt.subplots(figsize=(7, 4))
@@ -188,9 +189,14 @@ def _save(fig, path: Path) -> Path:
     return path
 
 
+def backend_label(r: dict) -> str:
+    """The run's backend, marked when cuDNN's algorithm search was on (fd-bench --cudnn-benchmark)."""
+    return r["backend"] + ("+cudnn-bm" if r.get("cudnn_benchmark") else "")
+
+
 def _run_id(r: dict) -> tuple[str, str, str]:
     """What identifies a run across two results.json files: backend, attention and precision."""
-    return r["backend"], r["attention"], r.get("precision", "bf16")
+    return backend_label(r), r["attention"], r.get("precision", "bf16")
 
 
 def compare(results: dict, other_path: str | Path) -> str:

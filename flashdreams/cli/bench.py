@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import logging
 import sys
@@ -70,6 +71,13 @@ def build_parser() -> argparse.ArgumentParser:
         "with --sessions, any N profiles one more step of every world count",
     )
     p.add_argument("--no-cuda-graphs", action="store_true", help="run every block eagerly")
+    p.add_argument(
+        "--cudnn-benchmark",
+        default="off",
+        help="off, on, or off,on (both, one run each): cuDNN tries its convolution algorithms at the first "
+        "call of each shape and keeps the fastest (the decoders' and encoders' convs; shapes are static, "
+        "so the tuning happens once, in warm-up). Default off",
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the sessions' noise (default 0)")
     p.add_argument("--out", default="fd-bench-out", help="output directory (results.json + plots)")
     p.add_argument("--compare", help="another results.json: print ratios against it")
@@ -117,6 +125,9 @@ def main(argv: list[str] | None = None) -> int:
             raise InvalidArgumentError(f"--steady-blocks must be 0 (off) or more, got {args.steady_blocks}")
         if args.profile_block is not None and args.profile_block < 0:
             raise InvalidArgumentError(f"--profile-block must be a block index >= 0, got {args.profile_block}")
+        cudnn_modes = split_list(args.cudnn_benchmark)
+        if not cudnn_modes or any(m not in ("off", "on") for m in cudnn_modes):
+            raise InvalidArgumentError(f"--cudnn-benchmark takes off, on or off,on; got '{args.cudnn_benchmark}'")
         if not 0 <= args.seed < 2**63:
             raise InvalidArgumentError(f"--seed must be in [0, 2**63), got {args.seed}")
         cfg = BenchConfig(
@@ -151,11 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             for backend in split_list(args.backend):
                 if backend in backend_names():  # built in-process: its build options
                     cfg.build_config = build_config(args, backend)
-                for attention in split_list(args.attention):
+                for attention, cudnn_mode in itertools.product(split_list(args.attention), cudnn_modes):
                     label = precision_label(precision, dtype)
-                    print(f"fd-bench: {backend}/{attention}/{label} ...", file=sys.stderr, flush=True)
+                    tag = "+cudnn-bm" if cudnn_mode == "on" else ""
+                    print(f"fd-bench: {backend}{tag}/{attention}/{label} ...", file=sys.stderr, flush=True)
+                    torch.backends.cudnn.benchmark = cudnn_mode == "on"
                     try:
-                        runs.append(run_config(cfg, backend, attention, first))
+                        run = run_config(cfg, backend, attention, first)
+                        runs.append({**run, "cudnn_benchmark": cudnn_mode == "on"})
                     except FlashDreamsError:
                         raise  # bad options: a usage error, whatever ran before
                     except Exception as exc:  # noqa: BLE001 - a run that breaks (a kernel, a compiler) costs only itself
