@@ -64,7 +64,7 @@ wan22-speed|300|issue 21: fd-bench Wan2.2 A14B T2V (both experts, Triton, CUDA g
 mg-inductor|360|issue 14: Matrix-Game 352x640 TAEHV through an inductor engine built in-process (fuses the ~8000 small elementwise launches eager leaves: 25% of the eager block), block-5 profile
 wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) instead of our ring kernel, bf16, CUDA graphs, TAEHV
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
-fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream
+fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream and its FP8 ring shadow vs per-call quantization
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
@@ -78,6 +78,7 @@ declare -A PART_GROUPS=(
   [next3]="fused-kernels omni-fp8 mg-taehv"
   [next4]="attn-splits wan22-speed sf-fp8 omni-fp8"
   [next5]="cudnn-bm"
+  [next6]="fused-kernels omni-fp8"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -104,7 +105,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 next next2 next3 next4 next5 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in issue22 issue19-14 issue20-16 next next2 next3 next4 next5 next6 round2 round4 round5 round6 round8 round9 round10 round11; do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -464,7 +465,7 @@ part_cudnn-bm() {
 part_fused-kernels() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_head_norm_rope.py \
-    $t/test_matrixgame_family.py $t/test_omnidreams_family.py -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph"
+    $t/test_matrixgame_family.py $t/test_omnidreams_family.py -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow"
 }
 
 fam_to() { # bench/family_parts.py items into $DEST/$1.json

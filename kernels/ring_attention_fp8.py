@@ -275,19 +275,23 @@ def _prepass_warps(block_n: int, d_pad: int) -> int:
     return 4 if block_n * d_pad <= 8192 else 8
 
 
+def fp8_kv_shapes(B: int, S: int, H: int, d: int, block_n: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of an fp8 shadow's four tensors (`Fp8KV` fields k8, kt, v8t, vt) for `[B, S, N, d]` caches:
+    what a model declares as session state to keep one per layer."""
+    d_pad, s_pad, n_tiles = fp8_d_pad(d), -(-S // 16) * 16, -(-S // block_n)
+    return {"k8": (B, H, S, d_pad), "kt": (B, H, n_tiles), "v8t": (B, H, d_pad, s_pad), "vt": (B, H, n_tiles)}
+
+
 def empty_fp8_kv(k_cache: torch.Tensor, block_n: int, quant_v: bool = True) -> Fp8KV:
     """Uninitialised fp8 operands for `[B, S, N, d]` caches in key tiles of `block_n` rows: an fp8
     shadow of a ring that `quantize_kv_fp8_into` keeps up to date as rows are written."""
-    B, S, H, d = k_cache.shape
-    d_pad = fp8_d_pad(d)
-    s_pad = -(-S // 16) * 16
-    n_tiles = -(-S // block_n)
+    shapes = fp8_kv_shapes(*k_cache.shape, block_n)
     dev = k_cache.device
-    k8 = torch.empty((B, H, S, d_pad), dtype=torch.float8_e4m3fn, device=dev)
-    kt = torch.empty((B, H, n_tiles), dtype=torch.float32, device=dev)
+    k8 = torch.empty(shapes["k8"], dtype=torch.float8_e4m3fn, device=dev)
+    kt = torch.empty(shapes["kt"], dtype=torch.float32, device=dev)
     if quant_v:
-        v8t = torch.empty((B, H, d_pad, s_pad), dtype=torch.float8_e4m3fn, device=dev)
-        vt = torch.empty((B, H, n_tiles), dtype=torch.float32, device=dev)
+        v8t = torch.empty(shapes["v8t"], dtype=torch.float8_e4m3fn, device=dev)
+        vt = torch.empty(shapes["vt"], dtype=torch.float32, device=dev)
     else:  # never read
         v8t = torch.zeros((16,), dtype=torch.float8_e4m3fn, device=dev)
         vt = torch.zeros((4,), dtype=torch.float32, device=dev)

@@ -475,11 +475,17 @@ class CosmosDiT(nn.Module):
         valid_len: torch.Tensor,
         valid_len_host: int | None = None,
         debug: dict | None = None,
+        fp8_shadow: tuple | None = None,
     ) -> torch.Tensor:
         """OmniDreams' cached call: x/hdmap [B, 16, nf, H, W], t [B] (one timestep per sample),
         frame_positions/slots int64 [nf], valid_len int64 [1]; ring_k/v [layers, B, S, N, d] (or a list
         of per-layer tensors) receive this chunk's rotated K and V at `slots` in place; attention
-        runs over ring rows [0, valid_len). Returns the flow [B, 16, nf, H, W] float32."""
+        runs over ring rows [0, valid_len). Returns the flow [B, 16, nf, H, W] float32.
+
+        `fp8_shadow` (FP8 attention only): (k8, kt, v8t, vt, block_n), the first four per layer along
+        dim 0 (`kernels.ring_attention_fp8.Fp8KV`): an fp8 copy of the ring kept in step with it. The
+        tiles holding this chunk's rows are re-quantized after they are written and the attention
+        reads the shadow, instead of quantizing the whole window in every call; the same numbers."""
         grid = self._check_grid(x)
         nt, gh, gw = grid
         fs = gh * gw
@@ -488,6 +494,9 @@ class CosmosDiT(nn.Module):
         half = ang[:, : ang.shape[1] // 2]  # the tables are [a, a]: one angle per rotate-half pair
         cos, sin = torch.cos(half), torch.sin(half)
         impl = self.attention_impl
+        shadowed = fp8_shadow is not None and impl == "triton" and self.precision == "fp8"
+        if shadowed:  # ring rows [first, end) this chunk writes (its frame slots, wrapped or not, lie within)
+            written = torch.stack([slots.min() * fs, (slots.max() + 1) * fs])
 
         def attend_of(i):
             def attend(sa, q, k, v):
@@ -501,6 +510,8 @@ class CosmosDiT(nn.Module):
                 )  # fmt: skip
                 if debug is not None and i == 0:
                     debug["cache_k0"] = rk
+                if shadowed:
+                    return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, i)
                 precision = self.precision if impl == "triton" else "bf16"  # FP8 attention is a Triton kernel
                 return dit_ops.ring_attention(qr, rk, rv, valid_len, impl, valid_len_host, precision)
 

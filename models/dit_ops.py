@@ -162,3 +162,16 @@ def ring_attention(
         q.transpose(1, 2), ring_k.transpose(1, 2), ring_v.transpose(1, 2), attn_mask=keep[None, None, None, :]
     )
     return out.transpose(1, 2)
+
+
+def ring_attention_fp8_shadowed(q, ring_k, ring_v, valid_len, written, fp8_shadow, layer: int) -> torch.Tensor:
+    """FP8 ring attention through the ring's fp8 shadow: first re-quantize the key tiles overlapping
+    ring rows [written[0], written[1]) (just written into the bf16 ring), then attend on the shadow.
+    fp8_shadow = (k8, kt, v8t, vt, block_n), the tensors per layer along dim 0. Equals
+    `ring_attention(..., precision="fp8")` on the same ring, bit for bit."""
+    from flashdreams.kernels.ring_attention_fp8 import Fp8KV, ring_attention_fp8_prequantized, update_fp8_kv
+
+    k8, kt, v8t, vt, block_n = fp8_shadow
+    kv = Fp8KV(k8[layer], kt[layer], v8t[layer], vt[layer], block_n)
+    update_fp8_kv(kv, ring_k, ring_v, valid_len, written)
+    return ring_attention_fp8_prequantized(q, kv, valid_len)

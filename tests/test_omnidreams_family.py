@@ -188,3 +188,36 @@ def test_fp8_precision_quantizes_the_per_token_linears():
     ref = _engine().session(inputs=_inputs(), seed=1).step().latents
     got = engine.session(inputs=_inputs(), seed=1).step().latents
     assert 1e-4 < rel_l2(got, ref) < 0.1  # quantized, and close
+
+
+def test_fp8_ring_shadow_equals_quantizing_the_window_every_call(monkeypatch):
+    """FP8 attention (Triton) keeps an fp8 shadow of the ring as session state and re-quantizes only the
+    tiles a chunk writes; over 4 chunks (the window rolls at chunk 3) and a reset the latents equal,
+    bit for bit, an engine that quantizes the whole window in every call."""
+    from flashdreams.kernels import triton_available
+    from flashdreams.models import dit_ops
+    from flashdreams.models.families import omnidreams
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not triton_available(torch.device(device)):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+    opts = dict(preset=TINY, device=device, dtype="float32", decoder=None, attention="triton", precision="fp8")
+    shadowed = flashdreams.load(**opts)
+    assert {"ring_k8", "ring_kt", "ring_v8t", "ring_vt"} <= set(shadowed.plan.state)
+    assert shadowed.plan.state["ring_k8"].dtype == "float8_e4m3fn"
+    with monkeypatch.context() as m:
+        m.setattr(omnidreams, "_fp8_shadow_block_n", lambda model, o: None)
+        per_call = flashdreams.load(**opts)
+    assert "ring_k8" not in per_call.plan.state and "ring_k8" not in per_call.plan.graphs["dit"].args
+    calls = []
+    real = dit_ops.ring_attention_fp8_shadowed
+    monkeypatch.setattr(dit_ops, "ring_attention_fp8_shadowed", lambda *a: calls.append(1) or real(*a))
+    inputs = {k: v.to(device) for k, v in _inputs().items()}
+    a, b = shadowed.session(inputs=inputs, seed=1), per_call.session(inputs=inputs, seed=1)
+    for _ in range(4):
+        assert torch.equal(a.step().latents, b.step().latents)
+    assert len(calls) == 4 * 3 * 2  # 4 chunks x 3 forwards x 2 layers, all through the shadow
+    assert a.buffers["ring_k8"].float().abs().sum() > 0
+    a.reset()
+    b.reset()
+    assert torch.equal(a.step().latents, b.step().latents)

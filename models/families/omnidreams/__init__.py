@@ -18,6 +18,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.checkpoint import read_state_dict
+from flashdreams.models.cosmos_dit import CosmosDiT
 from flashdreams.models.decode_step import decoder_graphs
 from flashdreams.models.decoders import choose_decoder
 from flashdreams.models.families.cosmos import build_dit, weights_source
@@ -90,10 +91,11 @@ class OmniDreamsFamily(Family):
             vae = self.build_hdmap_encoder(preset, opts, weights)
             enc_graphs, enc_sigs, enc_decls, _ = encoder_graphs(vae, opts.batch, 8 * lh, 8 * lw)
             enc = (enc_sigs, enc_decls)
-        plan = build_plan(preset, opts.batch, (lh, lw), dtype_name(opts.dtype), dec, enc)
+        block_n = _fp8_shadow_block_n(model, opts)
+        plan = build_plan(preset, opts.batch, (lh, lw), dtype_name(opts.dtype), dec, enc, fp8_block_n=block_n)
         graphs = {
-            "dit": ChunkStep(model, first=False),
-            "dit_first": ChunkStep(model, first=True),
+            "dit": ChunkStep(model, first=False, fp8_block_n=block_n),
+            "dit_first": ChunkStep(model, first=True, fp8_block_n=block_n),
             "inject_image": InjectStep(),
             "encode_prompt": EncodePromptStep(model),
         }
@@ -115,6 +117,16 @@ class OmniDreamsFamily(Family):
             dtype=opts.dtype,
             describe={"attention": model.attention_impl, "precision": opts.precision},
         )
+
+
+def _fp8_shadow_block_n(model: CosmosDiT, opts: LoadOptions) -> int | None:
+    """The key tile of the ring's fp8 shadow when the attention runs in FP8 (our Triton kernel), else None."""
+    if model.precision != "fp8" or model.attention_impl != "triton":
+        return None
+    from flashdreams.kernels.ring_attention_fp8 import fp8_kv_block_n
+
+    probe = torch.empty(1, 1, model.cfg.num_heads, model.cfg.head_dim, device=opts.device, dtype=opts.dtype)
+    return fp8_kv_block_n(probe)
 
 
 def example_inputs(plan, graph: str, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -18,23 +18,33 @@ from flashdreams.models.decode_step import DecoderGraphs
 from flashdreams.models.families.causal_wan.plan import decode_emit_ops, ring_capacity
 from flashdreams.models.families.omnidreams.hdmap_encoder import FIRST_CHUNK_FRAMES, FRAMES_PER_CHUNK
 from flashdreams.models.families.omnidreams.presets import HDMAP_CHANNELS, Preset
-from flashdreams.models.families.omnidreams.steps import DIT_FIRST_SIG, DIT_SIG, ENCODE_SIG, INJECT_SIG
+from flashdreams.models.families.omnidreams.steps import (
+    DIT_FIRST_SIG,
+    DIT_SIG,
+    ENCODE_SIG,
+    FP8_SHADOW,
+    INJECT_SIG,
+    with_fp8_shadow,
+)
 from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb
 from flashdreams.models.scheduler import flow_match_tables, sigma_of
 
 RING_ARGS = ("ring_k", "ring_v", "frame_positions", "slots", "valid_len")
 
 
-def _dit_call(first: bool, x: str, t: str, outs: dict) -> dict:
+def _dit_call(first: bool, x: str, t: str, outs: dict, shadow: bool) -> dict:
     args = {"x": x, "t": t, "cross_k": "cross_k", "cross_v": "cross_v", "hdmap": "hdmap"}
     if first:
         args["image_latent"] = "image_latent"
-    args |= {a: a for a in RING_ARGS}
+    args |= {a: a for a in (*RING_ARGS, *(FP8_SHADOW if shadow else ()))}
     return call("dit_first" if first else "dit", args, outs)
 
 
-def chunk_program(preset: Preset, first: bool, decoder: DecoderGraphs | None, encoder: list[str] | None) -> list[dict]:
-    """One chunk's ops; `encoder` (the HD-map encoder's cache names) when the map comes in as pixels."""
+def chunk_program(
+    preset: Preset, first: bool, decoder: DecoderGraphs | None, encoder: list[str] | None, shadow: bool = False
+) -> list[dict]:
+    """One chunk's ops; `encoder` (the HD-map encoder's cache names) when the map comes in as pixels;
+    `shadow`: the chunk forwards also take the ring's fp8 shadow."""
     sched = preset.schedule()
     ops, x = [], "noise"
     if encoder is not None:
@@ -42,7 +52,7 @@ def chunk_program(preset: Preset, first: bool, decoder: DecoderGraphs | None, en
         ops.append(call(graph, {"hdmap_video": "hdmap_video"} | {n: n for n in encoder}, {"hdmap": "hdmap"}))
         ops.append({"op": "mark", "name": "encode"})
     for s, sigma in enumerate(sched.sigmas):
-        ops.append(_dit_call(first, x, f"t_{s}", {"flow": "flow"}))
+        ops.append(_dit_call(first, x, f"t_{s}", {"flow": "flow"}, shadow))
         ops.append(lincomb("x0", [(1.0, x), (-sigma, "flow")]))
         if s + 1 < sched.num_steps:
             sn = sched.sigmas[s + 1]
@@ -56,7 +66,7 @@ def chunk_program(preset: Preset, first: bool, decoder: DecoderGraphs | None, en
     ops += decode_emit_ops("latents", first, decoder)
     sc = context_sigma(preset)
     ops.append(lincomb("x_ctx", [(1.0 - sc, "latents"), (sc, "renoise_ctx")]))
-    ops.append(_dit_call(first, "x_ctx", "t_ctx", {}))
+    ops.append(_dit_call(first, "x_ctx", "t_ctx", {}, shadow))
     ops.append({"op": "mark", "name": "commit"})
     return ops
 
@@ -74,9 +84,15 @@ def build_plan(
     dtype: str,
     decoder: DecoderGraphs | None,
     encoder: tuple[dict, dict] | None = None,
+    fp8_block_n: int | None = None,
 ) -> BlockPlan:
     """The plan for `batch` streams; `encoder` = (graph sigs, cache state decls) of the HD-map encoder,
-    needed when the preset takes the HD map as pixels (`hdmap_input="pixels"`)."""
+    needed when the preset takes the HD map as pixels (`hdmap_input="pixels"`).
+
+    `fp8_block_n` (FP8 attention): the session also keeps an fp8 shadow of each layer's ring in key
+    tiles of that many rows. Each chunk forward re-quantizes only the tiles its own rows fall in, not
+    the whole window on every call (a third of the K/V pre-pass at the public preset: 2 of its 6
+    latent frames change per chunk); the attention reads the shadow. Same results, bit for bit."""
     pixels = preset.hdmap_input == "pixels"
     if pixels != (encoder is not None):
         raise InvalidArgumentError(f"preset {preset.name}: the HD-map encoder graphs are needed for pixel input only")
@@ -99,6 +115,19 @@ def build_plan(
         "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each chunk frame"),
         "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this chunk"),
     }
+    if fp8_block_n is not None:
+        from flashdreams.kernels.ring_attention_fp8 import fp8_kv_shapes
+
+        shapes = fp8_kv_shapes(b, cap, heads, hd, fp8_block_n)
+        for name, field in zip(FP8_SHADOW, ("k8", "kt", "v8t", "vt")):
+            fp8 = field in ("k8", "v8t")
+            what = "e4m3 copy" if fp8 else "per-tile scales"
+            state[name] = TensorDecl(
+                name,
+                (layers, *shapes[field]),
+                "float8_e4m3fn" if fp8 else "float32",
+                f"the ring's fp8 shadow: {what} of {'K' if field.startswith('k') else 'V'} ({fp8_block_n}-row tiles)",
+            )
     if decoder is not None:
         state.update(decoder.state)
     inputs = {
@@ -165,8 +194,12 @@ def build_plan(
     # Named so that sorted order is the declared order (an engine manifest may list them sorted).
     draws["renoise_ctx"] = TensorDecl("renoise_ctx", lat, "float32", "the finalize re-noise draw")
     enc_names = list(encoder[1]) if pixels else None
-    programs = {kind: chunk_program(preset, kind == "first", decoder, enc_names) for kind in ("first", "steady")}
-    graphs = {"dit": DIT_SIG, "dit_first": DIT_FIRST_SIG, "inject_image": INJECT_SIG, "encode_prompt": ENCODE_SIG}
+    shadow = fp8_block_n is not None
+    programs = {
+        kind: chunk_program(preset, kind == "first", decoder, enc_names, shadow) for kind in ("first", "steady")
+    }
+    dit, dit_first = (with_fp8_shadow(DIT_SIG), with_fp8_shadow(DIT_FIRST_SIG)) if shadow else (DIT_SIG, DIT_FIRST_SIG)
+    graphs = {"dit": dit, "dit_first": dit_first, "inject_image": INJECT_SIG, "encode_prompt": ENCODE_SIG}
     if pixels:
         graphs.update(encoder[0])
     if decoder is not None:

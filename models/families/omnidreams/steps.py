@@ -11,10 +11,20 @@ from flashdreams.models.families.cosmos.steps import _CrossKV
 from flashdreams.models.family import GraphSig
 
 _RING = ("ring_k", "ring_v", "frame_positions", "slots", "valid_len")
+# The ring's fp8 shadow (FP8 attention only): per layer, the `Fp8KV` fields k8, kt, v8t, vt.
+FP8_SHADOW = ("ring_k8", "ring_kt", "ring_v8t", "ring_vt")
 DIT_SIG = GraphSig("dit", ("x", "t", "cross_k", "cross_v", "hdmap", *_RING), ("flow",), _RING[:2], _RING[:2])
 DIT_FIRST_SIG = GraphSig(
     "dit_first", ("x", "t", "cross_k", "cross_v", "hdmap", "image_latent", *_RING), ("flow",), _RING[:2], _RING[:2]
 )
+
+
+def with_fp8_shadow(sig: GraphSig) -> GraphSig:
+    """A chunk forward's signature that also takes (and updates in place) the ring's fp8 shadow."""
+    written = (*sig.mutates, *FP8_SHADOW)
+    return GraphSig(sig.name, (*sig.args, *FP8_SHADOW), sig.outs, written, (*sig.groups, *FP8_SHADOW))
+
+
 INJECT_SIG = GraphSig("inject_image", ("x0", "image_latent"), ("latents",))
 ENCODE_SIG = GraphSig("encode_prompt", ("prompt_embeds",), ("cross_k", "cross_v"))
 
@@ -33,23 +43,26 @@ class ChunkStep(nn.Module):
     condition mask of 1 on that frame; later chunks have neither.
     """
 
-    def __init__(self, model: CosmosDiT, first: bool) -> None:
+    def __init__(self, model: CosmosDiT, first: bool, fp8_block_n: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.first = first
+        self.fp8_block_n = fp8_block_n  # key tile of the ring's fp8 shadow; None: no shadow (its args absent)
 
     def forward(self, x, t, cross_k, cross_v, hdmap, *rest, valid_len_host=None):
         if self.first:
             image_latent, *rest = rest
             x = inject_first_frame(x, image_latent)
-        ring_k, ring_v, frame_positions, slots, valid_len = rest
+        ring_k, ring_v, frame_positions, slots, valid_len, *shadow = rest
         b, _, nf, h, w = x.shape
         mask = x.new_zeros(b, 1, nf, h, w)
         if self.first:  # built functionally: an in-place write would leave a lifted constant in an exported graph
             mask = torch.cat([x.new_ones(b, 1, 1, h, w), mask[:, :, 1:]], dim=2)
+        fp8_shadow = (*shadow, self.fp8_block_n) if shadow else None
         return self.model.forward_chunk(
-            x, t, cross_k, cross_v, mask, hdmap, ring_k, ring_v, frame_positions, slots, valid_len, valid_len_host
-        )
+            x, t, cross_k, cross_v, mask, hdmap, ring_k, ring_v, frame_positions, slots, valid_len, valid_len_host,
+            fp8_shadow=fp8_shadow,
+        )  # fmt: skip
 
 
 class InjectStep(nn.Module):
