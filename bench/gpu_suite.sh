@@ -465,7 +465,8 @@ part_cudnn-bm() {
 part_fused-kernels() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_head_norm_rope.py \
-    $t/test_matrixgame_family.py $t/test_omnidreams_family.py -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow"
+    $t/kernels/test_fp8_linear.py $t/test_matrixgame_family.py $t/test_omnidreams_family.py \
+    -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu"
 }
 
 fam_to() { # bench/family_parts.py items into $DEST/$1.json

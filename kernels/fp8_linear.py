@@ -25,6 +25,7 @@ import re
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from flashdreams.errors import InvalidArgumentError
@@ -41,7 +42,7 @@ from ._common import (
     tl,
     triton,
 )
-from .ring_attention_fp8 import _to_e4m3, quantize_rows_e4m3
+from .ring_attention_fp8 import _round_bf16, _to_e4m3, quantize_rows_e4m3
 
 FP8 = torch.float8_e4m3fn
 
@@ -50,19 +51,30 @@ FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
-def _quantize_rows_kernel(X, X8, SX, stride_x, R, K, K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr):
-    """BLOCK_R rows: x8 = e4m3(x * 448/amax(|x_row|)), sx = amax/448 (amax floored at 1e-16)."""
+def _quantize_rows_kernel(
+    X, X8, SX, stride_x, R, K,
+    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr, GELU: tl.constexpr,
+):  # fmt: skip
+    """BLOCK_R rows: x8 = e4m3(x * 448/amax(|x_row|)), sx = amax/448 (amax floored at 1e-16). With
+    GELU, x is first replaced by exact GELU(x) rounded to x's dtype: what `F.gelu` would hand the
+    linear, without writing it out and reading it back."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     c = tl.arange(0, K_PAD)
     mask = (r < R)[:, None] & (c < K)[None, :]
     x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    if GELU:
+        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        if X.dtype.element_ty == tl.bfloat16:
+            x = _round_bf16(x) if EMULATE else x.to(tl.bfloat16).to(tl.float32)
+        elif X.dtype.element_ty == tl.float16:
+            x = x.to(tl.float16).to(tl.float32)
     amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-16)
     inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
     tl.store(X8 + r[:, None] * K + c[None, :], _to_e4m3(x * inv[:, None], EMULATE), mask=mask)
     tl.store(SX + r, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=r < R)
 
 
-def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _launch_quantize_rows(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
     R, K = x.shape
     x8 = new_output((R, K), FP8, x.device)
     sx = new_output((R,), torch.float32, x.device)
@@ -72,26 +84,38 @@ def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     launch(
         _quantize_rows_kernel, (triton.cdiv(R, block_r),),
         x, x8, sx, x.stride(0), R, K,
-        K_PAD=k_pad, BLOCK_R=block_r, EMULATE=interpreted(), num_warps=num_warps,
+        K_PAD=k_pad, BLOCK_R=block_r, EMULATE=interpreted(), GELU=gelu, num_warps=num_warps,
     )
     # fmt: on
     return x8, sx
 
 
+def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_quantize_rows(x, False)
+
+
+def _gelu_quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_quantize_rows(x, True)
+
+
 register_op("quantize_rows_fp8", _quantize_rows_op)
+register_op("gelu_quantize_rows_fp8", _gelu_quantize_rows_op)
 
 
-def quantize_rows_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of a 2-D `[R, K]` tensor (last dim contiguous) by the Triton kernel:
-    (x8 `[R, K]` float8_e4m3fn, contiguous; sx `[R]` float32) with x ~= sx[:, None] * x8."""
+    (x8 `[R, K]` float8_e4m3fn, contiguous; sx `[R]` float32) with x ~= sx[:, None] * x8. `gelu`:
+    quantize exact GELU(x) (in x's dtype) instead, in the same single pass."""
     check_tensor("x", x, ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32), last_contiguous=True)
     require_triton(x.device)
+    if gelu:
+        return torch.ops.flashdreams.gelu_quantize_rows_fp8(x)
     return torch.ops.flashdreams.quantize_rows_fp8(x)
 
 
-def quantize_rows_fp8_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8_reference(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """What `quantize_rows_fp8` computes, in torch (any device)."""
-    x8, sx, _ = quantize_rows_e4m3(x.float())
+    x8, sx, _ = quantize_rows_e4m3((F.gelu(x) if gelu else x).float())
     return x8.to(FP8), sx
 
 
@@ -140,8 +164,10 @@ def fp8_linear(
     out_dtype: torch.dtype | None = None,
     *,
     use_fast_accum: bool = False,
+    gelu: bool = False,
 ) -> torch.Tensor:
     """F.linear(x, w, bias) with x quantized per token and w = w_scale[:, None] * w_fp8 (e4m3).
+    `gelu`: F.linear(F.gelu(x), ...), the GELU done inside the activation quantization's pass.
 
     x `[..., K]`; w_fp8 `[N, K]` float8_e4m3fn; w_scale `[N]` float32; bias `[N]` or None.
     Returns `[..., N]` in `out_dtype` (default x's dtype). On CUDA: Triton quantization +
@@ -159,12 +185,12 @@ def fp8_linear(
     if w_scale.shape != (N,) or w_scale.dtype != torch.float32:
         raise InvalidArgumentError(f"w_scale: expected float32 [{N}], found {w_scale.dtype} {list(w_scale.shape)}")
     if not _gemm_ok(x, w_fp8):
-        return fp8_linear_reference(x, w_fp8, w_scale, bias, out_dtype)
+        return fp8_linear_reference(F.gelu(x) if gelu else x, w_fp8, w_scale, bias, out_dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    x8, sx = quantize_rows_fp8(x2)
+    x8, sx = quantize_rows_fp8(x2, gelu=gelu)
     fuse = bias is not None and _scaled_mm_takes_bias(x.device)
     y = torch._scaled_mm(
         x8,
@@ -257,9 +283,18 @@ class Fp8Linear(nn.Module):
         """The weight this layer multiplies by, `[out, in]` float32."""
         return self.weight_fp8.float() * self.weight_scale[:, None]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    # forward(x, gelu=True) is this layer applied to F.gelu(x), the GELU fused into the quantization.
+    takes_gelu = True
+
+    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
         return fp8_linear(
-            x, self.weight_fp8, self.weight_scale, self.bias, self.out_dtype, use_fast_accum=self.use_fast_accum
+            x,
+            self.weight_fp8,
+            self.weight_scale,
+            self.bias,
+            self.out_dtype,
+            use_fast_accum=self.use_fast_accum,
+            gelu=gelu,
         )
 
     def _apply(self, fn, recurse=True):  # type: ignore[override]

@@ -266,7 +266,10 @@ class _MLP(nn.Module):
         self.layer2 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer2(F.gelu(self.layer1(x)))  # exact (erf) GELU
+        h = self.layer1(x)
+        if getattr(self.layer2, "takes_gelu", False):  # an FP8 layer: GELU inside its quantization pass
+            return self.layer2(h, gelu=True)
+        return self.layer2(F.gelu(h))  # exact (erf) GELU
 
 
 class CosmosBlock(nn.Module):

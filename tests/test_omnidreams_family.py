@@ -216,7 +216,9 @@ def test_fp8_ring_shadow_equals_quantizing_the_window_every_call(monkeypatch):
     a, b = shadowed.session(inputs=inputs, seed=1), per_call.session(inputs=inputs, seed=1)
     for _ in range(4):
         assert torch.equal(a.step().latents, b.step().latents)
-    assert len(calls) == 4 * 3 * 2  # 4 chunks x 3 forwards x 2 layers, all through the shadow
+    # 4 chunks x 3 forwards x 2 layers, all through the shadow (on CUDA the steady chunks replay as
+    # captured graphs, which run no Python: there only the calls before capture are counted)
+    assert len(calls) == 4 * 3 * 2 if device == "cpu" else len(calls) >= 2 * 3 * 2
     assert a.buffers["ring_k8"].float().abs().sum() > 0
     a.reset()
     b.reset()
