@@ -154,9 +154,17 @@ class LingBotDiT(WanDiT):
         slots: torch.Tensor,
         valid_len: torch.Tensor,
         valid_len_host: int | None = None,
+        *,
+        attend=None,
+        shard=None,
     ) -> torch.Tensor:
         """The causal forward of one block against the KV ring (wan_dit.forward_step) with y and the
-        block's precomputed camera modulation [layers, B, L, D]."""
+        block's precomputed camera modulation [layers, B, L, D]. `attend` / `shard`: the context-parallel
+        hooks (wan_dit.forward_step); the modulation is per token, so a rank takes its own rows of it."""
+        if shard is not None:
+            _, ph, pw = self.cfg.patch_size
+            fs = (x.shape[3] // ph) * (x.shape[4] // pw)
+            cam_scale, cam_shift = shard.take(cam_scale, fs, 2), shard.take(cam_shift, fs, 2)
         hook = self._hook(cam_scale=cam_scale, cam_shift=cam_shift)
         return self.forward_step(
             torch.cat([x, y.to(x.dtype)], dim=1),
@@ -169,6 +177,8 @@ class LingBotDiT(WanDiT):
             slots,
             valid_len,
             valid_len_host,
+            attend=attend,
+            shard=shard,
             after_self=hook,
         )
 

@@ -409,10 +409,13 @@ class WanDiT(nn.Module):
         `after_cross(layer, x) -> x` (None: nothing) runs inside every block between the
         cross-attention and the FFN on the block's tokens [B, L, D] (Matrix-Game's action modules);
         `after_self(layer, x) -> x` between the self-attention residual and the cross-attention
-        (LingBot's camera scale/shift).
+        (LingBot's camera scale/shift). With `shard`, `after_self` gets this rank's token rows and
+        must be token-local (LingBot's is: per-token scale and shift, taken the same way).
         """
-        if (after_cross is not None or after_self is not None) and shard is not None:
-            raise InvalidArgumentError("forward_step: block hooks need every token of a frame (no context parallel)")
+        if after_cross is not None and shard is not None:
+            raise InvalidArgumentError(
+                "forward_step: the action hooks need every token of a frame (no context parallel)"
+            )
         tokens, grid = self.embed_tokens(x)
         f, h, w = grid
         fs = h * w

@@ -42,6 +42,7 @@ BLOCKS = 7  # 21 frames through a ring of 1 + 8 frames: the window wraps
 TOL = 1e-5  # rel. L2 in float32
 TINY = get_preset("tiny")
 TINY_4H = TINY.replace(name="tiny-4heads", model=TINY_WAN.replace(num_heads=4))
+LINGBOT = get_preset("lingbot-world-fast-tiny")  # 6 tokens a frame, 2 heads
 
 # name -> (preset, world size of the group or None for all, options)
 CASES_2 = {
@@ -53,6 +54,9 @@ CASES_2 = {
     "ring-kv-masked": (TINY, None, dict(mode="ring", ring_pass="kv", slice_ring=False)),
     "ring-q-group-of-1": (TINY, 1, dict(mode="ring", ring_pass="q")),
     "ulysses-decoder-on-rank-0": (TINY, None, dict(mode="ulysses", decoder="taehv")),
+    # LingBot-World Fast on an orbiting camera: its per-token scale/shift is taken per rank like the tokens.
+    "lingbot-ulysses": (LINGBOT, None, dict(mode="ulysses", camera=True)),
+    "lingbot-ring-kv": (LINGBOT, None, dict(mode="ring", ring_pass="kv", camera=True)),
 }
 CASES_4 = {
     "ulysses": (TINY_4H, None, dict(mode="ulysses")),
@@ -86,9 +90,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rollout(engine, batch: int, blocks: int = BLOCKS, seed: int = 5):
-    """`blocks` steps of one session: (latents [blocks, ...], whether each step had frames, the session)."""
-    s = engine.session(engine.default_prompt(batch=batch, seed=1), seed=seed)
+def _rollout(engine, batch: int, blocks: int = BLOCKS, seed: int = 5, camera: bool = False):
+    """`blocks` steps of one session: (latents [blocks, ...], whether each step had frames, the session).
+    `camera`: a moving camera path for LingBot (its default is a still camera, the same for every token)."""
+    inputs = {"prompt_embeds": engine.default_prompt(batch=batch, seed=1)}
+    if camera:
+        from flashdreams.models.families.lingbot import example_camera
+
+        frames, (h, w) = engine.plan.inputs["poses"].shape[1], engine.plan.inputs["image"].shape[-2:]
+        inputs |= example_camera(batch, frames, h, w)
+    s = engine.session(inputs=inputs, seed=seed)
     steps = [s.step() for _ in range(blocks)]
     return torch.stack([r.latents for r in steps]), [r.frames is not None for r in steps], s
 
@@ -108,7 +119,7 @@ def _worker(rank: int, world: int, port: int, cases: dict, errors: dict, out: st
     try:
         for name, (preset, group_size, opts) in cases.items():
             opts = dict(opts)
-            batch, blocks = opts.pop("batch", 1), opts.pop("blocks", BLOCKS)
+            batch, blocks, camera = opts.pop("batch", 1), opts.pop("blocks", BLOCKS), opts.pop("camera", False)
             opts.setdefault("decoder", None)
             group = None
             if group_size is not None:  # every rank creates every subgroup, in the same order
@@ -116,7 +127,7 @@ def _worker(rank: int, world: int, port: int, cases: dict, errors: dict, out: st
                 group = groups[rank // group_size]
             eng = load_context_parallel(preset=preset, group=group, dtype="float32", batch=batch, **opts)
             assert isinstance(eng, flashdreams.Engine)
-            lat, frames, s = _rollout(eng, batch, blocks)
+            lat, frames, s = _rollout(eng, batch, blocks, camera=camera)
             results["latents"][name] = lat
             results["frames"][name] = frames
             results["ring_shape"][name] = tuple(s.buffers["ring_k"].shape)
@@ -153,19 +164,19 @@ def world4(tmp_path_factory) -> list[dict]:
 _REFERENCE: dict = {}
 
 
-def _reference(preset, batch: int):
+def _reference(preset, batch: int, camera: bool = False):
     """The same session in one process, through the family's plain eager backend: (latents, session)."""
-    key = (preset.name, batch)
+    key = (preset.name, batch, camera)
     if key not in _REFERENCE:
         eng = flashdreams.load(preset=preset, decoder=None, device="cpu", dtype="float32", batch=batch)
-        lat, _, s = _rollout(eng, batch)
+        lat, _, s = _rollout(eng, batch, camera=camera)
         _REFERENCE[key] = lat, tuple(s.buffers["ring_k"].shape)
     return _REFERENCE[key]
 
 
 def _check_case(ranks: list[dict], name: str, case) -> None:
     preset, group_size, opts = case
-    ref, full = _reference(preset, opts.get("batch", 1))
+    ref, full = _reference(preset, opts.get("batch", 1), opts.get("camera", False))
     got = [res["latents"][name] for res in ranks]
     blocks = got[0].shape[0]
     assert got[0].shape == ref[:blocks].shape

@@ -29,6 +29,7 @@ from flashdreams.models.families.lingbot.steps import (
 )
 from flashdreams.models.families.wan21.steps import ClipDecodeStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
+from flashdreams.parallel.hooks import ParallelHooks
 
 
 class LingBotFamily(Family):
@@ -76,6 +77,16 @@ class LingBotFamily(Family):
             if dec is not None:
                 graphs.update(dec.graphs)
             hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
+            parallel = ParallelHooks(
+                graph="dit",
+                step=model.forward_step_camera,
+                frame_tokens=plan.ring.frame_tokens,
+                num_heads=model.cfg.num_heads,
+                kv_rings=("ring_k", "ring_v"),
+                # Every rank must condition on the same prompt, image and camera path.
+                broadcast=("encode_prompt", "encode_image", "camera_first", "camera"),
+                attention=model.attention_impl,
+            )
 
             identity = torch.nn.ModuleDict({"dit": model, "image_encoder": vae})
         else:
@@ -92,6 +103,7 @@ class LingBotFamily(Family):
             if decoder is not None:
                 graphs["decode"] = ClipDecodeStep(decoder, opts.batch, (lh, lw), 3)
             identity = torch.nn.ModuleDict({"high": nets["high"], "low": nets["low"], "image_encoder": vae})
+            parallel = None  # Base is bidirectional (no KV ring): nothing for context parallel to shard
         source = weights_source(opts, weights, preset)
         return LoadedModel(
             plan=plan,
@@ -104,6 +116,7 @@ class LingBotFamily(Family):
             device=opts.device,
             dtype=opts.dtype,
             describe={"attention": opts.attention, "precision": opts.precision, "mode": preset.mode},
+            parallel=parallel,
         )
 
 
