@@ -314,6 +314,8 @@ def test_attention_bench_smoke(tmp_path):
     for name, rows in r["timings"].items():
         assert [e["kv"] for e in rows] == r["shapes"]["kvs"] and all(e["ms"] > 0 for e in rows), name
     assert r["summary"]["variants"]["fp8"]["tflops_at_block5_kv"] > 0
+    warps = r["sweeps"]["prepass_warps"]  # the pre-pass knob is reached (it once failed on the H200)
+    assert [w.get("warps") for w in warps] == [4, 8] and all(w.get("ms", 0) > 0 for w in warps), warps
     assert "attention TFLOP/s" in proc.stdout and "CHECKS: all passed" in proc.stdout
 
 
