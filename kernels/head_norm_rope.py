@@ -33,18 +33,8 @@ from ._common import (
     tl,
     triton,
 )
-from .qk_norm_rope import _check_norm_weight, _round_code
-from .rope_cache_write import cache_rows, check_cache_args
-
-
-@triton.jit
-def _round_to(y, CODE: tl.constexpr):
-    """Round fp32 y to the dtype of CODE (0 fp32, 1 bf16, 2 fp16) and back to fp32."""
-    if CODE == 1:
-        y = y.to(tl.bfloat16).to(tl.float32)
-    elif CODE == 2:
-        y = y.to(tl.float16).to(tl.float32)
-    return y
+from .qk_norm_rope import _check_norm_weight, _round_code, rms_norm_reference
+from .rope_cache_write import cache_rows, check_cache_args, round_to
 
 
 @triton.jit
@@ -52,9 +42,9 @@ def _norm_rotate(x1, x2, w1, w2, cos, sin, head_dim, eps, X_DTYPE: tl.constexpr,
     """Per-head RMSNorm of the halves [T, N, d/2] (fp32), weight halves [1, 1, d/2], then rotate-half."""
     ms = (tl.sum(x1 * x1, 2) + tl.sum(x2 * x2, 2)) / head_dim  # [T, N]
     r = tl.rsqrt(ms + eps)[:, :, None]
-    y1 = _round_to((x1 * r).to(X_DTYPE).to(tl.float32) * w1, ROUND)
-    y2 = _round_to((x2 * r).to(X_DTYPE).to(tl.float32) * w2, ROUND)
-    return _round_to(y1 * cos - y2 * sin, ROUND), _round_to(y2 * cos + y1 * sin, ROUND)
+    y1 = round_to((x1 * r).to(X_DTYPE).to(tl.float32) * w1, ROUND)
+    y2 = round_to((x2 * r).to(X_DTYPE).to(tl.float32) * w2, ROUND)
+    return round_to(y1 * cos - y2 * sin, ROUND), round_to(y2 * cos + y1 * sin, ROUND)
 
 
 @triton.jit
@@ -217,13 +207,10 @@ def head_norm_rope_cache_write_reference(
     slots: torch.Tensor,
     frame_seq_length: int,
 ) -> torch.Tensor:
-    """What `head_norm_rope_cache_write` computes (and writes), in plain torch."""
-
-    def norm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w
-
+    """What `head_norm_rope_cache_write` computes (and writes), in plain torch: per head, the same RMSNorm
+    as Wan's over a token (`rms_norm_reference` on the last dim, d)."""
     rows = cache_rows(slots, frame_seq_length)
-    k_cache.index_copy_(1, rows, rotate_half_reference(norm(k, norm_k_weight), cos, sin).to(k_cache.dtype))
+    kn = rms_norm_reference(k, norm_k_weight, eps)
+    k_cache.index_copy_(1, rows, rotate_half_reference(kn, cos, sin).to(k_cache.dtype))
     v_cache.index_copy_(1, rows, v.to(v_cache.dtype))
-    return rotate_half_reference(norm(q, norm_q_weight), cos, sin)
+    return rotate_half_reference(rms_norm_reference(q, norm_q_weight, eps), cos, sin)

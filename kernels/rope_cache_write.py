@@ -47,15 +47,20 @@ def _rotate(x, cos, sin, BLOCK_T: tl.constexpr, N_PAD: tl.constexpr, D_PAD: tl.c
 
 
 @triton.jit
+def round_to(y, CODE: tl.constexpr):
+    """Round fp32 y to the dtype of CODE (0 fp32, 1 bf16, 2 fp16) and back to fp32."""
+    if CODE == 1:
+        y = y.to(tl.bfloat16).to(tl.float32)
+    elif CODE == 2:
+        y = y.to(tl.float16).to(tl.float32)
+    return y
+
+
+@triton.jit
 def _rms_scale(x, w, n_valid, eps, X_DTYPE: tl.constexpr, ROUND: tl.constexpr):
     """Wan's RMSNorm of whole [T, N, D] token rows: (x * rsqrt(mean x^2 + eps)) -> x's dtype, * w."""
     ms = tl.sum(tl.sum(x * x, 2), 1) / n_valid
-    y = (x * tl.rsqrt(ms + eps)[:, None, None]).to(X_DTYPE).to(tl.float32) * w[None, :, :]
-    if ROUND == 1:
-        y = y.to(tl.bfloat16).to(tl.float32)
-    elif ROUND == 2:
-        y = y.to(tl.float16).to(tl.float32)
-    return y
+    return round_to((x * tl.rsqrt(ms + eps)[:, None, None]).to(X_DTYPE).to(tl.float32) * w[None, :, :], ROUND)
 
 
 @triton.jit

@@ -190,11 +190,10 @@ def rope_angles(cfg: CosmosConfig, frame_positions: torch.Tensor, grid_h: int, g
 
 
 def rope_rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x [B, L, N, d] turned by angle tables [L, d]: x*cos + [-x2, x1]*sin (float32 math, x's dtype)."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    rot = torch.cat([-x2, x1], dim=-1)
-    return (xf * cos[None, :, None, :] + rot * sin[None, :, None, :]).to(x.dtype)
+    """x [B, L, N, d] turned by the reference's angle tables [L, d] (= [a, a]): x*cos + [-x2, x1]*sin,
+    float32 math, x's dtype (`dit_ops.rotate_half` on the tables' first halves: the same numbers)."""
+    half = cos.shape[-1] // 2
+    return dit_ops.rotate_half(x, cos[:, :half], sin[:, :half])
 
 
 # -- modules (parameter names = the official checkpoint's) -----------------------------------------

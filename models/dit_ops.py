@@ -78,6 +78,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     return out.transpose(1, 2)
 
 
+def ring_rows(slots: torch.Tensor, frame_seq_length: int) -> torch.Tensor:
+    """The ring rows of a block's tokens: token t of block-local frame f goes to slots[f]*fs + t % fs."""
+    fs = frame_seq_length
+    return (slots[:, None] * fs + torch.arange(fs, device=slots.device)).reshape(-1)
+
+
+def rotate_half(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half RoPE of x [B, L, N, d]: channels i and i + d/2 turned by angle tables [L, d/2], in
+    float32, x's dtype out (Cosmos' layout; Wan pairs adjacent channels, `apply_rope`)."""
+    x1, x2 = x.float().chunk(2, dim=-1)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]
+    return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
+
+
 def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, frame_seq_length, impl="sdpa"):
     """Normalise q and k across heads, rotate both, write k and v into the ring at `slots`.
 
@@ -102,7 +116,7 @@ def qk_norm_rope_cache_write(q, k, v, attn, cos, sin, ring_k, ring_v, slots, fra
         )
     qr = apply_rope(attn.heads(attn.norm_q(q)), cos, sin)
     kr = apply_rope(attn.heads(attn.norm_k(k)), cos, sin)
-    rows = (slots[:, None] * frame_seq_length + torch.arange(frame_seq_length, device=slots.device)).reshape(-1)
+    rows = ring_rows(slots, frame_seq_length)
     ring_k.index_copy_(1, rows, kr.to(ring_k.dtype))
     ring_v.index_copy_(1, rows, attn.heads(v).to(ring_v.dtype))
     return qr
@@ -119,16 +133,10 @@ def head_norm_rope_cache_write(
             q, k, v, norm_q_weight, norm_k_weight, eps, cos, sin, ring_k, ring_v, slots, frame_seq_length
         )
 
-    def turn(x: torch.Tensor) -> torch.Tensor:
-        x1, x2 = x.float().chunk(2, dim=-1)
-        c, s = cos[None, :, None, :], sin[None, :, None, :]
-        return torch.cat([x1 * c - x2 * s, x2 * c + x1 * s], dim=-1).to(x.dtype)
-
-    fs = frame_seq_length
-    rows = (slots[:, None] * fs + torch.arange(fs, device=slots.device)).reshape(-1)
-    ring_k.index_copy_(1, rows, turn(rms_norm(k, norm_k_weight, eps)).to(ring_k.dtype))
+    rows = ring_rows(slots, frame_seq_length)
+    ring_k.index_copy_(1, rows, rotate_half(rms_norm(k, norm_k_weight, eps), cos, sin).to(ring_k.dtype))
     ring_v.index_copy_(1, rows, v.to(ring_v.dtype))
-    return turn(rms_norm(q, norm_q_weight, eps))
+    return rotate_half(rms_norm(q, norm_q_weight, eps), cos, sin)
 
 
 def ring_attention(
