@@ -22,6 +22,7 @@ from flashdreams.models.families.cosmos.presets import PRESETS, Preset
 from flashdreams.models.families.cosmos.steps import CosmosCfgStep, EncodePromptStep
 from flashdreams.models.families.wan21.steps import ClipDecodeStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name
+from flashdreams.models.family import weights_source as source_label  # the name `weights_source` is taken here
 from flashdreams.models.random_init import seeded_module
 
 
@@ -49,14 +50,6 @@ def weights_source(preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor
             f"preset '{preset.name}' needs a checkpoint: pass --checkpoint FILE, or --random-weights for speed runs"
         )
     return None
-
-
-def source_name(preset, opts: LoadOptions, weights) -> str:
-    if opts.source is not None:
-        return str(opts.source)
-    if weights is not None:
-        return "<state dict>"
-    return ("builtin:" if preset.builtin else "random:") + preset.name
 
 
 class CosmosFamily(Family):
@@ -102,7 +95,7 @@ class CosmosFamily(Family):
             weights=model,
             decoder=decoder,
             examples=lambda g: example_inputs(plan, g, opts.device),
-            source=source_name(preset, opts, weights),
+            source=source_label(opts, weights, preset),
             device=opts.device,
             dtype=opts.dtype,
             describe={"attention": model.attention_impl, "precision": opts.precision},

@@ -22,12 +22,12 @@ from flashdreams.models.cosmos_dit import CosmosDiT
 from flashdreams.models.decode_step import decoder_graphs
 from flashdreams.models.decoders import choose_decoder
 from flashdreams.models.families.cosmos import build_dit, weights_source
-from flashdreams.models.families.cosmos import source_name as _source_name
 from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, encoder_graphs
 from flashdreams.models.families.omnidreams.plan import build_plan
 from flashdreams.models.families.omnidreams.presets import PRESETS, Preset
 from flashdreams.models.families.omnidreams.steps import ChunkStep, EncodePromptStep, InjectStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints
+from flashdreams.models.family import weights_source as source_label  # the cosmos name `weights_source` is taken
 from flashdreams.models.random_init import init_random_
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 
@@ -112,7 +112,7 @@ class OmniDreamsFamily(Family):
             decoder=decoder,
             examples=lambda g: example_inputs(plan, g, opts.device),
             eager_hints=hints,
-            source=_source_name(preset, opts, weights),
+            source=source_label(opts, weights, preset),
             device=opts.device,
             dtype=opts.dtype,
             describe={"attention": model.attention_impl, "precision": opts.precision},
