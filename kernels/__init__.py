@@ -14,9 +14,13 @@ from .adaln import (
     gated_residual,
     gated_residual_adaln,
     gated_residual_adaln_reference,
+    gated_residual_layer_norm,
+    gated_residual_layer_norm_reference,
     gated_residual_reference,
     layer_norm_affine,
     layer_norm_affine_reference,
+    residual_adaln,
+    residual_adaln_reference,
 )
 from .attention_merge import merge_attention, merge_attention_reference
 from .fp8_linear import Fp8Linear, fp8_linear, fp8_linear_reference, quantize_linears_fp8_
@@ -45,6 +49,8 @@ __all__ = [
     "gated_residual",
     "gated_residual_adaln",
     "gated_residual_adaln_reference",
+    "gated_residual_layer_norm",
+    "gated_residual_layer_norm_reference",
     "gated_residual_reference",
     "head_norm_rope_cache_write",
     "head_norm_rope_cache_write_reference",
@@ -55,6 +61,8 @@ __all__ = [
     "qk_norm_rope_cache_write",
     "qk_norm_rope_cache_write_reference",
     "require_triton",
+    "residual_adaln",
+    "residual_adaln_reference",
     "ring_attention",
     "ring_attention_reference",
     "rms_norm",

@@ -8,14 +8,18 @@ math is fp32; results are rounded once to the output dtype (x's unless `out_dtyp
   gated_residual(x, y, gate)                 x + y * gate
   gated_residual_adaln(x, y, gate, shift, scale)
                                              x' = x + y * gate; (x', LayerNorm(x') * (1 + scale) + shift)
+  residual_adaln(x, y, shift, scale)         x' = x + y; (x', LayerNorm(x') * (1 + scale) + shift)
   layer_norm_affine(x, weight, bias)         LayerNorm(x) * weight + bias (the cross-attention pre-norm)
+  gated_residual_layer_norm(x, y, gate, weight, bias)
+                                             x' = x + y * gate; (x', LayerNorm(x') * weight + bias)
 
 LayerNorm has no affine here and eps inside the rsqrt, like `torch.nn.LayerNorm`.
-`gated_residual_adaln` is the reason for this file: after each attention/FFN the residual
-add and the next modulated norm read x once and write x' and h once (4 tensor passes
-instead of 6). Each kernel is bound by HBM: bytes moved = (tensors read + written) *
-B * L * D * elem; at Self-Forcing's block (B 1, L 4680, D 1536) one bf16 tensor pass is
-14.4 MB, 4.8 us at the H100's 3.0 TB/s; the target is >= 70% of that rate.
+The fused pairs are the reason for this file: after each attention/FFN the residual add
+and the next norm read x once and write x' and h once (4 tensor passes instead of 6). A Wan
+block uses two: the self-attention residual with the cross-attention's pre-norm, the
+cross-attention residual (ungated) with the FFN's modulated norm. Each kernel is bound by
+HBM: bytes moved = (tensors read + written) * B * L * D * elem; at Self-Forcing's block
+(B 1, L 4680, D 1536) one bf16 tensor pass is 14.4 MB, 4.8 us at the H100's 3.0 TB/s; the target is >= 70% of that rate.
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ from ._common import (
 )
 
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
+RESIDUAL_NONE, RESIDUAL_GATED, RESIDUAL_PLAIN = 0, 1, 2
 
 
 @triton.jit
@@ -50,7 +55,7 @@ def _adaln_kernel(
     L, D, FS, eps,
     RESIDUAL: tl.constexpr, NORM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_T token rows of one batch: [x += y * gate, store]; [h = norm(x) modulated, store]."""
+    """BLOCK_T token rows of one batch: [x += y (* gate), store]; [h = norm(x) modulated, store]."""
     t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = tl.program_id(1).to(tl.int64)
     c = tl.arange(0, D_PAD)
@@ -59,10 +64,12 @@ def _adaln_kernel(
     t2 = t.to(tl.int64)[:, None]
     f2 = (t // FS).to(tl.int64)[:, None]
     x = tl.load(X + b * stride_xb + t2 * stride_xt + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if RESIDUAL:
+    if RESIDUAL != 0:
         y = tl.load(Y + b * stride_yb + t2 * stride_yt + c[None, :], mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(GATE + b * stride_gb + f2 * stride_gf + c[None, :], mask=mask, other=0.0)
-        x_new = (x + y * g).to(XO.dtype.element_ty)
+        if RESIDUAL == 1:
+            g = tl.load(GATE + b * stride_gb + f2 * stride_gf + c[None, :], mask=mask, other=0.0)
+            y = y * g
+        x_new = (x + y).to(XO.dtype.element_ty)
         tl.store(XO + b * stride_xob + t2 * stride_xot + c[None, :], x_new, mask=mask)
         x = x_new.to(tl.float32)  # the norm sees x' as stored
     if NORM != 0:
@@ -90,8 +97,12 @@ def _launch_rows(
     fs: int,
     eps: float,
     norm: int,
+    residual: int | None = None,
 ) -> None:
-    """Launch over `[B, L, D]` rows. For NORM_AFFINE, shift/scale are the bias/weight vectors `[D]`."""
+    """Launch over `[B, L, D]` rows. For NORM_AFFINE, shift/scale are the bias/weight vectors `[D]`.
+    `residual` defaults to gated when y and gate are given, none without y."""
+    if residual is None:
+        residual = RESIDUAL_NONE if y is None else RESIDUAL_GATED
     B, L, D = x.shape
     d_pad = next_pow2(D)
     block_t, num_warps = row_tile(d_pad, L, x.device)
@@ -106,7 +117,7 @@ def _launch_rows(
         x if scale is None else scale, x if x_out is None else x_out, x if h_out is None else h_out,
         *rows(x), *rows(y), *rows(gate), *rows(shift), *rows(scale), *rows(x_out), *rows(h_out),
         L, D, fs, eps,
-        RESIDUAL=y is not None, NORM=norm, D_PAD=d_pad, BLOCK_T=block_t, num_warps=num_warps,
+        RESIDUAL=residual, NORM=norm, D_PAD=d_pad, BLOCK_T=block_t, num_warps=num_warps,
     )
     # fmt: on
 
@@ -140,6 +151,37 @@ def _gated_residual_adaln_op(
     return x_new, h
 
 
+def _residual_adaln_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x_new = new_output(x.shape, x.dtype, x.device)
+    h = new_output(x.shape, out_dtype or x.dtype, x.device)
+    fs = x.shape[1] // shift.shape[1]
+    _launch_rows(x, y, None, shift, scale, x_new, h, fs, eps, NORM_MODULATE, RESIDUAL_PLAIN)
+    return x_new, h
+
+
+def _gated_residual_layer_norm_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x_new = new_output(x.shape, x.dtype, x.device)
+    h = new_output(x.shape, out_dtype or x.dtype, x.device)
+    # The weight/bias vectors have no frame axis (row strides 0); `fs` indexes the gate's frames.
+    _launch_rows(x, y, gate, bias, weight, x_new, h, x.shape[1] // gate.shape[1], eps, NORM_AFFINE)
+    return x_new, h
+
+
 def _layer_norm_affine_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -151,7 +193,9 @@ def _layer_norm_affine_op(
 register_op("adaln_modulate", _adaln_modulate_op)
 register_op("gated_residual", _gated_residual_op)
 register_op("gated_residual_adaln", _gated_residual_adaln_op)
+register_op("residual_adaln", _residual_adaln_op)
 register_op("layer_norm_affine", _layer_norm_affine_op)
+register_op("gated_residual_layer_norm", _gated_residual_layer_norm_op)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -223,18 +267,58 @@ def gated_residual_adaln(
     return torch.ops.flashdreams.gated_residual_adaln(x, y, gate, shift, scale, float(eps), out_dtype)
 
 
+def residual_adaln(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = x + y (x's dtype, fp32 math), h = adaln_modulate(x', shift, scale) in one pass."""
+    _check_x(x)
+    _check_y(x, y)
+    _check_frames(x, shift=shift, scale=scale)
+    _check_out_dtype(out_dtype)
+    require_triton(x.device)
+    return torch.ops.flashdreams.residual_adaln(x, y, shift, scale, float(eps), out_dtype)
+
+
+def _check_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> None:
+    D = x.shape[-1]
+    for name, t in (("weight", weight), ("bias", bias)):
+        check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=x.device, last_contiguous=True)
+        check_shape(name, t, (D,))
+
+
 def layer_norm_affine(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """LayerNorm(x) * weight + bias over the last dim of x `[B, L, D]`; fp32 math."""
     _check_x(x)
-    D = x.shape[-1]
-    for name, t in (("weight", weight), ("bias", bias)):
-        check_tensor(name, t, ndim=1, dtypes=FLOAT_DTYPES, device=x.device, last_contiguous=True)
-        check_shape(name, t, (D,))
+    _check_affine(x, weight, bias)
     _check_out_dtype(out_dtype)
     require_triton(x.device)
     return torch.ops.flashdreams.layer_norm_affine(x, weight, bias, float(eps), out_dtype)
+
+
+def gated_residual_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = x + y * gate (per-frame gate), h = layer_norm_affine(x', weight, bias) in one pass."""
+    _check_x(x)
+    _check_y(x, y)
+    _check_frames(x, gate=gate)
+    _check_affine(x, weight, bias)
+    _check_out_dtype(out_dtype)
+    require_triton(x.device)
+    return torch.ops.flashdreams.gated_residual_layer_norm(x, y, gate, weight, bias, float(eps), out_dtype)
 
 
 # ----------------------------------------------------------------------------- reference twins
@@ -277,9 +361,36 @@ def gated_residual_adaln_reference(
     return x_new, adaln_modulate_reference(x_new, shift, scale, eps, out_dtype)
 
 
+def residual_adaln_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `residual_adaln` computes."""
+    x_new = (x.float() + y.float()).to(x.dtype)
+    return x_new, adaln_modulate_reference(x_new, shift, scale, eps, out_dtype)
+
+
 def layer_norm_affine_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
     """What `layer_norm_affine` computes."""
     h = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
     return h.to(out_dtype or x.dtype)
+
+
+def gated_residual_layer_norm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `gated_residual_layer_norm` computes."""
+    x_new = gated_residual_reference(x, y, gate)
+    return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)

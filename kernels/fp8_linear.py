@@ -56,14 +56,17 @@ def _quantize_rows_kernel(
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr, GELU: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows: x8 = e4m3(x * 448/amax(|x_row|)), sx = amax/448 (amax floored at 1e-16). With
-    GELU, x is first replaced by exact GELU(x) rounded to x's dtype: what `F.gelu` would hand the
-    linear, without writing it out and reading it back."""
+    GELU (1 exact, 2 tanh form), x is first replaced by GELU(x) rounded to x's dtype: what `F.gelu`
+    would hand the linear, without writing it out and reading it back."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     c = tl.arange(0, K_PAD)
     mask = (r < R)[:, None] & (c < K)[None, :]
     x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GELU:
-        x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+    if GELU != 0:
+        if GELU == 1:
+            x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+            x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
         if X.dtype.element_ty == tl.bfloat16:
             x = _round_bf16(x) if EMULATE else x.to(tl.bfloat16).to(tl.float32)
         elif X.dtype.element_ty == tl.float16:
@@ -74,7 +77,20 @@ def _quantize_rows_kernel(
     tl.store(SX + r, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=r < R)
 
 
-def _launch_quantize_rows(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, torch.Tensor]:
+# The GELU a quantization pass may apply first, by name -> (kernel code, torch's `approximate`).
+GELU_FORMS = {"exact": (1, "none"), "tanh": (2, "tanh")}
+
+
+def _check_gelu(gelu: str | None) -> None:
+    if gelu is not None and gelu not in GELU_FORMS:
+        raise InvalidArgumentError(f"gelu: expected None or one of {sorted(GELU_FORMS)}, found {gelu!r}")
+
+
+def _gelu(x: torch.Tensor, gelu: str | None) -> torch.Tensor:
+    return x if gelu is None else F.gelu(x, approximate=GELU_FORMS[gelu][1])
+
+
+def _launch_quantize_rows(x: torch.Tensor, gelu: int) -> tuple[torch.Tensor, torch.Tensor]:
     R, K = x.shape
     x8 = new_output((R, K), FP8, x.device)
     sx = new_output((R,), torch.float32, x.device)
@@ -91,31 +107,41 @@ def _launch_quantize_rows(x: torch.Tensor, gelu: bool) -> tuple[torch.Tensor, to
 
 
 def _quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_quantize_rows(x, False)
+    return _launch_quantize_rows(x, 0)
 
 
 def _gelu_quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _launch_quantize_rows(x, True)
+    return _launch_quantize_rows(x, GELU_FORMS["exact"][0])
+
+
+def _gelu_tanh_quantize_rows_op(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _launch_quantize_rows(x, GELU_FORMS["tanh"][0])
 
 
 register_op("quantize_rows_fp8", _quantize_rows_op)
 register_op("gelu_quantize_rows_fp8", _gelu_quantize_rows_op)
+register_op("gelu_tanh_quantize_rows_fp8", _gelu_tanh_quantize_rows_op)
 
 
-def quantize_rows_fp8(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8(x: torch.Tensor, gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-row e4m3 quantization of a 2-D `[R, K]` tensor (last dim contiguous) by the Triton kernel:
-    (x8 `[R, K]` float8_e4m3fn, contiguous; sx `[R]` float32) with x ~= sx[:, None] * x8. `gelu`:
-    quantize exact GELU(x) (in x's dtype) instead, in the same single pass."""
+    (x8 `[R, K]` float8_e4m3fn, contiguous; sx `[R]` float32) with x ~= sx[:, None] * x8. `gelu`
+    ("exact" or "tanh", the form `F.gelu` calls "none" / "tanh"): quantize GELU(x) (in x's dtype)
+    instead, in the same single pass."""
     check_tensor("x", x, ndim=2, dtypes=(torch.bfloat16, torch.float16, torch.float32), last_contiguous=True)
+    _check_gelu(gelu)
     require_triton(x.device)
-    if gelu:
+    if gelu == "exact":
         return torch.ops.flashdreams.gelu_quantize_rows_fp8(x)
+    if gelu == "tanh":
+        return torch.ops.flashdreams.gelu_tanh_quantize_rows_fp8(x)
     return torch.ops.flashdreams.quantize_rows_fp8(x)
 
 
-def quantize_rows_fp8_reference(x: torch.Tensor, gelu: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows_fp8_reference(x: torch.Tensor, gelu: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """What `quantize_rows_fp8` computes, in torch (any device)."""
-    x8, sx, _ = quantize_rows_e4m3((F.gelu(x) if gelu else x).float())
+    _check_gelu(gelu)
+    x8, sx, _ = quantize_rows_e4m3(_gelu(x, gelu).float())
     return x8.to(FP8), sx
 
 
@@ -164,10 +190,11 @@ def fp8_linear(
     out_dtype: torch.dtype | None = None,
     *,
     use_fast_accum: bool = False,
-    gelu: bool = False,
+    gelu: str | None = None,
 ) -> torch.Tensor:
     """F.linear(x, w, bias) with x quantized per token and w = w_scale[:, None] * w_fp8 (e4m3).
-    `gelu`: F.linear(F.gelu(x), ...), the GELU done inside the activation quantization's pass.
+    `gelu` ("exact" / "tanh"): F.linear(GELU(x), ...), the GELU done inside the activation
+    quantization's pass.
 
     x `[..., K]`; w_fp8 `[N, K]` float8_e4m3fn; w_scale `[N]` float32; bias `[N]` or None.
     Returns `[..., N]` in `out_dtype` (default x's dtype). On CUDA: Triton quantization +
@@ -184,8 +211,9 @@ def fp8_linear(
         raise InvalidArgumentError(f"x: expected last dim {K} (the weight's in_features), found {list(x.shape)}")
     if w_scale.shape != (N,) or w_scale.dtype != torch.float32:
         raise InvalidArgumentError(f"w_scale: expected float32 [{N}], found {w_scale.dtype} {list(w_scale.shape)}")
+    _check_gelu(gelu)
     if not _gemm_ok(x, w_fp8):
-        return fp8_linear_reference(F.gelu(x) if gelu else x, w_fp8, w_scale, bias, out_dtype)
+        return fp8_linear_reference(_gelu(x, gelu), w_fp8, w_scale, bias, out_dtype)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1:
@@ -283,10 +311,10 @@ class Fp8Linear(nn.Module):
         """The weight this layer multiplies by, `[out, in]` float32."""
         return self.weight_fp8.float() * self.weight_scale[:, None]
 
-    # forward(x, gelu=True) is this layer applied to F.gelu(x), the GELU fused into the quantization.
+    # forward(x, gelu="exact" | "tanh") is this layer applied to GELU(x), fused into the quantization.
     takes_gelu = True
 
-    def forward(self, x: torch.Tensor, gelu: bool = False) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
         return fp8_linear(
             x,
             self.weight_fp8,

@@ -267,7 +267,7 @@ class _MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = self.layer1(x)
         if getattr(self.layer2, "takes_gelu", False):  # an FP8 layer: GELU inside its quantization pass
-            return self.layer2(h, gelu=True)
+            return self.layer2(h, gelu="exact")
         return self.layer2(F.gelu(h))  # exact (erf) GELU
 
 

@@ -72,6 +72,49 @@ def layer_norm_affine(
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
+def gated_residual_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    impl: str = "sdpa",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = gated_residual(x, y, gate), h = layer_norm_affine(x') (one pass with impl="triton")."""
+    if impl == "triton":
+        return _kernels().gated_residual_layer_norm(x, y, gate, weight, bias, eps)
+    x = gated_residual(x, y, gate)
+    return x, layer_norm_affine(x, weight, bias, eps)
+
+
+def residual_adaln(
+    x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, impl: str = "sdpa"
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = x + y, h = adaln_modulate(x', shift, scale) (one pass with impl="triton")."""
+    if impl == "triton":
+        return _kernels().residual_adaln(x, y, shift, scale, eps)
+    x = x + y
+    return x, adaln_modulate(x, shift, scale, eps)
+
+
+def gelu_tanh_mlp(h: torch.Tensor, first: torch.nn.Module, second: torch.nn.Module, impl: str = "sdpa") -> torch.Tensor:
+    """second(GELU_tanh(first(h))): Wan's FFN. With impl="triton" the GELU rides along with a
+    neighbour instead of costing its own pass over the [L, ffn_dim] hidden tensor (the largest
+    activation of the block): inside an FP8 `second`'s activation quantization, or on CUDA in the
+    bf16 GEMM's epilogue (cuBLASLt's GELU epilogue is the tanh form, applied to the fp32
+    accumulator before the one rounding; `torch._addmm_activation` on a CPU applies exact GELU,
+    so the CPU keeps the unfused form)."""
+    if impl == "triton":
+        if getattr(second, "takes_gelu", False):
+            return second(first(h), gelu="tanh")
+        if h.is_cuda and type(first) is torch.nn.Linear and first.bias is not None:
+            lead = h.shape[:-1]
+            hidden = torch._addmm_activation(first.bias, h.reshape(-1, h.shape[-1]), first.weight.t(), use_gelu=True)
+            return second(hidden.view(*lead, -1))
+    return second(F.gelu(first(h), approximate="tanh"))
+
+
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """Unmasked softmax(q k^T / sqrt(d)) v; q [B, Lq, N, d], k/v [B, Lk, N, d] -> [B, Lq, N, d]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))

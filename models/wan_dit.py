@@ -147,13 +147,17 @@ class WanBlock(nn.Module):
         h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl)
         sa = self.self_attn
         attn = attend(*sa.project_qkv(h), sa)
-        x = dit_ops.gated_residual(x, sa.o(attn.flatten(2)), gate1, impl)
-        if after_self is not None:
-            x = after_self(x)
-        if self.norm3 is not None:
-            h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
+        y = sa.o(attn.flatten(2))
+        if after_self is None and self.norm3 is not None:  # residual and pre-norm in one pass
+            x, h = dit_ops.gated_residual_layer_norm(x, y, gate1, self.norm3.weight, self.norm3.bias, self.eps, impl)
         else:
-            h = x
+            x = dit_ops.gated_residual(x, y, gate1, impl)
+            if after_self is not None:
+                x = after_self(x)
+            if self.norm3 is not None:
+                h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
+            else:
+                h = x
         ca = self.cross_attn
         q = ca.heads(dit_ops.rms_norm(ca.q(h), ca.norm_q.weight, ca.norm_q.eps, impl))
         if isinstance(ca, WanI2VCrossAttention):
@@ -162,11 +166,13 @@ class WanBlock(nn.Module):
             out = out + dit_ops.attention(q, cross_k[:, :n], cross_v[:, :n])
         else:
             out = dit_ops.attention(q, cross_k, cross_v)
-        x = x + ca.o(out.flatten(2))
-        if after_cross is not None:
-            x = after_cross(x)
-        h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
-        return dit_ops.gated_residual(x, self.ffn(h), gate2, impl)
+        y = ca.o(out.flatten(2))
+        if after_cross is None:  # residual and the FFN's modulated norm in one pass
+            x, h = dit_ops.residual_adaln(x, y, shift2, scale2, self.eps, impl)
+        else:
+            x = after_cross(x + y)
+            h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
+        return dit_ops.gated_residual(x, dit_ops.gelu_tanh_mlp(h, self.ffn[0], self.ffn[2], impl), gate2, impl)
 
 
 class WanHead(nn.Module):

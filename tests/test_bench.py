@@ -412,3 +412,23 @@ def test_the_steady_rollout_keeps_no_frames_when_it_tracks_memory():
     results, _ = _rollout(session, 3, memory=[])
     assert all(r.frames.is_meta and r.latents.is_meta and r.frames_buffer is None for r in results)
     assert [_block_entry(r, engine.spec, engine)["frames"] for r in results] == [4, 4, 4]
+
+
+def test_block_fusion_bench_smoke(tmp_path):
+    """The suite's block-fusion part on the CPU: each fused step is timed beside its unfused form and
+    computes the same values (bit-equal here, where the bf16 FFN keeps torch's GELU)."""
+    out = tmp_path / "fusion.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "block_fusion_bench.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["shapes"]["tiny"]["rows"]
+    assert set(rows) == {"ffn bf16", "ffn fp8", "self residual + pre-norm", "cross residual + ffn norm"}
+    for name, row in rows.items():
+        assert row["unfused_ms"] > 0 and row["fused_ms"] > 0, name
+        assert row["rel_l2_fused_vs_unfused"] < 1e-2, name
+    assert rows["ffn bf16"]["rel_l2_fused_vs_unfused"] == 0.0

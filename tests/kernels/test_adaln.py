@@ -1,4 +1,4 @@
-"""The AdaLN row kernels (modulate, gated residual, both fused, affine LayerNorm) against their twins.
+"""The AdaLN row kernels (modulate, gated residual, affine LayerNorm, the fused pairs) against their twins.
 
 On a CPU the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before
 triton is imported). bf16 tolerances are loose there because the interpreter truncates
@@ -23,9 +23,13 @@ from flashdreams.kernels import (  # noqa: E402
     gated_residual,
     gated_residual_adaln,
     gated_residual_adaln_reference,
+    gated_residual_layer_norm,
+    gated_residual_layer_norm_reference,
     gated_residual_reference,
     layer_norm_affine,
     layer_norm_affine_reference,
+    residual_adaln,
+    residual_adaln_reference,
     triton_available,
 )
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
@@ -92,6 +96,46 @@ def test_layer_norm_affine_matches_twin(dtype, B, F, fs, D):
     assert rel_l2(h, layer_norm_affine_reference(x, w, b, 1e-6)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("B,F,fs,D", SHAPES)
+def test_fused_pairs_of_a_wan_block_match_twins(dtype, B, F, fs, D):
+    """The ungated residual + modulated norm, and the gated residual + affine norm: each equals its
+    two unfused kernels (same arithmetic, so the residual is bit-equal) and its twin."""
+    x, y, shift, scale, gate = make(B, F, fs, D, dtype, seed=5)
+    g = torch.Generator().manual_seed(6)
+    w = torch.randn(D, generator=g).to(DEVICE)
+    b = torch.randn(D, generator=g).to(dtype).to(DEVICE)
+    with poisoned_outputs():
+        xr, hr = residual_adaln(x, y, shift, scale, 1e-6)
+        xg, hg = gated_residual_layer_norm(x, y, gate, w, b, 1e-6)
+        plain = x + y  # torch's own add: same fp32 math, one rounding
+        gated = gated_residual(x, y, gate)
+        h_affine = layer_norm_affine(gated, w, b, 1e-6)
+    assert xr.dtype == hr.dtype == xg.dtype == hg.dtype == dtype
+    assert torch.equal(xg, gated) and torch.equal(hg, h_affine)
+    # The interpreter truncates fp32 -> bf16 where torch and the GPU round to nearest even.
+    rounds_like_torch = dtype != torch.bfloat16 or DEVICE.type == "cuda"
+    assert torch.equal(xr, plain) if rounds_like_torch else rel_l2(xr, plain) < TOL[dtype]
+    ref_x, ref_h = residual_adaln_reference(x, y, shift, scale, 1e-6)
+    assert torch.equal(ref_x, plain)
+    assert rel_l2(hr, ref_h) < TOL[dtype]
+    ref_x, ref_h = gated_residual_layer_norm_reference(x, y, gate, w, b, 1e-6)
+    assert rel_l2(xg, ref_x) < TOL[dtype] and rel_l2(hg, ref_h) < TOL[dtype]
+    # A wrong frame mapping or a gate applied to the plain residual would break these.
+    assert rel_l2(xr, gated) > 0.1 and rel_l2(hr, adaln_modulate_reference(x, shift, scale, 1e-6)) > 0.01
+
+
+def test_fused_pairs_keep_an_fp32_residual_stream():
+    x, y, shift, scale, gate = make(1, 3, 5, 96, torch.float32, y_dtype=torch.bfloat16, seed=7)
+    w, b = torch.ones(96, device=DEVICE), torch.zeros(96, device=DEVICE)
+    with poisoned_outputs():
+        xr, hr = residual_adaln(x, y, shift, scale, 1e-6, out_dtype=torch.bfloat16)
+        xg, hg = gated_residual_layer_norm(x, y, gate, w, b, 1e-6, out_dtype=torch.bfloat16)
+    assert xr.dtype == xg.dtype == torch.float32 and hr.dtype == hg.dtype == torch.bfloat16
+    assert torch.equal(xr, x + y)
+    assert rel_l2(xg, gated_residual_reference(x, y, gate)) < 1e-6
+
+
 def test_custom_ops_and_export():
     x, y, shift, scale, gate = make(1, 3, 5, 64, torch.float32, seed=4)
     w, b = shift[0, 0].contiguous(), scale[0, 0].contiguous()
@@ -132,3 +176,11 @@ def test_bad_arguments_name_the_argument():
         layer_norm_affine(x, shift[0, 0].contiguous(), shift[0, 0, :3].contiguous(), 1e-6)
     with pytest.raises(InvalidArgumentError, match="out_dtype"):
         adaln_modulate(x, shift, scale, 1e-6, out_dtype=torch.int32)
+    with pytest.raises(InvalidArgumentError, match="y"):
+        residual_adaln(x, y[:, :3], shift, scale, 1e-6)
+    with pytest.raises(InvalidArgumentError, match="scale"):
+        residual_adaln(x, y, shift, scale.double(), 1e-6)
+    with pytest.raises(InvalidArgumentError, match="weight"):
+        gated_residual_layer_norm(x, y, gate, shift[0, 0, :3].contiguous(), shift[0, 0].contiguous(), 1e-6)
+    with pytest.raises(InvalidArgumentError, match="gate"):
+        gated_residual_layer_norm(x, y, gate[:, :, :3], shift[0, 0].contiguous(), shift[0, 0].contiguous(), 1e-6)

@@ -1,0 +1,76 @@
+"""The DiT steps' kernel routes against their torch forms: Wan's FFN with its GELU fused away."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+
+from flashdreams.kernels import Fp8Linear, triton_available  # noqa: E402
+from flashdreams.models import dit_ops  # noqa: E402
+from flashdreams.numerics import rel_l2  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+needs_triton = pytest.mark.skipif(not triton_available(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+def _ffn(d: int, hidden: int, dtype: torch.dtype, seed: int) -> nn.Sequential:
+    g = torch.Generator().manual_seed(seed)
+    ffn = nn.Sequential(nn.Linear(d, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, d))
+    with torch.no_grad():
+        for p in ffn.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+    return ffn.to(DEVICE, dtype)
+
+
+def _inputs(shape: tuple[int, ...], dtype: torch.dtype, seed: int) -> torch.Tensor:
+    return (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 2).to(DEVICE, dtype)
+
+
+def test_torch_route_is_the_sequential():
+    ffn = _ffn(64, 160, torch.float32, 0)
+    h = _inputs((2, 30, 64), torch.float32, 1)
+    assert torch.equal(dit_ops.gelu_tanh_mlp(h, ffn[0], ffn[2], "sdpa"), ffn(h))
+
+
+@needs_triton
+def test_fp8_route_fuses_the_tanh_gelu_into_the_quantization():
+    """With FP8 linears the GELU happens inside the second layer's activation quantization (that the
+    kernel applies the tanh form is tested in tests/kernels/test_fp8_linear.py)."""
+    ffn = _ffn(64, 256, torch.bfloat16, 2)
+    first, second = Fp8Linear.from_linear(ffn[0]), Fp8Linear.from_linear(ffn[2])
+    h = _inputs((1, 48, 64), torch.bfloat16, 3)
+    got = dit_ops.gelu_tanh_mlp(h, first, second, "triton")
+    hidden = first(h)
+    want = second(F.gelu(hidden, approximate="tanh"))
+    assert got.shape == (1, 48, 64)
+    assert rel_l2(got, want) < 1e-2
+    assert rel_l2(got, ffn(h)) < 0.08  # and still the bf16 FFN, within FP8's error
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_route_puts_the_tanh_gelu_in_the_gemm_epilogue():
+    """On CUDA the bf16 route is cuBLASLt's GELU epilogue: the tanh form on the fp32 accumulator, so it
+    is at least as close to an fp32 evaluation of the FFN as the unfused bf16 path is."""
+    ffn = _ffn(1536, 8960, torch.bfloat16, 4)
+    h = _inputs((1, 520, 1536), torch.bfloat16, 5)
+    fused = dit_ops.gelu_tanh_mlp(h, ffn[0], ffn[2], "triton")
+    unfused = ffn(h)
+    exact32 = ffn.float()(h.float())
+    assert fused.dtype == torch.bfloat16 and fused.shape == unfused.shape
+    assert rel_l2(fused, unfused) < 1e-2
+    assert rel_l2(fused, exact32) <= rel_l2(unfused, exact32) * 1.05
+    # The epilogue's form: against GELU-exact hidden activations it is off where the forms differ.
+    pre = F.linear(h.float(), ffn[0].weight.float(), ffn[0].bias.float())
+    hidden = torch._addmm_activation(ffn[0].bias, h.view(-1, 1536), ffn[0].weight.t(), use_gelu=True).float()
+    tanh_err = (hidden - F.gelu(pre, approximate="tanh").view_as(hidden)).abs().mean()
+    exact_err = (hidden - F.gelu(pre).view_as(hidden)).abs().mean()
+    assert tanh_err < exact_err
