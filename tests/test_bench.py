@@ -432,3 +432,19 @@ def test_block_fusion_bench_smoke(tmp_path):
         assert row["unfused_ms"] > 0 and row["fused_ms"] > 0, name
         assert row["rel_l2_fused_vs_unfused"] < 1e-2, name
     assert rows["ffn bf16"]["rel_l2_fused_vs_unfused"] == 0.0
+
+
+def test_frames_out_counts_every_stage_before_the_commit():
+    """OmniDreams encodes the chunk's HD map inside the block program before the denoise: the frames are
+    handed out after encode + denoise + decode, so fd-bench's frames@ms must count the encode too."""
+    from types import SimpleNamespace
+
+    from flashdreams.benchmark.runner import _block_entry
+
+    stages = {"encode": 5.0, "denoise": 10.0, "decode": 2.0, "commit": 7.0}
+    result = SimpleNamespace(block=3, stage_ms=lambda: stages, frames=None)
+    spec = SimpleNamespace(block_flops=lambda block: 1e12)
+    entry = _block_entry(result, spec, None)
+    assert entry["encode_ms"] == 5.0 and entry["total_ms"] == 24.0
+    assert entry["to_frames_ms"] == 17.0
+    assert entry["dit_tflops"] == pytest.approx(1e12 / 17.0 / 1e9)  # the DiT's rate: denoise + commit only

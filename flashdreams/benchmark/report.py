@@ -46,8 +46,9 @@ COLUMNS: list[tuple[str, int]] = [
     ("load->frame s", 14),
 ]
 LEGEND = (
-    "columns: p50/p90/p99 ms = whole block (denoise + decode + commit) over every measured block; "
-    "denoise/decode/commit = p50 ms of that stage; frames@ms = p50 of denoise + decode (frames handed out); "
+    "columns: p50/p90/p99 ms = whole block (every stage: [encode +] denoise + decode + commit) over every "
+    "measured block; denoise/decode/commit = p50 ms of that stage; frames@ms = p50 of every stage before the "
+    "commit ([encode +] denoise + decode: frames handed out); "
     "fps = frames per block / p50; TFLOP/s med / best = the DiT's matmul FLOPs over its denoise + commit time, "
     "median over measured blocks / best block; peak GiB = peak allocated GPU memory in GiB (2^30 bytes); "
     "proc->frame s = process start to first frame (only for the first run of a process, else '-'); "

@@ -274,7 +274,9 @@ def _block_entry(result, spec, engine) -> dict:
     ms = result.stage_ms()
     entry = {"block": result.block, **{f"{k}_ms": v for k, v in ms.items()}}
     entry["total_ms"] = sum(ms.values())
-    entry["to_frames_ms"] = ms.get("denoise", 0.0) + ms.get("decode", 0.0)
+    # Frames are handed out when the decode ends: every stage before the commit counts (OmniDreams'
+    # HD-map encode runs first, inside the block program).
+    entry["to_frames_ms"] = sum(v for k, v in ms.items() if k != "commit")
     entry["frames"] = int(result.frames.shape[1]) if result.frames is not None else 0
     # The model's matmul FLOPs of this block come from its plan (the family counts them).
     flops = spec.block_flops(result.block) or 0.0
@@ -288,7 +290,8 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
     flat = [b for rollout in per_block for b in rollout]
     stages = {
         k: _percentiles([b[k] for b in flat if k in b])
-        for k in ("total_ms", "denoise_ms", "decode_ms", "commit_ms", "to_frames_ms")
+        for k in ("total_ms", "encode_ms", "denoise_ms", "decode_ms", "commit_ms", "to_frames_ms")
+        if k != "encode_ms" or any(k in b for b in flat)  # only OmniDreams' plans have an encode stage
     }
     by_index = {}
     for b in flat:
