@@ -68,6 +68,7 @@ fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE 
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
+hdmap-encoder|60|issue 16: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d (bench/hdmap_encoder_bench.py)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -81,6 +82,7 @@ declare -A PART_GROUPS=(
   [next5]="cudnn-bm"
   [next6]="fused-kernels omni-fp8"
   [next7]="fused-kernels block-fusion omni-fp8 wan22-speed sf-fp8"
+  [next8]="fused-kernels hdmap-encoder omni-fp8 wan22-speed mg-taehv mg-wanvae"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -470,6 +472,14 @@ part_fused-kernels() {
     $t/kernels/test_fp8_linear.py $t/test_matrixgame_family.py $t/test_omnidreams_family.py \
     $t/kernels/test_adaln.py $t/test_dit_ops.py \
     -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu or fused or route"
+}
+
+part_hdmap-encoder() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/hdmap_encoder_bench.py" --smoke --out "$DEST/hdmap-encoder.json"
+  else
+    py "$1" "$REPO/bench/hdmap_encoder_bench.py" --out "$DEST/hdmap-encoder.json"
+  fi
 }
 
 part_block-fusion() {

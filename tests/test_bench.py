@@ -448,3 +448,21 @@ def test_frames_out_counts_every_stage_before_the_commit():
     assert entry["encode_ms"] == 5.0 and entry["total_ms"] == 24.0
     assert entry["to_frames_ms"] == 17.0
     assert entry["dit_tflops"] == pytest.approx(1e12 / 17.0 / 1e9)  # the DiT's rate: denoise + commit only
+
+
+def test_hdmap_encoder_bench_smoke(tmp_path):
+    """The suite's hdmap-encoder part on the CPU: one 8-frame pass and its channels_last_3d form code the
+    same latents as two 4-frame passes."""
+    out = tmp_path / "hdmap.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "hdmap_encoder_bench.py"), "--smoke", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["encoders"]["lightvae (dim 24)"]
+    assert set(rows) == {"two passes", "one pass", "one pass, channels_last_3d"}
+    for name, row in rows.items():
+        assert row["ms"] > 0 and row["rel_l2_vs_two_passes"] < 1e-5, name

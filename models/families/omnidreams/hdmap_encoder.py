@@ -8,7 +8,7 @@ VAE encoder itself (dim 96) is fixtured (`wan21_vae_encode`) and is the fallback
 Streaming: the causal encoder codes frame 0 alone and then 4 frames per latent, carrying a 2-frame
 cache per causal conv and the last frame of each temporal downsampler. Every chunk hands in 8
 frames: the first chunk uses its last 5 (1 + 4 -> 2 latents, the 5 frames the first chunk's
-decoder hands out), later chunks all 8 (4 + 4 -> 2 latents). The caches are fixed-shape session
+decoder hands out), later chunks all 8 (4 + 4 -> 2 latents, coded in one pass). The caches are fixed-shape session
 state (found by running the encoder once on a blank first frame at load), written in place, so
 the block program stays capturable and a reset starts the stream over.
 """
@@ -53,7 +53,10 @@ class EncodeHdmapStep(nn.Module):
             start = FRAMES_PER_CHUNK - FIRST_CHUNK_FRAMES
             outs = [enc(video[:, :, start : start + 1], live), enc(video[:, :, start + 1 :], live)]
         else:
-            outs = [enc(video[:, :, :4], live), enc(video[:, :, 4:], live)]
+            # Both latents' 8 frames in one pass: each causal conv sees [its 2 cached frames | 8 frames]
+            # and each stride-2 time step [its last frame | the chunk], which is what two 4-frame passes
+            # compute, with half the launches and cache copies and twice the rows per convolution.
+            outs = [enc(video, live)]
         for state, value in zip(caches, live):
             if value is not state:  # new tensors (first chunk, temporal downsamplers): copy into the state
                 state.copy_(value)

@@ -1,0 +1,102 @@
+"""OmniDreams' HD-map encode of one steady chunk (8 frames -> 2 latents), and what might make it cheaper.
+
+The encode runs inside the block program before the first DiT forward, so all of it delays the
+chunk's frames (69 ms at 704x1280 in `bench/results/next7-h200/omni-fp8.json`). Timed here on
+the same weights, caches and video, in one process:
+
+* `two passes`: the causal encoder on frames 0-3, then 4-7 (how a chunk was coded before);
+* `one pass`: all 8 frames at once (what `EncodeHdmapStep` does now; same latents);
+* `one pass, channels_last_3d`: the same with the encoder's weights and the video in NDHWC, which
+  cuDNN's convolutions use natively (the NCDHW form pays a layout transpose around each conv).
+
+    python bench/hdmap_encoder_bench.py --out hdmap.json               # GPU: ~20 s
+    python bench/hdmap_encoder_bench.py --smoke --out /tmp/hdmap.json  # CPU, tiny frames
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+
+import torch
+
+from flashdreams.benchmark.environment import environment, time_calls_ms
+from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, cache_templates
+from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
+from flashdreams.numerics import rel_l2
+
+
+def _variants(vae: WanVAE, video: torch.Tensor, templates: list[torch.Tensor]) -> dict:
+    """name -> a function coding one steady chunk from fresh copies of the caches -> latents."""
+    enc = vae.encoder
+
+    def start() -> list:
+        return [t.clone() for t in templates]
+
+    def two_passes() -> torch.Tensor:
+        live = start()
+        return torch.cat([enc(video[:, :, :4], live), enc(video[:, :, 4:], live)], dim=2)
+
+    def one_pass() -> torch.Tensor:
+        return enc(video, start())
+
+    return {"two passes": two_passes, "one pass": one_pass}
+
+
+def measure(cfg: WanVAEConfig, height: int, width: int, dev: torch.device, dtype: torch.dtype, ms) -> dict:
+    torch.manual_seed(0)
+    vae = WanVAE(cfg).to(dev, dtype).eval()
+    templates = cache_templates(vae, 1, height, width)
+    video = (torch.rand(1, 3, 8, height, width, device=dev) * 2 - 1).to(dtype)
+    rows = {}
+    with torch.no_grad():
+        variants = _variants(vae, video, templates)
+        ref = variants["two passes"]()
+        for name, fn in variants.items():
+            rows[name] = {"ms": ms(fn), "rel_l2_vs_two_passes": rel_l2(fn(), ref)}
+        for mod in vae.modules():  # the 3-D convs' weights (the 2-D resample convs run as unsqueezed 3-D ones)
+            if isinstance(mod, torch.nn.Conv3d):
+                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        last = vae
+        cl_templates = [t.contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else t for t in templates]
+        cl = _variants(last, video.contiguous(memory_format=torch.channels_last_3d), cl_templates)["one pass"]
+        rows["one pass, channels_last_3d"] = {"ms": ms(cl), "rel_l2_vs_two_passes": rel_l2(cl(), ref)}
+    for name, r in rows.items():
+        print(
+            f"dim {cfg.dim:3d} {height}x{width}  {name:28s} {r['ms']:8.2f} ms  rel.L2 {r['rel_l2_vs_two_passes']:.1e}"
+        )
+    return rows
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--smoke", action="store_true", help="CPU, float32, 32x48 frames")
+    p.add_argument("--reps", type=int, default=10, help="timed calls per variant (median)")
+    args = p.parse_args()
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --smoke on a CPU")
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    reps = 1 if args.smoke else args.reps
+
+    def ms(fn) -> float:
+        return statistics.median(time_calls_ms(fn, dev, reps, warmup=0 if args.smoke else 3))
+
+    hw = (32, 48) if args.smoke else (704, 1280)
+    configs = (
+        {"lightvae (dim 24)": LIGHTVAE} if args.smoke else {"lightvae (dim 24)": LIGHTVAE, "wan vae": WanVAEConfig()}
+    )
+    out = {"env": environment(dev), "height": hw[0], "width": hw[1], "encoders": {}}
+    for name, cfg in configs.items():
+        out["encoders"][name] = measure(cfg, *hw, dev, dtype, ms)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()
