@@ -98,25 +98,18 @@ def residual_adaln(
     return x, adaln_modulate(x, shift, scale, eps)
 
 
-# Widest FFN hidden layer whose bf16 GEMM gains from cuBLASLt's GELU epilogue. On the H200
-# (bench/results/next7-h200/block-fusion.json) the FFN ran 1.07x / 1.04x faster with it at the 1.3B
-# models' 1536 -> 8960 (4680 / 2640 tokens), but 0.93x at Wan2.2 A14B's 5120 -> 13824: there
-# cuBLASLt's heuristic picks a slower kernel for the epilogue than the plain bias GEMM's.
-GELU_EPILOGUE_MAX_HIDDEN = 8960
-
-
 def gelu_tanh_mlp(h: torch.Tensor, first: torch.nn.Module, second: torch.nn.Module, impl: str = "sdpa") -> torch.Tensor:
     """second(GELU_tanh(first(h))): Wan's FFN. With impl="triton" the GELU rides along with a
     neighbour instead of costing its own pass over the [L, ffn_dim] hidden tensor (the largest
     activation of the block): inside an FP8 `second`'s activation quantization, or on CUDA in the
-    bf16 GEMM's epilogue up to GELU_EPILOGUE_MAX_HIDDEN (cuBLASLt's GELU epilogue is the tanh form,
-    applied to the fp32 accumulator before the one rounding; `torch._addmm_activation` on a CPU
-    applies exact GELU, so the CPU keeps the unfused form)."""
+    bf16 GEMM's epilogue (cuBLASLt's GELU epilogue is the tanh form, applied to the fp32 accumulator
+    before the one rounding; `torch._addmm_activation` on a CPU applies exact GELU, so the CPU keeps
+    the unfused form). In Wan2.2 A14B's profiled block on the H200 the epilogue GEMM took 366 ms
+    where the plain one and the GELU pass took 353 + 33 ms (bench/results/next7-h200/)."""
     if impl == "triton":
         if getattr(second, "takes_gelu", False):
             return second(first(h), gelu="tanh")
-        epilogue_pays = type(first) is torch.nn.Linear and first.out_features <= GELU_EPILOGUE_MAX_HIDDEN
-        if h.is_cuda and epilogue_pays and first.bias is not None:
+        if h.is_cuda and type(first) is torch.nn.Linear and first.bias is not None:
             lead = h.shape[:-1]
             hidden = torch._addmm_activation(first.bias, h.reshape(-1, h.shape[-1]), first.weight.t(), use_gelu=True)
             return second(hidden.view(*lead, -1))
