@@ -470,8 +470,8 @@ part_fused-kernels() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_head_norm_rope.py \
     $t/kernels/test_fp8_linear.py $t/test_matrixgame_family.py $t/test_omnidreams_family.py \
-    $t/kernels/test_adaln.py $t/test_dit_ops.py \
-    -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu or fused or route"
+    $t/kernels/test_adaln.py $t/test_dit_ops.py $t/kernels/test_action_attention.py \
+    -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu or fused or route or module or triton"
 }
 
 part_hdmap-encoder() {

@@ -8,6 +8,14 @@ Triton's interpreter (`TRITON_INTERPRET=1` set before triton is imported).
 """
 
 from ._common import require_triton, triton_available
+from .action_attention import (
+    action_norm_rope,
+    action_norm_rope_cache_write,
+    action_norm_rope_cache_write_reference,
+    action_norm_rope_reference,
+    short_ring_attention,
+    short_ring_attention_reference,
+)
 from .adaln import (
     adaln_modulate,
     adaln_modulate_reference,
@@ -41,6 +49,10 @@ __all__ = [
     "fp8_linear",
     "fp8_linear_reference",
     "quantize_linears_fp8_",
+    "action_norm_rope",
+    "action_norm_rope_cache_write",
+    "action_norm_rope_cache_write_reference",
+    "action_norm_rope_reference",
     "ring_attention_fp8",
     "ring_attention_fp8_reference",
     "adaln_modulate",
@@ -65,6 +77,8 @@ __all__ = [
     "residual_adaln_reference",
     "ring_attention",
     "ring_attention_reference",
+    "short_ring_attention",
+    "short_ring_attention_reference",
     "rms_norm",
     "rms_norm_reference",
     "rope_cache_write",

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models import dit_ops
 
 QK_EPS = 1e-6
 
@@ -218,6 +219,7 @@ class ActionModule(nn.Module):
         mouse_k: torch.Tensor | None = None,
         mouse_v: torch.Tensor | None = None,
         trace: dict | None = None,
+        impl: str = "sdpa",
     ) -> torch.Tensor:
         """x [B, T*S, D] (frame-major tokens) -> [B, T*S, D], residuals included.
 
@@ -225,16 +227,22 @@ class ActionModule(nn.Module):
         int64 [] or [1], the valid cache slots once this call's frames are written;
         keyboard_win [B, T, W, K], mouse_win [B, T, W, 2] (None without a mouse branch): each latent
         frame's window of video-frame actions; caches as in the module docstring, written in place.
-        `trace` (eager debugging) receives the intermediate tensors.
+        `trace` (eager debugging) receives the intermediate tensors. `impl` as the DiT's
+        (models/dit_ops.py): "sdpa" plain torch, "triton" the fused kernels of
+        kernels/action_attention.py (same function, fewer and larger launches).
         """
+        dit_ops.check_impl(impl)
         cfg = self.cfg
         b, n, d = x.shape
         t = frame_positions.shape[0]
         s = n // t
         cos, sin = action_rope_tables(frame_positions, cfg.rope_dim_list[0], cfg.rope_theta)
+        if cfg.enable_mouse and (mouse_win is None or mouse_k is None or mouse_v is None):
+            raise InvalidArgumentError("this action module has a mouse branch: it needs the mouse window and cache")
+        if impl == "triton":
+            caches = (keyboard_k, keyboard_v, mouse_k, mouse_v)
+            return self._forward_fused(x, cos, sin, slots, valid_frames, keyboard_win, mouse_win, *caches, trace)
         if cfg.enable_mouse:
-            if mouse_win is None or mouse_k is None or mouse_v is None:
-                raise InvalidArgumentError("this action module has a mouse branch: it needs the mouse window and cache")
             mw = mouse_win.flatten(2).to(x.dtype)  # [B, T, W*2]: position slowest, channel fastest
             u = torch.cat([x.view(b, t, s, d), mw[:, :, None, :].expand(b, t, s, mw.shape[-1])], dim=-1)
             g = self.mouse_mlp(u)  # [B, T, S, c]
@@ -266,6 +274,75 @@ class ActionModule(nn.Module):
         if trace is not None:
             trace.update(keyboard_windows=wk, keyboard_q_rope=q, keyboard_k_rope=kk, keyboard_attn_out=kb_out)
         return x + kb_out
+
+    def _forward_fused(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        slots: torch.Tensor,
+        valid_frames: torch.Tensor,
+        keyboard_win: torch.Tensor,
+        mouse_win: torch.Tensor | None,
+        keyboard_k: torch.Tensor,
+        keyboard_v: torch.Tensor,
+        mouse_k: torch.Tensor | None,
+        mouse_v: torch.Tensor | None,
+        trace: dict | None,
+    ) -> torch.Tensor:
+        """`forward` with impl="triton": per branch one GEMM chain, one kernel that normalises, rotates
+        and writes k/v into the ring, one that attends (q normalised and rotated on load, the output
+        token-major for the projection), and the projection with the residual as its GEMM's C."""
+        from flashdreams import kernels
+
+        cfg = self.cfg
+        b, n, d = x.shape
+        t = cos.shape[0]
+        s = n // t
+        if cfg.enable_mouse:
+            first = self.mouse_mlp[0]
+            # Linear(cat([x, window])) = x W_x^T + (window W_w^T + bias): the window's share once per
+            # latent frame, broadcast over its tokens, instead of a concatenated copy of every token.
+            per_frame = F.linear(mouse_win.flatten(2).to(x.dtype), first.weight[:, d:], first.bias)  # [B, T, c]
+            h = F.linear(x.view(b, t, s, d), first.weight[:, :d]) + per_frame[:, :, None]
+            g = self.mouse_mlp[3](self.mouse_mlp[2](self.mouse_mlp[1](h)))  # [B, T, S, c]
+            q, k, v = (self._heads(p) for p in self.t_qkv(g).chunk(3, dim=-1))  # views [B, T, S, A, hd]
+            kernels.action_norm_rope_cache_write(k, v, cos, sin, mouse_k, mouse_v, slots)
+            out = kernels.short_ring_attention(q, mouse_k, mouse_v, valid_frames, cos, sin)  # [B, T, S, A, hd]
+            if trace is not None:
+                mouse_out = self.proj_mouse(out.view(b, n, -1))
+                k_rope = mouse_k.index_select(2, slots).transpose(1, 2)
+                q_rope = kernels.action_norm_rope(q, cos, sin)
+                trace.update(mouse_mlp_out=g, mouse_q_rope=q_rope, mouse_k_rope=k_rope, mouse_attn_out=mouse_out)
+                x = x + mouse_out
+            else:
+                x = _project_residual(x, out, self.proj_mouse.weight)
+        e = self.keyboard_embed(keyboard_win.to(x.dtype))  # per video frame: [B, T, W, h]
+        wk = e.flatten(2)  # [B, T, W*h]
+        kk, kv = (self._heads(p) for p in self.keyboard_attn_kv(wk).chunk(2, dim=-1))  # [B, T, A, hd]
+        kernels.action_norm_rope_cache_write(kk, kv, cos, sin, keyboard_k, keyboard_v, slots)
+        q = self._heads(self.mouse_attn_q(x))  # [B, T*S, A, hd]: frame of token i is i // S
+        out = kernels.short_ring_attention(q, keyboard_k, keyboard_v, valid_frames, cos, sin)
+        if trace is None:
+            # After the mouse residual x is this call's own tensor: accumulate into it, no copy of x.
+            return _project_residual(x, out, self.proj_keyboard.weight, in_place=cfg.enable_mouse)
+        kb_out = self.proj_keyboard(out.view(b, n, -1))
+        q_rope = kernels.action_norm_rope(q, cos, sin).view(b, t, s, cfg.heads_num, cfg.head_dim)
+        k_rope = keyboard_k.index_select(1, slots)
+        trace.update(keyboard_windows=wk, keyboard_q_rope=q_rope, keyboard_k_rope=k_rope, keyboard_attn_out=kb_out)
+        return x + kb_out
+
+
+def _project_residual(
+    x: torch.Tensor, heads: torch.Tensor, weight: torch.Tensor, in_place: bool = False
+) -> torch.Tensor:
+    """x + heads @ weight^T as one GEMM with x as its C (no separate add kernel; one rounding, not two).
+    Out of place, torch first copies x into the result; `in_place` (x is ours to overwrite) skips that."""
+    b, n, d = x.shape
+    x2, h2 = x.reshape(b * n, d), heads.reshape(b * n, -1)
+    if in_place:
+        return x2.addmm_(h2, weight.t()).view(b, n, d)
+    return torch.addmm(x2, h2, weight.t()).view(b, n, d)
 
 
 def action_flops(cfg: ActionConfig, query_tokens: int, frames: int, valid_frames: int) -> float:

@@ -123,6 +123,7 @@ class MatrixGameDiT(WanDiT):
                 mouse_k[j] if mouse_k is not None else None,
                 mouse_v[j] if mouse_v is not None else None,
                 trace=sub,
+                impl=self.attention_impl,
             )
             if sub is not None:
                 sub["action_out"] = out
