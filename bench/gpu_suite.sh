@@ -67,8 +67,9 @@ wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream and its FP8 ring shadow vs per-call quantization
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
+vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW one (decode stream, encode), the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
-hdmap-encoder|60|issue 16: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d (bench/hdmap_encoder_bench.py)
+hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -83,6 +84,7 @@ declare -A PART_GROUPS=(
   [next6]="fused-kernels omni-fp8"
   [next7]="fused-kernels block-fusion omni-fp8 wan22-speed sf-fp8"
   [next8]="fused-kernels hdmap-encoder omni-fp8 wan22-speed mg-taehv mg-wanvae"
+  [next9]="vae-tests hdmap-encoder mg-wanvae omni-fp8 mg-memory"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -472,6 +474,12 @@ part_fused-kernels() {
     $t/kernels/test_fp8_linear.py $t/test_matrixgame_family.py $t/test_omnidreams_family.py \
     $t/kernels/test_adaln.py $t/test_dit_ops.py $t/kernels/test_action_attention.py \
     -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu or fused or route or module or triton"
+}
+
+part_vae-tests() {
+  local t="$REPO/tests"
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/test_wan_vae.py $t/test_omnidreams_family.py \
+    $t/test_dit_ops.py -k "channels_last or cat_frames or hdmap or cuda_graph or route"
 }
 
 part_hdmap-encoder() {

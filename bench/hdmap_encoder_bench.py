@@ -7,7 +7,8 @@ the same weights, caches and video, in one process:
 * `two passes`: the causal encoder on frames 0-3, then 4-7 (how a chunk was coded before);
 * `one pass`: all 8 frames at once (what `EncodeHdmapStep` does now; same latents);
 * `one pass, channels_last_3d`: the same with the encoder's weights and the video in NDHWC, which
-  cuDNN's convolutions use natively (the NCDHW form pays a layout transpose around each conv).
+  cuDNN's convolutions use natively (the NCDHW form pays a layout transpose around each conv);
+* and the Wan VAE decoder's steady block at Matrix-Game's 352x640, NCDHW vs `use_channels_last`.
 
     python bench/hdmap_encoder_bench.py --out hdmap.json               # GPU: ~20 s
     python bench/hdmap_encoder_bench.py --smoke --out /tmp/hdmap.json  # CPU, tiny frames
@@ -56,10 +57,7 @@ def measure(cfg: WanVAEConfig, height: int, width: int, dev: torch.device, dtype
         ref = variants["two passes"]()
         for name, fn in variants.items():
             rows[name] = {"ms": ms(fn), "rel_l2_vs_two_passes": rel_l2(fn(), ref)}
-        for mod in vae.modules():  # the 3-D convs' weights (the 2-D resample convs run as unsqueezed 3-D ones)
-            if isinstance(mod, torch.nn.Conv3d):
-                mod.weight.data = mod.weight.data.contiguous(memory_format=torch.channels_last_3d)
-        last = vae
+        last = vae.use_channels_last()
         cl_templates = [t.contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else t for t in templates]
         cl = _variants(last, video.contiguous(memory_format=torch.channels_last_3d), cl_templates)["one pass"]
         rows["one pass, channels_last_3d"] = {"ms": ms(cl), "rel_l2_vs_two_passes": rel_l2(cl(), ref)}
@@ -67,6 +65,29 @@ def measure(cfg: WanVAEConfig, height: int, width: int, dev: torch.device, dtype
         print(
             f"dim {cfg.dim:3d} {height}x{width}  {name:28s} {r['ms']:8.2f} ms  rel.L2 {r['rel_l2_vs_two_passes']:.1e}"
         )
+    return rows
+
+
+def measure_decode(height: int, width: int, dev: torch.device, dtype: torch.dtype, ms) -> dict:
+    """The Wan VAE's steady streaming decode of 3 latent frames (Matrix-Game's block), NCDHW vs NDHWC."""
+    torch.manual_seed(0)
+    plain = WanVAE(WanVAEConfig(), parts=("decoder",)).to(dev, dtype).eval()
+    last = WanVAE(WanVAEConfig(), parts=("decoder",)).to(dev, dtype).eval()
+    last.load_state_dict(plain.state_dict())
+    last.use_channels_last()
+    h, w = height // 8, width // 8
+    z = torch.randn(1, 16, 3, h, w, device=dev)
+    rows = {}
+    with torch.no_grad():
+        outs = {}
+        for name, vae in (("ncdhw", plain), ("channels_last_3d", last)):
+            state = vae.new_decode_state(1, h, w, device=dev)
+            vae.decode_stream(z, state)  # past the first block: the steady 4-frames-per-latent form
+            outs[name] = vae.decode_stream(z, state)
+            rows[name] = {"ms": ms(lambda vae=vae, state=state: vae.decode_stream(z, state))}
+        rows["channels_last_3d"]["rel_l2_vs_ncdhw"] = rel_l2(outs["channels_last_3d"], outs["ncdhw"])
+    for name, r in rows.items():
+        print(f"wan vae decode {height}x{width} 3 latents  {name:18s} {r['ms']:8.2f} ms")
     return rows
 
 
@@ -94,6 +115,8 @@ def main() -> None:
     out = {"env": environment(dev), "height": hw[0], "width": hw[1], "encoders": {}}
     for name, cfg in configs.items():
         out["encoders"][name] = measure(cfg, *hw, dev, dtype, ms)
+    dec_hw = (32, 48) if args.smoke else (352, 640)
+    out["decoder"] = {"height": dec_hw[0], "width": dec_hw[1], "rows": measure_decode(*dec_hw, dev, dtype, ms)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
 

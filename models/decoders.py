@@ -136,7 +136,10 @@ def _empty_model(name: str, config: WanVAEConfig | TAEHVConfig, device: torch.de
     """The decoder module with uninitialised parameters, allocated directly on `device` in `dtype`."""
     with torch.device("meta"):
         model = WanVAE(config, parts=("decoder",)) if name == "wan-vae" else TAEHV(config)
-    return model.to(dtype=dtype).to_empty(device=device)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if name == "wan-vae" and torch.device(device).type == "cuda":
+        model.use_channels_last()  # cuDNN's native layout (WanVAE.use_channels_last)
+    return model
 
 
 @torch.no_grad()

@@ -27,6 +27,25 @@ CACHE_T = 2
 Caches = list
 
 
+def cat_frames(past: Tensor, x: Tensor) -> Tensor:
+    """[past | x] along time, in x's memory layout. torch.cat falls back to NCDHW when its inputs'
+    layouts differ, and a streaming cache (session state, NCDHW) meets channels_last_3d activations
+    at every causal conv of a channels-last VAE (`WanVAE.use_channels_last`): copying both into an
+    NDHWC buffer keeps the convolutions on cuDNN's native layout, without a transpose around each."""
+    if x.is_contiguous() or not x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.cat([past, x], dim=2)
+    t = past.shape[2]
+    out = torch.empty(
+        (*x.shape[:2], t + x.shape[2], *x.shape[3:]),
+        dtype=x.dtype,
+        device=x.device,
+        memory_format=torch.channels_last_3d,
+    )
+    out[:, :, :t].copy_(past)
+    out[:, :, t:].copy_(x)
+    return out
+
+
 class RMSNorm(nn.Module):
     """The VAE's RMS_norm: L2-normalise over channels, times sqrt(C) and `gamma`.
 
@@ -69,7 +88,7 @@ class CausalConv3d(nn.Conv3d):
         cache = caches[self.slot]
         if cache is None:
             cache = caches[self.slot] = x.new_zeros(x.shape[:2] + (CACHE_T,) + x.shape[3:])
-        x = torch.cat([cache, x], dim=2)
+        x = cat_frames(cache, x)
         # The cache is always the last 2 frames of this conv's own input stream (zeros before it).
         cache.copy_(x[:, :, -CACHE_T:])
         return super().forward(x)
@@ -185,7 +204,7 @@ class Resample(nn.Module):
             caches[self.down_slot] = x[:, :, -1:].clone()
             if last is None:  # first chunk of the stream: skipped, only remembered
                 return x
-            head, body = None, torch.cat([last, x], 2)
+            head, body = None, cat_frames(last, x)
         out = self.time_conv(body) if body.shape[2] >= 3 else body[:, :, :0]
         return out if head is None else torch.cat([head, out], 2)
 

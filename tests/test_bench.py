@@ -462,7 +462,11 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = json.loads(out.read_text())["encoders"]["lightvae (dim 24)"]
+    result = json.loads(out.read_text())
+    rows = result["encoders"]["lightvae (dim 24)"]
     assert set(rows) == {"two passes", "one pass", "one pass, channels_last_3d"}
     for name, row in rows.items():
         assert row["ms"] > 0 and row["rel_l2_vs_two_passes"] < 1e-5, name
+    decode = result["decoder"]["rows"]
+    assert decode["ncdhw"]["ms"] > 0 and decode["channels_last_3d"]["ms"] > 0
+    assert decode["channels_last_3d"]["rel_l2_vs_ncdhw"] < 1e-5

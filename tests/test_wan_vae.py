@@ -202,3 +202,63 @@ def test_encode_refuses_a_bad_frame_count() -> None:
     model = WanVAE(WanVAEConfig(dim=4), parts=("encoder",))
     with pytest.raises(InvalidArgumentError, match="1\\+4k"):
         model.encode(torch.rand(1, 3, 8, 16, 16) * 2 - 1)
+
+
+# ---- memory layout ---------------------------------------------------------------------------
+
+
+def _plain_and_channels_last(device: str) -> tuple[WanVAE, WanVAE]:
+    cfg = WanVAEConfig(dim=4, attn_scales=(1.0,))
+    plain = WanVAE(cfg)
+    init_random_(plain, torch.Generator().manual_seed(3))
+    last = WanVAE(cfg)
+    last.load_state_dict(plain.state_dict())
+    return plain.to(device).eval(), last.to(device).eval().use_channels_last()
+
+
+def _same_stream(plain: WanVAE, last: WanVAE, device: str, tol: float) -> None:
+    states = [m.new_decode_state(1, 4, 6, device=torch.device(device)) for m in (plain, last)]
+    for i, n in enumerate((2, 3, 1)):
+        z = _latents(1, 16, n, 4, 6, seed=40 + i).to(device)
+        a, b = plain.decode_stream(z, states[0]), last.decode_stream(z, states[1])
+        assert rel_l2(b, a) < tol, i
+    for ca, cb in zip(*(s.caches for s in states)):
+        assert rel_l2(cb, ca) < tol
+    video = (torch.rand(1, 3, 9, 32, 48, generator=torch.Generator().manual_seed(5)) * 2 - 1).to(device)
+    assert rel_l2(last.encode_latent(video), plain.encode_latent(video)) < tol
+
+
+def test_channels_last_vae_computes_the_same_stream() -> None:
+    """`use_channels_last` changes only the memory order: the channels-last VAE's weights are NDHWC and
+    it decodes a stream and encodes a video as the NCDHW VAE does (the CPU's conv3d hands back NCDHW
+    activations whatever the weights' layout; the CUDA test below checks they stay NDHWC there)."""
+    plain, last = _plain_and_channels_last("cpu")
+    conv = last.decoder.conv1
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last_3d) and not conv.weight.is_contiguous()
+    _same_stream(plain, last, "cpu", 1e-5)
+
+
+def test_cat_frames_keeps_the_activation_layout() -> None:
+    """An NCDHW cache before NDHWC activations: torch.cat would hand back NCDHW, cat_frames NDHWC."""
+    from flashdreams.models.wan_vae_blocks import cat_frames
+
+    past = torch.randn(1, 8, 2, 4, 6)
+    x = torch.randn(1, 8, 3, 4, 6).contiguous(memory_format=torch.channels_last_3d)
+    out = cat_frames(past, x)
+    assert out.is_contiguous(memory_format=torch.channels_last_3d) and not out.is_contiguous()
+    assert torch.equal(out, torch.cat([past, x], dim=2))
+    plain = cat_frames(past, x.contiguous())
+    assert plain.is_contiguous() and torch.equal(plain, out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_channels_last_vae_on_cuda_stays_channels_last() -> None:
+    plain, last = _plain_and_channels_last("cuda")
+    seen = []
+    hook = last.decoder.conv1.register_forward_hook(
+        lambda m, i, o: seen.append(o.is_contiguous(memory_format=torch.channels_last_3d))
+    )
+    _same_stream(plain, last, "cuda", 5e-3)  # TF32 convolutions, two algorithms
+    hook.remove()
+    assert seen and all(seen)

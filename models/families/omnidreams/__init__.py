@@ -68,7 +68,8 @@ class OmniDreamsFamily(Family):
             vae.load_weights(sd, source="HD-map encoder weights")
         else:
             init_random_(vae, opts.weights_seed + 7)
-        return vae.to(opts.device, opts.dtype).eval().requires_grad_(False)
+        vae = vae.to(opts.device, opts.dtype).eval().requires_grad_(False)
+        return vae.use_channels_last() if torch.device(opts.device).type == "cuda" else vae
 
     def load(self, preset: Preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor] | None = None) -> LoadedModel:
         if opts.batch < 1:
