@@ -85,6 +85,7 @@ declare -A PART_GROUPS=(
   [next7]="fused-kernels block-fusion omni-fp8 wan22-speed sf-fp8"
   [next8]="fused-kernels hdmap-encoder omni-fp8 wan22-speed mg-taehv mg-wanvae"
   [next9]="vae-tests hdmap-encoder mg-wanvae omni-fp8 mg-memory"
+  [next10]="mg-wanvae hdmap-encoder"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"

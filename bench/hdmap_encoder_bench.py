@@ -86,8 +86,22 @@ def measure_decode(height: int, width: int, dev: torch.device, dtype: torch.dtyp
             outs[name] = vae.decode_stream(z, state)
             rows[name] = {"ms": ms(lambda vae=vae, state=state: vae.decode_stream(z, state))}
         rows["channels_last_3d"]["rel_l2_vs_ncdhw"] = rel_l2(outs["channels_last_3d"], outs["ncdhw"])
+        # The decoder's spatial 2x nearest upsampling at its full-resolution input (the largest of its
+        # three), as torch's kernel did it and as the broadcast copy the decoder uses now.
+        x = torch.randn(1, 192, 12, height // 2, width // 2, device=dev, dtype=dtype)
+
+        def interpolate() -> torch.Tensor:
+            return torch.nn.functional.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="nearest")
+
+        def broadcast() -> torch.Tensor:
+            b, c, t, hh, ww = x.shape
+            return x[:, :, :, :, None, :, None].expand(b, c, t, hh, 2, ww, 2).reshape(b, c, t, 2 * hh, 2 * ww)
+
+        assert torch.equal(interpolate(), broadcast())
+        rows["upsample 2x, F.interpolate"] = {"ms": ms(interpolate)}
+        rows["upsample 2x, broadcast copy"] = {"ms": ms(broadcast)}
     for name, r in rows.items():
-        print(f"wan vae decode {height}x{width} 3 latents  {name:18s} {r['ms']:8.2f} ms")
+        print(f"wan vae decode {height}x{width} 3 latents  {name:28s} {r['ms']:8.2f} ms")
     return rows
 
 

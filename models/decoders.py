@@ -136,10 +136,9 @@ def _empty_model(name: str, config: WanVAEConfig | TAEHVConfig, device: torch.de
     """The decoder module with uninitialised parameters, allocated directly on `device` in `dtype`."""
     with torch.device("meta"):
         model = WanVAE(config, parts=("decoder",)) if name == "wan-vae" else TAEHV(config)
-    model = model.to(dtype=dtype).to_empty(device=device)
-    if name == "wan-vae" and torch.device(device).type == "cuda":
-        model.use_channels_last()  # cuDNN's native layout (WanVAE.use_channels_last)
-    return model
+    # The decoder stays NCDHW: in channels_last_3d its steady block at 352x640 took 126.6 instead of
+    # 120.6 ms on the H200 (bench/results/next9-h200/hdmap-encoder.json), unlike the encoders.
+    return model.to(dtype=dtype).to_empty(device=device)
 
 
 @torch.no_grad()

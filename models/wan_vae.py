@@ -237,9 +237,10 @@ class WanVAE(nn.Module):
         """Keep the 3-D convolutions' weights in channels_last_3d (NDHWC), so that their activations
         stay NDHWC too: cuDNN's convolutions run natively in that layout, while NCDHW tensors are
         transposed around each of them (at 704x1280 the HD-map encoder took 52 instead of 64 ms, the
-        Wan VAE encoder 178 instead of 210: bench/results/next8-h200/hdmap-encoder.json). Same
-        function: only the memory order changes (bf16 results differ by the convolution algorithm's
-        summation order). Returns self."""
+        Wan VAE encoder 178 instead of 210: bench/results/next8-h200/hdmap-encoder.json; the decoder,
+        whose nearest upsampling and time doubling reshape back to NCDHW, got slower: 126.6 vs 120.6
+        ms, next9-h200/, so decoders stay NCDHW). Same function: only the memory order changes (bf16
+        results differ by the convolution algorithm's summation order). Returns self."""
         for module in self.modules():
             if isinstance(module, nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
