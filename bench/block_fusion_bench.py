@@ -9,7 +9,9 @@ in the same process on the same tensors (ratios, not absolute targets):
 * self-attention residual + the cross-attention pre-norm: two row kernels vs one
   (`gated_residual_layer_norm`);
 * cross-attention residual + the FFN's modulated norm: torch's add + a row kernel vs one
-  (`residual_adaln`).
+  (`residual_adaln`);
+* the FFN's gated residual + the next block's modulated norm: two row kernels vs one
+  (`gated_residual_adaln`, WanBlock's `defer_ffn`).
 
     python bench/block_fusion_bench.py --out fusion.json          # GPU: ~30 s
     python bench/block_fusion_bench.py --smoke --out /tmp/f.json  # CPU, interpreter, tiny shapes
@@ -98,6 +100,10 @@ def measure_shape(name: str, L: int, nf: int, d: int, f: int, dev: torch.device,
         "self residual + pre-norm": (
             self_unfused,
             lambda: dit_ops.gated_residual_layer_norm(x, y, gate, w, b, eps, tri)[1],
+        ),
+        "ffn residual + next block's norm": (
+            lambda: dit_ops.adaln_modulate(dit_ops.gated_residual(x, y, gate, tri), shift, scale, eps, tri),
+            lambda: dit_ops.gated_residual_adaln(x, y, gate, shift, scale, eps, tri)[1],
         ),
         "cross residual + ffn norm": (
             lambda: dit_ops.adaln_modulate(x + y, shift, scale, eps, tri),

@@ -88,6 +88,23 @@ def gated_residual_layer_norm(
     return x, layer_norm_affine(x, weight, bias, eps)
 
 
+def gated_residual_adaln(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    impl: str = "sdpa",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = gated_residual(x, y, gate), h = adaln_modulate(x', shift, scale) (one pass with
+    impl="triton")."""
+    if impl == "triton":
+        return _kernels().gated_residual_adaln(x, y, gate, shift, scale, eps)
+    x = gated_residual(x, y, gate)
+    return x, adaln_modulate(x, shift, scale, eps)
+
+
 def residual_adaln(
     x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, impl: str = "sdpa"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -132,7 +132,10 @@ class WanBlock(nn.Module):
         self.cross_attn = cross(d, cfg.num_heads, cfg.eps)
         self.ffn = nn.Sequential(nn.Linear(d, cfg.ffn_dim), nn.GELU(approximate="tanh"), nn.Linear(cfg.ffn_dim, d))
 
-    def forward(self, x, e0, attend, cross_k, cross_v, impl: str = "sdpa", after_cross=None, after_self=None):
+    def forward(
+        self, x, e0, attend, cross_k, cross_v, impl: str = "sdpa", after_cross=None, after_self=None,
+        pending=None, defer_ffn: bool = False,
+    ):  # fmt: skip
         """x [B, L, D]; e0 [B, F, 6, D] float32 (per-frame time projection); returns x.
 
         `attend(q, k, v, self_attn)` turns the raw q/k/v projections into the
@@ -141,10 +144,18 @@ class WanBlock(nn.Module):
         `after_cross(x) -> x`, if given, runs between the cross-attention residual and the FFN
         (Matrix-Game's action module sits there). `after_self(x) -> x`, if given, runs between the
         self-attention residual and the cross-attention (LingBot's camera scale/shift).
+
+        `defer_ffn` leaves the FFN's gated residual undone and returns (x, pending) instead of x,
+        pending = (ffn output, gate); the next block, given `pending`, adds it in the same pass
+        that normalises its input (one row pass per layer fewer; the caller resolves the last
+        one with `dit_ops.gated_residual`). Same arithmetic, so the same numbers.
         """
         mod = (self.modulation.float().unsqueeze(1) + e0).unbind(2)  # 6 x [B, F, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
-        h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl)
+        if pending is None:
+            h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl)
+        else:
+            x, h = dit_ops.gated_residual_adaln(x, *pending, shift1, scale1, self.eps, impl)
         sa = self.self_attn
         attn = attend(*sa.project_qkv(h), sa)
         y = sa.o(attn.flatten(2))
@@ -172,7 +183,10 @@ class WanBlock(nn.Module):
         else:
             x = after_cross(x + y)
             h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
-        return dit_ops.gated_residual(x, dit_ops.gelu_tanh_mlp(h, self.ffn[0], self.ffn[2], impl), gate2, impl)
+        y = dit_ops.gelu_tanh_mlp(h, self.ffn[0], self.ffn[2], impl)
+        if defer_ffn:
+            return x, (y, gate2)
+        return dit_ops.gated_residual(x, y, gate2, impl)
 
 
 class WanHead(nn.Module):
@@ -444,10 +458,19 @@ class WanDiT(nn.Module):
             return attend(layer, qr, kr, sa.heads(v).to(qr.dtype))
 
         layer_attend = cached_attend if attend is None else hooked_attend
+        # With our kernels each block's FFN residual is added by the next block's first row pass,
+        # unless something watches the blocks' outputs (a parity trace's forward hooks), which
+        # must see each block's finished x.
+        watched = any(blk._forward_hooks for blk in self.blocks)
+        defer, pending = impl == "triton" and not watched, None
         for i, blk in enumerate(self.blocks):
             hook = partial(after_cross, i) if after_cross is not None else None
             hook_self = partial(after_self, i) if after_self is not None else None
-            tokens = blk(tokens, e0, partial(layer_attend, layer=i), cross_k[i], cross_v[i], impl, hook, hook_self)
+            args = (tokens, e0, partial(layer_attend, layer=i), cross_k[i], cross_v[i], impl, hook, hook_self)
+            out = blk(*args, pending=pending, defer_ffn=defer)
+            tokens, pending = out if defer else (out, None)
+        if pending is not None:
+            tokens = dit_ops.gated_residual(tokens, *pending, impl)
         y = self.head(tokens, e)
         if shard is not None:
             y = shard.gather(y, fs)

@@ -427,7 +427,13 @@ def test_block_fusion_bench_smoke(tmp_path):
     )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())["shapes"]["tiny"]["rows"]
-    assert set(rows) == {"ffn bf16", "ffn fp8", "self residual + pre-norm", "cross residual + ffn norm"}
+    assert set(rows) == {
+        "ffn bf16",
+        "ffn fp8",
+        "self residual + pre-norm",
+        "ffn residual + next block's norm",
+        "cross residual + ffn norm",
+    }
     for name, row in rows.items():
         assert row["unfused_ms"] > 0 and row["fused_ms"] > 0, name
         assert row["rel_l2_fused_vs_unfused"] < 1e-2, name
