@@ -22,16 +22,14 @@ import sys
 if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import argparse  # noqa: E402
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 
-from flashdreams.benchmark.environment import environment, time_calls_ms  # noqa: E402
+from flashdreams.benchmark.environment import environment  # noqa: E402
+from flashdreams.benchmark.micro import micro_bench_setup  # noqa: E402
 from flashdreams.numerics import rel_l2  # noqa: E402
 
 # name: (query tokens, heads, valid keys = ring capacity) at the model's steady block, d = 128.
@@ -47,27 +45,17 @@ SCALE = 128**-0.5
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
-    p.add_argument("--reps", type=int, default=20, help="timed calls per measurement (median)")
-    args = p.parse_args()
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
+    args, dev, med = micro_bench_setup(__doc__, default_reps=20)
 
     from flashdreams.kernels.ring_attention import launch_ring_attention
     from flashdreams.kernels.ring_attention_configs import pick_config
 
     fp8mod = importlib.import_module("flashdreams.kernels.ring_attention_fp8")
-    dev = torch.device("cpu" if args.smoke else "cuda")
     dtype = torch.float32 if args.smoke else torch.bfloat16
     reps = 1 if args.smoke else args.reps
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
     out: dict = {"environment": environment(dev), "reps": reps, "shapes": {}, "prepass": []}
     g = torch.Generator(device=dev).manual_seed(0)
-
-    def med(fn) -> float:
-        return statistics.median(time_calls_ms(fn, dev, reps, warmup=0 if args.smoke else 3))
 
     for name, (lq, heads, kv) in shapes.items():
         q = torch.randn(1, lq, heads, 128, device=dev, dtype=dtype, generator=g)

@@ -1,6 +1,6 @@
 """The Wan block's fused steps against their unfused forms, at each Wan-family model's block shape.
 
-Three fusions of `models/wan_dit.py` WanBlock (impl="triton"), each timed beside what it replaced,
+Four fusions of `models/wan_dit.py` WanBlock (impl="triton"), each timed beside what it replaced,
 in the same process on the same tensors (ratios, not absolute targets):
 
 * FFN: Linear -> GELU(tanh) -> Linear as three kernels, vs the GELU in cuBLASLt's epilogue of the
@@ -25,16 +25,14 @@ import sys
 if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import argparse  # noqa: E402
 import json  # noqa: E402
-import statistics  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
-from flashdreams.benchmark.environment import environment, time_calls_ms  # noqa: E402
+from flashdreams.benchmark.environment import environment  # noqa: E402
+from flashdreams.benchmark.micro import micro_bench_setup  # noqa: E402
 from flashdreams.numerics import rel_l2  # noqa: E402
 
 # name: (tokens per block, frames per block, dim, ffn dim)
@@ -47,22 +45,7 @@ SMOKE_SHAPES = {"tiny": (48, 3, 64, 128)}
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
-    p.add_argument("--reps", type=int, default=30, help="timed calls per measurement (median)")
-    args = p.parse_args()
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
-
-    dev = torch.device("cpu" if args.smoke else "cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device: run with --smoke on a CPU")
-    reps = 2 if args.smoke else args.reps
-
-    def ms(fn) -> float:
-        return statistics.median(time_calls_ms(fn, dev, reps, warmup=1 if args.smoke else 5))
-
+    args, dev, ms = micro_bench_setup(__doc__, default_reps=30, smoke_reps=2, warmup=5)
     results = {"env": environment(dev), "shapes": {}}
     g = torch.Generator().manual_seed(0)
     for name, (L, nf, d, f) in (SMOKE_SHAPES if args.smoke else SHAPES).items():

@@ -16,14 +16,12 @@ the same weights, caches and video, in one process:
 
 from __future__ import annotations
 
-import argparse
 import json
-import statistics
-from pathlib import Path
 
 import torch
 
-from flashdreams.benchmark.environment import environment, time_calls_ms
+from flashdreams.benchmark.environment import environment
+from flashdreams.benchmark.micro import micro_bench_setup
 from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, cache_templates
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 from flashdreams.numerics import rel_l2
@@ -106,21 +104,8 @@ def measure_decode(height: int, width: int, dev: torch.device, dtype: torch.dtyp
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
-    p.add_argument("--smoke", action="store_true", help="CPU, float32, 32x48 frames")
-    p.add_argument("--reps", type=int, default=10, help="timed calls per variant (median)")
-    args = p.parse_args()
-    if args.reps < 1:
-        p.error("--reps must be >= 1")
-    dev = torch.device("cpu" if args.smoke else "cuda")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        p.error("no CUDA device: run with --smoke on a CPU")
+    args, dev, ms = micro_bench_setup(__doc__, default_reps=10)
     dtype = torch.float32 if args.smoke else torch.bfloat16
-    reps = 1 if args.smoke else args.reps
-
-    def ms(fn) -> float:
-        return statistics.median(time_calls_ms(fn, dev, reps, warmup=0 if args.smoke else 3))
 
     hw = (32, 48) if args.smoke else (704, 1280)
     configs = (

@@ -476,3 +476,16 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
     decode = result["decoder"]["rows"]
     assert decode["ncdhw"]["ms"] > 0 and decode["channels_last_3d"]["ms"] > 0
     assert decode["channels_last_3d"]["rel_l2_vs_ncdhw"] < 1e-5
+
+
+@pytest.mark.parametrize("script", ["block_fusion_bench.py", "hdmap_encoder_bench.py", "attention_splits_bench.py"])
+def test_micro_benches_refuse_bad_options_by_name(script, tmp_path):
+    """The shared command line (flashdreams.benchmark.micro): no timed call is no measurement."""
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke", "--reps", "0", "--out", str(tmp_path / "x.json")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 2 and "--reps must be >= 1" in proc.stderr
+    assert not (tmp_path / "x.json").exists()

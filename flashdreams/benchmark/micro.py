@@ -1,0 +1,41 @@
+"""The command line the micro-benchmark scripts of `bench/` share: `--out`, `--smoke`, `--reps`.
+
+Each script times a few kernels or model pieces beside their baselines in one process and writes
+one JSON file; on the GPU machine it runs at full size, with `--smoke` on a CPU at tiny shapes
+(under Triton's interpreter, which a script selects before triton is first imported).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from flashdreams.benchmark.environment import time_calls_ms
+
+
+def micro_bench_setup(
+    doc: str, default_reps: int, smoke_reps: int = 1, warmup: int = 3
+) -> tuple[argparse.Namespace, torch.device, Callable[[Callable[[], object]], float]]:
+    """Parse the shared options; returns (args, device, ms): `ms(fn)` is the median of `reps` timed
+    calls in milliseconds (CUDA events on the GPU) after `warmup` untimed ones (none with --smoke)."""
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, required=True, help="JSON file to write")
+    p.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    p.add_argument("--reps", type=int, default=default_reps, help="timed calls per measurement (median)")
+    args = p.parse_args()
+    if args.reps < 1:
+        p.error("--reps must be >= 1")
+    dev = torch.device("cpu" if args.smoke else "cuda")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        p.error("no CUDA device: run with --smoke on a CPU")
+    reps = smoke_reps if args.smoke else args.reps
+    warm = 0 if args.smoke else warmup
+
+    def ms(fn: Callable[[], object]) -> float:
+        return statistics.median(time_calls_ms(fn, dev, reps, warmup=warm))
+
+    return args, dev, ms
