@@ -86,6 +86,7 @@ declare -A PART_GROUPS=(
   [next8]="fused-kernels hdmap-encoder omni-fp8 wan22-speed mg-taehv mg-wanvae"
   [next9]="vae-tests hdmap-encoder mg-wanvae omni-fp8 mg-memory"
   [next10]="mg-wanvae hdmap-encoder"
+  [next11]="fused-kernels block-fusion hdmap-encoder wan22-speed sf-fp8 mg-wanvae"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -473,7 +474,7 @@ part_fused-kernels() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_head_norm_rope.py \
     $t/kernels/test_fp8_linear.py $t/test_matrixgame_family.py $t/test_omnidreams_family.py \
-    $t/kernels/test_adaln.py $t/test_dit_ops.py $t/kernels/test_action_attention.py \
+    $t/kernels/test_adaln.py $t/test_dit_ops.py $t/kernels/test_action_attention.py $t/kernels/test_channel_rms_norm.py \
     -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu or fused or route or module or triton"
 }
 

@@ -8,7 +8,9 @@ the same weights, caches and video, in one process:
 * `one pass`: all 8 frames at once (what `EncodeHdmapStep` does now; same latents);
 * `one pass, channels_last_3d`: the same with the encoder's weights and the video in NDHWC, which
   cuDNN's convolutions use natively (the NCDHW form pays a layout transpose around each conv);
-* and the Wan VAE decoder's steady block at Matrix-Game's 352x640, NCDHW vs `use_channels_last`.
+* `... fused norms`: the same with each RMSNorm + SiLU as one kernel pass (`use_fused_norms`);
+* and the Wan VAE decoder's steady block at Matrix-Game's 352x640: NCDHW, `use_channels_last`,
+  and NCDHW with `use_fused_norms`.
 
     python bench/hdmap_encoder_bench.py --out hdmap.json               # GPU: ~20 s
     python bench/hdmap_encoder_bench.py --smoke --out /tmp/hdmap.json  # CPU, tiny frames
@@ -59,6 +61,8 @@ def measure(cfg: WanVAEConfig, height: int, width: int, dev: torch.device, dtype
         cl_templates = [t.contiguous(memory_format=torch.channels_last_3d) if t.dim() == 5 else t for t in templates]
         cl = _variants(last, video.contiguous(memory_format=torch.channels_last_3d), cl_templates)["one pass"]
         rows["one pass, channels_last_3d"] = {"ms": ms(cl), "rel_l2_vs_two_passes": rel_l2(cl(), ref)}
+        last.use_fused_norms()  # the same weights, each RMSNorm + SiLU one kernel pass
+        rows["one pass, channels_last_3d, fused norms"] = {"ms": ms(cl), "rel_l2_vs_two_passes": rel_l2(cl(), ref)}
     for name, r in rows.items():
         print(
             f"dim {cfg.dim:3d} {height}x{width}  {name:28s} {r['ms']:8.2f} ms  rel.L2 {r['rel_l2_vs_two_passes']:.1e}"
@@ -78,12 +82,16 @@ def measure_decode(height: int, width: int, dev: torch.device, dtype: torch.dtyp
     rows = {}
     with torch.no_grad():
         outs = {}
-        for name, vae in (("ncdhw", plain), ("channels_last_3d", last)):
+        fused = WanVAE(WanVAEConfig(), parts=("decoder",)).to(dev, dtype).eval()
+        fused.load_state_dict(plain.state_dict())
+        fused.use_fused_norms()
+        for name, vae in (("ncdhw", plain), ("channels_last_3d", last), ("ncdhw, fused norms", fused)):
             state = vae.new_decode_state(1, h, w, device=dev)
             vae.decode_stream(z, state)  # past the first block: the steady 4-frames-per-latent form
             outs[name] = vae.decode_stream(z, state)
             rows[name] = {"ms": ms(lambda vae=vae, state=state: vae.decode_stream(z, state))}
-        rows["channels_last_3d"]["rel_l2_vs_ncdhw"] = rel_l2(outs["channels_last_3d"], outs["ncdhw"])
+        for name in ("channels_last_3d", "ncdhw, fused norms"):
+            rows[name]["rel_l2_vs_ncdhw"] = rel_l2(outs[name], outs["ncdhw"])
         # The decoder's spatial 2x nearest upsampling at its full-resolution input (the largest of its
         # three), as torch's kernel did it and as the broadcast copy the decoder uses now.
         x = torch.randn(1, 192, 12, height // 2, width // 2, device=dev, dtype=dtype)

@@ -31,6 +31,7 @@ from .adaln import (
     residual_adaln_reference,
 )
 from .attention_merge import merge_attention, merge_attention_reference
+from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
 from .fp8_linear import Fp8Linear, fp8_linear, fp8_linear_reference, quantize_linears_fp8_
 from .head_norm_rope import head_norm_rope_cache_write, head_norm_rope_cache_write_reference
 from .qk_norm_rope import (
@@ -58,6 +59,8 @@ __all__ = [
     "adaln_modulate",
     "adaln_modulate_reference",
     "apply_rope_reference",
+    "channel_rms_norm",
+    "channel_rms_norm_reference",
     "gated_residual",
     "gated_residual_adaln",
     "gated_residual_adaln_reference",

@@ -31,6 +31,7 @@ from flashdreams.models.wan_vae_blocks import (
     ResidualBlock,
     RMSNorm,
     assign_slots,
+    fuse_norm_silu,
 )
 
 logger = logging.getLogger(__name__)
@@ -244,6 +245,13 @@ class WanVAE(nn.Module):
         for module in self.modules():
             if isinstance(module, nn.Conv3d):
                 module.weight.data = module.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        return self
+
+    def use_fused_norms(self) -> WanVAE:
+        """Run the residual blocks' and heads' RMSNorm + SiLU pairs as one kernel pass each
+        (`kernels/channel_rms_norm.py`: float32 math, one rounding) instead of torch's six passes.
+        Opt-in until measured on a GPU (`bench/hdmap_encoder_bench.py` times both). Returns self."""
+        fuse_norm_silu(self)
         return self
 
     # ---- weights -------------------------------------------------------------------------

@@ -57,10 +57,37 @@ class RMSNorm(nn.Module):
         # The reference stores gamma as [C,1,1] for 2-D (attention) and [C,1,1,1] for 3-D use.
         self.gamma = nn.Parameter(torch.ones((dim, 1, 1) if images else (dim, 1, 1, 1)))
         self.scale = dim**0.5
+        # Set by `fuse_norm_silu`: one kernel pass (kernels/channel_rms_norm.py), with the SiLU
+        # that follows this norm folded in when `silu` (the Sequential's SiLU is then an Identity).
+        self.fused = False
+        self.silu = False
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused and x.dim() == 5:
+            from flashdreams.kernels import triton_available
+            from flashdreams.kernels.channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
+
+            fn = channel_rms_norm if triton_available(x.device) else channel_rms_norm_reference
+            return fn(x, self.gamma, self.silu)
         gamma = self.gamma.view(-1, 1, 1, 1) if x.dim() == 5 else self.gamma
         return F.normalize(x, dim=1) * self.scale * gamma
+
+
+def fuse_norm_silu(module: nn.Module) -> int:
+    """Run every video RMSNorm of `module` as one kernel pass, folding a SiLU right after it into the
+    pass (the SiLU module becomes an Identity; no parameter changes). Returns the norms fused."""
+    count = 0
+    for seq in module.modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        for i, layer in enumerate(seq):
+            if isinstance(layer, RMSNorm) and layer.gamma.dim() == 4:
+                layer.fused = True
+                count += 1
+                if i + 1 < len(seq) and isinstance(seq[i + 1], nn.SiLU):
+                    layer.silu = True
+                    seq[i + 1] = nn.Identity()
+    return count
 
 
 class CausalConv3d(nn.Conv3d):

@@ -470,12 +470,18 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["encoders"]["lightvae (dim 24)"]
-    assert set(rows) == {"two passes", "one pass", "one pass, channels_last_3d"}
+    assert set(rows) == {
+        "two passes",
+        "one pass",
+        "one pass, channels_last_3d",
+        "one pass, channels_last_3d, fused norms",
+    }
     for name, row in rows.items():
         assert row["ms"] > 0 and row["rel_l2_vs_two_passes"] < 1e-5, name
     decode = result["decoder"]["rows"]
     assert decode["ncdhw"]["ms"] > 0 and decode["channels_last_3d"]["ms"] > 0
     assert decode["channels_last_3d"]["rel_l2_vs_ncdhw"] < 1e-5
+    assert decode["ncdhw, fused norms"]["ms"] > 0 and decode["ncdhw, fused norms"]["rel_l2_vs_ncdhw"] < 1e-5
 
 
 @pytest.mark.parametrize("script", ["block_fusion_bench.py", "hdmap_encoder_bench.py", "attention_splits_bench.py"])

@@ -8,6 +8,7 @@ import torch
 from flashdreams.errors import CheckpointError, InvalidArgumentError
 from flashdreams.models.decoders import init_random_, tiny_decoder
 from flashdreams.models.wan_vae import WAN21_LATENT_MEAN, WanVAE, WanVAEConfig
+from flashdreams.models.wan_vae_blocks import RMSNorm
 from flashdreams.numerics import rel_l2
 from flashdreams.parity.common import fixtures_root, load_fixture
 
@@ -262,3 +263,17 @@ def test_channels_last_vae_on_cuda_stays_channels_last() -> None:
     _same_stream(plain, last, "cuda", 5e-3)  # TF32 convolutions, two algorithms
     hook.remove()
     assert seen and all(seen)
+
+
+def test_fused_norms_compute_the_same_stream() -> None:
+    """`use_fused_norms`: every residual block's and head's RMSNorm + SiLU as one kernel pass (our Triton
+    kernel under the interpreter here, else its float32 twin): the same decoded stream and encoding."""
+    plain, _ = _plain_and_channels_last("cpu")
+    fused = WanVAE(plain.config)
+    fused.load_state_dict(plain.state_dict())
+    fused.eval().use_fused_norms()
+    norms = [m for m in fused.modules() if isinstance(m, RMSNorm) and m.fused]
+    assert norms and all(m.silu for m in norms)  # in the Wan VAE every video norm is followed by SiLU
+    assert not any(isinstance(m, torch.nn.SiLU) for m in fused.modules())
+    assert fused.state_dict().keys() == plain.state_dict().keys()
+    _same_stream(plain, fused, "cpu", 1e-5)

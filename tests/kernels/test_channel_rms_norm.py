@@ -1,0 +1,84 @@
+"""The Wan VAE's channel RMS norm (+ SiLU) kernel against its twin and the VAE's own torch layers."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+from torch import nn  # noqa: E402
+
+from flashdreams.errors import InvalidArgumentError  # noqa: E402
+from flashdreams.kernels import triton_available  # noqa: E402
+from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
+from flashdreams.kernels.channel_rms_norm import channel_rms_norm, channel_rms_norm_reference  # noqa: E402
+from flashdreams.models.wan_vae_blocks import RMSNorm  # noqa: E402
+from flashdreams.numerics import rel_l2  # noqa: E402
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+pytestmark = pytest.mark.skipif(not triton_available(DEVICE), reason="needs CUDA or TRITON_INTERPRET=1")
+TOL = {torch.float32: 1e-6, torch.bfloat16: 1e-2}
+
+
+def _video(shape, dtype, seed, channels_last=False):
+    x = (torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3 + 1).to(DEVICE, dtype)
+    return x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 24, 3, 5, 7), (1, 96, 2, 4, 6), (1, 3, 1, 2, 3)])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("silu", [False, True])
+def test_matches_twin_and_the_vae_layers(dtype, shape, channels_last, silu):
+    x = _video(shape, dtype, seed=sum(shape), channels_last=channels_last)
+    norm = RMSNorm(shape[1], images=False).to(DEVICE)
+    with torch.no_grad():
+        norm.gamma.uniform_(0.5, 1.5, generator=torch.Generator(device=DEVICE).manual_seed(1))
+    with poisoned_outputs():
+        y = channel_rms_norm(x, norm.gamma, silu=silu)
+    assert y.dtype == dtype and y.shape == x.shape and y.stride() == x.stride()  # x's layout kept
+    assert rel_l2(y, channel_rms_norm_reference(x, norm.gamma, silu)) < TOL[dtype]
+    with torch.no_grad():
+        layers = norm(x.float())
+        layers = nn.functional.silu(layers) if silu else layers
+    assert rel_l2(y, layers) < TOL[dtype] * 2
+
+
+def test_strided_views_and_zero_pixels():
+    """A time slice of a cache (pixels not flattenable by one stride) is made contiguous first; an
+    all-zero pixel stays zero (the 1e-12 floor), as F.normalize leaves it."""
+    big = _video((1, 8, 5, 4, 6), torch.float32, seed=3)
+    view = big[:, :, 1:4, :, 1:5]
+    gamma = torch.linspace(0.5, 1.5, 8, device=DEVICE)
+    assert rel_l2(channel_rms_norm(view, gamma), channel_rms_norm_reference(view, gamma)) < 1e-6
+    x = big.clone()
+    x[:, :, 0, 0, 0] = 0
+    y = channel_rms_norm(x, gamma, silu=True)
+    assert torch.equal(y[:, :, 0, 0, 0], torch.zeros_like(y[:, :, 0, 0, 0]))
+
+
+def test_bad_arguments_name_the_argument():
+    x = _video((1, 8, 2, 3, 4), torch.float32, seed=4)
+    with pytest.raises(InvalidArgumentError, match="x"):
+        channel_rms_norm(x[0], torch.ones(8, device=DEVICE))
+    with pytest.raises(InvalidArgumentError, match="gamma"):
+        channel_rms_norm(x, torch.ones(7, device=DEVICE))
+    with pytest.raises(InvalidArgumentError, match="x"):
+        channel_rms_norm(x.to(torch.int32), torch.ones(8, device=DEVICE))
+
+
+def test_custom_op_exports():
+    x = _video((1, 8, 2, 3, 4), torch.float32, seed=5)
+    gamma = torch.linspace(0.5, 1.5, 8, device=DEVICE)
+
+    class Block(nn.Module):
+        def forward(self, x):
+            return channel_rms_norm(x, gamma, silu=True)
+
+    ep = torch.export.export(Block(), (x,))
+    assert "flashdreams.channel_rms_norm" in str(ep.graph)
+    assert rel_l2(ep.module()(x), channel_rms_norm_reference(x, gamma, True)) < 1e-6
