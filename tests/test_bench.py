@@ -292,17 +292,22 @@ def test_gpu_suite_refuses_unknown_parts_and_odd_names(tmp_path):
     assert _suite().returncode == 2
 
 
-def test_attention_bench_smoke(tmp_path):
-    """The suite's attention part on the CPU (Triton interpreter, tiny shapes): every variant runs and
-    is checked against exact attention; the ring's fp8 shadow gives the per-call fp8 result bit for bit."""
-    out = tmp_path / "attention.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "attention_bench.py"), "--smoke", "--out", str(out)],
+def _bench_smoke(script: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `bench/<script> --smoke ARGS` on the CPU (one thread, as the suite's smoke mode does)."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--smoke", *args],
         capture_output=True,
         text=True,
         timeout=300,
         env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+
+
+def test_attention_bench_smoke(tmp_path):
+    """The suite's attention part on the CPU (Triton interpreter, tiny shapes): every variant runs and
+    is checked against exact attention; the ring's fp8 shadow gives the per-call fp8 result bit for bit."""
+    out = tmp_path / "attention.json"
+    proc = _bench_smoke("attention_bench.py", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["env"]["torch"] and r["check_failures"] == []
@@ -418,13 +423,7 @@ def test_block_fusion_bench_smoke(tmp_path):
     """The suite's block-fusion part on the CPU: each fused step is timed beside its unfused form and
     computes the same values (bit-equal here, where the bf16 FFN keeps torch's GELU)."""
     out = tmp_path / "fusion.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "block_fusion_bench.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _bench_smoke("block_fusion_bench.py", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = json.loads(out.read_text())["shapes"]["tiny"]["rows"]
     assert set(rows) == {
@@ -460,13 +459,7 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
     """The suite's hdmap-encoder part on the CPU: one 8-frame pass and its channels_last_3d form code the
     same latents as two 4-frame passes."""
     out = tmp_path / "hdmap.json"
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / "hdmap_encoder_bench.py"), "--smoke", "--out", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = _bench_smoke("hdmap_encoder_bench.py", "--out", str(out))
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads(out.read_text())
     rows = result["encoders"]["lightvae (dim 24)"]
@@ -487,11 +480,6 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
 @pytest.mark.parametrize("script", ["block_fusion_bench.py", "hdmap_encoder_bench.py", "attention_splits_bench.py"])
 def test_micro_benches_refuse_bad_options_by_name(script, tmp_path):
     """The shared command line (flashdreams.benchmark.micro): no timed call is no measurement."""
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "bench" / script), "--smoke", "--reps", "0", "--out", str(tmp_path / "x.json")],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = _bench_smoke(script, "--reps", "0", "--out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and "--reps must be >= 1" in proc.stderr
     assert not (tmp_path / "x.json").exists()
