@@ -136,6 +136,16 @@ def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
     return x_new
 
 
+def _residual_and_norm(x, y, gate, shift, scale, eps, out_dtype, norm, residual):
+    """The fused pairs: (x', h) allocated and written by one row pass. For NORM_AFFINE, shift/scale are
+    the bias/weight vectors `[D]` (no frame axis); the frame size comes from the per-frame tensors."""
+    x_new = new_output(x.shape, x.dtype, x.device)
+    h = new_output(x.shape, out_dtype or x.dtype, x.device)
+    frames = (gate if gate is not None else shift).shape[1]
+    _launch_rows(x, y, gate, shift, scale, x_new, h, x.shape[1] // frames, eps, norm, residual)
+    return x_new, h
+
+
 def _gated_residual_adaln_op(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -145,10 +155,7 @@ def _gated_residual_adaln_op(
     eps: float,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x_new = new_output(x.shape, x.dtype, x.device)
-    h = new_output(x.shape, out_dtype or x.dtype, x.device)
-    _launch_rows(x, y, gate, shift, scale, x_new, h, x.shape[1] // gate.shape[1], eps, NORM_MODULATE)
-    return x_new, h
+    return _residual_and_norm(x, y, gate, shift, scale, eps, out_dtype, NORM_MODULATE, RESIDUAL_GATED)
 
 
 def _residual_adaln_op(
@@ -159,11 +166,7 @@ def _residual_adaln_op(
     eps: float,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x_new = new_output(x.shape, x.dtype, x.device)
-    h = new_output(x.shape, out_dtype or x.dtype, x.device)
-    fs = x.shape[1] // shift.shape[1]
-    _launch_rows(x, y, None, shift, scale, x_new, h, fs, eps, NORM_MODULATE, RESIDUAL_PLAIN)
-    return x_new, h
+    return _residual_and_norm(x, y, None, shift, scale, eps, out_dtype, NORM_MODULATE, RESIDUAL_PLAIN)
 
 
 def _gated_residual_layer_norm_op(
@@ -175,11 +178,7 @@ def _gated_residual_layer_norm_op(
     eps: float,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x_new = new_output(x.shape, x.dtype, x.device)
-    h = new_output(x.shape, out_dtype or x.dtype, x.device)
-    # The weight/bias vectors have no frame axis (row strides 0); `fs` indexes the gate's frames.
-    _launch_rows(x, y, gate, bias, weight, x_new, h, x.shape[1] // gate.shape[1], eps, NORM_AFFINE)
-    return x_new, h
+    return _residual_and_norm(x, y, gate, bias, weight, eps, out_dtype, NORM_AFFINE, RESIDUAL_GATED)
 
 
 def _layer_norm_affine_op(
