@@ -29,6 +29,8 @@ from .adaln import (
     layer_norm_affine_reference,
     residual_adaln,
     residual_adaln_reference,
+    residual_layer_norm,
+    residual_layer_norm_reference,
 )
 from .attention_merge import merge_attention, merge_attention_reference
 from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
@@ -71,6 +73,8 @@ __all__ = [
     "head_norm_rope_cache_write_reference",
     "layer_norm_affine",
     "layer_norm_affine_reference",
+    "residual_layer_norm",
+    "residual_layer_norm_reference",
     "merge_attention",
     "merge_attention_reference",
     "qk_norm_rope_cache_write",

@@ -12,6 +12,8 @@ math is fp32; results are rounded once to the output dtype (x's unless `out_dtyp
   layer_norm_affine(x, weight, bias)         LayerNorm(x) * weight + bias (the cross-attention pre-norm)
   gated_residual_layer_norm(x, y, gate, weight, bias)
                                              x' = x + y * gate; (x', LayerNorm(x') * weight + bias)
+  residual_layer_norm(x, y, weight, bias)    x' = x + y; (x', LayerNorm(x') * weight + bias) (a plain
+                                             pre-norm transformer's residual and next norm: the arena's)
 
 LayerNorm has no affine here and eps inside the rsqrt, like `torch.nn.LayerNorm`.
 The fused pairs are the reason for this file: after each attention/FFN the residual add
@@ -141,7 +143,8 @@ def _residual_and_norm(x, y, gate, shift, scale, eps, out_dtype, norm, residual)
     the bias/weight vectors `[D]` (no frame axis); the frame size comes from the per-frame tensors."""
     x_new = new_output(x.shape, x.dtype, x.device)
     h = new_output(x.shape, out_dtype or x.dtype, x.device)
-    frames = (gate if gate is not None else shift).shape[1]
+    per_frame = gate if gate is not None else shift
+    frames = per_frame.shape[1] if per_frame.dim() == 3 else 1  # NORM_AFFINE without a gate: one "frame"
     _launch_rows(x, y, gate, shift, scale, x_new, h, x.shape[1] // frames, eps, norm, residual)
     return x_new, h
 
@@ -181,6 +184,17 @@ def _gated_residual_layer_norm_op(
     return _residual_and_norm(x, y, gate, bias, weight, eps, out_dtype, NORM_AFFINE, RESIDUAL_GATED)
 
 
+def _residual_layer_norm_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _residual_and_norm(x, y, None, bias, weight, eps, out_dtype, NORM_AFFINE, RESIDUAL_PLAIN)
+
+
 def _layer_norm_affine_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -195,6 +209,7 @@ register_op("gated_residual_adaln", _gated_residual_adaln_op)
 register_op("residual_adaln", _residual_adaln_op)
 register_op("layer_norm_affine", _layer_norm_affine_op)
 register_op("gated_residual_layer_norm", _gated_residual_layer_norm_op)
+register_op("residual_layer_norm", _residual_layer_norm_op)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -228,6 +243,14 @@ def _check_out_dtype(out_dtype: torch.dtype | None) -> None:
         raise InvalidArgumentError(f"out_dtype: expected bfloat16, float16 or float32, found {out_dtype}")
 
 
+def _check_pair(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype | None) -> None:
+    """What every residual + norm pair checks besides its per-frame and affine tensors."""
+    _check_x(x)
+    _check_y(x, y)
+    _check_out_dtype(out_dtype)
+    require_triton(x.device)
+
+
 def adaln_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
 ) -> torch.Tensor:
@@ -258,11 +281,8 @@ def gated_residual_adaln(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = x + y * gate (x's dtype), h = adaln_modulate(x', shift, scale) in one pass."""
-    _check_x(x)
-    _check_y(x, y)
+    _check_pair(x, y, out_dtype)
     _check_frames(x, gate=gate, shift=shift, scale=scale)
-    _check_out_dtype(out_dtype)
-    require_triton(x.device)
     return torch.ops.flashdreams.gated_residual_adaln(x, y, gate, shift, scale, float(eps), out_dtype)
 
 
@@ -275,11 +295,8 @@ def residual_adaln(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = x + y (x's dtype, fp32 math), h = adaln_modulate(x', shift, scale) in one pass."""
-    _check_x(x)
-    _check_y(x, y)
+    _check_pair(x, y, out_dtype)
     _check_frames(x, shift=shift, scale=scale)
-    _check_out_dtype(out_dtype)
-    require_triton(x.device)
     return torch.ops.flashdreams.residual_adaln(x, y, shift, scale, float(eps), out_dtype)
 
 
@@ -311,13 +328,24 @@ def gated_residual_layer_norm(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = x + y * gate (per-frame gate), h = layer_norm_affine(x', weight, bias) in one pass."""
-    _check_x(x)
-    _check_y(x, y)
+    _check_pair(x, y, out_dtype)
     _check_frames(x, gate=gate)
     _check_affine(x, weight, bias)
-    _check_out_dtype(out_dtype)
-    require_triton(x.device)
     return torch.ops.flashdreams.gated_residual_layer_norm(x, y, gate, weight, bias, float(eps), out_dtype)
+
+
+def residual_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = x + y (x's dtype, fp32 math), h = layer_norm_affine(x', weight, bias) in one pass."""
+    _check_pair(x, y, out_dtype)
+    _check_affine(x, weight, bias)
+    return torch.ops.flashdreams.residual_layer_norm(x, y, weight, bias, float(eps), out_dtype)
 
 
 # ----------------------------------------------------------------------------- reference twins
@@ -392,4 +420,17 @@ def gated_residual_layer_norm_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `gated_residual_layer_norm` computes."""
     x_new = gated_residual_reference(x, y, gate)
+    return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)
+
+
+def residual_layer_norm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `residual_layer_norm` computes."""
+    x_new = (x.float() + y.float()).to(x.dtype)
     return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)

@@ -30,6 +30,8 @@ from flashdreams.kernels import (  # noqa: E402
     layer_norm_affine_reference,
     residual_adaln,
     residual_adaln_reference,
+    residual_layer_norm,
+    residual_layer_norm_reference,
     triton_available,
 )
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
@@ -123,6 +125,27 @@ def test_fused_pairs_of_a_wan_block_match_twins(dtype, B, F, fs, D):
     assert rel_l2(xg, ref_x) < TOL[dtype] and rel_l2(hg, ref_h) < TOL[dtype]
     # A wrong frame mapping or a gate applied to the plain residual would break these.
     assert rel_l2(xr, gated) > 0.1 and rel_l2(hr, adaln_modulate_reference(x, shift, scale, 1e-6)) > 0.01
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_plain_residual_with_an_affine_norm_matches_twin_and_torch(dtype):
+    """The arena's pair (x' = x + y, then nn.LayerNorm with weight and bias), on strided row views too
+    (the arena norms only the target tokens of its last block)."""
+    x, y, *_ = make(2, 4, 5, 192, dtype, seed=8)
+    g = torch.Generator().manual_seed(9)
+    w, b = (torch.randn(192, generator=g).to(dtype).to(DEVICE) for _ in range(2))
+    with poisoned_outputs():
+        xn, h = residual_layer_norm(x, y, w, b, 1e-5)
+        xv, hv = residual_layer_norm(x[:, 5:], y[:, 5:], w, b, 1e-5)
+    ref_x, ref_h = residual_layer_norm_reference(x, y, w, b, 1e-5)
+    rounds_like_torch = dtype != torch.bfloat16 or DEVICE.type == "cuda"
+    assert torch.equal(xn, x + y) if rounds_like_torch else rel_l2(xn, ref_x) < TOL[dtype]
+    torch_h = torch.nn.functional.layer_norm(xn.float(), (192,), w.float(), b.float(), 1e-5)
+    assert rel_l2(h, ref_h) < TOL[dtype] and rel_l2(h, torch_h) < TOL[dtype]
+    assert torch.equal(xv, xn[:, 5:]) and torch.equal(hv, h[:, 5:])
+    assert rel_l2(h, layer_norm_affine_reference(x, w, b, 1e-5)) > 0.05  # the residual was applied
+    with pytest.raises(InvalidArgumentError, match="weight"):
+        residual_layer_norm(x, y, w[:3].contiguous(), b, 1e-5)
 
 
 def test_fused_pairs_keep_an_fp32_residual_stream():

@@ -21,6 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.kernels import layer_norm_affine, residual_layer_norm, ring_attention, triton_available
+from flashdreams.kernels.palette_snap import palette_snap, palette_snap_reference
+from flashdreams.models.dit_ops import gelu_tanh_mlp
+
+IMPLS = ("auto", "torch", "triton")  # the step's norms and palette snap; auto: kernels on CUDA, torch elsewhere
+
 
 @dataclass(frozen=True)
 class ArenaConfig:
@@ -56,12 +63,28 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(dim, mlp * dim)
         self.fc2 = nn.Linear(mlp * dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        b, n, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+    def attend(self, h: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        """The attention branch of the normed tokens h [B, N, D]: proj(softmax(q k^T) v). `kernels`:
+        our Triton attention on the [B, N, heads, d] views of the qkv projection (no transposes); at 64
+        worlds on the H200 the step took 1.22 ms with it and 1.30 with torch's SDPA (cuDNN at head dim
+        32), bench/results/next15-h200/diag.log."""
+        b, n, d = h.shape
+        qkv = self.qkv(h).view(b, n, 3, self.heads, d // self.heads)
+        if kernels:
+            every = torch.full((1,), n, dtype=torch.int32, device=h.device)  # all N keys are valid
+            a = ring_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], every)
+            return self.proj(a.reshape(b, n, d))
+        q, k, v = qkv.permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)
-        x = x + self.proj(a.transpose(1, 2).reshape(b, n, d))
-        return x + self.fc2(F.gelu(self.fc1(self.norm2(x)), approximate="tanh"))
+        return self.proj(a.transpose(1, 2).reshape(b, n, d))
+
+    def mlp(self, h: torch.Tensor) -> torch.Tensor:
+        # On CUDA the tanh GELU runs in the first GEMM's epilogue (dit_ops.gelu_tanh_mlp).
+        return gelu_tanh_mlp(h, self.fc1, self.fc2, impl="triton" if h.is_cuda else "sdpa")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attend(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
 
 
 class ArenaNet(nn.Module):
@@ -106,37 +129,60 @@ class ArenaNet(nn.Module):
         total = torch.cumsum(move, dim=1) * 0.25
         return torch.cat([seen.reshape(b, f, f * k), total], dim=-1)
 
-    def forward(self, context: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    def _blocks_fused(self, x: torch.Tensor) -> torch.Tensor:
+        """The blocks and the final norm with each residual add and the norm after it in one row pass
+        (kernels/adaln.py): 13 passes instead of 13 LayerNorms and 12 adds. At 64 worlds torch's
+        LayerNorm alone took 0.36 ms of a 1.4 ms step on the H200 (bench/results/next13-h200/), the
+        fused passes 0.12 ms (next14-h200/). Attention through our kernel (`Block.attend`).
+        Inference only (the kernels have no backward). Returns the final norm of every token."""
+        first = self.blocks[0].norm1
+        h = layer_norm_affine(x, first.weight, first.bias, first.eps)
+        for i, blk in enumerate(self.blocks):
+            x, h = residual_layer_norm(x, blk.attend(h, kernels=True), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+            after = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.norm
+            x, h = residual_layer_norm(x, blk.mlp(h), after.weight, after.bias, after.eps)
+        return h
+
+    def forward(self, context: torch.Tensor, keys: torch.Tensor, kernels: bool = False) -> torch.Tensor:
+        """`kernels`: the fused row kernels for the norms (CUDA, or the CPU under TRITON_INTERPRET=1;
+        inference only); the plain torch modules otherwise, as training runs."""
         cfg = self.cfg
         b, n, f = context.shape[0], cfg.tokens, cfg.frames
         dtype = self.patch_in.weight.dtype  # float32, or bfloat16 on a GPU (the residual `out` stays float32)
         patches = self.patchify(context.float())  # [B, N, P]
         base = self.patch_in(patches.to(dtype)) + self.pos  # [B, N, D]
         ctx = base + self.frame_emb[0]
-        cond = self.key_mlp(self.key_features(keys.to(dtype)))  # [B, F, D]
+        feat = self.key_features(keys.to(dtype))  # [B, F, F * 4 + 2]
+        first, act, second = self.key_mlp
+        # A matmul and an add, not F.linear: with K = 18 (not 16-byte aligned in bf16) F.linear's
+        # bias-fused cuBLASLt call failed inside a CUDA-graph capture at 32 worlds on the H200
+        # (CUBLAS_STATUS_INTERNAL_ERROR, bench/results/next12-h200/); plain cuBLAS does not.
+        cond = second(act(torch.matmul(feat, first.weight.t()) + first.bias))  # [B, F, D]
         tgt = base[:, None] + self.frame_emb[1:, None] + cond[:, :, None]  # [B, F, N, D]
         x = torch.cat([ctx, tgt.reshape(b, f * n, cfg.dim)], dim=1)
-        for blk in self.blocks:
-            x = blk(x)
-        delta = self.head(self.norm(x[:, n:])).view(b, f, n, -1)
+        if kernels:
+            h = self._blocks_fused(x)[:, n:]
+        else:
+            for blk in self.blocks:
+                x = blk(x)
+            h = self.norm(x[:, n:])
+        delta = self.head(h).view(b, f, n, -1)
         out = patches[:, None] + delta.float()  # [B, F, N, P]
         return self.unpatchify(out.reshape(b * f, n, -1)).view(b, f, 3, cfg.size, cfg.size)
 
 
 def project_to_palette(video: torch.Tensor, palette: torch.Tensor, settle: float) -> torch.Tensor:
-    """Pixels within `settle` (squared RGB distance) of a floor, wall or block color become that color.
+    """Clamp to [0, 1]; pixels within `settle` (squared RGB distance) of a floor, wall or block color
+    become that color.
 
     video [..., 3, H, W]; palette [P, 3] with the agent's two colors in rows 0 and 1. The arena's
     static things have a fixed palette; the learned model leaves small errors on them that, fed
     back as context, grow into noise over a few hundred blocks. Snapping only the pixels that are
     already close keeps the static world clean and leaves everything uncertain (the agent, blur
-    around it) as the model drew it. Training rolls out through the same function.
+    around it) as the model drew it. Training rolls out through the same function; on CUDA the
+    session runs it as one kernel pass (`ArenaStep.project`).
     """
-    d = ((video.unsqueeze(-4) - palette.view(-1, 3, 1, 1)) ** 2).sum(dim=-3)  # [..., P, H, W]
-    best, idx = d.min(dim=-3)
-    snapped = palette[idx].movedim(-1, -3)
-    keep = (idx <= 1) | (best >= settle)
-    return torch.where(keep.unsqueeze(-3), video, snapped)
+    return palette_snap_reference(video, palette, settle)
 
 
 class ArenaStep(nn.Module):
@@ -147,15 +193,28 @@ class ArenaStep(nn.Module):
     session seed picks the arena). Later blocks continue from `last_frame`.
     """
 
-    def __init__(self, net: ArenaNet, starts: torch.Tensor, palette: torch.Tensor, settle: float = 0.02) -> None:
+    def __init__(
+        self, net: ArenaNet, starts: torch.Tensor, palette: torch.Tensor, settle: float = 0.02, impl: str = "auto"
+    ) -> None:
         super().__init__()
+        if impl not in IMPLS:
+            raise InvalidArgumentError(f"arena step impl '{impl}': choose one of {', '.join(IMPLS)}")
+        self.impl = impl
         self.net = net
         self.register_buffer("starts", starts.float().clone(), persistent=False)  # [S, 3, H, W]
         self.register_buffer("palette", palette.float().clone(), persistent=False)  # [P, 3]; rows 0, 1: the agent's
         self.settle = settle
 
+    def uses_kernels(self, t: torch.Tensor) -> bool:
+        """impl "triton"; or "auto" on CUDA (the CPU runs the kernels only in Triton's interpreter)."""
+        return self.impl == "triton" or (self.impl == "auto" and t.is_cuda and triton_available(t.device))
+
     def project(self, video: torch.Tensor) -> torch.Tensor:
-        return project_to_palette(video, self.palette, self.settle)
+        """The net's raw frames clamped and snapped (`project_to_palette`); one kernel pass with the
+        kernels (`uses_kernels`), the torch form otherwise."""
+        if self.uses_kernels(video):
+            return palette_snap(video.float(), self.palette, self.settle)
+        return project_to_palette(video.float(), self.palette, self.settle)
 
     def forward(
         self,
@@ -174,5 +233,7 @@ class ArenaStep(nn.Module):
         start = torch.where(given.view(b, 1, 1, 1), start_frame, self.starts[pick])
         first = (block_index == 0).view(b, 1, 1, 1)
         context = torch.where(first, start, last_frame)
-        video = self.project(self.net(context, keyboard).clamp(0.0, 1.0))  # [B, F, 3, H, W]
+        video = self.project(
+            self.net(context, keyboard, kernels=self.uses_kernels(context))
+        )  # [B, F, 3, H, W], clamped and snapped
         return video, video[:, -1].contiguous(), video.transpose(1, 2).contiguous()
