@@ -30,7 +30,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import BlockPlan, InputSpec, run_ops
-from flashdreams.session import BLOCK_INDEX, Session, _check_seed, block_seed
+from flashdreams.session import BLOCK_INDEX, Session, _check_seed, block_seed, to_host
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -54,9 +54,7 @@ class WorldsStep:
     def frames_cpu(self) -> torch.Tensor:
         if self.frames is None:
             raise InvalidArgumentError("this model has no decoder, so the step produced no frames")
-        if self.frames_ready is not None:
-            self.frames_ready.synchronize()
-        return self.frames.cpu()
+        return to_host(self.frames)  # stream-ordered after the step that wrote them
 
 
 class _BucketSession(Session):

@@ -105,3 +105,23 @@ def test_a_recording_replays_bit_for_bit_under_cuda_graphs(tmp_path):
         done = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, timeout=600)
         assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
     print(done.stdout)
+
+
+def test_host_frames_come_back_pinned_and_equal_to_the_device_frames():
+    """frames_cpu copies through page-locked memory (to_host): the same bytes, a tensor the caller
+    keeps (the next step does not overwrite it)."""
+    engine = flashdreams.load(preset="arena", device="cuda")
+    worlds = engine.worlds(4, seeds=[0, 1, 2, 3])
+    first = worlds.step()
+    host = first.frames_cpu()
+    assert host.is_pinned() and host.dtype == torch.uint8
+    assert torch.equal(host, first.frames.to("cpu"))
+    kept = host.clone()
+    second = worlds.step()
+    assert torch.equal(host, kept)  # a copy of its own
+    assert torch.equal(second.frames_cpu(), second.frames.to("cpu"))
+    session = engine.session(seed=5)
+    for _ in range(3):  # past capture: the frames leave from the graphs' output buffer
+        result = session.step()
+        frames = result.frames_cpu()
+        assert frames.is_pinned() and torch.equal(frames, result.frames.to("cpu"))
