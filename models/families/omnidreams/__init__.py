@@ -69,7 +69,11 @@ class OmniDreamsFamily(Family):
         else:
             init_random_(vae, opts.weights_seed + 7)
         vae = vae.to(opts.device, opts.dtype).eval().requires_grad_(False)
-        return vae.use_channels_last() if torch.device(opts.device).type == "cuda" else vae
+        if torch.device(opts.device).type != "cuda":
+            return vae
+        # channels_last_3d and RMSNorm + SiLU in one pass: the 8-frame encode at 704x1280 took 43.8
+        # ms instead of 51.7 (channels-last only) and 63.7 (neither): next12-h200/hdmap-encoder.json.
+        return vae.use_channels_last().use_fused_norms()
 
     def load(self, preset: Preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor] | None = None) -> LoadedModel:
         if opts.batch < 1:
