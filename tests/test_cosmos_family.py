@@ -11,7 +11,8 @@ import torch
 import flashdreams
 from flashdreams import registry
 from flashdreams.errors import CheckpointError, InvalidArgumentError
-from flashdreams.models.cosmos_dit import CosmosDiT, patchify, unpatchify
+from flashdreams.models import dit_ops
+from flashdreams.models.cosmos_dit import CosmosBlock, CosmosDiT, patchify, unpatchify
 from flashdreams.models.cosmos_loader import load_cosmos_dit, official_state_dict
 from flashdreams.models.families.cosmos import FAMILY
 from flashdreams.models.families.cosmos.plan import build_plan
@@ -148,6 +149,70 @@ def test_unipc_guidance_forms():
     assert [op for op in wan[0] if op.get("out") == "cfg_v"][0]["terms"] == [[1.0, "uncond_0"], [5.0, "cfg_delta"]]
     with pytest.raises(InvalidArgumentError):
         unipc_cfg_ops([0.9, 0.0], 7.0, guidance_base="both")
+
+
+def _separate_passes(self, x, emb, lora, attend, cross_k, cross_v, impl="sdpa", pending=None, defer_ffn=False):
+    """CosmosBlock.forward as it was before the fusion: each gated residual and the modulated norm after
+    it as two calls, and the block finishes its own MLP residual."""
+    assert pending is None and not defer_ffn
+    sa, ca = self.self_attn, self.cross_attn
+    shift, scale, gate = self._mod(self.adaln_modulation_self_attn, emb, lora)
+    h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
+    y = attend(sa, sa.heads(sa.q_proj(h)), sa.heads(sa.k_proj(h)), sa.heads(sa.v_proj(h)))
+    x = dit_ops.gated_residual(x, sa.output_proj(y.flatten(2)), gate, impl)
+    shift, scale, gate = self._mod(self.adaln_modulation_cross_attn, emb, lora)
+    h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
+    q = dit_ops.rms_norm(ca.heads(ca.q_proj(h)), ca.q_norm.weight, ca.q_norm.eps, impl)
+    y = dit_ops.attention(q, cross_k.to(h.dtype), cross_v.to(h.dtype))
+    x = dit_ops.gated_residual(x, ca.output_proj(y.flatten(2)), gate, impl)
+    shift, scale, gate = self._mod(self.adaln_modulation_mlp, emb, lora)
+    h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
+    return dit_ops.gated_residual(x, self.mlp(h), gate, impl)
+
+
+@pytest.mark.parametrize("impl", ["sdpa", "triton"])
+def test_fused_residual_norms_and_deferred_mlp_residual_change_no_number(monkeypatch, impl):
+    """Each block's gated residuals ride in the next modulated norm's row pass (`gated_residual_adaln`)
+    and, with the Triton kernels, its MLP residual in the next block's first pass (`defer_ffn`): the
+    velocity and every block's debug output equal, bit for bit, blocks that make two calls per pair and
+    finish their own residual; a forward hook on a block turns the deferral off."""
+    from flashdreams.kernels import triton_available
+
+    if impl == "triton" and not triton_available(torch.device("cpu")):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+    net = init_random_(CosmosDiT(TINY_COSMOS.replace(num_blocks=3)), 0).eval().requires_grad_(False)
+    net = net.to(torch.bfloat16)  # the fused pass must round x' exactly as the separate one does
+    net.set_attention(impl)
+    g = torch.Generator().manual_seed(7)
+    x, text = torch.randn(1, 16, 2, 8, 12, generator=g), torch.randn(1, 5, 80, generator=g)
+    mask = torch.zeros(1, 1, 2, 8, 12)
+    mask[:, :, 0] = 1
+    ts = torch.tensor([[0.1, 593.0]])
+    calls = []
+    real = dit_ops.gated_residual_adaln
+    monkeypatch.setattr(dit_ops, "gated_residual_adaln", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def run() -> tuple[torch.Tensor, dict]:
+        debug: dict = {}
+        return net(x, ts, text, mask, debug=debug), debug
+
+    fused, fused_debug = run()
+    # two fused pairs per block, and with Triton the first pass of every block but the first
+    assert len(calls) == 2 * 3 + (2 if impl == "triton" else 0)
+    handle = net.blocks[1].register_forward_hook(lambda *_: None)
+    try:
+        calls.clear()
+        hooked, hooked_debug = run()
+        assert len(calls) == 2 * 3  # watched blocks finish their own residual
+        with monkeypatch.context() as m:
+            m.setattr(CosmosBlock, "forward", _separate_passes)
+            separate, separate_debug = run()
+    finally:
+        handle.remove()
+    assert torch.equal(fused, hooked) and torch.equal(fused, separate)
+    assert fused_debug.keys() == separate_debug.keys() and any(k.startswith("block_") for k in fused_debug)
+    for k, v in separate_debug.items():
+        assert torch.equal(fused_debug[k], v) and torch.equal(hooked_debug[k], v), k
 
 
 @pytest.mark.gpu
