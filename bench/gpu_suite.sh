@@ -43,6 +43,7 @@ rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engi
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
 worlds-arena|90|issue 19: many worlds of the default world (arena), bf16, N = 1..256 (fd-bench sessions, one N at a time: bench/worlds_rows.py)
 worlds-arena-profile|60|issue 19: the arena at N = 1 and 64 with one profiled step each (where the N = 64 block's 3.7 ms go)
+worlds-arena-long|180|issue 19: the arena at N = 1 and 64, 1000 blocks each, in three fresh processes (the bar's ratio with a steady N = 1 baseline)
 worlds-arena-fp32|45|issue 19: the arena in float32 at N = 1 and 64 (comparison)
 worlds-mg|170|issue 19: Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton), lockstep N = 1..16
 mg-taehv|100|issue 14: fd-bench Matrix-Game 2.0 universal 352x640 single session, TAEHV, Triton, 8 blocks, block-5 profile
@@ -68,6 +69,7 @@ fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE 
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW one (decode stream, encode), the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
+worlds-tests|90|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
@@ -87,6 +89,11 @@ declare -A PART_GROUPS=(
   [next9]="vae-tests hdmap-encoder mg-wanvae omni-fp8 mg-memory"
   [next10]="mg-wanvae hdmap-encoder"
   [next11]="fused-kernels block-fusion hdmap-encoder wan22-speed sf-fp8 mg-wanvae"
+  [next12]="worlds-tests worlds-arena-profile worlds-arena block-fusion hdmap-encoder"
+  [next13]="vae-tests worlds-arena worlds-arena-profile omni-fp8 mg-wanvae"
+  [next14]="worlds-tests worlds-arena worlds-arena-profile sf-fp8"
+  [next15]="fused-kernels worlds-arena-profile worlds-arena omni-fp8"
+  [next16]="worlds-tests vae-tests worlds-arena-long"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -407,6 +414,17 @@ part_worlds-arena-profile() {
   fi
 }
 
+part_worlds-arena-long() {
+  # Three fresh processes, 1000 blocks per count: a 30-block row of one world lasts ~11 ms, so the N = 1
+  # baseline of the scan above moves by 30% from run to run; these rows are the ones to read the ratio from.
+  local i blocks=1000 rc=0
+  [ $SMOKE = 1 ] && blocks=3
+  for i in 1 2 3; do
+    rows_to worlds-arena-long-$i $(($1 / 3)) --preset arena --sessions 1,64 --blocks $blocks || rc=$?
+  done
+  return $rc
+}
+
 part_worlds-arena-fp32() {
   if [ $SMOKE = 1 ]; then
     rows_to worlds-arena-fp32 "$1" --preset arena --dtype float32 --sessions 1,2 --blocks 3
@@ -478,10 +496,16 @@ part_fused-kernels() {
     -k "head_norm or twin or export or bad_arg or ring_attend or cuda_graph or shadow or gelu or fused or route or module or triton"
 }
 
+part_worlds-tests() {
+  local t="$REPO/tests"
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_palette_snap.py \
+    $t/test_session_gpu.py $t/test_batched_worlds.py $t/test_gym_env.py
+}
+
 part_vae-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/test_wan_vae.py $t/test_omnidreams_family.py \
-    $t/test_dit_ops.py -k "channels_last or cat_frames or hdmap or cuda_graph or route"
+    $t/test_dit_ops.py -k "channels_last or cat_frames or hdmap or cuda_graph or route or fuses"
 }
 
 part_hdmap-encoder() {

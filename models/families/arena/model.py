@@ -152,12 +152,7 @@ class ArenaNet(nn.Module):
         patches = self.patchify(context.float())  # [B, N, P]
         base = self.patch_in(patches.to(dtype)) + self.pos  # [B, N, D]
         ctx = base + self.frame_emb[0]
-        feat = self.key_features(keys.to(dtype))  # [B, F, F * 4 + 2]
-        first, act, second = self.key_mlp
-        # A matmul and an add, not F.linear: with K = 18 (not 16-byte aligned in bf16) F.linear's
-        # bias-fused cuBLASLt call failed inside a CUDA-graph capture at 32 worlds on the H200
-        # (CUBLAS_STATUS_INTERNAL_ERROR, bench/results/next12-h200/); plain cuBLAS does not.
-        cond = second(act(torch.matmul(feat, first.weight.t()) + first.bias))  # [B, F, D]
+        cond = self.key_mlp(self.key_features(keys.to(dtype)))  # [B, F, D]
         tgt = base[:, None] + self.frame_emb[1:, None] + cond[:, :, None]  # [B, F, N, D]
         x = torch.cat([ctx, tgt.reshape(b, f * n, cfg.dim)], dim=1)
         if kernels:
