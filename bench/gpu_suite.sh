@@ -96,6 +96,7 @@ declare -A PART_GROUPS=(
   [next16]="worlds-tests vae-tests worlds-arena-long"
   [next18]="vae-tests hdmap-encoder omni-fp8"
   [next19]="hdmap-encoder omni-fp8 vae-tests"
+  [next20]="worlds-mg wan22-speed"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"

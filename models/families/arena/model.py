@@ -26,7 +26,8 @@ from flashdreams.kernels import layer_norm_affine, residual_layer_norm, ring_att
 from flashdreams.kernels.palette_snap import palette_snap, palette_snap_reference
 from flashdreams.models.dit_ops import gelu_tanh_mlp
 
-IMPLS = ("auto", "torch", "triton")  # the step's norms and palette snap; auto: kernels on CUDA, torch elsewhere
+# How the step runs its norms, attention and palette snap: auto = our kernels on CUDA, torch elsewhere
+IMPLS = ("auto", "torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -144,8 +145,8 @@ class ArenaNet(nn.Module):
         return h
 
     def forward(self, context: torch.Tensor, keys: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        """`kernels`: the fused row kernels for the norms (CUDA, or the CPU under TRITON_INTERPRET=1;
-        inference only); the plain torch modules otherwise, as training runs."""
+        """`kernels`: our kernels for the norms and attention (`_blocks_fused`; CUDA, or the CPU under
+        TRITON_INTERPRET=1; inference only); the plain torch modules otherwise, as training runs."""
         cfg = self.cfg
         b, n, f = context.shape[0], cfg.tokens, cfg.frames
         dtype = self.patch_in.weight.dtype  # float32, or bfloat16 on a GPU (the residual `out` stays float32)
