@@ -516,9 +516,10 @@ class Session:
             self._emitted = None
             # No cyclic garbage collection inside a capture: a collection there can free objects that
             # own CUDA resources (events, pinned host blocks), and such calls invalidate a global-mode
-            # capture. The arena's 32-world bucket failed to capture that way now and then on the
-            # H200 (next12/next13-h200: CUBLAS_STATUS_* at whichever GEMM ran next), never with the
-            # collector off (torch.cuda.graph collects once on entry, before the capture begins).
+            # capture. The arena's 32-world bucket failed to capture now and then on the H200
+            # (next12/next13-h200: CUBLAS_STATUS_* at whichever GEMM ran next); with the collector
+            # off it has not since (a probe and every scan after; the cause is not pinned down:
+            # bench/results/NOTES.md). torch.cuda.graph collects once on entry, before capturing.
             collecting = gc.isenabled()
             gc.disable()
             try:
