@@ -374,6 +374,11 @@ def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tenso
     return (x.float() + y.float() * _per_token(gate, x.shape[1])).to(x.dtype)
 
 
+def residual_reference(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x + y in float32, rounded once to x's dtype: the ungated residual of the fused pairs."""
+    return (x.float() + y.float()).to(x.dtype)
+
+
 def gated_residual_adaln_reference(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -397,7 +402,7 @@ def residual_adaln_reference(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `residual_adaln` computes."""
-    x_new = (x.float() + y.float()).to(x.dtype)
+    x_new = residual_reference(x, y)
     return x_new, adaln_modulate_reference(x_new, shift, scale, eps, out_dtype)
 
 
@@ -432,5 +437,5 @@ def residual_layer_norm_reference(
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `residual_layer_norm` computes."""
-    x_new = (x.float() + y.float()).to(x.dtype)
+    x_new = residual_reference(x, y)
     return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)

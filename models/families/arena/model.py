@@ -64,16 +64,15 @@ class Block(nn.Module):
         self.fc1 = nn.Linear(dim, mlp * dim)
         self.fc2 = nn.Linear(mlp * dim, dim)
 
-    def attend(self, h: torch.Tensor, kernels: bool = False) -> torch.Tensor:
-        """The attention branch of the normed tokens h [B, N, D]: proj(softmax(q k^T) v). `kernels`:
-        our Triton attention on the [B, N, heads, d] views of the qkv projection (no transposes); at 64
-        worlds on the H200 the step took 1.22 ms with it and 1.30 with torch's SDPA (cuDNN at head dim
-        32), bench/results/next15-h200/diag.log."""
+    def attend(self, h: torch.Tensor, valid_len: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention branch of the normed tokens h [B, N, D]: proj(softmax(q k^T) v). With
+        `valid_len` (N as a device tensor: every key is valid) our Triton attention on the [B, N, heads,
+        d] views of the qkv projection (no transposes); at 64 worlds on the H200 the step took 1.22 ms
+        with it and 1.30 with torch's SDPA (cuDNN at head dim 32), bench/results/next15-h200/diag.log."""
         b, n, d = h.shape
         qkv = self.qkv(h).view(b, n, 3, self.heads, d // self.heads)
-        if kernels:
-            every = torch.full((1,), n, dtype=torch.int32, device=h.device)  # all N keys are valid
-            a = ring_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], every)
+        if valid_len is not None:
+            a = ring_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], valid_len)
             return self.proj(a.reshape(b, n, d))
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(q, k, v)
@@ -138,8 +137,9 @@ class ArenaNet(nn.Module):
         Inference only (the kernels have no backward). Returns the final norm of every token."""
         first = self.blocks[0].norm1
         h = layer_norm_affine(x, first.weight, first.bias, first.eps)
+        every = torch.full((1,), x.shape[1], dtype=torch.int32, device=x.device)  # all tokens are keys
         for i, blk in enumerate(self.blocks):
-            x, h = residual_layer_norm(x, blk.attend(h, kernels=True), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
+            x, h = residual_layer_norm(x, blk.attend(h, every), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             after = self.blocks[i + 1].norm1 if i + 1 < len(self.blocks) else self.norm
             x, h = residual_layer_norm(x, blk.mlp(h), after.weight, after.bias, after.eps)
         return h
