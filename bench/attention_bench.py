@@ -230,6 +230,12 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     }
     if prev_fp8 == fp8_cfg:
         del variants["fp8_prev_cfg"]
+    from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason, ring_attention_fa4
+
+    fa4_missing = fa4_unavailable_reason(dev)
+    rec.put("fa4", {"available": fa4_missing is None, "reason": fa4_missing})
+    if fa4_missing is None:  # FlashAttention-4's CuTe-DSL kernel, the third route of issue 22
+        variants["fa4"] = lambda kv, vl, rows: ring_attention_fa4(q, kc, vc, vl, scale, return_lse=True)
 
     def out_of(x) -> torch.Tensor:
         return (x[0] if isinstance(x, tuple) else x.transpose(1, 2))[:, : sh.check_rows]
@@ -248,7 +254,7 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
                 o = out_of(fn(kv, vl, block_rows(kv)))
                 outs[name] = o
                 err = rel_l2(o, ref)
-                limit = LIMITS["fp8" if name.startswith("fp8") else name.split("_")[0]]
+                limit = LIMITS["fp8" if name.startswith("fp8") else "bf16" if name == "fa4" else name.split("_")[0]]
                 return {"rel_l2_vs_exact": err, "ok": bool(torch.isfinite(o).all()) and err < limit}
 
             res[name] = attempt(one)

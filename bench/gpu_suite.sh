@@ -72,6 +72,11 @@ vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW
 worlds-tests|90|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
+fa4-tests|90|issue 22: FlashAttention-4 (the optional flash-attn-4 package) as the KV-ring attention on CUDA: against its twin at several ring lengths with NaN past the length, and inside a CUDA graph with the length changed between replays
+sf-fa4|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV) with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-5 profile of each
+omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, chunk-4 profile of each
+fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
+rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -97,6 +102,9 @@ declare -A PART_GROUPS=(
   [next18]="vae-tests hdmap-encoder omni-fp8"
   [next19]="hdmap-encoder omni-fp8 vae-tests"
   [next20]="worlds-mg wan22-speed"
+  [next21]="fa4-tests sf-fa4 attention"
+  [next22]="omni-fa4 rolling-fa4"
+  [next23]="fa4-sweep"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -509,6 +517,42 @@ part_vae-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/test_wan_vae.py $t/test_omnidreams_family.py \
     $t/test_dit_ops.py -k "channels_last or cat_frames or hdmap or cuda_graph or route or fuses"
+}
+
+part_fa4-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_ring_attention_fa4.py"
+}
+
+part_sf-fa4() {
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same command with our kernel alone
+    fdb_to sf-fa4 "$1" --preset tiny --attention triton --decoder none --blocks 2 --rollouts 1 --quick-ceilings
+  else
+    fdb_to sf-fa4 "$1" $SF --attention triton,fa4 --blocks 7 --rollouts 2 --profile-block 5
+  fi
+}
+
+part_fa4-sweep() {
+  [ $SMOKE = 1 ] && { echo "fa4-sweep has no CPU form (FlashAttention-4 needs an sm90+ GPU)"; return 0; }
+  py "$1" "$REPO/bench/fa4_sweep.py" --budget-s $(($1 - 30)) --out "$DEST/fa4-sweep.json"
+}
+
+part_omni-fa4() {
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same command with our kernel alone
+    fdb_to omni-fa4 "$1" --preset omnidreams-sv-tiny --attention triton --blocks 2 --rollouts 1 --quick-ceilings
+  else
+    fdb_to omni-fa4 "$1" --preset omnidreams-sv --random-weights --attention triton,fa4 --blocks 6 --rollouts 2 \
+      --profile-block 4
+  fi
+}
+
+part_rolling-fa4() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to rolling-fa4 "$1" --preset tiny --attention triton --decoder none --blocks 3 --rollouts 1 --steady-blocks 6 \
+      --quick-ceilings
+  else
+    fdb_to rolling-fa4 "$1" --preset self-forcing-1.3b-rolling --random-weights --decoder taehv --attention triton,fa4 \
+      --blocks 12 --rollouts 1 --steady-blocks 150 --profile-block 11
+  fi
 }
 
 part_hdmap-encoder() {

@@ -162,6 +162,11 @@ def build_engine(
     t_start = time.perf_counter()
     if batch < 1:
         raise InvalidArgumentError(f"batch must be >= 1, got {batch}")
+    if attention == "fa4":
+        raise InvalidArgumentError(
+            "attention 'fa4' (FlashAttention-4 for the KV ring) runs in eager sessions with CUDA graphs only; "
+            "build engines with attention sdpa or triton"
+        )
     out = Path(out_dir).absolute()
     _check_out_dir(out, force)
     gb = get_backend(backend, config)  # config None: BuildConfig(backend=backend)

@@ -203,6 +203,29 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return dev, dt
 
 
+def check_attention(attention: str, device: str | torch.device | None) -> None:
+    """Refuse attention="fa4" where FlashAttention-4 cannot run (the package or an sm90+ GPU missing)."""
+    if attention != "fa4":
+        return
+    from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason
+
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    reason = fa4_unavailable_reason(dev)
+    if reason:
+        raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}; use attention='triton'")
+
+
+def _select_ring_kernel(attention: str, device: str | torch.device | None) -> str:
+    """attention="fa4" is attention="triton" with FlashAttention-4 running the KV-ring attention
+    (process-wide: dit_ops.set_ring_attention_kernel); checked before anything loads."""
+    from flashdreams.models import dit_ops
+
+    check_attention(attention, device)
+    if attention in ("triton", "fa4"):
+        dit_ops.set_ring_attention_kernel(attention)
+    return "triton" if attention == "fa4" else attention
+
+
 def load(
     source: str | os.PathLike | None = None,
     *,
@@ -226,6 +249,8 @@ def load(
     `weights_seed` picks the random weights of the built-in and `random_weights` models; a
     session's own `seed` (engine.session) only drives its noise. `precision="fp8"` (with
     attention="triton") runs the blocks' linears and self-attention in float8 (opt-in).
+    `attention` is "sdpa" (torch), "triton" (our kernels) or "fa4" (our kernels, with the KV-ring
+    attention run by the optional flash-attn-4 package on sm90+ GPUs; for every session of the process).
 
     * `load()`: the built-in tiny model (deterministic random weights, no download).
     * `load(preset="self-forcing-1.3b", random_weights=True)`: full size, random weights (speed runs).
@@ -245,6 +270,7 @@ def load(
                 f"'{source}' is an engine directory missing its manifest.json (an interrupted copy or build?); "
                 "rebuild it with fd-build, or copy the whole directory again"
             )
+    attention = _select_ring_kernel(attention, device)
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:

@@ -281,6 +281,14 @@ def _check_attention_args(
         raise InvalidArgumentError(f"valid_len: expected 1 element, found shape {list(valid_len.shape)}")
 
 
+def resolve_scale(q: torch.Tensor, scale: float | None) -> float:
+    """The softmax scale: 1/sqrt(head_dim) by default; a given one must be positive and finite."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if not (scale > 0.0 and math.isfinite(scale)):
+        raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
+    return scale
+
+
 def ring_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -296,9 +304,7 @@ def ring_attention(
     attentions). `scale` defaults to 1/sqrt(d).
     """
     _check_attention_args(q, k_cache, v_cache, valid_len)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not (scale > 0.0 and math.isfinite(scale)):
-        raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
+    scale = resolve_scale(q, scale)
     require_triton(q.device)
     out, lse = torch.ops.flashdreams.ring_attention(q, k_cache, v_cache, valid_len.reshape(1), scale)
     return (out, lse) if return_lse else out

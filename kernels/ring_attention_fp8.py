@@ -80,7 +80,7 @@ from ._common import (
     triton,
 )
 from .attention_merge import merge_into
-from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok
+from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok, resolve_scale
 from .ring_attention_configs import AttnConfig
 
 E4M3_MAX = 448.0
@@ -604,9 +604,7 @@ def ring_attention_fp8(
     and, with `return_lse`, the natural-log LSE `[B, N, Lq]` float32. `scale` defaults to 1/sqrt(d).
     """
     _check_attention_args(q, k_cache, v_cache, valid_len)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    if not (scale > 0.0 and math.isfinite(scale)):
-        raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
+    scale = resolve_scale(q, scale)
     require_triton(q.device)
     out, lse = torch.ops.flashdreams.ring_attention_fp8(q, k_cache, v_cache, valid_len.reshape(1), scale, bool(pv_fp8))
     return (out, lse) if return_lse else out

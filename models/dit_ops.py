@@ -15,11 +15,28 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.rope import apply_rope
 
 IMPLS = ("sdpa", "triton")
+# Which kernel runs the KV-ring attention when impl="triton": ours, or FlashAttention-4's CuTe-DSL
+# kernel (an optional package; kernels/ring_attention_fa4.py). Process-wide, set by
+# `set_ring_attention_kernel` (flashdreams.load(attention="fa4") does); the norms stay ours either way.
+RING_KERNELS = ("triton", "fa4")
+_ring_kernel = "triton"
 
 
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise InvalidArgumentError(f"attention implementation '{impl}' is unknown; choose one of {IMPLS}")
+
+
+def set_ring_attention_kernel(name: str) -> None:
+    """Pick the kernel of the KV-ring attention for every later forward with impl="triton" in this process."""
+    global _ring_kernel
+    if name not in RING_KERNELS:
+        raise InvalidArgumentError(f"ring attention kernel '{name}' is unknown; choose one of {RING_KERNELS}")
+    _ring_kernel = name
+
+
+def ring_attention_kernel() -> str:
+    return _ring_kernel
 
 
 def _kernels():
@@ -223,6 +240,10 @@ def ring_attention(
             raise InvalidArgumentError("precision 'fp8' needs attention='triton' (there is no torch FP8 attention)")
         return _kernels().ring_attention_fp8(q, ring_k, ring_v, valid_len)
     if impl == "triton":
+        if _ring_kernel == "fa4":
+            from flashdreams.kernels.ring_attention_fa4 import ring_attention_fa4
+
+            return ring_attention_fa4(q, ring_k, ring_v, valid_len)
         return _kernels().ring_attention(q, ring_k, ring_v, valid_len)
     if valid_len_host is not None:
         return attention(q, ring_k[:, :valid_len_host], ring_v[:, :valid_len_host])

@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from flashdreams.benchmark.environment import environment, measure_ceilings
     from flashdreams.benchmark.report import compare, plots, precision_label, table
     from flashdreams.benchmark.runner import BenchConfig, run_config
-    from flashdreams.engine import resolve_device_dtype
+    from flashdreams.engine import check_attention, resolve_device_dtype
     from flashdreams.export.backends import backend_names
     from flashdreams.presets import get_preset
 
@@ -113,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
         device, dtype = resolve_device_dtype(kw["device"], kw["dtype"])
         preset = get_preset(kw["preset"] or ("self-forcing-1.3b" if kw["source"] else "tiny"))
         check_load_args({**kw, "preset": preset.name, "attention": None, "precision": None})
+        for attention in split_list(args.attention):
+            check_attention(attention, device)  # before the first run, not after it
         if args.blocks < 2:
             raise InvalidArgumentError("--blocks must be at least 2 (a first block and a steady one)")
         if args.rollouts < 1:

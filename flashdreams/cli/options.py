@@ -19,7 +19,7 @@ from typing import Any
 from flashdreams.errors import InvalidArgumentError, NotFoundError
 from flashdreams.export.build_config import INDUCTOR_MODES, BuildConfig
 
-ATTENTIONS = ("sdpa", "triton")
+ATTENTIONS = ("sdpa", "triton", "fa4")
 PRECISIONS = ("bf16", "fp8")
 # Python argument names that differ from their option's dest: flashdreams.load's `source` is --checkpoint.
 ALIASES = {"source": "checkpoint"}
@@ -74,14 +74,16 @@ def add_load_options(
             "--attention",
             default="sdpa",
             type=comma_list(ATTENTIONS),
-            help="comma list of attention/norm kernels: sdpa (torch), triton (ours); default sdpa",
+            help="comma list of attention/norm kernels: sdpa (torch), triton (ours), fa4 (ours, with the KV-ring "
+            "attention by the optional flash-attn-4 package, sm90+); default sdpa",
         )
     else:
         g.add_argument(
             "--attention",
             default="sdpa",
             choices=ATTENTIONS,
-            help="attention/norm kernels: sdpa (torch, default) or triton (ours, fused)",
+            help="attention/norm kernels: sdpa (torch, default), triton (ours, fused) or fa4 (ours, with the KV-ring "
+            "attention by the optional flash-attn-4 package, sm90+; eager sessions only)",
         )
     fp8 = "fp8: the DiT blocks' linears and self-attention in float8 e4m3 (needs --attention triton)"
     if lists:

@@ -1,0 +1,99 @@
+"""Ring attention through FlashAttention-4's CuTe-DSL kernel (the optional `flash-attn-4` package).
+
+Issue 22 weighs three routes to a Hopper-class attention (TMA loads, wgmma, warp-specialized
+producer/consumer pipelines): our Triton kernel, a CUDA C++ kernel of our own, and
+FlashAttention-4, whose package carries an sm90 forward written in NVIDIA's CuTe DSL. This
+module is the third route, behind the same contract as `ring_attention`: q `[B, Lq, N, d]`
+over ring rows `[0, valid_len)` of `[B, S, N, d]` K/V caches, `valid_len` a device tensor.
+
+FlashAttention-4 takes per-sequence key counts on the device (`seqused_k`), so the ring's
+length is read by the kernel and one CUDA graph serves every fill level, as with our kernel.
+Its kernels are compiled by the CuTe DSL on the first call of each shape (seconds), on the host:
+sessions warm up before they capture, so captures replay the compiled kernel.
+
+It is an optional dependency (`pip install flash-attn-4`, sm90 or newer) and never the default:
+`fa4_unavailable_reason` says why it cannot run, and the engine picks it only when asked
+(`flashdreams.load(attention="fa4")`). The torch twin is `ring_attention_reference`.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+
+import torch
+
+from flashdreams.errors import InvalidArgumentError
+
+from .ring_attention import _check_attention_args, resolve_scale
+
+PACKAGE = "flash_attn.cute"
+
+
+@functools.cache
+def _package_missing() -> str | None:
+    try:
+        found = importlib.util.find_spec(PACKAGE) is not None
+    except ModuleNotFoundError:
+        found = False
+    return None if found else "the flash-attn-4 package is not installed (pip install flash-attn-4)"
+
+
+def fa4_unavailable_reason(device: torch.device | str) -> str | None:
+    """None when FlashAttention-4 can run on `device`, else a sentence saying why not."""
+    dev = torch.device(device)
+    if dev.type != "cuda" or not torch.cuda.is_available():
+        return f"it needs a CUDA GPU (device is {dev})"
+    major, _ = torch.cuda.get_device_capability(dev)
+    if major < 9:
+        return f"it needs compute capability 9.0 or newer (this GPU is {major}.x)"
+    return _package_missing()
+
+
+def _fa4_op(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    from flash_attn.cute import flash_attn_varlen_func
+
+    # One length per batch row, int32 and contiguous, as seqused_k wants; still on the device.
+    used = valid_len.reshape(1).to(torch.int32).expand(q.shape[0]).contiguous()
+    out, lse = flash_attn_varlen_func(q, k_cache, v_cache, seqused_k=used, softmax_scale=scale, return_lse=True)
+    return out, lse
+
+
+_op = None
+
+
+def _registered_op():
+    """`torch.ops.flashdreams.ring_attention_fa4`: opaque to compilers (the CuTe DSL call cannot be traced)."""
+    global _op
+    if _op is None:
+        op = torch.library.custom_op("flashdreams::ring_attention_fa4", _fa4_op, mutates_args=())
+
+        @op.register_fake
+        def _(q, k_cache, v_cache, valid_len, scale):
+            B, Lq, H, _ = q.shape
+            return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+        _op = op
+    return _op
+
+
+def ring_attention_fa4(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """`ring_attention` computed by FlashAttention-4 (same arguments, outputs and lse layout)."""
+    _check_attention_args(q, k_cache, v_cache, valid_len)
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise InvalidArgumentError(f"q: FlashAttention-4 takes bfloat16 or float16, found {q.dtype}")
+    scale = resolve_scale(q, scale)
+    reason = fa4_unavailable_reason(q.device)
+    if reason:
+        raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}")
+    out, lse = _registered_op()(q, k_cache, v_cache, valid_len, scale)
+    return (out, lse) if return_lse else out

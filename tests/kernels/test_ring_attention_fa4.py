@@ -1,0 +1,127 @@
+"""FlashAttention-4 as the KV-ring attention (attention="fa4"): its contract, its refusals, its routing.
+
+The kernel itself needs the optional flash-attn-4 package and an sm90+ GPU (gpu-marked tests, which
+skip without them); everywhere else the refusals are checked: a named error before anything loads,
+and the process-wide kernel choice left as it was.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.kernels.ring_attention import ring_attention_reference
+from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason, ring_attention_fa4
+from flashdreams.models import dit_ops
+from flashdreams.numerics import rel_l2
+
+GPU_REASON = fa4_unavailable_reason("cuda") if torch.cuda.is_available() else "no CUDA GPU"
+
+
+@pytest.fixture(autouse=True)
+def _restore_kernel():
+    before = dit_ops.ring_attention_kernel()
+    yield
+    dit_ops.set_ring_attention_kernel(before)
+
+
+def _ring(B=1, Lq=64, S=320, H=2, d=64, dtype=torch.bfloat16, device="cpu", seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q, k, v = (torch.randn(B, n, H, d, generator=g).to(device, dtype) for n in (Lq, S, S))
+    return q, k, v
+
+
+def test_unavailable_reason_names_what_is_missing() -> None:
+    assert "CUDA" in fa4_unavailable_reason("cpu")
+
+
+def test_refused_on_cpu_with_a_named_error() -> None:
+    q, k, v = _ring()
+    with pytest.raises(InvalidArgumentError, match="fa4"):
+        ring_attention_fa4(q, k, v, torch.tensor([100]))
+
+
+def test_bad_arguments_are_refused_before_the_device_check() -> None:
+    q, k, v = _ring()
+    with pytest.raises(InvalidArgumentError, match="k_cache"):
+        ring_attention_fa4(q, k[:, :, :1], v, torch.tensor([100]))
+    with pytest.raises(InvalidArgumentError, match="float16"):
+        ring_attention_fa4(q.float(), k.float(), v.float(), torch.tensor([100]))
+    with pytest.raises(InvalidArgumentError, match="scale"):
+        ring_attention_fa4(q, k, v, torch.tensor([100]), scale=-1.0)
+
+
+def test_unknown_ring_kernel_is_refused() -> None:
+    with pytest.raises(InvalidArgumentError, match="choose one of"):
+        dit_ops.set_ring_attention_kernel("flash3")
+    assert dit_ops.ring_attention_kernel() in dit_ops.RING_KERNELS
+
+
+def test_load_with_fa4_refuses_before_loading_and_keeps_the_kernel() -> None:
+    import flashdreams
+
+    dit_ops.set_ring_attention_kernel("triton")
+    with pytest.raises(InvalidArgumentError, match="attention 'fa4' cannot run here"):
+        flashdreams.load(attention="fa4", device="cpu")
+    assert dit_ops.ring_attention_kernel() == "triton"
+
+
+def test_engine_build_refuses_fa4(tmp_path) -> None:
+    from flashdreams.export.build import build_engine
+
+    with pytest.raises(InvalidArgumentError, match="eager sessions"):
+        build_engine(tmp_path / "eng", attention="fa4", device="cpu")
+    assert not (tmp_path / "eng").exists()
+
+
+def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
+    """With the kernel set to fa4, impl="triton" ring attention calls FlashAttention-4's entry point
+    (replaced here by the torch twin, which the GPU test holds the real kernel to)."""
+    import flashdreams.kernels.ring_attention_fa4 as fa4
+
+    calls = []
+
+    def twin(q, k, v, valid_len, scale=None, return_lse=False):
+        calls.append(int(valid_len.reshape(-1)[0]))
+        return ring_attention_reference(q.float(), k, v, valid_len).to(q.dtype)
+
+    monkeypatch.setattr(fa4, "ring_attention_fa4", twin)
+    q, k, v = _ring(dtype=torch.float32)
+    dit_ops.set_ring_attention_kernel("fa4")
+    out = dit_ops.ring_attention(q, k, v, torch.tensor([200]), impl="triton")
+    assert calls == [200]
+    ref = ring_attention_reference(q, k, v, torch.tensor([200]))
+    assert rel_l2(out, ref) < 1e-5
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"FlashAttention-4 cannot run: {GPU_REASON}")
+@pytest.mark.parametrize("valid", [1, 129, 640, 1000])
+def test_fa4_equals_the_twin(valid: int) -> None:
+    q, k, v = _ring(B=2, Lq=300, S=1024, H=4, d=128, device="cuda")
+    k[:, valid:] = float("nan")  # rows past the ring's length never count
+    v[:, valid:] = float("nan")
+    vl = torch.tensor([valid], device="cuda", dtype=torch.int32)
+    out, lse = ring_attention_fa4(q, k, v, vl, return_lse=True)
+    ref, ref_lse = ring_attention_reference(q.float(), k.float(), v.float(), vl, return_lse=True)
+    assert out.shape == q.shape and lse.shape == (2, 4, 300)
+    assert rel_l2(out.float(), ref) < 1e-2
+    assert torch.allclose(lse, ref_lse, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"FlashAttention-4 cannot run: {GPU_REASON}")
+def test_fa4_reads_the_length_on_the_device_inside_a_cuda_graph() -> None:
+    q, k, v = _ring(B=1, Lq=256, S=2048, H=2, d=128, device="cuda")
+    vl = torch.tensor([512], device="cuda", dtype=torch.int32)
+    ring_attention_fa4(q, k, v, vl)  # compile before the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = ring_attention_fa4(q, k, v, vl)
+    for valid in (512, 1800, 77):
+        vl.fill_(valid)
+        graph.replay()
+        ref = ring_attention_reference(q.float(), k.float(), v.float(), vl)
+        assert rel_l2(out.float(), ref) < 1e-2, valid
