@@ -38,6 +38,7 @@ fp8-kernels|240|FP8 attention and linears vs bf16, peak, FP8 config sweep (bench
 engine|330|bench/engine_bench.py: build the full-size engine, cold start in a fresh process, engine vs eager; FD_SUITE_ENGINE_ARGS adds options (--no-eager, --cold-env K=V) (rounds 4, 8, 9, 10, 11)
 build|400|fd-build of the full-size engine, when the engine part left none (round 5)
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
+cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
@@ -75,6 +76,7 @@ hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 7
 fa4-tests|90|issue 22: FlashAttention-4 (the optional flash-attn-4 package) as the KV-ring attention on CUDA: against its twin at several ring lengths with NaN past the length, and inside a CUDA graph with the length changed between replays
 sf-fa4|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV) with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-5 profile of each
 omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, chunk-4 profile of each
+cosmos-fa4|260|issue 16: Cosmos-Predict2.5 2B, one CFG evaluation of 93 frames at 704x1280 (bidirectional self-attention) with --omni-attention triton (torch SDPA for that attention) and then fa4 (FlashAttention-4's dense kernel), TFLOP/s vs the matmul peak
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
@@ -105,6 +107,8 @@ declare -A PART_GROUPS=(
   [next21]="fa4-tests sf-fa4 attention"
   [next22]="omni-fa4 rolling-fa4"
   [next23]="fa4-sweep"
+  [next24]="build cold cold-pyc"
+  [next25]="fa4-tests cosmos-fa4"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -332,9 +336,26 @@ part_build() {
   fi
 }
 
-part_cold() {
-  # fd-bench's first run in a process records process start -> first frame; three fresh processes,
-  # each with empty Inductor / Triton caches, as on a new machine.
+part_cold() { cold_runs cold "$1"; }
+
+part_cold-pyc() {
+  # The lent image ships its Python packages without bytecode (a normal pip install writes it), so a
+  # fresh process there compiles torch's and sympy's source first (6.4 s of 20 on the H100). Byte-compile
+  # what a cold start imports, then measure the same three cold processes.
+  local t0 site
+  t0=$(date +%s)
+  if [ $SMOKE = 0 ] && [ $DRY = 0 ]; then
+    site=$($PY -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+    (cd "$site" && timeout $(($1 / 2)) "$PY" -m compileall -q -j 0 torch sympy triton numpy mpmath networkx jinja2 \
+      markupsafe filelock fsspec safetensors tqdm typing_extensions.py >/dev/null 2>&1)
+    echo "byte-compiled the packages a cold start imports in $(($(date +%s) - t0)) s ($site)"
+  fi
+  cold_runs cold-pyc $(($1 - ($(date +%s) - t0)))
+}
+
+cold_runs() { # cold_runs NAME LIMIT: three fresh processes from the built engine -> $DEST/NAME.json
+  local name=$1
+  shift
   if [ $DRY = 0 ] && [ ! -f "$ENGINE/manifest.json" ]; then
     echo "no engine at $ENGINE: run the engine or build part first"
     return 3
@@ -348,7 +369,7 @@ part_cold() {
       --quick-ceilings --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
   done
   [ $DRY = 1 ] && return 0
-  py 30 - "$WORK" "$DEST/cold.json" <<'EOF'
+  py 30 - "$WORK" "$DEST/$name.json" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 runs = []
@@ -620,6 +641,15 @@ part_mg-steady() {
 
 part_omnidreams-triton() {
   fam_to omnidreams-triton "$1" --omni-attention triton omnidreams
+}
+
+part_cosmos-fa4() {
+  local t0 rc=0
+  t0=$(date +%s)
+  fam_to cosmos-triton $(($1 / 2)) --reps 3 --omni-attention triton cosmos || rc=$?
+  [ $SMOKE = 1 ] && return $rc # FlashAttention-4 needs a GPU
+  fam_to cosmos-fa4 $(($1 - ($(date +%s) - t0))) --reps 3 --omni-attention fa4 cosmos || rc=$?
+  return $rc
 }
 
 part_lingbot-fp8() {

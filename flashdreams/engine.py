@@ -221,8 +221,7 @@ def _select_ring_kernel(attention: str, device: str | torch.device | None) -> st
     from flashdreams.models import dit_ops
 
     check_attention(attention, device)
-    if attention in ("triton", "fa4"):
-        dit_ops.set_ring_attention_kernel(attention)
+    dit_ops.set_ring_attention_kernel("fa4" if attention == "fa4" else "triton")
     return "triton" if attention == "fa4" else attention
 
 

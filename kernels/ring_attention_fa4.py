@@ -11,6 +11,8 @@ length is read by the kernel and one CUDA graph serves every fill level, as with
 Its kernels are compiled by the CuTe DSL on the first call of each shape (seconds), on the host:
 sessions warm up before they capture, so captures replay the compiled kernel.
 
+`attention_fa4` is the same package's dense kernel, for the bidirectional models' self-attention.
+
 It is an optional dependency (`pip install flash-attn-4`, sm90 or newer) and never the default:
 `fa4_unavailable_reason` says why it cannot run, and the engine picks it only when asked
 (`flashdreams.load(attention="fa4")`). The torch twin is `ring_attention_reference`.
@@ -25,6 +27,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 
+from ._common import FLOAT_DTYPES, check_shape, check_tensor
 from .ring_attention import _check_attention_args, resolve_scale
 
 PACKAGE = "flash_attn.cute"
@@ -61,22 +64,53 @@ def _fa4_op(
     return out, lse
 
 
-_op = None
+def _dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func
+
+    return flash_attn_func(q, k, v, softmax_scale=scale)[0]
 
 
-def _registered_op():
-    """`torch.ops.flashdreams.ring_attention_fa4`: opaque to compilers (the CuTe DSL call cannot be traced)."""
-    global _op
-    if _op is None:
-        op = torch.library.custom_op("flashdreams::ring_attention_fa4", _fa4_op, mutates_args=())
+_ops: dict = {}
 
-        @op.register_fake
-        def _(q, k_cache, v_cache, valid_len, scale):
-            B, Lq, H, _ = q.shape
-            return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
 
-        _op = op
-    return _op
+def _registered_op(name: str):
+    """`torch.ops.flashdreams.<name>`: opaque to compilers (the CuTe DSL call cannot be traced)."""
+    if name not in _ops:
+        if name == "ring_attention_fa4":
+            op = torch.library.custom_op("flashdreams::ring_attention_fa4", _fa4_op, mutates_args=())
+
+            @op.register_fake
+            def _(q, k_cache, v_cache, valid_len, scale):
+                B, Lq, H, _ = q.shape
+                return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
+
+        else:
+            op = torch.library.custom_op("flashdreams::attention_fa4", _dense_op, mutates_args=())
+            op.register_fake(lambda q, k, v, scale: torch.empty_like(q))
+        _ops[name] = op
+    return _ops[name]
+
+
+def _check_runnable(q: torch.Tensor, scale: float | None) -> float:
+    if q.dtype not in (torch.bfloat16, torch.float16):
+        raise InvalidArgumentError(f"q: FlashAttention-4 takes bfloat16 or float16, found {q.dtype}")
+    scale = resolve_scale(q, scale)
+    reason = fa4_unavailable_reason(q.device)
+    if reason:
+        raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}")
+    return scale
+
+
+def attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
+    """Unmasked softmax(q k^T * scale) v by FlashAttention-4: q [B, Lq, N, d], k/v [B, Lk, N, d] ->
+    [B, Lq, N, d] (the bidirectional models' self-attention; `dit_ops.attention` is its torch form)."""
+    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, last_contiguous=True)
+    B, _, H, d = q.shape
+    for name, t in (("k", k), ("v", v)):
+        check_tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device, last_contiguous=True)
+        check_shape(name, t, (B, k.shape[1], H, d))
+    scale = _check_runnable(q, scale)
+    return _registered_op("attention_fa4")(q, k, v, scale)
 
 
 def ring_attention_fa4(
@@ -89,11 +123,6 @@ def ring_attention_fa4(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`ring_attention` computed by FlashAttention-4 (same arguments, outputs and lse layout)."""
     _check_attention_args(q, k_cache, v_cache, valid_len)
-    if q.dtype not in (torch.bfloat16, torch.float16):
-        raise InvalidArgumentError(f"q: FlashAttention-4 takes bfloat16 or float16, found {q.dtype}")
-    scale = resolve_scale(q, scale)
-    reason = fa4_unavailable_reason(q.device)
-    if reason:
-        raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}")
-    out, lse = _registered_op()(q, k_cache, v_cache, valid_len, scale)
+    scale = _check_runnable(q, scale)
+    out, lse = _registered_op("ring_attention_fa4")(q, k_cache, v_cache, valid_len, scale)
     return (out, lse) if return_lse else out

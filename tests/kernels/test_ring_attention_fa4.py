@@ -12,7 +12,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.kernels.ring_attention import ring_attention_reference
-from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason, ring_attention_fa4
+from flashdreams.kernels.ring_attention_fa4 import attention_fa4, fa4_unavailable_reason, ring_attention_fa4
 from flashdreams.models import dit_ops
 from flashdreams.numerics import rel_l2
 
@@ -50,6 +50,14 @@ def test_bad_arguments_are_refused_before_the_device_check() -> None:
         ring_attention_fa4(q.float(), k.float(), v.float(), torch.tensor([100]))
     with pytest.raises(InvalidArgumentError, match="scale"):
         ring_attention_fa4(q, k, v, torch.tensor([100]), scale=-1.0)
+
+
+def test_dense_form_checks_its_arguments() -> None:
+    q, k, v = _ring()
+    with pytest.raises(InvalidArgumentError, match="k:"):
+        attention_fa4(q, k[:, :, :1], v)
+    with pytest.raises(InvalidArgumentError, match="cannot run here"):
+        attention_fa4(q, k, v)
 
 
 def test_unknown_ring_kernel_is_refused() -> None:
@@ -93,6 +101,36 @@ def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
     assert calls == [200]
     ref = ring_attention_reference(q, k, v, torch.tensor([200]))
     assert rel_l2(out, ref) < 1e-5
+
+
+def test_bidirectional_self_attention_follows_the_choice(monkeypatch) -> None:
+    """dit_ops.self_attention: torch SDPA unless impl="triton" with the kernel set to fa4."""
+    import flashdreams.kernels.ring_attention_fa4 as fa4
+
+    calls = []
+
+    def twin(q, k, v, scale=None):
+        calls.append(q.shape)
+        return dit_ops.attention(q, k, v)
+
+    monkeypatch.setattr(fa4, "attention_fa4", twin)
+    q, k, v = _ring(dtype=torch.float32)
+    dit_ops.set_ring_attention_kernel("fa4")
+    ref = dit_ops.attention(q, k, v)
+    assert torch.equal(dit_ops.self_attention(q, k, v, "sdpa"), ref) and calls == []
+    assert torch.equal(dit_ops.self_attention(q, k, v, "triton"), ref) and calls == [q.shape]
+    dit_ops.set_ring_attention_kernel("triton")
+    dit_ops.self_attention(q, k, v, "triton")
+    assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"FlashAttention-4 cannot run: {GPU_REASON}")
+def test_fa4_dense_equals_sdpa() -> None:
+    q, k, v = _ring(B=2, Lq=300, S=700, H=4, d=128, device="cuda")
+    out = attention_fa4(q, k, v)
+    ref = dit_ops.attention(q.float(), k.float(), v.float())
+    assert out.shape == q.shape and rel_l2(out.float(), ref) < 1e-2
 
 
 @pytest.mark.gpu
