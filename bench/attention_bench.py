@@ -230,7 +230,7 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     }
     if prev_fp8 == fp8_cfg:
         del variants["fp8_prev_cfg"]
-    from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason, ring_attention_fa4
+    from flashdreams.kernels.fa4_attention import fa4_unavailable_reason, ring_attention_fa4
 
     fa4_missing = fa4_unavailable_reason(dev)
     rec.put("fa4", {"available": fa4_missing is None, "reason": fa4_missing})

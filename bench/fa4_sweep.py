@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from attention_bench import Recorder, attempt, make_timer, rms_normed  # noqa: E402
 
 from flashdreams.benchmark.environment import environment  # noqa: E402
-from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason  # noqa: E402
+from flashdreams.kernels.fa4_attention import fa4_unavailable_reason  # noqa: E402
 from flashdreams.numerics import rel_l2  # noqa: E402
 
 LQ, HEADS, D, CAPACITY = 4680, 12, 128, 32760

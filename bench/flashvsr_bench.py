@@ -33,6 +33,8 @@ from flashdreams.kernels.block_sparse_attention import (
     mask_to_lists,
     select_blocks,
 )
+from flashdreams.kernels.fa4_attention import block_sparse_attention_fa4, fa4_unavailable_reason
+from flashdreams.numerics import rel_l2
 from flashdreams.registry import all_presets
 from flashdreams.stage import Upscaler
 
@@ -115,6 +117,14 @@ def attention_rate(preset, device, dtype, reps: int) -> dict:
     full = torch.ones_like(mask)
     full_ms = statistics.median(time_calls_ms(lambda: block_sparse_attention(q, k, v, full), device, reps, 3))
     dense_flop = 4.0 * slab * 4 * slab * cfg.num_heads * cfg.head_dim
+    fa4: dict = {"unavailable": fa4_unavailable_reason(device)}
+    if fa4["unavailable"] is None:  # FlashAttention-4's block-sparse kernel on the same mask
+        got = block_sparse_attention_fa4(q, k, v, mask)
+        fa4["rel_l2_vs_ours"] = rel_l2(got.float(), block_sparse_attention(q, k, v, mask).float())
+        fa4["ms"] = statistics.median(time_calls_ms(lambda: block_sparse_attention_fa4(q, k, v, mask), device, reps, 3))
+        fa4["tflops_achieved"] = density * dense_flop / fa4["ms"] / 1e9
+        fa4["speedup_vs_ours"] = sparse_ms / fa4["ms"]
+        fa4["speedup_vs_dense_sdpa"] = dense_ms / fa4["ms"]
     counts, idx = mask_to_lists(mask)
     scale = cfg.head_dim**-0.5
     tiles = {}
@@ -141,6 +151,7 @@ def attention_rate(preset, device, dtype, reps: int) -> dict:
         "full_mask_tflops": dense_flop / full_ms / 1e9,
         "dense_sdpa_tflops": dense_flop / dense_ms / 1e9,
         "tile_sweep_ms": tiles,
+        "fa4": fa4,
     }
 
 

@@ -76,6 +76,7 @@ hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 7
 fa4-tests|90|issue 22: FlashAttention-4 (the optional flash-attn-4 package) as the KV-ring attention on CUDA: against its twin at several ring lengths with NaN past the length, and inside a CUDA graph with the length changed between replays
 sf-fa4|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV) with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-5 profile of each
 omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, chunk-4 profile of each
+vsr-fa4|300|issue 20: FlashVSR 768x1408 sparse 2.0 steady FPS with our block-sparse kernel, then with FlashAttention-4's (--attention fa4), and both kernels against dense SDPA on the steady call's q/k/v and mask (bench/family_parts.py)
 cosmos-fa4|260|issue 16: Cosmos-Predict2.5 2B, one CFG evaluation of 93 frames at 704x1280 (bidirectional self-attention) with --omni-attention triton (torch SDPA for that attention) and then fa4 (FlashAttention-4's dense kernel), TFLOP/s vs the matmul peak
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
@@ -108,7 +109,7 @@ declare -A PART_GROUPS=(
   [next22]="omni-fa4 rolling-fa4"
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc"
-  [next25]="fa4-tests cosmos-fa4"
+  [next25]="fa4-tests vsr-fa4 cosmos-fa4"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -541,7 +542,7 @@ part_vae-tests() {
 }
 
 part_fa4-tests() {
-  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_ring_attention_fa4.py"
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_fa4_attention.py"
 }
 
 part_sf-fa4() {
@@ -641,6 +642,18 @@ part_mg-steady() {
 
 part_omnidreams-triton() {
   fam_to omnidreams-triton "$1" --omni-attention triton omnidreams
+}
+
+part_vsr-fa4() {
+  local t0 rc=0
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: our kernel alone
+    fam_to vsr-fa4 "$1" vsr-stream:flashvsr-tiny
+    return
+  fi
+  fam_to vsr-triton $(($1 * 2 / 5)) --attention triton vsr-stream:flashvsr || rc=$?
+  fam_to vsr-fa4 $(($1 - ($(date +%s) - t0))) --attention fa4 vsr-stream:flashvsr vsr-attn:flashvsr || rc=$?
+  return $rc
 }
 
 part_cosmos-fa4() {

@@ -207,7 +207,7 @@ def check_attention(attention: str, device: str | torch.device | None) -> None:
     """Refuse attention="fa4" where FlashAttention-4 cannot run (the package or an sm90+ GPU missing)."""
     if attention != "fa4":
         return
-    from flashdreams.kernels.ring_attention_fa4 import fa4_unavailable_reason
+    from flashdreams.kernels.fa4_attention import fa4_unavailable_reason
 
     dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     reason = fa4_unavailable_reason(dev)

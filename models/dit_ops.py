@@ -17,7 +17,7 @@ from flashdreams.models.rope import apply_rope
 IMPLS = ("sdpa", "triton")
 # Which kernel runs the self-attention when impl="triton": ours (the KV ring; bidirectional models
 # use torch's SDPA), or FlashAttention-4's CuTe-DSL kernels for both (an optional package;
-# kernels/ring_attention_fa4.py). Process-wide, set by `set_ring_attention_kernel`
+# kernels/fa4_attention.py). Process-wide, set by `set_ring_attention_kernel`
 # (flashdreams.load(attention=...) does); the norms stay ours either way.
 RING_KERNELS = ("triton", "fa4")
 _ring_kernel = "triton"
@@ -161,7 +161,7 @@ def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str 
     """A bidirectional model's self-attention: `attention`, or FlashAttention-4's dense kernel when
     impl="triton" and the ring-attention kernel is "fa4" (one choice covers both)."""
     if impl == "triton" and _ring_kernel == "fa4":
-        from flashdreams.kernels.ring_attention_fa4 import attention_fa4
+        from flashdreams.kernels.fa4_attention import attention_fa4
 
         return attention_fa4(q, k, v)
     return attention(q, k, v)
@@ -252,7 +252,7 @@ def ring_attention(
         return _kernels().ring_attention_fp8(q, ring_k, ring_v, valid_len)
     if impl == "triton":
         if _ring_kernel == "fa4":
-            from flashdreams.kernels.ring_attention_fa4 import ring_attention_fa4
+            from flashdreams.kernels.fa4_attention import ring_attention_fa4
 
             return ring_attention_fa4(q, ring_k, ring_v, valid_len)
         return _kernels().ring_attention(q, ring_k, ring_v, valid_len)

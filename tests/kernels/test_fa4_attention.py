@@ -11,8 +11,14 @@ import pytest
 import torch
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.kernels.block_sparse_attention import block_sparse_attention_reference
+from flashdreams.kernels.fa4_attention import (
+    attention_fa4,
+    block_sparse_attention_fa4,
+    fa4_unavailable_reason,
+    ring_attention_fa4,
+)
 from flashdreams.kernels.ring_attention import ring_attention_reference
-from flashdreams.kernels.ring_attention_fa4 import attention_fa4, fa4_unavailable_reason, ring_attention_fa4
 from flashdreams.models import dit_ops
 from flashdreams.numerics import rel_l2
 
@@ -60,6 +66,38 @@ def test_dense_form_checks_its_arguments() -> None:
         attention_fa4(q, k, v)
 
 
+def test_block_sparse_form_checks_its_arguments() -> None:
+    q, k, v = _ring(Lq=256, S=512)
+    mask = torch.ones(1, 2, 2, 4, dtype=torch.bool)
+    with pytest.raises(InvalidArgumentError, match="mask"):
+        block_sparse_attention_fa4(q, k, v, mask[:, :, :, :3])
+    with pytest.raises(InvalidArgumentError, match="128-token windows"):
+        block_sparse_attention_fa4(q, k, v, torch.ones(1, 2, 4, 8, dtype=torch.bool), block=64)
+    with pytest.raises(InvalidArgumentError, match="cannot run here"):
+        block_sparse_attention_fa4(q, k, v, mask)
+
+
+def test_flashvsr_lcsa_follows_the_choice(monkeypatch) -> None:
+    """FlashVSR's windowed attention goes to FlashAttention-4's block-sparse kernel with the fa4 choice."""
+    import flashdreams.kernels.fa4_attention as fa4
+    from flashdreams.models.families.flashvsr import dit as vsr_dit
+
+    calls = []
+
+    def twin(q, k, v, mask, block=128):
+        calls.append(tuple(mask.shape))
+        return block_sparse_attention_reference(q, k, v, mask, block).to(q.dtype)
+
+    monkeypatch.setattr(fa4, "block_sparse_attention_fa4", twin)
+    q, k, v = _ring(Lq=4 * 128, S=8 * 128, dtype=torch.float32)
+    dit_ops.set_ring_attention_kernel("fa4")
+    out = vsr_dit.lcsa_attention(q, k, v, (2, 2), topk=3, local_range=3, mode="sparse", impl="triton")
+    assert calls == [(1, 2, 4, 8)]
+    dit_ops.set_ring_attention_kernel("triton")
+    ref = vsr_dit.lcsa_attention(q, k, v, (2, 2), topk=3, local_range=3, mode="sparse", impl="sdpa")
+    assert rel_l2(out, ref) < 1e-5
+
+
 def test_unknown_ring_kernel_is_refused() -> None:
     with pytest.raises(InvalidArgumentError, match="choose one of"):
         dit_ops.set_ring_attention_kernel("flash3")
@@ -86,7 +124,7 @@ def test_engine_build_refuses_fa4(tmp_path) -> None:
 def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
     """With the kernel set to fa4, impl="triton" ring attention calls FlashAttention-4's entry point
     (replaced here by the torch twin, which the GPU test holds the real kernel to)."""
-    import flashdreams.kernels.ring_attention_fa4 as fa4
+    import flashdreams.kernels.fa4_attention as fa4
 
     calls = []
 
@@ -105,7 +143,7 @@ def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
 
 def test_bidirectional_self_attention_follows_the_choice(monkeypatch) -> None:
     """dit_ops.self_attention: torch SDPA unless impl="triton" with the kernel set to fa4."""
-    import flashdreams.kernels.ring_attention_fa4 as fa4
+    import flashdreams.kernels.fa4_attention as fa4
 
     calls = []
 
@@ -122,6 +160,19 @@ def test_bidirectional_self_attention_follows_the_choice(monkeypatch) -> None:
     dit_ops.set_ring_attention_kernel("triton")
     dit_ops.self_attention(q, k, v, "triton")
     assert len(calls) == 1
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPU_REASON is not None, reason=f"FlashAttention-4 cannot run: {GPU_REASON}")
+def test_fa4_block_sparse_equals_the_twin() -> None:
+    q, k, v = _ring(B=1, Lq=4 * 128, S=6 * 128, H=3, d=128, device="cuda")
+    g = torch.Generator().manual_seed(3)
+    mask = (torch.rand(1, 3, 4, 6, generator=g) < 0.5).to("cuda")
+    mask[0, 1, 2] = False  # a query window that selects nothing: zeros
+    out = block_sparse_attention_fa4(q, k, v, mask)
+    ref = block_sparse_attention_reference(q, k, v, mask)
+    assert rel_l2(out.float(), ref.float()) < 1e-2
+    assert torch.all(out[0, 256:384, 1] == 0)
 
 
 @pytest.mark.gpu

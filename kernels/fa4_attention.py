@@ -1,4 +1,4 @@
-"""Ring attention through FlashAttention-4's CuTe-DSL kernel (the optional `flash-attn-4` package).
+"""Attention through FlashAttention-4's CuTe-DSL kernels (the optional `flash-attn-4` package).
 
 Issue 22 weighs three routes to a Hopper-class attention (TMA loads, wgmma, warp-specialized
 producer/consumer pipelines): our Triton kernel, a CUDA C++ kernel of our own, and
@@ -11,7 +11,10 @@ length is read by the kernel and one CUDA graph serves every fill level, as with
 Its kernels are compiled by the CuTe DSL on the first call of each shape (seconds), on the host:
 sessions warm up before they capture, so captures replay the compiled kernel.
 
-`attention_fa4` is the same package's dense kernel, for the bidirectional models' self-attention.
+`attention_fa4` is the same package's dense kernel, for the bidirectional models' self-attention,
+and `block_sparse_attention_fa4` its block-sparse one behind `block_sparse_attention`'s contract
+(FlashVSR's windowed attention: 128-token windows = the kernel's 128x128 tiles, every selected
+window a full block, the selection handed over as per-query-window counts and index lists).
 
 It is an optional dependency (`pip install flash-attn-4`, sm90 or newer) and never the default:
 `fa4_unavailable_reason` says why it cannot run, and the engine picks it only when asked
@@ -70,6 +73,23 @@ def _dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -
     return flash_attn_func(q, k, v, softmax_scale=scale)[0]
 
 
+def _block_sparse_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, block: int
+) -> torch.Tensor:
+    from flash_attn.cute import flash_attn_func
+    from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+
+    # Every selected window is attended whole: all of them are "full" blocks, none needs a mask.
+    sparse = BlockSparseTensorsTorch(
+        mask_block_cnt=torch.zeros_like(counts),
+        mask_block_idx=indices,
+        full_block_cnt=counts,
+        full_block_idx=indices,
+        block_size=(block, block),
+    )
+    return flash_attn_func(q, k, v, block_sparse_tensors=sparse)[0]
+
+
 _ops: dict = {}
 
 
@@ -84,9 +104,12 @@ def _registered_op(name: str):
                 B, Lq, H, _ = q.shape
                 return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
 
-        else:
+        elif name == "attention_fa4":
             op = torch.library.custom_op("flashdreams::attention_fa4", _dense_op, mutates_args=())
             op.register_fake(lambda q, k, v, scale: torch.empty_like(q))
+        else:
+            op = torch.library.custom_op("flashdreams::block_sparse_attention_fa4", _block_sparse_op, mutates_args=())
+            op.register_fake(lambda q, k, v, counts, indices, block: torch.empty_like(q))
         _ops[name] = op
     return _ops[name]
 
@@ -126,3 +149,20 @@ def ring_attention_fa4(
     scale = _check_runnable(q, scale)
     out, lse = _registered_op("ring_attention_fa4")(q, k_cache, v_cache, valid_len, scale)
     return (out, lse) if return_lse else out
+
+
+def block_sparse_attention_fa4(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, block: int = 128
+) -> torch.Tensor:
+    """`block_sparse_attention` computed by FlashAttention-4 (same arguments and output; a query window
+    that selects nothing gives zeros). Its sm90 tiles are 128 tokens: `block` must be 128."""
+    from .block_sparse_attention import _check_args, mask_to_lists
+
+    _check_args(q, k, v, mask, block)
+    if block != 128:
+        raise InvalidArgumentError(
+            f"block: FlashAttention-4's block-sparse kernel takes 128-token windows, found {block}"
+        )
+    _check_runnable(q, None)
+    counts, indices = mask_to_lists(mask.bool())
+    return _registered_op("block_sparse_attention_fa4")(q, k, v, counts, indices, block)
