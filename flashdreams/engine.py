@@ -261,6 +261,12 @@ def load(
         if (path / "manifest.json").is_file():
             from flashdreams.engine_runtime import load_engine_dir
 
+            if attention == "fa4":
+                raise InvalidArgumentError(
+                    "attention 'fa4' runs in eager sessions only: a built engine keeps the attention it was built "
+                    "with (sdpa or triton); load the checkpoint instead of the engine directory to use fa4"
+                )
+
             return load_engine_dir(source, device=device, attention=attention, decoder=decoder)
         if not path.exists():
             raise NotFoundError(f"checkpoint '{source}' does not exist")

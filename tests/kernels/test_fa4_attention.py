@@ -113,6 +113,14 @@ def test_load_with_fa4_refuses_before_loading_and_keeps_the_kernel() -> None:
     assert dit_ops.ring_attention_kernel() == "triton"
 
 
+def test_a_built_engine_refuses_fa4(tmp_path) -> None:
+    import flashdreams
+
+    (tmp_path / "manifest.json").write_text("{}")
+    with pytest.raises(InvalidArgumentError, match="eager sessions only"):
+        flashdreams.load(tmp_path, attention="fa4")
+
+
 def test_engine_build_refuses_fa4(tmp_path) -> None:
     from flashdreams.export.build import build_engine
 
