@@ -18,7 +18,8 @@ window a full block, the selection handed over as per-query-window counts and in
 
 It is an optional dependency (`pip install flash-attn-4`, sm90 or newer) and never the default:
 `fa4_unavailable_reason` says why it cannot run, and the engine picks it only when asked
-(`flashdreams.load(attention="fa4")`). The torch twin is `ring_attention_reference`.
+(`flashdreams.load(attention="fa4")`). The torch twins: `ring_attention_reference`,
+`dit_ops.attention`, `block_sparse_attention_reference`.
 """
 
 from __future__ import annotations

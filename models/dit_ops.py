@@ -15,9 +15,9 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.rope import apply_rope
 
 IMPLS = ("sdpa", "triton")
-# Which kernel runs the self-attention when impl="triton": ours (the KV ring; bidirectional models
-# use torch's SDPA), or FlashAttention-4's CuTe-DSL kernels for both (an optional package;
-# kernels/fa4_attention.py). Process-wide, set by `set_ring_attention_kernel`
+# Which kernel runs the self-attention when impl="triton": ours (the KV ring, FlashVSR's block-sparse
+# windows; bidirectional models use torch's SDPA), or FlashAttention-4's CuTe-DSL kernels for all of
+# them (an optional package; kernels/fa4_attention.py). Process-wide, set by `set_ring_attention_kernel`
 # (flashdreams.load(attention=...) does); the norms stay ours either way.
 RING_KERNELS = ("triton", "fa4")
 _ring_kernel = "triton"
