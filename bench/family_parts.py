@@ -56,7 +56,7 @@ def main() -> int:
     ap.add_argument("items", nargs="+")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--tiny", action="store_true", help="tiny presets (CPU smoke)")
-    ap.add_argument("--attention", default="triton", help="FlashVSR attention (triton|sdpa|fa4)")
+    ap.add_argument("--attention", default="triton", help="FlashVSR attention (triton|sdpa)")
     ap.add_argument("--omni-attention", default="sdpa", help="OmniDreams / Cosmos attention (sdpa|triton|fa4)")
     ap.add_argument("--blocks", type=int, default=12, help="FlashVSR steady blocks; chain world blocks")
     ap.add_argument("--chunks", type=int, default=12, help="OmniDreams timed chunks")

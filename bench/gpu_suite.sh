@@ -73,11 +73,10 @@ vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW
 worlds-tests|90|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
-fa4-tests|90|issue 22: FlashAttention-4 (the optional flash-attn-4 package) as the KV-ring attention on CUDA: against its twin at several ring lengths with NaN past the length, and inside a CUDA graph with the length changed between replays
+fa4-tests|90|issue 22: FlashAttention-4 (the optional flash-attn-4 package) on CUDA: the KV-ring form against its twin at several ring lengths with NaN past the length and inside a CUDA graph with the length changed between replays; the block-sparse form against its twin
 sf-fa4|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV) with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-5 profile of each
 omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, chunk-4 profile of each
-vsr-fa4|300|issue 20: FlashVSR 768x1408 sparse 2.0 steady FPS with our block-sparse kernel, then with FlashAttention-4's (--attention fa4), and both kernels against dense SDPA on the steady call's q/k/v and mask (bench/family_parts.py)
-cosmos-fa4|260|issue 16: Cosmos-Predict2.5 2B, one CFG evaluation of 93 frames at 704x1280 (bidirectional self-attention) with --omni-attention triton (torch SDPA for that attention) and then fa4 (FlashAttention-4's dense kernel), TFLOP/s vs the matmul peak
+vsr-fa4|150|issue 20: FlashAttention-4's block-sparse kernel (not yet run on a GPU) against ours and dense SDPA on FlashVSR's steady 768x1408 q/k/v and mask, with its CUDA tests first (bench/family_parts.py vsr-attn)
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
@@ -109,7 +108,7 @@ declare -A PART_GROUPS=(
   [next22]="omni-fa4 rolling-fa4"
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc"
-  [next25]="fa4-tests vsr-fa4 cosmos-fa4"
+  [next25]="fa4-tests vsr-fa4"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -337,7 +336,9 @@ part_build() {
   fi
 }
 
-part_cold() { cold_runs cold "$1"; }
+part_cold() {
+  cold_runs cold "$1"
+}
 
 part_cold-pyc() {
   # The lent image ships its Python packages without bytecode (a normal pip install writes it), so a
@@ -645,24 +646,12 @@ part_omnidreams-triton() {
 }
 
 part_vsr-fa4() {
-  local t0 rc=0
-  t0=$(date +%s)
-  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: our kernel alone
-    fam_to vsr-fa4 "$1" vsr-stream:flashvsr-tiny
-    return
+  if [ $SMOKE = 1 ]; then
+    echo "vsr-fa4 has no CPU form (FlashAttention-4 needs an sm90+ GPU)"
+    return 0
   fi
-  fam_to vsr-triton $(($1 * 2 / 5)) --attention triton vsr-stream:flashvsr || rc=$?
-  fam_to vsr-fa4 $(($1 - ($(date +%s) - t0))) --attention fa4 vsr-stream:flashvsr vsr-attn:flashvsr || rc=$?
-  return $rc
-}
-
-part_cosmos-fa4() {
-  local t0 rc=0
-  t0=$(date +%s)
-  fam_to cosmos-triton $(($1 / 2)) --reps 3 --omni-attention triton cosmos || rc=$?
-  [ $SMOKE = 1 ] && return $rc # FlashAttention-4 needs a GPU
-  fam_to cosmos-fa4 $(($1 - ($(date +%s) - t0))) --reps 3 --omni-attention fa4 cosmos || rc=$?
-  return $rc
+  py 60 -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_fa4_attention.py" -k block_sparse
+  fam_to vsr-fa4 $(($1 - 60)) vsr-attn:flashvsr
 }
 
 part_lingbot-fp8() {

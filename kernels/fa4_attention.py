@@ -11,15 +11,17 @@ length is read by the kernel and one CUDA graph serves every fill level, as with
 Its kernels are compiled by the CuTe DSL on the first call of each shape (seconds), on the host:
 sessions warm up before they capture, so captures replay the compiled kernel.
 
-`attention_fa4` is the same package's dense kernel, for the bidirectional models' self-attention,
-and `block_sparse_attention_fa4` its block-sparse one behind `block_sparse_attention`'s contract
-(FlashVSR's windowed attention: 128-token windows = the kernel's 128x128 tiles, every selected
-window a full block, the selection handed over as per-query-window counts and index lists).
+`block_sparse_attention_fa4` is the same package's block-sparse kernel behind
+`block_sparse_attention`'s contract (FlashVSR's windowed attention: 128-token windows = the
+kernel's 128x128 tiles, every selected window a full block, the selection handed over as
+per-query-window counts and index lists). It is written and checked on the CPU for its arguments
+only: no GPU has run it yet, so FlashVSR does not route to it (`bench/flashvsr_bench.py` measures
+it beside ours and its GPU test is in tests/kernels/test_fa4_attention.py).
 
 It is an optional dependency (`pip install flash-attn-4`, sm90 or newer) and never the default:
 `fa4_unavailable_reason` says why it cannot run, and the engine picks it only when asked
 (`flashdreams.load(attention="fa4")`). The torch twins: `ring_attention_reference`,
-`dit_ops.attention`, `block_sparse_attention_reference`.
+`block_sparse_attention_reference`.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 
-from ._common import FLOAT_DTYPES, check_shape, check_tensor
 from .ring_attention import _check_attention_args, resolve_scale
 
 PACKAGE = "flash_attn.cute"
@@ -68,12 +69,6 @@ def _fa4_op(
     return out, lse
 
 
-def _dense_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float) -> torch.Tensor:
-    from flash_attn.cute import flash_attn_func
-
-    return flash_attn_func(q, k, v, softmax_scale=scale)[0]
-
-
 def _block_sparse_op(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, counts: torch.Tensor, indices: torch.Tensor, block: int
 ) -> torch.Tensor:
@@ -105,9 +100,6 @@ def _registered_op(name: str):
                 B, Lq, H, _ = q.shape
                 return torch.empty_like(q), q.new_empty((B, H, Lq), dtype=torch.float32)
 
-        elif name == "attention_fa4":
-            op = torch.library.custom_op("flashdreams::attention_fa4", _dense_op, mutates_args=())
-            op.register_fake(lambda q, k, v, scale: torch.empty_like(q))
         else:
             op = torch.library.custom_op("flashdreams::block_sparse_attention_fa4", _block_sparse_op, mutates_args=())
             op.register_fake(lambda q, k, v, counts, indices, block: torch.empty_like(q))
@@ -123,18 +115,6 @@ def _check_runnable(q: torch.Tensor, scale: float | None) -> float:
     if reason:
         raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}")
     return scale
-
-
-def attention_fa4(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """Unmasked softmax(q k^T * scale) v by FlashAttention-4: q [B, Lq, N, d], k/v [B, Lk, N, d] ->
-    [B, Lq, N, d] (the bidirectional models' self-attention; `dit_ops.attention` is its torch form)."""
-    check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, last_contiguous=True)
-    B, _, H, d = q.shape
-    for name, t in (("k", k), ("v", v)):
-        check_tensor(name, t, ndim=4, dtypes=(q.dtype,), device=q.device, last_contiguous=True)
-        check_shape(name, t, (B, k.shape[1], H, d))
-    scale = _check_runnable(q, scale)
-    return _registered_op("attention_fa4")(q, k, v, scale)
 
 
 def ring_attention_fa4(

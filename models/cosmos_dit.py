@@ -477,7 +477,7 @@ class CosmosDiT(nn.Module):
 
         def attend(sa, q, k, v):
             q, k = rope_rotate_half(sa.q_norm(q), cos, sin), rope_rotate_half(sa.k_norm(k), cos, sin)
-            return dit_ops.self_attention(q, k, v, self.attention_impl)
+            return dit_ops.attention(q, k, v)
 
         def attend_of(_i):
             return attend

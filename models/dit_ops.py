@@ -15,9 +15,8 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.rope import apply_rope
 
 IMPLS = ("sdpa", "triton")
-# Which kernel runs the self-attention when impl="triton": ours (the KV ring, FlashVSR's block-sparse
-# windows; bidirectional models use torch's SDPA), or FlashAttention-4's CuTe-DSL kernels for all of
-# them (an optional package; kernels/fa4_attention.py). Process-wide, set by `set_ring_attention_kernel`
+# Which kernel runs the KV-ring attention when impl="triton": ours, or FlashAttention-4's CuTe-DSL
+# kernel (an optional package; kernels/fa4_attention.py). Process-wide, set by `set_ring_attention_kernel`
 # (flashdreams.load(attention=...) does); the norms stay ours either way.
 RING_KERNELS = ("triton", "fa4")
 _ring_kernel = "triton"
@@ -155,16 +154,6 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
     """Unmasked softmax(q k^T / sqrt(d)) v; q [B, Lq, N, d], k/v [B, Lk, N, d] -> [B, Lq, N, d]."""
     out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
     return out.transpose(1, 2)
-
-
-def self_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, impl: str = "sdpa") -> torch.Tensor:
-    """A bidirectional model's self-attention: `attention`, or FlashAttention-4's dense kernel when
-    impl="triton" and the ring-attention kernel is "fa4" (one choice covers both)."""
-    if impl == "triton" and _ring_kernel == "fa4":
-        from flashdreams.kernels.fa4_attention import attention_fa4
-
-        return attention_fa4(q, k, v)
-    return attention(q, k, v)
 
 
 def ring_rows(slots: torch.Tensor, frame_seq_length: int) -> torch.Tensor:

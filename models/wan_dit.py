@@ -383,7 +383,7 @@ class WanDiT(nn.Module):
         def attend(q, k, v, sa):
             q = apply_rope(sa.heads(sa.norm_q(q)), cos, sin)
             k = apply_rope(sa.heads(sa.norm_k(k)), cos, sin)
-            return dit_ops.self_attention(q, k, sa.heads(v), self.attention_impl)
+            return dit_ops.attention(q, k, sa.heads(v))
 
         for i, blk in enumerate(self.blocks):
             hook = partial(after_self, i) if after_self is not None else None

@@ -12,12 +12,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.kernels.block_sparse_attention import block_sparse_attention_reference
-from flashdreams.kernels.fa4_attention import (
-    attention_fa4,
-    block_sparse_attention_fa4,
-    fa4_unavailable_reason,
-    ring_attention_fa4,
-)
+from flashdreams.kernels.fa4_attention import block_sparse_attention_fa4, fa4_unavailable_reason, ring_attention_fa4
 from flashdreams.kernels.ring_attention import ring_attention_reference
 from flashdreams.models import dit_ops
 from flashdreams.numerics import rel_l2
@@ -58,14 +53,6 @@ def test_bad_arguments_are_refused_before_the_device_check() -> None:
         ring_attention_fa4(q, k, v, torch.tensor([100]), scale=-1.0)
 
 
-def test_dense_form_checks_its_arguments() -> None:
-    q, k, v = _ring()
-    with pytest.raises(InvalidArgumentError, match="k:"):
-        attention_fa4(q, k[:, :, :1], v)
-    with pytest.raises(InvalidArgumentError, match="cannot run here"):
-        attention_fa4(q, k, v)
-
-
 def test_block_sparse_form_checks_its_arguments() -> None:
     q, k, v = _ring(Lq=256, S=512)
     mask = torch.ones(1, 2, 2, 4, dtype=torch.bool)
@@ -75,27 +62,6 @@ def test_block_sparse_form_checks_its_arguments() -> None:
         block_sparse_attention_fa4(q, k, v, torch.ones(1, 2, 4, 8, dtype=torch.bool), block=64)
     with pytest.raises(InvalidArgumentError, match="cannot run here"):
         block_sparse_attention_fa4(q, k, v, mask)
-
-
-def test_flashvsr_lcsa_follows_the_choice(monkeypatch) -> None:
-    """FlashVSR's windowed attention goes to FlashAttention-4's block-sparse kernel with the fa4 choice."""
-    import flashdreams.kernels.fa4_attention as fa4
-    from flashdreams.models.families.flashvsr import dit as vsr_dit
-
-    calls = []
-
-    def twin(q, k, v, mask, block=128):
-        calls.append(tuple(mask.shape))
-        return block_sparse_attention_reference(q, k, v, mask, block).to(q.dtype)
-
-    monkeypatch.setattr(fa4, "block_sparse_attention_fa4", twin)
-    q, k, v = _ring(Lq=4 * 128, S=8 * 128, dtype=torch.float32)
-    dit_ops.set_ring_attention_kernel("fa4")
-    out = vsr_dit.lcsa_attention(q, k, v, (2, 2), topk=3, local_range=3, mode="sparse", impl="triton")
-    assert calls == [(1, 2, 4, 8)]
-    dit_ops.set_ring_attention_kernel("triton")
-    ref = vsr_dit.lcsa_attention(q, k, v, (2, 2), topk=3, local_range=3, mode="sparse", impl="sdpa")
-    assert rel_l2(out, ref) < 1e-5
 
 
 def test_unknown_ring_kernel_is_refused() -> None:
@@ -149,27 +115,6 @@ def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
     assert rel_l2(out, ref) < 1e-5
 
 
-def test_bidirectional_self_attention_follows_the_choice(monkeypatch) -> None:
-    """dit_ops.self_attention: torch SDPA unless impl="triton" with the kernel set to fa4."""
-    import flashdreams.kernels.fa4_attention as fa4
-
-    calls = []
-
-    def twin(q, k, v, scale=None):
-        calls.append(q.shape)
-        return dit_ops.attention(q, k, v)
-
-    monkeypatch.setattr(fa4, "attention_fa4", twin)
-    q, k, v = _ring(dtype=torch.float32)
-    dit_ops.set_ring_attention_kernel("fa4")
-    ref = dit_ops.attention(q, k, v)
-    assert torch.equal(dit_ops.self_attention(q, k, v, "sdpa"), ref) and calls == []
-    assert torch.equal(dit_ops.self_attention(q, k, v, "triton"), ref) and calls == [q.shape]
-    dit_ops.set_ring_attention_kernel("triton")
-    dit_ops.self_attention(q, k, v, "triton")
-    assert len(calls) == 1
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(GPU_REASON is not None, reason=f"FlashAttention-4 cannot run: {GPU_REASON}")
 def test_fa4_block_sparse_equals_the_twin() -> None:
@@ -181,15 +126,6 @@ def test_fa4_block_sparse_equals_the_twin() -> None:
     ref = block_sparse_attention_reference(q, k, v, mask)
     assert rel_l2(out.float(), ref.float()) < 1e-2
     assert torch.all(out[0, 256:384, 1] == 0)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(GPU_REASON is not None, reason=f"FlashAttention-4 cannot run: {GPU_REASON}")
-def test_fa4_dense_equals_sdpa() -> None:
-    q, k, v = _ring(B=2, Lq=300, S=700, H=4, d=128, device="cuda")
-    out = attention_fa4(q, k, v)
-    ref = dit_ops.attention(q.float(), k.float(), v.float())
-    assert out.shape == q.shape and rel_l2(out.float(), ref) < 1e-2
 
 
 @pytest.mark.gpu

@@ -91,14 +91,10 @@ def lcsa_attention(
 ) -> torch.Tensor:
     """Window-ordered q [B, Lq, N, d] over window-ordered k/v [B, Lk, N, d]: LCSA or dense."""
     if mode == "dense":  # full attention over every cached and current token (the reference's 'dense')
-        return dit_ops.self_attention(q, k, v, impl)
+        return dit_ops.attention(q, k, v)
     mask = select_blocks(q, k, WINDOW_TOKENS, grid_hw, local_range, topk)
     if record is not None:
         record.append(mask)
-    if impl == "triton" and dit_ops.ring_attention_kernel() == "fa4":
-        from flashdreams.kernels.fa4_attention import block_sparse_attention_fa4
-
-        return block_sparse_attention_fa4(q, k, v, mask, WINDOW_TOKENS)
     if impl == "triton":
         return block_sparse_attention(q, k, v, mask, WINDOW_TOKENS)
     return block_sparse_attention_reference(q, k, v, mask, WINDOW_TOKENS)
