@@ -215,16 +215,6 @@ def check_attention(attention: str, device: str | torch.device | None) -> None:
         raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}; use attention='triton'")
 
 
-def _select_ring_kernel(attention: str, device: str | torch.device | None) -> str:
-    """attention="fa4" is attention="triton" with FlashAttention-4 running the KV-ring attention
-    (process-wide: dit_ops.set_ring_attention_kernel); checked before anything loads."""
-    from flashdreams.models import dit_ops
-
-    check_attention(attention, device)
-    dit_ops.set_ring_attention_kernel("fa4" if attention == "fa4" else "triton")
-    return "triton" if attention == "fa4" else attention
-
-
 def load(
     source: str | os.PathLike | None = None,
     *,
@@ -249,7 +239,7 @@ def load(
     session's own `seed` (engine.session) only drives its noise. `precision="fp8"` (with
     attention="triton") runs the blocks' linears and self-attention in float8 (opt-in).
     `attention` is "sdpa" (torch), "triton" (our kernels) or "fa4" (our kernels, with the KV-ring
-    attention run by the optional flash-attn-4 package on sm90+ GPUs; for every session of the process).
+    attention run by the optional flash-attn-4 package on sm90+ GPUs).
 
     * `load()`: the built-in tiny model (deterministic random weights, no download).
     * `load(preset="self-forcing-1.3b", random_weights=True)`: full size, random weights (speed runs).
@@ -275,7 +265,12 @@ def load(
                 f"'{source}' is an engine directory missing its manifest.json (an interrupted copy or build?); "
                 "rebuild it with fd-build, or copy the whole directory again"
             )
-    attention = _select_ring_kernel(attention, device)
+    check_attention(attention, device)
+    if attention == "fa4" and precision == "fp8":
+        raise InvalidArgumentError(
+            "precision 'fp8' runs our FP8 attention (FlashAttention-4's FP8 path is Blackwell-only): "
+            "use attention='triton' with precision='fp8'"
+        )
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:

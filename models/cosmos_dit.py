@@ -352,6 +352,7 @@ class CosmosDiT(nn.Module):
         self.blocks = nn.ModuleList([CosmosBlock(cfg) for _ in range(cfg.num_blocks)])
         self.final_layer = FinalLayer(cfg)
         self.attention_impl = "sdpa"
+        self.ring_kernel = "triton"  # or "fa4": FlashAttention-4 for the KV ring (set_attention("fa4"))
         self.precision = "bf16"
 
     @property
@@ -359,8 +360,8 @@ class CosmosDiT(nn.Module):
         return self.final_layer.linear.weight.dtype
 
     def set_attention(self, impl: str) -> None:
-        dit_ops.check_impl(impl)
-        self.attention_impl = impl
+        """'sdpa', 'triton' or 'fa4' (see WanDiT.set_attention)."""
+        self.attention_impl, self.ring_kernel = dit_ops.split_attention(impl)
 
     def set_precision(self, precision: str) -> None:
         """'bf16' (the model's dtype) or 'fp8': the blocks' per-token linears (self-attention q/k/v/output,
@@ -537,7 +538,7 @@ class CosmosDiT(nn.Module):
                 if shadowed:
                     return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, i)
                 precision = self.precision if impl == "triton" else "bf16"  # FP8 attention is a Triton kernel
-                return dit_ops.ring_attention(qr, rk, rv, valid_len, impl, valid_len_host, precision)
+                return dit_ops.ring_attention(qr, rk, rv, valid_len, impl, valid_len_host, precision, self.ring_kernel)
 
             return attend
 

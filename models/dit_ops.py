@@ -15,11 +15,10 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.rope import apply_rope
 
 IMPLS = ("sdpa", "triton")
-# Which kernel runs the KV-ring attention when impl="triton": ours, or FlashAttention-4's CuTe-DSL
-# kernel (an optional package; kernels/fa4_attention.py). Process-wide, set by `set_ring_attention_kernel`
-# (flashdreams.load(attention=...) does); the norms stay ours either way.
+# What a model's `set_attention` takes: IMPLS, or "fa4" = "triton" with FlashAttention-4's CuTe-DSL
+# kernel for the KV-ring attention (an optional package; kernels/fa4_attention.py).
+ATTENTIONS = (*IMPLS, "fa4")
 RING_KERNELS = ("triton", "fa4")
-_ring_kernel = "triton"
 
 
 def check_impl(impl: str) -> None:
@@ -27,16 +26,11 @@ def check_impl(impl: str) -> None:
         raise InvalidArgumentError(f"attention implementation '{impl}' is unknown; choose one of {IMPLS}")
 
 
-def set_ring_attention_kernel(name: str) -> None:
-    """Pick the kernel of the KV-ring attention for every later forward with impl="triton" in this process."""
-    global _ring_kernel
-    if name not in RING_KERNELS:
-        raise InvalidArgumentError(f"ring attention kernel '{name}' is unknown; choose one of {RING_KERNELS}")
-    _ring_kernel = name
-
-
-def ring_attention_kernel() -> str:
-    return _ring_kernel
+def split_attention(attention: str) -> tuple[str, str]:
+    """An attention choice -> (impl for the norms and passes, kernel of the KV-ring attention)."""
+    if attention not in ATTENTIONS:
+        raise InvalidArgumentError(f"attention '{attention}' is unknown; choose one of {ATTENTIONS}")
+    return ("triton", "fa4") if attention == "fa4" else (attention, "triton")
 
 
 def _kernels():
@@ -225,10 +219,12 @@ def ring_attention(
     impl: str = "sdpa",
     valid_len_host: int | None = None,
     precision: str = "bf16",
+    kernel: str = "triton",
 ) -> torch.Tensor:
     """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d].
 
     `precision="fp8"` runs both attention matmuls in float8 e4m3 (our Triton kernel only).
+    With impl="triton", `kernel` picks ours or FlashAttention-4's ("fa4") for bf16.
 
     With `valid_len_host` (the same length, known on the host) the torch path slices the
     ring instead of masking it, so SDPA can pick its fastest backend (cuDNN, flash); a
@@ -240,7 +236,7 @@ def ring_attention(
             raise InvalidArgumentError("precision 'fp8' needs attention='triton' (there is no torch FP8 attention)")
         return _kernels().ring_attention_fp8(q, ring_k, ring_v, valid_len)
     if impl == "triton":
-        if _ring_kernel == "fa4":
+        if kernel == "fa4":
             from flashdreams.kernels.fa4_attention import ring_attention_fa4
 
             return ring_attention_fa4(q, ring_k, ring_v, valid_len)

@@ -226,6 +226,7 @@ class WanDiT(nn.Module):
         self.blocks = nn.ModuleList([WanBlock(cfg) for _ in range(cfg.num_layers)])
         self.head = WanHead(cfg)
         self.attention_impl = "sdpa"
+        self.ring_kernel = "triton"  # or "fa4": FlashAttention-4 for the KV ring (set_attention("fa4"))
         self.precision = "bf16"
 
     # -- shared pieces -------------------------------------------------------------
@@ -274,9 +275,9 @@ class WanDiT(nn.Module):
         self.precision = precision
 
     def set_attention(self, impl: str) -> None:
-        """'sdpa' (torch) or 'triton' (FlashDreams kernels: ring attention, fused norms)."""
-        dit_ops.check_impl(impl)
-        self.attention_impl = impl
+        """'sdpa' (torch), 'triton' (FlashDreams kernels: ring attention, fused norms) or 'fa4' ('triton' with
+        FlashAttention-4 for the KV-ring attention)."""
+        self.attention_impl, self.ring_kernel = dit_ops.split_attention(impl)
 
     def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """Latents [B, C, F, H, W] -> tokens [B, L, D] and the token grid (F', H', W')."""
@@ -449,7 +450,7 @@ class WanDiT(nn.Module):
         def cached_attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
             return dit_ops.ring_attention(
-                qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host, self.precision
+                qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host, self.precision, self.ring_kernel
             )
 
         def hooked_attend(q, k, v, sa, layer):

@@ -105,3 +105,38 @@ def test_deferred_ffn_residual_changes_no_number(monkeypatch):
         handle.remove()
     assert not fused  # watched blocks finish their own residual
     assert all(torch.equal(a, b) for a, b in zip(deferred, finished))
+
+
+@needs_triton
+def test_fa4_choice_sends_every_ring_attention_of_the_model_there(monkeypatch):
+    """set_attention("fa4") keeps our norm passes and hands each layer's KV-ring attention to
+    FlashAttention-4's entry point (replaced by our kernel here, so the rollout must not change);
+    another model in the same process keeps its own choice."""
+    import flashdreams
+    import flashdreams.kernels.fa4_attention as fa4
+    from flashdreams import kernels
+
+    engine = flashdreams.load(device="cpu", dtype="float32", decoder=None, attention="triton")
+    other = flashdreams.load(device="cpu", dtype="float32", decoder=None, attention="triton")
+    dit = engine.model.weights
+
+    def rollout(e) -> list[torch.Tensor]:
+        session = e.session(seed=5)
+        return [session.step().latents.clone() for _ in range(2)]
+
+    ours = rollout(engine)
+    calls = []
+
+    def stand_in(q, k, v, valid_len, scale=None, return_lse=False):
+        calls.append(1)
+        return kernels.ring_attention(q, k, v, valid_len)
+
+    monkeypatch.setattr(fa4, "ring_attention_fa4", stand_in)
+    dit.set_attention("fa4")
+    assert (dit.attention_impl, dit.ring_kernel) == ("triton", "fa4")
+    routed = rollout(engine)
+    assert calls and len(calls) % len(dit.blocks) == 0
+    assert all(torch.equal(a, b) for a, b in zip(ours, routed))
+    calls.clear()
+    rollout(other)
+    assert not calls

@@ -20,13 +20,6 @@ from flashdreams.numerics import rel_l2
 GPU_REASON = fa4_unavailable_reason("cuda") if torch.cuda.is_available() else "no CUDA GPU"
 
 
-@pytest.fixture(autouse=True)
-def _restore_kernel():
-    before = dit_ops.ring_attention_kernel()
-    yield
-    dit_ops.set_ring_attention_kernel(before)
-
-
 def _ring(B=1, Lq=64, S=320, H=2, d=64, dtype=torch.bfloat16, device="cpu", seed=0):
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, n, H, d, generator=g).to(device, dtype) for n in (Lq, S, S))
@@ -64,19 +57,29 @@ def test_block_sparse_form_checks_its_arguments() -> None:
         block_sparse_attention_fa4(q, k, v, mask)
 
 
-def test_unknown_ring_kernel_is_refused() -> None:
+def test_attention_choices_split_into_impl_and_ring_kernel() -> None:
+    assert dit_ops.split_attention("fa4") == ("triton", "fa4")
+    assert dit_ops.split_attention("triton") == ("triton", "triton")
+    assert dit_ops.split_attention("sdpa") == ("sdpa", "triton")
     with pytest.raises(InvalidArgumentError, match="choose one of"):
-        dit_ops.set_ring_attention_kernel("flash3")
-    assert dit_ops.ring_attention_kernel() in dit_ops.RING_KERNELS
+        dit_ops.split_attention("flash3")
 
 
-def test_load_with_fa4_refuses_before_loading_and_keeps_the_kernel() -> None:
+def test_load_with_fa4_refuses_before_loading() -> None:
     import flashdreams
 
-    dit_ops.set_ring_attention_kernel("triton")
     with pytest.raises(InvalidArgumentError, match="attention 'fa4' cannot run here"):
         flashdreams.load(attention="fa4", device="cpu")
-    assert dit_ops.ring_attention_kernel() == "triton"
+
+
+def test_load_refuses_fa4_with_fp8(monkeypatch) -> None:
+    """FP8 runs our FP8 attention: asking for FlashAttention-4 as well is refused by name, not ignored."""
+    import flashdreams
+    import flashdreams.kernels.fa4_attention as fa4
+
+    monkeypatch.setattr(fa4, "fa4_unavailable_reason", lambda device: None)  # as on an H200 with the package
+    with pytest.raises(InvalidArgumentError, match="precision 'fp8'"):
+        flashdreams.load(attention="fa4", precision="fp8", device="cpu")
 
 
 def test_a_built_engine_refuses_fa4(tmp_path) -> None:
@@ -96,8 +99,8 @@ def test_engine_build_refuses_fa4(tmp_path) -> None:
 
 
 def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
-    """With the kernel set to fa4, impl="triton" ring attention calls FlashAttention-4's entry point
-    (replaced here by the torch twin, which the GPU test holds the real kernel to)."""
+    """kernel="fa4" sends impl="triton" ring attention to FlashAttention-4's entry point (replaced here by
+    the torch twin, which the GPU test holds the real kernel to)."""
     import flashdreams.kernels.fa4_attention as fa4
 
     calls = []
@@ -108,8 +111,7 @@ def test_dit_ops_routes_the_ring_to_the_chosen_kernel(monkeypatch) -> None:
 
     monkeypatch.setattr(fa4, "ring_attention_fa4", twin)
     q, k, v = _ring(dtype=torch.float32)
-    dit_ops.set_ring_attention_kernel("fa4")
-    out = dit_ops.ring_attention(q, k, v, torch.tensor([200]), impl="triton")
+    out = dit_ops.ring_attention(q, k, v, torch.tensor([200]), impl="triton", kernel="fa4")
     assert calls == [200]
     ref = ring_attention_reference(q, k, v, torch.tensor([200]))
     assert rel_l2(out, ref) < 1e-5
