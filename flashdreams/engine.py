@@ -203,14 +203,14 @@ def resolve_device_dtype(device: str | torch.device | None, dtype: str | torch.d
     return dev, dt
 
 
-def check_attention(attention: str, device: str | torch.device | None) -> None:
-    """Refuse attention="fa4" where FlashAttention-4 cannot run (the package or an sm90+ GPU missing)."""
+def check_attention(attention: str, device: torch.device) -> None:
+    """Refuse attention="fa4" where FlashAttention-4 cannot run on `device` (as `resolve_device_dtype` gives
+    it): the package or an sm90+ GPU missing."""
     if attention != "fa4":
         return
     from flashdreams.kernels.fa4_attention import fa4_unavailable_reason
 
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    reason = fa4_unavailable_reason(dev)
+    reason = fa4_unavailable_reason(device)
     if reason:
         raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}; use attention='triton'")
 
@@ -265,7 +265,8 @@ def load(
                 f"'{source}' is an engine directory missing its manifest.json (an interrupted copy or build?); "
                 "rebuild it with fd-build, or copy the whole directory again"
             )
-    check_attention(attention, device)
+    dev, dt = resolve_device_dtype(device, dtype)
+    check_attention(attention, dev)
     if attention == "fa4" and precision == "fp8":
         raise InvalidArgumentError(
             "precision 'fp8' runs our FP8 attention (FlashAttention-4's FP8 path is Blackwell-only): "
@@ -277,7 +278,6 @@ def load(
         preset = registry.get_preset("tiny" if source is None else "self-forcing-1.3b")
     if not isinstance(batch, int) or batch < 1:
         raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
-    dev, dt = resolve_device_dtype(device, dtype)
     opts = LoadOptions(
         source=None if source is None else str(source),
         device=dev,

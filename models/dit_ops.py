@@ -18,7 +18,6 @@ IMPLS = ("sdpa", "triton")
 # What a model's `set_attention` takes: IMPLS, or "fa4" = "triton" with FlashAttention-4's CuTe-DSL
 # kernel for the KV-ring attention (an optional package; kernels/fa4_attention.py).
 ATTENTIONS = (*IMPLS, "fa4")
-RING_KERNELS = ("triton", "fa4")
 
 
 def check_impl(impl: str) -> None:
