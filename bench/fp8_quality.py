@@ -46,13 +46,20 @@ def main() -> None:
     ap.add_argument("--decoder", default="taehv", help="decoder of both runs (default taehv; 'preset': the preset's)")
     ap.add_argument("--height", type=int, help="video height (default: the preset's)")
     ap.add_argument("--width", type=int, help="video width (default: the preset's)")
+    ap.add_argument(
+        "--attention",
+        default="triton",
+        choices=("triton", "fa4"),
+        help="both runs' kernels (default triton: FP8 attention too; fa4: FP8 linears with FlashAttention-4's "
+        "bf16 ring attention, against bf16 with FlashAttention-4)",
+    )
     ap.add_argument("--out", default="bench/results/fp8-quality-h100.json")
     a = ap.parse_args()
     builtin = getattr(flashdreams.get_preset(a.preset), "builtin", False)
     kw = dict(
         preset=a.preset,
         random_weights=not builtin,
-        attention="triton",
+        attention=a.attention,
         decoder=None if a.no_decoder else a.decoder,
         height=a.height,
         width=a.width,
@@ -69,8 +76,9 @@ def main() -> None:
     res = {
         "environment": environment(dev),
         "workload": f"{a.preset}, random weights (seed 0), {spec.height}x{spec.width}, {a.blocks} blocks, "
-        f"same prompt and draws (session seed {a.seed}); reference = bf16 with the Triton kernels; decoder "
+        f"same prompt and draws (session seed {a.seed}); reference = bf16 with attention {a.attention}; decoder "
         f"{kw['decoder']}",
+        "attention": a.attention,
         "fp8_attention_configs": {
             "generic": {str(k): str(v) for k, v in FP8_CUDA_CONFIGS.items()},
             "per_capability": {str(c): {str(k): str(v) for k, v in t.items()} for c, t in FP8_ARCH_CONFIGS.items()},

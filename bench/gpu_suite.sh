@@ -79,6 +79,9 @@ omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our 
 vsr-fa4|150|issue 20: FlashAttention-4's block-sparse kernel (not yet run on a GPU) against ours and dense SDPA on FlashVSR's steady 768x1408 q/k/v and mask, with its CUDA tests first (bench/family_parts.py vsr-attn)
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
+sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
+omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
+lingbot-fa4|300|issue 15: bench/lingbot_bench.py (CUDA graphs) with FlashAttention-4 in bf16, then with FP8 linears + FlashAttention-4 (camera-to-frame now timed to the frames, not the commit)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -109,6 +112,8 @@ declare -A PART_GROUPS=(
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc"
   [next25]="fa4-tests vsr-fa4"
+  [next26]="fa4-tests sf-fp8-fa4"
+  [next27]="omni-fp8-fa4 lingbot-fa4"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -554,6 +559,68 @@ part_sf-fa4() {
   else
     fdb_to sf-fa4 "$1" $SF --attention triton,fa4 --blocks 7 --rollouts 2 --profile-block 5
   fi
+}
+
+part_sf-fp8-fa4() {
+  # FP8 linears with FlashAttention-4's bf16 ring attention (its FP8 forward is Blackwell-only) against
+  # our all-FP8 path in one fd-bench invocation, then the mix's quality against bf16 + fa4.
+  local t0 rc
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same commands with our kernel alone
+    fdb_to sf-fp8-fa4 $(($1 / 2)) --preset tiny --attention triton --precision fp8 --decoder none --blocks 2 \
+      --rollouts 1 --quick-ceilings
+  else
+    fdb_to sf-fp8-fa4 $(($1 - 100)) $SF --attention triton,fa4 --precision fp8 --blocks 7 --rollouts 2 --profile-block 5
+  fi
+  rc=$?
+  local rest=$(($1 - ($(date +%s) - t0)))
+  if [ $SMOKE = 1 ]; then
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset tiny --blocks 2 --no-decoder --out "$DEST/sf-fp8-fa4-quality.json" || rc=$?
+  else
+    py "$rest" "$REPO/bench/fp8_quality.py" --attention fa4 --blocks 7 --out "$DEST/sf-fp8-fa4-quality.json" || rc=$?
+  fi
+  return $rc
+}
+
+part_omni-fp8-fa4() {
+  local t0 rc
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then
+    fdb_to omni-fp8-fa4 $(($1 / 2)) --preset omnidreams-sv-tiny --attention triton --precision bf16,fp8 --blocks 2 \
+      --rollouts 1 --quick-ceilings
+  else
+    fdb_to omni-fp8-fa4 $(($1 * 2 / 3)) --preset omnidreams-sv --random-weights --attention fa4 --precision bf16,fp8 \
+      --blocks 6 --rollouts 2 --profile-block 4
+  fi
+  rc=$?
+  local rest=$(($1 - ($(date +%s) - t0)))
+  if [ $SMOKE = 1 ]; then
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset omnidreams-sv-tiny --decoder preset --blocks 2 \
+      --out "$DEST/omni-fp8-fa4-quality.json" || rc=$?
+  else
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset omnidreams-sv --decoder preset --attention fa4 --blocks 7 \
+      --out "$DEST/omni-fp8-fa4-quality.json" || rc=$?
+  fi
+  return $rc
+}
+
+part_lingbot-fa4() {
+  local t0 rc precision
+  t0=$(date +%s)
+  rc=0
+  for precision in bf16 fp8; do
+    local rest=$(($1 - ($(date +%s) - t0)))
+    if [ $SMOKE = 1 ]; then
+      py $((rest / 2)) "$REPO/bench/lingbot_bench.py" --device cpu --preset lingbot-world-fast-tiny \
+        --precision $precision --blocks 2 --out "$DEST/lingbot-fa4-$precision.json" || rc=$?
+    else
+      local limit=$rest
+      [ $precision = bf16 ] && limit=$((rest / 2))
+      py $limit "$REPO/bench/lingbot_bench.py" --cuda-graphs --attention fa4 \
+        --precision $precision --out "$DEST/lingbot-fa4-$precision.json" || rc=$?
+    fi
+  done
+  return $rc
 }
 
 part_fa4-sweep() {

@@ -7,7 +7,8 @@ What it measures, in one process (the lead runs it on an H200; it needs CUDA):
   * the block's matmul FLOPs (plan.meta['block_flops'], camera path included) -> achieved
     TFLOP/s, against a bf16 GEMM peak measured in the same run (8192^3, best of 20);
   * camera-to-frame latency: new poses set -> the first frame on the host that reflects them
-    (the next block's first frame: set_input + step + frames_cpu);
+    (the next block's first frame: set_input + step + frames_cpu, which waits for the decode
+    only, not for the commit forward that follows it; runs before 2026-12-05 waited for both);
   * peak device memory (torch.cuda.max_memory_allocated) and what a second session would add.
 
     python bench/lingbot_bench.py --out bench/results/lingbot-h200.json [--precision fp8] [--blocks 12]
@@ -48,7 +49,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--preset", default="lingbot-world-fast-stream")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--precision", default="bf16", choices=("bf16", "fp8"))
-    ap.add_argument("--attention", default="triton", choices=("sdpa", "triton"))
+    ap.add_argument(
+        "--attention",
+        default="triton",
+        choices=("sdpa", "triton", "fa4"),
+        help="fa4: FlashAttention-4 for the KV ring (flash-attn-4, sm90+); with --precision fp8 the linears "
+        "run in FP8 and the attention in bf16",
+    )
     ap.add_argument("--blocks", type=int, default=10)
     ap.add_argument("--layers", type=int, default=None)
     ap.add_argument("--height", type=int, default=464)
@@ -76,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
         preset=preset,
         device=device,
         dtype="float32" if tiny else "bfloat16",
-        attention=args.attention if cuda else "sdpa",
+        # On a CPU (smoke runs): our kernels need the Triton interpreter, so torch's unless fp8 asks for them.
+        attention=args.attention if cuda else ("triton" if args.precision == "fp8" else "sdpa"),
         precision=args.precision,
         random_weights=not tiny,
         height=h,
@@ -104,11 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         session.set_input("poses", block_poses(path, b, nf)[None].expand(plan.batch, -1, -1, -1))
         ts = time.perf_counter()
         result = session.step()
+        # The frames reach the host as soon as the decode wrote them (frames_cpu waits for that
+        # event only), while the commit forward still runs: that is when a viewer sees the new poses.
+        first_frame = result.frames_cpu()[0, 0] if result.frames is not None else None
+        cam_to_frame = time.perf_counter() - tc
         if cuda:
             torch.cuda.synchronize(device)
         step_s = time.perf_counter() - ts
-        first_frame = result.frames_cpu()[0, 0] if result.frames is not None else None
-        cam_to_frame = time.perf_counter() - tc
         flops = engine.spec.block_flops(b) or 0.0
         blocks.append(
             {

@@ -237,7 +237,8 @@ def load(
     a real checkpoint needs `decoder_weights` (Wan2.1_VAE / taew2_1 as safetensors) for it.
     `weights_seed` picks the random weights of the built-in and `random_weights` models; a
     session's own `seed` (engine.session) only drives its noise. `precision="fp8"` (with
-    attention="triton") runs the blocks' linears and self-attention in float8 (opt-in).
+    attention="triton") runs the blocks' linears and self-attention in float8 (opt-in); with
+    attention="fa4" the linears run in float8 and FlashAttention-4 runs the attention in bf16.
     `attention` is "sdpa" (torch), "triton" (our kernels) or "fa4" (our kernels, with the KV-ring
     attention run by the optional flash-attn-4 package on sm90+ GPUs).
 
@@ -267,11 +268,6 @@ def load(
             )
     dev, dt = resolve_device_dtype(device, dtype)
     check_attention(attention, dev)
-    if attention == "fa4" and precision == "fp8":
-        raise InvalidArgumentError(
-            "precision 'fp8' runs our FP8 attention (FlashAttention-4's FP8 path is Blackwell-only): "
-            "use attention='triton' with precision='fp8'"
-        )
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:

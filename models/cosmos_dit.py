@@ -365,7 +365,8 @@ class CosmosDiT(nn.Module):
 
     def set_precision(self, precision: str) -> None:
         """'bf16' (the model's dtype) or 'fp8': the blocks' per-token linears (self-attention q/k/v/output,
-        cross-attention q/output, MLP) in float8 e4m3, and with attention='triton' also the KV-ring attention.
+        cross-attention q/output, MLP) in float8 e4m3, and with attention='triton' (not 'fa4') also the
+        KV-ring attention.
         Opt-in and irreversible (reload to go back); embeddings, modulation, text K/V and the head stay."""
         if precision not in ("bf16", "fp8"):
             raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
@@ -519,7 +520,9 @@ class CosmosDiT(nn.Module):
         half = ang[:, : ang.shape[1] // 2]  # the tables are [a, a]: one angle per rotate-half pair
         cos, sin = torch.cos(half), torch.sin(half)
         impl = self.attention_impl
-        shadowed = fp8_shadow is not None and impl == "triton" and self.precision == "fp8"
+        precision = dit_ops.ring_precision(self.precision, impl, self.ring_kernel)
+        shadowed = fp8_shadow is not None and precision == "fp8"
+        ring_len = dit_ops.ring_length_for(valid_len, impl, self.ring_kernel)
         if shadowed:  # ring rows [first, end) this chunk writes (its frame slots, wrapped or not, lie within)
             written = torch.stack([slots.min() * fs, (slots.max() + 1) * fs])
 
@@ -537,8 +540,7 @@ class CosmosDiT(nn.Module):
                     debug["cache_k0"] = rk
                 if shadowed:
                     return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, i)
-                precision = self.precision if impl == "triton" else "bf16"  # FP8 attention is a Triton kernel
-                return dit_ops.ring_attention(qr, rk, rv, valid_len, impl, valid_len_host, precision, self.ring_kernel)
+                return dit_ops.ring_attention(qr, rk, rv, ring_len, impl, valid_len_host, precision, self.ring_kernel)
 
             return attend
 

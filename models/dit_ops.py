@@ -20,6 +20,21 @@ IMPLS = ("sdpa", "triton")
 ATTENTIONS = (*IMPLS, "fa4")
 
 
+def ring_precision(precision: str, impl: str, ring_kernel: str) -> str:
+    """What the KV-ring attention computes in for a model at `precision` ("bf16" | "fp8"): FP8 only
+    through our Triton kernel. With FlashAttention-4 ("fa4") the ring attention stays bf16 (its FP8
+    forward is Blackwell-only) while the blocks' linears still run in FP8, and the torch path has no
+    FP8 attention at all."""
+    return "fp8" if precision == "fp8" and impl == "triton" and ring_kernel == "triton" else "bf16"
+
+
+def ring_length_for(valid_len: torch.Tensor, impl: str, ring_kernel: str) -> torch.Tensor:
+    """The ring's valid length as the ring kernel takes it: FlashAttention-4 wants int32, so a model
+    converts it once per forward instead of once per layer (one small kernel each, ~0.8 ms of a
+    Self-Forcing block's 150 calls)."""
+    return valid_len.to(torch.int32) if impl == "triton" and ring_kernel == "fa4" else valid_len
+
+
 def check_impl(impl: str) -> None:
     if impl not in IMPLS:
         raise InvalidArgumentError(f"attention implementation '{impl}' is unknown; choose one of {IMPLS}")
@@ -222,8 +237,9 @@ def ring_attention(
 ) -> torch.Tensor:
     """The block's queries [B, L, N, d] against ring rows [0, valid_len) of [B, S, N, d].
 
-    `precision="fp8"` runs both attention matmuls in float8 e4m3 (our Triton kernel only).
-    With impl="triton", `kernel` picks ours or FlashAttention-4's ("fa4") for bf16.
+    `precision="fp8"` runs both attention matmuls in float8 e4m3 (our Triton kernel only: a model
+    asks for it through `ring_precision`). With impl="triton", `kernel` picks ours or
+    FlashAttention-4's ("fa4") for bf16.
 
     With `valid_len_host` (the same length, known on the host) the torch path slices the
     ring instead of masking it, so SDPA can pick its fastest backend (cuDNN, flash); a
@@ -231,8 +247,11 @@ def ring_attention(
     the length from device memory, so one graph serves every fill level.
     """
     if precision == "fp8":
-        if impl != "triton":
-            raise InvalidArgumentError("precision 'fp8' needs attention='triton' (there is no torch FP8 attention)")
+        if impl != "triton" or kernel != "triton":
+            raise InvalidArgumentError(
+                "FP8 ring attention is our Triton kernel's: it needs attention='triton' (there is no torch or "
+                "Hopper FlashAttention-4 FP8 attention)"
+            )
         return _kernels().ring_attention_fp8(q, ring_k, ring_v, valid_len)
     if impl == "triton":
         if kernel == "fa4":

@@ -242,8 +242,9 @@ class WanDiT(nn.Module):
 
     def set_precision(self, precision: str) -> None:
         """'bf16' (the model's dtype) or 'fp8': the blocks' linears and the self-attention in
-        float8 e4m3 (opt-in; its quality cost is measured in bench/). Irreversible: reload
-        the weights to go back. Embeddings, the head, cross-attention K/V stay in bf16."""
+        float8 e4m3 (opt-in; its quality cost is measured in bench/). With attention 'fa4' the
+        KV-ring attention stays bf16 (`dit_ops.ring_precision`). Irreversible: reload the weights
+        to go back. Embeddings, the head, cross-attention K/V stay in bf16."""
         if precision not in ("bf16", "fp8"):
             raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
         if precision == "fp8" and self.precision != "fp8":
@@ -443,6 +444,8 @@ class WanDiT(nn.Module):
         e, e0 = self.time_embed(t)
         cos, sin = rope_tables(frame_positions, h, w, self.cfg.head_dim)
         impl = self.attention_impl
+        ring_prec = dit_ops.ring_precision(self.precision, impl, self.ring_kernel)
+        ring_len = dit_ops.ring_length_for(valid_len, impl, self.ring_kernel)
         if shard is not None:
             tokens = shard.take(tokens, fs, 1)
             cos, sin = shard.take(cos, fs, 0), shard.take(sin, fs, 0)
@@ -450,7 +453,7 @@ class WanDiT(nn.Module):
         def cached_attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
             return dit_ops.ring_attention(
-                qr, ring_k[layer], ring_v[layer], valid_len, impl, valid_len_host, self.precision, self.ring_kernel
+                qr, ring_k[layer], ring_v[layer], ring_len, impl, valid_len_host, ring_prec, self.ring_kernel
             )
 
         def hooked_attend(q, k, v, sa, layer):

@@ -146,5 +146,7 @@ def test_messages_name_flags_not_python_arguments(capsys):
     assert options.flag_message("weights_seed=3", build.build_parser()) == "--seed 3"
     with pytest.raises(InvalidArgumentError, match="--precision fp8 needs --attention triton"):
         options.check_load_args(options.load_kwargs(p.parse_args(["--precision", "fp8"])))
+    # FP8 linears with FlashAttention-4's bf16 ring attention: accepted here (fa4 itself is checked at load)
+    options.check_load_args(options.load_kwargs(p.parse_args(["--precision", "fp8", "--attention", "fa4"])))
     assert run.main(["--precision", "fp8"]) == 2
     assert "--attention triton" in capsys.readouterr().err

@@ -128,7 +128,7 @@ def test_fa4_choice_sends_every_ring_attention_of_the_model_there(monkeypatch):
     calls = []
 
     def stand_in(q, k, v, valid_len, scale=None, return_lse=False):
-        calls.append(1)
+        calls.append(valid_len.dtype)
         return kernels.ring_attention(q, k, v, valid_len)
 
     monkeypatch.setattr(fa4, "ring_attention_fa4", stand_in)
@@ -136,6 +136,7 @@ def test_fa4_choice_sends_every_ring_attention_of_the_model_there(monkeypatch):
     assert (dit.attention_impl, dit.ring_kernel) == ("triton", "fa4")
     routed = rollout(engine)
     assert calls and len(calls) % len(dit.blocks) == 0
+    assert set(calls) == {torch.int32}  # converted once per forward, as seqused_k takes it
     assert all(torch.equal(a, b) for a, b in zip(ours, routed))
     calls.clear()
     rollout(other)

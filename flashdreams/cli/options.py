@@ -85,7 +85,10 @@ def add_load_options(
             help="attention/norm kernels: sdpa (torch, default), triton (ours, fused) or fa4 (ours, with the KV-ring "
             "attention by the optional flash-attn-4 package, sm90+; eager sessions only)",
         )
-    fp8 = "fp8: the DiT blocks' linears and self-attention in float8 e4m3 (needs --attention triton)"
+    fp8 = (
+        "fp8: the DiT blocks' linears and self-attention in float8 e4m3 (needs --attention triton; with "
+        "--attention fa4 the linears in float8 and the attention in bf16)"
+    )
     if lists:
         g.add_argument(
             "--precision", default="bf16", type=comma_list(PRECISIONS), help=f"comma list of bf16, fp8; {fp8}"
@@ -148,8 +151,11 @@ def check_load_args(kw: dict[str, Any]) -> None:
     would refuse naming Python arguments (or only after loading a model): fp8 without triton, a preset
     that needs a checkpoint, missing files, a resolution that is not positive or not a multiple of the
     model's stride."""
-    if kw.get("precision") == "fp8" and kw.get("attention") != "triton":
-        raise InvalidArgumentError("--precision fp8 needs --attention triton (there is no torch FP8 attention)")
+    if kw.get("precision") == "fp8" and kw.get("attention") not in ("triton", "fa4"):
+        raise InvalidArgumentError(
+            "--precision fp8 needs --attention triton or fa4 (the FP8 linears are our kernels; torch has no FP8 "
+            "attention)"
+        )
     for key, flag in (("source", "--checkpoint"), ("decoder_weights", "--decoder-weights")):
         if kw.get(key) is not None and not Path(kw[key]).exists():
             raise NotFoundError(f"{flag} '{kw[key]}' does not exist")

@@ -72,14 +72,79 @@ def test_load_with_fa4_refuses_before_loading() -> None:
         flashdreams.load(attention="fa4", device="cpu")
 
 
-def test_load_refuses_fa4_with_fp8(monkeypatch) -> None:
-    """FP8 runs our FP8 attention: asking for FlashAttention-4 as well is refused by name, not ignored."""
+def test_fp8_linears_with_fa4_keep_the_ring_attention_in_bf16(monkeypatch) -> None:
+    """precision="fp8" with attention="fa4": the blocks' linears go FP8 and FlashAttention-4 (its FP8
+    forward is Blackwell-only) runs every layer's ring attention in bf16. Standing in for it with our
+    bf16 kernel, the rollout equals, bit for bit, the FP8 model whose FP8 ring attention is swapped for
+    that same bf16 kernel, and our FP8 attention never runs."""
     import flashdreams
     import flashdreams.kernels.fa4_attention as fa4
+    from flashdreams import kernels
 
+    if not kernels.triton_available(torch.device("cpu")):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
     monkeypatch.setattr(fa4, "fa4_unavailable_reason", lambda device: None)  # as on an H200 with the package
-    with pytest.raises(InvalidArgumentError, match="precision 'fp8'"):
-        flashdreams.load(attention="fa4", precision="fp8", device="cpu")
+    fa4_calls = []
+
+    def stand_in(q, k, v, valid_len, scale=None, return_lse=False):
+        fa4_calls.append(q.dtype)
+        return kernels.ring_attention(q, k, v, valid_len)
+
+    monkeypatch.setattr(fa4, "ring_attention_fa4", stand_in)
+    opts = dict(device="cpu", dtype="float32", decoder=None, precision="fp8")
+    mixed = flashdreams.load(attention="fa4", **opts)
+    fp8 = flashdreams.load(attention="triton", **opts)
+    names = {n for n, m in mixed.model.weights.named_modules() if type(m).__name__ == "Fp8Linear"}
+    assert names and names == {n for n, m in fp8.model.weights.named_modules() if type(m).__name__ == "Fp8Linear"}
+
+    def rollout(engine) -> list[torch.Tensor]:
+        session = engine.session(seed=4)
+        return [session.step().latents.clone() for _ in range(3)]
+
+    monkeypatch.setattr(kernels, "ring_attention_fp8", lambda *a, **k: pytest.fail("FP8 attention ran"))
+    got = rollout(mixed)
+    layers = len(mixed.model.weights.blocks)
+    assert fa4_calls and len(fa4_calls) % layers == 0 and set(fa4_calls) == {torch.float32}
+    monkeypatch.setattr(kernels, "ring_attention_fp8", lambda q, k, v, n: kernels.ring_attention(q, k, v, n))
+    want = rollout(fp8)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_fp8_with_fa4_keeps_no_fp8_ring_shadow(monkeypatch) -> None:
+    """OmniDreams keeps an fp8 shadow of its ring only for our FP8 attention: with fa4 the plan has none,
+    and a chunk sends every ring attention to FlashAttention-4 with the length as int32."""
+    import flashdreams
+    import flashdreams.kernels.fa4_attention as fa4
+    from flashdreams import kernels
+
+    if not kernels.triton_available(torch.device("cpu")):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+    monkeypatch.setattr(fa4, "fa4_unavailable_reason", lambda device: None)
+    opts = dict(preset="omnidreams-sv-tiny-latent", device="cpu", dtype="float32", decoder=None, precision="fp8")
+    assert "ring_k8" in flashdreams.load(attention="triton", **opts).plan.state
+    mixed = flashdreams.load(attention="fa4", **opts)
+    assert "ring_k8" not in mixed.plan.state and "ring_k8" not in mixed.plan.graphs["dit"].args
+    assert type(mixed.model.weights.blocks[0].mlp.layer2).__name__ == "Fp8Linear"
+    lengths = []
+
+    def stand_in(q, k, v, valid_len, scale=None, return_lse=False):
+        lengths.append(valid_len.dtype)
+        return kernels.ring_attention(q, k, v, valid_len)
+
+    monkeypatch.setattr(fa4, "ring_attention_fa4", stand_in)
+    monkeypatch.setattr(kernels, "ring_attention_fp8", lambda *a, **k: pytest.fail("FP8 attention ran"))
+    latents = mixed.session(inputs=_omnidreams_inputs(mixed), seed=1).step().latents
+    assert torch.isfinite(latents).all()
+    assert len(lengths) == 3 * len(mixed.model.weights.blocks) and set(lengths) == {torch.int32}
+
+
+def test_fp8_ring_attention_refuses_a_kernel_without_it() -> None:
+    q, k, v = _ring(dtype=torch.float32)
+    with pytest.raises(InvalidArgumentError, match="FP8 ring attention"):
+        dit_ops.ring_attention(q, k, v, torch.tensor([100]), "triton", precision="fp8", kernel="fa4")
+    assert dit_ops.ring_precision("fp8", "triton", "fa4") == "bf16"
+    assert dit_ops.ring_precision("fp8", "triton", "triton") == "fp8"
+    assert dit_ops.ring_precision("bf16", "triton", "triton") == "bf16"
 
 
 def test_a_built_engine_refuses_fa4(tmp_path) -> None:
@@ -160,3 +225,9 @@ def test_fa4_reads_the_length_on_the_device_inside_a_cuda_graph() -> None:
         graph.replay()
         ref = ring_attention_reference(q.float(), k.float(), v.float(), vl)
         assert rel_l2(out.float(), ref) < 1e-2, valid
+
+
+def _omnidreams_inputs(engine) -> dict[str, torch.Tensor]:
+    """Seeded values at each named input's shape (a tiny latent-input preset takes latents only)."""
+    g = torch.Generator().manual_seed(0)
+    return {name: torch.randn(spec.shape, generator=g) for name, spec in engine.plan.inputs.items()}

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from flashdreams.errors import InvalidArgumentError
+from flashdreams.models import dit_ops
 from flashdreams.models.checkpoint import read_state_dict
 from flashdreams.models.cosmos_dit import CosmosDiT
 from flashdreams.models.decode_step import decoder_graphs
@@ -126,7 +127,7 @@ class OmniDreamsFamily(Family):
 
 def _fp8_shadow_block_n(model: CosmosDiT, opts: LoadOptions) -> int | None:
     """The key tile of the ring's fp8 shadow when the attention runs in FP8 (our Triton kernel), else None."""
-    if model.precision != "fp8" or model.attention_impl != "triton":
+    if dit_ops.ring_precision(model.precision, model.attention_impl, model.ring_kernel) != "fp8":
         return None
     from flashdreams.kernels.ring_attention_fp8 import fp8_kv_block_n
 
