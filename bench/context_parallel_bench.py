@@ -121,8 +121,8 @@ def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tenso
         stages.append(res.stage_ms())
         if b == 0:
             first_latents = res.latents.float().cpu().clone()
-    spec, ring = engine.spec, engine.plan.ring
-    nf, cap = spec.num_frame_per_block, ring.sink + ring.window
+    spec, ring = engine.spec, engine.plan.meta["ring"]  # every streaming plan states its sink and window
+    nf, cap = spec.num_frame_per_block, ring["sink_frames"] + ring["window_frames"]
     # Steady state: blocks that see a full window (attention no longer grows); never block 0.
     steady = [b for b in range(1, args.blocks) if (b + 1) * nf >= cap] or list(range(1, args.blocks)) or [0]
     steady_ms = [per_block[b] for b in steady]

@@ -43,6 +43,7 @@ TOL = 1e-5  # rel. L2 in float32
 TINY = get_preset("tiny")
 TINY_4H = TINY.replace(name="tiny-4heads", model=TINY_WAN.replace(num_heads=4))
 LINGBOT = get_preset("lingbot-world-fast-tiny")  # 6 tokens a frame, 2 heads
+WAN22 = get_preset("wan2.2-tiny")  # two experts, each with its own KV ring; block 0 is one frame
 
 # name -> (preset, world size of the group or None for all, options)
 CASES_2 = {
@@ -57,6 +58,9 @@ CASES_2 = {
     # LingBot-World Fast on an orbiting camera: its per-token scale/shift is taken per rank like the tokens.
     "lingbot-ulysses": (LINGBOT, None, dict(mode="ulysses", camera=True)),
     "lingbot-ring-kv": (LINGBOT, None, dict(mode="ring", ring_pass="kv", camera=True)),
+    # Causal Wan2.2: both experts' graphs hooked, both rings sharded, the length always masked on the device.
+    "wan22-ulysses": (WAN22, None, dict(mode="ulysses")),
+    "wan22-ring-q": (WAN22, None, dict(mode="ring", ring_pass="q")),
 }
 CASES_4 = {
     "ulysses": (TINY_4H, None, dict(mode="ulysses")),
@@ -91,8 +95,9 @@ def _free_port() -> int:
 
 
 def _rollout(engine, batch: int, blocks: int = BLOCKS, seed: int = 5, camera: bool = False):
-    """`blocks` steps of one session: (latents [blocks, ...], whether each step had frames, the session).
-    `camera`: a moving camera path for LingBot (its default is a still camera, the same for every token)."""
+    """`blocks` steps of one session: (each block's latents, whether each step had frames, the session).
+    A list, not a stack: Wan2.2's block 0 has one latent frame, the others three. `camera`: a moving
+    camera path for LingBot (its default is a still camera, the same for every token)."""
     inputs = {"prompt_embeds": engine.default_prompt(batch=batch, seed=1)}
     if camera:
         from flashdreams.models.families.lingbot import example_camera
@@ -101,7 +106,7 @@ def _rollout(engine, batch: int, blocks: int = BLOCKS, seed: int = 5, camera: bo
         inputs |= example_camera(batch, frames, h, w)
     s = engine.session(inputs=inputs, seed=seed)
     steps = [s.step() for _ in range(blocks)]
-    return torch.stack([r.latents for r in steps]), [r.frames is not None for r in steps], s
+    return [r.latents for r in steps], [r.frames is not None for r in steps], s
 
 
 def _worker(rank: int, world: int, port: int, cases: dict, errors: dict, out: str) -> None:
@@ -130,7 +135,7 @@ def _worker(rank: int, world: int, port: int, cases: dict, errors: dict, out: st
             lat, frames, s = _rollout(eng, batch, blocks, camera=camera)
             results["latents"][name] = lat
             results["frames"][name] = frames
-            results["ring_shape"][name] = tuple(s.buffers["ring_k"].shape)
+            results["ring_shape"][name] = tuple(s.buffers[eng.model.parallel.kv_rings[0]].shape)
         for name, (preset, opts) in errors.items():
             try:
                 load_context_parallel(preset=preset, decoder=None, dtype="float32", **opts)
@@ -170,7 +175,7 @@ def _reference(preset, batch: int, camera: bool = False):
     if key not in _REFERENCE:
         eng = flashdreams.load(preset=preset, decoder=None, device="cpu", dtype="float32", batch=batch)
         lat, _, s = _rollout(eng, batch, camera=camera)
-        _REFERENCE[key] = lat, tuple(s.buffers["ring_k"].shape)
+        _REFERENCE[key] = lat, tuple(s.buffers[eng.model.parallel.kv_rings[0]].shape)
     return _REFERENCE[key]
 
 
@@ -178,9 +183,9 @@ def _check_case(ranks: list[dict], name: str, case) -> None:
     preset, group_size, opts = case
     ref, full = _reference(preset, opts.get("batch", 1), opts.get("camera", False))
     got = [res["latents"][name] for res in ranks]
-    blocks = got[0].shape[0]
-    assert got[0].shape == ref[:blocks].shape
-    assert ref.abs().mean() > 0.1 and not torch.equal(ref[0], ref[-1])  # a real, changing rollout
+    blocks = len(got[0])
+    assert [x.shape for x in got[0]] == [x.shape for x in ref[:blocks]]
+    assert torch.cat([x.flatten() for x in ref]).abs().mean() > 0.1 and not torch.equal(ref[-2], ref[-1])  # it moves
     # The session allocated 1/P of the single-process ring: all tokens of N/P heads, or S/P tokens of all heads.
     p = len(ranks) if group_size is None else group_size
     shard = list(full)
@@ -191,7 +196,7 @@ def _check_case(ranks: list[dict], name: str, case) -> None:
     assert max(err) <= TOL, f"{name}: rel. L2 per block {err}"
     # Every rank returns the same latents, so the sampler stays in lock step.
     for r, g in enumerate(got[1:], 1):
-        assert torch.equal(g, got[0]), f"{name}: rank {r} diverged from rank 0"
+        assert all(torch.equal(a, b) for a, b in zip(g, got[0])), f"{name}: rank {r} diverged from rank 0"
     # Group rank 0 alone decodes (and only when a decoder was asked for).
     decodes = opts.get("decoder") is not None
     for r, res in enumerate(ranks):
@@ -280,6 +285,20 @@ def test_shard_plan_sizes_this_ranks_kv_ring():
         shard_plan(plan, hooks, "pipeline", 2)
 
 
+def test_shard_plan_shards_both_experts_rings_of_wan22():
+    eng = flashdreams.load(preset=WAN22, device="cpu", dtype="float32", decoder=None)
+    hooks, plan = eng.model.parallel, eng.plan
+    assert set(hooks.steps) == {"dit_high", "dit_high_first", "dit_low", "dit_low_first"}
+    assert set(hooks.kv_rings) == {"ring_k_high", "ring_v_high", "ring_k_low", "ring_v_low"}
+    ring = shard_plan(plan, hooks, "ring", 2)
+    for name in hooks.kv_rings:
+        full = plan.state[name].shape
+        assert ring.state[name].shape == (*full[:2], full[2] // 2, *full[3:])
+    assert {n: d for n, d in ring.state.items() if n not in hooks.kv_rings} == {
+        n: d for n, d in plan.state.items() if n not in hooks.kv_rings
+    }
+
+
 def test_token_shards_take_and_gather_back_every_frame():
     x = torch.randn(2, 3 * 12, 5)  # 3 frames of 12 tokens
     p = 4
@@ -312,8 +331,8 @@ def test_hooked_forward_on_one_rank_equals_the_plain_forward():
         ring_v[layer].index_copy_(1, rows, v)
         return dit_ops.ring_attention(q, ring_k[layer], ring_v[layer], args["valid_len"])
 
-    plain = hooks.step(*[args[a] for a in eng.plan.graphs["dit"].args])
-    hooked = hooks.step(
+    plain = hooks.steps["dit"](*[args[a] for a in eng.plan.graphs["dit"].args])
+    hooked = hooks.steps["dit"](
         *[args[a] for a in eng.plan.graphs["dit"].args], attend=attend, shard=TokenShard(0, 1, lambda y: y[None])
     )
     assert rel_l2(hooked, plain) < 1e-6

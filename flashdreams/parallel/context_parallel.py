@@ -179,12 +179,12 @@ def shard_plan(plan: BlockPlan, hooks: ParallelHooks, mode: str, world_size: int
     frame_tokens/P rows per frame-slot (the token dim divided). Nothing else changes.
     """
     check_mode(mode)
-    if plan.ring is None:
+    if not hooks.kv_rings:
         raise InvalidArgumentError(
-            f"context parallel: the '{plan.family}' plan has no KV ring rule (plan.ring); "
-            "context parallel shards a streaming model's KV ring"
+            f"context parallel: the '{plan.family}' hooks name no KV ring; context parallel shards a streaming "
+            "model's KV ring"
         )
-    if hooks.frame_tokens != plan.ring.frame_tokens:
+    if plan.ring is not None and hooks.frame_tokens != plan.ring.frame_tokens:
         raise InvalidArgumentError(
             f"context parallel: the hooks say {hooks.frame_tokens} tokens a frame, the plan's ring "
             f"{plan.ring.frame_tokens}; the family's hooks and plan disagree"
@@ -227,13 +227,14 @@ def check_mode(mode: str, ring_pass: str = "q") -> None:
 
 
 class ContextParallelBackend:
-    """A graph backend that runs the family's hooked graph split over the ranks of `group`.
+    """A graph backend that runs the family's hooked graphs split over the ranks of `group`.
 
     `base` is the family's eager backend (the same graphs); `plan` is this rank's plan
-    (`shard_plan`). Calls to `hooks.graph` run `hooks.step` with this rank's `TokenShard` and
-    the sharded attention; every other graph runs on `base` unchanged (rank 0's inputs first
+    (`shard_plan`). Calls to a graph of `hooks.steps` run its step with this rank's `TokenShard`
+    and the sharded attention; every other graph runs on `base` unchanged (rank 0's inputs first
     for the graphs in `hooks.broadcast`). `slice_ring` (default: as `base`, i.e. with torch
-    attention) slices the ring to the host-known fill level; off, every call masks.
+    attention) slices the ring to the host-known fill level where the plan's ring rule gives it
+    (a plan without one, like Wan2.2's, always masks); off, every call masks.
     """
 
     def __init__(
@@ -252,20 +253,26 @@ class ContextParallelBackend:
         self.world_size, self.rank = self.comm.size, self.comm.rank
         self.base, self.hooks, self.plan = base, hooks, plan
         self.mode, self.ring_pass = mode, ring_pass
-        self.ring = plan.ring
-        sig = plan.graphs.get(hooks.graph)
-        if sig is None or self.ring is None:
+        self.ring = plan.ring  # the host-known fill level, where the plan has a ring rule
+        if len(hooks.kv_args) != 2 or len(hooks.ring_args) != 2:
             raise InvalidArgumentError(
-                f"context parallel: the plan has no graph '{hooks.graph}' or no ring rule; use shard_plan's plan"
+                f"context parallel: kv_args must name (keys, values) and ring_args (slots, valid_len); got "
+                f"{hooks.kv_args}, {hooks.ring_args}"
             )
-        if len(hooks.kv_rings) != 2:
-            raise InvalidArgumentError(f"context parallel: kv_rings must name (keys, values); got {hooks.kv_rings}")
-        needed = (*hooks.kv_rings, self.ring.slots, self.ring.valid_len)
-        missing = [n for n in needed if n not in sig.args]
-        if missing:
-            raise InvalidArgumentError(f"context parallel: graph '{hooks.graph}' does not take {missing}")
-        self._sig = sig
-        self._ring_shapes = {n: tuple(plan.state[n].shape) for n in hooks.kv_rings}
+        self._sigs = {}
+        for graph in hooks.steps:
+            sig = plan.graphs.get(graph)
+            if sig is None:
+                raise InvalidArgumentError(f"context parallel: the plan has no graph '{graph}' the hooks name")
+            missing = [n for n in (*hooks.kv_args, *hooks.ring_args) if n not in sig.args]
+            if missing:
+                raise InvalidArgumentError(f"context parallel: graph '{graph}' does not take {missing}")
+            self._sigs[graph] = sig
+        unsharded = [n for n in hooks.kv_rings if n not in plan.state]
+        if unsharded:
+            raise InvalidArgumentError(f"context parallel: no state buffer {unsharded}; use shard_plan's plan")
+        # What a KV-ring argument may be: this rank's shard of one of the rings.
+        self._ring_shapes = {tuple(plan.state[n].shape) for n in hooks.kv_rings}
         self._frame_rows = check_token_shardable(hooks.frame_tokens, self.world_size)
         self.shard = TokenShard(self.rank, self.world_size, self.comm.all_gather)
         self.device, self.dtype = base.device, base.dtype
@@ -288,24 +295,26 @@ class ContextParallelBackend:
 
     @torch.no_grad()
     def call(self, graph: str, args: dict[str, torch.Tensor], block: int) -> tuple[torch.Tensor, ...]:
-        if graph != self.hooks.graph:
+        step = self.hooks.steps.get(graph)
+        if step is None:
             if graph in self.hooks.broadcast:  # the same call inputs everywhere (a session's buffers stay as given)
                 args = {n: self.comm.broadcast_(args[n].clone()) for n in self.plan.graphs[graph].args}
             return self.base.call(graph, args, block)
-        for name, want in self._ring_shapes.items():
-            if tuple(args[name].shape) != want:
+        for name in self.hooks.kv_args:
+            if tuple(args[name].shape) not in self._ring_shapes:
                 raise InvalidArgumentError(
                     f"context parallel '{self.mode}' x{self.world_size}: {name} has shape {list(args[name].shape)}; "
-                    f"this rank's shard is {list(want)} (run sessions of the context-parallel engine)"
+                    f"this rank's shard is one of {sorted(map(list, self._ring_shapes))} (run sessions of the "
+                    "context-parallel engine)"
                 )
-        host = self.ring.valid_tokens(block) if self.shape_specialized else None
-        out = self.hooks.step(*[args[a] for a in self._sig.args], attend=self._attend(args, host), shard=self.shard)
+        host = self.ring.valid_tokens(block) if self.shape_specialized and self.ring is not None else None
+        out = step(*[args[a] for a in self._sigs[graph].args], attend=self._attend(args, host), shard=self.shard)
         return (out,) if isinstance(out, torch.Tensor) else tuple(out)
 
     def _attend(self, args: dict[str, torch.Tensor], host: int | None) -> AttendFn:
         """The sharded self-attention of one call: the ring rows of the block, then per layer attend."""
-        ring_k, ring_v = (args[n] for n in self.hooks.kv_rings)
-        slots, valid = args[self.ring.slots], args[self.ring.valid_len]
+        ring_k, ring_v = (args[n] for n in self.hooks.kv_args)
+        slots, valid = (args[n] for n in self.hooks.ring_args)
         p, fs, c = self.world_size, self.hooks.frame_tokens, self._frame_rows
         nf, dev = slots.shape[0], slots.device
         if self.mode == "ulysses":

@@ -1,12 +1,13 @@
 """The hooks a model family exposes so context parallelism can wrap it without knowing it.
 
 A family that supports context parallel sets `LoadedModel.parallel` to a `ParallelHooks`:
-which step graph runs the token-parallel forward (`step`, the graph's forward taking the
-graph's call inputs in order plus the keywords `attend` and `shard`), how many tokens a
-latent frame has, how many attention heads there are, and which state buffers are KV rings
-(laid out as models/kv_ring.py says: [layers, B, S, N, d], frame-slot s at rows
-[s*frame_tokens, (s+1)*frame_tokens), valid rows a prefix; the plan's `RingRule` names the
-slots and valid-length buffers). The wrapper (context_parallel.py) supplies the two hooks:
+which step graphs run the token-parallel forward (`steps`: graph name -> the graph's forward,
+taking the graph's call inputs in order plus the keywords `attend` and `shard`; a model of two
+experts has one graph per expert), how many tokens a latent frame has, how many attention heads
+there are, which arguments of those graphs take a KV ring and the block's ring positions, and
+which state buffers are KV rings (laid out as models/kv_ring.py says: [layers, B, S, N, d],
+frame-slot s at rows [s*frame_tokens, (s+1)*frame_tokens), valid rows a prefix). The wrapper
+(context_parallel.py) supplies the two hooks:
 
 * `shard` (a `TokenShard`): the forward keeps this rank's rows of every frame of its tokens
   and RoPE tables (`take`), and gathers the head's output back (`gather`);
@@ -19,7 +20,7 @@ Nothing here imports torch.distributed, the runtime or a family: families import
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import torch
@@ -32,8 +33,10 @@ AttendFn = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tenso
 class ParallelHooks:
     """What a family gives context parallelism (see the module doc).
 
-    `step(*args, attend=..., shard=...)` runs graph `graph` with the hooks; `kv_rings` = (keys, values)
-    name state buffers that are also that graph's parameters, sharded along `token_dim` (ring mode:
+    `steps[g](*args, attend=..., shard=...)` runs graph `g` with the hooks. In every such graph the
+    arguments `kv_args` = (keys, values) take a KV ring and `ring_args` = (slots, valid_len) the
+    block's frame slots and the ring's valid length (device tensors). `kv_rings` names every state
+    buffer the plan passes there (one pair per expert), each sharded along `token_dim` (ring mode:
     each frame-slot keeps frame_tokens/P rows) or `head_dim` (Ulysses: N/P heads).
     `broadcast` names graphs whose call inputs rank 0 sends to all (the prompt encoder: every
     rank must attend to the same text). `attention` is the family's attention implementation
@@ -41,11 +44,12 @@ class ParallelHooks:
     broadcast, so all ranks hold the same weights.
     """
 
-    graph: str
-    step: Callable[..., torch.Tensor] = field(repr=False)
+    steps: Mapping[str, Callable[..., torch.Tensor]] = field(repr=False)
     frame_tokens: int
     num_heads: int
     kv_rings: tuple[str, ...]
+    kv_args: tuple[str, str] = ("ring_k", "ring_v")
+    ring_args: tuple[str, str] = ("slots", "valid_len")
     broadcast: tuple[str, ...] = ()
     attention: str = "sdpa"
     token_dim: int = 2

@@ -99,8 +99,7 @@ class CausalWanFamily(Family):
 def parallel_hooks(model: WanDiT, frame_tokens: int) -> ParallelHooks:
     """Context parallel over the DiT: `forward_step`'s `attend`/`shard` hooks, the KV ring sharded."""
     return ParallelHooks(
-        graph="dit",
-        step=model.forward_step,
+        steps={"dit": model.forward_step},
         frame_tokens=frame_tokens,
         num_heads=model.cfg.num_heads,
         kv_rings=("ring_k", "ring_v"),

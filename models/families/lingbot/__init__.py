@@ -78,8 +78,7 @@ class LingBotFamily(Family):
                 graphs.update(dec.graphs)
             hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
             parallel = ParallelHooks(
-                graph="dit",
-                step=model.forward_step_camera,
+                steps={"dit": model.forward_step_camera},
                 frame_tokens=plan.ring.frame_tokens,
                 num_heads=model.cfg.num_heads,
                 kv_rings=("ring_k", "ring_v"),

@@ -22,6 +22,7 @@ from flashdreams.models.families.wan22.loader import drop_unused_cross_kv_, expe
 from flashdreams.models.families.wan22.plan import LATENT_CHANNELS, build_plan
 from flashdreams.models.families.wan22.presets import FIRST_BLOCK_FRAMES, PRESETS, Preset
 from flashdreams.models.families.wan22.steps import (
+    RING_BUFFERS,
     BlockPositionsStep,
     DiTStep,
     EncodePromptStep,
@@ -33,6 +34,7 @@ from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_na
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
+from flashdreams.parallel.hooks import ParallelHooks
 
 # Seed offsets of the random weights: the experts differ, as the released ones do.
 SEED_OFFSETS = {"high": 0, "low": 1, "vae": 2}
@@ -145,7 +147,23 @@ class Wan22Family(Family):
             device=opts.device,
             dtype=opts.dtype,
             describe={"attention": experts["high"].attention_impl, "precision": opts.precision, "experts": 2},
+            parallel=parallel_hooks(experts, fs, preset.i2v),
         )
+
+
+def parallel_hooks(experts: Mapping[str, WanDiT], frame_tokens: int, i2v: bool) -> ParallelHooks:
+    """Context parallel over both experts: each expert graph (steady and first) runs its expert's
+    `forward_step` with the hooks, and both experts' KV rings are sharded alike. The plan has no
+    ring rule (block 0 is shorter), so the sharded attention always masks by the device length."""
+    return ParallelHooks(
+        steps={expert_graph(e, first): m.forward_step for e, m in experts.items() for first in (False, True)},
+        frame_tokens=frame_tokens,
+        num_heads=experts["high"].cfg.num_heads,
+        kv_rings=tuple(name for e in experts for name in RING_BUFFERS[e]),
+        # Every rank must condition on the same prompt (and start image).
+        broadcast=("encode_prompt", "encode_image") if i2v else ("encode_prompt",),
+        attention=experts["high"].attention_impl,
+    )
 
 
 def example_inputs(plan, graph: str, device: torch.device) -> tuple[torch.Tensor, ...]:
