@@ -198,6 +198,15 @@ def video_rate(path: str | os.PathLike, default: float = 16.0) -> Fraction:
     return Fraction(rate) if rate else frame_rate(default)
 
 
+def video_size(path: str | os.PathLike) -> tuple[int, int]:
+    """(height, width) of a video file's first video stream."""
+    with _open_input(path) as c:
+        if not c.streams.video:
+            raise InvalidArgumentError(f"'{path}' has no video stream")
+        stream = c.streams.video[0]
+        return stream.height, stream.width
+
+
 def iter_video(path: str | os.PathLike, frames_per_block: int = 8) -> Iterator[torch.Tensor]:
     """The frames of a video file as uint8 [1, n, H, W, 3] blocks of `frames_per_block` (the last may be
     shorter), decoded as they are read, so a long video never sits in memory whole."""

@@ -220,6 +220,30 @@ def test_fd_run_upscales_a_video_file(tmp_path, monkeypatch):
     assert torch.equal(got, want)
 
 
+def test_output_size_follows_the_input_in_whole_windows():
+    preset = flashdreams.get_preset("flashvsr")
+    assert preset.size_for_input(192, 352) == (768, 1408)  # the preset's own LQ size
+    assert preset.size_for_input(360, 640) == (1408, 2560)  # 1440x2560, rows floored to 128-multiples
+    assert preset.size_for_input(20, 20) == (128, 128)  # at least one window
+
+
+def test_fd_run_sizes_flashvsr_to_the_input_video(tmp_path, capsys):
+    """Without --height/--width the output is 4x the input video, floored to whole 128-pixel windows (the
+    frames centre-cropped to it); --height/--width still pick the size."""
+    from flashdreams.cli.run import main as run_main
+    from flashdreams.video import read_video, write_video
+
+    low = tmp_path / "low.mp4"
+    write_video(low, [torch.randint(0, 256, (9, 40, 72, 3), dtype=torch.uint8)], fps=12)
+    out = tmp_path / "up.mp4"
+    assert run_main(["--preset", "flashvsr-tiny", "--input", str(low), "--out", str(out), "--no-progress"]) == 0
+    assert read_video(out).shape == (9, 128, 256, 3)  # 160x288 floored to 128x256
+    assert "--input frames 40x72 -> 128x256 out" in capsys.readouterr().err
+    args = ["--preset", "flashvsr-tiny", "--input", str(low), "--out", str(out), "--height", "128", "--width", "128"]
+    assert run_main([*args, "--no-progress"]) == 0
+    assert read_video(out).shape == (9, 128, 128, 3)
+
+
 def test_fd_run_upscales_a_world_as_it_streams(tmp_path):
     from flashdreams.cli.run import main as run_main
     from flashdreams.video import read_video
@@ -227,7 +251,8 @@ def test_fd_run_upscales_a_world_as_it_streams(tmp_path):
     out = tmp_path / "up.mp4"
     args = ["--preset", "tiny", "--upscale", "flashvsr-tiny", "--blocks", "3", "--out", str(out), "--no-progress"]
     assert run_main(args) == 0
-    assert read_video(out).shape == (33, 128, 256, 3)  # the tiny causal Wan's 9 + 12 + 12 frames, upscaled
+    # the tiny causal Wan's 9 + 12 + 12 frames of 64x96, upscaled 4x to its whole frame (256x384)
+    assert read_video(out).shape == (33, 256, 384, 3)
 
 
 @pytest.mark.gpu

@@ -381,11 +381,15 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
 
         kw["preset"] = DEFAULT_WORLD
     check_load_args(kw)
+    if args.input:
+        from flashdreams.video import video_size
+
+        _size_to_frames(kw, video_size(args.input), "--input")
     t0 = time.perf_counter()
     engine = flashdreams.load(**kw)
     if args.input:
         return _run_input(args, engine, outputs, found, t0)
-    upscaler = _upscaler(args, kw) if args.upscale else None
+    upscaler = _upscaler(args, kw, engine) if args.upscale else None
     if args.fps is None:
         args.fps = float(engine.plan.meta.get("fps", 16.0))  # the model's own pace (OmniDreams 30, the arena 16)
     if args.replay:
@@ -427,7 +431,10 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
             result.latents.cpu()  # the block is done before its time is reported
         dt = time.perf_counter() - tb
         fps = frames_total / (time.perf_counter() - t_start) if frames_total else 0.0
-        bar.set_postfix_str(f"block {dt * 1e3:.0f} ms, {fps:.1f} fps")
+        if upscaler is not None and not upscaler.blocks:  # its first block waits for `first` frames
+            bar.set_postfix_str(f"block {dt * 1e3:.0f} ms, upscaler filling {upscaler.pushed}/{upscaler.first} frames")
+        else:
+            bar.set_postfix_str(f"block {dt * 1e3:.0f} ms, {fps:.1f} fps")
         bar.update(1)
     bar.close()
     if upscaler is not None:
@@ -496,13 +503,37 @@ def _frame_session(args, engine, found, flag: str):
     return engine.session(prompt, seed=args.seed, inputs={name: zeros})
 
 
-def _upscaler(args, kw: dict):
-    """The --upscale model's session, wrapped to take the world's frames as they come."""
+def _size_to_frames(kw: dict, frame_size: tuple[int, int], flag: str) -> None:
+    """Size a frame-stream model to the frames it will get, where its preset says how
+    (`size_for_input`: FlashVSR takes `scale` times the frames, floored to whole attention windows)
+    and no --height/--width or built engine fixes the size already."""
+    from flashdreams import registry
+
+    source = kw.get("source")
+    if kw.get("height") is not None or kw.get("width") is not None or not isinstance(kw.get("preset"), str):
+        return
+    if source is not None and (Path(source) / "manifest.json").is_file():
+        return  # a built engine's shapes are its identity
+    size_for = getattr(registry.get_preset(kw["preset"]), "size_for_input", None)
+    if size_for is None:
+        return  # not a frame-stream model: _frame_input names the problem
+    kw["height"], kw["width"] = size_for(*frame_size)
+    hint = "; --height/--width pick another size" if flag == "--input" else ""
+    print(
+        f"fd-run: {flag} frames {frame_size[0]}x{frame_size[1]} -> {kw['height']}x{kw['width']} out "
+        f"(centre-cropped to whole attention windows{hint})",
+        file=sys.stderr,
+    )
+
+
+def _upscaler(args, kw: dict, world):
+    """The --upscale model's session, sized to the world's frames, wrapped to take them as they come."""
     import flashdreams
     from flashdreams.stage import Upscaler
 
     up_kw = {**kw, "preset": args.upscale, "source": args.upscale_checkpoint, "decoder": "preset"}
     up_kw.update(decoder_weights=None, height=None, width=None, precision="bf16")
+    _size_to_frames(up_kw, (world.spec.height, world.spec.width), "--upscale")
     check_load_args(up_kw)
     engine = flashdreams.load(**up_kw)
     _frame_input(engine, "--upscale")

@@ -46,6 +46,12 @@ class Preset:
     def __post_init__(self) -> None:
         object.__setattr__(self, "tc_channels", tuple(self.tc_channels))
 
+    def size_for_input(self, height: int, width: int) -> tuple[int, int]:
+        """The output size for LQ frames of height x width: `scale` times larger, floored to whole
+        attention windows (at least one); the host's frames are centre-cropped to it (`stage.fit_frames`)."""
+        step = PIXELS_PER_WINDOW
+        return tuple(max(step, n * self.scale // step * step) for n in (height, width))
+
     def check_size(self, height: int, width: int) -> None:
         step = PIXELS_PER_WINDOW
         if height <= 0 or width <= 0 or height % step or width % step:
