@@ -81,6 +81,7 @@ fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..327
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
+vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
 lingbot-fa4|300|issue 15: bench/lingbot_bench.py (CUDA graphs) with FlashAttention-4 in bf16, then with FP8 linears + FlashAttention-4 (camera-to-frame now timed to the frames, not the commit)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
@@ -111,7 +112,7 @@ declare -A PART_GROUPS=(
   [next22]="omni-fa4 rolling-fa4"
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc"
-  [next25]="fa4-tests vsr-fa4"
+  [next25]="fa4-tests vsr-fa4 vsr-profile"
   [next26]="fa4-tests sf-fp8-fa4"
   [next27]="omni-fp8-fa4 lingbot-fa4"
   [round2]="gpu-smoke kernels decoders sf-eager"
@@ -602,6 +603,16 @@ part_omni-fp8-fa4() {
       --out "$DEST/omni-fp8-fa4-quality.json" || rc=$?
   fi
   return $rc
+}
+
+part_vsr-profile() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to vsr-profile "$1" --preset flashvsr-tiny --attention triton --blocks 3 --rollouts 1 --profile-block 2 \
+      --quick-ceilings
+  else
+    fdb_to vsr-profile "$1" --preset flashvsr --random-weights --attention triton --blocks 6 --rollouts 1 \
+      --profile-block 4
+  fi
 }
 
 part_lingbot-fa4() {
