@@ -82,7 +82,7 @@ rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUD
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
-lingbot-fa4|300|issue 15: bench/lingbot_bench.py (CUDA graphs) with FlashAttention-4 in bf16, then with FP8 linears + FlashAttention-4 (camera-to-frame now timed to the frames, not the commit)
+lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -616,22 +616,15 @@ part_vsr-profile() {
 }
 
 part_lingbot-fa4() {
-  local t0 rc precision
-  t0=$(date +%s)
-  rc=0
-  for precision in bf16 fp8; do
-    local rest=$(($1 - ($(date +%s) - t0)))
-    if [ $SMOKE = 1 ]; then
-      py $((rest / 2)) "$REPO/bench/lingbot_bench.py" --device cpu --preset lingbot-world-fast-tiny \
-        --precision $precision --blocks 2 --out "$DEST/lingbot-fa4-$precision.json" || rc=$?
-    else
-      local limit=$rest
-      [ $precision = bf16 ] && limit=$((rest / 2))
-      py $limit "$REPO/bench/lingbot_bench.py" --cuda-graphs --attention fa4 \
-        --precision $precision --out "$DEST/lingbot-fa4-$precision.json" || rc=$?
-    fi
-  done
-  return $rc
+  # fd-bench, one invocation: bf16 and FP8 linears, both with FlashAttention-4, each with a steady rollout
+  # (the window of 15 + sink 3 frames is full from block 6) and a kernel profile of block 7.
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same command with our kernel alone
+    fdb_to lingbot-fa4 "$1" --preset lingbot-world-fast-tiny --attention triton --precision bf16,fp8 --blocks 3 \
+      --rollouts 1 --steady-blocks 4 --profile-block 2 --quick-ceilings
+  else
+    fdb_to lingbot-fa4 "$1" --preset lingbot-world-fast-stream --random-weights --attention fa4 --precision bf16,fp8 \
+      --blocks 8 --rollouts 1 --steady-blocks 12 --profile-block 7
+  fi
 }
 
 part_fa4-sweep() {
