@@ -12,9 +12,12 @@ engines wrap the loaded one (`flashdreams.parallel.context_parallel_engine`): th
 own graphs with its attention and token-sharding hooks set. Models: Wan2.1
 1.3B and 14B with random weights (speed does not depend on the values), bf16, 480x832, the
 Self-Forcing schedule (4 steps + commit a block) and its full 21-frame cache; blocks whose
-window is full are the steady state. Each count also reports the rel. L2 of its first
-block's latents against the baseline (same seed, same prompt) as a sanity check, and ring
-mode checks its attention-with-LSE path against plain torch first (`lse_check`).
+window is full are the steady state (p50 and p99). Each count also reports the rel. L2 of every
+measured block's latents against the baseline (same seed, same prompt; the worst block and each
+one), ring mode checks its attention-with-LSE path against plain torch first (`lse_check`), and
+--profile adds one profiled steady block per run: kernel time per category, communication
+(NCCL kernels) included. A run that fails under --cuda-graphs (NCCL inside a capture) is
+recorded with its error under "failed" and the others go on.
 
 Expect roughly 1 min (1.3B) + 4 min (14B) of device time per launch on 4 GPUs, eager;
 split with --models 1.3b / --models 14b if a call's time is short. --cuda-graphs replays
@@ -38,6 +41,7 @@ import torch.distributed as dist
 
 import flashdreams
 from flashdreams.benchmark.environment import environment
+from flashdreams.benchmark.profile import profile_call
 from flashdreams.engine import Engine, resolve_device_dtype
 from flashdreams.models.wan_config import WAN21_T2V_14B
 from flashdreams.numerics import max_abs_err, rel_l2
@@ -59,7 +63,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--ring-pass", choices=("q", "kv"), default="q", help="ring mode: pass queries or K/V")
     ap.add_argument("--models", default="1.3b,14b", help="comma list of 1.3b, 14b (ignored with --preset)")
     ap.add_argument("--base-preset", default="self-forcing-1.3b", help="schedule and cache of the --models runs")
-    ap.add_argument("--preset", default=None, help="one registered preset instead of --models (e.g. tiny)")
+    ap.add_argument(
+        "--preset",
+        default=None,
+        help="comma list of registered presets instead of --models (e.g. tiny; self-forcing-1.3b,"
+        "lingbot-world-fast-stream,wan2.2-a14b-t2v-rolling for issue 23's three models)",
+    )
     ap.add_argument("--device", choices=("cuda", "cpu"), default=None)
     ap.add_argument("--dtype", default=None, help="default bfloat16 on CUDA, float32 on CPU")
     ap.add_argument("--attention", choices=("sdpa", "triton"), default="sdpa")
@@ -70,6 +79,12 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--warmup-passes", type=int, default=None, help="full unmeasured passes (default 1, 2 w/ graphs)")
     ap.add_argument("--cuda-graphs", action="store_true", help="replay blocks as CUDA graphs (NCCL inside capture)")
     ap.add_argument("--with-cp1", action="store_true", help="also time the context-parallel backend on 1 rank")
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile one steady block per run on rank 0 (torch.profiler): kernel time per category, "
+        "communication (NCCL kernels / gloo ops) included",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="JSON path (default bench/results/cp-<mode>-<device>-x<world>.json)")
     return ap.parse_args()
@@ -95,10 +110,17 @@ def ring_bytes(engine: Engine, world: int) -> int:
     return sum(math.prod(d.shape) * torch.empty((), dtype=d.torch_dtype()).element_size() for d in decls) // world
 
 
-def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tensor]:
-    """Warm up with full passes, then time each block of the pass after (host clock after a device sync).
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in [0, 100]) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
-    Returns the stats and the first measured block's latents (for the sanity rel. L2).
+
+def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, list[torch.Tensor]]:
+    """Warm up with full passes, then time each block of the pass after (host clock after a device sync);
+    with --profile, one more (steady) block under the profiler on rank 0 (every rank steps it).
+
+    Returns the stats and every measured block's latents (the correctness check against one GPU).
     """
     dev = engine.device
     prompt = engine.default_prompt(batch=1, seed=args.seed)
@@ -111,16 +133,15 @@ def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tenso
         for _ in range(args.blocks):
             s.step()
         s.reset()
-    per_block, stages, first_latents = [], [], None
-    for b in range(args.blocks):
+    per_block, stages, latents = [], [], []
+    for _ in range(args.blocks):
         sync(dev)
         t0 = time.perf_counter()
         res = s.step()
         sync(dev)
         per_block.append((time.perf_counter() - t0) * 1e3)
         stages.append(res.stage_ms())
-        if b == 0:
-            first_latents = res.latents.float().cpu().clone()
+        latents.append(res.latents.float().cpu().clone())
     spec, ring = engine.spec, engine.plan.meta["ring"]  # every streaming plan states its sink and window
     nf, cap = spec.num_frame_per_block, ring["sink_frames"] + ring["window_frames"]
     # Steady state: blocks that see a full window (attention no longer grows); never block 0.
@@ -131,6 +152,7 @@ def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tenso
         "stage_ms_per_block": stages,
         "steady_blocks": steady,
         "steady_p50_ms": statistics.median(steady_ms),
+        "steady_p99_ms": percentile(steady_ms, 99),
         "steady_mean_ms": statistics.fmean(steady_ms),
         "steady_fps": 1e3 * spec.frames_per_block / statistics.median(steady_ms),
         "first_block_ms": per_block[0],
@@ -138,8 +160,16 @@ def measure(engine: Engine, args, warmup_passes: int) -> tuple[dict, torch.Tenso
         "ring_gb_per_rank": sum(s.buffers[n].nbytes for n in parallel_hooks(engine).kv_rings) / 2**30,
         "peak_mem_gb": torch.cuda.max_memory_allocated(dev) / 2**30 if dev.type == "cuda" else None,
     }
+    if args.profile:
+        if dist.get_rank() == 0:
+            summary, _ = profile_call(s.step, dev)
+            stats["profile"] = summary
+            stats["comm_ms"] = summary["categories"].get("communication", {}).get("ms", 0.0)
+        else:
+            s.step()
+            sync(dev)
     del s
-    return stats, first_latents
+    return stats, latents
 
 
 def lse_check(dev: torch.device, dtype: torch.dtype, attention: str) -> dict | None:
@@ -208,14 +238,26 @@ def run_preset(args, preset, dev, dtype, counts, groups, coord, warmup, result) 
                 )
                 engines.append((cp.backend.name, cp))
             for name, engine in engines:
-                stats, latents = measure(engine, args, warmup)
+                try:
+                    stats, latents = measure(engine, args, warmup)
+                except Exception as exc:  # noqa: BLE001 - e.g. NCCL inside a CUDA-graph capture: recorded, not fatal
+                    if name == "eager" or not args.cuda_graphs:
+                        raise
+                    error = f"{type(exc).__name__}: {exc}"[:2000]
+                    if rank == 0:
+                        result["failed"].append({"model": label, "gpus": p, "backend": name, "error": error})
+                    log0(f"[{label}] {p} rank(s) {name} FAILED: {error}")
+                    free_memory()
+                    continue
                 if name == "eager":
                     ref_latents, base_ms = latents, stats["steady_p50_ms"]
                 if rank == 0:
                     speedup = base_ms / stats["steady_p50_ms"]
+                    per_block = [rel_l2(x, y) for x, y in zip(latents, ref_latents)]
                     run = {"model": label, "preset": preset.name, "gpus": p, "backend": name, **stats}
                     run.update(
-                        rel_l2_vs_single=rel_l2(latents, ref_latents),
+                        rel_l2_vs_single=max(per_block),
+                        rel_l2_vs_single_per_block=per_block,
                         speedup_vs_single=speedup,
                         scaling_efficiency=speedup / p,
                     )
@@ -223,7 +265,8 @@ def run_preset(args, preset, dev, dtype, counts, groups, coord, warmup, result) 
                     log0(
                         f"[{label}] {p} rank(s) {name}: steady {stats['steady_p50_ms']:.1f} ms/block "
                         f"({stats['steady_fps']:.1f} fps), speedup {speedup:.2f}x, efficiency {speedup / p:.2f}, "
-                        f"rel. L2 vs 1 GPU {run['rel_l2_vs_single']:.2e}"
+                        f"rel. L2 vs 1 GPU {run['rel_l2_vs_single']:.2e} (max over {len(per_block)} blocks)"
+                        + (f", communication {stats['comm_ms']:.1f} ms of a block" if args.profile else "")
                     )
                 free_memory()
         dist.barrier(group=coord)
@@ -243,7 +286,7 @@ def main() -> None:
     counts = sorted({p for p in counts if 1 <= p <= world} | {1})  # the baseline always runs
     groups = {p: dist.new_group(list(range(p))) for p in counts}  # every rank creates every group, in order
     if args.preset:
-        presets = [get_preset(args.preset)]
+        presets = [get_preset(name.strip()) for name in args.preset.split(",") if name.strip()]
     else:
         presets = [MODELS[m.strip()](args.base_preset) for m in args.models.split(",") if m.strip()]
     warmup = args.warmup_passes if args.warmup_passes is not None else (2 if args.cuda_graphs else 1)
@@ -264,6 +307,7 @@ def main() -> None:
         "lse_check": lse_check(dev, dtype, args.attention) if args.mode == "ring" else None,
         "runs": [],
         "skipped": [],
+        "failed": [],
     }
     for preset in presets:
         run_preset(args, preset, dev, dtype, counts, groups, coord, warmup, result)

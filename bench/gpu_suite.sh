@@ -83,6 +83,10 @@ sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
+cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
+cp-sf|240|issue 23 (a multi-GPU kind): Self-Forcing 1.3B 480x832 over 1..all GPUs, Ulysses then ring attention, eager: p50/p99, scaling efficiency, communication from a profiled block, peak memory, 10 blocks against one GPU
+cp-lingbot|540|issue 23 (a multi-GPU kind): LingBot-World Fast 14B 464x832 (stream preset) over 1..all GPUs, Ulysses then ring attention, as cp-sf
+cp-wan22|540|issue 23 (a multi-GPU kind): Causal Wan2.2 A14B (both experts) 480x832 over 1..all GPUs, Ulysses, as cp-sf
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -115,6 +119,9 @@ declare -A PART_GROUPS=(
   [next25]="fa4-tests vsr-fa4 vsr-profile"
   [next26]="fa4-tests sf-fp8-fa4"
   [next27]="omni-fp8-fa4 lingbot-fa4"
+  [multi1]="cp-graphs cp-sf"
+  [multi2]="cp-lingbot"
+  [multi3]="cp-wan22"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -141,7 +148,7 @@ EOF
   done <<<"$PART_TABLE"
   echo
   echo "groups:"
-  for g in issue22 issue19-14 issue20-16 next next2 next3 next4 next5 next6 round2 round4 round5 round6 round8 round9 round10 round11; do
+  for g in $(printf '%s\n' "${!PART_GROUPS[@]}" | sort -V); do
     printf '  %-16s %s\n' "$g" "${PART_GROUPS[$g]}"
   done
 }
@@ -548,6 +555,53 @@ part_vae-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/test_wan_vae.py $t/test_omnidreams_family.py \
     $t/test_dit_ops.py -k "channels_last or cat_frames or hdmap or cuda_graph or route or fuses"
+}
+
+cp_runs() { # cp_runs NAME LIMIT PRESETS MODE... [-- EXTRA...]: bench/context_parallel_bench.py over all GPUs per mode
+  local name=$1 limit=$2 presets=$3 mode t0 n
+  shift 3
+  local modes=() extra=()
+  while [ $# -gt 0 ] && [ "$1" != "--" ]; do modes+=("$1"); shift; done
+  [ $# -gt 0 ] && shift && extra=("$@")
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then # two gloo ranks on the CPU, the tiny model
+    n=2 presets=tiny extra+=(--device cpu --attention sdpa --blocks 4)
+  elif [ $DRY = 1 ]; then
+    n=4
+  else
+    n=$($PY -c 'import torch; print(torch.cuda.device_count())')
+  fi
+  if [ "$n" -lt 2 ]; then
+    echo "$name needs several GPUs (this machine shows $n): run it on nvidia-h200-x2, -x4 or -x8"
+    return 3
+  fi
+  local rc=0 left
+  for mode in "${modes[@]}"; do
+    left=$((limit - ($(date +%s) - t0)))
+    # NVLink multicast stays off (KINDS.md), whatever the environment already says.
+    NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 \
+      py "$left" -m torch.distributed.run --nproc-per-node "$n" --master-port $((29500 + RANDOM % 1000)) \
+      "$REPO/bench/context_parallel_bench.py" --preset "$presets" --mode ${mode%%:*} \
+      $([ "${mode#*:}" != "$mode" ] && echo --ring-pass "${mode#*:}") --profile "${extra[@]}" \
+      --out "$DEST/$name-${mode/:/-}.json" || rc=$?
+  done
+  return $rc
+}
+
+part_cp-graphs() {
+  cp_runs cp-graphs "$1" self-forcing-1.3b ulysses -- --attention triton --cuda-graphs --blocks 10
+}
+
+part_cp-sf() {
+  cp_runs cp-sf "$1" self-forcing-1.3b ulysses ring:q -- --attention triton --blocks 10
+}
+
+part_cp-lingbot() {
+  cp_runs cp-lingbot "$1" lingbot-world-fast-stream ulysses ring:q -- --attention triton --blocks 10
+}
+
+part_cp-wan22() {
+  cp_runs cp-wan22 "$1" wan2.2-a14b-t2v-rolling ulysses -- --attention triton --blocks 10
 }
 
 part_fa4-tests() {

@@ -136,6 +136,8 @@ def test_kernel_categories():
     assert kernel_category("triton_per_fused_add_native_layer_norm_3") == "elementwise/norm/rope"
     assert kernel_category("_adaln_modulate_kernel") == "elementwise/norm/rope"
     assert kernel_category("cudnn::conv2d_fprop_kernel") == "conv"
+    assert kernel_category("ncclDevKernel_AllGather_RING_LL(ncclDevKernelArgsStorage<4096ul>)") == "communication"
+    assert kernel_category("c10d::alltoall_") == "communication"
     assert kernel_category("triton_poi_fused__to_copy_convert_element_type_7") == "elementwise/norm/rope"
     assert kernel_category("Memcpy DtoD (Device -> Device)") == "copy/fill"
     assert kernel_category("void at::native::elementwise_kernel<128, 2>") == "elementwise/norm/rope"

@@ -237,7 +237,7 @@ def test_bench_smoke_under_torchrun(tmp_path):
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
         str(REPO / "bench" / "context_parallel_bench.py"), "--preset", "tiny", "--device", "cpu",
-        "--mode", "ring", "--blocks", "4", "--with-cp1", "--out", str(out),
+        "--mode", "ring", "--blocks", "4", "--with-cp1", "--profile", "--out", str(out),
     ]  # fmt: skip
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
@@ -247,8 +247,12 @@ def test_bench_smoke_under_torchrun(tmp_path):
     res = json.loads(out.read_text())
     runs = {r["gpus"]: r for r in res["runs"] if r["backend"].startswith("cp-")}
     assert set(runs) == {1, 2}
-    assert runs[2]["rel_l2_vs_single"] <= TOL
+    assert runs[2]["rel_l2_vs_single"] <= TOL and len(runs[2]["rel_l2_vs_single_per_block"]) == 4
     assert runs[2]["per_block_ms"] and all(t > 0 for t in runs[2]["per_block_ms"])
+    assert runs[2]["steady_p99_ms"] >= runs[2]["steady_p50_ms"] > 0
+    # the profiled steady block: 2 ranks exchange tokens (gloo ops on a CPU), 1 rank does not
+    assert runs[2]["comm_ms"] > 0 and runs[2]["profile"]["categories"]["communication"]["count"] > 0
+    assert runs[1]["comm_ms"] == 0.0 and not res["failed"]
 
 
 # ----------------------------------------------------------------------------- single-process pieces

@@ -1,8 +1,9 @@
 """Where a block's time goes: one block under torch.profiler, its kernels summed by kind.
 
 fd-bench --profile-block N runs a session up to block N (unprofiled), then block N under
-the profiler, and reports device time per category (attention, GEMM, fused
-norm/modulation/RoPE, convolution, copies, other), the top kernels, and how much of the
+the profiler, and reports device time per category (communication in a context-parallel
+session, attention, GEMM, fused norm/modulation/RoPE, convolution, copies, other), the top
+kernels, and how much of the
 block's wall time the kernels cover (the rest is the GPU idling: launch gaps, host waits).
 On CUDA the kernels are the device activity CUPTI records (kernels replayed inside CUDA
 graphs included); on CPU the operators' self times stand in for kernels.
@@ -16,10 +17,12 @@ from collections.abc import Callable
 
 import torch
 
-# (category, substrings of a lower-cased kernel/op name), first match wins: the attention
+# (category, substrings of a lower-cased kernel/op name), first match wins: collectives first, the attention
 # kernels are named before GEMMs (ring_attention_fp8 contains "fp8"), Inductor's GEMM
 # templates ("triton_tem_fused_mm") before its fused pointwise/reduction kernels.
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
+    # collectives of a context-parallel session: NCCL's kernels on CUDA, the c10d / gloo ops on a CPU
+    ("communication", ("nccl", "c10d::", "gloo", "record_param_comms", "all_to_all", "alltoall", "all_gather")),
     ("attention", ("attention", "attn", "flash", "fmha", "sdpa", "scaled_dot_product", "_merge")),
     (
         "gemm",
