@@ -39,6 +39,7 @@ engine|330|bench/engine_bench.py: build the full-size engine, cold start in a fr
 build|400|fd-build of the full-size engine, when the engine part left none (round 5)
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
+cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
@@ -115,7 +116,7 @@ declare -A PART_GROUPS=(
   [next21]="fa4-tests sf-fa4 attention"
   [next22]="omni-fa4 rolling-fa4"
   [next23]="fa4-sweep"
-  [next24]="build cold cold-pyc"
+  [next24]="build cold cold-pyc cold-warm-up"
   [next25]="fa4-tests vsr-fa4 vsr-profile"
   [next26]="fa4-tests sf-fp8-fa4"
   [next27]="omni-fp8-fa4 lingbot-fa4"
@@ -353,6 +354,12 @@ part_cold() {
   cold_runs cold "$1"
 }
 
+part_cold-warm-up() {
+  # The same cold processes with fd-bench --warm-up: every block kind run and captured before block 0,
+  # so the first blocks after load replay at steady speed (issue 22 target 6); the cold start includes it.
+  cold_runs cold-warm-up "$1" --warm-up
+}
+
 part_cold-pyc() {
   # The lent image ships its Python packages without bytecode (a normal pip install writes it), so a
   # fresh process there compiles torch's and sympy's source first (6.4 s of 20 on the H100). Byte-compile
@@ -368,22 +375,22 @@ part_cold-pyc() {
   cold_runs cold-pyc $(($1 - ($(date +%s) - t0)))
 }
 
-cold_runs() { # cold_runs NAME LIMIT: three fresh processes from the built engine -> $DEST/NAME.json
-  # fd-bench's first run in a process records process start -> first frame; three fresh processes,
-  # each with empty Inductor / Triton caches, as on a new machine.
-  local name=$1
-  shift
+cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: three fresh processes from the built engine -> $DEST/NAME.json
+  # fd-bench's first run in a process records process start -> first frame and each block of the first
+  # rollout; three fresh processes, each with empty Inductor / Triton caches, as on a new machine.
+  local name=$1 limit=$2
+  shift 2
   if [ $DRY = 0 ] && [ ! -f "$ENGINE/manifest.json" ]; then
     echo "no engine at $ENGINE: run the engine or build part first"
     return 3
   fi
-  local i per=$(($1 / 3 - 2)) attn=triton
+  local i per=$((limit / 3 - 2)) attn=triton
   [ $SMOKE = 1 ] && attn=sdpa # the CPU engine of the build part's smoke form
   for i in 1 2 3; do
     rm -rf "$WORK/cold-cache"
     TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
-      py "$per" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" --attention $attn --blocks 2 --rollouts 1 \
-      --quick-ceilings --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
+      py "$per" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" --attention $attn --blocks 4 --rollouts 1 \
+      --quick-ceilings "$@" --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
   done
   [ $DRY = 1 ] && return 0
   py 30 - "$WORK" "$DEST/$name.json" <<'EOF'

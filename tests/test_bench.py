@@ -148,6 +148,24 @@ def test_kernel_categories():
     assert s["top_kernels"][0] == {"name": "flash_fwd", "category": "attention", "ms": 6.0, "count": 1}
 
 
+def test_fd_bench_warm_up_times_the_first_rollout_after_it(tmp_path, capsys):
+    """--warm-up: the session runs its block kinds (Session.warm_up) before the first block; the cold start
+    names that time and the first rollout's per-block times are kept (with and without it)."""
+    runs = {}
+    for flag in ([], ["--warm-up"]):
+        out = tmp_path / ("warm" if flag else "plain")
+        args = ["--blocks", "3", "--rollouts", "1", "--decoder", "none", "--quick-ceilings", "--out", str(out)]
+        assert bench_main(args + flag) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert res["config"]["warm_up"] == bool(flag)
+        runs[bool(flag)] = res["runs"][0]["cold_start"]
+    assert runs[False]["warm_up_s"] is None and runs[True]["warm_up_s"] > 0
+    for cold in runs.values():
+        assert len(cold["first_rollout_block_ms"]) == 3 and all(ms > 0 for ms in cold["first_rollout_block_ms"])
+    assert runs[True]["load_to_first_frame_s"] >= runs[True]["warm_up_s"] + runs[True]["first_block_s"]
+    assert "first rollout after load (ms per block, after warm_up)" in capsys.readouterr().out
+
+
 def test_fd_bench_refuses_bad_options(tmp_path, capsys):
     assert bench_main(["--blocks", "1", "--out", str(tmp_path)]) == 2
     assert bench_main(["--profile-block", "-1", "--out", str(tmp_path)]) == 2

@@ -42,6 +42,43 @@ def test_reset_replays_the_rollout_in_the_same_buffers():
     assert ptrs == {n: t.data_ptr() for n, t in s.buffers.items() if n in ptrs}
 
 
+@pytest.mark.parametrize(
+    "preset, decoder",
+    [
+        ("tiny", "preset"),  # the decoder's streaming memory is session state too
+        ("lingbot-world-fast-tiny", None),
+        ("omnidreams-sv-tiny-latent", None),
+        ("wan2.2-tiny", None),
+        ("matrix-game-2-tiny", None),
+    ],
+)
+def test_warm_up_leaves_a_session_that_rolls_out_like_a_fresh_one(preset, decoder):
+    """warm_up() runs every block kind before the first repeat (LingBot: two image blocks, then steady)
+    and resets: the rollout after it is bit-identical to a fresh session's, in the same buffers."""
+    eng = flashdreams.load(preset=preset, device="cpu", dtype="float32", decoder=decoder)
+    inputs = eng.default_inputs()
+
+    def outputs(result):
+        return [result.latents.clone()] + ([result.frames.clone()] if result.frames is not None else [])
+
+    fresh = eng.session(seed=5, inputs=inputs)
+    want = [outputs(fresh.step()) for _ in range(5)]
+    warmed = eng.session(seed=5, inputs=inputs)
+    ptrs = {n: t.data_ptr() for n, t in warmed.buffers.items()}
+    kinds = {eng.plan.kind_of(b) for b in range(5)}
+    stepped = []
+    real_step = warmed.step
+    warmed.step = lambda *a, **k: stepped.append(warmed.block) or real_step(*a, **k)
+    assert warmed.warm_up() > 0
+    assert {eng.plan.kind_of(b) for b in stepped} == kinds and warmed.block == 0
+    got = [outputs(real_step()) for _ in range(5)]
+    assert len(got[0]) == (2 if decoder else 1)
+    assert all(torch.equal(a, b) for g, w in zip(got, want) for a, b in zip(g, w))
+    assert all(warmed.buffers[n].data_ptr() == p for n, p in ptrs.items())  # the session's own buffers, kept
+    with pytest.raises(InvalidArgumentError, match="at block 5"):
+        warmed.warm_up()
+
+
 def test_prompt_switch_changes_the_following_blocks_only():
     eng = _engine()
     p0, p1 = eng.default_prompt(seed=0), eng.default_prompt(seed=1)

@@ -125,3 +125,19 @@ def test_host_frames_come_back_pinned_and_equal_to_the_device_frames():
         result = session.step()
         frames = result.frames_cpu()
         assert frames.is_pinned() and torch.equal(frames, result.frames.to("cpu"))
+
+
+def test_warm_up_captures_every_kind_so_the_first_blocks_replay():
+    """After warm_up() the first blocks replay captured graphs (nothing is captured during them) and equal
+    a fresh session's blocks."""
+    engine = flashdreams.load(device="cuda", dtype="float32", decoder="taehv", attention="triton")
+    fresh = engine.session(seed=4)
+    want = [fresh.step().latents.clone() for _ in range(4)]
+    warmed = engine.session(seed=4)
+    warmed.warm_up()
+    captured, capture_s = set(warmed._captured), warmed.capture_s
+    assert captured == {engine.plan.kind_of(b) for b in range(4)}
+    got = [warmed.step().latents.clone() for _ in range(4)]
+    assert warmed.capture_s == capture_s  # no capture inside the real blocks
+    for a, b in zip(got, want):
+        assert (a - b).norm() <= 1e-5 * b.norm()

@@ -118,6 +118,12 @@ def table(results: dict) -> str:
     for f in results.get("failed_runs", []):
         lines.append(f"{f['backend']}/{f['attention']}/{f['precision']} FAILED: {f['error']}")
     lines.extend(textwrap.wrap(LEGEND, 118, subsequent_indent="  "))
+    lines.append("first rollout after load (ms per block" + (", after warm_up" if c.get("warm_up") else "") + "):")
+    for r in results["runs"]:
+        first = r.get("cold_start", {}).get("first_rollout_block_ms")
+        if first:
+            blocks = "  ".join(f"{i}:{ms:.1f}" for i, ms in enumerate(first))
+            lines.append(f"  {backend_label(r)}/{r['attention']}/{r.get('precision', 'bf16')}: {blocks}")
     lines.append("per block index (median ms, total / to frames):")
     for r in results["runs"]:
         row = "  ".join(f"{b['block']}:{b['total_ms']:.1f}/{b['to_frames_ms']:.1f}" for b in r["per_block_index"])

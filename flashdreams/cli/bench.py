@@ -51,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rollouts", type=int, default=3, help="measured rollouts after warm-up (default 3)")
     p.add_argument("--steady-blocks", type=int, default=0, help="also run one long rollout of N blocks (jitter)")
     p.add_argument(
+        "--warm-up",
+        action="store_true",
+        help="run and capture every block kind before the first block (Session.warm_up), so the first blocks "
+        "after load replay at steady speed; the cold start then includes it",
+    )
+    p.add_argument(
         "--steady-inputs",
         action="store_true",
         help="in the --steady-blocks rollout, set a new value of every per-block input (keys, mouse, camera, a "
@@ -142,6 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             steady_inputs=args.steady_inputs,
             input_latency=args.input_latency,
             profile_block=args.profile_block,
+            warm_up=args.warm_up,
             height=kw["height"],
             width=kw["width"],
             decoder=kw["decoder"],
@@ -220,6 +227,7 @@ def _results(args, preset, dtype, env: dict, ceilings: dict, runs: list, failed:
             "blocks": args.blocks,
             "rollouts": args.rollouts,
             "steady_blocks": args.steady_blocks,
+            "warm_up": args.warm_up,
             "decoder": args.decoder,
             "dtype": str(dtype),
             "cuda_graphs": not args.no_cuda_graphs,
