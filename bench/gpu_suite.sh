@@ -82,6 +82,7 @@ fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..327
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
+vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
@@ -117,7 +118,7 @@ declare -A PART_GROUPS=(
   [next22]="omni-fa4 rolling-fa4"
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc cold-warm-up"
-  [next25]="fa4-tests vsr-fa4 vsr-profile"
+  [next25]="fa4-tests vsr-fa4 vsr-fa4-stream"
   [next26]="fa4-tests sf-fp8-fa4"
   [next27]="omni-fp8-fa4 lingbot-fa4"
   [multi1]="cp-graphs cp-sf"
@@ -664,6 +665,15 @@ part_omni-fp8-fa4() {
       --out "$DEST/omni-fp8-fa4-quality.json" || rc=$?
   fi
   return $rc
+}
+
+part_vsr-fa4-stream() {
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same command with our kernel alone
+    fdb_to vsr-fa4-stream "$1" --preset flashvsr-tiny --attention triton --blocks 3 --rollouts 1 --quick-ceilings
+  else
+    fdb_to vsr-fa4-stream "$1" --preset flashvsr --random-weights --attention triton,fa4 --blocks 6 --rollouts 1 \
+      --profile-block 4
+  fi
 }
 
 part_vsr-profile() {

@@ -42,6 +42,40 @@ def test_stream_parity_through_the_triton_kernel(fixture_dir):
     assert not failed and len(checks) == 7, failed
 
 
+def test_fa4_choice_sends_every_sparse_attention_to_flashattention4(monkeypatch):
+    """attention="fa4": each layer's selected windows go to FlashAttention-4's block-sparse entry point
+    (stood in here by our kernel, so the frames must not change), with the same masks."""
+    from flashdreams import kernels
+    from flashdreams.kernels import fa4_attention
+    from flashdreams.kernels.block_sparse_attention import block_sparse_attention
+
+    if not kernels.triton_available("cpu"):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is first imported")
+    monkeypatch.setattr(fa4_attention, "fa4_unavailable_reason", lambda device: None)  # as on an H200
+    calls = []
+
+    def stand_in(q, k, v, mask, block=128):
+        calls.append(block)
+        return block_sparse_attention(q, k, v, mask, block)
+
+    monkeypatch.setattr(fa4_attention, "block_sparse_attention_fa4", stand_in)
+    lq = _lq(41, seed=3)
+
+    def frames(attention: str) -> list[torch.Tensor]:
+        engine = flashdreams.load(preset="flashvsr-tiny", attention=attention)
+        s = engine.session(seed=1, inputs={"lq_frames": lq[:, :25]})
+        out = [s.step().frames]
+        s.set_input("lq_frames", lq[:, 25:33])
+        return out + [s.step().frames]
+
+    ours = frames("triton")
+    assert not calls
+    routed = frames("fa4")
+    layers = flashdreams.get_preset("flashvsr-tiny").model.num_layers
+    assert len(calls) == 2 * layers and set(calls) == {128}
+    assert all(torch.equal(a, b) for a, b in zip(ours, routed))
+
+
 def test_windows_round_trip_and_order():
     x = torch.arange(4 * 16 * 8).float().reshape(1, 4 * 16 * 8, 1, 1)  # f=4, h=16, w=8 token grid
     w = to_windows(x, 4, 16, 8)

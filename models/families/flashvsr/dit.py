@@ -88,13 +88,20 @@ def lcsa_attention(
     mode: str,
     impl: str,
     record: list | None = None,
+    kernel: str = "triton",
 ) -> torch.Tensor:
-    """Window-ordered q [B, Lq, N, d] over window-ordered k/v [B, Lk, N, d]: LCSA or dense."""
+    """Window-ordered q [B, Lq, N, d] over window-ordered k/v [B, Lk, N, d]: LCSA or dense.
+    With impl "triton", `kernel` "fa4" runs the selected windows through FlashAttention-4's
+    block-sparse kernel instead of ours (the model's `set_attention("fa4")`)."""
     if mode == "dense":  # full attention over every cached and current token (the reference's 'dense')
         return dit_ops.attention(q, k, v)
     mask = select_blocks(q, k, WINDOW_TOKENS, grid_hw, local_range, topk)
     if record is not None:
         record.append(mask)
+    if impl == "triton" and kernel == "fa4":
+        from flashdreams.kernels import fa4_attention
+
+        return fa4_attention.block_sparse_attention_fa4(q, k, v, mask, WINDOW_TOKENS)
     if impl == "triton":
         return block_sparse_attention(q, k, v, mask, WINDOW_TOKENS)
     return block_sparse_attention_reference(q, k, v, mask, WINDOW_TOKENS)
@@ -157,7 +164,8 @@ def forward_chunk(
             ring_k.index_copy_(1, rows, k.to(ring_k.dtype))
             ring_v.index_copy_(1, rows, v.to(ring_v.dtype))
             k, v = ring_k[:, : valid_slabs * slab], ring_v[:, : valid_slabs * slab]
-        out = lcsa_attention(q, k, v, (h // WINDOW[1], w // WINDOW[2]), topk, local_range, mode, impl, masks)
+        grid = (h // WINDOW[1], w // WINDOW[2])
+        out = lcsa_attention(q, k, v, grid, topk, local_range, mode, impl, masks, model.ring_kernel)
         return from_windows(out, f, h, w)
 
     for i, blk in enumerate(model.blocks):
