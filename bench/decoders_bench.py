@@ -63,9 +63,15 @@ def _peak(device: torch.device, fn: Callable[[], object]) -> int | None:
 
 
 def bench_decoder(name: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> dict:
+    """One decoder; "NAME:nchw" keeps its convs' weights in NCHW (TAEHV runs NHWC on CUDA otherwise)."""
+    base, _, layout = name.partition(":")
     make = tiny_decoder if args.tiny else random_decoder
-    decoder = make(name, device=device, dtype=dtype)
+    decoder = make(base, device=device, dtype=dtype)
     module = getattr(decoder, "vae", None) or decoder.model
+    if layout == "nchw":
+        module.to(memory_format=torch.contiguous_format)
+    elif layout:
+        raise SystemExit(f"decoders_bench: unknown layout '{layout}' in '{name}' (only ':nchw')")
     b, n, h, w = args.batch, args.block, args.latent_h, args.latent_w
     gen = torch.Generator(device=device).manual_seed(0)
     latents = torch.randn(b, 16, n, h, w, device=device, dtype=dtype, generator=gen)
@@ -101,6 +107,22 @@ def bench_decoder(name: str, args: argparse.Namespace, device: torch.device, dty
     if args.compile:
         out["compiled"] = bench_compiled(decoder, state, latents, device, args)
     return out
+
+
+def _layouts_agree(args: argparse.Namespace, device: torch.device, dtype: torch.dtype) -> float:
+    """rel. L2 between TAEHV's streamed frames in its default layout and in NCHW (same weights, 3 blocks)."""
+    make = tiny_decoder if args.tiny else random_decoder
+    outs = []
+    for layout in (None, torch.contiguous_format):
+        decoder = make("taehv", device=device, dtype=dtype)
+        if layout is not None:
+            decoder.model.to(memory_format=layout)
+        gen = torch.Generator(device=device).manual_seed(1)
+        shape = (args.batch, 16, args.block, args.latent_h, args.latent_w)
+        state = decoder.new_state(args.batch, args.latent_h, args.latent_w)
+        blocks = [torch.randn(shape, device=device, dtype=dtype, generator=gen) for _ in range(3)]
+        outs.append(torch.cat([decoder.decode_block(x, state).float() for x in blocks], 1))
+    return rel_l2(outs[0], outs[1])
 
 
 def bench_graph(decoder, state, latents: torch.Tensor, device: torch.device, args: argparse.Namespace) -> dict:
@@ -171,7 +193,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16")
-    parser.add_argument("--decoders", default=",".join(DECODER_NAMES), help="comma-separated: wan-vae,taehv")
+    parser.add_argument(
+        "--decoders",
+        default=",".join(DECODER_NAMES),
+        help="comma-separated: wan-vae,taehv; NAME:nchw keeps the convs in NCHW (taehv,taehv:nchw compares layouts)",
+    )
     parser.add_argument("--tiny", action="store_true", help="the tiny test-size decoders (a CPU smoke run)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--block", type=int, default=3, help="latent frames per block")
@@ -201,6 +227,8 @@ def main() -> None:
     report = {"environment": environment(device), "config": config, "results": {}}
     for name in names:
         report["results"][name] = bench_decoder(name, args, device, dtype)
+    if "taehv" in names and "taehv:nchw" in names:  # the same weights and latents: the layouts must agree
+        report["taehv_layouts_rel_l2"] = _layouts_agree(args, device, dtype)
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -236,6 +264,8 @@ def main() -> None:
             print(
                 f"  torch.compile ({compiled['mode']}): steady {median:.2f} ms, compile {compiled['compile_s']:.0f} s"
             )
+    if "taehv_layouts_rel_l2" in report:
+        print(f"taehv NHWC vs NCHW frames rel_l2 {report['taehv_layouts_rel_l2']:.2e}")
     print(f"wrote {out}")
 
 

@@ -80,6 +80,7 @@ omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our 
 vsr-fa4|150|issue 20: FlashAttention-4's block-sparse kernel (not yet run on a GPU) against ours and dense SDPA on FlashVSR's steady 768x1408 q/k/v and mask, with its CUDA tests first (bench/family_parts.py vsr-attn)
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
+taehv-layout|120|issues 22, 14: TAEHV's streaming decode at 480x832 and 352x640 with NHWC convs (now its CUDA default, as FlashVSR's TC decoder) vs NCHW in one run each, frames compared (bench/decoders_bench.py --decoders taehv,taehv:nchw)
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
 vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
@@ -119,7 +120,7 @@ declare -A PART_GROUPS=(
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc cold-warm-up"
   [next25]="fa4-tests vsr-fa4 vsr-fa4-stream"
-  [next26]="fa4-tests sf-fp8-fa4"
+  [next26]="taehv-layout fa4-tests sf-fp8-fa4"
   [next27]="omni-fp8-fa4 lingbot-fa4"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
@@ -622,6 +623,20 @@ part_sf-fa4() {
   else
     fdb_to sf-fa4 "$1" $SF --attention triton,fa4 --blocks 7 --rollouts 2 --profile-block 5
   fi
+}
+
+part_taehv-layout() {
+  local size rc=0
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/decoders_bench.py" --device cpu --tiny --dtype fp32 --decoders taehv,taehv:nchw \
+      --out "$DEST/taehv-layout.json"
+    return
+  fi
+  for size in 60x104 44x80; do # 480x832 (Self-Forcing, LingBot-ish) and 352x640 (Matrix-Game)
+    py $(($1 / 2)) "$REPO/bench/decoders_bench.py" --decoders taehv,taehv:nchw --latent-h ${size%x*} \
+      --latent-w ${size#*x} --no-per-latent --out "$DEST/taehv-layout-$size.json" || rc=$?
+  done
+  return $rc
 }
 
 part_sf-fp8-fa4() {

@@ -302,3 +302,26 @@ def test_cli_usage_errors():
     assert fd_build([]) == 2
     assert fd_build(["--out", "x", "--backend", "nope", "--device", "cpu"]) == 2
     assert fd_build(["--help"]) == 0
+
+
+def test_engine_of_a_channels_last_decoder_matches_eager(workdir, monkeypatch):
+    """A decoder whose conv weights are NHWC (TAEHV and FlashVSR's TC decoder on CUDA; forced here on the
+    CPU) builds into an engine whose graphs take the contiguous weights weights.safetensors stores, and
+    its sessions equal eager."""
+    from flashdreams.models import decoders
+
+    wrap = decoders.TAEHVDecoder.__init__
+    monkeypatch.setattr(
+        decoders.TAEHVDecoder,
+        "__init__",
+        lambda self, model: wrap(self, model.to(memory_format=torch.channels_last)),
+    )
+    out = workdir / "tiny-taehv-nhwc"
+    build_engine(out, backend="inductor", device="cpu", decoder="taehv")
+    eager = flashdreams.load(decoder="taehv")
+    assert eager.model.decoder.model.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+    a, b = flashdreams.load(out).session(seed=SEED), eager.session(seed=SEED)
+    for _ in range(3):
+        got, want = a.step(), b.step()
+        assert rel_l2(got.latents, want.latents) <= TOL
+        assert (got.frames.int() - want.frames.int()).abs().max() <= 1

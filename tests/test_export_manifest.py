@@ -185,3 +185,18 @@ def test_an_engine_directory_without_its_manifest_is_named(tmp_path):
     (tmp_path / "weights.safetensors").write_bytes(b"x")
     with pytest.raises(NotFoundError, match="missing its manifest.json"):
         flashdreams.load(tmp_path)
+
+
+def test_graphs_take_weights_contiguous_as_the_engine_stores_them():
+    """An NHWC conv weight (the CUDA TAEHV decoder's) is traced as the contiguous copy weights.safetensors
+    holds, one copy per weight (graphs sharing it share it); contiguous weights are passed as they are."""
+    from flashdreams.export.backends.inductor import _module_tensors
+
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
+    module[0].to(memory_format=torch.channels_last)
+    assert not module[0].weight.is_contiguous()
+    first, second = _module_tensors(module), _module_tensors(module)
+    conv = first["0.weight"]
+    assert conv.is_contiguous() and torch.equal(conv, module[0].weight)
+    assert second["0.weight"] is conv  # the same copy for every graph
+    assert first["1.weight"].data_ptr() == module[1].weight.data_ptr()  # no copy of a contiguous weight

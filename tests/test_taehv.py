@@ -49,6 +49,22 @@ def test_stream_equals_parallel_decode(model: TAEHV, split: tuple[int, ...]) -> 
     assert rel_l2(torch.cat(outs, 1), full) < 1e-5
 
 
+def test_channels_last_stream_equals_the_nchw_stream(model: TAEHV) -> None:
+    """The NHWC layout a CUDA TAEHVDecoder uses (its TGrow reshapes then copy across layouts) streams the
+    same frames as NCHW, memory carried over three blocks (forced here on the CPU)."""
+    import copy
+
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    assert nhwc.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
+    latents = _latents(2, 6, 16, 3, 5, seed=11)
+    outs = []
+    for m in (model, nhwc):
+        state = m.new_decode_state(2, 3, 5)
+        outs.append(torch.cat([m.decode_stream(latents[:, i : i + 2], state) for i in (0, 2, 4)], 1))
+    assert outs[0].shape == outs[1].shape == (2, 21, 3, 24, 40)
+    assert rel_l2(outs[1], outs[0]) < 1e-6
+
+
 def test_trimmed_stream_drops_only_the_first_three_frames(model: TAEHV) -> None:
     latents = _latents(1, 6, 16, 3, 5, seed=9)
     state = model.new_decode_state(1, 3, 5)

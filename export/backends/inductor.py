@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import logging
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -88,9 +89,28 @@ class WeightsAsInputs(nn.Module):
         return torch.func.functional_call(self.step, dict(zip(self.names, flat[:n])), tuple(flat[n:]))
 
 
+# Contiguous copies of the weights that are not (an NHWC decoder's conv weights), one per weight, so
+# graphs sharing it still share one stored tensor.
+# Keyed by id (tensors compare elementwise), with a weak reference that says the weight is still that one.
+_CONTIGUOUS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
+
+
+def _contiguous(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous():
+        return t.detach()
+    key = id(t)
+    ref, copy = _CONTIGUOUS.get(key, (None, None))
+    if ref is None or ref() is not t:
+        copy = t.detach().contiguous()
+        _CONTIGUOUS[key] = (weakref.ref(t, lambda _: _CONTIGUOUS.pop(key, None)), copy)
+    return copy
+
+
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    out = {n: p.detach() for n, p in module.named_parameters()}
-    out.update({n: b.detach() for n, b in module.named_buffers()})
+    """The module's weights as the graphs take them: contiguous, the layout weights.safetensors stores
+    and a load feeds back (a graph traced with channels-last conv weights would assert on their strides)."""
+    out = {n: _contiguous(p) for n, p in module.named_parameters()}
+    out.update({n: _contiguous(b) for n, b in module.named_buffers()})
     return out
 
 
