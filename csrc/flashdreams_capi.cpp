@@ -425,6 +425,21 @@ FD_API fd_status fd_session_reset(fd_session* session, uint64_t seed) {
     });
 }
 
+FD_API fd_status fd_session_warm_up(fd_session* session, double* seconds) {
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SessionImpl> s;
+        fd_status st = get_session("fd_session_warm_up", session, s);
+        if (st != FD_OK) return st;
+        auto lock = lock_session(*s);
+        return with_python([&] {
+            s->last = py::none();
+            double took = s->session.attr("warm_up")().cast<double>();
+            if (seconds != nullptr) *seconds = took;
+            return FD_OK;
+        });
+    });
+}
+
 FD_API fd_status fd_session_destroy(fd_session* session) {
     return guarded([&]() -> fd_status {
         if (session == nullptr) return succeed();

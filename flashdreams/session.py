@@ -429,6 +429,9 @@ class Session:
                 for _ in range(n):
                     self.step()
                 self.reset()
+        except BaseException:
+            self.reset()  # a failed warm-up leaves a session at block 0 all the same
+            raise
         finally:
             self.recording = recording
         return time.perf_counter() - t0

@@ -79,6 +79,27 @@ def test_warm_up_leaves_a_session_that_rolls_out_like_a_fresh_one(preset, decode
         warmed.warm_up()
 
 
+def test_a_failing_warm_up_leaves_the_session_at_block_0(monkeypatch):
+    eng = _engine()
+    s = eng.session(seed=2)
+    want = [eng.session(seed=2).step().latents]
+    calls = []
+    real = s._run_block
+
+    def fail_on_second(given):
+        calls.append(s.block)
+        if len(calls) == 2:
+            raise RuntimeError("device lost")
+        return real(given)
+
+    monkeypatch.setattr(s, "_run_block", fail_on_second)
+    with pytest.raises(RuntimeError, match="device lost"):
+        s.warm_up()
+    monkeypatch.setattr(s, "_run_block", real)
+    assert s.block == 0 and calls == [0, 1]
+    assert torch.equal(s.step().latents, want[0])
+
+
 def test_prompt_switch_changes_the_following_blocks_only():
     eng = _engine()
     p0, p1 = eng.default_prompt(seed=0), eng.default_prompt(seed=1)

@@ -104,7 +104,8 @@ FD_API const char* fd_status_name(fd_status status);
 
 /* The API this header describes. Same major: compatible; a newer minor only adds. */
 #define FD_API_VERSION_MAJOR 1
-#define FD_API_VERSION_MINOR 1 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find */
+#define FD_API_VERSION_MINOR 2 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
+                                  1.2: fd_session_warm_up */
 #define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
 
 /* The API version of the loaded library, (major << 16) | minor. */
@@ -278,6 +279,13 @@ FD_API FD_MUST_USE fd_status fd_session_read_latents(fd_session* session, void* 
 
 /* Back to block 0 with a new seed: caches cleared, inputs kept, buffers reused. */
 FD_API FD_MUST_USE fd_status fd_session_reset(fd_session* session, uint64_t seed);
+
+/* Run every kind of block once (on a GPU a second time, capturing it as CUDA graphs) and go
+ * back to block 0 with the same seed and inputs, so the first fd_session_step calls already
+ * run at steady speed; the frames that follow are those a fresh session makes. Call it right
+ * after fd_session_create or fd_session_reset (a session past block 0: FD_INVALID_ARGUMENT).
+ * `seconds` (may be NULL) receives the time it took. Since 1.2. */
+FD_API FD_MUST_USE fd_status fd_session_warm_up(fd_session* session, double* seconds);
 
 /* Release a session and its device memory. NULL: FD_OK. A handle already destroyed:
  * FD_INVALID_ARGUMENT (its memory is never touched). */

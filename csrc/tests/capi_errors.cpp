@@ -213,9 +213,14 @@ int main(int argc, char** argv) {
     expect("read_latents_too_small", fd_session_read_latents(session, lat.data(), lat_bytes / 2, FD_MEMORY_HOST),
            FD_INVALID_ARGUMENT, {std::to_string(lat_bytes / 2), std::to_string(lat_bytes)});
     expect("read_latents", fd_session_read_latents(session, lat.data(), lat_bytes, FD_MEMORY_HOST), FD_OK);
+    expect("warm_up_past_block_0", fd_session_warm_up(session, nullptr), FD_INVALID_ARGUMENT, {"block"});
     expect("reset_null", fd_session_reset(nullptr, 1), FD_INVALID_ARGUMENT);
     expect("reset", fd_session_reset(session, 1), FD_OK);
     expect("latent_info_after_reset", fd_session_latent_info(session, &lc, &lf, &lh, &lw), FD_INVALID_ARGUMENT);
+    expect("warm_up_null", fd_session_warm_up(nullptr, nullptr), FD_INVALID_ARGUMENT);
+    double warm_s = -1.0;
+    expect("warm_up", fd_session_warm_up(session, &warm_s), FD_OK);
+    expect("warm_up_took_time", warm_s > 0.0 ? FD_OK : FD_INVALID_ARGUMENT, FD_OK);
 
     // ---- an engine destroyed while a session lives; that session stepped on another thread
     fd_session* other = nullptr;
