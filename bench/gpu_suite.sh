@@ -82,6 +82,7 @@ fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..327
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
 taehv-layout|120|issues 22, 14: TAEHV's streaming decode at 480x832 and 352x640 with NHWC convs (now its CUDA default, as FlashVSR's TC decoder) vs NCHW in one run each, frames compared (bench/decoders_bench.py --decoders taehv,taehv:nchw)
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
+rolling-fp8-fa4|240|issue 22 target 4: the bounded cache (sink 1 + window 11) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one fd-bench invocation, 12 blocks + 150 steady, block-11 profiles (bar 230 ms; fa4 bf16 was 262.3)
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
 vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
@@ -120,8 +121,9 @@ declare -A PART_GROUPS=(
   [next23]="fa4-sweep"
   [next24]="build cold cold-pyc cold-warm-up"
   [next25]="fa4-tests vsr-fa4 vsr-fa4-stream"
-  [next26]="taehv-layout fa4-tests sf-fp8-fa4"
-  [next27]="omni-fp8-fa4 lingbot-fa4"
+  [next26]="taehv-layout sf-fp8-fa4"
+  [next27]="rolling-fp8-fa4 omni-fp8-fa4"
+  [next28]="lingbot-fa4"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
@@ -658,6 +660,16 @@ part_sf-fp8-fa4() {
     py "$rest" "$REPO/bench/fp8_quality.py" --attention fa4 --blocks 7 --out "$DEST/sf-fp8-fa4-quality.json" || rc=$?
   fi
   return $rc
+}
+
+part_rolling-fp8-fa4() {
+  if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same command with our kernel alone
+    fdb_to rolling-fp8-fa4 "$1" --preset tiny --attention triton --precision bf16,fp8 --decoder none --blocks 3 \
+      --rollouts 1 --steady-blocks 6 --quick-ceilings
+  else
+    fdb_to rolling-fp8-fa4 "$1" --preset self-forcing-1.3b-rolling --random-weights --decoder taehv --attention fa4 \
+      --precision bf16,fp8 --blocks 12 --rollouts 1 --steady-blocks 150 --profile-block 11
+  fi
 }
 
 part_omni-fp8-fa4() {
