@@ -272,10 +272,16 @@ def test_fd_run_sizes_flashvsr_to_the_input_video(tmp_path, capsys):
     out = tmp_path / "up.mp4"
     assert run_main(["--preset", "flashvsr-tiny", "--input", str(low), "--out", str(out), "--no-progress"]) == 0
     assert read_video(out).shape == (9, 128, 256, 3)  # 160x288 floored to 128x256
-    assert "--input frames 40x72 -> 128x256 out" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "--input frames 40x72 -> 128x256 out" in err and "warning" not in err
     args = ["--preset", "flashvsr-tiny", "--input", str(low), "--out", str(out), "--height", "128", "--width", "128"]
     assert run_main([*args, "--no-progress"]) == 0
     assert read_video(out).shape == (9, 128, 128, 3)
+    big = tmp_path / "big.mp4"  # 4x of 96x160 is 8x the preset's pixels: said before loading
+    write_video(big, [torch.randint(0, 256, (9, 96, 160, 3), dtype=torch.uint8)], fps=12)
+    assert run_main(["--preset", "flashvsr-tiny", "--input", str(big), "--out", str(out), "--no-progress"]) == 0
+    assert read_video(out).shape == (9, 384, 640, 3)
+    assert "warning: that is 8x the pixels of preset 'flashvsr-tiny'" in capsys.readouterr().err
 
 
 def test_fd_run_upscales_a_world_as_it_streams(tmp_path):

@@ -514,7 +514,8 @@ def _size_to_frames(kw: dict, frame_size: tuple[int, int], flag: str) -> None:
         return
     if source is not None and (Path(source) / "manifest.json").is_file():
         return  # a built engine's shapes are its identity
-    size_for = getattr(registry.get_preset(kw["preset"]), "size_for_input", None)
+    preset = registry.get_preset(kw["preset"])
+    size_for = getattr(preset, "size_for_input", None)
     if size_for is None:
         return  # not a frame-stream model: _frame_input names the problem
     kw["height"], kw["width"] = size_for(*frame_size)
@@ -524,6 +525,14 @@ def _size_to_frames(kw: dict, frame_size: tuple[int, int], flag: str) -> None:
         f"(centre-cropped to whole attention windows{hint})",
         file=sys.stderr,
     )
+    times = kw["height"] * kw["width"] / (preset.height * preset.width)
+    if times > 4:  # memory and time grow with the pixels (FlashVSR at 1152x1920 peaks near 60 GiB)
+        print(
+            f"fd-run: warning: that is {times:.0f}x the pixels of preset '{preset.name}' "
+            f"({preset.height}x{preset.width}); expect memory and time to grow as much"
+            + ("; --height/--width crop a smaller output" if flag == "--input" else ""),
+            file=sys.stderr,
+        )
 
 
 def _upscaler(args, kw: dict, world):
