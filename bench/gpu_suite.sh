@@ -586,9 +586,10 @@ cp_runs() { # cp_runs NAME LIMIT PRESETS MODE... [-- EXTRA...]: bench/context_pa
     echo "$name needs several GPUs (this machine shows $n): run it on nvidia-h200-x2, -x4 or -x8"
     return 3
   fi
-  local rc=0 left
-  for mode in "${modes[@]}"; do
-    left=$((limit - ($(date +%s) - t0)))
+  local rc=0 left i=0
+  for mode in "${modes[@]}"; do # each mode gets an even share of what is left
+    left=$(((limit - ($(date +%s) - t0)) / (${#modes[@]} - i)))
+    i=$((i + 1))
     # NVLink multicast stays off (KINDS.md), whatever the environment already says.
     NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1 OMP_NUM_THREADS=4 \
       py "$left" -m torch.distributed.run --nproc-per-node "$n" --master-port $((29500 + RANDOM % 1000)) \
