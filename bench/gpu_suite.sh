@@ -91,6 +91,7 @@ cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of t
 cp-sf|240|issue 23 (a multi-GPU kind): Self-Forcing 1.3B 480x832 over 1..all GPUs, Ulysses then ring attention, eager: p50/p99, scaling efficiency, communication from a profiled block, peak memory, 10 blocks against one GPU
 cp-lingbot|540|issue 23 (a multi-GPU kind): LingBot-World Fast 14B 464x832 (stream preset) over 1..all GPUs, Ulysses then ring attention, as cp-sf
 cp-wan22|540|issue 23 (a multi-GPU kind): Causal Wan2.2 A14B (both experts) 480x832 over 1..all GPUs, Ulysses, as cp-sf
+cp-omni|300|(a multi-GPU kind): OmniDreams 704x1280 over 1..all GPUs, Ulysses then ring attention, as cp-sf (not on issue 23's list: the driving world's chunk latency on several GPUs)
 wan22-more|330|issue 21: the same 6 blocks with cuDNN attention (sdpa) in bf16, then in FP8 (Triton), then FP8 vs bf16 latents over 3 blocks
 "
 declare -A PART_GROUPS=(
@@ -127,6 +128,7 @@ declare -A PART_GROUPS=(
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
+  [multi4]="cp-omni"
   [round2]="gpu-smoke kernels decoders sf-eager"
   [round4]="engine eager-vs-engine"
   [round5]="build cold eager-vs-engine"
@@ -614,6 +616,10 @@ part_cp-lingbot() {
 
 part_cp-wan22() {
   cp_runs cp-wan22 "$1" wan2.2-a14b-t2v-rolling ulysses -- --attention triton --blocks 10
+}
+
+part_cp-omni() {
+  cp_runs cp-omni "$1" omnidreams-sv ulysses ring:q -- --attention triton --blocks 8
 }
 
 part_fa4-tests() {

@@ -422,7 +422,9 @@ class CosmosDiT(nn.Module):
             )
         return x.shape[2], x.shape[3] // 2, x.shape[4] // 2
 
-    def _run(self, tokens, grid, t, cross_k, cross_v, attend_of, debug):
+    def _run(self, tokens, grid, t, cross_k, cross_v, attend_of, debug, gather=None):
+        """The blocks and the final layer over `tokens`; `gather` (context parallel) turns this rank's
+        rows of the output back into every row before unpatchify."""
         nt, gh, gw = grid
         emb, lora = self.time_embed(t, debug)
         impl = self.attention_impl
@@ -442,6 +444,8 @@ class CosmosDiT(nn.Module):
         if pending is not None:
             x = dit_ops.gated_residual(x, *pending, impl)
         y = self.final_layer(x, emb, lora, impl)
+        if gather is not None:
+            y = gather(y)
         if debug is not None:
             debug["final_layer"] = y.float().reshape(y.shape[0], nt, gh, gw, -1)
         return unpatchify(y.float(), nt, gh, gw, self.cfg.out_channels)
@@ -502,6 +506,9 @@ class CosmosDiT(nn.Module):
         valid_len_host: int | None = None,
         debug: dict | None = None,
         fp8_shadow: tuple | None = None,
+        *,
+        attend: Callable | None = None,
+        shard=None,
     ) -> torch.Tensor:
         """OmniDreams' cached call: x/hdmap [B, 16, nf, H, W], t [B] (one timestep per sample),
         frame_positions/slots int64 [nf], valid_len int64 [1]; ring_k/v [layers, B, S, N, d] (or a list
@@ -511,14 +518,26 @@ class CosmosDiT(nn.Module):
         `fp8_shadow` (FP8 attention only): (k8, kt, v8t, vt, block_n), the first four per layer along
         dim 0 (`kernels.ring_attention_fp8.Fp8KV`): an fp8 copy of the ring kept in step with it. The
         tiles holding this chunk's rows are re-quantized after they are written and the attention
-        reads the shadow, instead of quantizing the whole window in every call; the same numbers."""
+        reads the shadow, instead of quantizing the whole window in every call; the same numbers.
+
+        Context parallel (flashdreams.parallel) passes `shard` (a TokenShard: this rank keeps its rows
+        of every frame, the output rows are gathered back) and `attend(layer, q, k, v)`, which gets q
+        and k after the head norms and RoPE and owns the ring write and the attention."""
         grid = self._check_grid(x)
         nt, gh, gw = grid
         fs = gh * gw
+        if (shard is not None or attend is not None) and (fp8_shadow is not None or debug is not None):
+            raise InvalidArgumentError(
+                "Cosmos DiT: context parallel runs the ring attention unquantized and without debug records; "
+                "load with precision 'bf16' (or attention 'fa4')"
+            )
         tokens = self.embed_tokens(x, condition_mask, hdmap=hdmap)
         ang = rope_angles(self.cfg, frame_positions, gh, gw)
         half = ang[:, : ang.shape[1] // 2]  # the tables are [a, a]: one angle per rotate-half pair
         cos, sin = torch.cos(half), torch.sin(half)
+        if shard is not None:
+            tokens = shard.take(tokens, fs, 1)
+            cos, sin = shard.take(cos, fs, 0), shard.take(sin, fs, 0)
         impl = self.attention_impl
         precision = dit_ops.ring_precision(self.precision, impl, self.ring_kernel)
         shadowed = fp8_shadow is not None and precision == "fp8"
@@ -526,8 +545,8 @@ class CosmosDiT(nn.Module):
         if shadowed:  # ring rows [first, end) this chunk writes (its frame slots, wrapped or not, lie within)
             written = torch.stack([slots.min() * fs, (slots.max() + 1) * fs])
 
-        def attend_of(i):
-            def attend(sa, q, k, v):
+        def cached_attend_of(i):
+            def cached(sa, q, k, v):
                 rk, rv = ring_k[i], ring_v[i]
                 # One fused pass (norms, RoPE, ring write) where the ring holds what the torch path writes.
                 w_dtype = torch.promote_types(k.dtype, sa.k_norm.weight.dtype)
@@ -542,10 +561,20 @@ class CosmosDiT(nn.Module):
                     return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, i)
                 return dit_ops.ring_attention(qr, rk, rv, ring_len, impl, valid_len_host, precision, self.ring_kernel)
 
-            return attend
+            return cached
 
+        def hooked_attend_of(i):  # context parallel: the norms and RoPE here, the ring and attention in `attend`
+            def hooked(sa, q, k, v):
+                qr = dit_ops.rotate_half(dit_ops.rms_norm(q, sa.q_norm.weight, sa.q_norm.eps), cos, sin)
+                kr = dit_ops.rotate_half(dit_ops.rms_norm(k, sa.k_norm.weight, sa.k_norm.eps), cos, sin)
+                return attend(i, qr, kr, v)
+
+            return hooked
+
+        attend_of = cached_attend_of if attend is None else hooked_attend_of
         tb = t.reshape(-1, 1).float().expand(x.shape[0], nt)  # one timestep for every frame of the chunk
-        return self._run(tokens, grid, tb, cross_k, cross_v, attend_of, debug)
+        gather = None if shard is None else (lambda y: shard.gather(y, fs))
+        return self._run(tokens, grid, tb, cross_k, cross_v, attend_of, debug, gather)
 
 
 def forward_flops(cfg: CosmosConfig, q_tokens: int, kv_tokens: int, text_len: int) -> float:

@@ -44,6 +44,7 @@ TINY = get_preset("tiny")
 TINY_4H = TINY.replace(name="tiny-4heads", model=TINY_WAN.replace(num_heads=4))
 LINGBOT = get_preset("lingbot-world-fast-tiny")  # 6 tokens a frame, 2 heads
 WAN22 = get_preset("wan2.2-tiny")  # two experts, each with its own KV ring; block 0 is one frame
+OMNI = get_preset("omnidreams-sv-tiny-latent")  # Cosmos DiT: 24 tokens a frame, 2 heads, window of 6 frames
 
 # name -> (preset, world size of the group or None for all, options)
 CASES_2 = {
@@ -61,6 +62,11 @@ CASES_2 = {
     # Causal Wan2.2: both experts' graphs hooked, both rings sharded, the length always masked on the device.
     "wan22-ulysses": (WAN22, None, dict(mode="ulysses")),
     "wan22-ring-q": (WAN22, None, dict(mode="ring", ring_pass="q")),
+    # OmniDreams: the Cosmos DiT's chunks (first with the image frame, then steady) and its finalize pass.
+    "omnidreams-ulysses": (OMNI, None, dict(mode="ulysses")),
+    "omnidreams-ring-kv": (OMNI, None, dict(mode="ring", ring_pass="kv")),
+    # ... and with HD-map pixels: each rank runs the (replicated) streaming HD-map encoder itself.
+    "omnidreams-pixels-ring-q": (get_preset("omnidreams-sv-tiny"), None, dict(mode="ring", ring_pass="q")),
 }
 CASES_4 = {
     "ulysses": (TINY_4H, None, dict(mode="ulysses")),
@@ -301,6 +307,17 @@ def test_shard_plan_shards_both_experts_rings_of_wan22():
     assert {n: d for n, d in ring.state.items() if n not in hooks.kv_rings} == {
         n: d for n, d in plan.state.items() if n not in hooks.kv_rings
     }
+
+
+def test_cosmos_chunk_refuses_context_parallel_with_debug_records():
+    """The Cosmos DiT's hooked chunk runs unquantized and unrecorded: FP8's ring shadow or a debug dict
+    with the hooks is a named error, not a silent mix."""
+    eng = flashdreams.load(preset=OMNI, device="cpu", dtype="float32", decoder=None)
+    x, t, ck, cv, hdmap, rk, rv, fp, slots, vl = eng.model.examples("dit")
+    mask = torch.zeros_like(x[:, :1])
+    shard = TokenShard(0, 1, lambda y: y[None])
+    with pytest.raises(InvalidArgumentError, match="context parallel runs the ring attention unquantized"):
+        eng.model.weights.forward_chunk(x, t, ck, cv, mask, hdmap, rk, rv, fp, slots, vl, debug={}, shard=shard)
 
 
 def test_token_shards_take_and_gather_back_every_frame():

@@ -31,6 +31,7 @@ from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_na
 from flashdreams.models.family import weights_source as source_label  # the cosmos name `weights_source` is taken
 from flashdreams.models.random_init import init_random_
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
+from flashdreams.parallel.hooks import ParallelHooks
 
 HDMAP_PREFIX = "hdmap_vae."
 HDMAP_FILE = "lightvaew2_1.safetensors"
@@ -110,6 +111,16 @@ class OmniDreamsFamily(Family):
         if enc is not None:
             graphs.update(enc_graphs)
         hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa", ("dit", "dit_first"))
+        parallel = ParallelHooks(
+            steps={name: graphs[name].forward for name in ("dit", "dit_first")},
+            frame_tokens=plan.ring.frame_tokens,
+            num_heads=model.cfg.num_heads,
+            kv_rings=("ring_k", "ring_v"),
+            # Every rank must attend to the same text. The HD-map encoder is not broadcast: it updates its
+            # streaming state in place (a broadcast call works on copies), and every rank sets the same inputs.
+            broadcast=("encode_prompt",),
+            attention=model.attention_impl,
+        )
 
         return LoadedModel(
             plan=plan,
@@ -122,6 +133,7 @@ class OmniDreamsFamily(Family):
             device=opts.device,
             dtype=opts.dtype,
             describe={"attention": model.attention_impl, "precision": opts.precision},
+            parallel=parallel,
         )
 
 

@@ -49,7 +49,8 @@ class ChunkStep(nn.Module):
         self.first = first
         self.fp8_block_n = fp8_block_n  # key tile of the ring's fp8 shadow; None: no shadow (its args absent)
 
-    def forward(self, x, t, cross_k, cross_v, hdmap, *rest, valid_len_host=None):
+    def forward(self, x, t, cross_k, cross_v, hdmap, *rest, valid_len_host=None, attend=None, shard=None):
+        """`attend`/`shard`: context parallel's hooks (CosmosDiT.forward_chunk), None in a plain call."""
         if self.first:
             image_latent, *rest = rest
             x = inject_first_frame(x, image_latent)
@@ -61,7 +62,7 @@ class ChunkStep(nn.Module):
         fp8_shadow = (*shadow, self.fp8_block_n) if shadow else None
         return self.model.forward_chunk(
             x, t, cross_k, cross_v, mask, hdmap, ring_k, ring_v, frame_positions, slots, valid_len, valid_len_host,
-            fp8_shadow=fp8_shadow,
+            fp8_shadow=fp8_shadow, attend=attend, shard=shard,
         )  # fmt: skip
 
 
