@@ -96,13 +96,7 @@ class TAEHVDecoder:
     name = "taehv"
 
     def __init__(self, model: TAEHV) -> None:
-        if model.decoder[1].weight.is_cuda:
-            # NHWC convs, as FlashVSR's TC decoder (the same network) runs them: in NCHW, cuDNN wraps
-            # its bf16 convs in layout transposes (5.5 ms of Self-Forcing's block-5 profile on the
-            # H200, next21-h200). Same values; `bench/decoders_bench.py --decoders taehv,taehv:nchw`
-            # compares the two.
-            model = model.to(memory_format=torch.channels_last)
-        self.model = model.eval()
+        self.model = model.in_device_layout().eval()
         self.device = model.decoder[1].weight.device
         self.dtype = model.decoder[1].weight.dtype
 

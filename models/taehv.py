@@ -149,6 +149,16 @@ class TAEHV(nn.Module):
             _conv(c[3], cfg.image_channels),
         )
 
+    def in_device_layout(self) -> TAEHV:
+        """On CUDA, the convs' weights in NHWC (channels_last), so their activations follow: in NCHW,
+        cuDNN wraps every bf16 conv of this pure-Conv2d network in layout transposes (5.5 ms of
+        Self-Forcing's block-5 profile on the H200, next21-h200; the FlashVSR reference measured
+        ~1.5x for its TC decoder). Same values; unchanged elsewhere. `bench/decoders_bench.py
+        --decoders taehv,taehv:nchw` compares the two."""
+        if self.decoder[1].weight.is_cuda:
+            return self.to(memory_format=torch.channels_last)
+        return self
+
     # ---- weights -------------------------------------------------------------------------
 
     def load_weights(self, state_dict: dict[str, Tensor], source: str = "state dict") -> None:

@@ -143,11 +143,7 @@ class FlashVSRFamily(Family):
         dit.fuse_projections_()  # one q/k/v GEMM (state-dict keys unchanged)
         dit.set_attention(opts.attention)
         lq = lq.to(dev, dt).eval().requires_grad_(False)
-        tc = tc.to(dev, dt).eval().requires_grad_(False) if tc is not None else None
-        if tc is not None and dev.type == "cuda":
-            # NHWC convs: cuDNN otherwise converts layouts around every bf16 conv of this pure-Conv2d
-            # decoder (the reference measured ~1.5x on Hopper); the values are the same either way.
-            tc = tc.to(memory_format=torch.channels_last)
+        tc = tc.to(dev, dt).in_device_layout().eval().requires_grad_(False) if tc is not None else None
         return dit, lq, tc
 
     def load(self, preset: Preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor] | None = None) -> LoadedModel:
