@@ -64,12 +64,13 @@ def _sync(device) -> None:
 
 
 def _rollout(engine, args, t_origin: float | None = None) -> dict:
-    """N blocks from the default prompt with the given seed; per-block wall ms (synced), latents."""
+    """N blocks from the model's default inputs (the stand-in prompt, image, ...) with the given seed;
+    per-block wall ms (synced), latents."""
     import torch
 
     out: dict = {}
     t = time.perf_counter()
-    session = engine.session(engine.default_prompt(), seed=args["seed"])
+    session = engine.session(inputs=engine.default_inputs(), seed=args["seed"])
     _sync(engine.device)
     out["session_create_s"] = time.perf_counter() - t
     latents, block_ms = [], []
@@ -319,7 +320,7 @@ def print_table(res: dict) -> None:
             ("process start -> main", c.get("process_start_to_main_s")),
             ("import flashdreams", c.get("import_s")),
             ("validate (sha256, fingerprint)", lt.get("validate")),
-            ("install Triton kernels", lt.get("install_kernels")),
+            ("install bundled kernels", lt.get("install_kernels")),
             ("load artifacts (weights, caches)", lt.get("load_artifacts")),
             ("load programs", lt.get("load_programs")),
             ("first call (warm-up)", lt.get("first_call")),

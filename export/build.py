@@ -26,7 +26,7 @@ from flashdreams import registry
 from flashdreams.errors import InternalError, InvalidArgumentError
 from flashdreams.export.backends import get_backend
 from flashdreams.export.build_config import BuildConfig
-from flashdreams.export.kernel_cache import bundle_kernels, capture_compile_caches
+from flashdreams.export.kernel_cache import bundle_kernels, capture_compile_caches, record_cpp_kernels
 from flashdreams.export.manifest import (
     MANIFEST_NAME,
     SCHEMA_VERSION,
@@ -191,8 +191,10 @@ def build_engine(
         return time.perf_counter()
 
     # Our Triton kernels (and on CUDA Inductor's autotuning results) land in `scratch` during
-    # the build and are bundled into the engine below (export/kernel_cache.py).
+    # the build, the C++ kernels Inductor loads are recorded; all are bundled into the engine
+    # below (export/kernel_cache.py).
     with capture_compile_caches(redirect_inductor=dev.type == "cuda") as scratch:
+        cpp_loaded = record_cpp_kernels()
         try:
             t = phase("load model")
             preset_obj = registry.get_preset(preset_arg) if isinstance(preset_arg, str) else preset_arg
@@ -217,7 +219,8 @@ def build_engine(
 
             t = phase("hash weights")
             w_hash = weights_sha256(model.weights)
-            dec_module = decoder_module(model.decoder) if model.decoder is not None else None
+            # A decoder object holds weights; a name alone (the arena draws its own pixels) holds none.
+            dec_module = decoder_module(model.decoder) if hasattr(model.decoder, "__dict__") else None
             dec_hash = weights_sha256(dec_module) if dec_module is not None else None
             phases["hash weights"] = time.perf_counter() - t
 
@@ -235,7 +238,7 @@ def build_engine(
 
             t = phase("save artifacts")
             produced = gb.finish_build(tmp)
-            kernels = bundle_kernels(scratch, tmp)
+            kernels = bundle_kernels(scratch, tmp, cpp_loaded())
             if kernels is not None:
                 produced["kernels"] = kernels
             artifacts = {name: file_record(tmp, f) for name, f in produced.items()}
@@ -296,9 +299,10 @@ def _decoder_record(decoder, progs, dec_hash, weights) -> dict | None:
     if decoder is None:
         return None
     shapes = {p.name: p.outputs[0].shape for p in progs if p.name in ("decode_first", "decode")}
+    own_pixels = isinstance(decoder, str)  # the network draws the frames itself: no decoder weights
     return {
-        "name": decoder.name,
-        "weights": str(weights) if weights is not None else "random (seeded)",
+        "name": decoder if own_pixels else decoder.name,
+        "weights": None if own_pixels else str(weights) if weights is not None else "random (seeded)",
         "compiled": bool(shapes),
         "weights_sha256": dec_hash,
         "frames_first_block": shapes["decode_first"][1] if "decode_first" in shapes else None,

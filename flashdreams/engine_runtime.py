@@ -182,7 +182,7 @@ def load_engine_dir(
 
     backend = get_backend(m["backend"], BuildConfig.from_env(m["backend"]))  # FD_AOTI_FORCE=1: try a blocked load
     kernels = m.get("artifacts", {}).get("kernels")
-    if kernels is not None and dev.type == "cuda":
+    if kernels is not None:  # Triton kernels on CUDA, compiled C++ kernels on CPU
         from flashdreams.export.kernel_cache import install_kernels
 
         t = time.perf_counter()

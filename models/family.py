@@ -490,7 +490,9 @@ class LoadedModel:
     `graphs[name](*args)` takes the call inputs in `plan.graphs[name].args` order and returns a
     tensor or a tuple in `outs` order. `examples(name)` gives example call inputs for tracing
     (fd-build). `weights` is the module whose state dict is the model's identity (hashing).
-    `flops(block)` counts the matmul FLOPs of one block (fd-bench).
+    `flops(block)` counts the matmul FLOPs of one block (fd-bench). `decoder` is the
+    streaming decoder object (a `.name` and its weights' module), the name of a family's own
+    pixel output (the arena's "pixels": no decoder weights), or None (latents only).
     """
 
     plan: BlockPlan

@@ -8,6 +8,7 @@ one (latents only, to keep the file short), onnx through build_engine with its d
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -325,3 +326,34 @@ def test_engine_of_a_channels_last_decoder_matches_eager(workdir, monkeypatch):
         got, want = a.step(), b.step()
         assert rel_l2(got.latents, want.latents) <= TOL
         assert (got.frames.int() - want.frames.int()).abs().max() <= 1
+
+
+def test_a_cold_cpu_load_compiles_no_kernel(inductor_dir, tmp_path):
+    """A CPU engine carries Inductor's compiled C++ kernels: loading it in a fresh process with an
+    empty Inductor cache installs them and compiles none (a cold load of this engine spent 28.5 of
+    its 30.2 s compiling them before). Inductor's own per-machine ISA checks still compile."""
+    import subprocess
+    import sys
+    import tarfile
+    import time
+
+    with tarfile.open(inductor_dir / "kernels.tar") as tar:
+        bundled = {Path(n).name for n in tar.getnames() if n.startswith("inductor/") and n.endswith(".so")}
+    assert len(bundled) >= 10  # every graph's kernels: the tiny model has dozens
+
+    cache = tmp_path / "inductor-cache"
+    start = time.time()
+    code = f"import flashdreams, json; print(json.dumps(flashdreams.load({str(inductor_dir)!r}).load_times))"
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache)},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["install_kernels"] > 0
+    kernels = {p.name: p for p in cache.rglob("*.main.so")}  # one per generated kernel (the ISA checks are *.so)
+    assert set(kernels) == bundled
+    compiled_here = [n for n, p in kernels.items() if p.stat().st_mtime >= start]
+    assert not compiled_here, f"{len(compiled_here)} kernels compiled at load"

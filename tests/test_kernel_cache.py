@@ -89,3 +89,41 @@ def test_capture_redirects_and_restores(monkeypatch):
     assert not scratch.exists()
     with capture_compile_caches(redirect_inductor=False):
         assert "TORCHINDUCTOR_CACHE_DIR" not in os.environ
+
+
+def test_compiled_cpp_kernels_travel_and_install(tmp_path, monkeypatch):
+    """The C++ kernels a CPU build loaded are copied from the local Inductor cache (their shared
+    objects and object files; not their source, which Inductor rewrites, nor its lock files)."""
+    local = tmp_path / "local-inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(local))
+    for name in ("cabc1.main.so", "cabc1.main.cpp", "cabc1.main.o", "cabc1.main.lock", "cabc2.main.so"):
+        _best_config(local, f"ab/{name}", name)
+    _best_config(local, "xy/cxyz.main.so", "not this build's")
+    scratch, engine = tmp_path / "scratch", tmp_path / "engine"
+    engine.mkdir()
+    assert bundle_kernels(scratch, engine, cpp_keys=["cabc1", "cdead"]) == kernel_cache.BUNDLE_FILE
+    with tarfile.open(engine / kernel_cache.BUNDLE_FILE) as tar:
+        assert sorted(tar.getnames()) == ["inductor/ab/cabc1.main.o", "inductor/ab/cabc1.main.so"]
+
+    elsewhere = tmp_path / "fresh-inductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(elsewhere))
+    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 2
+    assert (elsewhere / "ab" / "cabc1.main.so").read_text() == "cabc1.main.so"
+    assert sorted(p.name for p in (elsewhere / "ab").iterdir()) == ["cabc1.main.o", "cabc1.main.so"]
+
+
+def test_recording_cpp_kernels_sees_ones_loaded_before(monkeypatch):
+    """A kernel this process loaded before the build is recorded when the build loads it again."""
+
+    class FakeTable:
+        cache = {"cold": None}
+
+        @staticmethod
+        def cache_clear():
+            FakeTable.cache.clear()
+
+    monkeypatch.setattr(kernel_cache, "_cpp_code_caches", lambda: [FakeTable])
+    loaded = kernel_cache.record_cpp_kernels()
+    assert loaded() == []
+    FakeTable.cache.update({"cold": None, "cnew": None})
+    assert loaded() == ["cnew", "cold"]

@@ -159,7 +159,9 @@ def example_inputs(plan, graph: str, device: torch.device) -> tuple[torch.Tensor
             value = torch.rand(spec.shape, generator=gen, device=device) if spec.units == "image" else None
             out.append(value if value is not None else torch.randn(spec.shape, generator=gen, device=device))
         else:
-            decl = plan.state.get(arg) or plan.constants.get(arg) or plan.draws.get(arg)
+            # Base's expert graphs (dit_high, dit_low) take their expert's prompt keys (cross_k_high, ...)
+            expert_state = plan.state.get(f"{arg}_{graph.rpartition('_')[2]}")
+            decl = plan.state.get(arg) or expert_state or plan.constants.get(arg) or plan.draws.get(arg)
             if decl is None:  # pragma: no cover - plan.validate catches this
                 raise InvalidArgumentError(f"graph '{graph}': no example for input '{arg}'")
             if arg == "cam_anchor":
