@@ -108,6 +108,12 @@ class Engine:
         return self.backend.device
 
     @property
+    def makes_frames(self) -> bool:
+        """Whether its blocks hand out frames (a decoder, eager or compiled into the engine, or a
+        network that draws pixels itself), not latents only."""
+        return self.plan.meta.get("decoder") is not None
+
+    @property
     def preset_name(self) -> str:
         return getattr(self.spec.preset, "name", "?")
 

@@ -357,3 +357,22 @@ def test_a_cold_cpu_load_compiles_no_kernel(inductor_dir, tmp_path):
     assert set(kernels) == bundled
     compiled_here = [n for n, p in kernels.items() if p.stat().st_mtime >= start]
     assert not compiled_here, f"{len(compiled_here)} kernels compiled at load"
+
+
+def test_fd_run_on_an_engine_writes_its_frames(inductor_dir, eager_blocks, tmp_path):
+    """An engine's decoder is one of its graphs: fd-run --checkpoint ENGINE writes the video (it wrote
+    nothing before, reading the engine as latents-only), frame for frame what eager decodes."""
+    from flashdreams.cli.run import main as run_main
+    from flashdreams.video import read_video
+
+    engine = flashdreams.load(inductor_dir)
+    assert engine.makes_frames and engine.decoder is None
+    assert not flashdreams.load(inductor_dir, decoder=None).makes_frames
+    videos = {}
+    for name, model in (("engine", ["--checkpoint", str(inductor_dir)]), ("eager", ["--preset", "tiny"])):
+        out = tmp_path / f"{name}.mp4"
+        assert run_main([*model, "--blocks", "2", "--seed", str(SEED), "--out", str(out), "--no-progress"]) == 0
+        videos[name] = torch.from_numpy(read_video(out)).float()
+    assert videos["engine"].shape == torch.cat([fr[0] for _, fr in eager_blocks[:2]]).shape
+    err = (videos["engine"] - videos["eager"]).abs().mean()
+    assert err < 1, f"mean |engine video - eager video| {err:.2f} levels"

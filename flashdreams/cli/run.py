@@ -408,7 +408,7 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
             session.start_recording()
         steps = (feeds.step(session, k) for k in range(args.blocks))
     print(f"fd-run: {engine} loaded in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-    if engine.decoder is not None:
+    if engine.makes_frames:  # a built engine's decoder is one of its graphs, not an object
         outputs.writer = VideoWriter(args.out, fps=args.fps)
     height, width = engine.spec.height, engine.spec.width
     latents = {}
@@ -556,7 +556,7 @@ def _run_input(args, engine, outputs, found, t0) -> int:
     from flashdreams.video import VideoWriter, iter_video, video_rate
 
     spec = _frame_input(engine, "--input")
-    if engine.decoder is None:
+    if not engine.makes_frames:
         raise InvalidArgumentError("--input writes a video: drop --decoder none")
     fps = args.fps if args.fps is not None else video_rate(args.input)
     up = Upscaler(_frame_session(args, engine, found, "--input"))

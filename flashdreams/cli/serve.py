@@ -174,7 +174,7 @@ def build_manager(args: argparse.Namespace, engine=None):
 
     if engine is None:
         engine = flashdreams.load(**load_kwargs(args))
-    if engine.decoder is None and engine.plan.meta.get("decoder") is None:
+    if not engine.makes_frames:
         raise InvalidArgumentError(f"{engine.preset_name} has no decoder here: fd-serve needs frames to show")
     text_encoder = None
     if args.text_encoder:
