@@ -19,10 +19,20 @@ are the same bit for bit as if nothing had happened.
 
 Noise. World i's draws at its block b come from a generator seeded by (seed_i, b), the same
 rule as a lone session, so a world stepped in a batch equals the same world stepped alone.
+
+Plans that are not row-independent (every streaming Wan-style model: its RoPE positions, ring
+slots and valid length are one table for the whole batch) run their worlds in lockstep groups:
+a step runs one batch per distinct block index among the worlds (the engine's batch, loaded
+with `batch=N`), holding the other rows as a paused world is held. Worlds that stay in step
+(reset together, as a policy evaluation does) cost one batch per step; a world reset on its
+own costs one more batch per step until the others are reset too. A block kind whose blocks
+are shorter (block 0 of a Wan VAE decode: 9 frames, then 12) is padded at the front with its
+first frame when it shares a step with longer ones; `WorldsStep.valid` says how many are real.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -50,6 +60,9 @@ class WorldsStep:
     frames: torch.Tensor | None  # uint8 [n, T, H, W, 3] on the device, or None without a decoder
     failed: dict[int, str] = field(default_factory=dict)  # world id -> why; those worlds were reset
     frames_ready: torch.cuda.Event | None = None
+    # Per world, how many leading frames (and latent frames) of the padded block are padding: None
+    # when every world's block had the same length (always, for row-independent plans).
+    padded: list[tuple[int, int]] | None = None
 
     def frames_cpu(self) -> torch.Tensor:
         if self.frames is None:
@@ -85,24 +98,23 @@ class Worlds:
         check_finite: bool = True,
     ) -> None:
         plan = engine.plan
-        if not plan.row_independent:
-            raise InvalidArgumentError(
-                f"{engine.preset_name}: its plan is not row-independent, so its worlds cannot sit at different "
-                "block indices in one batch; for worlds stepped in lockstep load it with batch=N and use "
-                "engine.session()"
-            )
+        lockstep = not plan.row_independent
+        if lockstep:
+            _check_rows(engine.preset_name, plan)
         if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (n == 0 and not capacity):
             raise InvalidArgumentError(f"worlds: n must be an integer >= 1 (or 0 with a capacity), got {n!r}")
         seeds = list(range(n)) if seeds is None else [_check_seed(s) for s in seeds]
         if len(seeds) != n:
             raise InvalidArgumentError(f"worlds: {len(seeds)} seeds for {n} worlds")
         static = getattr(engine.backend, "name", "eager") != "eager"
-        if static:  # compiled graphs have the batch they were built with
+        if static or lockstep:  # compiled graphs, and plans that are not row-independent, have one batch
             capacity = capacity or plan.batch
             if capacity != plan.batch or n > plan.batch:
+                what = "this built engine" if static else f"this {engine.preset_name} engine (not row-independent)"
+                how = "rebuild it with fd-build --batch N" if static else "load it with flashdreams.load(..., batch=N)"
                 raise InvalidArgumentError(
-                    f"this built engine runs batch {plan.batch} only: ask for at most {plan.batch} worlds, or "
-                    f"rebuild it with fd-build --batch {max(n, capacity)}"
+                    f"{what} runs batch {plan.batch} only: ask for at most {plan.batch} worlds, or {how} "
+                    f"(N = {max(n, capacity)})"
                 )
         else:
             capacity = capacity or bucket_for(max(n, 1), 1 << 30)
@@ -113,7 +125,8 @@ class Worlds:
         self.capacity = capacity
         self.check_finite = check_finite
         self.cuda_graphs = self.device.type == "cuda" if cuda_graphs is None else bool(cuda_graphs)
-        self._static = static
+        self._static = static or lockstep  # one bucket: the full batch
+        self.lockstep = lockstep
         self.plan = plan if plan.batch == capacity else plan.with_batch(capacity)
         self.buffers: dict[str, torch.Tensor] = {}
         for group in (self.plan.state, self.plan.constants, self.plan.draws):
@@ -121,11 +134,14 @@ class Worlds:
                 self.buffers[name] = decl.allocate(self.device)
         for name, spec in self.plan.inputs.items():
             self.buffers[name] = torch.zeros(spec.shape, dtype=spec.torch_dtype(), device=self.device)
-        if BLOCK_INDEX not in self.buffers:
+        if BLOCK_INDEX not in self.buffers and not lockstep:
             raise InvalidArgumentError(f"{engine.preset_name}: a row-independent plan needs a '{BLOCK_INDEX}' buffer")
         self._sessions: dict[int, _BucketSession] = {}
         # Checks one world's inputs against the batch-1 specs; it never steps.
-        one = self.plan.with_batch(1)
+        if lockstep:  # a batch-1 plan over row 0's inputs, for the checks only
+            one = dataclasses.replace(self.plan, batch=1, inputs={k: _one_row(v) for k, v in self.plan.inputs.items()})
+        else:
+            one = self.plan.with_batch(1)
         self._checker = _BucketSession(self, one, {k: self._view(k, b, 1) for k, b in self.buffers.items()}, False)
         self._generator = torch.Generator(device=self.device)
         self.ids: list[int] = []  # row -> world id
@@ -231,31 +247,30 @@ class Worlds:
     # -- the step --------------------------------------------------------------------
     @torch.no_grad()
     def step(self, only: Sequence[int] | None = None) -> WorldsStep:
-        """One block of every live world, in one batch (the smallest bucket that holds them).
+        """One block of every live world, in one batch (the smallest bucket that holds them); for a
+        plan that is not row-independent, one batch per distinct block index (module docstring).
 
         `only` (world ids) advances just those worlds: the others' state rows are restored after the
         batch ran (a paused world costs a copy of its state), and the result holds the chosen rows."""
         if self.n == 0:
             raise InvalidArgumentError("there are no worlds to step: add() one")
-        n = self.n
-        rows = list(range(n)) if only is None else sorted({self.row_of(w) for w in only})
-        held = [r for r in range(n) if r not in set(rows)]
-        bucket = self.capacity if self._static else bucket_for(n, self.capacity)
-        session = self._session_for(bucket)
-        saved = {name: self.buffers[name][held].clone() for name in self.plan.state} if held else {}
-        blocks = self.blocks + [0] * (bucket - n)
-        host = torch.tensor(blocks, dtype=torch.int64)
-        self.buffers[BLOCK_INDEX][:bucket].copy_(host, non_blocking=True)
-        result = session.step()
-        if held:
-            idx = torch.tensor(held, device=self.device)
-            for name, rows_before in saved.items():
-                self.buffers[name].index_copy_(0, idx, rows_before)
-        pick = slice(0, n) if not held else torch.tensor(rows, device=self.device)
-        lat = result.latents[pick]
-        frames = result.frames[pick] if result.frames is not None else None
+        rows = list(range(self.n)) if only is None else sorted({self.row_of(w) for w in only})
+        if not self.lockstep:
+            groups = [rows]
+        else:
+            by_block: dict[int, list[int]] = {}
+            for r in rows:
+                by_block.setdefault(self.blocks[r], []).append(r)
+            groups = [by_block[b] for b in sorted(by_block)]
+        parts = [self._step_rows(g) for g in groups]
+        order = [r for g in groups for r in g]
+        lat, frames, padded = _merge([p[0] for p in parts], [p[1] for p in parts])
+        if len(groups) > 1:  # back to row order
+            back = torch.tensor([order.index(r) for r in rows], device=self.device)
+            lat, frames = lat[back], frames[back] if frames is not None else None
+            padded = [padded[i] for i in back.tolist()] if padded is not None else None
         ids = [self.ids[r] for r in rows]
-        out = WorldsStep(ids, [self.blocks[r] for r in rows], lat, frames, {}, result.frames_ready)
+        out = WorldsStep(ids, [self.blocks[r] for r in rows], lat, frames, {}, parts[-1][2], padded)
         for row in rows:
             self.blocks[row] += 1
         if self.check_finite:
@@ -267,6 +282,31 @@ class Worlds:
                     self.reset(world)
         return out
 
+    def _step_rows(self, rows: list[int]) -> tuple[torch.Tensor, torch.Tensor | None, torch.cuda.Event | None]:
+        """One batch that advances `rows` (each row's own block index, or in lockstep their shared one);
+        every other live row is held: its state rows are put back after the batch."""
+        n = self.n
+        held = [r for r in range(n) if r not in set(rows)]
+        bucket = self.capacity if self._static else bucket_for(n, self.capacity)
+        session = self._session_for(bucket)
+        saved = {name: view[held].clone() for name, view in self._state_rows()} if held else {}
+        if self.lockstep:  # the shared tables are the group's: every row runs at its block index
+            block = self.blocks[rows[0]]
+            session.block = block
+            blocks = [block] * bucket
+        else:
+            blocks = self.blocks + [0] * (bucket - n)
+        if BLOCK_INDEX in self.buffers:
+            self.buffers[BLOCK_INDEX][:bucket].copy_(torch.tensor(blocks, dtype=torch.int64), non_blocking=True)
+        result = session.step()
+        if held:
+            idx = torch.tensor(held, device=self.device)
+            for name, view in self._state_rows():
+                view.index_copy_(0, idx, saved[name])
+        pick = slice(0, n) if len(rows) == n else torch.tensor(rows, device=self.device)
+        frames = result.frames[pick] if result.frames is not None else None
+        return result.latents[pick], frames, result.frames_ready
+
     # -- internals ------------------------------------------------------------------
     def _session_for(self, bucket: int) -> _BucketSession:
         s = self._sessions.get(bucket)
@@ -277,16 +317,27 @@ class Worlds:
         return s
 
     def _view(self, name: str, buf: torch.Tensor, bucket: int) -> torch.Tensor:
+        if bucket == self.capacity:
+            return buf
         if name in self.plan.constants and (not buf.dim() or buf.shape[0] != self.capacity):
             return buf  # a constant without a batch dim: shared by every row
-        return buf[:bucket]
+        return buf[:bucket]  # smaller buckets exist for row-independent plans only: every buffer batch-first
+
+    def _state_rows(self) -> list[tuple[str, torch.Tensor]]:
+        """Every per-row state buffer as a view with its rows first (`TensorDecl.batch_dim`); tables
+        every row shares (batch_dim None) are rewritten each block and never copied per row."""
+        out = []
+        for name, decl in self.plan.state.items():
+            if decl.batch_dim is not None:
+                out.append((name, self.buffers[name].movedim(decl.batch_dim, 0)))
+        return out
 
     def _row_buffers(self) -> list[torch.Tensor]:
-        return [self.buffers[n] for n in (*self.plan.state, *self.plan.inputs)]
+        return [v for _, v in self._state_rows()] + [self.buffers[n] for n in self.plan.inputs]
 
     def _clear_row(self, row: int) -> None:
-        for name, decl in self.plan.state.items():
-            self.buffers[name][row].fill_(decl.fill)
+        for name, view in self._state_rows():
+            view[row].fill_(self.plan.state[name].fill)
 
     def _run_input_programs(self, names: Mapping[str, object]) -> None:
         """Rebuild state derived from inputs (e.g. a prompt's cache) over the live bucket. Rows are
@@ -319,6 +370,51 @@ class Worlds:
 
     def __repr__(self) -> str:
         return f"Worlds({self.engine.preset_name}, n={self.n}, capacity={self.capacity}, blocks={self.blocks})"
+
+
+def _check_rows(name: str, plan: BlockPlan) -> None:
+    """Lockstep worlds copy state rows along each buffer's batch dim: refuse a plan whose buffers do
+    not hold exactly one row per world there (classifier-free guidance keeps two)."""
+    for decl in plan.state.values():
+        bd = decl.batch_dim
+        if bd is not None and (bd >= len(decl.shape) or decl.shape[bd] != plan.batch):
+            raise InvalidArgumentError(
+                f"{name}: its state '{decl.name}' {list(decl.shape)} does not hold one row per world along dim "
+                f"{bd} (batch {plan.batch}), so its worlds cannot be held or reset one by one; step them together "
+                "with engine.session()"
+            )
+
+
+def _one_row(spec: InputSpec) -> InputSpec:
+    return dataclasses.replace(spec, shape=(1, *spec.shape[1:]))
+
+
+def _pad_front(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+    """`x` grown to `length` along `dim` by repeating its first entry in front."""
+    extra = length - x.shape[dim]
+    if extra <= 0:
+        return x
+    first = x.narrow(dim, 0, 1)
+    return torch.cat([first.expand(*[extra if d == dim else -1 for d in range(x.dim())]), x], dim)
+
+
+def _merge(lats: list[torch.Tensor], frames: list[torch.Tensor | None]):
+    """The groups' outputs as one batch (latents [n, C, F, h, w], frames [n, T, H, W, 3]); groups of
+    shorter blocks padded in front, with each row's (frames, latent frames) of padding."""
+    if len(lats) == 1:
+        return lats[0], frames[0], None
+    t_lat = max(x.shape[2] for x in lats)
+    t_fr = max(f.shape[1] for f in frames) if frames[0] is not None else 0
+    if all(x.shape[2] == t_lat for x in lats) and all(f is None or f.shape[1] == t_fr for f in frames):
+        return torch.cat(lats), torch.cat(frames) if frames[0] is not None else None, None
+    padded = [
+        (t_fr - (f.shape[1] if f is not None else 0), t_lat - x.shape[2])
+        for x, f in zip(lats, frames)
+        for _ in range(x.shape[0])
+    ]
+    lat = torch.cat([_pad_front(x, 2, t_lat) for x in lats])
+    fr = torch.cat([_pad_front(f, 1, t_fr) for f in frames]) if frames[0] is not None else None
+    return lat, fr, padded
 
 
 def _row(inputs: Mapping[str, torch.Tensor], i: int, n: int) -> dict[str, torch.Tensor]:

@@ -39,6 +39,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import InputSpec
+from flashdreams.session import to_host
 
 ENV_ID = "flashdreams/World-v0"
 RewardFn = Callable[[Any, dict, dict], Any]
@@ -84,17 +85,35 @@ class _Worlds:
             raise InvalidArgumentError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
         cuda_graphs = load_kwargs.pop("cuda_graphs", None)
         default = getattr(presets, "DEFAULT_WORLD", "tiny")
-        self.engine = engine if engine is not None else flashdreams.load(preset=preset or default, **load_kwargs)
+        if engine is None:
+            # A plan that is not row-independent has the batch it is loaded with: one row per environment.
+            load_kwargs.setdefault("batch", num_envs)
+            engine = flashdreams.load(preset=preset or default, **load_kwargs)
+        self.engine = engine
         self.worlds = self.engine.worlds(num_envs, cuda_graphs=cuda_graphs)
         self.num_envs = num_envs
         self.max_episode_steps = max_episode_steps
         self.reward_fn, self.termination_fn, self.observation = reward_fn, termination_fn, observation
         self.specs = {s.name: s for s in self.worlds.input_specs() if s.when == "block"}
+        # What a world holds when no action is given (a new episode, a row being reset): no keys, no
+        # mouse; a required input gets the model's valid stand-in (a camera's identity pose and
+        # intrinsics: zeros would be refused).
+        stand_ins = self.engine.default_inputs(batch=1)
+        self.neutral = {
+            n: stand_ins[n] if n in stand_ins else torch.zeros(1, *s.shape[1:]) for n, s in self.specs.items()
+        }
         self.action_space = action_space_for(list(self.specs.values()))
-        first = self.worlds.step()  # a dry block: the frames' shape (the worlds are reset before use)
-        if first.frames is None:
+        # Dry blocks, one of each block kind, for the frames' shape (the worlds are reset before use):
+        # an observation holds the longest block's frames, a shorter block (block 0 of a Wan VAE
+        # decode) is padded in front with its first frame, and info["padding"] says how many.
+        plan = self.engine.plan
+        for name, value in self.neutral.items():
+            self.worlds.set_inputs(name, value.expand(num_envs, *value.shape[1:]))
+        dry = [self.worlds.step() for _ in range(len(plan.sequence) + 1)]
+        if dry[0].frames is None:
             raise InvalidArgumentError(f"{self.engine.preset_name} has no decoder: an environment needs frames")
-        self.frame_shape = tuple(first.frames.shape[1:])
+        longest = max(d.frames.shape[1] for d in dry)
+        self.frame_shape = (longest, *dry[0].frames.shape[2:])
         self.observation_space = spaces.Box(0, 255, self.frame_shape, np.uint8)
         self.steps = [0] * num_envs
         self.rngs = [np.random.default_rng(i) for i in range(num_envs)]
@@ -104,12 +123,12 @@ class _Worlds:
             self.rngs[i] = np.random.default_rng(seed)
         else:  # an unseeded reset continues the world's own seed stream, as a Gymnasium env does
             seed = int(self.rngs[i].integers(2**62))
-        zeros = {n: torch.zeros(s.shape[1:]) for n, s in self.specs.items()}
-        self.worlds.reset(self.worlds.ids[i], seed=seed, **zeros)
+        self.worlds.reset(self.worlds.ids[i], seed=seed, **self.neutral)
         self.steps[i] = 0
 
     def set_actions(self, actions: dict | None, skip: set[int]) -> dict[int, str]:
-        """Write every world's actions (rows in `skip` get zeros); returns {world: why} for refused rows."""
+        """Write every world's actions (rows in `skip`, and actions not given, get the neutral value);
+        returns {world: why} for refused rows."""
         actions = actions or {}
         unknown = sorted(set(actions) - set(self.specs))
         if unknown:
@@ -119,21 +138,24 @@ class _Worlds:
             value = actions.get(name)
             full = (self.num_envs, *spec.shape[1:])
             if value is None:
-                t = torch.zeros(full)
+                t = self.neutral[name].expand(full).clone()  # [1, ...] -> one row per world
             else:
                 t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
                 if tuple(t.shape) != full:
                     raise InvalidArgumentError(f"action '{name}' must have shape {list(full)}, got {list(t.shape)}")
                 t = t.to(torch.float32)
             for i in skip:
-                t[i] = 0
+                t[i] = self.neutral[name][0]
             refused.update(self.worlds.set_inputs(name, t))
         return refused
 
     def step(self) -> tuple[Any, dict]:
         out = self.worlds.step()
-        frames = out.frames if self.observation == "torch" else out.frames_cpu().numpy()
-        info: dict = {"block": np.array(out.blocks)}
+        t = out.frames.shape[1]
+        padding = np.array([p[0] for p in out.padded] if out.padded else [0] * len(out.ids)) + self.frame_shape[0] - t
+        frames = _pad_front(out.frames, self.frame_shape[0])
+        frames = frames if self.observation == "torch" else to_host(frames).numpy()
+        info: dict = {"block": np.array(out.blocks), "padding": padding}
         if out.failed:
             info["error"] = np.array([out.failed.get(w, "") for w in out.ids], dtype=object)
         return frames, info
@@ -275,6 +297,14 @@ class WorldEnv(gymnasium.Env):
             return None
         last = self._last if isinstance(self._last, np.ndarray) else self._last.cpu().numpy()
         return last[-1]
+
+
+def _pad_front(frames: torch.Tensor, length: int) -> torch.Tensor:
+    """[n, T, H, W, 3] grown to `length` frames by repeating each row's first frame in front."""
+    extra = length - frames.shape[1]
+    if extra <= 0:
+        return frames
+    return torch.cat([frames[:, :1].expand(-1, extra, -1, -1, -1), frames], 1)
 
 
 def _first(info: dict) -> dict:

@@ -80,6 +80,10 @@ class TensorDecl:
     # a batch of worlds past their first block draws nothing for it (one seeded draw per row each block
     # would cost a launch per world).
     first_block_only: bool = False
+    # Which dim holds the batch rows: 0 for most buffers, 1 for per-layer caches ([layers, B, ...]),
+    # None for a table every row shares (a block's RoPE positions and ring slots in plans that are
+    # not row-independent, rewritten every block). Batched worlds copy and clear rows along it.
+    batch_dim: int | None = 0
 
     def torch_dtype(self) -> torch.dtype:
         return dtype_from_name(self.dtype)

@@ -138,14 +138,72 @@ def test_refusals():
         worlds.set_inputs("keyboard", torch.zeros(3, FRAMES, KEYS))
 
 
-def test_a_plan_that_is_not_row_independent_is_refused():
+def _mg_actions(world: int, block: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 * world + block)
+    return {
+        "keyboard": (torch.rand(1, 12, 4, generator=g) > 0.5).float(),
+        "mouse": torch.randn(1, 12, 2, generator=g) * 0.1,
+    }
+
+
+def test_lockstep_worlds_equal_worlds_alone_at_different_block_indices(monkeypatch):
+    """A plan that is not row-independent (Matrix-Game: one RoPE/ring table per batch) runs one batch
+    per distinct block index: in step, one batch; after a world's own reset, two, each world equal to
+    itself stepped alone, the reset world's shorter block 0 (9 frames) padded in front to 12."""
+    import flashdreams
+    from flashdreams.batched import Worlds
+
+    preset = "matrix-game-2-tiny"
+    batched = flashdreams.load(preset=preset, device="cpu", batch=3)
+    single = flashdreams.load(preset=preset, device="cpu")
+    image = batched.default_inputs(seed=1)["image"][:1]
+    worlds = batched.worlds(3, seeds=[4, 5, 6], inputs={"image": image})
+    batches = []
+    run = Worlds._step_rows
+    monkeypatch.setattr(Worlds, "_step_rows", lambda self, rows: batches.append(list(rows)) or run(self, rows))
+    got: dict[int, list] = {4: [], 5: [], 6: [], 9: []}
+    for k in range(4):
+        if k == 2:
+            worlds.reset(1, seed=9)  # world 1 starts again at block 0; the others are at block 2
+        for w in worlds.ids:
+            seed = [4, 9 if k >= 2 else 5, 6][w]
+            for name, value in _mg_actions(seed, worlds.blocks[worlds.row_of(w)]).items():
+                worlds.set_input(w, name, value)
+        out = worlds.step()
+        for i, w in enumerate(out.ids):
+            seed = [4, 9 if k >= 2 else 5, 6][w]
+            pad = out.padded[i] if out.padded else (0, 0)
+            got[seed].append((out.blocks[i], out.latents[i, :, pad[1] :], out.frames[i, pad[0] :], pad, out.frames[i]))
+    assert batches == [[0, 1, 2], [0, 1, 2], [1], [0, 2], [1], [0, 2]]  # lowest block index first
+    for seed, blocks in got.items():
+        s = single.session(inputs={"image": image}, seed=seed)
+        for block, lat, frames, pad, padded in blocks:
+            for name, value in _mg_actions(seed, block).items():
+                s.set_input(name, value)
+            want = s.step()
+            assert rel_l2(lat, want.latents[0]) <= 1e-6, (seed, block)
+            assert (frames.int() - want.frames[0].int()).abs().max() <= 1, (seed, block)
+            if seed == 9 and block == 0:  # stepped beside block-2 worlds: 3 copies of its first frame in front
+                assert (
+                    pad == (3, 0)
+                    and padded.shape[0] == 12
+                    and torch.equal(padded[:3], padded[3:4].expand(3, -1, -1, -1))
+                )
+            else:
+                assert pad == (0, 0)
+
+
+def test_lockstep_worlds_need_the_batch_they_were_loaded_with_and_one_row_each():
     import flashdreams
 
-    engine = flashdreams.load()  # the tiny causal Wan: its first block differs from the others
-    with pytest.raises(InvalidArgumentError, match="not row-independent"):
+    engine = flashdreams.load()  # the tiny causal Wan, batch 1: not row-independent
+    with pytest.raises(InvalidArgumentError, match=r"batch=N"):
         engine.worlds(2)
     with pytest.raises(InvalidArgumentError, match="not row-independent"):
         engine.plan.with_batch(2)
+    cfg = flashdreams.load(preset="wan2.1-t2v-tiny", batch=2)  # guidance: two rows per world in its caches
+    with pytest.raises(InvalidArgumentError, match="one row per world"):
+        cfg.worlds(2)
 
 
 def test_step_only_some_worlds_holds_the_others():

@@ -93,3 +93,46 @@ def test_reward_and_termination_hooks():
     assert term.all() and not trunc.any()
     with pytest.raises(flashdreams.errors.InvalidArgumentError, match="unknown actions"):
         venv.step({"mouse": np.zeros((2, 2, 2))})
+
+
+@pytest.mark.slow
+def test_a_lockstep_world_is_an_environment_too():
+    """Matrix-Game (not row-independent: its worlds step in lockstep groups) as a vector environment:
+    one batch per step while the worlds are in step, observations padded to the longest block (block
+    0 has 9 frames, the others 12; info["padding"] says how many are padding), a world whose episode
+    ended early resets alone and equals a single environment seeded the same, and the single-world
+    environment passes Gymnasium's checker with random keys and mouse."""
+    preset = "matrix-game-2-tiny"
+    single = gymnasium.make("flashdreams/World-v0", preset=preset, device="cpu", max_episode_steps=3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(single.unwrapped, skip_render_check=True)
+
+    venv = gymnasium.make_vec(
+        "flashdreams/World-v0",
+        num_envs=2,
+        preset=preset,
+        device="cpu",
+        max_episode_steps=4,
+        termination_fn=lambda obs, info: np.array([info["block"][0] >= 1, False]),  # world 0 ends after block 1
+    )
+    assert venv.unwrapped.core.engine.plan.batch == 2 and venv.single_observation_space.shape[0] == 12
+    obs, info = venv.reset(seed=7)
+    assert obs.shape[1] == 12 and info["padding"].tolist() == [3, 3]
+    assert (obs[:, :3] == obs[:, 3:4]).all()  # block 0's first frame, held
+    keys = np.zeros((2, 12, 4), dtype=np.int8)
+    mouse = np.zeros((2, 12, 2), dtype=np.float32)
+    trace, infos = [obs], []
+    for _ in range(3):
+        obs, _, term, _, info = venv.step({"keyboard": keys, "mouse": mouse})
+        trace.append(obs)
+        infos.append(info)
+    assert infos[1]["block"].tolist() == [0, 2] and infos[1]["padding"].tolist() == [3, 0]  # world 0 restarted alone
+    assert infos[2]["block"].tolist() == [1, 3]
+
+    env = flashdreams.gym.WorldEnv(preset=preset, device="cpu", max_episode_steps=4)
+    ref = [env.reset(seed=8)[0]]  # world 1 of the vector env: seed 7 + 1
+    for _ in range(3):
+        ref.append(env.step({"keyboard": keys[1], "mouse": mouse[1]})[0])
+    for a, b in zip(trace, ref):
+        assert np.abs(a[1].astype(int) - b.astype(int)).max() <= 1

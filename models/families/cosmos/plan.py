@@ -33,9 +33,9 @@ def build_plan(preset: Preset, batch: int, latent_hw: tuple[int, int], dtype: st
     kv = (layers, 2 * b, preset.text_len, heads, hd)
     state = {
         "cross_k": TensorDecl(
-            "cross_k", kv, dtype, "cross-attention keys: rows [0, B) the prompt, [B, 2B) the negative"
+            "cross_k", kv, dtype, "cross-attention keys: rows [0, B) the prompt, [B, 2B) the negative", batch_dim=1
         ),
-        "cross_v": TensorDecl("cross_v", kv, dtype, "cross-attention values (as cross_k)"),
+        "cross_v": TensorDecl("cross_v", kv, dtype, "cross-attention values (as cross_k)", batch_dim=1),
     }
     encode = call(
         "encode_prompt",

@@ -99,13 +99,21 @@ def build_plan(
     ring = ring_slabs(schedule)
     sh, sw = height // preset.scale, width // preset.scale
     state = {
-        "cross_k": TensorDecl("cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys"),
-        "cross_v": TensorDecl("cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values"),
+        "cross_k": TensorDecl(
+            "cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys", batch_dim=1
+        ),
+        "cross_v": TensorDecl(
+            "cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
+        ),
         "cache_k": TensorDecl(
-            "cache_k", (layers, b, ring * slab_tokens, heads, hd), dtype, "K windows of the slab ring (after RoPE)"
+            "cache_k",
+            (layers, b, ring * slab_tokens, heads, hd),
+            dtype,
+            "K windows of the slab ring (after RoPE)",
+            batch_dim=1,
         ),
         "cache_v": TensorDecl(
-            "cache_v", (layers, b, ring * slab_tokens, heads, hd), dtype, "V windows of the slab ring"
+            "cache_v", (layers, b, ring * slab_tokens, heads, hd), dtype, "V windows of the slab ring", batch_dim=1
         ),
         "block_index": TensorDecl("block_index", (b,), "int64", "the chunk index (RoPE frames 4+2k, 5+2k)"),
     }

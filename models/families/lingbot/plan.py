@@ -134,13 +134,23 @@ def build_fast_plan(
     lat = (b, LATENT_CHANNELS, nf, lh, lw)
     tokens = nf * fs
     state = {
-        "cross_k": TensorDecl("cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys"),
-        "cross_v": TensorDecl("cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values"),
-        "ring_k": TensorDecl("ring_k", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring keys (after RoPE)"),
-        "ring_v": TensorDecl("ring_v", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring values"),
-        "frame_positions": TensorDecl("frame_positions", (nf,), "int64", "absolute latent frame of each block frame"),
-        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame"),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block"),
+        "cross_k": TensorDecl(
+            "cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys", batch_dim=1
+        ),
+        "cross_v": TensorDecl(
+            "cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
+        ),
+        "ring_k": TensorDecl(
+            "ring_k", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring keys (after RoPE)", batch_dim=1
+        ),
+        "ring_v": TensorDecl(
+            "ring_v", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring values", batch_dim=1
+        ),
+        "frame_positions": TensorDecl(
+            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
+        ),
+        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None),
+        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None),
         "y_all": TensorDecl(
             "y_all",
             (b, I2V_COND_CHANNELS, nf * kimg, lh, lw),
@@ -150,8 +160,12 @@ def build_fast_plan(
         "cam_anchor": TensorDecl(
             "cam_anchor", (b, 4, 4), "float32", "the previous block's last used camera pose", rollback=True
         ),
-        "cam_scale": TensorDecl("cam_scale", (layers, b, tokens, cfg.dim), dtype, "every layer's camera scale"),
-        "cam_shift": TensorDecl("cam_shift", (layers, b, tokens, cfg.dim), dtype, "every layer's camera shift"),
+        "cam_scale": TensorDecl(
+            "cam_scale", (layers, b, tokens, cfg.dim), dtype, "every layer's camera scale", batch_dim=1
+        ),
+        "cam_shift": TensorDecl(
+            "cam_shift", (layers, b, tokens, cfg.dim), dtype, "every layer's camera shift", batch_dim=1
+        ),
     }
     if decoder is not None:
         state.update(decoder.state)
@@ -306,8 +320,10 @@ def build_base_plan(
         "cam_tokens": TensorDecl("cam_tokens", (b, tokens, CAMERA_FEATURES), "float32", "the clip's camera tokens"),
     }
     for e in ("high", "low"):
-        state[f"cross_k_{e}"] = TensorDecl(f"cross_k_{e}", kv, dtype, f"{e}-noise expert's keys: prompt, negative")
-        state[f"cross_v_{e}"] = TensorDecl(f"cross_v_{e}", kv, dtype, f"{e}-noise expert's values")
+        state[f"cross_k_{e}"] = TensorDecl(
+            f"cross_k_{e}", kv, dtype, f"{e}-noise expert's keys: prompt, negative", batch_dim=1
+        )
+        state[f"cross_v_{e}"] = TensorDecl(f"cross_v_{e}", kv, dtype, f"{e}-noise expert's values", batch_dim=1)
     encode = [
         call(
             f"encode_prompt_{e}",

@@ -18,6 +18,8 @@ already work per row from `block_index`, but the shared causal Wan DiT takes one
 frame positions, ring slots and valid length for all rows (dit_ops and the Triton ring
 kernels), its rings are [layers, B, ...] (per-layer groups for in-place compiled writes), and
 block 0's decode differs in shape (9 frames, the VAE's first-chunk path) from later blocks (12).
+Batched worlds therefore run in lockstep groups (flashdreams.batched), which is why the tables are
+declared `batch_dim=None` and the per-layer caches `batch_dim=1`.
 """
 
 from __future__ import annotations
@@ -101,28 +103,42 @@ def build_plan(
     cond = (b, LATENT_CHANNELS + MASK_CHANNELS, preset.cond_frames, lh, lw)
     vctx = (b, CLIP_TOKENS, preset.visual_context_dim)
     state = {
-        "cross_k": TensorDecl("cross_k", (layers, b, CLIP_TOKENS, heads, hd), dtype, "CLIP-token cross-attention keys"),
+        "cross_k": TensorDecl(
+            "cross_k", (layers, b, CLIP_TOKENS, heads, hd), dtype, "CLIP-token cross-attention keys", batch_dim=1
+        ),
         "cross_v": TensorDecl(
-            "cross_v", (layers, b, CLIP_TOKENS, heads, hd), dtype, "CLIP-token cross-attention values"
+            "cross_v", (layers, b, CLIP_TOKENS, heads, hd), dtype, "CLIP-token cross-attention values", batch_dim=1
         ),
-        "ring_k": TensorDecl("ring_k", (layers, b, window * fs, heads, hd), dtype, "self-attention ring keys (RoPE'd)"),
-        "ring_v": TensorDecl("ring_v", (layers, b, window * fs, heads, hd), dtype, "self-attention ring values"),
+        "ring_k": TensorDecl(
+            "ring_k", (layers, b, window * fs, heads, hd), dtype, "self-attention ring keys (RoPE'd)", batch_dim=1
+        ),
+        "ring_v": TensorDecl(
+            "ring_v", (layers, b, window * fs, heads, hd), dtype, "self-attention ring values", batch_dim=1
+        ),
         "keyboard_k": TensorDecl(
-            "keyboard_k", (n_act, b, window, ah, ahd), dtype, "keyboard cache keys per action layer"
+            "keyboard_k", (n_act, b, window, ah, ahd), dtype, "keyboard cache keys per action layer", batch_dim=1
         ),
-        "keyboard_v": TensorDecl("keyboard_v", (n_act, b, window, ah, ahd), dtype, "keyboard cache values"),
+        "keyboard_v": TensorDecl(
+            "keyboard_v", (n_act, b, window, ah, ahd), dtype, "keyboard cache values", batch_dim=1
+        ),
         "keyboard_hist": TensorDecl(
             "keyboard_hist", (b, w, len(keys)), "float32", "the last video frames' keys (action windows)", rollback=True
         ),
-        "frame_positions": TensorDecl("frame_positions", (nf,), "int64", "absolute latent frame of each block frame"),
-        "slots": TensorDecl("slots", (nf,), "int64", "cache frame-slot of each block frame"),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid self-attention ring rows after this block"),
+        "frame_positions": TensorDecl(
+            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
+        ),
+        "slots": TensorDecl("slots", (nf,), "int64", "cache frame-slot of each block frame", batch_dim=None),
+        "valid_len": TensorDecl(
+            "valid_len", (1,), "int64", "valid self-attention ring rows after this block", batch_dim=None
+        ),
         "block_index": TensorDecl("block_index", (b,), "int64", "each row's block index (written by the runtime)"),
     }
     if mouse:
         ms = (n_act, b, fs, window, ah, ahd)
-        state["mouse_k"] = TensorDecl("mouse_k", ms, dtype, "mouse cache keys per action layer and token position")
-        state["mouse_v"] = TensorDecl("mouse_v", ms, dtype, "mouse cache values")
+        state["mouse_k"] = TensorDecl(
+            "mouse_k", ms, dtype, "mouse cache keys per action layer and token position", batch_dim=1
+        )
+        state["mouse_v"] = TensorDecl("mouse_v", ms, dtype, "mouse cache values", batch_dim=1)
         state["mouse_hist"] = TensorDecl(
             "mouse_hist", (b, w, 2), "float32", "the last video frames' mouse deltas (action windows)", rollback=True
         )

@@ -105,15 +105,21 @@ def build_plan(
     lat = (b, LATENT_CHANNELS, nf, lh, lw)
     cap = ring_capacity(ring)
     state = {
-        "cross_k": TensorDecl("cross_k", (layers, b, preset.text_len, heads, hd), dtype, "prompt cross-attention keys"),
-        "cross_v": TensorDecl(
-            "cross_v", (layers, b, preset.text_len, heads, hd), dtype, "prompt cross-attention values"
+        "cross_k": TensorDecl(
+            "cross_k", (layers, b, preset.text_len, heads, hd), dtype, "prompt cross-attention keys", batch_dim=1
         ),
-        "ring_k": TensorDecl("ring_k", (layers, b, cap, heads, hd), dtype, "KV window keys (after norm and RoPE)"),
-        "ring_v": TensorDecl("ring_v", (layers, b, cap, heads, hd), dtype, "KV window values"),
-        "frame_positions": TensorDecl("frame_positions", (nf,), "int64", "global latent frame of each chunk frame"),
-        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each chunk frame"),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this chunk"),
+        "cross_v": TensorDecl(
+            "cross_v", (layers, b, preset.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
+        ),
+        "ring_k": TensorDecl(
+            "ring_k", (layers, b, cap, heads, hd), dtype, "KV window keys (after norm and RoPE)", batch_dim=1
+        ),
+        "ring_v": TensorDecl("ring_v", (layers, b, cap, heads, hd), dtype, "KV window values", batch_dim=1),
+        "frame_positions": TensorDecl(
+            "frame_positions", (nf,), "int64", "global latent frame of each chunk frame", batch_dim=None
+        ),
+        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each chunk frame", batch_dim=None),
+        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this chunk", batch_dim=None),
     }
     if fp8_block_n is not None:
         from flashdreams.kernels.ring_attention_fp8 import fp8_kv_shapes

@@ -58,8 +58,11 @@ def build_plan(
             (layers, 2 * b, ctx, heads, hd),
             dtype,
             f"cross-attention keys: batch rows [0, B) the prompt, [B, 2B) the negative prompt; {rows}per layer",
+            batch_dim=1,
         ),
-        "cross_v": TensorDecl("cross_v", (layers, 2 * b, ctx, heads, hd), dtype, "cross-attention values (as cross_k)"),
+        "cross_v": TensorDecl(
+            "cross_v", (layers, 2 * b, ctx, heads, hd), dtype, "cross-attention values (as cross_k)", batch_dim=1
+        ),
     }
     enc_args = {"prompt_embeds": "prompt_embeds", "negative_prompt_embeds": "negative_prompt_embeds"}
     if i2v:

@@ -94,17 +94,29 @@ def build_plan(
     lat_first = (b, LATENT_CHANNELS, first, lh, lw)
     state = {
         "cross_k": TensorDecl(
-            "cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys (high-noise expert's)"
+            "cross_k",
+            (layers, b, cfg.text_len, heads, hd),
+            dtype,
+            "prompt cross-attention keys (high-noise expert's)",
+            batch_dim=1,
         ),
-        "cross_v": TensorDecl("cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values"),
+        "cross_v": TensorDecl(
+            "cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
+        ),
     }
     for expert, (rk, rv) in RING_BUFFERS.items():
-        state[rk] = TensorDecl(rk, (layers, b, capacity, heads, hd), dtype, f"{expert}-noise expert's KV ring keys")
-        state[rv] = TensorDecl(rv, (layers, b, capacity, heads, hd), dtype, f"{expert}-noise expert's KV ring values")
+        state[rk] = TensorDecl(
+            rk, (layers, b, capacity, heads, hd), dtype, f"{expert}-noise expert's KV ring keys", batch_dim=1
+        )
+        state[rv] = TensorDecl(
+            rv, (layers, b, capacity, heads, hd), dtype, f"{expert}-noise expert's KV ring values", batch_dim=1
+        )
     state["block_index"] = TensorDecl("block_index", (b,), "int64", "the block being generated (runtime-written)")
-    state["frame_positions"] = TensorDecl("frame_positions", (nf,), "int64", "absolute latent frame of each frame")
-    state["slots"] = TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame")
-    state["valid_len"] = TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block")
+    state["frame_positions"] = TensorDecl(
+        "frame_positions", (nf,), "int64", "absolute latent frame of each frame", batch_dim=None
+    )
+    state["slots"] = TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None)
+    state["valid_len"] = TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None)
     if decoder is not None:
         state.update(decoder.state)
     inputs = {
