@@ -83,25 +83,7 @@ def build_plan(
         )
     b, layers, heads, hd = batch, cfg.num_layers, cfg.num_heads, cfg.head_dim
     lat = (b, LATENT_CHANNELS, nf, lh, lw)
-    state = {
-        "cross_k": TensorDecl(
-            "cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys", batch_dim=1
-        ),
-        "cross_v": TensorDecl(
-            "cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
-        ),
-        "ring_k": TensorDecl(
-            "ring_k", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring keys (after RoPE)", batch_dim=1
-        ),
-        "ring_v": TensorDecl(
-            "ring_v", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring values", batch_dim=1
-        ),
-        "frame_positions": TensorDecl(
-            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
-        ),
-        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None),
-    }
+    state = ring_state(cfg, b, ring, dtype)
     if decoder is not None:
         state.update(decoder.state)
     inputs = {
@@ -222,6 +204,31 @@ def block_flops(cfg: WanConfig, programs: dict, sequence: list[str], steady: str
         if block >= len(sequence) and full:
             return out
         block += 1
+
+
+def ring_state(cfg, batch: int, ring: RingRule, dtype: str) -> dict[str, TensorDecl]:
+    """The causal Wan DiT's session state: per-layer prompt K/V and KV ring ([layers, B, ...]), and
+    the block's position tables (one for the whole batch, rewritten every block)."""
+    b, layers, heads, hd, nf = batch, cfg.num_layers, cfg.num_heads, cfg.head_dim, ring.frames_per_block
+    return {
+        "cross_k": TensorDecl(
+            "cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys", batch_dim=1
+        ),
+        "cross_v": TensorDecl(
+            "cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
+        ),
+        "ring_k": TensorDecl(
+            "ring_k", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring keys (after RoPE)", batch_dim=1
+        ),
+        "ring_v": TensorDecl(
+            "ring_v", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring values", batch_dim=1
+        ),
+        "frame_positions": TensorDecl(
+            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
+        ),
+        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None),
+        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None),
+    }
 
 
 def ring_capacity(ring: RingRule) -> int:

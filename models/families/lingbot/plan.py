@@ -19,7 +19,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.camera_rays import VAE_TIME
 from flashdreams.models.decode_step import DecoderGraphs
-from flashdreams.models.families.causal_wan.plan import block_flops, decode_emit_ops, denoise_ops, ring_capacity
+from flashdreams.models.families.causal_wan.plan import block_flops, decode_emit_ops, denoise_ops, ring_state
 from flashdreams.models.families.lingbot.presets import Preset
 from flashdreams.models.families.lingbot.steps import DIT_SIG, ENCODE_IMAGE_SIG, camera_sig
 from flashdreams.models.family import BlockPlan, GraphSig, InputSpec, RingRule, TensorDecl, call
@@ -134,23 +134,7 @@ def build_fast_plan(
     lat = (b, LATENT_CHANNELS, nf, lh, lw)
     tokens = nf * fs
     state = {
-        "cross_k": TensorDecl(
-            "cross_k", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention keys", batch_dim=1
-        ),
-        "cross_v": TensorDecl(
-            "cross_v", (layers, b, cfg.text_len, heads, hd), dtype, "prompt cross-attention values", batch_dim=1
-        ),
-        "ring_k": TensorDecl(
-            "ring_k", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring keys (after RoPE)", batch_dim=1
-        ),
-        "ring_v": TensorDecl(
-            "ring_v", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring values", batch_dim=1
-        ),
-        "frame_positions": TensorDecl(
-            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
-        ),
-        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None),
+        **ring_state(cfg, b, ring, dtype),
         "y_all": TensorDecl(
             "y_all",
             (b, I2V_COND_CHANNELS, nf * kimg, lh, lw),
