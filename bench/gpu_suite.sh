@@ -87,6 +87,7 @@ omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in
 vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
+worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
 cp-sf|240|issue 23 (a multi-GPU kind): Self-Forcing 1.3B 480x832 over 1..all GPUs, Ulysses then ring attention, eager: p50/p99, scaling efficiency, communication from a profiled block, peak memory, 10 blocks against one GPU
 cp-lingbot|540|issue 23 (a multi-GPU kind): LingBot-World Fast 14B 464x832 (stream preset) over 1..all GPUs, Ulysses then ring attention, as cp-sf
@@ -125,6 +126,7 @@ declare -A PART_GROUPS=(
   [next26]="taehv-layout sf-fp8-fa4"
   [next27]="rolling-fp8-fa4 omni-fp8-fa4"
   [next28]="lingbot-fa4"
+  [next29]="worlds-lockstep"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
@@ -843,6 +845,14 @@ part_lingbot() {
       --out "$DEST/lingbot.json"
   else
     py "$1" "$REPO/bench/lingbot_bench.py" --cuda-graphs --out "$DEST/lingbot.json"
+  fi
+}
+
+part_worlds-lockstep() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/lockstep_worlds.py" --preset matrix-game-2-tiny --worlds 2 --blocks 2 --out "$DEST/worlds-lockstep.json"
+  else
+    py "$1" "$REPO/bench/lockstep_worlds.py" $MG --decoder taehv --worlds 8 --blocks 6 --out "$DEST/worlds-lockstep.json"
   fi
 }
 

@@ -221,3 +221,24 @@ def test_step_only_some_worlds_holds_the_others():
     # b resumes where it paused: equal to a world that never paused
     out = worlds.step(only=[b])
     assert rel_l2(out.latents[0], full.latents[1]) <= 1e-6
+
+
+@pytest.mark.slow
+def test_lockstep_worlds_of_a_built_engine_equal_eager_worlds(tmp_path):
+    """The compiled path: an engine built at batch 2 (fd-build --batch 2) runs lockstep worlds, one out
+    of step, equal to the eager engine's worlds."""
+    import flashdreams
+    from flashdreams.export.build import build_engine
+
+    build_engine(tmp_path / "e", preset="tiny", backend="inductor", device="cpu", batch=2, decoder=None)
+    built = flashdreams.load(tmp_path / "e")
+    eager = flashdreams.load(preset="tiny", device="cpu", batch=2, decoder=None)
+    with pytest.raises(InvalidArgumentError, match="fd-build --batch"):
+        built.worlds(3)
+    a, b = built.worlds(2, seeds=[3, 4]), eager.worlds(2, seeds=[3, 4])
+    for k in range(4):
+        if k == 2:
+            a.reset(0, seed=7), b.reset(0, seed=7)
+        x, y = a.step(), b.step()
+        assert x.blocks == y.blocks == ([k, k] if k < 2 else [k - 2, k])
+        assert rel_l2(x.latents, y.latents) <= 1e-5
