@@ -49,7 +49,7 @@ def main() -> int:
     def engine_for(n: int):
         if first.plan.row_independent:
             return first
-        if n not in cache:  # lockstep: one session of batch n (as fd-bench)
+        if n not in cache:  # lockstep worlds: an engine loaded at batch n (as fd-bench)
             cache.clear()
             if device.type == "cuda":
                 torch.cuda.empty_cache()

@@ -82,3 +82,18 @@ def main_rows(tmp_path) -> str:
     out = tmp_path / "plain"
     main(["--preset", "arena", "--device", "cpu", "--sessions", "1", "--blocks", "1", "--out", str(out)])
     return json.dumps(json.loads((out / "results.json").read_text())["rows"])
+
+
+def test_a_lockstep_model_is_measured_as_its_worlds():
+    """A model that is not row-independent is measured as `engine.worlds(N)` of an engine loaded at
+    batch N (in step: one batch per step), what a user steps."""
+    import flashdreams
+
+    engines = {}
+    rows = bench_sessions(
+        lambda n: engines.setdefault(n, flashdreams.load(preset="tiny", device="cpu", batch=n)), [1, 2], 2, 1
+    )
+    assert [r["mode"] for r in rows] == ["lockstep worlds"] * 2
+    assert [r["frames_per_block"] for r in rows] == [12, 12]  # past block 0's 9 frames: every world in step
+    one, two = rows[0]["state_bytes_per_world"], rows[1]["state_bytes_per_world"]
+    assert abs(two - one) < 1e-3 * one  # each world its own state (the shared position tables aside)

@@ -1,9 +1,9 @@
 """fd-bench --sessions: many worlds per GPU. Aggregate frames per second, per-world block latency
 and memory per world, for N = 1, 2, 4, ... worlds of one model stepped together.
 
-Row-independent models run as `engine.worlds(N)` (one batch, each world at its own block index).
-Other models run N worlds in lockstep: one session loaded at batch N (every world at the same
-block index, which is what a batch of synchronous rollouts is).
+Every model runs as `engine.worlds(N)`, what a user steps: row-independent models in one batch
+with each world at its own block index; the others loaded at batch N, their worlds in step (one
+batch per step: a batch of synchronous rollouts, as a policy evaluation runs them).
 """
 
 from __future__ import annotations
@@ -71,20 +71,13 @@ def bench_sessions(
             torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(device)
             base = torch.cuda.memory_allocated(device)
-        if engine.plan.row_independent:
-            worlds = engine.worlds(n, seeds=list(range(n)), capacity=n, cuda_graphs=cuda_graphs)
-            mode, state_bytes = "worlds", worlds.memory_bytes()
+        inputs = engine.default_inputs(batch=1) if engine.stand_in_inputs else None
+        worlds = engine.worlds(n, seeds=list(range(n)), inputs=inputs, capacity=n, cuda_graphs=cuda_graphs)
+        mode = "worlds" if engine.plan.row_independent else "lockstep worlds"
+        state_bytes = worlds.memory_bytes()
 
-            def step(worlds=worlds):
-                return worlds.step().frames_cpu()
-
-        else:
-            session = engine.session(seed=0, cuda_graphs=cuda_graphs)
-            mode = "lockstep"
-            state_bytes = sum(b.numel() * b.element_size() for b in session.buffers.values())
-
-            def step(session=session):
-                return session.step().frames_cpu()
+        def step(worlds=worlds):
+            return worlds.step().frames_cpu()
 
         row = {"worlds": n, "mode": mode, **bench_one(step, device, warmup, blocks)}
         if profile:

@@ -283,7 +283,7 @@ def _sessions_main(args: argparse.Namespace, parser: argparse.ArgumentParser, ou
         def engine_for(n: int):
             if first.plan.row_independent:
                 return first
-            if n not in cache:  # lockstep: one session of batch n
+            if n not in cache:  # lockstep worlds: an engine loaded at batch n
                 cache.clear()
                 cache[n] = flashdreams.load(**kw, batch=n)
             return cache[n]
