@@ -1,10 +1,11 @@
 """Many worlds of one model, stepped together: one forward pass per block for all of them.
 
-`engine.worlds(n)` returns a `Worlds`: n independent sessions of a row-independent model (see
-`BlockPlan`'s docstring) that live in the rows of one set of buffers. Each world keeps its own
-seed, inputs, KV ring, decoder state and block index; worlds at different block indices share
-a batch, because every graph reads each row's block index from the `block_index` buffer on the
-device. One world can be reset, replaced, added or removed while the others go on.
+`engine.worlds(n)` returns a `Worlds`: n independent sessions of one model that live in the rows
+of one set of buffers. Each world keeps its own seed, inputs, KV ring, decoder state and block
+index, and one world can be reset, replaced, added or removed while the others go on. For a
+row-independent model (see `BlockPlan`'s docstring) worlds at different block indices share a
+batch, because every graph reads each row's block index from the `block_index` buffer on the
+device; other models run in lockstep groups (the last paragraph).
 
 Batch buckets. The buffers are allocated once for `capacity` rows. A step runs over the
 smallest bucket (1, 2, 4, ... up to the capacity) that holds the live worlds: a prefix view of
@@ -27,7 +28,7 @@ with `batch=N`), holding the other rows as a paused world is held. Worlds that s
 (reset together, as a policy evaluation does) cost one batch per step; a world reset on its
 own costs one more batch per step until the others are reset too. A block kind whose blocks
 are shorter (block 0 of a Wan VAE decode: 9 frames, then 12) is padded at the front with its
-first frame when it shares a step with longer ones; `WorldsStep.valid` says how many are real.
+first frame when it shares a step with longer ones; `WorldsStep.padded` says by how many.
 """
 
 from __future__ import annotations
@@ -85,7 +86,8 @@ class _BucketSession(Session):
 
 
 class Worlds:
-    """n independent worlds of one row-independent model, stepped in one batch. See the module docstring."""
+    """n independent worlds of one model, stepped in one batch (in lockstep groups for a model that is
+    not row-independent). See the module docstring."""
 
     def __init__(
         self,
