@@ -159,6 +159,43 @@ def test_the_same_calls_drive_a_keyboard_world(built, preset):
     assert np.array_equal(np.load(lat), np.stack(latents)), "latents differ from the Python API's"
 
 
+@pytest.mark.slow
+def test_sim_host_plays_a_built_engine(built):
+    """sim_host --engine DIR: the host opens an fd-build engine (the arena's) by path and steps it as
+    Python steps the same engine, bit for bit; a missing directory is FD_NOT_FOUND naming it."""
+    from flashdreams.export.build import build_engine
+
+    engine_dir = built["dir"] / "arena-engine"
+    build_engine(engine_dir, preset="arena", backend="inductor", device="cpu")
+    lat = built["dir"] / "latents-engine.npy"
+    args = [
+        "--ticks",
+        3,
+        "--engine",
+        engine_dir,
+        "--input",
+        "keyboard",
+        "--latents",
+        lat,
+        "--out",
+        built["dir"] / "e.npy",
+    ]
+    _run([built["sim_host"], *args], cwd=built["dir"])
+    session = flashdreams.load(engine_dir).session(seed=0)
+    shape = session.plan.inputs["keyboard"].shape
+    i = torch.arange(int(np.prod(shape)))
+    latents = []
+    for tick in range(3):
+        if tick % INPUT_EVERY == 0:
+            session.set_input("keyboard", ((7 * i + 13 * (tick // INPUT_EVERY)) % 17 >= 9).float().reshape(shape))
+        latents.append(session.step().latents[0].numpy())
+    assert np.array_equal(np.load(lat), np.stack(latents)), "latents differ from the Python API's"
+    missing = subprocess.run(
+        [str(built["sim_host"]), "--engine", str(built["dir"] / "nowhere")], capture_output=True, text=True
+    )
+    assert missing.returncode == 1 and "FD_NOT_FOUND" in missing.stderr and "nowhere" in missing.stderr
+
+
 def python_inputs(session) -> list[dict]:
     """What Python says the session takes: input_specs() (name, shape, dtype, when), or only the
     names from input_names() on a session that predates input_specs()."""

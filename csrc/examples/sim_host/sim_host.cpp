@@ -113,7 +113,7 @@ bool write_npy(const std::string& path, const char* descr, const std::vector<int
 int main(int argc, char** argv) {
     int ticks = 6;
     uint64_t seed = 0;
-    std::string out = "sim_host_frames.npy", latents_out, preset, input = "prompt_embeds";
+    std::string out = "sim_host_frames.npy", latents_out, preset, engine_dir, input = "prompt_embeds";
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         const bool has_value = i + 1 < argc;
@@ -127,12 +127,14 @@ int main(int argc, char** argv) {
             latents_out = argv[++i];
         } else if (a == "--preset" && has_value) {
             preset = argv[++i];
+        } else if (a == "--engine" && has_value) {
+            engine_dir = argv[++i];
         } else if (a == "--input" && has_value) {
             input = argv[++i];
         } else {
             std::fprintf(stderr,
-                         "usage: sim_host [--ticks N] [--seed S] [--preset NAME] [--input NAME] [--out FILE.npy] "
-                         "[--latents FILE.npy]\n");
+                         "usage: sim_host [--ticks N] [--seed S] [--preset NAME | --engine DIR] [--input NAME] "
+                         "[--out FILE.npy] [--latents FILE.npy]\n");
             return 2;
         }
     }
@@ -145,7 +147,9 @@ int main(int argc, char** argv) {
     fd_engine* raw_engine = nullptr;
     fd_engine_options eopts = FD_ENGINE_OPTIONS_INIT;
     eopts.preset = preset.empty() ? nullptr : preset.c_str();
-    if (!ok(fd_engine_open(nullptr, &eopts, &raw_engine), "fd_engine_open")) return 1;  // a built-in model
+    // An engine directory built by fd-build, or (no --engine) a built-in model or --preset.
+    const char* path = engine_dir.empty() ? nullptr : engine_dir.c_str();
+    if (!ok(fd_engine_open(path, &eopts, &raw_engine), "fd_engine_open")) return 1;
     EnginePtr engine(raw_engine);
     fd_session_options sopts = FD_SESSION_OPTIONS_INIT;
     sopts.seed = seed;
