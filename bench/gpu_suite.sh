@@ -36,7 +36,7 @@ decoders|100|Wan VAE and TAEHV per block at 480x832 (round 2)
 sf-eager|170|fd-bench Self-Forcing eager, torch SDPA vs our Triton kernels (round 2)
 fp8-kernels|240|FP8 attention and linears vs bf16, peak, FP8 config sweep (bench/fp8_bench.py) (round 6)
 engine|330|bench/engine_bench.py: build the full-size engine, cold start in a fresh process, engine vs eager; FD_SUITE_ENGINE_ARGS adds options (--no-eager, --cold-env K=V) (rounds 4, 8, 9, 10, 11)
-build|400|fd-build of the full-size engine, when the engine part left none (round 5)
+build|580|fd-build of the full-size engine, when the engine part left none (round 5) (on the H200 it did not finish in 400 s, next24-h200: give it a call of its own)
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
@@ -80,12 +80,13 @@ omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our 
 vsr-fa4|150|issue 20: FlashAttention-4's block-sparse kernel (not yet run on a GPU) against ours and dense SDPA on FlashVSR's steady 768x1408 q/k/v and mask, with its CUDA tests first (bench/family_parts.py vsr-attn)
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
-taehv-layout|120|issues 22, 14: TAEHV's streaming decode at 480x832 and 352x640 with NHWC convs (now its CUDA default, as FlashVSR's TC decoder) vs NCHW in one run each, frames compared (bench/decoders_bench.py --decoders taehv,taehv:nchw)
+taehv-layout|120|issues 22, 14: TAEHV's streaming decode at 480x832 and 352x640 in NCHW (its default since next26-h200 measured NHWC slower) vs NHWC in one run each, frames compared (bench/decoders_bench.py --decoders taehv,taehv:nhwc)
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
 rolling-fp8-fa4|240|issue 22 target 4: the bounded cache (sink 1 + window 11) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one fd-bench invocation, 12 blocks + 150 steady, block-11 profiles (bar 230 ms; fa4 bf16 was 262.3)
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
 vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
+vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernels) with the TC decoder's convs in NHWC (its default) and in NCHW (FD_TC_DECODER_LAYOUT=nchw), a block-4 profile each: 103 ms of a 227 ms block was elementwise/norm/rope in next25-h200
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
@@ -127,6 +128,8 @@ declare -A PART_GROUPS=(
   [next27]="rolling-fp8-fa4 omni-fp8-fa4"
   [next28]="lingbot-fa4"
   [next29]="worlds-lockstep"
+  [next30]="build"
+  [next31]="cold cold-warm-up vsr-tc-layout"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
@@ -639,12 +642,12 @@ part_sf-fa4() {
 part_taehv-layout() {
   local size rc=0
   if [ $SMOKE = 1 ]; then
-    py "$1" "$REPO/bench/decoders_bench.py" --device cpu --tiny --dtype fp32 --decoders taehv,taehv:nchw \
+    py "$1" "$REPO/bench/decoders_bench.py" --device cpu --tiny --dtype fp32 --decoders taehv,taehv:nhwc \
       --out "$DEST/taehv-layout.json"
     return
   fi
   for size in 60x104 44x80; do # 480x832 (Self-Forcing, LingBot-ish) and 352x640 (Matrix-Game)
-    py $(($1 / 2)) "$REPO/bench/decoders_bench.py" --decoders taehv,taehv:nchw --latent-h ${size%x*} \
+    py $(($1 / 2)) "$REPO/bench/decoders_bench.py" --decoders taehv,taehv:nhwc --latent-h ${size%x*} \
       --latent-w ${size#*x} --no-per-latent --out "$DEST/taehv-layout-$size.json" || rc=$?
   done
   return $rc
@@ -710,6 +713,20 @@ part_vsr-fa4-stream() {
     fdb_to vsr-fa4-stream "$1" --preset flashvsr --random-weights --attention triton,fa4 --blocks 6 --rollouts 1 \
       --profile-block 4
   fi
+}
+
+part_vsr-tc-layout() {
+  local layout rc=0
+  for layout in nhwc nchw; do
+    if [ $SMOKE = 1 ]; then
+      FD_TC_DECODER_LAYOUT=$layout fdb_to vsr-tc-$layout $(($1 / 2)) --preset flashvsr-tiny --blocks 3 --rollouts 1 \
+        --quick-ceilings || rc=$?
+    else
+      FD_TC_DECODER_LAYOUT=$layout fdb_to vsr-tc-$layout $(($1 / 2)) --preset flashvsr --random-weights --attention triton \
+        --blocks 6 --rollouts 1 --profile-block 4 || rc=$?
+    fi
+  done
+  return $rc
 }
 
 part_vsr-profile() {

@@ -149,13 +149,14 @@ class TAEHV(nn.Module):
             _conv(c[3], cfg.image_channels),
         )
 
-    def in_device_layout(self) -> TAEHV:
-        """On CUDA, the convs' weights in NHWC (channels_last), so their activations follow: in NCHW,
-        cuDNN wraps every bf16 conv of this pure-Conv2d network in layout transposes (5.5 ms of
-        Self-Forcing's block-5 profile on the H200, next21-h200; the FlashVSR reference measured
-        ~1.5x for its TC decoder). Same values; unchanged elsewhere. `bench/decoders_bench.py
-        --decoders taehv,taehv:nchw` compares the two."""
-        if self.decoder[1].weight.is_cuda:
+    def in_device_layout(self, channels_last: bool) -> TAEHV:
+        """On CUDA with `channels_last`, the convs' weights in NHWC, so their activations follow (in
+        NCHW cuDNN wraps bf16 convs in layout transposes: 5.5 ms of Self-Forcing's block-5 profile on
+        the H200, next21-h200). Measured for TAEHV itself it loses: its streaming decode took 19.38
+        instead of 13.96 ms at 480x832 and 10.92 instead of 9.53 ms at 352x640 (next26-h200), so
+        TAEHVDecoder keeps NCHW; FlashVSR's TC decoder asks for NHWC (its reference reports ~1.5x;
+        not yet measured here: FD_TC_DECODER_LAYOUT=nchw selects NCHW to compare). Same values."""
+        if channels_last and self.decoder[1].weight.is_cuda:
             return self.to(memory_format=torch.channels_last)
         return self
 

@@ -417,3 +417,17 @@ def test_uint8_frames_are_taken_as_pixel_values():
     s = engine.session(inputs={"lq_frames": lq}, seed=1)
     with pytest.raises(InvalidArgumentError, match="floating point"):  # integers that are not frames
         s.set_input("lq_frames", lq[:, :8].to(torch.int32))
+
+
+def test_tc_decoder_layout_knob(monkeypatch):
+    """FD_TC_DECODER_LAYOUT picks the TC decoder's conv layout on CUDA (NHWC by default); a bad value is
+    refused by name, before any model is built."""
+    from flashdreams.models.families.flashvsr import tc_channels_last
+
+    monkeypatch.delenv("FD_TC_DECODER_LAYOUT", raising=False)
+    assert tc_channels_last() is True
+    monkeypatch.setenv("FD_TC_DECODER_LAYOUT", "nchw")
+    assert tc_channels_last() is False
+    monkeypatch.setenv("FD_TC_DECODER_LAYOUT", "NHWC ")
+    with pytest.raises(InvalidArgumentError, match="FD_TC_DECODER_LAYOUT"):
+        flashdreams.load(preset="flashvsr-tiny")

@@ -12,6 +12,7 @@ Weights: a directory with the released files (`diffusion_pytorch_model_streaming
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from functools import partial
 from pathlib import Path
@@ -143,7 +144,8 @@ class FlashVSRFamily(Family):
         dit.fuse_projections_()  # one q/k/v GEMM (state-dict keys unchanged)
         dit.set_attention(opts.attention)
         lq = lq.to(dev, dt).eval().requires_grad_(False)
-        tc = tc.to(dev, dt).in_device_layout().eval().requires_grad_(False) if tc is not None else None
+        if tc is not None:
+            tc = tc.to(dev, dt).in_device_layout(tc_channels_last()).eval().requires_grad_(False)
         return dit, lq, tc
 
     def load(self, preset: Preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor] | None = None) -> LoadedModel:
@@ -229,6 +231,15 @@ def example_inputs(plan, device: torch.device, dtype: torch.dtype, graph: str) -
             raise InvalidArgumentError(f"graph '{graph}': no example for input '{arg}'")
         out.append(t.to(device))
     return tuple(out)
+
+
+def tc_channels_last() -> bool:
+    """Whether the TC decoder runs its convs NHWC on CUDA (the default, as its reference does):
+    FD_TC_DECODER_LAYOUT=nchw keeps NCHW, for the A/B the suite's vsr-tc-layout part measures."""
+    layout = os.environ.get("FD_TC_DECODER_LAYOUT", "nhwc")
+    if layout not in ("nhwc", "nchw"):
+        raise InvalidArgumentError(f"FD_TC_DECODER_LAYOUT must be 'nhwc' or 'nchw', got {layout!r}")
+    return layout == "nhwc"
 
 
 FAMILY = FlashVSRFamily()
