@@ -391,7 +391,7 @@ def _one_row(spec: InputSpec) -> InputSpec:
     return dataclasses.replace(spec, shape=(1, *spec.shape[1:]))
 
 
-def _pad_front(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
+def pad_front(x: torch.Tensor, dim: int, length: int) -> torch.Tensor:
     """`x` grown to `length` along `dim` by repeating its first entry in front."""
     extra = length - x.shape[dim]
     if extra <= 0:
@@ -414,8 +414,8 @@ def _merge(lats: list[torch.Tensor], frames: list[torch.Tensor | None]):
         for x, f in zip(lats, frames)
         for _ in range(x.shape[0])
     ]
-    lat = torch.cat([_pad_front(x, 2, t_lat) for x in lats])
-    fr = torch.cat([_pad_front(f, 1, t_fr) for f in frames]) if frames[0] is not None else None
+    lat = torch.cat([pad_front(x, 2, t_lat) for x in lats])
+    fr = torch.cat([pad_front(f, 1, t_fr) for f in frames]) if frames[0] is not None else None
     return lat, fr, padded
 
 

@@ -37,6 +37,7 @@ except ModuleNotFoundError as exc:  # pragma: no cover - exercised only without 
 
     raise NotFoundError('flashdreams.gym needs gymnasium: pip install "flashdreams[gym]"') from exc
 
+from flashdreams.batched import pad_front
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import InputSpec
 from flashdreams.session import to_host
@@ -153,7 +154,7 @@ class _Worlds:
         out = self.worlds.step()
         t = out.frames.shape[1]
         padding = np.array([p[0] for p in out.padded] if out.padded else [0] * len(out.ids)) + self.frame_shape[0] - t
-        frames = _pad_front(out.frames, self.frame_shape[0])
+        frames = pad_front(out.frames, 1, self.frame_shape[0])
         frames = frames if self.observation == "torch" else to_host(frames).numpy()
         info: dict = {"block": np.array(out.blocks), "padding": padding}
         if out.failed:
@@ -297,14 +298,6 @@ class WorldEnv(gymnasium.Env):
             return None
         last = self._last if isinstance(self._last, np.ndarray) else self._last.cpu().numpy()
         return last[-1]
-
-
-def _pad_front(frames: torch.Tensor, length: int) -> torch.Tensor:
-    """[n, T, H, W, 3] grown to `length` frames by repeating each row's first frame in front."""
-    extra = length - frames.shape[1]
-    if extra <= 0:
-        return frames
-    return torch.cat([frames[:, :1].expand(-1, extra, -1, -1, -1), frames], 1)
 
 
 def _first(info: dict) -> dict:
