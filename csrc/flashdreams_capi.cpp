@@ -102,6 +102,16 @@ fd_status get_session(const char* fn, fd_session* handle, std::shared_ptr<Sessio
     return s ? FD_OK : dead_handle(fn, "session");
 }
 
+// Looks a session up and runs `body` on it in Python, holding the session's lock: the calls that
+// move a session (step, reset, warm-up).
+fd_status in_session(const char* fn, fd_session* handle, const std::function<fd_status(SessionImpl&)>& body) {
+    std::shared_ptr<SessionImpl> s;
+    fd_status st = get_session(fn, handle, s);
+    if (st != FD_OK) return st;
+    auto lock = lock_session(*s);
+    return with_python([&] { return body(*s); });
+}
+
 // Looks a session up and reads its inputs from Python on first use; `s` is set on FD_OK.
 // s->inputs never changes once read, so it may be used after the lock is let go.
 fd_status session_inputs(const char* fn, const fd_session* handle, std::shared_ptr<SessionImpl>& s) {
@@ -378,14 +388,10 @@ FD_API fd_status fd_session_input_find(const fd_session* session, const char* na
 }
 
 FD_API fd_status fd_session_step(fd_session* session) {
-    return guarded([&]() -> fd_status {
-        std::shared_ptr<SessionImpl> s;
-        fd_status st = get_session("fd_session_step", session, s);
-        if (st != FD_OK) return st;
-        auto lock = lock_session(*s);
-        return with_python([&] {
-            s->last = py::none();  // a failed step leaves no stale block to read
-            s->last = s->session.attr("step")();
+    return guarded([&] {
+        return in_session("fd_session_step", session, [](SessionImpl& s) {
+            s.last = py::none();  // a failed step leaves no stale block to read
+            s.last = s.session.attr("step")();
             return FD_OK;
         });
     });
@@ -412,28 +418,20 @@ FD_API fd_status fd_session_read_latents(fd_session* session, void* dst, size_t 
 }
 
 FD_API fd_status fd_session_reset(fd_session* session, uint64_t seed) {
-    return guarded([&]() -> fd_status {
-        std::shared_ptr<SessionImpl> s;
-        fd_status st = get_session("fd_session_reset", session, s);
-        if (st != FD_OK) return st;
-        auto lock = lock_session(*s);
-        return with_python([&] {
-            s->last = py::none();
-            s->session.attr("reset")(py::arg("seed") = py::int_(seed));
+    return guarded([&] {
+        return in_session("fd_session_reset", session, [&](SessionImpl& s) {
+            s.last = py::none();
+            s.session.attr("reset")(py::arg("seed") = py::int_(seed));
             return FD_OK;
         });
     });
 }
 
 FD_API fd_status fd_session_warm_up(fd_session* session, double* seconds) {
-    return guarded([&]() -> fd_status {
-        std::shared_ptr<SessionImpl> s;
-        fd_status st = get_session("fd_session_warm_up", session, s);
-        if (st != FD_OK) return st;
-        auto lock = lock_session(*s);
-        return with_python([&] {
-            s->last = py::none();
-            double took = s->session.attr("warm_up")().cast<double>();
+    return guarded([&] {
+        return in_session("fd_session_warm_up", session, [&](SessionImpl& s) {
+            s.last = py::none();
+            double took = s.session.attr("warm_up")().cast<double>();
             if (seconds != nullptr) *seconds = took;
             return FD_OK;
         });

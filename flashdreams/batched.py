@@ -288,7 +288,8 @@ class Worlds:
         """One batch that advances `rows` (each row's own block index, or in lockstep their shared one);
         every other live row is held: its state rows are put back after the batch."""
         n = self.n
-        held = [r for r in range(n) if r not in set(rows)]
+        stepping = set(rows)
+        held = [r for r in range(n) if r not in stepping]
         bucket = self.capacity if self._static else bucket_for(n, self.capacity)
         session = self._session_for(bucket)
         saved = {name: view[held].clone() for name, view in self._state_rows()} if held else {}
