@@ -86,7 +86,7 @@ rolling-fp8-fa4|240|issue 22 target 4: the bounded cache (sink 1 + window 11) wi
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
 vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
-vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernels) with the TC decoder's convs in NHWC (its default) and in NCHW (FD_TC_DECODER_LAYOUT=nchw), a block-4 profile each: 103 ms of a 227 ms block was elementwise/norm/rope in next25-h200
+vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernel, and FlashAttention-4's where installed) with the TC decoder's convs in NHWC (its default) and in NCHW (FD_TC_DECODER_LAYOUT=nchw), a block-4 profile each: 103 ms of a 227 ms block was elementwise/norm/rope in next25-h200
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
@@ -357,7 +357,20 @@ part_build() {
   if [ $SMOKE = 1 ]; then
     py "$1" -m flashdreams.cli.build --device cpu --decoder none --out "$ENGINE"
   else
-    py "$1" -m flashdreams.cli.build $SF --out "$ENGINE"
+    # The H200 build overran 400 s in "compile dit" (the H100 took 102-109 s in all): every 60 s, the
+    # build's Python stacks (faulthandler) and the busiest processes (compile workers, ptxas), to say where.
+    local sampler rc
+    (while sleep 60; do
+      echo "== build: busiest processes at $(date +%T)"
+      ps -eo pid,ppid,etimes,pcpu,rss,args --sort=-pcpu | cut -c1-160 | head -12
+    done) &
+    sampler=$!
+    py "$1" -c "import faulthandler, runpy, sys; faulthandler.dump_traceback_later(60, repeat=True); \
+sys.argv = ['fd-build', *sys.argv[1:]]; runpy.run_module('flashdreams.cli.build', run_name='__main__')" \
+      $SF --out "$ENGINE"
+    rc=$?
+    kill $sampler 2>/dev/null
+    return $rc
   fi
 }
 
@@ -716,13 +729,16 @@ part_vsr-fa4-stream() {
 }
 
 part_vsr-tc-layout() {
-  local layout rc=0
+  local layout rc=0 attn=triton
+  # With the FlashAttention-4 wheels installed (bench/fa4_wheels.sh), both attention kernels per layout.
+  [ $DRY = 0 ] && [ $SMOKE = 0 ] && PYTHONPATH="${SITE}${SITE:+:}${PYTHONPATH:-}" "$PY" -c "import flash_attn.cute" 2>/dev/null \
+    && attn=triton,fa4
   for layout in nhwc nchw; do
     if [ $SMOKE = 1 ]; then
       FD_TC_DECODER_LAYOUT=$layout fdb_to vsr-tc-$layout $(($1 / 2)) --preset flashvsr-tiny --blocks 3 --rollouts 1 \
         --quick-ceilings || rc=$?
     else
-      FD_TC_DECODER_LAYOUT=$layout fdb_to vsr-tc-$layout $(($1 / 2)) --preset flashvsr --random-weights --attention triton \
+      FD_TC_DECODER_LAYOUT=$layout fdb_to vsr-tc-$layout $(($1 / 2)) --preset flashvsr --random-weights --attention $attn \
         --blocks 6 --rollouts 1 --profile-block 4 || rc=$?
     fi
   done
