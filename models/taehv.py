@@ -85,9 +85,36 @@ class MemBlock(nn.Module):
         self.conv = nn.Sequential(_conv(2 * n, n), nn.ReLU(), _conv(n, n), nn.ReLU(), _conv(n, n))
 
     def forward(self, x: Tensor, past: Tensor) -> Tensor:
-        h = F.relu(self.conv[0](torch.cat([x, past], 1)), inplace=True)
+        return self.forward_joined(x, torch.cat([x, past], 1))
+
+    def forward_joined(self, x: Tensor, joined: Tensor) -> Tensor:
+        """The block with its first conv's input cat([x, past], channels) given (`memblock_input`)."""
+        h = F.relu(self.conv[0](joined), inplace=True)
         h = F.relu(self.conv[2](h), inplace=True)
         return F.relu(self.conv[4](h) + x, inplace=True)
+
+
+def _channels_last(x: Tensor) -> bool:
+    return x.dim() == 4 and x.shape[1] > 1 and x.stride(1) == 1
+
+
+def memblock_input(x: Tensor, batch: int, memory: Tensor | None) -> Tensor:
+    """cat([x, past], channels) for x [N*T, C, H, W] (frames of a batch row consecutive), past = each
+    frame's predecessor: `memory` [N, C, H, W] (zeros when None) for the first. Written into one
+    buffer in x's memory format: with NHWC activations, two concatenations came out NCHW, and every
+    MemBlock's conv paid layout transposes on top of the copies."""
+    nt, c, h, w = x.shape
+    fmt = torch.channels_last if _channels_last(x) else torch.contiguous_format
+    joined = torch.empty((nt, 2 * c, h, w), dtype=x.dtype, device=x.device, memory_format=fmt)
+    joined[:, :c].copy_(x)
+    frames = x.view(batch, nt // batch, c, h, w)
+    past = joined.view(batch, nt // batch, 2 * c, h, w)[:, :, c:]
+    past[:, 1:].copy_(frames[:, :-1])
+    if memory is None:
+        past[:, 0].zero_()
+    else:
+        past[:, 0].copy_(memory)
+    return joined
 
 
 class TGrow(nn.Module):
@@ -100,7 +127,15 @@ class TGrow(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         nt, c, h, w = x.shape
-        return self.conv(x).reshape(nt * self.stride, c, h, w)
+        y = self.conv(x)
+        if self.stride == 1:
+            return y
+        if not _channels_last(y):  # NCHW: channel group j is already frame t*stride + j's block
+            return y.reshape(nt * self.stride, c, h, w)
+        # NHWC: one copy that moves the groups out of the pixels' channels, staying NHWC (a plain
+        # reshape would copy to NCHW and leave the next convs to transpose back).
+        groups = y.permute(0, 2, 3, 1).reshape(nt, h, w, self.stride, c).permute(0, 3, 1, 2, 4)
+        return groups.reshape(nt * self.stride, h, w, c).permute(0, 3, 1, 2)
 
 
 @dataclass
@@ -206,20 +241,20 @@ class TAEHV(nn.Module):
         which is then overwritten in place by this call's last input frame.
         """
         n, t = latents.shape[:2]
-        x = latents.reshape(n * t, *latents.shape[2:]).to(self.decoder[1].weight.dtype)
+        weight = self.decoder[1].weight
+        x = latents.reshape(n * t, *latents.shape[2:]).to(weight.dtype)
+        if _channels_last(weight):  # the latents (small) in the convs' layout, so none of them transposes
+            x = x.contiguous(memory_format=torch.channels_last)
         index = 0
         for layer in self.decoder:
             if not isinstance(layer, MemBlock):
                 x = layer(x)
                 continue
-            frames = x.view(n, x.shape[0] // n, *x.shape[1:])
-            if memory is None:
-                past = F.pad(frames, (0, 0, 0, 0, 0, 0, 1, 0))[:, :-1]
-            else:
-                mem = memory[index]
-                past = torch.cat([mem.unsqueeze(1), frames[:, :-1]], dim=1)
-                mem.copy_(frames[:, -1])
-            x = layer(x, past.reshape(x.shape))
+            mem = None if memory is None else memory[index]
+            joined = memblock_input(x, n, mem)
+            if mem is not None:
+                mem.copy_(x.view(n, x.shape[0] // n, *x.shape[1:])[:, -1])
+            x = layer.forward_joined(x, joined)
             index += 1
         return x.view(n, x.shape[0] // n, *x.shape[1:])
 

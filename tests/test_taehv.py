@@ -65,6 +65,29 @@ def test_channels_last_stream_equals_the_nchw_stream(model: TAEHV) -> None:
     assert rel_l2(outs[1], outs[0]) < 1e-6
 
 
+def test_channels_last_activations_stay_channels_last(model: TAEHV) -> None:
+    """With NHWC weights every conv's input is NHWC (the MemBlock inputs and TGrow's frame split used to
+    come out NCHW, so cuDNN transposed around each conv); the MemBlock memories stay NCHW as declared."""
+    import copy
+
+    nhwc = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    seen = []
+
+    def check(module, args):
+        x = args[0]
+        seen.append(x.shape[1] == 1 or x.is_contiguous(memory_format=torch.channels_last))
+
+    hooks = [m.register_forward_pre_hook(check) for m in nhwc.modules() if isinstance(m, torch.nn.Conv2d)]
+    state = nhwc.new_decode_state(2, 3, 5)
+    latents = _latents(2, 2, 16, 3, 5, seed=3).contiguous(memory_format=torch.contiguous_format)
+    nhwc.decode_stream(latents, state)
+    for h in hooks:
+        h.remove()
+    convs = [i for i, ok in enumerate(seen) if not ok]
+    assert len(seen) > 10 and not convs, f"convs fed NCHW activations: {convs} of {len(seen)}"
+    assert all(m.is_contiguous() for m in state.memory)
+
+
 def test_trimmed_stream_drops_only_the_first_three_frames(model: TAEHV) -> None:
     latents = _latents(1, 6, 16, 3, 5, seed=9)
     state = model.new_decode_state(1, 3, 5)
