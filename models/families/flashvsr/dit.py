@@ -3,10 +3,11 @@
 One call per chunk (`forward_chunk`), one step, t = 1000 for every token. The weights and the
 blocks are `WanDiT`'s (the released `diffusion_pytorch_model_streaming_dmd.safetensors` uses
 Wan keys); only the self-attention's policy differs, and it comes in through `WanBlock`'s
-`attend` hook: after the q/k RMSNorm and RoPE, q, k and v are cut into windows of
-2 frames x 8 x 8 tokens (128), the keys are the cached windows plus the current ones, the block
-mask is chosen per head from window means (kernels/block_sparse_attention.py), and attention
-runs over the selected windows only.
+`attend` hook: tokens live in windows of 2 frames x 8 x 8 (128) for the whole chunk (reordered
+once after the patch embedding, back once before the head), so after the q/k RMSNorm and RoPE the
+keys are the cached windows plus the current ones as they are, the block mask is chosen per head
+from window means (kernels/block_sparse_attention.py), and attention runs over the selected
+windows only.
 
 The K/V cache is a ring of R = C + 1 slabs per layer (a slab = the windows of one frame pair;
 C = the slabs the reference keeps, `kv_ratio` as it trims its `pre_cache_k/v`): chunk 0 writes
