@@ -360,6 +360,10 @@ part_build() {
     # The H200 build overran 400 s in "compile dit" (the H100 took 102-109 s in all): every 60 s, the
     # build's Python stacks (faulthandler) and the busiest processes (compile workers, ptxas), to say where.
     local sampler rc
+    py 60 -c "import time, torch; from torch._inductor import config; from torch._inductor.async_compile import AsyncCompile as A
+t = time.perf_counter(); A.wait_pool_ready(timeout=50); ok = A.use_process_pool()
+print('inductor compile_threads', config.compile_threads, 'worker_start', config.worker_start_method, 'process pool', ok,
+      'ready in %.1f s' % (time.perf_counter() - t))"
     (while sleep 60; do
       echo "== build: busiest processes at $(date +%T)"
       ps -eo pid,ppid,etimes,pcpu,rss,args --sort=-pcpu | cut -c1-160 | head -12

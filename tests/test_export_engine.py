@@ -376,3 +376,16 @@ def test_fd_run_on_an_engine_writes_its_frames(inductor_dir, eager_blocks, tmp_p
     assert videos["engine"].shape == torch.cat([fr[0] for _, fr in eager_blocks[:2]]).shape
     err = (videos["engine"] - videos["eager"]).abs().mean()
     assert err < 1, f"mean |engine video - eager video| {err:.2f} levels"
+
+
+def test_compile_workers_answer_after_warm_up():
+    """A CUDA build starts Inductor's compile workers and waits for them first: until they answer,
+    `use_process_pool` is False and Inductor compiles every kernel serially in the building process."""
+    from torch._inductor import config
+    from torch._inductor.async_compile import AsyncCompile
+
+    from flashdreams.export.backends.inductor import warm_compile_workers
+
+    with config.patch(compile_threads=2):
+        warm_compile_workers(timeout_s=120)
+        assert AsyncCompile.use_process_pool()

@@ -63,6 +63,21 @@ def compile_options(device: torch.device, graph: str = "dit", autotune: bool = F
     return {}
 
 
+def warm_compile_workers(timeout_s: float = 180.0) -> None:
+    """Start Inductor's compile workers and wait until they answer. Until then Inductor compiles each
+    kernel in this process, one at a time, and a full-size DiT's first graph is most of a build: on
+    a VM where the workers take long to start, that is the whole graph compiled serially."""
+    from torch._inductor.async_compile import AsyncCompile
+
+    t = time.perf_counter()
+    try:
+        AsyncCompile.wait_pool_ready(timeout_s)
+    except Exception as exc:  # no pool here (or it never answered): Inductor compiles in-process
+        log.warning("Inductor's compile workers did not start (%s: %s); compiling in-process", type(exc).__name__, exc)
+        return
+    log.info("Inductor compile workers ready in %.1f s", time.perf_counter() - t)
+
+
 def export_program(prog) -> torch.export.ExportedProgram:
     """torch.export of a step program at its fixed example shapes, weights inside (aoti)."""
     with torch.no_grad():
@@ -229,6 +244,8 @@ class InductorBackend(GraphBackend):
         self._store = _WeightStore()
         self._mode = self.config.inductor_mode
         torch.compiler.reset()
+        if device.type == "cuda":
+            warm_compile_workers()
         try:  # keep only this build's artifacts in inductor_cache.bin
             from torch.compiler._cache import CacheArtifactManager
 
