@@ -80,7 +80,7 @@ omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our 
 vsr-fa4|150|issue 20: FlashAttention-4's block-sparse kernel (not yet run on a GPU) against ours and dense SDPA on FlashVSR's steady 768x1408 q/k/v and mask, with its CUDA tests first (bench/family_parts.py vsr-attn)
 fa4-sweep|150|issue 22: FlashAttention-4's sm90 forward at q 4680 / kv 4680..32760 over its tiles (128x112..128x192), PV-from-registers and key splits, each against cuDNN's output (bench/fa4_sweep.py)
 rolling-fa4|300|issue 22: the bounded cache (sink 1 + window 11), eager with CUDA graphs: our ring-attention kernel vs FlashAttention-4's in one fd-bench invocation, 12 blocks + 150 steady blocks each, block-11 profile
-taehv-layout|120|issues 22, 14: TAEHV's streaming decode at 480x832 and 352x640 in NCHW (its default since next26-h200 measured NHWC slower) vs NHWC in one run each, frames compared (bench/decoders_bench.py --decoders taehv,taehv:nhwc)
+taehv-layout|120|issues 22, 14: TAEHV's streaming decode at 480x832 and 352x640 in NHWC (its CUDA default since next32-h200: 10.16 vs 13.24 ms at 480x832) vs NCHW in one run each, frames compared (bench/decoders_bench.py --decoders taehv:nchw,taehv:nhwc)
 sf-fp8-fa4|330|issues 22, 15: fd-bench Self-Forcing 1.3B block 5 in FP8 with our FP8 ring attention vs FP8 linears + FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8) in one invocation with block-5 profiles, then that mix's quality against bf16 with FlashAttention-4 over 7 blocks
 rolling-fp8-fa4|240|issue 22 target 4: the bounded cache (sink 1 + window 11) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one fd-bench invocation, 12 blocks + 150 steady, block-11 profiles (bar 230 ms; fa4 bf16 was 262.3)
 omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation, chunk-4 profiles, then the mix's quality over 7 chunks
@@ -357,8 +357,9 @@ part_build() {
   if [ $SMOKE = 1 ]; then
     py "$1" -m flashdreams.cli.build --device cpu --decoder none --out "$ENGINE"
   else
-    # The H200 build overran 400 s in "compile dit" (the H100 took 102-109 s in all): every 60 s, the
-    # build's Python stacks (faulthandler) and the busiest processes (compile workers, ptxas), to say where.
+    # The H200 build overran 400 s in "compile dit" (the H100 took 102-109 s in all; next34-h200: the build
+    # process busy stringifying nested Inductor IR, caller past faulthandler's 100 frames): every 60 s, the
+    # build's whole main-thread stack (bench/stack_watch.py) and the busiest processes.
     local sampler rc
     py 60 -c "import time, torch; from torch._inductor import config; from torch._inductor.async_compile import AsyncCompile as A
 t = time.perf_counter(); A.wait_pool_ready(timeout=50); ok = A.use_process_pool()
@@ -369,9 +370,7 @@ print('inductor compile_threads', config.compile_threads, 'worker_start', config
       ps -eo pid,ppid,etimes,pcpu,rss,args --sort=-pcpu | cut -c1-160 | head -12
     done) &
     sampler=$!
-    py "$1" -c "import faulthandler, runpy, sys; faulthandler.dump_traceback_later(60, repeat=True); \
-sys.argv = ['fd-build', *sys.argv[1:]]; runpy.run_module('flashdreams.cli.build', run_name='__main__')" \
-      $SF --out "$ENGINE"
+    py "$1" "$REPO/bench/stack_watch.py" 60 flashdreams.cli.build $SF --out "$ENGINE"
     rc=$?
     kill $sampler 2>/dev/null
     return $rc
@@ -664,7 +663,7 @@ part_taehv-layout() {
     return
   fi
   for size in 60x104 44x80; do # 480x832 (Self-Forcing, LingBot-ish) and 352x640 (Matrix-Game)
-    py $(($1 / 2)) "$REPO/bench/decoders_bench.py" --decoders taehv,taehv:nhwc --latent-h ${size%x*} \
+    py $(($1 / 2)) "$REPO/bench/decoders_bench.py" --decoders taehv:nchw,taehv:nhwc --latent-h ${size%x*} \
       --latent-w ${size#*x} --no-per-latent --out "$DEST/taehv-layout-$size.json" || rc=$?
   done
   return $rc

@@ -186,11 +186,12 @@ class TAEHV(nn.Module):
 
     def in_device_layout(self, channels_last: bool) -> TAEHV:
         """On CUDA with `channels_last`, the convs' weights in NHWC, so their activations follow (in
-        NCHW cuDNN wraps bf16 convs in layout transposes: 5.5 ms of Self-Forcing's block-5 profile on
-        the H200, next21-h200). Measured for TAEHV itself it loses: its streaming decode took 19.38
-        instead of 13.96 ms at 480x832 and 10.92 instead of 9.53 ms at 352x640 (next26-h200), so
-        TAEHVDecoder keeps NCHW; FlashVSR's TC decoder asks for NHWC (its reference reports ~1.5x;
-        not yet measured here: FD_TC_DECODER_LAYOUT=nchw selects NCHW to compare). Same values."""
+        NCHW cuDNN wraps bf16 convs in layout transposes). Measured on the H200 once the activations
+        stay NHWC end to end (`memblock_input`, TGrow): TAEHV's streaming decode 10.16 vs 13.24 ms at
+        480x832 and 6.19 vs 8.08 ms at 352x640, FlashVSR's TC decoder 46.0 vs 56.5 ms per 768x1408
+        chunk (next32-h200; before that fix NHWC lost, 19.38 vs 13.96 ms, next26-h200). Both
+        TAEHVDecoder and the TC decoder ask for it; FD_TC_DECODER_LAYOUT=nchw keeps the TC decoder
+        NCHW for comparisons. Same values."""
         if channels_last and self.decoder[1].weight.is_cuda:
             return self.to(memory_format=torch.channels_last)
         return self
