@@ -22,8 +22,8 @@ def _watch(period_s: float, main_id: int) -> None:
         if frame is None:
             return
         stack = traceback.extract_stack(frame)
-        lines = [f"== stack_watch: {len(stack)} frames at {time.strftime('%H:%M:%S')}; outermost 30:"]
-        lines += [f"  {f.filename}:{f.lineno} in {f.name}" for f in stack[:30]]
+        lines = [f"== stack_watch: {len(stack)} frames at {time.strftime('%H:%M:%S')}; outermost 45:"]
+        lines += [f"  {f.filename}:{f.lineno} in {f.name}" for f in stack[:45]]
         lines.append("  innermost 8:")
         lines += [f"  {f.filename}:{f.lineno} in {f.name}" for f in stack[-8:]]
         print("\n".join(lines), file=sys.stderr, flush=True)
