@@ -223,6 +223,19 @@ class RingRule:
         return dataclasses.asdict(self)
 
 
+def ring_tables(frames: int, unit: str = "block") -> dict[str, TensorDecl]:
+    """The int64 tables a streaming model's KV ring reads each block (RingRule's `positions`, `slots`,
+    `valid_len`, or a family's own rule): one for the whole batch, rewritten every block, so batched
+    worlds never copy them per row (`batch_dim` None)."""
+    return {
+        "frame_positions": TensorDecl(
+            "frame_positions", (frames,), "int64", f"absolute latent frame of each {unit} frame", batch_dim=None
+        ),
+        "slots": TensorDecl("slots", (frames,), "int64", f"ring frame-slot of each {unit} frame", batch_dim=None),
+        "valid_len": TensorDecl("valid_len", (1,), "int64", f"valid ring rows after this {unit}", batch_dim=None),
+    }
+
+
 @dataclass
 class BlockPlan:
     """Everything a session needs to run a model's blocks, as data (see the module docstring)."""

@@ -13,7 +13,7 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.decode_step import DecoderGraphs
 from flashdreams.models.families.causal_wan.presets import Preset
 from flashdreams.models.families.causal_wan.steps import DIT_SIG, ENCODE_SIG
-from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb
+from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb, ring_tables
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_flops import dit_forward_flops
@@ -223,11 +223,7 @@ def ring_state(cfg, batch: int, ring: RingRule, dtype: str) -> dict[str, TensorD
         "ring_v": TensorDecl(
             "ring_v", (layers, b, ring_capacity(ring), heads, hd), dtype, "KV ring values", batch_dim=1
         ),
-        "frame_positions": TensorDecl(
-            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
-        ),
-        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None),
+        **ring_tables(nf),
     }
 
 

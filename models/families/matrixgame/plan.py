@@ -34,7 +34,7 @@ from flashdreams.models.families.matrixgame.steps import (
     actions_sig,
     dit_sig,
 )
-from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb
+from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb, ring_tables
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_flops import dit_forward_flops
 from flashdreams.models.wan_i2v import MASK_CHANNELS
@@ -124,13 +124,7 @@ def build_plan(
         "keyboard_hist": TensorDecl(
             "keyboard_hist", (b, w, len(keys)), "float32", "the last video frames' keys (action windows)", rollback=True
         ),
-        "frame_positions": TensorDecl(
-            "frame_positions", (nf,), "int64", "absolute latent frame of each block frame", batch_dim=None
-        ),
-        "slots": TensorDecl("slots", (nf,), "int64", "cache frame-slot of each block frame", batch_dim=None),
-        "valid_len": TensorDecl(
-            "valid_len", (1,), "int64", "valid self-attention ring rows after this block", batch_dim=None
-        ),
+        **ring_tables(nf),
         "block_index": TensorDecl("block_index", (b,), "int64", "each row's block index (written by the runtime)"),
     }
     if mouse:

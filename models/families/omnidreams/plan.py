@@ -26,7 +26,7 @@ from flashdreams.models.families.omnidreams.steps import (
     INJECT_SIG,
     with_fp8_shadow,
 )
-from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb
+from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb, ring_tables
 from flashdreams.models.scheduler import flow_match_tables, sigma_of
 
 RING_ARGS = ("ring_k", "ring_v", "frame_positions", "slots", "valid_len")
@@ -115,11 +115,7 @@ def build_plan(
             "ring_k", (layers, b, cap, heads, hd), dtype, "KV window keys (after norm and RoPE)", batch_dim=1
         ),
         "ring_v": TensorDecl("ring_v", (layers, b, cap, heads, hd), dtype, "KV window values", batch_dim=1),
-        "frame_positions": TensorDecl(
-            "frame_positions", (nf,), "int64", "global latent frame of each chunk frame", batch_dim=None
-        ),
-        "slots": TensorDecl("slots", (nf,), "int64", "ring frame-slot of each chunk frame", batch_dim=None),
-        "valid_len": TensorDecl("valid_len", (1,), "int64", "valid ring rows after this chunk", batch_dim=None),
+        **ring_tables(nf, "chunk"),
     }
     if fp8_block_n is not None:
         from flashdreams.kernels.ring_attention_fp8 import fp8_kv_shapes

@@ -29,7 +29,7 @@ from flashdreams.models.families.wan22.steps import (
     expert_sig,
     host_positions,
 )
-from flashdreams.models.family import BlockPlan, InputSpec, TensorDecl, call, lincomb
+from flashdreams.models.family import BlockPlan, InputSpec, TensorDecl, call, lincomb, ring_tables
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_flops import dit_forward_flops
 
@@ -112,11 +112,7 @@ def build_plan(
             rv, (layers, b, capacity, heads, hd), dtype, f"{expert}-noise expert's KV ring values", batch_dim=1
         )
     state["block_index"] = TensorDecl("block_index", (b,), "int64", "the block being generated (runtime-written)")
-    state["frame_positions"] = TensorDecl(
-        "frame_positions", (nf,), "int64", "absolute latent frame of each frame", batch_dim=None
-    )
-    state["slots"] = TensorDecl("slots", (nf,), "int64", "ring frame-slot of each block frame", batch_dim=None)
-    state["valid_len"] = TensorDecl("valid_len", (1,), "int64", "valid ring rows after this block", batch_dim=None)
+    state.update(ring_tables(nf))
     if decoder is not None:
         state.update(decoder.state)
     inputs = {
