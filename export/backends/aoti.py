@@ -19,6 +19,7 @@ import torch
 from flashdreams.errors import EngineIncompatibleError
 from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
 from flashdreams.export.backends.inductor import export_program
+from flashdreams.export.backends.lowering_messages import short_lowering_messages
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +52,8 @@ class AOTIBackend(GraphBackend):
         path.parent.mkdir(parents=True, exist_ok=True)
         ep = export_program(prog)
         configs = _configs(device, prog.name)
-        aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
+        with short_lowering_messages():
+            aoti_compile_and_package(ep, package_path=str(path), inductor_configs=configs)
         record = {"files": [rel(engine_dir, path)], "compile": {"inductor_configs": configs}}
         blocked = cuda_load_blocked(device, self.config.aoti_force)
         if blocked:

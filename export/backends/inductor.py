@@ -36,6 +36,7 @@ from torch import nn
 
 from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export.backends import GraphBackend, GraphFn, as_tuple, rel
+from flashdreams.export.backends.lowering_messages import short_lowering_messages
 from flashdreams.export.build_config import BuildConfig
 
 log = logging.getLogger(__name__)
@@ -214,7 +215,8 @@ def _no_recompile(fn, name: str):
 
     def call(*args):
         if not warm[0]:
-            out = fn(*args)
+            with short_lowering_messages():  # this call compiles
+                out = fn(*args)
             warm[0] = True
             return out
         with torch.compiler.set_stance("fail_on_recompile"):
@@ -267,7 +269,7 @@ class InductorBackend(GraphBackend):
             from torch._inductor import standalone_compile
 
             art_path = graphs / f"{prog.name}.inductor"
-            with torch.no_grad():
+            with torch.no_grad(), short_lowering_messages():
                 art = standalone_compile(
                     _plain_graph_module(ep),
                     [*weights, *prog.fresh_inputs()],
