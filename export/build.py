@@ -182,7 +182,9 @@ def build_engine(
     tmp.mkdir()
     phases: dict[str, float] = {}
     step = [0]
-    total = [5]  # load, hash, save, manifest, install; plus one per graph once they are known
+    # load, hash, save, manifest, install, plus one per graph: 0 (shown as "?") until the model is
+    # loaded and its graphs are known, so the total a reader sees never changes.
+    total = [0]
 
     def phase(name: str) -> float:
         if progress is not None:

@@ -6,7 +6,9 @@ So the bar is drawn only when the stream is a terminal; otherwise each phase is 
 
     fd-build: [3/9] compile dit (12.4 s)
 
-with the seconds since the build started, and a last line when the build ends.
+with the seconds since the build started, and a last line when the build ends. A total not
+known yet (before the model is loaded, the number of graphs is not) is passed as 0 and shown as
+`?`, so the count never changes under the reader: `[1/?] load model`, then `[2/9] hash weights`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ def is_terminal(stream: TextIO) -> bool:
 
 class PhaseProgress:
     """`progress(phase, index, total)` for `build_engine`: a tqdm bar on a terminal, else one line a phase.
+    `total` 0: not known yet.
 
     `bar=None` decides from the stream; `disable` prints nothing at all (`--no-progress`).
     """
@@ -48,14 +51,15 @@ class PhaseProgress:
         self.total = total
         if not self.use_bar:
             elapsed = time.perf_counter() - self.t0
-            print(f"{self.prefix}: [{index + 1}/{total}] {phase} ({elapsed:.1f} s)", file=self.stream, flush=True)
+            shown = total if total > 0 else "?"
+            print(f"{self.prefix}: [{index + 1}/{shown}] {phase} ({elapsed:.1f} s)", file=self.stream, flush=True)
             return
         if self.bar is None:
             from tqdm import tqdm
 
             fmt = "{l_bar}{bar}| {n}/{total} [{elapsed}]"
-            self.bar = tqdm(total=total, unit="phase", file=self.stream, bar_format=fmt)
-        self.bar.total = total
+            self.bar = tqdm(total=total or None, unit="phase", file=self.stream, bar_format=fmt)
+        self.bar.total = total or None
         self.bar.n = index
         self.bar.set_description(f"{self.prefix}: {phase}")
         self.bar.refresh()
@@ -66,7 +70,7 @@ class PhaseProgress:
             return
         self.closed = True
         if self.bar is not None:
-            if ok:
+            if ok and self.bar.total:
                 self.bar.n = self.bar.total
                 self.bar.refresh()
             self.bar.close()
