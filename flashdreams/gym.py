@@ -9,7 +9,14 @@
 pass per step for every environment. Observations are a block's frames (uint8
 [num_envs, T, H, W, 3] as numpy, or the device tensor with observation="torch"); actions are
 the model's per-block named inputs as a `Dict` space built from their specs ("keys" inputs are
-`MultiBinary`, the rest `Box` within their declared range). Autoreset is Gymnasium's
+`MultiBinary`, the rest `Box` within their declared range). A camera world's per-frame poses are
+driven by motion (camera="motion", the default): the action `<input>_motion` [F, 6] is each frame's
+move in the camera's axes (camera_path.MOTION_LABELS) in [-1, 1], 1 being MOTION_MAX, integrated from where
+the world's camera was, so any sample is a valid trajectory; camera="pose" takes the 4x4 poses
+themselves (random samples of that Box are not rigid transforms and are refused). Inputs that configure
+a world rather than steer it (a prompt, a camera's intrinsics and world scale) are not actions but
+`settings={name: value}` (one world's shape for all, or one row per world; default the model's
+stand-in), held for every episode. Autoreset is Gymnasium's
 NEXT_STEP mode: the step after an episode ends resets that world and returns its first block.
 An episode is truncated after `max_episode_steps` steps; `reward_fn(obs, actions, info)` and
 `termination_fn(obs, info)` are the user's hooks. An action a world refuses (NaN, out of
@@ -47,14 +54,35 @@ RewardFn = Callable[[Any, dict, dict], Any]
 TerminationFn = Callable[[Any, dict], Any]
 
 
-def action_space_for(specs: list[InputSpec]) -> spaces.Dict:
-    """One world's action space: its per-block inputs, without the batch dim."""
+# A camera-motion action is in [-1, 1] (the normalized range RL libraries expect); 1 is this much per video
+# frame (camera_path.MOTION_LABELS): metres right / down / forward, degrees of pitch / yaw / roll.
+MOTION_MAX = (0.5, 0.5, 0.5, 5.0, 5.0, 5.0)
+
+
+def is_pose_input(spec: InputSpec) -> bool:
+    """A per-frame camera pose ([B, F, 4, 4] rigid transforms), which the environments drive by motion."""
+    return "rigid_transform" in spec.rules and len(spec.shape) == 4 and tuple(spec.shape[-2:]) == (4, 4)
+
+
+def is_setting(spec: InputSpec) -> bool:
+    """An input that configures a world rather than steers it (a prompt, a camera's intrinsics or world scale):
+    held for the episode (the environments' `settings`), not part of the action space."""
+    return spec.units == "embedding" or (spec.units == "camera" and not is_pose_input(spec))
+
+
+def action_space_for(specs: list[InputSpec], motion: dict[str, str] | None = None) -> spaces.Dict:
+    """One world's action space: its per-block inputs that are not settings (`is_setting`), without the batch
+    dim. `motion` {input: action name}:
+    those pose inputs are driven by a per-frame camera motion instead ([F, 6] in [-1, 1], scaled by MOTION_MAX)."""
+    motion = motion or {}
     out = {}
     for s in specs:
-        if s.when != "block":
+        if s.when != "block" or is_setting(s):
             continue
         shape = tuple(s.shape[1:])
-        if s.units == "keys":
+        if s.name in motion:
+            out[motion[s.name]] = spaces.Box(-1.0, 1.0, (s.shape[1], len(MOTION_MAX)), np.float32)
+        elif s.units == "keys":
             out[s.name] = spaces.MultiBinary(shape)
         else:
             low = -np.inf if s.low is None else s.low
@@ -75,6 +103,8 @@ class _Worlds:
         reward_fn: RewardFn | None,
         termination_fn: TerminationFn | None,
         observation: str,
+        camera: str,
+        settings: dict | None,
         load_kwargs: dict,
     ) -> None:
         import flashdreams
@@ -82,6 +112,8 @@ class _Worlds:
 
         if observation not in ("numpy", "torch"):
             raise InvalidArgumentError(f"observation must be 'numpy' or 'torch', got {observation!r}")
+        if camera not in ("motion", "pose"):
+            raise InvalidArgumentError(f"camera must be 'motion' or 'pose', got {camera!r}")
         if isinstance(max_episode_steps, bool) or not isinstance(max_episode_steps, int) or max_episode_steps < 1:
             raise InvalidArgumentError(f"max_episode_steps must be an integer >= 1, got {max_episode_steps!r}")
         cuda_graphs = load_kwargs.pop("cuda_graphs", None)
@@ -103,13 +135,21 @@ class _Worlds:
         self.neutral = {
             n: stand_ins[n] if n in stand_ins else torch.zeros(1, *s.shape[1:]) for n, s in self.specs.items()
         }
-        self.action_space = action_space_for(list(self.specs.values()))
+        # Camera worlds are driven by motion: random 4x4 matrices are not rigid transforms (a world would refuse
+        # every sample of a pose Box), while any bounded motion integrates to valid poses.
+        self.motion = {n: f"{n}_motion" for n, s in self.specs.items() if camera == "motion" and is_pose_input(s)}
+        self.poses_at = {n: np.tile(np.eye(4), (num_envs, 1, 1)) for n in self.motion}  # each world's camera
+        self.action_space = action_space_for(list(self.specs.values()), self.motion)
+        self.fixed = self._settings(settings or {})
         # Dry blocks, one of each block kind, for the frames' shape (the worlds are reset before use):
         # an observation holds the longest block's frames, a shorter block (block 0 of a Wan VAE
         # decode) is padded in front with its first frame, and info["padding"] says how many.
         plan = self.engine.plan
         for name, value in self.neutral.items():
-            self.worlds.set_inputs(name, value.expand(num_envs, *value.shape[1:]))
+            value = self.fixed.get(name, value.expand(num_envs, *value.shape[1:]))
+            refused = self.worlds.set_inputs(name, value)
+            if refused:
+                raise InvalidArgumentError(f"setting '{name}': {next(iter(refused.values()))}")
         dry = [self.worlds.step() for _ in range(len(plan.sequence) + 1)]
         if dry[0].frames is None:
             raise InvalidArgumentError(f"{self.engine.preset_name} has no decoder: an environment needs frames")
@@ -124,31 +164,86 @@ class _Worlds:
             self.rngs[i] = np.random.default_rng(seed)
         else:  # an unseeded reset continues the world's own seed stream, as a Gymnasium env does
             seed = int(self.rngs[i].integers(2**62))
-        self.worlds.reset(self.worlds.ids[i], seed=seed, **self.neutral)
+        held = {n: f[i : i + 1] for n, f in self.fixed.items()}
+        self.worlds.reset(self.worlds.ids[i], seed=seed, **{**self.neutral, **held})
         self.steps[i] = 0
+        for at in self.poses_at.values():
+            at[i] = np.eye(4)  # a new episode starts at the identity, as the neutral poses do
 
     def set_actions(self, actions: dict | None, skip: set[int]) -> dict[int, str]:
         """Write every world's actions (rows in `skip`, and actions not given, get the neutral value);
         returns {world: why} for refused rows."""
         actions = actions or {}
-        unknown = sorted(set(actions) - set(self.specs))
+        known = sorted(self.action_space.spaces)
+        unknown = sorted(set(actions) - set(known))
         if unknown:
-            raise InvalidArgumentError(f"unknown actions {unknown}; this world takes {sorted(self.specs)}")
+            raise InvalidArgumentError(f"unknown actions {unknown}; this world takes {known}")
         refused: dict[int, str] = {}
         for name, spec in self.specs.items():
-            value = actions.get(name)
-            full = (self.num_envs, *spec.shape[1:])
-            if value is None:
-                t = self.neutral[name].expand(full).clone()  # [1, ...] -> one row per world
+            if name in self.fixed:
+                t = self.fixed[name].clone()
+            elif name in self.motion:
+                t = self._poses_from_motion(name, actions.get(self.motion[name]), skip, refused)
             else:
-                t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
-                if tuple(t.shape) != full:
-                    raise InvalidArgumentError(f"action '{name}' must have shape {list(full)}, got {list(t.shape)}")
-                t = t.to(torch.float32)
+                t = self._batched(name, (self.num_envs, *spec.shape[1:]), actions.get(name))
             for i in skip:
                 t[i] = self.neutral[name][0]
             refused.update(self.worlds.set_inputs(name, t))
         return refused
+
+    def _settings(self, given: dict) -> dict[str, torch.Tensor]:
+        """Every setting's value per world [num_envs, ...]: the one given (one world's shape, for all of them, or
+        one row per world) or the model's stand-in."""
+        names = [n for n, s in self.specs.items() if is_setting(s)]
+        unknown = sorted(set(given) - set(names))
+        if unknown:
+            raise InvalidArgumentError(f"unknown settings {unknown}; this world's settings are {names}")
+        out = {}
+        for name in names:
+            one = tuple(self.specs[name].shape[1:])
+            value = self.neutral[name] if name not in given else torch.as_tensor(np.asarray(given[name]))
+            value = value.to(torch.float32)
+            if tuple(value.shape) == one:
+                value = value[None]
+            if tuple(value.shape[1:]) != one or value.shape[0] not in (1, self.num_envs):
+                raise InvalidArgumentError(
+                    f"setting '{name}' must have shape {list(one)} or {[self.num_envs, *one]}, got {list(value.shape)}"
+                )
+            out[name] = value.expand(self.num_envs, *one).clone()
+        return out
+
+    def _batched(self, name: str, full: tuple[int, ...], value) -> torch.Tensor:
+        if value is None:
+            return self.neutral[name].expand(full).clone()  # [1, ...] -> one row per world
+        t = torch.as_tensor(np.asarray(value) if not isinstance(value, torch.Tensor) else value)
+        if tuple(t.shape) != full:
+            raise InvalidArgumentError(f"action '{name}' must have shape {list(full)}, got {list(t.shape)}")
+        return t.to(torch.float32)
+
+    def _poses_from_motion(self, name: str, value, skip: set[int], refused: dict[int, str]) -> torch.Tensor:
+        """Each world's poses for this block: its camera moved by its motion rows, one per frame, from where the
+        last block left it (action 1 = MOTION_MAX). One not finite or outside [-1, 1] is refused for that world."""
+        from flashdreams.models.camera_path import integrate_motion
+
+        action = self.motion[name]
+        frames = self.specs[name].shape[1]
+        full = (self.num_envs, frames, len(MOTION_MAX))
+        motion = torch.zeros(full) if value is None else self._batched(action, full, value)
+        at = self.poses_at[name]
+        poses = torch.empty(self.num_envs, frames, 4, 4)
+        scale = torch.tensor(MOTION_MAX, dtype=torch.float64)
+        for i in range(self.num_envs):
+            m = motion[i].double()
+            if i in skip:
+                m = torch.zeros_like(m)
+            elif not bool(torch.isfinite(m).all()) or bool((m.abs() > 1).any()):
+                refused[self.worlds.ids[i]] = f"action '{action}': motion must be finite and within [-1, 1]"
+                m = torch.zeros_like(m)  # the world is refused; keep its camera where it is
+            m = m * scale
+            path = integrate_motion(torch.from_numpy(at[i]), m)
+            at[i] = path[-1].numpy()
+            poses[i] = path.float()
+        return poses
 
     def step(self) -> tuple[Any, dict]:
         out = self.worlds.step()
@@ -187,10 +282,21 @@ class WorldVectorEnv(VectorEnv):
         termination_fn: TerminationFn | None = None,
         observation: str = "numpy",
         render_mode: str | None = None,
+        camera: str = "motion",
+        settings: dict | None = None,
         **load_kwargs,
     ) -> None:
         self.core = _Worlds(
-            num_envs, preset, engine, max_episode_steps, reward_fn, termination_fn, observation, load_kwargs
+            num_envs,
+            preset,
+            engine,
+            max_episode_steps,
+            reward_fn,
+            termination_fn,
+            observation,
+            camera,
+            settings,
+            load_kwargs,
         )
         self.num_envs = num_envs
         self.render_mode = render_mode
@@ -262,9 +368,13 @@ class WorldEnv(gymnasium.Env):
         termination_fn: TerminationFn | None = None,
         observation: str = "numpy",
         render_mode: str | None = None,
+        camera: str = "motion",
+        settings: dict | None = None,
         **load_kwargs,
     ) -> None:
-        self.core = _Worlds(1, preset, engine, max_episode_steps, reward_fn, termination_fn, observation, load_kwargs)
+        self.core = _Worlds(
+            1, preset, engine, max_episode_steps, reward_fn, termination_fn, observation, camera, settings, load_kwargs
+        )
         self.observation_space = self.core.observation_space
         self.action_space = self.core.action_space
         self.render_mode = render_mode

@@ -95,6 +95,38 @@ def moves_path(moves: list[str]) -> torch.Tensor:
     return torch.stack(out).float()
 
 
+# A camera motion per video frame, in the camera's own axes and the units of a path file's moves: metres
+# right / down / forward, degrees of pitch (positive looks up) / yaw (positive turns right) / roll.
+MOTION_LABELS = ("right", "down", "forward", "pitch", "yaw", "roll")
+
+
+def motion_step(motion: torch.Tensor) -> torch.Tensor:
+    """One frame's motion [6] (MOTION_LABELS) -> the relative transform [4, 4] float64 it applies.
+
+    The rotation is yaw, then pitch, then roll about the camera's axes; the translation is in the
+    camera's axes before the turn (pose_next = pose @ step)."""
+    m = [float(v) for v in motion.reshape(6).tolist()]
+    step = torch.eye(4, dtype=torch.float64)
+    for label in ("yaw", "pitch", "roll"):
+        axis, sign = _ROTATE[label]
+        step = step @ _rotation(axis, sign * math.radians(m[MOTION_LABELS.index(label)]))
+    step[:3, 3] = torch.tensor(m[:3], dtype=torch.float64)
+    return step
+
+
+def integrate_motion(start: torch.Tensor, motions: torch.Tensor) -> torch.Tensor:
+    """Poses [F, 4, 4] (float64) of a camera at `start` [4, 4] that makes motions [F, 6], one per frame:
+    pose f = start @ step(m_0) @ ... @ step(m_f)."""
+    if motions.dim() != 2 or motions.shape[1] != len(MOTION_LABELS):
+        raise InvalidArgumentError(f"camera motion: expected [frames, 6] {MOTION_LABELS}, got {list(motions.shape)}")
+    pose = start.to(torch.float64)
+    out = []
+    for m in motions:
+        pose = pose @ motion_step(m)
+        out.append(pose)
+    return torch.stack(out)
+
+
 def default_intrinsics(height: int, width: int) -> torch.Tensor:
     """A pinhole camera of about 60 degrees horizontal field of view, centred, at height x width."""
     f = 0.866 * width

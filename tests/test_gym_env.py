@@ -136,3 +136,90 @@ def test_a_lockstep_world_is_an_environment_too():
         ref.append(env.step({"keyboard": keys[1], "mouse": mouse[1]})[0])
     for a, b in zip(trace, ref):
         assert np.abs(a[1].astype(int) - b.astype(int)).max() <= 1
+
+
+def test_camera_motion_integrates_in_the_cameras_own_axes():
+    from flashdreams.models.camera_path import MOTION_LABELS, integrate_motion, moves_path
+
+    forward = torch.zeros(3, 6)
+    forward[:, MOTION_LABELS.index("forward")] = 0.5
+    poses = integrate_motion(torch.eye(4), forward)
+    assert torch.allclose(poses[:, 2, 3], torch.tensor([0.5, 1.0, 1.5], dtype=torch.float64))
+    turn_then_go = torch.zeros(2, 6)
+    turn_then_go[0, MOTION_LABELS.index("yaw")] = 90.0  # positive yaw turns right (OpenCV: x right, z forward)
+    turn_then_go[1, MOTION_LABELS.index("forward")] = 1.0
+    end = integrate_motion(torch.eye(4), turn_then_go)[-1]
+    assert torch.allclose(end[:3, 3], torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64), atol=1e-12)
+    # The same vocabulary as a path file's moves: "yaw 10 deg in 2 frames" = two frames of 5 degrees.
+    yaw = torch.zeros(2, 6)
+    yaw[:, MOTION_LABELS.index("yaw")] = 5.0
+    assert torch.allclose(integrate_motion(torch.eye(4), yaw).float(), moves_path(["yaw 10 deg in 2 frames"])[1:])
+    with pytest.raises(flashdreams.errors.InvalidArgumentError, match="frames, 6"):
+        integrate_motion(torch.eye(4), torch.zeros(3, 4))
+
+
+@pytest.mark.slow
+def test_a_camera_world_is_driven_by_motion():
+    """LingBot (camera poses per frame): random samples of the motion action are valid trajectories (the
+    checker's random rollout is not refused), a motion equals the poses it integrates to given directly
+    (camera="pose"), block after block from where the camera was, and a motion out of bounds is refused."""
+    from flashdreams.models.camera_path import integrate_motion
+
+    engine = flashdreams.load(preset="lingbot-world-fast-tiny", device="cpu")
+    env = flashdreams.gym.WorldEnv(engine=engine, max_episode_steps=3)
+    assert set(env.action_space.spaces) == {"poses_motion"}  # the prompt, intrinsics, world scale are settings
+    space = env.action_space["poses_motion"]
+    frames = engine.plan.inputs["poses"].shape[1]
+    assert space.shape == (frames, 6) and (space.low == -1).all() and (space.high == 1).all()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check_env(env, skip_render_check=True)
+    env.reset(seed=1)
+    for _ in range(2):
+        _, _, _, truncated, info = env.step(env.action_space.sample())
+        assert "error" not in info and not truncated
+
+    by_pose = flashdreams.gym.WorldEnv(engine=engine, max_episode_steps=3, camera="pose")
+    assert by_pose.action_space["poses"].shape == (frames, 4, 4)
+    g = np.random.default_rng(0)
+    moves = [g.uniform(-1, 1, (frames, 6)).astype(np.float32) for _ in range(2)]
+    scale = torch.tensor(flashdreams.gym.MOTION_MAX, dtype=torch.float64)  # action 1 = this much per frame
+    a, b = env.reset(seed=5)[0], by_pose.reset(seed=5)[0]
+    assert np.array_equal(a, b)
+    at = torch.eye(4, dtype=torch.float64)
+    for m in moves:
+        poses = integrate_motion(at, torch.from_numpy(m).double() * scale)
+        at = poses[-1]
+        a = env.step({"poses_motion": m})[0]
+        b = by_pose.step({"poses": poses.float().numpy()})[0]
+        assert np.array_equal(a, b)
+
+    too_far = np.zeros((frames, 6), np.float32)
+    too_far[0, 4] = 1.5
+    _, _, _, truncated, info = env.step({"poses_motion": too_far})
+    assert truncated and "poses_motion" in info["error"]
+
+
+@pytest.mark.slow
+def test_settings_configure_every_world_and_are_checked_first():
+    """A camera world's intrinsics are a setting: one value for all worlds or one row per world, checked when
+    the environment is made (a bad one is named then, not refused later), and they change what is seen."""
+    engine = flashdreams.load(preset="lingbot-world-fast-tiny", device="cpu", batch=2)  # lockstep: one batch
+    k = engine.default_inputs(batch=1)["intrinsics"][0]
+    wide = k * torch.tensor([0.5, 0.5, 1.0, 1.0])
+    plain = flashdreams.gym.WorldVectorEnv(num_envs=2, engine=engine, max_episode_steps=3)
+    mixed = flashdreams.gym.WorldVectorEnv(
+        num_envs=2, engine=engine, max_episode_steps=3, settings={"intrinsics": torch.stack([k, wide])}
+    )
+    a, b = plain.reset(seed=4)[0], mixed.reset(seed=4)[0]
+    assert np.array_equal(a[0], b[0])  # world 0 keeps the stand-in
+    move = {"poses_motion": np.full((2, *plain.single_action_space["poses_motion"].shape), 0.5, np.float32)}
+    a, b = plain.step(move)[0], mixed.step(move)[0]
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])  # world 1 sees through other optics
+    errors = flashdreams.errors.InvalidArgumentError
+    with pytest.raises(errors, match="unknown settings"):
+        flashdreams.gym.WorldEnv(engine=engine, settings={"focal": 1.0})
+    with pytest.raises(errors, match="setting 'intrinsics' must have shape"):
+        flashdreams.gym.WorldEnv(engine=engine, settings={"intrinsics": [1.0, 2.0]})
+    with pytest.raises(errors, match="setting 'intrinsics'"):
+        flashdreams.gym.WorldEnv(engine=engine, settings={"intrinsics": [0.0, 0.0, 8.0, 8.0]})  # fx, fy must be > 0
