@@ -4,6 +4,8 @@
 // The GIL is taken only while calling into Python.
 #include "capi_runtime.h"
 
+#include "capi_args.h"
+
 #include <pybind11/eval.h>
 
 #include <cstdint>
@@ -212,6 +214,78 @@ def read(result, what, ptr, nbytes, memory):
             torch.cuda.current_stream(dst.device).synchronize()
 
 
+def create_worlds(engine, seeds):
+    return engine.worlds(len(seeds), seeds=[int(s) for s in seeds])
+
+
+def _world_id(worlds, index):
+    if not 0 <= index < worlds.n:
+        raise InvalidArgumentError(f"world {index} is out of range: the worlds are 0..{worlds.n - 1}")
+    return worlds.ids[index]
+
+
+def worlds_set_input(worlds, index, name, value):
+    """One world's input (index >= 0), or every world's at once (index -1: value [N, ...], one row per world)."""
+    if index != -1:
+        worlds.set_input(_world_id(worlds, index), name, value)
+        return
+    refused = {worlds.row_of(w): why for w, why in worlds.set_inputs(name, value).items()}
+    if refused:
+        first = min(refused)
+        raise InvalidArgumentError(
+            f"input '{name}' was refused for world(s) {sorted(refused)}, which keep their previous value (the other "
+            f"worlds took it); world {first}: {refused[first]}"
+        )
+
+
+def worlds_step(worlds):
+    result = worlds.step()
+    return result, len(result.failed)
+
+
+def _step_row(worlds, step, index):
+    world = _world_id(worlds, index)
+    if step is None:
+        raise InvalidArgumentError("the worlds have no step yet: call fd_worlds_step first")
+    return step.ids.index(world), world
+
+
+def world_state(worlds, step, index):
+    """(block index, failed 0/1, leading padding frames) of world `index` in the last step."""
+    row, world = _step_row(worlds, step, index)
+    padding = step.padded[row][0] if step.padded else 0
+    return int(step.blocks[row]), int(world in step.failed), int(padding)
+
+
+def worlds_frame_shape(step):
+    if step is None:
+        raise InvalidArgumentError("the worlds have no step yet: call fd_worlds_step first")
+    if step.frames is None:
+        raise NotFoundError("this engine has no decoder: its worlds' blocks have latents but no frames")
+    return tuple(step.frames.shape[1:])
+
+
+def worlds_read(worlds, step, index, ptr, nbytes, memory):
+    """Copy world `index`'s frames of the last step, or every world's (index -1), into caller memory."""
+    worlds_frame_shape(step)
+    src = step.frames if index == -1 else step.frames[_step_row(worlds, step, index)[0]]
+    need = src.numel()
+    if nbytes < need:
+        raise InvalidArgumentError(
+            f"read frames: the buffer holds {nbytes} bytes but the frames need {need} (uint8 {list(src.shape)}); "
+            "size it from fd_worlds_frame_info"
+        )
+    dst = _raw(ptr, need, memory).view(src.shape)
+    dst.copy_(src)
+    for t in (src, dst):
+        if t.is_cuda:
+            torch.cuda.current_stream(t.device).synchronize()
+
+
+def worlds_reset(worlds, index, seed):
+    worlds.reset(_world_id(worlds, index), seed=seed)
+
+
 def describe(exc):
     """(C status, message) of an exception; internal errors carry their traceback."""
     status = errors.status_of(exc)
@@ -323,6 +397,7 @@ struct Registry {
     uintptr_t next = 0;
     std::unordered_map<uintptr_t, std::shared_ptr<EngineImpl>> engines;
     std::unordered_map<uintptr_t, std::shared_ptr<SessionImpl>> sessions;
+    std::unordered_map<uintptr_t, std::shared_ptr<WorldsImpl>> worlds;
     uintptr_t new_id() { return (++next) << 4; }  // never reused; never 0
 };
 
@@ -365,7 +440,7 @@ const char* last_error() { return t_error.c_str(); }
 py::object glue(const char* name) { return g_glue->attr(name); }
 
 fd_status with_python(const std::function<fd_status()>& body) noexcept {
-    try {
+    return guarded([&] {
         fd_status st = start_python();
         if (st != FD_OK) return st;
         py::gil_scoped_acquire gil;
@@ -376,13 +451,7 @@ fd_status with_python(const std::function<fd_status()>& body) noexcept {
         } catch (py::error_already_set& e) {
             return from_python(e);
         }
-    } catch (const std::bad_alloc&) {
-        return fail(FD_OUT_OF_MEMORY, "out of host memory");
-    } catch (const std::exception& e) {
-        return fail(FD_INTERNAL, std::string("internal error: ") + e.what());
-    } catch (...) {
-        return fail(FD_INTERNAL, "internal error: unknown C++ exception");
-    }
+    });
 }
 
 void release_py(py::object& obj) noexcept {
@@ -409,13 +478,22 @@ fd_session* register_session(std::shared_ptr<SessionImpl> impl) {
     return reinterpret_cast<fd_session*>(id);
 }
 
+fd_worlds* register_worlds(std::shared_ptr<WorldsImpl> impl) {
+    std::lock_guard<std::mutex> lock(registry().mu);
+    const uintptr_t id = registry().new_id();
+    registry().worlds.emplace(id, std::move(impl));
+    return reinterpret_cast<fd_worlds*>(id);
+}
+
 std::shared_ptr<EngineImpl> find_engine(fd_engine* h) { return find_in(registry().engines, h); }
 std::shared_ptr<SessionImpl> find_session(fd_session* h) { return find_in(registry().sessions, h); }
 std::shared_ptr<EngineImpl> remove_engine(fd_engine* h) { return remove_from(registry().engines, h); }
 std::shared_ptr<SessionImpl> remove_session(fd_session* h) { return remove_from(registry().sessions, h); }
+std::shared_ptr<WorldsImpl> find_worlds(fd_worlds* h) { return find_in(registry().worlds, h); }
+std::shared_ptr<WorldsImpl> remove_worlds(fd_worlds* h) { return remove_from(registry().worlds, h); }
 
-std::unique_lock<std::mutex> lock_session(SessionImpl& s) {
-    std::unique_lock<std::mutex> lock(s.mu, std::try_to_lock);
+std::unique_lock<std::mutex> lock_without_gil(std::mutex& mu) {
+    std::unique_lock<std::mutex> lock(mu, std::try_to_lock);
     if (lock.owns_lock()) return lock;
     if (Py_IsInitialized() && PyGILState_Check()) {  // a Python host calling with the GIL: do not wait holding it
         PyThreadState* ts = PyEval_SaveThread();

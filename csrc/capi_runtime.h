@@ -62,6 +62,17 @@ struct SessionImpl {
     }
 };
 
+struct WorldsImpl {
+    std::shared_ptr<EngineImpl> engine;  // keeps the engine alive after fd_engine_destroy
+    py::object worlds;                   // flashdreams.batched.Worlds
+    py::object last;                     // the last WorldsStep, or None
+    std::mutex mu;                       // one call at a time on a set of worlds
+    ~WorldsImpl() {
+        release_py(last);
+        release_py(worlds);
+    }
+};
+
 // Live handles. A handle is an id that is never reused, not an address, so a
 // destroyed or foreign handle is refused without touching any memory.
 fd_engine* register_engine(std::shared_ptr<EngineImpl> impl);
@@ -70,8 +81,12 @@ std::shared_ptr<EngineImpl> find_engine(fd_engine* handle);
 std::shared_ptr<SessionImpl> find_session(fd_session* handle);
 std::shared_ptr<EngineImpl> remove_engine(fd_engine* handle);
 std::shared_ptr<SessionImpl> remove_session(fd_session* handle);
+fd_worlds* register_worlds(std::shared_ptr<WorldsImpl> impl);
+std::shared_ptr<WorldsImpl> find_worlds(fd_worlds* handle);
+std::shared_ptr<WorldsImpl> remove_worlds(fd_worlds* handle);
 
-// Locks a session; if this thread holds the GIL (a Python host), lets it go while waiting.
-std::unique_lock<std::mutex> lock_session(SessionImpl& s);
+// Locks a session's (or worlds') mutex; if this thread holds the GIL (a Python host), lets it go while waiting.
+std::unique_lock<std::mutex> lock_without_gil(std::mutex& mu);
+inline std::unique_lock<std::mutex> lock_session(SessionImpl& s) { return lock_without_gil(s.mu); }
 
 }  // namespace fdcapi

@@ -436,6 +436,124 @@ print("inputs host ok", n)
 """
 
 
+WORLDS_HOST = """
+import ctypes, sys
+import numpy as np
+import torch
+import flashdreams
+
+lib = ctypes.CDLL(sys.argv[1])
+lib.fd_last_error.restype = ctypes.c_char_p
+err = lambda: lib.fd_last_error().decode()
+FD_OK, FD_INVALID_ARGUMENT, FD_NOT_FOUND, ALL = 0, 1, 2, -1
+
+class EngineOptions(ctypes.Structure):  # fd_engine_options
+    _fields_ = [("struct_size", ctypes.c_size_t), ("device", ctypes.c_char_p), ("dtype", ctypes.c_char_p),
+                ("preset", ctypes.c_char_p), ("attention", ctypes.c_char_p)]
+
+class WorldsOptions(ctypes.Structure):  # fd_worlds_options
+    _fields_ = [("struct_size", ctypes.c_size_t), ("count", ctypes.c_int32), ("seeds", ctypes.POINTER(ctypes.c_uint64))]
+
+class View(ctypes.Structure):  # fd_tensor_view
+    _fields_ = [("data", ctypes.c_void_p), ("dtype", ctypes.c_int), ("ndim", ctypes.c_int32),
+                ("shape", ctypes.POINTER(ctypes.c_int64)), ("memory", ctypes.c_int), ("device_index", ctypes.c_int32)]
+
+def view(a):  # a float32 numpy array, kept alive by the caller
+    shape = (ctypes.c_int64 * a.ndim)(*a.shape)
+    v = View(a.ctypes.data, 1, a.ndim, shape, 0, 0)
+    v._keep = (a, shape)
+    return v
+
+eng = ctypes.c_void_p()
+opts = EngineOptions(ctypes.sizeof(EngineOptions), b"cpu", None, b"arena", None)
+assert lib.fd_engine_open(None, ctypes.byref(opts), ctypes.byref(eng)) == FD_OK, err()
+seeds = (ctypes.c_uint64 * 3)(5, 6, 7)
+w = ctypes.c_void_p()
+assert lib.fd_worlds_create(eng, ctypes.byref(WorldsOptions(ctypes.sizeof(WorldsOptions), 3, seeds)),
+                            ctypes.byref(w)) == FD_OK, err()
+count = ctypes.c_int32()
+assert lib.fd_worlds_count(w, ctypes.byref(count)) == FD_OK and count.value == 3, err()
+assert lib.fd_worlds_world_state(w, 0, None, None, None) == FD_INVALID_ARGUMENT and "no step yet" in err()
+
+py = flashdreams.load(preset="arena", device="cpu").worlds(3, seeds=[5, 6, 7])  # the same calls in Python
+shape = py.input_specs()[[s.name for s in py.input_specs()]. index("keyboard")].shape[1:]
+g = np.random.default_rng(0)
+keys = lambda n: (g.random((n, *shape)) < 0.3).astype(np.float32)
+
+def c_frames(world, n):
+    t = [ctypes.c_int64() for _ in range(4)]
+    assert lib.fd_worlds_frame_info(w, *[ctypes.byref(d) for d in t]) == FD_OK, err()
+    size = n * int(np.prod([d.value for d in t]))
+    buf = (ctypes.c_uint8 * size)()
+    assert lib.fd_worlds_read_frames(w, world, buf, ctypes.c_size_t(size), 0) == FD_OK, err()
+    assert lib.fd_worlds_read_frames(w, world, buf, ctypes.c_size_t(size - 1), 0) == FD_INVALID_ARGUMENT
+    assert "fd_worlds_frame_info" in err(), err()
+    return np.frombuffer(buf, dtype=np.uint8).reshape(n, *[d.value for d in t]) if world == ALL else \
+        np.frombuffer(buf, dtype=np.uint8).reshape(*[d.value for d in t])
+
+def c_state(world):
+    block, failed, pad = ctypes.c_int64(-1), ctypes.c_int32(-1), ctypes.c_int64(-1)
+    assert lib.fd_worlds_world_state(w, world, ctypes.byref(block), ctypes.byref(failed), ctypes.byref(pad)) == FD_OK
+    return block.value, failed.value, pad.value
+
+# 1. All worlds' keys at once, two steps: every world's frames as Python's, bit for bit.
+failed = ctypes.c_int32(-1)
+for _ in range(2):
+    k = keys(3)
+    assert lib.fd_worlds_set_input(w, ALL, b"keyboard", ctypes.byref(view(k))) == FD_OK, err()
+    py.set_inputs("keyboard", torch.from_numpy(k))
+    assert lib.fd_worlds_step(w, ctypes.byref(failed)) == FD_OK and failed.value == 0, err()
+    want = py.step().frames_cpu().numpy()
+    assert np.array_equal(c_frames(ALL, 3), want)
+assert [c_state(i) for i in range(3)] == [(1, 0, 0)] * 3
+
+# 2. World 1 reset with a new seed while the others go on; world 2 alone gets new keys.
+assert lib.fd_worlds_reset(w, 1, ctypes.c_uint64(9)) == FD_OK, err()
+py.reset(py.ids[1], seed=9)
+k = keys(1)
+assert lib.fd_worlds_set_input(w, 2, b"keyboard", ctypes.byref(view(k))) == FD_OK, err()
+py.set_input(py.ids[2], "keyboard", torch.from_numpy(k))
+assert lib.fd_worlds_step(w, None) == FD_OK, err()
+want = py.step().frames_cpu().numpy()
+assert [c_state(i)[0] for i in range(3)] == [2, 0, 2]  # worlds at different blocks share the batch
+for i in range(3):
+    assert np.array_equal(c_frames(i, 1), want[i])
+
+# 3. A bad row: the others take their keys, the call names the world that keeps its old ones.
+k = keys(3)
+k[1, 0, 0] = np.nan
+assert lib.fd_worlds_set_input(w, ALL, b"keyboard", ctypes.byref(view(k))) == FD_INVALID_ARGUMENT
+assert "world(s) [1]" in err() and "keyboard" in err(), err()
+assert py.set_inputs("keyboard", torch.from_numpy(k)) and lib.fd_worlds_step(w, None) == FD_OK
+assert np.array_equal(c_frames(ALL, 3), py.step().frames_cpu().numpy())
+
+# 4. Errors, each named, none of them changing anything.
+assert lib.fd_worlds_set_input(w, ALL, b"keyboard", ctypes.byref(view(keys(2)))) == FD_INVALID_ARGUMENT
+assert lib.fd_worlds_set_input(w, 3, b"keyboard", ctypes.byref(view(keys(1)))) == FD_INVALID_ARGUMENT
+assert "world 3 is out of range: the worlds are 0..2" in err(), err()
+assert lib.fd_worlds_set_input(w, 0, b"steering", ctypes.byref(view(keys(1)))) != FD_OK and "steering" in err()
+assert lib.fd_worlds_reset(w, -2, ctypes.c_uint64(0)) == FD_INVALID_ARGUMENT and "out of range" in err()
+assert lib.fd_worlds_set_input(None, 0, b"keyboard", None) == FD_INVALID_ARGUMENT and "worlds is NULL" in err()
+bad = ctypes.c_void_p(1)
+assert lib.fd_worlds_create(eng, ctypes.byref(WorldsOptions(ctypes.sizeof(WorldsOptions), 0, None)),
+                            ctypes.byref(bad)) == FD_INVALID_ARGUMENT and bad.value is None and "count is 0" in err()
+assert lib.fd_worlds_destroy(w) == FD_OK and lib.fd_worlds_destroy(None) == FD_OK
+assert lib.fd_worlds_step(w, None) == FD_INVALID_ARGUMENT and "fd_worlds_create" in err(), err()
+assert lib.fd_engine_destroy(eng) == FD_OK
+print("worlds host ok")
+"""
+
+
+@pytest.mark.slow
+def test_worlds_through_the_c_abi_match_the_python_worlds(built):
+    """fd_worlds_*: N arena worlds stepped in one batch through the C ABI give Python's Worlds frames bit for bit,
+    with a world reset mid-run (worlds at different blocks), per-world inputs, a refused row named, and errors."""
+    script = built["dir"] / "worlds_host.py"
+    script.write_text(textwrap.dedent(WORLDS_HOST))
+    p = _run([sys.executable, script, built["lib"]], timeout=600)
+    assert "worlds host ok" in p.stdout
+
+
 @pytest.mark.slow
 def test_input_discovery_reports_every_field(built):
     script = built["dir"] / "inputs_host.py"

@@ -104,8 +104,8 @@ FD_API const char* fd_status_name(fd_status status);
 
 /* The API this header describes. Same major: compatible; a newer minor only adds. */
 #define FD_API_VERSION_MAJOR 1
-#define FD_API_VERSION_MINOR 2 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
-                                  1.2: fd_session_warm_up */
+#define FD_API_VERSION_MINOR 3 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
+                                  1.2: fd_session_warm_up; 1.3: fd_worlds_* (many worlds, one batch) */
 #define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
 
 /* The API version of the loaded library, (major << 16) | minor. */
@@ -152,6 +152,7 @@ typedef struct fd_tensor_view {
 
 typedef struct fd_engine fd_engine;   /* opaque */
 typedef struct fd_session fd_session; /* opaque */
+typedef struct fd_worlds fd_worlds;   /* opaque; API 1.3 */
 
 /* Options for fd_engine_open. Start from FD_ENGINE_OPTIONS_INIT: struct_size tells
  * the library which fields the host knows, so the struct can grow. NULL or "" in a
@@ -290,6 +291,84 @@ FD_API FD_MUST_USE fd_status fd_session_warm_up(fd_session* session, double* sec
 /* Release a session and its device memory. NULL: FD_OK. A handle already destroyed:
  * FD_INVALID_ARGUMENT (its memory is never touched). */
 FD_API fd_status fd_session_destroy(fd_session* session);
+
+/* ---- Many worlds in one batch (API 1.3) ----------------------------------
+ *
+ * N independent worlds of one engine, stepped together in one forward pass per tick
+ * (for policy evaluation or RL: hundreds of rollouts on one GPU). Each world has its
+ * own seed, inputs, caches and block index; worlds at different block indices share
+ * the batch, so one world can be reset while the others go on. A world whose output
+ * is not finite is reset by itself at that step (fd_worlds_world_state says so); the
+ * others are untouched. Worlds are numbered 0 .. N-1 for the life of the handle.
+ *
+ *     fd_worlds_options wo = FD_WORLDS_OPTIONS_INIT;  wo.count = 64;   // seeds 0..63
+ *     fd_worlds* w = NULL;
+ *     fd_worlds_create(eng, &wo, &w);
+ *     for (;;) {
+ *         fd_worlds_set_input(w, FD_ALL_WORLDS, "keyboard", &keys);   // [64, ...]: one row per world
+ *         fd_worlds_step(w, NULL);
+ *         fd_worlds_frame_info(w, &t, &h, &wd, &c);                   // one world's block
+ *         fd_worlds_read_frames(w, FD_ALL_WORLDS, buf, 64 * t * h * wd * c, FD_MEMORY_HOST);
+ *     }
+ *     fd_worlds_destroy(w);
+ *
+ * An input's shape for one world is what fd_session_input_info reports with batch 1. */
+
+#define FD_ALL_WORLDS (-1)
+
+typedef struct fd_worlds_options {
+    size_t struct_size;    /* sizeof(fd_worlds_options) */
+    int32_t count;         /* N >= 1 worlds */
+    const uint64_t* seeds; /* N seeds, or NULL: world i is seeded with i */
+} fd_worlds_options;
+
+#define FD_WORLDS_OPTIONS_INIT {sizeof(fd_worlds_options), 1, NULL}
+
+/* Create N worlds at block 0, every input at its default (zeros; a required input its
+ * model's valid stand-in). An engine built by fd-build runs the batch it was built for
+ * (fd-build --batch N): more worlds than that is FD_INVALID_ARGUMENT, saying so. */
+FD_API FD_MUST_USE fd_status fd_worlds_create(fd_engine* engine, const fd_worlds_options* opts, fd_worlds** out);
+
+/* The number of worlds N, in *count. */
+FD_API FD_MUST_USE fd_status fd_worlds_count(const fd_worlds* worlds, int32_t* count);
+
+/* Set world `world`'s input (its one-world shape, batch 1 or no batch dimension), or with
+ * FD_ALL_WORLDS every world's at once (shape [N, ...], one row per world). Checked first:
+ * a single world's bad value changes nothing; with FD_ALL_WORLDS the rows that pass are
+ * written and the call returns FD_INVALID_ARGUMENT naming the worlds that keep their old
+ * value. Takes effect at the next fd_worlds_step. */
+FD_API FD_MUST_USE fd_status fd_worlds_set_input(fd_worlds* worlds, int32_t world, const char* name,
+                                                 const fd_tensor_view* value);
+
+/* One block of every world, in one batch. *failed (may be NULL) receives how many worlds
+ * produced non-finite output and were reset by themselves. Frames stay readable until the
+ * next step. */
+FD_API FD_MUST_USE fd_status fd_worlds_step(fd_worlds* worlds, int32_t* failed);
+
+/* World `world` in the last step: *block its block index (0 right after a reset), *failed
+ * 1 if its output was not finite and it was reset (its frames of that step are not
+ * meaningful), *padding_frames how many leading frames of its block are padding (a model
+ * whose worlds step in lockstep groups pads a shorter block with its first frame; else 0).
+ * Any out pointer may be NULL. */
+FD_API FD_MUST_USE fd_status fd_worlds_world_state(fd_worlds* worlds, int32_t world, int64_t* block, int32_t* failed,
+                                                   int64_t* padding_frames);
+
+/* Size of one world's frames in the last step: uint8 RGB [num_frames, height, width, 3]. */
+FD_API FD_MUST_USE fd_status fd_worlds_frame_info(fd_worlds* worlds, int64_t* num_frames, int64_t* height,
+                                                  int64_t* width, int64_t* channels);
+
+/* Copy world `world`'s frames of the last step ([T, H, W, 3]), or with FD_ALL_WORLDS every
+ * world's ([N, T, H, W, 3]), into `dst`; as fd_session_read_frames otherwise. */
+FD_API FD_MUST_USE fd_status fd_worlds_read_frames(fd_worlds* worlds, int32_t world, void* dst, size_t dst_bytes,
+                                                   fd_memory memory);
+
+/* World `world` back to block 0 with a new seed (caches cleared, inputs kept); the other
+ * worlds go on where they are. */
+FD_API FD_MUST_USE fd_status fd_worlds_reset(fd_worlds* worlds, int32_t world, uint64_t seed);
+
+/* Release the worlds and their device memory. NULL: FD_OK. A handle already destroyed:
+ * FD_INVALID_ARGUMENT (its memory is never touched). */
+FD_API fd_status fd_worlds_destroy(fd_worlds* worlds);
 
 #ifdef __cplusplus
 } /* extern "C" */
