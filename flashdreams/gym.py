@@ -186,7 +186,7 @@ class _Worlds:
                 t = self._poses_from_motion(name, actions.get(self.motion[name]), skip, refused)
             else:
                 t = self._batched(name, (self.num_envs, *spec.shape[1:]), actions.get(name))
-            for i in skip:
+            for i in skip if name not in self.fixed else ():  # a setting holds through resets
                 t[i] = self.neutral[name][0]
             refused.update(self.worlds.set_inputs(name, t))
         return refused

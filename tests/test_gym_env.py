@@ -212,10 +212,14 @@ def test_settings_configure_every_world_and_are_checked_first():
         num_envs=2, engine=engine, max_episode_steps=3, settings={"intrinsics": torch.stack([k, wide])}
     )
     a, b = plain.reset(seed=4)[0], mixed.reset(seed=4)[0]
-    assert np.array_equal(a[0], b[0])  # world 0 keeps the stand-in
-    move = {"poses_motion": np.full((2, *plain.single_action_space["poses_motion"].shape), 0.5, np.float32)}
-    a, b = plain.step(move)[0], mixed.step(move)[0]
     assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])  # world 1 sees through other optics
+    move = {"poses_motion": np.full((2, *plain.single_action_space["poses_motion"].shape), 0.5, np.float32)}
+    for _ in range(3):  # the third step ends the episodes (max_episode_steps=3)
+        a, b = plain.step(move)[0], mixed.step(move)[0]
+        assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])
+    (a, _, _, _, info_a), (b, _, _, _, info_b) = plain.step(move), mixed.step(move)
+    assert info_a["block"].tolist() == info_b["block"].tolist() == [0, 0]  # the autoreset step
+    assert np.array_equal(a[0], b[0]) and not np.array_equal(a[1], b[1])  # the setting held through the reset
     errors = flashdreams.errors.InvalidArgumentError
     with pytest.raises(errors, match="unknown settings"):
         flashdreams.gym.WorldEnv(engine=engine, settings={"focal": 1.0})
