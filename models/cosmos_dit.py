@@ -36,6 +36,8 @@ PATCH = (1, 2, 2)
 _FP8_LINEARS = re.compile(
     r"(^|\.)blocks\.\d+\.(self_attn\.(q|k|v|output)_proj|cross_attn\.(q|output)_proj|mlp\.layer[12])$"
 )
+# Of those, the ones `set_precision("fp8")` leaves in the model's dtype (a regex over their names): none yet.
+FP8_KEEP: str | None = None
 
 
 @dataclass(frozen=True)
@@ -365,21 +367,31 @@ class CosmosDiT(nn.Module):
 
     def set_precision(self, precision: str) -> None:
         """'bf16' (the model's dtype) or 'fp8': the blocks' per-token linears (self-attention q/k/v/output,
-        cross-attention q/output, MLP) in float8 e4m3, and with attention='triton' (not 'fa4') also the
-        KV-ring attention.
+        cross-attention q/output, MLP) but `FP8_KEEP` in float8 e4m3, and with attention='triton' (not 'fa4')
+        also the KV-ring attention.
         Opt-in and irreversible (reload to go back); embeddings, modulation, text K/V and the head stay."""
         if precision not in ("bf16", "fp8"):
             raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
         if precision == "fp8" and self.precision != "fp8":
-            from flashdreams.kernels import quantize_linears_fp8_
-
-            quantize_linears_fp8_(
-                self,
-                include=lambda n, lin: (
-                    bool(_FP8_LINEARS.search(n)) and lin.in_features % 16 == 0 and lin.out_features % 16 == 0
-                ),
-            )
+            self.quantize_fp8_()
         self.precision = precision
+
+    def quantize_fp8_(self, exclude: str | None = None) -> list[str]:
+        """Swap the blocks' per-token linears for FP8 ones, but those whose names match the regex `exclude`
+        (None: FP8_KEEP; "": none); returns the swapped names. The attention's precision is `set_precision`'s."""
+        from flashdreams.kernels import quantize_linears_fp8_
+
+        exclude = FP8_KEEP if exclude is None else exclude
+        keep = re.compile(exclude) if exclude else None
+        return quantize_linears_fp8_(
+            self,
+            include=lambda n, lin: (
+                bool(_FP8_LINEARS.search(n))
+                and lin.in_features % 16 == 0
+                and lin.out_features % 16 == 0
+                and not (keep is not None and keep.search(n))
+            ),
+        )
 
     # -- pieces ---------------------------------------------------------------------------------
     def embed_text(self, crossattn_emb: torch.Tensor) -> torch.Tensor:

@@ -19,6 +19,7 @@ residual stream and the linears in the model's dtype.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from functools import partial
 from typing import Any
@@ -34,6 +35,13 @@ from flashdreams.models.wan_config import WanConfig
 
 # The reference splits the I2V context at this hard-coded row: CLIP image tokens come first.
 CLIP_TOKENS = 257
+# The per-token linears `set_precision("fp8")` leaves in the model's dtype (a regex over their names): the
+# cross-attention's output projection. In FP8 it alone took Self-Forcing's latents from rel. L2 0.020 to 0.034
+# over 7 blocks against 0.03 allowed, while its query projection changed nothing (0.0335 either way;
+# bench/fp8_layer_study.py, bench/results/fp8-layers-cpu/). Its input, text values averaged over the prompt, is
+# nearly the same for every token, so its rounding error is too, and adds up instead of averaging out. It is 6%
+# of the linears' FLOPs (2% of a Self-Forcing block's): ~2 ms a block in bf16 (not yet measured).
+FP8_KEEP = r"cross_attn\.o$"
 
 
 class RMSNorm(nn.Module):
@@ -214,6 +222,8 @@ def sinusoidal_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
 class WanDiT(nn.Module):
     """Wan2.1 DiT weights plus the bidirectional forward; `forward_step` is the causal one."""
 
+    fp8_keep: str | None = FP8_KEEP  # the linears precision "fp8" leaves in the model's dtype (a regex)
+
     def __init__(self, cfg: WanConfig) -> None:
         super().__init__()
         self.cfg = cfg
@@ -241,39 +251,51 @@ class WanDiT(nn.Module):
         return self
 
     def set_precision(self, precision: str) -> None:
-        """'bf16' (the model's dtype) or 'fp8': the blocks' linears and the self-attention in
-        float8 e4m3 (opt-in; its quality cost is measured in bench/). With attention 'fa4' the
-        KV-ring attention stays bf16 (`dit_ops.ring_precision`). Irreversible: reload the weights
-        to go back. Embeddings, the head, cross-attention K/V stay in bf16."""
+        """'bf16' (the model's dtype) or 'fp8': the blocks' per-token linears but `fp8_keep` (FP8_KEEP: the
+        cross-attention's output) and the self-attention in float8 e4m3 (opt-in; its quality cost is measured
+        in bench/). With attention 'fa4' the KV-ring attention stays bf16 (`dit_ops.ring_precision`). Irreversible:
+        reload the weights to go back. Embeddings, the head, cross-attention K/V stay in bf16."""
         if precision not in ("bf16", "fp8"):
             raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
         if precision == "fp8" and self.precision != "fp8":
             if self.attention_impl != "triton":
                 raise InvalidArgumentError("precision 'fp8' needs attention='triton'")
-            from flashdreams.kernels import Fp8Linear, quantize_linears_fp8_
-            from flashdreams.kernels.fp8_linear import is_dit_fp8_linear
-
-            for blk in self.blocks:
-                sa = blk.self_attn
-                fused = nn.Linear(
-                    sa.q.in_features, 3 * sa.q.out_features, device=sa.q.weight.device, dtype=sa.q.weight.dtype
-                )
-                with torch.no_grad():
-                    fused.weight.copy_(torch.cat([sa.q.weight, sa.k.weight, sa.v.weight]))
-                    fused.bias.copy_(torch.cat([sa.q.bias, sa.k.bias, sa.v.bias]))
-                sa.qkv_fp8 = Fp8Linear.from_linear(fused)  # one FP8 GEMM for q, k and v
-                for name in ("qkv_weight", "qkv_bias"):
-                    sa._buffers.pop(name, None)
-            # q/k/v run as the fused qkv_fp8 above; the rest of the blocks' linears go FP8 one by one.
-            quantize_linears_fp8_(
-                self,
-                include=lambda n, lin: (
-                    is_dit_fp8_linear(n, lin)
-                    and not n.endswith(("attn.q", "attn.k", "attn.v"))
-                    or n.endswith("cross_attn.q")
-                ),
-            )
+            self.quantize_fp8_()
         self.precision = precision
+
+    def quantize_fp8_(self, exclude: str | None = None) -> list[str]:
+        """Swap the blocks' per-token linears (`is_dit_fp8_linear`) for FP8 ones, but those whose names match
+        the regex `exclude` (None: the model's `fp8_keep`; "": none); returns the swapped names. The
+        attention's precision is `set_precision`'s."""
+        from flashdreams.kernels import Fp8Linear, quantize_linears_fp8_
+        from flashdreams.kernels.fp8_linear import is_dit_fp8_linear
+
+        exclude = self.fp8_keep if exclude is None else exclude
+        keep = re.compile(exclude) if exclude else None
+
+        def wanted(name: str, linear: nn.Linear) -> bool:
+            return is_dit_fp8_linear(name, linear) and not (keep is not None and keep.search(name))
+
+        done = []
+        for i, blk in enumerate(self.blocks):
+            sa = blk.self_attn
+            names = [f"blocks.{i}.self_attn.{p}" for p in ("q", "k", "v")]
+            if not all(wanted(n, lin) for n, lin in zip(names, (sa.q, sa.k, sa.v))):
+                continue
+            fused = nn.Linear(
+                sa.q.in_features, 3 * sa.q.out_features, device=sa.q.weight.device, dtype=sa.q.weight.dtype
+            )
+            with torch.no_grad():
+                fused.weight.copy_(torch.cat([sa.q.weight, sa.k.weight, sa.v.weight]))
+                fused.bias.copy_(torch.cat([sa.q.bias, sa.k.bias, sa.v.bias]))
+            sa.qkv_fp8 = Fp8Linear.from_linear(fused)  # one FP8 GEMM for q, k and v
+            for name in ("qkv_weight", "qkv_bias"):
+                sa._buffers.pop(name, None)
+            done += names
+        # q/k/v run as the fused qkv_fp8 above; the rest of the blocks' linears go FP8 one by one.
+        self_qkv = re.compile(r"self_attn\.(q|k|v)$")
+        done += quantize_linears_fp8_(self, include=lambda n, lin: wanted(n, lin) and not self_qkv.search(n))
+        return done
 
     def set_attention(self, impl: str) -> None:
         """'sdpa' (torch), 'triton' (FlashDreams kernels: ring attention, fused norms) or 'fa4' ('triton' with

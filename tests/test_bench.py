@@ -503,3 +503,25 @@ def test_micro_benches_refuse_bad_options_by_name(script, tmp_path):
     proc = _bench_smoke(script, "--reps", "0", "--out", str(tmp_path / "x.json"))
     assert proc.returncode == 2 and "--reps must be >= 1" in proc.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_fp8_layer_study_keeps_the_named_linears_out_of_fp8(tmp_path):
+    """bench/fp8_layer_study.py on the tiny model: each variant quantizes the model's FP8 set but its matches,
+    and a variant's name or pattern that cannot be read is refused before anything runs."""
+
+    def study(*args: str) -> subprocess.CompletedProcess:
+        script = REPO / "bench" / "fp8_layer_study.py"
+        return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True, timeout=300)
+
+    out = tmp_path / "study.json"
+    proc = study("--preset", "tiny", "--blocks", "2", "--variant", "all=", "--variant", r"cross_bf16=cross_attn\.",
+                 "--out", str(out))  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    variants = json.loads(out.read_text())["variants"]
+    assert variants["all"]["fp8_linears"] == 16 and variants["cross_bf16"]["fp8_linears"] == 12  # 2 blocks
+    for v in variants.values():
+        assert 1e-4 < v["latents_rel_l2_all"] < 0.1 and len(v["latents_rel_l2_per_block"]) == 2
+    for bad, why in (("nameless", "NAME=REGEX"), ("x=[", "not a regular expression")):
+        proc = study("--variant", bad, "--out", str(tmp_path / "no.json"))
+        assert proc.returncode == 2 and why in proc.stderr
+    assert not (tmp_path / "no.json").exists()
