@@ -42,6 +42,7 @@ class PhaseProgress:
         self.prefix = prefix
         self.t0 = time.perf_counter()
         self.total = 0
+        self.started = False  # a phase was shown: close() ends the log with a line
         self.bar = None
         self.closed = False
 
@@ -49,6 +50,7 @@ class PhaseProgress:
         if self.disable:
             return
         self.total = total
+        self.started = True
         if not self.use_bar:
             elapsed = time.perf_counter() - self.t0
             shown = total if total > 0 else "?"
@@ -74,6 +76,6 @@ class PhaseProgress:
                 self.bar.n = self.bar.total
                 self.bar.refresh()
             self.bar.close()
-        elif not self.use_bar and self.total:
+        elif not self.use_bar and self.started:
             state = "done" if ok else "stopped"
             print(f"{self.prefix}: {state} in {time.perf_counter() - self.t0:.1f} s", file=self.stream, flush=True)

@@ -72,8 +72,8 @@ def is_setting(spec: InputSpec) -> bool:
 
 def action_space_for(specs: list[InputSpec], motion: dict[str, str] | None = None) -> spaces.Dict:
     """One world's action space: its per-block inputs that are not settings (`is_setting`), without the batch
-    dim. `motion` {input: action name}:
-    those pose inputs are driven by a per-frame camera motion instead ([F, 6] in [-1, 1], scaled by MOTION_MAX)."""
+    dim. The pose inputs named in `motion` ({input: action name}) are driven by a per-frame camera motion
+    instead: [F, 6] in [-1, 1], scaled by MOTION_MAX."""
     motion = motion or {}
     out = {}
     for s in specs:

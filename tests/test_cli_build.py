@@ -114,6 +114,11 @@ def test_progress_shows_an_unknown_total_as_a_question_mark():
         "fd-build: [1/?] load model",
         "fd-build: [2/4] hash weights",
     ]
+    early = io.StringIO()  # a build that stops while the total is still unknown still ends its log
+    stopped = PhaseProgress(stream=early)
+    stopped("load model", 0, 0)
+    stopped.close(ok=False)
+    assert early.getvalue().splitlines()[-1].startswith("fd-build: stopped in ")
     tty = Tty()
     bar = PhaseProgress(stream=tty)
     bar("load model", 0, 0)  # a bar without a total yet
