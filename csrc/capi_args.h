@@ -83,6 +83,20 @@ inline fd_status check_view(const char* fn, const char* what, const fd_tensor_vi
     return FD_OK;
 }
 
+// A read's destination memory kind.
+inline fd_status check_memory(const char* fn, fd_memory mem) {
+    if (mem == FD_MEMORY_HOST || mem == FD_MEMORY_DEVICE) return FD_OK;
+    return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": memory " + std::to_string(static_cast<int>(mem)) +
+                                         " is neither FD_MEMORY_HOST nor FD_MEMORY_DEVICE");
+}
+
+// Looks an engine up and checks it; `eng` is set on FD_OK.
+inline fd_status get_engine(const char* fn, fd_engine* handle, std::shared_ptr<EngineImpl>& eng) {
+    if (handle == nullptr) return null_arg(fn, "engine");
+    eng = find_engine(handle);
+    return eng ? FD_OK : dead_handle(fn, "engine");
+}
+
 // The Python tensor (a copy) of a checked view. With the GIL held.
 inline py::object view_to_tensor(const fd_tensor_view* v) {
     py::tuple shape(v->ndim);

@@ -18,19 +18,17 @@ fd_status get_worlds(const char* fn, const fd_worlds* handle, std::shared_ptr<Wo
     return w ? FD_OK : dead_handle(fn, "worlds");
 }
 
-// Looks the worlds up and runs `body` in Python with their lock held.
+// Runs `body` in Python on worlds already looked up, with their lock held.
+fd_status locked(WorldsImpl& w, const std::function<fd_status(WorldsImpl&)>& body) {
+    auto lock = lock_without_gil(w.mu);
+    return with_python([&] { return body(w); });
+}
+
+// Looks the worlds up and runs `body` on them (see `locked`).
 fd_status in_worlds(const char* fn, const fd_worlds* handle, const std::function<fd_status(WorldsImpl&)>& body) {
     std::shared_ptr<WorldsImpl> w;
     fd_status st = get_worlds(fn, handle, w);
-    if (st != FD_OK) return st;
-    auto lock = lock_without_gil(w->mu);
-    return with_python([&] { return body(*w); });
-}
-
-fd_status check_memory(const char* fn, fd_memory mem) {
-    if (mem == FD_MEMORY_HOST || mem == FD_MEMORY_DEVICE) return FD_OK;
-    return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": memory " + std::to_string(static_cast<int>(mem)) +
-                                         " is neither FD_MEMORY_HOST nor FD_MEMORY_DEVICE");
+    return st != FD_OK ? st : locked(*w, body);
 }
 
 }  // namespace
@@ -42,9 +40,9 @@ FD_API fd_status fd_worlds_create(fd_engine* engine, const fd_worlds_options* op
     return guarded([&]() -> fd_status {
         if (out == nullptr) return null_arg(fn, "out");
         *out = nullptr;
-        if (engine == nullptr) return null_arg(fn, "engine");
-        std::shared_ptr<EngineImpl> eng = find_engine(engine);
-        if (!eng) return dead_handle(fn, "engine");
+        std::shared_ptr<EngineImpl> eng;
+        fd_status found = get_engine(fn, engine, eng);
+        if (found != FD_OK) return found;
         fd_worlds_options o = FD_WORLDS_OPTIONS_INIT;
         if (opts != nullptr) {
             fd_status st = check_struct_size(fn, "fd_worlds_options", "FD_WORLDS_OPTIONS_INIT", opts->struct_size,
@@ -94,7 +92,7 @@ FD_API fd_status fd_worlds_set_input(fd_worlds* worlds, int32_t world, const cha
         if (name == nullptr) return null_arg(fn, "name");
         st = check_view(fn, name, value);
         if (st != FD_OK) return st;
-        return in_worlds(fn, worlds, [&](WorldsImpl& impl) {
+        return locked(*w, [&](WorldsImpl& impl) {
             glue("worlds_set_input")(impl.worlds, world, name, view_to_tensor(value));
             return FD_OK;
         });
@@ -155,7 +153,7 @@ FD_API fd_status fd_worlds_read_frames(fd_worlds* worlds, int32_t world, void* d
         if (dst == nullptr) return null_arg(fn, "dst");
         st = check_memory(fn, memory);
         if (st != FD_OK) return st;
-        return in_worlds(fn, worlds, [&](WorldsImpl& impl) {
+        return locked(*w, [&](WorldsImpl& impl) {
             glue("worlds_read")(impl.worlds, impl.last, world, reinterpret_cast<uintptr_t>(dst), dst_bytes,
                                 static_cast<int>(memory));
             return FD_OK;

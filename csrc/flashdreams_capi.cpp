@@ -101,10 +101,8 @@ fd_status read_block(const char* fn, fd_session* handle, const char* what, void*
     fd_status st = get_session(fn, handle, s);
     if (st != FD_OK) return st;
     if (dst == nullptr) return null_arg(fn, "dst");
-    if (mem != FD_MEMORY_HOST && mem != FD_MEMORY_DEVICE) {
-        return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": memory " + std::to_string(static_cast<int>(mem)) +
-                                             " is neither FD_MEMORY_HOST nor FD_MEMORY_DEVICE");
-    }
+    st = check_memory(fn, mem);
+    if (st != FD_OK) return st;
     auto lock = lock_session(*s);
     return with_python([&] {
         glue("read")(s->last, what, reinterpret_cast<uintptr_t>(dst), bytes, static_cast<int>(mem));
@@ -182,9 +180,9 @@ FD_API fd_status fd_session_create(fd_engine* engine, const fd_session_options* 
     return guarded([&]() -> fd_status {
         if (out == nullptr) return null_arg(fn, "out");
         *out = nullptr;
-        if (engine == nullptr) return null_arg(fn, "engine");
-        std::shared_ptr<EngineImpl> eng = find_engine(engine);
-        if (!eng) return dead_handle(fn, "engine");
+        std::shared_ptr<EngineImpl> eng;
+        fd_status found = get_engine(fn, engine, eng);
+        if (found != FD_OK) return found;
         fd_session_options o = FD_SESSION_OPTIONS_INIT;
         if (opts != nullptr) {
             fd_status st = check_struct_size(fn, "fd_session_options", "FD_SESSION_OPTIONS_INIT", opts->struct_size,
