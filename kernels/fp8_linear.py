@@ -348,6 +348,16 @@ class Fp8Linear(nn.Module):
 _DIT_FP8 = re.compile(r"(^|\.)blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$")
 
 
+def fp8_exclusion(pattern: str) -> re.Pattern | None:
+    """The compiled regex of the linears a DiT's `quantize_fp8_(exclude=...)` keeps out of FP8 ("": none)."""
+    if not pattern:
+        return None
+    try:
+        return re.compile(pattern)
+    except re.error as exc:
+        raise InvalidArgumentError(f"exclude: {pattern!r} is not a regular expression ({exc})") from None
+
+
 def is_dit_fp8_linear(name: str, linear: nn.Linear) -> bool:
     """The DiT linears that run per token per forward: self-attn q/k/v/o, cross-attn q/o, ffn.0/ffn.2
     of every block (and whose dims suit fp8 GEMMs: multiples of 16)."""

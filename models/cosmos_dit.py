@@ -382,9 +382,10 @@ class CosmosDiT(nn.Module):
         """Swap the blocks' per-token linears for FP8 ones, but those whose names match the regex `exclude`
         (None: FP8_KEEP; "": none); returns the swapped names. The attention's precision is `set_precision`'s."""
         from flashdreams.kernels import quantize_linears_fp8_
+        from flashdreams.kernels.fp8_linear import fp8_exclusion
 
         exclude = FP8_KEEP if exclude is None else exclude
-        keep = re.compile(exclude) if exclude else None
+        keep = fp8_exclusion(exclude)
         return quantize_linears_fp8_(
             self,
             include=lambda n, lin: (

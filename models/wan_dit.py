@@ -268,10 +268,10 @@ class WanDiT(nn.Module):
         the regex `exclude` (None: the model's `fp8_keep`; "": none); returns the swapped names. The
         attention's precision is `set_precision`'s."""
         from flashdreams.kernels import Fp8Linear, quantize_linears_fp8_
-        from flashdreams.kernels.fp8_linear import is_dit_fp8_linear
+        from flashdreams.kernels.fp8_linear import fp8_exclusion, is_dit_fp8_linear
 
         exclude = self.fp8_keep if exclude is None else exclude
-        keep = re.compile(exclude) if exclude else None
+        keep = fp8_exclusion(exclude)
 
         def wanted(name: str, linear: nn.Linear) -> bool:
             return is_dit_fp8_linear(name, linear) and not (keep is not None and keep.search(name))

@@ -45,6 +45,10 @@ def test_fp8_linears_can_be_chosen_by_name():
     assert default == {n for n in everything if "cross_attn.o" not in n} and WanDiT.fp8_keep == FP8_KEEP
     assert no_ffn == {n for n in everything if ".ffn." not in n}
     assert LingBotDiT.fp8_keep is None
+    dit = flashdreams.load(decoder=None).model.weights
+    with pytest.raises(InvalidArgumentError, match="not a regular expression"):
+        dit.quantize_fp8_(exclude="cross_attn.(")
+    assert not [m for m in dit.modules() if type(m).__name__ == "Fp8Linear"]  # refused before anything changed
 
 
 def test_fp8_needs_the_triton_kernels():
