@@ -40,6 +40,7 @@ build|580|fd-build of the full-size engine, when the engine part left none (roun
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
+cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
@@ -391,15 +392,55 @@ part_cold-pyc() {
   # The lent image ships its Python packages without bytecode (a normal pip install writes it), so a
   # fresh process there compiles torch's and sympy's source first (6.4 s of 20 on the H100). Byte-compile
   # what a cold start imports, then measure the same three cold processes.
-  local t0 site
+  local t0
   t0=$(date +%s)
-  if [ $SMOKE = 0 ] && [ $DRY = 0 ]; then
-    site=$($PY -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
-    (cd "$site" && timeout $(($1 / 2)) "$PY" -m compileall -q -j 0 torch sympy triton numpy mpmath networkx jinja2 \
-      markupsafe filelock fsspec safetensors tqdm typing_extensions.py >/dev/null 2>&1)
-    echo "byte-compiled the packages a cold start imports in $(($(date +%s) - t0)) s ($site)"
-  fi
+  byte_compile $(($1 / 2))
   cold_runs cold-pyc $(($1 - ($(date +%s) - t0)))
+}
+
+byte_compile() { # byte_compile LIMIT: write the .pyc files the lent image lacks for what a cold start imports
+  local site
+  [ $SMOKE = 1 ] || [ $DRY = 1 ] && return 0
+  site=$($PY -c 'import os, torch; print(os.path.dirname(os.path.dirname(torch.__file__)))')
+  (cd "$site" && timeout "$1" "$PY" -m compileall -q -j 0 torch sympy triton numpy mpmath networkx jinja2 \
+    markupsafe filelock fsspec safetensors tqdm typing_extensions.py >/dev/null 2>&1)
+  echo "byte-compiled the packages a cold start imports ($site)"
+}
+
+unbundled_kernels() { # which Triton kernels the last cold load compiled: its cache entries the engine's bundle lacked
+  py 30 - "$ENGINE/kernels.tar" "$WORK/cold-cache/triton" <<'EOF'
+import json, sys, tarfile
+from pathlib import Path
+bundled = {m.name.split("/")[1] for m in tarfile.open(sys.argv[1]).getmembers() if m.name.startswith("triton/")}
+cache = Path(sys.argv[2])
+extra = [e for e in sorted(cache.iterdir()) if e.is_dir() and e.name not in bundled] if cache.is_dir() else []
+print(f"\n== Triton cache entries after the load that the bundle ({len(bundled)} entries) did not bring: {len(extra)}")
+for e in extra:
+    names = [json.loads(m.read_text()).get("name", m.stem) for m in e.glob("*.json") if not m.name.startswith("__grp__")]
+    print(" ", e.name, names or sorted(p.name for p in e.iterdir()))
+EOF
+}
+
+part_cold-profile() {
+  # Where a cold load's seconds go once bytecode exists: one fresh process under cProfile, its top
+  # functions by cumulative and by own time in cold-profile.txt.
+  local attn=triton
+  [ $SMOKE = 1 ] && attn=sdpa
+  byte_compile $(($1 / 3))
+  if [ $DRY = 0 ] && [ ! -f "$ENGINE/manifest.json" ]; then
+    echo "no engine at $ENGINE: run the engine or build part first"
+    return 3
+  fi
+  rm -rf "$WORK/cold-cache"
+  TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
+    py $(($1 * 2 / 3)) -m cProfile -o "$WORK/cold.prof" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" \
+    --attention $attn --blocks 4 --rollouts 1 --quick-ceilings --out "$WORK/cold-prof" | grep -E "^(backend|engine) |dry-run"
+  [ $DRY = 1 ] || py 60 "$REPO/bench/profile_summary.py" "$WORK/cold.prof" --top 70 \
+    --callees "load_engine_dir" --callees "engine_runtime.py:[0-9]+\(__call__\)" \
+    --callers "compiler/compiler.py:[0-9]+\(compile\)" --callers "jit.py:[0-9]+\(_do_compile\)" >"$DEST/cold-profile.txt"
+  [ $DRY = 1 ] || unbundled_kernels >>"$DEST/cold-profile.txt"
+  [ $DRY = 1 ] || grep -A30 "did not bring" "$DEST/cold-profile.txt" | head -30
+  [ $DRY = 1 ] || head -40 "$DEST/cold-profile.txt"
 }
 
 cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: three fresh processes from the built engine -> $DEST/NAME.json
@@ -414,7 +455,7 @@ cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: three fresh processes f
   local i per=$((limit / 3 - 2)) attn=triton
   [ $SMOKE = 1 ] && attn=sdpa # the CPU engine of the build part's smoke form
   for i in 1 2 3; do
-    rm -rf "$WORK/cold-cache"
+    rm -rf "$WORK/cold-cache" "$WORK/cold-$i" # (a failed run must not leave an earlier run's results to be read)
     TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
       py "$per" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" --attention $attn --blocks 4 --rollouts 1 \
       --quick-ceilings "$@" --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
@@ -435,6 +476,7 @@ out = {"what": "process start to first frame, fresh processes with empty compile
 Path(sys.argv[2]).write_text(json.dumps(out, indent=1))
 print(f"cold start, process start to first frame: {[round(v, 2) for v in vals]} s, median {out['median_s']}")
 EOF
+  unbundled_kernels | tee "$DEST/$name-unbundled.txt" | head -20
 }
 
 part_eager-vs-engine() {

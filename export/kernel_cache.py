@@ -10,9 +10,12 @@ Two things Inductor's artifacts leave out, both measured on the H100 cold start:
   several candidate configs benchmarks them at its first call unless its result is
   cached beside its source.
 
+Inductor's own Triton kernels are meant to travel in its artifacts, but a cold load on
+the H100 still compiled some (ptxas for 8 kernels, next33-h100), so they are bundled too.
+
 The build runs with Triton's cache (and, on CUDA, Inductor's) pointed at scratch
-directories (`capture_compile_caches`); `bundle_kernels` packs the entries of our
-kernels (`triton/...`) and the autotuning results (`inductor/...`) into
+directories (`capture_compile_caches`); `bundle_kernels` packs every Triton cache
+entry (`triton/...`) and the autotuning results (`inductor/...`) into
 `kernels.tar`. At load, `install_kernels` unpacks what this machine's caches lack, at
 the paths Triton and Inductor look them up by (content hashes, so an entry either fits
 exactly or is never looked up). The fingerprint already guarantees the versions match.
@@ -35,7 +38,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import logging
 import os
 import shutil
@@ -140,20 +142,8 @@ def _cpp_kernel_files(keys: Iterable[str]) -> list[tuple[Path, str]]:
     return members
 
 
-def _kernel_names(entry: Path) -> list[str]:
-    names = []
-    for meta in entry.glob("*.json"):
-        if meta.name.startswith("__grp__"):
-            continue
-        try:
-            names.append(json.loads(meta.read_text()).get("name", meta.stem))
-        except (OSError, ValueError):
-            names.append(meta.stem)
-    return names
-
-
 def bundle_kernels(scratch: Path, engine_dir: Path, cpp_keys: Iterable[str] = ()) -> str | None:
-    """Pack our Triton kernels (not Inductor's `triton_*`, its artifacts hold those) and Inductor's
+    """Pack the build's Triton kernels (ours and Inductor's) and Inductor's
     autotuning results from the build's scratch caches, and the compiled C++ kernels named by
     `cpp_keys` from the local Inductor cache, into the engine; the file name, or None."""
     members: list[tuple[Path, str]] = []
@@ -162,11 +152,11 @@ def bundle_kernels(scratch: Path, engine_dir: Path, cpp_keys: Iterable[str] = ()
         for e in sorted(triton.iterdir()):
             if not e.is_dir():
                 continue
-            # Inductor's kernels travel in its artifacts; ours, and the compiled launcher stubs
-            # (entries without kernel metadata: gcc builds them, ~0.35 s each on the H100), do not.
-            names = _kernel_names(e)
-            if not names or not all(n.startswith("triton_") for n in names):
-                members.append((e, f"triton/{e.name}"))
+            # Every entry: ours, the compiled launcher stubs (no kernel metadata: gcc builds them,
+            # ~0.35 s each on the H100), and Inductor's own kernels. Its artifacts were meant to
+            # carry those, yet a cold load on the H100 still ran ptxas for 8 kernels
+            # (bench/results/next33-h100/cold-profile.txt); entries a machine has are skipped.
+            members.append((e, f"triton/{e.name}"))
     inductor = scratch / "inductor"
     if inductor.is_dir():
         for f in sorted(inductor.rglob("*.best_config")):

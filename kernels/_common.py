@@ -110,15 +110,24 @@ def _is_traced(args: Iterable[Any]) -> bool:
 
 
 def launch(kernel: Any, grid: Sequence[int], *args: Any, **kwargs: Any) -> None:
-    """Launch `kernel` through `torch.library.wrap_triton`, so compile/export can trace the call.
+    """Launch `kernel`: directly for an opaque op, through `torch.library.wrap_triton` for a
+    `triton_op` (compile/export trace into its body then, see `inline_into_compilers`).
+
+    An opaque op's body only ever runs on real tensors or, as its own fake implementation, on
+    fake ones (then nothing is launched: the op's outputs are already allocated). Launching it
+    through `wrap_triton` outside a trace costs the higher-order op's dispatch, signature
+    inspection included, on every call: over a second under cProfile for the 3793 launches of a
+    cold Self-Forcing engine's load and first blocks on the H100
+    (bench/results/next33-h100/cold-profile.txt). The direct launch skips it.
 
     Under the interpreter `wrap_triton` hands back the bare kernel, which cannot run on
-    fake tensors: while torch.export propagates shapes, the launch is skipped (the op's
-    outputs are already allocated). Inductor, which would need to compile the kernel
-    itself, is refused there with a clear error.
+    fake tensors: while torch.export propagates shapes, the launch is skipped. Inductor,
+    which would need to compile the kernel itself, is refused there with a clear error.
     """
-    if not inline_into_compilers() and _is_traced(list(args) + list(kwargs.values())):
-        return  # the fake implementation of an opaque op: shapes only, nothing to run
+    if not inline_into_compilers():
+        if not _is_traced(list(args) + list(kwargs.values())):
+            kernel[tuple(grid)](*args, **kwargs)
+        return  # traced: the fake implementation of an opaque op, shapes only, nothing to run
     if interpreted() and _is_traced(list(args) + list(kwargs.values())):
         from torch._subclasses.functional_tensor import FunctionalTensor
 

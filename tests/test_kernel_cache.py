@@ -36,7 +36,7 @@ def test_bundle_and_install(tmp_path, monkeypatch):
     scratch, engine = tmp_path / "scratch", tmp_path / "engine"
     engine.mkdir()
     _entry(scratch / "triton", "AAA", "_ring_attention_kernel")
-    _entry(scratch / "triton", "BBB", "triton_poi_fused_add_0")  # Inductor's: its artifacts carry it
+    _entry(scratch / "triton", "BBB", "triton_poi_fused_add_0")  # Inductor's: travels too
     _entry(scratch / "triton", "CCC", "_adaln_modulate_kernel")
     (scratch / "triton" / "DDD").mkdir()
     (scratch / "triton" / "DDD" / "__triton_launcher.so").write_bytes(b"\x7fELF")  # a launcher stub: no metadata
@@ -46,7 +46,7 @@ def test_bundle_and_install(tmp_path, monkeypatch):
     assert bundle_kernels(scratch, engine) == kernel_cache.BUNDLE_FILE
     with tarfile.open(engine / kernel_cache.BUNDLE_FILE) as tar:
         names = {m.name for m in tar.getmembers() if m.isfile()}
-    assert {n.split("/")[1] for n in names if n.startswith("triton/")} == {"AAA", "CCC", "DDD"}
+    assert {n.split("/")[1] for n in names if n.startswith("triton/")} == {"AAA", "BBB", "CCC", "DDD"}
     assert {n for n in names if n.startswith("inductor/")} == {
         "inductor/ab/cabc.best_config",
         "inductor/cd/ccd.best_config",
@@ -59,19 +59,19 @@ def test_bundle_and_install(tmp_path, monkeypatch):
     _entry(here_t, "CCC", "_adaln_modulate_kernel")
     (here_t / "CCC" / "_adaln_modulate_kernel.cubin").write_bytes(b"mine")  # present entries stay as they are
     _best_config(here_i, "cd/ccd.best_config", "mine")
-    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 3
+    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 4
     assert (here_t / "AAA" / "_ring_attention_kernel.cubin").read_bytes() == b"\x7fELFAAA"
     assert (here_t / "CCC" / "_adaln_modulate_kernel.cubin").read_bytes() == b"mine"
     assert (here_i / "ab" / "cabc.best_config").read_text() == '{"XBLOCK": 64}'
     assert (here_i / "cd" / "ccd.best_config").read_text() == "mine"
     assert (here_t / "DDD" / "__triton_launcher.so").is_file()
-    assert sorted(p.name for p in here_t.iterdir()) == ["AAA", "CCC", "DDD"]  # no temp dirs left behind
+    assert sorted(p.name for p in here_t.iterdir()) == ["AAA", "BBB", "CCC", "DDD"]  # no temp dirs left behind
     assert sorted(p.name for p in (here_i / "ab").iterdir()) == ["cabc.best_config"]
     assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 0
 
 
 def test_nothing_to_bundle_writes_nothing(tmp_path):
-    _entry(tmp_path / "s" / "triton", "BBB", "triton_per_fused_sum_1")
+    (tmp_path / "s" / "triton").mkdir(parents=True)
     (tmp_path / "e").mkdir()
     assert bundle_kernels(tmp_path / "s", tmp_path / "e") is None
     assert not list((tmp_path / "e").iterdir())
