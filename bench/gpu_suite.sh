@@ -452,20 +452,21 @@ cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: three fresh processes f
     echo "no engine at $ENGINE: run the engine or build part first"
     return 3
   fi
-  local i per=$((limit / 3 - 2)) attn=triton
+  local i n=${FD_COLD_RUNS:-3} attn=triton # FD_COLD_RUNS: fewer processes when a call's device time is short
+  local per=$((limit / n - 2))
   [ $SMOKE = 1 ] && attn=sdpa # the CPU engine of the build part's smoke form
-  for i in 1 2 3; do
+  for i in $(seq "$n"); do
     rm -rf "$WORK/cold-cache" "$WORK/cold-$i" # (a failed run must not leave an earlier run's results to be read)
     TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
       py "$per" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" --attention $attn --blocks 4 --rollouts 1 \
       --quick-ceilings "$@" --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
   done
   [ $DRY = 1 ] && return 0
-  py 30 - "$WORK" "$DEST/$name.json" <<'EOF'
+  py 30 - "$WORK" "$DEST/$name.json" "$n" <<'EOF'
 import json, statistics, sys
 from pathlib import Path
 runs = []
-for i in (1, 2, 3):
+for i in range(1, int(sys.argv[3]) + 1):
     p = Path(sys.argv[1]) / f"cold-{i}" / "results.json"
     if p.exists():
         r = json.loads(p.read_text())

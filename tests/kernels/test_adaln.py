@@ -207,3 +207,26 @@ def test_bad_arguments_name_the_argument():
         gated_residual_layer_norm(x, y, gate, shift[0, 0, :3].contiguous(), shift[0, 0].contiguous(), 1e-6)
     with pytest.raises(InvalidArgumentError, match="gate"):
         gated_residual_layer_norm(x, y, gate[:, :, :3], shift[0, 0].contiguous(), shift[0, 0].contiguous(), 1e-6)
+
+
+def test_opaque_ops_launch_directly_not_through_wrap_triton(monkeypatch):
+    """An opaque op launches its kernel itself: `wrap_triton`'s eager dispatch cost every launch
+    (bench/results/next33-h100/cold-profile.txt). With `triton_op`s (FD_TRITON_OP_INLINE=1) the
+    launch still goes through it, which compile and export need to trace the body."""
+    if not triton_available(DEVICE):
+        pytest.skip("triton not available")
+    import flashdreams.kernels.adaln as adaln_module
+
+    wrapped = []
+    real = torch.library.wrap_triton
+    monkeypatch.setattr(torch.library, "wrap_triton", lambda k: wrapped.append(k) or real(k))
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 8, 64, generator=g).to(DEVICE)
+    shift, scale = (torch.randn(1, 1, 64, generator=g).to(DEVICE) for _ in range(2))
+    want = adaln_modulate_reference(x, shift, scale, 1e-6)
+    assert rel_l2(adaln_modulate(x, shift, scale, 1e-6), want) < 1e-5
+    assert wrapped == []
+
+    monkeypatch.setenv("FD_TRITON_OP_INLINE", "1")  # the op body as a triton_op would run it
+    assert rel_l2(adaln_module._adaln_modulate_op(x, shift, scale, 1e-6), want) < 1e-5
+    assert wrapped == [adaln_module._adaln_kernel]
