@@ -108,7 +108,7 @@ def test_inductor_engine_session_matches_eager(inductor_dir, eager_blocks, monke
     assert sum(torch._dynamo.utils.counters["frames"].values()) == frames_before
     assert engine.backend.name == "inductor"
     # Each load gets its own backend object, and it keeps no engine's weights after the load.
-    assert len(made) == 1 and made[0]._weights == {}
+    assert len(made) == 1 and made[0]._weights_future is None
     m = read_manifest(inductor_dir)
     assert m["build"]["config"] == BuildConfig().to_dict()  # fd-build's defaults, recorded
     assert set(m["graphs"]) == {"encode_prompt", "dit", "decode_first", "decode"}
@@ -154,6 +154,32 @@ def _refuses_other_strides(engine) -> None:
 def test_inductor_engine_refuses_other_strides(inductor_dir):
     engine = flashdreams.load(inductor_dir)
     _refuses_other_strides(engine)
+
+
+def test_inductor_load_reads_weights_beside_the_graphs_and_names_their_failure(inductor_dir, monkeypatch):
+    """The weights are read on a thread of their own while the graphs load; the read's time is
+    reported, and an error in it reaches the caller as it was raised (named, not a thread's)."""
+    import threading
+
+    import flashdreams.export.weight_file as weight_file
+
+    real, readers = weight_file.read_safetensors, []
+
+    def recording(path, device="cpu"):
+        readers.append(threading.current_thread().name)
+        return real(path, device)
+
+    monkeypatch.setattr(weight_file, "read_safetensors", recording)
+    engine = flashdreams.load(inductor_dir)
+    assert len(readers) == 1 and readers[0].startswith("fd-weights")
+    assert engine.load_times["load_artifacts.weights"] > 0
+
+    def truncated(path, device="cpu"):
+        raise EngineIncompatibleError(f"'{path}' is truncated")
+
+    monkeypatch.setattr(weight_file, "read_safetensors", truncated)
+    with pytest.raises(EngineIncompatibleError, match="weights.safetensors' is truncated"):
+        flashdreams.load(inductor_dir)
 
 
 def test_aoti_engine_session_matches_eager(aoti_dir, eager_blocks):

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 import weakref
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -240,7 +241,8 @@ class InductorBackend(GraphBackend):
         super().__init__(config)
         self._store = _WeightStore()
         self._mode = self.config.inductor_mode
-        self._weights: dict[str, torch.Tensor] = {}
+        self._weights_pool: ThreadPoolExecutor | None = None  # the load's weight read (begin_load)
+        self._weights_future = None
 
     def begin_build(self, engine_dir: Path, device: torch.device) -> None:
         self._store = _WeightStore()
@@ -301,6 +303,9 @@ class InductorBackend(GraphBackend):
         return out
 
     def begin_load(self, engine_dir: Path, manifest: dict, device: torch.device) -> None:
+        """Start reading the weights on a thread of their own: the read waits on the disk and the
+        copies to the device, loading the graphs is Python, so the two overlap (the graphs wait
+        for the weights only to bind them). `load_times["weights"]` is the read's own duration."""
         from flashdreams.export.weight_file import read_safetensors
 
         if manifest["engine"].get("graph_attention") == "triton":
@@ -309,17 +314,23 @@ class InductorBackend(GraphBackend):
         t = time.perf_counter()
         if "inductor_cache" in arts:
             torch.compiler.load_cache_artifacts((engine_dir / arts["inductor_cache"]["file"]).read_bytes())
-        t_cache = time.perf_counter()
-        self._weights = read_safetensors(engine_dir / arts["weights"]["file"], device)
-        self.load_times = {"inductor_cache": t_cache - t, "weights": time.perf_counter() - t_cache}
+        self.load_times = {"inductor_cache": time.perf_counter() - t}
+        path = engine_dir / arts["weights"]["file"]
+
+        def read() -> dict[str, torch.Tensor]:
+            t0 = time.perf_counter()
+            try:
+                return read_safetensors(path, device)
+            finally:
+                self.load_times["weights"] = time.perf_counter() - t0
+
+        self._weights_pool = ThreadPoolExecutor(1, thread_name_prefix="fd-weights")
+        self._weights_future = self._weights_pool.submit(read)
+
+    def _loaded_weights(self) -> dict[str, torch.Tensor]:
+        return self._weights_future.result()  # (re-raises the read's error, e.g. a truncated file)
 
     def load_graph(self, engine_dir: Path, name: str, record: dict, device: torch.device) -> GraphFn:
-        try:
-            weights = [self._weights[k] for k in record["weights"]]
-        except KeyError as exc:
-            raise EngineIncompatibleError(
-                f"engine '{engine_dir}': graph '{name}' takes weight {exc} that {WEIGHTS_FILE} lacks; rebuild it"
-            ) from None
         files = [f["file"] for f in record["files"]]
         mode = record.get("compile", {}).get("mode", "precompiled")
         if mode == "precompiled":
@@ -327,15 +338,26 @@ class InductorBackend(GraphBackend):
 
             art_file = next(f for f in files if f.endswith(".inductor"))
             try:
-                art = CompiledArtifact.load(path=str(engine_dir / art_file), format="binary")
+                fn = CompiledArtifact.load(path=str(engine_dir / art_file), format="binary")
             except Exception as exc:  # a corrupt or foreign artifact: name it, do not limp on
                 raise EngineIncompatibleError(
                     f"engine '{engine_dir}': Inductor could not load '{art_file}' ({type(exc).__name__}: {exc}); "
                     "rebuild the engine with fd-build on this machine"
                 ) from exc
-            return _bind(art, weights)
-        options = record.get("compile", {}).get("options", {})
-        return _bind(_no_recompile(_compile_saved(engine_dir / files[0], options), name), weights)
+        else:
+            options = record.get("compile", {}).get("options", {})
+            fn = _no_recompile(_compile_saved(engine_dir / files[0], options), name)
+        loaded = self._loaded_weights()
+        try:
+            weights = [loaded[k] for k in record["weights"]]
+        except KeyError as exc:
+            raise EngineIncompatibleError(
+                f"engine '{engine_dir}': graph '{name}' takes weight {exc} that {WEIGHTS_FILE} lacks; rebuild it"
+            ) from None
+        return _bind(fn, weights)
 
     def end_load(self) -> None:
-        self._weights = {}  # the bound graphs keep their tensors; nothing else needs the dict
+        # the bound graphs keep their tensors; nothing else needs the dict (a failed load that never
+        # got here leaves a finished, idle thread behind: the read ends on its own)
+        self._weights_pool.shutdown(wait=True)
+        self._weights_future = None
