@@ -230,3 +230,28 @@ def test_opaque_ops_launch_directly_not_through_wrap_triton(monkeypatch):
     monkeypatch.setenv("FD_TRITON_OP_INLINE", "1")  # the op body as a triton_op would run it
     assert rel_l2(adaln_module._adaln_modulate_op(x, shift, scale, 1e-6), want) < 1e-5
     assert wrapped == [adaln_module._adaln_kernel]
+
+
+@pytest.mark.parametrize("rows_per_program,one_frame", [(4, True), (16, False)])
+def test_rows_of_one_frame_load_each_modulation_once(monkeypatch, rows_per_program, one_frame):
+    """When a program's rows all lie in one frame (its row count divides the frame size, as on a GPU:
+    2 rows of 1536 against 1560-token frames), the per-frame gate/shift/scale are loaded once and
+    broadcast; otherwise per row. Both give the twins' numbers; the launch says which ran."""
+    import flashdreams.kernels.adaln as adaln_module
+
+    modes = []
+    real_launch = adaln_module.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        modes.append(kwargs["ONE_FRAME"])
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    monkeypatch.setattr(adaln_module, "row_tile", lambda width, rows, device: (rows_per_program, 4))
+    monkeypatch.setattr(adaln_module, "launch", spy)
+    x, y, shift, scale, gate = make(2, 3, 8, 96, torch.float32, seed=7)  # 8-token frames, L = 24
+    x_new, h = gated_residual_adaln(x, y, gate, shift, scale, 1e-6)
+    ref_x, ref_h = gated_residual_adaln_reference(x, y, gate, shift, scale, 1e-6)
+    assert rel_l2(x_new, ref_x) < 1e-6 and rel_l2(h, ref_h) < 1e-5
+    assert rel_l2(adaln_modulate(x, shift, scale, 1e-6), adaln_modulate_reference(x, shift, scale, 1e-6)) < 1e-5
+    assert rel_l2(gated_residual(x, y, gate), gated_residual_reference(x, y, gate)) < 1e-6
+    assert modes == [one_frame] * 3
