@@ -360,6 +360,24 @@ def memory_bound(sh: Shapes, dev: torch.device, ms: Callable, copy_gbps: float, 
             nb(x) + nb(q3) + nb(w_ln, b_ln),
         )
 
+    # The AdaLN kernels with their per-frame vectors loaded per row, as before they were loaded once
+    # per program (kernels/adaln.py ONE_FRAME_LOADS): the same run's ratio of the two.
+    from flashdreams.kernels import adaln as adaln_module
+
+    def per_row_loads(fn: Callable) -> Callable:
+        def run(c):
+            adaln_module.ONE_FRAME_LOADS = False
+            try:
+                return fn(c)
+            finally:
+                adaln_module.ONE_FRAME_LOADS = True
+
+        return run
+
+    for name in ("adaln_modulate[x_fp32]", "gated_residual[x_fp32]", "gated_residual_adaln[x_fp32]"):
+        ours, twin, nbytes = cases[name]
+        cases[name.replace("]", ", per-row loads]")] = (per_row_loads(ours), twin, nbytes)
+
     res = {}
     for name, (ours, twin, nbytes) in cases.items():
 

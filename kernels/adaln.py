@@ -45,6 +45,9 @@ from ._common import (
 )
 
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
+# Per-frame vectors loaded once per program where its rows share a frame (see _adaln_kernel);
+# bench/kernels_bench.py turns it off to time the per-row loads beside it in one run.
+ONE_FRAME_LOADS = True
 RESIDUAL_NONE, RESIDUAL_GATED, RESIDUAL_PLAIN = 0, 1, 2
 
 
@@ -130,7 +133,7 @@ def _launch_rows(
         x if scale is None else scale, x if x_out is None else x_out, x if h_out is None else h_out,
         *rows(x), *rows(y), *rows(gate), *rows(shift), *rows(scale), *rows(x_out), *rows(h_out),
         L, D, fs, eps,
-        RESIDUAL=residual, NORM=norm, D_PAD=d_pad, BLOCK_T=block_t, ONE_FRAME=fs % block_t == 0,
+        RESIDUAL=residual, NORM=norm, D_PAD=d_pad, BLOCK_T=block_t, ONE_FRAME=ONE_FRAME_LOADS and fs % block_t == 0,
         num_warps=num_warps,
     )
     # fmt: on
