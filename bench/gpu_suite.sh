@@ -445,9 +445,10 @@ part_cold-profile() {
   [ $DRY = 1 ] || head -40 "$DEST/cold-profile.txt"
 }
 
-cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: three fresh processes from the built engine -> $DEST/NAME.json
+cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: fresh processes from the built engine -> $DEST/NAME.json
   # fd-bench's first run in a process records process start -> first frame and each block of the first
-  # rollout; three fresh processes, each with empty Inductor / Triton caches, as on a new machine.
+  # rollout; three fresh processes (FD_COLD_RUNS), each with empty Inductor / Triton caches, as on a new
+  # machine; then the kernels the last one compiled that the engine's bundle lacked.
   local name=$1 limit=$2
   shift 2
   if [ $DRY = 0 ] && [ ! -f "$ENGINE/manifest.json" ]; then
