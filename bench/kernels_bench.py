@@ -335,6 +335,7 @@ def memory_bound(sh: Shapes, dev: torch.device, ms: Callable, copy_gbps: float, 
             2 * nb(q3) + nb(wq),
         ),
     }
+    tsc, tsh = rnd(B, L, D), rnd(B, L, D)  # LingBot's camera scale/shift, per token (bf16)
     for x_dt in (bf, f32):  # Wan's residual stream is float32 after the first block
         x, y = rnd(B, L, D, dtype=x_dt), rnd(B, L, D)
         tag = "bf16" if x_dt == bf else "x_fp32"
@@ -353,6 +354,13 @@ def memory_bound(sh: Shapes, dev: torch.device, ms: Callable, copy_gbps: float, 
             lambda c, x=x, y=y: K.gated_residual_adaln(x, y, gate, shift, scale, 1e-6, bf),
             lambda c, x=x, y=y: K.gated_residual_adaln_reference(x, y, gate, shift, scale, 1e-6, bf),
             2 * nb(x) + nb(y) + nb(q3) + mods + nb(gate),
+        )
+        cases[f"gated_residual_modulate_layer_norm[{tag}]"] = (
+            lambda c, x=x, y=y: K.gated_residual_modulate_layer_norm(x, y, gate, tsc, tsh, w_ln, b_ln, 1e-6, bf),
+            lambda c, x=x, y=y: K.gated_residual_modulate_layer_norm_reference(
+                x, y, gate, tsc, tsh, w_ln, b_ln, 1e-6, bf
+            ),
+            2 * nb(x) + nb(y) + nb(q3) + nb(gate) + nb(tsc, tsh) + nb(w_ln, b_ln),
         )
         cases[f"layer_norm_affine[{tag}]"] = (
             lambda c, x=x: K.layer_norm_affine(x, w_ln, b_ln, 1e-6, bf),

@@ -14,6 +14,10 @@ math is fp32; results are rounded once to the output dtype (x's unless `out_dtyp
                                              x' = x + y * gate; (x', LayerNorm(x') * weight + bias)
   residual_layer_norm(x, y, weight, bias)    x' = x + y; (x', LayerNorm(x') * weight + bias) (a plain
                                              pre-norm transformer's residual and next norm: the arena's)
+  gated_residual_modulate_layer_norm(x, y, gate, token_scale, token_shift, weight, bias)
+                                             x' = (1 + token_scale) * (x + y * gate) + token_shift;
+                                             (x', LayerNorm(x') * weight + bias) (LingBot: its camera's
+                                             per-token scale/shift sits between the two)
 
 LayerNorm has no affine here and eps inside the rsqrt, like `torch.nn.LayerNorm`.
 The fused pairs are the reason for this file: after each attention/FFN the residual add
@@ -53,15 +57,19 @@ RESIDUAL_NONE, RESIDUAL_GATED, RESIDUAL_PLAIN = 0, 1, 2
 
 @triton.jit
 def _adaln_kernel(
-    X, Y, GATE, SHIFT, SCALE, XO, HO,
+    X, Y, GATE, SHIFT, SCALE, XO, HO, TSC, TSH,
     stride_xb, stride_xt, stride_yb, stride_yt,
     stride_gb, stride_gf, stride_shb, stride_shf, stride_scb, stride_scf,
-    stride_xob, stride_xot, stride_hob, stride_hot,
+    stride_xob, stride_xot, stride_hob, stride_hot, stride_tscb, stride_tsct, stride_tshb, stride_tsht,
     L, D, FS, eps,
     RESIDUAL: tl.constexpr, NORM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    ONE_FRAME: tl.constexpr,
+    ONE_FRAME: tl.constexpr, TOKEN_MOD: tl.constexpr,
 ):  # fmt: skip
-    """BLOCK_T token rows of one batch: [x += y (* gate), store]; [h = norm(x) modulated, store].
+    """BLOCK_T token rows of one batch: [x += y (* gate)] [x = (1 + tscale) * x + tshift] [store x];
+    [h = norm(x) modulated, store].
+
+    TOKEN_MOD: a per-token modulation of the residual (LingBot's camera: scale/shift `[B, L, D]`)
+    after the residual add, each step rounded to x's dtype as the unfused ops round it.
 
     ONE_FRAME: every program's rows lie in one frame (BLOCK_T divides FS), so each per-frame vector
     (gate, shift, scale) is loaded once as [1, D] and broadcast, not once per row: per row those
@@ -86,6 +94,10 @@ def _adaln_kernel(
             g = tl.load(GATE + b * stride_gb + f2 * stride_gf + c[None, :], mask=vec_mask, other=0.0)
             y = y * g
         x_new = (x + y).to(XO.dtype.element_ty)
+        if TOKEN_MOD:
+            tsc = tl.load(TSC + b * stride_tscb + t2 * stride_tsct + c[None, :], mask=mask, other=0.0)
+            tsh = tl.load(TSH + b * stride_tshb + t2 * stride_tsht + c[None, :], mask=mask, other=0.0)
+            x_new = ((1.0 + tsc.to(tl.float32)) * x_new.to(tl.float32) + tsh.to(tl.float32)).to(XO.dtype.element_ty)
         tl.store(XO + b * stride_xob + t2 * stride_xot + c[None, :], x_new, mask=mask)
         x = x_new.to(tl.float32)  # the norm sees x' as stored
     if NORM != 0:
@@ -114,9 +126,11 @@ def _launch_rows(
     eps: float,
     norm: int,
     residual: int | None = None,
+    token_mod: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> None:
     """Launch over `[B, L, D]` rows. For NORM_AFFINE, shift/scale are the bias/weight vectors `[D]`.
-    `residual` defaults to gated when y and gate are given, none without y."""
+    `residual` defaults to gated when y and gate are given, none without y; `token_mod` is a
+    per-token (scale, shift) applied to the residual after it (needs a residual)."""
     if residual is None:
         residual = RESIDUAL_NONE if y is None else RESIDUAL_GATED
     B, L, D = x.shape
@@ -131,9 +145,12 @@ def _launch_rows(
         _adaln_kernel, (triton.cdiv(L, block_t), B),
         x, x if y is None else y, x if gate is None else gate, x if shift is None else shift,
         x if scale is None else scale, x if x_out is None else x_out, x if h_out is None else h_out,
+        *((x, x) if token_mod is None else token_mod),
         *rows(x), *rows(y), *rows(gate), *rows(shift), *rows(scale), *rows(x_out), *rows(h_out),
+        *rows(None if token_mod is None else token_mod[0]), *rows(None if token_mod is None else token_mod[1]),
         L, D, fs, eps,
         RESIDUAL=residual, NORM=norm, D_PAD=d_pad, BLOCK_T=block_t, ONE_FRAME=ONE_FRAME_LOADS and fs % block_t == 0,
+        TOKEN_MOD=token_mod is not None,
         num_warps=num_warps,
     )
     # fmt: on
@@ -199,6 +216,25 @@ def _gated_residual_layer_norm_op(
     return _residual_and_norm(x, y, gate, bias, weight, eps, out_dtype, NORM_AFFINE, RESIDUAL_GATED)
 
 
+def _gated_residual_modulate_layer_norm_op(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    token_scale: torch.Tensor,
+    token_shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    x_new = new_output(x.shape, x.dtype, x.device)
+    h = new_output(x.shape, out_dtype or x.dtype, x.device)
+    fs = x.shape[1] // gate.shape[1]
+    mod = (token_scale, token_shift)
+    _launch_rows(x, y, gate, bias, weight, x_new, h, fs, eps, NORM_AFFINE, RESIDUAL_GATED, token_mod=mod)
+    return x_new, h
+
+
 def _residual_layer_norm_op(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -225,6 +261,7 @@ register_op("residual_adaln", _residual_adaln_op)
 register_op("layer_norm_affine", _layer_norm_affine_op)
 register_op("gated_residual_layer_norm", _gated_residual_layer_norm_op)
 register_op("residual_layer_norm", _residual_layer_norm_op)
+register_op("gated_residual_modulate_layer_norm", _gated_residual_modulate_layer_norm_op)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -349,6 +386,31 @@ def gated_residual_layer_norm(
     return torch.ops.flashdreams.gated_residual_layer_norm(x, y, gate, weight, bias, float(eps), out_dtype)
 
 
+def gated_residual_modulate_layer_norm(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    token_scale: torch.Tensor,
+    token_shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x', h): x' = (1 + token_scale) * (x + y * gate) + token_shift, each step rounded to x's dtype
+    (per-frame gate, per-token scale/shift `[B, L, D]`: LingBot's camera after its self-attention),
+    h = layer_norm_affine(x', weight, bias), in one pass."""
+    _check_pair(x, y, out_dtype)
+    _check_frames(x, gate=gate)
+    _check_affine(x, weight, bias)
+    for name, t in (("token_scale", token_scale), ("token_shift", token_shift)):
+        check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES, device=x.device, last_contiguous=True)
+        check_shape(name, t, tuple(x.shape))
+    return torch.ops.flashdreams.gated_residual_modulate_layer_norm(
+        x, y, gate, token_scale, token_shift, weight, bias, float(eps), out_dtype
+    )
+
+
 def residual_layer_norm(
     x: torch.Tensor,
     y: torch.Tensor,
@@ -440,6 +502,24 @@ def gated_residual_layer_norm_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """What `gated_residual_layer_norm` computes."""
     x_new = gated_residual_reference(x, y, gate)
+    return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)
+
+
+def gated_residual_modulate_layer_norm_reference(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    gate: torch.Tensor,
+    token_scale: torch.Tensor,
+    token_shift: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    eps: float,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """What `gated_residual_modulate_layer_norm` computes: the gated residual, the per-token
+    modulation in float32 (rounded to x's dtype), the affine norm."""
+    x_new = gated_residual_reference(x, y, gate)
+    x_new = ((1 + token_scale.float()) * x_new.float() + token_shift.float()).to(x.dtype)
     return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)
 
 

@@ -25,7 +25,7 @@ from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.camera_rays import FOLD, RAY_CHANNELS
 from flashdreams.models.checkpoint import validate_and_load
 from flashdreams.models.wan_config import I2V_COND_CHANNELS, WanConfig
-from flashdreams.models.wan_dit import WanDiT
+from flashdreams.models.wan_dit import TokenModulation, WanDiT
 from flashdreams.models.wan_loader import wan_state_dict
 
 # Wan2.2-I2V-A14B's expert (and LingBot-World-Fast's network): dim 5120, 40 layers, 40 heads, 36 input channels.
@@ -88,29 +88,17 @@ class LingBotDiT(WanDiT):
         mods = [self.layer_modulation(i, c) for i in range(len(self.blocks))]
         return torch.stack([s for s, _ in mods]), torch.stack([b for _, b in mods])
 
-    @staticmethod
-    def apply_camera(x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor) -> torch.Tensor:
-        """x <- (1 + scale) * x + shift, float32 arithmetic (like the other modulations), x's dtype out."""
-        return ((1 + scale.float()) * x.float() + shift.float()).to(x.dtype)
-
     def _hook(self, cam_tokens=None, cam_scale=None, cam_shift=None, debug: dict | None = None):
+        """The camera as the DiT's `after_self`: each layer's (scale, shift) as a TokenModulation, which
+        the block applies in one pass with its residual and the cross-attention's pre-norm."""
         if cam_tokens is None and cam_scale is None:
             return None
+        cond = None
         if cam_tokens is not None:
             cond = self.camera_cond(cam_tokens)
             if debug is not None:
                 debug["cam_cond"] = cond
-
-        def hook(layer: int, x: torch.Tensor) -> torch.Tensor:
-            if cam_tokens is not None:
-                scale, shift = self.layer_modulation(layer, cond)
-            else:
-                scale, shift = cam_scale[layer], cam_shift[layer]
-            if debug is not None:
-                debug[f"block{layer}.cam_scale"], debug[f"block{layer}.cam_shift"] = scale, shift
-            return self.apply_camera(x, scale, shift)
-
-        return hook
+        return _CameraLayers(self, cond, cam_scale, cam_shift, debug)
 
     # -- forwards ------------------------------------------------------------------------
     def forward_camera(
@@ -185,6 +173,23 @@ class LingBotDiT(WanDiT):
             shard=shard,
             after_self=hook,
         )
+
+
+class _CameraLayers:
+    """Each layer's camera modulation, from the camera condition (computed per layer, as the reference
+    does) or from the block's precomputed [layers, B, L, D] scale/shift; `debug` records them."""
+
+    def __init__(self, model: LingBotDiT, cond, cam_scale, cam_shift, debug: dict | None) -> None:
+        self.model, self.cond, self.cam_scale, self.cam_shift, self.debug = model, cond, cam_scale, cam_shift, debug
+
+    def layer(self, i: int) -> TokenModulation:
+        if self.cond is not None:
+            scale, shift = self.model.layer_modulation(i, self.cond)
+        else:
+            scale, shift = self.cam_scale[i], self.cam_shift[i]
+        if self.debug is not None:
+            self.debug[f"block{i}.cam_scale"], self.debug[f"block{i}.cam_shift"] = scale, shift
+        return TokenModulation(scale, shift)
 
 
 def load_lingbot_dit(

@@ -22,7 +22,7 @@ import math
 import re
 from collections.abc import Callable
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +126,30 @@ class MLPProj(nn.Module):
         return self.proj(clip_fea)
 
 
+class TokenModulation(NamedTuple):
+    """A per-token modulation of the residual right after the self-attention, x <- (1 + scale) * x +
+    shift with scale/shift [B, L, D] (LingBot's camera). Given as a block's `after_self`, it is applied
+    in the same row pass as the residual add and the cross-attention's pre-norm."""
+
+    scale: torch.Tensor
+    shift: torch.Tensor
+
+
+class LayerModulations(Protocol):
+    """A model's per-layer `TokenModulation`s, given as `forward_*`'s `after_self`."""
+
+    def layer(self, i: int) -> TokenModulation: ...
+
+
+def _layer_after_self(after_self: Any, layer: int) -> Any:
+    """A block's `after_self` from the model's: `after_self.layer(i)` (a TokenModulation) where the
+    model has per-layer modulations, else `after_self(i, x)` bound to the layer, or None."""
+    if after_self is None:
+        return None
+    per_layer = getattr(after_self, "layer", None)
+    return per_layer(layer) if callable(per_layer) else partial(after_self, layer)
+
+
 class WanBlock(nn.Module):
     """One WanAttentionBlock; the self-attention's cache policy comes in as `attend`."""
 
@@ -151,7 +175,8 @@ class WanBlock(nn.Module):
         cross_k/v [B, T, N, d]; for an i2v block the first CLIP_TOKENS rows are the image's.
         `after_cross(x) -> x`, if given, runs between the cross-attention residual and the FFN
         (Matrix-Game's action module sits there). `after_self(x) -> x`, if given, runs between the
-        self-attention residual and the cross-attention (LingBot's camera scale/shift).
+        self-attention residual and the cross-attention; a `TokenModulation` there (LingBot's camera
+        scale/shift) is applied in the residual's and the pre-norm's pass.
 
         `defer_ffn` leaves the FFN's gated residual undone and returns (x, pending) instead of x,
         pending = (ffn output, gate); the next block, given `pending`, adds it in the same pass
@@ -167,11 +192,18 @@ class WanBlock(nn.Module):
         sa = self.self_attn
         attn = attend(*sa.project_qkv(h), sa)
         y = sa.o(attn.flatten(2))
+        modulation = after_self if isinstance(after_self, TokenModulation) else None
         if after_self is None and self.norm3 is not None:  # residual and pre-norm in one pass
             x, h = dit_ops.gated_residual_layer_norm(x, y, gate1, self.norm3.weight, self.norm3.bias, self.eps, impl)
+        elif modulation is not None and self.norm3 is not None:  # residual, modulation and pre-norm in one
+            x, h = dit_ops.gated_residual_modulate_layer_norm(
+                x, y, gate1, *modulation, self.norm3.weight, self.norm3.bias, self.eps, impl
+            )
         else:
             x = dit_ops.gated_residual(x, y, gate1, impl)
-            if after_self is not None:
+            if modulation is not None:
+                x = dit_ops.token_modulate(x, *modulation)
+            elif after_self is not None:
                 x = after_self(x)
             if self.norm3 is not None:
                 h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
@@ -381,7 +413,7 @@ class WanDiT(nn.Module):
         cross_k: torch.Tensor,
         cross_v: torch.Tensor,
         y: torch.Tensor | None = None,
-        after_self: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        after_self: Callable[[int, torch.Tensor], torch.Tensor] | LayerModulations | None = None,
     ) -> torch.Tensor:
         """`forward` with the cross-attention cache given ([layers, B, T, N, d], from `cross_kv`).
 
@@ -410,8 +442,7 @@ class WanDiT(nn.Module):
             return dit_ops.attention(q, k, sa.heads(v))
 
         for i, blk in enumerate(self.blocks):
-            hook = partial(after_self, i) if after_self is not None else None
-            tokens = blk(tokens, e0, attend, cross_k[i], cross_v[i], after_self=hook)
+            tokens = blk(tokens, e0, attend, cross_k[i], cross_v[i], after_self=_layer_after_self(after_self, i))
         return self.unpatchify(self.head(tokens, e), grid)
 
     # -- causal streaming forward (CausalWanModel with the KV ring) -------------------
@@ -431,7 +462,7 @@ class WanDiT(nn.Module):
         attend: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
         shard: Any = None,
         after_cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
-        after_self: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
+        after_self: Callable[[int, torch.Tensor], torch.Tensor] | LayerModulations | None = None,
     ) -> torch.Tensor:
         """One forward of a block of frames against the KV ring.
 
@@ -452,9 +483,10 @@ class WanDiT(nn.Module):
 
         `after_cross(layer, x) -> x` (None: nothing) runs inside every block between the
         cross-attention and the FFN on the block's tokens [B, L, D] (Matrix-Game's action modules);
-        `after_self(layer, x) -> x` between the self-attention residual and the cross-attention
-        (LingBot's camera scale/shift). With `shard`, `after_self` gets this rank's token rows and
-        must be token-local (LingBot's is: per-token scale and shift, taken the same way).
+        `after_self(layer, x) -> x` between the self-attention residual and the cross-attention,
+        or an object whose `layer(i)` gives layer i's `TokenModulation` (LingBot's camera
+        scale/shift). With `shard`, `after_self` gets this rank's token rows and must be
+        token-local (LingBot's is: per-token scale and shift, taken the same way).
         """
         if after_cross is not None and shard is not None:
             raise InvalidArgumentError(
@@ -491,7 +523,7 @@ class WanDiT(nn.Module):
         defer, pending = impl == "triton" and not watched, None
         for i, blk in enumerate(self.blocks):
             hook = partial(after_cross, i) if after_cross is not None else None
-            hook_self = partial(after_self, i) if after_self is not None else None
+            hook_self = _layer_after_self(after_self, i)
             args = (tokens, e0, partial(layer_attend, layer=i), cross_k[i], cross_v[i], impl, hook, hook_self)
             out = blk(*args, pending=pending, defer_ffn=defer)
             tokens, pending = out if defer else (out, None)

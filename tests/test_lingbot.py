@@ -82,6 +82,54 @@ def test_causal_block_with_empty_cache_equals_bidirectional_forward():
     assert rel_l2(nocam, bidir) > 1e-2, "the camera must matter"
 
 
+def test_camera_in_one_pass_with_the_residual_and_norm_matches_torch():
+    """With our kernels the camera's scale/shift is applied in the row pass of the self-attention's
+    residual and the cross-attention's pre-norm (one kernel per layer for three torch steps): the
+    causal block equals the torch path, and the camera still matters there."""
+    from flashdreams.kernels import triton_available
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("triton not available")
+    import flashdreams.kernels.adaln as adaln
+
+    model = _model(1)
+    nf, (lh, lw) = 3, LAT
+    x, y = torch.randn(1, 16, nf, lh, lw), torch.randn(1, 20, nf, lh, lw)
+    t = torch.tensor([[821.0, 821.0, 821.0]])
+    rel, _ = stream_relative_poses(_trajectory(12, seed=3)[None], torch.eye(4)[None], torch.ones(1), True, nf)
+    ck, cv = model.cross_kv(torch.randn(1, 16, 32))
+    fs = (lh // 2) * (lw // 2)
+    pos = torch.arange(nf)
+
+    def block(impl: str, camera: bool) -> torch.Tensor:
+        model.set_attention(impl)
+        scale, shift = model.camera_modulation(camera_tokens(rel, _k(), LAT))
+        if not camera:
+            scale, shift = torch.zeros_like(scale), torch.zeros_like(shift)
+        ring = torch.zeros(2, 1, 6 * fs, 2, 32)
+        with torch.no_grad():
+            return model.forward_step_camera(
+                x, t, y, scale, shift, ck, cv, ring.clone(), ring.clone(), pos, pos, torch.tensor([nf * fs])
+            )
+
+    torch_path = block("sdpa", True)
+    modulated_rows, real_launch = [], adaln.launch
+
+    def spy(kernel, grid, *args, **kwargs):
+        modulated_rows.append(kwargs["TOKEN_MOD"])
+        return real_launch(kernel, grid, *args, **kwargs)
+
+    try:
+        adaln.launch = spy
+        kernels = block("triton", True)
+    finally:
+        adaln.launch = real_launch
+        model.set_attention("sdpa")
+    assert modulated_rows.count(True) == len(model.blocks)  # one modulated row pass per layer
+    assert rel_l2(kernels, torch_path) < 1e-4
+    assert rel_l2(kernels, block("sdpa", False)) > 1e-2, "the camera must matter"
+
+
 def test_stream_of_blocks_reproduces_the_clip_rule():
     """Blocks anchored on the previous block's last pose, divided by the trajectory's world scale,
     give exactly the clip's framewise relative poses (whose scale is the same maximum)."""

@@ -25,6 +25,8 @@ from flashdreams.kernels import (  # noqa: E402
     gated_residual_adaln_reference,
     gated_residual_layer_norm,
     gated_residual_layer_norm_reference,
+    gated_residual_modulate_layer_norm,
+    gated_residual_modulate_layer_norm_reference,
     gated_residual_reference,
     layer_norm_affine,
     layer_norm_affine_reference,
@@ -255,3 +257,30 @@ def test_rows_of_one_frame_load_each_modulation_once(monkeypatch, rows_per_progr
     assert rel_l2(adaln_modulate(x, shift, scale, 1e-6), adaln_modulate_reference(x, shift, scale, 1e-6)) < 1e-5
     assert rel_l2(gated_residual(x, y, gate), gated_residual_reference(x, y, gate)) < 1e-6
     assert modes == [one_frame] * 3
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,F,fs,D", SHAPES)
+def test_gated_residual_with_token_modulation_and_affine_norm(dtype, B, F, fs, D):
+    """LingBot's step after the self-attention in one pass: the gated residual, its camera's per-token
+    scale/shift (bf16, as the session keeps them), the cross-attention's affine pre-norm. Equal to its
+    twin, and in float32 to the three unfused kernels with the modulation between them."""
+    x, y, _, _, gate = make(B, F, fs, D, dtype, seed=9)
+    g = torch.Generator().manual_seed(10)
+    tsc, tsh = ((torch.randn(B, F * fs, D, generator=g) * 0.3).to(torch.bfloat16).to(DEVICE) for _ in range(2))
+    w = torch.randn(D, generator=g).to(DEVICE)
+    b = torch.randn(D, generator=g).to(dtype).to(DEVICE)
+    with poisoned_outputs():
+        xm, h = gated_residual_modulate_layer_norm(x, y, gate, tsc, tsh, w, b, 1e-6)
+        unfused = gated_residual(x, y, gate)
+    assert xm.dtype == h.dtype == dtype
+    ref_x, ref_h = gated_residual_modulate_layer_norm_reference(x, y, gate, tsc, tsh, w, b, 1e-6)
+    assert rel_l2(xm, ref_x) < TOL[dtype] and rel_l2(h, ref_h) < TOL[dtype]
+    if dtype == torch.float32:
+        modulated = ((1 + tsc.float()) * unfused + tsh.float()).to(dtype)
+        assert rel_l2(xm, modulated) < 1e-6
+        assert rel_l2(h, layer_norm_affine(modulated, w, b, 1e-6)) < 1e-5
+    # the modulation is there: without it the residual and the norm would differ
+    assert rel_l2(xm, unfused) > 0.05 and rel_l2(h, layer_norm_affine_reference(unfused, w, b, 1e-6)) > 0.05
+    with pytest.raises(InvalidArgumentError, match="token_scale"):
+        gated_residual_modulate_layer_norm(x, y, gate, tsc[:, 1:], tsh, w, b, 1e-6)
