@@ -82,7 +82,7 @@ def test_causal_block_with_empty_cache_equals_bidirectional_forward():
     assert rel_l2(nocam, bidir) > 1e-2, "the camera must matter"
 
 
-def test_camera_in_one_pass_with_the_residual_and_norm_matches_torch():
+def test_camera_in_one_pass_with_the_residual_and_norm_matches_torch(monkeypatch):
     """With our kernels the camera's scale/shift is applied in the row pass of the self-attention's
     residual and the cross-attention's pre-norm (one kernel per layer for three torch steps): the
     causal block equals the torch path, and the camera still matters there."""
@@ -119,12 +119,9 @@ def test_camera_in_one_pass_with_the_residual_and_norm_matches_torch():
         modulated_rows.append(kwargs["TOKEN_MOD"])
         return real_launch(kernel, grid, *args, **kwargs)
 
-    try:
-        adaln.launch = spy
-        kernels = block("triton", True)
-    finally:
-        adaln.launch = real_launch
-        model.set_attention("sdpa")
+    monkeypatch.setattr(adaln, "launch", spy)
+    kernels = block("triton", True)
+    monkeypatch.undo()
     assert modulated_rows.count(True) == len(model.blocks)  # one modulated row pass per layer
     assert rel_l2(kernels, torch_path) < 1e-4
     assert rel_l2(kernels, block("sdpa", False)) > 1e-2, "the camera must matter"
