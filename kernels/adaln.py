@@ -170,14 +170,15 @@ def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
     return x_new
 
 
-def _residual_and_norm(x, y, gate, shift, scale, eps, out_dtype, norm, residual):
+def _residual_and_norm(x, y, gate, shift, scale, eps, out_dtype, norm, residual, token_mod=None):
     """The fused pairs: (x', h) allocated and written by one row pass. For NORM_AFFINE, shift/scale are
-    the bias/weight vectors `[D]` (no frame axis); the frame size comes from the per-frame tensors."""
+    the bias/weight vectors `[D]` (no frame axis); the frame size comes from the per-frame tensors.
+    `token_mod`: a per-token (scale, shift) applied to the residual before the norm."""
     x_new = new_output(x.shape, x.dtype, x.device)
     h = new_output(x.shape, out_dtype or x.dtype, x.device)
     per_frame = gate if gate is not None else shift
     frames = per_frame.shape[1] if per_frame.dim() == 3 else 1  # NORM_AFFINE without a gate: one "frame"
-    _launch_rows(x, y, gate, shift, scale, x_new, h, x.shape[1] // frames, eps, norm, residual)
+    _launch_rows(x, y, gate, shift, scale, x_new, h, x.shape[1] // frames, eps, norm, residual, token_mod)
     return x_new, h
 
 
@@ -227,12 +228,8 @@ def _gated_residual_modulate_layer_norm_op(
     eps: float,
     out_dtype: torch.dtype | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    x_new = new_output(x.shape, x.dtype, x.device)
-    h = new_output(x.shape, out_dtype or x.dtype, x.device)
-    fs = x.shape[1] // gate.shape[1]
     mod = (token_scale, token_shift)
-    _launch_rows(x, y, gate, bias, weight, x_new, h, fs, eps, NORM_AFFINE, RESIDUAL_GATED, token_mod=mod)
-    return x_new, h
+    return _residual_and_norm(x, y, gate, bias, weight, eps, out_dtype, NORM_AFFINE, RESIDUAL_GATED, mod)
 
 
 def _residual_layer_norm_op(
