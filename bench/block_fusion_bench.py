@@ -1,6 +1,6 @@
 """The Wan block's fused steps against their unfused forms, at each Wan-family model's block shape.
 
-Four fusions of `models/wan_dit.py` WanBlock (impl="triton"), each timed beside what it replaced,
+The fusions of `models/wan_dit.py` WanBlock (impl="triton"), each timed beside what it replaced,
 in the same process on the same tensors (ratios, not absolute targets):
 
 * FFN: Linear -> GELU(tanh) -> Linear as three kernels, vs the GELU in cuBLASLt's epilogue of the
@@ -11,7 +11,10 @@ in the same process on the same tensors (ratios, not absolute targets):
 * cross-attention residual + the FFN's modulated norm: torch's add + a row kernel vs one
   (`residual_adaln`);
 * the FFN's gated residual + the next block's modulated norm: two row kernels vs one
-  (`gated_residual_adaln`, WanBlock's `defer_ffn`).
+  (`gated_residual_adaln`, WanBlock's `defer_ffn`);
+* in FP8, each norm feeding only an FP8 linear (q/k/v, the cross-attention's q, the FFN's first layer):
+  h written in bf16 and quantized by the linear, vs quantized in the norm's pass (`fp8=True`); the
+  rel. L2 is 0 on a GPU (same numbers by construction).
 
     python bench/block_fusion_bench.py --out fusion.json          # GPU: ~30 s
     python bench/block_fusion_bench.py --smoke --out /tmp/f.json  # CPU, interpreter, tiny shapes
@@ -69,6 +72,8 @@ def measure_shape(name: str, L: int, nf: int, d: int, f: int, dev: torch.device,
     gate, shift, scale = torch.randn(1, nf, 3, d, generator=g).to(dev).unbind(2)
     w, b = torch.randn(d, generator=g).to(dev), torch.randn(d, generator=g).to(dev)
     first8, second8 = Fp8Linear.from_linear(ffn[0]), Fp8Linear.from_linear(ffn[2])
+    qkv8 = Fp8Linear.from_linear(nn.Linear(d, 3 * d).to(dev, dt))
+    q8 = Fp8Linear.from_linear(nn.Linear(d, d).to(dev, dt))
     eps, tri = 1e-6, "triton"
 
     def self_unfused() -> torch.Tensor:
@@ -91,6 +96,19 @@ def measure_shape(name: str, L: int, nf: int, d: int, f: int, dev: torch.device,
         "cross residual + ffn norm": (
             lambda: dit_ops.adaln_modulate(x + y, shift, scale, eps, tri),
             lambda: dit_ops.residual_adaln(x, y, shift, scale, eps, tri)[1],
+        ),
+        # FP8: the norm hands its linear h quantized (Fp8Rows) vs the linear quantizing h itself
+        "fp8 qkv: norm quantizes": (
+            lambda: qkv8(dit_ops.gated_residual_adaln(x, y, gate, shift, scale, eps, tri)[1]),
+            lambda: qkv8(dit_ops.gated_residual_adaln(x, y, gate, shift, scale, eps, tri, fp8=True)[1]),
+        ),
+        "fp8 cross q: norm quantizes": (
+            lambda: q8(dit_ops.gated_residual_layer_norm(x, y, gate, w, b, eps, tri)[1]),
+            lambda: q8(dit_ops.gated_residual_layer_norm(x, y, gate, w, b, eps, tri, fp8=True)[1]),
+        ),
+        "fp8 ffn.0: norm quantizes": (
+            lambda: first8(dit_ops.residual_adaln(x, y, shift, scale, eps, tri)[1]),
+            lambda: first8(dit_ops.residual_adaln(x, y, shift, scale, eps, tri, fp8=True)[1]),
         ),
     }
     out = {}

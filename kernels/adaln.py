@@ -20,6 +20,9 @@ math is fp32; results are rounded once to the output dtype (x's unless `out_dtyp
                                              per-token scale/shift sits between the two)
 
 LayerNorm has no affine here and eps inside the rsqrt, like `torch.nn.LayerNorm`.
+`out_dtype=torch.float8_e4m3fn` hands h out quantized per row for an FP8 linear (`Fp8Rows`), with the
+numbers of rounding h to x's dtype and quantizing it: the linear's own quantization pass (read 2 bytes
+an element, write 1) disappears, and h is written at 1 byte an element instead of 2.
 The fused pairs are the reason for this file: after each attention/FFN the residual add
 and the next norm read x once and write x' and h once (4 tensor passes instead of 6). A Wan
 block uses two: the self-attention residual with the cross-attention's pre-norm, the
@@ -38,6 +41,7 @@ from ._common import (
     FLOAT_DTYPES,
     check_shape,
     check_tensor,
+    interpreted,
     launch,
     new_output,
     next_pow2,
@@ -47,6 +51,7 @@ from ._common import (
     tl,
     triton,
 )
+from .fp8_linear import FP8, Fp8Rows, _round_to, _store_e4m3_rows, quantize_rows_fp8_reference
 
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
 # Per-frame vectors loaded once per program where its rows share a frame (see _adaln_kernel);
@@ -57,16 +62,21 @@ RESIDUAL_NONE, RESIDUAL_GATED, RESIDUAL_PLAIN = 0, 1, 2
 
 @triton.jit
 def _adaln_kernel(
-    X, Y, GATE, SHIFT, SCALE, XO, HO, TSC, TSH,
+    X, Y, GATE, SHIFT, SCALE, XO, HO, TSC, TSH, HS,
     stride_xb, stride_xt, stride_yb, stride_yt,
     stride_gb, stride_gf, stride_shb, stride_shf, stride_scb, stride_scf,
     stride_xob, stride_xot, stride_hob, stride_hot, stride_tscb, stride_tsct, stride_tshb, stride_tsht,
+    stride_hsb,
     L, D, FS, eps,
     RESIDUAL: tl.constexpr, NORM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-    ONE_FRAME: tl.constexpr, TOKEN_MOD: tl.constexpr,
+    ONE_FRAME: tl.constexpr, TOKEN_MOD: tl.constexpr, QUANT: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_T token rows of one batch: [x += y (* gate)] [x = (1 + tscale) * x + tshift] [store x];
     [h = norm(x) modulated, store].
+
+    QUANT: h is stored quantized for an FP8 linear (HO e4m3 `[B, L, D]`, HS its per-row scale
+    `[B, L]`), after rounding it to x's dtype: the same numbers as storing h in x's dtype and
+    quantizing that (`fp8_linear.quantize_rows_fp8`), without writing h out and reading it back.
 
     TOKEN_MOD: a per-token modulation of the residual (LingBot's camera: scale/shift `[B, L, D]`)
     after the residual add, each step rounded to x's dtype as the unfused ops round it.
@@ -111,7 +121,12 @@ def _adaln_kernel(
             h = xhat * (1.0 + sc) + sh
         else:
             h = xhat * sc + sh
-        tl.store(HO + b * stride_hob + t2 * stride_hot + c[None, :], h.to(HO.dtype.element_ty), mask=mask)
+        h_ptrs = HO + b * stride_hob + t2 * stride_hot + c[None, :]
+        if QUANT:
+            h = tl.where(mask, _round_to(h, X.dtype.element_ty, EMULATE), 0.0)
+            _store_e4m3_rows(h, h_ptrs, HS + b * stride_hsb + t, mask, t < L, EMULATE)
+        else:
+            tl.store(h_ptrs, h.to(HO.dtype.element_ty), mask=mask)
 
 
 def _launch_rows(
@@ -127,10 +142,12 @@ def _launch_rows(
     norm: int,
     residual: int | None = None,
     token_mod: tuple[torch.Tensor, torch.Tensor] | None = None,
+    h_scale: torch.Tensor | None = None,
 ) -> None:
     """Launch over `[B, L, D]` rows. For NORM_AFFINE, shift/scale are the bias/weight vectors `[D]`.
     `residual` defaults to gated when y and gate are given, none without y; `token_mod` is a
-    per-token (scale, shift) applied to the residual after it (needs a residual)."""
+    per-token (scale, shift) applied to the residual after it (needs a residual). `h_scale` `[B, L]`:
+    h_out is e4m3 and takes h quantized per row, its scales going here."""
     if residual is None:
         residual = RESIDUAL_NONE if y is None else RESIDUAL_GATED
     B, L, D = x.shape
@@ -145,12 +162,13 @@ def _launch_rows(
         _adaln_kernel, (triton.cdiv(L, block_t), B),
         x, x if y is None else y, x if gate is None else gate, x if shift is None else shift,
         x if scale is None else scale, x if x_out is None else x_out, x if h_out is None else h_out,
-        *((x, x) if token_mod is None else token_mod),
+        *((x, x) if token_mod is None else token_mod), x if h_scale is None else h_scale,
         *rows(x), *rows(y), *rows(gate), *rows(shift), *rows(scale), *rows(x_out), *rows(h_out),
         *rows(None if token_mod is None else token_mod[0]), *rows(None if token_mod is None else token_mod[1]),
+        0 if h_scale is None else h_scale.stride(0),
         L, D, fs, eps,
         RESIDUAL=residual, NORM=norm, D_PAD=d_pad, BLOCK_T=block_t, ONE_FRAME=ONE_FRAME_LOADS and fs % block_t == 0,
-        TOKEN_MOD=token_mod is not None,
+        TOKEN_MOD=token_mod is not None, QUANT=h_scale is not None, EMULATE=interpreted(),
         num_warps=num_warps,
     )
     # fmt: on
@@ -251,6 +269,33 @@ def _layer_norm_affine_op(
     return h
 
 
+def _norm_rows_fp8_op(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    token_scale: torch.Tensor | None,
+    token_shift: torch.Tensor | None,
+    eps: float,
+    norm: int,
+    residual: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Any pass of this file with h quantized for an FP8 linear: (x' or an empty tensor where there is
+    no residual, h e4m3 `[B, L, D]`, h's row scales `[B, L]` float32). One op for every form: they
+    differ only in which optional tensors come and the two flags."""
+    B, L, _ = x.shape
+    x_new = new_output(x.shape if residual != RESIDUAL_NONE else (0,), x.dtype, x.device)
+    h8 = new_output(x.shape, FP8, x.device)
+    hs = new_output((B, L), torch.float32, x.device)
+    per_frame = gate if gate is not None else shift
+    frames = per_frame.shape[1] if per_frame.dim() == 3 else 1
+    token_mod = None if token_scale is None else (token_scale, token_shift)
+    x_out = x_new if residual != RESIDUAL_NONE else None
+    _launch_rows(x, y, gate, shift, scale, x_out, h8, L // frames, eps, norm, residual, token_mod, hs)
+    return x_new, h8, hs
+
+
 register_op("adaln_modulate", _adaln_modulate_op)
 register_op("gated_residual", _gated_residual_op)
 register_op("gated_residual_adaln", _gated_residual_adaln_op)
@@ -259,6 +304,7 @@ register_op("layer_norm_affine", _layer_norm_affine_op)
 register_op("gated_residual_layer_norm", _gated_residual_layer_norm_op)
 register_op("residual_layer_norm", _residual_layer_norm_op)
 register_op("gated_residual_modulate_layer_norm", _gated_residual_modulate_layer_norm_op)
+register_op("norm_rows_fp8", _norm_rows_fp8_op)
 
 
 # ----------------------------------------------------------------------------- public API
@@ -288,8 +334,27 @@ def _check_y(x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _check_out_dtype(out_dtype: torch.dtype | None) -> None:
-    if out_dtype is not None and out_dtype not in FLOAT_DTYPES:
-        raise InvalidArgumentError(f"out_dtype: expected bfloat16, float16 or float32, found {out_dtype}")
+    if out_dtype is not None and out_dtype not in (*FLOAT_DTYPES, FP8):
+        raise InvalidArgumentError(
+            f"out_dtype: expected bfloat16, float16, float32 or float8_e4m3fn (h as Fp8Rows), found {out_dtype}"
+        )
+
+
+def _fp8_pass(
+    x: torch.Tensor,
+    y: torch.Tensor | None,
+    gate: torch.Tensor | None,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    norm: int,
+    residual: int,
+    token_mod: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, Fp8Rows]:
+    """out_dtype float8_e4m3fn: the pass with h quantized per row, (x', Fp8Rows(h8, scales))."""
+    tsc, tsh = (None, None) if token_mod is None else token_mod
+    x_new, h8, hs = torch.ops.flashdreams.norm_rows_fp8(x, y, gate, shift, scale, tsc, tsh, float(eps), norm, residual)
+    return x_new, Fp8Rows(h8, hs)
 
 
 def _check_pair(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype | None) -> None:
@@ -302,12 +367,14 @@ def _check_pair(x: torch.Tensor, y: torch.Tensor, out_dtype: torch.dtype | None)
 
 def adaln_modulate(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | Fp8Rows:
     """LayerNorm(x) * (1 + scale) + shift with per-frame shift/scale `[B, F, D]`; fp32 math."""
     _check_x(x)
     _check_frames(x, shift=shift, scale=scale)
     _check_out_dtype(out_dtype)
     require_triton(x.device)
+    if out_dtype == FP8:
+        return _fp8_pass(x, None, None, shift, scale, eps, NORM_MODULATE, RESIDUAL_NONE)[1]
     return torch.ops.flashdreams.adaln_modulate(x, shift, scale, float(eps), out_dtype)
 
 
@@ -328,10 +395,12 @@ def gated_residual_adaln(
     scale: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(x', h): x' = x + y * gate (x's dtype), h = adaln_modulate(x', shift, scale) in one pass."""
     _check_pair(x, y, out_dtype)
     _check_frames(x, gate=gate, shift=shift, scale=scale)
+    if out_dtype == FP8:
+        return _fp8_pass(x, y, gate, shift, scale, eps, NORM_MODULATE, RESIDUAL_GATED)
     return torch.ops.flashdreams.gated_residual_adaln(x, y, gate, shift, scale, float(eps), out_dtype)
 
 
@@ -342,10 +411,12 @@ def residual_adaln(
     scale: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(x', h): x' = x + y (x's dtype, fp32 math), h = adaln_modulate(x', shift, scale) in one pass."""
     _check_pair(x, y, out_dtype)
     _check_frames(x, shift=shift, scale=scale)
+    if out_dtype == FP8:
+        return _fp8_pass(x, y, None, shift, scale, eps, NORM_MODULATE, RESIDUAL_PLAIN)
     return torch.ops.flashdreams.residual_adaln(x, y, shift, scale, float(eps), out_dtype)
 
 
@@ -358,12 +429,14 @@ def _check_affine(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> 
 
 def layer_norm_affine(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | Fp8Rows:
     """LayerNorm(x) * weight + bias over the last dim of x `[B, L, D]`; fp32 math."""
     _check_x(x)
     _check_affine(x, weight, bias)
     _check_out_dtype(out_dtype)
     require_triton(x.device)
+    if out_dtype == FP8:
+        return _fp8_pass(x, None, None, bias, weight, eps, NORM_AFFINE, RESIDUAL_NONE)[1]
     return torch.ops.flashdreams.layer_norm_affine(x, weight, bias, float(eps), out_dtype)
 
 
@@ -375,11 +448,13 @@ def gated_residual_layer_norm(
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(x', h): x' = x + y * gate (per-frame gate), h = layer_norm_affine(x', weight, bias) in one pass."""
     _check_pair(x, y, out_dtype)
     _check_frames(x, gate=gate)
     _check_affine(x, weight, bias)
+    if out_dtype == FP8:
+        return _fp8_pass(x, y, gate, bias, weight, eps, NORM_AFFINE, RESIDUAL_GATED)
     return torch.ops.flashdreams.gated_residual_layer_norm(x, y, gate, weight, bias, float(eps), out_dtype)
 
 
@@ -393,7 +468,7 @@ def gated_residual_modulate_layer_norm(
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(x', h): x' = (1 + token_scale) * (x + y * gate) + token_shift, each step rounded to x's dtype
     (per-frame gate, per-token scale/shift `[B, L, D]`: LingBot's camera after its self-attention),
     h = layer_norm_affine(x', weight, bias), in one pass."""
@@ -403,6 +478,8 @@ def gated_residual_modulate_layer_norm(
     for name, t in (("token_scale", token_scale), ("token_shift", token_shift)):
         check_tensor(name, t, ndim=3, dtypes=FLOAT_DTYPES, device=x.device, last_contiguous=True)
         check_shape(name, t, tuple(x.shape))
+    if out_dtype == FP8:
+        return _fp8_pass(x, y, gate, bias, weight, eps, NORM_AFFINE, RESIDUAL_GATED, (token_scale, token_shift))
     return torch.ops.flashdreams.gated_residual_modulate_layer_norm(
         x, y, gate, token_scale, token_shift, weight, bias, float(eps), out_dtype
     )
@@ -415,10 +492,12 @@ def residual_layer_norm(
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """(x', h): x' = x + y (x's dtype, fp32 math), h = layer_norm_affine(x', weight, bias) in one pass."""
     _check_pair(x, y, out_dtype)
     _check_affine(x, weight, bias)
+    if out_dtype == FP8:
+        return _fp8_pass(x, y, None, bias, weight, eps, NORM_AFFINE, RESIDUAL_PLAIN)
     return torch.ops.flashdreams.residual_layer_norm(x, y, weight, bias, float(eps), out_dtype)
 
 
@@ -430,17 +509,25 @@ def _per_token(m: torch.Tensor, L: int) -> torch.Tensor:
     return m.float().repeat_interleave(L // m.shape[1], dim=1)
 
 
+def _h_out(h: torch.Tensor, x_dtype: torch.dtype, out_dtype: torch.dtype | None) -> torch.Tensor | Fp8Rows:
+    """h (float32) as the kernels hand it out: in out_dtype (default x's), or for float8_e4m3fn
+    rounded to x's dtype and quantized per row."""
+    if out_dtype == FP8:
+        return Fp8Rows(*quantize_rows_fp8_reference(h.to(x_dtype)))
+    return h.to(out_dtype or x_dtype)
+
+
 def _layer_norm(x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), eps=eps)
 
 
 def adaln_modulate_reference(
     x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | Fp8Rows:
     """What `adaln_modulate` computes."""
     L = x.shape[1]
     h = _layer_norm(x, eps) * (1 + _per_token(scale, L)) + _per_token(shift, L)
-    return h.to(out_dtype or x.dtype)
+    return _h_out(h, x.dtype, out_dtype)
 
 
 def gated_residual_reference(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
@@ -461,7 +548,7 @@ def gated_residual_adaln_reference(
     scale: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """What `gated_residual_adaln` computes: the two twins above, composed."""
     x_new = gated_residual_reference(x, y, gate)
     return x_new, adaln_modulate_reference(x_new, shift, scale, eps, out_dtype)
@@ -474,7 +561,7 @@ def residual_adaln_reference(
     scale: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """What `residual_adaln` computes."""
     x_new = residual_reference(x, y)
     return x_new, adaln_modulate_reference(x_new, shift, scale, eps, out_dtype)
@@ -482,10 +569,10 @@ def residual_adaln_reference(
 
 def layer_norm_affine_reference(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, out_dtype: torch.dtype | None = None
-) -> torch.Tensor:
+) -> torch.Tensor | Fp8Rows:
     """What `layer_norm_affine` computes."""
     h = torch.nn.functional.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps)
-    return h.to(out_dtype or x.dtype)
+    return _h_out(h, x.dtype, out_dtype)
 
 
 def gated_residual_layer_norm_reference(
@@ -496,7 +583,7 @@ def gated_residual_layer_norm_reference(
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """What `gated_residual_layer_norm` computes."""
     x_new = gated_residual_reference(x, y, gate)
     return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)
@@ -512,7 +599,7 @@ def gated_residual_modulate_layer_norm_reference(
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """What `gated_residual_modulate_layer_norm` computes: the gated residual, the per-token
     modulation in float32 (rounded to x's dtype), the affine norm."""
     x_new = gated_residual_reference(x, y, gate)
@@ -527,7 +614,7 @@ def residual_layer_norm_reference(
     bias: torch.Tensor,
     eps: float,
     out_dtype: torch.dtype | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor | Fp8Rows]:
     """What `residual_layer_norm` computes."""
     x_new = residual_reference(x, y)
     return x_new, layer_norm_affine_reference(x_new, weight, bias, eps, out_dtype)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -51,6 +52,29 @@ FP8 = torch.float8_e4m3fn
 
 
 @triton.jit
+def _round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """fp32 x rounded to `dtype` (bf16 / fp16 / fp32) and back to fp32: what a tensor of that dtype
+    would hold; under the interpreter (EMULATE) bf16 is rounded by hand, to nearest-even as the GPU's cast."""
+    if dtype == tl.bfloat16:
+        x = _round_bf16(x) if EMULATE else x.to(tl.bfloat16).to(tl.float32)
+    elif dtype == tl.float16:
+        x = x.to(tl.float16).to(tl.float32)
+    return x
+
+
+@triton.jit
+def _store_e4m3_rows(x, x8_ptrs, s_ptrs, mask, row_mask, EMULATE: tl.constexpr):
+    """Quantize the fp32 rows x `[R, K]` (masked entries 0) per row and store them:
+    x8 = e4m3(x * 448/amax(|x_row|)) at x8_ptrs, scale = amax/448 at s_ptrs (amax floored at 1e-16).
+    Every producer of pre-quantized rows (this file's pass, the AdaLN row pass) stores through here,
+    so that they agree bit for bit."""
+    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-16)
+    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    tl.store(x8_ptrs, _to_e4m3(x * inv[:, None], EMULATE), mask=mask)
+    tl.store(s_ptrs, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_mask)
+
+
+@triton.jit
 def _quantize_rows_kernel(
     X, X8, SX, stride_x, R, K,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr, GELU: tl.constexpr,
@@ -67,14 +91,8 @@ def _quantize_rows_kernel(
             x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
         else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
             x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-        if X.dtype.element_ty == tl.bfloat16:
-            x = _round_bf16(x) if EMULATE else x.to(tl.bfloat16).to(tl.float32)
-        elif X.dtype.element_ty == tl.float16:
-            x = x.to(tl.float16).to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-16)
-    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
-    tl.store(X8 + r[:, None] * K + c[None, :], _to_e4m3(x * inv[:, None], EMULATE), mask=mask)
-    tl.store(SX + r, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=r < R)
+        x = _round_to(x, X.dtype.element_ty, EMULATE)
+    _store_e4m3_rows(x, X8 + r[:, None] * K + c[None, :], SX + r, mask, r < R, EMULATE)
 
 
 # The GELU a quantization pass may apply first, by name -> (kernel code, torch's `approximate`).
@@ -182,8 +200,36 @@ def _gemm_ok(x: torch.Tensor, w8: torch.Tensor) -> bool:
     return x.device.type == "cuda" and w8.shape[0] % 16 == 0 and w8.shape[1] % 16 == 0
 
 
+class Fp8Rows(NamedTuple):
+    """An activation already quantized per row for an FP8 linear: `values` `[..., K]` float8_e4m3fn
+    and `scale` `[...]` float32, x ~= scale[..., None] * values (what `quantize_rows_fp8` makes of x).
+    A pass that computes x anyway (the AdaLN row pass, kernels/adaln.py) writes these in place of x:
+    1 byte an element instead of 2, and the linear skips its own read-and-quantize pass."""
+
+    values: torch.Tensor
+    scale: torch.Tensor
+
+    def dequantized(self) -> torch.Tensor:
+        """scale[..., None] * values in float32."""
+        return self.values.float() * self.scale[..., None]
+
+
+def _check_rows(rows: Fp8Rows, K: int) -> None:
+    check_tensor("x.values", rows.values, dtypes=(FP8,), last_contiguous=True)
+    if rows.values.dim() < 1 or rows.values.shape[-1] != K:
+        raise InvalidArgumentError(
+            f"x.values: expected last dim {K} (the weight's in_features), found {list(rows.values.shape)}"
+        )
+    check_tensor("x.scale", rows.scale, dtypes=(torch.float32,), device=rows.values.device)
+    if rows.scale.shape != rows.values.shape[:-1]:
+        raise InvalidArgumentError(
+            f"x.scale: expected shape {list(rows.values.shape[:-1])} (one per row of x.values), "
+            f"found {list(rows.scale.shape)}"
+        )
+
+
 def fp8_linear(
-    x: torch.Tensor,
+    x: torch.Tensor | Fp8Rows,
     w_fp8: torch.Tensor,
     w_scale: torch.Tensor,
     bias: torch.Tensor | None = None,
@@ -196,30 +242,42 @@ def fp8_linear(
     `gelu` ("exact" / "tanh"): F.linear(GELU(x), ...), the GELU done inside the activation
     quantization's pass.
 
-    x `[..., K]`; w_fp8 `[N, K]` float8_e4m3fn; w_scale `[N]` float32; bias `[N]` or None.
-    Returns `[..., N]` in `out_dtype` (default x's dtype). On CUDA: Triton quantization +
-    `torch._scaled_mm` (bf16 output, cast if another dtype is asked for); elsewhere, or for
-    shapes `_scaled_mm` refuses, `fp8_linear_reference`.
+    x `[..., K]`, or an `Fp8Rows` (quantized already: no pass here, no `gelu`); w_fp8 `[N, K]`
+    float8_e4m3fn; w_scale `[N]` float32; bias `[N]` or None. Returns `[..., N]` in `out_dtype`
+    (default x's dtype; bf16 for Fp8Rows). On CUDA: Triton quantization + `torch._scaled_mm` (bf16
+    output, cast if another dtype is asked for); elsewhere, or for shapes `_scaled_mm` refuses,
+    `fp8_linear_reference`.
     """
-    out_dtype = x.dtype if out_dtype is None else out_dtype
+    rows = x if isinstance(x, Fp8Rows) else None
+    out_dtype = out_dtype or (torch.bfloat16 if rows is not None else x.dtype)
     if w_fp8.dtype != FP8 or w_fp8.dim() != 2:
         raise InvalidArgumentError(
             f"w_fp8: expected a 2-D float8_e4m3fn tensor, found {w_fp8.dtype} {list(w_fp8.shape)}"
         )
     N, K = w_fp8.shape
-    if x.shape[-1] != K:
+    if rows is not None:
+        _check_rows(rows, K)
+        if gelu is not None:
+            raise InvalidArgumentError("gelu: an Fp8Rows input is quantized already; GELU cannot be applied to it")
+    elif x.shape[-1] != K:
         raise InvalidArgumentError(f"x: expected last dim {K} (the weight's in_features), found {list(x.shape)}")
     if w_scale.shape != (N,) or w_scale.dtype != torch.float32:
         raise InvalidArgumentError(f"w_scale: expected float32 [{N}], found {w_scale.dtype} {list(w_scale.shape)}")
     _check_gelu(gelu)
-    if not _gemm_ok(x, w_fp8):
+    if not _gemm_ok(rows.values if rows is not None else x, w_fp8):
+        if rows is not None:
+            return _dequantized_product(rows.values.float(), rows.scale, w_fp8, w_scale, bias, out_dtype)
         return fp8_linear_reference(_gelu(x, gelu), w_fp8, w_scale, bias, out_dtype)
-    lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    x8, sx = quantize_rows_fp8(x2, gelu=gelu)
-    fuse = bias is not None and _scaled_mm_takes_bias(x.device)
+    if rows is not None:
+        lead = rows.values.shape[:-1]
+        x8, sx = rows.values.reshape(-1, K), rows.scale.reshape(-1)
+    else:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, K)
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        x8, sx = quantize_rows_fp8(x2, gelu=gelu)
+    fuse = bias is not None and _scaled_mm_takes_bias(x8.device)
     y = torch._scaled_mm(
         x8,
         w_fp8.t(),  # [K, N] column-major, as the second operand must be
@@ -234,6 +292,25 @@ def fp8_linear(
     return y.to(out_dtype).reshape(*lead, N)
 
 
+def _dequantized_product(
+    x8: torch.Tensor,
+    sx: torch.Tensor,
+    w_fp8: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """The fp32 matmul of quantized rows (e4m3 values as fp32, per-row scales) and the dequantized
+    weight, with `_scaled_mm`'s bf16 output rounding."""
+    w = w_fp8.float() * w_scale[:, None]
+    y = (x8 * sx[..., None]) @ w.t()
+    if bias is not None:
+        y = y + bias.float()
+    if out_dtype != torch.float32:
+        y = y.to(torch.bfloat16)  # _scaled_mm's output rounding
+    return y.to(out_dtype)
+
+
 def fp8_linear_reference(
     x: torch.Tensor,
     w_fp8: torch.Tensor,
@@ -243,15 +320,8 @@ def fp8_linear_reference(
 ) -> torch.Tensor:
     """What `fp8_linear` computes, in torch: the same quantization of x, then an fp32 matmul of the
     dequantized operands (the GPU's result differs by fp32 summation order and bf16 rounding)."""
-    out_dtype = x.dtype if out_dtype is None else out_dtype
     x8, sx, _ = quantize_rows_e4m3(x.float())
-    w = w_fp8.float() * w_scale[:, None]
-    y = (x8 * sx[..., None]) @ w.t()
-    if bias is not None:
-        y = y + bias.float()
-    if out_dtype != torch.float32:
-        y = y.to(torch.bfloat16)  # _scaled_mm's output rounding
-    return y.to(out_dtype)
+    return _dequantized_product(x8, sx, w_fp8, w_scale, bias, x.dtype if out_dtype is None else out_dtype)
 
 
 class Fp8Linear(nn.Module):
@@ -314,7 +384,10 @@ class Fp8Linear(nn.Module):
     # forward(x, gelu="exact" | "tanh") is this layer applied to GELU(x), fused into the quantization.
     takes_gelu = True
 
-    def forward(self, x: torch.Tensor, gelu: str | None = None) -> torch.Tensor:
+    # forward(Fp8Rows) takes an activation quantized already (by the AdaLN row pass, say).
+    takes_fp8_rows = True
+
+    def forward(self, x: torch.Tensor | Fp8Rows, gelu: str | None = None) -> torch.Tensor:
         return fp8_linear(
             x,
             self.weight_fp8,

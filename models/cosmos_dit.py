@@ -304,19 +304,24 @@ class CosmosBlock(nn.Module):
         pending = (MLP output, gate); the next block, given `pending`, adds it in the pass that
         normalises its input (the caller resolves the last one with `dit_ops.gated_residual`)."""
         sa, ca = self.self_attn, self.cross_attn
+        # Each norm hands its h quantized where only FP8 linears read it (dit_ops.takes_fp8_rows).
+        qkv8 = dit_ops.takes_fp8_rows(sa.q_proj, sa.k_proj, sa.v_proj)
+        q8, mlp8 = dit_ops.takes_fp8_rows(ca.q_proj), dit_ops.takes_fp8_rows(self.mlp.layer1)
         shift, scale, gate_sa = self._mod(self.adaln_modulation_self_attn, emb, lora)
         if pending is None:
-            h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
+            h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl, fp8=qkv8)
         else:
-            x, h = dit_ops.gated_residual_adaln(x, *pending, shift, scale, self.eps, impl)
+            x, h = dit_ops.gated_residual_adaln(x, *pending, shift, scale, self.eps, impl, fp8=qkv8)
         q, k, v = sa.heads(sa.q_proj(h)), sa.heads(sa.k_proj(h)), sa.heads(sa.v_proj(h))
         y = attend(sa, q, k, v)
         shift, scale, gate_ca = self._mod(self.adaln_modulation_cross_attn, emb, lora)
-        x, h = dit_ops.gated_residual_adaln(x, sa.output_proj(y.flatten(2)), gate_sa, shift, scale, self.eps, impl)
+        y = sa.output_proj(y.flatten(2))
+        x, h = dit_ops.gated_residual_adaln(x, y, gate_sa, shift, scale, self.eps, impl, fp8=q8)
         q = dit_ops.rms_norm(ca.heads(ca.q_proj(h)), ca.q_norm.weight, ca.q_norm.eps, impl)
-        y = dit_ops.attention(q, cross_k.to(h.dtype), cross_v.to(h.dtype))
+        y = dit_ops.attention(q, cross_k.to(q.dtype), cross_v.to(q.dtype))
         shift, scale, gate_mlp = self._mod(self.adaln_modulation_mlp, emb, lora)
-        x, h = dit_ops.gated_residual_adaln(x, ca.output_proj(y.flatten(2)), gate_ca, shift, scale, self.eps, impl)
+        y = ca.output_proj(y.flatten(2))
+        x, h = dit_ops.gated_residual_adaln(x, y, gate_ca, shift, scale, self.eps, impl, fp8=mlp8)
         y = self.mlp(h)
         if defer_ffn:
             return x, (y, gate_mlp)

@@ -53,6 +53,25 @@ def _kernels():
     return kernels
 
 
+# Where FP8 linears are a norm's only readers (a DiT block's q/k/v, cross-attention q, first MLP layer), the
+# norm hands them h quantized (fp8=True below): the same numbers, and no quantization pass of their own.
+# bench/block_fusion_bench.py times both forms; tests turn it off to compare whole models.
+QUANTIZE_IN_NORMS = True
+
+
+def takes_fp8_rows(*linears: torch.nn.Module) -> bool:
+    """Whether every one of `linears` takes a pre-quantized `kernels.Fp8Rows` (an FP8 linear), so the
+    norm feeding them may hand h out quantized (`fp8=` of the norms below)."""
+    return QUANTIZE_IN_NORMS and all(getattr(lin, "takes_fp8_rows", False) for lin in linears)
+
+
+def _h_dtype(fp8: bool) -> torch.dtype | None:
+    """The norms' `fp8=True`: with impl="triton" their h comes back as `kernels.Fp8Rows`, quantized per
+    row in the norm's own pass for an FP8 linear (`Fp8Linear` takes it as it is); the torch path hands
+    h back in x's dtype either way, which an FP8 linear quantizes itself."""
+    return torch.float8_e4m3fn if fp8 else None
+
+
 def _per_frame(x: torch.Tensor, num_frames: int) -> torch.Tensor:
     """[B, L, D] -> [B, F, L/F, D] so that per-frame [B, F, 1, D] rows broadcast."""
     return x.unflatten(1, (num_frames, -1))
@@ -68,11 +87,11 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, impl: str = "sdp
 
 
 def adaln_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, impl: str = "sdpa"
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, impl: str = "sdpa", *, fp8: bool = False
 ) -> torch.Tensor:
     """LayerNorm(x) * (1 + scale) + shift with per-frame shift/scale [B, F, D] (float32 math)."""
     if impl == "triton":
-        return _kernels().adaln_modulate(x, shift, scale, eps)
+        return _kernels().adaln_modulate(x, shift, scale, eps, _h_dtype(fp8))
     nf = shift.shape[1]
     xn = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)
     y = _per_frame(xn, nf) * (1 + scale.unsqueeze(2)) + shift.unsqueeze(2)
@@ -89,11 +108,11 @@ def gated_residual(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, impl: s
 
 
 def layer_norm_affine(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "sdpa"
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float, impl: str = "sdpa", *, fp8: bool = False
 ) -> torch.Tensor:
     """The cross-attention pre-norm (`norm3`): affine LayerNorm in float32."""
     if impl == "triton":
-        return _kernels().layer_norm_affine(x, weight, bias, eps)
+        return _kernels().layer_norm_affine(x, weight, bias, eps, _h_dtype(fp8))
     return F.layer_norm(x.float(), (x.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
 
 
@@ -105,10 +124,12 @@ def gated_residual_layer_norm(
     bias: torch.Tensor,
     eps: float,
     impl: str = "sdpa",
+    *,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = gated_residual(x, y, gate), h = layer_norm_affine(x') (one pass with impl="triton")."""
     if impl == "triton":
-        return _kernels().gated_residual_layer_norm(x, y, gate, weight, bias, eps)
+        return _kernels().gated_residual_layer_norm(x, y, gate, weight, bias, eps, _h_dtype(fp8))
     x = gated_residual(x, y, gate)
     return x, layer_norm_affine(x, weight, bias, eps)
 
@@ -129,11 +150,13 @@ def gated_residual_modulate_layer_norm(
     bias: torch.Tensor,
     eps: float,
     impl: str = "sdpa",
+    *,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = token_modulate(gated_residual(x, y, gate), scale, shift), h = layer_norm_affine(x')
     (one pass with impl="triton": 16 bytes an element moved instead of ~46 for the three)."""
     if impl == "triton":
-        return _kernels().gated_residual_modulate_layer_norm(x, y, gate, scale, shift, weight, bias, eps)
+        return _kernels().gated_residual_modulate_layer_norm(x, y, gate, scale, shift, weight, bias, eps, _h_dtype(fp8))
     x = token_modulate(gated_residual(x, y, gate), scale, shift)
     return x, layer_norm_affine(x, weight, bias, eps)
 
@@ -146,21 +169,30 @@ def gated_residual_adaln(
     scale: torch.Tensor,
     eps: float,
     impl: str = "sdpa",
+    *,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = gated_residual(x, y, gate), h = adaln_modulate(x', shift, scale) (one pass with
     impl="triton")."""
     if impl == "triton":
-        return _kernels().gated_residual_adaln(x, y, gate, shift, scale, eps)
+        return _kernels().gated_residual_adaln(x, y, gate, shift, scale, eps, _h_dtype(fp8))
     x = gated_residual(x, y, gate)
     return x, adaln_modulate(x, shift, scale, eps)
 
 
 def residual_adaln(
-    x: torch.Tensor, y: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float, impl: str = "sdpa"
+    x: torch.Tensor,
+    y: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    eps: float,
+    impl: str = "sdpa",
+    *,
+    fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(x', h): x' = x + y, h = adaln_modulate(x', shift, scale) (one pass with impl="triton")."""
     if impl == "triton":
-        return _kernels().residual_adaln(x, y, shift, scale, eps)
+        return _kernels().residual_adaln(x, y, shift, scale, eps, _h_dtype(fp8))
     x = x + y
     return x, adaln_modulate(x, shift, scale, eps)
 
@@ -176,7 +208,7 @@ def gelu_tanh_mlp(h: torch.Tensor, first: torch.nn.Module, second: torch.nn.Modu
     if impl == "triton":
         if getattr(second, "takes_gelu", False):
             return second(first(h), gelu="tanh")
-        if h.is_cuda and type(first) is torch.nn.Linear and first.bias is not None:
+        if type(first) is torch.nn.Linear and h.is_cuda and first.bias is not None:  # (h may be Fp8Rows otherwise)
             lead = h.shape[:-1]
             hidden = torch._addmm_activation(first.bias, h.reshape(-1, h.shape[-1]), first.weight.t(), use_gelu=True)
             return second(hidden.view(*lead, -1))

@@ -82,6 +82,12 @@ class WanAttention(nn.Module):
         self.register_buffer("qkv_weight", w, persistent=False)
         self.register_buffer("qkv_bias", b, persistent=False)
 
+    def qkv_takes_fp8_rows(self) -> bool:
+        """Whether `project_qkv` runs FP8 linears only (see `takes_fp8_rows`)."""
+        if getattr(self, "qkv_fp8", None) is not None:
+            return dit_ops.takes_fp8_rows(self.qkv_fp8)
+        return getattr(self, "qkv_weight", None) is None and dit_ops.takes_fp8_rows(self.q, self.k, self.v)
+
     def project_qkv(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Raw q, k, v projections [B, L, D] (views of one fused GEMM when fuse_qkv_ ran)."""
         if getattr(self, "qkv_fp8", None) is not None:
@@ -185,19 +191,23 @@ class WanBlock(nn.Module):
         """
         mod = (self.modulation.float().unsqueeze(1) + e0).unbind(2)  # 6 x [B, F, D]
         shift1, scale1, gate1, shift2, scale2, gate2 = mod
+        sa, ca = self.self_attn, self.cross_attn
+        # Each norm hands its h quantized where only FP8 linears read it.
+        qkv8, q8, ffn8 = sa.qkv_takes_fp8_rows(), dit_ops.takes_fp8_rows(ca.q), dit_ops.takes_fp8_rows(self.ffn[0])
         if pending is None:
-            h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl)
+            h = dit_ops.adaln_modulate(x, shift1, scale1, self.eps, impl, fp8=qkv8)
         else:
-            x, h = dit_ops.gated_residual_adaln(x, *pending, shift1, scale1, self.eps, impl)
-        sa = self.self_attn
+            x, h = dit_ops.gated_residual_adaln(x, *pending, shift1, scale1, self.eps, impl, fp8=qkv8)
         attn = attend(*sa.project_qkv(h), sa)
         y = sa.o(attn.flatten(2))
         modulation = after_self if isinstance(after_self, TokenModulation) else None
         if after_self is None and self.norm3 is not None:  # residual and pre-norm in one pass
-            x, h = dit_ops.gated_residual_layer_norm(x, y, gate1, self.norm3.weight, self.norm3.bias, self.eps, impl)
+            x, h = dit_ops.gated_residual_layer_norm(
+                x, y, gate1, self.norm3.weight, self.norm3.bias, self.eps, impl, fp8=q8
+            )
         elif modulation is not None and self.norm3 is not None:  # residual, modulation and pre-norm in one
             x, h = dit_ops.gated_residual_modulate_layer_norm(
-                x, y, gate1, *modulation, self.norm3.weight, self.norm3.bias, self.eps, impl
+                x, y, gate1, *modulation, self.norm3.weight, self.norm3.bias, self.eps, impl, fp8=q8
             )
         else:
             x = dit_ops.gated_residual(x, y, gate1, impl)
@@ -206,10 +216,9 @@ class WanBlock(nn.Module):
             elif after_self is not None:
                 x = after_self(x)
             if self.norm3 is not None:
-                h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl)
+                h = dit_ops.layer_norm_affine(x, self.norm3.weight, self.norm3.bias, self.eps, impl, fp8=q8)
             else:
                 h = x
-        ca = self.cross_attn
         q = ca.heads(dit_ops.rms_norm(ca.q(h), ca.norm_q.weight, ca.norm_q.eps, impl))
         if isinstance(ca, WanI2VCrossAttention):
             n = CLIP_TOKENS
@@ -219,10 +228,10 @@ class WanBlock(nn.Module):
             out = dit_ops.attention(q, cross_k, cross_v)
         y = ca.o(out.flatten(2))
         if after_cross is None:  # residual and the FFN's modulated norm in one pass
-            x, h = dit_ops.residual_adaln(x, y, shift2, scale2, self.eps, impl)
+            x, h = dit_ops.residual_adaln(x, y, shift2, scale2, self.eps, impl, fp8=ffn8)
         else:
             x = after_cross(x + y)
-            h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl)
+            h = dit_ops.adaln_modulate(x, shift2, scale2, self.eps, impl, fp8=ffn8)
         y = dit_ops.gelu_tanh_mlp(h, self.ffn[0], self.ffn[2], impl)
         if defer_ffn:
             return x, (y, gate2)

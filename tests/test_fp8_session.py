@@ -56,3 +56,33 @@ def test_fp8_needs_the_triton_kernels():
         flashdreams.load(decoder=None, attention="sdpa", precision="fp8")
     with pytest.raises(InvalidArgumentError, match="precision 'fp4' is unknown"):
         flashdreams.load(decoder=None, attention="triton", precision="fp4")
+
+
+def test_fp8_norms_hand_their_linears_quantized_rows(monkeypatch):
+    """In FP8, each block's three norms that feed only FP8 linears (q/k/v, the cross-attention's q, the
+    FFN's first layer) quantize h in their own pass; the result is the linears quantizing h themselves
+    (bit for bit on a GPU; on a CPU the interpreter truncates the bf16 h the unfused path stores)."""
+    from flashdreams.kernels import adaln
+    from flashdreams.models import dit_ops, wan_dit
+
+    calls = {"quantizing norms": 0, "blocks": 0}
+    quantizing_pass, block_forward = adaln._fp8_pass, wan_dit.WanBlock.forward
+
+    def counted_pass(*args, **kwargs):
+        calls["quantizing norms"] += 1
+        return quantizing_pass(*args, **kwargs)
+
+    def counted_block(*args, **kwargs):
+        calls["blocks"] += 1
+        return block_forward(*args, **kwargs)
+
+    monkeypatch.setattr(adaln, "_fp8_pass", counted_pass)
+    monkeypatch.setattr(wan_dit.WanBlock, "forward", counted_block)
+    engine = flashdreams.load(decoder=None, attention="triton", precision="fp8")
+    fused = [engine.session(seed=3).step().latents]
+    assert calls["blocks"] > 0 and calls["quantizing norms"] == 3 * calls["blocks"]
+    monkeypatch.setattr(dit_ops, "QUANTIZE_IN_NORMS", False)
+    calls.update({"quantizing norms": 0, "blocks": 0})
+    unfused = engine.session(seed=3).step().latents
+    assert calls["blocks"] > 0 and calls["quantizing norms"] == 0
+    assert rel_l2(fused[0], unfused) < 1e-2

@@ -284,3 +284,89 @@ def test_gated_residual_with_token_modulation_and_affine_norm(dtype, B, F, fs, D
     assert rel_l2(xm, unfused) > 0.05 and rel_l2(h, layer_norm_affine_reference(unfused, w, b, 1e-6)) > 0.05
     with pytest.raises(InvalidArgumentError, match="token_scale"):
         gated_residual_modulate_layer_norm(x, y, gate, tsc[:, 1:], tsh, w, b, 1e-6)
+
+
+def _forms(x, y, gate, shift, scale, w, b, tsc, tsh):
+    """Each pass by name: (kernel call taking out_dtype, whether it has a residual, the norm of x' as a
+    reference twin taking out_dtype)."""
+    eps = 1e-6
+
+    def modulated(xn, od):
+        return adaln_modulate_reference(xn, shift, scale, eps, od)
+
+    def affine(xn, od):
+        return layer_norm_affine_reference(xn, w, b, eps, od)
+
+    return {
+        "adaln_modulate": (lambda od: adaln_modulate(x, shift, scale, eps, od), False, modulated),
+        "layer_norm_affine": (lambda od: layer_norm_affine(x, w, b, eps, od), False, affine),
+        "gated_residual_adaln": (lambda od: gated_residual_adaln(x, y, gate, shift, scale, eps, od), True, modulated),
+        "residual_adaln": (lambda od: residual_adaln(x, y, shift, scale, eps, od), True, modulated),
+        "gated_residual_layer_norm": (lambda od: gated_residual_layer_norm(x, y, gate, w, b, eps, od), True, affine),
+        "residual_layer_norm": (lambda od: residual_layer_norm(x, y, w, b, eps, od), True, affine),
+        "gated_residual_modulate_layer_norm": (
+            lambda od: gated_residual_modulate_layer_norm(x, y, gate, tsc, tsh, w, b, eps, od),
+            True,
+            affine,
+        ),
+    }
+
+
+FORMS = list(_forms(*[None] * 9))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("form", FORMS)
+def test_h_quantized_for_an_fp8_linear_is_h_quantized(dtype, form):
+    """out_dtype float8_e4m3fn: h comes out as Fp8Rows, bit-equal to rounding h to x's dtype and
+    quantizing it per row (what an FP8 linear given h would do), and x' is the pass's usual x'."""
+    from flashdreams.kernels.fp8_linear import FP8, Fp8Rows, quantize_rows_fp8
+
+    B, F, fs, D = 2, 3, 5, 96
+    x, y, shift, scale, gate = make(B, F, fs, D, dtype, seed=11)
+    g = torch.Generator().manual_seed(12)
+    w, b = torch.randn(D, generator=g).to(DEVICE), torch.randn(D, generator=g).to(dtype).to(DEVICE)
+    tsc, tsh = ((torch.randn(B, F * fs, D, generator=g) * 0.3).to(dtype).to(DEVICE) for _ in range(2))
+    run, has_residual, norm_twin = _forms(x, y, gate, shift, scale, w, b, tsc, tsh)[form]
+    with poisoned_outputs():
+        out, plain = run(FP8), run(None)
+    if has_residual:
+        (x_new, rows), (x_plain, h_plain) = out, plain
+        assert torch.equal(x_new, x_plain)
+    else:
+        rows, h_plain, x_new = out, plain, x
+    assert isinstance(rows, Fp8Rows)
+    assert rows.values.dtype == FP8 and rows.values.shape == (B, F * fs, D) and rows.scale.shape == (B, F * fs)
+    # The interpreter truncates its bf16 stores, so there the plain kernel's bf16 h is off by an ulp.
+    if dtype != torch.bfloat16 or DEVICE.type == "cuda":
+        v8, s8 = quantize_rows_fp8(h_plain.reshape(-1, D))
+        assert torch.equal(rows.values.reshape(-1, D).view(torch.uint8), v8.view(torch.uint8))
+        assert torch.equal(rows.scale.reshape(-1), s8)
+    want = norm_twin(x_new, FP8)  # the twin's h in x's dtype, quantized (fp32 LayerNorm sums in another order)
+    assert rel_l2(rows.scale, want.scale) < 1e-6 and rel_l2(rows.dequantized(), want.dequantized()) < 1e-2
+    # e4m3 keeps 3 mantissa bits: within 1/16 of each row's largest value of h
+    err = (rows.dequantized() - h_plain.float()).abs().amax(-1) / h_plain.float().abs().amax(-1)
+    assert err.max() <= 1 / 16
+
+
+def test_quantized_h_through_export_and_its_argument_checks():
+    """The quantizing pass is one custom op (`norm_rows_fp8`) that torch.export keeps; out_dtype still
+    refuses what is neither a float dtype nor e4m3."""
+    from flashdreams.kernels.fp8_linear import FP8
+
+    x, y, shift, scale, gate = make(1, 3, 5, 64, torch.bfloat16, seed=13)
+
+    class Pass(torch.nn.Module):
+        def forward(self, x, y, gate, shift, scale):
+            x1, rows = gated_residual_adaln(x, y, gate, shift, scale, 1e-6, FP8)
+            return x1, rows.values, rows.scale
+
+    args = (x, y, gate, shift, scale)
+    ep = torch.export.export(Pass(), args)
+    assert "flashdreams.norm_rows_fp8" in str(ep.graph)
+    x1, values, row_scale = ep.module()(*args)
+    want_x, want = gated_residual_adaln(x, y, gate, shift, scale, 1e-6, FP8)
+    assert torch.equal(x1, want_x) and torch.equal(row_scale, want.scale)
+    assert torch.equal(values.view(torch.uint8), want.values.view(torch.uint8))
+    with pytest.raises(InvalidArgumentError, match="float8_e4m3fn"):
+        adaln_modulate(x, shift, scale, 1e-6, out_dtype=torch.float8_e5m2)

@@ -23,6 +23,7 @@ from flashdreams.kernels import triton_available  # noqa: E402
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 from flashdreams.kernels.fp8_linear import (  # noqa: E402
     Fp8Linear,
+    Fp8Rows,
     fp8_linear,
     fp8_linear_reference,
     is_dit_fp8_linear,
@@ -163,6 +164,31 @@ def test_fp8_linear_checks_arguments():
         fp8_linear(x, w8, sw[:16])
 
 
+@needs_triton
+def test_fp8_linear_takes_rows_quantized_already():
+    """Given x's rows quantized (`Fp8Rows`, as the AdaLN pass hands them over), the linear skips its own
+    quantization and gives bit for bit what it gives for x; a GELU cannot apply to them."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(2, 45, 256, generator=g).to(torch.bfloat16).to(DEVICE)
+    lin = nn.Linear(256, 192).to(torch.bfloat16).to(DEVICE)
+    layer = Fp8Linear.from_linear(lin)
+    values, scale = quantize_rows_fp8(x.reshape(-1, 256))
+    rows = Fp8Rows(values.view(2, 45, 256), scale.view(2, 45))
+    y = layer(rows)
+    assert y.shape == (2, 45, 192) and y.dtype == torch.bfloat16
+    assert torch.equal(y, layer(x))
+    assert rel_l2(y, lin(x)) < LINEAR_TOL
+    assert layer.takes_fp8_rows and not getattr(lin, "takes_fp8_rows", False)
+    with pytest.raises(InvalidArgumentError, match="gelu"):
+        layer(rows, gelu="tanh")
+    with pytest.raises(InvalidArgumentError, match="x.scale"):
+        layer(Fp8Rows(rows.values, rows.scale[:, 1:]))
+    with pytest.raises(InvalidArgumentError, match="x.values"):
+        layer(Fp8Rows(rows.values.float(), rows.scale))
+    with pytest.raises(InvalidArgumentError, match="x.values"):
+        layer(Fp8Rows(rows.values[..., :128], rows.scale))
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("fast_accum", [False, True])
@@ -174,6 +200,7 @@ def test_scaled_mm_matches_reference_on_gpu(fast_accum):
     w8, sw = quantize_weight_fp8(w)
     y = fp8_linear(x, w8, sw, b, use_fast_accum=fast_accum)
     assert rel_l2(y, fp8_linear_reference(x, w8, sw, b)) < (1e-2 if fast_accum else 5e-3)
+    assert torch.equal(fp8_linear(Fp8Rows(*quantize_rows_fp8(x)), w8, sw, b, use_fast_accum=fast_accum), y)
 
 
 def test_from_linear_round_trip():
