@@ -563,7 +563,7 @@ class CosmosDiT(nn.Module):
         shadowed = fp8_shadow is not None and precision == "fp8"
         ring_len = dit_ops.ring_length_for(valid_len, impl, self.ring_kernel)
         if shadowed:  # ring rows [first, end) this chunk writes (its frame slots, wrapped or not, lie within)
-            written = torch.stack([slots.min() * fs, (slots.max() + 1) * fs])
+            written = dit_ops.written_ring_rows(slots, fs)
 
         def cached_attend_of(i):
             def cached(sa, q, k, v):

@@ -325,6 +325,13 @@ def ring_attention(
     return out.transpose(1, 2)
 
 
+def written_ring_rows(slots: torch.Tensor, frame_tokens: int) -> torch.Tensor:
+    """Ring rows [first, end) a forward writes at its frame `slots`, as a device tensor: from the lowest
+    slot to the end of the highest, which covers a block whose slots wrap around the window too (the
+    rows between are re-quantized unchanged)."""
+    return torch.stack([slots.min() * frame_tokens, (slots.max() + 1) * frame_tokens])
+
+
 def ring_attention_fp8_shadowed(q, ring_k, ring_v, valid_len, written, fp8_shadow, layer: int) -> torch.Tensor:
     """FP8 ring attention through the ring's fp8 shadow: first re-quantize the key tiles overlapping
     ring rows [written[0], written[1]) (just written into the bf16 ring), then attend on the shadow.

@@ -149,10 +149,12 @@ class LingBotDiT(WanDiT):
         *,
         attend=None,
         shard=None,
+        fp8_shadow: tuple | None = None,
     ) -> torch.Tensor:
         """The causal forward of one block against the KV ring (wan_dit.forward_step) with y and the
         block's precomputed camera modulation [layers, B, L, D]. `attend` / `shard`: the context-parallel
-        hooks (wan_dit.forward_step); the modulation is per token, so a rank takes its own rows of it."""
+        hooks (wan_dit.forward_step); the modulation is per token, so a rank takes its own rows of it.
+        `fp8_shadow`: the ring's fp8 shadow (wan_dit.forward_step)."""
         if shard is not None:
             _, ph, pw = self.cfg.patch_size
             fs = (x.shape[3] // ph) * (x.shape[4] // pw)
@@ -172,6 +174,7 @@ class LingBotDiT(WanDiT):
             attend=attend,
             shard=shard,
             after_self=hook,
+            fp8_shadow=fp8_shadow,
         )
 
 

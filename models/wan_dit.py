@@ -472,6 +472,7 @@ class WanDiT(nn.Module):
         shard: Any = None,
         after_cross: Callable[[int, torch.Tensor], torch.Tensor] | None = None,
         after_self: Callable[[int, torch.Tensor], torch.Tensor] | LayerModulations | None = None,
+        fp8_shadow: tuple | None = None,
     ) -> torch.Tensor:
         """One forward of a block of frames against the KV ring.
 
@@ -496,7 +497,17 @@ class WanDiT(nn.Module):
         or an object whose `layer(i)` gives layer i's `TokenModulation` (LingBot's camera
         scale/shift). With `shard`, `after_self` gets this rank's token rows and must be
         token-local (LingBot's is: per-token scale and shift, taken the same way).
+
+        `fp8_shadow` (FP8 attention only; models/fp8_ring_shadow.py): (k8, kt, v8t, vt, block_n), the
+        first four per layer along dim 0, an fp8 copy of the ring kept in step with it: the key tiles
+        holding this block's rows are re-quantized after they are written and the attention reads the
+        shadow, instead of quantizing the whole ring in every call; the same numbers.
         """
+        if fp8_shadow is not None and (attend is not None or shard is not None):
+            raise InvalidArgumentError(
+                "forward_step: context parallel runs the ring attention unquantized; load with precision 'bf16' "
+                "(or attention 'fa4')"
+            )
         if after_cross is not None and shard is not None:
             raise InvalidArgumentError(
                 "forward_step: the action hooks need every token of a frame (no context parallel)"
@@ -509,12 +520,18 @@ class WanDiT(nn.Module):
         impl = self.attention_impl
         ring_prec = dit_ops.ring_precision(self.precision, impl, self.ring_kernel)
         ring_len = dit_ops.ring_length_for(valid_len, impl, self.ring_kernel)
+        shadowed = fp8_shadow is not None and ring_prec == "fp8"
+        if shadowed:
+            written = dit_ops.written_ring_rows(slots, fs)
         if shard is not None:
             tokens = shard.take(tokens, fs, 1)
             cos, sin = shard.take(cos, fs, 0), shard.take(sin, fs, 0)
 
         def cached_attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
+            if shadowed:
+                rk, rv = ring_k[layer], ring_v[layer]
+                return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, layer)
             return dit_ops.ring_attention(
                 qr, ring_k[layer], ring_v[layer], ring_len, impl, valid_len_host, ring_prec, self.ring_kernel
             )

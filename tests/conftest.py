@@ -92,3 +92,21 @@ def params_or_skip(kinds: tuple[str, ...]):
         reason = f"parity fixtures of kinds {', '.join(kinds)} not found in {where}; set FD_FIXTURES"
         return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
     return [pytest.param(d, id=d.name) for d in dirs]
+
+
+@pytest.fixture
+def count_calls(monkeypatch):
+    """count_calls(owner, name) -> a list that gains an entry per call of `owner.name` (a function of a
+    module, or a method of a class), which still runs as before; undone with the test."""
+
+    def wrap(owner, name: str) -> list:
+        calls, real = [], getattr(owner, name)
+
+        def counted(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, counted)
+        return calls
+
+    return wrap

@@ -452,11 +452,16 @@ def test_block_fusion_bench_smoke(tmp_path):
         "self residual + pre-norm",
         "ffn residual + next block's norm",
         "cross residual + ffn norm",
+        "fp8 qkv: norm quantizes",
+        "fp8 cross q: norm quantizes",
+        "fp8 ffn.0: norm quantizes",
     }
     for name, row in rows.items():
         assert row["unfused_ms"] > 0 and row["fused_ms"] > 0, name
         assert row["rel_l2_fused_vs_unfused"] < 1e-2, name
     assert rows["ffn bf16"]["rel_l2_fused_vs_unfused"] == 0.0
+    # fp32 residual stream: the quantized h is h itself, so the FP8 linears see the same operands
+    assert all(rows[f"fp8 {r}: norm quantizes"]["rel_l2_fused_vs_unfused"] == 0.0 for r in ("qkv", "cross q", "ffn.0"))
 
 
 def test_frames_out_counts_every_stage_before_the_commit():

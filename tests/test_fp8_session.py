@@ -58,31 +58,54 @@ def test_fp8_needs_the_triton_kernels():
         flashdreams.load(decoder=None, attention="triton", precision="fp4")
 
 
-def test_fp8_norms_hand_their_linears_quantized_rows(monkeypatch):
+def test_fp8_norms_hand_their_linears_quantized_rows(monkeypatch, count_calls):
     """In FP8, each block's three norms that feed only FP8 linears (q/k/v, the cross-attention's q, the
     FFN's first layer) quantize h in their own pass; the result is the linears quantizing h themselves
     (bit for bit on a GPU; on a CPU the interpreter truncates the bf16 h the unfused path stores)."""
     from flashdreams.kernels import adaln
     from flashdreams.models import dit_ops, wan_dit
 
-    calls = {"quantizing norms": 0, "blocks": 0}
-    quantizing_pass, block_forward = adaln._fp8_pass, wan_dit.WanBlock.forward
-
-    def counted_pass(*args, **kwargs):
-        calls["quantizing norms"] += 1
-        return quantizing_pass(*args, **kwargs)
-
-    def counted_block(*args, **kwargs):
-        calls["blocks"] += 1
-        return block_forward(*args, **kwargs)
-
-    monkeypatch.setattr(adaln, "_fp8_pass", counted_pass)
-    monkeypatch.setattr(wan_dit.WanBlock, "forward", counted_block)
+    passes, blocks = count_calls(adaln, "_fp8_pass"), count_calls(wan_dit.WanBlock, "forward")
     engine = flashdreams.load(decoder=None, attention="triton", precision="fp8")
-    fused = [engine.session(seed=3).step().latents]
-    assert calls["blocks"] > 0 and calls["quantizing norms"] == 3 * calls["blocks"]
+    fused = engine.session(seed=3).step().latents
+    assert blocks and len(passes) == 3 * len(blocks)
     monkeypatch.setattr(dit_ops, "QUANTIZE_IN_NORMS", False)
-    calls.update({"quantizing norms": 0, "blocks": 0})
+    passes.clear()
+    blocks.clear()
     unfused = engine.session(seed=3).step().latents
-    assert calls["blocks"] > 0 and calls["quantizing norms"] == 0
-    assert rel_l2(fused[0], unfused) < 1e-2
+    assert blocks and not passes
+    assert rel_l2(fused, unfused) < 1e-2
+
+
+def test_fp8_ring_shadow_equals_quantizing_the_ring_every_call(monkeypatch):
+    """FP8 attention keeps an fp8 shadow of the KV ring as session state and re-quantizes only the key
+    tiles a DiT call writes; over more blocks than the ring holds (it wraps) and a reset, the latents
+    equal, bit for bit, an engine that quantizes the whole ring in every call."""
+    from flashdreams.models import dit_ops
+    from flashdreams.models.families import causal_wan
+
+    opts = dict(decoder=None, attention="triton", precision="fp8")
+    shadowed = flashdreams.load(**opts)
+    state = shadowed.plan.state
+    assert {"ring_k8", "ring_kt", "ring_v8t", "ring_vt"} <= set(state)
+    assert state["ring_k8"].dtype == "float8_e4m3fn" and state["ring_k8"].batch_dim == 1
+    assert "ring_k8" in shadowed.plan.graphs["dit"].args and "ring_k8" in shadowed.plan.graphs["dit"].mutates
+    with monkeypatch.context() as m:
+        m.setattr(causal_wan, "shadow_block_n", lambda *a: None)
+        per_call = flashdreams.load(**opts)
+    assert "ring_k8" not in per_call.plan.state and "ring_k8" not in per_call.plan.graphs["dit"].args
+    assert "ring_k8" not in flashdreams.load(decoder=None, attention="triton").plan.state  # bf16: no shadow
+    calls = []
+    real = dit_ops.ring_attention_fp8_shadowed
+    monkeypatch.setattr(dit_ops, "ring_attention_fp8_shadowed", lambda *a: calls.append(1) or real(*a))
+    a, b = shadowed.session(seed=3), per_call.session(seed=3)
+    ring = shadowed.plan.ring
+    blocks = (ring.sink + ring.window) // ring.frames_per_block + 2
+    for _ in range(blocks):
+        assert torch.equal(a.step().latents, b.step().latents)
+    layers = shadowed.plan.meta["num_layers"]
+    assert calls and len(calls) % layers == 0
+    assert a.buffers["ring_k8"].float().abs().sum() > 0
+    a.reset()
+    b.reset()
+    assert torch.equal(a.step().latents, b.step().latents)

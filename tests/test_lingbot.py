@@ -382,3 +382,38 @@ def test_session_refuses_a_pose_that_is_not_rigid_and_a_zero_focal_length():
     k = torch.tensor([[0.0, 100.0, 32.0, 32.0]])
     with pytest.raises(InvalidArgumentError, match="focal lengths"):
         session.set_input("intrinsics", k)
+
+
+def test_fast_fp8_ring_shadow_equals_quantizing_the_ring_every_call(monkeypatch):
+    """With FP8 attention the fast stream keeps the KV ring's fp8 shadow (every DiT call, commits too,
+    takes it); the latents equal, bit for bit, quantizing the whole ring in every call."""
+    from flashdreams.kernels import triton_available
+    from flashdreams.models.families import lingbot
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if not triton_available(torch.device(device)):
+        pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
+    opts = dict(preset="lingbot-world-fast-tiny", device=device, decoder=None, attention="triton", precision="fp8")
+    shadowed = flashdreams.load(**opts)
+    with monkeypatch.context() as m:
+        m.setattr(lingbot, "shadow_block_n", lambda *a: None)
+        per_call = flashdreams.load(**opts)
+    assert {"ring_k8", "ring_kt", "ring_v8t", "ring_vt"} <= set(shadowed.plan.state)
+    assert "ring_k8" not in per_call.plan.state
+    dit_calls = [op for ops in shadowed.plan.programs.values() for op in ops if op.get("graph") == "dit"]
+    assert dit_calls and all("ring_k8" in op["args"] for op in dit_calls)
+    g = torch.Generator().manual_seed(5)
+    path = orbit_path(60)
+    inputs = {
+        "prompt_embeds": torch.randn(1, 16, 32, generator=g),
+        "image": torch.rand(1, 3, 32, 48, generator=g),
+        "poses": block_poses(path, 0, 3)[None],
+        "intrinsics": _k(),
+        "world_scale": world_scale_of(path)[None],
+    }
+    inputs = {k: v.to(device) for k, v in inputs.items()}
+    a, b = shadowed.session(inputs=inputs, seed=2), per_call.session(inputs=inputs, seed=2)
+    for blk in range(4):
+        for s in (a, b):
+            s.set_input("poses", block_poses(path, blk, 3)[None].to(device))
+        assert torch.equal(a.step().latents, b.step().latents)

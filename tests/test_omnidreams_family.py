@@ -225,7 +225,7 @@ def test_fp8_ring_shadow_equals_quantizing_the_window_every_call(monkeypatch):
     assert torch.equal(a.step().latents, b.step().latents)
 
 
-def test_fp8_norms_quantize_for_their_linears_with_the_same_numbers(monkeypatch):
+def test_fp8_norms_quantize_for_their_linears_with_the_same_numbers(monkeypatch, count_calls):
     """In FP8 with the Triton kernels, each Cosmos block's three norms feeding only FP8 linears (q/k/v,
     the cross-attention's q, the MLP's first layer) hand them h quantized in their own pass; the latents
     equal, bit for bit, the linears quantizing h themselves."""
@@ -235,25 +235,14 @@ def test_fp8_norms_quantize_for_their_linears_with_the_same_numbers(monkeypatch)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     if not triton_available(torch.device(device)):
         pytest.skip("Triton kernels on the CPU need TRITON_INTERPRET=1 set before triton is imported")
-    calls = {"quantizing norms": 0, "blocks": 0}
-    quantizing_pass, block_forward = adaln._fp8_pass, cosmos_dit.CosmosBlock.forward
-
-    def counted_pass(*args, **kwargs):
-        calls["quantizing norms"] += 1
-        return quantizing_pass(*args, **kwargs)
-
-    def counted_block(*args, **kwargs):
-        calls["blocks"] += 1
-        return block_forward(*args, **kwargs)
-
-    monkeypatch.setattr(adaln, "_fp8_pass", counted_pass)
-    monkeypatch.setattr(cosmos_dit.CosmosBlock, "forward", counted_block)
+    passes, blocks = count_calls(adaln, "_fp8_pass"), count_calls(cosmos_dit.CosmosBlock, "forward")
     opts = dict(preset=TINY, device=device, dtype="float32", decoder=None, attention="triton", precision="fp8")
     inputs = {k: v.to(device) for k, v in _inputs().items()}
     fused = flashdreams.load(**opts).session(inputs=inputs, seed=1).step().latents
-    assert calls["blocks"] > 0 and calls["quantizing norms"] == 3 * calls["blocks"]
+    assert blocks and len(passes) == 3 * len(blocks)
     monkeypatch.setattr(dit_ops, "QUANTIZE_IN_NORMS", False)
-    calls.update({"quantizing norms": 0, "blocks": 0})
+    passes.clear()
+    blocks.clear()
     unfused = flashdreams.load(**opts).session(inputs=inputs, seed=1).step().latents
-    assert calls["blocks"] > 0 and calls["quantizing norms"] == 0
+    assert blocks and not passes
     assert torch.equal(fused, unfused)

@@ -18,6 +18,7 @@ from flashdreams.models.families.causal_wan.plan import LATENT_CHANNELS, build_p
 from flashdreams.models.families.causal_wan.presets import PRESETS, Preset
 from flashdreams.models.families.causal_wan.steps import DiTStep, EncodePromptStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
+from flashdreams.models.fp8_ring_shadow import shadow_block_n
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_dit import WanDiT
 from flashdreams.models.wan_loader import load_wan_dit
@@ -74,8 +75,9 @@ class CausalWanFamily(Family):
             )
         lh, lw = height // 8, width // 8
         dec = decoder_graphs(decoder, opts.batch, lh, lw, preset.num_frame_per_block) if decoder else None
-        plan = build_plan(preset, preset.model, opts.batch, height, width, dtype_name(opts.dtype), dec)
-        graphs = {"dit": DiTStep(model), "encode_prompt": EncodePromptStep(model)}
+        block_n = shadow_block_n(model, opts.device, opts.dtype)
+        plan = build_plan(preset, preset.model, opts.batch, height, width, dtype_name(opts.dtype), dec, block_n)
+        graphs = {"dit": DiTStep(model, block_n), "encode_prompt": EncodePromptStep(model)}
         if dec is not None:
             graphs.update(dec.graphs)
         hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
@@ -88,7 +90,7 @@ class CausalWanFamily(Family):
             decoder=decoder,
             examples=lambda g: example_inputs(plan, g, model.dtype, opts.device),
             eager_hints=hints,
-            parallel=parallel_hooks(model, plan.ring.frame_tokens),
+            parallel=parallel_hooks(graphs["dit"], plan.ring.frame_tokens),
             source=source,
             device=opts.device,
             dtype=opts.dtype,
@@ -96,10 +98,11 @@ class CausalWanFamily(Family):
         )
 
 
-def parallel_hooks(model: WanDiT, frame_tokens: int) -> ParallelHooks:
+def parallel_hooks(step: DiTStep, frame_tokens: int) -> ParallelHooks:
     """Context parallel over the DiT: `forward_step`'s `attend`/`shard` hooks, the KV ring sharded."""
+    model = step.model
     return ParallelHooks(
-        steps={"dit": model.forward_step},
+        steps={"dit": step.forward},
         frame_tokens=frame_tokens,
         num_heads=model.cfg.num_heads,
         kv_rings=("ring_k", "ring_v"),

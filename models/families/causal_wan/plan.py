@@ -14,6 +14,7 @@ from flashdreams.models.decode_step import DecoderGraphs
 from flashdreams.models.families.causal_wan.presets import Preset
 from flashdreams.models.families.causal_wan.steps import DIT_SIG, ENCODE_SIG
 from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb, ring_tables
+from flashdreams.models.fp8_ring_shadow import add_shadow_args, shadow_state, with_fp8_shadow
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_config import WanConfig
 from flashdreams.models.wan_flops import dit_forward_flops
@@ -60,8 +61,11 @@ def build_plan(
     width: int,
     dtype: str,
     decoder: DecoderGraphs | None,
+    fp8_block_n: int | None = None,
 ) -> BlockPlan:
-    """The plan for `batch` sessions of `preset` at `height` x `width`."""
+    """The plan for `batch` sessions of `preset` at `height` x `width`. `fp8_block_n` (FP8 attention):
+    the session also keeps the ring's fp8 shadow in key tiles of that many rows, which every DiT call
+    takes and keeps up to date (models/fp8_ring_shadow.py)."""
     step = VAE_STRIDE[1] * cfg.patch_size[1]
     if height % step or width % step or height <= 0 or width <= 0:
         raise InvalidArgumentError(
@@ -84,6 +88,8 @@ def build_plan(
     b, layers, heads, hd = batch, cfg.num_layers, cfg.num_heads, cfg.head_dim
     lat = (b, LATENT_CHANNELS, nf, lh, lw)
     state = ring_state(cfg, b, ring, dtype)
+    if fp8_block_n is not None:
+        state.update(shadow_state(layers, b, ring_capacity(ring), heads, hd, fp8_block_n))
     if decoder is not None:
         state.update(decoder.state)
     inputs = {
@@ -147,6 +153,9 @@ def build_plan(
             sequence.append(kind)
         sequence.append("first")
     graphs = {"dit": DIT_SIG, "encode_prompt": ENCODE_SIG}
+    if fp8_block_n is not None:
+        graphs["dit"] = with_fp8_shadow(DIT_SIG)
+        add_shadow_args(programs, ("dit",))
     if decoder is not None:
         graphs.update(decoder.sigs)
     meta = {

@@ -18,14 +18,21 @@ class DiTStep(nn.Module):
     frame_positions, slots, valid_len -> flow [B, C, nf, h, w] float32; writes the block's K/V
     into the ring in place. It serves both the denoising calls and the commit."""
 
-    def __init__(self, model: WanDiT) -> None:
+    def __init__(self, model: WanDiT, fp8_block_n: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.fp8_block_n = fp8_block_n  # key tile of the ring's fp8 shadow; None: no shadow (its args absent)
 
-    def forward(self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len, valid_len_host=None):
+    def forward(
+        self, x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len, *shadow,
+        valid_len_host=None, attend=None, shard=None,
+    ):  # fmt: skip
+        """`shadow`: the ring's fp8 shadow (models/fp8_ring_shadow.FP8_SHADOW) where the plan keeps one;
+        `attend`/`shard`: context parallel's hooks (WanDiT.forward_step), None in a plain call."""
         return self.model.forward_step(
-            x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len, valid_len_host=valid_len_host
-        )
+            x, t, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len, valid_len_host=valid_len_host,
+            attend=attend, shard=shard, fp8_shadow=(*shadow, self.fp8_block_n) if shadow else None,
+        )  # fmt: skip
 
 
 class _CrossKV(nn.Module):

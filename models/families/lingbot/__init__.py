@@ -29,6 +29,7 @@ from flashdreams.models.families.lingbot.steps import (
 )
 from flashdreams.models.families.wan21.steps import ClipDecodeStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
+from flashdreams.models.fp8_ring_shadow import shadow_block_n
 from flashdreams.parallel.hooks import ParallelHooks
 
 
@@ -65,10 +66,11 @@ class LingBotFamily(Family):
         if preset.mode == "fast":
             nf = preset.num_frame_per_block
             dec = decoder_graphs(decoder, opts.batch, lh, lw, nf) if decoder else None
-            plan = build_fast_plan(preset, preset.model, opts.batch, height, width, dt, dec)
             model = nets["dit"]
+            block_n = shadow_block_n(model, opts.device, opts.dtype)
+            plan = build_fast_plan(preset, preset.model, opts.batch, height, width, dt, dec, block_n)
             graphs = {
-                "dit": DiTStep(model),
+                "dit": DiTStep(model, block_n),
                 "encode_prompt": EncodePromptStep(model, negative=False),
                 "encode_image": EncodeImageStep(vae, (lh, lw), nf * preset.image_blocks),
                 "camera_first": CameraStep(model, True, nf, (lh, lw)),
@@ -78,7 +80,7 @@ class LingBotFamily(Family):
                 graphs.update(dec.graphs)
             hints = ring_length_hints(plan.ring, model.attention_impl == "sdpa")
             parallel = ParallelHooks(
-                steps={"dit": model.forward_step_camera},
+                steps={"dit": graphs["dit"].forward},
                 frame_tokens=plan.ring.frame_tokens,
                 num_heads=model.cfg.num_heads,
                 kv_rings=("ring_k", "ring_v"),

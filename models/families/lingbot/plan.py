@@ -19,10 +19,17 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.camera_rays import VAE_TIME
 from flashdreams.models.decode_step import DecoderGraphs
-from flashdreams.models.families.causal_wan.plan import block_flops, decode_emit_ops, denoise_ops, ring_state
+from flashdreams.models.families.causal_wan.plan import (
+    block_flops,
+    decode_emit_ops,
+    denoise_ops,
+    ring_capacity,
+    ring_state,
+)
 from flashdreams.models.families.lingbot.presets import Preset
 from flashdreams.models.families.lingbot.steps import DIT_SIG, ENCODE_IMAGE_SIG, camera_sig
 from flashdreams.models.family import BlockPlan, GraphSig, InputSpec, RingRule, TensorDecl, call
+from flashdreams.models.fp8_ring_shadow import add_shadow_args, shadow_state, with_fp8_shadow
 from flashdreams.models.samplers import timestep_name, unipc_cfg_ops, unipc_schedule
 from flashdreams.models.scheduler import NUM_TRAIN_TIMESTEPS
 from flashdreams.models.wan_config import I2V_COND_CHANNELS, WanConfig
@@ -123,9 +130,17 @@ def _intrinsics_input(b: int, height: int, width: int) -> InputSpec:
 
 
 def build_fast_plan(
-    preset: Preset, cfg: WanConfig, batch: int, height: int, width: int, dtype: str, decoder: DecoderGraphs | None
+    preset: Preset,
+    cfg: WanConfig,
+    batch: int,
+    height: int,
+    width: int,
+    dtype: str,
+    decoder: DecoderGraphs | None,
+    fp8_block_n: int | None = None,
 ) -> BlockPlan:
-    """The causal stream's plan for `batch` sessions at `height` x `width`."""
+    """The causal stream's plan for `batch` sessions at `height` x `width`; `fp8_block_n` (FP8 attention):
+    with the ring's fp8 shadow, which every DiT call takes (models/fp8_ring_shadow.py)."""
     lh, lw = preset.latent_size(height, width)
     nf, kimg = preset.num_frame_per_block, preset.image_blocks
     fs = (lh // cfg.patch_size[1]) * (lw // cfg.patch_size[2])
@@ -135,6 +150,7 @@ def build_fast_plan(
     tokens = nf * fs
     state = {
         **ring_state(cfg, b, ring, dtype),
+        **(shadow_state(layers, b, ring_capacity(ring), heads, hd, fp8_block_n) if fp8_block_n is not None else {}),
         "y_all": TensorDecl(
             "y_all",
             (b, I2V_COND_CHANNELS, nf * kimg, lh, lw),
@@ -226,6 +242,9 @@ def build_fast_plan(
         "camera_first": camera_sig(True),
         "camera": camera_sig(False),
     }
+    if fp8_block_n is not None:
+        graphs["dit"] = with_fp8_shadow(DIT_SIG)
+        add_shadow_args(programs, ("dit",))
     if decoder is not None:
         graphs.update(decoder.sigs)
     flops = block_flops(cfg, programs, sequence, "steady", ring)

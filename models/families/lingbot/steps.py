@@ -87,14 +87,21 @@ class DiTStep(nn.Module):
     cross_k/v, ring_k/v, frame_positions, slots, valid_len -> flow [B, 16, nf, h, w] float32;
     writes the block's K/V into the ring in place (denoising calls and the commit alike)."""
 
-    def __init__(self, model: LingBotDiT) -> None:
+    def __init__(self, model: LingBotDiT, fp8_block_n: int | None = None) -> None:
         super().__init__()
         self.model = model
+        self.fp8_block_n = fp8_block_n  # key tile of the ring's fp8 shadow; None: no shadow (its args absent)
 
-    def forward(self, x, t, y, cam_scale, cam_shift, cross_k, cross_v, ring_k, ring_v, *pos, valid_len_host=None):
+    def forward(
+        self, x, t, y, cam_scale, cam_shift, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len,
+        *shadow, valid_len_host=None, attend=None, shard=None,
+    ):  # fmt: skip
+        """`shadow`: the ring's fp8 shadow (models/fp8_ring_shadow.FP8_SHADOW) where the plan keeps one;
+        `attend`/`shard`: context parallel's hooks, None in a plain call."""
         return self.model.forward_step_camera(
-            x, t, y, cam_scale, cam_shift, cross_k, cross_v, ring_k, ring_v, *pos, valid_len_host=valid_len_host
-        )
+            x, t, y, cam_scale, cam_shift, cross_k, cross_v, ring_k, ring_v, frame_positions, slots, valid_len,
+            valid_len_host, attend=attend, shard=shard, fp8_shadow=(*shadow, self.fp8_block_n) if shadow else None,
+        )  # fmt: skip
 
 
 class EncodeImageStep(nn.Module):

@@ -17,7 +17,6 @@ from pathlib import Path
 import torch
 
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.models import dit_ops
 from flashdreams.models.checkpoint import read_state_dict
 from flashdreams.models.cosmos_dit import CosmosDiT
 from flashdreams.models.decode_step import decoder_graphs
@@ -29,6 +28,7 @@ from flashdreams.models.families.omnidreams.presets import PRESETS, Preset
 from flashdreams.models.families.omnidreams.steps import ChunkStep, EncodePromptStep, InjectStep
 from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints
 from flashdreams.models.family import weights_source as source_label  # the cosmos name `weights_source` is taken
+from flashdreams.models.fp8_ring_shadow import shadow_block_n
 from flashdreams.models.random_init import init_random_
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 from flashdreams.parallel.hooks import ParallelHooks
@@ -139,12 +139,7 @@ class OmniDreamsFamily(Family):
 
 def _fp8_shadow_block_n(model: CosmosDiT, opts: LoadOptions) -> int | None:
     """The key tile of the ring's fp8 shadow when the attention runs in FP8 (our Triton kernel), else None."""
-    if dit_ops.ring_precision(model.precision, model.attention_impl, model.ring_kernel) != "fp8":
-        return None
-    from flashdreams.kernels.ring_attention_fp8 import fp8_kv_block_n
-
-    probe = torch.empty(1, 1, model.cfg.num_heads, model.cfg.head_dim, device=opts.device, dtype=opts.dtype)
-    return fp8_kv_block_n(probe)
+    return shadow_block_n(model, opts.device, opts.dtype)
 
 
 def example_inputs(plan, graph: str, device: torch.device) -> tuple[torch.Tensor, ...]:

@@ -18,15 +18,9 @@ from flashdreams.models.decode_step import DecoderGraphs
 from flashdreams.models.families.causal_wan.plan import decode_emit_ops, ring_capacity
 from flashdreams.models.families.omnidreams.hdmap_encoder import FIRST_CHUNK_FRAMES, FRAMES_PER_CHUNK
 from flashdreams.models.families.omnidreams.presets import HDMAP_CHANNELS, Preset
-from flashdreams.models.families.omnidreams.steps import (
-    DIT_FIRST_SIG,
-    DIT_SIG,
-    ENCODE_SIG,
-    FP8_SHADOW,
-    INJECT_SIG,
-    with_fp8_shadow,
-)
+from flashdreams.models.families.omnidreams.steps import DIT_FIRST_SIG, DIT_SIG, ENCODE_SIG, INJECT_SIG
 from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb, ring_tables
+from flashdreams.models.fp8_ring_shadow import FP8_SHADOW, shadow_state, with_fp8_shadow
 from flashdreams.models.scheduler import flow_match_tables, sigma_of
 
 RING_ARGS = ("ring_k", "ring_v", "frame_positions", "slots", "valid_len")
@@ -118,18 +112,7 @@ def build_plan(
         **ring_tables(nf, "chunk"),
     }
     if fp8_block_n is not None:
-        from flashdreams.kernels.ring_attention_fp8 import fp8_kv_shapes
-
-        shapes = fp8_kv_shapes(b, cap, heads, hd, fp8_block_n)
-        for name, field in zip(FP8_SHADOW, ("k8", "kt", "v8t", "vt")):
-            fp8 = field in ("k8", "v8t")
-            what = "e4m3 copy" if fp8 else "per-tile scales"
-            state[name] = TensorDecl(
-                name,
-                (layers, *shapes[field]),
-                "float8_e4m3fn" if fp8 else "float32",
-                f"the ring's fp8 shadow: {what} of {'K' if field.startswith('k') else 'V'} ({fp8_block_n}-row tiles)",
-            )
+        state.update(shadow_state(layers, b, cap, heads, hd, fp8_block_n))
     if decoder is not None:
         state.update(decoder.state)
     inputs = {

@@ -11,18 +11,10 @@ from flashdreams.models.families.cosmos.steps import _CrossKV
 from flashdreams.models.family import GraphSig
 
 _RING = ("ring_k", "ring_v", "frame_positions", "slots", "valid_len")
-# The ring's fp8 shadow (FP8 attention only): per layer, the `Fp8KV` fields k8, kt, v8t, vt.
-FP8_SHADOW = ("ring_k8", "ring_kt", "ring_v8t", "ring_vt")
 DIT_SIG = GraphSig("dit", ("x", "t", "cross_k", "cross_v", "hdmap", *_RING), ("flow",), _RING[:2], _RING[:2])
 DIT_FIRST_SIG = GraphSig(
     "dit_first", ("x", "t", "cross_k", "cross_v", "hdmap", "image_latent", *_RING), ("flow",), _RING[:2], _RING[:2]
 )
-
-
-def with_fp8_shadow(sig: GraphSig) -> GraphSig:
-    """A chunk forward's signature that also takes (and updates in place) the ring's fp8 shadow."""
-    written = (*sig.mutates, *FP8_SHADOW)
-    return GraphSig(sig.name, (*sig.args, *FP8_SHADOW), sig.outs, written, (*sig.groups, *FP8_SHADOW))
 
 
 INJECT_SIG = GraphSig("inject_image", ("x0", "image_latent"), ("latents",))
