@@ -59,6 +59,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -146,13 +147,32 @@ def fp8_d_pad(d: int) -> int:
     return next_pow2(d, 32)
 
 
+# FD_FP8_ATTN_SPLITS=N runs the FP8 kernel with N key splits (merged after) instead of its table's, so that
+# the bench can weigh splits in whole blocks: issue22-h200's kernel sweep had 64x128 with 2 splits at 724
+# TFLOP/s against 657 unsplit at kv 28080 (570 against 577 at kv 4680).
+SPLITS_ENV = "FD_FP8_ATTN_SPLITS"
+
+
+def _splits_override() -> int | None:
+    raw = os.environ.get(SPLITS_ENV, "")
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 8:
+        raise InvalidArgumentError(f"{SPLITS_ENV}: expected a key split count from 1 to 8, found {raw!r}")
+    return int(raw)
+
+
 def pick_fp8_config(q: torch.Tensor) -> Fp8AttnConfig:
-    """The config for q's device and head dim: the per-capability table first, then the generic one."""
+    """The config for q's device and head dim: the per-capability table first, then the generic one
+    (the key splits overridden by FD_FP8_ATTN_SPLITS where set)."""
     if q.device.type != "cuda":
-        return FP8_CPU_CONFIG
-    d_pad = fp8_d_pad(q.shape[-1])
-    arch = FP8_ARCH_CONFIGS.get(torch.cuda.get_device_capability(q.device), {})
-    return arch.get(d_pad, FP8_CUDA_CONFIGS[d_pad])
+        cfg = FP8_CPU_CONFIG
+    else:
+        d_pad = fp8_d_pad(q.shape[-1])
+        arch = FP8_ARCH_CONFIGS.get(torch.cuda.get_device_capability(q.device), {})
+        cfg = arch.get(d_pad, FP8_CUDA_CONFIGS[d_pad])
+    splits = _splits_override()
+    return cfg if splits is None else dataclasses.replace(cfg, splits=splits)
 
 
 # ----------------------------------------------------------------------------- rounding helpers

@@ -341,3 +341,24 @@ def test_sm90_config_keeps_the_key_tile():
     for arch in FP8_ARCH_CONFIGS.values():
         for d_pad, cfg in arch.items():
             assert cfg.block_n == FP8_CUDA_CONFIGS[d_pad].block_n
+
+
+def test_splits_override_from_the_environment(monkeypatch):
+    """FD_FP8_ATTN_SPLITS replaces the picked config's key splits (the bench's whole-block comparison),
+    the result still the twin's; a value that is not a count from 1 to 8 is refused by name."""
+    from flashdreams.kernels.ring_attention_fp8 import SPLITS_ENV, pick_fp8_config
+
+    q, k, v, vl = make_case(1, 30, 2, 64, 150, 140, seed=8)
+    monkeypatch.delenv(SPLITS_ENV, raising=False)
+    base = pick_fp8_config(q)
+    whole = ring_attention_fp8(q, k, v, vl)
+    monkeypatch.setenv(SPLITS_ENV, "3")
+    picked = pick_fp8_config(q)
+    assert picked.splits == 3 and picked.block_n == base.block_n and picked.block_m == base.block_m
+    split = ring_attention_fp8(q, k, v, vl)
+    want = ring_attention_fp8_reference(q, k, v, vl, block_n=base.block_n, splits=3)
+    assert rel_l2(split, want) < 1e-2 and rel_l2(split, whole) < 2e-2  # (bf16 out, truncated in the interpreter)
+    for bad in ("0", "two", "9", "-1"):
+        monkeypatch.setenv(SPLITS_ENV, bad)
+        with pytest.raises(InvalidArgumentError, match=SPLITS_ENV):
+            ring_attention_fp8(q, k, v, vl)
