@@ -88,8 +88,8 @@ omni-fp8-fa4|300|issue 16: fd-bench OmniDreams 704x1280 with FlashAttention-4 in
 vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-4 profile of each
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
 vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernel, and FlashAttention-4's where installed) with the TC decoder's convs in NHWC (its default) and in NCHW (FD_TC_DECODER_LAYOUT=nchw), a block-4 profile each: 103 ms of a 227 ms block was elementwise/norm/rope in next25-h200
-sf-fp8-shadow|330|issue 22: fd-bench Self-Forcing 1.3B block 5 in FP8 (FP8 linears, h quantized in the norms) with our FP8 ring attention reading the ring's fp8 shadow vs FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8), block-5 profiles, the all-FP8 run again with 2 key splits (FD_FP8_ATTN_SPLITS=2), then our all-FP8 path's quality against bf16 over 7 blocks (next39-h200 before the shadow: triton 329.0 ms with 52 ms of "other", fa4 316.0)
-lingbot-fp8-shadow|240|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 with our FP8 ring attention (fp8 ring shadow) vs FlashAttention-4's bf16 (--attention triton,fa4 --precision fp8), steady rollout of 12 blocks, block-7 profiles (next39-h200: fa4 fp8 block 7 1456.5 ms)
+sf-fp8-shadow|330|issue 22: fd-bench Self-Forcing 1.3B block 5 in FP8 (FP8 linears, h quantized in the norms) with our FP8 ring attention reading the ring's fp8 shadow vs FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8; without FlashAttention-4 installed: vs bf16 with our kernel), block-5 profiles, the all-FP8 run again with 2 key splits (FD_FP8_ATTN_SPLITS=2), then our all-FP8 path's quality against bf16 over 7 blocks (next39-h200 before the shadow: triton 329.0 ms with 52 ms of "other", fa4 316.0)
+lingbot-fp8-shadow|240|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 with our FP8 ring attention (fp8 ring shadow) vs FlashAttention-4's bf16 (--attention triton,fa4 --precision fp8; without FlashAttention-4: vs bf16 with our kernel), steady rollout of 12 blocks, block-7 profiles (next39-h200: fa4 fp8 block 7 1456.5 ms)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
@@ -782,9 +782,7 @@ part_vsr-fa4-stream() {
 
 part_vsr-tc-layout() {
   local layout rc=0 attn=triton
-  # With the FlashAttention-4 wheels installed (bench/fa4_wheels.sh), both attention kernels per layout.
-  [ $DRY = 0 ] && [ $SMOKE = 0 ] && PYTHONPATH="${SITE}${SITE:+:}${PYTHONPATH:-}" "$PY" -c "import flash_attn.cute" 2>/dev/null \
-    && attn=triton,fa4
+  have_fa4 && attn=triton,fa4 # both attention kernels per layout where FlashAttention-4 is installed
   for layout in nhwc nchw; do
     if [ $SMOKE = 1 ]; then
       FD_TC_DECODER_LAYOUT=$layout fdb_to vsr-tc-$layout $(($1 / 2)) --preset flashvsr-tiny --blocks 3 --rollouts 1 \
@@ -807,14 +805,20 @@ part_vsr-profile() {
   fi
 }
 
+have_fa4() { # FlashAttention-4's wheels installed (bench/fa4_wheels.sh)?
+  [ $DRY = 0 ] && [ $SMOKE = 0 ] && PYTHONPATH="${SITE}${SITE:+:}${PYTHONPATH:-}" "$PY" -c "import flash_attn.cute" 2>/dev/null
+}
+
 part_sf-fp8-shadow() {
-  local t0 rc
+  # Against FlashAttention-4's bf16 attention where it is installed, else against bf16 with our kernel.
+  local t0 rc vs="--attention triton --precision bf16,fp8"
+  have_fa4 && vs="--attention triton,fa4 --precision fp8"
   t0=$(date +%s)
   if [ $SMOKE = 1 ]; then # FlashAttention-4 needs a GPU: the smoke runs the same commands with our kernel alone
     fdb_to sf-fp8-shadow $(($1 / 2)) --preset tiny --attention triton --precision fp8 --decoder none --blocks 2 \
       --rollouts 1 --quick-ceilings
   else
-    fdb_to sf-fp8-shadow $(($1 - 180)) $SF --attention triton,fa4 --precision fp8 --blocks 7 --rollouts 2 --profile-block 5
+    fdb_to sf-fp8-shadow $(($1 - 180)) $SF $vs --blocks 7 --rollouts 2 --profile-block 5
     # the same all-FP8 run with the attention's keys split in two (FD_FP8_ATTN_SPLITS), in its own process
     FD_FP8_ATTN_SPLITS=2 fdb_to sf-fp8-shadow-split2 70 $SF --attention triton --precision fp8 --blocks 7 \
       --rollouts 1 --profile-block 5
@@ -830,12 +834,14 @@ part_sf-fp8-shadow() {
 }
 
 part_lingbot-fp8-shadow() {
+  local vs="--attention triton --precision bf16,fp8"
+  have_fa4 && vs="--attention triton,fa4 --precision fp8"
   if [ $SMOKE = 1 ]; then
     fdb_to lingbot-fp8-shadow "$1" --preset lingbot-world-fast-tiny --attention triton --precision fp8 --blocks 3 \
       --rollouts 1 --steady-blocks 4 --profile-block 2 --quick-ceilings
   else
-    fdb_to lingbot-fp8-shadow "$1" --preset lingbot-world-fast-stream --random-weights --attention triton,fa4 \
-      --precision fp8 --blocks 8 --rollouts 1 --steady-blocks 12 --profile-block 7
+    fdb_to lingbot-fp8-shadow "$1" --preset lingbot-world-fast-stream --random-weights $vs --blocks 8 --rollouts 1 \
+      --steady-blocks 12 --profile-block 7
   fi
 }
 
