@@ -90,6 +90,7 @@ vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, C
 vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernel, and FlashAttention-4's where installed) with the TC decoder's convs in NHWC (its default) and in NCHW (FD_TC_DECODER_LAYOUT=nchw), a block-4 profile each: 103 ms of a 227 ms block was elementwise/norm/rope in next25-h200
 sf-fp8-shadow|330|issue 22: fd-bench Self-Forcing 1.3B block 5 in FP8 (FP8 linears, h quantized in the norms) with our FP8 ring attention reading the ring's fp8 shadow vs FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8; without FlashAttention-4 installed: vs bf16 with our kernel), block-5 profiles, the all-FP8 run again with 2 key splits (FD_FP8_ATTN_SPLITS=2), then our all-FP8 path's quality against bf16 over 7 blocks (next39-h200 before the shadow: triton 329.0 ms with 52 ms of "other", fa4 316.0)
 lingbot-fp8-shadow|240|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 with our FP8 ring attention (fp8 ring shadow) vs FlashAttention-4's bf16 (--attention triton,fa4 --precision fp8; without FlashAttention-4: our FP8 path alone), steady rollout of 12 blocks, block-7 profiles (next39-h200: fa4 fp8 block 7 1456.5 ms)
+lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
@@ -844,6 +845,20 @@ part_lingbot-fp8-shadow() {
     fdb_to lingbot-fp8-shadow "$1" --preset lingbot-world-fast-stream --random-weights $vs --blocks 8 --rollouts 1 \
       --steady-blocks 12 --profile-block 7
   fi
+}
+
+part_lingbot-fp8-splits() {
+  local n rc=0
+  for n in 1 2; do
+    if [ $SMOKE = 1 ]; then
+      FD_FP8_ATTN_SPLITS=$n fdb_to lingbot-fp8-split$n $(($1 / 2)) --preset lingbot-world-fast-tiny --attention triton \
+        --precision fp8 --blocks 3 --rollouts 1 --quick-ceilings || rc=$?
+    else
+      FD_FP8_ATTN_SPLITS=$n fdb_to lingbot-fp8-split$n $(($1 / 2)) --preset lingbot-world-fast-stream --random-weights \
+        --attention triton --precision fp8 --blocks 8 --rollouts 1 --quick-ceilings || rc=$?
+    fi
+  done
+  return $rc
 }
 
 part_lingbot-fa4() {

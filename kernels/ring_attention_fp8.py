@@ -58,6 +58,7 @@ carry; there (only) values are first rounded to the target grid with integer ari
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 from dataclasses import dataclass
@@ -116,9 +117,30 @@ FP8_ARCH_CONFIGS: dict[tuple[int, int], dict[int, Fp8AttnConfig]] = {
     # H200 (issue 22, q 4680 / kv 28080, 12 heads, d 128, L2 flushed, medians of 3 rounds): 620 TFLOP/s
     # with 64-row query tiles / 4 warps / 3 stages / TMA against 511 with the 128x128 / 8-warp default;
     # two 4-warp CTAs share an SM, so one's softmax runs under the other's MMAs. Same key tile (128), so
-    # K/V quantized for either config serve both.
-    (9, 0): {128: Fp8AttnConfig(64, 128, 4, 3, splits=1, use_tma=True)},
+    # K/V quantized for either config serve both. Key splits from the grid (`fp8_splits_for`).
+    (9, 0): {128: Fp8AttnConfig(64, 128, 4, 3, splits=0, use_tma=True)},
 }
+
+# Where a config leaves the key splits to the grid (splits=0): 2 when the unsplit grid gives each SM fewer
+# than this many programs, else 1. Measured on the H200 at Self-Forcing's shape (12 heads x 74 query tiles
+# = 888 programs, 6.7 per SM): 2 splits took block 5 from 300.6 to 290.5 ms, its attention from 192.8 to
+# 177.6 ms, and the 7-block rollout from 1673 to 1646 ms, slower only at the shortest ring (block 0, kv 4680:
+# 150.1 vs 146.0 ms; next40-h200, FD_FP8_ATTN_SPLITS=2 in its own process on the same machine). The last
+# wave of a short grid leaves SMs idle; twice the programs fill it. LingBot's grid (40 heads: 2840 programs,
+# 21.5 per SM) and OmniDreams' (13.3 per SM) are not measured split, so they stay whole.
+SPLIT_BELOW_PROGRAMS_PER_SM = 12
+
+
+def fp8_splits_for(programs: int, sm_count: int) -> int:
+    """Key splits for an unsplit grid of `programs` on `sm_count` SMs (see SPLIT_BELOW_PROGRAMS_PER_SM)."""
+    return 2 if programs < SPLIT_BELOW_PROGRAMS_PER_SM * sm_count else 1
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
+
+
 FP8_CPU_CONFIG = Fp8AttnConfig(64, 64, 1, 1, splits=1)
 
 # What the bench sweeps at Self-Forcing's shape (d 128). Cross-compiled for sm_90 with triton 3.6
@@ -544,7 +566,11 @@ def launch_ring_attention_fp8_quantized(
         cfg = Fp8AttnConfig(**dataclasses.asdict(cfg))
     if cfg.block_n != kv.block_n:
         raise InvalidArgumentError(f"kv: quantized in key tiles of {kv.block_n}, the config has block_n {cfg.block_n}")
-    splits = cfg.splits or 1
+    splits = cfg.splits
+    if not splits:
+        on_gpu = q.device.type == "cuda"
+        programs = triton.cdiv(Lq, cfg.block_m) * B * H
+        splits = fp8_splits_for(programs, _sm_count(q.device.index or 0)) if on_gpu else 1
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Lq), torch.float32, q.device)
     if splits == 1:

@@ -362,3 +362,15 @@ def test_splits_override_from_the_environment(monkeypatch):
         monkeypatch.setenv(SPLITS_ENV, bad)
         with pytest.raises(InvalidArgumentError, match=SPLITS_ENV):
             ring_attention_fp8(q, k, v, vl)
+
+
+def test_sm90_key_splits_come_from_the_grid():
+    """On Hopper the FP8 kernel splits the keys in two where the grid is short (Self-Forcing's 12 heads:
+    measured faster on the H200) and not where it is long (LingBot's 40 heads: not measured split)."""
+    from flashdreams.kernels.ring_attention_fp8 import FP8_ARCH_CONFIGS, fp8_splits_for
+
+    assert FP8_ARCH_CONFIGS[(9, 0)][128].splits == 0  # left to the grid
+    tiles = -(-4680 // 64)
+    assert fp8_splits_for(1 * 12 * tiles, 132) == 2  # Self-Forcing 480x832: 888 programs on 132 SMs
+    assert fp8_splits_for(1 * 40 * -(-4524 // 64), 132) == 1  # LingBot Fast 464x832: 2840
+    assert fp8_splits_for(4 * 12 * tiles, 132) == 1  # four worlds of Self-Forcing fill the GPU already
