@@ -109,3 +109,22 @@ def test_fp8_ring_shadow_equals_quantizing_the_ring_every_call(monkeypatch):
     a.reset()
     b.reset()
     assert torch.equal(a.step().latents, b.step().latents)
+
+
+def test_fp8_ring_shadow_with_two_streams_in_a_batch(monkeypatch):
+    """Batch 2: each row's shadow tiles are its own (the state's batch axis is dim 1, like the ring's)."""
+    from flashdreams.models.families import causal_wan
+
+    opts = dict(decoder=None, attention="triton", precision="fp8", batch=2)
+    shadowed = flashdreams.load(**opts)
+    assert shadowed.plan.state["ring_k8"].shape[1] == 2 == shadowed.plan.state["ring_kt"].shape[1]
+    with monkeypatch.context() as m:
+        m.setattr(causal_wan, "shadow_block_n", lambda *a: None)
+        per_call = flashdreams.load(**opts)
+    g = torch.Generator().manual_seed(7)
+    prompts = torch.randn(*shadowed.plan.inputs["prompt_embeds"].shape, generator=g)
+    a = shadowed.session(inputs={"prompt_embeds": prompts}, seed=5)
+    b = per_call.session(inputs={"prompt_embeds": prompts}, seed=5)
+    for _ in range(2):
+        la, lb = a.step().latents, b.step().latents
+        assert torch.equal(la, lb) and not torch.equal(la[0], la[1])
