@@ -274,7 +274,8 @@ def _quantize_kv_kernel(
     ROW_RANGE: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """One key tile (BLOCK_R rows) of one (batch, head): K to k8 and its scale, V (transposed) to
-    v8t and its scale. With ROW_RANGE only tiles overlapping ring rows [ROWS[0], ROWS[1]) are done."""
+    v8t and its scale. With ROW_RANGE (the number of row ranges, 1 or 2) only tiles overlapping ring rows
+    [ROWS[0], ROWS[1]) (or [ROWS[2], ROWS[3])) are done."""
     pid_r = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
@@ -283,8 +284,11 @@ def _quantize_kv_kernel(
     valid = tl.maximum(tl.minimum(valid, S), 0)
     r0 = pid_r * BLOCK_R
     todo = r0 < valid
-    if ROW_RANGE:
-        todo = todo & (r0 < tl.load(ROWS + 1).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS).to(tl.int32))
+    if ROW_RANGE != 0:
+        hit = (r0 < tl.load(ROWS + 1).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS).to(tl.int32))
+        if ROW_RANGE == 2:
+            hit = hit | ((r0 < tl.load(ROWS + 3).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS + 2).to(tl.int32)))
+        todo = todo & hit
     if todo:
         rows = r0 + tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, D_PAD)
@@ -348,6 +352,7 @@ def _launch_quantize(
     quant_v = kv.v8t.dim() == 4
     s_pad = kv.v8t.shape[3] if quant_v else -(-S // 16) * 16
     n_tiles = kv.kt.shape[2]
+    ranges = 0 if rows is None else rows.numel() // 2
     # fmt: off
     launch(
         _quantize_kv_kernel, (n_tiles, B * H),
@@ -355,7 +360,7 @@ def _launch_quantize(
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         S, s_pad, H, n_tiles,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=kv.block_n, QUANT_V=quant_v, ROW_RANGE=rows is not None,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=kv.block_n, QUANT_V=quant_v, ROW_RANGE=ranges,
         EMULATE=interpreted(), num_warps=_prepass_warps(kv.block_n, d_pad),
     )
     # fmt: on
@@ -379,10 +384,12 @@ def quantize_kv_fp8_into(
     kv: Fp8KV, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, rows: torch.Tensor
 ) -> None:
     """Re-quantize, in place, the key tiles of `kv` that overlap ring rows [rows[0], rows[1]) (a
-    2-element int device tensor; tiles past valid_len are left alone): after a block writes its
-    rows into the bf16 ring, only the tiles holding them change, so an fp8 shadow of the ring costs
-    one pass over the block's rows (plus the two tiles it shares with its neighbours) per write,
-    not one over the whole ring per attention call. Tiles are aligned to absolute ring rows."""
+    2-element int device tensor), or either of [rows[0], rows[1]) and [rows[2], rows[3]) (4 elements:
+    a block whose frame slots wrap around the ring's window writes two runs of rows); tiles past
+    valid_len are left alone. After a block writes its rows into the bf16 ring, only the tiles holding
+    them change, so an fp8 shadow of the ring costs one pass over the block's rows (plus the tiles it
+    shares with its neighbours) per write, not one over the whole ring per attention call. Tiles are
+    aligned to absolute ring rows."""
     _launch_quantize(k_cache, v_cache, valid_len, kv, rows)
 
 
@@ -703,10 +710,12 @@ def update_fp8_kv(
     if kv.v8t.dim() != 4:
         raise InvalidArgumentError("kv: an fp8 shadow of a ring holds V too (empty_fp8_kv(..., quant_v=True))")
     check_tensor("rows", rows, dtypes=INDEX_DTYPES, device=k_cache.device)
-    if rows.numel() != 2:
-        raise InvalidArgumentError(f"rows: expected 2 elements [first, end), found shape {list(rows.shape)}")
+    if rows.numel() not in (2, 4):
+        raise InvalidArgumentError(
+            f"rows: expected 2 elements [first, end) or 4 (two such ranges), found shape {list(rows.shape)}"
+        )
     torch.ops.flashdreams.quantize_kv_fp8_into(
-        k_cache, v_cache, valid_len.reshape(1), rows.reshape(2), kv.k8, kv.kt, kv.v8t, kv.vt, kv.block_n
+        k_cache, v_cache, valid_len.reshape(1), rows.reshape(-1), kv.k8, kv.kt, kv.v8t, kv.vt, kv.block_n
     )
 
 

@@ -562,7 +562,7 @@ class CosmosDiT(nn.Module):
         precision = dit_ops.ring_precision(self.precision, impl, self.ring_kernel)
         shadowed = fp8_shadow is not None and precision == "fp8"
         ring_len = dit_ops.ring_length_for(valid_len, impl, self.ring_kernel)
-        if shadowed:  # ring rows [first, end) this chunk writes (its frame slots, wrapped or not, lie within)
+        if shadowed:  # the ring rows this chunk writes: one run of its frame slots, or two where they wrap
             written = dit_ops.written_ring_rows(slots, fs)
 
         def cached_attend_of(i):

@@ -326,15 +326,18 @@ def ring_attention(
 
 
 def written_ring_rows(slots: torch.Tensor, frame_tokens: int) -> torch.Tensor:
-    """Ring rows [first, end) a forward writes at its frame `slots`, as a device tensor: from the lowest
-    slot to the end of the highest, which covers a block whose slots wrap around the window too (the
-    rows between are re-quantized unchanged)."""
-    return torch.stack([slots.min() * frame_tokens, (slots.max() + 1) * frame_tokens])
+    """The ring rows a forward writes at its frame `slots` (consecutive frames: consecutive slots, or two
+    runs where they wrap around the window's end), as two ranges in one device tensor [first0, end0,
+    first1, end1]: from the first slot to the highest, and from the lowest to the last. Without a wrap
+    both are the one run; with one, the rows between the runs (the rest of the window) stay as they are,
+    where one range from the lowest slot to the highest would re-quantize the whole window."""
+    first, last, low, high = slots[0], slots[-1], slots.min(), slots.max()
+    return torch.stack([first, high + 1, low, last + 1]) * frame_tokens
 
 
 def ring_attention_fp8_shadowed(q, ring_k, ring_v, valid_len, written, fp8_shadow, layer: int) -> torch.Tensor:
     """FP8 ring attention through the ring's fp8 shadow: first re-quantize the key tiles overlapping
-    ring rows [written[0], written[1]) (just written into the bf16 ring), then attend on the shadow.
+    ring rows in `written` (`written_ring_rows`: just written into the bf16 ring), then attend on the shadow.
     fp8_shadow = (k8, kt, v8t, vt, block_n), the tensors per layer along dim 0. Equals
     `ring_attention(..., precision="fp8")` on the same ring, bit for bit."""
     from flashdreams.kernels.ring_attention_fp8 import Fp8KV, ring_attention_fp8_prequantized, update_fp8_kv

@@ -310,6 +310,26 @@ def test_shadow_updated_per_write_equals_a_full_quantization():
     assert changed.tolist() == [False, True, False]  # tiles of 64: rows 70..79 lie in tile 1 only
     full = quantize_kv_fp8(ring_k, ring_v, torch.tensor([S], device=DEVICE), bn)
     assert torch.equal(shadow.kt, full.kt) and torch.equal(shadow.k8.float(), full.k8.float())
+    # A write that wraps around the window (rows 140..149, then 0..9): two ranges, and the tile
+    # between them is left alone.
+    before = shadow.kt.clone()
+    ring_k[:, 140:150] *= 2.0
+    ring_k[:, 0:10] *= 2.0
+    wrapped = torch.tensor([140, 150, 0, 10], device=DEVICE)
+    update_fp8_kv(shadow, ring_k, ring_v, torch.tensor([S], device=DEVICE), wrapped)
+    changed = (shadow.kt != before).any(0).any(0)
+    assert changed.tolist() == [True, False, True]
+    full = quantize_kv_fp8(ring_k, ring_v, torch.tensor([S], device=DEVICE), bn)
+    assert torch.equal(shadow.kt, full.kt) and torch.equal(shadow.k8.float(), full.k8.float())
+
+
+def test_written_ring_rows_are_one_run_or_two():
+    """The rows a block writes at its frame slots: one run, or two where the slots wrap around the window."""
+    from flashdreams.models.dit_ops import written_ring_rows
+
+    assert written_ring_rows(torch.tensor([3, 4, 5]), 10).tolist() == [30, 60, 30, 60]
+    assert written_ring_rows(torch.tensor([10, 11, 1]), 10).tolist() == [100, 120, 10, 20]
+    assert written_ring_rows(torch.tensor([11, 1, 2]), 10).tolist() == [110, 120, 10, 30]
 
 
 def test_shadow_refuses_a_mismatched_tile_or_layout():
@@ -325,7 +345,7 @@ def test_shadow_refuses_a_mismatched_tile_or_layout():
         ring_attention_fp8_prequantized(q, empty_fp8_kv(k, fp8_kv_block_n(q) // 2), vl)
     with pytest.raises(InvalidArgumentError, match="holds V too"):
         update_fp8_kv(empty_fp8_kv(k, 64, quant_v=False), k, v, vl, torch.tensor([0, 8], device=DEVICE))
-    with pytest.raises(InvalidArgumentError, match="rows: expected 2 elements"):
+    with pytest.raises(InvalidArgumentError, match="rows: expected 2 elements .* or 4"):
         update_fp8_kv(empty_fp8_kv(k, 64), k, v, vl, torch.tensor([0], device=DEVICE))
     with pytest.raises(InvalidArgumentError, match="fp8 shadow"):
         ring_attention_fp8_prequantized(q[:, :, :1], empty_fp8_kv(k, 64), vl)
