@@ -36,7 +36,7 @@ from .adaln import (
 )
 from .attention_merge import merge_attention, merge_attention_reference
 from .channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
-from .fp8_linear import Fp8Linear, fp8_linear, fp8_linear_reference, quantize_linears_fp8_
+from .fp8_linear import Fp8Linear, Fp8Rows, fp8_linear, fp8_linear_reference, quantize_linears_fp8_
 from .head_norm_rope import head_norm_rope_cache_write, head_norm_rope_cache_write_reference
 from .qk_norm_rope import (
     qk_norm_rope_cache_write,
@@ -51,6 +51,7 @@ from .rope_cache_write import apply_rope_reference, rope_cache_write, rope_cache
 __all__ = [
     "AttnConfig",
     "Fp8Linear",
+    "Fp8Rows",
     "fp8_linear",
     "fp8_linear_reference",
     "quantize_linears_fp8_",

@@ -10,8 +10,9 @@ quantization is emulated in torch and the product is an fp32 matmul of the dequa
 
 Cost model at Self-Forcing's block (4680 tokens): the GEMMs are compute-bound, 22-129 GFLOP
 each; quantizing x moves 1.5 bytes per element (14 MB for D 1536, 84+42 MB for the FFN's 8960),
-i.e. 5-45 us against 30-110 us of fp8 GEMM, so the quantization pass is worth fusing into its
-producer (AdaLN / GELU) later; the bench reports it separately.
+i.e. 5-45 us against 30-110 us of fp8 GEMM, so the pass is fused into its producer where one holds the
+whole row: the GELU here (`gelu=`), the AdaLN/LayerNorm row passes in kernels/adaln.py, which hand over
+`Fp8Rows` that `fp8_linear` takes without a pass of its own.
 
 Which layers (`quantize_linears_fp8_`, default `is_dit_fp8_linear`): in every DiT block the
 self-attention q/k/v/o, the cross-attention q/o and the FFN's two linears. Cross-attention k/v
