@@ -188,15 +188,20 @@ def _gated_residual_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> 
     return x_new
 
 
+def _frame_size(x: torch.Tensor, gate: torch.Tensor | None, shift: torch.Tensor) -> int:
+    """Tokens per frame of a pass, from its per-frame tensor `[B, F, D]` (the gate, else the shift); for
+    NORM_AFFINE without a gate the shift is the bias `[D]`: one "frame"."""
+    per_frame = gate if gate is not None else shift
+    return x.shape[1] // (per_frame.shape[1] if per_frame.dim() == 3 else 1)
+
+
 def _residual_and_norm(x, y, gate, shift, scale, eps, out_dtype, norm, residual, token_mod=None):
     """The fused pairs: (x', h) allocated and written by one row pass. For NORM_AFFINE, shift/scale are
     the bias/weight vectors `[D]` (no frame axis); the frame size comes from the per-frame tensors.
     `token_mod`: a per-token (scale, shift) applied to the residual before the norm."""
     x_new = new_output(x.shape, x.dtype, x.device)
     h = new_output(x.shape, out_dtype or x.dtype, x.device)
-    per_frame = gate if gate is not None else shift
-    frames = per_frame.shape[1] if per_frame.dim() == 3 else 1  # NORM_AFFINE without a gate: one "frame"
-    _launch_rows(x, y, gate, shift, scale, x_new, h, x.shape[1] // frames, eps, norm, residual, token_mod)
+    _launch_rows(x, y, gate, shift, scale, x_new, h, _frame_size(x, gate, shift), eps, norm, residual, token_mod)
     return x_new, h
 
 
@@ -288,11 +293,10 @@ def _norm_rows_fp8_op(
     x_new = new_output(x.shape if residual != RESIDUAL_NONE else (0,), x.dtype, x.device)
     h8 = new_output(x.shape, FP8, x.device)
     hs = new_output((B, L), torch.float32, x.device)
-    per_frame = gate if gate is not None else shift
-    frames = per_frame.shape[1] if per_frame.dim() == 3 else 1
     token_mod = None if token_scale is None else (token_scale, token_shift)
     x_out = x_new if residual != RESIDUAL_NONE else None
-    _launch_rows(x, y, gate, shift, scale, x_out, h8, L // frames, eps, norm, residual, token_mod, hs)
+    fs = _frame_size(x, gate, shift)
+    _launch_rows(x, y, gate, shift, scale, x_out, h8, fs, eps, norm, residual, token_mod, hs)
     return x_new, h8, hs
 
 

@@ -18,7 +18,6 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.checkpoint import read_state_dict
-from flashdreams.models.cosmos_dit import CosmosDiT
 from flashdreams.models.decode_step import decoder_graphs
 from flashdreams.models.decoders import choose_decoder
 from flashdreams.models.families.cosmos import build_dit, weights_source
@@ -98,7 +97,7 @@ class OmniDreamsFamily(Family):
             vae = self.build_hdmap_encoder(preset, opts, weights)
             enc_graphs, enc_sigs, enc_decls, _ = encoder_graphs(vae, opts.batch, 8 * lh, 8 * lw)
             enc = (enc_sigs, enc_decls)
-        block_n = _fp8_shadow_block_n(model, opts)
+        block_n = shadow_block_n(model, opts.device, opts.dtype)
         plan = build_plan(preset, opts.batch, (lh, lw), dtype_name(opts.dtype), dec, enc, fp8_block_n=block_n)
         graphs = {
             "dit": ChunkStep(model, first=False, fp8_block_n=block_n),
@@ -135,11 +134,6 @@ class OmniDreamsFamily(Family):
             describe={"attention": model.attention_impl, "precision": opts.precision},
             parallel=parallel,
         )
-
-
-def _fp8_shadow_block_n(model: CosmosDiT, opts: LoadOptions) -> int | None:
-    """The key tile of the ring's fp8 shadow when the attention runs in FP8 (our Triton kernel), else None."""
-    return shadow_block_n(model, opts.device, opts.dtype)
 
 
 def example_inputs(plan, graph: str, device: torch.device) -> tuple[torch.Tensor, ...]:
