@@ -13,10 +13,12 @@ Shape: B 1, q 4680 (one block of 3 latent frames), 12 heads of d 128, a ring of 
               (the ring's fp8 shadow re-quantized for the block's own 4680 rows, then the kernel:
               what a ring that keeps fp8 copies would pay per call), fp8_kernel (the kernel alone on
               quantized K/V) and fp8_prev_cfg (the previous 128x128 / 8-warp default, pre-pass included).
-              Also the pre-pass and the shadow update alone (ms, GB/s).
+              Also the pre-pass and the shadow update alone (ms, GB/s), the update with its grid over
+              all of the ring's tiles and over the written ones only (`max_rows`).
   quality     at kv 28080, first 512 query rows: rel. L2 of each against exact fp32 attention; the
               shadow route must equal the per-call route bit for bit.
-  sweeps      bf16 configs (splits / tiles) and fp8 kernel configs at kv 4680 / 28080 / 32760, and
+  sweeps      bf16 configs (splits / tiles) and fp8 kernel configs (splits, fp16 exponentials) at
+              kv 4680 / 28080 / 32760, and
               the pre-pass with 4 vs 8 warps; the rest of the budget.
 
     python bench/attention_bench.py --out attention.json           # H200: ~2-3 min
@@ -267,7 +269,9 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     # Timings per kv. The shadow's update covers the block's own rows only (the history was
     # quantized when it was written); fp8_kernel reads the shadow as that update leaves it.
     flops = lambda kv: 4.0 * L * kv * d * H  # noqa: E731
-    timings: dict[str, list] = {name: [] for name in [*variants, "fp8_prepass", "fp8_shadow_update"]}
+    timings: dict[str, list] = {
+        name: [] for name in [*variants, "fp8_prepass", "fp8_shadow_update", "fp8_shadow_update_bounded"]
+    }
     for kv in sh.kvs:
         vl, rows = lens(kv), block_rows(kv)
         quantize_kv_fp8_into(shadow, kc, vc, vl, full_rows)
@@ -287,13 +291,17 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
             moved = kv * H * d * (2 * 2 + 2 * 1) + 2 * kv // fp8_cfg.block_n * H * 4  # bf16 in, fp8 out
             return {"kv": kv, "ms": t, "gbps": moved / t / 1e6}
 
-        def upd(kv=kv, vl=vl, rows=rows) -> dict:
-            t = ms(lambda: quantize_kv_fp8_into(shadow, kc, vc, vl, rows))
+        def upd(kv=kv, vl=vl, rows=rows, max_rows=0) -> dict:
+            t = ms(lambda: quantize_kv_fp8_into(shadow, kc, vc, vl, rows, max_rows))
             moved = (sh.block_rows + 2 * fp8_cfg.block_n) * H * d * 6
             return {"kv": kv, "ms": t, "gbps_upper": moved / t / 1e6}
 
         timings["fp8_prepass"].append(attempt(pre))
         timings["fp8_shadow_update"].append(attempt(upd))
+        # the same with the grid over the written tiles only (`max_rows`: what the models pass now)
+        timings["fp8_shadow_update_bounded"].append(
+            attempt(lambda kv=kv, vl=vl, rows=rows: upd(kv, vl, rows, sh.block_rows))
+        )
         rec.put("timings", timings)
 
     # Sweeps, while the budget lasts: bf16 configs (splits and tiles for the 37 x 12 programs on
@@ -312,6 +320,9 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
         ]
         fp8_sweep = [
             fp8_cfg,
+            dataclasses.replace(fp8_cfg, exp_f16=True),  # P's exponentials two to a MUFU instruction?
+            dataclasses.replace(fp8_cfg, splits=2),
+            dataclasses.replace(fp8_cfg, splits=2, exp_f16=True),
             prev_fp8,
             Fp8AttnConfig(64, 128, 4, 4, splits=1, use_tma=True),
             Fp8AttnConfig(64, 128, 4, 2, splits=1, use_tma=True),

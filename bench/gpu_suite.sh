@@ -89,6 +89,7 @@ vsr-fa4-stream|240|issue 20: fd-bench FlashVSR 768x1408 with our block-sparse ke
 vsr-profile|240|issue 20: fd-bench FlashVSR 768x1408 (sparse 2.0, our kernels, CUDA graphs) with a kernel profile of a steady block: where the 158 ms of denoise and 95 ms of TC decoder go
 vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernel, and FlashAttention-4's where installed) with the TC decoder's convs in NHWC (its default) and in NCHW (FD_TC_DECODER_LAYOUT=nchw), a block-4 profile each: 103 ms of a 227 ms block was elementwise/norm/rope in next25-h200
 sf-fp8-shadow|330|issue 22: fd-bench Self-Forcing 1.3B block 5 in FP8 (FP8 linears, h quantized in the norms) with our FP8 ring attention reading the ring's fp8 shadow vs FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8; without FlashAttention-4 installed: vs bf16 with our kernel), block-5 profiles, the all-FP8 run again with 2 key splits (FD_FP8_ATTN_SPLITS=2), then our all-FP8 path's quality against bf16 over 7 blocks (next39-h200 before the shadow: triton 329.0 ms with 52 ms of "other", fa4 316.0)
+rolling-fp8|260|issue 22 target 4: the bounded cache (sink 1 + window 11) in bf16 and all-FP8 with our kernels (--attention triton --precision bf16,fp8), 12 blocks + 150 steady, block-11 profile: the FP8 stream's pace with the fp8 shadow's two-range update for wrapping blocks
 lingbot-fp8-shadow|240|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 with our FP8 ring attention (fp8 ring shadow) vs FlashAttention-4's bf16 (--attention triton,fa4 --precision fp8; without FlashAttention-4: our FP8 path alone), steady rollout of 12 blocks, block-7 profiles (next39-h200: fa4 fp8 block 7 1456.5 ms)
 lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
@@ -137,6 +138,9 @@ declare -A PART_GROUPS=(
   [next36]="build cold-pyc cold-profile"
   [next37]="kernels attn-splits"
   [next40]="sf-fp8-shadow lingbot-fp8-shadow"
+  [next41]="build cold-pyc cold-profile attention"
+  [next42]="sf-fp8-shadow lingbot-fp8-shadow lingbot-fp8-splits"
+  [next43]="rolling-fp8 taehv-layout"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
@@ -750,6 +754,18 @@ part_rolling-fp8-fa4() {
   fi
 }
 
+part_rolling-fp8() {
+  # The bounded cache in bf16 and all-FP8 with our kernels (FP8 attention through the ring's fp8 shadow,
+  # whose blocks that wrap around the window re-quantize their own two runs of rows only).
+  if [ $SMOKE = 1 ]; then
+    fdb_to rolling-fp8 "$1" --preset tiny --attention triton --precision bf16,fp8 --decoder none --blocks 3 \
+      --rollouts 1 --steady-blocks 6 --quick-ceilings
+  else
+    fdb_to rolling-fp8 "$1" --preset self-forcing-1.3b-rolling --random-weights --decoder taehv --attention triton \
+      --precision bf16,fp8 --blocks 12 --rollouts 1 --steady-blocks 150 --profile-block 11
+  fi
+}
+
 part_omni-fp8-fa4() {
   local t0 rc
   t0=$(date +%s)
@@ -820,8 +836,9 @@ part_sf-fp8-shadow() {
       --rollouts 1 --quick-ceilings
   else
     fdb_to sf-fp8-shadow $(($1 - 180)) $SF $vs --blocks 7 --rollouts 2 --profile-block 5
-    # the same all-FP8 run with the attention's keys split in two (FD_FP8_ATTN_SPLITS), in its own process
-    FD_FP8_ATTN_SPLITS=2 fdb_to sf-fp8-shadow-split2 70 $SF --attention triton --precision fp8 --blocks 7 \
+    # the same all-FP8 run with the attention's keys whole (FD_FP8_ATTN_SPLITS=1; the grid rule splits
+    # Self-Forcing's in two), in its own process: the other side of fp8_splits_for on the same machine
+    FD_FP8_ATTN_SPLITS=1 fdb_to sf-fp8-shadow-split1 70 $SF --attention triton --precision fp8 --blocks 7 \
       --rollouts 1 --profile-block 5
   fi
   rc=$?

@@ -18,7 +18,8 @@ directories (`capture_compile_caches`); `bundle_kernels` packs every Triton cach
 entry (`triton/...`) and the autotuning results (`inductor/...`) into
 `kernels.tar`. At load, `install_kernels` unpacks what this machine's caches lack, at
 the paths Triton and Inductor look them up by (content hashes, so an entry either fits
-exactly or is never looked up). The fingerprint already guarantees the versions match.
+exactly or is never looked up), and points each Triton entry's group file at the files'
+new place. The fingerprint already guarantees the versions match.
 
 * On CPU, Inductor's compiled C++ kernels (one shared object per kernel, built with the
   system compiler): a cold load of the tiny engine spent 28.5 of its 30.2 s compiling
@@ -38,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import os
 import shutil
@@ -176,12 +178,11 @@ def install_kernels(bundle: Path) -> int:
     roots = {"triton": triton_cache_dir(), "inductor": inductor_cache_dir()}
     added = 0
     with tarfile.open(fileobj=io.BytesIO(bundle.read_bytes())) as tar:
-        members = tar.getmembers()
         # one unit per Triton cache entry (a directory) or per Inductor file
         units: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
-        for m in members:
+        for m in tar.getmembers():
             kind, _, rest = m.name.partition("/")
-            if kind not in roots or not rest:
+            if kind not in roots or not rest or not _safe_member(m):
                 continue
             key = rest.split("/", 1)[0] if kind == "triton" else rest
             units.setdefault((kind, key), []).append(m)
@@ -191,10 +192,59 @@ def install_kernels(bundle: Path) -> int:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-                tar.extractall(tmp, members=mine, filter="data")
+                _write_members(tar, mine, Path(tmp))
+                if kind == "triton":
+                    _repoint_groups(Path(tmp) / kind / key, dest)
                 try:  # atomic: a concurrent reader never sees half an entry
                     os.replace(Path(tmp) / kind / key, dest)
                     added += 1
                 except OSError:  # another process installed it first
                     pass
     return added
+
+
+def _repoint_groups(entry: Path, dest: Path) -> None:
+    """Point a Triton cache entry's group files at the entry's final place.
+
+    Triton finds a compiled kernel through `__grp__<name>.json`, whose `child_paths` are absolute
+    paths of the entry's files where they were written: in the build's scratch cache, gone after the
+    build. Triton treats a group with a missing child as a miss and compiles the kernel again, into
+    the same entry: the likely reason a cold load ran ptxas for 9 kernels yet added no entry the
+    bundle lacked (next38-h200; not yet re-measured)."""
+    for grp in entry.glob("__grp__*.json"):
+        try:
+            data = json.loads(grp.read_text())
+            children = data["child_paths"]
+        except (ValueError, KeyError, TypeError):
+            continue  # not a group Triton would read either
+        data["child_paths"] = {name: str(dest / Path(p).name) for name, p in children.items()}
+        grp.write_text(json.dumps(data))
+
+
+def _safe_member(m: tarfile.TarInfo) -> bool:
+    """A plain file or directory with a relative path inside the bundle (no links, no `..`): what
+    `bundle_kernels` writes. Anything else is skipped, as tarfile's "data" filter would refuse it."""
+    parts = Path(m.name).parts
+    return (m.isfile() or m.isdir()) and not Path(m.name).is_absolute() and ".." not in parts
+
+
+def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path) -> None:
+    """Write `members` under `into` with plain file writes. tarfile's own extraction resolves every
+    path on disk and restores owners, modes and times member by member, which made up most of the
+    kernel install in a cold start profile (0.78 s for 1406 files on the H200, next38-h200); a cache
+    entry needs only its bytes, and the executable bit of Triton's launcher modules."""
+    made: set[Path] = set()
+    for m in members:
+        path = into / m.name
+        if m.isdir():
+            path.mkdir(parents=True, exist_ok=True)
+            made.add(path)
+            continue
+        if path.parent not in made:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            made.add(path.parent)
+        src = tar.extractfile(m)
+        with open(path, "wb") as out:
+            shutil.copyfileobj(src, out)
+        if m.mode & 0o111:
+            path.chmod(0o755)

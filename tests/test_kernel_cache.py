@@ -3,10 +3,14 @@ where Triton and Inductor look them up."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import shutil
 import tarfile
 from pathlib import Path
+
+import pytest
 
 from flashdreams.export import kernel_cache
 from flashdreams.export.kernel_cache import (
@@ -127,3 +131,91 @@ def test_recording_cpp_kernels_sees_ones_loaded_before(monkeypatch):
     assert loaded() == []
     FakeTable.cache.update({"cold": None, "cnew": None})
     assert loaded() == ["cnew", "cold"]
+
+
+def test_install_skips_links_and_paths_that_leave_the_cache(tmp_path, monkeypatch):
+    """A bundle is data: a member with `..`, an absolute path or a link is never written; the plain
+    entries beside it are, with their bytes and the executable bit of a launcher module."""
+    bundle = tmp_path / "kernels.tar"
+    with tarfile.open(bundle, "w") as tar:
+
+        def add(name: str, data: bytes = b"x", mode: int = 0o644, kind: bytes = tarfile.REGTYPE) -> None:
+            info = tarfile.TarInfo(name)
+            info.size, info.mode, info.type = (len(data) if kind == tarfile.REGTYPE else 0), mode, kind
+            if kind == tarfile.SYMTYPE:
+                info.linkname = "/etc/passwd"
+            tar.addfile(info, io.BytesIO(data) if kind == tarfile.REGTYPE else None)
+
+        add("triton/AAA/k.cubin", b"\x7fELF")
+        add("triton/AAA/__triton_launcher.so", b"so", 0o755)
+        add("triton/BBB/../../../escaped", b"no")  # from the install's temp dir: into the cache root
+        add("/triton/CCC/abs", b"no")
+        add("triton/DDD/link", kind=tarfile.SYMTYPE)
+    here = tmp_path / "cache"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(here))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
+    assert install_kernels(bundle) == 1
+    assert sorted(p.name for p in here.iterdir()) == ["AAA"]
+    assert (here / "AAA" / "k.cubin").read_bytes() == b"\x7fELF"
+    assert os.access(here / "AAA" / "__triton_launcher.so", os.X_OK)
+    assert not os.access(here / "AAA" / "k.cubin", os.X_OK)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path.parent / "escaped").exists()
+
+
+try:  # a real Triton kernel, compiled (not interpreted, whatever TRITON_INTERPRET says) for sm_90
+    import triton
+    import triton.language as tl
+    from triton.runtime.jit import JITFunction
+
+    def _double(X, Y, N: tl.constexpr):
+        r = tl.arange(0, N)
+        tl.store(Y + r, tl.load(X + r) * 2.0)
+
+    DOUBLE = JITFunction(_double)
+except ImportError:
+    DOUBLE = None
+
+
+def test_installed_triton_entry_is_a_cache_hit_where_the_build_cache_is_gone(tmp_path, monkeypatch):
+    """End to end with Triton's own cache lookup: a kernel compiled (for sm_90, by ptxas from the
+    triton wheel) into a scratch cache, bundled, the scratch removed, installed into a fresh cache:
+    compiling it again there must be a hit. Triton's group files name their files by absolute path,
+    so without the install repointing them the second compile is a miss."""
+    if DOUBLE is None:
+        pytest.skip("no triton")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    try:
+        from triton import knobs
+    except ImportError:
+        pytest.skip("a triton without knobs (no compilation listener)")
+
+    def compile_once() -> bool:
+        hits: list[bool] = []
+        before = knobs.compilation.listener
+        knobs.compilation.listener = lambda **kw: hits.append(kw["cache_hit"])
+        try:
+            src = ASTSource(fn=DOUBLE, signature={"X": "*fp32", "Y": "*fp32", "N": "constexpr"}, constexprs={"N": 64})
+            triton.compile(src, target=GPUTarget("cuda", 90, 32))
+        except Exception as exc:  # no ptxas / no CUDA backend in this triton wheel
+            pytest.skip(f"cannot cross-compile for sm_90 here: {exc}")
+        finally:
+            knobs.compilation.listener = before
+        return hits == [True]
+
+    scratch, engine = tmp_path / "scratch", tmp_path / "engine"
+    engine.mkdir()
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(scratch / "triton"))
+    assert not compile_once()  # compiled into the scratch cache
+    assert compile_once()  # found there
+    assert bundle_kernels(scratch, engine) == kernel_cache.BUNDLE_FILE
+    shutil.rmtree(scratch)
+
+    fresh = tmp_path / "fresh"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(fresh))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "ind"))
+    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) >= 1
+    grp = json.loads(next(fresh.rglob("__grp__*.json")).read_text())
+    assert all(Path(p).parent.parent == fresh and Path(p).exists() for p in grp["child_paths"].values())
+    assert compile_once()
