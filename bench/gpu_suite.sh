@@ -39,6 +39,7 @@ engine|330|bench/engine_bench.py: build the full-size engine, cold start in a fr
 build|580|fd-build of the full-size engine, when the engine part left none (round 5) (on the H200 it did not finish in 400 s, next24-h200: give it a call of its own)
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
+cold-groups|150|issue 22 target 6: the cold-pyc processes with Triton's group files installed as the build wrote them (FD_BUNDLE_KEEP_GROUPS=1, the behaviour before the install repointed them): run after cold-pyc in one call, the fix's effect on one machine
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
@@ -138,7 +139,8 @@ declare -A PART_GROUPS=(
   [next36]="build cold-pyc cold-profile"
   [next37]="kernels attn-splits"
   [next40]="sf-fp8-shadow lingbot-fp8-shadow"
-  [next41]="build cold-pyc cold-profile attention"
+  [next41]="build cold-pyc cold-groups cold-profile"
+  [next41a]="attention"
   [next42]="sf-fp8-shadow lingbot-fp8-shadow lingbot-fp8-splits"
   [next43]="rolling-fp8 taehv-layout"
   [multi1]="cp-graphs cp-sf"
@@ -390,6 +392,13 @@ print('inductor compile_threads', config.compile_threads, 'worker_start', config
 
 part_cold() {
   cold_runs cold "$1"
+}
+
+part_cold-groups() {
+  # The cold-pyc processes again with Triton's group files installed as built (FD_BUNDLE_KEEP_GROUPS=1:
+  # before the install repointed them, every bundled kernel our ops launch was a cache miss and compiled
+  # at load): the same machine's cold start without the fix, against cold-pyc's with it.
+  FD_BUNDLE_KEEP_GROUPS=1 cold_runs cold-groups "$1"
 }
 
 part_cold-warm-up() {

@@ -53,6 +53,9 @@ log = logging.getLogger(__name__)
 BUNDLE_FILE = "kernels.tar"
 TRITON_ENV = "TRITON_CACHE_DIR"
 INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
+# FD_BUNDLE_KEEP_GROUPS=1 installs Triton's group files as built (pointing at the build's scratch cache),
+# the behaviour before `_repoint_groups`: for the GPU suite's same-machine comparison of cold starts only.
+KEEP_GROUPS_ENV = "FD_BUNDLE_KEEP_GROUPS"
 
 
 def triton_cache_dir() -> Path:
@@ -193,7 +196,7 @@ def install_kernels(bundle: Path) -> int:
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
                 _write_members(tar, mine, Path(tmp))
-                if kind == "triton":
+                if kind == "triton" and os.environ.get(KEEP_GROUPS_ENV) != "1":
                     _repoint_groups(Path(tmp) / kind / key, dest)
                 try:  # atomic: a concurrent reader never sees half an entry
                     os.replace(Path(tmp) / kind / key, dest)
@@ -232,7 +235,7 @@ def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: P
     """Write `members` under `into` with plain file writes. tarfile's own extraction resolves every
     path on disk and restores owners, modes and times member by member, which made up most of the
     kernel install in a cold start profile (0.78 s for 1406 files on the H200, next38-h200); a cache
-    entry needs only its bytes, and the executable bit of Triton's launcher modules."""
+    entry needs only its bytes, its build time and the executable bit of Triton's launcher modules."""
     made: set[Path] = set()
     for m in members:
         path = into / m.name
@@ -248,3 +251,4 @@ def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: P
             shutil.copyfileobj(src, out)
         if m.mode & 0o111:
             path.chmod(0o755)
+        os.utime(path, (m.mtime, m.mtime))  # as built: a file stamped now would read as compiled here

@@ -219,3 +219,8 @@ def test_installed_triton_entry_is_a_cache_hit_where_the_build_cache_is_gone(tmp
     grp = json.loads(next(fresh.rglob("__grp__*.json")).read_text())
     assert all(Path(p).parent.parent == fresh and Path(p).exists() for p in grp["child_paths"].values())
     assert compile_once()
+    # the bench's switch back to the old install (groups as built): a miss again
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "as-built"))
+    monkeypatch.setenv(kernel_cache.KEEP_GROUPS_ENV, "1")
+    assert install_kernels(engine / kernel_cache.BUNDLE_FILE) >= 1
+    assert not compile_once()
