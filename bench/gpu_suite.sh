@@ -426,17 +426,25 @@ byte_compile() { # byte_compile LIMIT: write the .pyc files the lent image lacks
   echo "byte-compiled the packages a cold start imports ($site)"
 }
 
-unbundled_kernels() { # which Triton kernels the last cold load compiled: its cache entries the engine's bundle lacked
-  py 30 - "$ENGINE/kernels.tar" "$WORK/cold-cache/triton" <<'EOF'
+unbundled_kernels() { # which Triton kernels the last cold load compiled: entries the bundle lacked, and bundled
+  # entries Triton compiled again (a group file it could not follow: files written after the load began)
+  py 30 - "$ENGINE/kernels.tar" "$WORK/cold-cache/triton" "${COLD_T0:-0}" <<'EOF'
 import json, sys, tarfile
 from pathlib import Path
 bundled = {m.name.split("/")[1] for m in tarfile.open(sys.argv[1]).getmembers() if m.name.startswith("triton/")}
-cache = Path(sys.argv[2])
-extra = [e for e in sorted(cache.iterdir()) if e.is_dir() and e.name not in bundled] if cache.is_dir() else []
+cache, t0 = Path(sys.argv[2]), float(sys.argv[3])
+entries = [e for e in sorted(cache.iterdir()) if e.is_dir()] if cache.is_dir() else []
+extra = [e for e in entries if e.name not in bundled]
+again = [e for e in entries if e.name in bundled and t0 and any(f.stat().st_mtime >= t0 for f in e.iterdir())]
+def names(e):
+    found = [json.loads(m.read_text()).get("name", m.stem) for m in e.glob("*.json") if not m.name.startswith("__grp__")]
+    return found or sorted(p.name for p in e.iterdir())
 print(f"\n== Triton cache entries after the load that the bundle ({len(bundled)} entries) did not bring: {len(extra)}")
 for e in extra:
-    names = [json.loads(m.read_text()).get("name", m.stem) for m in e.glob("*.json") if not m.name.startswith("__grp__")]
-    print(" ", e.name, names or sorted(p.name for p in e.iterdir()))
+    print(" ", e.name, names(e))
+print(f"== bundled entries compiled again at the load (files newer than its start): {len(again)}")
+for e in again:
+    print(" ", e.name, names(e))
 EOF
 }
 
@@ -451,6 +459,7 @@ part_cold-profile() {
     return 3
   fi
   rm -rf "$WORK/cold-cache"
+  COLD_T0=$(date +%s)
   TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
     py $(($1 * 2 / 3)) -m cProfile -o "$WORK/cold.prof" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" \
     --attention $attn --blocks 4 --rollouts 1 --quick-ceilings --out "$WORK/cold-prof" | grep -E "^(backend|engine) |dry-run"
@@ -477,6 +486,7 @@ cold_runs() { # cold_runs NAME LIMIT [FD-BENCH ARGS...]: fresh processes from th
   [ $SMOKE = 1 ] && attn=sdpa # the CPU engine of the build part's smoke form
   for i in $(seq "$n"); do
     rm -rf "$WORK/cold-cache" "$WORK/cold-$i" # (a failed run must not leave an earlier run's results to be read)
+    COLD_T0=$(date +%s)
     TORCHINDUCTOR_CACHE_DIR=$WORK/cold-cache/inductor TRITON_CACHE_DIR=$WORK/cold-cache/triton \
       py "$per" -m flashdreams.cli.bench --backend engine --engine "$ENGINE" --attention $attn --blocks 4 --rollouts 1 \
       --quick-ceilings "$@" --out "$WORK/cold-$i" | grep -E "^(backend|engine) |dry-run"
