@@ -185,7 +185,7 @@ def install_kernels(bundle: Path) -> int:
         units: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
         for m in tar.getmembers():
             kind, _, rest = m.name.partition("/")
-            if kind not in roots or not rest or not _safe_member(m):
+            if kind not in roots or not rest:
                 continue
             key = rest.split("/", 1)[0] if kind == "triton" else rest
             units.setdefault((kind, key), []).append(m)
@@ -195,7 +195,7 @@ def install_kernels(bundle: Path) -> int:
                 continue
             dest.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-                _write_members(tar, mine, Path(tmp))
+                tar.extractall(tmp, members=mine, filter="data")
                 if kind == "triton" and os.environ.get(KEEP_GROUPS_ENV) != "1":
                     _repoint_groups(Path(tmp) / kind / key, dest)
                 try:  # atomic: a concurrent reader never sees half an entry
@@ -222,33 +222,3 @@ def _repoint_groups(entry: Path, dest: Path) -> None:
             continue  # not a group Triton would read either
         data["child_paths"] = {name: str(dest / Path(p).name) for name, p in children.items()}
         grp.write_text(json.dumps(data))
-
-
-def _safe_member(m: tarfile.TarInfo) -> bool:
-    """A plain file or directory with a relative path inside the bundle (no links, no `..`): what
-    `bundle_kernels` writes. Anything else is skipped, as tarfile's "data" filter would refuse it."""
-    parts = Path(m.name).parts
-    return (m.isfile() or m.isdir()) and not Path(m.name).is_absolute() and ".." not in parts
-
-
-def _write_members(tar: tarfile.TarFile, members: list[tarfile.TarInfo], into: Path) -> None:
-    """Write `members` under `into` with plain file writes. tarfile's own extraction resolves every
-    path on disk and restores owners, modes and times member by member, which made up most of the
-    kernel install in a cold start profile (0.78 s for 1406 files on the H200, next38-h200); a cache
-    entry needs only its bytes, its build time and the executable bit of Triton's launcher modules."""
-    made: set[Path] = set()
-    for m in members:
-        path = into / m.name
-        if m.isdir():
-            path.mkdir(parents=True, exist_ok=True)
-            made.add(path)
-            continue
-        if path.parent not in made:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            made.add(path.parent)
-        src = tar.extractfile(m)
-        with open(path, "wb") as out:
-            shutil.copyfileobj(src, out)
-        if m.mode & 0o111:
-            path.chmod(0o755)
-        os.utime(path, (m.mtime, m.mtime))  # as built: a file stamped now would read as compiled here

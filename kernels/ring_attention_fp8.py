@@ -230,14 +230,15 @@ def _to_e4m3(x, EMULATE: tl.constexpr):
 
 @triton.jit
 def _exp2_f16(x, EMULATE: tl.constexpr):
-    """2^x (x fp32) as fp16, two lanes per MUFU instruction (sm_90's ex2.approx.f16x2).
+    """2^x (x fp32) as fp16, through sm_90's packed ex2.approx.f16x2 (a config's `exp_f16`).
 
-    Why: an fp8 tile's QK^T and P @ V take about as many cycles on the tensor cores as its 128 x 128
-    exponentials take on the MUFU unit (16 a clock an SM), so the exp, not the MMA, bounds fp8
-    attention; the packed fp16 form halves it. fp16 keeps 10 fraction bits where P is rounded to
-    e4m3's 3 right after, and 2^x <= 2^P_SHIFT = 256 fits it. The interpreter (CPU tests) rounds x
-    and the result to fp16 around an exact exp2, which is what `ring_attention_fp8_reference` does
-    with `exp_f16`."""
+    Why try it: an fp8 tile's QK^T and P @ V take about as many cycles on the tensor cores as its
+    exponentials take on the MUFU unit (16 a clock an SM), so the exp can bound fp8 attention. ptxas
+    (Triton 3.9, sm_90) lowers the packed op to two MUFU.EX2.F16 a pair, the fp32 form's MUFU count,
+    so it only pays if those issue faster: the attention bench's sweep measures it; no default uses
+    it. fp16 keeps 10 fraction bits where P is rounded to e4m3's 3 right after, and
+    2^x <= 2^P_SHIFT = 256 fits it. The interpreter (CPU tests) rounds x and the result to fp16 around
+    an exact exp2, which is what `ring_attention_fp8_reference` does with `exp_f16`."""
     if EMULATE:
         return tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
     return tl.inline_asm_elementwise(
