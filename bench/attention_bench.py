@@ -13,12 +13,11 @@ Shape: B 1, q 4680 (one block of 3 latent frames), 12 heads of d 128, a ring of 
               (the ring's fp8 shadow re-quantized for the block's own 4680 rows, then the kernel:
               what a ring that keeps fp8 copies would pay per call), fp8_kernel (the kernel alone on
               quantized K/V) and fp8_prev_cfg (the previous 128x128 / 8-warp default, pre-pass included).
-              Also the pre-pass and the shadow update alone (ms, GB/s), the update with its grid over
-              all of the ring's tiles and over the written ones only (`max_rows`).
+              Also the pre-pass and the shadow update alone (ms, GB/s), each also with one program
+              doing a tile's K and V in turn (`PREPASS_SPLIT_KV` off: the form before it).
   quality     at kv 28080, first 512 query rows: rel. L2 of each against exact fp32 attention; the
               shadow route must equal the per-call route bit for bit.
-  sweeps      bf16 configs (splits / tiles) and fp8 kernel configs (splits, fp16 exponentials) at
-              kv 4680 / 28080 / 32760, and
+  sweeps      bf16 configs (splits / tiles) and fp8 kernel configs at kv 4680 / 28080 / 32760, and
               the pre-pass with 4 vs 8 warps; the rest of the budget.
 
     python bench/attention_bench.py --out attention.json           # H200: ~2-3 min
@@ -269,9 +268,8 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     # Timings per kv. The shadow's update covers the block's own rows only (the history was
     # quantized when it was written); fp8_kernel reads the shadow as that update leaves it.
     flops = lambda kv: 4.0 * L * kv * d * H  # noqa: E731
-    timings: dict[str, list] = {
-        name: [] for name in [*variants, "fp8_prepass", "fp8_shadow_update", "fp8_shadow_update_bounded"]
-    }
+    prepass_rows = ["fp8_prepass", "fp8_shadow_update", "fp8_prepass_one_program", "fp8_shadow_update_one_program"]
+    timings: dict[str, list] = {name: [] for name in [*variants, *prepass_rows]}
     for kv in sh.kvs:
         vl, rows = lens(kv), block_rows(kv)
         quantize_kv_fp8_into(shadow, kc, vc, vl, full_rows)
@@ -291,17 +289,21 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
             moved = kv * H * d * (2 * 2 + 2 * 1) + 2 * kv // fp8_cfg.block_n * H * 4  # bf16 in, fp8 out
             return {"kv": kv, "ms": t, "gbps": moved / t / 1e6}
 
-        def upd(kv=kv, vl=vl, rows=rows, max_rows=0) -> dict:
-            t = ms(lambda: quantize_kv_fp8_into(shadow, kc, vc, vl, rows, max_rows))
+        def upd(kv=kv, vl=vl, rows=rows) -> dict:
+            t = ms(lambda: quantize_kv_fp8_into(shadow, kc, vc, vl, rows))
             moved = (sh.block_rows + 2 * fp8_cfg.block_n) * H * d * 6
             return {"kv": kv, "ms": t, "gbps_upper": moved / t / 1e6}
 
         timings["fp8_prepass"].append(attempt(pre))
         timings["fp8_shadow_update"].append(attempt(upd))
-        # the same with the grid over the written tiles only (`max_rows`: what the models pass now)
-        timings["fp8_shadow_update_bounded"].append(
-            attempt(lambda kv=kv, vl=vl, rows=rows: upd(kv, vl, rows, sh.block_rows))
-        )
+        # the same two with one program doing a tile's K and V in turn (the form before PREPASS_SPLIT_KV)
+        before = fp8mod.PREPASS_SPLIT_KV
+        fp8mod.PREPASS_SPLIT_KV = False
+        try:
+            timings["fp8_prepass_one_program"].append(attempt(pre))
+            timings["fp8_shadow_update_one_program"].append(attempt(upd))
+        finally:
+            fp8mod.PREPASS_SPLIT_KV = before
         rec.put("timings", timings)
 
     # Sweeps, while the budget lasts: bf16 configs (splits and tiles for the 37 x 12 programs on
@@ -320,9 +322,6 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
         ]
         fp8_sweep = [
             fp8_cfg,
-            dataclasses.replace(fp8_cfg, exp_f16=True),  # P's exponentials two to a MUFU instruction?
-            dataclasses.replace(fp8_cfg, splits=2),
-            dataclasses.replace(fp8_cfg, splits=2, exp_f16=True),
             prev_fp8,
             Fp8AttnConfig(64, 128, 4, 4, splits=1, use_tma=True),
             Fp8AttnConfig(64, 128, 4, 2, splits=1, use_tma=True),
@@ -414,23 +413,27 @@ def print_table(r: dict) -> None:
     )
     print(f"matmul peak in this run: bf16 {b or float('nan'):.0f} TFLOP/s, fp8 {f8 or float('nan'):.0f} TFLOP/s")
     tm = r.get("timings", {})
-    names = [n for n in tm if n not in ("fp8_prepass", "fp8_shadow_update")]
+    ms_rows = ("fp8_prepass", "fp8_shadow_update", "fp8_prepass_one_program", "fp8_shadow_update_one_program")
+    names = [n for n in tm if n not in ms_rows]
     if names:
         shp = r["shapes"]
         print(
             f"attention TFLOP/s (q {shp['lq']}, {shp['heads']} heads, d {shp['head_dim']}; fp8 and fp8_shadow "
             "include their quantization)"
         )
-        print(f"{'kv':>7}" + "".join(f"{n:>14}" for n in names) + f"{'prepass ms':>12}{'update ms':>11}")
+        print(
+            f"{'kv':>7}" + "".join(f"{n:>14}" for n in names) + f"{'prepass ms':>12}{'update ms':>11}"
+            f"{'(1 program: prepass':>21}{'update)':>9}"
+        )
         for i, e in enumerate(tm[names[0]]):
             cells = "".join(
                 f"{tm[n][i]['tflops']:>14.1f}" if i < len(tm[n]) and "tflops" in tm[n][i] else f"{'-':>14}"
                 for n in names
             )
-            pre = tm["fp8_prepass"][i] if i < len(tm["fp8_prepass"]) else {}
-            upd = tm["fp8_shadow_update"][i] if i < len(tm["fp8_shadow_update"]) else {}
+            got = {n: (tm.get(n, [])[i] if i < len(tm.get(n, [])) else {}).get("ms", float("nan")) for n in ms_rows}
             print(
-                f"{e.get('kv', '?'):>7}{cells}{pre.get('ms', float('nan')):>12.3f}{upd.get('ms', float('nan')):>11.3f}"
+                f"{e.get('kv', '?'):>7}{cells}{got['fp8_prepass']:>12.3f}{got['fp8_shadow_update']:>11.3f}"
+                f"{got['fp8_prepass_one_program']:>21.3f}{got['fp8_shadow_update_one_program']:>9.3f}"
             )
     qual = r.get("quality", {})
     if qual:

@@ -140,7 +140,7 @@ declare -A PART_GROUPS=(
   [next37]="kernels attn-splits"
   [next40]="sf-fp8-shadow lingbot-fp8-shadow"
   [next41]="build cold-pyc cold-groups cold-profile"
-  [next41a]="attention"
+  [next44]="build cold-pyc cold-groups attention"
   [next42]="sf-fp8-shadow lingbot-fp8-shadow lingbot-fp8-splits"
   [next43]="rolling-fp8 taehv-layout"
   [multi1]="cp-graphs cp-sf"
@@ -435,7 +435,9 @@ bundled = {m.name.split("/")[1] for m in tarfile.open(sys.argv[1]).getmembers() 
 cache, t0 = Path(sys.argv[2]), float(sys.argv[3])
 entries = [e for e in sorted(cache.iterdir()) if e.is_dir()] if cache.is_dir() else []
 extra = [e for e in entries if e.name not in bundled]
-again = [e for e in entries if e.name in bundled and t0 and any(f.stat().st_mtime >= t0 for f in e.iterdir())]
+# (the install rewrites the group files, so only the kernel's own files count)
+again = [e for e in entries if e.name in bundled and t0 and any(
+    f.stat().st_mtime >= t0 for f in e.iterdir() if not f.name.startswith("__grp__"))]
 def names(e):
     found = [json.loads(m.read_text()).get("name", m.stem) for m in e.glob("*.json") if not m.name.startswith("__grp__")]
     return found or sorted(p.name for p in e.iterdir())

@@ -102,7 +102,6 @@ class Fp8AttnConfig(AttnConfig):
     """`AttnConfig` plus where P @ V accumulates (see the module docstring)."""
 
     precise_pv: bool = True
-    exp_f16: bool = False  # P's exponentials in packed fp16 (`_exp2_f16`)
 
 
 # By head dim padded to a power of two >= 32 (fp8 wgmma's K step is 32): spill-free (cross-compiled for
@@ -229,36 +228,6 @@ def _to_e4m3(x, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _exp2_f16(x, EMULATE: tl.constexpr):
-    """2^x (x fp32) as fp16, through sm_90's packed ex2.approx.f16x2 (a config's `exp_f16`).
-
-    Why try it: an fp8 tile's QK^T and P @ V take about as many cycles on the tensor cores as its
-    exponentials take on the MUFU unit (16 a clock an SM), so the exp can bound fp8 attention. ptxas
-    (Triton 3.9, sm_90) lowers the packed op to two MUFU.EX2.F16 a pair, the fp32 form's MUFU count,
-    so it only pays if those issue faster: the attention bench's sweep measures it; no default uses
-    it. fp16 keeps 10 fraction bits where P is rounded to e4m3's 3 right after, and
-    2^x <= 2^P_SHIFT = 256 fits it. The interpreter (CPU tests) rounds x and the result to fp16 around
-    an exact exp2, which is what `ring_attention_fp8_reference` does with `exp_f16`."""
-    if EMULATE:
-        return tl.math.exp2(x.to(tl.float16).to(tl.float32)).to(tl.float16)
-    return tl.inline_asm_elementwise(
-        "{ .reg .b32 t; cvt.rn.f16x2.f32 t, $2, $1; ex2.approx.f16x2 $0, t; }",
-        "=r,r,r",
-        [x],
-        dtype=tl.float16,
-        is_pure=True,
-        pack=2,
-    )
-
-
-@triton.jit
-def _f16_to_e4m3(x, EMULATE: tl.constexpr):
-    if EMULATE:  # the interpreter's own conversion truncates
-        return _to_e4m3(x.to(tl.float32), EMULATE)
-    return x.to(tl.float8e4nv)  # cvt.rn.satfinite.e4m3x2.f16x2: the same value as from fp32
-
-
-@triton.jit
 def _to_out(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
     if EMULATE and dtype == tl.bfloat16:
         x = _round_bf16(x)
@@ -302,61 +271,78 @@ def _quantize_kv_kernel(
     stride_vb, stride_vn, stride_vh,
     S, S_PAD, H, N_TILES,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, QUANT_V: tl.constexpr,
-    ROW_RANGE: tl.constexpr, SPAN_TILES: tl.constexpr, EMULATE: tl.constexpr,
+    ROW_RANGE: tl.constexpr, SPLIT_KV: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """One key tile (BLOCK_R rows) of one (batch, head): K to k8 and its scale, V (transposed) to
     v8t and its scale. With ROW_RANGE (the number of row ranges, 1 or 2) only tiles overlapping ring rows
-    [ROWS[0], ROWS[1]) (or [ROWS[2], ROWS[3])) are done. With SPAN_TILES (the most tiles one range can
-    touch) the grid holds SPAN_TILES programs per range, counted from the range's first tile, instead of
-    one per tile of the ring; a tile of both ranges is done by range 0's program."""
+    [ROWS[0], ROWS[1]) (or [ROWS[2], ROWS[3])) are done. With SPLIT_KV the grid's third axis says which
+    of K (0) and V (1) this program does, instead of one program doing both in turn."""
     pid_r = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     b = bh // H
     h = bh % H
     valid = tl.load(VALID).to(tl.int32)
     valid = tl.maximum(tl.minimum(valid, S), 0)
-    if SPAN_TILES != 0:
-        ri = pid_r // SPAN_TILES
-        first = tl.load(ROWS + 2 * ri).to(tl.int32)
-        tile = first // BLOCK_R + pid_r % SPAN_TILES
-    else:
-        tile = pid_r
-    r0 = tile * BLOCK_R
+    r0 = pid_r * BLOCK_R
     todo = r0 < valid
     if ROW_RANGE != 0:
-        in0 = (r0 < tl.load(ROWS + 1).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS).to(tl.int32))
-        hit = in0
+        hit = (r0 < tl.load(ROWS + 1).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS).to(tl.int32))
         if ROW_RANGE == 2:
-            in1 = (r0 < tl.load(ROWS + 3).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS + 2).to(tl.int32))
-            if SPAN_TILES != 0:
-                hit = tl.where(ri == 0, in0, in1 & (in0 == 0))
-            else:
-                hit = in0 | in1
+            hit = hit | ((r0 < tl.load(ROWS + 3).to(tl.int32)) & (r0 + BLOCK_R > tl.load(ROWS + 2).to(tl.int32)))
         todo = todo & hit
     if todo:
         rows = r0 + tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, D_PAD)
         ok = rows < valid
         ld_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
-        # Both loads are issued before either reduction, so the two tiles' latencies overlap.
         k_ptrs = K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
-        k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
-        if QUANT_V:
-            v_ptrs = V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :]
-            v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
-        k8, kt = _quantize_tile(k.to(tl.float32), EMULATE)
-        tl.store(K8 + bh * S * D_PAD + rows[:, None] * D_PAD + offs_d[None, :], k8, mask=ok[:, None])
-        tl.store(KT + bh * N_TILES + tile, kt)
-        if QUANT_V:
-            v8, vt = _quantize_tile(v.to(tl.float32), EMULATE)
-            v8t_ptrs = V8T + bh * D_PAD * S_PAD + offs_d[:, None] * S_PAD + rows[None, :]
-            tl.store(v8t_ptrs, tl.trans(v8), mask=ok[None, :])
-            tl.store(VT + bh * N_TILES + tile, vt)
+        v_ptrs = V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :]
+        k8_ptrs = K8 + bh * S * D_PAD + rows[:, None] * D_PAD + offs_d[None, :]
+        v8t_ptrs = V8T + bh * D_PAD * S_PAD + offs_d[:, None] * S_PAD + rows[None, :]
+        if SPLIT_KV:
+            if tl.program_id(2) == 0:
+                _quantize_k_tile(
+                    tl.load(k_ptrs, mask=ld_mask, other=0.0), k8_ptrs, KT + bh * N_TILES + pid_r, ok, EMULATE
+                )
+            else:
+                _quantize_vt_tile(
+                    tl.load(v_ptrs, mask=ld_mask, other=0.0), v8t_ptrs, VT + bh * N_TILES + pid_r, ok, EMULATE
+                )
+        else:
+            # Both loads are issued before either reduction, so the two tiles' latencies overlap.
+            k = tl.load(k_ptrs, mask=ld_mask, other=0.0)
+            if QUANT_V:
+                v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
+            _quantize_k_tile(k, k8_ptrs, KT + bh * N_TILES + pid_r, ok, EMULATE)
+            if QUANT_V:
+                _quantize_vt_tile(v, v8t_ptrs, VT + bh * N_TILES + pid_r, ok, EMULATE)
+
+
+@triton.jit
+def _quantize_k_tile(k, k8_ptrs, kt_ptr, ok, EMULATE: tl.constexpr):
+    k8, kt = _quantize_tile(k.to(tl.float32), EMULATE)
+    tl.store(k8_ptrs, k8, mask=ok[:, None])
+    tl.store(kt_ptr, kt)
+
+
+@triton.jit
+def _quantize_vt_tile(v, v8t_ptrs, vt_ptr, ok, EMULATE: tl.constexpr):
+    """V's tile quantized and stored transposed (keys contiguous, as fp8 wgmma reads it)."""
+    v8, vt = _quantize_tile(v.to(tl.float32), EMULATE)
+    tl.store(v8t_ptrs, tl.trans(v8), mask=ok[None, :])
+    tl.store(vt_ptr, vt)
 
 
 # Warps of the pre-pass per (BLOCK_R x D_PAD) tile; None: 4 up to 8192 elements, else 8. The GPU
 # suite's attention part times 4 against 8 at 128 x 128 (bench/attention_bench.py).
 PREPASS_WARPS: int | None = None
+
+
+# One program per (tile, K or V) instead of one per tile doing K then V: twice the programs, each half the
+# serial work. The pre-pass ran at ~0.76 TB/s (0.057 ms for Self-Forcing's 4680 written rows x 12 heads on
+# the H100, next42-h100; LingBot's 200 calls 39.6 ms a block there): few programs (444 at Self-Forcing's
+# block, 3.4 an SM), each a chain of two loads, reductions and stores. The attention bench times both.
+PREPASS_SPLIT_KV = True
 
 
 def _prepass_warps(block_n: int, d_pad: int) -> int:
@@ -389,12 +375,7 @@ def empty_fp8_kv(k_cache: torch.Tensor, block_n: int, quant_v: bool = True) -> F
 
 
 def _launch_quantize(
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid_len: torch.Tensor,
-    kv: Fp8KV,
-    rows: torch.Tensor | None,
-    max_rows: int = 0,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, kv: Fp8KV, rows: torch.Tensor | None
 ) -> None:
     B, S, H, d = k_cache.shape
     d_pad = kv.k8.shape[3]
@@ -402,20 +383,15 @@ def _launch_quantize(
     s_pad = kv.v8t.shape[3] if quant_v else -(-S // 16) * 16
     n_tiles = kv.kt.shape[2]
     ranges = 0 if rows is None else rows.numel() // 2
-    # A run of max_rows rows touches at most ceil(max_rows / tile) + 1 tiles (it need not start on a tile's
-    # first row). Only a grid of those: one program per tile of the ring mostly finds nothing to do (at
-    # LingBot's ring 213 tiles x 40 heads, of which 37 x 40 are written), yet each reads its bounds first.
-    span = -(-max_rows // kv.block_n) + 1 if ranges and max_rows > 0 else 0
-    if span >= n_tiles:
-        span = 0
+    split = PREPASS_SPLIT_KV and quant_v
     # fmt: off
     launch(
-        _quantize_kv_kernel, (ranges * span if span else n_tiles, B * H),
+        _quantize_kv_kernel, (n_tiles, B * H, 2 if split else 1),
         k_cache, v_cache, kv.k8, kv.kt, kv.v8t, kv.vt, valid_len, rows if rows is not None else valid_len,
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         S, s_pad, H, n_tiles,
-        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=kv.block_n, QUANT_V=quant_v, ROW_RANGE=ranges, SPAN_TILES=span,
+        HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=kv.block_n, QUANT_V=quant_v, ROW_RANGE=ranges, SPLIT_KV=split,
         EMULATE=interpreted(), num_warps=_prepass_warps(kv.block_n, d_pad),
     )
     # fmt: on
@@ -436,12 +412,7 @@ def quantize_kv_fp8(
 
 
 def quantize_kv_fp8_into(
-    kv: Fp8KV,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid_len: torch.Tensor,
-    rows: torch.Tensor,
-    max_rows: int = 0,
+    kv: Fp8KV, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, rows: torch.Tensor
 ) -> None:
     """Re-quantize, in place, the key tiles of `kv` that overlap ring rows [rows[0], rows[1]) (a
     2-element int device tensor), or either of [rows[0], rows[1]) and [rows[2], rows[3]) (4 elements:
@@ -449,38 +420,11 @@ def quantize_kv_fp8_into(
     valid_len are left alone. After a block writes its rows into the bf16 ring, only the tiles holding
     them change, so an fp8 shadow of the ring costs one pass over the block's rows (plus the tiles it
     shares with its neighbours) per write, not one over the whole ring per attention call. Tiles are
-    aligned to absolute ring rows. `max_rows` (> 0: no range holds more rows; the caller knows it from
-    its shapes) launches programs for the tiles such ranges can touch only."""
-    _launch_quantize(k_cache, v_cache, valid_len, kv, rows, max_rows)
+    aligned to absolute ring rows."""
+    _launch_quantize(k_cache, v_cache, valid_len, kv, rows)
 
 
 # ----------------------------------------------------------------------------- attention kernel
-
-
-@triton.jit
-def _fp8_fold_scores(
-    acc, l_i, m_i, u_i, s, f, vt, u_new,
-    PRECISE_PV: tl.constexpr, EXP_F16: tl.constexpr, EMULATE: tl.constexpr,
-):  # fmt: skip
-    """One key tile folded in (fp8 P @ V): its raw scores s (q8 . k8, masked keys -inf), the tile's logit
-    factor f, its V tile (transposed e4m3) and V scale u_new. Returns (acc, l_i, m_i, u_i)."""
-    m_new = tl.maximum(m_i, tl.max(s, 1) * f)
-    x = s * f[:, None] - (m_new - 8.0)[:, None]
-    alpha = tl.math.exp2(m_i - m_new)
-    if EXP_F16:
-        p16 = _exp2_f16(x, EMULATE)  # 2^8 * exp2(logit - max), in fp16
-        l_i = l_i * alpha + tl.sum(p16.to(tl.float32), 1)
-        p8 = _f16_to_e4m3(p16, EMULATE)
-    else:
-        p = tl.math.exp2(x)  # 2^8 * exp2(logit - max)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        p8 = _to_e4m3(p, EMULATE)
-    alpha = alpha * tl.math.div_rn(u_i, u_new)
-    if PRECISE_PV:
-        acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
-    else:
-        acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
-    return acc, l_i, m_new, u_new
 
 
 @triton.jit
@@ -488,7 +432,7 @@ def _fp8_attend_tiles(
     acc, l_i, m_i, u_i, q8, q_fac, k_src, v8_src, v_src, KT, VT, stride_vn, lo, hi, valid, offs_n, d_ok,
     MASK_N: tl.constexpr, BLOCK_N: tl.constexpr, D_PAD: tl.constexpr, USE_TMA: tl.constexpr,
     V_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, PV_FP8: tl.constexpr, PRECISE_PV: tl.constexpr,
-    EXP_F16: tl.constexpr, EMULATE: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):  # fmt: skip
     """Fold key tiles [lo, hi) into the running (acc, l_i, m_i, u_i); MASK_N masks keys >= valid.
 
@@ -508,20 +452,26 @@ def _fp8_attend_tiles(
         s = tl.dot(q8, tl.trans(k))
         if MASK_N:
             s = tl.where(ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * f)
+        p = tl.math.exp2(s * f[:, None] - (m_new - 8.0)[:, None])  # 2^8 * exp2(logit - max)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
             u_new = tl.load(VT + start // BLOCK_N)
+            p8 = _to_e4m3(p, EMULATE)
             if USE_TMA:
                 vt = v8_src.load([0, start])
             elif MASK_N:
                 vt = tl.load(v8_src + start, mask=ok[None, :], other=0.0)
             else:
                 vt = tl.load(v8_src + start)
-            acc, l_i, m_i, u_i = _fp8_fold_scores(acc, l_i, m_i, u_i, s, f, vt, u_new, PRECISE_PV, EXP_F16, EMULATE)
+            alpha = alpha * tl.math.div_rn(u_i, u_new)
+            if PRECISE_PV:
+                acc = acc * alpha[:, None] + tl.dot(p8, tl.trans(vt))
+            else:
+                acc = tl.dot(p8, tl.trans(vt), acc * alpha[:, None])
+            u_i = u_new
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * f)
-            p = tl.math.exp2(s * f[:, None] - (m_new - 8.0)[:, None])  # 2^8 * exp2(logit - max)
-            alpha = tl.math.exp2(m_i - m_new)
-            l_i = l_i * alpha + tl.sum(p, 1)
             if V_TMA:
                 v = v_src.load([start, 0])
             elif MASK_N:
@@ -533,7 +483,7 @@ def _fp8_attend_tiles(
                 acc = tl.dot(pb, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
             else:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
-            m_i = m_new
+        m_i = m_new
     return acc, l_i, m_i, u_i
 
 
@@ -547,7 +497,7 @@ def _ring_attention_fp8_kernel(
     Lq, S, S_PAD, H, N_TILES, qk_fac,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, USE_TMA: tl.constexpr, V_TMA: tl.constexpr, WARP_SPEC: tl.constexpr,
-    PV_FP8: tl.constexpr, PRECISE_PV: tl.constexpr, EXP_F16: tl.constexpr, EMULATE: tl.constexpr,
+    PV_FP8: tl.constexpr, PRECISE_PV: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
     pid_m = tl.program_id(0)
@@ -609,12 +559,12 @@ def _ring_attention_fp8_kernel(
     # fmt: off
     acc, l_i, m_i, u_i = _fp8_attend_tiles(
         acc, l_i, m_i, u_i, q8, q_fac, k_src, v8_src, v_src, KT_b, VT_b, stride_vn, lo, full_hi, valid,
-        offs_n, d_ok, False, BLOCK_N, D_PAD, USE_TMA, V_TMA, WARP_SPEC, PV_FP8, PRECISE_PV, EXP_F16, EMULATE,
+        offs_n, d_ok, False, BLOCK_N, D_PAD, USE_TMA, V_TMA, WARP_SPEC, PV_FP8, PRECISE_PV, EMULATE,
     )
     if full_hi < hi:  # the one partial tile, masked
         acc, l_i, m_i, u_i = _fp8_attend_tiles(
             acc, l_i, m_i, u_i, q8, q_fac, k_src, v8_src, v_src, KT_b, VT_b, stride_vn, full_hi, hi, valid,
-            offs_n, d_ok, True, BLOCK_N, D_PAD, USE_TMA, V_TMA, False, PV_FP8, PRECISE_PV, EXP_F16, EMULATE,
+            offs_n, d_ok, True, BLOCK_N, D_PAD, USE_TMA, V_TMA, False, PV_FP8, PRECISE_PV, EMULATE,
         )
     # fmt: on
 
@@ -685,7 +635,7 @@ def launch_ring_attention_fp8_quantized(
         Lq, S, s_pad, H, n_tiles, scale * LOG2E / E4M3_MAX,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
         USE_TMA=use_tma, V_TMA=v_tma, WARP_SPEC=cfg.warp_specialize,
-        PV_FP8=pv_fp8, PRECISE_PV=cfg.precise_pv, EXP_F16=cfg.exp_f16 and pv_fp8, EMULATE=interpreted(),
+        PV_FP8=pv_fp8, PRECISE_PV=cfg.precise_pv, EMULATE=interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # fmt: on
@@ -754,9 +704,8 @@ def _quantize_kv_fp8_into_op(
     v8t: torch.Tensor,
     vt: torch.Tensor,
     block_n: int,
-    max_rows: int,
 ) -> None:
-    quantize_kv_fp8_into(Fp8KV(k8, kt, v8t, vt, block_n), k_cache, v_cache, valid_len, rows, max_rows)
+    quantize_kv_fp8_into(Fp8KV(k8, kt, v8t, vt, block_n), k_cache, v_cache, valid_len, rows)
 
 
 register_op("quantize_kv_fp8_into", _quantize_kv_fp8_into_op, mutates_args=("k8", "kt", "v8t", "vt"))
@@ -786,26 +735,18 @@ def fp8_kv_block_n(q_or_cache: torch.Tensor) -> int:
 
 
 def update_fp8_kv(
-    kv: Fp8KV,
-    k_cache: torch.Tensor,
-    v_cache: torch.Tensor,
-    valid_len: torch.Tensor,
-    rows: torch.Tensor,
-    max_rows: int = 0,
+    kv: Fp8KV, k_cache: torch.Tensor, v_cache: torch.Tensor, valid_len: torch.Tensor, rows: torch.Tensor
 ) -> None:
-    """`quantize_kv_fp8_into` as a registered op (traceable by torch.export / capturable in a CUDA graph).
-    `max_rows`: the most rows a range of `rows` holds, where the caller knows it (0: not known)."""
+    """`quantize_kv_fp8_into` as a registered op (traceable by torch.export / capturable in a CUDA graph)."""
     if kv.v8t.dim() != 4:
         raise InvalidArgumentError("kv: an fp8 shadow of a ring holds V too (empty_fp8_kv(..., quant_v=True))")
     check_tensor("rows", rows, dtypes=INDEX_DTYPES, device=k_cache.device)
-    if not isinstance(max_rows, int) or max_rows < 0:
-        raise InvalidArgumentError(f"max_rows: expected an int >= 0 (0: not known), found {max_rows!r}")
     if rows.numel() not in (2, 4):
         raise InvalidArgumentError(
             f"rows: expected 2 elements [first, end) or 4 (two such ranges), found shape {list(rows.shape)}"
         )
     torch.ops.flashdreams.quantize_kv_fp8_into(
-        k_cache, v_cache, valid_len.reshape(1), rows.reshape(-1), kv.k8, kv.kt, kv.v8t, kv.vt, kv.block_n, max_rows
+        k_cache, v_cache, valid_len.reshape(1), rows.reshape(-1), kv.k8, kv.kt, kv.v8t, kv.vt, kv.block_n
     )
 
 
@@ -876,7 +817,6 @@ def ring_attention_fp8_reference(
     pv_fp8: bool = True,
     block_n: int | None = None,
     splits: int = 1,
-    exp_f16: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """What `ring_attention_fp8` computes, emulated in torch (fp32 math, e4m3 roundings as the GPU's).
 
@@ -884,8 +824,7 @@ def ring_attention_fp8_reference(
     tile, so the twin walks the keys in the kernel's tiles (`block_n`, default that of the
     config the kernel would pick) and `splits`. Products of e4m3 values are exact in fp32, so
     the kernel differs from this only by fp32 summation order and exp2 rounding (and the GPU's
-    imprecise accumulation if `precise_pv` is off). `exp_f16` rounds P's exponent and P to fp16, as
-    a config with `exp_f16` does (with pv_fp8 only).
+    imprecise accumulation if `precise_pv` is off).
     """
     B, Lq, H, d = q.shape
     S = k_cache.shape[1]
@@ -916,8 +855,7 @@ def ring_attention_fp8_reference(
             f = q_fac * kt[:, :, ti, None, None]
             s = q8 @ k8[:, :, t].transpose(-1, -2)
             m_new = torch.maximum(m_i, s.amax(-1, keepdim=True) * f)
-            x = s * f - (m_new - P_SHIFT)
-            p = torch.exp2(x.half().float()).half().float() if exp_f16 and pv_fp8 else torch.exp2(x)
+            p = torch.exp2(s * f - (m_new - P_SHIFT))
             alpha = torch.exp2(m_i - m_new)
             l_i = l_i * alpha + p.sum(-1, keepdim=True)
             if pv_fp8:

@@ -8,8 +8,6 @@ kernels' own tests hold them to their torch twins.
 
 from __future__ import annotations
 
-from typing import NamedTuple
-
 import torch
 import torch.nn.functional as F
 
@@ -327,27 +325,17 @@ def ring_attention(
     return out.transpose(1, 2)
 
 
-class WrittenRows(NamedTuple):
-    """The ring rows a forward writes (`written_ring_rows`): `ranges` [first0, end0, first1, end1] on the
-    device, and `span`, the rows of the whole write (no range holds more), known from the shapes."""
-
-    ranges: torch.Tensor
-    span: int
-
-
-def written_ring_rows(slots: torch.Tensor, frame_tokens: int) -> WrittenRows:
+def written_ring_rows(slots: torch.Tensor, frame_tokens: int) -> torch.Tensor:
     """The ring rows a forward writes at its frame `slots` (consecutive frames: consecutive slots, or two
     runs where they wrap around the window's end), as two ranges in one device tensor [first0, end0,
     first1, end1]: from the first slot to the highest, and from the lowest to the last. Without a wrap
     both are the one run; with one, the rows between the runs (the rest of the window) stay as they are,
     where one range from the lowest slot to the highest would re-quantize the whole window."""
     first, last, low, high = slots[0], slots[-1], slots.min(), slots.max()
-    return WrittenRows(torch.stack([first, high + 1, low, last + 1]) * frame_tokens, slots.numel() * frame_tokens)
+    return torch.stack([first, high + 1, low, last + 1]) * frame_tokens
 
 
-def ring_attention_fp8_shadowed(
-    q, ring_k, ring_v, valid_len, written: WrittenRows, fp8_shadow, layer: int
-) -> torch.Tensor:
+def ring_attention_fp8_shadowed(q, ring_k, ring_v, valid_len, written, fp8_shadow, layer: int) -> torch.Tensor:
     """FP8 ring attention through the ring's fp8 shadow: first re-quantize the key tiles overlapping
     ring rows in `written` (`written_ring_rows`: just written into the bf16 ring), then attend on the shadow.
     fp8_shadow = (k8, kt, v8t, vt, block_n), the tensors per layer along dim 0. Equals
@@ -356,5 +344,5 @@ def ring_attention_fp8_shadowed(
 
     k8, kt, v8t, vt, block_n = fp8_shadow
     kv = Fp8KV(k8[layer], kt[layer], v8t[layer], vt[layer], block_n)
-    update_fp8_kv(kv, ring_k, ring_v, valid_len, written.ranges, written.span)
+    update_fp8_kv(kv, ring_k, ring_v, valid_len, written)
     return ring_attention_fp8_prequantized(q, kv, valid_len)

@@ -17,6 +17,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import importlib  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -98,8 +99,6 @@ CONFIGS = [
     Fp8AttnConfig(32, 32, 1, 1, splits=1),  # many key tiles
     Fp8AttnConfig(32, 32, 1, 1, splits=3, use_tma=True),  # key splits + LSE merge, descriptors
     Fp8AttnConfig(16, 64, 1, 1, splits=2, precise_pv=False),  # tensor-core accumulation path
-    Fp8AttnConfig(32, 64, 1, 1, splits=2, exp_f16=True),  # P's exponentials in packed fp16
-    Fp8AttnConfig(32, 32, 1, 1, splits=1, use_tma=True, exp_f16=True),
 ]
 
 
@@ -111,16 +110,7 @@ def test_configs_match_twin(config, pv_fp8):
     with poisoned_outputs():
         out, lse = launch_ring_attention_fp8(q, k, v, vl, 0.11, config, pv_fp8)
     ref, ref_lse = ring_attention_fp8_reference(
-        q,
-        k,
-        v,
-        vl,
-        0.11,
-        return_lse=True,
-        pv_fp8=pv_fp8,
-        block_n=config.block_n,
-        splits=config.splits,
-        exp_f16=config.exp_f16,
+        q, k, v, vl, 0.11, return_lse=True, pv_fp8=pv_fp8, block_n=config.block_n, splits=config.splits
     )
     assert rel_l2(out, ref) < TWIN_TOL
     assert rel_l2(lse, ref_lse) < 1e-5
@@ -168,8 +158,11 @@ def test_precise_and_tensor_core_accumulation_agree_in_interpreter():
     assert rel_l2(a, b) < TWIN_TOL
 
 
-def test_quantize_kv_prepass_matches_torch():
-    """k8 / V transposed with one scale per key tile, as the twin quantizes; rows >= valid untouched."""
+@pytest.mark.parametrize("split_kv", [True, False], ids=["k_v_programs", "one_program_both"])
+def test_quantize_kv_prepass_matches_torch(split_kv, monkeypatch):
+    """k8 / V transposed with one scale per key tile, as the twin quantizes; rows >= valid untouched.
+    Either grid: a program per tile and K or V (the default), or one doing both."""
+    monkeypatch.setattr(importlib.import_module("flashdreams.kernels.ring_attention_fp8"), "PREPASS_SPLIT_KV", split_kv)
     B, S, H, d, valid, bn = 2, 70, 3, 48, 53, 32
     q, k, v, vl = make_case(B, 4, H, d, S, valid, seed=2)
     kv = quantize_kv_fp8(k, v, vl, bn)
@@ -279,13 +272,11 @@ def test_bad_arguments_name_the_argument():
 # ----------------------------------------------------------------------------- fp8 shadow of the ring
 
 
-@pytest.mark.parametrize("bounded", [False, True], ids=["grid_over_ring", "grid_over_writes"])
-def test_shadow_updated_per_write_equals_a_full_quantization(bounded):
+@pytest.mark.parametrize("split_kv", [True, False], ids=["k_v_programs", "one_program_both"])
+def test_shadow_updated_per_write_equals_a_full_quantization(split_kv, monkeypatch):
     """A ring written block by block (rows not aligned to key tiles), its fp8 shadow re-quantized only
     where each write landed: the shadow equals a full pre-pass of the ring after every write, tiles
-    outside a write are left alone, and attention on the shadow equals `ring_attention_fp8` exactly.
-    `bounded`: the update is told the most rows a range holds (its grid covers those tiles only), and
-    a block that does not wrap passes its one run twice, as `written_ring_rows` gives it."""
+    outside a write are left alone, and attention on the shadow equals `ring_attention_fp8` exactly."""
     from flashdreams.kernels.ring_attention_fp8 import (
         empty_fp8_kv,
         fp8_kv_block_n,
@@ -293,6 +284,7 @@ def test_shadow_updated_per_write_equals_a_full_quantization(bounded):
         update_fp8_kv,
     )
 
+    monkeypatch.setattr(importlib.import_module("flashdreams.kernels.ring_attention_fp8"), "PREPASS_SPLIT_KV", split_kv)
     g = torch.Generator().manual_seed(11)
     B, H, d, S = 1, 2, 64, 150  # writes of 50 / 25 / 75 rows: they straddle the 64-row key tiles
     ring_k = torch.zeros(B, S, H, d, dtype=torch.bfloat16, device=DEVICE)
@@ -305,10 +297,7 @@ def test_shadow_updated_per_write_equals_a_full_quantization(bounded):
         ring_k[:, lo:hi] = rms_normed(B, hi - lo, H, d, g=g).to(torch.bfloat16).to(DEVICE)
         ring_v[:, lo:hi] = torch.randn(B, hi - lo, H, d, generator=g).to(torch.bfloat16).to(DEVICE)
         vl = torch.tensor([hi], dtype=torch.int32, device=DEVICE)
-        if bounded:
-            update_fp8_kv(shadow, ring_k, ring_v, vl, torch.tensor([lo, hi, lo, hi], device=DEVICE), hi - lo)
-        else:
-            update_fp8_kv(shadow, ring_k, ring_v, vl, torch.tensor([lo, hi], device=DEVICE))
+        update_fp8_kv(shadow, ring_k, ring_v, vl, torch.tensor([lo, hi], device=DEVICE))
         full = quantize_kv_fp8(ring_k, ring_v, vl, bn)
         tiles = -(-hi // bn)
         assert torch.equal(shadow.kt[..., :tiles], full.kt[..., :tiles]), blk
@@ -322,8 +311,7 @@ def test_shadow_updated_per_write_equals_a_full_quantization(bounded):
     # the tiles it overlaps.
     before = shadow.kt.clone()
     ring_k[:, 70:80] *= 4.0
-    mid = torch.tensor([70, 80], device=DEVICE)
-    update_fp8_kv(shadow, ring_k, ring_v, torch.tensor([S], device=DEVICE), mid, 10 if bounded else 0)
+    update_fp8_kv(shadow, ring_k, ring_v, torch.tensor([S], device=DEVICE), torch.tensor([70, 80], device=DEVICE))
     changed = (shadow.kt != before).any(0).any(0)
     assert changed.tolist() == [False, True, False]  # tiles of 64: rows 70..79 lie in tile 1 only
     full = quantize_kv_fp8(ring_k, ring_v, torch.tensor([S], device=DEVICE), bn)
@@ -334,7 +322,7 @@ def test_shadow_updated_per_write_equals_a_full_quantization(bounded):
     ring_k[:, 140:150] *= 2.0
     ring_k[:, 0:10] *= 2.0
     wrapped = torch.tensor([140, 150, 0, 10], device=DEVICE)
-    update_fp8_kv(shadow, ring_k, ring_v, torch.tensor([S], device=DEVICE), wrapped, 10 if bounded else 0)
+    update_fp8_kv(shadow, ring_k, ring_v, torch.tensor([S], device=DEVICE), wrapped)
     changed = (shadow.kt != before).any(0).any(0)
     assert changed.tolist() == [True, False, True]
     full = quantize_kv_fp8(ring_k, ring_v, torch.tensor([S], device=DEVICE), bn)
@@ -345,10 +333,9 @@ def test_written_ring_rows_are_one_run_or_two():
     """The rows a block writes at its frame slots: one run, or two where the slots wrap around the window."""
     from flashdreams.models.dit_ops import written_ring_rows
 
-    assert written_ring_rows(torch.tensor([3, 4, 5]), 10).ranges.tolist() == [30, 60, 30, 60]
-    assert written_ring_rows(torch.tensor([10, 11, 1]), 10).ranges.tolist() == [100, 120, 10, 20]
-    assert written_ring_rows(torch.tensor([11, 1, 2]), 10).ranges.tolist() == [110, 120, 10, 30]
-    assert written_ring_rows(torch.tensor([11, 1, 2]), 10).span == 30  # no range holds more
+    assert written_ring_rows(torch.tensor([3, 4, 5]), 10).tolist() == [30, 60, 30, 60]
+    assert written_ring_rows(torch.tensor([10, 11, 1]), 10).tolist() == [100, 120, 10, 20]
+    assert written_ring_rows(torch.tensor([11, 1, 2]), 10).tolist() == [110, 120, 10, 30]
 
 
 def test_shadow_refuses_a_mismatched_tile_or_layout():
@@ -366,8 +353,6 @@ def test_shadow_refuses_a_mismatched_tile_or_layout():
         update_fp8_kv(empty_fp8_kv(k, 64, quant_v=False), k, v, vl, torch.tensor([0, 8], device=DEVICE))
     with pytest.raises(InvalidArgumentError, match="rows: expected 2 elements .* or 4"):
         update_fp8_kv(empty_fp8_kv(k, 64), k, v, vl, torch.tensor([0], device=DEVICE))
-    with pytest.raises(InvalidArgumentError, match="max_rows"):
-        update_fp8_kv(empty_fp8_kv(k, 64), k, v, vl, torch.tensor([0, 8], device=DEVICE), -1)
     with pytest.raises(InvalidArgumentError, match="fp8 shadow"):
         ring_attention_fp8_prequantized(q[:, :, :1], empty_fp8_kv(k, 64), vl)
 
@@ -415,18 +400,3 @@ def test_sm90_key_splits_come_from_the_grid():
     assert fp8_splits_for(1 * 12 * tiles, 132) == 2  # Self-Forcing 480x832: 888 programs on 132 SMs
     assert fp8_splits_for(1 * 40 * -(-4524 // 64), 132) == 1  # LingBot Fast 464x832: 2840
     assert fp8_splits_for(4 * 12 * tiles, 132) == 1  # four worlds of Self-Forcing fill the GPU already
-
-
-def test_fp16_exponentials_are_what_the_twin_rounds():
-    # The fp16 exponent and P round differently from fp32's: the kernel must match the twin that rounds
-    # them (to summation order), sit measurably off the one that does not, and cost no quality.
-    q, k, v, vl = make_case(1, 64, 2, 128, 512, 512, seed=3)
-    cfg = Fp8AttnConfig(32, 64, 1, 1, splits=1, exp_f16=True)
-    out, lse = launch_ring_attention_fp8(q.float(), k.float(), v.float(), vl, 0.09, cfg, True)
-    f16, f16_lse = ring_attention_fp8_reference(q.float(), k, v, vl, 0.09, True, block_n=64, exp_f16=True)
-    f32 = ring_attention_fp8_reference(q.float(), k, v, vl, 0.09, block_n=64)
-    near, off = rel_l2(out, f16), rel_l2(out, f32)
-    assert near < 1e-5 and off > 10 * near
-    assert rel_l2(lse, f16_lse) < 1e-6
-    exact = ring_attention_reference(q.float(), k.float(), v.float(), vl, 0.09)
-    assert rel_l2(out, exact) < 1.02 * rel_l2(f32, exact) + 1e-3
