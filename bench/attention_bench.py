@@ -452,7 +452,9 @@ def print_table(r: dict) -> None:
             name = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} sp{c['splits']}"
             name += f" tma{int(c['use_tma'])}"
             vals = " ".join(f"{t:.0f}" if t else "-" for t in row["tflops"])
-            print(f"  sweep {tag:<10} {name:<28} TFLOP/s at kv {sw['kvs']}: {vals}{'' if row['ok'] else '  NOT OK'}")
+            # a row the time budget cut before any kv is skipped, not wrong
+            verdict = "" if row["ok"] else "  skipped (time budget)" if not row["tflops"] else "  NOT OK"
+            print(f"  sweep {tag:<10} {name:<28} TFLOP/s at kv {sw['kvs']}: {vals}{verdict}")
     for e in sw.get("prepass_warps", []):
         if "ms" in e:
             print(f"  pre-pass with {e['warps']} warps at kv {e['kv']}: {e['ms']:.3f} ms")
