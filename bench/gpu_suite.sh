@@ -280,6 +280,17 @@ part_attention() {
   fi
 }
 
+sf_fp8_quality() { # sf_fp8_quality LIMIT NAME [ARGS...]: Self-Forcing FP8 vs bf16 over 7 blocks (bench/fp8_quality.py,
+  # ARGS added; the smoke: the tiny model, 2 blocks, no decoder) -> $DEST/NAME.json
+  local limit=$1 name=$2
+  shift 2
+  if [ $SMOKE = 1 ]; then
+    py "$limit" "$REPO/bench/fp8_quality.py" --preset tiny --blocks 2 --no-decoder --out "$DEST/$name.json"
+  else
+    py "$limit" "$REPO/bench/fp8_quality.py" "$@" --blocks 7 --out "$DEST/$name.json"
+  fi
+}
+
 part_sf-fp8() {
   # fd-bench: bf16 and fp8 in one invocation (same weights, prompt and draws), profile of block 5;
   # then the quality of fp8 against bf16 over 7 blocks with what is left.
@@ -295,11 +306,7 @@ part_sf-fp8() {
   rc=$?
   [ $DRY = 1 ] || cp "$WORK/sf-fp8/results.json" "$DEST/sf-fp8-fdb.json" 2>/dev/null
   local rest=$(($1 - ($(date +%s) - t0)))
-  if [ $SMOKE = 1 ]; then
-    py "$rest" "$REPO/bench/fp8_quality.py" --preset tiny --blocks 2 --no-decoder --out "$DEST/fp8-quality.json" || rc=$?
-  else
-    py "$rest" "$REPO/bench/fp8_quality.py" --blocks 7 --out "$DEST/fp8-quality.json" || rc=$?
-  fi
+  sf_fp8_quality "$rest" fp8-quality || rc=$?
   return $rc
 }
 
@@ -757,11 +764,7 @@ part_sf-fp8-fa4() {
   fi
   rc=$?
   local rest=$(($1 - ($(date +%s) - t0)))
-  if [ $SMOKE = 1 ]; then
-    py "$rest" "$REPO/bench/fp8_quality.py" --preset tiny --blocks 2 --no-decoder --out "$DEST/sf-fp8-fa4-quality.json" || rc=$?
-  else
-    py "$rest" "$REPO/bench/fp8_quality.py" --attention fa4 --blocks 7 --out "$DEST/sf-fp8-fa4-quality.json" || rc=$?
-  fi
+  sf_fp8_quality "$rest" sf-fp8-fa4-quality --attention fa4 || rc=$?
   return $rc
 }
 
@@ -864,11 +867,7 @@ part_sf-fp8-shadow() {
   fi
   rc=$?
   local rest=$(($1 - ($(date +%s) - t0)))
-  if [ $SMOKE = 1 ]; then
-    py "$rest" "$REPO/bench/fp8_quality.py" --preset tiny --blocks 2 --no-decoder --out "$DEST/sf-fp8-shadow-quality.json" || rc=$?
-  else
-    py "$rest" "$REPO/bench/fp8_quality.py" --blocks 7 --out "$DEST/sf-fp8-shadow-quality.json" || rc=$?
-  fi
+  sf_fp8_quality "$rest" sf-fp8-shadow-quality || rc=$?
   return $rc
 }
 
