@@ -3,7 +3,9 @@ matmul peak measured in the same run (issue 22). One process, time-boxed, every 
 wrapped so that a failure is recorded and the rest goes on; the JSON is rewritten after each part.
 
 Shape: B 1, q 4680 (one block of 3 latent frames), 12 heads of d 128, a ring of 32760 rows with
-4680..32760 valid (blocks 0..6). TFLOP/s = 4 q kv d heads per call / time. Timings are medians of
+4680..32760 valid (blocks 0..6); `--shapes lingbot`: LingBot-World Fast's steady block, q 4524, 40 heads,
+a full ring of 27144 rows (every "kv" row below is then that one length).
+TFLOP/s = 4 q kv d heads per call / time. Timings are medians of
 `triton.testing.do_bench` over a CUDA-graph replay (do_bench wipes the L2 before each call).
 
   peak        bf16 matmul 8192^3 and fp8 `_scaled_mm` 8192^3 (tensor-wise scales): the ceilings.
@@ -13,14 +15,15 @@ Shape: B 1, q 4680 (one block of 3 latent frames), 12 heads of d 128, a ring of 
               (the ring's fp8 shadow re-quantized for the block's own 4680 rows, then the kernel:
               what a ring that keeps fp8 copies would pay per call), fp8_kernel (the kernel alone on
               quantized K/V) and fp8_prev_cfg (the previous 128x128 / 8-warp default, pre-pass included).
-              Also the pre-pass and the shadow update alone (ms, GB/s), each also with one program
-              doing a tile's K and V in turn (`PREPASS_SPLIT_KV` off: the form before it).
+              Also the pre-pass and the shadow update alone (ms, GB/s), each also with V's transposed
+              store masked by valid (`PREPASS_PAD_V_STORE` off: byte stores, the form before it).
   quality     at kv 28080, first 512 query rows: rel. L2 of each against exact fp32 attention; the
               shadow route must equal the per-call route bit for bit.
   sweeps      bf16 configs (splits / tiles) and fp8 kernel configs at kv 4680 / 28080 / 32760, and
               the pre-pass with 4 vs 8 warps; the rest of the budget.
 
     python bench/attention_bench.py --out attention.json           # H200: ~2-3 min
+    python bench/attention_bench.py --shapes lingbot --out a.json    # LingBot-World Fast's shape
     python bench/attention_bench.py --smoke --out /tmp/a.json      # CPU, Triton interpreter, tiny shapes
 """
 
@@ -66,7 +69,11 @@ class Shapes:
 SELF_FORCING = Shapes(
     4680, 12, 128, 32760, tuple(4680 * i for i in range(1, 8)), 28080, 512, 4680, (4680, 28080, 32760), 8192
 )
+# LingBot-World Fast's steady block (issue 15): q 4524 (3 frames of 1508 tokens), 40 heads, a full ring of
+# sink 3 + window 15 frames.
+LINGBOT = Shapes(4524, 40, 128, 27144, (27144,), 27144, 512, 4524, (27144,), 8192)
 SMOKE = Shapes(45, 2, 64, 300, (300,), 300, 45, 45, (300,), 128)
+SHAPES = {"self-forcing": SELF_FORCING, "lingbot": LINGBOT}
 # Kernel vs exact fp32 attention at unit-RMS q/k and V ~ N(0, 1) (bench/fp8_bench.py measured the
 # twins: bf16 ~2.3e-3, fp8 ~5.2%): a wrong tile or scale costs far more.
 LIMITS = {"cudnn": 1e-2, "bf16": 1e-2, "fp8": 0.08}
@@ -268,7 +275,7 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     # Timings per kv. The shadow's update covers the block's own rows only (the history was
     # quantized when it was written); fp8_kernel reads the shadow as that update leaves it.
     flops = lambda kv: 4.0 * L * kv * d * H  # noqa: E731
-    prepass_rows = ["fp8_prepass", "fp8_shadow_update", "fp8_prepass_one_program", "fp8_shadow_update_one_program"]
+    prepass_rows = ["fp8_prepass", "fp8_shadow_update", "fp8_prepass_byte_v_store", "fp8_shadow_update_byte_v_store"]
     timings: dict[str, list] = {name: [] for name in [*variants, *prepass_rows]}
     for kv in sh.kvs:
         vl, rows = lens(kv), block_rows(kv)
@@ -296,21 +303,22 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
 
         timings["fp8_prepass"].append(attempt(pre))
         timings["fp8_shadow_update"].append(attempt(upd))
-        # the same two with one program doing a tile's K and V in turn (the form before PREPASS_SPLIT_KV)
-        before = fp8mod.PREPASS_SPLIT_KV
-        fp8mod.PREPASS_SPLIT_KV = False
+        # the same two with V's transposed store masked by valid (byte stores: the form before
+        # PREPASS_PAD_V_STORE)
+        before = fp8mod.PREPASS_PAD_V_STORE
+        fp8mod.PREPASS_PAD_V_STORE = False
         try:
-            timings["fp8_prepass_one_program"].append(attempt(pre))
-            timings["fp8_shadow_update_one_program"].append(attempt(upd))
+            timings["fp8_prepass_byte_v_store"].append(attempt(pre))
+            timings["fp8_shadow_update_byte_v_store"].append(attempt(upd))
         finally:
-            fp8mod.PREPASS_SPLIT_KV = before
+            fp8mod.PREPASS_PAD_V_STORE = before
         rec.put("timings", timings)
 
     # Sweeps, while the budget lasts: bf16 configs (splits and tiles for the 37 x 12 programs on
     # 132 SMs), fp8 kernel configs on quantized K/V, and the pre-pass's warps.
     if smoke:
         bf16_sweep = [AttnConfig(32, 32, 1, 1, splits=1), AttnConfig(32, 32, 1, 1, splits=2, use_tma=True)]
-        fp8_sweep = [Fp8AttnConfig(32, 64, 1, 1), Fp8AttnConfig(64, 64, 1, 1, splits=2)]
+        fp8_sweep = [Fp8AttnConfig(32, 64, 1, 1), Fp8AttnConfig(64, 64, 1, 1, splits=2, maxnreg=168)]
     else:
         bf16_sweep = [
             bf16_cfg,
@@ -327,6 +335,12 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
             Fp8AttnConfig(64, 128, 4, 2, splits=1, use_tma=True),
             Fp8AttnConfig(64, 128, 4, 3, splits=2, use_tma=True),
             Fp8AttnConfig(128, 128, 8, 3, splits=2, use_tma=True),
+            # 64-key tiles, and capped at 168 registers so that three CTAs share an SM instead of two
+            # (cross-compiled: 208 registers uncapped; capped, a few spills in the loop)
+            Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True),
+            Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True, maxnreg=168),
+            Fp8AttnConfig(64, 64, 4, 3, splits=1, use_tma=True, precise_pv=False, maxnreg=168),
+            Fp8AttnConfig(64, 128, 4, 2, splits=1, use_tma=True, precise_pv=False, maxnreg=168),
         ]
     sweeps: dict = {"kvs": list(sh.sweep_kvs), "bf16": [], "fp8_kernel": [], "prepass_warps": []}
     exact = {}
@@ -413,7 +427,7 @@ def print_table(r: dict) -> None:
     )
     print(f"matmul peak in this run: bf16 {b or float('nan'):.0f} TFLOP/s, fp8 {f8 or float('nan'):.0f} TFLOP/s")
     tm = r.get("timings", {})
-    ms_rows = ("fp8_prepass", "fp8_shadow_update", "fp8_prepass_one_program", "fp8_shadow_update_one_program")
+    ms_rows = ("fp8_prepass", "fp8_shadow_update", "fp8_prepass_byte_v_store", "fp8_shadow_update_byte_v_store")
     names = [n for n in tm if n not in ms_rows]
     if names:
         shp = r["shapes"]
@@ -423,7 +437,7 @@ def print_table(r: dict) -> None:
         )
         print(
             f"{'kv':>7}" + "".join(f"{n:>14}" for n in names) + f"{'prepass ms':>12}{'update ms':>11}"
-            f"{'(1 program: prepass':>21}{'update)':>9}"
+            f"{'(byte V store: prepass':>24}{'update)':>9}"
         )
         for i, e in enumerate(tm[names[0]]):
             cells = "".join(
@@ -433,7 +447,7 @@ def print_table(r: dict) -> None:
             got = {n: (tm.get(n, [])[i] if i < len(tm.get(n, [])) else {}).get("ms", float("nan")) for n in ms_rows}
             print(
                 f"{e.get('kv', '?'):>7}{cells}{got['fp8_prepass']:>12.3f}{got['fp8_shadow_update']:>11.3f}"
-                f"{got['fp8_prepass_one_program']:>21.3f}{got['fp8_shadow_update_one_program']:>9.3f}"
+                f"{got['fp8_prepass_byte_v_store']:>24.3f}{got['fp8_shadow_update_byte_v_store']:>9.3f}"
             )
     qual = r.get("quality", {})
     if qual:
@@ -451,6 +465,10 @@ def print_table(r: dict) -> None:
             c = row["config"]
             name = f"{c['block_m']}x{c['block_n']} w{c['num_warps']} s{c['num_stages']} sp{c['splits']}"
             name += f" tma{int(c['use_tma'])}"
+            if c.get("precise_pv") is False:
+                name += " pv-"
+            if c.get("maxnreg"):
+                name += f" r{c['maxnreg']}"
             vals = " ".join(f"{t:.0f}" if t else "-" for t in row["tflops"])
             # a row the time budget cut before any kv is skipped, not wrong
             verdict = "" if row["ok"] else "  skipped (time budget)" if not row["tflops"] else "  NOT OK"
@@ -491,13 +509,19 @@ def check_failures(r: dict) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
+    ap.add_argument(
+        "--shapes",
+        choices=sorted(SHAPES),
+        default="self-forcing",
+        help="the model whose attention shape is measured (default self-forcing; lingbot: q 4524, 40 heads, kv 27144)",
+    )
     ap.add_argument("--out", required=True, help="JSON path")
     ap.add_argument("--budget-s", type=float, default=200.0, help="wall-clock budget (sweeps stop first)")
     args = ap.parse_args(argv)
     t0 = time.time()
     deadline = t0 + args.budget_s
     dev = torch.device("cpu" if args.smoke else "cuda")
-    sh = SMOKE if args.smoke else SELF_FORCING
+    sh = SMOKE if args.smoke else SHAPES[args.shapes]
     rec = Recorder(Path(args.out))
     rec.put("env", environment(dev))
     rec.put("shapes", dataclasses.asdict(sh))

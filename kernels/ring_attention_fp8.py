@@ -102,6 +102,10 @@ class Fp8AttnConfig(AttnConfig):
     """`AttnConfig` plus where P @ V accumulates (see the module docstring)."""
 
     precise_pv: bool = True
+    # A register cap per thread for ptxas (None: its own choice). At 64-row tiles / 4 warps the kernel takes
+    # 208-243 registers, so an SM holds two CTAs; 168 would let it hold three (with some spilling): a sweep
+    # knob of bench/attention_bench.py, not set in any default.
+    maxnreg: int | None = None
 
 
 # By head dim padded to a power of two >= 32 (fp8 wgmma's K step is 32): spill-free (cross-compiled for
@@ -271,7 +275,7 @@ def _quantize_kv_kernel(
     stride_vb, stride_vn, stride_vh,
     S, S_PAD, H, N_TILES,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr, QUANT_V: tl.constexpr,
-    ROW_RANGE: tl.constexpr, SPLIT_KV: tl.constexpr, EMULATE: tl.constexpr,
+    ROW_RANGE: tl.constexpr, SPLIT_KV: tl.constexpr, PAD_V_STORE: tl.constexpr, EMULATE: tl.constexpr,
 ):  # fmt: skip
     """One key tile (BLOCK_R rows) of one (batch, head): K to k8 and its scale, V (transposed) to
     v8t and its scale. With ROW_RANGE (the number of row ranges, 1 or 2) only tiles overlapping ring rows
@@ -294,6 +298,13 @@ def _quantize_kv_kernel(
         rows = r0 + tl.arange(0, BLOCK_R)
         offs_d = tl.arange(0, D_PAD)
         ok = rows < valid
+        # PAD_V_STORE: V's transposed store is masked by the padded ring length, not by valid: a mask that varies along
+        # the store's contiguous axis at an unknown point makes Triton store byte by byte (64 single-byte
+        # stores a thread, each warp's touching 32 lines: the pre-pass ran at ~0.76 TB/s, next42-h100);
+        # S_PAD is a multiple of 16, so this one keeps 16-byte stores. Columns in [valid, tile end) get
+        # the zeros the masked load gave: never read, since the attention masks keys >= valid and the
+        # write that makes them valid re-quantizes their tile.
+        in_pad = (rows < S_PAD) if PAD_V_STORE else ok
         ld_mask = ok[:, None] & (offs_d < HEAD_DIM)[None, :]
         k_ptrs = K + b * stride_kb + h * stride_kh + rows[:, None] * stride_kn + offs_d[None, :]
         v_ptrs = V + b * stride_vb + h * stride_vh + rows[:, None] * stride_vn + offs_d[None, :]
@@ -306,7 +317,7 @@ def _quantize_kv_kernel(
                 )
             else:
                 _quantize_vt_tile(
-                    tl.load(v_ptrs, mask=ld_mask, other=0.0), v8t_ptrs, VT + bh * N_TILES + pid_r, ok, EMULATE
+                    tl.load(v_ptrs, mask=ld_mask, other=0.0), v8t_ptrs, VT + bh * N_TILES + pid_r, in_pad, EMULATE
                 )
         else:
             # Both loads are issued before either reduction, so the two tiles' latencies overlap.
@@ -315,7 +326,7 @@ def _quantize_kv_kernel(
                 v = tl.load(v_ptrs, mask=ld_mask, other=0.0)
             _quantize_k_tile(k, k8_ptrs, KT + bh * N_TILES + pid_r, ok, EMULATE)
             if QUANT_V:
-                _quantize_vt_tile(v, v8t_ptrs, VT + bh * N_TILES + pid_r, ok, EMULATE)
+                _quantize_vt_tile(v, v8t_ptrs, VT + bh * N_TILES + pid_r, in_pad, EMULATE)
 
 
 @triton.jit
@@ -345,6 +356,10 @@ PREPASS_WARPS: int | None = None
 # the shadow update 0.053-0.054 against 0.057-0.058 ms, the whole pre-pass at kv 32760 0.267 against
 # 0.324 ms. The attention bench times both forms.
 PREPASS_SPLIT_KV = True
+
+# V's transposed store masked by the padded ring length (vectorized) instead of by valid (byte stores);
+# see `_quantize_kv_kernel`. False is the form before, kept for the attention bench's same-run ratio.
+PREPASS_PAD_V_STORE = True
 
 
 def _prepass_warps(block_n: int, d_pad: int) -> int:
@@ -394,7 +409,7 @@ def _launch_quantize(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         S, s_pad, H, n_tiles,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_R=kv.block_n, QUANT_V=quant_v, ROW_RANGE=ranges, SPLIT_KV=split,
-        EMULATE=interpreted(), num_warps=_prepass_warps(kv.block_n, d_pad),
+        PAD_V_STORE=PREPASS_PAD_V_STORE, EMULATE=interpreted(), num_warps=_prepass_warps(kv.block_n, d_pad),
     )
     # fmt: on
 
@@ -406,8 +421,9 @@ def quantize_kv_fp8(
     block_n: int,
     quant_v: bool = True,
 ) -> Fp8KV:
-    """fp8 copies of ring rows [0, valid_len) of `[B, S, N, d]` K/V caches (rows past it untouched),
-    in key tiles of `block_n` rows: the key tile of the attention kernel that will read them."""
+    """fp8 copies of ring rows [0, valid_len) of `[B, S, N, d]` K/V caches, in key tiles of `block_n`
+    rows: the key tile of the attention kernel that will read them. Past valid_len, K's rows are
+    untouched and V's (transposed) hold zeros up to the end of valid_len's tile."""
     kv = empty_fp8_kv(k_cache, block_n, quant_v)
     _launch_quantize(k_cache, v_cache, valid_len, kv, None)
     return kv
@@ -639,6 +655,7 @@ def launch_ring_attention_fp8_quantized(
         USE_TMA=use_tma, V_TMA=v_tma, WARP_SPEC=cfg.warp_specialize,
         PV_FP8=pv_fp8, PRECISE_PV=cfg.precise_pv, EMULATE=interpreted(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreted() else {}),
     )
     # fmt: on
     if splits > 1:

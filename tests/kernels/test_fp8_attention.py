@@ -30,8 +30,10 @@ from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
 from flashdreams.kernels.ring_attention_fp8 import (  # noqa: E402
     Fp8AttnConfig,
     _to_e4m3,
+    empty_fp8_kv,
     launch_ring_attention_fp8,
     quantize_kv_fp8,
+    quantize_kv_fp8_into,
     quantize_tiles_e4m3,
     ring_attention_fp8,
     ring_attention_fp8_reference,
@@ -160,18 +162,28 @@ def test_precise_and_tensor_core_accumulation_agree_in_interpreter():
 
 @pytest.mark.parametrize("split_kv", [True, False], ids=["k_v_programs", "one_program_both"])
 def test_quantize_kv_prepass_matches_torch(split_kv, monkeypatch):
-    """k8 / V transposed with one scale per key tile, as the twin quantizes; rows >= valid untouched.
-    Either grid: a program per tile and K or V (the default), or one doing both."""
+    """k8 / V transposed with one scale per key tile, as the twin quantizes. Past valid: K rows and tiles
+    starting there untouched; V's columns in the last worked tile zero (its store covers the whole tile so
+    that it vectorizes). Either grid: a program per tile and K or V (the default), or one doing both."""
     monkeypatch.setattr(importlib.import_module("flashdreams.kernels.ring_attention_fp8"), "PREPASS_SPLIT_KV", split_kv)
     B, S, H, d, valid, bn = 2, 70, 3, 48, 53, 32
     q, k, v, vl = make_case(B, 4, H, d, S, valid, seed=2)
-    kv = quantize_kv_fp8(k, v, vl, bn)
+    kv = empty_fp8_kv(k, bn)
+    for t in (kv.k8, kv.v8t):
+        t.view(torch.uint8).fill_(0x38)  # e4m3 1.0: what an unwritten element keeps
+    kv.kt.fill_(-1.0)
+    kv.vt.fill_(-1.0)
+    quantize_kv_fp8_into(kv, k, v, vl, torch.tensor([0, S], dtype=torch.int32, device=DEVICE))
+    assert (kv.k8[:, :, valid:].float() == 1.0).all() and (kv.v8t[..., 64:].float() == 1.0).all()
+    assert (kv.v8t[..., valid:64].float() == 0.0).all()
+    assert (kv.kt[..., 2] == -1.0).all() and (kv.vt[..., 2] == -1.0).all()
     k8, kt = quantize_tiles_e4m3(k[:, :valid].float().permute(0, 2, 1, 3), bn)
     v8, vt = quantize_tiles_e4m3(v[:, :valid].float().permute(0, 2, 1, 3), bn)
-    assert kv.k8.shape == (B, H, S, 64) and kv.v8t.shape == (B, H, 64, 80) and kv.kt.shape == (B, H, 3)
-    assert torch.equal(kv.k8[:, :, :valid, :d].float(), k8) and (kv.k8[:, :, :valid, d:].float() == 0).all()
-    assert torch.equal(kv.v8t[:, :, :d, :valid].float(), v8.transpose(-1, -2))
-    assert torch.equal(kv.kt[:, :, :2], kt) and torch.equal(kv.vt[:, :, :2], vt)  # tile 2 starts past valid
+    for shadow in (kv, quantize_kv_fp8(k, v, vl, bn)):  # the update over every row, then the whole-ring pass
+        assert shadow.k8.shape == (B, H, S, 64) and shadow.v8t.shape == (B, H, 64, 80) and shadow.kt.shape == (B, H, 3)
+        assert torch.equal(shadow.k8[:, :, :valid, :d].float(), k8) and (shadow.k8[:, :, :valid, d:].float() == 0).all()
+        assert torch.equal(shadow.v8t[:, :, :d, :valid].float(), v8.transpose(-1, -2))
+        assert torch.equal(shadow.kt[:, :, :2], kt) and torch.equal(shadow.vt[:, :, :2], vt)  # tile 2 starts past valid
     # the tile scale is the tile's amax / 448: its largest element becomes +-448
     assert torch.equal(k8[:, :, :bn].abs().amax((-1, -2)), torch.full((B, H), 448.0))
 
