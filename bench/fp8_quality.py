@@ -11,12 +11,15 @@ rel. L2 <= 3% over the 7 blocks, frames >= 38 dB.
 
     python bench/fp8_quality.py --out fp8-quality.json             # GPU, full size
     python bench/fp8_quality.py --preset lingbot-world-fast-stream --decoder preset --out lingbot-fp8-quality.json
+    # each --fp8-keep adds an FP8 run with those linears in bf16, reported under 'variants' (here LingBot's camera):
+    python bench/fp8_quality.py --preset lingbot-world-fast-stream --decoder preset --fp8-keep '\\.cam_' --out q.json
     TRITON_INTERPRET=1 python bench/fp8_quality.py --preset tiny --blocks 3 --out /tmp/q.json  # CPU smoke
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 
 import torch
@@ -37,6 +40,14 @@ def rollout(engine, blocks: int, seed: int):
     return lat, frames
 
 
+def release_memory() -> None:
+    """After `del engine`: hand its GPU memory back before the next one loads (a 14B model's engines do not
+    fit side by side on an 80 GB card; reference cycles keep a dropped one alive until collected)."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="self-forcing-1.3b")
@@ -52,6 +63,13 @@ def main() -> None:
         choices=("triton", "fa4"),
         help="both runs' kernels (default triton: FP8 attention too; fa4: FP8 linears with FlashAttention-4's "
         "bf16 ring attention, against bf16 with FlashAttention-4)",
+    )
+    ap.add_argument(
+        "--fp8-keep",
+        action="append",
+        metavar="REGEX",
+        help="an FP8 run with these linears kept in bf16 (flashdreams.load's fp8_keep; '' none), besides the run with "
+        "the model's own choice; repeat for more. Each is reported against bf16 under 'variants'",
     )
     ap.add_argument("--out", default="bench/results/fp8-quality-h100.json")
     a = ap.parse_args()
@@ -69,8 +87,26 @@ def main() -> None:
     dev = ref.device
     lat_ref, fr_ref = rollout(ref, a.blocks, a.seed)
     del ref
+    release_memory()
     fp8 = flashdreams.load(precision="fp8", **kw)
     lat8, fr8 = rollout(fp8, a.blocks, a.seed)
+    del fp8
+    release_memory()
+    variants = []
+    for keep in a.fp8_keep or []:
+        engine = flashdreams.load(precision="fp8", fp8_keep=keep, **kw)
+        lat_v, fr_v = rollout(engine, a.blocks, a.seed)
+        del engine
+        release_memory()
+        variants.append(
+            {
+                "fp8_keep": keep,
+                "latents_rel_l2_per_block": [rel_l2(x, y) for x, y in zip(lat_v, lat_ref)],
+                "frames_psnr_db_per_block": [psnr(x, y) for x, y in zip(fr_v, fr_ref)],
+                "latents_rel_l2_all": rel_l2(torch.cat(lat_v, 2), torch.cat(lat_ref, 2)),
+                "frames_psnr_db_all": psnr(torch.cat(fr_v), torch.cat(fr_ref)) if fr_v else None,
+            }
+        )
     from flashdreams.kernels.ring_attention_fp8 import FP8_ARCH_CONFIGS, FP8_CUDA_CONFIGS
 
     res = {
@@ -92,6 +128,7 @@ def main() -> None:
     res["meets_targets"] = res["latents_rel_l2_all"] <= 0.03 and (
         res["frames_psnr_db_all"] is None or res["frames_psnr_db_all"] >= 38.0
     )
+    res["variants"] = variants
     with open(a.out, "w") as f:
         json.dump(res, f, indent=1)
     print("fp8 vs bf16 latents rel L2 per block:", " ".join(f"{x:.3f}" for x in res["latents_rel_l2_per_block"]))
@@ -101,6 +138,10 @@ def main() -> None:
         f"all: rel L2 {res['latents_rel_l2_all']:.4f}, PSNR {'-' if db is None else f'{db:.2f}'} dB "
         f"(targets <= 0.03, >= 38 dB: {'met' if res['meets_targets'] else 'NOT met'}) -> {a.out}"
     )
+    for v in variants:
+        db = v["frames_psnr_db_all"]
+        shown = "-" if db is None else f"{db:.2f}"
+        print(f"fp8 keeping {v['fp8_keep']!r} in bf16: rel L2 {v['latents_rel_l2_all']:.4f}, PSNR {shown} dB")
 
 
 if __name__ == "__main__":

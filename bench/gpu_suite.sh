@@ -29,12 +29,14 @@ PARTS=()
 PART_TABLE="
 env|30|device, driver, versions, git commit (always run first)
 attention|190|issue 22: attention TFLOP/s at q 4680 / kv 4680..32760: cuDNN, our bf16 and FP8 kernels (with their quantization, per call and through a ring fp8 shadow), config sweeps, matmul peak in the same run
+attention-lingbot|150|issue 15: the attention part at LingBot-World Fast's steady shape (q 4524, 40 heads, full ring of 27144): cuDNN, our bf16 and FP8 kernels, the FP8 pre-pass and shadow update, FP8 config sweeps (64-key tiles, a 168-register cap for three CTAs an SM)
 sf-fp8|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV, Triton) in bf16 and FP8 in one invocation with a block-5 profile, then the FP8 quality over 7 blocks (latents rel. L2, decoded PSNR) (round 6)
 gpu-smoke|100|tiny model: bf16 vs fp32, CUDA graphs vs eager, CUDA vs CPU (round 2)
 kernels|260|every Triton kernel vs its twin and SDPA, the bf16 ring-attention config sweep, memory-bound kernels vs copy bandwidth (round 2)
 decoders|100|Wan VAE and TAEHV per block at 480x832 (round 2)
 sf-eager|170|fd-bench Self-Forcing eager, torch SDPA vs our Triton kernels (round 2)
 fp8-kernels|240|FP8 attention and linears vs bf16, peak, FP8 config sweep (bench/fp8_bench.py) (round 6)
+lingbot-fp8-block|110|issue 15: fd-bench LingBot-World Fast 464x832 FP8 with every default (camera bf16, fast accumulation), 8 blocks, block-7 profile
 engine|330|bench/engine_bench.py: build the full-size engine, cold start in a fresh process, engine vs eager; FD_SUITE_ENGINE_ARGS adds options (--no-eager, --cold-env K=V) (rounds 4, 8, 9, 10, 11)
 build|580|fd-build of the full-size engine, when the engine part left none (round 5) (on the H200 it did not finish in 400 s, next24-h200: give it a call of its own)
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
@@ -92,6 +94,9 @@ vsr-tc-layout|300|issue 20: fd-bench FlashVSR 768x1408 (our attention kernel, an
 sf-fp8-shadow|330|issue 22: fd-bench Self-Forcing 1.3B block 5 in FP8 (FP8 linears, h quantized in the norms) with our FP8 ring attention reading the ring's fp8 shadow vs FlashAttention-4's bf16 ring attention (--attention triton,fa4 --precision fp8; without FlashAttention-4 installed: vs bf16 with our kernel), block-5 profiles, the all-FP8 run again with 2 key splits (FD_FP8_ATTN_SPLITS=2), then our all-FP8 path's quality against bf16 over 7 blocks (next39-h200 before the shadow: triton 329.0 ms with 52 ms of "other", fa4 316.0)
 rolling-fp8|260|issue 22 target 4: the bounded cache (sink 1 + window 11) in bf16 and all-FP8 with our kernels (--attention triton --precision bf16,fp8), 12 blocks + 150 steady, block-11 profile: the FP8 stream's pace with the fp8 shadow's two-range update for wrapping blocks
 lingbot-fp8-shadow|240|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 with our FP8 ring attention (fp8 ring shadow) vs FlashAttention-4's bf16 (--attention triton,fa4 --precision fp8; without FlashAttention-4: our FP8 path alone), steady rollout of 12 blocks, block-7 profiles (next39-h200: fa4 fp8 block 7 1456.5 ms)
+lingbot-fp8-camera|230|issue 15: LingBot-World Fast's camera layers kept in bf16 (the FP8 default) or in FP8 too (--fp8-keep ''): fd-bench FP8 block 7 with them in FP8 (run after lingbot-fp8-shadow in one call for the same-machine pair), then fp8_quality with both FP8 forms against bf16 over 7 blocks (next47/48-h100, before the default changed: camera FP8 block 7 1456.9 vs 1475.7 ms, rel. L2 0.0271 vs 0.0080)
+lingbot-fp8-fastaccum|270|issue 15: LingBot-World Fast FP8 block 7 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (8 blocks each, block-7 profiles), then the fast-accumulation FP8's quality against bf16 over 7 blocks
+sf-fp8-fastaccum|200|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (7 blocks each, block-5 profiles), then its quality against bf16 over 7 blocks
 lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
@@ -143,6 +148,10 @@ declare -A PART_GROUPS=(
   [next44]="build cold-pyc cold-groups attention"
   [next42]="sf-fp8-shadow attention lingbot-fp8-shadow"
   [next43]="rolling-fp8 lingbot-fp8-splits"
+  [next46]="sf-fp8-shadow rolling-fp8"
+  [next47]="lingbot-fp8-shadow lingbot-fp8-camera"
+  [next50]="lingbot-fp8-fastaccum sf-fp8-fastaccum"
+  [next51]="lingbot-fp8-block"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
@@ -271,6 +280,15 @@ print(json.dumps(env))
 EOF
 }
 
+part_attention-lingbot() {
+  local budget=$(($1 - 25))
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/attention_bench.py" --smoke --budget-s "$budget" --out "$DEST/attention-lingbot.json"
+  else
+    py "$1" "$REPO/bench/attention_bench.py" --shapes lingbot --budget-s "$budget" --out "$DEST/attention-lingbot.json"
+  fi
+}
+
 part_attention() {
   local budget=$(($1 - 25))
   if [ $SMOKE = 1 ]; then
@@ -346,6 +364,16 @@ part_sf-eager() {
     fdb_to sf-eager "$1" --preset tiny --attention sdpa,triton --decoder none --blocks 2 --rollouts 1 --quick-ceilings
   else
     fdb_to sf-eager "$1" $SF --attention sdpa,triton --blocks 7 --rollouts 2
+  fi
+}
+
+part_lingbot-fp8-block() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to lingbot-fp8-block "$1" --preset lingbot-world-fast-tiny --attention triton --precision fp8 --blocks 3 \
+      --rollouts 1 --profile-block 2 --quick-ceilings
+  else
+    fdb_to lingbot-fp8-block "$1" --preset lingbot-world-fast-stream --random-weights --attention triton \
+      --precision fp8 --blocks 8 --rollouts 1 --profile-block 7 --quick-ceilings
   fi
 }
 
@@ -882,6 +910,55 @@ part_lingbot-fp8-shadow() {
     fdb_to lingbot-fp8-shadow "$1" --preset lingbot-world-fast-stream --random-weights $vs --blocks 8 --rollouts 1 \
       --steady-blocks 12 --profile-block 7
   fi
+}
+
+part_lingbot-fp8-camera() {
+  local t0=$(date +%s) rc=0
+  if [ $SMOKE = 1 ]; then
+    fdb_to lingbot-fp8-camera-fp8 $(($1 / 2)) --preset lingbot-world-fast-tiny --attention triton --precision fp8 \
+      --fp8-keep '' --blocks 3 --rollouts 1 --profile-block 2 --quick-ceilings || rc=$?
+    py $(($1 - ($(date +%s) - t0))) "$REPO/bench/fp8_quality.py" --preset lingbot-world-fast-tiny --decoder preset \
+      --blocks 2 --fp8-keep '' --out "$DEST/lingbot-fp8-camera-quality.json" || rc=$?
+  else
+    fdb_to lingbot-fp8-camera-fp8 100 --preset lingbot-world-fast-stream --random-weights --attention triton \
+      --precision fp8 --fp8-keep '' --blocks 8 --rollouts 1 --profile-block 7 --quick-ceilings || rc=$?
+    py $(($1 - ($(date +%s) - t0))) "$REPO/bench/fp8_quality.py" --preset lingbot-world-fast-stream --decoder preset \
+      --blocks 7 --fp8-keep '' --out "$DEST/lingbot-fp8-camera-quality.json" || rc=$?
+  fi
+  return $rc
+}
+
+part_lingbot-fp8-fastaccum() {
+  local t0=$(date +%s) rc=0 fast
+  for fast in 0 1; do
+    if [ $SMOKE = 1 ]; then
+      FD_FP8_FAST_ACCUM=$fast fdb_to lingbot-fp8-fastaccum$fast $(($1 / 3)) --preset lingbot-world-fast-tiny \
+        --attention triton --precision fp8 --blocks 3 --rollouts 1 --profile-block 2 --quick-ceilings || rc=$?
+    else
+      FD_FP8_FAST_ACCUM=$fast fdb_to lingbot-fp8-fastaccum$fast 90 --preset lingbot-world-fast-stream --random-weights \
+        --attention triton --precision fp8 --blocks 8 --rollouts 1 --profile-block 7 --quick-ceilings || rc=$?
+    fi
+  done
+  local preset=lingbot-world-fast-stream blocks=7
+  [ $SMOKE = 1 ] && preset=lingbot-world-fast-tiny blocks=2
+  FD_FP8_FAST_ACCUM=1 py $(($1 - ($(date +%s) - t0))) "$REPO/bench/fp8_quality.py" --preset $preset --decoder preset \
+    --blocks $blocks --out "$DEST/lingbot-fp8-fastaccum-quality.json" || rc=$?
+  return $rc
+}
+
+part_sf-fp8-fastaccum() {
+  local t0=$(date +%s) rc=0 fast
+  for fast in 0 1; do
+    if [ $SMOKE = 1 ]; then
+      FD_FP8_FAST_ACCUM=$fast fdb_to sf-fp8-fastaccum$fast $(($1 / 3)) --preset tiny --attention triton \
+        --precision fp8 --decoder none --blocks 2 --rollouts 1 --quick-ceilings || rc=$?
+    else
+      FD_FP8_FAST_ACCUM=$fast fdb_to sf-fp8-fastaccum$fast 60 $SF --precision fp8 --blocks 7 --rollouts 1 \
+        --profile-block 5 --quick-ceilings || rc=$?
+    fi
+  done
+  FD_FP8_FAST_ACCUM=1 sf_fp8_quality $(($1 - ($(date +%s) - t0))) sf-fp8-fastaccum-quality || rc=$?
+  return $rc
 }
 
 part_lingbot-fp8-splits() {

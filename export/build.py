@@ -147,6 +147,7 @@ def build_engine(
     progress: Progress | None = None,
     precision: str = "bf16",
     config: BuildConfig | None = None,
+    fp8_keep: str | None = None,
 ) -> dict:
     """Build an engine directory at `out_dir` and return its (sealed) manifest.
 
@@ -154,14 +155,22 @@ def build_engine(
     full-size preset with seeded random weights, for speed runs); `seed` picks those
     weights (`weights_seed` of flashdreams.load). `decoder=None` builds an engine without
     a decoder (sessions return latents only); a real checkpoint's decoder needs
-    `decoder_weights`.
+    `decoder_weights`. `fp8_keep` is flashdreams.load's, checked here; precision "fp8" is refused (eager only).
     """
     import flashdreams
-    from flashdreams.engine import resolve_device_dtype
+    from flashdreams.engine import check_fp8_keep, resolve_device_dtype
 
     t_start = time.perf_counter()
     if batch < 1:
         raise InvalidArgumentError(f"batch must be >= 1, got {batch}")
+    check_fp8_keep(precision, fp8_keep)
+    if precision == "fp8":
+        # The FP8 path keeps e4m3 session state (the KV ring's fp8 shadow), which neither the engine manifest
+        # nor the C ABI can describe yet; before this check such a build failed deep in the trace.
+        raise InvalidArgumentError(
+            "precision 'fp8' runs in eager sessions with CUDA graphs only (flashdreams.load / fd-run / fd-bench "
+            "--backend eager); build engines in bf16"
+        )
     if attention == "fa4":
         raise InvalidArgumentError(
             "attention 'fa4' (FlashAttention-4 for the KV ring) runs in eager sessions with CUDA graphs only; "
@@ -206,6 +215,7 @@ def build_engine(
                 dtype=dt,
                 attention=graph_attention,
                 precision=precision,
+                fp8_keep=fp8_keep,
                 height=height,
                 width=width,
                 batch=batch,

@@ -221,6 +221,19 @@ def check_attention(attention: str, device: torch.device) -> None:
         raise InvalidArgumentError(f"attention 'fa4' cannot run here: {reason}; use attention='triton'")
 
 
+def check_fp8_keep(precision: str, fp8_keep: str | None) -> None:
+    """Refuse an `fp8_keep` that is not a regular expression, or one given without precision 'fp8'."""
+    if fp8_keep is None:
+        return
+    if precision != "fp8":
+        raise InvalidArgumentError(
+            f"fp8_keep names the linears precision 'fp8' leaves in bf16; it means nothing with precision '{precision}'"
+        )
+    from flashdreams.kernels.fp8_linear import fp8_exclusion
+
+    fp8_exclusion(fp8_keep)
+
+
 def load(
     source: str | os.PathLike | None = None,
     *,
@@ -236,6 +249,7 @@ def load(
     decoder_weights: str | os.PathLike | None = None,
     precision: str = "bf16",
     batch: int = 1,
+    fp8_keep: str | None = None,
 ) -> Engine:
     """Load an engine.
 
@@ -244,7 +258,9 @@ def load(
     `weights_seed` picks the random weights of the built-in and `random_weights` models; a
     session's own `seed` (engine.session) only drives its noise. `precision="fp8"` (with
     attention="triton") runs the blocks' linears and self-attention in float8 (opt-in); with
-    attention="fa4" the linears run in float8 and FlashAttention-4 runs the attention in bf16.
+    attention="fa4" the linears run in float8 and FlashAttention-4 runs the attention in bf16. `fp8_keep`
+    (with precision="fp8"): a regex over the linears' names that stay in bf16, replacing the model's own
+    choice ("" quantizes all of them; r"\\.cam_" keeps LingBot's camera layers in bf16).
     `attention` is "sdpa" (torch), "triton" (our kernels) or "fa4" (our kernels, with the KV-ring
     attention run by the optional flash-attn-4 package on sm90+ GPUs).
 
@@ -257,6 +273,11 @@ def load(
         path = Path(source)
         if (path / "manifest.json").is_file():
             from flashdreams.engine_runtime import load_engine_dir
+
+            if fp8_keep is not None:
+                raise InvalidArgumentError(
+                    "fp8_keep: a built engine keeps the linears it was built with; pass it to fd-build instead"
+                )
 
             if attention == "fa4":
                 raise InvalidArgumentError(
@@ -274,6 +295,7 @@ def load(
             )
     dev, dt = resolve_device_dtype(device, dtype)
     check_attention(attention, dev)
+    check_fp8_keep(precision, fp8_keep)
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:
@@ -286,6 +308,7 @@ def load(
         dtype=dt,
         attention=attention,
         precision=precision,
+        fp8_keep=fp8_keep,
         height=height,
         width=width,
         batch=batch,

@@ -4,7 +4,8 @@ y = (x8 @ w8^T) * sx[m] * sw[n] + bias, where x8 = e4m3(x * 448/amax(x_row)) wit
 sx = amax(x_row)/448 (one scale per token, computed on the fly) and w8 / sw likewise per output
 channel (once, at load). On CUDA the product is `torch._scaled_mm` with row-wise scales (on sm_90
 a CUTLASS/cuBLASLt fp8 GEMM, bf16 output, fp32 accumulation; `use_fast_accum` lets the tensor
-core accumulate in its reduced-precision adder for the whole K loop); the activations are
+core accumulate in its reduced-precision adder for the whole K loop, what the linears a model swaps in
+use: `FAST_ACCUM_ENV`); the activations are
 quantized by one Triton pass (read x once, write x8 and sx). Elsewhere (CPU tests) the same
 quantization is emulated in torch and the product is an fp32 matmul of the dequantized operands.
 
@@ -22,6 +23,7 @@ and the head.
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Callable
 from typing import NamedTuple
@@ -76,6 +78,18 @@ def _store_e4m3_rows(x, x8_ptrs, s_ptrs, mask, row_mask, EMULATE: tl.constexpr):
 
 
 @triton.jit
+def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.constexpr):
+    """GELU(x) (1 exact, 2 tanh form; 0 none) of fp32 x, rounded to `dtype` as `F.gelu` would hand it on."""
+    if GELU != 0:
+        if GELU == 1:
+            x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
+            x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
+        x = _round_to(x, dtype, EMULATE)
+    return x
+
+
+@triton.jit
 def _quantize_rows_kernel(
     X, X8, SX, stride_x, R, K,
     K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr, GELU: tl.constexpr,
@@ -87,12 +101,7 @@ def _quantize_rows_kernel(
     c = tl.arange(0, K_PAD)
     mask = (r < R)[:, None] & (c < K)[None, :]
     x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    if GELU != 0:
-        if GELU == 1:
-            x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
-        else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
-            x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-        x = _round_to(x, X.dtype.element_ty, EMULATE)
+    x = _gelu_in_dtype(x, GELU, X.dtype.element_ty, EMULATE)
     _store_e4m3_rows(x, X8 + r[:, None] * K + c[None, :], SX + r, mask, r < R, EMULATE)
 
 
@@ -356,8 +365,11 @@ class Fp8Linear(nn.Module):
         self._dtype = dtype
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, *, use_fast_accum: bool = False) -> Fp8Linear:
-        """Quantize an `nn.Linear` (its weight per output channel); output dtype = its weight's dtype."""
+    def from_linear(cls, linear: nn.Linear, *, use_fast_accum: bool | None = None) -> Fp8Linear:
+        """Quantize an `nn.Linear` (its weight per output channel); output dtype = its weight's dtype.
+        `use_fast_accum` None: FD_FP8_FAST_ACCUM's choice (`fast_accum_default`)."""
+        if use_fast_accum is None:
+            use_fast_accum = fast_accum_default()
         w = linear.weight
         mod = cls(
             linear.in_features,
@@ -419,6 +431,24 @@ class Fp8Linear(nn.Module):
 
 # ----------------------------------------------------------------------------- swapping a model's linears
 
+# The FP8 linears a model swaps in use `_scaled_mm`'s fast accumulation (the tensor cores' own fp8
+# accumulation, without cuBLAS's periodic promotion to fp32): on an H100, LingBot-World Fast's FP8 block 7
+# took 1372.6 ms against 1470.2 (its FP8 GEMMs 406.2 against 515.6 ms), Self-Forcing's block 5 287.5 against
+# 294.5, each pair own processes on one machine, and their 7-block error against bf16 did not move (LingBot
+# rel. L2 0.0079 / 48.58 dB against 0.0080 / 48.57; Self-Forcing 0.0235 / 43.34 against 0.0236 / 43.34;
+# bench/results/next50-h100, next48-h100). FD_FP8_FAST_ACCUM=0 gives the promoting form (the suite's
+# *-fp8-fastaccum parts time both).
+FAST_ACCUM_ENV = "FD_FP8_FAST_ACCUM"
+
+
+def fast_accum_default() -> bool:
+    """Whether new FP8 linears use fast accumulation: FD_FP8_FAST_ACCUM ("0" no; unset, "" or "1" yes)."""
+    raw = os.environ.get(FAST_ACCUM_ENV, "")
+    if raw not in ("", "0", "1"):
+        raise InvalidArgumentError(f"{FAST_ACCUM_ENV}: expected 0 or 1, found {raw!r}")
+    return raw != "0"
+
+
 _DIT_FP8 = re.compile(r"(^|\.)blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$")
 
 
@@ -442,14 +472,17 @@ def quantize_linears_fp8_(
     module: nn.Module,
     include: Callable[[str, nn.Linear], bool] | None = None,
     *,
-    use_fast_accum: bool = False,
+    use_fast_accum: bool | None = None,
 ) -> list[str]:
     """Replace, in place, every `nn.Linear` of `module` for which `include(name, linear)` holds
     (default `is_dit_fp8_linear`) by `Fp8Linear.from_linear`; returns the replaced names.
+    `use_fast_accum` None: FD_FP8_FAST_ACCUM's choice.
 
     Run it after the weights are loaded and the model is on its device and dtype.
     """
     include = is_dit_fp8_linear if include is None else include
+    if use_fast_accum is None:
+        use_fast_accum = fast_accum_default()  # read once, before anything is swapped
     targets = [
         (name, parent, child_name, child)
         for name, parent in module.named_modules()

@@ -372,15 +372,16 @@ class CosmosDiT(nn.Module):
         """'sdpa', 'triton' or 'fa4' (see WanDiT.set_attention)."""
         self.attention_impl, self.ring_kernel = dit_ops.split_attention(impl)
 
-    def set_precision(self, precision: str) -> None:
+    def set_precision(self, precision: str, keep: str | None = None) -> None:
         """'bf16' (the model's dtype) or 'fp8': the blocks' per-token linears (self-attention q/k/v/output,
         cross-attention q/output, MLP) but `FP8_KEEP` in float8 e4m3, and with attention='triton' (not 'fa4')
         also the KV-ring attention.
-        Opt-in and irreversible (reload to go back); embeddings, modulation, text K/V and the head stay."""
+        Opt-in and irreversible (reload to go back); embeddings, modulation, text K/V and the head stay.
+        `keep` (a regex over the linears' names) replaces FP8_KEEP."""
         if precision not in ("bf16", "fp8"):
             raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
         if precision == "fp8" and self.precision != "fp8":
-            self.quantize_fp8_()
+            self.quantize_fp8_(exclude=keep)
         self.precision = precision
 
     def quantize_fp8_(self, exclude: str | None = None) -> list[str]:

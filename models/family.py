@@ -541,6 +541,9 @@ class LoadOptions:
     dtype: torch.dtype = torch.float32
     attention: str = "sdpa"
     precision: str = "bf16"
+    # With precision "fp8": a regex over the linears' names that stay in the model's dtype (None: the model's own
+    # choice, "": none), e.g. r"\.cam_" keeps LingBot's camera layers in bf16.
+    fp8_keep: str | None = None
     height: int | None = None
     width: int | None = None
     batch: int = 1

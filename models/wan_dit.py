@@ -291,17 +291,18 @@ class WanDiT(nn.Module):
             blk.self_attn.fuse_qkv_()
         return self
 
-    def set_precision(self, precision: str) -> None:
+    def set_precision(self, precision: str, keep: str | None = None) -> None:
         """'bf16' (the model's dtype) or 'fp8': the blocks' per-token linears but `fp8_keep` (FP8_KEEP: the
-        cross-attention's output) and the self-attention in float8 e4m3 (opt-in; its quality cost is measured
-        in bench/). With attention 'fa4' the KV-ring attention stays bf16 (`dit_ops.ring_precision`). Irreversible:
-        reload the weights to go back. Embeddings, the head, cross-attention K/V stay in bf16."""
+        cross-attention's output; `keep`, a regex over the names, replaces it) and the self-attention in float8
+        e4m3 (opt-in; its quality cost is measured in bench/). With attention 'fa4' the KV-ring attention stays
+        bf16 (`dit_ops.ring_precision`). Irreversible: reload the weights to go back. Embeddings, the head,
+        cross-attention K/V stay in bf16."""
         if precision not in ("bf16", "fp8"):
             raise InvalidArgumentError(f"precision '{precision}' is unknown; choose bf16 or fp8")
         if precision == "fp8" and self.precision != "fp8":
             if self.attention_impl != "triton":
                 raise InvalidArgumentError("precision 'fp8' needs attention='triton'")
-            self.quantize_fp8_()
+            self.quantize_fp8_(exclude=keep)
         self.precision = precision
 
     def quantize_fp8_(self, exclude: str | None = None) -> list[str]:

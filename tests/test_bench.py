@@ -530,3 +530,16 @@ def test_fp8_layer_study_keeps_the_named_linears_out_of_fp8(tmp_path):
         proc = study("--variant", bad, "--out", str(tmp_path / "no.json"))
         assert proc.returncode == 2 and why in proc.stderr
     assert not (tmp_path / "no.json").exists()
+
+
+def test_results_record_the_fd_switches_a_run_was_made_under(monkeypatch):
+    """environment() lists the FD_* variables set (FD_FP8_FAST_ACCUM, FD_FP8_ATTN_SPLITS, ...) and nothing else
+    from the environment: two runs of one command differ by them."""
+    from flashdreams.benchmark.environment import environment
+
+    monkeypatch.setenv("FD_FP8_FAST_ACCUM", "1")
+    monkeypatch.setenv("NOT_OURS", "x")
+    env = environment(torch.device("cpu"))
+    assert env["fd_env"]["FD_FP8_FAST_ACCUM"] == "1" and all(k.startswith("FD_") for k in env["fd_env"])
+    monkeypatch.delenv("FD_FP8_FAST_ACCUM")
+    assert "FD_FP8_FAST_ACCUM" not in environment(torch.device("cpu"))["fd_env"]

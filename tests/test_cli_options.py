@@ -22,6 +22,7 @@ LOAD_FLAGS = {
     "--dtype",
     "--attention",
     "--precision",
+    "--fp8-keep",
     "--decoder",
     "--decoder-weights",
     "--height",
@@ -63,6 +64,7 @@ def test_defaults_and_load_kwargs():
         "weights_seed": 0,
         "decoder_weights": None,
         "precision": "bf16",
+        "fp8_keep": None,
     }
     args = run.build_parser().parse_args(
         ["--checkpoint", "c.safetensors", "--decoder", "none", "--precision", "fp8", "--attention", "triton"]
@@ -91,8 +93,9 @@ def test_fd_run_passes_every_load_option_to_load(monkeypatch):
 
     monkeypatch.setattr(flashdreams, "load", fake_load)
     argv = ["--precision", "fp8", "--attention", "triton", "--weights-seed", "9", "--height", "64", "--no-progress"]
-    assert run.main(argv) == 2
+    assert run.main([*argv, "--fp8-keep", r"ffn\."]) == 2
     assert got["precision"] == "fp8" and got["attention"] == "triton" and got["weights_seed"] == 9
+    assert got["fp8_keep"] == r"ffn\."
     assert got["height"] == 64 and got["source"] is None and got["args"] == ()
 
 
@@ -111,6 +114,7 @@ def test_fd_build_passes_load_options_and_its_build_config(monkeypatch, tmp_path
     argv = ["--out", str(tmp_path / "e"), "--seed", "5", "--inductor-mode", "precompiled", "--decoder", "none"]
     assert build.main(argv) == 1
     assert got["checkpoint"] is None and got["seed"] == 5 and got["decoder"] is None and got["precision"] == "bf16"
+    assert got["fp8_keep"] is None
     assert got["config"] == BuildConfig(backend="inductor", autotune=True, inductor_mode="precompiled")
     assert got["backend"] == "inductor" and got["batch"] == 1
 
@@ -128,6 +132,32 @@ def test_fd_bench_passes_load_and_build_options(monkeypatch, tmp_path):
     argv = ["--backend", "inductor", "--weights-seed", "2", "--autotune", "--out", str(tmp_path)]
     assert bench.main(argv) == 2
     assert got == [("inductor", "sdpa", "bf16", 2, None, BuildConfig(backend="inductor", autotune=True))]
+
+
+def test_fp8_keep_is_checked_before_anything_loads_and_reaches_the_fp8_runs_only(monkeypatch, tmp_path, capsys):
+    """--fp8-keep needs fp8 among the precisions and a valid regex (named errors, nothing loaded); fd-bench
+    hands it to its fp8 runs and not to its bf16 ones."""
+    p = run.build_parser()
+    with pytest.raises(InvalidArgumentError, match="--fp8-keep needs --precision fp8"):
+        options.check_load_args(options.load_kwargs(p.parse_args(["--fp8-keep", "cam"])))
+    with pytest.raises(InvalidArgumentError, match="not a regular expression"):
+        argv = ["--precision", "fp8", "--attention", "triton", "--fp8-keep", "cam("]
+        options.check_load_args(options.load_kwargs(p.parse_args(argv)))
+    loads = []
+    monkeypatch.setattr(flashdreams, "load", lambda *a, **k: loads.append(k))
+    assert run.main(["--fp8-keep", "cam", "--no-progress"]) == 2 and not loads
+    assert "--fp8-keep needs --precision fp8" in capsys.readouterr().err
+
+    seen = []
+
+    def fake_load(*args, **kwargs):
+        seen.append((kwargs["precision"], kwargs["fp8_keep"]))
+        raise RuntimeError("recorded")  # a run that breaks: fd-bench goes on to the next
+
+    monkeypatch.setattr(flashdreams, "load", fake_load)
+    argv = ["--attention", "triton", "--precision", "bf16,fp8", "--fp8-keep", r"\.cam_", "--out", str(tmp_path)]
+    bench.main(argv)
+    assert seen == [("bf16", None), ("fp8", r"\.cam_")]
 
 
 def test_messages_name_flags_not_python_arguments(capsys):

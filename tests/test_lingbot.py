@@ -417,3 +417,45 @@ def test_fast_fp8_ring_shadow_equals_quantizing_the_ring_every_call(monkeypatch)
         for s in (a, b):
             s.set_input("poses", block_poses(path, blk, 3)[None].to(device))
         assert torch.equal(a.step().latents, b.step().latents)
+
+
+def test_fp8_camera_layers_are_opt_in_with_scale_and_shift_fused():
+    """FP8 keeps each block's camera layers in bf16 by default (LingBotDiT.fp8_keep); with nothing excluded they
+    go FP8 too, scale and shift as one fused GEMM: the modulation stays within FP8's error of bf16's and the
+    camera step of a session runs them."""
+    from flashdreams.kernels import triton_available
+    from flashdreams.models.families.lingbot.steps import CameraStep
+    from flashdreams.models.lingbot_dit import CAM_SCALE_SHIFT_FP8
+
+    if not triton_available(torch.device("cpu")):
+        pytest.skip("triton not available")
+    ref = _model(2).to(torch.bfloat16)
+    tokens = camera_tokens(
+        stream_relative_poses(_trajectory(12, seed=4)[None], torch.eye(4)[None], torch.ones(1), True, 3)[0],
+        _k(),
+        LAT,
+        torch.bfloat16,
+    )
+    with torch.no_grad():
+        want = ref.camera_modulation(tokens)
+    fp8 = _model(2).to(torch.bfloat16)
+    fp8.set_attention("triton")
+    names = fp8.quantize_fp8_(exclude="")
+    for i, blk in enumerate(fp8.blocks):
+        assert {
+            f"blocks.{i}.cam_{n}" for n in ("injector_layer1", "injector_layer2", "scale_layer", "shift_layer")
+        } <= set(names)
+        assert type(getattr(blk, CAM_SCALE_SHIFT_FP8)).__name__ == "Fp8Linear" and not hasattr(blk, "cam_scale_layer")
+        assert type(blk.cam_injector_layer1).__name__ == "Fp8Linear"
+    with torch.no_grad():
+        got = fp8.camera_modulation(tokens)
+        stepped = CameraStep(fp8, True, 3, LAT)(_trajectory(12, seed=4)[None], _k(), torch.ones(1), torch.eye(4)[None])
+    for g, w in zip(got, want):
+        assert g.shape == w.shape and 1e-4 < rel_l2(g.float(), w.float()) < 5e-2
+    assert all(torch.equal(a, b) for a, b in zip(stepped[:2], got))
+    kept = _model(2).to(torch.bfloat16)
+    kept.set_attention("triton")
+    kept.set_precision("fp8")  # the default: the camera stays bf16, the rest of the block goes FP8
+    cam = [m for n, m in kept.named_modules() if ".cam_" in n]
+    assert cam and all(type(m) is torch.nn.Linear for m in cam)
+    assert type(kept.blocks[0].ffn[0]).__name__ == "Fp8Linear"

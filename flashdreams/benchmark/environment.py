@@ -7,6 +7,7 @@ device-to-device copy bandwidth itself.
 
 from __future__ import annotations
 
+import os
 import platform
 import subprocess
 import threading
@@ -35,6 +36,9 @@ def environment(device: torch.device) -> dict:
         "git_commit": git_commit(),
         "host_cpu": platform.processor() or platform.machine(),
         "device_type": device.type,
+        # The FD_* switches a run was made under (FD_FP8_ATTN_SPLITS, FD_FP8_FAST_ACCUM, ...): they change
+        # what the numbers mean.
+        "fd_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FD_")},
     }
     try:
         import triton

@@ -57,6 +57,7 @@ class BenchConfig:
     workdir: str | None = None
     engine_dir: str | None = None  # backend "engine": load this prebuilt engine directory
     precision: str = "bf16"
+    fp8_keep: str | None = None  # the linears fp8 runs keep in bf16 (flashdreams.load's fp8_keep); None: the model's
     decoder_weights: str | None = None
     weights_seed: int = 0  # seed of built-in / random weights (`seed` drives the sessions' noise)
     build_config: BuildConfig | None = None  # how engines built in-process are compiled (default: BuildConfig())
@@ -91,6 +92,7 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
             random_weights=cfg.random_weights,
             weights_seed=cfg.weights_seed,
             precision=cfg.precision,
+            fp8_keep=cfg.fp8_keep if cfg.precision == "fp8" else None,
             **kw,
         )
         times["load_s"] = time.perf_counter() - t0
@@ -115,6 +117,8 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         out,
         checkpoint=cfg.source,
         backend=backend,
+        precision=cfg.precision,  # a built engine runs what it was built with (fd-build refuses fp8 by name)
+        fp8_keep=cfg.fp8_keep if cfg.precision == "fp8" else None,
         random_weights=cfg.random_weights,
         seed=cfg.weights_seed,
         decoder=cfg.decoder,
@@ -320,6 +324,7 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
         "attention": attention,
         "precision": precision_label(cfg.precision, engine.backend.dtype),  # what ran: fp8, or the dtype
         "precision_option": cfg.precision,
+        "fp8_keep": cfg.fp8_keep if cfg.precision == "fp8" else None,
         "dtype": str(engine.backend.dtype).removeprefix("torch."),
         "engine": repr(engine),
         "cold_start": cold,

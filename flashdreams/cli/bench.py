@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> int:
         kw = load_kwargs(args)
         device, dtype = resolve_device_dtype(kw["device"], kw["dtype"])
         preset = get_preset(kw["preset"] or ("self-forcing-1.3b" if kw["source"] else "tiny"))
-        check_load_args({**kw, "preset": preset.name, "attention": None, "precision": None})
+        check_load_args({**kw, "preset": preset.name, "attention": None, "precision": split_list(args.precision)})
         for attention in split_list(args.attention):
             check_attention(attention, device)  # before the first run, not after it
         if args.blocks < 2:
@@ -154,6 +154,7 @@ def main(argv: list[str] | None = None) -> int:
             decoder=kw["decoder"],
             decoder_weights=kw["decoder_weights"],
             weights_seed=kw["weights_seed"],
+            fp8_keep=kw["fp8_keep"],
             device=str(device),
             dtype=str(dtype).replace("torch.", ""),
             seed=args.seed,
@@ -235,6 +236,7 @@ def _results(args, preset, dtype, env: dict, ceilings: dict, runs: list, failed:
             "weights_seed": args.weights_seed,
             "precision": ",".join(precision_label(pr, dtype) for pr in split_list(args.precision)),  # what ran
             "precision_option": args.precision,
+            "fp8_keep": args.fp8_keep,  # the linears the fp8 runs kept in bf16 (None: the model's own choice)
             # The whole preset as its family writes it (every family's preset has to_dict).
             "preset_config": preset.to_dict(),
         },
@@ -274,6 +276,8 @@ def _sessions_main(args: argparse.Namespace, parser: argparse.ArgumentParser, ou
         return 2
     try:
         kw = load_kwargs(args, attention=split_list(args.attention)[0], precision=split_list(args.precision)[0])
+        if kw["precision"] != "fp8":
+            kw["fp8_keep"] = None
         device, _ = resolve_device_dtype(kw["device"], kw["dtype"])
         if args.blocks < 1:
             raise InvalidArgumentError("--blocks must be at least 1")

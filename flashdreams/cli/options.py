@@ -96,6 +96,12 @@ def add_load_options(
     else:
         g.add_argument("--precision", default="bf16", choices=PRECISIONS, help=f"bf16 (default) or {fp8}")
     g.add_argument(
+        "--fp8-keep",
+        metavar="REGEX",
+        help="with fp8: the linears (a regex over their module names) that stay in bf16, replacing the model's "
+        "own choice; '' puts every one in fp8, '\\.cam_' keeps LingBot's camera layers in bf16",
+    )
+    g.add_argument(
         "--decoder",
         default="preset",
         help="latent-to-pixel decoder: wan-vae | taehv | none (latents only) | preset (default: the preset's)",
@@ -141,6 +147,7 @@ def load_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
         "weights_seed": args.weights_seed,
         "decoder_weights": args.decoder_weights,
         "precision": args.precision,
+        "fp8_keep": getattr(args, "fp8_keep", None),
     }
     kw.update(overrides)
     return kw
@@ -151,6 +158,13 @@ def check_load_args(kw: dict[str, Any]) -> None:
     would refuse naming Python arguments (or only after loading a model): fp8 without triton, a preset
     that needs a checkpoint, missing files, a resolution that is not positive or not a multiple of the
     model's stride."""
+    if kw.get("fp8_keep") is not None:
+        from flashdreams.kernels.fp8_linear import fp8_exclusion
+
+        prec = kw.get("precision") or ""
+        if "fp8" not in (split_list(prec) if isinstance(prec, str) else prec):
+            raise InvalidArgumentError("--fp8-keep needs --precision fp8 (it names the linears fp8 leaves in bf16)")
+        fp8_exclusion(kw["fp8_keep"])
     if kw.get("precision") == "fp8" and kw.get("attention") not in ("triton", "fa4"):
         raise InvalidArgumentError(
             "--precision fp8 needs --attention triton or fa4 (the FP8 linears are our kernels; torch has no FP8 "

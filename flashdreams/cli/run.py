@@ -541,7 +541,7 @@ def _upscaler(args, kw: dict, world):
     from flashdreams.stage import Upscaler
 
     up_kw = {**kw, "preset": args.upscale, "source": args.upscale_checkpoint, "decoder": "preset"}
-    up_kw.update(decoder_weights=None, height=None, width=None, precision="bf16")
+    up_kw.update(decoder_weights=None, height=None, width=None, precision="bf16", fp8_keep=None)
     _size_to_frames(up_kw, (world.spec.height, world.spec.width), "--upscale")
     check_load_args(up_kw)
     engine = flashdreams.load(**up_kw)

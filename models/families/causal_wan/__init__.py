@@ -52,7 +52,7 @@ class CausalWanFamily(Family):
             model = seeded_module(model, opts.weights_seed, dev, dt, preset.builtin)
         model.fuse_projections_()
         model.set_attention(opts.attention)
-        model.set_precision(opts.precision)
+        model.set_precision(opts.precision, opts.fp8_keep)
         return model
 
     def load(self, preset: Preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor] | None = None) -> LoadedModel:

@@ -35,7 +35,7 @@ def build_dit(cfg, opts: LoadOptions, source, builtin: bool, seed_offset: int = 
             model = CosmosDiT(cfg)
         model = seeded_module(model, opts.weights_seed + seed_offset, opts.device, opts.dtype, builtin)
     model.set_attention(opts.attention)
-    model.set_precision(opts.precision)
+    model.set_precision(opts.precision, opts.fp8_keep)
     return model
 
 

@@ -30,7 +30,7 @@ VAE_FILE = "Wan2.1_VAE.safetensors"
 def _finish(model: LingBotDiT, opts: LoadOptions) -> LingBotDiT:
     model.fuse_projections_()
     model.set_attention(opts.attention)
-    model.set_precision(opts.precision)
+    model.set_precision(opts.precision, opts.fp8_keep)
     return model
 
 

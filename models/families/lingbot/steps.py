@@ -9,7 +9,7 @@ from torch import nn
 
 from flashdreams.models.camera_rays import camera_tokens, clip_relative_poses, latent_poses, stream_relative_poses
 from flashdreams.models.family import GraphSig
-from flashdreams.models.lingbot_dit import LingBotDiT
+from flashdreams.models.lingbot_dit import CAM_SCALE_SHIFT_FP8, LingBotDiT
 from flashdreams.models.wan_i2v import first_frame_mask, image_latent
 from flashdreams.models.wan_vae import WanVAE
 
@@ -42,7 +42,10 @@ class _CameraLayers(nn.Module):
         for blk in model.blocks:
             layer = nn.Module()
             for name in ("cam_injector_layer1", "cam_injector_layer2", "cam_scale_layer", "cam_shift_layer"):
-                setattr(layer, name, getattr(blk, name))
+                if hasattr(blk, name):  # in FP8 scale and shift are one fused layer
+                    setattr(layer, name, getattr(blk, name))
+            if hasattr(blk, CAM_SCALE_SHIFT_FP8):
+                setattr(layer, CAM_SCALE_SHIFT_FP8, getattr(blk, CAM_SCALE_SHIFT_FP8))
             self.blocks.append(layer)
 
     @property

@@ -98,7 +98,7 @@ class Wan21Family(Family):
             model = seeded_module(model, opts.weights_seed, opts.device, opts.dtype, preset.builtin)
         model.fuse_projections_()
         model.set_attention(opts.attention)
-        model.set_precision(opts.precision)
+        model.set_precision(opts.precision, opts.fp8_keep)
         return model
 
     def build_image_encoder(self, preset: Preset, opts: LoadOptions, clip_sd, vae_sd, latent_hw) -> EncodeImageStep:

@@ -78,7 +78,7 @@ class Wan22Family(Family):
             # No fuse_projections_(): it keeps a second copy of q/k/v (3 D^2 per layer, 6.3 GB per 14B
             # expert), and at D = 5120 the three separate GEMMs already run the tensor cores well.
             model.set_attention(opts.attention)
-            model.set_precision(opts.precision)
+            model.set_precision(opts.precision, opts.fp8_keep)
         return experts
 
     def build_image_encoder(self, preset: Preset, opts: LoadOptions, latent_hw, use_random: bool):
