@@ -103,8 +103,9 @@ class Fp8AttnConfig(AttnConfig):
 
     precise_pv: bool = True
     # A register cap per thread for ptxas (None: its own choice). At 64-row tiles / 4 warps the kernel takes
-    # 208-243 registers, so an SM holds two CTAs; 168 would let it hold three (with some spilling): a sweep
-    # knob of bench/attention_bench.py, not set in any default.
+    # 208-243 registers, so an SM holds two CTAs; 168 lets it hold three, with some spilling. Measured on an
+    # H100 (next49-h100, q 4680 / kv 28080): 64-key tiles 501 -> 595 TFLOP/s capped, still short of the
+    # uncapped 64x128 default's 712. A sweep knob of bench/attention_bench.py, set in no default.
     maxnreg: int | None = None
 
 

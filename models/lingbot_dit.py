@@ -31,10 +31,10 @@ from flashdreams.models.wan_loader import wan_state_dict
 
 # Wan2.2-I2V-A14B's expert (and LingBot-World-Fast's network): dim 5120, 40 layers, 40 heads, 36 input channels.
 LINGBOT_14B = WanConfig(in_dim=36, dim=5120, ffn_dim=13824, num_heads=40, num_layers=40)
-# Where FP8 puts a block's camera scale and shift layers, fused into one linear (LingBotDiT.quantize_fp8_).
-CAM_SCALE_SHIFT_FP8 = "cam_scale_shift_fp8"
 # The fixtures' toy size: the real structure at dim 64, 2 heads, 2 layers.
 LINGBOT_TINY = WanConfig(in_dim=36, dim=64, ffn_dim=128, num_heads=2, num_layers=2, text_dim=32, text_len=16)
+# Where FP8 puts a block's camera scale and shift layers, fused into one linear (LingBotDiT.quantize_fp8_).
+CAM_SCALE_SHIFT_FP8 = "cam_scale_shift_fp8"
 
 
 def lingbot_config(cfg: WanConfig | Mapping) -> WanConfig:

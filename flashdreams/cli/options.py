@@ -155,9 +155,9 @@ def load_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
 
 def check_load_args(kw: dict[str, Any]) -> None:
     """Refuse, naming flags and before anything loads, the combinations and values `flashdreams.load`
-    would refuse naming Python arguments (or only after loading a model): fp8 without triton, a preset
-    that needs a checkpoint, missing files, a resolution that is not positive or not a multiple of the
-    model's stride."""
+    would refuse naming Python arguments (or only after loading a model): fp8 without triton, --fp8-keep
+    without fp8 or not a regex, a preset that needs a checkpoint, missing files, a resolution that is not
+    positive or not a multiple of the model's stride."""
     if kw.get("fp8_keep") is not None:
         from flashdreams.kernels.fp8_linear import fp8_exclusion
 
