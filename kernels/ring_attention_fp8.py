@@ -338,10 +338,11 @@ def _quantize_k_tile(k, k8_ptrs, kt_ptr, ok, EMULATE: tl.constexpr):
 
 
 @triton.jit
-def _quantize_vt_tile(v, v8t_ptrs, vt_ptr, ok, EMULATE: tl.constexpr):
-    """V's tile quantized and stored transposed (keys contiguous, as fp8 wgmma reads it)."""
+def _quantize_vt_tile(v, v8t_ptrs, vt_ptr, key_mask, EMULATE: tl.constexpr):
+    """V's tile quantized and stored transposed (keys contiguous, as fp8 wgmma reads it), the keys where
+    key_mask holds."""
     v8, vt = _quantize_tile(v.to(tl.float32), EMULATE)
-    tl.store(v8t_ptrs, tl.trans(v8), mask=ok[None, :])
+    tl.store(v8t_ptrs, tl.trans(v8), mask=key_mask[None, :])
     tl.store(vt_ptr, vt)
 
 

@@ -63,6 +63,11 @@ class BenchConfig:
     build_config: BuildConfig | None = None  # how engines built in-process are compiled (default: BuildConfig())
     extra: dict = field(default_factory=dict)
 
+    @property
+    def run_fp8_keep(self) -> str | None:
+        """fp8_keep as the current run takes it: only an fp8 run has linears to keep in bf16."""
+        return self.fp8_keep if self.precision == "fp8" else None
+
 
 def _percentiles(values: list[float]) -> dict[str, float]:
     if not values:
@@ -92,7 +97,7 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
             random_weights=cfg.random_weights,
             weights_seed=cfg.weights_seed,
             precision=cfg.precision,
-            fp8_keep=cfg.fp8_keep if cfg.precision == "fp8" else None,
+            fp8_keep=cfg.run_fp8_keep,
             **kw,
         )
         times["load_s"] = time.perf_counter() - t0
@@ -118,7 +123,7 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         checkpoint=cfg.source,
         backend=backend,
         precision=cfg.precision,  # a built engine runs what it was built with (fd-build refuses fp8 by name)
-        fp8_keep=cfg.fp8_keep if cfg.precision == "fp8" else None,
+        fp8_keep=cfg.run_fp8_keep,
         random_weights=cfg.random_weights,
         seed=cfg.weights_seed,
         decoder=cfg.decoder,
@@ -324,7 +329,7 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
         "attention": attention,
         "precision": precision_label(cfg.precision, engine.backend.dtype),  # what ran: fp8, or the dtype
         "precision_option": cfg.precision,
-        "fp8_keep": cfg.fp8_keep if cfg.precision == "fp8" else None,
+        "fp8_keep": cfg.run_fp8_keep,
         "dtype": str(engine.backend.dtype).removeprefix("torch."),
         "engine": repr(engine),
         "cold_start": cold,
