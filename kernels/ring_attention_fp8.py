@@ -84,6 +84,7 @@ from ._common import (
 from .attention_merge import merge_into
 from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok, resolve_scale
 from .ring_attention_configs import AttnConfig
+from .ring_attention_fp8_hopper import hopper_fp8_available, launch_ring_attention_fp8_hopper
 
 E4M3_MAX = 448.0
 P_SHIFT = 8.0  # P is stored as 2^P_SHIFT * exp2(s - m): row maximum 256 < 448
@@ -187,6 +188,20 @@ def _splits_override() -> int | None:
     if not raw.isdigit() or not 1 <= int(raw) <= 8:
         raise InvalidArgumentError(f"{SPLITS_ENV}: expected a key split count from 1 to 8, found {raw!r}")
     return int(raw)
+
+
+# FD_FP8_ATTN_KERNEL picks the kernel behind the FP8 ring attention on Hopper at head dim 128 with the
+# default config: "triton" (this file's kernel), "gluon" (ring_attention_fp8_hopper.py, P @ V into fresh
+# registers as here) or "gluon-inplace" (its P @ V accumulated in the tensor cores). Unset: "triton".
+KERNEL_ENV = "FD_FP8_ATTN_KERNEL"
+KERNEL_CHOICES = ("triton", "gluon", "gluon-inplace")
+
+
+def _kernel_choice() -> str:
+    raw = os.environ.get(KERNEL_ENV, "") or "triton"
+    if raw not in KERNEL_CHOICES:
+        raise InvalidArgumentError(f"{KERNEL_ENV}: expected one of {', '.join(KERNEL_CHOICES)}, found {raw!r}")
+    return raw
 
 
 def pick_fp8_config(q: torch.Tensor) -> Fp8AttnConfig:
@@ -629,6 +644,10 @@ def launch_ring_attention_fp8_quantized(
         on_gpu = q.device.type == "cuda"
         programs = triton.cdiv(Lq, cfg.block_m) * B * H
         splits = fp8_splits_for(programs, _sm_count(q.device.index or 0)) if on_gpu else 1
+    kernel = _kernel_choice()
+    if kernel != "triton" and pv_fp8 and cfg.block_m == 64 and hopper_fp8_available(q, kv.block_n):
+        qk_fac = scale * LOG2E / E4M3_MAX
+        return launch_ring_attention_fp8_hopper(q, kv, valid_len, qk_fac, splits, precise_pv=kernel == "gluon")
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Lq), torch.float32, q.device)
     if splits == 1:

@@ -1,0 +1,320 @@
+"""The FP8 ring attention for Hopper in Gluon: the MMAs of one key tile run under the softmax of the next.
+
+Same operands and numbers as `ring_attention_fp8._ring_attention_fp8_kernel` on the fp8 shadow (q quantized
+per row in the kernel, K and V^T per key tile by the pre-pass, P = 2^8 * exp2(s - m) in e4m3, each tile's
+P @ V taken into fresh registers and added to the fp32 accumulator), but written in Gluon, Triton's
+layout-explicit dialect, because the Triton kernel cannot express what FP8 attention at head dim 128 needs
+on an H100/H200: at that size one key tile's softmax costs about as many cycles (MUFU exp2 and issue slots)
+as its two fp8 wgmmas at full rate, and Triton waits for each wgmma before the code after it runs
+(bench/results/NOTES.md, "Looked at and left"). Here the loop is FlashAttention-3's intra-warpgroup
+pipeline (Shah et al. 2024, sec. 3.2):
+
+    issue S_j = Q K_j^T (async)            tensor cores: S_j, then PV_{j-1}
+    issue PV_{j-1} = P_{j-1} V_{j-1} (async)
+    wait for S_j only                      PV_{j-1} still running
+    softmax(S_j) -> P_j, alpha_j           CUDA cores, under PV_{j-1}
+    wait for PV_{j-1}; acc = acc * alpha_{j-1} + PV_{j-1}
+
+with K and V^T tiles brought in by TMA into a ring of STAGES buffers (one mbarrier each), the load of
+tile j + STAGES - 2 issued at the top of iteration j into the buffer tile j - 2 has released. Two 4-warp
+CTAs share an SM as with the Triton kernel, so one CTA's softmax also runs under the other's MMAs.
+
+Measured on an H100 (bench/results/NOTES.md, g1-h100 / g2-h100), it is slower than the Triton kernel:
+654 against 708 TFLOP/s at kv 28080 (Self-Forcing's FP8 block 5: 305.1 against 285.0 ms). At 64-row tiles
+the fresh-register P @ V does not fit beside the next tile's logits, so ptxas waits for it before the
+softmax after all; accumulating in place overlaps (602 TFLOP/s) but its fp8 accumulation drifts over a
+rollout (latents 0.061 against bf16 over 7 blocks). Moving P from the logits' layout to wgmma's A
+layout costs ~250 instructions a tile against the Triton kernel's ~50. So it is opt-in
+(`FD_FP8_ATTN_KERNEL=gluon`); NOTES says what the next step is (a key relabelling that makes the move
+thread-local).
+
+GPU only (Gluon has no CPU interpreter): `tests/kernels/test_ring_attention_fp8_hopper.py` checks it
+against the Triton kernel and the torch twin on CUDA; the Triton kernel stays the CPU-tested one and the
+fallback for every other shape and device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from ._common import new_output
+from .attention_merge import merge_into
+
+try:  # Gluon ships with triton >= 3.5; without it this module only reports itself unavailable
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    HAVE_GLUON = True
+except ImportError:  # pragma: no cover - depends on the triton build
+    HAVE_GLUON = False
+
+HEAD_DIM = 128  # the one head dim this kernel is written for (fp8 wgmma K steps of 32; TMA rows of 128 bytes)
+BLOCK_M = 64
+BLOCK_N = 128
+STAGES = 3
+NUM_WARPS = 4
+
+
+def hopper_fp8_available(q: torch.Tensor, block_n: int) -> bool:
+    """Whether this kernel can serve q (`[B, Lq, N, d]`) against a shadow quantized in tiles of `block_n`."""
+    return (
+        HAVE_GLUON
+        and q.device.type == "cuda"
+        and q.shape[-1] == HEAD_DIM
+        and block_n == BLOCK_N
+        and _capability(q.device.index or 0) == (9, 0)
+    )
+
+
+@functools.cache
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j, n_tiles, lo, k_row0, v_row0,
+                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
+        """Start the TMA loads of key tile j (K rows and V^T columns) into buffer j % STAGES."""
+        if j < n_tiles:
+            s = j % STAGES
+            start = lo + j * BLOCK_N
+            mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(k_desc, [k_row0 + start, 0], k_bar.index(s), k_smem.index(s))
+            mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(v_desc, [v_row0, start], v_bar.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _softmax_tile(s, m_i, l_i, q_fac, kt, start, valid, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
+        """One tile's logits s (raw fp8 products) -> (p fp32 = 2^8 exp2(logit - m_new), m_new, l_new,
+        alpha = exp2(m_i - m_new)); keys >= valid masked where the tile crosses it."""
+        if start + BLOCK_N > valid:
+            cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+            s = gl.where(gl.expand_dims(cols < valid, 0), s, float("-inf"))
+        f = q_fac * kt
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * f)
+        p = gl.exp2(s * gl.expand_dims(f, 1) - gl.expand_dims(m_new - 8.0, 1))
+        alpha = gl.exp2(m_i - m_new)
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_new, alpha
+
+    @gluon.jit
+    def _ring_attention_fp8_hopper_kernel(
+        Q, k_desc, v_desc, KT, VT, Out, LSE, VALID,
+        stride_qb, stride_qm, stride_qh,
+        stride_os, stride_ob, stride_om, stride_oh,
+        stride_ls, stride_lb, stride_lh,
+        Lq, S, H, N_TILES, qk_fac,
+        HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLITS: gl.constexpr,
+        STAGES: gl.constexpr, PRECISE_PV: gl.constexpr, num_warps: gl.constexpr,
+    ):  # fmt: skip
+        """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
+        pid_m = gl.program_id(0)
+        bh = gl.program_id(1)
+        pid_s = gl.program_id(2)
+        b = bh // H
+        h = bh % H
+
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, BLOCK_N, 32]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, HEAD_DIM, 32]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=4)
+        row_s: gl.constexpr = gl.SliceLayout(1, s_layout)
+        row_o: gl.constexpr = gl.SliceLayout(1, o_layout)
+        col_o: gl.constexpr = gl.SliceLayout(0, o_layout)
+        q_load: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
+        q_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
+
+        valid = gl.load(VALID).to(gl.int32)
+        valid = gl.maximum(gl.minimum(valid, S), 0)
+        per_split = gl.cdiv(gl.cdiv(valid, BLOCK_N), SPLITS) * BLOCK_N
+        lo = gl.minimum(pid_s * per_split, valid)
+        hi = gl.minimum(lo + per_split, valid)
+        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+
+        # Buffers first, so the key tiles' loads are in flight while q is quantized.
+        k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(k_bar.index(i), count=1)
+            mbarrier.init(v_bar.index(i), count=1)
+        k_row0 = bh * S
+        v_row0 = bh * HEAD_DIM
+        for i in gl.static_range(STAGES - 1):
+            _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, n_tiles, lo, k_row0, v_row0, BLOCK_N, STAGES)
+
+        # q: per-row e4m3 into shared memory (wgmma's A); the row scale joins the logit factor.
+        offs_mq = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_load))
+        offs_dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_load))
+        q_ptrs = Q + b * stride_qb + h * stride_qh + gl.expand_dims(offs_mq, 1) * stride_qm + gl.expand_dims(offs_dq, 0)
+        q = gl.load(q_ptrs, mask=gl.expand_dims(offs_mq < Lq, 1), other=0.0).to(gl.float32)
+        q_amax = gl.maximum(gl.max(gl.abs(q), axis=1), 1e-16)
+        q8 = (q * gl.expand_dims(gl.div_rn(gl.full_like(q_amax, 448.0), q_amax), 1)).to(gl.float8e4nv)
+        q_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, HEAD_DIM], q_smem_layout)
+        q_smem.store(q8)
+        fence_async_shared()
+        q_fac = gl.convert_layout(q_amax * qk_fac, row_s)
+
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, row_s)
+        l_i = gl.zeros([BLOCK_M], gl.float32, row_s)
+        u_i = gl.to_tensor(1.0)  # the V scale acc is held in (acc * u_i is the numerator)
+        KT_b = KT + bh * N_TILES
+        VT_b = VT + bh * N_TILES
+        tile0 = lo // BLOCK_N
+
+        if n_tiles > 0:
+            # Tile 0: its logits alone (nothing to overlap yet).
+            mbarrier.wait(k_bar.index(0), 0)
+            s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(0, deps=(s_tok,))
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, gl.load(KT_b + tile0), lo, valid, s_layout, BLOCK_N)
+            p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+            u_i = gl.load(VT_b + tile0)
+            alpha_o = gl.zeros([BLOCK_M], gl.float32, row_o)  # acc is zero: any factor
+            for j in range(1, n_tiles):
+                _issue_tile(
+                    k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES - 2, n_tiles, lo, k_row0, v_row0,
+                    BLOCK_N, STAGES,
+                )  # fmt: skip
+                sj = j % STAGES
+                mbarrier.wait(k_bar.index(sj), (j // STAGES) & 1)
+                s_tok = warpgroup_mma(q_smem, k_smem.index(sj).permute((1, 0)), s_zero, use_acc=False, is_async=True)
+                sp = (j - 1) % STAGES
+                mbarrier.wait(v_bar.index(sp), ((j - 1) // STAGES) & 1)
+                if PRECISE_PV:
+                    pv_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, use_acc=False, is_async=True)
+                else:
+                    acc = acc * gl.expand_dims(alpha_o, 1)
+                    pv_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+                s = warpgroup_mma_wait(1, deps=(s_tok,))
+                start = lo + j * BLOCK_N
+                kt = gl.load(KT_b + tile0 + j)
+                u_new = gl.load(VT_b + tile0 + j)
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, kt, start, valid, s_layout, BLOCK_N)
+                p8_next = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+                # l_i through the wait: the softmax above must run before it (under PV), not be sunk past it.
+                pv, l_i = warpgroup_mma_wait(0, deps=(pv_tok, l_i))
+                if PRECISE_PV:
+                    acc = acc * gl.expand_dims(alpha_o, 1) + pv
+                else:
+                    acc = pv
+                alpha_o = gl.convert_layout(alpha * gl.div_rn(u_i, u_new), row_o)
+                u_i = u_new
+                p8 = p8_next
+            # The last tile's P @ V.
+            sl = (n_tiles - 1) % STAGES
+            mbarrier.wait(v_bar.index(sl), ((n_tiles - 1) // STAGES) & 1)
+            if PRECISE_PV:
+                pv_tok = warpgroup_mma(p8, v_smem.index(sl).permute((1, 0)), acc, use_acc=False, is_async=True)
+                pv = warpgroup_mma_wait(0, deps=(pv_tok,))
+                acc = acc * gl.expand_dims(alpha_o, 1) + pv
+            else:
+                acc = acc * gl.expand_dims(alpha_o, 1)
+                pv_tok = warpgroup_mma(p8, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
+                acc = warpgroup_mma_wait(0, deps=(pv_tok,))
+
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(k_bar.index(i))
+            mbarrier.invalidate(v_bar.index(i))
+
+        has_keys = l_i > 0.0
+        l_safe = gl.where(has_keys, l_i, 1.0)
+        out = acc * gl.expand_dims(gl.convert_layout(gl.div_rn(u_i + gl.zeros_like(l_safe), l_safe), row_o), 1)
+        lse = gl.where(has_keys, (m_i + gl.log2(l_safe) - 8.0) * 0.6931471805599453, float("-inf"))
+        offs_m = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_o)
+        offs_d = gl.arange(0, HEAD_DIM, layout=col_o)
+        o_ptrs = (
+            Out + pid_s * stride_os + b * stride_ob + h * stride_oh
+            + gl.expand_dims(offs_m, 1) * stride_om + gl.expand_dims(offs_d, 0)
+        )  # fmt: skip
+        gl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=gl.expand_dims(offs_m < Lq, 1))
+        offs_ml = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=row_s)
+        gl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + offs_ml, lse, mask=offs_ml < Lq)
+
+
+def kv_descriptors(k8: torch.Tensor, v8t: torch.Tensor) -> tuple:
+    """TMA descriptors of an fp8 shadow: K `[B, N, S, 128]` as rows of 128 bytes, V^T `[B, N, 128, S_PAD]`
+    as 128-row slabs; a tile past the end of the tensor reads zeros, one past valid is masked in the kernel."""
+    B, H, S, D = k8.shape
+    s_pad = v8t.shape[3]
+    k_layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, D], gl.float8e4nv)
+    v_layout = gl.NVMMASharedLayout.get_default_for([D, BLOCK_N], gl.float8e4nv)
+    k2 = k8.view(B * H * S, D)
+    v2 = v8t.view(B * H * D, s_pad)
+    k_desc = TensorDescriptor(k2, list(k2.shape), list(k2.stride()), [BLOCK_N, D], k_layout)
+    v_desc = TensorDescriptor(v2, list(v2.shape), list(v2.stride()), [D, BLOCK_N], v_layout)
+    return k_desc, v_desc
+
+
+def launch_hopper(
+    q: torch.Tensor,
+    kv,
+    valid_len: torch.Tensor,
+    qk_fac: float,
+    o_buf: torch.Tensor,
+    l_buf: torch.Tensor,
+    splits: int,
+    precise_pv: bool = True,
+) -> None:
+    """On the fp8 shadow `kv` (`ring_attention_fp8.Fp8KV`), write each split's output rows into `o_buf`
+    (`[B, Lq, N, d]`, or `[splits, ...]` float32) and its LSE into `l_buf`; the caller merges splits.
+    Unchecked arguments (`hopper_fp8_available` first).
+
+    `precise_pv=False` accumulates P @ V in the tensor cores' fp8 accumulator (the Triton kernel's
+    `precise_pv` knob): at 64-row tiles the fresh-register form needs more registers than a thread has
+    (ptxas then waits for P @ V before the softmax, undoing the overlap), the in-place form does not, but
+    its error grows over a rollout (see the module docstring)."""
+    B, Lq, H, _ = q.shape
+    S = kv.k8.shape[2]
+    k_desc, v_desc = kv_descriptors(kv.k8, kv.v8t)
+    split_dim = splits > 1
+    ob = o_buf[0] if split_dim else o_buf
+    lb = l_buf[0] if split_dim else l_buf
+    grid = (-(-Lq // BLOCK_M), B * H, splits)
+    # fmt: off
+    _ring_attention_fp8_hopper_kernel[grid](
+        q, k_desc, v_desc, kv.kt, kv.vt, o_buf, l_buf, valid_len,
+        q.stride(0), q.stride(1), q.stride(2),
+        o_buf.stride(0) if split_dim else 0, ob.stride(0), ob.stride(1), ob.stride(2),
+        l_buf.stride(0) if split_dim else 0, lb.stride(0), lb.stride(1),
+        Lq, S, H, kv.kt.shape[2], qk_fac,
+        HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, STAGES=STAGES,
+        PRECISE_PV=precise_pv, num_warps=NUM_WARPS,
+    )
+    # fmt: on
+
+
+def launch_ring_attention_fp8_hopper(
+    q: torch.Tensor, kv, valid_len: torch.Tensor, qk_fac: float, splits: int, precise_pv: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out `[B, Lq, N, d]` in q's dtype, natural-log LSE `[B, N, Lq]`) on an fp8 shadow `kv`
+    (`ring_attention_fp8.Fp8KV`), `splits` key splits merged after; qk_fac = softmax scale * log2(e) / 448."""
+    B, Lq, H, d = q.shape
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((B, H, Lq), torch.float32, q.device)
+    if splits == 1:
+        launch_hopper(q, kv, valid_len, qk_fac, out, lse, 1, precise_pv)
+        return out, lse
+    o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
+    l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
+    launch_hopper(q, kv, valid_len, qk_fac, o_buf, l_buf, splits, precise_pv)
+    merge_into(o_buf, l_buf, out, lse)
+    return out, lse
