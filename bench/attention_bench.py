@@ -238,15 +238,19 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     }
     if prev_fp8 == fp8_cfg:
         del variants["fp8_prev_cfg"]
-    from flashdreams.kernels.ring_attention_fp8_hopper import hopper_fp8_available, launch_ring_attention_fp8_hopper
+    from flashdreams.kernels.ring_attention_fp8_hopper import (
+        VARIANTS,
+        hopper_fp8_available,
+        launch_ring_attention_fp8_hopper,
+    )
 
-    if hopper_fp8_available(q, shadow.block_n):  # the Gluon kernel on the shadow, as fp8_kernel (both PV forms)
+    if hopper_fp8_available(q, shadow.block_n):  # the Gluon kernel's forms on the shadow, as fp8_kernel
         qk_fac = scale * fp8mod.LOG2E / fp8mod.E4M3_MAX
         hop_splits = fp8mod.fp8_splits_for(-(-L // 64) * H, torch.cuda.get_device_properties(dev).multi_processor_count)
-        for tag, precise in (("fp8_hopper", True), ("fp8_hopper_inplace", False)):
-            variants[tag] = lambda kv, vl, rows, precise=precise: launch_ring_attention_fp8_hopper(
-                q, shadow, vl, qk_fac, hop_splits, precise
-            )
+        hop = launch_ring_attention_fp8_hopper
+        for form in VARIANTS:
+            tag = f"fp8_{form.replace('-', '_')}"
+            variants[tag] = lambda kv, vl, rows, f=form: hop(q, shadow, vl, qk_fac, hop_splits, f)
     from flashdreams.kernels.fa4_attention import fa4_unavailable_reason, ring_attention_fa4
 
     fa4_missing = fa4_unavailable_reason(dev)

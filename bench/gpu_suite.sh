@@ -97,9 +97,9 @@ lingbot-fp8-shadow|240|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 with
 lingbot-fp8-camera|230|issue 15: LingBot-World Fast's camera layers kept in bf16 (the FP8 default) or in FP8 too (--fp8-keep ''): fd-bench FP8 block 7 with them in FP8 (run after lingbot-fp8-shadow in one call for the same-machine pair), then fp8_quality with both FP8 forms against bf16 over 7 blocks (next47/48-h100, before the default changed: camera FP8 block 7 1456.9 vs 1475.7 ms, rel. L2 0.0271 vs 0.0080)
 lingbot-fp8-fastaccum|270|issue 15: LingBot-World Fast FP8 block 7 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (8 blocks each, block-7 profiles), then the fast-accumulation FP8's quality against bf16 over 7 blocks
 sf-fp8-fastaccum|200|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (7 blocks each, block-5 profiles), then its quality against bf16 over 7 blocks
-hopper-attn-tests|90|issues 22, 15: on an sm_90 GPU, the Gluon FP8 ring attention (kernels/ring_attention_fp8_hopper.py, both P @ V forms) against the Triton FP8 kernel and exact attention, the FD_FP8_ATTN_KERNEL route
-sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-inplace, gluon), own processes on one machine (7 blocks each, block-5 profiles), then the gluon-inplace FP8 quality against bf16 over 7 blocks
-lingbot-fp8-gluon|200|issue 15: LingBot-World Fast FP8 block 7 with the FP8 attention on the Gluon kernel (FD_FP8_ATTN_KERNEL=gluon-inplace) and on the Triton kernel, own processes on one machine (8 blocks each, block-7 profiles)
+hopper-attn-tests|200|issues 22, 15: on an sm_90 GPU, the Gluon FP8 ring attention (kernels/ring_attention_fp8_hopper.py, every form) against the Triton FP8 kernel and exact attention, the FD_FP8_ATTN_KERNEL route and the default, then the FP8 attention tests on CUDA (tests/kernels/test_fp8_attention.py, through the default route)
+sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon), own processes on one machine (7 blocks each, block-5 profiles), then the gluon-psmem FP8 quality against bf16 over 7 blocks
+lingbot-fp8-gluon|200|issue 15: LingBot-World Fast FP8 block 7 with the FP8 attention on the Gluon kernel (FD_FP8_ATTN_KERNEL=gluon-psmem) and on the Triton kernel, own processes on one machine (8 blocks each, block-7 profiles)
 lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
@@ -965,12 +965,13 @@ part_sf-fp8-fastaccum() {
 }
 
 part_hopper-attn-tests() {
-  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_fp8_attention_hopper.py"
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_fp8_attention_hopper.py" \
+    "$REPO/tests/kernels/test_fp8_attention.py"
 }
 
 part_sf-fp8-gluon() {
   local t0=$(date +%s) rc=0 kernel
-  for kernel in triton gluon-inplace gluon; do
+  for kernel in triton gluon-psmem gluon; do
     if [ $SMOKE = 1 ]; then
       FD_FP8_ATTN_KERNEL=$kernel fdb_to sf-fp8-$kernel $(($1 / 4)) --preset tiny --attention triton \
         --precision fp8 --decoder none --blocks 2 --rollouts 1 --quick-ceilings || rc=$?
@@ -979,13 +980,13 @@ part_sf-fp8-gluon() {
         --profile-block 5 --quick-ceilings || rc=$?
     fi
   done
-  FD_FP8_ATTN_KERNEL=gluon-inplace sf_fp8_quality $(($1 - ($(date +%s) - t0))) sf-fp8-gluon-quality || rc=$?
+  FD_FP8_ATTN_KERNEL=gluon-psmem sf_fp8_quality $(($1 - ($(date +%s) - t0))) sf-fp8-gluon-quality || rc=$?
   return $rc
 }
 
 part_lingbot-fp8-gluon() {
   local rc=0 kernel
-  for kernel in gluon-inplace triton; do
+  for kernel in gluon-psmem triton; do
     if [ $SMOKE = 1 ]; then
       FD_FP8_ATTN_KERNEL=$kernel fdb_to lingbot-fp8-$kernel $(($1 / 2)) --preset lingbot-world-fast-tiny \
         --attention triton --precision fp8 --blocks 3 --rollouts 1 --profile-block 2 --quick-ceilings || rc=$?

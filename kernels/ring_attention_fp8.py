@@ -84,6 +84,7 @@ from ._common import (
 from .attention_merge import merge_into
 from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok, resolve_scale
 from .ring_attention_configs import AttnConfig
+from .ring_attention_fp8_hopper import VARIANTS as HOPPER_VARIANTS
 from .ring_attention_fp8_hopper import hopper_fp8_available, launch_ring_attention_fp8_hopper
 
 E4M3_MAX = 448.0
@@ -190,15 +191,18 @@ def _splits_override() -> int | None:
     return int(raw)
 
 
-# FD_FP8_ATTN_KERNEL picks the kernel behind the FP8 ring attention on Hopper at head dim 128 with the
-# default config: "triton" (this file's kernel), "gluon" (ring_attention_fp8_hopper.py, P @ V into fresh
-# registers as here) or "gluon-inplace" (its P @ V accumulated in the tensor cores). Unset: "triton".
+# The kernel behind the FP8 ring attention where the Gluon one can serve (sm_90, head dim 128, the 64 x 128
+# default config): its form that takes P through shared memory, 758 against this file's 694 TFLOP/s at kv 28080
+# on an H100 and Self-Forcing's FP8 block 5 272.8 against 286.1 ms, the same quality (bench/results/g4-h100,
+# g5-h100). FD_FP8_ATTN_KERNEL overrides it: "triton" (this file's kernel everywhere) or another of the Gluon
+# forms (ring_attention_fp8_hopper.VARIANTS), for benchmarks.
 KERNEL_ENV = "FD_FP8_ATTN_KERNEL"
-KERNEL_CHOICES = ("triton", "gluon", "gluon-inplace")
+KERNEL_CHOICES = ("triton", *HOPPER_VARIANTS)
+DEFAULT_HOPPER_FORM = "gluon-psmem"
 
 
 def _kernel_choice() -> str:
-    raw = os.environ.get(KERNEL_ENV, "") or "triton"
+    raw = os.environ.get(KERNEL_ENV, "") or DEFAULT_HOPPER_FORM
     if raw not in KERNEL_CHOICES:
         raise InvalidArgumentError(f"{KERNEL_ENV}: expected one of {', '.join(KERNEL_CHOICES)}, found {raw!r}")
     return raw
@@ -628,7 +632,8 @@ def launch_ring_attention_fp8_quantized(
     pv_fp8: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention kernel on already-quantized K/V (`quantize_kv_fp8`); v_cache is read only
-    when `pv_fp8` is False. Unchecked arguments (the bench and tests use this)."""
+    when `pv_fp8` is False. With no config, on sm_90 at head dim 128 the Gluon kernel runs it
+    (`ring_attention_fp8_hopper`, see KERNEL_ENV). Unchecked arguments (the bench and tests use this)."""
     B, Lq, H, d = q.shape
     S = kv.k8.shape[2]
     d_pad = kv.k8.shape[3]
@@ -644,10 +649,11 @@ def launch_ring_attention_fp8_quantized(
         on_gpu = q.device.type == "cuda"
         programs = triton.cdiv(Lq, cfg.block_m) * B * H
         splits = fp8_splits_for(programs, _sm_count(q.device.index or 0)) if on_gpu else 1
+    # The picked config (none given) runs on the Gluon kernel where it can; an explicit config is this kernel's.
     kernel = _kernel_choice()
-    if kernel != "triton" and pv_fp8 and cfg.block_m == 64 and hopper_fp8_available(q, kv.block_n):
+    if config is None and kernel != "triton" and pv_fp8 and hopper_fp8_available(q, kv.block_n):
         qk_fac = scale * LOG2E / E4M3_MAX
-        return launch_ring_attention_fp8_hopper(q, kv, valid_len, qk_fac, splits, precise_pv=kernel == "gluon")
+        return launch_ring_attention_fp8_hopper(q, kv, valid_len, qk_fac, splits, kernel)
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Lq), torch.float32, q.device)
     if splits == 1:
@@ -696,7 +702,7 @@ def launch_ring_attention_fp8(
     """Pre-pass + kernel with an explicit config (unchecked arguments; the bench and tests use this)."""
     cfg = config if config is not None else pick_fp8_config(q)
     kv = quantize_kv_fp8(k_cache, v_cache, valid_len, cfg.block_n, quant_v=pv_fp8)
-    return launch_ring_attention_fp8_quantized(q, kv, v_cache, valid_len, scale, cfg, pv_fp8)
+    return launch_ring_attention_fp8_quantized(q, kv, v_cache, valid_len, scale, config, pv_fp8)
 
 
 def _ring_attention_fp8_op(

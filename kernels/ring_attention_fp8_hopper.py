@@ -19,14 +19,18 @@ with K and V^T tiles brought in by TMA into a ring of STAGES buffers (one mbarri
 tile j + STAGES - 2 issued at the top of iteration j into the buffer tile j - 2 has released. Two 4-warp
 CTAs share an SM as with the Triton kernel, so one CTA's softmax also runs under the other's MMAs.
 
-Measured on an H100 (bench/results/NOTES.md, g1-h100 / g2-h100), it is slower than the Triton kernel:
-654 against 708 TFLOP/s at kv 28080 (Self-Forcing's FP8 block 5: 305.1 against 285.0 ms). At 64-row tiles
-the fresh-register P @ V does not fit beside the next tile's logits, so ptxas waits for it before the
-softmax after all; accumulating in place overlaps (602 TFLOP/s) but its fp8 accumulation drifts over a
-rollout (latents 0.061 against bf16 over 7 blocks). Moving P from the logits' layout to wgmma's A
-layout costs ~250 instructions a tile against the Triton kernel's ~50. So it is opt-in
-(`FD_FP8_ATTN_KERNEL=gluon`); NOTES says what the next step is (a key relabelling that makes the move
-thread-local).
+Forms (`VARIANTS`, measured on an H100, bench/results/NOTES.md g1..g5-h100, TFLOP/s at kv 28080):
+
+* P through shared memory (`gluon-psmem`, the default on sm_90): P is stored into one of two e4m3 slots
+  and P @ V reads it from there. Two things that cost the register forms their speed go away: the
+  fresh-register P @ V then fits beside the next tile's logits (249 registers, the softmax runs between
+  the two waits), and the move of P from the logits' layout to wgmma's A layout (~250 instructions a
+  tile, against 32 two-byte stores). 758 against the Triton kernel's 694 in the same run; Self-Forcing's
+  FP8 block 5 272.8 against 286.1 ms, quality unchanged (latents 0.0235 against bf16 over 7 blocks).
+* P in registers, fresh-register P @ V (`gluon`): ptxas waits for P @ V before the softmax (it does not
+  fit), 622-654.
+* P in registers, P @ V accumulated in the tensor cores (`gluon-inplace`): overlapped, 574-602, and the
+  fp8 accumulator's error grows over a rollout (latents 0.061 over 7 blocks): not for streaming models.
 
 GPU only (Gluon has no CPU interpreter): `tests/kernels/test_ring_attention_fp8_hopper.py` checks it
 against the Triton kernel and the torch twin on CUDA; the Triton kernel stays the CPU-tested one and the
@@ -36,6 +40,7 @@ fallback for every other shape and device.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -61,7 +66,26 @@ except ImportError:  # pragma: no cover - depends on the triton build
 HEAD_DIM = 128  # the one head dim this kernel is written for (fp8 wgmma K steps of 32; TMA rows of 128 bytes)
 BLOCK_M = 64
 BLOCK_N = 128
-STAGES = 3
+
+
+@dataclass(frozen=True)
+class HopperVariant:
+    """One form of the kernel: K and V^T buffer counts, where P @ V accumulates, where P goes."""
+
+    k_stages: int
+    v_stages: int
+    precise_pv: bool  # each tile's P @ V into fresh registers, added in fp32 (else the fp8 accumulator)
+    p_smem: bool  # P through shared memory (else a register layout conversion)
+
+
+# What FD_FP8_ATTN_KERNEL names (kernels/ring_attention_fp8.py): shared memory per CTA must stay under ~113 KB
+# for two CTAs an SM (q 8 KB, each K or V^T buffer 16 KB, P 8 KB a slot).
+VARIANTS: dict[str, HopperVariant] = {
+    "gluon": HopperVariant(3, 3, True, False),
+    "gluon-inplace": HopperVariant(3, 3, False, False),
+    "gluon-psmem": HopperVariant(3, 2, True, True),
+    "gluon-psmem-k2": HopperVariant(2, 2, True, True),
+}
 NUM_WARPS = 4
 
 
@@ -84,16 +108,33 @@ def _capability(index: int) -> tuple[int, int]:
 if HAVE_GLUON:
 
     @gluon.jit
-    def _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j, n_tiles, lo, k_row0, v_row0,
-                    BLOCK_N: gl.constexpr, STAGES: gl.constexpr):  # fmt: skip
-        """Start the TMA loads of key tile j (K rows and V^T columns) into buffer j % STAGES."""
+    def _load_k(k_desc, k_smem, k_bar, j, n_tiles, lo, k_row0, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
+        """Start the TMA load of key tile j's K rows into buffer j % K_STAGES (nothing past the last tile)."""
         if j < n_tiles:
-            s = j % STAGES
-            start = lo + j * BLOCK_N
+            s = j % K_STAGES
             mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row0 + start, 0], k_bar.index(s), k_smem.index(s))
+            tma.async_copy_global_to_shared(k_desc, [k_row0 + lo + j * BLOCK_N, 0], k_bar.index(s), k_smem.index(s))
+
+    @gluon.jit
+    def _load_v(v_desc, v_smem, v_bar, j, n_tiles, lo, v_row0, BLOCK_N: gl.constexpr, V_STAGES: gl.constexpr):
+        """Start the TMA load of key tile j's V^T columns into buffer j % V_STAGES."""
+        if j < n_tiles:
+            s = j % V_STAGES
             mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [v_row0, start], v_bar.index(s), v_smem.index(s))
+            tma.async_copy_global_to_shared(v_desc, [v_row0, lo + j * BLOCK_N], v_bar.index(s), v_smem.index(s))
+
+    @gluon.jit
+    def _p_operand(p, p_smem, j, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
+        """P (fp32, the logits' layout) as e4m3 wgmma A operand: in shared memory (slot j % 2: the previous
+        slot is still being read by the P @ V in flight) or in registers (a layout conversion)."""
+        if P_SMEM:
+            slot = p_smem.index(j % 2)
+            slot.store(p.to(gl.float8e4nv))
+            fence_async_shared()
+            gl.thread_barrier()  # every warp's rows are in before the warpgroup's wgmma reads them
+            return slot
+        else:
+            return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
 
     @gluon.jit
     def _softmax_tile(s, m_i, l_i, q_fac, kt, start, valid, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
@@ -117,7 +158,8 @@ if HAVE_GLUON:
         stride_ls, stride_lb, stride_lh,
         Lq, S, H, N_TILES, qk_fac,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLITS: gl.constexpr,
-        STAGES: gl.constexpr, PRECISE_PV: gl.constexpr, num_warps: gl.constexpr,
+        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PRECISE_PV: gl.constexpr, P_SMEM: gl.constexpr,
+        num_warps: gl.constexpr,
     ):  # fmt: skip
         """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
         pid_m = gl.program_id(0)
@@ -146,18 +188,27 @@ if HAVE_GLUON:
         hi = gl.minimum(lo + per_split, valid)
         n_tiles = gl.cdiv(hi - lo, BLOCK_N)
 
-        # Buffers first, so the key tiles' loads are in flight while q is quantized.
-        k_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(gl.float8e4nv, [STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
-        k_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(STAGES):
+        # Buffers first, so the key tiles' loads are in flight while q is quantized. K tile j + K_STAGES - 1 is
+        # loaded at the top of iteration j into the buffer S_{j-1} released; V tile j + V_STAGES - 2 into the one
+        # P @ V of tile j - 2 released (the P @ V of tile j - 1 is issued in iteration j).
+        k_smem = gl.allocate_shared_memory(gl.float8e4nv, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(gl.float8e4nv, [V_STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
+        k_bar = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_bar = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(K_STAGES):
             mbarrier.init(k_bar.index(i), count=1)
+        for i in gl.static_range(V_STAGES):
             mbarrier.init(v_bar.index(i), count=1)
         k_row0 = bh * S
         v_row0 = bh * HEAD_DIM
-        for i in gl.static_range(STAGES - 1):
-            _issue_tile(k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, i, n_tiles, lo, k_row0, v_row0, BLOCK_N, STAGES)
+        for i in gl.static_range(K_STAGES):
+            _load_k(k_desc, k_smem, k_bar, i, n_tiles, lo, k_row0, BLOCK_N, K_STAGES)
+        for i in gl.static_range(V_STAGES - 1):
+            _load_v(v_desc, v_smem, v_bar, i, n_tiles, lo, v_row0, BLOCK_N, V_STAGES)
+        # P's two slots where it goes through shared memory (else an unused 1 KB placeholder)
+        p_smem = gl.allocate_shared_memory(
+            gl.float8e4nv, [2 if P_SMEM else 1, BLOCK_M if P_SMEM else 8, BLOCK_N], q_smem_layout
+        )
 
         # q: per-row e4m3 into shared memory (wgmma's A); the row scale joins the logit factor.
         offs_mq = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_load))
@@ -186,30 +237,29 @@ if HAVE_GLUON:
             s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s_tok,))
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, gl.load(KT_b + tile0), lo, valid, s_layout, BLOCK_N)
-            p8 = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+            p8 = _p_operand(p, p_smem, 0, p_layout, P_SMEM)
             u_i = gl.load(VT_b + tile0)
             alpha_o = gl.zeros([BLOCK_M], gl.float32, row_o)  # acc is zero: any factor
             for j in range(1, n_tiles):
-                _issue_tile(
-                    k_desc, v_desc, k_smem, v_smem, k_bar, v_bar, j + STAGES - 2, n_tiles, lo, k_row0, v_row0,
-                    BLOCK_N, STAGES,
-                )  # fmt: skip
-                sj = j % STAGES
-                mbarrier.wait(k_bar.index(sj), (j // STAGES) & 1)
-                s_tok = warpgroup_mma(q_smem, k_smem.index(sj).permute((1, 0)), s_zero, use_acc=False, is_async=True)
-                sp = (j - 1) % STAGES
-                mbarrier.wait(v_bar.index(sp), ((j - 1) // STAGES) & 1)
+                _load_k(k_desc, k_smem, k_bar, j + K_STAGES - 1, n_tiles, lo, k_row0, BLOCK_N, K_STAGES)
+                _load_v(v_desc, v_smem, v_bar, j + V_STAGES - 2, n_tiles, lo, v_row0, BLOCK_N, V_STAGES)
+                mbarrier.wait(k_bar.index(j % K_STAGES), (j // K_STAGES) & 1)
+                s_tok = warpgroup_mma(
+                    q_smem, k_smem.index(j % K_STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True
+                )
+                vp = (j - 1) % V_STAGES
+                mbarrier.wait(v_bar.index(vp), ((j - 1) // V_STAGES) & 1)
+                a_prev = p_smem.index((j - 1) % 2) if P_SMEM else p8
                 if PRECISE_PV:
-                    pv_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, use_acc=False, is_async=True)
+                    pv_tok = warpgroup_mma(a_prev, v_smem.index(vp).permute((1, 0)), acc, use_acc=False, is_async=True)
                 else:
                     acc = acc * gl.expand_dims(alpha_o, 1)
-                    pv_tok = warpgroup_mma(p8, v_smem.index(sp).permute((1, 0)), acc, is_async=True)
+                    pv_tok = warpgroup_mma(a_prev, v_smem.index(vp).permute((1, 0)), acc, is_async=True)
                 s = warpgroup_mma_wait(1, deps=(s_tok,))
-                start = lo + j * BLOCK_N
                 kt = gl.load(KT_b + tile0 + j)
                 u_new = gl.load(VT_b + tile0 + j)
-                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, kt, start, valid, s_layout, BLOCK_N)
-                p8_next = gl.convert_layout(p.to(gl.float8e4nv), p_layout)
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, kt, lo + j * BLOCK_N, valid, s_layout, BLOCK_N)
+                p8_next = _p_operand(p, p_smem, j, p_layout, P_SMEM)
                 # l_i through the wait: the softmax above must run before it (under PV), not be sunk past it.
                 pv, l_i = warpgroup_mma_wait(0, deps=(pv_tok, l_i))
                 if PRECISE_PV:
@@ -218,21 +268,24 @@ if HAVE_GLUON:
                     acc = pv
                 alpha_o = gl.convert_layout(alpha * gl.div_rn(u_i, u_new), row_o)
                 u_i = u_new
-                p8 = p8_next
+                if not P_SMEM:
+                    p8 = p8_next
             # The last tile's P @ V.
-            sl = (n_tiles - 1) % STAGES
-            mbarrier.wait(v_bar.index(sl), ((n_tiles - 1) // STAGES) & 1)
+            vl = (n_tiles - 1) % V_STAGES
+            mbarrier.wait(v_bar.index(vl), ((n_tiles - 1) // V_STAGES) & 1)
+            a_last = p_smem.index((n_tiles - 1) % 2) if P_SMEM else p8
             if PRECISE_PV:
-                pv_tok = warpgroup_mma(p8, v_smem.index(sl).permute((1, 0)), acc, use_acc=False, is_async=True)
+                pv_tok = warpgroup_mma(a_last, v_smem.index(vl).permute((1, 0)), acc, use_acc=False, is_async=True)
                 pv = warpgroup_mma_wait(0, deps=(pv_tok,))
                 acc = acc * gl.expand_dims(alpha_o, 1) + pv
             else:
                 acc = acc * gl.expand_dims(alpha_o, 1)
-                pv_tok = warpgroup_mma(p8, v_smem.index(sl).permute((1, 0)), acc, is_async=True)
+                pv_tok = warpgroup_mma(a_last, v_smem.index(vl).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(pv_tok,))
 
-        for i in gl.static_range(STAGES):
+        for i in gl.static_range(K_STAGES):
             mbarrier.invalidate(k_bar.index(i))
+        for i in gl.static_range(V_STAGES):
             mbarrier.invalidate(v_bar.index(i))
 
         has_keys = l_i > 0.0
@@ -272,7 +325,7 @@ def launch_hopper(
     o_buf: torch.Tensor,
     l_buf: torch.Tensor,
     splits: int,
-    precise_pv: bool = True,
+    variant: HopperVariant = VARIANTS["gluon"],
 ) -> None:
     """On the fp8 shadow `kv` (`ring_attention_fp8.Fp8KV`), write each split's output rows into `o_buf`
     (`[B, Lq, N, d]`, or `[splits, ...]` float32) and its LSE into `l_buf`; the caller merges splits.
@@ -296,14 +349,14 @@ def launch_hopper(
         o_buf.stride(0) if split_dim else 0, ob.stride(0), ob.stride(1), ob.stride(2),
         l_buf.stride(0) if split_dim else 0, lb.stride(0), lb.stride(1),
         Lq, S, H, kv.kt.shape[2], qk_fac,
-        HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, STAGES=STAGES,
-        PRECISE_PV=precise_pv, num_warps=NUM_WARPS,
+        HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, K_STAGES=variant.k_stages,
+        V_STAGES=variant.v_stages, PRECISE_PV=variant.precise_pv, P_SMEM=variant.p_smem, num_warps=NUM_WARPS,
     )
     # fmt: on
 
 
 def launch_ring_attention_fp8_hopper(
-    q: torch.Tensor, kv, valid_len: torch.Tensor, qk_fac: float, splits: int, precise_pv: bool = True
+    q: torch.Tensor, kv, valid_len: torch.Tensor, qk_fac: float, splits: int, variant: str = "gluon"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out `[B, Lq, N, d]` in q's dtype, natural-log LSE `[B, N, Lq]`) on an fp8 shadow `kv`
     (`ring_attention_fp8.Fp8KV`), `splits` key splits merged after; qk_fac = softmax scale * log2(e) / 448."""
@@ -311,10 +364,10 @@ def launch_ring_attention_fp8_hopper(
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Lq), torch.float32, q.device)
     if splits == 1:
-        launch_hopper(q, kv, valid_len, qk_fac, out, lse, 1, precise_pv)
+        launch_hopper(q, kv, valid_len, qk_fac, out, lse, 1, VARIANTS[variant])
         return out, lse
     o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
     l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
-    launch_hopper(q, kv, valid_len, qk_fac, o_buf, l_buf, splits, precise_pv)
+    launch_hopper(q, kv, valid_len, qk_fac, o_buf, l_buf, splits, VARIANTS[variant])
     merge_into(o_buf, l_buf, out, lse)
     return out, lse

@@ -50,6 +50,8 @@ pytestmark = pytest.mark.skipif(
 # GPU the fp8 wgmma accumulator keeps ~14 fraction bits and exp2 is approximate, which flips a
 # few e4m3 roundings of P (a few 1e-3 of rel. L2).
 TWIN_TOL = 1e-3 if DEVICE.type == "cpu" else 1.5e-2
+# LSE: fp32 math in the interpreter; a GPU's ex2.approx / lg2.approx move it by ~2e-5 relative (H100, g6-h100).
+LSE_TOL = 1e-5 if DEVICE.type == "cpu" else 1e-4
 
 
 def rms_normed(*shape: int, g: torch.Generator, gain: float = 1.0) -> torch.Tensor:
@@ -92,7 +94,7 @@ def test_kernel_matches_twin(pv_fp8, B, Lq, H, d, S, valid):
     assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (B, H, Lq)
     assert torch.isfinite(out).all()
     assert rel_l2(out, ref) < TWIN_TOL
-    assert rel_l2(lse, ref_lse) < 1e-5
+    assert rel_l2(lse, ref_lse) < LSE_TOL
     exact = ring_attention_reference(q.float(), k.float(), v.float(), vl)
     assert rel_l2(out, exact) < (0.08 if pv_fp8 else 0.06)
 
@@ -185,7 +187,7 @@ def test_quantize_kv_prepass_matches_torch(split_kv, monkeypatch):
         assert torch.equal(shadow.v8t[:, :, :d, :valid].float(), v8.transpose(-1, -2))
         assert torch.equal(shadow.kt[:, :, :2], kt) and torch.equal(shadow.vt[:, :, :2], vt)  # tile 2 starts past valid
     # the tile scale is the tile's amax / 448: its largest element becomes +-448
-    assert torch.equal(k8[:, :, :bn].abs().amax((-1, -2)), torch.full((B, H), 448.0))
+    assert torch.equal(k8[:, :, :bn].abs().amax((-1, -2)), torch.full((B, H), 448.0, device=DEVICE))
 
 
 def test_e4m3_rounding_emulation_matches_torch():

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.kernels.ring_attention_fp8_hopper import BLOCK_N, hopper_fp8_available
+from flashdreams.kernels.ring_attention_fp8_hopper import BLOCK_N, VARIANTS, hopper_fp8_available
 from flashdreams.numerics import rel_l2
 
 fp8mod = importlib.import_module("flashdreams.kernels.ring_attention_fp8")
@@ -34,11 +34,11 @@ def make_case(B, Lq, H, S, valid, seed=0):
     return q, k, v, vl, kv
 
 
-def run_kernel(q, kv, vl, splits, precise):
+def run_kernel(q, kv, vl, splits, form):
     from flashdreams.kernels.ring_attention_fp8_hopper import launch_ring_attention_fp8_hopper
 
     qk_fac = q.shape[-1] ** -0.5 * fp8mod.LOG2E / fp8mod.E4M3_MAX
-    return launch_ring_attention_fp8_hopper(q, kv, vl, qk_fac, splits, precise)
+    return launch_ring_attention_fp8_hopper(q, kv, vl, qk_fac, splits, form)
 
 
 def triton_kernel(q, kv, vl, splits):
@@ -48,14 +48,15 @@ def triton_kernel(q, kv, vl, splits):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel is written for sm_90")
-@pytest.mark.parametrize("precise", [True, False])
+@pytest.mark.parametrize("form", list(VARIANTS))
 @pytest.mark.parametrize("valid", [1, 128, 129, 1000, 4680])
 @pytest.mark.parametrize("splits", [1, 2])
-def test_matches_the_triton_kernel(precise, valid, splits):
-    """Same quantized operands, same formulas: the fresh-register form agrees with the Triton kernel to
+def test_matches_the_triton_kernel(form, valid, splits):
+    """Same quantized operands, same formulas: the fresh-register forms agree with the Triton kernel to
     exp2/ordering noise; the tensor-core accumulation adds its ~14-bit rounding on top. LSE likewise."""
+    precise = VARIANTS[form].precise_pv
     q, _, _, vl, kv = make_case(2, 200, 3, 5000, valid, seed=valid)
-    out, lse = run_kernel(q, kv, vl, splits, precise)
+    out, lse = run_kernel(q, kv, vl, splits, form)
     want, want_lse = triton_kernel(q, kv, vl, splits)
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
     assert rel_l2(out.float(), want.float()) < (5e-3 if precise else 2e-2)
@@ -71,41 +72,57 @@ def test_quality_against_exact_attention():
     q, k, v, vl, kv = make_case(1, 256, 2, 28160, 28080, seed=3)
     ref = ring_attention_reference(q.float(), k, v, vl, q.shape[-1] ** -0.5)
     base = rel_l2(triton_kernel(q, kv, vl, 1)[0].float(), ref)
-    for precise in (True, False):
-        err = rel_l2(run_kernel(q, kv, vl, 1, precise)[0].float(), ref)
-        assert err < 0.07 and err < base * (1.02 if precise else 1.2), (precise, err, base)
+    for form, variant in VARIANTS.items():
+        err = rel_l2(run_kernel(q, kv, vl, 1, form)[0].float(), ref)
+        assert err < 0.07 and err < base * (1.02 if variant.precise_pv else 1.2), (form, err, base)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel is written for sm_90")
 def test_no_valid_keys_gives_zero_and_minus_inf_lse():
     q, _, _, vl, kv = make_case(1, 64, 2, 512, 0)
-    out, lse = run_kernel(q, kv, vl, 1, True)
+    out, lse = run_kernel(q, kv, vl, 1, "gluon-psmem")
     assert torch.equal(out, torch.zeros_like(out)) and torch.isinf(lse).all() and (lse < 0).all()
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel is written for sm_90")
-@pytest.mark.parametrize("choice", ["gluon", "gluon-inplace"])
+@pytest.mark.parametrize("choice", list(VARIANTS))
 def test_environment_switch_routes_the_shadowed_attention(monkeypatch, choice):
     """FD_FP8_ATTN_KERNEL sends the engine's route (the prequantized op) through the Gluon kernel."""
     q, _, _, vl, kv = make_case(1, 300, 4, 6000, 5555, seed=1)
     monkeypatch.setenv(fp8mod.KERNEL_ENV, choice)
     got = fp8mod.ring_attention_fp8_prequantized(q, kv, vl, return_lse=True)
     splits = fp8mod.fp8_splits_for(-(-300 // 64) * 4, torch.cuda.get_device_properties(0).multi_processor_count)
-    direct = run_kernel(q, kv, vl, splits, choice == "gluon")
+    direct = run_kernel(q, kv, vl, splits, choice)
     assert torch.equal(got[0], direct[0]) and torch.equal(got[1], direct[1])
 
 
 def test_kernel_choice_is_refused_by_name(monkeypatch):
-    """A value that names no kernel is refused before anything is launched (on any device)."""
+    """A value that names no kernel is refused before anything is launched (on any device); unset, the
+    Gluon form measured fastest is chosen (used only where `hopper_fp8_available`)."""
     monkeypatch.setenv(fp8mod.KERNEL_ENV, "cutlass")
     with pytest.raises(InvalidArgumentError, match=fp8mod.KERNEL_ENV):
         fp8mod._kernel_choice()
-    monkeypatch.setenv(fp8mod.KERNEL_ENV, "gluon")
-    assert fp8mod._kernel_choice() == "gluon"
-    monkeypatch.delenv(fp8mod.KERNEL_ENV)
+    monkeypatch.setenv(fp8mod.KERNEL_ENV, "triton")
     assert fp8mod._kernel_choice() == "triton"
+    monkeypatch.delenv(fp8mod.KERNEL_ENV)
+    assert fp8mod._kernel_choice() == fp8mod.DEFAULT_HOPPER_FORM == "gluon-psmem"
+    assert fp8mod.DEFAULT_HOPPER_FORM in VARIANTS and VARIANTS[fp8mod.DEFAULT_HOPPER_FORM].precise_pv
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not ON_HOPPER, reason="the Gluon kernel is written for sm_90")
+def test_default_route_on_hopper_is_the_gluon_kernel(monkeypatch):
+    """Unset, the engine's route on sm_90 is the default Gluon form; "triton" brings back the Triton kernel."""
+    q, _, _, vl, kv = make_case(1, 300, 4, 6000, 5555, seed=2)
+    monkeypatch.delenv(fp8mod.KERNEL_ENV, raising=False)
+    got = fp8mod.ring_attention_fp8_prequantized(q, kv, vl, return_lse=True)
+    splits = fp8mod.fp8_splits_for(-(-300 // 64) * 4, torch.cuda.get_device_properties(0).multi_processor_count)
+    assert torch.equal(got[0], run_kernel(q, kv, vl, splits, fp8mod.DEFAULT_HOPPER_FORM)[0])
+    monkeypatch.setenv(fp8mod.KERNEL_ENV, "triton")
+    tri = fp8mod.ring_attention_fp8_prequantized(q, kv, vl, return_lse=True)
+    assert torch.equal(tri[0], triton_kernel(q, kv, vl, splits)[0])
 
 
 def test_availability_needs_hopper_head_dim_128_and_the_key_tile():
