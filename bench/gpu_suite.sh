@@ -100,6 +100,7 @@ sf-fp8-fastaccum|200|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 GEMMs'
 hopper-attn-tests|200|issues 22, 15: on an sm_90 GPU, the Gluon FP8 ring attention (kernels/ring_attention_fp8_hopper.py, every form) against the Triton FP8 kernel and exact attention, the FD_FP8_ATTN_KERNEL route and the default, then the FP8 attention tests on CUDA (tests/kernels/test_fp8_attention.py, through the default route)
 sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon), own processes on one machine (7 blocks each, block-5 profiles), then the gluon-psmem FP8 quality against bf16 over 7 blocks
 lingbot-fp8-gluon|200|issue 15: LingBot-World Fast FP8 block 7 with the FP8 attention on the Gluon kernel (FD_FP8_ATTN_KERNEL=gluon-psmem) and on the Triton kernel, own processes on one machine (8 blocks each, block-7 profiles)
+rolling-fp8-200|200|issue 22 target 4: the bounded cache (sink 1 + window 11) all-FP8 alone, 12 blocks + 200 steady blocks (the bar's 'flat over 200 blocks'), block-11 profile
 lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
@@ -818,6 +819,16 @@ part_rolling-fp8() {
   else
     fdb_to rolling-fp8 "$1" --preset self-forcing-1.3b-rolling --random-weights --decoder taehv --attention triton \
       --precision bf16,fp8 --blocks 12 --rollouts 1 --steady-blocks 150 --profile-block 11
+  fi
+}
+
+part_rolling-fp8-200() {
+  if [ $SMOKE = 1 ]; then
+    fdb_to rolling-fp8-200 "$1" --preset tiny --attention triton --precision fp8 --decoder none --blocks 3 \
+      --rollouts 1 --steady-blocks 6 --quick-ceilings
+  else
+    fdb_to rolling-fp8-200 "$1" --preset self-forcing-1.3b-rolling --random-weights --decoder taehv --attention triton \
+      --precision fp8 --blocks 12 --rollouts 1 --steady-blocks 200 --profile-block 11
   fi
 }
 

@@ -72,6 +72,7 @@ from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_tensor,
+    inline_into_compilers,
     interpreted,
     launch,
     new_output,
@@ -206,6 +207,16 @@ def _kernel_choice() -> str:
     if raw not in KERNEL_CHOICES:
         raise InvalidArgumentError(f"{KERNEL_ENV}: expected one of {', '.join(KERNEL_CHOICES)}, found {raw!r}")
     return raw
+
+
+def _hopper_form(q: torch.Tensor, kv: Fp8KV, config: Fp8AttnConfig | None, pv_fp8: bool) -> str | None:
+    """The Gluon form that runs this call, or None for this file's kernel: only the picked config (an
+    explicit one is this kernel's, as the bench's sweeps and tests ask), fp8 P @ V, ops left opaque
+    (Inductor can inline Triton kernels, not Gluon ones), and a device and shape the Gluon kernel serves."""
+    kernel = _kernel_choice()
+    if config is not None or not pv_fp8 or inline_into_compilers() or kernel == "triton":
+        return None
+    return kernel if hopper_fp8_available(q, kv.block_n) else None
 
 
 def pick_fp8_config(q: torch.Tensor) -> Fp8AttnConfig:
@@ -649,11 +660,9 @@ def launch_ring_attention_fp8_quantized(
         on_gpu = q.device.type == "cuda"
         programs = triton.cdiv(Lq, cfg.block_m) * B * H
         splits = fp8_splits_for(programs, _sm_count(q.device.index or 0)) if on_gpu else 1
-    # The picked config (none given) runs on the Gluon kernel where it can; an explicit config is this kernel's.
-    kernel = _kernel_choice()
-    if config is None and kernel != "triton" and pv_fp8 and hopper_fp8_available(q, kv.block_n):
-        qk_fac = scale * LOG2E / E4M3_MAX
-        return launch_ring_attention_fp8_hopper(q, kv, valid_len, qk_fac, splits, kernel)
+    form = _hopper_form(q, kv, config, pv_fp8)
+    if form is not None:
+        return launch_ring_attention_fp8_hopper(q, kv, valid_len, scale * LOG2E / E4M3_MAX, splits, form)
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Lq), torch.float32, q.device)
     if splits == 1:

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import new_output
+from ._common import _is_traced, new_output
 from .attention_merge import merge_into
 
 try:  # Gluon ships with triton >= 3.5; without it this module only reports itself unavailable
@@ -64,7 +64,6 @@ except ImportError:  # pragma: no cover - depends on the triton build
     HAVE_GLUON = False
 
 HEAD_DIM = 128  # the one head dim this kernel is written for (fp8 wgmma K steps of 32; TMA rows of 128 bytes)
-BLOCK_M = 64
 BLOCK_N = 128
 
 
@@ -76,6 +75,7 @@ class HopperVariant:
     v_stages: int
     precise_pv: bool  # each tile's P @ V into fresh registers, added in fp32 (else the fp8 accumulator)
     p_smem: bool  # P through shared memory (else a register layout conversion)
+    block_m: int = 64  # query rows a CTA; 128 = two consumer warpgroups sharing each K/V tile (8 warps)
 
 
 # What FD_FP8_ATTN_KERNEL names (kernels/ring_attention_fp8.py): shared memory per CTA must stay under ~113 KB
@@ -85,8 +85,8 @@ VARIANTS: dict[str, HopperVariant] = {
     "gluon-inplace": HopperVariant(3, 3, False, False),
     "gluon-psmem": HopperVariant(3, 2, True, True),
     "gluon-psmem-k2": HopperVariant(2, 2, True, True),
+    "gluon-psmem-m128": HopperVariant(3, 3, True, True, block_m=128),  # 144 KB: one CTA an SM
 }
-NUM_WARPS = 4
 
 
 def hopper_fp8_available(q: torch.Tensor, block_n: int) -> bool:
@@ -341,7 +341,7 @@ def launch_hopper(
     split_dim = splits > 1
     ob = o_buf[0] if split_dim else o_buf
     lb = l_buf[0] if split_dim else l_buf
-    grid = (-(-Lq // BLOCK_M), B * H, splits)
+    grid = (-(-Lq // variant.block_m), B * H, splits)
     # fmt: off
     _ring_attention_fp8_hopper_kernel[grid](
         q, k_desc, v_desc, kv.kt, kv.vt, o_buf, l_buf, valid_len,
@@ -349,8 +349,9 @@ def launch_hopper(
         o_buf.stride(0) if split_dim else 0, ob.stride(0), ob.stride(1), ob.stride(2),
         l_buf.stride(0) if split_dim else 0, lb.stride(0), lb.stride(1),
         Lq, S, H, kv.kt.shape[2], qk_fac,
-        HEAD_DIM=HEAD_DIM, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, SPLITS=splits, K_STAGES=variant.k_stages,
-        V_STAGES=variant.v_stages, PRECISE_PV=variant.precise_pv, P_SMEM=variant.p_smem, num_warps=NUM_WARPS,
+        HEAD_DIM=HEAD_DIM, BLOCK_M=variant.block_m, BLOCK_N=BLOCK_N, SPLITS=splits, K_STAGES=variant.k_stages,
+        V_STAGES=variant.v_stages, PRECISE_PV=variant.precise_pv, P_SMEM=variant.p_smem,
+        num_warps=variant.block_m // 16,
     )
     # fmt: on
 
@@ -363,6 +364,8 @@ def launch_ring_attention_fp8_hopper(
     B, Lq, H, d = q.shape
     out = new_output(q.shape, q.dtype, q.device)
     lse = new_output((B, H, Lq), torch.float32, q.device)
+    if _is_traced((q, kv.k8, valid_len)):  # shapes only (export, fake tensors): nothing to launch or describe
+        return out, lse
     if splits == 1:
         launch_hopper(q, kv, valid_len, qk_fac, out, lse, 1, VARIANTS[variant])
         return out, lse

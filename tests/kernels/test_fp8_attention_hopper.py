@@ -132,3 +132,48 @@ def test_availability_needs_hopper_head_dim_128_and_the_key_tile():
         assert hopper_fp8_available(q, BLOCK_N)
         assert not hopper_fp8_available(q, 64)
         assert not hopper_fp8_available(torch.zeros(1, 4, 2, 64, device="cuda"), BLOCK_N)
+
+
+def test_fake_tensors_get_shapes_without_a_launch():
+    """Under torch.export's fake tensors the op's body (its own fake implementation) only allocates: no
+    descriptor is built from a fake pointer and nothing is launched; the shapes are the op's."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from flashdreams.kernels.ring_attention_fp8_hopper import launch_ring_attention_fp8_hopper
+
+    with FakeTensorMode():
+        q = torch.empty(2, 100, 3, 128, device="cuda", dtype=torch.bfloat16)
+        kv = fp8mod.Fp8KV(
+            torch.empty(2, 3, 512, 128, device="cuda", dtype=torch.float8_e4m3fn),
+            torch.empty(2, 3, 4, device="cuda"),
+            torch.empty(2, 3, 128, 512, device="cuda", dtype=torch.float8_e4m3fn),
+            torch.empty(2, 3, 4, device="cuda"),
+            BLOCK_N,
+        )
+        vl = torch.empty(1, device="cuda", dtype=torch.int32)
+        out, lse = launch_ring_attention_fp8_hopper(q, kv, vl, 0.01, 2, "gluon-psmem")
+        assert out.shape == q.shape and out.dtype == q.dtype and lse.shape == (2, 3, 100)
+
+
+def test_route_rule(monkeypatch):
+    """Which calls the Gluon kernel takes where it can serve (availability forced here): the picked config
+    with fp8 P @ V only; not an explicit config, not bf16 P @ V, not with ops inlined into Inductor
+    (FD_TRITON_OP_INLINE=1: Inductor takes Triton kernels into a graph, not Gluon ones), not "triton"."""
+    monkeypatch.setattr(fp8mod, "hopper_fp8_available", lambda q, block_n: True)
+    monkeypatch.delenv(fp8mod.KERNEL_ENV, raising=False)
+    monkeypatch.delenv("FD_TRITON_OP_INLINE", raising=False)
+    q, kv = torch.zeros(1, 4, 2, 128), fp8mod.Fp8KV(*[torch.zeros(1)] * 4, BLOCK_N)
+    cfg = fp8mod.Fp8AttnConfig(64, 128, 4, 3, splits=1, use_tma=True)
+    assert fp8mod._hopper_form(q, kv, None, True) == "gluon-psmem"
+    assert fp8mod._hopper_form(q, kv, cfg, True) is None
+    assert fp8mod._hopper_form(q, kv, None, False) is None
+    monkeypatch.setenv(fp8mod.KERNEL_ENV, "gluon")
+    assert fp8mod._hopper_form(q, kv, None, True) == "gluon"
+    monkeypatch.setenv(fp8mod.KERNEL_ENV, "triton")
+    assert fp8mod._hopper_form(q, kv, None, True) is None
+    monkeypatch.delenv(fp8mod.KERNEL_ENV)
+    monkeypatch.setenv("FD_TRITON_OP_INLINE", "1")
+    assert fp8mod._hopper_form(q, kv, None, True) is None
+    monkeypatch.setattr(fp8mod, "hopper_fp8_available", lambda q, block_n: False)
+    monkeypatch.delenv("FD_TRITON_OP_INLINE")
+    assert fp8mod._hopper_form(q, kv, None, True) is None
