@@ -234,6 +234,18 @@ def check_fp8_keep(precision: str, fp8_keep: str | None) -> None:
     fp8_exclusion(fp8_keep)
 
 
+def check_fp8_environment(precision: str) -> None:
+    """With precision 'fp8', refuse a malformed FD_FP8_ATTN_KERNEL / FD_FP8_ATTN_SPLITS (benchmark knobs the
+    FP8 attention reads per call) by name before anything loads, not in the middle of a first block."""
+    if precision != "fp8":
+        return
+    import importlib
+
+    fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")  # the module, not its function
+    fp8_attention._kernel_choice()
+    fp8_attention._splits_override()
+
+
 def load(
     source: str | os.PathLike | None = None,
     *,
@@ -296,6 +308,7 @@ def load(
     dev, dt = resolve_device_dtype(device, dtype)
     check_attention(attention, dev)
     check_fp8_keep(precision, fp8_keep)
+    check_fp8_environment(precision)
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:

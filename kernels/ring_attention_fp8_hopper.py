@@ -15,9 +15,10 @@ pipeline (Shah et al. 2024, sec. 3.2):
     softmax(S_j) -> P_j, alpha_j           CUDA cores, under PV_{j-1}
     wait for PV_{j-1}; acc = acc * alpha_{j-1} + PV_{j-1}
 
-with K and V^T tiles brought in by TMA into a ring of STAGES buffers (one mbarrier each), the load of
-tile j + STAGES - 2 issued at the top of iteration j into the buffer tile j - 2 has released. Two 4-warp
-CTAs share an SM as with the Triton kernel, so one CTA's softmax also runs under the other's MMAs.
+with K and V^T tiles brought in by TMA into rings of K_STAGES and V_STAGES buffers (one mbarrier each): at
+the top of iteration j, K tile j + K_STAGES - 1 into the buffer S_{j-1} released and V^T tile
+j + V_STAGES - 2 into the one PV_{j-2} released. Two 4-warp CTAs share an SM as with the Triton kernel,
+so one CTA's softmax also runs under the other's MMAs.
 
 Forms (`VARIANTS`, measured on an H100, bench/results/NOTES.md g1..g5-h100, TFLOP/s at kv 28080):
 
@@ -32,7 +33,7 @@ Forms (`VARIANTS`, measured on an H100, bench/results/NOTES.md g1..g5-h100, TFLO
 * P in registers, P @ V accumulated in the tensor cores (`gluon-inplace`): overlapped, 574-602, and the
   fp8 accumulator's error grows over a rollout (latents 0.061 over 7 blocks): not for streaming models.
 
-GPU only (Gluon has no CPU interpreter): `tests/kernels/test_ring_attention_fp8_hopper.py` checks it
+GPU only (Gluon has no CPU interpreter): `tests/kernels/test_fp8_attention_hopper.py` checks it
 against the Triton kernel and the torch twin on CUDA; the Triton kernel stays the CPU-tested one and the
 fallback for every other shape and device.
 """

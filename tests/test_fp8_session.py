@@ -176,3 +176,21 @@ def test_fast_accumulation_is_a_switch_read_when_linears_are_swapped(monkeypatch
     with pytest.raises(InvalidArgumentError, match="FD_FP8_FAST_ACCUM: expected 0 or 1"):
         dit.quantize_fp8_()
     assert not [m for m in dit.modules() if type(m).__name__ == "Fp8Linear"]
+
+
+def test_fp8_attention_knobs_are_checked_before_anything_loads(monkeypatch):
+    """A malformed FD_FP8_ATTN_KERNEL or FD_FP8_ATTN_SPLITS is refused by name when an FP8 model is loaded (not
+    in its first block's attention, after the ring was written); bf16 loads do not read them."""
+    from flashdreams import registry
+
+    def no_load(*_a, **_k):
+        raise AssertionError("loading started before the environment was checked")
+
+    for name, bad in (("FD_FP8_ATTN_KERNEL", "cutlass"), ("FD_FP8_ATTN_SPLITS", "two")):
+        monkeypatch.setenv(name, bad)
+        with monkeypatch.context() as m:
+            m.setattr(registry, "get_preset", no_load)
+            with pytest.raises(InvalidArgumentError, match=name):
+                flashdreams.load(decoder=None, attention="triton", precision="fp8")
+        assert flashdreams.load(decoder=None, attention="triton").model is not None  # bf16 ignores them
+        monkeypatch.delenv(name)

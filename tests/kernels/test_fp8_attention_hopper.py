@@ -1,6 +1,7 @@
 """The Gluon FP8 ring attention for Hopper (kernels/ring_attention_fp8_hopper.py) against the Triton FP8
 kernel it can replace and the torch twin. Gluon has no CPU interpreter: the kernel tests need an sm_90
-GPU; what the CPU can check (the switch, its refusal, the availability rule) runs everywhere."""
+GPU; what the CPU can check (the switch and its refusal, the route rule, fake tensors, availability) runs
+everywhere."""
 
 from __future__ import annotations
 
