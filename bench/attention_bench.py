@@ -251,6 +251,14 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
         for form in VARIANTS:
             tag = f"fp8_{form.replace('-', '_')}"
             variants[tag] = lambda kv, vl, rows, f=form: hop(q, shadow, vl, qk_fac, hop_splits, f)
+    from flashdreams.kernels.ring_attention_hopper import VARIANTS as BF16_VARIANTS
+    from flashdreams.kernels.ring_attention_hopper import hopper_bf16_available, launch_ring_attention_hopper
+
+    if hopper_bf16_available(q):  # the Gluon bf16 kernel's tilings, beside our Triton kernel (same splits)
+        bf16_hop = launch_ring_attention_hopper
+        for form in BF16_VARIANTS:
+            tag = f"bf16_{form.replace('-', '_')}"
+            variants[tag] = lambda kv, vl, rows, f=form: bf16_hop(q, kc, vc, vl, scale, bf16_cfg.splits or 1, f)
     from flashdreams.kernels.fa4_attention import fa4_unavailable_reason, ring_attention_fa4
 
     fa4_missing = fa4_unavailable_reason(dev)

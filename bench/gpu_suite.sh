@@ -101,6 +101,8 @@ hopper-attn-tests|200|issues 22, 15: on an sm_90 GPU, the Gluon FP8 ring attenti
 sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon), own processes on one machine (7 blocks each, block-5 profiles), then the gluon-psmem FP8 quality against bf16 over 7 blocks
 lingbot-fp8-gluon|200|issue 15: LingBot-World Fast FP8 block 7 with the FP8 attention on the Gluon kernel (FD_FP8_ATTN_KERNEL=gluon-psmem) and on the Triton kernel, own processes on one machine (8 blocks each, block-7 profiles)
 rolling-fp8-200|200|issue 22 target 4: the bounded cache (sink 1 + window 11) all-FP8 alone, 12 blocks + 200 steady blocks (the bar's 'flat over 200 blocks'), block-11 profile
+hopper-bf16-tests|200|issue 22 target 1: on an sm_90 GPU, the Gluon bf16 ring attention (kernels/ring_attention_hopper.py, every tiling; never run on a GPU before) against our Triton kernel and exact attention, NaN past the ring length, one CUDA graph over changing ring lengths, the FD_RING_ATTN_KERNEL route
+sf-gluon-bf16|330|issue 22 target 2: Self-Forcing 1.3B bf16 block 5 with our Triton ring attention and with the Gluon kernel (FD_RING_ATTN_KERNEL=triton, gluon, gluon-n128), own processes on one machine, 7 blocks each, block-5 profiles
 lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
@@ -1005,6 +1007,24 @@ part_lingbot-fp8-gluon() {
       FD_FP8_ATTN_KERNEL=$kernel fdb_to lingbot-fp8-$kernel $(($1 / 2)) --preset lingbot-world-fast-stream \
         --random-weights --attention triton --precision fp8 --blocks 8 --rollouts 1 --profile-block 7 --quick-ceilings \
         || rc=$?
+    fi
+  done
+  return $rc
+}
+
+part_hopper-bf16-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_ring_attention_hopper.py"
+}
+
+part_sf-gluon-bf16() {
+  local rc=0 kernel
+  for kernel in triton gluon gluon-n128; do
+    if [ $SMOKE = 1 ]; then
+      FD_RING_ATTN_KERNEL=$kernel fdb_to sf-bf16-$kernel $(($1 / 3)) --preset tiny --attention triton \
+        --decoder none --blocks 2 --rollouts 1 --quick-ceilings || rc=$?
+    else
+      FD_RING_ATTN_KERNEL=$kernel fdb_to sf-bf16-$kernel $(($1 / 3)) $SF --blocks 7 --rollouts 1 --profile-block 5 \
+        --quick-ceilings || rc=$?
     fi
   done
   return $rc

@@ -234,16 +234,18 @@ def check_fp8_keep(precision: str, fp8_keep: str | None) -> None:
     fp8_exclusion(fp8_keep)
 
 
-def check_fp8_environment(precision: str) -> None:
-    """With precision 'fp8', refuse a malformed FD_FP8_ATTN_KERNEL / FD_FP8_ATTN_SPLITS (benchmark knobs the
-    FP8 attention reads per call) by name before anything loads, not in the middle of a first block."""
-    if precision != "fp8":
-        return
+def check_kernel_environment(precision: str, attention: str) -> None:
+    """Refuse a malformed kernel knob by name before anything loads, not in the middle of a first block:
+    FD_RING_ATTN_KERNEL where our attention kernels run, FD_FP8_ATTN_KERNEL / FD_FP8_ATTN_SPLITS with
+    precision 'fp8' (benchmark knobs the attention reads per call)."""
     import importlib
 
-    fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")  # the module, not its function
-    fp8_attention._kernel_choice()
-    fp8_attention._splits_override()
+    if attention in ("triton", "fa4"):
+        importlib.import_module("flashdreams.kernels.ring_attention").kernel_choice()
+    if precision == "fp8":
+        fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")  # the module
+        fp8_attention._kernel_choice()
+        fp8_attention._splits_override()
 
 
 def load(
@@ -308,7 +310,7 @@ def load(
     dev, dt = resolve_device_dtype(device, dtype)
     check_attention(attention, dev)
     check_fp8_keep(precision, fp8_keep)
-    check_fp8_environment(precision)
+    check_kernel_environment(precision, attention)
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     if preset is None:

@@ -12,6 +12,8 @@ for Self-Forcing's block with two fp32 parts (4680 x 12 x 128) that is 58 MB rea
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from flashdreams.errors import InvalidArgumentError
@@ -86,6 +88,43 @@ def merge_into(parts: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: 
         PARTS=P, HEAD_DIM=d, D_PAD=next_pow2(d, 16), BLOCK_M=block_m, num_warps=4,
     )
     # fmt: on
+
+
+class SplitOutputs(NamedTuple):
+    """Where a key-split attention kernel writes: `o_buf` / `l_buf` are out / lse themselves for one split, else
+    fp32 parts `[splits, B, Lq, N, d]` / `[splits, B, N, Lq]` that `finish` merges into them."""
+
+    out: torch.Tensor
+    lse: torch.Tensor
+    o_buf: torch.Tensor
+    l_buf: torch.Tensor
+    splits: int
+
+    def strides(self) -> tuple[int, ...]:
+        """The kernels' stride arguments: split, batch, row, head of the output; split, batch, head of the LSE."""
+        ob = self.o_buf if self.splits == 1 else self.o_buf[0]
+        lb = self.l_buf if self.splits == 1 else self.l_buf[0]
+        os_ = 0 if self.splits == 1 else self.o_buf.stride(0)
+        ls_ = 0 if self.splits == 1 else self.l_buf.stride(0)
+        return (os_, ob.stride(0), ob.stride(1), ob.stride(2), ls_, lb.stride(0), lb.stride(1))
+
+    def finish(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(out, lse), the parts merged first where there are several."""
+        if self.splits > 1:
+            merge_into(self.o_buf, self.l_buf, self.out, self.lse)
+        return self.out, self.lse
+
+
+def split_outputs(q: torch.Tensor, splits: int) -> SplitOutputs:
+    """Outputs for an attention of q `[B, Lq, N, d]` over `splits` key splits (uninitialised, see new_output)."""
+    B, Lq, H, d = q.shape
+    out = new_output(q.shape, q.dtype, q.device)
+    lse = new_output((B, H, Lq), torch.float32, q.device)
+    if splits == 1:
+        return SplitOutputs(out, lse, out, lse, 1)
+    o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
+    l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
+    return SplitOutputs(out, lse, o_buf, l_buf, splits)
 
 
 def _merge_op(parts: torch.Tensor, lses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,6 +30,7 @@ writing and re-reading fp32 partials (~60 MB, ~0.03 ms).
 from __future__ import annotations
 
 import math
+import os
 
 import torch
 
@@ -40,17 +41,19 @@ from ._common import (
     INDEX_DTYPES,
     check_shape,
     check_tensor,
+    inline_into_compilers,
     interpreted,
     launch,
-    new_output,
     next_pow2,
     register_op,
     require_triton,
     tl,
     triton,
 )
-from .attention_merge import merge_into
+from .attention_merge import split_outputs
 from .ring_attention_configs import AttnConfig, pick_config
+from .ring_attention_hopper import VARIANTS as HOPPER_VARIANTS
+from .ring_attention_hopper import hopper_bf16_available, launch_ring_attention_hopper
 
 LOG2E = 1.4426950408889634
 
@@ -199,6 +202,32 @@ def _ensure_tma_allocator() -> None:
         _allocator_set = True
 
 
+# FD_RING_ATTN_KERNEL: "triton" (this file's kernel; the default) or a form of the Gluon kernel for Hopper at
+# head dim 128 (ring_attention_hopper.VARIANTS: "gluon", ...). The Gluon kernel is opt-in until a GPU has run
+# it (it was only cross-compiled); where it cannot serve a call, this kernel does.
+KERNEL_ENV = "FD_RING_ATTN_KERNEL"
+
+
+def kernel_choice() -> str:
+    """FD_RING_ATTN_KERNEL's value ("triton" unset), refused by name when it names no kernel."""
+    raw = os.environ.get(KERNEL_ENV, "") or "triton"
+    if raw != "triton" and raw not in HOPPER_VARIANTS:
+        raise InvalidArgumentError(
+            f"{KERNEL_ENV}: expected 'triton' or one of {', '.join(HOPPER_VARIANTS)}, found {raw!r}"
+        )
+    return raw
+
+
+def hopper_form(q: torch.Tensor) -> str | None:
+    """The Gluon form that runs a call with the picked config, or None for this file's kernel: chosen by
+    FD_RING_ATTN_KERNEL, ops left opaque (Inductor inlines Triton kernels, not Gluon ones), and a q the
+    Gluon kernel serves."""
+    kernel = kernel_choice()
+    if kernel == "triton" or inline_into_compilers():
+        return None
+    return kernel if hopper_bf16_available(q) else None
+
+
 def launch_ring_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
@@ -207,23 +236,17 @@ def launch_ring_attention(
     scale: float,
     config: AttnConfig | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the kernel with an explicit config (unchecked arguments; the bench and tests use this)."""
+    """Run the kernel with an explicit config (unchecked arguments; the bench and tests use this). With no
+    config, FD_RING_ATTN_KERNEL may send the call to the Gluon kernel (`ring_attention_hopper`)."""
     B, Lq, H, d = q.shape
     S = k_cache.shape[1]
     cfg = config if config is not None else pick_config(q, S)
     splits = cfg.splits or 1
+    form = hopper_form(q) if config is None else None
+    if form is not None:
+        return launch_ring_attention_hopper(q, k_cache, v_cache, valid_len, scale, splits, form)
     d_pad = next_pow2(d, 16)
-    out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((B, H, Lq), torch.float32, q.device)
-    if splits == 1:
-        o_buf, l_buf = out, lse
-        os_, ls_ = 0, 0
-    else:
-        o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
-        l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
-        os_, ls_ = o_buf.stride(0), l_buf.stride(0)
-    ob = o_buf if splits == 1 else o_buf[0]
-    lb = l_buf if splits == 1 else l_buf[0]
+    bufs = split_outputs(q, splits)
     # Triton 3.9's interpreter multiplies bf16 bit patterns as integers in tl.dot: there (only)
     # the tiles are upcast to fp32 first, which is exact, so the math is the same as on GPU.
     upcast = q.dtype == torch.bfloat16 and interpreted()
@@ -233,12 +256,11 @@ def launch_ring_attention(
     grid = (triton.cdiv(Lq, cfg.block_m), B * H, splits)
     # fmt: off
     launch(
-        _ring_attention_kernel, grid, q, k_cache, v_cache, o_buf, l_buf, valid_len,
+        _ring_attention_kernel, grid, q, k_cache, v_cache, bufs.o_buf, bufs.l_buf, valid_len,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        os_, ob.stride(0), ob.stride(1), ob.stride(2),
-        ls_, lb.stride(0), lb.stride(1),
+        *bufs.strides(),
         Lq, S, H, scale * LOG2E,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
         USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize,
@@ -247,9 +269,7 @@ def launch_ring_attention(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # fmt: on
-    if splits > 1:
-        merge_into(o_buf, l_buf, out, lse)
-    return out, lse
+    return bufs.finish()
 
 
 def _ring_attention_op(

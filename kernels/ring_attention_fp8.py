@@ -75,14 +75,13 @@ from ._common import (
     inline_into_compilers,
     interpreted,
     launch,
-    new_output,
     next_pow2,
     register_op,
     require_triton,
     tl,
     triton,
 )
-from .attention_merge import merge_into
+from .attention_merge import split_outputs
 from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok, resolve_scale
 from .ring_attention_configs import AttnConfig
 from .ring_attention_fp8_hopper import VARIANTS as HOPPER_VARIANTS
@@ -663,16 +662,7 @@ def launch_ring_attention_fp8_quantized(
     form = _hopper_form(q, kv, config, pv_fp8)
     if form is not None:
         return launch_ring_attention_fp8_hopper(q, kv, valid_len, scale * LOG2E / E4M3_MAX, splits, form)
-    out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((B, H, Lq), torch.float32, q.device)
-    if splits == 1:
-        o_buf, l_buf, os_, ls_ = out, lse, 0, 0
-    else:
-        o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
-        l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
-        os_, ls_ = o_buf.stride(0), l_buf.stride(0)
-    ob = o_buf if splits == 1 else o_buf[0]
-    lb = l_buf if splits == 1 else l_buf[0]
+    bufs = split_outputs(q, splits)
     use_tma = bool(cfg.use_tma)
     v_tma = use_tma and not pv_fp8 and _tma_ok(v_cache) and d == d_pad
     if (use_tma or v_tma) and q.device.type == "cuda":
@@ -681,11 +671,10 @@ def launch_ring_attention_fp8_quantized(
     # fmt: off
     launch(
         _ring_attention_fp8_kernel, grid,
-        q, kv.k8, kv.kt, kv.v8t, kv.vt, v_cache, o_buf, l_buf, valid_len,
+        q, kv.k8, kv.kt, kv.v8t, kv.vt, v_cache, bufs.o_buf, bufs.l_buf, valid_len,
         q.stride(0), q.stride(1), q.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        os_, ob.stride(0), ob.stride(1), ob.stride(2),
-        ls_, lb.stride(0), lb.stride(1),
+        *bufs.strides(),
         Lq, S, s_pad, H, n_tiles, scale * LOG2E / E4M3_MAX,
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
         USE_TMA=use_tma, V_TMA=v_tma, WARP_SPEC=cfg.warp_specialize,
@@ -694,9 +683,7 @@ def launch_ring_attention_fp8_quantized(
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreted() else {}),
     )
     # fmt: on
-    if splits > 1:
-        merge_into(o_buf, l_buf, out, lse)
-    return out, lse
+    return bufs.finish()
 
 
 def launch_ring_attention_fp8(

@@ -40,29 +40,24 @@ fallback for every other shape and device.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
 
-from ._common import _is_traced, new_output
-from .attention_merge import merge_into
-
-try:  # Gluon ships with triton >= 3.5; without it this module only reports itself unavailable
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    HAVE_GLUON = True
-except ImportError:  # pragma: no cover - depends on the triton build
-    HAVE_GLUON = False
+from ._common import _is_traced
+from ._gluon import (
+    HAVE_GLUON,
+    TensorDescriptor,
+    fence_async_shared,
+    gl,
+    gluon,
+    mbarrier,
+    on_hopper,
+    tma,
+    warpgroup_mma,
+    warpgroup_mma_wait,
+)
+from .attention_merge import SplitOutputs, split_outputs
 
 HEAD_DIM = 128  # the one head dim this kernel is written for (fp8 wgmma K steps of 32; TMA rows of 128 bytes)
 BLOCK_N = 128
@@ -92,18 +87,7 @@ VARIANTS: dict[str, HopperVariant] = {
 
 def hopper_fp8_available(q: torch.Tensor, block_n: int) -> bool:
     """Whether this kernel can serve q (`[B, Lq, N, d]`) against a shadow quantized in tiles of `block_n`."""
-    return (
-        HAVE_GLUON
-        and q.device.type == "cuda"
-        and q.shape[-1] == HEAD_DIM
-        and block_n == BLOCK_N
-        and _capability(q.device.index or 0) == (9, 0)
-    )
-
-
-@functools.cache
-def _capability(index: int) -> tuple[int, int]:
-    return torch.cuda.get_device_capability(index)
+    return on_hopper(q) and q.shape[-1] == HEAD_DIM and block_n == BLOCK_N
 
 
 if HAVE_GLUON:
@@ -319,38 +303,25 @@ def kv_descriptors(k8: torch.Tensor, v8t: torch.Tensor) -> tuple:
 
 
 def launch_hopper(
-    q: torch.Tensor,
-    kv,
-    valid_len: torch.Tensor,
-    qk_fac: float,
-    o_buf: torch.Tensor,
-    l_buf: torch.Tensor,
-    splits: int,
-    variant: HopperVariant = VARIANTS["gluon"],
+    q: torch.Tensor, kv, valid_len: torch.Tensor, qk_fac: float, bufs: SplitOutputs, variant: HopperVariant
 ) -> None:
-    """On the fp8 shadow `kv` (`ring_attention_fp8.Fp8KV`), write each split's output rows into `o_buf`
-    (`[B, Lq, N, d]`, or `[splits, ...]` float32) and its LSE into `l_buf`; the caller merges splits.
-    Unchecked arguments (`hopper_fp8_available` first).
+    """On the fp8 shadow `kv` (`ring_attention_fp8.Fp8KV`), write each key split's output rows and LSE into
+    `bufs` (`attention_merge.split_outputs`). Unchecked arguments (`hopper_fp8_available` first).
 
     `precise_pv=False` accumulates P @ V in the tensor cores' fp8 accumulator (the Triton kernel's
     `precise_pv` knob): at 64-row tiles the fresh-register form needs more registers than a thread has
     (ptxas then waits for P @ V before the softmax, undoing the overlap), the in-place form does not, but
     its error grows over a rollout (see the module docstring)."""
     B, Lq, H, _ = q.shape
-    S = kv.k8.shape[2]
     k_desc, v_desc = kv_descriptors(kv.k8, kv.v8t)
-    split_dim = splits > 1
-    ob = o_buf[0] if split_dim else o_buf
-    lb = l_buf[0] if split_dim else l_buf
-    grid = (-(-Lq // variant.block_m), B * H, splits)
+    grid = (-(-Lq // variant.block_m), B * H, bufs.splits)
     # fmt: off
     _ring_attention_fp8_hopper_kernel[grid](
-        q, k_desc, v_desc, kv.kt, kv.vt, o_buf, l_buf, valid_len,
+        q, k_desc, v_desc, kv.kt, kv.vt, bufs.o_buf, bufs.l_buf, valid_len,
         q.stride(0), q.stride(1), q.stride(2),
-        o_buf.stride(0) if split_dim else 0, ob.stride(0), ob.stride(1), ob.stride(2),
-        l_buf.stride(0) if split_dim else 0, lb.stride(0), lb.stride(1),
-        Lq, S, H, kv.kt.shape[2], qk_fac,
-        HEAD_DIM=HEAD_DIM, BLOCK_M=variant.block_m, BLOCK_N=BLOCK_N, SPLITS=splits, K_STAGES=variant.k_stages,
+        *bufs.strides(),
+        Lq, kv.k8.shape[2], H, kv.kt.shape[2], qk_fac,
+        HEAD_DIM=HEAD_DIM, BLOCK_M=variant.block_m, BLOCK_N=BLOCK_N, SPLITS=bufs.splits, K_STAGES=variant.k_stages,
         V_STAGES=variant.v_stages, PRECISE_PV=variant.precise_pv, P_SMEM=variant.p_smem,
         num_warps=variant.block_m // 16,
     )
@@ -362,16 +333,8 @@ def launch_ring_attention_fp8_hopper(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out `[B, Lq, N, d]` in q's dtype, natural-log LSE `[B, N, Lq]`) on an fp8 shadow `kv`
     (`ring_attention_fp8.Fp8KV`), `splits` key splits merged after; qk_fac = softmax scale * log2(e) / 448."""
-    B, Lq, H, d = q.shape
-    out = new_output(q.shape, q.dtype, q.device)
-    lse = new_output((B, H, Lq), torch.float32, q.device)
+    bufs = split_outputs(q, splits)
     if _is_traced((q, kv.k8, valid_len)):  # shapes only (export, fake tensors): nothing to launch or describe
-        return out, lse
-    if splits == 1:
-        launch_hopper(q, kv, valid_len, qk_fac, out, lse, 1, VARIANTS[variant])
-        return out, lse
-    o_buf = new_output((splits, B, Lq, H, d), torch.float32, q.device)
-    l_buf = new_output((splits, B, H, Lq), torch.float32, q.device)
-    launch_hopper(q, kv, valid_len, qk_fac, o_buf, l_buf, splits, VARIANTS[variant])
-    merge_into(o_buf, l_buf, out, lse)
-    return out, lse
+        return bufs.out, bufs.lse
+    launch_hopper(q, kv, valid_len, qk_fac, bufs, VARIANTS[variant])
+    return bufs.finish()
