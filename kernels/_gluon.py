@@ -27,6 +27,7 @@ except ImportError:  # pragma: no cover - depends on the triton build
 
 __all__ = [
     "HAVE_GLUON",
+    "key_range",
     "TensorDescriptor",
     "fence_async_shared",
     "gl",
@@ -47,3 +48,18 @@ def on_hopper(t: torch.Tensor) -> bool:
 @functools.cache
 def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
+
+
+if HAVE_GLUON:
+
+    @gluon.jit
+    def key_range(VALID, S, pid_s, BLOCK_N: gl.constexpr, SPLITS: gl.constexpr):
+        """(valid, lo, n_tiles): the ring length read on the device (clamped to [0, S]) and this key split's
+        run of tiles, whole tiles of BLOCK_N from lo, only the run holding valid ending in a partial one
+        (the Triton kernels' split rule, so that their parts merge the same way)."""
+        valid = gl.load(VALID).to(gl.int32)
+        valid = gl.maximum(gl.minimum(valid, S), 0)
+        per_split = gl.cdiv(gl.cdiv(valid, BLOCK_N), SPLITS) * BLOCK_N
+        lo = gl.minimum(pid_s * per_split, valid)
+        hi = gl.minimum(lo + per_split, valid)
+        return valid, lo, gl.cdiv(hi - lo, BLOCK_N)

@@ -51,6 +51,7 @@ from ._gluon import (
     fence_async_shared,
     gl,
     gluon,
+    key_range,
     mbarrier,
     on_hopper,
     tma,
@@ -166,12 +167,7 @@ if HAVE_GLUON:
         q_load: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
         q_smem_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=8, rank=2)
 
-        valid = gl.load(VALID).to(gl.int32)
-        valid = gl.maximum(gl.minimum(valid, S), 0)
-        per_split = gl.cdiv(gl.cdiv(valid, BLOCK_N), SPLITS) * BLOCK_N
-        lo = gl.minimum(pid_s * per_split, valid)
-        hi = gl.minimum(lo + per_split, valid)
-        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+        valid, lo, n_tiles = key_range(VALID, S, pid_s, BLOCK_N, SPLITS)
 
         # Buffers first, so the key tiles' loads are in flight while q is quantized. K tile j + K_STAGES - 1 is
         # loaded at the top of iteration j into the buffer S_{j-1} released; V tile j + V_STAGES - 2 into the one

@@ -34,6 +34,7 @@ from ._gluon import (
     fence_async_shared,
     gl,
     gluon,
+    key_range,
     mbarrier,
     on_hopper,
     tma,
@@ -143,12 +144,7 @@ if HAVE_GLUON:
         kv_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
         q_load: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
 
-        valid = gl.load(VALID).to(gl.int32)
-        valid = gl.maximum(gl.minimum(valid, S), 0)
-        per_split = gl.cdiv(gl.cdiv(valid, BLOCK_N), SPLITS) * BLOCK_N
-        lo = gl.minimum(pid_s * per_split, valid)
-        hi = gl.minimum(lo + per_split, valid)
-        n_tiles = gl.cdiv(hi - lo, BLOCK_N)
+        valid, lo, n_tiles = key_range(VALID, S, pid_s, BLOCK_N, SPLITS)
 
         # Descriptors over this (batch, head)'s valid rows: a tile past valid reads zeros.
         rows = gl.maximum(valid, 1)  # a descriptor needs a non-empty shape; no tile is read if valid is 0
