@@ -27,7 +27,10 @@ except ImportError:  # pragma: no cover - depends on the triton build
 
 __all__ = [
     "HAVE_GLUON",
+    "barrier_ring",
+    "invalidate_ring",
     "key_range",
+    "load_tile",
     "TensorDescriptor",
     "fence_async_shared",
     "gl",
@@ -63,3 +66,25 @@ if HAVE_GLUON:
         lo = gl.minimum(pid_s * per_split, valid)
         hi = gl.minimum(lo + per_split, valid)
         return valid, lo, gl.cdiv(hi - lo, BLOCK_N)
+
+    @gluon.jit
+    def barrier_ring(STAGES: gl.constexpr):
+        """STAGES mbarriers, one per buffer of a TMA ring, each completed by one load's bytes."""
+        bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(STAGES):
+            mbarrier.init(bar.index(i), count=1)
+        return bar
+
+    @gluon.jit
+    def invalidate_ring(bar, STAGES: gl.constexpr):
+        for i in gl.static_range(STAGES):
+            mbarrier.invalidate(bar.index(i))
+
+    @gluon.jit
+    def load_tile(desc, smem, bar, j, n_tiles, row, col, STAGES: gl.constexpr):
+        """Start the TMA load of tile j (its box at [row, col] of `desc`) into buffer j % STAGES of the ring
+        `smem` / `bar`; nothing for j past the last tile."""
+        if j < n_tiles:
+            s = j % STAGES
+            mbarrier.expect(bar.index(s), desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(desc, [row, col], bar.index(s), smem.index(s))

@@ -48,13 +48,15 @@ from ._common import _is_traced
 from ._gluon import (
     HAVE_GLUON,
     TensorDescriptor,
+    barrier_ring,
     fence_async_shared,
     gl,
     gluon,
+    invalidate_ring,
     key_range,
+    load_tile,
     mbarrier,
     on_hopper,
-    tma,
     warpgroup_mma,
     warpgroup_mma_wait,
 )
@@ -92,22 +94,6 @@ def hopper_fp8_available(q: torch.Tensor, block_n: int) -> bool:
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _load_k(k_desc, k_smem, k_bar, j, n_tiles, lo, k_row0, BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr):
-        """Start the TMA load of key tile j's K rows into buffer j % K_STAGES (nothing past the last tile)."""
-        if j < n_tiles:
-            s = j % K_STAGES
-            mbarrier.expect(k_bar.index(s), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(k_desc, [k_row0 + lo + j * BLOCK_N, 0], k_bar.index(s), k_smem.index(s))
-
-    @gluon.jit
-    def _load_v(v_desc, v_smem, v_bar, j, n_tiles, lo, v_row0, BLOCK_N: gl.constexpr, V_STAGES: gl.constexpr):
-        """Start the TMA load of key tile j's V^T columns into buffer j % V_STAGES."""
-        if j < n_tiles:
-            s = j % V_STAGES
-            mbarrier.expect(v_bar.index(s), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(v_desc, [v_row0, lo + j * BLOCK_N], v_bar.index(s), v_smem.index(s))
 
     @gluon.jit
     def _p_operand(p, p_smem, j, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
@@ -174,18 +160,14 @@ if HAVE_GLUON:
         # P @ V of tile j - 2 released (the P @ V of tile j - 1 is issued in iteration j).
         k_smem = gl.allocate_shared_memory(gl.float8e4nv, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
         v_smem = gl.allocate_shared_memory(gl.float8e4nv, [V_STAGES, HEAD_DIM, BLOCK_N], v_desc.layout)
-        k_bar = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_bar.index(i), count=1)
+        k_bar = barrier_ring(K_STAGES)
+        v_bar = barrier_ring(V_STAGES)
         k_row0 = bh * S
         v_row0 = bh * HEAD_DIM
         for i in gl.static_range(K_STAGES):
-            _load_k(k_desc, k_smem, k_bar, i, n_tiles, lo, k_row0, BLOCK_N, K_STAGES)
+            load_tile(k_desc, k_smem, k_bar, i, n_tiles, k_row0 + lo + i * BLOCK_N, 0, K_STAGES)
         for i in gl.static_range(V_STAGES - 1):
-            _load_v(v_desc, v_smem, v_bar, i, n_tiles, lo, v_row0, BLOCK_N, V_STAGES)
+            load_tile(v_desc, v_smem, v_bar, i, n_tiles, v_row0, lo + i * BLOCK_N, V_STAGES)
         # P's two slots where it goes through shared memory (else an unused 1 KB placeholder)
         p_smem = gl.allocate_shared_memory(
             gl.float8e4nv, [2 if P_SMEM else 1, BLOCK_M if P_SMEM else 8, BLOCK_N], q_smem_layout
@@ -222,8 +204,10 @@ if HAVE_GLUON:
             u_i = gl.load(VT_b + tile0)
             alpha_o = gl.zeros([BLOCK_M], gl.float32, row_o)  # acc is zero: any factor
             for j in range(1, n_tiles):
-                _load_k(k_desc, k_smem, k_bar, j + K_STAGES - 1, n_tiles, lo, k_row0, BLOCK_N, K_STAGES)
-                _load_v(v_desc, v_smem, v_bar, j + V_STAGES - 2, n_tiles, lo, v_row0, BLOCK_N, V_STAGES)
+                jk = j + K_STAGES - 1
+                jv = j + V_STAGES - 2
+                load_tile(k_desc, k_smem, k_bar, jk, n_tiles, k_row0 + lo + jk * BLOCK_N, 0, K_STAGES)
+                load_tile(v_desc, v_smem, v_bar, jv, n_tiles, v_row0, lo + jv * BLOCK_N, V_STAGES)
                 mbarrier.wait(k_bar.index(j % K_STAGES), (j // K_STAGES) & 1)
                 s_tok = warpgroup_mma(
                     q_smem, k_smem.index(j % K_STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True
@@ -264,10 +248,8 @@ if HAVE_GLUON:
                 pv_tok = warpgroup_mma(a_last, v_smem.index(vl).permute((1, 0)), acc, is_async=True)
                 acc = warpgroup_mma_wait(0, deps=(pv_tok,))
 
-        for i in gl.static_range(K_STAGES):
-            mbarrier.invalidate(k_bar.index(i))
-        for i in gl.static_range(V_STAGES):
-            mbarrier.invalidate(v_bar.index(i))
+        invalidate_ring(k_bar, K_STAGES)
+        invalidate_ring(v_bar, V_STAGES)
 
         has_keys = l_i > 0.0
         l_safe = gl.where(has_keys, l_i, 1.0)

@@ -31,10 +31,13 @@ import torch
 from ._common import _is_traced
 from ._gluon import (
     HAVE_GLUON,
+    barrier_ring,
     fence_async_shared,
     gl,
     gluon,
+    invalidate_ring,
     key_range,
+    load_tile,
     mbarrier,
     on_hopper,
     tma,
@@ -76,14 +79,6 @@ def hopper_bf16_available(q: torch.Tensor) -> bool:
 
 
 if HAVE_GLUON:
-
-    @gluon.jit
-    def _load_tile(desc, smem, bar, j, n_tiles, lo, BLOCK_N: gl.constexpr, STAGES: gl.constexpr):
-        """Start the TMA load of key tile j (rows lo + j * BLOCK_N ...) into buffer j % STAGES."""
-        if j < n_tiles:
-            s = j % STAGES
-            mbarrier.expect(bar.index(s), desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(desc, [lo + j * BLOCK_N, 0], bar.index(s), smem.index(s))
 
     @gluon.jit
     def _p_operand(p, p_smem, j, dtype: gl.constexpr, p_layout: gl.constexpr, P_SMEM: gl.constexpr):
@@ -156,18 +151,14 @@ if HAVE_GLUON:
         )
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], kv_layout)
-        k_bar = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        v_bar = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_bar.index(i), count=1)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_bar.index(i), count=1)
+        k_bar = barrier_ring(K_STAGES)
+        v_bar = barrier_ring(V_STAGES)
         # K tile j + K_STAGES - 1 goes at the top of iteration j into the buffer S_{j-1} released, V tile
         # j + V_STAGES - 2 into the one P_{j-2} V_{j-2} released (P_{j-1} V_{j-1} is issued in iteration j).
         for i in gl.static_range(K_STAGES):
-            _load_tile(k_desc, k_smem, k_bar, i, n_tiles, lo, BLOCK_N, K_STAGES)
+            load_tile(k_desc, k_smem, k_bar, i, n_tiles, lo + i * BLOCK_N, 0, K_STAGES)
         for i in gl.static_range(V_STAGES - 1):
-            _load_tile(v_desc, v_smem, v_bar, i, n_tiles, lo, BLOCK_N, V_STAGES)
+            load_tile(v_desc, v_smem, v_bar, i, n_tiles, lo + i * BLOCK_N, 0, V_STAGES)
 
         offs_mq = pid_m * BLOCK_M + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, q_load))
         offs_dq = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, q_load))
@@ -191,8 +182,10 @@ if HAVE_GLUON:
             p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, qk_scale, lo, valid, s_layout, BLOCK_N)
             p16 = _p_operand(p, p_smem, 0, dtype, p_layout, P_SMEM)
             for j in range(1, n_tiles):
-                _load_tile(k_desc, k_smem, k_bar, j + K_STAGES - 1, n_tiles, lo, BLOCK_N, K_STAGES)
-                _load_tile(v_desc, v_smem, v_bar, j + V_STAGES - 2, n_tiles, lo, BLOCK_N, V_STAGES)
+                jk = j + K_STAGES - 1
+                jv = j + V_STAGES - 2
+                load_tile(k_desc, k_smem, k_bar, jk, n_tiles, lo + jk * BLOCK_N, 0, K_STAGES)
+                load_tile(v_desc, v_smem, v_bar, jv, n_tiles, lo + jv * BLOCK_N, 0, V_STAGES)
                 mbarrier.wait(k_bar.index(j % K_STAGES), (j // K_STAGES) & 1)
                 s_tok = warpgroup_mma(
                     q_smem, k_smem.index(j % K_STAGES).permute((1, 0)), s_zero, use_acc=False, is_async=True
@@ -216,10 +209,8 @@ if HAVE_GLUON:
             pv_tok = warpgroup_mma(a_last, v_smem.index(vl), acc, is_async=True)
             acc = warpgroup_mma_wait(0, deps=(pv_tok,))
 
-        for i in gl.static_range(K_STAGES):
-            mbarrier.invalidate(k_bar.index(i))
-        for i in gl.static_range(V_STAGES):
-            mbarrier.invalidate(v_bar.index(i))
+        invalidate_ring(k_bar, K_STAGES)
+        invalidate_ring(v_bar, V_STAGES)
 
         has_keys = l_i > 0.0
         l_safe = gl.where(has_keys, l_i, 1.0)
