@@ -208,6 +208,15 @@ FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 INDEX_DTYPES = (torch.int32, torch.int64)
 
 
+def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
+    """The environment variable `name` ("" or unset: `default`), refused by name unless one of `choices`:
+    the kernel knobs read per call (FD_RING_ATTN_KERNEL, FD_FP8_ATTN_KERNEL), also checked when a model loads."""
+    raw = os.environ.get(name, "") or default
+    if raw not in choices:
+        raise InvalidArgumentError(f"{name}: expected one of {', '.join(choices)}, found {raw!r}")
+    return raw
+
+
 def inline_into_compilers() -> bool:
     """Whether ops are `triton_op`s (Inductor sees and compiles the Triton source) rather than
     opaque custom ops (Inductor calls them as they are). Opaque is the default: on our H100

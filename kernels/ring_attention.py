@@ -30,7 +30,6 @@ writing and re-reading fp32 partials (~60 MB, ~0.03 ms).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 
@@ -41,6 +40,7 @@ from ._common import (
     INDEX_DTYPES,
     check_shape,
     check_tensor,
+    env_choice,
     inline_into_compilers,
     interpreted,
     launch,
@@ -210,12 +210,7 @@ KERNEL_ENV = "FD_RING_ATTN_KERNEL"
 
 def kernel_choice() -> str:
     """FD_RING_ATTN_KERNEL's value ("triton" unset), refused by name when it names no kernel."""
-    raw = os.environ.get(KERNEL_ENV, "") or "triton"
-    if raw != "triton" and raw not in HOPPER_VARIANTS:
-        raise InvalidArgumentError(
-            f"{KERNEL_ENV}: expected 'triton' or one of {', '.join(HOPPER_VARIANTS)}, found {raw!r}"
-        )
-    return raw
+    return env_choice(KERNEL_ENV, "triton", ("triton", *HOPPER_VARIANTS))
 
 
 def hopper_form(q: torch.Tensor) -> str | None:

@@ -72,6 +72,7 @@ from ._common import (
     FLOAT_DTYPES,
     INDEX_DTYPES,
     check_tensor,
+    env_choice,
     inline_into_compilers,
     interpreted,
     launch,
@@ -202,10 +203,7 @@ DEFAULT_HOPPER_FORM = "gluon-psmem"
 
 
 def _kernel_choice() -> str:
-    raw = os.environ.get(KERNEL_ENV, "") or DEFAULT_HOPPER_FORM
-    if raw not in KERNEL_CHOICES:
-        raise InvalidArgumentError(f"{KERNEL_ENV}: expected one of {', '.join(KERNEL_CHOICES)}, found {raw!r}")
-    return raw
+    return env_choice(KERNEL_ENV, DEFAULT_HOPPER_FORM, KERNEL_CHOICES)
 
 
 def _hopper_form(q: torch.Tensor, kv: Fp8KV, config: Fp8AttnConfig | None, pv_fp8: bool) -> str | None:
