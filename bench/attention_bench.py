@@ -247,10 +247,14 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     if hopper_fp8_available(q, shadow.block_n):  # the Gluon kernel's forms on the shadow, as fp8_kernel
         qk_fac = scale * fp8mod.LOG2E / fp8mod.E4M3_MAX
         hop_splits = fp8mod.fp8_splits_for(-(-L // 64) * H, torch.cuda.get_device_properties(dev).multi_processor_count)
+        rec.put("fp8_gluon_splits", hop_splits)  # the key splits of the fp8_gluon_* rows (the default rule's)
         hop = launch_ring_attention_fp8_hopper
         for form in VARIANTS:
             tag = f"fp8_{form.replace('-', '_')}"
             variants[tag] = lambda kv, vl, rows, f=form: hop(q, shadow, vl, qk_fac, hop_splits, f)
+        for n in sorted({1, 2, 3} - {hop_splits}):  # the default form's key splits (wave quantization vs merge)
+            tag = f"fp8_gluon_psmem_split{n}"
+            variants[tag] = lambda kv, vl, rows, n=n: hop(q, shadow, vl, qk_fac, n, "gluon-psmem")
     from flashdreams.kernels.ring_attention_hopper import VARIANTS as BF16_VARIANTS
     from flashdreams.kernels.ring_attention_hopper import hopper_bf16_available, launch_ring_attention_hopper
 
