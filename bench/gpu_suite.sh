@@ -75,7 +75,7 @@ fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE 
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW one (decode stream, encode), the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
-worlds-tests|90|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env
+worlds-tests|100|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
 fa4-tests|90|issue 22 (the *fa4 parts need flash-attn-4 installed: bench/fa4_wheels.sh): FlashAttention-4 on CUDA: the KV-ring form against its twin at several ring lengths with NaN past the length and inside a CUDA graph with the length changed between replays; the block-sparse form against its twin
@@ -158,6 +158,10 @@ declare -A PART_GROUPS=(
   [next47]="lingbot-fp8-shadow lingbot-fp8-camera"
   [next50]="lingbot-fp8-fastaccum sf-fp8-fastaccum"
   [next51]="lingbot-fp8-block"
+  [next52]="hopper-bf16-tests attention hopper-attn-tests"
+  [next53]="sf-gluon-bf16 worlds-tests attention-lingbot"
+  [next54]="lingbot-fp8-block rolling-fp8-200 sf-fp8-shadow"
+  [next55]="omni-fp8 build cold-pyc cold-groups"
   [multi1]="cp-graphs cp-sf"
   [multi2]="cp-lingbot"
   [multi3]="cp-wan22"
@@ -698,7 +702,7 @@ part_fused-kernels() {
 part_worlds-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_palette_snap.py \
-    $t/test_session_gpu.py $t/test_batched_worlds.py $t/test_gym_env.py
+    $t/test_session_gpu.py $t/test_batched_worlds.py $t/test_gym_env.py $t/test_snapshot.py
 }
 
 part_vae-tests() {

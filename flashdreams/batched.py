@@ -42,6 +42,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import BlockPlan, InputSpec, run_ops
 from flashdreams.session import BLOCK_INDEX, Session, _check_seed, block_seed, to_host
+from flashdreams.snapshot import Snapshot, check_fits, model_identity
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -212,6 +213,52 @@ class Worlds:
         self._run_input_programs(self.plan.inputs)
         self.seeds[row] = new_seed
         self.blocks[row] = 0
+
+    # -- snapshots (flashdreams.snapshot) ----------------------------------------------
+    def _world_rows(self, row: int) -> dict[str, torch.Tensor]:
+        """World `row`'s per-row state and inputs as views shaped like a batch-1 session's buffers."""
+        out = {}
+        for name, decl in self.plan.state.items():
+            if decl.batch_dim is not None:
+                out[name] = self.buffers[name].narrow(decl.batch_dim, row, 1)
+        for name in self.plan.inputs:
+            out[name] = self.buffers[name][row : row + 1]
+        return out
+
+    @torch.no_grad()
+    def snapshot(self, world: int, device: torch.device | str | None = None) -> Snapshot:
+        """World `world`'s state after its current block: `restore()` it into any world of these worlds
+        (or into a batch-1 session of the same preset), or `fork()` a world from it."""
+        row = self.row_of(world)
+        dev = self.device if device is None else torch.device(device)
+        tensors = {n: v.to(dev, copy=True) for n, v in self._world_rows(row).items()}
+        ident, given = model_identity(self.engine), tuple(sorted(self.plan.inputs))
+        return Snapshot(ident, self.blocks[row], self.seeds[row], given, tensors, str(self.engine.source), 1)
+
+    @torch.no_grad()
+    def restore(self, world: int, snapshot: Snapshot) -> None:
+        """World `world` back to `snapshot` (its block index, seed, inputs and state); the other worlds go on.
+        Checked whole first (EngineIncompatibleError for another model or shapes), nothing changed then."""
+        targets = self._world_rows(self.row_of(world))
+        check_fits(snapshot, self.engine, targets, f"restore(world {world})")
+        row = self.row_of(world)
+        for name, view in targets.items():
+            view.copy_(snapshot.tensors[name])
+        self.blocks[row], self.seeds[row] = snapshot.block, snapshot.seed
+
+    def fork(self, world: int, seed: int | None = None) -> int:
+        """A new world (returned id) in the state `world` is in now: a branch. With the same seed it draws
+        the same noise as `world` from here on, so it differs only by the inputs it is given; `seed`
+        gives it its own noise from its next block."""
+        new_seed = None if seed is None else _check_seed(seed)
+        if self.n >= self.capacity:
+            raise InvalidArgumentError(f"all {self.capacity} rows hold worlds: remove one before fork()")
+        snap = self.snapshot(world)
+        new = self.add(snap.seed)
+        self.restore(new, snap)
+        if new_seed is not None:
+            self.seeds[self.row_of(new)] = new_seed
+        return new
 
     def check_input(self, name: str, value: torch.Tensor) -> torch.Tensor:
         """One world's input ([1, ...] or without the batch dim), validated, on the device; nothing is written."""

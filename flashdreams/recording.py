@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from flashdreams.errors import InvalidArgumentError, NotFoundError
@@ -90,7 +90,7 @@ class Recording:
             with safe_open(os.fspath(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get("flashdreams_recording", "null"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
-        except (OSError, ValueError, json.JSONDecodeError) as exc:
+        except (SafetensorError, OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise InvalidArgumentError(f"recording '{path}' is not a FlashDreams recording ({exc})") from None
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise InvalidArgumentError(f"recording '{path}' is not a {FORMAT} file (made by session.save_recording)")

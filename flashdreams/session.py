@@ -24,6 +24,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError, OutOfMemoryError, SessionFailedError
 from flashdreams.models.family import BlockPlan, InputSpec, op_writes, run_ops
 from flashdreams.models.input_rules import check_rules
+from flashdreams.snapshot import Snapshot, check_fits, model_identity
 
 if TYPE_CHECKING:
     from flashdreams.engine import Engine
@@ -323,6 +324,43 @@ class Session:
         if self.recording is not None:
             self.recording.reset(new_seed)
 
+    # -- snapshots -------------------------------------------------------------------
+    def _snapshot_targets(self) -> dict[str, torch.Tensor]:
+        """The buffers a snapshot holds: per-row state and the inputs (flashdreams.snapshot)."""
+        names = [n for n, d in self.plan.state.items() if d.batch_dim is not None] + list(self.plan.inputs)
+        return {n: self.buffers[n] for n in names}
+
+    @torch.no_grad()
+    def snapshot(self, device: torch.device | str | None = None) -> Snapshot:
+        """This session's state after `self.block` blocks: `restore()` it to go back to this point, here or in
+        another session of the same preset (and dtype). `device="cpu"` keeps the copy in host memory
+        (`Snapshot.nbytes` says how large it is: the KV ring dominates)."""
+        self._check_alive()
+        dev = self.device if device is None else torch.device(device)
+        tensors = {n: b.to(dev, copy=True) for n, b in self._snapshot_targets().items()}
+        given = tuple(sorted(self._given))
+        ident = model_identity(self.engine)
+        return Snapshot(ident, self.block, self.seed, given, tensors, str(self.engine.source), self.batch)
+
+    @torch.no_grad()
+    def restore(self, snapshot: Snapshot) -> None:
+        """Back to `snapshot`: its block index, seed, inputs and state; the next step continues as the
+        snapshotted session did. Checked whole first (same preset and dtype, same tensors and shapes;
+        EngineIncompatibleError otherwise), so a refused restore changes nothing. Like `reset()`, it is
+        a way out of a failed session. Refused while recording (a replay could not reproduce the jump):
+        `stop_recording()` first."""
+        if self.recording is not None:
+            raise InvalidArgumentError(
+                "restore() while recording: a replay of the recording could not reproduce the jump; "
+                "save_recording() if you want it, then stop_recording()"
+            )
+        targets = self._snapshot_targets()
+        check_fits(snapshot, self.engine, targets, "restore")
+        for name, buf in targets.items():
+            buf.copy_(snapshot.tensors[name])
+        self.block, self.seed, self._given = snapshot.block, snapshot.seed, set(snapshot.given)
+        self._failed = None
+
     # -- the loop ------------------------------------------------------------------
     def _call(self, graph: str, args: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
         return self.backend.call(graph, args, self.block)
@@ -516,6 +554,11 @@ class Session:
             self.reset()
         self.recording = Recording.begin(self)
         return self.recording
+
+    def stop_recording(self):
+        """Stop recording; returns the recording (None if there was none)."""
+        recording, self.recording = self.recording, None
+        return recording
 
     def save_recording(self, path) -> None:
         """Write the recording (one safetensors file: the inputs, the event log in its metadata)."""

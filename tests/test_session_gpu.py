@@ -141,3 +141,21 @@ def test_warm_up_captures_every_kind_so_the_first_blocks_replay():
     assert warmed.capture_s == capture_s  # no capture inside the real blocks
     for a, b in zip(got, want):
         assert (a - b).norm() <= 1e-5 * b.norm()
+
+
+def test_a_restored_session_replays_its_captured_graphs_and_continues_bit_for_bit():
+    """restore() copies into the buffers the captured graphs read, so after it the graphs replay the
+    snapshot's world: the same frames as the uninterrupted run, bit for bit, with CUDA graphs."""
+    engine = flashdreams.load(device="cuda")
+    s = engine.session(seed=6, cuda_graphs=True)
+    for _ in range(4):  # blocks 0-1 eager, then captured and replayed
+        s.step()
+    snap = s.snapshot()
+    host = s.snapshot(device="cpu")
+    assert host.tensors["ring_k"].device.type == "cpu"
+    ahead = [(r.latents.clone(), r.frames.clone()) for r in (s.step() for _ in range(3))]
+    for source in (snap, host):
+        s.restore(source)
+        again = [(r.latents.clone(), r.frames.clone()) for r in (s.step() for _ in range(3))]
+        for (a, fa), (b, fb) in zip(ahead, again, strict=True):
+            assert torch.equal(a, b) and torch.equal(fa, fb)

@@ -192,6 +192,15 @@ def test_a_recording_replays_bit_for_bit_in_another_process(tmp_path):
     assert "bit for bit" in done.stdout
 
 
+def test_a_file_that_is_not_a_recording_is_refused_by_name(tmp_path):
+    from flashdreams.recording import Recording
+
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file")  # the safetensors reader's own error, mapped
+    with pytest.raises(InvalidArgumentError, match="not a FlashDreams recording"):
+        Recording.load(junk)
+
+
 def test_a_recording_refuses_another_engine(tmp_path):
     s = flashdreams.load(device="cpu", decoder=None).session(seed=1)
     s.start_recording()
