@@ -286,6 +286,33 @@ def worlds_reset(worlds, index, seed):
     worlds.reset(_world_id(worlds, index), seed=seed)
 
 
+def _snapshot_file(path, verb):
+    if not path:
+        raise InvalidArgumentError(f"{verb} a snapshot: the path is empty; name the file")
+    return path
+
+
+def session_save(session, path):
+    session.snapshot(device="cpu").save(_snapshot_file(path, "save"))
+
+
+def session_load(session, path):
+    from flashdreams.snapshot import Snapshot
+
+    session.restore(Snapshot.load(_snapshot_file(path, "load")))
+
+
+def worlds_save(worlds, index, path):
+    worlds.snapshot(_world_id(worlds, index), device="cpu").save(_snapshot_file(path, "save"))
+
+
+def worlds_load(worlds, index, path):
+    from flashdreams.snapshot import Snapshot
+
+    world = _world_id(worlds, index)
+    worlds.restore(world, Snapshot.load(_snapshot_file(path, "load")))
+
+
 def describe(exc):
     """(C status, message) of an exception; internal errors carry their traceback."""
     status = errors.status_of(exc)

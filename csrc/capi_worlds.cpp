@@ -170,6 +170,26 @@ FD_API fd_status fd_worlds_reset(fd_worlds* worlds, int32_t world, uint64_t seed
     });
 }
 
+FD_API fd_status fd_worlds_save(fd_worlds* worlds, int32_t world, const char* path) {
+    return guarded([&]() -> fd_status {
+        if (path == nullptr) return null_arg("fd_worlds_save", "path");
+        return in_worlds("fd_worlds_save", worlds, [&](WorldsImpl& w) {
+            glue("worlds_save")(w.worlds, world, py::str(path));
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_worlds_load(fd_worlds* worlds, int32_t world, const char* path) {
+    return guarded([&]() -> fd_status {
+        if (path == nullptr) return null_arg("fd_worlds_load", "path");
+        return in_worlds("fd_worlds_load", worlds, [&](WorldsImpl& w) {
+            glue("worlds_load")(w.worlds, world, py::str(path));
+            return FD_OK;
+        });
+    });
+}
+
 FD_API fd_status fd_worlds_destroy(fd_worlds* worlds) {
     return guarded([&]() -> fd_status {
         if (worlds == nullptr) return succeed();

@@ -358,6 +358,27 @@ FD_API fd_status fd_session_warm_up(fd_session* session, double* seconds) {
     });
 }
 
+FD_API fd_status fd_session_save(fd_session* session, const char* path) {
+    return guarded([&]() -> fd_status {
+        if (path == nullptr) return null_arg("fd_session_save", "path");
+        return in_session("fd_session_save", session, [&](SessionImpl& s) {
+            glue("session_save")(s.session, py::str(path));
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_session_load(fd_session* session, const char* path) {
+    return guarded([&]() -> fd_status {
+        if (path == nullptr) return null_arg("fd_session_load", "path");
+        return in_session("fd_session_load", session, [&](SessionImpl& s) {
+            glue("session_load")(s.session, py::str(path));
+            s.last = py::none();  // the last block belongs to the state the load replaced
+            return FD_OK;
+        });
+    });
+}
+
 FD_API fd_status fd_session_destroy(fd_session* session) {
     return guarded([&]() -> fd_status {
         if (session == nullptr) return succeed();

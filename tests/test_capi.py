@@ -140,6 +140,16 @@ def test_sim_host_frames_are_identical_to_the_python_api(built):
     assert np.array_equal(got, np.concatenate(frames)), "frames differ from the Python API's"
 
 
+@pytest.mark.slow
+def test_sim_host_rewinds_through_a_snapshot(built):
+    """sim_host --rewind K: fd_session_save before tick K, then fd_session_load after the last tick and
+    ticks K.. again, whose frames and latents the host checks against the first run's, byte for byte."""
+    snap = built["dir"] / "sim_host_snapshot.safetensors"
+    p = _run([built["sim_host"], "--ticks", 4, "--rewind", 2, "--snapshot", snap], cwd=built["dir"])
+    assert "rewind: ticks 2..3 again from the snapshot before tick 2: identical" in p.stdout, p.stdout
+    assert snap.is_file()
+
+
 @pytest.mark.parametrize("preset", ["arena", "matrix-game-2-tiny"])
 def test_the_same_calls_drive_a_keyboard_world(built, preset):
     """sim_host --input keyboard: the calls that steer the prompt model steer a keyboard world (the arena,
@@ -260,6 +270,8 @@ ERROR_CASES = {
     "latent_info": OK, "read_latents_too_small": BAD, "read_latents": OK, "warm_up_past_block_0": BAD,
     "reset_null": BAD, "reset": OK, "latent_info_after_reset": BAD, "warm_up_null": BAD, "warm_up": OK,
     "warm_up_took_time": OK,
+    "save_null": BAD, "save_null_path": BAD, "save_empty_path": BAD, "save": OK, "load_missing": MISSING,
+    "load_not_a_snapshot": BAD, "load": OK, "load_other_model": INCOMPATIBLE, "save_after_destroy": BAD,
     "session_create_second": OK, "engine_destroy": OK, "engine_destroy_twice": BAD,
     "session_create_destroyed_engine": BAD, "step_on_thread_after_engine_destroy": OK,
     "session_destroy": OK, "step_after_destroy": BAD, "frame_info_after_destroy": BAD,
@@ -276,7 +288,10 @@ def test_capi_errors_every_case_returns_its_status(built):
     prompt_file = built["dir"] / "prompt.safetensors"
     save_file({"prompt_embeds": sim_host_prompt(3)}, str(prompt_file))
     p = subprocess.run(
-        [str(built["capi_errors"]), "--prompt-file", str(prompt_file)], capture_output=True, text=True, timeout=600
+        [str(built["capi_errors"]), "--prompt-file", str(prompt_file), "--snapshot-dir", str(built["dir"])],
+        capture_output=True,
+        text=True,
+        timeout=600,
     )
     cases = {
         m["name"]: m for m in re.finditer(r"^case=(?P<name>\S+) expected=(?P<want>\S+) got=(?P<got>\S+) "
@@ -527,6 +542,18 @@ assert "world(s) [1]" in err() and "keyboard" in err(), err()
 assert py.set_inputs("keyboard", torch.from_numpy(k)) and lib.fd_worlds_step(w, None) == FD_OK
 assert np.array_equal(c_frames(ALL, 3), py.step().frames_cpu().numpy())
 
+# 3b. Snapshots (API 1.4): world 0 saved to a file and loaded into world 2 (a branch), as Python's restore.
+snap = sys.argv[2].encode()
+assert lib.fd_worlds_save(w, 0, snap) == FD_OK, err()
+assert lib.fd_worlds_load(w, 2, snap) == FD_OK, err()
+py.restore(py.ids[2], py.snapshot(py.ids[0]))
+assert lib.fd_worlds_step(w, None) == FD_OK, err()
+want = py.step().frames_cpu().numpy()
+assert np.array_equal(c_frames(ALL, 3), want) and c_state(2)[0] == c_state(0)[0]
+assert lib.fd_worlds_load(w, 1, snap + b".missing") == FD_NOT_FOUND and "does not exist" in err(), err()
+assert lib.fd_worlds_save(w, 5, snap) == FD_INVALID_ARGUMENT and "out of range" in err(), err()
+assert lib.fd_worlds_save(w, 0, None) == FD_INVALID_ARGUMENT and "path" in err(), err()
+
 # 4. Errors, each named, none of them changing anything.
 assert lib.fd_worlds_set_input(w, ALL, b"keyboard", ctypes.byref(view(keys(2)))) == FD_INVALID_ARGUMENT
 assert lib.fd_worlds_set_input(w, 3, b"keyboard", ctypes.byref(view(keys(1)))) == FD_INVALID_ARGUMENT
@@ -550,7 +577,7 @@ def test_worlds_through_the_c_abi_match_the_python_worlds(built):
     with a world reset mid-run (worlds at different blocks), per-world inputs, a refused row named, and errors."""
     script = built["dir"] / "worlds_host.py"
     script.write_text(textwrap.dedent(WORLDS_HOST))
-    p = _run([sys.executable, script, built["lib"]], timeout=600)
+    p = _run([sys.executable, script, built["lib"], built["dir"] / "world.safetensors"], timeout=600)
     assert "worlds host ok" in p.stdout
 
 

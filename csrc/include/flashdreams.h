@@ -104,8 +104,9 @@ FD_API const char* fd_status_name(fd_status status);
 
 /* The API this header describes. Same major: compatible; a newer minor only adds. */
 #define FD_API_VERSION_MAJOR 1
-#define FD_API_VERSION_MINOR 3 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
-                                  1.2: fd_session_warm_up; 1.3: fd_worlds_* (many worlds, one batch) */
+#define FD_API_VERSION_MINOR 4 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
+                                  1.2: fd_session_warm_up; 1.3: fd_worlds_* (many worlds, one batch);
+                                  1.4: fd_session_save, fd_session_load, fd_worlds_save, fd_worlds_load */
 #define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
 
 /* The API version of the loaded library, (major << 16) | minor. */
@@ -288,6 +289,19 @@ FD_API FD_MUST_USE fd_status fd_session_reset(fd_session* session, uint64_t seed
  * `seconds` (may be NULL) receives the time it took. Since 1.2. */
 FD_API FD_MUST_USE fd_status fd_session_warm_up(fd_session* session, double* seconds);
 
+/* Snapshots (API 1.4). Write the session's state after its last block (KV caches, decoder
+ * caches, inputs, block index, seed) to a file, one safetensors file (Python's
+ * flashdreams.snapshot.Snapshot); load one back into a session of the same engine preset and
+ * dtype, after which the next fd_session_step continues as the saved session did (bit for bit
+ * on the same machine): rewind a simulation, save it, branch it (load one file into several
+ * sessions). A load is checked whole first and changes nothing when it fails: a missing file
+ * FD_NOT_FOUND, a file that is not a snapshot FD_INVALID_ARGUMENT, a snapshot of another
+ * preset, dtype or shape FD_ENGINE_INCOMPATIBLE. After a load there is no last block to read
+ * until the next step. The file holds the whole KV cache (e.g. ~5.7 GiB for Self-Forcing
+ * 1.3B in bf16). */
+FD_API FD_MUST_USE fd_status fd_session_save(fd_session* session, const char* path);
+FD_API FD_MUST_USE fd_status fd_session_load(fd_session* session, const char* path);
+
 /* Release a session and its device memory. NULL: FD_OK. A handle already destroyed:
  * FD_INVALID_ARGUMENT (its memory is never touched). */
 FD_API fd_status fd_session_destroy(fd_session* session);
@@ -365,6 +379,13 @@ FD_API FD_MUST_USE fd_status fd_worlds_read_frames(fd_worlds* worlds, int32_t wo
 /* World `world` back to block 0 with a new seed (caches cleared, inputs kept); the other
  * worlds go on where they are. */
 FD_API FD_MUST_USE fd_status fd_worlds_reset(fd_worlds* worlds, int32_t world, uint64_t seed);
+
+/* Snapshots of one world (API 1.4), as fd_session_save / fd_session_load: a world's file loads
+ * into any world of the same engine preset (or into a session of batch 1, and back), so
+ * saving world i and loading the file into world j branches world i; the other worlds go on
+ * untouched. */
+FD_API FD_MUST_USE fd_status fd_worlds_save(fd_worlds* worlds, int32_t world, const char* path);
+FD_API FD_MUST_USE fd_status fd_worlds_load(fd_worlds* worlds, int32_t world, const char* path);
 
 /* Release the worlds and their device memory. NULL: FD_OK. A handle already destroyed:
  * FD_INVALID_ARGUMENT (its memory is never touched). */

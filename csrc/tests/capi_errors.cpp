@@ -3,7 +3,8 @@
 // A failing call must return its status with a non-empty message; a call that succeeds
 // must leave an empty message. Nothing may crash. Exit code 0 only if every case passed.
 //
-//   capi_errors [--prompt-file FILE.safetensors]   (the file: prompt_embeds [1, 16, 32])
+//   capi_errors [--prompt-file FILE.safetensors] [--snapshot-dir DIR]   (the file: prompt_embeds [1, 16, 32];
+//   DIR: where the snapshot cases write their files, default ".")
 #include <flashdreams.h>
 
 #include <cstddef>
@@ -40,8 +41,10 @@ const int64_t kWrongDim[3] = {1, 16, 31};
 
 int main(int argc, char** argv) {
     const char* prompt_file = nullptr;
+    std::string snapshot_dir = ".";
     for (int i = 1; i + 1 < argc; i += 2) {
         if (std::strcmp(argv[i], "--prompt-file") == 0) prompt_file = argv[i + 1];
+        if (std::strcmp(argv[i], "--snapshot-dir") == 0) snapshot_dir = argv[i + 1];
     }
     std::vector<float> prompt(16 * 32, 0.25f), wrong(16 * 31, 0.25f);
     std::vector<int32_t> ints(16 * 32, 1);
@@ -222,6 +225,39 @@ int main(int argc, char** argv) {
     expect("warm_up", fd_session_warm_up(session, &warm_s), FD_OK);
     expect("warm_up_took_time", warm_s > 0.0 ? FD_OK : FD_INVALID_ARGUMENT, FD_OK);
 
+    // ---- snapshots (API 1.4)
+    const std::string snap = snapshot_dir + "/capi_errors_snapshot.safetensors";
+    const std::string junk = snapshot_dir + "/capi_errors_junk.safetensors";
+    if (FILE* f = std::fopen(junk.c_str(), "wb")) {
+        std::fputs("not a safetensors file", f);
+        std::fclose(f);
+    }
+    expect("save_null", fd_session_save(nullptr, snap.c_str()), FD_INVALID_ARGUMENT);
+    expect("save_null_path", fd_session_save(session, nullptr), FD_INVALID_ARGUMENT, {"path"});
+    expect("save_empty_path", fd_session_save(session, ""), FD_INVALID_ARGUMENT, {"path is empty"});
+    expect("save", fd_session_save(session, snap.c_str()), FD_OK);
+    expect("load_missing", fd_session_load(session, (snapshot_dir + "/no_such_snapshot").c_str()), FD_NOT_FOUND,
+           {"no_such_snapshot"});
+    expect("load_not_a_snapshot", fd_session_load(session, junk.c_str()), FD_INVALID_ARGUMENT, {"not a FlashDreams"});
+    expect("load", fd_session_load(session, snap.c_str()), FD_OK);
+    {  // a snapshot of another model (the arena) does not fit this session
+        fd_engine_options arena = cpu;
+        arena.preset = "arena";
+        fd_engine* other_engine = nullptr;
+        fd_session* arena_session = nullptr;
+        const std::string arena_snap = snapshot_dir + "/capi_errors_arena.safetensors";
+        if (fd_engine_open(nullptr, &arena, &other_engine) == FD_OK &&
+            fd_session_create(other_engine, nullptr, &arena_session) == FD_OK &&
+            fd_session_save(arena_session, arena_snap.c_str()) == FD_OK) {
+            expect("load_other_model", fd_session_load(session, arena_snap.c_str()), FD_ENGINE_INCOMPATIBLE,
+                   {"same preset"});
+        } else {
+            expect("load_other_model", FD_INTERNAL, FD_ENGINE_INCOMPATIBLE);  // the setup failed: say so
+        }
+        (void)fd_session_destroy(arena_session);
+        (void)fd_engine_destroy(other_engine);
+    }
+
     // ---- an engine destroyed while a session lives; that session stepped on another thread
     fd_session* other = nullptr;
     expect("session_create_second", fd_session_create(engine, nullptr, &other), FD_OK);
@@ -250,6 +286,7 @@ int main(int argc, char** argv) {
     expect("input_count_after_destroy", fd_session_input_count(session, &n_inputs), FD_INVALID_ARGUMENT,
            {"not live"});
     expect("input_info_after_destroy", fd_session_input_info(session, 0, &in_info), FD_INVALID_ARGUMENT, {"not live"});
+    expect("save_after_destroy", fd_session_save(session, snap.c_str()), FD_INVALID_ARGUMENT, {"not live"});
     expect("session_destroy_twice", fd_session_destroy(session), FD_INVALID_ARGUMENT);
     expect("session_destroy_other", fd_session_destroy(other), FD_OK);
     expect("session_destroy_null", fd_session_destroy(nullptr), FD_OK);

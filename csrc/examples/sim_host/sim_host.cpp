@@ -1,6 +1,7 @@
 // sim_host: a small C++ "simulator" that drives a FlashDreams session through the C ABI.
 //
 //   sim_host [--ticks N] [--seed S] [--preset NAME] [--input NAME] [--out FRAMES.npy] [--latents LATENTS.npy]
+//            [--rewind K [--snapshot FILE]]
 //
 // It checks the API version, opens a built-in model (--preset; default the tiny causal Wan),
 // creates a session, prints the inputs the session takes (one line each: "input I: NAME
@@ -15,7 +16,10 @@
 // block, reads the block's frames into a host buffer, and prints its timing. At the
 // end it writes every frame to --out (default sim_host_frames.npy): uint8
 // [frames, height, width, 3], readable with numpy.load. --latents also writes each
-// block's latents, float32 [ticks, channels, frames, height, width].
+// block's latents, float32 [ticks, channels, frames, height, width]. --rewind K saves the
+// session before tick K (fd_session_save, to --snapshot FILE), and after the last tick loads
+// it back (fd_session_load) and runs ticks K.. again, checking that their frames and latents
+// are the ones of the first run.
 #include <flashdreams.h>
 
 #include <chrono>
@@ -113,7 +117,9 @@ bool write_npy(const std::string& path, const char* descr, const std::vector<int
 int main(int argc, char** argv) {
     int ticks = 6;
     uint64_t seed = 0;
+    int rewind = -1;
     std::string out = "sim_host_frames.npy", latents_out, preset, engine_dir, input = "prompt_embeds";
+    std::string snapshot = "sim_host_snapshot.safetensors";
     for (int i = 1; i < argc; ++i) {
         const std::string a = argv[i];
         const bool has_value = i + 1 < argc;
@@ -131,10 +137,14 @@ int main(int argc, char** argv) {
             engine_dir = argv[++i];
         } else if (a == "--input" && has_value) {
             input = argv[++i];
+        } else if (a == "--rewind" && has_value) {
+            rewind = std::atoi(argv[++i]);
+        } else if (a == "--snapshot" && has_value) {
+            snapshot = argv[++i];
         } else {
             std::fprintf(stderr,
                          "usage: sim_host [--ticks N] [--seed S] [--preset NAME | --engine DIR] [--input NAME] "
-                         "[--out FILE.npy] [--latents FILE.npy]\n");
+                         "[--out FILE.npy] [--latents FILE.npy] [--rewind K [--snapshot FILE]]\n");
             return 2;
         }
     }
@@ -175,56 +185,93 @@ int main(int argc, char** argv) {
     std::vector<float> latents, lat_block;
     int64_t total_frames = 0, height = 0, width = 0, lat_shape[4] = {0, 0, 0, 0};
     bool have_frames = true;
-    for (int tick = 0; tick < ticks; ++tick) {
-        auto t_tick = std::chrono::steady_clock::now();
-        const bool change = tick % kInputEvery == 0;
+    // One tick: the input change on its schedule, one step, the block's frames (and latents) read
+    // into `block` / `lat_block`. False if the C ABI refused.
+    auto run_tick = [&](int tick, bool& change, double& step_ms, double& read_ms, int64_t* fthw) -> bool {
+        change = tick % kInputEvery == 0;
         if (change) {
             std::vector<float> value = input_for(tick / kInputEvery, input_numel, info);
             fd_tensor_view view = {value.data(), FD_DTYPE_FLOAT32, info.ndim, info.shape, FD_MEMORY_HOST, 0};
-            if (!ok(fd_session_set_input(session.get(), input.c_str(), &view), "fd_session_set_input")) return 1;
+            if (!ok(fd_session_set_input(session.get(), input.c_str(), &view), "fd_session_set_input")) return false;
         }
         auto t_step = std::chrono::steady_clock::now();
-        if (!ok(fd_session_step(session.get()), "fd_session_step")) return 1;
-        const double step_ms = ms_since(t_step);
-
+        if (!ok(fd_session_step(session.get()), "fd_session_step")) return false;
+        step_ms = ms_since(t_step);
         auto t_read = std::chrono::steady_clock::now();
-        int64_t t = 0, h = 0, w = 0, c = 0;
+        int64_t& t = fthw[0];
         if (have_frames) {
-            const fd_status st = fd_session_frame_info(session.get(), &t, &h, &w, &c);
+            const fd_status st = fd_session_frame_info(session.get(), &fthw[0], &fthw[1], &fthw[2], &fthw[3]);
             if (st == FD_NOT_FOUND) {
                 std::printf("note: %s\n", fd_last_error());  // an engine without a decoder: latents only
                 have_frames = false;
             } else if (!ok(st, "fd_session_frame_info")) {
-                return 1;
+                return false;
             }
         }
         if (have_frames) {
-            block.resize(static_cast<size_t>(t * h * w * c));
+            block.resize(static_cast<size_t>(t * fthw[1] * fthw[2] * fthw[3]));
             if (!ok(fd_session_read_frames(session.get(), block.data(), block.size(), FD_MEMORY_HOST),
                     "fd_session_read_frames")) {
-                return 1;
+                return false;
             }
-            frames.insert(frames.end(), block.begin(), block.end());
-            total_frames += t;
-            height = h;
-            width = w;
         }
-        if (!latents_out.empty()) {
+        if (!latents_out.empty() || rewind >= 0) {
             if (!ok(fd_session_latent_info(session.get(), &lat_shape[0], &lat_shape[1], &lat_shape[2], &lat_shape[3]),
                     "fd_session_latent_info")) {
-                return 1;
+                return false;
             }
             lat_block.resize(static_cast<size_t>(lat_shape[0] * lat_shape[1] * lat_shape[2] * lat_shape[3]));
             if (!ok(fd_session_read_latents(session.get(), lat_block.data(), lat_block.size() * sizeof(float),
                                             FD_MEMORY_HOST),
                     "fd_session_read_latents")) {
-                return 1;
+                return false;
             }
-            latents.insert(latents.end(), lat_block.begin(), lat_block.end());
+        }
+        read_ms = ms_since(t_read);
+        return true;
+    };
+
+    std::vector<std::vector<uint8_t>> after_frames;  // --rewind: each tick's frames and latents from tick K on
+    std::vector<std::vector<float>> after_latents;
+    for (int tick = 0; tick < ticks; ++tick) {
+        if (tick == rewind && !ok(fd_session_save(session.get(), snapshot.c_str()), "fd_session_save")) return 1;
+        auto t_tick = std::chrono::steady_clock::now();
+        bool change = false;
+        double step_ms = 0.0, read_ms = 0.0;
+        int64_t fthw[4] = {0, 0, 0, 0};
+        if (!run_tick(tick, change, step_ms, read_ms, fthw)) return 1;
+        if (have_frames) {
+            frames.insert(frames.end(), block.begin(), block.end());
+            total_frames += fthw[0];
+            height = fthw[1];
+            width = fthw[2];
+        }
+        if (!latents_out.empty()) latents.insert(latents.end(), lat_block.begin(), lat_block.end());
+        if (rewind >= 0 && tick >= rewind) {
+            after_frames.push_back(block);
+            after_latents.push_back(lat_block);
         }
         std::printf("tick %d:%s step %.1f ms, read %.2f ms, total %.1f ms, %lld frames %lldx%lld\n", tick,
-                    change ? " new input," : "", step_ms, ms_since(t_read), ms_since(t_tick),
-                    static_cast<long long>(t), static_cast<long long>(h), static_cast<long long>(w));
+                    change ? " new input," : "", step_ms, read_ms, ms_since(t_tick), static_cast<long long>(fthw[0]),
+                    static_cast<long long>(fthw[1]), static_cast<long long>(fthw[2]));
+    }
+    if (rewind >= 0 && rewind < ticks) {
+        // Back to the snapshot taken before tick K, and ticks K.. again with the same inputs: a host that
+        // rewinds its simulation gets the same frames again.
+        if (!ok(fd_session_load(session.get(), snapshot.c_str()), "fd_session_load")) return 1;
+        for (int tick = rewind; tick < ticks; ++tick) {
+            bool change = false;
+            double step_ms = 0.0, read_ms = 0.0;
+            int64_t fthw[4] = {0, 0, 0, 0};
+            if (!run_tick(tick, change, step_ms, read_ms, fthw)) return 1;
+            const size_t k = static_cast<size_t>(tick - rewind);
+            if ((have_frames && block != after_frames[k]) || lat_block != after_latents[k]) {
+                std::printf("rewind: tick %d differs from its first run\n", tick);
+                return 1;
+            }
+        }
+        std::printf("rewind: ticks %d..%d again from the snapshot before tick %d: identical\n", rewind, ticks - 1,
+                    rewind);
     }
 
     if (have_frames && ticks > 0) {
