@@ -34,6 +34,17 @@ fd_status in_session(const char* fn, fd_session* handle, const std::function<fd_
     return with_python([&] { return body(*s); });
 }
 
+// fd_session_save / fd_session_load: the glue function `what` on the session and the file at `path`. A load
+// replaces the state the last block belongs to, so it forgets that block (reads need the next step).
+fd_status snapshot_file(const char* fn, fd_session* handle, const char* path, const char* what) {
+    if (path == nullptr) return null_arg(fn, "path");
+    return in_session(fn, handle, [&](SessionImpl& s) {
+        glue(what)(s.session, py::str(path));
+        if (std::strcmp(what, "session_load") == 0) s.last = py::none();
+        return FD_OK;
+    });
+}
+
 // Looks a session up and reads its inputs from Python on first use; `s` is set on FD_OK.
 // s->inputs never changes once read, so it may be used after the lock is let go.
 fd_status session_inputs(const char* fn, const fd_session* handle, std::shared_ptr<SessionImpl>& s) {
@@ -359,24 +370,11 @@ FD_API fd_status fd_session_warm_up(fd_session* session, double* seconds) {
 }
 
 FD_API fd_status fd_session_save(fd_session* session, const char* path) {
-    return guarded([&]() -> fd_status {
-        if (path == nullptr) return null_arg("fd_session_save", "path");
-        return in_session("fd_session_save", session, [&](SessionImpl& s) {
-            glue("session_save")(s.session, py::str(path));
-            return FD_OK;
-        });
-    });
+    return guarded([&] { return snapshot_file("fd_session_save", session, path, "session_save"); });
 }
 
 FD_API fd_status fd_session_load(fd_session* session, const char* path) {
-    return guarded([&]() -> fd_status {
-        if (path == nullptr) return null_arg("fd_session_load", "path");
-        return in_session("fd_session_load", session, [&](SessionImpl& s) {
-            glue("session_load")(s.session, py::str(path));
-            s.last = py::none();  // the last block belongs to the state the load replaced
-            return FD_OK;
-        });
-    });
+    return guarded([&] { return snapshot_file("fd_session_load", session, path, "session_load"); });
 }
 
 FD_API fd_status fd_session_destroy(fd_session* session) {
