@@ -225,6 +225,11 @@ class Worlds:
             out[name] = self.buffers[name][row : row + 1]
         return out
 
+    @property
+    def snapshot_nbytes(self) -> int:
+        """The bytes `snapshot()` copies for one world."""
+        return sum(v.numel() * v.element_size() for v in self._world_rows(0).values())
+
     @torch.no_grad()
     def snapshot(self, world: int, device: torch.device | str | None = None) -> Snapshot:
         """World `world`'s state after its current block: `restore()` it into any world of these worlds

@@ -97,6 +97,7 @@ class Client:
         self.session: str | None = None
         self.ended: str | None = None
         self.errors: queue.Queue = queue.Queue()  # {"t": "error", ...} messages, in arrival order
+        self.replies: queue.Queue = queue.Queue()  # {"t": "saved" | "loaded", ...} answers, in arrival order
         self._frames: queue.Queue = queue.Queue()
         self._seq = 0
         self._ws = None
@@ -177,6 +178,8 @@ class Client:
                     obj = json.loads(msg.data)
                     if obj.get("t") == "error":
                         self.errors.put(obj)
+                    elif obj.get("t") in ("saved", "loaded"):
+                        self.replies.put(obj)
                     elif obj.get("t") == "ended":
                         self.ended = obj.get("reason", "ended")
                         await self._ws.close()  # the server waits for us to close: nothing is lost
@@ -251,6 +254,27 @@ class Client:
         seq = self._next_seq()
         self.send({"t": "reset", "seq": seq, **({} if seed is None else {"seed": seed})})
         return seq
+
+    def save(self) -> int:
+        """Have the server keep a copy of the world after its newest block (one per session); answered by
+        a "saved" reply (`next_reply`) with the block it holds, or an error. Returns the sequence number."""
+        seq = self._next_seq()
+        self.send({"t": "save", "seq": seq})
+        return seq
+
+    def load(self) -> int:
+        """Put the world back to the saved copy; frames stamped with this sequence number or later continue
+        from the saved block. Answered by a "loaded" reply, or an error when nothing was saved."""
+        seq = self._next_seq()
+        self.send({"t": "load", "seq": seq})
+        return seq
+
+    def next_reply(self, timeout: float | None = None) -> dict[str, Any]:
+        """The next "saved" / "loaded" answer."""
+        try:
+            return self.replies.get(timeout=timeout or self.timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no saved/loaded reply within {timeout or self.timeout} s") from None
 
     def pause(self) -> None:
         self.send({"t": "pause"})

@@ -330,6 +330,11 @@ class Session:
         names = [n for n, d in self.plan.state.items() if d.batch_dim is not None] + list(self.plan.inputs)
         return {n: self.buffers[n] for n in names}
 
+    @property
+    def snapshot_nbytes(self) -> int:
+        """The bytes `snapshot()` copies (the KV ring dominates)."""
+        return sum(b.numel() * b.element_size() for b in self._snapshot_targets().values())
+
     @torch.no_grad()
     def snapshot(self, device: torch.device | str | None = None) -> Snapshot:
         """This session's state after `self.block` blocks: `restore()` it to go back to this point, here or in

@@ -132,6 +132,39 @@ def test_a_second_tab_gets_its_own_session(browser, server):
     b.close()
 
 
+def first_frame_from(page, seq_expr: str, timeout_ms: int = 60_000) -> dict:
+    """The first presented frame stamped with the sequence number `seq_expr` (a page expression) or later;
+    a named failure, not a hang, when none comes."""
+    return page.evaluate(
+        f"Promise.race([window.fdCapture({seq_expr}, 1), new Promise((_, no) => setTimeout(() => "
+        f"no(new Error('no frame stamped with ' + ({seq_expr}) + ' or later within {timeout_ms} ms')), {timeout_ms}))])"
+    )
+
+
+def test_save_and_load_buttons_go_back_to_the_saved_world(browser, server):
+    """Save, play on, Load: the first frame shown after the load is the first frame that followed the save."""
+    page = open_page(browser, server.url)
+    assert page.is_disabled("#save") and page.is_disabled("#load")
+    page.click("#start")
+    page.wait_for_function("window.fdStats.presented >= 2", timeout=120_000)
+    assert page.is_disabled("#load")  # nothing saved yet
+    page.click("#save")
+    after_save = first_frame_from(page, "window.fdStats.lastSaveSeq")
+    page.wait_for_function("window.fdStats.saved !== null", timeout=60_000)
+    saved = page.evaluate("window.fdStats.saved")
+    assert after_save["block"] == saved["block"] and page.inner_text("#status") == f"saved at block {saved['block']}"
+    fpb = page.evaluate("window.fdStats.hello.frames_per_block")
+    shown = page.evaluate("window.fdStats.presented")
+    page.wait_for_function(f"window.fdStats.presented >= {shown + 2 * fpb}", timeout=120_000)  # play on
+    page.click("#load")
+    after_load = first_frame_from(page, "window.fdStats.lastLoadSeq")
+    assert after_load["block"] == saved["block"] and after_load["index"] > after_save["index"]
+    assert after_load["pixels"] == after_save["pixels"], "the frame after the load is not the one after the save"
+    assert page.evaluate("window.fdStats.loaded.block") == saved["block"]
+    assert not page.page_errors and not page.evaluate("window.fdStats.errors"), page.evaluate("window.fdStats.errors")
+    page.close()
+
+
 def keys_preset() -> str | None:
     """The default world when it takes keys, else the arena world, else None."""
     for name in (default_world(), "arena"):

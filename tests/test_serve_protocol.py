@@ -135,6 +135,64 @@ def test_a_good_input_is_reflected_by_later_frames(server):
         assert seen[-1].seq == seq and c.errors.empty()
 
 
+def first_block_from(c: Client, seq: int) -> tuple[int, list[np.ndarray]]:
+    """The block of the first frame stamped with `seq` or later, and that block's frames."""
+    f = c.next_frame(timeout=30)
+    while f.seq < seq:
+        f = c.next_frame(timeout=30)
+    frames = [f.image]
+    while len(frames) < c.info["frames_per_block"]:
+        g = c.next_frame(timeout=30)
+        assert g.block == f.block
+        frames.append(g.image)
+    return f.block, frames
+
+
+@pytest.mark.parametrize("batched", [False, True], ids=["sessions", "worlds"])
+def test_load_goes_back_to_the_saved_world(engine, batched):
+    """save keeps the world after its newest block; load puts it back: the blocks after a load are the
+    blocks that followed the save, frame for frame (the same encoded bytes decode to the same pixels)."""
+    from flashdreams.serve.worlds_stepper import WorldsStepper
+
+    stepper = WorldsStepper(engine, 2) if batched and engine.plan.row_independent else SessionStepper(engine)
+    srv = start(engine, stepper=stepper, max_sessions=2)
+    try:
+        with Client(srv.url, seed=5) as c:
+            load = c.load()
+            err = c.next_error(timeout=30)
+            assert err["seq"] == load and "saved nothing yet" in err["message"]
+            for _ in range(2 * c.info["frames_per_block"]):
+                c.next_frame(timeout=30)
+            seq = c.save()
+            saved = c.next_reply(timeout=30)
+            assert saved["t"] == "saved" and saved["seq"] == seq and saved["bytes"] > 0
+            block, after_save = first_block_from(c, seq)
+            assert block == saved["block"]
+            for _ in range(2 * c.info["frames_per_block"]):  # the world goes on past the saved point
+                c.next_frame(timeout=30)
+            seq = c.load()
+            loaded = c.next_reply(timeout=30)
+            assert loaded == {"t": "loaded", "seq": seq, "block": saved["block"]}
+            block, after_load = first_block_from(c, seq)
+            assert block == saved["block"]
+            assert all(np.array_equal(a, b) for a, b in zip(after_save, after_load, strict=True))
+            assert c.errors.empty()
+    finally:
+        srv.stop()
+
+
+def test_a_save_over_the_limit_is_refused_and_the_session_goes_on(engine):
+    srv = start(engine, max_sessions=1, save_limit_bytes=16)
+    try:
+        with Client(srv.url) as c:
+            seq = c.save()
+            err = c.next_error(timeout=30)
+            assert err["seq"] == seq and "--save-limit-mb" in err["message"] and c.replies.empty()
+            frames_go_on(c)
+    finally:
+        srv.stop()
+
+
 class SlowCodec(protocol.FrameCodec):
     """JPEG that takes 30 ms a frame: the next round applies inputs while a block's frames still encode."""
 

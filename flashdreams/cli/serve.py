@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import logging
+import math
 import signal
 import sys
 
@@ -87,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
         "that keeps the video flowing)",
     )
     ses.add_argument(
+        "--save-limit-mb",
+        type=float,
+        default=2048.0,
+        metavar="MB",
+        help='largest world a client may save ("save" keeps one snapshot per session in host memory; "load" goes '
+        "back to it): default 2048 MiB, 0 turns saving off (Self-Forcing 1.3B's is ~5.7 GiB, the arena's < 1 MiB)",
+    )
+    ses.add_argument(
         "--encoding", default="auto", choices=("auto", "jpeg", "png", "raw"), help="frame codec (auto: JPEG)"
     )
     ses.add_argument("--jpeg-quality", type=int, default=85, metavar="Q", help="JPEG quality 1-95 (85)")
@@ -143,6 +152,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"--min-fps must be >= 0 frames per second, got {args.min_fps}")
     if not args.idle_timeout > 0:
         raise InvalidArgumentError(f"--idle-timeout must be positive seconds, got {args.idle_timeout}")
+    if not (math.isfinite(args.save_limit_mb) and args.save_limit_mb >= 0):
+        raise InvalidArgumentError(f"--save-limit-mb must be >= 0 MiB (0: no saving), got {args.save_limit_mb}")
     if not args.window > 0:
         raise InvalidArgumentError(f"--window must be a positive number of blocks, got {args.window}")
     if not 1 <= args.jpeg_quality <= 95:
@@ -197,6 +208,7 @@ def build_manager(args: argparse.Namespace, engine=None):
         min_fps=args.min_fps,
         window_blocks=args.window,
         max_message_bytes=args.max_message_bytes or max(256 * 1024, 2 * largest + 16 * 1024),
+        save_limit_bytes=int(args.save_limit_mb * 2**20),
     )
     codec = FrameCodec.choose(args.encoding, args.jpeg_quality)
     if batched:

@@ -47,7 +47,8 @@ class Live:
     seed: int
     send: Send
     running: bool = True
-    pending: list[tuple] = field(default_factory=list)  # ("input", seq, name, tensor) / ("reset", seq, seed)
+    # ("input", seq, name, tensor) / ("prompt", seq, text) / ("reset", seq, seed) / ("save", seq) / ("load", seq)
+    pending: list[tuple] = field(default_factory=list)
     seq: int = 0  # the last input sequence applied before the latest block
     produced: int = 0  # frames its blocks made (flow control counts these)
     sent: int = 0  # frames queued to the client
@@ -77,6 +78,7 @@ class Limits:
     idle_timeout_s: float = 600.0  # no message but acks for this long ends a session
     window_blocks: float = 1.0  # blocks a session may run ahead of what its client presented
     max_message_bytes: int = 1 << 20  # a client message over this is answered with an error
+    save_limit_bytes: int = 2 << 30  # a session's saved world (host memory) may not be larger than this
 
 
 class SessionManager:
@@ -106,6 +108,7 @@ class SessionManager:
         self.step_ms: float | None = None  # measured time of one session's block within a round
         self.max_elements = max(math.prod(s.shape) for s in self.specs.values()) if self.specs else 1
         self.stats = {"blocks": 0, "block_ms": 0.0, "admitted": 0, "refused": 0}
+        self._saves: dict = {}  # session id -> its saved world (a host-memory Snapshot); worker thread only
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -194,7 +197,7 @@ class SessionManager:
         if tell:
             live.send({"t": "ended", "reason": reason})
         with contextlib.suppress(RuntimeError):  # the worker is already shut down (drain): the process ends
-            await asyncio.get_running_loop().run_in_executor(self.worker, self.stepper.close, sid)
+            await asyncio.get_running_loop().run_in_executor(self.worker, self._close, sid)
         self._wake.set()
 
     def handle(self, live: Live, msg: dict[str, Any], payload: bytes | None = None) -> None:
@@ -242,6 +245,8 @@ class SessionManager:
                 seq = protocol.field_int(msg, "seq")
                 seed = msg.get("seed")
                 live.pending.append(("reset", seq, None if seed is None else protocol.field_int(msg, "seed")))
+            elif kind in ("save", "load"):
+                live.pending.append((kind, protocol.field_int(msg, "seq")))
             elif kind == "pause":
                 live.running = False
             elif kind == "resume":
@@ -297,12 +302,12 @@ class SessionManager:
                 self.round_ms = 0.8 * self.round_ms + 0.2 * ms
                 each = ms / stepped
                 self.step_ms = each if self.step_ms is None else 0.8 * self.step_ms + 0.2 * each
-            for sid, (errors, seq, out) in results.items():
+            for sid, (replies, seq, out) in results.items():
                 live = self.sessions.get(sid)
                 if live is None:
                     continue
-                for err in errors:
-                    live.send(err)
+                for reply in replies:
+                    live.send(reply)
                 live.seq = seq if seq is not None else live.seq
                 if out is None:
                     continue
@@ -317,12 +322,17 @@ class SessionManager:
                 # The stamp is taken now: the next round may apply newer inputs before these frames go out.
                 live.sending = asyncio.create_task(self._send_frames(live, out, live.seq, live.sending))
 
+    def _close(self, sid: str) -> None:
+        """On the worker thread: the session's world and its saved world go."""
+        self._saves.pop(sid, None)
+        self.stepper.close(sid)
+
     def _round(self, work: list[tuple[str, list[tuple], bool]]) -> dict[str, tuple[list, int | None, BlockOut | None]]:
         """On the worker thread: apply each session's queued inputs, then step the sessions due a block."""
         results: dict[str, tuple[list, int | None, BlockOut | None]] = {}
         due = []
         for sid, pending, step in work:
-            errors, seq = [], None
+            replies, seq = [], None  # messages for the client (errors, saved, loaded), and the last applied seq
             for item in pending:
                 try:
                     if item[0] == "input":
@@ -330,12 +340,21 @@ class SessionManager:
                     elif item[0] == "prompt":
                         name = "prompt_embeds"
                         self.stepper.set_input(sid, name, self.text_encoder.encode(item[2]))
+                    elif item[0] == "save":
+                        snap = self._saves[sid] = self.stepper.save(sid, self.limits.save_limit_bytes)
+                        replies.append({"t": "saved", "seq": item[1], "block": snap.block, "bytes": snap.nbytes})
+                    elif item[0] == "load":
+                        snap = self._saves.get(sid)
+                        if snap is None:
+                            raise InvalidArgumentError('load: this session has saved nothing yet (send "save" first)')
+                        self.stepper.load(sid, snap)
+                        replies.append({"t": "loaded", "seq": item[1], "block": snap.block})
                     else:
                         self.stepper.reset(sid, item[2])
                     seq = item[1]
                 except Exception as exc:
-                    errors.append({"t": "error", "code": error_code(exc), "message": str(exc), "seq": item[1]})
-            results[sid] = (errors, seq, None)
+                    replies.append({"t": "error", "code": error_code(exc), "message": str(exc), "seq": item[1]})
+            results[sid] = (replies, seq, None)
             if step:
                 due.append(sid)
         for sid, out in self.stepper.step(due).items():

@@ -25,8 +25,8 @@ from flashdreams.errors import InvalidArgumentError
 PROTOCOL_VERSION = 1
 
 # Client -> server kinds, and server -> client kinds (docs/PROTOCOL.md describes each).
-CLIENT_KINDS = ("start", "input", "stand_in", "prompt", "reset", "pause", "resume", "ack", "ping")
-SERVER_KINDS = ("hello", "started", "busy", "frame", "error", "ended", "pong")
+CLIENT_KINDS = ("start", "input", "stand_in", "prompt", "reset", "save", "load", "pause", "resume", "ack", "ping")
+SERVER_KINDS = ("hello", "started", "busy", "frame", "error", "ended", "pong", "saved", "loaded")
 
 # dtypes a binary input may carry, with their numpy names (little-endian on the wire).
 WIRE_DTYPES = {"float32": "<f4", "float16": "<f2", "int64": "<i8", "int32": "<i4", "uint8": "u1"}

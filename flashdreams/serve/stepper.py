@@ -76,6 +76,25 @@ class Stepper(ABC):
     def session_bytes(self) -> int:
         """Memory one more session takes on the engine's device (measured)."""
 
+    # Snapshots (flashdreams.snapshot), in host memory. A stepper whose worlds carry state outside their
+    # buffers (the demo drive's ego pose) keeps these refusals.
+    def save(self, sid: str, limit_bytes: int):
+        """A snapshot of `sid`'s world after its newest block, in host memory; refused over `limit_bytes`."""
+        raise InvalidArgumentError("this server cannot save its worlds (they carry state outside the model's)")
+
+    def load(self, sid: str, snapshot) -> None:
+        """`sid`'s world back to `snapshot`."""
+        raise InvalidArgumentError("this server cannot load saved worlds (they carry state outside the model's)")
+
+
+def check_save_size(nbytes: int, limit_bytes: int) -> None:
+    """Refuse a save over the server's limit, naming both sizes and the flag."""
+    if nbytes > limit_bytes:
+        raise InvalidArgumentError(
+            f"save: this model's state is {nbytes / 2**20:.1f} MiB, over this server's limit of "
+            f"{limit_bytes / 2**20:.1f} MiB (fd-serve --save-limit-mb)"
+        )
+
 
 class SessionStepper(Stepper):
     """One `Session` per id, stepped one after another (the batched stepper steps them together)."""
@@ -110,6 +129,14 @@ class SessionStepper(Stepper):
 
     def reset(self, sid: str, seed: int | None) -> None:
         self.sessions[sid].reset(seed=seed)
+
+    def save(self, sid: str, limit_bytes: int):
+        session = self.sessions[sid]
+        check_save_size(session.snapshot_nbytes, limit_bytes)
+        return session.snapshot(device="cpu")
+
+    def load(self, sid: str, snapshot) -> None:
+        self.sessions[sid].restore(snapshot)
 
     def step(self, sids: list[str]) -> dict[str, BlockOut]:
         out = {}

@@ -13,7 +13,7 @@ import time
 import torch
 
 from flashdreams.errors import InvalidArgumentError
-from flashdreams.serve.stepper import IMPULSE_UNITS, BlockOut, Stepper
+from flashdreams.serve.stepper import IMPULSE_UNITS, BlockOut, Stepper, check_save_size
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,13 @@ class WorldsStepper(Stepper):
 
     def reset(self, sid: str, seed: int | None) -> None:
         self.worlds.reset(self.ids[sid], seed=seed)
+
+    def save(self, sid: str, limit_bytes: int):
+        check_save_size(self.worlds.snapshot_nbytes, limit_bytes)
+        return self.worlds.snapshot(self.ids[sid], device="cpu")
+
+    def load(self, sid: str, snapshot) -> None:
+        self.worlds.restore(self.ids[sid], snapshot)
 
     def step(self, sids: list[str]) -> dict[str, BlockOut]:
         live = [sid for sid in sids if sid in self.ids]

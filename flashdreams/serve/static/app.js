@@ -19,6 +19,7 @@ const state = {
   latencies: [],        // input-to-present ms, in order measured
   presented: 0, presentTimes: [], lastBlockMs: null, nextDue: 0, lastIndex: -1,
   ended: null, busy: null, errors: [], captures: [], lastResetSeq: null, onBlockStart: [],
+  saved: null, loaded: null, lastSaveSeq: null, lastLoadSeq: null,  // the server's saved/loaded answers
 };
 window.fdStats = state; // read by tests and curious people
 
@@ -233,6 +234,10 @@ function onText(msg) {
     state.busy = msg.message; setStatus("busy, try later: " + msg.message); state.ws.close();
   } else if (msg.t === "ended") {
     state.ended = msg.reason; setStatus("ended: " + msg.reason); state.ws.close();
+  } else if (msg.t === "saved") {
+    state.saved = msg; setStatus(`saved at block ${msg.block}`); buttons();
+  } else if (msg.t === "loaded") {
+    state.loaded = msg; setStatus(`back to block ${msg.block}`);
   } else if (msg.t === "error") {
     logError(`input ${msg.seq ?? "-"}: ${msg.message}`);
   }
@@ -302,6 +307,8 @@ function buttons() {
   $("start").disabled = state.started && state.running;
   $("stop").disabled = !(state.started && state.running);
   $("reset").disabled = !state.started;
+  $("save").disabled = !state.started;
+  $("load").disabled = !(state.started && state.saved);
 }
 
 $("start").addEventListener("click", () => {
@@ -314,6 +321,8 @@ $("start").addEventListener("click", () => {
 });
 $("stop").addEventListener("click", () => { send({ t: "pause" }); state.running = false; setStatus("stopped"); buttons(); });
 $("reset").addEventListener("click", () => { state.lastResetSeq = sendSeq({ t: "reset" }); canvas.focus(); });
+$("save").addEventListener("click", () => { state.lastSaveSeq = sendSeq({ t: "save" }); canvas.focus(); });
+$("load").addEventListener("click", () => { state.lastLoadSeq = sendSeq({ t: "load" }); canvas.focus(); });
 
 // Tests: resolve with the n-th presented frame whose block saw input `minSeq` or a later one.
 window.fdCapture = (minSeq, n) => new Promise((resolve) => state.captures.push({ minSeq, n, resolve }));
