@@ -271,10 +271,13 @@ class Client:
 
     def next_reply(self, timeout: float | None = None) -> dict[str, Any]:
         """The next "saved" / "loaded" answer."""
+        return self._next(self.replies, "saved/loaded reply", timeout)
+
+    def _next(self, q: queue.Queue, what: str, timeout: float | None) -> dict[str, Any]:
         try:
-            return self.replies.get(timeout=timeout or self.timeout)
+            return q.get(timeout=timeout or self.timeout)
         except queue.Empty:
-            raise TimeoutError(f"no saved/loaded reply within {timeout or self.timeout} s") from None
+            raise TimeoutError(f"no {what} within {timeout or self.timeout} s") from None
 
     def pause(self) -> None:
         self.send({"t": "pause"})
@@ -299,10 +302,7 @@ class Client:
 
     def next_error(self, timeout: float | None = None) -> dict[str, Any]:
         """The next error message the server sent ({"t": "error", "code", "message", "seq"})."""
-        try:
-            return self.errors.get(timeout=timeout or self.timeout)
-        except queue.Empty:
-            raise TimeoutError(f"no error message within {timeout or self.timeout} s") from None
+        return self._next(self.errors, "error message", timeout)
 
     def close(self) -> None:
         """Close the connection (the server ends the session and frees it)."""
