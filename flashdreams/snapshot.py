@@ -86,11 +86,11 @@ class Snapshot:
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: torch.device | str = "cpu") -> Snapshot:
-        """A snapshot written by `save`, its tensors on `device`."""
+        """A snapshot written by `save`, its tensors on `device` (read into host memory first)."""
         if not os.path.isfile(path):
             raise NotFoundError(f"snapshot '{path}' does not exist")
         try:
-            with safe_open(os.fspath(path), framework="pt", device=str(device)) as f:
+            with safe_open(os.fspath(path), framework="pt") as f:
                 meta = json.loads((f.metadata() or {}).get(_META_KEY, "null"))
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is not iterable)
         except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -98,7 +98,7 @@ class Snapshot:
         if not isinstance(meta, dict) or meta.get("format") != FORMAT:
             raise InvalidArgumentError(f"snapshot '{path}' is not a {FORMAT} file (made by Snapshot.save)")
         try:
-            return cls(
+            snap = cls(
                 dict(meta["engine"]),
                 int(meta["block"]),
                 int(meta["seed"]),
@@ -109,6 +109,7 @@ class Snapshot:
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise InvalidArgumentError(f"snapshot '{path}': its metadata is incomplete ({exc})") from None
+        return snap if torch.device(device).type == "cpu" else snap.to(device)
 
 
 def check_fits(snapshot: Snapshot, engine, targets: Mapping[str, torch.Tensor], where: str) -> None:

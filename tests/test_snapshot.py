@@ -58,7 +58,11 @@ def test_a_saved_snapshot_restores_in_another_session(engine, tmp_path):
     ahead = blocks(s, 2)
     other = engine.session(seed=11)  # another seed and a fresh ring: all replaced by the snapshot's
     blocks(other, 1)
-    other.restore(Snapshot.load(path))
+    loaded = Snapshot.load(path)
+    assert all(t.device.type == "cpu" for t in loaded.tensors.values())
+    moved = loaded.to("meta")  # a copy on another device; the loaded one keeps its tensors
+    assert all(t.device.type == "meta" for t in moved.tensors.values()) and moved.block == loaded.block == 2
+    other.restore(loaded)
     assert other.block == 2
     assert same(blocks(other, 2), ahead)
 
