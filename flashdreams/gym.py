@@ -21,7 +21,8 @@ NEXT_STEP mode: the step after an episode ends resets that world and returns its
 An episode is truncated after `max_episode_steps` steps; `reward_fn(obs, actions, info)` and
 `termination_fn(obs, info)` are the user's hooks. An action a world refuses (NaN, out of
 range) ends that world's episode (truncated, with the reason in info["error"]); the other
-worlds go on untouched. `WorldEnv` is the single-world environment (`gymnasium.make`).
+worlds go on untouched. `WorldEnv` is the single-world environment (`gymnasium.make`). Both offer
+`clone_state` / `restore_state` (`EnvState`) for planners that branch a world.
 
 gymnasium is an optional dependency (`pip install "flashdreams[gym]"`).
 """
@@ -29,6 +30,7 @@ gymnasium is an optional dependency (`pip install "flashdreams[gym]"`).
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -48,6 +50,7 @@ from flashdreams.batched import pad_front
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import InputSpec
 from flashdreams.session import to_host
+from flashdreams.snapshot import Snapshot
 
 ENV_ID = "flashdreams/World-v0"
 RewardFn = Callable[[Any, dict, dict], Any]
@@ -89,6 +92,20 @@ def action_space_for(specs: list[InputSpec], motion: dict[str, str] | None = Non
             high = np.inf if s.high is None else s.high
             out[s.name] = spaces.Box(low, high, shape, np.float32)
     return spaces.Dict(out)
+
+
+@dataclass(frozen=True)
+class EnvState:
+    """One environment's state for a planner to branch from (`clone_state` / `restore_state`, as Atari's
+    environments offer): its world's snapshot (flashdreams.snapshot: state, inputs, block index, seed), the
+    episode's step count (truncation), its seed stream and its camera (motion-driven pose worlds), and whether
+    its next step starts a new episode (the vector environment's autoreset)."""
+
+    world: Snapshot
+    steps: int
+    rng: dict
+    cameras: dict[str, np.ndarray]
+    autoreset: bool
 
 
 class _Worlds:
@@ -169,6 +186,23 @@ class _Worlds:
         self.steps[i] = 0
         for at in self.poses_at.values():
             at[i] = np.eye(4)  # a new episode starts at the identity, as the neutral poses do
+
+    def clone_state(self, i: int) -> EnvState:
+        """World i's state with the environment's own bookkeeping for it (see `EnvState`)."""
+        world = self.worlds.snapshot(self.worlds.ids[i])
+        cameras = {n: at[i].copy() for n, at in self.poses_at.items()}
+        return EnvState(world, self.steps[i], self.rngs[i].bit_generator.state, cameras, False)
+
+    def restore_state(self, i: int, state: EnvState) -> None:
+        if not isinstance(state, EnvState):
+            got = type(state).__name__
+            raise InvalidArgumentError(f"restore_state: expected an EnvState (from clone_state()), got {got}")
+        self.worlds.restore(self.worlds.ids[i], state.world)  # checked whole first: nothing below runs if refused
+        self.steps[i] = state.steps
+        self.rngs[i] = np.random.default_rng()
+        self.rngs[i].bit_generator.state = state.rng
+        for n, pose in state.cameras.items():
+            self.poses_at[n][i] = pose
 
     def set_actions(self, actions: dict | None, skip: set[int]) -> dict[int, str]:
         """Write every world's actions (rows in `skip`, and actions not given, get the neutral value);
@@ -347,6 +381,23 @@ class WorldVectorEnv(VectorEnv):
         self._last = obs
         return obs, rewards, terminated, truncated, info
 
+    def clone_state(self, i: int) -> EnvState:
+        """Environment i's state after its last step: `restore_state(j, state)` puts environment j there,
+        the others go on. A planner branches a world this way (try actions, go back, try others)."""
+        self._check_index(i)
+        return replace(self.core.clone_state(i), autoreset=bool(self._autoreset[i]))
+
+    def restore_state(self, i: int, state: EnvState) -> None:
+        """Environment i back to `state` (from `clone_state`, of any environment of the same model): its next
+        step continues from there. Refused by name for another model's state, nothing changed."""
+        self._check_index(i)
+        self.core.restore_state(i, state)
+        self._autoreset[i] = state.autoreset
+
+    def _check_index(self, i) -> None:
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < self.num_envs:
+            raise InvalidArgumentError(f"environment index must be in [0, {self.num_envs}), got {i!r}")
+
     def render(self):
         if self.render_mode != "rgb_array" or self._last is None:
             return None
@@ -402,6 +453,14 @@ class WorldEnv(gymnasium.Env):
             info["error"], truncated = next(iter(refused.values())), True
         self._last = obs[0]
         return obs[0], reward, terminated, truncated or bool(info.get("error")), info
+
+    def clone_state(self) -> EnvState:
+        """The environment's state after its last step, for `restore_state` (a planner's branch point)."""
+        return self.core.clone_state(0)
+
+    def restore_state(self, state: EnvState) -> None:
+        """Back to `state` (from `clone_state`); refused by name for another model's state, nothing changed."""
+        self.core.restore_state(0, state)
 
     def render(self):
         if self.render_mode != "rgb_array" or self._last is None:

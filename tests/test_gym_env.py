@@ -227,3 +227,36 @@ def test_settings_configure_every_world_and_are_checked_first():
         flashdreams.gym.WorldEnv(engine=engine, settings={"intrinsics": [1.0, 2.0]})
     with pytest.raises(errors, match="setting 'intrinsics'"):
         flashdreams.gym.WorldEnv(engine=engine, settings={"intrinsics": [0.0, 0.0, 8.0, 8.0]})  # fx, fy must be > 0
+
+
+def test_a_planner_branches_an_environment_with_clone_and_restore_state():
+    """clone_state / restore_state: environment 1 goes back to its branch point and takes the same steps
+    again (same observations, same truncation step, same autoreset seed stream); the others go on."""
+    from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
+
+    n = 3
+    venv = gymnasium.make_vec("flashdreams/World-v0", num_envs=n, engine=toy_engine(), max_episode_steps=3)
+    venv.reset(seed=7)
+    venv.step(actions_at(0, n))
+    branch = venv.clone_state(1)
+    first = []
+    for t in range(1, 5):  # crosses world 1's truncation (step 3) and its autoreset
+        obs, _, _, truncated, info = venv.step(actions_at(t, n))
+        first.append((obs[1].copy(), bool(truncated[1]), int(info["block"][1])))
+    assert [f[1] for f in first] == [False, True, False, False]
+    for steps in (2, 4):  # back from a pending autoreset (after step 2), then from a new episode (after 4)
+        venv.restore_state(1, branch)
+        for t in range(1, 1 + steps):
+            obs, _, _, truncated, info = venv.step(actions_at(t, n))
+            assert np.array_equal(obs[1], first[t - 1][0]), (steps, t)
+            assert (bool(truncated[1]), int(info["block"][1])) == first[t - 1][1:], (steps, t)
+    # another environment's branch point restores into this one; a foreign state is refused by name
+    venv.restore_state(2, venv.clone_state(0))
+    with pytest.raises(InvalidArgumentError, match="index"):
+        venv.clone_state(n)
+    env = flashdreams.gym.WorldEnv(preset="tiny", device="cpu")
+    env.reset(seed=1)
+    with pytest.raises(EngineIncompatibleError):
+        venv.restore_state(0, env.clone_state())
+    with pytest.raises(InvalidArgumentError, match="EnvState"):
+        env.restore_state(branch.world)
