@@ -105,6 +105,7 @@ hopper-bf16-tests|200|issue 22 target 1: on an sm_90 GPU, the Gluon bf16 ring at
 sf-gluon-bf16|330|issue 22 target 2: Self-Forcing 1.3B bf16 block 5 with our Triton ring attention and with the Gluon kernel (FD_RING_ATTN_KERNEL=triton, gluon, gluon-n128), own processes on one machine, 7 blocks each, block-5 profiles
 lingbot-fp8-splits|130|issue 15: fd-bench LingBot-World Fast 464x832 in FP8 (our FP8 attention, fp8 ring shadow) with the attention's keys whole and split in two (FD_FP8_ATTN_SPLITS=1, 2), one process each, 8 blocks: the other side of the FP8 kernel's grid rule (kernels/ring_attention_fp8.py SPLIT_BELOW_PROGRAMS_PER_SM)
 lingbot-fa4|300|issue 15: fd-bench LingBot-World Fast 464x832 (stream preset, TAEHV, CUDA graphs) with FlashAttention-4 in bf16 and with FP8 linears (--attention fa4 --precision bf16,fp8) in one invocation: steady rollout of 12 blocks, frames handed out, kernel profile of block 7
+snapshot|150|snapshots: Self-Forcing 1.3B (random weights, TAEHV, Triton, CUDA graphs) after 3 blocks: size, ms to take and restore on the device and through host memory, the block after a restore against the original (bit for bit) (bench/snapshot_bench.py)
 worlds-lockstep|200|issue 19: Matrix-Game 2.0 universal 352x640 as 8 lockstep worlds (engine.worlds at batch 8, TAEHV, Triton): ms per step in step vs a plain batch-8 session, and with one world reset on its own (two batches per step, the other rows held), peak memory of each, the reset world against a lone one (bench/lockstep_worlds.py)
 cp-graphs|200|issue 23 (a multi-GPU kind): Self-Forcing 1.3B over every GPU of the host (1, 2, 4, 8), Ulysses, blocks replayed as CUDA graphs with the NCCL collectives inside (captured or the error recorded), profiled steady blocks
 cp-sf|240|issue 23 (a multi-GPU kind): Self-Forcing 1.3B 480x832 over 1..all GPUs, Ulysses then ring attention, eager: p50/p99, scaling efficiency, communication from a profiled block, peak memory, 10 blocks against one GPU
@@ -159,7 +160,7 @@ declare -A PART_GROUPS=(
   [next50]="lingbot-fp8-fastaccum sf-fp8-fastaccum"
   [next51]="lingbot-fp8-block"
   [next52]="hopper-bf16-tests attention hopper-attn-tests"
-  [next53]="sf-gluon-bf16 worlds-tests attention-lingbot"
+  [next53]="sf-gluon-bf16 worlds-tests attention-lingbot snapshot"
   [next54]="lingbot-fp8-block rolling-fp8-200 sf-fp8-shadow"
   [next55]="omni-fp8 build cold-pyc cold-groups"
   [multi1]="cp-graphs cp-sf"
@@ -1179,6 +1180,14 @@ part_worlds-lockstep() {
     py "$1" "$REPO/bench/lockstep_worlds.py" --preset matrix-game-2-tiny --worlds 2 --blocks 2 --out "$DEST/worlds-lockstep.json"
   else
     py "$1" "$REPO/bench/lockstep_worlds.py" $MG --decoder taehv --worlds 8 --blocks 6 --out "$DEST/worlds-lockstep.json"
+  fi
+}
+
+part_snapshot() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/snapshot_bench.py" --preset tiny --repeats 2 --out "$DEST/snapshot.json"
+  else
+    py "$1" "$REPO/bench/snapshot_bench.py" $SF --out "$DEST/snapshot.json"
   fi
 }
 

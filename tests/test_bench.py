@@ -543,3 +543,25 @@ def test_results_record_the_fd_switches_a_run_was_made_under(monkeypatch):
     assert env["fd_env"]["FD_FP8_FAST_ACCUM"] == "1" and all(k.startswith("FD_") for k in env["fd_env"])
     monkeypatch.delenv("FD_FP8_FAST_ACCUM")
     assert "FD_FP8_FAST_ACCUM" not in environment(torch.device("cpu"))["fd_env"]
+
+
+def test_snapshot_bench_on_the_cpu(tmp_path):
+    """bench/snapshot_bench.py (suite part `snapshot`) at the tiny model: every timing is there, and the
+    block after a restore (from host memory and from the device) is the original's bit for bit."""
+    out = tmp_path / "snapshot.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "snapshot_bench.py"), "--preset", "tiny", "--repeats", "2"]
+        + ["--warm-blocks", "1", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["snapshot_bytes"] > 0 and r["environment"]
+    for what in ("block", "take_device", "take_host", "restore_device", "restore_host"):
+        assert len(r[f"{what}_ms"]) == 2 and all(t > 0 for t in r[f"{what}_ms"]), what
+    assert r["restored_block_max_abs_diff"] == {
+        "from_host": {"latents": 0.0, "frames": 0.0},
+        "from_device": {"latents": 0.0, "frames": 0.0},
+    }
