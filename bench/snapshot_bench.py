@@ -20,23 +20,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
-
-
-def _ms(fn, device: torch.device, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        out.append((time.perf_counter() - t) * 1e3)
-    return out
 
 
 def _median(xs: list[float]) -> float:
@@ -68,7 +54,7 @@ def main() -> int:
     a = ap.parse_args()
 
     import flashdreams
-    from flashdreams.benchmark.environment import environment
+    from flashdreams.benchmark.environment import environment, time_calls_ms
 
     kw = {"preset": a.preset, "attention": a.attention, "decoder": a.decoder, "device": a.device}
     kw = {k: v for k, v in kw.items() if v is not None}
@@ -80,16 +66,16 @@ def main() -> int:
     for _ in range(a.warm_blocks):
         session.step()
     result: dict = {"environment": environment(device), "config": {**kw, "warm_blocks": a.warm_blocks}}
-    result["block_ms"] = _ms(lambda: session.step(), device, a.repeats)
+    result["block_ms"] = time_calls_ms(lambda: session.step(), device, a.repeats)
 
     snap = session.snapshot()
     host = session.snapshot(device="cpu")
     after_snapshot = _block(session)  # the block that follows the snapshot's point
     result["snapshot_bytes"] = snap.nbytes
-    result["take_device_ms"] = _ms(lambda: session.snapshot(), device, a.repeats)
-    result["take_host_ms"] = _ms(lambda: session.snapshot(device="cpu"), device, a.repeats)
-    result["restore_device_ms"] = _ms(lambda: session.restore(snap), device, a.repeats)
-    result["restore_host_ms"] = _ms(lambda: session.restore(host), device, a.repeats)
+    result["take_device_ms"] = time_calls_ms(lambda: session.snapshot(), device, a.repeats)
+    result["take_host_ms"] = time_calls_ms(lambda: session.snapshot(device="cpu"), device, a.repeats)
+    result["restore_device_ms"] = time_calls_ms(lambda: session.restore(snap), device, a.repeats)
+    result["restore_host_ms"] = time_calls_ms(lambda: session.restore(host), device, a.repeats)
     again = _block(session)  # after the last restore (from host memory): the same block again
     session.restore(snap)
     again_device = _block(session)
