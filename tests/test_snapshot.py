@@ -197,3 +197,24 @@ def test_a_fork_of_a_lockstep_world_runs_with_it():
     lat = {w: out.latents[i] for i, w in enumerate(out.ids)}
     assert rel_l2(lat[branch], lat[0]) <= 1e-6
     assert rel_l2(session.step().latents[0], lat[0]) <= 1e-6
+
+
+@pytest.mark.slow
+def test_an_eager_snapshot_restores_into_a_built_engine(tmp_path):
+    """The backend is not part of a snapshot's identity: an eager session's snapshot continues in a session
+    of the engine fd-build made from the same preset, within the engine's tolerance of eager."""
+    from flashdreams.export.build import build_engine
+
+    build_engine(tmp_path / "e", preset="tiny", backend="inductor", device="cpu", decoder=None)
+    built = flashdreams.load(tmp_path / "e")
+    eager = flashdreams.load(preset="tiny", device="cpu", decoder=None)
+    s = eager.session(seed=5)
+    for _ in range(2):
+        s.step()
+    snap = s.snapshot()
+    want = [s.step().latents.clone() for _ in range(2)]
+    b = built.session(seed=0)
+    b.restore(snap)
+    assert b.block == 2
+    for w in want:
+        assert rel_l2(b.step().latents, w) <= 1e-5
