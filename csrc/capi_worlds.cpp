@@ -31,11 +31,11 @@ fd_status in_worlds(const char* fn, const fd_worlds* handle, const std::function
     return st != FD_OK ? st : locked(*w, body);
 }
 
-// fd_worlds_save / fd_worlds_load: the glue function `what` on world `world` and the file at `path`.
-fd_status snapshot_file(const char* fn, fd_worlds* handle, int32_t world, const char* path, const char* what) {
+// fd_worlds_save / fd_worlds_load: world `world`'s snapshot written to or read from the file at `path`.
+fd_status snapshot_file(const char* fn, fd_worlds* handle, int32_t world, const char* path, bool load) {
     if (path == nullptr) return null_arg(fn, "path");
     return in_worlds(fn, handle, [&](WorldsImpl& w) {
-        glue(what)(w.worlds, world, py::str(path));
+        glue(load ? "worlds_load" : "worlds_save")(w.worlds, world, py::str(path));
         return FD_OK;
     });
 }
@@ -180,11 +180,11 @@ FD_API fd_status fd_worlds_reset(fd_worlds* worlds, int32_t world, uint64_t seed
 }
 
 FD_API fd_status fd_worlds_save(fd_worlds* worlds, int32_t world, const char* path) {
-    return guarded([&] { return snapshot_file("fd_worlds_save", worlds, world, path, "worlds_save"); });
+    return guarded([&] { return snapshot_file("fd_worlds_save", worlds, world, path, false); });
 }
 
 FD_API fd_status fd_worlds_load(fd_worlds* worlds, int32_t world, const char* path) {
-    return guarded([&] { return snapshot_file("fd_worlds_load", worlds, world, path, "worlds_load"); });
+    return guarded([&] { return snapshot_file("fd_worlds_load", worlds, world, path, true); });
 }
 
 FD_API fd_status fd_worlds_destroy(fd_worlds* worlds) {

@@ -34,13 +34,13 @@ fd_status in_session(const char* fn, fd_session* handle, const std::function<fd_
     return with_python([&] { return body(*s); });
 }
 
-// fd_session_save / fd_session_load: the glue function `what` on the session and the file at `path`. A load
+// fd_session_save / fd_session_load: the session's snapshot written to or read from the file at `path`. A load
 // replaces the state the last block belongs to, so it forgets that block (reads need the next step).
-fd_status snapshot_file(const char* fn, fd_session* handle, const char* path, const char* what) {
+fd_status snapshot_file(const char* fn, fd_session* handle, const char* path, bool load) {
     if (path == nullptr) return null_arg(fn, "path");
     return in_session(fn, handle, [&](SessionImpl& s) {
-        glue(what)(s.session, py::str(path));
-        if (std::strcmp(what, "session_load") == 0) s.last = py::none();
+        glue(load ? "session_load" : "session_save")(s.session, py::str(path));
+        if (load) s.last = py::none();
         return FD_OK;
     });
 }
@@ -370,11 +370,11 @@ FD_API fd_status fd_session_warm_up(fd_session* session, double* seconds) {
 }
 
 FD_API fd_status fd_session_save(fd_session* session, const char* path) {
-    return guarded([&] { return snapshot_file("fd_session_save", session, path, "session_save"); });
+    return guarded([&] { return snapshot_file("fd_session_save", session, path, false); });
 }
 
 FD_API fd_status fd_session_load(fd_session* session, const char* path) {
-    return guarded([&] { return snapshot_file("fd_session_load", session, path, "session_load"); });
+    return guarded([&] { return snapshot_file("fd_session_load", session, path, true); });
 }
 
 FD_API fd_status fd_session_destroy(fd_session* session) {
