@@ -76,6 +76,7 @@ def test_fd_serve_drive_option():
     args = build_parser().parse_args(["--preset", PRESET, "--device", "cpu", "--drive", "demo"])
     manager = build_manager(args)
     assert isinstance(manager.stepper, DriveStepper) and "drive" in manager.specs
+    assert manager.info()["save_limit_bytes"] == 0  # the page keeps its Save button off
     args = build_parser().parse_args(["--preset", "arena", "--device", "cpu", "--drive", "demo"])
     with pytest.raises(InvalidArgumentError, match="takes no hdmap_video"):
         build_manager(args)

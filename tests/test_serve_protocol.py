@@ -158,6 +158,7 @@ def test_load_goes_back_to_the_saved_world(engine, batched):
     srv = start(engine, stepper=stepper, max_sessions=2)
     try:
         with Client(srv.url, seed=5) as c:
+            assert c.info["save_limit_bytes"] == 2 << 30
             load = c.load()
             err = c.next_error(timeout=30)
             assert err["seq"] == load and "saved nothing yet" in err["message"]

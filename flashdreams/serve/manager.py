@@ -410,6 +410,7 @@ class SessionManager:
             "window": self.window,
             "encoding": self.codec.name,
             "max_message_bytes": self.limits.max_message_bytes,
+            "save_limit_bytes": self.limits.save_limit_bytes if self.stepper.can_save else 0,
             "sessions": len(self.sessions),
             "max_sessions": self.max_sessions,
         }

@@ -77,7 +77,9 @@ class Stepper(ABC):
         """Memory one more session takes on the engine's device (measured)."""
 
     # Snapshots (flashdreams.snapshot), in host memory. A stepper whose worlds carry state outside their
-    # buffers (the demo drive's ego pose) keeps these refusals.
+    # buffers (the demo drive's ego pose) keeps these refusals and `can_save` False.
+    can_save = False
+
     def save(self, sid: str, limit_bytes: int):
         """A snapshot of `sid`'s world after its newest block, in host memory; refused over `limit_bytes`."""
         raise InvalidArgumentError("this server cannot save its worlds (they carry state outside the model's)")
@@ -98,6 +100,8 @@ def check_save_size(nbytes: int, limit_bytes: int) -> None:
 
 class SessionStepper(Stepper):
     """One `Session` per id, stepped one after another (the batched stepper steps them together)."""
+
+    can_save = True
 
     def __init__(self, engine, defaults: dict[str, torch.Tensor] | None = None) -> None:
         self.engine = engine

@@ -21,6 +21,8 @@ log = logging.getLogger(__name__)
 class WorldsStepper(Stepper):
     """Sessions as worlds of one batch, up to `capacity` of them."""
 
+    can_save = True
+
     def __init__(self, engine, capacity: int, defaults: dict[str, torch.Tensor] | None = None) -> None:
         self.engine = engine
         self.defaults = dict(defaults or {})  # inputs every new world starts with (fd-serve --prompt-embeds)

@@ -307,7 +307,7 @@ function buttons() {
   $("start").disabled = state.started && state.running;
   $("stop").disabled = !(state.started && state.running);
   $("reset").disabled = !state.started;
-  $("save").disabled = !state.started;
+  $("save").disabled = !state.started || !(state.hello && state.hello.save_limit_bytes > 0);
   $("load").disabled = !(state.started && state.saved);
 }
 
