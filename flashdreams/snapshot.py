@@ -112,9 +112,8 @@ class Snapshot:
         return snap if torch.device(device).type == "cpu" else snap.to(device)
 
 
-def check_fits(snapshot: Snapshot, engine, targets: Mapping[str, torch.Tensor], where: str) -> None:
-    """Refuse (EngineIncompatibleError, naming the difference) a snapshot that does not fit `targets`, the
-    buffers (or one world's rows of them) it would be copied into; nothing is written here."""
+def check_model(snapshot: Snapshot, engine, where: str) -> None:
+    """Refuse a snapshot of another model or dtype than `engine`'s (EngineIncompatibleError)."""
     if not isinstance(snapshot, Snapshot):
         raise InvalidArgumentError(f"{where}: expected a flashdreams Snapshot, got {type(snapshot).__name__}")
     here = model_identity(engine)
@@ -123,6 +122,12 @@ def check_fits(snapshot: Snapshot, engine, targets: Mapping[str, torch.Tensor], 
             f"{where}: the snapshot is of {snapshot.identity}, this engine runs {here}; restore it into an engine "
             "of the same preset and dtype"
         )
+
+
+def check_fits(snapshot: Snapshot, engine, targets: Mapping[str, torch.Tensor], where: str) -> None:
+    """Refuse (EngineIncompatibleError, naming the difference) a snapshot that does not fit `targets`, the
+    buffers (or one world's rows of them) it would be copied into; nothing is written here."""
+    check_model(snapshot, engine, where)
     missing, extra = sorted(set(targets) - set(snapshot.tensors)), sorted(set(snapshot.tensors) - set(targets))
     if missing or extra:
         raise EngineIncompatibleError(

@@ -117,3 +117,46 @@ def test_session_frames_are_uint8_rgb_with_reference_counts(name):
     assert counts == [9, 12, 12]
     it = s.frames(num_blocks=2)
     assert next(it).shape == (12, spec.height, spec.width, 3)
+
+
+def test_save_state_then_resume_continues_the_world(tmp_path, capsys):
+    """fd-run --save-state after 2 blocks, then --resume for 2 more: the same latents as one 4-block run."""
+    state, whole, resumed = tmp_path / "world.safetensors", tmp_path / "whole.safetensors", tmp_path / "r.safetensors"
+    common = ["--preset", "tiny", "--seed", "3", "--no-progress", "--out", str(tmp_path / "v.mp4")]
+    assert run_main([*common, "--blocks", "4", "--save-latents", str(whole)]) == 0
+    assert run_main([*common, "--blocks", "2", "--save-state", str(state)]) == 0
+    assert "wrote" in capsys.readouterr().out and state.is_file()
+    assert run_main([*common, "--blocks", "2", "--resume", str(state), "--save-latents", str(resumed)]) == 0
+    a, b = load_file(str(whole)), load_file(str(resumed))
+    assert torch.equal(b["block_0"], a["block_2"]) and torch.equal(b["block_1"], a["block_3"])
+    # refusals, before anything loads
+    assert run_main([*common, "--resume", str(tmp_path / "none.safetensors")]) == 2
+    assert run_main([*common, "--resume", str(state), "--record", str(tmp_path / "rec.safetensors")]) == 2
+    assert run_main([*common, "--save-state", str(tmp_path / "world.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "drop --resume" in err and "must end in .safetensors" in err
+    # a world of another model
+    other = ["--preset", "arena", "--no-progress", "--out", str(tmp_path / "a.mp4")]
+    assert run_main([*other, "--resume", str(state)]) == 2
+    assert "same preset" in capsys.readouterr().err
+
+
+def test_a_resumed_key_script_plays_from_its_start(tmp_path):
+    """Matrix-Game's block 0 takes 9 video frames, later blocks 12: a run resumed after 2 blocks plays its
+    --actions script from frame 0, so resuming with the script's frames 21.. equals one run of the whole script."""
+    import json
+    import random
+
+    pick = random.Random(0)  # keys that change from frame to frame: any misplaced frame shows
+    frames = [{"keys": pick.sample(["w", "a", "s", "d"], pick.randint(0, 2))} for t in range(9 + 12 * 3)]
+    script, rest = tmp_path / "all.json", tmp_path / "rest.json"
+    script.write_text(json.dumps(frames))
+    rest.write_text(json.dumps(frames[9 + 12 :]))
+    state, whole, resumed = tmp_path / "w.safetensors", tmp_path / "whole.safetensors", tmp_path / "r.safetensors"
+    common = ["--preset", "matrix-game-2-tiny", "--no-progress", "--out", str(tmp_path / "v.mp4")]
+    assert run_main([*common, "--actions", str(script), "--blocks", "4", "--save-latents", str(whole)]) == 0
+    assert run_main([*common, "--actions", str(script), "--blocks", "2", "--save-state", str(state)]) == 0
+    assert run_main([*common, "--actions", str(rest), "--blocks", "2", "--resume", str(state)]
+                    + ["--save-latents", str(resumed)]) == 0  # fmt: skip
+    a, b = load_file(str(whole)), load_file(str(resumed))
+    assert torch.equal(b["block_0"], a["block_2"]) and torch.equal(b["block_1"], a["block_3"])

@@ -227,6 +227,9 @@ class Feeds:
     def __init__(self, controls: dict[str, Any], per_block: list[BlockFeed]) -> None:
         self.controls = controls
         self.per_block = per_block
+        # The session's block index at this run's block 0 (fd-run --resume): the scripts play from their
+        # start there, each block taking as many frames as its kind does.
+        self.first_block = 0
 
     def start_inputs(self) -> dict[str, Any]:
         """Block 0's per-block inputs, for creating the session (some are required at creation)."""
@@ -242,7 +245,8 @@ class Feeds:
         for name, per_frame in self.controls.items():
             spec = session.plan.inputs[name]
             rows = spec.shape[1]
-            start, count, lead = block_frames(session.plan, rows, k)
+            start, count, lead = block_frames(session.plan, rows, self.first_block + k)
+            start -= block_frames(session.plan, rows, self.first_block)[0]
             idx = torch.arange(start, start + count).clamp(max=per_frame.shape[0] - 1)
             chunk = per_frame[idx]
             if lead:

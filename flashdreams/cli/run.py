@@ -133,6 +133,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="record the seed and every input of this run to LOG (one .safetensors file) for --replay",
     )
     p.add_argument(
+        "--save-state",
+        metavar="FILE",
+        help="after the last block, write the world's state (KV cache, decoder caches, inputs, block index, seed) "
+        "to FILE (.safetensors) for --resume",
+    )
+    p.add_argument(
+        "--resume",
+        metavar="FILE",
+        help="continue the world saved by --save-state (with its own seed and inputs; --seed is not used) for "
+        "--blocks more blocks; a prompt, key script, camera path or drive given here applies from its first block",
+    )
+    p.add_argument(
         "--replay",
         metavar="LOG",
         help="replay a recorded run (its seed and inputs, block by block) instead of --blocks/--seed/--prompt*: "
@@ -199,6 +211,18 @@ def check_args(args: argparse.Namespace) -> dict[str, Any]:
         raise NotFoundError(f"--camera '{args.camera}' does not exist (a JSON camera path; see --help)")
     if (args.image or args.camera or args.drive) and (args.replay or args.input):
         raise InvalidArgumentError("--image/--camera/--drive feed a new session: drop --replay/--input")
+    if args.save_state:
+        if Path(args.save_state).suffix != ".safetensors":
+            raise InvalidArgumentError(f"--save-state '{args.save_state}' must end in .safetensors")
+        _flagged("--save-state", check_writable, args.save_state)
+    if args.resume and not Path(args.resume).is_file():
+        raise NotFoundError(f"--resume '{args.resume}' does not exist (a file written by fd-run --save-state)")
+    if (args.save_state or args.resume) and (args.replay or args.input):
+        raise InvalidArgumentError("--save-state/--resume run a world of their own: drop --replay/--input")
+    if args.resume and args.image:
+        raise InvalidArgumentError("--image starts a new world; the --resume world has its start: drop --image")
+    if args.resume and args.record:
+        raise InvalidArgumentError("--record starts a world at block 0 (a replay starts there): drop --resume")
     if args.replay:
         if args.record or args.prompt or args.prompt_embeds:
             raise InvalidArgumentError("--replay takes its inputs from the recording: drop --record/--prompt*")
@@ -286,6 +310,24 @@ def _prompt(args, engine, found: dict[str, Any]):
     if engine.stand_in_inputs:
         return None  # the session draws the seeded stand-in prompt
     raise InvalidArgumentError("a real model needs a prompt: --prompt-embeds FILE or --prompt TEXT --text-encoder DIR")
+
+
+def _resumed_session(args, engine, found: dict[str, Any], feeds: Feeds):
+    """A session in the state --resume saved (its seed, inputs, caches and block index); this run's prompt, when
+    one is given, and its feeds' first inputs on top."""
+    from flashdreams.snapshot import Snapshot, check_model
+
+    snap = Snapshot.load(args.resume, device=engine.device)
+    check_model(snap, engine, f"--resume '{args.resume}'")
+    held = {n: snap.tensors[n] for n in snap.given}  # a session needs its required inputs to exist
+    session = engine.session(inputs=held, seed=snap.seed)
+    session.restore(snap)
+    if args.prompt or args.prompt_embeds:
+        session.set_prompt(_prompt(args, engine, found))
+    for name, value in feeds.start_inputs().items():
+        session.set_input(name, value)
+    feeds.first_block = session.block
+    return session
 
 
 class _Stopped(BaseException):
@@ -400,10 +442,13 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         steps = replay(recording, engine)
     else:
         feeds = _feeds(args, engine, found)
-        start = feeds.start_inputs()
-        if args.image:
-            start.update(image_input(engine, args.image))
-        session = engine.session(_prompt(args, engine, found), seed=args.seed, inputs=start)
+        if args.resume:
+            session = _resumed_session(args, engine, found, feeds)
+        else:
+            start = feeds.start_inputs()
+            if args.image:
+                start.update(image_input(engine, args.image))
+            session = engine.session(_prompt(args, engine, found), seed=args.seed, inputs=start)
         if args.record:
             session.start_recording()
         steps = (feeds.step(session, k) for k in range(args.blocks))
@@ -459,6 +504,9 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         os.replace(outputs.latents_tmp, args.save_latents)
         outputs.latents_tmp = None
         print(f"wrote {args.save_latents}: {len(latents)} blocks of latents")
+    if args.save_state:
+        session.snapshot(device="cpu").save(args.save_state)
+        print(f"wrote {args.save_state}: the world after block {session.block} (fd-run --resume continues it)")
     if args.record:
         session.save_recording(args.record)
         print(f"wrote {args.record}: the seed and inputs of {args.blocks} blocks (fd-run --replay {args.record})")
