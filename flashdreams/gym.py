@@ -197,6 +197,11 @@ class _Worlds:
         if not isinstance(state, EnvState):
             got = type(state).__name__
             raise InvalidArgumentError(f"restore_state: expected an EnvState (from clone_state()), got {got}")
+        if set(state.cameras) != set(self.poses_at):
+            raise InvalidArgumentError(
+                f"restore_state: the state drives the cameras {sorted(state.cameras)} by motion, this environment "
+                f"{sorted(self.poses_at)} (camera='motion' or 'pose' differs)"
+            )
         self.worlds.restore(self.worlds.ids[i], state.world)  # checked whole first: nothing below runs if refused
         self.steps[i] = state.steps
         self.rngs[i] = np.random.default_rng()

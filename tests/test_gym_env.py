@@ -194,6 +194,18 @@ def test_a_camera_world_is_driven_by_motion():
         b = by_pose.step({"poses": poses.float().numpy()})[0]
         assert np.array_equal(a, b)
 
+    # a branch point holds the camera the motion has integrated to: the same motion from it, the same block
+    from flashdreams.errors import InvalidArgumentError
+
+    state = env.clone_state()
+    step = g.uniform(-1, 1, (frames, 6)).astype(np.float32)
+    first = env.step({"poses_motion": step})[0]
+    env.step({"poses_motion": step})  # the camera moves on
+    env.restore_state(state)
+    assert np.array_equal(env.step({"poses_motion": step})[0], first)
+    with pytest.raises(InvalidArgumentError, match="camera"):  # a pose-driven environment has no integrated camera
+        by_pose.restore_state(state)
+
     too_far = np.zeros((frames, 6), np.float32)
     too_far[0, 4] = 1.5
     _, _, _, truncated, info = env.step({"poses_motion": too_far})
