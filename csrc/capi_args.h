@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <new>
+#include <functional>
 #include <string>
 
 #include "capi_runtime.h"
@@ -88,6 +89,30 @@ inline fd_status check_memory(const char* fn, fd_memory mem) {
     if (mem == FD_MEMORY_HOST || mem == FD_MEMORY_DEVICE) return FD_OK;
     return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": memory " + std::to_string(static_cast<int>(mem)) +
                                          " is neither FD_MEMORY_HOST nor FD_MEMORY_DEVICE");
+}
+
+// Looks a snapshot up and checks it; `snap` is set on FD_OK.
+inline fd_status get_snapshot(const char* fn, const fd_snapshot* handle, std::shared_ptr<SnapshotImpl>& snap) {
+    if (handle == nullptr) return null_arg(fn, "snapshot");
+    snap = find_snapshot(handle);
+    if (snap) return FD_OK;
+    return fail(FD_INVALID_ARGUMENT, std::string(fn) + ": the snapshot handle is not live (destroyed already, or " +
+                                         "not returned by fd_session_snapshot / fd_worlds_snapshot)");
+}
+
+// fd_session_snapshot / fd_worlds_snapshot: checks `out` and `where`, then `take` fills a new snapshot (in Python,
+// under its handle's lock), which is registered and returned in *out.
+inline fd_status new_snapshot(const char* fn, fd_memory where, fd_snapshot** out,
+                              const std::function<fd_status(SnapshotImpl&)>& take) {
+    if (out == nullptr) return null_arg(fn, "out");
+    *out = nullptr;
+    fd_status st = check_memory(fn, where);
+    if (st != FD_OK) return st;
+    auto impl = std::make_shared<SnapshotImpl>();
+    st = take(*impl);
+    if (st != FD_OK) return st;
+    *out = register_snapshot(std::move(impl));
+    return succeed();
 }
 
 // Looks an engine up and checks it; `eng` is set on FD_OK.

@@ -313,6 +313,27 @@ def worlds_load(worlds, index, path):
     worlds.restore(world, Snapshot.load(_snapshot_file(path, "load")))
 
 
+def session_snapshot(session, host):
+    return session.snapshot(device="cpu" if host else None)
+
+
+def session_restore(session, snap):
+    session.restore(snap)
+
+
+def worlds_snapshot(worlds, index, host):
+    return worlds.snapshot(_world_id(worlds, index), device="cpu" if host else None)
+
+
+def worlds_restore(worlds, index, snap):
+    world = _world_id(worlds, index)
+    worlds.restore(world, snap)
+
+
+def snapshot_info(snap):
+    return int(snap.block), int(snap.nbytes)
+
+
 def describe(exc):
     """(C status, message) of an exception; internal errors carry their traceback."""
     status = errors.status_of(exc)
@@ -425,6 +446,7 @@ struct Registry {
     std::unordered_map<uintptr_t, std::shared_ptr<EngineImpl>> engines;
     std::unordered_map<uintptr_t, std::shared_ptr<SessionImpl>> sessions;
     std::unordered_map<uintptr_t, std::shared_ptr<WorldsImpl>> worlds;
+    std::unordered_map<uintptr_t, std::shared_ptr<SnapshotImpl>> snapshots;
     uintptr_t new_id() { return (++next) << 4; }  // never reused; never 0
 };
 
@@ -518,6 +540,16 @@ std::shared_ptr<EngineImpl> remove_engine(fd_engine* h) { return remove_from(reg
 std::shared_ptr<SessionImpl> remove_session(fd_session* h) { return remove_from(registry().sessions, h); }
 std::shared_ptr<WorldsImpl> find_worlds(fd_worlds* h) { return find_in(registry().worlds, h); }
 std::shared_ptr<WorldsImpl> remove_worlds(fd_worlds* h) { return remove_from(registry().worlds, h); }
+
+fd_snapshot* register_snapshot(std::shared_ptr<SnapshotImpl> impl) {
+    std::lock_guard<std::mutex> lock(registry().mu);
+    const uintptr_t id = registry().new_id();
+    registry().snapshots.emplace(id, std::move(impl));
+    return reinterpret_cast<fd_snapshot*>(id);
+}
+
+std::shared_ptr<SnapshotImpl> find_snapshot(const fd_snapshot* h) { return find_in(registry().snapshots, h); }
+std::shared_ptr<SnapshotImpl> remove_snapshot(fd_snapshot* h) { return remove_from(registry().snapshots, h); }
 
 std::unique_lock<std::mutex> lock_without_gil(std::mutex& mu) {
     std::unique_lock<std::mutex> lock(mu, std::try_to_lock);

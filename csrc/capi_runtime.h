@@ -73,6 +73,11 @@ struct WorldsImpl {
     }
 };
 
+struct SnapshotImpl {
+    py::object snapshot;  // flashdreams.snapshot.Snapshot
+    ~SnapshotImpl() { release_py(snapshot); }
+};
+
 // Live handles. A handle is an id that is never reused, not an address, so a
 // destroyed or foreign handle is refused without touching any memory.
 fd_engine* register_engine(std::shared_ptr<EngineImpl> impl);
@@ -84,6 +89,9 @@ std::shared_ptr<SessionImpl> remove_session(fd_session* handle);
 fd_worlds* register_worlds(std::shared_ptr<WorldsImpl> impl);
 std::shared_ptr<WorldsImpl> find_worlds(fd_worlds* handle);
 std::shared_ptr<WorldsImpl> remove_worlds(fd_worlds* handle);
+fd_snapshot* register_snapshot(std::shared_ptr<SnapshotImpl> impl);
+std::shared_ptr<SnapshotImpl> find_snapshot(const fd_snapshot* handle);
+std::shared_ptr<SnapshotImpl> remove_snapshot(fd_snapshot* handle);
 
 // Locks a session's (or worlds') mutex; if this thread holds the GIL (a Python host), lets it go while waiting.
 std::unique_lock<std::mutex> lock_without_gil(std::mutex& mu);

@@ -187,6 +187,31 @@ FD_API fd_status fd_worlds_load(fd_worlds* worlds, int32_t world, const char* pa
     return guarded([&] { return snapshot_file("fd_worlds_load", worlds, world, path, true); });
 }
 
+FD_API fd_status fd_worlds_snapshot(fd_worlds* worlds, int32_t world, fd_memory where, fd_snapshot** out) {
+    static const char* fn = "fd_worlds_snapshot";
+    return guarded([&] {
+        return new_snapshot(fn, where, out, [&](SnapshotImpl& snap) {
+            return in_worlds(fn, worlds, [&](WorldsImpl& w) {
+                snap.snapshot = glue("worlds_snapshot")(w.worlds, world, where == FD_MEMORY_HOST);
+                return FD_OK;
+            });
+        });
+    });
+}
+
+FD_API fd_status fd_worlds_restore(fd_worlds* worlds, int32_t world, const fd_snapshot* snapshot) {
+    static const char* fn = "fd_worlds_restore";
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SnapshotImpl> snap;
+        fd_status st = get_snapshot(fn, snapshot, snap);
+        if (st != FD_OK) return st;
+        return in_worlds(fn, worlds, [&](WorldsImpl& w) {
+            glue("worlds_restore")(w.worlds, world, snap->snapshot);
+            return FD_OK;
+        });
+    });
+}
+
 FD_API fd_status fd_worlds_destroy(fd_worlds* worlds) {
     return guarded([&]() -> fd_status {
         if (worlds == nullptr) return succeed();

@@ -377,6 +377,60 @@ FD_API fd_status fd_session_load(fd_session* session, const char* path) {
     return guarded([&] { return snapshot_file("fd_session_load", session, path, true); });
 }
 
+FD_API fd_status fd_session_snapshot(fd_session* session, fd_memory where, fd_snapshot** out) {
+    static const char* fn = "fd_session_snapshot";
+    return guarded([&] {
+        return new_snapshot(fn, where, out, [&](SnapshotImpl& snap) {
+            return in_session(fn, session, [&](SessionImpl& s) {
+                snap.snapshot = glue("session_snapshot")(s.session, where == FD_MEMORY_HOST);
+                return FD_OK;
+            });
+        });
+    });
+}
+
+FD_API fd_status fd_session_restore(fd_session* session, const fd_snapshot* snapshot) {
+    static const char* fn = "fd_session_restore";
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SnapshotImpl> snap;
+        fd_status st = get_snapshot(fn, snapshot, snap);
+        if (st != FD_OK) return st;
+        return in_session(fn, session, [&](SessionImpl& s) {
+            glue("session_restore")(s.session, snap->snapshot);
+            s.last = py::none();  // the last block belongs to the state the restore replaced
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_snapshot_info(const fd_snapshot* snapshot, int64_t* block, uint64_t* bytes) {
+    static const char* fn = "fd_snapshot_info";
+    return guarded([&]() -> fd_status {
+        std::shared_ptr<SnapshotImpl> snap;
+        fd_status st = get_snapshot(fn, snapshot, snap);
+        if (st != FD_OK) return st;
+        return with_python([&] {
+            py::tuple info = glue("snapshot_info")(snap->snapshot);
+            if (block != nullptr) *block = info[0].cast<int64_t>();
+            if (bytes != nullptr) *bytes = info[1].cast<uint64_t>();
+            return FD_OK;
+        });
+    });
+}
+
+FD_API fd_status fd_snapshot_destroy(fd_snapshot* snapshot) {
+    return guarded([&]() -> fd_status {
+        if (snapshot == nullptr) return succeed();
+        std::shared_ptr<SnapshotImpl> impl = remove_snapshot(snapshot);
+        if (!impl) {
+            return fail(FD_INVALID_ARGUMENT, "fd_snapshot_destroy: the snapshot handle is not live (destroyed already, "
+                                             "or not returned by fd_session_snapshot / fd_worlds_snapshot)");
+        }
+        impl.reset();  // frees the snapshot's memory (its destructor takes the GIL)
+        return succeed();
+    });
+}
+
 FD_API fd_status fd_session_destroy(fd_session* session) {
     return guarded([&]() -> fd_status {
         if (session == nullptr) return succeed();

@@ -143,11 +143,14 @@ def test_sim_host_frames_are_identical_to_the_python_api(built):
 @pytest.mark.slow
 def test_sim_host_rewinds_through_a_snapshot(built):
     """sim_host --rewind K: fd_session_save before tick K, then fd_session_load after the last tick and
-    ticks K.. again, whose frames and latents the host checks against the first run's, byte for byte."""
+    ticks K.. again, whose frames and latents the host checks against the first run's, byte for byte; the
+    same through an in-memory snapshot handle (fd_session_snapshot / fd_session_restore)."""
     snap = built["dir"] / "sim_host_snapshot.safetensors"
     p = _run([built["sim_host"], "--ticks", 4, "--rewind", 2, "--snapshot", snap], cwd=built["dir"])
-    assert "rewind: ticks 2..3 again from the snapshot before tick 2: identical" in p.stdout, p.stdout
+    assert "rewind: ticks 2..3 again from the file snapshot before tick 2: identical" in p.stdout, p.stdout
     assert snap.is_file()
+    p = _run([built["sim_host"], "--ticks", 4, "--rewind", 1, "--in-memory"], cwd=built["dir"])  # no file
+    assert "rewind: ticks 1..3 again from the in-memory snapshot before tick 1: identical" in p.stdout, p.stdout
 
 
 @pytest.mark.parametrize("preset", ["arena", "matrix-game-2-tiny"])
@@ -272,6 +275,11 @@ ERROR_CASES = {
     "warm_up_took_time": OK,
     "save_null": BAD, "save_null_path": BAD, "save_empty_path": BAD, "save": OK, "load_missing": MISSING,
     "load_not_a_snapshot": BAD, "load": OK, "load_other_model": INCOMPATIBLE, "save_after_destroy": BAD,
+    "snapshot_null_out": BAD, "snapshot_bad_memory": BAD,
+    "snapshot_null_session": BAD, "snapshot": OK, "snapshot_info": OK, "snapshot_info_values": OK,
+    "snapshot_info_null_outs": OK, "restore_null_snapshot": BAD, "restore": OK, "snapshot_destroy": OK,
+    "snapshot_destroy_twice": BAD, "restore_destroyed_snapshot": BAD, "snapshot_info_destroyed": BAD,
+    "snapshot_destroy_null": OK, "restore_other_model": INCOMPATIBLE, "snapshot_outlives_its_session": OK,
     "session_create_second": OK, "engine_destroy": OK, "engine_destroy_twice": BAD,
     "session_create_destroyed_engine": BAD, "step_on_thread_after_engine_destroy": OK,
     "session_destroy": OK, "step_after_destroy": BAD, "frame_info_after_destroy": BAD,
@@ -553,6 +561,14 @@ assert np.array_equal(c_frames(ALL, 3), want) and c_state(2)[0] == c_state(0)[0]
 assert lib.fd_worlds_load(w, 1, snap + b".missing") == FD_NOT_FOUND and "does not exist" in err(), err()
 assert lib.fd_worlds_save(w, 5, snap) == FD_INVALID_ARGUMENT and "out of range" in err(), err()
 assert lib.fd_worlds_save(w, 0, None) == FD_INVALID_ARGUMENT and "path" in err(), err()
+# the same branch in memory: world 1's state into world 0 through a snapshot handle, freed after
+mem = ctypes.c_void_p()
+assert lib.fd_worlds_snapshot(w, 1, 1, ctypes.byref(mem)) == FD_OK and mem.value, err()
+assert lib.fd_worlds_restore(w, 0, mem) == FD_OK, err()
+py.restore(py.ids[0], py.snapshot(py.ids[1]))
+assert lib.fd_snapshot_destroy(mem) == FD_OK and lib.fd_worlds_restore(w, 0, mem) == FD_INVALID_ARGUMENT
+assert lib.fd_worlds_step(w, None) == FD_OK, err()
+assert np.array_equal(c_frames(ALL, 3), py.step().frames_cpu().numpy())
 
 # 4. Errors, each named, none of them changing anything.
 assert lib.fd_worlds_set_input(w, ALL, b"keyboard", ctypes.byref(view(keys(2)))) == FD_INVALID_ARGUMENT

@@ -106,7 +106,8 @@ FD_API const char* fd_status_name(fd_status status);
 #define FD_API_VERSION_MAJOR 1
 #define FD_API_VERSION_MINOR 4 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
                                   1.2: fd_session_warm_up; 1.3: fd_worlds_* (many worlds, one batch);
-                                  1.4: fd_session_save, fd_session_load, fd_worlds_save, fd_worlds_load */
+                                  1.4: snapshots: fd_session_save/_load, fd_worlds_save/_load (files);
+                                  fd_session_snapshot/_restore, fd_worlds_snapshot/_restore, fd_snapshot_* */
 #define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
 
 /* The API version of the loaded library, (major << 16) | minor. */
@@ -154,6 +155,7 @@ typedef struct fd_tensor_view {
 typedef struct fd_engine fd_engine;   /* opaque */
 typedef struct fd_session fd_session; /* opaque */
 typedef struct fd_worlds fd_worlds;   /* opaque; API 1.3 */
+typedef struct fd_snapshot fd_snapshot; /* opaque; API 1.4 */
 
 /* Options for fd_engine_open. Start from FD_ENGINE_OPTIONS_INIT: struct_size tells
  * the library which fields the host knows, so the struct can grow. NULL or "" in a
@@ -302,6 +304,22 @@ FD_API FD_MUST_USE fd_status fd_session_warm_up(fd_session* session, double* sec
 FD_API FD_MUST_USE fd_status fd_session_save(fd_session* session, const char* path);
 FD_API FD_MUST_USE fd_status fd_session_load(fd_session* session, const char* path);
 
+/* The same in memory, for a host that branches often (a planner): fd_session_snapshot takes the
+ * state into a new snapshot handle, on the session's device (FD_MEMORY_DEVICE: a copy that stays
+ * on the GPU; the CPU for a CPU engine) or in host memory (FD_MEMORY_HOST), and
+ * fd_session_restore puts it back (checked as fd_session_load is). A snapshot outlives the
+ * session it came from, restores into any session or world of the same preset and dtype, as many
+ * times as wanted, and holds its memory until fd_snapshot_destroy. */
+FD_API FD_MUST_USE fd_status fd_session_snapshot(fd_session* session, fd_memory where, fd_snapshot** out);
+FD_API FD_MUST_USE fd_status fd_session_restore(fd_session* session, const fd_snapshot* snapshot);
+
+/* A snapshot's block index (the blocks its world had made) and its size in bytes; either
+ * pointer may be NULL. */
+FD_API FD_MUST_USE fd_status fd_snapshot_info(const fd_snapshot* snapshot, int64_t* block, uint64_t* bytes);
+
+/* Release a snapshot's memory. NULL: FD_OK. A handle already destroyed: FD_INVALID_ARGUMENT. */
+FD_API fd_status fd_snapshot_destroy(fd_snapshot* snapshot);
+
 /* Release a session and its device memory. NULL: FD_OK. A handle already destroyed:
  * FD_INVALID_ARGUMENT (its memory is never touched). */
 FD_API fd_status fd_session_destroy(fd_session* session);
@@ -386,6 +404,9 @@ FD_API FD_MUST_USE fd_status fd_worlds_reset(fd_worlds* worlds, int32_t world, u
  * untouched. */
 FD_API FD_MUST_USE fd_status fd_worlds_save(fd_worlds* worlds, int32_t world, const char* path);
 FD_API FD_MUST_USE fd_status fd_worlds_load(fd_worlds* worlds, int32_t world, const char* path);
+FD_API FD_MUST_USE fd_status fd_worlds_snapshot(fd_worlds* worlds, int32_t world, fd_memory where,
+                                                fd_snapshot** out);
+FD_API FD_MUST_USE fd_status fd_worlds_restore(fd_worlds* worlds, int32_t world, const fd_snapshot* snapshot);
 
 /* Release the worlds and their device memory. NULL: FD_OK. A handle already destroyed:
  * FD_INVALID_ARGUMENT (its memory is never touched). */

@@ -240,21 +240,46 @@ int main(int argc, char** argv) {
            {"no_such_snapshot"});
     expect("load_not_a_snapshot", fd_session_load(session, junk.c_str()), FD_INVALID_ARGUMENT, {"not a FlashDreams"});
     expect("load", fd_session_load(session, snap.c_str()), FD_OK);
+    fd_snapshot* mem = reinterpret_cast<fd_snapshot*>(&cpu);  // garbage that a failed call must clear
+    expect("snapshot_null_out", fd_session_snapshot(session, FD_MEMORY_HOST, nullptr), FD_INVALID_ARGUMENT);
+    const fd_status bad_memory = fd_session_snapshot(session, static_cast<fd_memory>(7), &mem);
+    expect("snapshot_bad_memory", mem == nullptr ? bad_memory : FD_INTERNAL, FD_INVALID_ARGUMENT);  // out cleared
+    expect("snapshot_null_session", fd_session_snapshot(nullptr, FD_MEMORY_HOST, &mem), FD_INVALID_ARGUMENT);
+    expect("snapshot", fd_session_snapshot(session, FD_MEMORY_DEVICE, &mem), FD_OK);
+    int64_t snap_block = -1;
+    uint64_t snap_bytes = 0;
+    expect("snapshot_info", fd_snapshot_info(mem, &snap_block, &snap_bytes), FD_OK);
+    expect("snapshot_info_values", snap_block == 0 && snap_bytes > 0 ? FD_OK : FD_INTERNAL, FD_OK);
+    expect("snapshot_info_null_outs", fd_snapshot_info(mem, nullptr, nullptr), FD_OK);
+    expect("restore_null_snapshot", fd_session_restore(session, nullptr), FD_INVALID_ARGUMENT, {"snapshot"});
+    expect("restore", fd_session_restore(session, mem), FD_OK);
+    expect("snapshot_destroy", fd_snapshot_destroy(mem), FD_OK);
+    expect("snapshot_destroy_twice", fd_snapshot_destroy(mem), FD_INVALID_ARGUMENT, {"not live"});
+    expect("restore_destroyed_snapshot", fd_session_restore(session, mem), FD_INVALID_ARGUMENT, {"not live"});
+    expect("snapshot_info_destroyed", fd_snapshot_info(mem, nullptr, nullptr), FD_INVALID_ARGUMENT, {"not live"});
+    expect("snapshot_destroy_null", fd_snapshot_destroy(nullptr), FD_OK);
     {  // a snapshot of another model (the arena) does not fit this session
         fd_engine_options arena = cpu;
         arena.preset = "arena";
         fd_engine* other_engine = nullptr;
         fd_session* arena_session = nullptr;
         const std::string arena_snap = snapshot_dir + "/capi_errors_arena.safetensors";
+        fd_snapshot* arena_mem = nullptr;
         if (fd_engine_open(nullptr, &arena, &other_engine) == FD_OK &&
             fd_session_create(other_engine, nullptr, &arena_session) == FD_OK &&
-            fd_session_save(arena_session, arena_snap.c_str()) == FD_OK) {
+            fd_session_save(arena_session, arena_snap.c_str()) == FD_OK &&
+            fd_session_snapshot(arena_session, FD_MEMORY_HOST, &arena_mem) == FD_OK) {
             expect("load_other_model", fd_session_load(session, arena_snap.c_str()), FD_ENGINE_INCOMPATIBLE,
                    {"same preset"});
-        } else {
-            expect("load_other_model", FD_INTERNAL, FD_ENGINE_INCOMPATIBLE);  // the setup failed: say so
+            expect("restore_other_model", fd_session_restore(session, arena_mem), FD_ENGINE_INCOMPATIBLE,
+                   {"same preset"});
+        } else {  // the setup failed: say so
+            expect("load_other_model", FD_INTERNAL, FD_ENGINE_INCOMPATIBLE);
+            expect("restore_other_model", FD_INTERNAL, FD_ENGINE_INCOMPATIBLE);
         }
         (void)fd_session_destroy(arena_session);
+        expect("snapshot_outlives_its_session", fd_snapshot_info(arena_mem, nullptr, nullptr), FD_OK);
+        (void)fd_snapshot_destroy(arena_mem);
         (void)fd_engine_destroy(other_engine);
     }
 

@@ -1,7 +1,7 @@
 // sim_host: a small C++ "simulator" that drives a FlashDreams session through the C ABI.
 //
 //   sim_host [--ticks N] [--seed S] [--preset NAME] [--input NAME] [--out FRAMES.npy] [--latents LATENTS.npy]
-//            [--rewind K [--snapshot FILE]]
+//            [--rewind K [--snapshot FILE | --in-memory]]
 //
 // It checks the API version, opens a built-in model (--preset; default the tiny causal Wan),
 // creates a session, prints the inputs the session takes (one line each: "input I: NAME
@@ -19,7 +19,7 @@
 // block's latents, float32 [ticks, channels, frames, height, width]. --rewind K saves the
 // session before tick K (fd_session_save, to --snapshot FILE), and after the last tick loads
 // it back (fd_session_load) and runs ticks K.. again, checking that their frames and latents
-// are the ones of the first run.
+// are the ones of the first run; with --in-memory through fd_session_snapshot / fd_session_restore.
 #include <flashdreams.h>
 
 #include <chrono>
@@ -118,6 +118,7 @@ int main(int argc, char** argv) {
     int ticks = 6;
     uint64_t seed = 0;
     int rewind = -1;
+    bool in_memory = false;
     std::string out = "sim_host_frames.npy", latents_out, preset, engine_dir, input = "prompt_embeds";
     std::string snapshot = "sim_host_snapshot.safetensors";
     for (int i = 1; i < argc; ++i) {
@@ -141,10 +142,12 @@ int main(int argc, char** argv) {
             rewind = std::atoi(argv[++i]);
         } else if (a == "--snapshot" && has_value) {
             snapshot = argv[++i];
+        } else if (a == "--in-memory") {
+            in_memory = true;
         } else {
             std::fprintf(stderr,
                          "usage: sim_host [--ticks N] [--seed S] [--preset NAME | --engine DIR] [--input NAME] "
-                         "[--out FILE.npy] [--latents FILE.npy] [--rewind K [--snapshot FILE]]\n");
+                         "[--out FILE.npy] [--latents FILE.npy] [--rewind K [--snapshot FILE | --in-memory]]\n");
             return 2;
         }
     }
@@ -231,10 +234,20 @@ int main(int argc, char** argv) {
         return true;
     };
 
+    fd_snapshot* memory_snapshot = nullptr;  // --in-memory: the state before tick K, on the session's device
+    struct SnapshotGuard {
+        fd_snapshot*& s;
+        ~SnapshotGuard() { (void)fd_snapshot_destroy(s); }
+    } snapshot_guard{memory_snapshot};
     std::vector<std::vector<uint8_t>> after_frames;  // --rewind: each tick's frames and latents from tick K on
     std::vector<std::vector<float>> after_latents;
     for (int tick = 0; tick < ticks; ++tick) {
-        if (tick == rewind && !ok(fd_session_save(session.get(), snapshot.c_str()), "fd_session_save")) return 1;
+        if (tick == rewind) {
+            const bool saved = in_memory ? ok(fd_session_snapshot(session.get(), FD_MEMORY_DEVICE, &memory_snapshot),
+                                              "fd_session_snapshot")
+                                         : ok(fd_session_save(session.get(), snapshot.c_str()), "fd_session_save");
+            if (!saved) return 1;
+        }
         auto t_tick = std::chrono::steady_clock::now();
         bool change = false;
         double step_ms = 0.0, read_ms = 0.0;
@@ -258,7 +271,9 @@ int main(int argc, char** argv) {
     if (rewind >= 0 && rewind < ticks) {
         // Back to the snapshot taken before tick K, and ticks K.. again with the same inputs: a host that
         // rewinds its simulation gets the same frames again.
-        if (!ok(fd_session_load(session.get(), snapshot.c_str()), "fd_session_load")) return 1;
+        const bool back = in_memory ? ok(fd_session_restore(session.get(), memory_snapshot), "fd_session_restore")
+                                    : ok(fd_session_load(session.get(), snapshot.c_str()), "fd_session_load");
+        if (!back) return 1;
         for (int tick = rewind; tick < ticks; ++tick) {
             bool change = false;
             double step_ms = 0.0, read_ms = 0.0;
@@ -270,8 +285,8 @@ int main(int argc, char** argv) {
                 return 1;
             }
         }
-        std::printf("rewind: ticks %d..%d again from the snapshot before tick %d: identical\n", rewind, ticks - 1,
-                    rewind);
+        std::printf("rewind: ticks %d..%d again from the %s snapshot before tick %d: identical\n", rewind,
+                    ticks - 1, in_memory ? "in-memory" : "file", rewind);
     }
 
     if (have_frames && ticks > 0) {
