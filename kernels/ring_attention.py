@@ -203,8 +203,9 @@ def _ensure_tma_allocator() -> None:
 
 
 # FD_RING_ATTN_KERNEL: "triton" (this file's kernel; the default) or a form of the Gluon kernel for Hopper at
-# head dim 128 (ring_attention_hopper.VARIANTS: "gluon", ...). The Gluon kernel is opt-in until a GPU has run
-# it (it was only cross-compiled); where it cannot serve a call, this kernel does.
+# head dim 128 (ring_attention_hopper.VARIANTS: "gluon", ...). The Gluon kernel is opt-in: correct on an H100,
+# but 20-30% slower than this one there (bench/results/NOTES.md, h1-h100); where it cannot serve a call, this
+# kernel does.
 KERNEL_ENV = "FD_RING_ATTN_KERNEL"
 
 
