@@ -244,9 +244,9 @@ class Worlds:
     def restore(self, world: int, snapshot: Snapshot) -> None:
         """World `world` back to `snapshot` (its block index, seed, inputs and state); the other worlds go on.
         Checked whole first (EngineIncompatibleError for another model or shapes), nothing changed then."""
-        targets = self._world_rows(self.row_of(world))
-        check_fits(snapshot, self.engine, targets, f"restore(world {world})")
         row = self.row_of(world)
+        targets = self._world_rows(row)
+        check_fits(snapshot, self.engine, targets, f"restore(world {world})")
         for name, view in targets.items():
             view.copy_(snapshot.tensors[name])
         self.blocks[row], self.seeds[row] = snapshot.block, snapshot.seed
