@@ -314,7 +314,8 @@ def worlds_load(worlds, index, path):
 
 
 def session_snapshot(session, host):
-    return session.snapshot(device="cpu" if host else None)
+    # page-locked: a host that keeps snapshots in memory restores them at the link's speed
+    return session.snapshot(device="cpu" if host else None, pinned=host)
 
 
 def session_restore(session, snap):
@@ -322,7 +323,7 @@ def session_restore(session, snap):
 
 
 def worlds_snapshot(worlds, index, host):
-    return worlds.snapshot(_world_id(worlds, index), device="cpu" if host else None)
+    return worlds.snapshot(_world_id(worlds, index), device="cpu" if host else None, pinned=host)
 
 
 def worlds_restore(worlds, index, snap):

@@ -42,7 +42,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.family import BlockPlan, InputSpec, run_ops
 from flashdreams.session import BLOCK_INDEX, Session, _check_seed, block_seed, to_host
-from flashdreams.snapshot import Snapshot, check_fits, model_identity
+from flashdreams.snapshot import Snapshot, check_fits, model_identity, put_state, take_state
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 
@@ -231,14 +231,23 @@ class Worlds:
         return sum(v.numel() * v.element_size() for v in self._world_rows(0).values())
 
     @torch.no_grad()
-    def snapshot(self, world: int, device: torch.device | str | None = None) -> Snapshot:
+    def snapshot(
+        self,
+        world: int,
+        device: torch.device | str | None = None,
+        *,
+        pinned: bool = False,
+        into: Snapshot | None = None,
+    ) -> Snapshot:
         """World `world`'s state after its current block: `restore()` it into any world of these worlds
-        (or into a batch-1 session of the same preset), or `fork()` a world from it."""
+        (or into a batch-1 session of the same preset), or `fork()` a world from it. `device`, `pinned`
+        and `into` as for `Session.snapshot`."""
         row = self.row_of(world)
-        dev = self.device if device is None else torch.device(device)
-        tensors = {n: v.to(dev, copy=True) for n, v in self._world_rows(row).items()}
+        where = f"snapshot(world {world})"
+        tensors = take_state(self._world_rows(row), self.engine, self.device, device, into, pinned, where)
         ident, given = model_identity(self.engine), tuple(sorted(self.plan.inputs))
-        return Snapshot(ident, self.blocks[row], self.seeds[row], given, tensors, str(self.engine.source), 1)
+        snap = Snapshot(ident, self.blocks[row], self.seeds[row], given, tensors, str(self.engine.source), 1)
+        return snap if into is None else into.assign(snap)
 
     @torch.no_grad()
     def restore(self, world: int, snapshot: Snapshot) -> None:
@@ -247,8 +256,7 @@ class Worlds:
         row = self.row_of(world)
         targets = self._world_rows(row)
         check_fits(snapshot, self.engine, targets, f"restore(world {world})")
-        for name, view in targets.items():
-            view.copy_(snapshot.tensors[name])
+        put_state(snapshot, targets)
         self.blocks[row], self.seeds[row] = snapshot.block, snapshot.seed
 
     def fork(self, world: int, seed: int | None = None) -> int:

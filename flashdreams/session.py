@@ -24,7 +24,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError, OutOfMemoryError, SessionFailedError
 from flashdreams.models.family import BlockPlan, InputSpec, op_writes, run_ops
 from flashdreams.models.input_rules import check_rules
-from flashdreams.snapshot import Snapshot, check_fits, model_identity
+from flashdreams.snapshot import Snapshot, check_fits, model_identity, put_state, take_state
 
 if TYPE_CHECKING:
     from flashdreams.engine import Engine
@@ -336,16 +336,19 @@ class Session:
         return sum(b.numel() * b.element_size() for b in self._snapshot_targets().values())
 
     @torch.no_grad()
-    def snapshot(self, device: torch.device | str | None = None) -> Snapshot:
+    def snapshot(
+        self, device: torch.device | str | None = None, *, pinned: bool = False, into: Snapshot | None = None
+    ) -> Snapshot:
         """This session's state after `self.block` blocks: `restore()` it to go back to this point, here or in
         another session of the same preset (and dtype). `device="cpu"` keeps the copy in host memory
-        (`Snapshot.nbytes` says how large it is: the KV ring dominates)."""
+        (`Snapshot.nbytes` says how large it is: the KV ring dominates); `pinned=True` makes that memory
+        page-locked (copies at the link's speed; the allocation costs once), and `into=snap` overwrites an
+        earlier snapshot's memory instead of allocating (returned updated; checked first)."""
         self._check_alive()
-        dev = self.device if device is None else torch.device(device)
-        tensors = {n: b.to(dev, copy=True) for n, b in self._snapshot_targets().items()}
-        given = tuple(sorted(self._given))
-        ident = model_identity(self.engine)
-        return Snapshot(ident, self.block, self.seed, given, tensors, str(self.engine.source), self.batch)
+        tensors = take_state(self._snapshot_targets(), self.engine, self.device, device, into, pinned)
+        given, ident = tuple(sorted(self._given)), model_identity(self.engine)
+        snap = Snapshot(ident, self.block, self.seed, given, tensors, str(self.engine.source), self.batch)
+        return snap if into is None else into.assign(snap)
 
     @torch.no_grad()
     def restore(self, snapshot: Snapshot) -> None:
@@ -361,8 +364,7 @@ class Session:
             )
         targets = self._snapshot_targets()
         check_fits(snapshot, self.engine, targets, "restore")
-        for name, buf in targets.items():
-            buf.copy_(snapshot.tensors[name])
+        put_state(snapshot, targets)
         self.block, self.seed, self._given = snapshot.block, snapshot.seed, set(snapshot.given)
         self._failed = None
 

@@ -547,7 +547,8 @@ def test_results_record_the_fd_switches_a_run_was_made_under(monkeypatch):
 
 def test_snapshot_bench_on_the_cpu(tmp_path):
     """bench/snapshot_bench.py (suite part `snapshot`) at the tiny model: every timing is there, and the
-    block after a restore (from host memory and from the device) is the original's bit for bit."""
+    block after a restore (from pageable and page-locked host memory and from the device) is the original's
+    bit for bit."""
     out = tmp_path / "snapshot.json"
     proc = subprocess.run(
         [sys.executable, str(REPO / "bench" / "snapshot_bench.py"), "--preset", "tiny", "--repeats", "2"]
@@ -559,9 +560,11 @@ def test_snapshot_bench_on_the_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     r = json.loads(out.read_text())
     assert r["snapshot_bytes"] > 0 and r["environment"]
-    for what in ("block", "take_device", "take_host", "restore_device", "restore_host"):
+    for what in ("block", "take_device", "take_host", "take_pinned_into", "restore_device", "restore_host"):
         assert len(r[f"{what}_ms"]) == 2 and all(t > 0 for t in r[f"{what}_ms"]), what
+    assert len(r["take_pinned_first_ms"]) == 1 and len(r["restore_pinned_ms"]) == 2
     assert r["restored_block_max_abs_diff"] == {
         "from_host": {"latents": 0.0, "frames": 0.0},
+        "from_pinned": {"latents": 0.0, "frames": 0.0},
         "from_device": {"latents": 0.0, "frames": 0.0},
     }

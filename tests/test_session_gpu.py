@@ -153,8 +153,12 @@ def test_a_restored_session_replays_its_captured_graphs_and_continues_bit_for_bi
     snap = s.snapshot()
     host = s.snapshot(device="cpu")
     assert host.tensors["ring_k"].device.type == "cpu"
+    pinned = s.snapshot(device="cpu", pinned=True)
+    assert all(t.is_pinned() for t in pinned.tensors.values())
+    reused = s.snapshot(into=s.snapshot(device="cpu", pinned=True))  # page-locked memory written again
+    assert all(torch.equal(reused.tensors[n], t) for n, t in host.tensors.items())
     ahead = [(r.latents.clone(), r.frames.clone()) for r in (s.step() for _ in range(3))]
-    for source in (snap, host):
+    for source in (snap, host, pinned, reused):
         s.restore(source)
         again = [(r.latents.clone(), r.frames.clone()) for r in (s.step() for _ in range(3))]
         for (a, fa), (b, fb) in zip(ahead, again, strict=True):

@@ -95,6 +95,45 @@ def test_a_snapshot_that_does_not_fit_is_refused_and_changes_nothing(engine, tmp
         Snapshot.load(junk)
 
 
+def test_a_snapshot_into_an_earlier_one_reuses_its_memory(engine):
+    s = engine.session(seed=5)
+    blocks(s, 1)
+    held = s.snapshot(device="cpu")
+    addresses = {n: t.data_ptr() for n, t in held.tensors.items()}
+    blocks(s, 1)
+    fresh = s.snapshot(device="cpu")
+    got = s.snapshot(into=held)
+    assert got is held and held.block == 2 == fresh.block
+    assert {n: t.data_ptr() for n, t in held.tensors.items()} == addresses  # overwritten, not reallocated
+    assert all(torch.equal(held.tensors[n], t) for n, t in fresh.tensors.items())
+    ahead = blocks(s, 2)
+    s.restore(held)
+    assert same(blocks(s, 2), ahead)
+    pinned = s.snapshot(device="cpu", pinned=True)  # no GPU here: plain host memory, the same values
+    assert pinned.block == 4 and all(t.device.type == "cpu" for t in pinned.tensors.values())
+
+
+def test_a_snapshot_into_one_that_does_not_fit_is_refused_and_writes_nothing(engine):
+    s = engine.session(seed=5)
+    blocks(s, 1)
+    toy = toy_engine().session(seed=1)
+    theirs = toy.snapshot()
+    kept = {n: t.clone() for n, t in theirs.tensors.items()}
+    with pytest.raises(EngineIncompatibleError, match="same preset"):
+        s.snapshot(into=theirs)
+    assert theirs.block == 0 and all(torch.equal(kept[n], t) for n, t in theirs.tensors.items())
+    mine = s.snapshot()
+    mine.tensors["ring_k"] = mine.tensors["ring_k"][..., :-1]
+    before = {n: t.clone() for n, t in mine.tensors.items()}
+    with pytest.raises(EngineIncompatibleError, match="ring_k"):
+        s.snapshot(into=mine)
+    assert all(torch.equal(before[n], t) for n, t in mine.tensors.items())
+    with pytest.raises(InvalidArgumentError, match="into= snapshot is on"):
+        s.snapshot(device="meta", into=s.snapshot())
+    with pytest.raises(InvalidArgumentError, match="into= takes"):
+        s.snapshot(into={"ring_k": torch.zeros(1)})
+
+
 def test_restore_is_refused_while_recording(engine):
     s = engine.session(seed=1)
     snap = s.snapshot()
@@ -168,6 +207,21 @@ def test_a_world_snapshot_restores_into_a_session_and_back():
     full = toy_engine().worlds(1, capacity=1)
     with pytest.raises(InvalidArgumentError, match="remove one"):
         full.fork(0)
+
+
+def test_a_world_snapshot_into_an_earlier_one():
+    worlds = toy_engine().worlds(2, seeds=[1, 2])
+    worlds.step()
+    held = worlds.snapshot(0, device="cpu")
+    address = held.tensors["keyboard"].data_ptr()
+    worlds.set_input(1, "keyboard", keys(1, 1))
+    worlds.step()
+    assert worlds.snapshot(1, into=held) is held
+    assert (held.block, held.seed) == (2, 2) and held.tensors["keyboard"].data_ptr() == address
+    assert torch.equal(held.tensors["keyboard"][0], keys(1, 1)[0])
+    with pytest.raises(EngineIncompatibleError, match="same preset"):
+        worlds.snapshot(0, into=flashdreams.load(device="cpu").session().snapshot())
+    assert held.seed == 2
 
 
 def test_a_fork_of_a_lockstep_world_runs_with_it():
