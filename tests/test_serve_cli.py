@@ -65,6 +65,8 @@ def test_help_and_default_world():
         (["--port", "70000"], "--port must be in"),
         (["--max-sessions", "0"], "--max-sessions must be at least 1"),
         (["--idle-timeout", "0"], "--idle-timeout must be positive"),
+        (["--save-limit-mb", "-1"], "--save-limit-mb must be >= 0"),
+        (["--saves-budget-mb", "nan"], "--saves-budget-mb must be >= 0"),
         (["--workers", "2"], "--workers needs --ray"),
         (["--decoder", "none"], "nothing to show"),
         (["--token", "short"], "at least 16 characters"),

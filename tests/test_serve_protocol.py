@@ -194,6 +194,36 @@ def test_a_save_over_the_limit_is_refused_and_the_session_goes_on(engine):
         srv.stop()
 
 
+def test_saves_past_the_servers_budget_are_refused_until_room_is_made(engine):
+    """Saved worlds live in host memory, outside the device-memory admission: all of them together stay
+    within --saves-budget-mb. A save past it is refused (out_of_memory) and the session goes on; a session
+    saving again replaces its own save (no second copy); a session's end frees its save's room."""
+    one = engine.session().snapshot_nbytes
+    srv = start(engine, max_sessions=2, saves_budget_bytes=one + one // 2)
+    try:
+        with Client(srv.url, seed=1) as a, Client(srv.url, seed=2) as b:
+            a.save()
+            assert a.next_reply(timeout=30)["t"] == "saved"
+            seq = b.save()
+            err = b.next_error(timeout=30)
+            assert err["seq"] == seq and err["code"] == "out_of_memory" and "--saves-budget-mb" in err["message"]
+            assert b.replies.empty()
+            frames_go_on(b)
+            a.save()  # over its own save: still one copy
+            assert a.next_reply(timeout=30)["t"] == "saved" and a.errors.empty()
+            assert srv.manager.saves_held_bytes == one
+            a.close()
+            deadline = time.monotonic() + 30
+            while srv.manager.saves_held_bytes and time.monotonic() < deadline:  # the end runs on the server
+                time.sleep(0.05)
+            assert srv.manager.saves_held_bytes == 0
+            b.save()
+            reply = b.next_reply(timeout=30)
+            assert reply["t"] == "saved" and reply["bytes"] == one and b.errors.empty()
+    finally:
+        srv.stop()
+
+
 class SlowCodec(protocol.FrameCodec):
     """JPEG that takes 30 ms a frame: the next round applies inputs while a block's frames still encode."""
 

@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
         "back to it): default 2048 MiB, 0 turns saving off (Self-Forcing 1.3B's is ~5.7 GiB, the arena's < 1 MiB)",
     )
     ses.add_argument(
+        "--saves-budget-mb",
+        type=float,
+        default=None,
+        metavar="MB",
+        help="host memory all sessions' saved worlds may take together; a save past it is refused "
+        "(out_of_memory) until others end (default: a quarter of the host's available memory at start)",
+    )
+    ses.add_argument(
         "--encoding", default="auto", choices=("auto", "jpeg", "png", "raw"), help="frame codec (auto: JPEG)"
     )
     ses.add_argument("--jpeg-quality", type=int, default=85, metavar="Q", help="JPEG quality 1-95 (85)")
@@ -154,6 +162,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"--idle-timeout must be positive seconds, got {args.idle_timeout}")
     if not (math.isfinite(args.save_limit_mb) and args.save_limit_mb >= 0):
         raise InvalidArgumentError(f"--save-limit-mb must be >= 0 MiB (0: no saving), got {args.save_limit_mb}")
+    if args.saves_budget_mb is not None and not (math.isfinite(args.saves_budget_mb) and args.saves_budget_mb >= 0):
+        raise InvalidArgumentError(f"--saves-budget-mb must be >= 0 MiB, got {args.saves_budget_mb}")
     if not args.window > 0:
         raise InvalidArgumentError(f"--window must be a positive number of blocks, got {args.window}")
     if not 1 <= args.jpeg_quality <= 95:
@@ -209,6 +219,7 @@ def build_manager(args: argparse.Namespace, engine=None):
         window_blocks=args.window,
         max_message_bytes=args.max_message_bytes or max(256 * 1024, 2 * largest + 16 * 1024),
         save_limit_bytes=int(args.save_limit_mb * 2**20),
+        saves_budget_bytes=None if args.saves_budget_mb is None else int(args.saves_budget_mb * 2**20),
     )
     codec = FrameCodec.choose(args.encoding, args.jpeg_quality)
     if batched:

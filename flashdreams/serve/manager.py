@@ -79,6 +79,7 @@ class Limits:
     window_blocks: float = 1.0  # blocks a session may run ahead of what its client presented
     max_message_bytes: int = 1 << 20  # a client message over this is answered with an error
     save_limit_bytes: int = 2 << 30  # a session's saved world (host memory) may not be larger than this
+    saves_budget_bytes: int | None = None  # all sessions' saved worlds together; default: a quarter of free host memory
 
 
 class SessionManager:
@@ -109,6 +110,7 @@ class SessionManager:
         self.max_elements = max(math.prod(s.shape) for s in self.specs.values()) if self.specs else 1
         self.stats = {"blocks": 0, "block_ms": 0.0, "admitted": 0, "refused": 0}
         self._saves: dict = {}  # session id -> its saved world (a host-memory Snapshot); worker thread only
+        self.saves_budget = limits.saves_budget_bytes  # sized at start() when not given
 
     # -- lifecycle ------------------------------------------------------------------
     async def start(self) -> None:
@@ -116,6 +118,8 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         self.per_session_bytes = max(1, await loop.run_in_executor(self.worker, self.stepper.session_bytes))
         self.max_sessions = self._capacity()
+        if self.saves_budget is None:
+            self.saves_budget = memory_available_bytes() // 4
         log.info(
             "one session takes %.1f MiB on %s: room for %d sessions",
             self.per_session_bytes / 2**20,
@@ -327,6 +331,25 @@ class SessionManager:
         self._saves.pop(sid, None)
         self.stepper.close(sid)
 
+    @property
+    def saves_held_bytes(self) -> int:
+        """Host memory the sessions' saved worlds take now."""
+        return sum(snap.nbytes for snap in list(self._saves.values()))
+
+    def _save(self, sid: str):
+        """On the worker thread: `sid`'s world saved in host memory, over its earlier save (no second copy
+        at any time). Refused, nothing changed, when all saves together would pass the server's budget:
+        saved worlds live in host memory, which the device-memory admission does not count."""
+        need = self.stepper.save_nbytes(sid)
+        held = sum(snap.nbytes for other, snap in self._saves.items() if other != sid)
+        if self.stepper.can_save and held + need > (self.saves_budget or 0):
+            raise OutOfMemoryError(
+                f"save: the server holds {held / 2**20:.1f} MiB of saved worlds and this one needs {need / 2**20:.1f}, "
+                f"over its budget of {(self.saves_budget or 0) / 2**20:.1f} MiB (fd-serve --saves-budget-mb); "
+                "try again when other sessions have ended"
+            )
+        return self.stepper.save(sid, self.limits.save_limit_bytes, into=self._saves.get(sid))
+
     def _round(self, work: list[tuple[str, list[tuple], bool]]) -> dict[str, tuple[list, int | None, BlockOut | None]]:
         """On the worker thread: apply each session's queued inputs, then step the sessions due a block."""
         results: dict[str, tuple[list, int | None, BlockOut | None]] = {}
@@ -341,7 +364,7 @@ class SessionManager:
                         name = "prompt_embeds"
                         self.stepper.set_input(sid, name, self.text_encoder.encode(item[2]))
                     elif item[0] == "save":
-                        snap = self._saves[sid] = self.stepper.save(sid, self.limits.save_limit_bytes)
+                        snap = self._saves[sid] = self._save(sid)
                         replies.append({"t": "saved", "seq": item[1], "block": snap.block, "bytes": snap.nbytes})
                     elif item[0] == "load":
                         snap = self._saves.get(sid)

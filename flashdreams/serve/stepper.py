@@ -80,8 +80,13 @@ class Stepper(ABC):
     # buffers (the demo drive's ego pose) keeps these refusals and `can_save` False.
     can_save = False
 
-    def save(self, sid: str, limit_bytes: int):
-        """A snapshot of `sid`'s world after its newest block, in host memory; refused over `limit_bytes`."""
+    def save_nbytes(self, sid: str) -> int:
+        """The host memory a save of `sid`'s world takes."""
+        return 0
+
+    def save(self, sid: str, limit_bytes: int, into=None):
+        """A snapshot of `sid`'s world after its newest block, in host memory (written into `into`, the
+        session's earlier save, when given); refused over `limit_bytes`."""
         raise InvalidArgumentError("this server cannot save its worlds (they carry state outside the model's)")
 
     def load(self, sid: str, snapshot) -> None:
@@ -134,10 +139,13 @@ class SessionStepper(Stepper):
     def reset(self, sid: str, seed: int | None) -> None:
         self.sessions[sid].reset(seed=seed)
 
-    def save(self, sid: str, limit_bytes: int):
+    def save_nbytes(self, sid: str) -> int:
+        return self.sessions[sid].snapshot_nbytes
+
+    def save(self, sid: str, limit_bytes: int, into=None):
         session = self.sessions[sid]
         check_save_size(session.snapshot_nbytes, limit_bytes)
-        return session.snapshot(device="cpu")
+        return session.snapshot(device="cpu", into=into)
 
     def load(self, sid: str, snapshot) -> None:
         self.sessions[sid].restore(snapshot)

@@ -59,9 +59,12 @@ class WorldsStepper(Stepper):
     def reset(self, sid: str, seed: int | None) -> None:
         self.worlds.reset(self.ids[sid], seed=seed)
 
-    def save(self, sid: str, limit_bytes: int):
+    def save_nbytes(self, sid: str) -> int:
+        return self.worlds.snapshot_nbytes
+
+    def save(self, sid: str, limit_bytes: int, into=None):
         check_save_size(self.worlds.snapshot_nbytes, limit_bytes)
-        return self.worlds.snapshot(self.ids[sid], device="cpu")
+        return self.worlds.snapshot(self.ids[sid], device="cpu", into=into)
 
     def load(self, sid: str, snapshot) -> None:
         self.worlds.restore(self.ids[sid], snapshot)
