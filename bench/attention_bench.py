@@ -170,9 +170,10 @@ def peak_part(sh: Shapes, dev: torch.device, ms, rec: Recorder) -> dict:
 def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: bool, deadline: float) -> None:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    # The module itself (its PREPASS_WARPS knob): `flashdreams.kernels.ring_attention_fp8` as an attribute
-    # is the re-exported function of that name, which shadows the module.
+    # The modules themselves (the pre-pass's PREPASS_* knobs live in fp8_kv): `flashdreams.kernels.
+    # ring_attention_fp8` as an attribute is the re-exported function of that name, which shadows the module.
     fp8mod = importlib.import_module("flashdreams.kernels.ring_attention_fp8")
+    kvmod = importlib.import_module("flashdreams.kernels.fp8_kv")  # the pre-pass and its PREPASS_* knobs
     from flashdreams.kernels.ring_attention import launch_ring_attention, ring_attention_reference
     from flashdreams.kernels.ring_attention_configs import AttnConfig, pick_config
     from flashdreams.kernels.ring_attention_fp8 import (
@@ -330,13 +331,13 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
         timings["fp8_shadow_update"].append(attempt(upd))
         # the same two with V's transposed store masked by valid (byte stores: the form before
         # PREPASS_PAD_V_STORE)
-        before = fp8mod.PREPASS_PAD_V_STORE
-        fp8mod.PREPASS_PAD_V_STORE = False
+        before = kvmod.PREPASS_PAD_V_STORE
+        kvmod.PREPASS_PAD_V_STORE = False
         try:
             timings["fp8_prepass_byte_v_store"].append(attempt(pre))
             timings["fp8_shadow_update_byte_v_store"].append(attempt(upd))
         finally:
-            fp8mod.PREPASS_PAD_V_STORE = before
+            kvmod.PREPASS_PAD_V_STORE = before
         rec.put("timings", timings)
 
     # Sweeps, while the budget lasts: bf16 configs (splits and tiles for the 37 x 12 programs on
@@ -407,12 +408,12 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
         vl = lens(kv)
 
         def pw(warps=warps, kv=kv, vl=vl) -> dict:
-            before = fp8mod.PREPASS_WARPS
-            fp8mod.PREPASS_WARPS = warps
+            before = kvmod.PREPASS_WARPS
+            kvmod.PREPASS_WARPS = warps
             try:
                 t = ms(lambda: quantize_kv_fp8(kc, vc, vl, fp8_cfg.block_n))
             finally:
-                fp8mod.PREPASS_WARPS = before
+                kvmod.PREPASS_WARPS = before
             return {"warps": warps, "kv": kv, "ms": t}
 
         sweeps["prepass_warps"].append(attempt(pw))

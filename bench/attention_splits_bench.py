@@ -51,6 +51,7 @@ def main() -> None:
     from flashdreams.kernels.ring_attention_configs import pick_config
 
     fp8mod = importlib.import_module("flashdreams.kernels.ring_attention_fp8")
+    kvmod = importlib.import_module("flashdreams.kernels.fp8_kv")  # the pre-pass and its PREPASS_* knobs
     dtype = torch.float32 if args.smoke else torch.bfloat16
     reps = 1 if args.smoke else args.reps
     shapes = SMOKE_SHAPES if args.smoke else SHAPES
@@ -86,9 +87,9 @@ def main() -> None:
     valid = torch.tensor([kv], device=dev)
     block_n = fp8mod.fp8_kv_block_n(k)
     moved = k.numel() * k.element_size() * 2 + k.numel() * 2  # bf16 K, V in; e4m3 K, V out
-    before = fp8mod.PREPASS_WARPS
+    before = kvmod.PREPASS_WARPS
     for warps in (4, 8, 16):
-        fp8mod.PREPASS_WARPS = warps
+        kvmod.PREPASS_WARPS = warps
         try:
             t = med(lambda: fp8mod.quantize_kv_fp8(k, v, valid, block_n))
             out["prepass"].append({"warps": warps, "kv": kv, "heads": heads, "ms": t, "gbps": moved / t / 1e6})
@@ -96,7 +97,7 @@ def main() -> None:
         except Exception as exc:  # a warps count the compiler refuses is a result too
             out["prepass"].append({"warps": warps, "error": f"{type(exc).__name__}: {exc}"[:300]})
         finally:
-            fp8mod.PREPASS_WARPS = before
+            kvmod.PREPASS_WARPS = before
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=1))
     print(f"wrote {args.out}")

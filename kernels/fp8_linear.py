@@ -46,7 +46,7 @@ from ._common import (
     tl,
     triton,
 )
-from .ring_attention_fp8 import _round_bf16, _to_e4m3, quantize_rows_e4m3
+from .fp8_kv import _round_bf16, _to_e4m3, quantize_rows_e4m3
 
 FP8 = torch.float8_e4m3fn
 

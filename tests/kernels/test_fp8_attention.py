@@ -167,7 +167,7 @@ def test_quantize_kv_prepass_matches_torch(split_kv, monkeypatch):
     """k8 / V transposed with one scale per key tile, as the twin quantizes. Past valid: K rows and tiles
     starting there untouched; V's columns in the last worked tile zero (its store covers the whole tile so
     that it vectorizes). Either grid: a program per tile and K or V (the default), or one doing both."""
-    monkeypatch.setattr(importlib.import_module("flashdreams.kernels.ring_attention_fp8"), "PREPASS_SPLIT_KV", split_kv)
+    monkeypatch.setattr(importlib.import_module("flashdreams.kernels.fp8_kv"), "PREPASS_SPLIT_KV", split_kv)
     B, S, H, d, valid, bn = 2, 70, 3, 48, 53, 32
     q, k, v, vl = make_case(B, 4, H, d, S, valid, seed=2)
     kv = empty_fp8_kv(k, bn)
@@ -298,7 +298,7 @@ def test_shadow_updated_per_write_equals_a_full_quantization(split_kv, monkeypat
         update_fp8_kv,
     )
 
-    monkeypatch.setattr(importlib.import_module("flashdreams.kernels.ring_attention_fp8"), "PREPASS_SPLIT_KV", split_kv)
+    monkeypatch.setattr(importlib.import_module("flashdreams.kernels.fp8_kv"), "PREPASS_SPLIT_KV", split_kv)
     g = torch.Generator().manual_seed(11)
     B, H, d, S = 1, 2, 64, 150  # writes of 50 / 25 / 75 rows: they straddle the 64-row key tiles
     ring_k = torch.zeros(B, S, H, d, dtype=torch.bfloat16, device=DEVICE)
