@@ -47,6 +47,7 @@ cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
 probe|210|a tiny engine built and run on CUDA in a fresh process (round 8)
+aoti-probe|300|whether AOTInductor packages load on this image now (they segfaulted on torch 2.11+cu130): a torch-only MLP package, then the tiny aoti engine (fd-build --aoti-force), each loaded in a fresh process (bench/aoti_probe.py)
 worlds-arena|90|issue 19: many worlds of the default world (arena), bf16, N = 1..256 (fd-bench sessions, one N at a time: bench/worlds_rows.py)
 worlds-arena-profile|60|issue 19: the arena at N = 1 and 64 with one profiled step each (where the N = 64 block's 3.7 ms go)
 worlds-arena-long|180|issue 19: the arena at N = 1 and 64, 1000 blocks each, in three fresh processes (the bar's ratio with a steady N = 1 baseline)
@@ -587,6 +588,11 @@ part_probe() {
 import flashdreams, torch
 e = flashdreams.load('$WORK/tiny-engine'); s = e.session(seed=1); r = [s.step() for _ in range(4)]
 torch.cuda.synchronize(); print('probe ok', e.load_times, r[-1].frames.shape)"
+}
+
+part_aoti-probe() {
+  [ $SMOKE = 1 ] && { echo "aoti-probe has no CPU form (the CPU aoti engine is tested in CI)"; return 0; }
+  py "$1" "$REPO/bench/aoti_probe.py" --out "$DEST/aoti-probe.json" --work "$WORK/aoti-probe"
 }
 
 # ----------------------------------------------------------------------------- issues 19, 14, 20, 16, 15
