@@ -340,12 +340,14 @@ class SessionManager:
         """On the worker thread: `sid`'s world saved in host memory, over its earlier save (no second copy
         at any time). Refused, nothing changed, when all saves together would pass the server's budget:
         saved worlds live in host memory, which the device-memory admission does not count."""
+        if self.saves_budget is None:  # a manager stepped without start()
+            self.saves_budget = memory_available_bytes() // 4
         need = self.stepper.save_nbytes(sid)
         held = sum(snap.nbytes for other, snap in self._saves.items() if other != sid)
-        if self.stepper.can_save and held + need > (self.saves_budget or 0):
+        if self.stepper.can_save and held + need > self.saves_budget:
             raise OutOfMemoryError(
                 f"save: the server holds {held / 2**20:.1f} MiB of saved worlds and this one needs {need / 2**20:.1f}, "
-                f"over its budget of {(self.saves_budget or 0) / 2**20:.1f} MiB (fd-serve --saves-budget-mb); "
+                f"over its budget of {self.saves_budget / 2**20:.1f} MiB (fd-serve --saves-budget-mb); "
                 "try again when other sessions have ended"
             )
         return self.stepper.save(sid, self.limits.save_limit_bytes, into=self._saves.get(sid))
