@@ -145,36 +145,33 @@ def take_state(
     dev = home if device is None else torch.device(device)
     to_pinned = pinned and dev.type == "cpu" and torch.cuda.is_available()
     out: dict[str, torch.Tensor] = {}
-    landing = set()
     for name, src in sources.items():
         if into is not None:
-            dst = into.tensors[name]
+            out[name] = into.tensors[name]
         elif to_pinned and src.is_cuda:
-            dst = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
+            out[name] = torch.empty(src.shape, dtype=src.dtype, pin_memory=True)
         else:
-            dst = torch.empty(src.shape, dtype=src.dtype, device=dev)
-        # Page-locked host memory lets the copies run as DMA one after another without the host waiting on
-        # each; they have all landed after the synchronize below.
-        asynchronous = src.device != dst.device and (dst.is_pinned() or src.is_pinned())
-        dst.copy_(src, non_blocking=asynchronous)
-        if asynchronous:
-            landing.add(src.device if src.is_cuda else dst.device)
-        out[name] = dst
-    for gpu in landing:
-        torch.cuda.synchronize(gpu)
+            out[name] = torch.empty(src.shape, dtype=src.dtype, device=dev)
+    _copy_landed([(sources[name], dst) for name, dst in out.items()])
     return out
 
 
 def put_state(snapshot: Snapshot, targets: Mapping[str, torch.Tensor]) -> None:
     """Copy a checked (`check_fits`) snapshot's tensors into `targets`; returns once they have landed, so the
     snapshot's host memory may be reused at once."""
+    _copy_landed([(snapshot.tensors[name], dst) for name, dst in targets.items()])
+
+
+def _copy_landed(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """dst.copy_(src) for each pair; returns once every copy has landed. Copies between a GPU and
+    page-locked host memory run as DMA one after another without the host waiting on each, then one
+    synchronize per GPU involved; pageable memory copies in step."""
     landing = set()
-    for name, dst in targets.items():
-        src = snapshot.tensors[name]
-        asynchronous = src.device != dst.device and src.is_pinned()
+    for src, dst in pairs:
+        asynchronous = src.device != dst.device and (src.is_pinned() or dst.is_pinned())
         dst.copy_(src, non_blocking=asynchronous)
         if asynchronous:
-            landing.add(dst.device)
+            landing.add(src.device if src.is_cuda else dst.device)
     for gpu in landing:
         torch.cuda.synchronize(gpu)
 

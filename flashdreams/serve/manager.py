@@ -342,15 +342,15 @@ class SessionManager:
         saved worlds live in host memory, which the device-memory admission does not count."""
         if self.saves_budget is None:  # a manager stepped without start()
             self.saves_budget = memory_available_bytes() // 4
-        need = self.stepper.save_nbytes(sid)
-        held = sum(snap.nbytes for other, snap in self._saves.items() if other != sid)
+        need, own = self.stepper.save_nbytes(sid), self._saves.get(sid)
+        held = self.saves_held_bytes - (own.nbytes if own is not None else 0)  # its own save is overwritten
         if self.stepper.can_save and held + need > self.saves_budget:
             raise OutOfMemoryError(
                 f"save: the server holds {held / 2**20:.1f} MiB of saved worlds and this one needs {need / 2**20:.1f}, "
                 f"over its budget of {self.saves_budget / 2**20:.1f} MiB (fd-serve --saves-budget-mb); "
                 "try again when other sessions have ended"
             )
-        return self.stepper.save(sid, self.limits.save_limit_bytes, into=self._saves.get(sid))
+        return self.stepper.save(sid, self.limits.save_limit_bytes, into=own)
 
     def _round(self, work: list[tuple[str, list[tuple], bool]]) -> dict[str, tuple[list, int | None, BlockOut | None]]:
         """On the worker thread: apply each session's queued inputs, then step the sessions due a block."""
