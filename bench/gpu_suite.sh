@@ -74,6 +74,7 @@ wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) ins
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream and its FP8 ring shadow vs per-call quantization
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
+row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW one (decode stream, encode), the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
@@ -684,6 +685,14 @@ part_attn-splits() {
     py "$1" "$REPO/bench/attention_splits_bench.py" --smoke --out "$DEST/attn-splits.json"
   else
     py "$1" "$REPO/bench/attention_splits_bench.py" --out "$DEST/attn-splits.json"
+  fi
+}
+
+part_row-chunks() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/row_chunks_bench.py" --smoke --out "$DEST/row-chunks.json"
+  else
+    py "$1" "$REPO/bench/row_chunks_bench.py" --out "$DEST/row-chunks.json"
   fi
 }
 

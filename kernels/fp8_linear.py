@@ -71,9 +71,23 @@ def _store_e4m3_rows(x, x8_ptrs, s_ptrs, mask, row_mask, EMULATE: tl.constexpr):
     x8 = e4m3(x * 448/amax(|x_row|)) at x8_ptrs, scale = amax/448 at s_ptrs (amax floored at 1e-16).
     Every producer of pre-quantized rows (this file's pass, the AdaLN row pass) stores through here,
     so that they agree bit for bit."""
-    amax = tl.maximum(tl.max(tl.abs(x), 1), 1e-16)
-    inv = tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+    amax = tl.max(tl.abs(x), 1)
+    inv = _e4m3_inv_scale(amax)
     tl.store(x8_ptrs, _to_e4m3(x * inv[:, None], EMULATE), mask=mask)
+    _store_row_scale(amax, s_ptrs, row_mask)
+
+
+@triton.jit
+def _e4m3_inv_scale(amax):
+    """448/amax per row (amax floored at 1e-16): what a row's values are multiplied by before the e4m3 cast."""
+    amax = tl.maximum(amax, 1e-16)
+    return tl.math.div_rn(tl.full(amax.shape, 448.0, tl.float32), amax)
+
+
+@triton.jit
+def _store_row_scale(amax, s_ptrs, row_mask):
+    """Store amax/448 per row (amax floored at 1e-16), the scale the e4m3 codes are multiplied by."""
+    amax = tl.maximum(amax, 1e-16)
     tl.store(s_ptrs, tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32)), mask=row_mask)
 
 
@@ -90,19 +104,66 @@ def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.const
 
 
 @triton.jit
+def _load_gelu_chunk(
+    X, r, stride_x, R, K, OFF: tl.constexpr, C: tl.constexpr, GELU: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """Columns OFF..OFF+C of BLOCK_R rows as fp32 (0 past K or R), GELU applied where asked."""
+    c = OFF + tl.arange(0, C)
+    mask = (r < R)[:, None] & (c < K)[None, :]
+    x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
+    return _gelu_in_dtype(x, GELU, X.dtype.element_ty, EMULATE), c, mask
+
+
+@triton.jit
 def _quantize_rows_kernel(
     X, X8, SX, stride_x, R, K,
-    K_PAD: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr, GELU: tl.constexpr,
+    C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr,
+    GELU: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows: x8 = e4m3(x * 448/amax(|x_row|)), sx = amax/448 (amax floored at 1e-16). With
     GELU (1 exact, 2 tanh form), x is first replaced by GELU(x) rounded to x's dtype: what `F.gelu`
-    would hand the linear, without writing it out and reading it back."""
+    would hand the linear, without writing it out and reading it back.
+
+    A row is held as up to three power-of-two column chunks C0 + C1 + C2 >= K (`row_chunks`; C1/C2
+    0: absent) rather than one tile of next_pow2(K): at Self-Forcing's FFN width 8960 that is 8960
+    columns of work instead of 16384, and the pass is issue-bound (the GELU), not only HBM-bound."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    c = tl.arange(0, K_PAD)
-    mask = (r < R)[:, None] & (c < K)[None, :]
-    x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    x = _gelu_in_dtype(x, GELU, X.dtype.element_ty, EMULATE)
-    _store_e4m3_rows(x, X8 + r[:, None] * K + c[None, :], SX + r, mask, r < R, EMULATE)
+    x0, c0, m0 = _load_gelu_chunk(X, r, stride_x, R, K, 0, C0, GELU, EMULATE)
+    amax = tl.max(tl.abs(x0), 1)
+    if C1 > 0:
+        x1, c1, m1 = _load_gelu_chunk(X, r, stride_x, R, K, C0, C1, GELU, EMULATE)
+        amax = tl.maximum(amax, tl.max(tl.abs(x1), 1))
+    if C2 > 0:
+        x2, c2, m2 = _load_gelu_chunk(X, r, stride_x, R, K, C0 + C1, C2, GELU, EMULATE)
+        amax = tl.maximum(amax, tl.max(tl.abs(x2), 1))
+    inv = _e4m3_inv_scale(amax)[:, None]
+    tl.store(X8 + r[:, None] * K + c0[None, :], _to_e4m3(x0 * inv, EMULATE), mask=m0)
+    if C1 > 0:
+        tl.store(X8 + r[:, None] * K + c1[None, :], _to_e4m3(x1 * inv, EMULATE), mask=m1)
+    if C2 > 0:
+        tl.store(X8 + r[:, None] * K + c2[None, :], _to_e4m3(x2 * inv, EMULATE), mask=m2)
+    _store_row_scale(amax, SX + r, r < R)
+
+
+# Rows held as power-of-two chunks (row_chunks) rather than one next_pow2(K) tile; bench/row_chunks_bench.py
+# turns it off to time the whole-tile form beside it in one run.
+ROW_CHUNKS = True
+
+
+def row_chunks(k: int, chunked: bool = True) -> tuple[int, int, int]:
+    """Column chunks (C0, C1, C2) of a row K wide: C0 the largest power of two <= K, C1 the largest <= what
+    is left, C2 the next power of two >= the rest (masked past K); 0 for a chunk not needed. With `chunked`
+    False, one tile of next_pow2(K). 8960 -> (8192, 512, 256), 13824 -> (8192, 4096, 2048), 1536 ->
+    (1024, 512, 0)."""
+    if k < 1:
+        raise InvalidArgumentError(f"row width: expected >= 1, found {k}")
+    if not chunked:
+        return next_pow2(k), 0, 0
+    c0 = 1 << (k.bit_length() - 1)
+    rest = k - c0
+    c1 = 1 << (rest.bit_length() - 1) if rest else 0
+    rest -= c1
+    return c0, c1, next_pow2(rest) if rest else 0
 
 
 # The GELU a quantization pass may apply first, by name -> (kernel code, torch's `approximate`).
@@ -122,13 +183,14 @@ def _launch_quantize_rows(x: torch.Tensor, gelu: int) -> tuple[torch.Tensor, tor
     R, K = x.shape
     x8 = new_output((R, K), FP8, x.device)
     sx = new_output((R,), torch.float32, x.device)
-    k_pad = next_pow2(K)
-    block_r, num_warps = row_tile(k_pad, R, x.device)
+    # rows per program and warps as for the whole next_pow2(K) tile, so that the chunks change only the padding
+    block_r, num_warps = row_tile(next_pow2(K), R, x.device)
+    c0, c1, c2 = row_chunks(K, ROW_CHUNKS)
     # fmt: off
     launch(
         _quantize_rows_kernel, (triton.cdiv(R, block_r),),
         x, x8, sx, x.stride(0), R, K,
-        K_PAD=k_pad, BLOCK_R=block_r, EMULATE=interpreted(), GELU=gelu, num_warps=num_warps,
+        C0=c0, C1=c1, C2=c2, BLOCK_R=block_r, EMULATE=interpreted(), GELU=gelu, num_warps=num_warps,
     )
     # fmt: on
     return x8, sx

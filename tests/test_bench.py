@@ -502,7 +502,21 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
     assert decode["ncdhw, fused norms"]["ms"] > 0 and decode["ncdhw, fused norms"]["rel_l2_vs_ncdhw"] < 1e-5
 
 
-@pytest.mark.parametrize("script", ["block_fusion_bench.py", "hdmap_encoder_bench.py", "attention_splits_bench.py"])
+def test_row_chunks_bench_smoke(tmp_path):
+    """bench/row_chunks_bench.py on the CPU: both row forms run on the same tensors, their codes agree bit for
+    bit, and the chunks recorded are row_chunks' (111 -> 64 + 32 + 16)."""
+    out = tmp_path / "chunks.json"
+    proc = _bench_smoke("row_chunks_bench.py", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    shapes = json.loads(out.read_text())["shapes"]
+    assert shapes["tiny hidden"]["chunks"] == [64, 32, 16] and shapes["tiny out"]["chunks"] == [64, 32, 0]
+    for row in shapes.values():
+        assert row["bit_equal"] is True and row["one_tile"]["ms"] > 0 and row["chunked"]["ms"] > 0
+
+
+@pytest.mark.parametrize(
+    "script", ["block_fusion_bench.py", "hdmap_encoder_bench.py", "attention_splits_bench.py", "row_chunks_bench.py"]
+)
 def test_micro_benches_refuse_bad_options_by_name(script, tmp_path):
     """The shared command line (flashdreams.benchmark.micro): no timed call is no measurement."""
     proc = _bench_smoke(script, "--reps", "0", "--out", str(tmp_path / "x.json"))

@@ -8,6 +8,7 @@ path there (dequantize, fp32 matmul). The `gpu`-marked test holds `torch._scaled
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
@@ -31,6 +32,7 @@ from flashdreams.kernels.fp8_linear import (  # noqa: E402
     quantize_rows_fp8,
     quantize_rows_fp8_reference,
     quantize_weight_fp8,
+    row_chunks,
 )
 from flashdreams.models.wan_config import WanConfig  # noqa: E402
 from flashdreams.models.wan_dit import WanDiT  # noqa: E402
@@ -60,6 +62,39 @@ def test_quantize_rows_kernel_matches_torch(dtype, R, K):
     assert torch.equal(x8.view(torch.uint8), r8.view(torch.uint8)) and torch.equal(sx, rs)
     assert (x8[0].float() == 0).all()
     assert rel_l2(x8.float() * sx[:, None], x.float()) < 0.03
+
+
+def test_row_chunks_cover_the_row_with_at_most_three_power_of_two_tiles():
+    assert row_chunks(8960) == (8192, 512, 256)  # Self-Forcing's FFN hidden: exact
+    assert row_chunks(13824) == (8192, 4096, 2048)  # LingBot's: 512 masked, against 2560 in one tile
+    assert row_chunks(1536) == (1024, 512, 0) and row_chunks(4096) == (4096, 0, 0) and row_chunks(1) == (1, 0, 0)
+    assert row_chunks(8960, chunked=False) == (16384, 0, 0)
+    for k in range(1, 3000):
+        c = row_chunks(k)
+        assert all(n == 0 or n & (n - 1) == 0 for n in c) and k <= sum(c) < k + max(c[2], 1)
+    with pytest.raises(InvalidArgumentError, match="row width"):
+        row_chunks(0)
+
+
+@needs_triton
+@pytest.mark.parametrize("gelu", [None, "tanh"])
+@pytest.mark.parametrize("R,K", [(5, 111), (2, 13824), (9, 96)])
+def test_chunked_rows_quantize_bit_for_bit_as_one_tile(monkeypatch, gelu, R, K):
+    """The chunked row (row_chunks: 111 -> 64 + 32 + 16 with one column masked) gives the codes and
+    scales of the whole next_pow2(K) tile it replaced, and the torch reference's."""
+    fp8_module = sys.modules[quantize_rows_fp8.__module__]  # the package re-exports a function of that name
+    g = torch.Generator().manual_seed(4)
+    x = (torch.randn(R, K, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
+    x[-1, -1] = 40.0  # the row's amax in the last (partly masked) chunk
+    with poisoned_outputs():
+        c8, cs = quantize_rows_fp8(x, gelu=gelu)
+    monkeypatch.setattr(fp8_module, "ROW_CHUNKS", False)
+    with poisoned_outputs():
+        w8, ws = quantize_rows_fp8(x, gelu=gelu)
+    assert torch.equal(c8.view(torch.uint8), w8.view(torch.uint8)) and torch.equal(cs, ws)
+    r8, rs = quantize_rows_fp8_reference(x, gelu=gelu)
+    assert rel_l2(cs, rs) < 1e-2 and (c8.view(torch.uint8) == r8.view(torch.uint8)).float().mean().item() > 0.95
+    assert cs[-1].item() == pytest.approx(float(F.gelu(torch.tensor(40.0)) if gelu else 40.0) / 448, rel=1e-3)
 
 
 @needs_triton
