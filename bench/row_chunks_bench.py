@@ -5,7 +5,10 @@ hidden) used to hold a row as one next_pow2(K) tile: Self-Forcing's FFN hidden o
 16384, so the GELU and the e4m3 conversion did 1.83x the work the row needs, and at ~1.5 TB/s on an
 H100 (next51) the pass was bound by issue slots rather than HBM. It now holds up to three power-of-two
 chunks (`row_chunks`: 8192 + 512 + 256). Both forms run here on the same tensors in one process
-(`ROW_CHUNKS` off, then on), with their codes and scales compared bit for bit.
+(`ROW_CHUNKS` off, then on), with their codes and scales compared bit for bit. On a GPU each form is
+timed as a CUDA graph of GRAPH_CALLS calls, as the model replays it: timed one launch at a time, the
+custom op's host dispatch (~45 us) showed in next62-h200's first run of this script as 58 us for a
+21 MB pass.
 
 Shapes: each Wan-family model's two quantized activations that the norms do not already quantize (the
 FFN hidden with the tanh GELU, the self-attention output), at its steady block's tokens. OmniDreams'
@@ -40,12 +43,30 @@ SHAPES = {
     "matrix-game ffn hidden": (2640, 8960, "tanh"),
 }
 SMOKE_SHAPES = {"tiny hidden": (6, 111, "tanh"), "tiny out": (6, 96, None)}
+GRAPH_CALLS = 20
+
+
+def per_call(fn, dev: torch.device, ms) -> float:
+    """Milliseconds of one call of fn: a CUDA graph of GRAPH_CALLS calls replayed (GPU), or fn itself (CPU)."""
+    if dev.type != "cuda":
+        return ms(fn)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # compile and warm up outside the capture
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(GRAPH_CALLS):
+            fn()
+    return ms(graph.replay) / GRAPH_CALLS
 
 
 def main() -> None:
     args, dev, ms = micro_bench_setup(__doc__, default_reps=50, warmup=5)
     fp8 = importlib.import_module("flashdreams.kernels.fp8_linear")  # the module, not the re-exported function
-    out: dict = {"environment": environment(dev), "shapes": {}}
+    timing = f"CUDA graph of {GRAPH_CALLS} calls" if dev.type == "cuda" else "one call at a time"
+    out: dict = {"environment": environment(dev), "timing": timing, "shapes": {}}
     g = torch.Generator().manual_seed(0)
     for name, (rows, cols, gelu) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
         x = (torch.randn(rows, cols, generator=g) * 2).to(dev, torch.bfloat16)
@@ -56,7 +77,7 @@ def main() -> None:
             fp8.ROW_CHUNKS = chunked
             try:
                 results[chunked] = fp8.quantize_rows_fp8(x, gelu=gelu)
-                t = ms(lambda x=x, gelu=gelu: fp8.quantize_rows_fp8(x, gelu=gelu))
+                t = per_call(lambda x=x, gelu=gelu: fp8.quantize_rows_fp8(x, gelu=gelu), dev, ms)
             finally:
                 fp8.ROW_CHUNKS = True
             row["chunked" if chunked else "one_tile"] = {"ms": t, "gbps": moved / t / 1e6}
