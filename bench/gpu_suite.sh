@@ -923,7 +923,11 @@ part_sf-fp8-shadow() {
     fdb_to sf-fp8-shadow $(($1 / 2)) --preset tiny --attention triton --precision fp8 --decoder none --blocks 2 \
       --rollouts 1 --quick-ceilings
   else
-    fdb_to sf-fp8-shadow $(($1 - 180)) $SF $vs --blocks 7 --rollouts 2 --profile-block 5
+    # the first invocation (the bf16/FP8 pair) matters most: it keeps 3/5 of a short budget where the
+    # reserve for the two runs after it would leave it none (next62-h200 skipped it with 167 s)
+    local main=$(($1 - 180))
+    [ "$main" -lt $(($1 * 3 / 5)) ] && main=$(($1 * 3 / 5))
+    fdb_to sf-fp8-shadow "$main" $SF $vs --blocks 7 --rollouts 2 --profile-block 5
     # the same all-FP8 run with the attention's keys whole (FD_FP8_ATTN_SPLITS=1; the grid rule splits
     # Self-Forcing's in two), in its own process: the other side of fp8_splits_for on the same machine
     FD_FP8_ATTN_SPLITS=1 fdb_to sf-fp8-shadow-split1 70 $SF --attention triton --precision fp8 --blocks 7 \

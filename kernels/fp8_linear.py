@@ -145,9 +145,10 @@ def _quantize_rows_kernel(
     _store_row_scale(amax, SX + r, r < R)
 
 
-# Rows held as power-of-two chunks (row_chunks) rather than one next_pow2(K) tile; bench/row_chunks_bench.py
-# turns it off to time the whole-tile form beside it in one run.
-ROW_CHUNKS = True
+# Rows held as power-of-two chunks (row_chunks) rather than one next_pow2(K) tile. None: chunks on a GPU, one
+# tile under the interpreter, where fewer and larger array operations run faster (an FP8 session test took
+# 117 s chunked against 108 s). bench/row_chunks_bench.py and the tests set True / False to run either form.
+ROW_CHUNKS: bool | None = None
 
 
 def row_chunks(k: int, chunked: bool = True) -> tuple[int, int, int]:
@@ -185,7 +186,7 @@ def _launch_quantize_rows(x: torch.Tensor, gelu: int) -> tuple[torch.Tensor, tor
     sx = new_output((R,), torch.float32, x.device)
     # rows per program and warps as for the whole next_pow2(K) tile, so that the chunks change only the padding
     block_r, num_warps = row_tile(next_pow2(K), R, x.device)
-    c0, c1, c2 = row_chunks(K, ROW_CHUNKS)
+    c0, c1, c2 = row_chunks(K, not interpreted() if ROW_CHUNKS is None else ROW_CHUNKS)
     # fmt: off
     launch(
         _quantize_rows_kernel, (triton.cdiv(R, block_r),),

@@ -86,6 +86,7 @@ def test_chunked_rows_quantize_bit_for_bit_as_one_tile(monkeypatch, gelu, R, K):
     g = torch.Generator().manual_seed(4)
     x = (torch.randn(R, K, generator=g) * 3).to(torch.bfloat16).to(DEVICE)
     x[-1, -1] = 40.0  # the row's amax in the last (partly masked) chunk
+    monkeypatch.setattr(fp8_module, "ROW_CHUNKS", True)  # the interpreter's default is one tile
     with poisoned_outputs():
         c8, cs = quantize_rows_fp8(x, gelu=gelu)
     monkeypatch.setattr(fp8_module, "ROW_CHUNKS", False)
