@@ -32,7 +32,7 @@ import json  # noqa: E402
 import torch  # noqa: E402
 
 from flashdreams.benchmark.environment import environment  # noqa: E402
-from flashdreams.benchmark.micro import micro_bench_setup  # noqa: E402
+from flashdreams.benchmark.micro import graph_ms, micro_bench_setup  # noqa: E402
 
 # name: (rows, columns, GELU form or None)
 SHAPES = {
@@ -44,22 +44,6 @@ SHAPES = {
 }
 SMOKE_SHAPES = {"tiny hidden": (6, 111, "tanh"), "tiny out": (6, 96, None)}
 GRAPH_CALLS = 20
-
-
-def per_call(fn, dev: torch.device, ms) -> float:
-    """Milliseconds of one call of fn: a CUDA graph of GRAPH_CALLS calls replayed (GPU), or fn itself (CPU)."""
-    if dev.type != "cuda":
-        return ms(fn)
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # compile and warm up outside the capture
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(GRAPH_CALLS):
-            fn()
-    return ms(graph.replay) / GRAPH_CALLS
 
 
 def main() -> None:
@@ -77,7 +61,7 @@ def main() -> None:
             fp8.ROW_CHUNKS = chunked
             try:
                 results[chunked] = fp8.quantize_rows_fp8(x, gelu=gelu)
-                t = per_call(lambda x=x, gelu=gelu: fp8.quantize_rows_fp8(x, gelu=gelu), dev, ms)
+                t = graph_ms(lambda x=x, gelu=gelu: fp8.quantize_rows_fp8(x, gelu=gelu), dev, ms, GRAPH_CALLS)
             finally:
                 fp8.ROW_CHUNKS = None
             row["chunked" if chunked else "one_tile"] = {"ms": t, "gbps": moved / t / 1e6}

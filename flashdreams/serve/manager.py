@@ -118,8 +118,7 @@ class SessionManager:
         loop = asyncio.get_running_loop()
         self.per_session_bytes = max(1, await loop.run_in_executor(self.worker, self.stepper.session_bytes))
         self.max_sessions = self._capacity()
-        if self.saves_budget is None:
-            self.saves_budget = memory_available_bytes() // 4
+        self._size_saves_budget()
         log.info(
             "one session takes %.1f MiB on %s: room for %d sessions",
             self.per_session_bytes / 2**20,
@@ -340,8 +339,7 @@ class SessionManager:
         """On the worker thread: `sid`'s world saved in host memory, over its earlier save (no second copy
         at any time). Refused, nothing changed, when all saves together would pass the server's budget:
         saved worlds live in host memory, which the device-memory admission does not count."""
-        if self.saves_budget is None:  # a manager stepped without start()
-            self.saves_budget = memory_available_bytes() // 4
+        self._size_saves_budget()  # a manager stepped without start() sizes it here
         need, own = self.stepper.save_nbytes(sid), self._saves.get(sid)
         held = self.saves_held_bytes - (own.nbytes if own is not None else 0)  # its own save is overwritten
         if self.stepper.can_save and held + need > self.saves_budget:
@@ -351,6 +349,11 @@ class SessionManager:
                 "try again when other sessions have ended"
             )
         return self.stepper.save(sid, self.limits.save_limit_bytes, into=own)
+
+    def _size_saves_budget(self) -> None:
+        """Where no budget was given: a quarter of the host memory available now (at start(), or the first save)."""
+        if self.saves_budget is None:
+            self.saves_budget = memory_available_bytes() // 4
 
     def _round(self, work: list[tuple[str, list[tuple], bool]]) -> dict[str, tuple[list, int | None, BlockOut | None]]:
         """On the worker thread: apply each session's queued inputs, then step the sessions due a block."""
