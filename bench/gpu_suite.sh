@@ -76,9 +76,10 @@ fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE 
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
-vae-tests|60|issues 14, 16: on CUDA, the channels-last Wan VAE against the NCDHW one (decode stream, encode), the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
+vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
+hdmap-conv-forms|150|issue 16: every conv of OmniDreams' HD-map encode (LightVAE, steady 8-frame chunk, 704x1280, the engine's NDHWC + fused norms) timed as it runs and in other forms (cuDNN search, NDHWC input, 2-D conv over frames, three 2-D convs, time taps folded into channels, padded channels), each checked against its own output; the whole encode profiled by kernel kind (bench/hdmap_conv_forms.py)
 hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
 fa4-tests|90|issue 22 (the *fa4 parts need flash-attn-4 installed: bench/fa4_wheels.sh): FlashAttention-4 on CUDA: the KV-ring form against its twin at several ring lengths with NaN past the length and inside a CUDA graph with the length changed between replays; the block-sparse form against its twin
 sf-fa4|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV) with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-5 profile of each
@@ -688,6 +689,14 @@ part_attn-splits() {
   fi
 }
 
+part_hdmap-conv-forms() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/hdmap_conv_forms.py" --smoke --out "$DEST/hdmap-conv-forms.json"
+  else
+    py "$1" "$REPO/bench/hdmap_conv_forms.py" --out "$DEST/hdmap-conv-forms.json"
+  fi
+}
+
 part_row-chunks() {
   if [ $SMOKE = 1 ]; then
     py "$1" "$REPO/bench/row_chunks_bench.py" --smoke --out "$DEST/row-chunks.json"
@@ -724,7 +733,8 @@ part_worlds-tests() {
 part_vae-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/test_wan_vae.py $t/test_omnidreams_family.py \
-    $t/test_dit_ops.py -k "channels_last or cat_frames or hdmap or cuda_graph or route or fuses"
+    $t/test_dit_ops.py $t/kernels/test_channel_rms_norm.py \
+    -k "channels_last or cat_frames or hdmap or cuda_graph or route or fuses or narrow or padded"
 }
 
 cp_runs() { # cp_runs NAME LIMIT PRESETS MODE... [-- EXTRA...]: bench/context_parallel_bench.py over all GPUs per mode

@@ -32,6 +32,7 @@ from flashdreams.models.wan_vae_blocks import (
     RMSNorm,
     assign_slots,
     fuse_norm_silu,
+    use_narrow_forms,
 )
 
 logger = logging.getLogger(__name__)
@@ -254,6 +255,14 @@ class WanVAE(nn.Module):
         block at 352x640 101.7 instead of 112.4 ms (bench/results/next12-h200/hdmap-encoder.json), so
         the CUDA decoders (models/decoders.py) and the OmniDreams HD-map encoder use it. Returns self."""
         fuse_norm_silu(self)
+        return self
+
+    def use_narrow_forms(self) -> WanVAE:
+        """Run the few-channel convolutions (LightVAE's width-24 layers, the 3-channel first conv) in
+        the forms cuDNN runs fastest: channels padded to 32, the first conv's time taps folded into
+        channels, the stride-2 downsampling as 2-D convs (`wan_vae_blocks.use_narrow_forms`). Same
+        function and state dict; the streaming caches keep their shapes. Returns self."""
+        use_narrow_forms(self)
         return self
 
     # ---- weights -------------------------------------------------------------------------

@@ -46,6 +46,43 @@ def cat_frames(past: Tensor, x: Tensor) -> Tensor:
     return out
 
 
+def cat_frames_padded(past: Tensor | None, x: Tensor, channels: int, ones: bool = False) -> Tensor:
+    """[past | x] along time (zeros for a None past of CACHE_T frames) in a new NDHWC buffer of `channels`
+    channels, those past x's own zero but channel C one with `ones` (a folded bias's input): a narrow
+    conv's input as cuDNN runs it fastest (see `CausalConv3d.narrow_form`)."""
+    b, c, t, h, w = x.shape
+    t_past = CACHE_T if past is None else past.shape[2]
+    out = torch.empty(
+        (b, channels, t_past + t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d
+    )
+    out[:, c:].zero_()
+    if ones:
+        out[:, c].fill_(1.0)
+    if past is None:
+        out[:, :c, :t_past].zero_()
+    else:
+        out[:, :c, :t_past].copy_(past)
+    out[:, :c, t_past:].copy_(x)
+    return out
+
+
+def frames_as_images(x: Tensor) -> Tensor:
+    """[B, C, T, H, W] -> [B*T, C, H, W]: a view when x is NDHWC (then channels-last images)."""
+    b, c, t, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * t, c, h, w)
+
+
+def images_as_frames(y: Tensor, batch: int) -> Tensor:
+    """The inverse of `frames_as_images`: [B*T, C, H, W] -> [B, C, T, H, W] (a view; NDHWC from NHWC)."""
+    return y.reshape(batch, y.shape[0] // batch, *y.shape[1:]).transpose(1, 2)
+
+
+# A narrow conv's input channels are padded up to this multiple (24 -> 32 in LightVAE).
+NARROW_PAD = 32
+# The first conv's 3 taps in time x its channels are stacked into this many channels (3 x 3 RGB -> 16).
+FOLD_CHANNELS = 16
+
+
 class RMSNorm(nn.Module):
     """The VAE's RMS_norm: L2-normalise over channels, times sqrt(C) and `gamma`.
 
@@ -61,8 +98,23 @@ class RMSNorm(nn.Module):
         # that follows this norm folded in when `silu` (the Sequential's SiLU is then an Identity).
         self.fused = False
         self.silu = False
+        # Set by `use_narrow_forms`: the padded conv after this norm applies it (`padded`), writing its
+        # padded input in the norm's own pass; forward hands x on unchanged.
+        self.deferred = False
+
+    def padded(self, x: Tensor, past: Tensor | None, channels: int, ones: bool) -> Tensor:
+        """[past | this norm (+ SiLU) of x] in a channel-padded NDHWC buffer (`cat_frames_padded`'s form)."""
+        from flashdreams.kernels import triton_available
+        from flashdreams.kernels.channel_rms_norm import channel_rms_norm_padded, channel_rms_norm_padded_reference
+
+        if past is None:
+            past = x.new_zeros((*x.shape[:2], CACHE_T, *x.shape[3:]))
+        fn = channel_rms_norm_padded if triton_available(x.device) else channel_rms_norm_padded_reference
+        return fn(x, self.gamma, self.silu, past, channels, ones)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.deferred:
+            return x
         if self.fused and x.dim() == 5:
             from flashdreams.kernels import triton_available
             from flashdreams.kernels.channel_rms_norm import channel_rms_norm, channel_rms_norm_reference
@@ -95,11 +147,30 @@ class CausalConv3d(nn.Conv3d):
 
     `slot` is this conv's index in the decoder's cache list, set by the model that owns it
     (None for pointwise convs and the strided downsampling conv, which need no cache).
+
+    `narrow_form` (set by `use_narrow_forms`) runs a 3x3x3 conv of few input channels the way cuDNN
+    does it fastest; the sums are the same, only their order differs:
+      * "pad": the input's channels zero-padded to NARROW_PAD (in the cache concatenation's buffer) and
+        the weight's likewise. cuDNN runs LightVAE's 24-channel full-resolution convs as an sm80
+        `implicit_gemm_indexed` kernel; at 32 channels it takes 2.4 instead of 5.2 ms (H100,
+        bench/results/next64-h100/hdmap-conv-forms.json). The bias rides in the padding: input channel
+        C is all ones and the weight's tap on it (current frame, centre pixel, always inside the image)
+        is the bias, which saves torch's separate broadcast add after the conv. A fused norm right
+        before the conv (`_pre_norm`) writes the padded buffer itself.
+      * "fold": the 3 taps in time stacked on channels (frame t | t+1 | t+2, zero-padded to
+        FOLD_CHANNELS) and one 2-D conv over the frames: the 3-channel first conv, which cuDNN ran as a
+        generic fallback kernel (3.5 ms), in 2.2 ms, the stacking copy included (same file).
     """
+
+    NARROW_FORMS = (None, "pad", "fold")
 
     def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int, int], spatial_pad: int = 0):
         super().__init__(in_ch, out_ch, kernel, padding=(0, spatial_pad, spatial_pad))
         self.slot: int | None = None
+        self.narrow_form: str | None = None
+        # [the fused RMSNorm this "pad" conv applies itself] (a list: not a submodule, so the state
+        # dict keeps the norm's gamma where the reference has it)
+        self._pre_norm: list[RMSNorm] = []
 
     @property
     def causal(self) -> bool:
@@ -108,17 +179,55 @@ class CausalConv3d(nn.Conv3d):
     def forward(self, x: Tensor, caches: Caches | None = None) -> Tensor:
         if not self.causal:
             return super().forward(x)
-        if caches is None:
-            # Whole stream at once: the past is zeros.
+        cache = None
+        if caches is not None:
+            cache = caches[self.slot]
+            if cache is None:
+                cache = caches[self.slot] = x.new_zeros(x.shape[:2] + (CACHE_T,) + x.shape[3:])
+        if self.narrow_form == "pad":
+            ones = self.bias is not None
+            if self._pre_norm:
+                x = self._pre_norm[0].padded(x, cache, NARROW_PAD, ones)
+            else:
+                x = cat_frames_padded(cache, x, NARROW_PAD, ones)
+        elif cache is None:  # whole stream at once: the past is zeros
             x = F.pad(x, (0, 0, 0, 0, self.kernel_size[0] - 1, 0))
-            return super().forward(x)
-        cache = caches[self.slot]
-        if cache is None:
-            cache = caches[self.slot] = x.new_zeros(x.shape[:2] + (CACHE_T,) + x.shape[3:])
-        x = cat_frames(cache, x)
-        # The cache is always the last 2 frames of this conv's own input stream (zeros before it).
-        cache.copy_(x[:, :, -CACHE_T:])
+        else:
+            x = cat_frames(cache, x)
+        if cache is not None:
+            # The cache is always the last 2 frames of this conv's own input stream (zeros before it).
+            cache.copy_(x[:, : self.in_channels, -CACHE_T:])
+        if self.narrow_form == "pad":
+            return F.conv3d(x, self._padded_weight(), None, self.stride, self.padding)
+        if self.narrow_form == "fold":
+            return self._folded(x)
         return super().forward(x)
+
+    def _padded_weight(self) -> Tensor:
+        """The weight over NARROW_PAD input channels: zeros past in_channels, the bias on channel C's
+        tap at the current frame's centre pixel (the input holds ones there). Built from the weight
+        and bias by device ops alone (no host scalars: it runs inside captured graphs)."""
+        pad = NARROW_PAD - self.in_channels
+        kt, kh, kw = self.kernel_size
+        if self.bias is None:
+            return F.pad(self.weight, (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(memory_format=torch.channels_last_3d)
+        # [out] -> [out, pad, kt, kh, kw], the bias at [:, 0, kt - 1, kh // 2, kw // 2], zeros elsewhere
+        centre = (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2, kt - 1, 0, 0, pad - 1)
+        bias_tap = F.pad(self.bias.view(-1, 1, 1, 1, 1), centre)
+        return torch.cat([self.weight, bias_tap], dim=1).contiguous(memory_format=torch.channels_last_3d)
+
+    def _folded(self, x: Tensor) -> Tensor:
+        """The conv over [past | chunk] (x) as one 2-D conv over frames whose channels are the 3 time taps'."""
+        b, c, t_in, h, w = x.shape
+        t = t_in - 2
+        stacked = torch.zeros((b, t, h, w, FOLD_CHANNELS), dtype=x.dtype, device=x.device)
+        for k in range(3):
+            stacked[..., k * c : (k + 1) * c].copy_(x[:, :, k : k + t].permute(0, 2, 3, 4, 1))
+        # [out, c, kt, kh, kw] -> [out, kt*c (tap-major, as stacked), kh, kw], zero-padded
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, 3 * c, *self.kernel_size[1:])
+        weight = F.pad(weight, (0, 0, 0, 0, 0, FOLD_CHANNELS - 3 * c)).contiguous(memory_format=torch.channels_last)
+        images = stacked.view(b * t, h, w, FOLD_CHANNELS).permute(0, 3, 1, 2)
+        return images_as_frames(F.conv2d(images, weight, self.bias, padding=self.padding[1:]), b)
 
 
 class ResidualBlock(nn.Module):
@@ -190,6 +299,10 @@ class Resample(nn.Module):
         elif mode == "downsample3d":
             self.time_conv = nn.Conv3d(dim, dim, (3, 1, 1), stride=(2, 1, 1))
         self.down_slot: int | None = None  # downsample3d's one-frame memory, set by the owner
+        # Set by `use_narrow_forms`: the stride-2 downsampling conv as a 2-D conv over the frames. cuDNN
+        # ran LightVAE's 24-channel full-resolution one as a 3-D conv in 2.07 ms, as 2-D in 0.51 (H100,
+        # next64-h100/hdmap-conv-forms.json; at 48 channels the 2-D form was slower: 1.38 vs 0.96).
+        self.spatial_as_2d = False
 
     def _spatial(self, x: Tensor) -> Tensor:
         conv = self.resample[1]
@@ -203,6 +316,9 @@ class Resample(nn.Module):
             return F.conv3d(x, weight, conv.bias, padding=(0, 1, 1))
         # Zero-pad right and bottom only, then a stride-2 valid conv.
         x = F.pad(x, (0, 1, 0, 1))
+        if self.spatial_as_2d:
+            w2 = conv.weight.contiguous(memory_format=torch.channels_last)
+            return images_as_frames(F.conv2d(frames_as_images(x), w2, conv.bias, stride=2), x.shape[0])
         return F.conv3d(x, weight, conv.bias, stride=(1, 2, 2))
 
     def _time_double(self, x: Tensor, caches: Caches | None) -> Tensor:
@@ -237,6 +353,47 @@ class Resample(nn.Module):
             head, body = None, cat_frames(last, x)
         out = self.time_conv(body) if body.shape[2] >= 3 else body[:, :, :0]
         return out if head is None else torch.cat([head, out], 2)
+
+
+def use_narrow_forms(module: nn.Module) -> int:
+    """Give the few-channel convs of `module` the forms cuDNN runs fastest (same sums, see
+    `CausalConv3d.narrow_form` and `Resample.spatial_as_2d`): 3x3x3 causal convs of <= 5 input channels
+    fold their time taps into channels, those of fewer than NARROW_PAD pad their channels, and stride-2
+    downsampling convs of fewer than NARROW_PAD channels run as 2-D convs. Returns the layers changed."""
+    count = 0
+    for sub in module.modules():
+        if isinstance(sub, CausalConv3d) and _narrow_form_of(sub):
+            sub.narrow_form = _narrow_form_of(sub)
+            count += 1
+        elif isinstance(sub, nn.Sequential):
+            _defer_norms_into_padded_convs(sub)
+        elif isinstance(sub, Resample) and sub.mode.startswith("down") and sub.resample[1].in_channels < NARROW_PAD:
+            sub.spatial_as_2d = True
+            count += 1
+    return count
+
+
+def _narrow_form_of(conv: nn.Module) -> str | None:
+    """The narrow form `use_narrow_forms` gives a conv, if any."""
+    if not isinstance(conv, CausalConv3d) or conv.kernel_size != (3, 3, 3) or conv.in_channels >= NARROW_PAD:
+        return None
+    return "fold" if 3 * conv.in_channels <= FOLD_CHANNELS else "pad"
+
+
+def _defer_norms_into_padded_convs(seq: nn.Sequential) -> None:
+    """A fused RMSNorm whose output goes (through Identity / Dropout only) into a "pad" conv is applied by
+    that conv, so the norm's pass writes the conv's padded input (`RMSNorm.padded`)."""
+    layers = list(seq)
+    for i, layer in enumerate(layers):
+        if not (isinstance(layer, RMSNorm) and layer.fused and layer.gamma.dim() == 4):
+            continue
+        j = i + 1
+        while j < len(layers) and isinstance(layers[j], nn.Identity | nn.Dropout):
+            j += 1
+        conv = layers[j] if j < len(layers) else None
+        if _narrow_form_of(conv) == "pad":
+            layer.deferred = True
+            conv._pre_norm = [layer]
 
 
 def assign_slots(module: nn.Module, first: int = 0) -> int:

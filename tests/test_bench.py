@@ -502,6 +502,24 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
     assert decode["ncdhw, fused norms"]["ms"] > 0 and decode["ncdhw, fused norms"]["rel_l2_vs_ncdhw"] < 1e-5
 
 
+def test_hdmap_conv_forms_bench_smoke(tmp_path):
+    """The suite's hdmap-conv-forms part on the CPU: every recorded conv of the encode, in every form tried,
+    gives that conv's own output, the calls counted add up to the encoder's convs, and the encode with the
+    narrow forms codes the same latents."""
+    out = tmp_path / "forms.json"
+    proc = _bench_smoke("hdmap_conv_forms.py", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    assert sum(row["count"] for row in result["calls"]) == 31  # LightVAE's encoder: 31 conv3d calls a chunk
+    names = {name for row in result["calls"] for name in row["forms"]}
+    assert {"as is", "fold to 16", "cin to 32", "conv2d", "3 conv2d"} <= names
+    for row in result["calls"]:
+        for name, form in row["forms"].items():
+            assert form["ms"] > 0 and form["rel_l2"] < 1e-5, (row["input"], name)
+    assert result["narrow_rel_l2"] < 1e-5 and result["narrow_encode_ms"] > 0
+    assert result["convs_best_ms"] <= result["convs_as_is_ms"]
+
+
 def test_row_chunks_bench_smoke(tmp_path):
     """bench/row_chunks_bench.py on the CPU: both row forms run on the same tensors, their codes agree bit for
     bit, and the chunks recorded are row_chunks' (111 -> 64 + 32 + 16)."""

@@ -123,12 +123,20 @@ def _video(seed: int, frames: int = 8) -> torch.Tensor:
     return torch.rand(1, frames, 3, 64, 96, generator=torch.Generator().manual_seed(seed))
 
 
-def test_hdmap_encoder_streams_like_one_causal_encode():
+@pytest.mark.parametrize("narrow", [False, True])
+def test_hdmap_encoder_streams_like_one_causal_encode(narrow):
     """Chunk 0 codes its last 5 frames, later chunks 8: the streamed latents equal one encode of the whole
-    video (frames 3, 4, ...), so the cached stream is consistent; a reset starts it over."""
+    video (frames 3, 4, ...), so the cached stream is consistent; a reset starts it over. With `narrow`
+    the encoder streams in its CUDA convolution forms (`use_narrow_forms`) against the plain reference."""
     engine = flashdreams.load(preset="omnidreams-sv-tiny", device="cpu", dtype="float32", decoder=None)
     inp = {k: v for k, v in _inputs().items() if k != "hdmap"}
     videos = [_video(i) for i in range(3)]
+    vae = engine.model.graphs["encode_hdmap"].vae
+    whole = torch.cat(videos, dim=1)[:, 3:].permute(0, 2, 1, 3, 4) * 2 - 1  # 21 = 1 + 4*5 frames
+    ref = vae.encode_latent(whole)
+    if narrow:
+        vae.use_narrow_forms()
+        assert any(getattr(m, "narrow_form", None) for m in vae.modules())
     s = engine.session(inputs={**inp, "hdmap_video": videos[0]}, seed=0)
     got = []
     for v in videos:
@@ -136,9 +144,6 @@ def test_hdmap_encoder_streams_like_one_causal_encode():
         s.step()
         got.append(s.buffers["hdmap"].clone())
     assert all(g.shape == LAT for g in got)
-    vae = engine.model.graphs["encode_hdmap"].vae
-    whole = torch.cat(videos, dim=1)[:, 3:].permute(0, 2, 1, 3, 4) * 2 - 1  # 21 = 1 + 4*5 frames
-    ref = vae.encode_latent(whole)
     assert rel_l2(torch.cat(got, dim=2), ref) < 1e-5
     s.reset()
     s.set_input("hdmap_video", videos[0])

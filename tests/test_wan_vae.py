@@ -8,7 +8,7 @@ import torch
 from flashdreams.errors import CheckpointError, InvalidArgumentError
 from flashdreams.models.decoders import build_decoder, init_random_, tiny_decoder
 from flashdreams.models.wan_vae import WAN21_LATENT_MEAN, WanVAE, WanVAEConfig
-from flashdreams.models.wan_vae_blocks import RMSNorm
+from flashdreams.models.wan_vae_blocks import CausalConv3d, Resample, RMSNorm
 from flashdreams.numerics import rel_l2
 from flashdreams.parity.common import fixtures_root, load_fixture
 
@@ -277,6 +277,52 @@ def test_fused_norms_compute_the_same_stream() -> None:
     assert not any(isinstance(m, torch.nn.SiLU) for m in fused.modules())
     assert fused.state_dict().keys() == plain.state_dict().keys()
     _same_stream(plain, fused, "cpu", 1e-5)
+
+
+def test_narrow_forms_compute_the_same_stream() -> None:
+    """`use_narrow_forms`: the few-channel convs padded to 32 channels, the first conv's time taps folded
+    into channels, the stride-2 downsampling as 2-D convs: the same decoded stream, encoding and caches,
+    alone and on top of the channels-last and fused-norm forms (the HD-map encoder's CUDA form)."""
+    plain, last = _plain_and_channels_last("cpu")
+    narrow = WanVAE(plain.config)
+    narrow.load_state_dict(plain.state_dict())
+    narrow.eval().use_narrow_forms()
+    for m in narrow.modules():
+        if isinstance(m, CausalConv3d):  # 1x1 and time-only convs keep their form, as do wide ones
+            full = m.kernel_size == (3, 3, 3)
+            want = None if not full or m.in_channels >= 32 else "fold" if m.in_channels <= 5 else "pad"
+            assert m.narrow_form == want, (m.in_channels, m.kernel_size)
+    forms = {m.narrow_form for m in narrow.modules() if isinstance(m, CausalConv3d)}
+    assert forms == {None, "pad", "fold"} and narrow.encoder.conv1.narrow_form == "fold"
+    assert all(m.spatial_as_2d for m in narrow.modules() if isinstance(m, Resample) and m.mode.startswith("down"))
+    assert narrow.state_dict().keys() == plain.state_dict().keys()
+    _same_stream(plain, narrow, "cpu", 1e-5)
+    last.use_fused_norms().use_narrow_forms()
+    padded = [m for m in last.modules() if isinstance(m, CausalConv3d) and m.narrow_form == "pad"]
+    assert any(m._pre_norm for m in padded)  # their norms write the padded input themselves
+    assert all(m._pre_norm[0].deferred for m in padded if m._pre_norm)
+    _same_stream(plain, last, "cpu", 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_narrow_forms_on_cuda_compute_the_same_stream() -> None:
+    """On cuDNN (the forms' reason to be): the engine's HD-map encoder form against the plain VAE."""
+    plain, last = _plain_and_channels_last("cuda")
+    last.use_fused_norms().use_narrow_forms()
+    _same_stream(plain, last, "cuda", 5e-3)  # TF32 convolutions, different algorithms
+
+
+def test_cat_frames_padded_zeroes_only_the_added_channels() -> None:
+    from flashdreams.models.wan_vae_blocks import cat_frames_padded
+
+    past, x = torch.randn(1, 3, 2, 4, 6), torch.randn(1, 3, 5, 4, 6)
+    out = cat_frames_padded(past, x, 8)
+    assert out.shape == (1, 8, 7, 4, 6) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    assert torch.equal(out[:, :3], torch.cat([past, x], dim=2))
+    assert torch.count_nonzero(out[:, 3:]) == 0
+    whole = cat_frames_padded(None, x, 8)  # no cache: the past is 2 frames of zeros
+    assert torch.count_nonzero(whole[:, :, :2]) == 0 and torch.equal(whole[:, :3, 2:], x)
 
 
 def _fused_norms(vae: WanVAE) -> list[bool]:

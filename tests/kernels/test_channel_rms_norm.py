@@ -15,7 +15,12 @@ from torch import nn  # noqa: E402
 from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import triton_available  # noqa: E402
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
-from flashdreams.kernels.channel_rms_norm import channel_rms_norm, channel_rms_norm_reference  # noqa: E402
+from flashdreams.kernels.channel_rms_norm import (  # noqa: E402
+    channel_rms_norm,
+    channel_rms_norm_padded,
+    channel_rms_norm_padded_reference,
+    channel_rms_norm_reference,
+)
 from flashdreams.models.wan_vae_blocks import RMSNorm  # noqa: E402
 from flashdreams.numerics import rel_l2  # noqa: E402
 
@@ -59,6 +64,37 @@ def test_strided_views_and_zero_pixels():
     x[:, :, 0, 0, 0] = 0
     y = channel_rms_norm(x, gamma, silu=True)
     assert torch.equal(y[:, :, 0, 0, 0], torch.zeros_like(y[:, :, 0, 0, 0]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("ones", [False, True])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_padded_form_writes_the_norm_after_the_past_and_pads_with_zeros(dtype, ones, channels_last):
+    """A narrow conv's padded input in one pass: frames [past | norm(x)], channels [C real | zeros], channel
+    C one with `ones` (the folded bias's input), channels_last_3d."""
+    x = _video((2, 5, 3, 4, 6), dtype, seed=11, channels_last=channels_last)
+    past = _video((2, 5, 2, 4, 6), dtype, seed=12)
+    gamma = torch.linspace(0.5, 1.5, 5, device=DEVICE)
+    with poisoned_outputs():
+        out = channel_rms_norm_padded(x, gamma, True, past, 8, ones)
+    assert out.shape == (2, 8, 5, 4, 6) and out.is_contiguous(memory_format=torch.channels_last_3d)
+    ref = channel_rms_norm_padded_reference(x, gamma, True, past, 8, ones)
+    assert torch.equal(out[:, :5, :2], past)
+    assert rel_l2(out[:, :5, 2:], channel_rms_norm_reference(x, gamma, True)) < TOL[dtype]
+    assert rel_l2(out, ref) < TOL[dtype]
+    assert torch.equal(out[:, 5], torch.full_like(out[:, 5], float(ones)))
+    assert torch.count_nonzero(out[:, 6:]) == 0
+
+
+def test_padded_form_refuses_what_does_not_fit():
+    x = _video((1, 8, 2, 3, 4), torch.float32, seed=4)
+    gamma, past = torch.ones(8, device=DEVICE), torch.zeros(1, 8, 2, 3, 4, device=DEVICE)
+    with pytest.raises(InvalidArgumentError, match="channels"):
+        channel_rms_norm_padded(x, gamma, True, past, 8, ones=True)
+    with pytest.raises(InvalidArgumentError, match="past"):
+        channel_rms_norm_padded(x, gamma, True, past[:, :4], 16)
+    with pytest.raises(InvalidArgumentError, match="gamma"):
+        channel_rms_norm_padded(x, gamma[:7], True, past, 16)
 
 
 def test_bad_arguments_name_the_argument():

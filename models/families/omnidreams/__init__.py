@@ -74,7 +74,9 @@ class OmniDreamsFamily(Family):
             return vae
         # channels_last_3d and RMSNorm + SiLU in one pass: the 8-frame encode at 704x1280 took 43.8
         # ms instead of 51.7 (channels-last only) and 63.7 (neither): next12-h200/hdmap-encoder.json.
-        return vae.use_channels_last().use_fused_norms()
+        # The narrow forms give cuDNN 32-channel inputs and 2-D convs where the width-24 layers ran
+        # slow kernels (next64-h100/hdmap-conv-forms.json).
+        return vae.use_channels_last().use_fused_norms().use_narrow_forms()
 
     def load(self, preset: Preset, opts: LoadOptions, weights: Mapping[str, torch.Tensor] | None = None) -> LoadedModel:
         if opts.batch < 1:
