@@ -135,6 +135,25 @@ def forms(call: dict) -> dict[str, Callable[[], torch.Tensor]]:
     return out
 
 
+def elementwise_ops(fn: Callable[[], object], dev: torch.device, top: int = 24) -> list[dict]:
+    """The copies, fills and adds of one fn() call, grouped by op and input shapes, by device time: which
+    of the encode's passes the kernel profile's `direct_copy` and `add` lines are."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=activities, record_shapes=True) as prof:
+        fn()
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+    keep = ("aten::copy_", "aten::add", "aten::add_", "aten::fill_", "aten::zero_", "aten::cat", "aten::clone")
+    rows = []
+    for e in prof.key_averages(group_by_input_shape=True):
+        if e.key in keep:
+            dev_us = getattr(e, "device_time_total", 0.0) if dev.type == "cuda" else e.self_cpu_time_total
+            rows.append({"op": e.key, "shapes": str(e.input_shapes[:2]), "count": e.count, "device_ms": dev_us / 1e3})
+    return sorted(rows, key=lambda r: -r["device_ms"])[:top]
+
+
 def main() -> None:
     args, dev, ms = micro_bench_setup(__doc__, default_reps=5)
     dtype = torch.float32 if args.smoke else torch.bfloat16
@@ -184,17 +203,30 @@ def main() -> None:
                 + f"  -> best {best[0]}"
             )
             del call["x"]
-        # The encoder as the engine now builds it (`use_narrow_forms`), same weights, caches and video.
+        # The encoder as the engine now builds it (`use_narrow_forms`), same weights, caches and video; both
+        # forms also against a float32 encode of the same video by the plain encoder (which is nearer).
         before = encode()
+        fp32 = WanVAE(LIGHTVAE, parts=("encoder",)).to(dev).eval()
+        fp32.load_state_dict(vae.state_dict())
+        tf32, torch.backends.cudnn.allow_tf32 = torch.backends.cudnn.allow_tf32, False  # full float32 convs
+        ref32 = fp32.encoder(video.float(), [t.float() for t in cache_templates(fp32, 1, height, width)])
+        torch.backends.cudnn.allow_tf32 = tf32
+        del fp32
         vae.use_narrow_forms()
+        templates[:] = cache_templates(vae, 1, height, width)  # the padded caches the engine's state holds
         result["narrow_encode_ms"] = ms(encode)
         result["narrow_encode_profile"], after = profile_call(encode, dev)
         result["narrow_rel_l2"] = rel_l2(after.float(), before.float())
+        result["rel_l2_vs_fp32"] = {"before": rel_l2(before.float(), ref32), "narrow": rel_l2(after.float(), ref32)}
+        print("against a float32 encode:", json.dumps(result["rel_l2_vs_fp32"]))
         print(
             f"encode with narrow forms {result['narrow_encode_ms']:.2f} ms (was {result['encode_ms']:.2f}), "
             f"rel. L2 {result['narrow_rel_l2']:.1e}; profile:",
             json.dumps(result["narrow_encode_profile"]["categories"]),
         )
+        result["narrow_ops"] = elementwise_ops(encode, dev)
+        for row in result["narrow_ops"][:16]:
+            print(f"  {row['device_ms']:7.3f} ms {row['count']:3d}x {row['op']} {row['shapes']}")
     total = sum(r["count"] * r["forms"]["as is"]["ms"] for r in result["calls"])
     best_total = sum(r["count"] * min(f["ms"] for f in r["forms"].values()) for r in result["calls"])
     result["convs_as_is_ms"], result["convs_best_ms"] = total, best_total

@@ -101,6 +101,9 @@ def _channel_rms_norm_padded_op(
     tp = past.shape[2]
     out = torch.empty((b, channels, tp + t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d)
     _launch(x, gamma, silu, out[:, :, tp:], ones)
+    if past.shape[1] == channels:  # already padded (a padded cache): one block copy
+        out[:, :, :tp].copy_(past)
+        return out
     out[:, :c, :tp].copy_(past)
     out[:, c:, :tp].zero_()
     if ones:
@@ -137,15 +140,16 @@ def channel_rms_norm_padded(
     """[past | channel_rms_norm(x)] along time in a new channels_last_3d buffer of `channels` >= C channels,
     those past C zero (channel C one with `ones`): a narrow causal conv's padded input
     (`models/wan_vae_blocks.py`, `CausalConv3d.narrow_form`) written by the norm's own pass instead of a
-    norm pass and then a strided copy into the padded buffer. `past` is [B, C, t, H, W] (already normed)."""
+    norm pass and then a strided copy into the padded buffer. `past` is [B, C, t, H, W] (already normed), or
+    [B, channels, t, H, W] already padded (then copied whole)."""
     check_tensor("x", x, ndim=5, dtypes=FLOAT_DTYPES)
     check_tensor("gamma", gamma, dtypes=FLOAT_DTYPES, device=x.device)
     check_tensor("past", past, ndim=5, dtypes=(x.dtype,), device=x.device)
     b, c, _, h, w = x.shape
     if gamma.numel() != c:
         raise InvalidArgumentError(f"gamma: expected {c} elements (x's channels), found {gamma.numel()}")
-    if past.shape[:2] != (b, c) or past.shape[3:] != (h, w):
-        raise InvalidArgumentError(f"past: expected [{b}, {c}, t, {h}, {w}], found {list(past.shape)}")
+    if past.shape[0] != b or past.shape[1] not in (c, channels) or past.shape[3:] != (h, w):
+        raise InvalidArgumentError(f"past: expected [{b}, {c} or {channels}, t, {h}, {w}], found {list(past.shape)}")
     if channels < c + int(ones):
         extra = " and a ones channel" if ones else ""
         raise InvalidArgumentError(f"channels: {channels} cannot hold x's {c}{extra}")
@@ -164,7 +168,10 @@ def channel_rms_norm_padded_reference(
     out = torch.zeros(
         (y.shape[0], channels, past.shape[2] + y.shape[2], *y.shape[3:]), dtype=y.dtype, device=y.device
     ).contiguous(memory_format=torch.channels_last_3d)
-    out[:, : y.shape[1]] = torch.cat([past, y], dim=2)
+    out[:, : y.shape[1], past.shape[2] :] = y
     if ones:
-        out[:, y.shape[1]] = 1.0
+        out[:, y.shape[1], past.shape[2] :] = 1.0
+    out[:, : past.shape[1], : past.shape[2]] = past
+    if ones and past.shape[1] < channels:
+        out[:, y.shape[1], : past.shape[2]] = 1.0
     return out

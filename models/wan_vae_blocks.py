@@ -49,7 +49,8 @@ def cat_frames(past: Tensor, x: Tensor) -> Tensor:
 def cat_frames_padded(past: Tensor | None, x: Tensor, channels: int, ones: bool = False) -> Tensor:
     """[past | x] along time (zeros for a None past of CACHE_T frames) in a new NDHWC buffer of `channels`
     channels, those past x's own zero but channel C one with `ones` (a folded bias's input): a narrow
-    conv's input as cuDNN runs it fastest (see `CausalConv3d.narrow_form`)."""
+    conv's input as cuDNN runs it fastest (see `CausalConv3d.narrow_form`). A past of `channels`
+    channels (a padded cache) is copied whole."""
     b, c, t, h, w = x.shape
     t_past = CACHE_T if past is None else past.shape[2]
     out = torch.empty(
@@ -60,6 +61,8 @@ def cat_frames_padded(past: Tensor | None, x: Tensor, channels: int, ones: bool 
         out[:, c].fill_(1.0)
     if past is None:
         out[:, :c, :t_past].zero_()
+    elif past.shape[1] == channels:  # a padded cache (`CausalConv3d`): its frames as they were, one block
+        out[:, :, :t_past].copy_(past)
     else:
         out[:, :c, :t_past].copy_(past)
     out[:, :c, t_past:].copy_(x)
@@ -183,18 +186,22 @@ class CausalConv3d(nn.Conv3d):
         if caches is not None:
             cache = caches[self.slot]
             if cache is None:
-                cache = caches[self.slot] = x.new_zeros(x.shape[:2] + (CACHE_T,) + x.shape[3:])
+                cache = caches[self.slot] = self._new_cache(x)
+        ndhwc_cache = cache is not None and _is_ndhwc_cache(cache, x)
+        past = cache.permute(0, 4, 1, 2, 3) if ndhwc_cache else cache  # [B, C (or NARROW_PAD), 2, H, W]
         if self.narrow_form == "pad":
             ones = self.bias is not None
             if self._pre_norm:
-                x = self._pre_norm[0].padded(x, cache, NARROW_PAD, ones)
+                x = self._pre_norm[0].padded(x, past, NARROW_PAD, ones)
             else:
-                x = cat_frames_padded(cache, x, NARROW_PAD, ones)
+                x = cat_frames_padded(past, x, NARROW_PAD, ones)
         elif cache is None:  # whole stream at once: the past is zeros
             x = F.pad(x, (0, 0, 0, 0, self.kernel_size[0] - 1, 0))
         else:
-            x = cat_frames(cache, x)
-        if cache is not None:
+            x = cat_frames(past, x)
+        if ndhwc_cache:  # the input's last 2 frames: one contiguous block of the NDHWC buffer
+            cache.copy_(x[:, : cache.shape[4], -CACHE_T:].permute(0, 2, 3, 4, 1))
+        elif cache is not None:
             # The cache is always the last 2 frames of this conv's own input stream (zeros before it).
             cache.copy_(x[:, : self.in_channels, -CACHE_T:])
         if self.narrow_form == "pad":
@@ -202,6 +209,19 @@ class CausalConv3d(nn.Conv3d):
         if self.narrow_form == "fold":
             return self._folded(x)
         return super().forward(x)
+
+    def _new_cache(self, x: Tensor) -> Tensor:
+        """Zeros for a stream's first call, in the layout of the conv's input: [B, C, 2, H, W] for NCDHW
+        activations; for NDHWC ones [B, 2, H, W, C] (a "pad" conv: [B, 2, H, W, NARROW_PAD]), the input's
+        frames as they lie in memory. Such a cache is copied to and from the input buffer as one
+        contiguous block, where an NCDHW cache meets NDHWC activations in a transposing copy (12 of
+        them took 4.6 ms of the HD-map encode, next68-h100)."""
+        b, c, _, h, w = x.shape
+        channels = NARROW_PAD if self.narrow_form == "pad" else c
+        ndhwc = self.narrow_form == "pad" or (x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1)
+        if ndhwc and (b, CACHE_T, h, w, channels) != (b, c, CACHE_T, h, w):
+            return x.new_zeros((b, CACHE_T, h, w, channels))
+        return x.new_zeros((b, c, CACHE_T, h, w))
 
     def _padded_weight(self) -> Tensor:
         """The weight over NARROW_PAD input channels: zeros past in_channels, the bias on channel C's
@@ -223,11 +243,29 @@ class CausalConv3d(nn.Conv3d):
         stacked = torch.zeros((b, t, h, w, FOLD_CHANNELS), dtype=x.dtype, device=x.device)
         for k in range(3):
             stacked[..., k * c : (k + 1) * c].copy_(x[:, :, k : k + t].permute(0, 2, 3, 4, 1))
-        # [out, c, kt, kh, kw] -> [out, kt*c (tap-major, as stacked), kh, kw], zero-padded
-        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, 3 * c, *self.kernel_size[1:])
-        weight = F.pad(weight, (0, 0, 0, 0, 0, FOLD_CHANNELS - 3 * c)).contiguous(memory_format=torch.channels_last)
+        # [out, c, kt, kh, kw] -> [out, kt*c (tap-major, as stacked), kh, kw], zero-padded; as in "pad",
+        # the bias rides on a ones channel (3c), at the centre tap (no broadcast add after the conv)
+        kh, kw = self.kernel_size[1:]
+        weight = self.weight.permute(0, 2, 1, 3, 4).reshape(self.out_channels, 3 * c, kh, kw)
+        if self.bias is not None:
+            stacked[..., 3 * c].fill_(1.0)
+            centre = (kw // 2, kw - 1 - kw // 2, kh // 2, kh - 1 - kh // 2)
+            weight = torch.cat([weight, F.pad(self.bias.view(-1, 1, 1, 1), centre)], dim=1)
+        weight = F.pad(weight, (0, 0, 0, 0, 0, FOLD_CHANNELS - weight.shape[1]))
+        weight = weight.contiguous(memory_format=torch.channels_last)
         images = stacked.view(b * t, h, w, FOLD_CHANNELS).permute(0, 3, 1, 2)
-        return images_as_frames(F.conv2d(images, weight, self.bias, padding=self.padding[1:]), b)
+        return images_as_frames(F.conv2d(images, weight, None, padding=self.padding[1:]), b)
+
+
+def _is_ndhwc_cache(cache: Tensor, x: Tensor) -> bool:
+    """Whether a conv's cache is in the NDHWC form [B, 2, H, W, C or NARROW_PAD] (`CausalConv3d._new_cache`)
+    rather than [B, C, 2, H, W]. Both readings fit only a 2x2 image of 2 channels, which `_new_cache`
+    keeps NCDHW."""
+    b, c, _, h, w = x.shape
+    shape = tuple(cache.shape)
+    if len(shape) != 5 or shape[:4] != (b, CACHE_T, h, w) or shape[4] not in (c, NARROW_PAD):
+        return False
+    return shape != (b, c, CACHE_T, h, w)
 
 
 class ResidualBlock(nn.Module):
@@ -377,7 +415,7 @@ def _narrow_form_of(conv: nn.Module) -> str | None:
     """The narrow form `use_narrow_forms` gives a conv, if any."""
     if not isinstance(conv, CausalConv3d) or conv.kernel_size != (3, 3, 3) or conv.in_channels >= NARROW_PAD:
         return None
-    return "fold" if 3 * conv.in_channels <= FOLD_CHANNELS else "pad"
+    return "fold" if 3 * conv.in_channels < FOLD_CHANNELS else "pad"  # fold: the 3 taps and a ones channel
 
 
 def _defer_norms_into_padded_convs(seq: nn.Sequential) -> None:

@@ -517,6 +517,7 @@ def test_hdmap_conv_forms_bench_smoke(tmp_path):
         for name, form in row["forms"].items():
             assert form["ms"] > 0 and form["rel_l2"] < 1e-5, (row["input"], name)
     assert result["narrow_rel_l2"] < 1e-5 and result["narrow_encode_ms"] > 0
+    assert set(result["rel_l2_vs_fp32"]) == {"before", "narrow"} and max(result["rel_l2_vs_fp32"].values()) < 1e-5
     assert result["convs_best_ms"] <= result["convs_as_is_ms"]
 
 

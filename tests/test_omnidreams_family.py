@@ -18,6 +18,7 @@ from flashdreams.models.families.omnidreams.plan import build_plan
 from flashdreams.models.families.omnidreams.presets import TINY_OMNIDREAMS
 from flashdreams.models.family import BlockPlan
 from flashdreams.models.random_init import init_random_
+from flashdreams.models.wan_vae import WanVAE
 from flashdreams.parity import rel_l2
 
 TINY = "omnidreams-sv-tiny-latent"
@@ -124,20 +125,30 @@ def _video(seed: int, frames: int = 8) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("narrow", [False, True])
-def test_hdmap_encoder_streams_like_one_causal_encode(narrow):
+def test_hdmap_encoder_streams_like_one_causal_encode(narrow, monkeypatch):
     """Chunk 0 codes its last 5 frames, later chunks 8: the streamed latents equal one encode of the whole
     video (frames 3, 4, ...), so the cached stream is consistent; a reset starts it over. With `narrow`
-    the encoder streams in its CUDA convolution forms (`use_narrow_forms`) against the plain reference."""
+    the engine's encoder is built in its CUDA convolution forms (`use_narrow_forms`: padded caches in the
+    session state among them) and streams against the plain encoder's reference."""
+    if narrow:
+        build = type(FAMILY).build_hdmap_encoder
+        monkeypatch.setattr(
+            type(FAMILY), "build_hdmap_encoder", lambda self, *a, **k: build(self, *a, **k).use_narrow_forms()
+        )
     engine = flashdreams.load(preset="omnidreams-sv-tiny", device="cpu", dtype="float32", decoder=None)
     inp = {k: v for k, v in _inputs().items() if k != "hdmap"}
     videos = [_video(i) for i in range(3)]
     vae = engine.model.graphs["encode_hdmap"].vae
+    plain = WanVAE(vae.config, parts=("encoder",)).eval()
+    plain.load_state_dict(vae.state_dict())
     whole = torch.cat(videos, dim=1)[:, 3:].permute(0, 2, 1, 3, 4) * 2 - 1  # 21 = 1 + 4*5 frames
-    ref = vae.encode_latent(whole)
-    if narrow:
-        vae.use_narrow_forms()
-        assert any(getattr(m, "narrow_form", None) for m in vae.modules())
+    ref = plain.encode_latent(whole)
+    forms = {getattr(m, "narrow_form", None) for m in vae.modules()}
+    assert forms >= ({None, "pad", "fold"} if narrow else {None}) and (narrow or forms == {None})
     s = engine.session(inputs={**inp, "hdmap_video": videos[0]}, seed=0)
+    caches = [t for n, t in s.buffers.items() if n.startswith("hdmap_enc_")]
+    padded = [t for t in caches if t.dim() == 5 and t.shape[1] == 2 and t.shape[-1] == 32]  # [B, 2, H, W, 32]
+    assert caches and bool(padded) == narrow
     got = []
     for v in videos:
         s.set_input("hdmap_video", v)

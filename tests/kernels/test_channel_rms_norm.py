@@ -86,6 +86,16 @@ def test_padded_form_writes_the_norm_after_the_past_and_pads_with_zeros(dtype, o
     assert torch.count_nonzero(out[:, 6:]) == 0
 
 
+def test_padded_form_copies_a_padded_past_whole():
+    """A past of `channels` channels (a narrow conv's padded cache, its ones and zeros included) lands as it is."""
+    x = _video((1, 5, 3, 4, 6), torch.float32, seed=13, channels_last=True)
+    past = _video((1, 8, 2, 4, 6), torch.float32, seed=14, channels_last=True)
+    gamma = torch.linspace(0.5, 1.5, 5, device=DEVICE)
+    out = channel_rms_norm_padded(x, gamma, False, past, 8, ones=True)
+    assert torch.equal(out[:, :, :2], past)
+    assert rel_l2(out, channel_rms_norm_padded_reference(x, gamma, False, past, 8, ones=True)) < 1e-6
+
+
 def test_padded_form_refuses_what_does_not_fit():
     x = _video((1, 8, 2, 3, 4), torch.float32, seed=4)
     gamma, past = torch.ones(8, device=DEVICE), torch.zeros(1, 8, 2, 3, 4, device=DEVICE)
