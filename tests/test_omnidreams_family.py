@@ -162,6 +162,32 @@ def test_hdmap_encoder_streams_like_one_causal_encode(narrow, monkeypatch):
     assert torch.equal(s.buffers["hdmap"], got[0])
 
 
+def test_cuda_form_hdmap_encoder_exports_as_it_runs(monkeypatch):
+    """fd-build's trace (torch.export) of the HD-map encode step in its CUDA form (channels-last, fused norms
+    with the padded-norm op, narrow convs, layout-following caches), here on the CPU under the interpreter:
+    the exported program computes the eager step's latent and leaves the same caches."""
+    from flashdreams.export.backends.inductor import export_program
+    from flashdreams.export.steps import step_program
+
+    build = type(FAMILY).build_hdmap_encoder
+    cuda_form = lambda self, *a, **k: build(self, *a, **k).use_channels_last().use_fused_norms().use_narrow_forms()  # noqa: E731
+    monkeypatch.setattr(type(FAMILY), "build_hdmap_encoder", cuda_form)
+    engine = flashdreams.load(preset="omnidreams-sv-tiny", device="cpu", dtype="float32", decoder=None)
+    vae = engine.model.graphs["encode_hdmap"].vae
+    assert any(m._pre_norm for m in vae.modules() if getattr(m, "narrow_form", None) == "pad")
+    prog = step_program(engine.model, "encode_hdmap")
+    inputs = prog.fresh_inputs()
+    ep = export_program(prog)
+    assert "channel_rms_norm_padded" in str(ep.graph)  # the norms write the padded conv inputs
+    outs = ep.module()(*inputs)
+    outs = outs if isinstance(outs, tuple) else (outs,)
+    assert rel_l2(outs[0], prog.reference_outputs[0]) < 1e-5
+    names = [spec.name for spec in prog.inputs]
+    assert prog.reference_state
+    for name, ref in prog.reference_state.items():
+        assert rel_l2(inputs[names.index(name)], ref) < 1e-5, name
+
+
 def test_released_pt_layout_converts_and_loads(tmp_path):
     """A `.pt` like the release's (`net.` prefix, training counters) goes through fd-convert and loads."""
     from flashdreams.convert import convert_checkpoint
