@@ -1,4 +1,4 @@
-"""Where OmniDreams' HD-map encode spends its 49 ms, and whether other forms of its convolutions are faster.
+"""Where OmniDreams' HD-map encode spends its time, and whether other forms of its convolutions are faster.
 
 The LightVAE encoder (the Wan2.1 VAE at width 24) codes a steady chunk of 8 frames at 704x1280 inside
 the block program, before the first DiT forward, so all of it delays the chunk's frames (issue 16's
@@ -20,11 +20,12 @@ the forms below, each checked against the call's own output:
                      would hand it), as is and in the 2-D forms.
 
 Calls of the same shapes (a resblock's twins) are timed once and counted. (next63-h100 showed cuDNN's
-algorithm search changing nothing, so it is not tried.)
+algorithm search changing nothing, so it is not tried.) Before that it profiles one whole encode by kernel
+category, so the convs' share is known beside the norms and copies.
 
-and profiles one whole encode by kernel category, so the convs' share is known beside the norms and copies.
 Last, the encode again with `use_narrow_forms` (what the engine builds since next64: the padded, folded and
-2-D forms where they won), timed, profiled and compared with the first encode.
+2-D forms where they won, with the caches the engine's state then holds), timed, profiled, its copies,
+fills and adds listed by input shape, and compared with the first encode and with a float32 encode.
 
     python bench/hdmap_conv_forms.py --out conv_forms.json               # GPU: ~40 s
     python bench/hdmap_conv_forms.py --smoke --out /tmp/conv_forms.json  # CPU, tiny frames

@@ -165,8 +165,6 @@ class CausalConv3d(nn.Conv3d):
         generic fallback kernel (3.5 ms), in 2.2 ms, the stacking copy included (same file).
     """
 
-    NARROW_FORMS = (None, "pad", "fold")
-
     def __init__(self, in_ch: int, out_ch: int, kernel: int | tuple[int, int, int], spatial_pad: int = 0):
         super().__init__(in_ch, out_ch, kernel, padding=(0, spatial_pad, spatial_pad))
         self.slot: int | None = None
