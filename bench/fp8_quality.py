@@ -6,8 +6,8 @@ Self-Forcing 1.3B with random weights (the same weights for both), bf16 with our
 Triton kernels vs precision fp8, the same prompt and the same noise draws (sessions of one
 seed draw the same noise: the generator is seeded by (seed, block)), 7 blocks: rel. L2 of each
 block's latents, and PSNR of the TAEHV-decoded frames (bf16 frames as the reference). Random
-weights make the picture meaningless but the numerical cost real. Targets (issue 22): latents
-rel. L2 <= 3% over the 7 blocks, frames >= 38 dB.
+weights make the picture meaningless but the numerical cost real. Targets (issue 22, Self-Forcing only:
+other families get `meets_targets: null`): latents rel. L2 <= 3% over the 7 blocks, frames >= 38 dB.
 
     python bench/fp8_quality.py --out fp8-quality.json             # GPU, full size
     python bench/fp8_quality.py --preset lingbot-world-fast-stream --decoder preset --out lingbot-fp8-quality.json
@@ -27,6 +27,16 @@ import torch
 import flashdreams
 from flashdreams.benchmark.environment import environment
 from flashdreams.numerics import psnr, rel_l2
+
+
+def judge(family: str, latents_rel_l2: float, frames_psnr_db: float | None) -> tuple[bool | None, str]:
+    """(meets the targets, the words printed). The targets are issue 22's, for Self-Forcing (the causal_wan
+    family); the other families' issues ask for the quality to be measured, so they get no verdict (None)
+    rather than a bar that is not theirs."""
+    if family != "causal_wan":
+        return None, "measured; issue 22's Self-Forcing targets are not this family's bar"
+    meets = latents_rel_l2 <= 0.03 and (frames_psnr_db is None or frames_psnr_db >= 38.0)
+    return meets, f"Self-Forcing targets <= 0.03, >= 38 dB: {'met' if meets else 'NOT met'}"
 
 
 def rollout(engine, blocks: int, seed: int):
@@ -116,11 +126,11 @@ def main() -> None:
             "generic": {str(k): str(v) for k, v in FP8_CUDA_CONFIGS.items()},
             "per_capability": {str(c): {str(k): str(v) for k, v in t.items()} for c, t in FP8_ARCH_CONFIGS.items()},
         },
-        "targets": {"latents_rel_l2_all_max": 0.03, "frames_psnr_db_all_min": 38.0},
+        "targets": {"latents_rel_l2_all_max": 0.03, "frames_psnr_db_all_min": 38.0, "of": "issue 22, Self-Forcing"},
         **default,
     }
-    res["meets_targets"] = res["latents_rel_l2_all"] <= 0.03 and (
-        res["frames_psnr_db_all"] is None or res["frames_psnr_db_all"] >= 38.0
+    res["meets_targets"], verdict = judge(
+        flashdreams.get_preset(a.preset).family, res["latents_rel_l2_all"], res["frames_psnr_db_all"]
     )
     res["variants"] = variants
     with open(a.out, "w") as f:
@@ -128,10 +138,8 @@ def main() -> None:
     print("fp8 vs bf16 latents rel L2 per block:", " ".join(f"{x:.3f}" for x in res["latents_rel_l2_per_block"]))
     print("fp8 vs bf16 frames PSNR dB per block:", " ".join(f"{x:.1f}" for x in res["frames_psnr_db_per_block"]))
     db = res["frames_psnr_db_all"]
-    print(
-        f"all: rel L2 {res['latents_rel_l2_all']:.4f}, PSNR {'-' if db is None else f'{db:.2f}'} dB "
-        f"(targets <= 0.03, >= 38 dB: {'met' if res['meets_targets'] else 'NOT met'}) -> {a.out}"
-    )
+    shown = "-" if db is None else f"{db:.2f}"
+    print(f"all: rel L2 {res['latents_rel_l2_all']:.4f}, PSNR {shown} dB ({verdict}) -> {a.out}")
     for v in variants:
         db = v["frames_psnr_db_all"]
         shown = "-" if db is None else f"{db:.2f}"
