@@ -79,6 +79,7 @@ cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in on
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
+taehv-upsample|90|issues 22, 16: TAEHV's nearest 2x upsampling as torch's NHWC kernel vs a broadcast copy (models/taehv.UPSAMPLE_AS_COPY): steady streaming decode at Self-Forcing's 480x832 and OmniDreams' 704x1280 with either form (alternated, frames bit-equal checked) and the upsampling alone (bench/taehv_upsample_bench.py)
 hdmap-conv-forms|150|issue 16: every conv of OmniDreams' HD-map encode (LightVAE, steady 8-frame chunk, 704x1280, the engine's NDHWC + fused norms) timed as it runs and in other forms (cuDNN search, NDHWC input, 2-D conv over frames, three 2-D convs, time taps folded into channels, padded channels), each checked against its own output; the whole encode profiled by kernel kind (bench/hdmap_conv_forms.py)
 hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
 fa4-tests|90|issue 22 (the *fa4 parts need flash-attn-4 installed: bench/fa4_wheels.sh): FlashAttention-4 on CUDA: the KV-ring form against its twin at several ring lengths with NaN past the length and inside a CUDA graph with the length changed between replays; the block-sparse form against its twin
@@ -686,6 +687,14 @@ part_attn-splits() {
     py "$1" "$REPO/bench/attention_splits_bench.py" --smoke --out "$DEST/attn-splits.json"
   else
     py "$1" "$REPO/bench/attention_splits_bench.py" --out "$DEST/attn-splits.json"
+  fi
+}
+
+part_taehv-upsample() {
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/taehv_upsample_bench.py" --smoke --out "$DEST/taehv-upsample.json"
+  else
+    py "$1" "$REPO/bench/taehv_upsample_bench.py" --out "$DEST/taehv-upsample.json"
   fi
 }
 

@@ -521,6 +521,20 @@ def test_hdmap_conv_forms_bench_smoke(tmp_path):
     assert result["convs_best_ms"] <= result["convs_as_is_ms"]
 
 
+def test_taehv_upsample_bench_smoke(tmp_path):
+    """The suite's taehv-upsample part on the CPU: both upsampling forms decode bit-equal frames and upsample
+    alike; each form's time is measured."""
+    out = tmp_path / "up.json"
+    proc = _bench_smoke("taehv_upsample_bench.py", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["workloads"]
+    assert rows
+    for row in rows.values():
+        assert row["frames_equal"] and row["upsample_alone_equal"]
+        assert min(row["decode_ms"]["torch kernel"], row["decode_ms"]["broadcast copy"]) > 0
+        assert row["decode_speedup"] > 0 and min(row["upsample_alone_ms"].values()) > 0
+
+
 def test_row_chunks_bench_smoke(tmp_path):
     """bench/row_chunks_bench.py on the CPU: both row forms run on the same tensors, their codes agree bit for
     bit, and the chunks recorded are row_chunks' (111 -> 64 + 32 + 16)."""

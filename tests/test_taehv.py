@@ -88,6 +88,34 @@ def test_channels_last_activations_stay_channels_last(model: TAEHV) -> None:
     assert all(m.is_contiguous() for m in state.memory)
 
 
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("factor", [1, 2, 3])
+def test_upsample_copy_equals_nn_upsample_and_keeps_the_layout(channels_last: bool, factor: int) -> None:
+    from flashdreams.models.taehv import upsample_nearest
+
+    x = _latents(2, 5, 3, 4, seed=7)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    y = upsample_nearest(x, factor)
+    assert torch.equal(y, torch.nn.Upsample(scale_factor=factor)(x))
+    assert y.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+
+
+def test_decode_with_either_upsample_gives_the_same_frames(model: TAEHV, monkeypatch) -> None:
+    """The decoder's upsampling as a broadcast copy (`UPSAMPLE_AS_COPY`, the default) or torch's kernel:
+    bit-equal frames, NCHW and NHWC."""
+    import copy
+
+    from flashdreams.models import taehv
+
+    latents = _latents(1, 2, 16, 3, 5, seed=9)
+    for m in (model, copy.deepcopy(model).to(memory_format=torch.channels_last)):
+        outs = []
+        for as_copy in (False, True):
+            monkeypatch.setattr(taehv, "UPSAMPLE_AS_COPY", as_copy)
+            outs.append(m.decode_stream(latents, m.new_decode_state(1, 3, 5)))
+        assert torch.equal(outs[0], outs[1])
+
+
 def test_trimmed_stream_drops_only_the_first_three_frames(model: TAEHV) -> None:
     latents = _latents(1, 6, 16, 3, 5, seed=9)
     state = model.new_decode_state(1, 3, 5)
