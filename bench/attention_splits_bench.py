@@ -24,12 +24,11 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
 
 import dataclasses  # noqa: E402
 import importlib  # noqa: E402
-import json  # noqa: E402
 
 import torch  # noqa: E402
 
 from flashdreams.benchmark.environment import environment  # noqa: E402
-from flashdreams.benchmark.micro import micro_bench_setup  # noqa: E402
+from flashdreams.benchmark.micro import micro_bench_setup, write_result  # noqa: E402
 from flashdreams.numerics import rel_l2  # noqa: E402
 
 # name: (query tokens, heads, valid keys = ring capacity) at the model's steady block, d = 128.
@@ -98,8 +97,7 @@ def main() -> None:
             out["prepass"].append({"warps": warps, "error": f"{type(exc).__name__}: {exc}"[:300]})
         finally:
             kvmod.PREPASS_WARPS = before
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    write_result(args.out, out)
     print(f"wrote {args.out}")
 
 

@@ -28,14 +28,13 @@ import sys
 if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imported
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import json  # noqa: E402
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from torch import nn  # noqa: E402
 
 from flashdreams.benchmark.environment import environment  # noqa: E402
-from flashdreams.benchmark.micro import micro_bench_setup  # noqa: E402
+from flashdreams.benchmark.micro import micro_bench_setup, write_result  # noqa: E402
 from flashdreams.numerics import rel_l2  # noqa: E402
 
 # name: (tokens per block, frames per block, dim, ffn dim)
@@ -54,8 +53,7 @@ def main() -> None:
     for name, (L, nf, d, f) in (SMOKE_SHAPES if args.smoke else SHAPES).items():
         rows = measure_shape(name, L, nf, d, f, dev, g, ms)
         results["shapes"][name] = {"tokens": L, "dim": d, "ffn_dim": f, "rows": rows}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(results, indent=1))
+    write_result(args.out, results)
 
 
 @torch.no_grad()

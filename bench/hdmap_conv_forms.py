@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdreams.benchmark.environment import environment
-from flashdreams.benchmark.micro import micro_bench_setup
+from flashdreams.benchmark.micro import micro_bench_setup, write_result
 from flashdreams.benchmark.profile import profile_call
 from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, cache_templates
 from flashdreams.models.wan_vae import WanVAE
@@ -232,8 +232,7 @@ def main() -> None:
     best_total = sum(r["count"] * min(f["ms"] for f in r["forms"].values()) for r in result["calls"])
     result["convs_as_is_ms"], result["convs_best_ms"] = total, best_total
     print(f"encode {result['encode_ms']:.2f} ms; convs as is {total:.2f} ms, each in its best form {best_total:.2f}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

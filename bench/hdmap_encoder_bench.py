@@ -18,12 +18,10 @@ the same weights, caches and video, in one process:
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from flashdreams.benchmark.environment import environment
-from flashdreams.benchmark.micro import micro_bench_setup
+from flashdreams.benchmark.micro import micro_bench_setup, write_result
 from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, cache_templates
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 from flashdreams.numerics import rel_l2
@@ -124,8 +122,7 @@ def main() -> None:
         out["encoders"][name] = measure(cfg, *hw, dev, dtype, ms)
     dec_hw = (32, 48) if args.smoke else (352, 640)
     out["decoder"] = {"height": dec_hw[0], "width": dec_hw[1], "rows": measure_decode(*dec_hw, dev, dtype, ms)}
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    write_result(args.out, out)
 
 
 if __name__ == "__main__":

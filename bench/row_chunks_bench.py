@@ -27,12 +27,11 @@ if "--smoke" in sys.argv:  # the interpreter must be chosen before triton is imp
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import importlib  # noqa: E402
-import json  # noqa: E402
 
 import torch  # noqa: E402
 
 from flashdreams.benchmark.environment import environment  # noqa: E402
-from flashdreams.benchmark.micro import graph_ms, micro_bench_setup  # noqa: E402
+from flashdreams.benchmark.micro import graph_ms, micro_bench_setup, write_result  # noqa: E402
 
 # name: (rows, columns, GELU form or None)
 SHAPES = {
@@ -74,8 +73,7 @@ def main() -> None:
             f"({row['one_tile']['gbps']:5.0f} GB/s), chunked {row['chunked']['ms'] * 1e3:7.1f} us "
             f"({row['chunked']['gbps']:5.0f} GB/s): {row['speedup']:.2f}x, bit-equal {row['bit_equal']}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=1))
+    write_result(args.out, out)
     print(f"wrote {args.out}")
     if not all(r["bit_equal"] for r in out["shapes"].values()):
         raise SystemExit("the chunked rows differ from the one-tile form")

@@ -13,12 +13,10 @@ the frames of both forms compared bit for bit.
 
 from __future__ import annotations
 
-import json
-
 import torch
 
 from flashdreams.benchmark.environment import environment
-from flashdreams.benchmark.micro import micro_bench_setup
+from flashdreams.benchmark.micro import micro_bench_setup, write_result
 from flashdreams.models import taehv
 from flashdreams.models.decoders import random_decoder, tiny_decoder
 
@@ -81,8 +79,7 @@ def main() -> None:
             f" ({row['decode_speedup']:.2f}x), frames equal {row['frames_equal']}; upsample alone "
             f"{a['torch kernel']:.3f} vs {a['broadcast copy']:.3f} ms at {row['upsample_alone_shape']}"
         )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=1))
+    write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ one JSON file; on the GPU machine it runs at full size, with `--smoke` on a CPU 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
@@ -59,3 +60,9 @@ def graph_ms(
         for _ in range(calls):
             fn()
     return ms(graph.replay) / calls
+
+
+def write_result(path: Path, result: dict) -> None:
+    """The script's JSON result at `path` (its folder made)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
