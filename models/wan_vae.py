@@ -261,7 +261,8 @@ class WanVAE(nn.Module):
         """Run the few-channel convolutions (LightVAE's width-24 layers, the 3-channel first conv) in
         the forms cuDNN runs fastest: channels padded to 32, the first conv's time taps folded into
         channels, the stride-2 downsampling as 2-D convs (`wan_vae_blocks.use_narrow_forms`). Same
-        function and state dict; the streaming caches keep their shapes. Returns self."""
+        function and state dict; a padded conv's streaming cache, made on a stream's first call, is
+        [B, 2, H, W, 32] (its padded input's frames) instead of [B, C, 2, H, W]. Returns self."""
         use_narrow_forms(self)
         return self
 

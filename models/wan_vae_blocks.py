@@ -56,15 +56,17 @@ def cat_frames_padded(past: Tensor | None, x: Tensor, channels: int, ones: bool 
     out = torch.empty(
         (b, channels, t_past + t, h, w), dtype=x.dtype, device=x.device, memory_format=torch.channels_last_3d
     )
-    out[:, c:].zero_()
-    if ones:
-        out[:, c].fill_(1.0)
+    pad_from = 0  # the first frame whose added channels are written here
     if past is None:
         out[:, :c, :t_past].zero_()
     elif past.shape[1] == channels:  # a padded cache (`CausalConv3d`): its frames as they were, one block
         out[:, :, :t_past].copy_(past)
+        pad_from = t_past
     else:
         out[:, :c, :t_past].copy_(past)
+    out[:, c:, pad_from:].zero_()
+    if ones:
+        out[:, c, pad_from:].fill_(1.0)
     out[:, :c, t_past:].copy_(x)
     return out
 
@@ -215,11 +217,12 @@ class CausalConv3d(nn.Conv3d):
         contiguous block, where an NCDHW cache meets NDHWC activations in a transposing copy (12 of
         them took 4.6 ms of the HD-map encode, next68-h100)."""
         b, c, _, h, w = x.shape
-        channels = NARROW_PAD if self.narrow_form == "pad" else c
-        ndhwc = self.narrow_form == "pad" or (x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1)
-        if ndhwc and (b, CACHE_T, h, w, channels) != (b, c, CACHE_T, h, w):
-            return x.new_zeros((b, CACHE_T, h, w, channels))
-        return x.new_zeros((b, c, CACHE_T, h, w))
+        shape = None
+        if self.narrow_form == "pad":
+            shape = _ndhwc_cache_shape(x, NARROW_PAD)
+        elif x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1:
+            shape = _ndhwc_cache_shape(x, c)
+        return x.new_zeros(shape or (b, c, CACHE_T, h, w))
 
     def _padded_weight(self) -> Tensor:
         """The weight over NARROW_PAD input channels: zeros past in_channels, the bias on channel C's
@@ -255,15 +258,18 @@ class CausalConv3d(nn.Conv3d):
         return images_as_frames(F.conv2d(images, weight, None, padding=self.padding[1:]), b)
 
 
-def _is_ndhwc_cache(cache: Tensor, x: Tensor) -> bool:
-    """Whether a conv's cache is in the NDHWC form [B, 2, H, W, C or NARROW_PAD] (`CausalConv3d._new_cache`)
-    rather than [B, C, 2, H, W]. Both readings fit only a 2x2 image of 2 channels, which `_new_cache`
-    keeps NCDHW."""
+def _ndhwc_cache_shape(x: Tensor, channels: int) -> tuple[int, ...] | None:
+    """[B, 2, H, W, channels], the NDHWC form of a conv's cache for input x, or None where that shape also
+    reads as the NCDHW [B, C, 2, H, W] (only a 2x2 image of 2 channels): such a cache stays NCDHW."""
     b, c, _, h, w = x.shape
+    shape = (b, CACHE_T, h, w, channels)
+    return None if shape == (b, c, CACHE_T, h, w) else shape
+
+
+def _is_ndhwc_cache(cache: Tensor, x: Tensor) -> bool:
+    """Whether a conv's cache is in the NDHWC form (`_ndhwc_cache_shape`, of C or NARROW_PAD channels)."""
     shape = tuple(cache.shape)
-    if len(shape) != 5 or shape[:4] != (b, CACHE_T, h, w) or shape[4] not in (c, NARROW_PAD):
-        return False
-    return shape != (b, c, CACHE_T, h, w)
+    return len(shape) == 5 and shape[4] in (x.shape[1], NARROW_PAD) and shape == _ndhwc_cache_shape(x, shape[4])
 
 
 class ResidualBlock(nn.Module):
@@ -398,8 +404,9 @@ def use_narrow_forms(module: nn.Module) -> int:
     downsampling convs of fewer than NARROW_PAD channels run as 2-D convs. Returns the layers changed."""
     count = 0
     for sub in module.modules():
-        if isinstance(sub, CausalConv3d) and _narrow_form_of(sub):
-            sub.narrow_form = _narrow_form_of(sub)
+        form = _narrow_form_of(sub)
+        if form is not None:
+            sub.narrow_form = form
             count += 1
         elif isinstance(sub, nn.Sequential):
             _defer_norms_into_padded_convs(sub)
