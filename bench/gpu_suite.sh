@@ -74,6 +74,10 @@ wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) ins
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream and its FP8 ring shadow vs per-call quantization
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
+op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU time (torch profiler over one eager step, ops by shapes and calling frames): OmniDreams 704x1280 FP8 and Self-Forcing 1.3B FP8 (bench/op_sources.py)
+narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared (bench/narrow_conv_bench.py)
+narrow-tests|120|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py)
+row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
@@ -102,7 +106,7 @@ lingbot-fp8-camera|230|issue 15: LingBot-World Fast's camera layers kept in bf16
 lingbot-fp8-fastaccum|270|issue 15: LingBot-World Fast FP8 block 7 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (8 blocks each, block-7 profiles), then the fast-accumulation FP8's quality against bf16 over 7 blocks
 sf-fp8-fastaccum|200|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (7 blocks each, block-5 profiles), then its quality against bf16 over 7 blocks
 hopper-attn-tests|200|issues 22, 15: on an sm_90 GPU, the Gluon FP8 ring attention (kernels/ring_attention_fp8_hopper.py, every form) against the Triton FP8 kernel and exact attention, the FD_FP8_ATTN_KERNEL route and the default, then the FP8 attention tests on CUDA (tests/kernels/test_fp8_attention.py, through the default route)
-sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon), own processes on one machine (7 blocks each, block-5 profiles), then the gluon-psmem FP8 quality against bf16 over 7 blocks
+sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon; FD_SUITE_FP8_KERNELS names others), own processes on one machine (7 blocks each, block-5 profiles), then the FP8 quality against bf16 over 7 blocks of gluon-psmem (or FD_SUITE_FP8_QUALITY_KERNEL)
 lingbot-fp8-gluon|200|issue 15: LingBot-World Fast FP8 block 7 with the FP8 attention on the Gluon kernel (FD_FP8_ATTN_KERNEL=gluon-psmem) and on the Triton kernel, own processes on one machine (8 blocks each, block-7 profiles)
 rolling-fp8-200|200|issue 22 target 4: the bounded cache (sink 1 + window 11) all-FP8 alone, 12 blocks + 200 steady blocks (the bar's 'flat over 200 blocks'), block-11 profile
 hopper-bf16-tests|200|issue 22 target 1: on an sm_90 GPU, the Gluon bf16 ring attention (kernels/ring_attention_hopper.py, every tiling; never run on a GPU before) against our Triton kernel and exact attention, NaN past the ring length, one CUDA graph over changing ring lengths, the FD_RING_ATTN_KERNEL route
@@ -268,6 +272,14 @@ py() {
     return 124
   fi
   (cd "$RUNDIR" && PYTHONPATH="${SITE}${SITE:+:}${PYTHONPATH:-}" timeout -k 10 "$limit" "$PY" "$@")
+}
+
+micro() { # micro LIMIT SCRIPT NAME: a micro-benchmark of bench/ (`benchmark.micro`'s command line) -> $DEST/NAME.json
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/$2" --smoke --out "$DEST/$3.json"
+  else
+    py "$1" "$REPO/bench/$2" --out "$DEST/$3.json"
+  fi
 }
 
 # ----------------------------------------------------------------------------- parts
@@ -706,12 +718,32 @@ part_hdmap-conv-forms() {
   fi
 }
 
-part_row-chunks() {
+part_op-sources() {
+  local rc=0
   if [ $SMOKE = 1 ]; then
-    py "$1" "$REPO/bench/row_chunks_bench.py" --smoke --out "$DEST/row-chunks.json"
+    py "$1" "$REPO/bench/op_sources.py" --smoke --out "$DEST/op-sources.txt" || rc=$?
   else
-    py "$1" "$REPO/bench/row_chunks_bench.py" --out "$DEST/row-chunks.json"
+    py $(($1 / 2)) "$REPO/bench/op_sources.py" --preset omnidreams-sv --out "$DEST/op-sources-omni.txt" || rc=$?
+    py $(($1 / 2)) "$REPO/bench/op_sources.py" --preset self-forcing-1.3b --out "$DEST/op-sources-sf.txt" || rc=$?
   fi
+  return $rc
+}
+
+part_narrow-convs() {
+  micro "$1" narrow_conv_bench.py narrow-convs
+}
+
+part_narrow-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_narrow_conv.py" \
+    "$REPO/tests/test_taehv.py" "$REPO/tests/kernels/test_adaln.py" "$REPO/tests/kernels/test_fp8_linear.py"
+}
+
+part_row-tiles() {
+  micro "$1" row_tiles_bench.py row-tiles
+}
+
+part_row-chunks() {
+  micro "$1" row_chunks_bench.py row-chunks
 }
 
 part_cudnn-bm() {
@@ -1026,8 +1058,10 @@ part_hopper-attn-tests() {
 }
 
 part_sf-fp8-gluon() {
+  # FD_SUITE_FP8_KERNELS: the FD_FP8_ATTN_KERNEL forms to run (default: triton gluon-psmem gluon);
+  # FD_SUITE_FP8_QUALITY_KERNEL: the one whose quality is measured (default gluon-psmem)
   local t0=$(date +%s) rc=0 kernel
-  for kernel in triton gluon-psmem gluon; do
+  for kernel in ${FD_SUITE_FP8_KERNELS:-triton gluon-psmem gluon}; do
     if [ $SMOKE = 1 ]; then
       FD_FP8_ATTN_KERNEL=$kernel fdb_to sf-fp8-$kernel $(($1 / 4)) --preset tiny --attention triton \
         --precision fp8 --decoder none --blocks 2 --rollouts 1 --quick-ceilings || rc=$?
@@ -1036,7 +1070,8 @@ part_sf-fp8-gluon() {
         --profile-block 5 --quick-ceilings || rc=$?
     fi
   done
-  FD_FP8_ATTN_KERNEL=gluon-psmem sf_fp8_quality $(($1 - ($(date +%s) - t0))) sf-fp8-gluon-quality || rc=$?
+  FD_FP8_ATTN_KERNEL=${FD_SUITE_FP8_QUALITY_KERNEL:-gluon-psmem} sf_fp8_quality $(($1 - ($(date +%s) - t0))) \
+    sf-fp8-gluon-quality || rc=$?
   return $rc
 }
 

@@ -129,6 +129,17 @@ def _adaln_kernel(
             tl.store(h_ptrs, h.to(HO.dtype.element_ty), mask=mask)
 
 
+def adaln_tile(row_width: int, rows: int, device: torch.device) -> tuple[int, int]:
+    """(rows a program, warps) of `_adaln_kernel` for rows `row_width` wide (padded): one row and 8 warps from
+    2048 columns on a GPU, else `row_tile`'s. Graph-timed on an H100 (bench/results/next74-h100, row_tiles_bench)
+    the fused residual + norm passes at Self-Forcing's 1536 (2048 padded) columns ran 29.8 -> 24.9 us and
+    27.6 -> 21.7 us with one row instead of row_tile's two, OmniDreams' 2048 48.3 -> 40.9 and 46.5 -> 41.6; the
+    third pass (residual_adaln) was even (+-4%). LingBot's 5120 already got one row and 8 warps."""
+    if device.type == "cuda" and row_width >= 2048:
+        return 1, 8
+    return row_tile(row_width, rows, device)
+
+
 def _launch_rows(
     x: torch.Tensor,
     y: torch.Tensor | None,
@@ -152,7 +163,7 @@ def _launch_rows(
         residual = RESIDUAL_NONE if y is None else RESIDUAL_GATED
     B, L, D = x.shape
     d_pad = next_pow2(D)
-    block_t, num_warps = row_tile(d_pad, L, x.device)
+    block_t, num_warps = adaln_tile(d_pad, L, x.device)
 
     def rows(t: torch.Tensor | None) -> tuple[int, int]:
         return (0, 0) if t is None or t.dim() == 1 else (t.stride(0), t.stride(1))

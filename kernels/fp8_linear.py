@@ -145,10 +145,20 @@ def _quantize_rows_kernel(
     _store_row_scale(amax, SX + r, r < R)
 
 
-# Rows held as power-of-two chunks (row_chunks) rather than one next_pow2(K) tile. None: chunks on a GPU, one
-# tile under the interpreter, where fewer and larger array operations run faster (an FP8 session test took
-# 117 s chunked against 108 s). bench/row_chunks_bench.py and the tests set True / False to run either form.
+# Rows held as power-of-two chunks (row_chunks) rather than one next_pow2(K) tile. None: chunks on a GPU where
+# they pay (`chunks_pay`), one tile under the interpreter, where fewer and larger array operations run faster
+# (an FP8 session test took 117 s chunked against 108 s). bench/row_chunks_bench.py and the tests set True /
+# False to run either form.
 ROW_CHUNKS: bool | None = None
+
+
+def chunks_pay(k: int, gelu: int) -> bool:
+    """Whether a row K wide runs faster as chunks than as one next_pow2(K) tile on a GPU; gelu: the pass's GELU
+    code (0: none). Chunks pay where the pass computes (a GELU fused) rather than only moves bytes: graph-timed
+    on an H100 and an H200 (bench/results/next63-h100, next77-h200) the FFN hidden with its GELU ran faster
+    chunked at 8960 columns (1.35-1.47x) and 13824 (1.02-1.09x), while the plain passes over the attention
+    outputs ran slower (1536: 0.83x, 5120: 0.84-0.89x): there the padded lanes cost little, the chunks more."""
+    return gelu != 0 and next_pow2(k) != k
 
 
 def row_chunks(k: int, chunked: bool = True) -> tuple[int, int, int]:
@@ -186,7 +196,7 @@ def _launch_quantize_rows(x: torch.Tensor, gelu: int) -> tuple[torch.Tensor, tor
     sx = new_output((R,), torch.float32, x.device)
     # rows per program and warps as for the whole next_pow2(K) tile, so that the chunks change only the padding
     block_r, num_warps = row_tile(next_pow2(K), R, x.device)
-    c0, c1, c2 = row_chunks(K, not interpreted() if ROW_CHUNKS is None else ROW_CHUNKS)
+    c0, c1, c2 = row_chunks(K, (not interpreted() and chunks_pay(K, gelu)) if ROW_CHUNKS is None else ROW_CHUNKS)
     # fmt: off
     launch(
         _quantize_rows_kernel, (triton.cdiv(R, block_r),),

@@ -547,8 +547,61 @@ def test_row_chunks_bench_smoke(tmp_path):
         assert row["bit_equal"] is True and row["one_tile"]["ms"] > 0 and row["chunked"]["ms"] > 0
 
 
+def test_row_tiles_bench_smoke(tmp_path):
+    """bench/row_tiles_bench.py on the CPU: each AdaLN pass runs under the default tile, equals itself, and its
+    bytes and time are recorded."""
+    out = tmp_path / "tiles.json"
+    proc = _bench_smoke("row_tiles_bench.py", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    rows = json.loads(out.read_text())["shapes"]["tiny"]
+    passes = [name for name in rows if name.endswith(("fp8", "norm"))]
+    assert len(passes) == 3
+    for name in passes:
+        assert (
+            rows[name]["default"]["bit_equal"] and rows[name]["default"]["us"] > 0 and rows[name]["default"]["gbps"] > 0
+        )
+
+
+def test_narrow_conv_bench_smoke(tmp_path):
+    """bench/narrow_conv_bench.py on the CPU: the padded forms give the plain conv's real channels, the
+    narrow kernel gives torch's ReLU + conv, and the decode is timed with the switch off and on (left on)."""
+    from flashdreams.models import taehv
+
+    out = tmp_path / "convs.json"
+    proc = _bench_smoke("narrow_conv_bench.py", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    result = json.loads(out.read_text())
+    for case in result["cases"].values():
+        forms = [v for k, v in case.items() if k.startswith("in") and "_out" in k]
+        assert forms and all(f["max_abs_diff"] < 1e-4 and f["ms"] > 0 for f in forms)
+    assert result["taehv"]["last_conv_alone"]["rel_l2"] < 1e-5
+    decode = result["taehv"]["decode"]
+    assert decode and all(row["frames_rel_l2"] < 1e-5 and row["decode_ms_kernel"] > 0 for row in decode.values())
+    assert taehv.NARROW_LAST_CONV is True
+
+
+def test_op_sources_smoke(tmp_path):
+    """bench/op_sources.py on the CPU: the ops of one step with their calling frames in this repository."""
+    out = tmp_path / "ops.txt"
+    proc = _bench_smoke("op_sources.py", "--rows", "5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    lines = out.read_text().splitlines()
+    ops = [line for line in lines if " ms " in line and "::" in line]
+    assert len(ops) == 5 and ".py(" in "\n".join(lines)
+    bad = _bench_smoke("op_sources.py", "--rows", "0", "--out", str(tmp_path / "x.txt"))
+    assert bad.returncode == 2 and "--rows" in bad.stderr and not (tmp_path / "x.txt").exists()
+
+
 @pytest.mark.parametrize(
-    "script", ["block_fusion_bench.py", "hdmap_encoder_bench.py", "attention_splits_bench.py", "row_chunks_bench.py"]
+    "script",
+    [
+        "block_fusion_bench.py",
+        "hdmap_encoder_bench.py",
+        "attention_splits_bench.py",
+        "row_chunks_bench.py",
+        "row_tiles_bench.py",
+        "narrow_conv_bench.py",
+    ],
 )
 def test_micro_benches_refuse_bad_options_by_name(script, tmp_path):
     """The shared command line (flashdreams.benchmark.micro): no timed call is no measurement."""

@@ -207,3 +207,25 @@ def test_bad_weights_are_refused(fault: str) -> None:
     with pytest.raises(CheckpointError, match=key.replace(".", r"\.")):
         m.load_weights(weights, source="bad.pth")
     assert all(torch.equal(before[k], v) for k, v in m.state_dict().items())
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the narrow last conv runs on CUDA")
+def test_cuda_decode_ends_in_the_narrow_conv_kernel(monkeypatch) -> None:
+    """On CUDA in NHWC bf16 the decoder's ReLU + last conv run as kernels/narrow_conv (called once a decode),
+    with frames equal to cuDNN's to bf16 rounding; NARROW_LAST_CONV off brings cuDNN back."""
+    from flashdreams.kernels import narrow_conv
+    from flashdreams.models import taehv
+    from flashdreams.models.decoders import random_decoder
+
+    model = random_decoder("taehv", "cuda", torch.bfloat16).model
+    latents = torch.randn(1, 2, 16, 6, 10, device="cuda", dtype=torch.bfloat16)
+    calls = []
+    real = narrow_conv.conv3x3_narrow
+    monkeypatch.setattr(narrow_conv, "conv3x3_narrow", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outs = {}
+    for on in (True, False):
+        monkeypatch.setattr(taehv, "NARROW_LAST_CONV", on)
+        outs[on] = model.decode_stream(latents, model.new_decode_state(1, 6, 10))
+    assert len(calls) == 1
+    assert rel_l2(outs[True].float(), outs[False].float()) < 1e-2

@@ -76,6 +76,17 @@ def test_row_chunks_cover_the_row_with_at_most_three_power_of_two_tiles():
         row_chunks(0)
 
 
+def test_rows_are_chunked_only_where_a_gelu_is_fused():
+    """The GPU's default (measured: next63-h100, next77-h200): the FFN hidden passes with their GELU chunked
+    (8960, 13824 columns); the plain attention-output passes (1536, 5120) and powers of two as one tile."""
+    from flashdreams.kernels.fp8_linear import GELU_FORMS, chunks_pay
+
+    tanh = GELU_FORMS["tanh"][0]
+    assert chunks_pay(8960, tanh) and chunks_pay(13824, tanh) and chunks_pay(13824, GELU_FORMS["exact"][0])
+    assert not any(chunks_pay(k, 0) for k in (1536, 5120, 8960))
+    assert not chunks_pay(8192, tanh)
+
+
 @needs_triton
 @pytest.mark.parametrize("gelu", [None, "tanh"])
 @pytest.mark.parametrize("R,K", [(5, 111), (2, 13824), (9, 96)])
