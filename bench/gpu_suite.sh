@@ -74,7 +74,7 @@ wan22-sdpa|220|issue 21: Wan2.2 A14B T2V block 5 with cuDNN attention (sdpa) ins
 wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in-process, Triton attention, bf16, block-5 profile
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream and its FP8 ring shadow vs per-call quantization
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
-op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU time (torch profiler over one eager step, ops by shapes and calling frames): OmniDreams 704x1280 FP8 and Self-Forcing 1.3B FP8 (bench/op_sources.py)
+op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU time (torch profiler over one eager step, ops by shapes and calling frames): OmniDreams 704x1280 FP8 and Self-Forcing 1.3B FP8 with TAEHV (bench/op_sources.py)
 narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared (bench/narrow_conv_bench.py)
 narrow-tests|120|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py)
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
@@ -724,7 +724,8 @@ part_op-sources() {
     py "$1" "$REPO/bench/op_sources.py" --smoke --out "$DEST/op-sources.txt" || rc=$?
   else
     py $(($1 / 2)) "$REPO/bench/op_sources.py" --preset omnidreams-sv --out "$DEST/op-sources-omni.txt" || rc=$?
-    py $(($1 / 2)) "$REPO/bench/op_sources.py" --preset self-forcing-1.3b --out "$DEST/op-sources-sf.txt" || rc=$?
+    py $(($1 / 2)) "$REPO/bench/op_sources.py" --preset self-forcing-1.3b --decoder taehv \
+      --out "$DEST/op-sources-sf.txt" || rc=$?
   fi
   return $rc
 }

@@ -32,6 +32,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="omnidreams-sv", help="the preset (random weights)")
     p.add_argument("--precision", default="fp8", choices=("bf16", "fp8"))
+    p.add_argument("--decoder", default="preset", help="the decoder (flashdreams.load's: preset, taehv, wan-vae)")
     p.add_argument("--warm-steps", type=int, default=3, help="steps before the profiled one (steady block)")
     p.add_argument("--rows", type=int, default=40, help="ops listed")
     p.add_argument("--out", type=Path, required=True, help="text file to write (the table)")
@@ -46,7 +47,12 @@ def main() -> None:
         if not torch.cuda.is_available():
             p.error("no CUDA device: run with --smoke on a CPU")
         engine = flashdreams.load(
-            preset=args.preset, attention="triton", random_weights=True, precision=args.precision, device="cuda"
+            preset=args.preset,
+            attention="triton",
+            random_weights=True,
+            precision=args.precision,
+            decoder=args.decoder,
+            device="cuda",
         )
         warm, activities = args.warm_steps, [ProfilerActivity.CPU, ProfilerActivity.CUDA]
     session = engine.session(seed=0, cuda_graphs=False)  # kernels under their ops, not a replay

@@ -20,19 +20,7 @@ import torch
 
 from flashdreams.errors import InvalidArgumentError
 
-from ._common import (
-    check_tensor,
-    interpreted,
-    launch,
-    new_output,
-    register_op,
-    require_triton,
-    tl,
-    triton,
-    triton_available,
-)
-
-__all__ = ["conv3x3_narrow", "conv3x3_narrow_reference", "narrow_conv_weights", "triton_available", "MAX_OUT"]
+from ._common import check_tensor, interpreted, launch, new_output, register_op, require_triton, tl, triton
 
 OUT_PAD = 16  # output columns of the tensor-core product (tl.dot needs >= 16)
 MAX_OUT = OUT_PAD
@@ -54,7 +42,9 @@ def _conv3x3_narrow_kernel(
     acc = tl.zeros([BLOCK_W, OUT_PAD], dtype=tl.float32)
     img = X + n.to(tl.int64) * H * Wd * C_IN
     for tap in tl.static_range(9):
-        hh = h + (tap // 3 - 1) + tl.zeros([BLOCK_W], dtype=tl.int32)  # the row, per pixel (one mask)
+        # the tap's row as a [BLOCK_W] vector, so that the mask is one vector (the interpreter refuses a mask
+        # that mixes scalars and vectors)
+        hh = h + (tap // 3 - 1) + tl.zeros([BLOCK_W], dtype=tl.int32)
         ww = w + (tap % 3 - 1)
         ok = (ww >= 0) & (ww < Wd) & (hh >= 0) & (hh < H)
         x = tl.load(img + (hh * Wd + ww).to(tl.int64)[:, None] * C_IN + c[None, :], mask=ok[:, None], other=0.0)
@@ -84,7 +74,8 @@ register_op("conv3x3_narrow", _conv3x3_narrow_op)
 
 def narrow_conv_weights(weight: torch.Tensor, bias: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """A conv's weight [C_out, C_in, 3, 3] and bias as the kernel reads them: [9, C_in, 16] in the weight's
-    dtype (tap-major, zero past C_out) and [16] float32. Build once (at load), not per call."""
+    dtype (tap-major, zero past C_out) and [16] float32. A few KB: TAEHV builds them in each decode (four small
+    launches, captured with it), so that they always follow the conv's parameters."""
     c_out, c_in = weight.shape[:2]
     if weight.dim() != 4 or tuple(weight.shape[2:]) != (3, 3) or c_out > MAX_OUT:
         raise InvalidArgumentError(

@@ -98,9 +98,9 @@ def _narrow_last_conv(x: Tensor, conv: nn.Conv2d) -> Tensor | None:
         return None
     if not x.is_contiguous(memory_format=torch.channels_last) or c & (c - 1) or not 16 <= c <= 256:
         return None
-    from flashdreams.kernels import narrow_conv
+    from flashdreams.kernels import narrow_conv, triton_available
 
-    if conv.out_channels > narrow_conv.MAX_OUT or not narrow_conv.triton_available(x.device):
+    if conv.out_channels > narrow_conv.MAX_OUT or not triton_available(x.device):
         return None
     w, b = narrow_conv.narrow_conv_weights(conv.weight.to(x.dtype), conv.bias)
     return narrow_conv.conv3x3_narrow(x, w, b, conv.out_channels, relu_in=True)
