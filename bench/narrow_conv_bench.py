@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from flashdreams.benchmark.environment import environment
-from flashdreams.benchmark.micro import graph_ms, micro_bench_setup, write_result
+from flashdreams.benchmark.micro import decode_switch_off_on, graph_ms, micro_bench_setup, write_result
 from flashdreams.kernels import narrow_conv
 from flashdreams.models import taehv
 from flashdreams.models.decoders import random_decoder, tiny_decoder
@@ -77,6 +77,10 @@ def last_conv_alone(dev, dtype, ms, smoke: bool) -> dict:
             "rel_l2": rel_l2(got.float(), want.float())}  # fmt: skip
 
 
+def set_narrow(on: bool) -> None:
+    taehv.NARROW_LAST_CONV = on
+
+
 def decode_on_off(dev, dtype, ms, smoke: bool) -> dict:
     """TAEHV's steady streaming decode with NARROW_LAST_CONV off and on, alternated rounds, best of each."""
     res = {}
@@ -85,21 +89,7 @@ def decode_on_off(dev, dtype, ms, smoke: bool) -> dict:
         model, h, w = dec.model, height // 8, width // 8
         latents = torch.randn(1, frames, 16, h, w, device=dev, dtype=dtype)
         state = model.new_decode_state(1, h, w, dev, dtype)
-        times: dict = {False: [], True: []}
-        outs = {}
-        with torch.no_grad():
-            model.decode_stream(latents, state)  # past the stream's first block
-            saved = [m.clone() for m in state.memory]
-            for on in (False, True):
-                taehv.NARROW_LAST_CONV = on
-                outs[on] = model.decode_stream(latents, state)
-                for m, s in zip(state.memory, saved):
-                    m.copy_(s)
-            for _ in range(1 if smoke else 3):
-                for on in (False, True):
-                    taehv.NARROW_LAST_CONV = on
-                    times[on].append(ms(lambda m=model, z=latents, st=state: m.decode_stream(z, st)))
-        taehv.NARROW_LAST_CONV = True
+        outs, times = decode_switch_off_on(model, latents, state, set_narrow, ms, 1 if smoke else 3)
         off, on = min(times[False]), min(times[True])
         res[name] = {"decode_ms_cudnn": off, "decode_ms_kernel": on, "speedup": off / on, "rounds": times,
                      "frames_rel_l2": rel_l2(outs[True].float(), outs[False].float())}  # fmt: skip

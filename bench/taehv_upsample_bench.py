@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from flashdreams.benchmark.environment import environment
-from flashdreams.benchmark.micro import micro_bench_setup, write_result
+from flashdreams.benchmark.micro import decode_switch_off_on, micro_bench_setup, write_result
 from flashdreams.models import taehv
 from flashdreams.models.decoders import random_decoder, tiny_decoder
 
@@ -25,26 +25,18 @@ WORKLOADS = (("self-forcing 480x832", 3, 480, 832), ("omnidreams 704x1280", 2, 7
 SMOKE_WORKLOADS = (("tiny 32x48", 2, 32, 48),)
 
 
+def set_copy(on: bool) -> None:
+    taehv.UPSAMPLE_AS_COPY = on
+
+
 def measure(decoder, frames: int, height: int, width: int, ms, rounds: int) -> dict:
     model = decoder.model
     dev, dtype = decoder.device, decoder.dtype
     h, w = height // 8, width // 8
     latents = torch.randn(1, frames, 16, h, w, device=dev, dtype=dtype)
     state = model.new_decode_state(1, h, w, dev, dtype)
-    model.decode_stream(latents, state)  # past the stream's first block
-    outs, times = {}, {False: [], True: []}
+    outs, times = decode_switch_off_on(model, latents, state, set_copy, ms, rounds)
     with torch.no_grad():
-        for as_copy in (False, True):
-            taehv.UPSAMPLE_AS_COPY = as_copy
-            saved = [m.clone() for m in state.memory]
-            outs[as_copy] = model.decode_stream(latents, state)
-            for m, s in zip(state.memory, saved):
-                m.copy_(s)
-        for _ in range(rounds):
-            for as_copy in (False, True):
-                taehv.UPSAMPLE_AS_COPY = as_copy
-                times[as_copy].append(ms(lambda: model.decode_stream(latents, state)))
-        taehv.UPSAMPLE_AS_COPY = True
         # the upsampling alone at its largest input (the last stage's, in the decoder's layout)
         c = model.config.channels[2]
         x = torch.randn(frames * 4, c, height // 2, width // 2, device=dev, dtype=dtype)

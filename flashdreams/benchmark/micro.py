@@ -12,6 +12,7 @@ import json
 import statistics
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -66,3 +67,27 @@ def write_result(path: Path, result: dict) -> None:
     """The script's JSON result at `path` (its folder made)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(result, indent=1))
+
+
+def decode_switch_off_on(
+    model: Any, latents: torch.Tensor, state: Any, switch: Callable[[bool], None], ms: Callable, rounds: int
+) -> tuple[dict, dict]:
+    """A streaming decoder's (TAEHV's) steady block with a module switch off (False) and on (True): first each
+    form's frames from the same carried state (restored after each), then `rounds` alternated timed rounds, so
+    drift hits both. Returns ({form: frames}, {form: [ms, ...]}); leaves the switch on (the default)."""
+    outs: dict = {}
+    times: dict = {False: [], True: []}
+    with torch.no_grad():
+        model.decode_stream(latents, state)  # past the stream's first block
+        saved = [m.clone() for m in state.memory]
+        for on in (False, True):
+            switch(on)
+            outs[on] = model.decode_stream(latents, state)
+            for m, s in zip(state.memory, saved):
+                m.copy_(s)
+        for _ in range(rounds):
+            for on in (False, True):
+                switch(on)
+                times[on].append(ms(lambda: model.decode_stream(latents, state)))
+    switch(True)
+    return outs, times
