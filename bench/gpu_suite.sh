@@ -76,16 +76,17 @@ fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE 
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU time (torch profiler over one eager step, ops by shapes and calling frames): OmniDreams 704x1280 FP8 and Self-Forcing 1.3B FP8 with TAEHV (bench/op_sources.py)
 narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared (bench/narrow_conv_bench.py)
-narrow-tests|120|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py)
+narrow-tests|120|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py, tests/test_wan_vae.py: the HD-map encoder forms on cuDNN)
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
+gelu-quantize|60|issue 16: the FP8 activation pass with the exact GELU fused, erf by libdevice vs the erfc fit, with tanh and no GELU, at OmniDreams' FFN hidden, same tensor (bench/gelu_quantize_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 taehv-upsample|90|issues 22, 16: TAEHV's nearest 2x upsampling as torch's NHWC kernel vs a broadcast copy (models/taehv.UPSAMPLE_AS_COPY): steady streaming decode at Self-Forcing's 480x832 and OmniDreams' 704x1280 with either form (alternated, frames bit-equal checked) and the upsampling alone (bench/taehv_upsample_bench.py)
 hdmap-conv-forms|150|issue 16: every conv of OmniDreams' HD-map encode (LightVAE, steady 8-frame chunk, 704x1280, the engine's NDHWC + fused norms) timed as it runs and in other forms (cuDNN search, NDHWC input, 2-D conv over frames, three 2-D convs, time taps folded into channels, padded channels), each checked against its own output; the whole encode profiled by kernel kind (bench/hdmap_conv_forms.py)
-hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d (bench/hdmap_encoder_bench.py)
+hdmap-encoder|60|issues 16, 14: OmniDreams' HD-map encode of a steady chunk at 704x1280 (LightVAE and the Wan VAE): two 4-frame passes vs one 8-frame pass vs channels_last_3d; the Wan VAE's steady decode at 352x640, NCDHW vs channels_last_3d; the engine's narrow forms padding up to 31 vs up to 48 input channels (bench/hdmap_encoder_bench.py)
 fa4-tests|90|issue 22 (the *fa4 parts need flash-attn-4 installed: bench/fa4_wheels.sh): FlashAttention-4 on CUDA: the KV-ring form against its twin at several ring lengths with NaN past the length and inside a CUDA graph with the length changed between replays; the block-sparse form against its twin
 sf-fa4|330|issue 22: fd-bench Self-Forcing 1.3B block 5 (random weights, 480x832, TAEHV) with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, block-5 profile of each
 omni-fa4|240|issues 16, 22: fd-bench OmniDreams 704x1280 chunk in bf16 with our ring-attention kernel vs FlashAttention-4's (--attention triton,fa4) in one invocation, chunk-4 profile of each
@@ -735,8 +736,9 @@ part_narrow-convs() {
 }
 
 part_narrow-tests() {
-  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_narrow_conv.py" \
-    "$REPO/tests/test_taehv.py" "$REPO/tests/kernels/test_adaln.py" "$REPO/tests/kernels/test_fp8_linear.py"
+  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/kernels/test_narrow_conv.py" \
+    "$REPO/tests/test_taehv.py" "$REPO/tests/kernels/test_adaln.py" "$REPO/tests/kernels/test_fp8_linear.py" \
+    "$REPO/tests/test_wan_vae.py" "$REPO/tests/kernels/test_bias_act.py"
 }
 
 part_row-tiles() {
@@ -745,6 +747,10 @@ part_row-tiles() {
 
 part_row-chunks() {
   micro "$1" row_chunks_bench.py row-chunks
+}
+
+part_gelu-quantize() {
+  micro "$1" gelu_quantize_bench.py gelu-quantize
 }
 
 part_cudnn-bm() {

@@ -9,6 +9,8 @@ the same weights, caches and video, in one process:
 * `one pass, channels_last_3d`: the same with the encoder's weights and the video in NDHWC, which
   cuDNN's convolutions use natively (the NCDHW form pays a layout transpose around each conv);
 * `... fused norms`: the same with each RMSNorm + SiLU as one kernel pass (`use_fused_norms`);
+* `narrow forms`: the engine's form (`use_narrow_forms`), padding the convs of up to 31 input channels,
+  then of up to 48 (48 -> 64);
 * and the Wan VAE decoder's steady block at Matrix-Game's 352x640: NCDHW, `use_channels_last`,
   and NCDHW with `use_fused_norms`.
 
@@ -22,6 +24,7 @@ import torch
 
 from flashdreams.benchmark.environment import environment
 from flashdreams.benchmark.micro import micro_bench_setup, write_result
+from flashdreams.models import wan_vae_blocks as blocks
 from flashdreams.models.families.omnidreams.hdmap_encoder import LIGHTVAE, cache_templates
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
 from flashdreams.numerics import rel_l2
@@ -61,11 +64,31 @@ def measure(cfg: WanVAEConfig, height: int, width: int, dev: torch.device, dtype
         rows["one pass, channels_last_3d"] = {"ms": ms(cl), "rel_l2_vs_two_passes": rel_l2(cl(), ref)}
         last.use_fused_norms()  # the same weights, each RMSNorm + SiLU one kernel pass
         rows["one pass, channels_last_3d, fused norms"] = {"ms": ms(cl), "rel_l2_vs_two_passes": rel_l2(cl(), ref)}
+        # The engine's form (`use_narrow_forms`), its padded convs up to 31 input channels (the rule before
+        # 2026-12-06's fourth session) and up to PAD_MAX_CHANNELS (48 -> 64 too), each on its own copy.
+        for name, widest in (("narrow forms, pad <= 31", 31), ("narrow forms, pad <= 48", blocks.PAD_MAX_CHANNELS)):
+            rows[name] = _narrow(vae, cfg, widest, video, ref, height, width, ms)
     for name, r in rows.items():
         print(
             f"dim {cfg.dim:3d} {height}x{width}  {name:28s} {r['ms']:8.2f} ms  rel.L2 {r['rel_l2_vs_two_passes']:.1e}"
         )
     return rows
+
+
+def _narrow(vae: WanVAE, cfg: WanVAEConfig, widest: int, video, ref, height: int, width: int, ms) -> dict:
+    """The encoder in the engine's form with "pad" convs up to `widest` input channels: ms and rel. L2."""
+    form = WanVAE(cfg).to(video.device, video.dtype).eval()
+    form.load_state_dict(vae.state_dict())
+    saved = blocks.PAD_MAX_CHANNELS
+    blocks.PAD_MAX_CHANNELS = widest  # read by use_narrow_forms only (each conv keeps the form it got)
+    try:
+        form.use_channels_last().use_fused_norms().use_narrow_forms()
+    finally:
+        blocks.PAD_MAX_CHANNELS = saved
+    templates = cache_templates(form, 1, height, width)
+    fn = _variants(form, video.contiguous(memory_format=torch.channels_last_3d), templates)["one pass"]
+    padded = sorted({m.in_channels for m in form.modules() if getattr(m, "narrow_form", None) == "pad"})
+    return {"ms": ms(fn), "rel_l2_vs_two_passes": rel_l2(fn(), ref), "padded_inputs": padded}
 
 
 def measure_decode(height: int, width: int, dev: torch.device, dtype: torch.dtype, ms) -> dict:

@@ -14,7 +14,9 @@ None of the paddings helped TAEHV's last conv (next78-h100), so it now runs as o
 its input ReLU fused (kernels/narrow_conv.py, `models/taehv.NARROW_LAST_CONV`). The "taehv" section times
 that conv alone (cuDNN's ReLU + conv against the kernel) and TAEHV's steady streaming decode at
 Self-Forcing's and OmniDreams' sizes with the switch off and on (alternated rounds, best of each; frames
-compared by rel. L2: the kernel sums in another order).
+compared by rel. L2: the kernel sums in another order), then the same with FUSED_BIAS_ACT off and on
+(MemBlock's bias adds, residual add and ReLUs as one pass after each conv, kernels/bias_act.py; the frames
+should be bit-equal).
 
     python bench/narrow_conv_bench.py --out convs.json            # GPU: ~30 s
     python bench/narrow_conv_bench.py --smoke --out /tmp/c.json   # CPU, tiny shapes
@@ -77,23 +79,26 @@ def last_conv_alone(dev, dtype, ms, smoke: bool) -> dict:
             "rel_l2": rel_l2(got.float(), want.float())}  # fmt: skip
 
 
-def set_narrow(on: bool) -> None:
-    taehv.NARROW_LAST_CONV = on
+def decode_on_off(dev, dtype, ms, smoke: bool, switch: str = "NARROW_LAST_CONV") -> dict:
+    """TAEHV's steady streaming decode with the module switch `switch` off and on, alternated rounds, best of
+    each: NARROW_LAST_CONV (the last conv as our kernel) or FUSED_BIAS_ACT (MemBlock's bias, residual and
+    ReLUs as one pass after each conv, kernels/bias_act.py)."""
 
+    def set_switch(on: bool) -> None:
+        setattr(taehv, switch, on)
 
-def decode_on_off(dev, dtype, ms, smoke: bool) -> dict:
-    """TAEHV's steady streaming decode with NARROW_LAST_CONV off and on, alternated rounds, best of each."""
     res = {}
     for name, frames, height, width in SMOKE_DECODES if smoke else DECODES:
         dec = tiny_decoder("taehv", device=dev, dtype=dtype) if smoke else random_decoder("taehv", dev, dtype)
         model, h, w = dec.model, height // 8, width // 8
         latents = torch.randn(1, frames, 16, h, w, device=dev, dtype=dtype)
         state = model.new_decode_state(1, h, w, dev, dtype)
-        outs, times = decode_switch_off_on(model, latents, state, set_narrow, ms, 1 if smoke else 3)
+        outs, times = decode_switch_off_on(model, latents, state, set_switch, ms, 1 if smoke else 3)
         off, on = min(times[False]), min(times[True])
         res[name] = {"decode_ms_cudnn": off, "decode_ms_kernel": on, "speedup": off / on, "rounds": times,
-                     "frames_rel_l2": rel_l2(outs[True].float(), outs[False].float())}  # fmt: skip
-        print(f"{name}: steady decode cuDNN end {off:.2f} ms, kernel {on:.2f} ms ({off / on:.2f}x)")
+                     "frames_rel_l2": rel_l2(outs[True].float(), outs[False].float()),
+                     "frames_equal": bool(torch.equal(outs[True], outs[False]))}  # fmt: skip
+        print(f"{name}: steady decode, {switch} off {off:.2f} ms, on {on:.2f} ms ({off / on:.2f}x)")
     return res
 
 
@@ -127,6 +132,7 @@ def main() -> None:
     out["taehv"] = {"last_conv_alone": last_conv_alone(dev, dtype, ms, args.smoke)}
     print("taehv last conv alone", out["taehv"]["last_conv_alone"])
     out["taehv"]["decode"] = decode_on_off(dev, dtype, ms, args.smoke)
+    out["taehv"]["decode_fused_bias_act"] = decode_on_off(dev, dtype, ms, args.smoke, "FUSED_BIAS_ACT")
     write_result(args.out, out)
 
 

@@ -92,11 +92,27 @@ def _store_row_scale(amax, s_ptrs, row_mask):
 
 
 @triton.jit
+def _gelu_erfc_fit(x):
+    """Exact GELU, x * Phi(x), with erfc from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, far below the
+    bf16 rounding that follows): erfc(a) ~ t (a1 + ... + a5 t^4) exp(-a^2), t = 1 / (1 + p a), a = |x| / sqrt 2,
+    the coefficients halved so that h = erfc(a) / 2 = Phi(-|x|). One reciprocal, one exp2 and seven FMAs
+    without a branch, where libdevice's erff takes two polynomial paths and a full exp (the pass was
+    issue-bound on it: bench/results/NOTES.md, the fourth session of 2026-12-06)."""
+    t = 1.0 / (1.0 + 0.23164189758 * tl.abs(x))  # p / sqrt 2 = 0.3275911 / 1.41421356
+    poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
+    h = poly * tl.math.exp2(x * x * -0.7213475204444817)  # exp(-x^2 / 2) = 2^(-x^2 log2(e) / 2)
+    return x * tl.where(x >= 0.0, 1.0 - h, h)
+
+
+@triton.jit
 def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """GELU(x) (1 exact, 2 tanh form; 0 none) of fp32 x, rounded to `dtype` as `F.gelu` would hand it on."""
+    """GELU(x) (1 exact, 2 tanh form, 3 exact with `_gelu_erfc_fit`; 0 none) of fp32 x, rounded to `dtype`
+    as `F.gelu` would hand it on."""
     if GELU != 0:
         if GELU == 1:
             x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
+        elif GELU == 3:
+            x = _gelu_erfc_fit(x)
         else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
             x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
         x = _round_to(x, dtype, EMULATE)
@@ -179,6 +195,9 @@ def row_chunks(k: int, chunked: bool = True) -> tuple[int, int, int]:
 
 # The GELU a quantization pass may apply first, by name -> (kernel code, torch's `approximate`).
 GELU_FORMS = {"exact": (1, "none"), "tanh": (2, "tanh")}
+# How the pass computes the exact GELU's erf: "fit" (`_gelu_erfc_fit`) or "libdevice" (tl.math.erf, the form
+# before 2026-12-06; bench/gelu_quantize_bench.py times both in one run).
+EXACT_GELU_ERF = "fit"
 
 
 def _check_gelu(gelu: str | None) -> None:
@@ -197,6 +216,8 @@ def _launch_quantize_rows(x: torch.Tensor, gelu: int) -> tuple[torch.Tensor, tor
     # rows per program and warps as for the whole next_pow2(K) tile, so that the chunks change only the padding
     block_r, num_warps = row_tile(next_pow2(K), R, x.device)
     c0, c1, c2 = row_chunks(K, (not interpreted() and chunks_pay(K, gelu)) if ROW_CHUNKS is None else ROW_CHUNKS)
+    if gelu == GELU_FORMS["exact"][0] and EXACT_GELU_ERF == "fit":
+        gelu = 3
     # fmt: off
     launch(
         _quantize_rows_kernel, (triton.cdiv(R, block_r),),

@@ -287,12 +287,22 @@ class CosmosBlock(nn.Module):
         self.adaln_modulation_cross_attn = _adaln(d, r, 3)
         self.adaln_modulation_mlp = _adaln(d, r, 3)
 
-    def _mod(self, which: nn.Sequential, emb: torch.Tensor, lora: torch.Tensor):
-        m = which(emb).float() + lora
-        return m.chunk(3, dim=-1)
+    def modulations(self) -> tuple[nn.Sequential, nn.Sequential, nn.Sequential]:
+        """The three AdaLN-LoRA branches in the order the block uses them (self-attention, cross-attention, MLP)."""
+        return self.adaln_modulation_self_attn, self.adaln_modulation_cross_attn, self.adaln_modulation_mlp
 
     def forward(
-        self, x, emb, lora, attend: Callable, cross_k, cross_v, impl: str = "sdpa", pending=None, defer_ffn=False
+        self,
+        x,
+        emb,
+        lora,
+        attend: Callable,
+        cross_k,
+        cross_v,
+        impl: str = "sdpa",
+        pending=None,
+        defer_ffn=False,
+        mods: torch.Tensor | None = None,
     ):
         """x [B, L, D]; emb/lora [B, F, D]/[B, F, 3D] float32 per frame; `attend(attn, q, k, v)` -> [B, L, N, d]
         takes the raw projections and owns the q/k norms, RoPE and the cache policy; cross_k/v [B, Lt, N, d].
@@ -302,24 +312,28 @@ class CosmosBlock(nn.Module):
         chunk a bf16 [L, D] pass is ~29 MB), the torch composition otherwise, the same numbers.
         `defer_ffn` leaves the MLP's gated residual undone and returns (x, pending) instead of x,
         pending = (MLP output, gate); the next block, given `pending`, adds it in the pass that
-        normalises its input (the caller resolves the last one with `dit_ops.gated_residual`)."""
+        normalises its input (the caller resolves the last one with `dit_ops.gated_residual`).
+        `mods` [3, B, F, 3D] float32: this block's three modulations computed already
+        (`block_modulations`); None computes them here."""
         sa, ca = self.self_attn, self.cross_attn
         # Each norm hands its h quantized where only FP8 linears read it (dit_ops.takes_fp8_rows).
         qkv8 = dit_ops.takes_fp8_rows(sa.q_proj, sa.k_proj, sa.v_proj)
         q8, mlp8 = dit_ops.takes_fp8_rows(ca.q_proj), dit_ops.takes_fp8_rows(self.mlp.layer1)
-        shift, scale, gate_sa = self._mod(self.adaln_modulation_self_attn, emb, lora)
+        if mods is None:
+            mods = [which(emb).float() + lora for which in self.modulations()]
+        shift, scale, gate_sa = mods[0].chunk(3, dim=-1)
         if pending is None:
             h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl, fp8=qkv8)
         else:
             x, h = dit_ops.gated_residual_adaln(x, *pending, shift, scale, self.eps, impl, fp8=qkv8)
         q, k, v = sa.heads(sa.q_proj(h)), sa.heads(sa.k_proj(h)), sa.heads(sa.v_proj(h))
         y = attend(sa, q, k, v)
-        shift, scale, gate_ca = self._mod(self.adaln_modulation_cross_attn, emb, lora)
+        shift, scale, gate_ca = mods[1].chunk(3, dim=-1)
         y = sa.output_proj(y.flatten(2))
         x, h = dit_ops.gated_residual_adaln(x, y, gate_sa, shift, scale, self.eps, impl, fp8=q8)
         q = dit_ops.rms_norm(ca.heads(ca.q_proj(h)), ca.q_norm.weight, ca.q_norm.eps, impl)
         y = dit_ops.attention(q, cross_k.to(q.dtype), cross_v.to(q.dtype))
-        shift, scale, gate_mlp = self._mod(self.adaln_modulation_mlp, emb, lora)
+        shift, scale, gate_mlp = mods[2].chunk(3, dim=-1)
         y = ca.output_proj(y.flatten(2))
         x, h = dit_ops.gated_residual_adaln(x, y, gate_ca, shift, scale, self.eps, impl, fp8=mlp8)
         y = self.mlp(h)
@@ -421,6 +435,22 @@ class CosmosDiT(nn.Module):
             debug.update(t_sinusoid=sin, t_emb=emb, adaln_lora=lora)
         return emb.to(self.dtype), lora
 
+    def block_modulations(self, emb: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
+        """Every block's three AdaLN-LoRA modulations, [blocks, 3, B, F, 3D] float32, in three kernels: the
+        per-block form is five small launches a branch (SiLU, two skinny GEMMs, a cast, the add), 420 a
+        forward at 28 blocks (~1.4 ms of an OmniDreams forward on an H200, bench/results/NOTES.md); here the
+        branches' first linears run as one GEMM over their weights concatenated and the second ones as
+        one batched GEMM, with the same products in the same dtype (the weights are gathered every call:
+        ~350 MB copied at 2B, cheaper than the launches, and never stale)."""
+        branches = [m for blk in self.blocks for m in blk.modulations()]
+        r = branches[0][1].out_features
+        b, f, d = emb.shape
+        down = F.linear(F.silu(emb), torch.cat([m[1].weight for m in branches]))  # [B, F, branches * r]
+        down = down.reshape(b * f, len(branches), r).transpose(0, 1)  # [branches, B*F, r]
+        up = torch.bmm(down, torch.stack([m[2].weight for m in branches]).transpose(1, 2))  # [branches, B*F, 3D]
+        mods = torch.add(up, lora.reshape(b * f, -1))  # bf16 + float32 -> float32: the cast inside the add
+        return mods.reshape(len(self.blocks), 3, b, f, -1)
+
     def embed_tokens(self, x, condition_mask, padding_mask=None, hdmap=None) -> torch.Tensor:
         """x [B, 16, T, H, W], condition_mask [B, 1, T, H, W], padding_mask [B, 1, H, W] (Cosmos),
         hdmap [B, 16, T, H, W] (OmniDreams) -> tokens [B, T*H'*W', D]."""
@@ -456,8 +486,11 @@ class CosmosDiT(nn.Module):
         # itself (an extra pass, only when debugging), so the path under test is the deferred one.
         watched = any(blk._forward_hooks or blk._forward_pre_hooks for blk in self.blocks)
         defer, pending = impl == "triton" and not watched, None
+        mods = self.block_modulations(emb, lora)
         for i, blk in enumerate(self.blocks):
-            out = blk(x, emb, lora, attend_of(i), cross_k[i], cross_v[i], impl, pending=pending, defer_ffn=defer)
+            out = blk(
+                x, emb, lora, attend_of(i), cross_k[i], cross_v[i], impl, pending=pending, defer_ffn=defer, mods=mods[i]
+            )
             x, pending = out if defer else (out, None)
             if debug is not None:
                 done = x if pending is None else dit_ops.gated_residual(x, *pending, impl)

@@ -82,8 +82,21 @@ def images_as_frames(y: Tensor, batch: int) -> Tensor:
     return y.reshape(batch, y.shape[0] // batch, *y.shape[1:]).transpose(1, 2)
 
 
-# A narrow conv's input channels are padded up to this multiple (24 -> 32 in LightVAE).
+# A narrow conv's input channels are padded up to a multiple of this, with room for the ones channel that
+# carries its bias (LightVAE: 24 -> 32, 48 -> 64).
 NARROW_PAD = 32
+# The widest input a conv is padded from. 48 -> 64 measured on an H100 (bench/results/next78-h100,
+# narrow-convs): LightVAE's 48-channel 3x3x3 conv at 352x640 in 1.92 instead of 2.16 ms, its bias add
+# (0.24 ms) and the [past | x] copy gone besides; 96 would pad to 128 (a third more work).
+PAD_MAX_CHANNELS = 48
+
+
+def padded_channels(c: int) -> int:
+    """The channels a "pad" conv's input of c channels is padded to: c and a ones channel, rounded up to a
+    multiple of NARROW_PAD (24 -> 32, 48 -> 64)."""
+    return -(-(c + 1) // NARROW_PAD) * NARROW_PAD
+
+
 # The first conv's 3 taps in time x its channels are stacked into this many channels (3 x 3 RGB -> 16).
 FOLD_CHANNELS = 16
 
@@ -155,12 +168,13 @@ class CausalConv3d(nn.Conv3d):
 
     `narrow_form` (set by `use_narrow_forms`) runs a 3x3x3 conv of few input channels the way cuDNN
     does it fastest; the sums are the same, only their order differs:
-      * "pad": the input's channels zero-padded to NARROW_PAD (in the cache concatenation's buffer) and
-        the weight's likewise. cuDNN runs LightVAE's 24-channel full-resolution convs as an sm80
+      * "pad": the input's channels zero-padded to `padded_channels` (in the cache concatenation's buffer)
+        and the weight's likewise. cuDNN runs LightVAE's 24-channel full-resolution convs as an sm80
         `implicit_gemm_indexed` kernel; at 32 channels it takes 2.4 instead of 5.2 ms (H100,
-        bench/results/next64-h100/hdmap-conv-forms.json). The bias rides in the padding: input channel
-        C is all ones and the weight's tap on it (current frame, centre pixel, always inside the image)
-        is the bias, which saves torch's separate broadcast add after the conv. A fused norm right
+        bench/results/next64-h100/hdmap-conv-forms.json); for its 48-channel ones at 64 see
+        PAD_MAX_CHANNELS. The bias rides in the padding: input channel C is all ones and the weight's
+        tap on it (current frame, centre pixel, always inside the image) is the bias, which saves
+        torch's separate broadcast add after the conv. A fused norm right
         before the conv (`_pre_norm`) writes the padded buffer itself.
       * "fold": the 3 taps in time stacked on channels (frame t | t+1 | t+2, zero-padded to
         FOLD_CHANNELS) and one 2-D conv over the frames: the 3-channel first conv, which cuDNN ran as a
@@ -188,13 +202,13 @@ class CausalConv3d(nn.Conv3d):
             if cache is None:
                 cache = caches[self.slot] = self._new_cache(x)
         ndhwc_cache = cache is not None and _is_ndhwc_cache(cache, x)
-        past = cache.permute(0, 4, 1, 2, 3) if ndhwc_cache else cache  # [B, C (or NARROW_PAD), 2, H, W]
+        past = cache.permute(0, 4, 1, 2, 3) if ndhwc_cache else cache  # [B, C (or padded), 2, H, W]
         if self.narrow_form == "pad":
-            ones = self.bias is not None
+            ones, width = self.bias is not None, padded_channels(self.in_channels)
             if self._pre_norm:
-                x = self._pre_norm[0].padded(x, past, NARROW_PAD, ones)
+                x = self._pre_norm[0].padded(x, past, width, ones)
             else:
-                x = cat_frames_padded(past, x, NARROW_PAD, ones)
+                x = cat_frames_padded(past, x, width, ones)
         elif cache is None:  # whole stream at once: the past is zeros
             x = F.pad(x, (0, 0, 0, 0, self.kernel_size[0] - 1, 0))
         else:
@@ -212,23 +226,23 @@ class CausalConv3d(nn.Conv3d):
 
     def _new_cache(self, x: Tensor) -> Tensor:
         """Zeros for a stream's first call, in the layout of the conv's input: [B, C, 2, H, W] for NCDHW
-        activations; for NDHWC ones [B, 2, H, W, C] (a "pad" conv: [B, 2, H, W, NARROW_PAD]), the input's
+        activations; for NDHWC ones [B, 2, H, W, C] (a "pad" conv: [B, 2, H, W, padded]), the input's
         frames as they lie in memory. Such a cache is copied to and from the input buffer as one
         contiguous block, where an NCDHW cache meets NDHWC activations in a transposing copy (12 of
         them took 4.6 ms of the HD-map encode, next68-h100)."""
         b, c, _, h, w = x.shape
         shape = None
         if self.narrow_form == "pad":
-            shape = _ndhwc_cache_shape(x, NARROW_PAD)
+            shape = _ndhwc_cache_shape(x, padded_channels(c))
         elif x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1:
             shape = _ndhwc_cache_shape(x, c)
         return x.new_zeros(shape or (b, c, CACHE_T, h, w))
 
     def _padded_weight(self) -> Tensor:
-        """The weight over NARROW_PAD input channels: zeros past in_channels, the bias on channel C's
+        """The weight over `padded_channels` input channels: zeros past in_channels, the bias on channel C's
         tap at the current frame's centre pixel (the input holds ones there). Built from the weight
         and bias by device ops alone (no host scalars: it runs inside captured graphs)."""
-        pad = NARROW_PAD - self.in_channels
+        pad = padded_channels(self.in_channels) - self.in_channels
         kt, kh, kw = self.kernel_size
         if self.bias is None:
             return F.pad(self.weight, (0, 0, 0, 0, 0, 0, 0, pad)).contiguous(memory_format=torch.channels_last_3d)
@@ -267,9 +281,10 @@ def _ndhwc_cache_shape(x: Tensor, channels: int) -> tuple[int, ...] | None:
 
 
 def _is_ndhwc_cache(cache: Tensor, x: Tensor) -> bool:
-    """Whether a conv's cache is in the NDHWC form (`_ndhwc_cache_shape`, of C or NARROW_PAD channels)."""
+    """Whether a conv's cache is in the NDHWC form (`_ndhwc_cache_shape`, of C or the padded channels)."""
     shape = tuple(cache.shape)
-    return len(shape) == 5 and shape[4] in (x.shape[1], NARROW_PAD) and shape == _ndhwc_cache_shape(x, shape[4])
+    widths = (x.shape[1], padded_channels(x.shape[1]))
+    return len(shape) == 5 and shape[4] in widths and shape == _ndhwc_cache_shape(x, shape[4])
 
 
 class ResidualBlock(nn.Module):
@@ -400,7 +415,8 @@ class Resample(nn.Module):
 def use_narrow_forms(module: nn.Module) -> int:
     """Give the few-channel convs of `module` the forms cuDNN runs fastest (same sums, see
     `CausalConv3d.narrow_form` and `Resample.spatial_as_2d`): 3x3x3 causal convs of <= 5 input channels
-    fold their time taps into channels, those of fewer than NARROW_PAD pad their channels, and stride-2
+    fold their time taps into channels, other ones of at most PAD_MAX_CHANNELS that are not a multiple of
+    NARROW_PAD pad their channels (`padded_channels`), and stride-2
     downsampling convs of fewer than NARROW_PAD channels run as 2-D convs. Returns the layers changed."""
     count = 0
     for sub in module.modules():
@@ -418,7 +434,9 @@ def use_narrow_forms(module: nn.Module) -> int:
 
 def _narrow_form_of(conv: nn.Module) -> str | None:
     """The narrow form `use_narrow_forms` gives a conv, if any."""
-    if not isinstance(conv, CausalConv3d) or conv.kernel_size != (3, 3, 3) or conv.in_channels >= NARROW_PAD:
+    if not isinstance(conv, CausalConv3d) or conv.kernel_size != (3, 3, 3):
+        return None
+    if conv.in_channels > PAD_MAX_CHANNELS or conv.in_channels % NARROW_PAD == 0:  # wide, or aligned already
         return None
     return "fold" if 3 * conv.in_channels < FOLD_CHANNELS else "pad"  # fold: the 3 taps and a ones channel
 

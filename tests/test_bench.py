@@ -493,9 +493,14 @@ def test_hdmap_encoder_bench_smoke(tmp_path):
         "one pass",
         "one pass, channels_last_3d",
         "one pass, channels_last_3d, fused norms",
+        "narrow forms, pad <= 31",
+        "narrow forms, pad <= 48",
     }
     for name, row in rows.items():
         assert row["ms"] > 0 and row["rel_l2_vs_two_passes"] < 1e-5, name
+    # 16: the decoder's first conv (the bench builds the whole VAE; the engine's encoder has 24 and 48)
+    assert rows["narrow forms, pad <= 31"]["padded_inputs"] == [16, 24]
+    assert rows["narrow forms, pad <= 48"]["padded_inputs"] == [16, 24, 48]
     decode = result["decoder"]["rows"]
     assert decode["ncdhw"]["ms"] > 0 and decode["channels_last_3d"]["ms"] > 0
     assert decode["channels_last_3d"]["rel_l2_vs_ncdhw"] < 1e-5
@@ -547,6 +552,19 @@ def test_row_chunks_bench_smoke(tmp_path):
         assert row["bit_equal"] is True and row["one_tile"]["ms"] > 0 and row["chunked"]["ms"] > 0
 
 
+def test_gelu_quantize_bench_smoke(tmp_path):
+    """bench/gelu_quantize_bench.py on the CPU: every form of the pass is timed on one tensor and the two exact
+    GELU forms (libdevice erf, the erfc fit) are compared code by code."""
+    out = tmp_path / "gelu.json"
+    proc = _bench_smoke("gelu_quantize_bench.py", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    row = json.loads(out.read_text())["shapes"]["tiny hidden"]
+    for form in ("exact, libdevice erf", "exact, erfc fit", "tanh", "no gelu"):
+        assert row[form]["ms"] > 0 and row[form]["gbps"] > 0, form
+    assert row["fit_vs_libdevice"]["of"] == 6 * 111 and row["fit_vs_libdevice"]["codes_differing"] <= 2
+    assert row["fit_vs_libdevice"]["scale_max_rel_diff"] < 1e-6 and row["speedup_fit"] > 0
+
+
 def test_row_tiles_bench_smoke(tmp_path):
     """bench/row_tiles_bench.py on the CPU: each AdaLN pass runs under the default tile, equals itself, and its
     bytes and time are recorded."""
@@ -578,6 +596,9 @@ def test_narrow_conv_bench_smoke(tmp_path):
     decode = result["taehv"]["decode"]
     assert decode and all(row["frames_rel_l2"] < 1e-5 and row["decode_ms_kernel"] > 0 for row in decode.values())
     assert taehv.NARROW_LAST_CONV is True
+    fused = result["taehv"]["decode_fused_bias_act"]
+    assert fused and all(row["frames_equal"] and row["decode_ms_kernel"] > 0 for row in fused.values())
+    assert taehv.FUSED_BIAS_ACT is True
 
 
 def test_op_sources_smoke(tmp_path):

@@ -151,21 +151,23 @@ def test_unipc_guidance_forms():
         unipc_cfg_ops([0.9, 0.0], 7.0, guidance_base="both")
 
 
-def _separate_passes(self, x, emb, lora, attend, cross_k, cross_v, impl="sdpa", pending=None, defer_ffn=False):
+def _separate_passes(
+    self, x, emb, lora, attend, cross_k, cross_v, impl="sdpa", pending=None, defer_ffn=False, mods=None
+):
     """CosmosBlock.forward as it was before the fusion: each gated residual and the modulated norm after
-    it as two calls, and the block finishes its own MLP residual."""
-    assert pending is None and not defer_ffn
+    it as two calls, and the block finishes its own MLP residual (the modulations as the model gives them)."""
+    assert pending is None and not defer_ffn and mods is not None
     sa, ca = self.self_attn, self.cross_attn
-    shift, scale, gate = self._mod(self.adaln_modulation_self_attn, emb, lora)
+    shift, scale, gate = mods[0].chunk(3, dim=-1)
     h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
     y = attend(sa, sa.heads(sa.q_proj(h)), sa.heads(sa.k_proj(h)), sa.heads(sa.v_proj(h)))
     x = dit_ops.gated_residual(x, sa.output_proj(y.flatten(2)), gate, impl)
-    shift, scale, gate = self._mod(self.adaln_modulation_cross_attn, emb, lora)
+    shift, scale, gate = mods[1].chunk(3, dim=-1)
     h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
     q = dit_ops.rms_norm(ca.heads(ca.q_proj(h)), ca.q_norm.weight, ca.q_norm.eps, impl)
     y = dit_ops.attention(q, cross_k.to(h.dtype), cross_v.to(h.dtype))
     x = dit_ops.gated_residual(x, ca.output_proj(y.flatten(2)), gate, impl)
-    shift, scale, gate = self._mod(self.adaln_modulation_mlp, emb, lora)
+    shift, scale, gate = mods[2].chunk(3, dim=-1)
     h = dit_ops.adaln_modulate(x, shift, scale, self.eps, impl)
     return dit_ops.gated_residual(x, self.mlp(h), gate, impl)
 
@@ -225,3 +227,34 @@ def test_cuda_graph_clip_matches_eager():
     for _ in range(3):  # eager warm-up, capture, replay
         a, b = eager.step(), graphs.step()
         assert rel_l2(a.latents, b.latents) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_modulations_equal_each_branch_computed_alone(dtype):
+    """`block_modulations` (every block's AdaLN-LoRA branches as one GEMM and one batched GEMM) gives what
+    each branch gives alone (SiLU, its two linears, float32 + lora), block by block and branch by branch,
+    and a block handed them computes what it computes without them."""
+    net = init_random_(CosmosDiT(TINY_COSMOS.replace(num_blocks=3)), 0).eval().requires_grad_(False).to(dtype)
+    g = torch.Generator().manual_seed(3)
+    t = torch.tensor([[0.1, 593.0]])
+    emb, lora = net.time_embed(t)
+    mods = net.block_modulations(emb, lora)
+    d = net.cfg.dim
+    assert mods.shape == (3, 3, 1, 2, 3 * d) and mods.dtype == torch.float32
+    tol = 0.0 if dtype == torch.float32 else 2.0**-8  # bf16 GEMMs may sum in another order: within an ulp
+    for blk, got in zip(net.blocks, mods):
+        for which, m in zip(blk.modulations(), got):
+            want = which(emb).float() + lora
+            assert torch.allclose(m, want, rtol=tol, atol=1e-6), (m - want).abs().max()
+    # the branches differ from each other, so a mix-up of blocks or branches cannot pass the loop above
+    assert not torch.allclose(mods[0, 0], mods[0, 1]) and not torch.allclose(mods[0, 0], mods[1, 0])
+    x = torch.randn(1, 2 * 4 * 6, d, generator=g).to(dtype)
+    cross = torch.randn(1, 5, net.cfg.num_heads, d // net.cfg.num_heads, generator=g).to(dtype)
+
+    def attend(attn, q, k, v):
+        return dit_ops.attention(q, k, v)
+
+    blk = net.blocks[1]
+    given = blk(x, emb, lora, attend, cross, cross, mods=mods[1])
+    alone = blk(x, emb, lora, attend, cross, cross)
+    assert torch.allclose(given.float(), alone.float(), rtol=tol, atol=1e-5)

@@ -208,8 +208,8 @@ def test_encode_refuses_a_bad_frame_count() -> None:
 # ---- memory layout ---------------------------------------------------------------------------
 
 
-def _plain_and_channels_last(device: str) -> tuple[WanVAE, WanVAE]:
-    cfg = WanVAEConfig(dim=4, attn_scales=(1.0,))
+def _plain_and_channels_last(device: str, dim: int = 4) -> tuple[WanVAE, WanVAE]:
+    cfg = WanVAEConfig(dim=dim, attn_scales=(1.0,))
     plain = WanVAE(cfg)
     init_random_(plain, torch.Generator().manual_seed(3))
     last = WanVAE(cfg)
@@ -279,22 +279,27 @@ def test_fused_norms_compute_the_same_stream() -> None:
     _same_stream(plain, fused, "cpu", 1e-5)
 
 
-def test_narrow_forms_compute_the_same_stream() -> None:
-    """`use_narrow_forms`: the few-channel convs padded to 32 channels, the first conv's time taps folded
+@pytest.mark.parametrize("dim", [4, 12])  # 12: LightVAE's widths halved, so 24- and 48-channel convs (48 -> 64)
+def test_narrow_forms_compute_the_same_stream(dim: int) -> None:
+    """`use_narrow_forms`: the few-channel convs padded (24 -> 32, 48 -> 64), the first conv's time taps folded
     into channels, the stride-2 downsampling as 2-D convs: the same decoded stream, encoding and caches,
     alone and on top of the channels-last and fused-norm forms (the HD-map encoder's CUDA form)."""
-    plain, last = _plain_and_channels_last("cpu")
+    plain, last = _plain_and_channels_last("cpu", dim)
     narrow = WanVAE(plain.config)
     narrow.load_state_dict(plain.state_dict())
     narrow.eval().use_narrow_forms()
     for m in narrow.modules():
         if isinstance(m, CausalConv3d):  # 1x1 and time-only convs keep their form, as do wide ones
             full = m.kernel_size == (3, 3, 3)
-            want = None if not full or m.in_channels >= 32 else "fold" if m.in_channels <= 5 else "pad"
+            padded_width = m.in_channels <= 48 and m.in_channels % 32 != 0
+            want = None if not full or not padded_width else "fold" if m.in_channels <= 5 else "pad"
             assert m.narrow_form == want, (m.in_channels, m.kernel_size)
     forms = {m.narrow_form for m in narrow.modules() if isinstance(m, CausalConv3d)}
     assert forms == {None, "pad", "fold"} and narrow.encoder.conv1.narrow_form == "fold"
-    assert all(m.spatial_as_2d for m in narrow.modules() if isinstance(m, Resample) and m.mode.startswith("down"))
+    widths = {m.in_channels for m in narrow.modules() if getattr(m, "narrow_form", None) == "pad"}
+    assert 48 in widths if dim == 12 else max(widths) < 32
+    downs = [m for m in narrow.modules() if isinstance(m, Resample) and m.mode.startswith("down")]
+    assert all(m.spatial_as_2d == (m.resample[1].in_channels < 32) for m in downs)
     assert narrow.state_dict().keys() == plain.state_dict().keys()
     _same_stream(plain, narrow, "cpu", 1e-5)
     last.use_fused_norms().use_narrow_forms()
@@ -306,9 +311,10 @@ def test_narrow_forms_compute_the_same_stream() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_narrow_forms_on_cuda_compute_the_same_stream() -> None:
+@pytest.mark.parametrize("dim", [4, 12])
+def test_narrow_forms_on_cuda_compute_the_same_stream(dim: int) -> None:
     """On cuDNN (the forms' reason to be): the engine's HD-map encoder form against the plain VAE."""
-    plain, last = _plain_and_channels_last("cuda")
+    plain, last = _plain_and_channels_last("cuda", dim)
     last.use_fused_norms().use_narrow_forms()
     _same_stream(plain, last, "cuda", 5e-3)  # TF32 convolutions, different algorithms
 

@@ -349,7 +349,10 @@ def test_h_quantized_for_an_fp8_linear_is_h_quantized(dtype, form):
         assert rel_l2(rows.scale.reshape(-1), s8) < 1e-6
         assert (rows.values.reshape(-1, D).view(torch.uint8) != v8.view(torch.uint8)).float().mean() < 0.01
     want = norm_twin(x_new, FP8)  # the twin's h in x's dtype, quantized (fp32 LayerNorm sums in another order)
-    assert rel_l2(rows.scale, want.scale) < 1e-6 and rel_l2(rows.dequantized(), want.dequantized()) < 1e-2
+    # On CUDA the kernel's row sums and torch's run in other orders: a row's largest h can round an ulp of x's
+    # dtype apart (next81-h100: 1.4e-4 against 1e-6), so its scale is held to that ulp there.
+    scale_tol = 1e-6 if DEVICE.type != "cuda" else max(torch.finfo(dtype).eps, 1e-6)
+    assert rel_l2(rows.scale, want.scale) < scale_tol and rel_l2(rows.dequantized(), want.dequantized()) < 1e-2
     # e4m3 keeps 3 mantissa bits: within 1/16 of each row's largest value of h
     err = (rows.dequantized() - h_plain.float()).abs().amax(-1) / h_plain.float().abs().amax(-1)
     assert err.max() <= 1 / 16

@@ -132,6 +132,31 @@ def test_gelu_quantize_rows_is_quantizing_gelu_output(form, approximate, dtype, 
 
 
 @needs_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_exact_gelu_by_the_erfc_fit_quantizes_as_by_erf(monkeypatch, dtype):
+    """The exact GELU's erf as the branch-free fit (`EXACT_GELU_ERF = "fit"`, |error| <= 1.5e-7) or as erf
+    itself ("libdevice"; the interpreter's is exact): the same row scales and e4m3 values but for a handful
+    on a rounding boundary, on rows spanning [-10, 10] (both tails, the fit's worst region near 1) and
+    Gaussian rows. (A row of the far negative tail alone would be all noise either way: there 1 + erf
+    cancels, as in F.gelu, and the fit's relative error in erfc grows; next to any x > -4 it rounds to 0.)"""
+    import importlib
+
+    mod = importlib.import_module("flashdreams.kernels.fp8_linear")  # the package re-exports a same-named function
+    g = torch.Generator().manual_seed(5)
+    x = torch.cat([torch.linspace(-10, 10, 8192).reshape(2048, 4).t(), torch.randn(12, 2048, generator=g) * 3])
+    x = x.to(dtype).to(DEVICE)
+    out = {}
+    for erf in ("fit", "libdevice"):
+        monkeypatch.setattr(mod, "EXACT_GELU_ERF", erf)
+        out[erf] = quantize_rows_fp8(x, gelu="exact")
+    (f8, fs), (e8, es) = out["fit"], out["libdevice"]
+    assert rel_l2(fs, es) < 1e-6
+    assert (f8.float() != e8.float()).sum().item() <= 8  # of 32768 (values: -0 and +0 are one)
+    r8, rs = quantize_rows_fp8_reference(x, gelu="exact")
+    assert rel_l2(f8.float() * fs[:, None], r8.float() * rs[:, None]) < 1e-3
+
+
+@needs_triton
 def test_gelu_forms_differ_where_they_should():
     """On x in [-4, -2.5] the tanh form is off from exact GELU by 10-50% (both are tiny there, and each
     row is scaled to its own amax), so every code of one form's row would be wrong for the other."""
