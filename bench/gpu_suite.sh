@@ -738,7 +738,7 @@ part_narrow-convs() {
 part_narrow-tests() {
   py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/kernels/test_narrow_conv.py" \
     "$REPO/tests/test_taehv.py" "$REPO/tests/kernels/test_adaln.py" "$REPO/tests/kernels/test_fp8_linear.py" \
-    "$REPO/tests/test_wan_vae.py" "$REPO/tests/kernels/test_bias_act.py"
+    "$REPO/tests/test_wan_vae.py" "$REPO/tests/kernels/test_bias_act.py" "$REPO/tests/kernels/test_upsample_frames.py"
 }
 
 part_row-tiles() {

@@ -16,7 +16,8 @@ that conv alone (cuDNN's ReLU + conv against the kernel) and TAEHV's steady stre
 Self-Forcing's and OmniDreams' sizes with the switch off and on (alternated rounds, best of each; frames
 compared by rel. L2: the kernel sums in another order), then the same with FUSED_BIAS_ACT off and on
 (MemBlock's bias adds, residual add and ReLUs as one pass after each conv, kernels/bias_act.py; the frames
-should be bit-equal).
+should be bit-equal) and with UPSAMPLE_FRAMES_KERNEL off and on (each stage's TGrow 1x1 conv before its
+upsampling, then one Triton copy that splits the frames and repeats the pixels, kernels/upsample_frames.py).
 
     python bench/narrow_conv_bench.py --out convs.json            # GPU: ~30 s
     python bench/narrow_conv_bench.py --smoke --out /tmp/c.json   # CPU, tiny shapes
@@ -81,8 +82,9 @@ def last_conv_alone(dev, dtype, ms, smoke: bool) -> dict:
 
 def decode_on_off(dev, dtype, ms, smoke: bool, switch: str = "NARROW_LAST_CONV") -> dict:
     """TAEHV's steady streaming decode with the module switch `switch` off and on, alternated rounds, best of
-    each: NARROW_LAST_CONV (the last conv as our kernel) or FUSED_BIAS_ACT (MemBlock's bias, residual and
-    ReLUs as one pass after each conv, kernels/bias_act.py)."""
+    each: NARROW_LAST_CONV (the last conv as our kernel), FUSED_BIAS_ACT (MemBlock's bias, residual and
+    ReLUs as one pass after each conv, kernels/bias_act.py) or UPSAMPLE_FRAMES_KERNEL (each stage's TGrow
+    before its upsampling, then one copy, kernels/upsample_frames.py)."""
 
     def set_switch(on: bool) -> None:
         setattr(taehv, switch, on)
@@ -133,6 +135,7 @@ def main() -> None:
     print("taehv last conv alone", out["taehv"]["last_conv_alone"])
     out["taehv"]["decode"] = decode_on_off(dev, dtype, ms, args.smoke)
     out["taehv"]["decode_fused_bias_act"] = decode_on_off(dev, dtype, ms, args.smoke, "FUSED_BIAS_ACT")
+    out["taehv"]["decode_upsample_frames"] = decode_on_off(dev, dtype, ms, args.smoke, "UPSAMPLE_FRAMES_KERNEL")
     write_result(args.out, out)
 
 

@@ -131,6 +131,28 @@ def _conv_relu(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Te
     return F.relu(y if residual is None else y + residual, inplace=True)
 
 
+# Each stage's `Upsample -> TGrow` as TGrow's 1x1 conv at the stage's resolution (it commutes with nearest
+# upsampling) and then one Triton copy that splits the frames and repeats the pixels (kernels/upsample_frames.py),
+# where Triton runs on NHWC activations: at OmniDreams' 704x1280 the full-resolution 1x1 conv, the upsample copy
+# (0.67 ms) and the frame split (1.25 ms) ran at full resolution in torch (H200, next76).
+UPSAMPLE_FRAMES_KERNEL = True
+
+
+def _upsample_then_tgrow(x: Tensor, factor: int, tgrow: TGrow) -> Tensor | None:
+    """tgrow(upsample(x, factor)) as `kernels.upsample_frames(tgrow.conv(x))` where it serves (the switch on,
+    NHWC activations, Triton); else None (the layers run as they are)."""
+    if not (UPSAMPLE_FRAMES_KERNEL and x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last)):
+        return None
+    from flashdreams.kernels import triton_available, upsample_frames
+
+    if not triton_available(x.device):
+        return None
+    y = tgrow.conv(x)
+    if not y.is_contiguous(memory_format=torch.channels_last):
+        return None
+    return upsample_frames.upsample_frames(y, tgrow.stride, factor)
+
+
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
     return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
 
@@ -314,12 +336,20 @@ class TAEHV(nn.Module):
             x = x.contiguous(memory_format=torch.channels_last)
         index = 0
         last = len(self.decoder) - 1
+        done = -1  # a layer already applied by the one before it (TGrow by `_upsample_then_tgrow`)
         for i, layer in enumerate(self.decoder):
+            if i == done:
+                continue
             if i == last - 1 and isinstance(layer, nn.ReLU):  # the end: ReLU, conv to RGB
                 y = _narrow_last_conv(x, self.decoder[last])
                 if y is not None:
                     x = y
                     break
+            if isinstance(layer, nn.Upsample) and isinstance(self.decoder[i + 1], TGrow):
+                y = _upsample_then_tgrow(x, int(layer.scale_factor), self.decoder[i + 1])
+                if y is not None:
+                    x, done = y, i + 1
+                    continue
             if isinstance(layer, nn.Upsample) and UPSAMPLE_AS_COPY:
                 x = upsample_nearest(x, int(layer.scale_factor))
                 continue

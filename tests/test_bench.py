@@ -599,6 +599,9 @@ def test_narrow_conv_bench_smoke(tmp_path):
     fused = result["taehv"]["decode_fused_bias_act"]
     assert fused and all(row["frames_equal"] and row["decode_ms_kernel"] > 0 for row in fused.values())
     assert taehv.FUSED_BIAS_ACT is True
+    split = result["taehv"]["decode_upsample_frames"]
+    assert split and all(row["frames_rel_l2"] < 1e-5 and row["decode_ms_kernel"] > 0 for row in split.values())
+    assert taehv.UPSAMPLE_FRAMES_KERNEL is True
 
 
 def test_op_sources_smoke(tmp_path):
