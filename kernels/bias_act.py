@@ -32,14 +32,13 @@ def _bias_act_kernel(
     c = tl.arange(0, C_PAD)
     mask = (p < P)[:, None] & (c < C)[None, :]
     offs = p[:, None] * C + c[None, :]
-    dtype: tl.constexpr = OUT.dtype.element_ty
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _round_to(y + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[None, :], dtype, EMULATE)
+    y = _round_to(y + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[None, :], OUT.dtype.element_ty, EMULATE)
     if HAS_RES:
-        y = _round_to(y + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32), dtype, EMULATE)
+        y = _round_to(y + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32), OUT.dtype.element_ty, EMULATE)
     if RELU:
         y = tl.maximum(y, 0.0)
-    tl.store(OUT + offs, y.to(dtype), mask=mask)
+    tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)
 
 
 def _bias_act_op(y: torch.Tensor, bias: torch.Tensor, residual: torch.Tensor, relu: bool) -> torch.Tensor:

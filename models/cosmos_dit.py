@@ -438,7 +438,7 @@ class CosmosDiT(nn.Module):
     def block_modulations(self, emb: torch.Tensor, lora: torch.Tensor) -> torch.Tensor:
         """Every block's three AdaLN-LoRA modulations, [blocks, 3, B, F, 3D] float32, in three kernels: the
         per-block form is five small launches a branch (SiLU, two skinny GEMMs, a cast, the add), 420 a
-        forward at 28 blocks (~1.4 ms of an OmniDreams forward on an H200, bench/results/NOTES.md); here the
+        forward at 28 blocks (~4 ms of an OmniDreams chunk's three forwards on an H200, next77's profile); here the
         branches' first linears run as one GEMM over their weights concatenated and the second ones as
         one batched GEMM, with the same products in the same dtype (the weights are gathered every call:
         ~350 MB copied at 2B, cheaper than the launches, and never stale)."""
