@@ -82,4 +82,7 @@ def test_taehv_stages_split_and_upsample_through_it(monkeypatch):
     strides = (False, *cfg.decoder_time_upscale)  # the first stage never grows time
     want = [(2 if t else 1, 2 if s else 1) for t, s in zip(strides, cfg.decoder_space_upscale)]
     assert calls[:stages] == want
-    assert outs[True].shape == outs[False].shape and rel_l2(outs[True], outs[False]) < 1e-6
+    # equal to rounding: on CUDA the float32 convs run in TF32 and cuDNN picks its algorithm by size
+    # (next82-h100: 1.2e-4), on the CPU 1e-6
+    tol = 1e-3 if DEVICE.type == "cuda" else 1e-6
+    assert outs[True].shape == outs[False].shape and rel_l2(outs[True], outs[False]) < tol
