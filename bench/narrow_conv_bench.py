@@ -84,7 +84,8 @@ def decode_on_off(dev, dtype, ms, smoke: bool, switch: str = "NARROW_LAST_CONV")
     """TAEHV's steady streaming decode with the module switch `switch` off and on, alternated rounds, best of
     each: NARROW_LAST_CONV (the last conv as our kernel), FUSED_BIAS_ACT (MemBlock's bias, residual and
     ReLUs as one pass after each conv, kernels/bias_act.py) or UPSAMPLE_FRAMES_KERNEL (each stage's TGrow
-    before its upsampling, then one copy, kernels/upsample_frames.py)."""
+    before its upsampling, then one copy, kernels/upsample_frames.py). (next82-h100's file names the two
+    times decode_ms_cudnn / decode_ms_kernel: off / on.)"""
 
     def set_switch(on: bool) -> None:
         setattr(taehv, switch, on)
@@ -97,7 +98,7 @@ def decode_on_off(dev, dtype, ms, smoke: bool, switch: str = "NARROW_LAST_CONV")
         state = model.new_decode_state(1, h, w, dev, dtype)
         outs, times = decode_switch_off_on(model, latents, state, set_switch, ms, 1 if smoke else 3)
         off, on = min(times[False]), min(times[True])
-        res[name] = {"decode_ms_cudnn": off, "decode_ms_kernel": on, "speedup": off / on, "rounds": times,
+        res[name] = {"decode_ms_off": off, "decode_ms_on": on, "speedup": off / on, "rounds": times,
                      "frames_rel_l2": rel_l2(outs[True].float(), outs[False].float()),
                      "frames_equal": bool(torch.equal(outs[True], outs[False]))}  # fmt: skip
         print(f"{name}: steady decode, {switch} off {off:.2f} ms, on {on:.2f} ms ({off / on:.2f}x)")
