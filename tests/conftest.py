@@ -96,17 +96,44 @@ def params_or_skip(kinds: tuple[str, ...]):
 
 @pytest.fixture
 def count_calls(monkeypatch):
-    """count_calls(owner, name) -> a list that gains an entry per call of `owner.name` (a function of a
-    module, or a method of a class), which still runs as before; undone with the test."""
+    """count_calls(owner, name) -> a list that gains an entry (args, kwargs) per call of `owner.name` (a
+    function of a module, or a method of a class), which still runs as before; undone with the test."""
 
     def wrap(owner, name: str) -> list:
         calls, real = [], getattr(owner, name)
 
         def counted(*args, **kwargs):
-            calls.append(1)
+            calls.append((args, kwargs))
             return real(*args, **kwargs)
 
         monkeypatch.setattr(owner, name, counted)
         return calls
 
     return wrap
+
+
+@pytest.fixture
+def taehv_switch_streams(monkeypatch):
+    """taehv_switch_streams(switch, device) -> (model, {False: frames, True: frames}): a tiny NHWC TAEHV's
+    stream of two 2-latent blocks with `models.taehv.<switch>` off, then on, each from a fresh copy of the
+    model and a fresh state (the switch is restored with the test)."""
+    import copy
+
+    def run(switch: str, device: torch.device):
+        from flashdreams.models import taehv
+        from flashdreams.models.decoders import TINY_CONFIGS, init_random_
+
+        model = taehv.TAEHV(TINY_CONFIGS["taehv"])
+        init_random_(model, torch.Generator().manual_seed(3))
+        model = model.eval().to(device).to(memory_format=torch.channels_last)
+        latents = torch.randn(1, 4, 16, 3, 5, generator=torch.Generator().manual_seed(4)).to(device)
+        outs = {}
+        for on in (False, True):
+            monkeypatch.setattr(taehv, switch, on)
+            m = copy.deepcopy(model)
+            state = m.new_decode_state(1, 3, 5)
+            with torch.no_grad():
+                outs[on] = torch.cat([m.decode_stream(latents[:, i : i + 2], state) for i in (0, 2)], 1)
+        return model, outs
+
+    return run

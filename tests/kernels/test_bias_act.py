@@ -3,7 +3,6 @@ decoding through it."""
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -59,31 +58,14 @@ def test_refuses_bad_arguments_by_name():
         mod.bias_act(y, bias, y.contiguous())
 
 
-def test_taehv_memblocks_run_through_it_with_the_same_frames(monkeypatch):
+def test_taehv_memblocks_run_through_it_with_the_same_frames(count_calls, taehv_switch_streams):
     """An NHWC TAEHV streams the same frames with FUSED_BIAS_ACT on as off (bit for bit in float32), each of
     its MemBlock convs (3 a block) through one `bias_act` pass, the last of each block with the residual."""
     from flashdreams.models import taehv
-    from flashdreams.models.decoders import TINY_CONFIGS, init_random_
 
-    model = taehv.TAEHV(TINY_CONFIGS["taehv"])
-    init_random_(model, torch.Generator().manual_seed(3))
-    model = model.eval().to(DEVICE).to(memory_format=torch.channels_last)
-    latents = torch.randn(1, 4, 16, 3, 5, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    calls: list[bool] = []
-    real = mod.bias_act
-
-    def counted(y, b, r=None, relu=True):
-        calls.append(r is not None)
-        return real(y, b, r, relu)
-
-    monkeypatch.setattr(mod, "bias_act", counted)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(taehv, "FUSED_BIAS_ACT", on)
-        m = copy.deepcopy(model)
-        state = m.new_decode_state(1, 3, 5)
-        with torch.no_grad():
-            outs[on] = torch.cat([m.decode_stream(latents[:, i : i + 2], state) for i in (0, 2)], 1)
+    calls = count_calls(mod, "bias_act")
+    model, outs = taehv_switch_streams("FUSED_BIAS_ACT", DEVICE)
     blocks = sum(isinstance(layer, taehv.MemBlock) for layer in model.decoder)
-    assert len(calls) == 2 * 3 * blocks and sum(calls) == 2 * blocks  # two decodes
+    with_residual = [args[2] is not None for args, _ in calls]  # _conv_relu passes the residual third
+    assert len(calls) == 2 * 3 * blocks and sum(with_residual) == 2 * blocks  # the switched-on stream's 2 blocks
     assert torch.equal(outs[True], outs[False])

@@ -3,7 +3,6 @@ sequence, and TAEHV decoding through it."""
 
 from __future__ import annotations
 
-import copy
 import os
 
 import torch
@@ -51,37 +50,19 @@ def test_refuses_bad_arguments_by_name():
         mod.upsample_frames(y, 2, 0)
 
 
-def test_taehv_stages_split_and_upsample_through_it(monkeypatch):
+def test_taehv_stages_split_and_upsample_through_it(count_calls, taehv_switch_streams):
     """An NHWC TAEHV streams the same frames with UPSAMPLE_FRAMES_KERNEL on as off (its TGrow 1x1 convs now
     run before the upsampling, at a quarter of the pixels: equal to rounding), one call a stage."""
     from flashdreams.models import taehv
-    from flashdreams.models.decoders import TINY_CONFIGS, init_random_
 
-    model = taehv.TAEHV(TINY_CONFIGS["taehv"])
-    init_random_(model, torch.Generator().manual_seed(3))
-    model = model.eval().to(DEVICE).to(memory_format=torch.channels_last)
-    latents = torch.randn(1, 4, 16, 3, 5, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    calls = []
-    real = mod.upsample_frames
-
-    def counted(y, groups, factor):
-        calls.append((groups, factor))
-        return real(y, groups, factor)
-
-    monkeypatch.setattr(mod, "upsample_frames", counted)
-    outs = {}
-    for on in (False, True):
-        monkeypatch.setattr(taehv, "UPSAMPLE_FRAMES_KERNEL", on)
-        m = copy.deepcopy(model)
-        state = m.new_decode_state(1, 3, 5)
-        with torch.no_grad():
-            outs[on] = torch.cat([m.decode_stream(latents[:, i : i + 2], state) for i in (0, 2)], 1)
+    calls = count_calls(mod, "upsample_frames")
+    model, outs = taehv_switch_streams("UPSAMPLE_FRAMES_KERNEL", DEVICE)
     stages = sum(isinstance(layer, taehv.TGrow) for layer in model.decoder)
-    assert len(calls) == 2 * stages  # two decodes
+    assert len(calls) == 2 * stages  # the switched-on stream's two blocks
     cfg = model.config
     strides = (False, *cfg.decoder_time_upscale)  # the first stage never grows time
     want = [(2 if t else 1, 2 if s else 1) for t, s in zip(strides, cfg.decoder_space_upscale)]
-    assert calls[:stages] == want
+    assert [args[1:] for args, _ in calls[:stages]] == want
     # equal to rounding: on CUDA the float32 convs run in TF32 and cuDNN picks its algorithm by size
     # (next82-h100: 1.2e-4), on the CPU 1e-6
     tol = 1e-3 if DEVICE.type == "cuda" else 1e-6
