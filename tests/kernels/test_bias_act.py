@@ -28,7 +28,7 @@ def _nhwc(*shape: int, seed: int, dtype: torch.dtype) -> torch.Tensor:
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("residual,relu", [(False, True), (True, True), (True, False)])
-@pytest.mark.parametrize("shape", [(2, 48, 5, 7), (1, 64, 3, 33), (1, 3, 1, 1)])
+@pytest.mark.parametrize("shape", [(2, 48, 5, 7), (1, 24, 37, 31), (1, 3, 1, 1)])
 def test_equals_torch_add_add_relu_bit_for_bit(dtype, residual, relu, shape):
     """y + bias (rounded), + residual (rounded), ReLU: the kernel's output is torch's, bit for bit, in the
     activations' layout; channel counts that are no power of two and pixel counts past a block included."""
