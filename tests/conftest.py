@@ -72,9 +72,12 @@ def _deep_frame_caller(slots: int = 65000):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
-    """pytest's own test loop, run from inside a frame that starts a large data-stack chunk (above)."""
-    from _pytest.main import pytest_runtestloop as run_tests
-
+    """pytest's own test loop, run from inside a frame that starts a large data-stack chunk (above); where
+    pytest keeps its loop elsewhere, None lets pytest run it as usual (only slower)."""
+    try:
+        from _pytest.main import pytest_runtestloop as run_tests
+    except ImportError:
+        return None
     return _deep_frame_caller()(run_tests, session)
 
 
