@@ -55,6 +55,7 @@ worlds-arena-fp32|45|issue 19: the arena in float32 at N = 1 and 64 (comparison)
 worlds-mg|170|issue 19: Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton), lockstep N = 1..16
 mg-taehv|100|issue 14: fd-bench Matrix-Game 2.0 universal 352x640 single session, TAEHV, Triton, 8 blocks, block-5 profile
 mg-wanvae|110|issue 14: the same with the Wan VAE decoder (the preset's)
+mg-splits|330|issues 14, 22: Matrix-Game 2.0 universal 352x640 (TAEHV, Triton) blocks with the bf16 ring attention at its picked key splits, at FD_ATTN_SPLITS=2, then picked again (three fd-bench processes on one machine: the kernel alone ran 2 splits 13% faster, next59)
 gpu-tests|200|pytest -m gpu: the new families' GPU tests (cosmos, omnidreams, flashvsr, wan22, block-sparse kernel, matrixgame)
 flashvsr|180|issue 20: FlashVSR 768x1408 sparse 2.0 steady FPS, sparse kernel vs dense SDPA, 1152x1920 (1080p) FPS (bench/family_parts.py)
 flashvsr-more|240|issue 20: Self-Forcing -> FlashVSR 2x chain FPS, sparse 1.5 and dense FPS, the 1080p kernel rate
@@ -673,6 +674,19 @@ part_mg-taehv() {
   else
     fdb_to mg-taehv "$1" $MG --decoder taehv --blocks 8 --rollouts 2 --profile-block 5
   fi
+}
+
+part_mg-splits() {
+  local rc=0 each=$(($1 / 3)) args
+  if [ $SMOKE = 1 ]; then
+    args="--preset matrix-game-2-tiny --decoder taehv --blocks 3 --rollouts 1 --quick-ceilings"
+  else
+    args="$MG --decoder taehv --blocks 8 --rollouts 2"
+  fi
+  fdb_to mg-splits-picked "$each" $args || rc=$?
+  FD_ATTN_SPLITS=2 fdb_to mg-splits-2 "$each" $args || rc=$?
+  fdb_to mg-splits-picked-again "$each" $args || rc=$?
+  return $rc
 }
 
 part_mg-wanvae() {

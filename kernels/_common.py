@@ -217,6 +217,17 @@ def env_choice(name: str, default: str, choices: Sequence[str]) -> str:
     return raw
 
 
+def env_key_splits(name: str) -> int | None:
+    """The key split count the environment variable `name` asks for (1..8), None where unset or empty; refused
+    by name otherwise: FD_ATTN_SPLITS / FD_FP8_ATTN_SPLITS, benchmark knobs read per call."""
+    raw = os.environ.get(name, "")
+    if not raw:
+        return None
+    if not raw.isdigit() or not 1 <= int(raw) <= 8:
+        raise InvalidArgumentError(f"{name}: expected a key split count from 1 to 8, found {raw!r}")
+    return int(raw)
+
+
 def inline_into_compilers() -> bool:
     """Whether ops are `triton_op`s (Inductor sees and compiles the Triton source) rather than
     opaque custom ops (Inductor calls them as they are). Opaque is the default: on our H100

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import next_pow2
+from ._common import env_key_splits, next_pow2
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+# FD_ATTN_SPLITS=N runs the bf16 kernel with N key splits (merged after) in place of the picked config's, so
+# that the bench can weigh splits in whole blocks: next59's kernel alone ran Matrix-Game's steady shape in 0.383
+# ms at 2 splits against 0.438 at 1, where the wave model (95% of the waves full) sees no gain.
+SPLITS_ENV = "FD_ATTN_SPLITS"
+
+
 def pick_config(q: torch.Tensor, capacity: int) -> AttnConfig:
-    """The config for these shapes; on CUDA, `splits` evens out the last wave of programs."""
+    """The config for these shapes; on CUDA, `splits` evens out the last wave of programs (FD_ATTN_SPLITS,
+    where set, overrides the key splits on every device)."""
+    splits = env_key_splits(SPLITS_ENV)
+    cfg = _table_config(q, capacity)
+    return cfg if splits is None else dataclasses.replace(cfg, splits=splits)
+
+
+def _table_config(q: torch.Tensor, capacity: int) -> AttnConfig:
     d_pad = next_pow2(q.shape[-1], 16)
     if q.device.type != "cuda":
         return CPU_CONFIG

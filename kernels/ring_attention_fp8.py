@@ -49,7 +49,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 from dataclasses import dataclass
 
 import torch
@@ -61,6 +60,7 @@ from ._common import (
     INDEX_DTYPES,
     check_tensor,
     env_choice,
+    env_key_splits,
     inline_into_compilers,
     interpreted,
     launch,
@@ -177,12 +177,7 @@ SPLITS_ENV = "FD_FP8_ATTN_SPLITS"
 
 
 def _splits_override() -> int | None:
-    raw = os.environ.get(SPLITS_ENV, "")
-    if not raw:
-        return None
-    if not raw.isdigit() or not 1 <= int(raw) <= 8:
-        raise InvalidArgumentError(f"{SPLITS_ENV}: expected a key split count from 1 to 8, found {raw!r}")
-    return int(raw)
+    return env_key_splits(SPLITS_ENV)
 
 
 # The kernel behind the FP8 ring attention where the Gluon one can serve (sm_90, head dim 128, the 64 x 128

@@ -14,6 +14,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import dataclasses  # noqa: E402
 import math  # noqa: E402
 
 import pytest  # noqa: E402
@@ -210,6 +211,41 @@ def test_bad_arguments_name_the_argument():
         ring_attention(q, k, v, vl, scale=-1.0)
     with pytest.raises(InvalidArgumentError, match="head_dim"):
         ring_attention(*make_case(1, 2, 1, 264, 4, 4, torch.float32)[:3], vl)
+
+
+def test_splits_override_from_the_environment(monkeypatch):
+    """FD_ATTN_SPLITS replaces the picked config's key splits (the bench's whole-block comparison): the call
+    runs that many splits and still equals the twin; a value that is not a count from 1 to 8 is refused by
+    name, in the call and when a model with our kernels loads (before anything is built)."""
+    import importlib
+
+    import flashdreams
+    from flashdreams import registry
+    from flashdreams.kernels.ring_attention_configs import SPLITS_ENV, pick_config
+
+    mod = importlib.import_module("flashdreams.kernels.ring_attention")  # the module, not its function
+
+    q, k, v, vl = make_case(1, 30, 2, 64, 150, 140, torch.float32, seed=8)
+    monkeypatch.delenv(SPLITS_ENV, raising=False)
+    base = pick_config(q, k.shape[1])
+    seen = []
+    real = mod.split_outputs
+    monkeypatch.setattr(mod, "split_outputs", lambda q, splits: seen.append(splits) or real(q, splits))
+    ring_attention(q, k, v, vl)
+    monkeypatch.setenv(SPLITS_ENV, "3")
+    picked = pick_config(q, k.shape[1])
+    assert picked.splits == 3 and dataclasses.replace(picked, splits=base.splits) == base
+    out = ring_attention(q, k, v, vl)
+    assert seen == [base.splits, 3] and base.splits != 3
+    assert rel_l2(out, ring_attention_reference(q, k, v, vl)) < TOL[torch.float32]
+    for bad in ("0", "two", "9", "-1"):
+        monkeypatch.setenv(SPLITS_ENV, bad)
+        with pytest.raises(InvalidArgumentError, match=SPLITS_ENV):
+            ring_attention(q, k, v, vl)
+    with monkeypatch.context() as m:
+        m.setattr(registry, "get_preset", lambda *a, **k: pytest.fail("loading started before the check"))
+        with pytest.raises(InvalidArgumentError, match=SPLITS_ENV):
+            flashdreams.load(decoder=None, attention="triton")
 
 
 def test_key_splits_follow_the_last_wave():
