@@ -88,7 +88,8 @@ def _sm_count(device: torch.device) -> int:
 
 # FD_ATTN_SPLITS=N runs the bf16 kernel with N key splits (merged after) in place of the picked config's, so
 # that the bench can weigh splits in whole blocks: next59's kernel alone ran Matrix-Game's steady shape in 0.383
-# ms at 2 splits against 0.438 at 1, where the wave model (95% of the waves full) sees no gain.
+# ms at 2 splits against 0.438 at 1, where the wave model (95% of the waves full) sees no gain. In the model
+# (next87-h100, mg-splits) 2 splits made the block slower, 91.1 ms against 86.5 / 87.0 picked: the rule stays.
 SPLITS_ENV = "FD_ATTN_SPLITS"
 
 
