@@ -7,7 +7,7 @@ each kernel computes and run anywhere; the kernels run on CUDA, or on a CPU unde
 Triton's interpreter (`TRITON_INTERPRET=1` set before triton is imported).
 """
 
-from ._common import require_triton, triton_available
+from ._common import require_triton, torch_twins_only, triton_available
 from .action_attention import (
     action_norm_rope,
     action_norm_rope_cache_write,
@@ -95,5 +95,6 @@ __all__ = [
     "rms_norm_reference",
     "rope_cache_write",
     "rope_cache_write_reference",
+    "torch_twins_only",
     "triton_available",
 ]

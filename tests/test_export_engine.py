@@ -354,6 +354,35 @@ def test_engine_of_a_channels_last_decoder_matches_eager(workdir, monkeypatch):
         assert (got.frames.int() - want.frames.int()).abs().max() <= 1
 
 
+def test_onnx_engine_of_a_channels_last_decoder_traces_the_torch_twins(workdir, monkeypatch):
+    """ONNX has no form for our Triton ops, so an exporter traces the torch twins of the kernels the models
+    pick by device (TAEHV's bias/ReLU and frame-split passes on NHWC activations, as on CUDA; forced here on
+    the CPU under the interpreter): the build succeeds (it failed with "No ONNX function found for
+    flashdreams.bias_act"), its sessions equal eager (which runs the kernels), and the switch is off again
+    after the export."""
+    pytest.importorskip("onnxruntime")
+    from flashdreams.kernels import torch_twins_only, triton_available
+    from flashdreams.models import decoders
+
+    wrap = decoders.TAEHVDecoder.__init__
+    monkeypatch.setattr(
+        decoders.TAEHVDecoder,
+        "__init__",
+        lambda self, model: wrap(self, model.to(memory_format=torch.channels_last)),
+    )
+    with torch_twins_only():
+        assert not triton_available("cpu")
+    assert triton_available("cpu")  # the tests' interpreter, back on
+    out = workdir / "tiny-taehv-nhwc-onnx"
+    build_engine(out, backend="onnx", device="cpu", decoder="taehv")
+    assert triton_available("cpu")
+    a, b = flashdreams.load(out).session(seed=SEED), flashdreams.load(decoder="taehv").session(seed=SEED)
+    for _ in range(2):
+        got, want = a.step(), b.step()
+        assert rel_l2(got.latents, want.latents) <= TOL
+        assert (got.frames.int() - want.frames.int()).abs().max() <= 1
+
+
 def test_a_cold_cpu_load_compiles_no_kernel(inductor_dir, tmp_path):
     """A CPU engine carries Inductor's compiled C++ kernels: loading it in a fresh process with an
     empty Inductor cache installs them and compiles none (a cold load of this engine spent 28.5 of

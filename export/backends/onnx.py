@@ -20,6 +20,7 @@ import torch
 from flashdreams.errors import EngineIncompatibleError
 from flashdreams.export.backends import GraphBackend, GraphFn, rel
 from flashdreams.export.manifest import TensorSpec
+from flashdreams.kernels import torch_twins_only
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,9 @@ def export_onnx(prog, path: Path) -> list[Path]:
     external = _param_bytes(prog.module) > EXTERNAL_DATA_BYTES
     names_in = [s.name for s in prog.inputs]
     names_out = [s.name for s in prog.outputs]
-    with torch.no_grad(), warnings.catch_warnings():
+    # The Triton custom ops have no ONNX form: the models' device-chosen kernels (the decoders' fused norms
+    # and TAEHV's passes on CUDA) are traced as their torch twins, as attention is traced as sdpa.
+    with torch.no_grad(), warnings.catch_warnings(), torch_twins_only():
         warnings.simplefilter("ignore")
         program = torch.onnx.export(
             prog.module,
