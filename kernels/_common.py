@@ -9,7 +9,6 @@ enables when `TRITON_INTERPRET=1` is in the environment before it is first impor
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
@@ -60,26 +59,28 @@ def interpreted() -> bool:
 
 
 # Set while a graph is traced for an exporter that has no form for our custom ops (ONNX, and TensorRT
-# through it): the models then take the plain-torch twins wherever they would pick a kernel by device.
-_TWINS_ONLY = contextvars.ContextVar("flashdreams_kernels_twins_only", default=False)
+# through it): the models then take the plain-torch twins wherever they would pick a kernel by device. A
+# plain module global, not a ContextVar: Dynamo traces `triton_available` and cannot trace ContextVar.get.
+_twins_only_depth = 0
 
 
 @contextlib.contextmanager
 def torch_twins_only() -> Iterator[None]:
     """Inside, `triton_available` answers False on every device, so code that chooses between a kernel
     and its torch twin by it takes the twin (an exporter without our ops traces plain torch)."""
-    token = _TWINS_ONLY.set(True)
+    global _twins_only_depth
+    _twins_only_depth += 1
     try:
         yield
     finally:
-        _TWINS_ONLY.reset(token)
+        _twins_only_depth -= 1
 
 
 def triton_available(device: torch.device | str) -> bool:
     """Whether the Triton kernels can run on `device`: CUDA with triton, or CPU under the interpreter
     (never inside `torch_twins_only`)."""
     device = torch.device(device)
-    if not HAS_TRITON or _TWINS_ONLY.get():
+    if not HAS_TRITON or _twins_only_depth:
         return False
     if device.type == "cuda":
         return torch.cuda.is_available()
