@@ -240,14 +240,15 @@ def check_kernel_environment(precision: str, attention: str) -> None:
     with precision 'fp8' (benchmark knobs the attention reads per call)."""
     import importlib
 
+    from flashdreams.kernels._common import env_key_splits
+
     if attention in ("triton", "fa4"):
         importlib.import_module("flashdreams.kernels.ring_attention").kernel_choice()
-        configs = importlib.import_module("flashdreams.kernels.ring_attention_configs")
-        configs.env_key_splits(configs.SPLITS_ENV)
+        env_key_splits(importlib.import_module("flashdreams.kernels.ring_attention_configs").SPLITS_ENV)
     if precision == "fp8":
         fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")  # the module
         fp8_attention._kernel_choice()
-        fp8_attention._splits_override()
+        env_key_splits(fp8_attention.SPLITS_ENV)
 
 
 def load(

@@ -176,10 +176,6 @@ FP8_SWEEP_CONFIGS: list[Fp8AttnConfig] = [
 SPLITS_ENV = "FD_FP8_ATTN_SPLITS"
 
 
-def _splits_override() -> int | None:
-    return env_key_splits(SPLITS_ENV)
-
-
 # The kernel behind the FP8 ring attention where the Gluon one can serve (sm_90, head dim 128, the 64 x 128
 # default config): its form that takes P through shared memory, 758 against this file's 694 TFLOP/s at kv 28080
 # on an H100 and Self-Forcing's FP8 block 5 272.8 against 286.1 ms, the same quality (bench/results/g4-h100,
@@ -213,7 +209,7 @@ def pick_fp8_config(q: torch.Tensor) -> Fp8AttnConfig:
         d_pad = fp8_d_pad(q.shape[-1])
         arch = FP8_ARCH_CONFIGS.get(torch.cuda.get_device_capability(q.device), {})
         cfg = arch.get(d_pad, FP8_CUDA_CONFIGS[d_pad])
-    splits = _splits_override()
+    splits = env_key_splits(SPLITS_ENV)
     return cfg if splits is None else dataclasses.replace(cfg, splits=splits)
 
 
