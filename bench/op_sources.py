@@ -69,6 +69,12 @@ def main() -> None:
     for (name, shapes, frames), (calls, us) in rows:
         lines.append(f"{us / 1e3:9.3f} ms {calls:5d} x  {name}  {shapes}")
         lines += [f"{'':22s}{f}" for f in frames]
+    launched = launches(prof.events())
+    lines.append(f"\n{sum(n for n, _ in launched.values())} device launches in the step; memsets and copies by op:")
+    for (kernel, op, frames), (n, us) in sorted(launched.items(), key=lambda kv: -kv[1][0]):
+        if kernel.startswith(("Memset", "Memcpy")):
+            lines.append(f"{n:6d} x {kernel} ({us / 1e3:.3f} ms)  under {op}")
+            lines += [f"{'':22s}{f}" for f in frames]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
@@ -85,6 +91,22 @@ def own_frames(event, n: int = 3) -> tuple[str, ...]:
             frames.append(name)
         e = e.cpu_parent
     return tuple(frames)
+
+
+def launches(events) -> dict:
+    """{(kernel name, innermost op, frames): (launches, us)}: every kernel, memset and copy of the step under the
+    innermost op that launched it (a captured graph replays each as a node with its own launch gap, so the
+    count matters as well as the time; cuBLAS and cuDNN launch memsets of their own)."""
+    table: dict = {}
+    for e in events:
+        if e.device_type != DeviceType.CPU or "::" not in e.name:
+            continue
+        for k in e.kernels:
+            kind = k.name.split("(")[0].strip() if k.name.startswith(("Memset", "Memcpy")) else "kernel"
+            key = (kind, e.name, own_frames(e))
+            n, us = table.get(key, (0, 0.0))
+            table[key] = (n + 1, us + k.duration)
+    return table
 
 
 def aggregate(events, kind: str) -> list:

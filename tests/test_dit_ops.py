@@ -107,6 +107,30 @@ def test_deferred_ffn_residual_changes_no_number(monkeypatch):
     assert all(torch.equal(a, b) for a, b in zip(deferred, finished))
 
 
+def test_blocks_modulations_are_made_in_one_batch_a_forward(monkeypatch):
+    """forward_step makes every block's `modulation + e0` at once (`WanDiT.layer_modulations`: three launches a
+    forward, not two a block): the rollout is bit-identical to each block making its own."""
+    import flashdreams
+    from flashdreams.models.wan_dit import WanDiT
+
+    engine = flashdreams.load(device="cpu", dtype="float32", decoder=None)
+    dit = engine.model.weights
+    assert not torch.equal(dit.blocks[0].modulation, dit.blocks[1].modulation)  # a swapped layer would show
+    made = []
+    real = WanDiT.layer_modulations
+    monkeypatch.setattr(WanDiT, "layer_modulations", lambda self, e0: made.append(1) or real(self, e0))
+
+    def rollout() -> list[torch.Tensor]:
+        session = engine.session(seed=3)
+        return [session.step().latents.clone() for _ in range(3)]
+
+    batched = rollout()
+    assert made  # one batch per DiT forward
+    monkeypatch.setattr(WanDiT, "layer_modulations", lambda self, e0: [None] * len(self.blocks))
+    per_block = rollout()
+    assert all(torch.equal(a, b) for a, b in zip(batched, per_block))
+
+
 @needs_triton
 def test_fa4_choice_sends_every_ring_attention_of_the_model_there(monkeypatch):
     """set_attention("fa4") keeps our norm passes and hands each layer's KV-ring attention to
