@@ -22,6 +22,7 @@ from ._common import (
     FLOAT_DTYPES,
     check_shape,
     check_tensor,
+    interpreted,
     launch,
     new_output,
     next_pow2,
@@ -30,6 +31,8 @@ from ._common import (
     tl,
     triton,
 )
+from .fp8_kv import _to_e4m3
+from .fp8_linear import FP8, _e4m3_inv_scale, _launch_quantize_rows, _store_row_scale
 
 
 @triton.jit
@@ -72,6 +75,50 @@ def _merge_kernel(
     tl.store(LSE + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
 
 
+@triton.jit
+def _merge_rows_fp8_kernel(
+    OP, LP, X8, SX,
+    stride_ps, stride_pb, stride_pm, stride_ph,
+    stride_lps, stride_lpb, stride_lph,
+    Lq, H,
+    PARTS: tl.constexpr, HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, H_PAD: tl.constexpr, BLOCK_M: tl.constexpr,
+    OUT_DTYPE: tl.constexpr, EMULATE: tl.constexpr,
+):  # fmt: skip
+    """`_merge_kernel` for BLOCK_M query rows of one batch over every head at once, then each merged row (the H x d
+    values of the linear's input row, rounded to OUT_DTYPE as `_merge_kernel` stores them) quantized for an FP8
+    linear as `fp8_linear._quantize_rows_kernel` quantizes it: x8 `[B, Lq, H * d]` e4m3, sx `[B, Lq]`."""
+    pid_m = tl.program_id(0)
+    b = tl.program_id(1).to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_h = tl.arange(0, H_PAD)
+    offs_d = tl.arange(0, D_PAD)
+    m_ok = offs_m < Lq
+    mh = m_ok[:, None] & (offs_h < H)[None, :]  # [BLOCK_M, H_PAD]: one LSE each
+    mask = mh[:, :, None] & (offs_d < HEAD_DIM)[None, None, :]
+    lp = LP + b * stride_lpb + offs_h[None, :] * stride_lph + offs_m[:, None]
+    m = tl.full([BLOCK_M, H_PAD], float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(PARTS):
+        m = tl.maximum(m, tl.load(lp + s * stride_lps, mask=mh, other=float("-inf")).to(tl.float32))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)
+    acc = tl.zeros([BLOCK_M, H_PAD, D_PAD], dtype=tl.float32)
+    den = tl.zeros([BLOCK_M, H_PAD], dtype=tl.float32)
+    op = OP + b * stride_pb + offs_m[:, None, None] * stride_pm + offs_h[None, :, None] * stride_ph
+    op += offs_d[None, None, :]
+    for s in tl.static_range(PARTS):
+        w = tl.exp(tl.load(lp + s * stride_lps, mask=mh, other=float("-inf")).to(tl.float32) - m_safe)
+        part = tl.load(op + s * stride_ps, mask=mask, other=0.0).to(tl.float32)
+        acc += tl.where(w[:, :, None] > 0.0, part, 0.0) * w[:, :, None]
+        den += w
+    out = acc / tl.where(den > 0.0, den, 1.0)[:, :, None]
+    out = tl.where(mask, out.to(OUT_DTYPE).to(tl.float32), 0.0)  # the values the unfused linear would read
+    amax = tl.max(tl.max(tl.abs(out), 2), 1)
+    inv = _e4m3_inv_scale(amax)[:, None, None]
+    row = b * Lq + offs_m
+    x8_ptrs = X8 + row[:, None, None] * (H * HEAD_DIM) + offs_h[None, :, None] * HEAD_DIM + offs_d[None, None, :]
+    tl.store(x8_ptrs, _to_e4m3(out * inv, EMULATE), mask=mask)
+    _store_row_scale(amax, SX + row, m_ok)
+
+
 def merge_into(parts: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: torch.Tensor) -> None:
     """Merge parts `[P, B, Lq, N, d]` with lses `[P, B, N, Lq]` into out `[B, Lq, N, d]`, lse `[B, N, Lq]`."""
     P, B, Lq, H, d = parts.shape
@@ -88,6 +135,32 @@ def merge_into(parts: torch.Tensor, lses: torch.Tensor, out: torch.Tensor, lse: 
         PARTS=P, HEAD_DIM=d, D_PAD=next_pow2(d, 16), BLOCK_M=block_m, num_warps=4,
     )
     # fmt: on
+
+
+def merge_rows_fp8(parts: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Parts `[P, B, Lq, N, d]` and lses `[P, B, N, Lq]` merged, rounded to `dtype` and quantized per row of N * d
+    values for an FP8 linear: (x8 `[B, Lq, N * d]` e4m3, sx `[B, Lq]` float32), equal bit for bit to
+    `merge_into` into a `dtype` output followed by `fp8_linear.quantize_rows_fp8` of its rows, in one pass
+    instead of two (the merged output is not written out and read back). Unchecked arguments."""
+    P, B, Lq, H, d = parts.shape
+    x8 = new_output((B, Lq, H * d), FP8, parts.device)
+    sx = new_output((B, Lq), torch.float32, parts.device)
+    block_m = 4 if parts.device.type == "cuda" else 64
+    # fmt: off
+    launch(
+        _merge_rows_fp8_kernel, (triton.cdiv(Lq, block_m), B),
+        parts, lses, x8, sx,
+        parts.stride(0), parts.stride(1), parts.stride(2), parts.stride(3),
+        lses.stride(0), lses.stride(1), lses.stride(2),
+        Lq, H,
+        PARTS=P, HEAD_DIM=d, D_PAD=next_pow2(d, 16), H_PAD=next_pow2(H), BLOCK_M=block_m,
+        OUT_DTYPE=_TL_DTYPES[dtype], EMULATE=interpreted(), num_warps=4,
+    )
+    # fmt: on
+    return x8, sx
+
+
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32}
 
 
 class SplitOutputs(NamedTuple):
@@ -113,6 +186,16 @@ class SplitOutputs(NamedTuple):
         if self.splits > 1:
             merge_into(self.o_buf, self.l_buf, self.out, self.lse)
         return self.out, self.lse
+
+    def finish_fp8_rows(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The output as an FP8 linear's pre-quantized input, (x8 `[B, Lq, N * d]` e4m3, sx `[B, Lq]`): what
+        `fp8_linear.quantize_rows_fp8` makes of `finish()`'s out, bit for bit. Several parts are merged and
+        quantized in one pass (`merge_rows_fp8`); no LSE comes back."""
+        B, Lq, H, d = self.out.shape
+        if self.splits > 1:
+            return merge_rows_fp8(self.o_buf, self.l_buf, self.out.dtype)
+        x8, sx = _launch_quantize_rows(self.out.view(B * Lq, H * d), 0)
+        return x8.view(B, Lq, H * d), sx.view(B, Lq)
 
 
 def split_outputs(q: torch.Tensor, splits: int) -> SplitOutputs:

@@ -85,6 +85,7 @@ from .fp8_kv import (  # noqa: F401 (Fp8KV .. update_fp8_kv: this module's API b
     round_e4m3,
     update_fp8_kv,
 )
+from .fp8_linear import Fp8Rows
 from .ring_attention import LOG2E, _check_attention_args, _ensure_tma_allocator, _tma_ok, resolve_scale
 from .ring_attention_configs import AttnConfig
 from .ring_attention_fp8_hopper import VARIANTS as HOPPER_VARIANTS
@@ -380,10 +381,12 @@ def launch_ring_attention_fp8_quantized(
     scale: float,
     config: Fp8AttnConfig | None = None,
     pv_fp8: bool = True,
+    rows_fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The attention kernel on already-quantized K/V (`quantize_kv_fp8`); v_cache is read only
     when `pv_fp8` is False. With no config, on sm_90 at head dim 128 the Gluon kernel runs it
-    (`ring_attention_fp8_hopper`, see KERNEL_ENV). Unchecked arguments (the bench and tests use this)."""
+    (`ring_attention_fp8_hopper`, see KERNEL_ENV). (out, lse), or with `rows_fp8` the output quantized per
+    row for an FP8 linear (`SplitOutputs.finish_fp8_rows`). Unchecked arguments (the bench and tests use this)."""
     B, Lq, H, d = q.shape
     S = kv.k8.shape[2]
     d_pad = kv.k8.shape[3]
@@ -401,7 +404,7 @@ def launch_ring_attention_fp8_quantized(
         splits = fp8_splits_for(programs, _sm_count(q.device.index or 0)) if on_gpu else 1
     form = _hopper_form(q, kv, config, pv_fp8)
     if form is not None:
-        return launch_ring_attention_fp8_hopper(q, kv, valid_len, scale * LOG2E / E4M3_MAX, splits, form)
+        return launch_ring_attention_fp8_hopper(q, kv, valid_len, scale * LOG2E / E4M3_MAX, splits, form, rows_fp8)
     bufs = split_outputs(q, splits)
     use_tma = bool(cfg.use_tma)
     v_tma = use_tma and not pv_fp8 and _tma_ok(v_cache) and d == d_pad
@@ -423,7 +426,7 @@ def launch_ring_attention_fp8_quantized(
         **({"maxnreg": cfg.maxnreg} if cfg.maxnreg and not interpreted() else {}),
     )
     # fmt: on
-    return bufs.finish()
+    return bufs.finish_fp8_rows() if rows_fp8 else bufs.finish()
 
 
 def launch_ring_attention_fp8(
@@ -493,6 +496,23 @@ def _ring_attention_fp8_prequantized_op(
 register_op("ring_attention_fp8_prequantized", _ring_attention_fp8_prequantized_op)
 
 
+def _ring_attention_fp8_rows_op(
+    q: torch.Tensor,
+    k8: torch.Tensor,
+    kt: torch.Tensor,
+    v8t: torch.Tensor,
+    vt: torch.Tensor,
+    valid_len: torch.Tensor,
+    scale: float,
+    block_n: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    kv = Fp8KV(k8, kt, v8t, vt, block_n)
+    return launch_ring_attention_fp8_quantized(q, kv, v8t, valid_len, scale, None, True, rows_fp8=True)
+
+
+register_op("ring_attention_fp8_rows", _ring_attention_fp8_rows_op)
+
+
 def fp8_kv_block_n(q_or_cache: torch.Tensor) -> int:
     """The key tile an fp8 shadow of a ring on this device must be quantized in (the attention
     config's block_n there), for `empty_fp8_kv`."""
@@ -508,6 +528,28 @@ def ring_attention_fp8_prequantized(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """`ring_attention_fp8` (fp8 QK^T and P @ V) on an fp8 shadow of the ring kept by `update_fp8_kv`:
     no K/V pass per call. The result equals `ring_attention_fp8` on the bf16 ring the shadow mirrors."""
+    scale = _check_prequantized(q, kv, valid_len, scale)
+    out, lse = torch.ops.flashdreams.ring_attention_fp8_prequantized(
+        q, kv.k8, kv.kt, kv.v8t, kv.vt, valid_len.reshape(1), scale, kv.block_n
+    )
+    return (out, lse) if return_lse else out
+
+
+def ring_attention_fp8_rows(q: torch.Tensor, kv: Fp8KV, valid_len: torch.Tensor, scale: float | None = None) -> Fp8Rows:
+    """`ring_attention_fp8_prequantized`'s output `[B, Lq, N, d]` as the FP8 output projection reads it: each
+    token's N * d values quantized per row (`Fp8Rows`, values `[B, Lq, N * d]`, scale `[B, Lq]`), the same codes
+    and scales as `fp8_linear.quantize_rows_fp8` makes of it. Where the kernel splits the keys, the merge of the
+    splits quantizes as it merges (`attention_merge.merge_rows_fp8`): one pass over the fp32 parts instead of
+    the merge's and the linear's two, and no bf16 output written and read back."""
+    scale = _check_prequantized(q, kv, valid_len, scale)
+    x8, sx = torch.ops.flashdreams.ring_attention_fp8_rows(
+        q, kv.k8, kv.kt, kv.v8t, kv.vt, valid_len.reshape(1), scale, kv.block_n
+    )
+    return Fp8Rows(x8, sx)
+
+
+def _check_prequantized(q: torch.Tensor, kv: Fp8KV, valid_len: torch.Tensor, scale: float | None) -> float:
+    """The prequantized kernels' argument checks; the resolved softmax scale."""
     check_tensor("q", q, ndim=4, dtypes=FLOAT_DTYPES, last_contiguous=True)
     B, _, H, d = q.shape
     if kv.v8t.dim() != 4 or kv.k8.shape[:2] != (B, H) or kv.k8.shape[3] != fp8_d_pad(d):
@@ -523,10 +565,7 @@ def ring_attention_fp8_prequantized(
     if not (scale > 0.0 and math.isfinite(scale)):
         raise InvalidArgumentError(f"scale: expected a positive finite float, found {scale}")
     require_triton(q.device)
-    out, lse = torch.ops.flashdreams.ring_attention_fp8_prequantized(
-        q, kv.k8, kv.kt, kv.v8t, kv.vt, valid_len.reshape(1), scale, kv.block_n
-    )
-    return (out, lse) if return_lse else out
+    return scale
 
 
 # ----------------------------------------------------------------------------- reference twin

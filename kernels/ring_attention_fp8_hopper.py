@@ -307,12 +307,18 @@ def launch_hopper(
 
 
 def launch_ring_attention_fp8_hopper(
-    q: torch.Tensor, kv, valid_len: torch.Tensor, qk_fac: float, splits: int, variant: str = "gluon"
+    q: torch.Tensor,
+    kv,
+    valid_len: torch.Tensor,
+    qk_fac: float,
+    splits: int,
+    variant: str = "gluon",
+    rows_fp8: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(out `[B, Lq, N, d]` in q's dtype, natural-log LSE `[B, N, Lq]`) on an fp8 shadow `kv`
-    (`ring_attention_fp8.Fp8KV`), `splits` key splits merged after; qk_fac = softmax scale * log2(e) / 448."""
+    (`ring_attention_fp8.Fp8KV`), `splits` key splits merged after; qk_fac = softmax scale * log2(e) / 448.
+    `rows_fp8`: the output quantized per row for an FP8 linear instead (`SplitOutputs.finish_fp8_rows`)."""
     bufs = split_outputs(q, splits)
-    if _is_traced((q, kv.k8, valid_len)):  # shapes only (export, fake tensors): nothing to launch or describe
-        return bufs.out, bufs.lse
-    launch_hopper(q, kv, valid_len, qk_fac, bufs, VARIANTS[variant])
-    return bufs.finish()
+    if not _is_traced((q, kv.k8, valid_len)):  # shapes only (export, fake tensors): nothing to launch or describe
+        launch_hopper(q, kv, valid_len, qk_fac, bufs, VARIANTS[variant])
+    return bufs.finish_fp8_rows() if rows_fp8 else bufs.finish()

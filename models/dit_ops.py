@@ -8,6 +8,8 @@ kernels' own tests hold them to their torch twins.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -335,14 +337,36 @@ def written_ring_rows(slots: torch.Tensor, frame_tokens: int) -> torch.Tensor:
     return torch.stack([first, high + 1, low, last + 1]) * frame_tokens
 
 
-def ring_attention_fp8_shadowed(q, ring_k, ring_v, valid_len, written, fp8_shadow, layer: int) -> torch.Tensor:
+def ring_attention_fp8_shadowed(
+    q, ring_k, ring_v, valid_len, written, fp8_shadow, layer: int, rows_fp8: bool = False
+) -> torch.Tensor | Any:
     """FP8 ring attention through the ring's fp8 shadow: first re-quantize the key tiles overlapping
     ring rows in `written` (`written_ring_rows`: just written into the bf16 ring), then attend on the shadow.
     fp8_shadow = (k8, kt, v8t, vt, block_n), the tensors per layer along dim 0. Equals
-    `ring_attention(..., precision="fp8")` on the same ring, bit for bit."""
-    from flashdreams.kernels.ring_attention_fp8 import Fp8KV, ring_attention_fp8_prequantized, update_fp8_kv
+    `ring_attention(..., precision="fp8")` on the same ring, bit for bit. `rows_fp8` (where `ATTN_FP8_ROWS`):
+    the output comes as the FP8 output projection's quantized input (`kernels.Fp8Rows`, values
+    `[B, Lq, N * d]`), the same codes that linear would make of it, quantized as the key splits merge."""
+    from flashdreams.kernels.ring_attention_fp8 import (
+        Fp8KV,
+        ring_attention_fp8_prequantized,
+        ring_attention_fp8_rows,
+        update_fp8_kv,
+    )
 
     k8, kt, v8t, vt, block_n = fp8_shadow
     kv = Fp8KV(k8[layer], kt[layer], v8t[layer], vt[layer], block_n)
     update_fp8_kv(kv, ring_k, ring_v, valid_len, written)
+    if rows_fp8 and ATTN_FP8_ROWS:
+        return ring_attention_fp8_rows(q, kv, valid_len)
     return ring_attention_fp8_prequantized(q, kv, valid_len)
+
+
+# The FP8 attention hands the output projection its input quantized (`ring_attention_fp8_shadowed`'s
+# `rows_fp8`); False: a bf16 output that the linear quantizes (the same codes; tests compare the two).
+ATTN_FP8_ROWS = True
+
+
+def flat_heads(attn: torch.Tensor | Any) -> torch.Tensor | Any:
+    """An attention's output `[B, L, N, d]` as the output projection's input `[B, L, N * d]`; a
+    pre-quantized `kernels.Fp8Rows` (already `[B, L, N * d]`) as it is."""
+    return attn.flatten(2) if isinstance(attn, torch.Tensor) else attn

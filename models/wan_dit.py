@@ -201,7 +201,7 @@ class WanBlock(nn.Module):
         else:
             x, h = dit_ops.gated_residual_adaln(x, *pending, shift1, scale1, self.eps, impl, fp8=qkv8)
         attn = attend(*sa.project_qkv(h), sa)
-        y = sa.o(attn.flatten(2))
+        y = sa.o(dit_ops.flat_heads(attn))
         modulation = after_self if isinstance(after_self, TokenModulation) else None
         if after_self is None and self.norm3 is not None:  # residual and pre-norm in one pass
             x, h = dit_ops.gated_residual_layer_norm(
@@ -541,9 +541,9 @@ class WanDiT(nn.Module):
 
         def cached_attend(q, k, v, sa, layer):
             qr = dit_ops.qk_norm_rope_cache_write(q, k, v, sa, cos, sin, ring_k[layer], ring_v[layer], slots, fs, impl)
-            if shadowed:
-                rk, rv = ring_k[layer], ring_v[layer]
-                return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, layer)
+            if shadowed:  # the FP8 output projection then takes the output quantized as the key splits merge
+                rk, rv, rows = ring_k[layer], ring_v[layer], dit_ops.takes_fp8_rows(sa.o)
+                return dit_ops.ring_attention_fp8_shadowed(qr, rk, rv, valid_len, written, fp8_shadow, layer, rows)
             return dit_ops.ring_attention(
                 qr, ring_k[layer], ring_v[layer], ring_len, impl, valid_len_host, ring_prec, self.ring_kernel
             )

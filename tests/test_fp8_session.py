@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib
 
 import pytest
 import torch
@@ -119,6 +120,28 @@ def test_fp8_ring_shadow_equals_quantizing_the_ring_every_call(monkeypatch):
     a.reset()
     b.reset()
     assert torch.equal(a.step().latents, b.step().latents)
+
+
+def test_fp8_attention_hands_the_output_projection_quantized_rows(monkeypatch, count_calls):
+    """With the ring's fp8 shadow, every layer's attention hands its FP8 output projection the output already
+    quantized (with two key splits: quantized as the splits merge): the latents equal, bit for bit, the
+    projection quantizing a bf16/fp32 attention output itself."""
+    from flashdreams.models import dit_ops
+
+    fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")
+    monkeypatch.setenv("FD_FP8_ATTN_SPLITS", "2")
+    engine = flashdreams.load(preset=TWO_STEP_TINY, decoder=None, attention="triton", precision="fp8")
+    rows = count_calls(fp8_attention, "ring_attention_fp8_rows")
+    merged = count_calls(importlib.import_module("flashdreams.kernels.attention_merge"), "merge_rows_fp8")
+    session = engine.session(seed=4)
+    fused = [session.step().latents.clone() for _ in range(2)]
+    assert rows and len(rows) == len(merged) and len(rows) % engine.plan.meta["num_layers"] == 0
+    monkeypatch.setattr(dit_ops, "ATTN_FP8_ROWS", False)
+    rows.clear()
+    session = engine.session(seed=4)
+    unfused = [session.step().latents.clone() for _ in range(2)]
+    assert not rows
+    assert all(torch.equal(a, b) for a, b in zip(fused, unfused))
 
 
 def test_fp8_ring_shadow_with_two_streams_in_a_batch(monkeypatch):

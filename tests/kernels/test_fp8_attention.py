@@ -343,6 +343,57 @@ def test_shadow_updated_per_write_equals_a_full_quantization(split_kv, monkeypat
     assert torch.equal(shadow.kt, full.kt) and torch.equal(shadow.k8.float(), full.k8.float())
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_rows_fp8_equals_merge_then_the_linears_quantization(dtype):
+    """Key-split partials merged and quantized per row of N x d values in one pass equal, bit for bit, the
+    merge into a `dtype` output followed by the FP8 linear's own row quantization; a part without keys for
+    some rows (LSE -inf, garbage values) weighs nothing. 3 heads (padded to 4) and 37 rows test the masks."""
+    from flashdreams.kernels.attention_merge import merge_into, merge_rows_fp8
+    from flashdreams.kernels.fp8_linear import _launch_quantize_rows
+
+    g = torch.Generator().manual_seed(5)
+    P, B, Lq, H, d = 3, 2, 37, 3, 64
+    parts = (torch.randn(P, B, Lq, H, d, generator=g) * 3).to(DEVICE)
+    lses = (torch.randn(P, B, H, Lq, generator=g) * 2).to(DEVICE)
+    lses[1, :, :, :9] = float("-inf")  # part 1 holds no key for these rows
+    parts[1, :, :9] = float("nan")
+    with poisoned_outputs():
+        x8, sx = merge_rows_fp8(parts, lses, dtype)
+        out = torch.empty(B, Lq, H, d, dtype=dtype, device=DEVICE)
+        merge_into(parts, lses, out, torch.empty(B, H, Lq, device=DEVICE))
+        ref8, ref_s = _launch_quantize_rows(out.view(B * Lq, H * d), 0)
+    assert x8.shape == (B, Lq, H * d) and sx.shape == (B, Lq)
+    assert torch.isfinite(sx).all()
+    assert torch.equal(x8.view(B * Lq, H * d).float(), ref8.float()) and torch.equal(sx.view(-1), ref_s)
+
+
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("splits", ["1", "2"])
+def test_attention_rows_equal_the_output_projections_quantization(splits, d, monkeypatch):
+    """`ring_attention_fp8_rows` (the output handed to the FP8 output projection quantized) equals the linear's
+    quantization of `ring_attention_fp8_prequantized`'s output, bit for bit: unsplit (a quantization pass after
+    the kernel) and with two key splits (the merge quantizes as it merges). Head dim 128 runs the Gluon kernel
+    on an H100/H200."""
+    from flashdreams.kernels.fp8_linear import quantize_rows_fp8
+    from flashdreams.kernels.ring_attention_fp8 import (
+        empty_fp8_kv,
+        fp8_kv_block_n,
+        ring_attention_fp8_prequantized,
+        ring_attention_fp8_rows,
+        update_fp8_kv,
+    )
+
+    monkeypatch.setenv("FD_FP8_ATTN_SPLITS", splits)
+    q, k, v, vl = make_case(1, 21, 2, d, 300, 270, seed=4)
+    shadow = empty_fp8_kv(k, fp8_kv_block_n(q))
+    update_fp8_kv(shadow, k, v, vl, torch.tensor([0, 270], device=DEVICE))
+    rows = ring_attention_fp8_rows(q, shadow, vl)
+    out = ring_attention_fp8_prequantized(q, shadow, vl)
+    ref8, ref_s = quantize_rows_fp8(out.flatten(2).reshape(21, 2 * d))
+    assert rows.values.shape == (1, 21, 2 * d) and rows.scale.shape == (1, 21)
+    assert torch.equal(rows.values.view(21, 2 * d).float(), ref8.float()) and torch.equal(rows.scale.view(-1), ref_s)
+
+
 def test_written_ring_rows_are_one_run_or_two():
     """The rows a block writes at its frame slots: one run, or two where the slots wrap around the window."""
     from flashdreams.models.dit_ops import written_ring_rows
