@@ -479,38 +479,27 @@ def ring_attention_fp8(
     return (out, lse) if return_lse else out
 
 
-def _ring_attention_fp8_prequantized_op(
-    q: torch.Tensor,
-    k8: torch.Tensor,
-    kt: torch.Tensor,
-    v8t: torch.Tensor,
-    vt: torch.Tensor,
-    valid_len: torch.Tensor,
-    scale: float,
-    block_n: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    kv = Fp8KV(k8, kt, v8t, vt, block_n)
-    return launch_ring_attention_fp8_quantized(q, kv, v8t, valid_len, scale, None, True)
+def _prequantized_op(rows_fp8: bool):
+    """The op over an fp8 shadow's tensors: (out, lse), or with `rows_fp8` the output's FP8 rows (values, scale)."""
+
+    def op(
+        q: torch.Tensor,
+        k8: torch.Tensor,
+        kt: torch.Tensor,
+        v8t: torch.Tensor,
+        vt: torch.Tensor,
+        valid_len: torch.Tensor,
+        scale: float,
+        block_n: int,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        kv = Fp8KV(k8, kt, v8t, vt, block_n)
+        return launch_ring_attention_fp8_quantized(q, kv, v8t, valid_len, scale, None, True, rows_fp8=rows_fp8)
+
+    return op
 
 
-register_op("ring_attention_fp8_prequantized", _ring_attention_fp8_prequantized_op)
-
-
-def _ring_attention_fp8_rows_op(
-    q: torch.Tensor,
-    k8: torch.Tensor,
-    kt: torch.Tensor,
-    v8t: torch.Tensor,
-    vt: torch.Tensor,
-    valid_len: torch.Tensor,
-    scale: float,
-    block_n: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    kv = Fp8KV(k8, kt, v8t, vt, block_n)
-    return launch_ring_attention_fp8_quantized(q, kv, v8t, valid_len, scale, None, True, rows_fp8=True)
-
-
-register_op("ring_attention_fp8_rows", _ring_attention_fp8_rows_op)
+register_op("ring_attention_fp8_prequantized", _prequantized_op(False))
+register_op("ring_attention_fp8_rows", _prequantized_op(True))
 
 
 def fp8_kv_block_n(q_or_cache: torch.Tensor) -> int:
