@@ -77,6 +77,7 @@ fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE 
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU time (torch profiler over one eager step, ops by shapes and calling frames): OmniDreams 704x1280 FP8 and Self-Forcing 1.3B FP8 with TAEHV (bench/op_sources.py)
 narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared (bench/narrow_conv_bench.py)
+rows-tests|120|issue 22: on CUDA, the FP8 attention's quantized-rows output (merge_rows_fp8 against merge + the linear's quantization, the Gluon kernel at head dim 128), the fp8-shadow tests and the Gluon kernel's own (test_fp8_attention.py and test_fp8_attention_hopper.py, their rows, shadow and hopper tests)
 ring-tests|300|issue 22: on CUDA, the FP8 attention's quantized-rows output and fp8-shadow tests and the Gluon kernel's (test_fp8_attention.py and test_fp8_attention_hopper.py, their rows, shadow and hopper tests), then tests/kernels/test_ring_attention.py (the bf16 and FP8 ring-attention kernels against their twins, FD_ATTN_SPLITS; narrow-tests ran out of time before most of them in next89)
 narrow-tests|300|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py, tests/test_wan_vae.py: the HD-map encoder forms on cuDNN; tests/kernels/test_bias_act.py, test_upsample_frames.py: TAEHV's passes; tests/kernels/test_ring_attention.py: the bf16 kernel and FD_ATTN_SPLITS)
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
@@ -757,11 +758,15 @@ part_narrow-tests() {
     "$REPO/tests/kernels/test_ring_attention.py"
 }
 
+part_rows-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/kernels/test_fp8_attention.py" \
+    "$REPO/tests/kernels/test_fp8_attention_hopper.py" -k "rows or shadow or hopper"
+}
+
 part_ring-tests() {
   local rc=0 t0
   t0=$(date +%s)
-  py $(($1 / 3)) -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/kernels/test_fp8_attention.py" \
-    "$REPO/tests/kernels/test_fp8_attention_hopper.py" -k "rows or shadow or hopper" || rc=$?
+  part_rows-tests $(($1 / 3)) || rc=$?
   py $(($1 - ($(date +%s) - t0))) -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" \
     "$REPO/tests/kernels/test_ring_attention.py" || rc=$?
   return $rc
