@@ -49,6 +49,10 @@ CUDA_CONFIGS: dict[int, AttnConfig] = {
     128: AttnConfig(128, 128, 8, 3, splits=1, use_tma=True),
     256: AttnConfig(64, 32, 4, 2),
 }
+# float32 inputs (parity runs on a GPU, tests) take twice the shared memory a pipeline stage: the d=128 entry's
+# 3 stages of 128-key K and V tiles ask for 384 KB, more than an H100/H200 SM has (227 KB; Triton refuses the
+# launch, next90-h100). The same kernel with 64-row, 64-key tiles and 2 stages needs 128 KB.
+CUDA_FP32_CONFIGS: dict[int, AttnConfig] = {128: AttnConfig(64, 64, 4, 2, splits=1)}
 # The interpreter runs one program at a time with numpy: fewer, larger tiles are faster.
 CPU_CONFIG = AttnConfig(64, 64, 1, 1, splits=1)
 
@@ -105,7 +109,8 @@ def _table_config(q: torch.Tensor, capacity: int) -> AttnConfig:
     d_pad = next_pow2(q.shape[-1], 16)
     if q.device.type != "cuda":
         return CPU_CONFIG
-    cfg = CUDA_CONFIGS[d_pad]
+    cfg = CUDA_FP32_CONFIGS.get(d_pad) if q.element_size() == 4 else None
+    cfg = cfg or CUDA_CONFIGS[d_pad]
     if cfg.splits:
         return cfg
     programs = _cdiv(q.shape[1], cfg.block_m) * q.shape[0] * q.shape[2]

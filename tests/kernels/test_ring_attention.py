@@ -77,6 +77,28 @@ def test_matches_twin(dtype, B, Lq, H, d, S, valid):
     assert ring_attention(q, k, v, vl).shape == q.shape
 
 
+@pytest.mark.parametrize("elem", [2, 4], ids=["16-bit", "float32"])
+def test_cuda_configs_fit_an_sm_of_shared_memory(elem, monkeypatch):
+    """Every CUDA config the kernel can be given fits a Hopper SM's shared memory (227 KB) for 16-bit and
+    float32 inputs. Its K/V pipeline takes num_stages x 2 x block_n x d_pad x element bytes (Triton asked for
+    393232 bytes, 3 x 2 x 128 x 128 x 4 + 16, when float32 at head dim 128 took the bf16 entry on an H100)."""
+    from flashdreams.kernels import ring_attention_configs as configs
+
+    class CudaShapes:  # what the picker reads of q, without a GPU
+        device = torch.device("cuda")
+
+        def __init__(self, d: int) -> None:
+            self.shape = (1, 4680, 12, d)
+
+        def element_size(self) -> int:
+            return elem
+
+    monkeypatch.setattr(configs, "_sm_count", lambda device: 132)
+    for d_pad in configs.CUDA_CONFIGS:
+        cfg = configs._table_config(CudaShapes(d_pad), 28080)
+        assert cfg.num_stages * 2 * cfg.block_n * d_pad * elem <= 232448, (d_pad, cfg)
+
+
 CONFIGS = [
     AttnConfig(16, 16, splits=1),  # many key tiles, tail tile masked
     AttnConfig(32, 16, splits=3),  # split keys, LSE merge
