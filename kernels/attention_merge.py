@@ -145,7 +145,10 @@ def merge_rows_fp8(parts: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype) 
     P, B, Lq, H, d = parts.shape
     x8 = new_output((B, Lq, H * d), FP8, parts.device)
     sx = new_output((B, Lq), torch.float32, parts.device)
-    block_m = 4 if parts.device.type == "cuda" else 64
+    h_pad, d_pad = next_pow2(H), next_pow2(d, 16)
+    # A program holds block_m x h_pad x d_pad values per tensor: 4 rows at Self-Forcing's 12 (16) heads of 128,
+    # one row from 64 padded heads (LingBot's 40); the interpreter takes large tiles.
+    block_m = max(1, 8192 // (h_pad * d_pad)) if parts.device.type == "cuda" else 64
     # fmt: off
     launch(
         _merge_rows_fp8_kernel, (triton.cdiv(Lq, block_m), B),
@@ -153,8 +156,8 @@ def merge_rows_fp8(parts: torch.Tensor, lses: torch.Tensor, dtype: torch.dtype) 
         parts.stride(0), parts.stride(1), parts.stride(2), parts.stride(3),
         lses.stride(0), lses.stride(1), lses.stride(2),
         Lq, H,
-        PARTS=P, HEAD_DIM=d, D_PAD=next_pow2(d, 16), H_PAD=next_pow2(H), BLOCK_M=block_m,
-        OUT_DTYPE=_TL_DTYPES[dtype], EMULATE=interpreted(), num_warps=4,
+        PARTS=P, HEAD_DIM=d, D_PAD=d_pad, H_PAD=h_pad, BLOCK_M=block_m,
+        OUT_DTYPE=_TL_DTYPES[dtype], EMULATE=interpreted(), num_warps=4 if block_m * h_pad * d_pad <= 8192 else 8,
     )
     # fmt: on
     return x8, sx
