@@ -26,6 +26,7 @@ cmake_prefix_path = _os.path.join(_os.path.dirname(_os.path.abspath(__file__)), 
 _LAZY = {
     "Engine": "flashdreams.engine",
     "load": "flashdreams.engine",
+    "input_specs": "flashdreams.engine",
     "FlashDreamsError": "flashdreams.errors",
     "get_preset": "flashdreams.presets",
     "preset_names": "flashdreams.presets",
@@ -35,7 +36,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time these resolve in __getattr__
-    from flashdreams.engine import Engine, load
+    from flashdreams.engine import Engine, input_specs, load
     from flashdreams.errors import FlashDreamsError
     from flashdreams.presets import get_preset, preset_names
     from flashdreams.recording import replay
@@ -47,6 +48,7 @@ __all__ = [
     "Session",
     "StepResult",
     "get_preset",
+    "input_specs",
     "load",
     "preset_names",
     "replay",

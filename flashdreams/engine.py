@@ -21,7 +21,7 @@ import torch
 from flashdreams import registry
 from flashdreams.backend import EagerBackend
 from flashdreams.errors import InvalidArgumentError, NotFoundError
-from flashdreams.models.family import BlockPlan, LoadOptions
+from flashdreams.models.family import BlockPlan, InputSpec, LoadOptions
 from flashdreams.models.input_rules import sample_valid
 from flashdreams.session import Session
 
@@ -249,6 +249,26 @@ def check_kernel_environment(precision: str, attention: str) -> None:
         fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")  # the module
         fp8_attention._kernel_choice()
         env_key_splits(fp8_attention.SPLITS_ENV)
+
+
+def input_specs(
+    preset: str | Any,
+    *,
+    height: int | None = None,
+    width: int | None = None,
+    batch: int = 1,
+    decoder: str | None = "preset",
+) -> list[InputSpec] | None:
+    """The inputs a session of `preset` at this size takes (what `load(...).input_specs()` returns), known
+    without loading a weight, so a host can check a control script before a multi-GB load; None where the
+    preset's family learns its inputs only at load. Bad sizes are refused as `load` refuses them."""
+    if isinstance(preset, str):
+        preset = registry.get_preset(preset)
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
+    opts = LoadOptions(height=height, width=width, batch=batch, decoder=decoder)
+    specs = registry.family(preset.family).input_specs(preset, opts)
+    return None if specs is None else list(specs.values())
 
 
 def load(

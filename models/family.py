@@ -589,3 +589,9 @@ class Family:
 
     def load(self, preset, opts: LoadOptions) -> LoadedModel:
         raise NotImplementedError
+
+    def input_specs(self, preset, opts: LoadOptions) -> dict[str, InputSpec] | None:
+        """The inputs a session of `preset` at opts' size takes, known without loading a weight (a host checks
+        a control script against them before a multi-GB load), or None where the family learns them only at
+        load. Equal to the loaded plan's `inputs`."""
+        return None

@@ -103,12 +103,21 @@ def test_bad_scripts_are_refused_before_loading(path, content, message, tmp_path
     assert not (tmp_path / "flashdreams.mp4").exists()
 
 
+def _no_load(*_a, **_k):
+    raise AssertionError("flashdreams.load was called")
+
+
 def test_keys_and_mouse_the_model_does_not_take_are_refused(tmp_path, capsys, monkeypatch):
+    """Against the arena's inputs before its weights load; a family that learns its inputs only at load
+    (the tiny causal Wan) refuses after it."""
     monkeypatch.chdir(tmp_path)
-    assert run_main(["--actions", _write(tmp_path / "k.json", [{"keys": ["q"]}]), "--no-progress"]) == 2
-    assert "key 'q' is not one of arena's keys ['w', 's', 'a', 'd']" in capsys.readouterr().err
-    assert run_main(["--actions", _write(tmp_path / "m.json", [{"keys": [], "mouse": [0, 1]}]), "--no-progress"]) == 2
-    assert "takes no mouse input" in capsys.readouterr().err
+    with monkeypatch.context() as m:
+        m.setattr(flashdreams, "load", _no_load)
+        assert run_main(["--actions", _write(tmp_path / "k.json", [{"keys": ["q"]}]), "--no-progress"]) == 2
+        assert "key 'q' is not one of arena's keys ['w', 's', 'a', 'd']" in capsys.readouterr().err
+        m_json = _write(tmp_path / "m.json", [{"keys": [], "mouse": [0, 1]}])
+        assert run_main(["--actions", m_json, "--no-progress"]) == 2
+        assert "takes no mouse input" in capsys.readouterr().err
     assert run_main(["--preset", "tiny", "--actions", str(tmp_path / "k.json"), "--no-progress"]) == 2
     assert "takes no keyboard input" in capsys.readouterr().err
     assert not (tmp_path / "flashdreams.mp4").exists()
@@ -128,4 +137,20 @@ def test_universal_preset_runs_from_a_key_script_at_a_small_resolution(tmp_path)
     assert block.shape == (1, 16, 3, 4, 6) and torch.isfinite(block).all() and block.std() > 0.1
     bad = ["--preset", "matrix-game-2-universal", "--random-weights", "--height", "64", "--width", "96"]
     bad += ["--actions", _write(tmp_path / "q.json", [{"keys": ["q"]}]), "--no-progress"]
-    assert run_main(bad) == 2
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(flashdreams, "load", _no_load)  # refused before 1.6B weights are made
+        assert run_main(bad) == 2
+
+
+@pytest.mark.parametrize(
+    "preset, size", [("arena", {}), ("matrix-game-2-tiny", {}), ("matrix-game-2-tiny", {"height": 64, "width": 96})]
+)
+def test_input_specs_before_the_load_are_the_loaded_plans(preset, size):
+    """`flashdreams.input_specs` (no weights) gives what the loaded engine's `input_specs()` gives."""
+    before = flashdreams.input_specs(preset, **size)
+    loaded = flashdreams.load(preset=preset, device="cpu", **size).input_specs()
+    assert before is not None and [s.to_dict() for s in before] == [s.to_dict() for s in loaded]
+    assert flashdreams.input_specs(preset, batch=3, **size)[0].shape[0] == 3
+    assert flashdreams.input_specs("tiny") is None  # the causal Wan family learns its inputs at load
+    with pytest.raises(flashdreams.FlashDreamsError, match="batch"):
+        flashdreams.input_specs(preset, batch=0)

@@ -66,23 +66,23 @@ def read_action_script(path: str) -> list[dict]:
     return script
 
 
-def control_spec(engine, units: str):
-    """The engine's input of these units (keys, mouse) with per-frame rows [B, F, C], or None."""
-    for spec in engine.input_specs():
+def control_spec(specs, units: str):
+    """The input among `specs` (an engine's `input_specs()`) of these units (keys, mouse) with per-frame rows
+    [B, F, C], or None."""
+    for spec in specs:
         if spec.units == units and len(spec.shape) == 3 and spec.when == "block":
             return spec
     return None
 
 
-def action_tensors(script: list[dict], engine, path: str) -> dict[str, Any]:
-    """The script as per-frame tensors {input name: [T, C]}; refuses keys or mouse the model does not take."""
+def action_tensors(script: list[dict], specs, preset_name: str, path: str) -> dict[str, Any]:
+    """The script as per-frame tensors {input name: [T, C]}; refuses keys or mouse the model does not take.
+    `specs`: the model's inputs (`Engine.input_specs()`, or `flashdreams.input_specs` before the load)."""
     import torch
 
-    keys, mouse = control_spec(engine, "keys"), control_spec(engine, "mouse")
+    keys, mouse = control_spec(specs, "keys"), control_spec(specs, "mouse")
     if keys is None:
-        raise InvalidArgumentError(
-            f"--actions: {engine.preset_name} takes no keyboard input (it is not a world you steer)"
-        )
+        raise InvalidArgumentError(f"--actions: {preset_name} takes no keyboard input (it is not a world you steer)")
     labels = list(keys.labels)
     out = {keys.name: torch.zeros(len(script), keys.shape[-1])}
     if mouse is not None:
@@ -91,13 +91,13 @@ def action_tensors(script: list[dict], engine, path: str) -> dict[str, Any]:
         for k in item.get("keys", []):
             if k not in labels:
                 raise InvalidArgumentError(
-                    f"--actions '{path}' frame {i}: key '{k}' is not one of {engine.preset_name}'s keys {labels}"
+                    f"--actions '{path}' frame {i}: key '{k}' is not one of {preset_name}'s keys {labels}"
                 )
             out[keys.name][i, labels.index(k)] = 1.0
         if "mouse" in item:
             if mouse is None:
                 raise InvalidArgumentError(
-                    f"--actions '{path}' frame {i}: {engine.preset_name} takes no mouse input; drop \"mouse\""
+                    f"--actions '{path}' frame {i}: {preset_name} takes no mouse input; drop \"mouse\""
                 )
             row = out[mouse.name][i] = torch.tensor(item["mouse"], dtype=torch.float32)
             low = -math.inf if mouse.low is None else mouse.low
@@ -116,7 +116,7 @@ def loop_script(engine, frames: int) -> dict[str, Any] | None:
     """The built-in script for a keyboard world with w/a/s/d: d, s, a, w for 20 frames each, round and round."""
     import torch
 
-    keys = control_spec(engine, "keys")
+    keys = control_spec(engine.input_specs(), "keys")
     if keys is None or not {"w", "a", "s", "d"} <= set(keys.labels):
         return None
     labels = list(keys.labels)
@@ -148,13 +148,13 @@ def key_controls(
 ) -> tuple[dict[str, Any], int]:
     """Per-frame control tensors ({input: [T, C]}) from a script or the built-in loop, and the block count."""
     if actions is not None:
-        controls = action_tensors(actions, engine, path)
+        controls = action_tensors(actions, engine.input_specs(), engine.preset_name, path)
     else:
         loop = loop_script(engine, 1)
-        rows = control_spec(engine, "keys").shape[1] if loop else 1
+        rows = control_spec(engine.input_specs(), "keys").shape[1] if loop else 1
         blocks = blocks or (script_blocks(engine.plan, rows, 4 * LOOP_SIDE_FRAMES) if loop else 7)
         return (loop_script(engine, blocks * rows) or {}), blocks
-    rows = control_spec(engine, "keys").shape[1]
+    rows = control_spec(engine.input_specs(), "keys").shape[1]
     frames = next(iter(controls.values())).shape[0]
     return controls, blocks or script_blocks(engine.plan, rows, frames)
 

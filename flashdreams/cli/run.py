@@ -16,6 +16,7 @@ from typing import Any
 
 from flashdreams.cli.feeds import (
     Feeds,
+    action_tensors,
     camera_feed,
     drive_feed,
     image_input,
@@ -423,6 +424,8 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
 
         kw["preset"] = DEFAULT_WORLD
     check_load_args(kw)
+    if found.get("actions") is not None:
+        _check_actions_before_load(found["actions"], args.actions, kw)
     if args.input:
         from flashdreams.video import video_size
 
@@ -511,6 +514,20 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         session.save_recording(args.record)
         print(f"wrote {args.record}: the seed and inputs of {args.blocks} blocks (fd-run --replay {args.record})")
     return 0
+
+
+def _check_actions_before_load(actions: list[dict], path: str, kw: dict[str, Any]) -> None:
+    """The --actions script's key names and mouse values checked against the preset's inputs where its family
+    knows them without weights, so a typo is refused at once, not after a multi-GB load; a built engine and
+    an unnamed preset are checked after the load (`_feeds`)."""
+    import flashdreams
+
+    if kw["preset"] is None or (kw["source"] is not None and (Path(kw["source"]) / "manifest.json").is_file()):
+        return
+    dec = kw["decoder"]
+    specs = flashdreams.input_specs(kw["preset"], height=kw["height"], width=kw["width"], decoder=dec)
+    if specs is not None:
+        action_tensors(actions, specs, kw["preset"], path)
 
 
 def plays_default_world(args: argparse.Namespace) -> bool:

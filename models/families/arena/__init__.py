@@ -17,7 +17,7 @@ from flashdreams.models.families.arena.model import ArenaConfig, ArenaNet, Arena
 from flashdreams.models.families.arena.plan import build_plan
 from flashdreams.models.families.arena.presets import PRESETS, Preset
 from flashdreams.models.families.arena.world import new_worlds, palette, render
-from flashdreams.models.family import Family, LoadedModel, LoadOptions
+from flashdreams.models.family import Family, InputSpec, LoadedModel, LoadOptions
 
 log = logging.getLogger(__name__)
 
@@ -90,6 +90,10 @@ class ArenaFamily(Family):
         # The net computes in the load dtype (float32 on a CPU; bfloat16 by default on a GPU, where many
         # worlds per batch make it compute-bound); frames and state stay float32 either way.
         return net.to(opts.device, opts.dtype).eval().requires_grad_(False), source
+
+    def input_specs(self, preset: Preset, opts: LoadOptions) -> dict[str, InputSpec]:
+        preset.latent_size(opts.height, opts.width)
+        return build_plan(preset.model, opts.batch, preset.fps, opts.decoder is not None).inputs
 
     def load(self, preset: Preset, opts: LoadOptions) -> LoadedModel:
         preset.latent_size(opts.height, opts.width)

@@ -29,7 +29,15 @@ from flashdreams.models.families.matrixgame.steps import (
     EncodeContextStep,
     EncodeImageStep,
 )
-from flashdreams.models.family import Family, LoadedModel, LoadOptions, dtype_name, ring_length_hints, weights_source
+from flashdreams.models.family import (
+    Family,
+    InputSpec,
+    LoadedModel,
+    LoadOptions,
+    dtype_name,
+    ring_length_hints,
+    weights_source,
+)
 from flashdreams.models.matrixgame_dit import MatrixGameDiT
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
@@ -110,6 +118,12 @@ class MatrixGameFamily(Family):
             clip = clip.to(opts.device, opts.dtype).eval().requires_grad_(False)
             vae = vae.to(opts.device, opts.dtype).eval().requires_grad_(False)
         return EncodeImageStep(clip, vae, latent_hw, preset.cond_frames)
+
+    def input_specs(self, preset: Preset, opts: LoadOptions, conditioning: str = "image") -> dict[str, InputSpec]:
+        if opts.batch < 1:
+            raise InvalidArgumentError(f"batch must be >= 1, got {opts.batch}")
+        latent_hw = preset.latent_size(opts.height, opts.width)
+        return build_plan(preset, opts.batch, latent_hw, dtype_name(opts.dtype), None, conditioning).inputs
 
     def load(
         self,
