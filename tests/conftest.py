@@ -53,6 +53,14 @@ import torch  # noqa: E402
 
 from flashdreams.parity.common import fixtures_root  # noqa: E402
 
+# Under pytest-xdist (the README's `-n 2`) the workers share the cores: each takes its share of torch's
+# threads, and Inductor compiles in the worker itself rather than in a pool of one process per core
+# (two such pools thrashed two cores: an engine test took 5x its serial time).
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT", "").isdigit():
+    _share = max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))
+    torch.set_num_threads(_share)
+    os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(_share))
+
 
 def _deep_frame_caller(slots: int = 65000):
     """A function whose frame holds `slots` locals: calling it starts a 1 MiB data-stack chunk.
@@ -72,13 +80,24 @@ def _deep_frame_caller(slots: int = 65000):
 
 @pytest.hookimpl(tryfirst=True)
 def pytest_runtestloop(session):
-    """pytest's own test loop, run from inside a frame that starts a large data-stack chunk (above); where
-    pytest keeps its loop elsewhere, None lets pytest run it as usual (only slower)."""
-    try:
-        from _pytest.main import pytest_runtestloop as run_tests
-    except ImportError:
+    """The test loop that would run (pytest's own, or an xdist worker's), run from inside a frame that starts
+    a large data-stack chunk (above). Wrappers already wrap this call; the plain implementations are run in
+    pytest's order until one answers, as pytest would run them."""
+    hook = session.config.hook.pytest_runtestloop
+    impls = [
+        impl
+        for impl in reversed(hook.get_hookimpls())  # pytest calls the last registered first
+        if impl.function is not pytest_runtestloop and not (impl.hookwrapper or getattr(impl, "wrapper", False))
+    ]
+
+    def run_loop():
+        for impl in impls:
+            result = impl.function(*[{"session": session}[name] for name in impl.argnames])
+            if result is not None:
+                return result
         return None
-    return _deep_frame_caller()(run_tests, session)
+
+    return _deep_frame_caller()(run_loop)
 
 
 def pytest_collection_modifyitems(config, items):
