@@ -36,6 +36,27 @@ from .fp8_linear import FP8, _e4m3_inv_scale, _launch_quantize_rows, _store_row_
 
 
 @triton.jit
+def _merge_parts(op, lp, stride_ps, stride_lps, lse_mask, mask, ROW_AXES: tl.constexpr, PARTS: tl.constexpr):
+    """The LSE-weighted mean of PARTS partial attentions, in float32: `lp` points at part 0's LSE of each row
+    (of shape `lse_mask`, ROW_AXES axes), `op` at its values (`mask`: those axes plus head dim); parts lie
+    `stride_ps` / `stride_lps` apart. Returns (values, the weights' sum, the largest LSE or 0 where none is
+    finite): a row no part has a key for gets zeros and a zero sum."""
+    m = tl.full(lse_mask.shape, float("-inf"), dtype=tl.float32)
+    for s in tl.static_range(PARTS):
+        m = tl.maximum(m, tl.load(lp + s * stride_lps, mask=lse_mask, other=float("-inf")).to(tl.float32))
+    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no part has a key: every weight is 0
+    acc = tl.zeros(mask.shape, dtype=tl.float32)
+    den = tl.zeros(lse_mask.shape, dtype=tl.float32)
+    for s in tl.static_range(PARTS):
+        w = tl.exp(tl.load(lp + s * stride_lps, mask=lse_mask, other=float("-inf")).to(tl.float32) - m_safe)
+        part = tl.load(op + s * stride_ps, mask=mask, other=0.0).to(tl.float32)
+        wd = tl.expand_dims(w, ROW_AXES)
+        acc += tl.where(wd > 0.0, part, 0.0) * wd  # a keyless part may hold anything
+        den += w
+    return acc / tl.expand_dims(tl.where(den > 0.0, den, 1.0), ROW_AXES), den, m_safe
+
+
+@triton.jit
 def _merge_kernel(
     OP, LP, Out, LSE,
     stride_ps, stride_pb, stride_pm, stride_ph,
@@ -55,20 +76,9 @@ def _merge_kernel(
     m_ok = offs_m < Lq
     mask = m_ok[:, None] & (offs_d < HEAD_DIM)[None, :]
     lp = LP + b * stride_lpb + h * stride_lph + offs_m
-    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(PARTS):
-        m = tl.maximum(m, tl.load(lp + s * stride_lps, mask=m_ok, other=float("-inf")).to(tl.float32))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)  # no part has a key: every weight is 0
-    acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M], dtype=tl.float32)
     op = OP + b * stride_pb + h * stride_ph + offs_m[:, None] * stride_pm + offs_d[None, :]
-    for s in tl.static_range(PARTS):
-        w = tl.exp(tl.load(lp + s * stride_lps, mask=m_ok, other=float("-inf")).to(tl.float32) - m_safe)
-        part = tl.load(op + s * stride_ps, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(w[:, None] > 0.0, part, 0.0) * w[:, None]  # a keyless part may hold anything
-        den += w
+    out, den, m_safe = _merge_parts(op, lp, stride_ps, stride_lps, m_ok, mask, 1, PARTS)
     has = den > 0.0
-    out = acc / tl.where(has, den, 1.0)[:, None]
     lse = tl.where(has, m_safe + tl.log(tl.where(has, den, 1.0)), float("-inf"))
     o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=mask)
@@ -96,20 +106,9 @@ def _merge_rows_fp8_kernel(
     mh = m_ok[:, None] & (offs_h < H)[None, :]  # [BLOCK_M, H_PAD]: one LSE each
     mask = mh[:, :, None] & (offs_d < HEAD_DIM)[None, None, :]
     lp = LP + b * stride_lpb + offs_h[None, :] * stride_lph + offs_m[:, None]
-    m = tl.full([BLOCK_M, H_PAD], float("-inf"), dtype=tl.float32)
-    for s in tl.static_range(PARTS):
-        m = tl.maximum(m, tl.load(lp + s * stride_lps, mask=mh, other=float("-inf")).to(tl.float32))
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    acc = tl.zeros([BLOCK_M, H_PAD, D_PAD], dtype=tl.float32)
-    den = tl.zeros([BLOCK_M, H_PAD], dtype=tl.float32)
     op = OP + b * stride_pb + offs_m[:, None, None] * stride_pm + offs_h[None, :, None] * stride_ph
     op += offs_d[None, None, :]
-    for s in tl.static_range(PARTS):
-        w = tl.exp(tl.load(lp + s * stride_lps, mask=mh, other=float("-inf")).to(tl.float32) - m_safe)
-        part = tl.load(op + s * stride_ps, mask=mask, other=0.0).to(tl.float32)
-        acc += tl.where(w[:, :, None] > 0.0, part, 0.0) * w[:, :, None]
-        den += w
-    out = acc / tl.where(den > 0.0, den, 1.0)[:, :, None]
+    out, _, _ = _merge_parts(op, lp, stride_ps, stride_lps, mh, mask, 2, PARTS)
     out = tl.where(mask, out.to(OUT_DTYPE).to(tl.float32), 0.0)  # the values the unfused linear would read
     amax = tl.max(tl.max(tl.abs(out), 2), 1)
     inv = _e4m3_inv_scale(amax)[:, None, None]
