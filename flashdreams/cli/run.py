@@ -524,8 +524,8 @@ def _check_actions_before_load(actions: list[dict], path: str, kw: dict[str, Any
 
     if kw["preset"] is None or (kw["source"] is not None and (Path(kw["source"]) / "manifest.json").is_file()):
         return
-    dec = kw["decoder"]
-    specs = flashdreams.input_specs(kw["preset"], height=kw["height"], width=kw["width"], decoder=dec)
+    size = {"height": kw["height"], "width": kw["width"]}
+    specs = flashdreams.input_specs(kw["preset"], **size, decoder=kw["decoder"])
     if specs is not None:
         action_tensors(actions, specs, kw["preset"], path)
 
