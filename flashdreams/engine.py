@@ -251,6 +251,12 @@ def check_kernel_environment(precision: str, attention: str) -> None:
         env_key_splits(fp8_attention.SPLITS_ENV)
 
 
+def check_batch(batch: Any) -> None:
+    """Refuse a batch (worlds an engine steps together) that is not an integer >= 1."""
+    if not isinstance(batch, int) or batch < 1:
+        raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
+
+
 def input_specs(
     preset: str | Any,
     *,
@@ -264,8 +270,7 @@ def input_specs(
     preset's family learns its inputs only at load. Bad sizes are refused as `load` refuses them."""
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
-    if not isinstance(batch, int) or batch < 1:
-        raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
+    check_batch(batch)
     opts = LoadOptions(height=height, width=width, batch=batch, decoder=decoder)
     specs = registry.family(preset.family).input_specs(preset, opts)
     return None if specs is None else list(specs.values())
@@ -338,8 +343,7 @@ def load(
         preset = registry.get_preset(preset)
     if preset is None:
         preset = registry.get_preset("tiny" if source is None else "self-forcing-1.3b")
-    if not isinstance(batch, int) or batch < 1:
-        raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
+    check_batch(batch)
     opts = LoadOptions(
         source=None if source is None else str(source),
         device=dev,

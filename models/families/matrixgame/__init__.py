@@ -120,8 +120,6 @@ class MatrixGameFamily(Family):
         return EncodeImageStep(clip, vae, latent_hw, preset.cond_frames)
 
     def input_specs(self, preset: Preset, opts: LoadOptions, conditioning: str = "image") -> dict[str, InputSpec]:
-        if opts.batch < 1:
-            raise InvalidArgumentError(f"batch must be >= 1, got {opts.batch}")
         latent_hw = preset.latent_size(opts.height, opts.width)
         return build_plan(preset, opts.batch, latent_hw, dtype_name(opts.dtype), None, conditioning).inputs
 
