@@ -18,12 +18,19 @@ def _write(path, obj) -> str:
     return str(path)
 
 
-def test_actions_file_drives_the_arena_like_the_python_api(tmp_path):
+def test_actions_file_drives_the_arena_like_the_python_api(tmp_path, monkeypatch):
+    """The script's tensors are made once, checked before the load and used after it."""
+    from flashdreams.cli import feeds, run
+
+    made, real = [], feeds.action_tensors
+    for module in (feeds, run):
+        monkeypatch.setattr(module, "action_tensors", lambda *a: made.append(1) or real(*a))
     script = [{"keys": ["d"]}] * 6 + [{"keys": ["s", "a"]}] * 5 + [{"keys": []}]  # 12 frames: 3 blocks
     actions = _write(tmp_path / "keys.json", script)
     lat = tmp_path / "lat.safetensors"
     argv = ["--actions", actions, "--seed", "2", "--out", str(tmp_path / "v.mp4"), "--save-latents", str(lat)]
     assert run_main([*argv, "--no-progress"]) == 0
+    assert len(made) == 1
     saved = load_file(str(lat))
     assert sorted(saved) == ["block_0", "block_1", "block_2"]  # blocks follow the script's length
     session = flashdreams.load(preset="arena", device="cpu").session(seed=2)

@@ -144,11 +144,13 @@ def script_blocks(plan, rows: int, frames: int) -> int:
 
 
 def key_controls(
-    actions: list[dict] | None, path: str | None, engine, blocks: int | None
+    actions: list[dict] | None, path: str | None, engine, blocks: int | None, controls: dict[str, Any] | None = None
 ) -> tuple[dict[str, Any], int]:
-    """Per-frame control tensors ({input: [T, C]}) from a script or the built-in loop, and the block count."""
+    """Per-frame control tensors ({input: [T, C]}) from a script or the built-in loop, and the block count.
+    `controls`: the script's tensors made already (against the same inputs, before the load)."""
     if actions is not None:
-        controls = action_tensors(actions, engine.input_specs(), engine.preset_name, path)
+        if controls is None:
+            controls = action_tensors(actions, engine.input_specs(), engine.preset_name, path)
     else:
         loop = loop_script(engine, 1)
         rows = control_spec(engine.input_specs(), "keys").shape[1] if loop else 1

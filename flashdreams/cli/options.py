@@ -153,6 +153,11 @@ def load_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
     return kw
 
 
+def is_engine_dir(source: str | None) -> bool:
+    """Whether a --checkpoint names a built engine (its manifest.json there): its shapes and inputs are fixed."""
+    return source is not None and (Path(source) / "manifest.json").is_file()
+
+
 def check_load_args(kw: dict[str, Any]) -> None:
     """Refuse, naming flags and before anything loads, the combinations and values `flashdreams.load`
     would refuse naming Python arguments (or only after loading a model): fp8 without triton, --fp8-keep
@@ -176,8 +181,7 @@ def check_load_args(kw: dict[str, Any]) -> None:
     for key in ("height", "width"):
         if kw.get(key) is not None and kw[key] <= 0:
             raise InvalidArgumentError(f"--{key} must be a positive number of pixels, got {kw[key]}")
-    engine_dir = kw["source"] is not None and (Path(kw["source"]) / "manifest.json").is_file()
-    if engine_dir:
+    if is_engine_dir(kw["source"]):
         return  # an engine's shapes are fixed: the engine decides
     if kw["source"] is None and not kw["random_weights"] and kw["preset"] is not None:
         import flashdreams

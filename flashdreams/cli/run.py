@@ -24,7 +24,7 @@ from flashdreams.cli.feeds import (
     read_action_script,
     read_image,
 )
-from flashdreams.cli.options import add_load_options, check_load_args, flag_message, load_kwargs
+from flashdreams.cli.options import add_load_options, check_load_args, flag_message, is_engine_dir, load_kwargs
 from flashdreams.errors import FlashDreamsError, InvalidArgumentError, NotFoundError
 
 
@@ -425,7 +425,7 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
         kw["preset"] = DEFAULT_WORLD
     check_load_args(kw)
     if found.get("actions") is not None:
-        _check_actions_before_load(found["actions"], args.actions, kw)
+        found["controls"] = _check_actions_before_load(found["actions"], args.actions, kw)
     if args.input:
         from flashdreams.video import video_size
 
@@ -516,18 +516,17 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
     return 0
 
 
-def _check_actions_before_load(actions: list[dict], path: str, kw: dict[str, Any]) -> None:
+def _check_actions_before_load(actions: list[dict], path: str, kw: dict[str, Any]) -> dict[str, Any] | None:
     """The --actions script's key names and mouse values checked against the preset's inputs where its family
-    knows them without weights, so a typo is refused at once, not after a multi-GB load; a built engine and
-    an unnamed preset are checked after the load (`_feeds`)."""
+    knows them without weights, so a typo is refused at once, not after a multi-GB load: its control tensors,
+    which `_feeds` then uses as they are. None for a built engine and an unnamed preset, checked after the load."""
     import flashdreams
 
-    if kw["preset"] is None or (kw["source"] is not None and (Path(kw["source"]) / "manifest.json").is_file()):
-        return
+    if kw["preset"] is None or is_engine_dir(kw["source"]):
+        return None
     size = {"height": kw["height"], "width": kw["width"]}
     specs = flashdreams.input_specs(kw["preset"], **size, decoder=kw["decoder"])
-    if specs is not None:
-        action_tensors(actions, specs, kw["preset"], path)
+    return None if specs is None else action_tensors(actions, specs, kw["preset"], path)
 
 
 def plays_default_world(args: argparse.Namespace) -> bool:
@@ -541,7 +540,9 @@ def plays_default_world(args: argparse.Namespace) -> bool:
 def _feeds(args: argparse.Namespace, engine, found: dict[str, Any]) -> Feeds:
     """--actions (or the built-in key loop), --camera (or the built-in orbit) and --drive, checked against the
     model; sets args.blocks when the user gave none (the script's length, or the loop's)."""
-    controls, args.blocks = key_controls(found.get("actions"), args.actions, engine, args.blocks)
+    controls, args.blocks = key_controls(
+        found.get("actions"), args.actions, engine, args.blocks, controls=found.get("controls")
+    )
     per_block = []
     camera = camera_feed(engine, args.camera)
     if camera is not None:
@@ -577,7 +578,7 @@ def _size_to_frames(kw: dict, frame_size: tuple[int, int], flag: str) -> None:
     source = kw.get("source")
     if kw.get("height") is not None or kw.get("width") is not None or not isinstance(kw.get("preset"), str):
         return
-    if source is not None and (Path(source) / "manifest.json").is_file():
+    if is_engine_dir(source):
         return  # a built engine's shapes are its identity
     preset = registry.get_preset(kw["preset"])
     size_for = getattr(preset, "size_for_input", None)
