@@ -42,6 +42,7 @@ build|580|fd-build of the full-size engine, when the engine part left none (roun
 cold|150|cold start from the built engine: process start to first frame, 3 fresh processes with empty compiler caches, median (round 5; issue 22 target 6)
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
 cold-groups|150|issue 22 target 6: the cold-pyc processes with Triton's group files installed as the build wrote them (FD_BUNDLE_KEEP_GROUPS=1, the behaviour before the install repointed them): run after cold-pyc in one call, the fix's effect on one machine
+cold-full|150|issue 22 target 6: the cold-pyc processes with the kernel install as it was (every file of each Triton entry, IR text included, written by one thread: FD_BUNDLE_IR=1 FD_INSTALL_THREADS=1): run after cold-pyc in one call, the slim threaded install against it on one machine
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
@@ -434,7 +435,7 @@ part_build() {
     return 0
   fi
   if [ $SMOKE = 1 ]; then
-    py "$1" -m flashdreams.cli.build --device cpu --decoder none --out "$ENGINE"
+    py "$1" -m flashdreams.cli.build --device cpu --decoder none --out "$ENGINE" && bundle_summary
   else
     # The H200 build overran 400 s in "compile dit" (the H100 took 102-109 s in all; next34-h200: the build
     # process busy stringifying nested Inductor IR, caller past faulthandler's 100 frames): every 60 s, the
@@ -452,6 +453,7 @@ print('inductor compile_threads', config.compile_threads, 'worker_start', config
     py "$1" "$REPO/bench/stack_watch.py" 60 flashdreams.cli.build $SF --out "$ENGINE"
     rc=$?
     kill $sampler 2>/dev/null
+    bundle_summary
     return $rc
   fi
 }
@@ -465,6 +467,13 @@ part_cold-groups() {
   # before the install repointed them, every bundled kernel our ops launch was a cache miss and compiled
   # at load): the same machine's cold start without the fix, against cold-pyc's with it.
   FD_BUNDLE_KEEP_GROUPS=1 cold_runs cold-groups "$1"
+}
+
+part_cold-full() {
+  # The cold-pyc processes again with the install as before the slim one: every file of each bundled
+  # Triton entry (TTIR, TTGIR, LLVM IR, PTX beside the binary) written by one thread; cold-pyc's figures
+  # against these on the same machine are the slim threaded install's effect.
+  FD_BUNDLE_IR=1 FD_INSTALL_THREADS=1 cold_runs cold-full "$1"
 }
 
 part_cold-warm-up() {
@@ -490,6 +499,27 @@ byte_compile() { # byte_compile LIMIT: write the .pyc files the lent image lacks
   (cd "$site" && timeout "$1" "$PY" -m compileall -q -j 0 torch sympy triton numpy mpmath networkx jinja2 \
     markupsafe filelock fsspec safetensors tqdm typing_extensions.py >/dev/null 2>&1)
   echo "byte-compiled the packages a cold start imports ($site)"
+}
+
+bundle_summary() { # what the engine's kernels.tar holds: files and MB by suffix (the install writes no IR text)
+  [ -f "$ENGINE/kernels.tar" ] || return 0
+  py 30 - "$ENGINE/kernels.tar" <<'EOF'
+import collections, sys, tarfile
+from pathlib import PurePosixPath
+by = collections.defaultdict(lambda: [0, 0])
+entries = set()
+for m in tarfile.open(sys.argv[1]).getmembers():
+    if m.isfile():
+        kind, _, rest = m.name.partition("/")
+        entries.add((kind, rest.split("/")[0]))
+        suffix = PurePosixPath(m.name).suffix or "(none)"
+        by[(kind, suffix)][0] += 1
+        by[(kind, suffix)][1] += m.size
+print(f"== kernels.tar: {len(entries)} entries, {sum(n for n, _ in by.values())} files, "
+      f"{sum(b for _, b in by.values()) / 2**20:.1f} MB")
+for (kind, suffix), (n, b) in sorted(by.items(), key=lambda kv: -kv[1][1]):
+    print(f"  {kind:9s} {suffix:12s} {n:6d} files {b / 2**20:8.2f} MB")
+EOF
 }
 
 unbundled_kernels() { # which Triton kernels the last cold load compiled: entries the bundle lacked, and bundled

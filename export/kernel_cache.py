@@ -45,8 +45,12 @@ import os
 import shutil
 import tarfile
 import tempfile
+import uuid
 from collections.abc import Callable, Iterable, Iterator
-from pathlib import Path
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path, PurePosixPath
+
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +60,10 @@ INDUCTOR_ENV = "TORCHINDUCTOR_CACHE_DIR"
 # FD_BUNDLE_KEEP_GROUPS=1 installs Triton's group files as built (pointing at the build's scratch cache),
 # the behaviour before `_repoint_groups`: for the GPU suite's same-machine comparison of cold starts only.
 KEEP_GROUPS_ENV = "FD_BUNDLE_KEEP_GROUPS"
+# FD_BUNDLE_IR=1 installs each Triton entry's IR text too (TTIR, TTGIR, LLVM IR, PTX), as the build wrote it.
+IR_ENV = "FD_BUNDLE_IR"
+IR_SUFFIXES = frozenset({".ttir", ".ttgir", ".llir", ".ptx", ".amdgcn", ".source"})
+THREADS_ENV = "FD_INSTALL_THREADS"
 
 
 def triton_cache_dir() -> Path:
@@ -176,49 +184,105 @@ def bundle_kernels(scratch: Path, engine_dir: Path, cpp_keys: Iterable[str] = ()
     return BUNDLE_FILE
 
 
-def install_kernels(bundle: Path) -> int:
-    """Unpack the bundle's entries that this machine's caches lack; how many were added."""
+def install_threads() -> int:
+    """How many threads write an install's files (FD_INSTALL_THREADS; 1 writes them one by one)."""
+    raw = os.environ.get(THREADS_ENV)
+    if raw is None:
+        return min(8, os.cpu_count() or 1)
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise InvalidArgumentError(f"{THREADS_ENV}={raw!r}: give a whole number of threads, 1 or more")
+    return n
+
+
+def _units(tar: tarfile.TarFile, roots: dict[str, Path], keep_ir: bool) -> dict[tuple[str, str], list]:
+    """The bundle's regular files grouped by what installs atomically: a Triton cache entry (a
+    directory) or one Inductor file. Names are checked here, before anything is written."""
+    units: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
+    for m in tar.getmembers():
+        kind, _, rest = m.name.partition("/")
+        if kind not in roots or not m.isfile():
+            continue
+        parts = PurePosixPath(rest).parts
+        bad = not parts or any(p in ("", ".", "..") for p in parts) or rest.startswith("/")
+        if bad or (kind == "triton" and len(parts) != 2):
+            raise EngineIncompatibleError(
+                f"kernel bundle member '{m.name}' is not a cache entry's file; rebuild the engine with fd-build"
+            )
+        if kind == "triton" and not keep_ir and PurePosixPath(parts[1]).suffix in IR_SUFFIXES:
+            continue
+        key = parts[0] if kind == "triton" else rest
+        units.setdefault((kind, key), []).append(m)
+    return units
+
+
+def _write_unit(data: bytes, kind: str, dest: Path, members: list[tarfile.TarInfo], repoint: bool) -> bool:
+    """Write one unit into a private directory beside `dest`, then rename it into place (atomic:
+    a concurrent reader never sees half an entry); False where another process installed it first."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.parent / f".fd-install-{os.getpid()}-{uuid.uuid4().hex}"
+    tmp.mkdir()
+    try:
+        for m in members:
+            path = tmp / PurePosixPath(m.name).name
+            with open(path, "wb") as f:
+                f.write(data[m.offset_data : m.offset_data + m.size])
+            os.chmod(path, 0o644 | (m.mode & 0o111))
+            os.utime(path, (m.mtime, m.mtime))  # the build's time, as unpacking keeps it: nothing looks new
+        src = tmp if kind == "triton" else tmp / dest.name
+        if kind == "triton" and repoint:
+            _repoint_groups(tmp, dest)
+        try:
+            os.replace(src, dest)
+        except OSError:
+            return False
+        return True
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def install_kernels(bundle: Path, threads: int | None = None) -> int:
+    """Unpack the bundle's entries that this machine's caches lack; how many were added.
+
+    Of each Triton entry only what loading a kernel reads is written: its metadata, binary and
+    group file, and the launcher stubs (`.so`). The IR text Triton keeps beside them (TTIR, TTGIR,
+    LLVM IR, PTX: most of an entry's files and bytes) stays in the bundle, unless FD_BUNDLE_IR=1
+    (to read a kernel's PTX). Triton reads every file of a group when it loads a kernel, so the
+    slim entries are also less to read. The units are written by `threads` threads (default
+    `install_threads()`): the writes wait on the file system, not on Python."""
     roots = {"triton": triton_cache_dir(), "inductor": inductor_cache_dir()}
-    added = 0
-    with tarfile.open(fileobj=io.BytesIO(bundle.read_bytes())) as tar:
-        # one unit per Triton cache entry (a directory) or per Inductor file
-        units: dict[tuple[str, str], list[tarfile.TarInfo]] = {}
-        for m in tar.getmembers():
-            kind, _, rest = m.name.partition("/")
-            if kind not in roots or not rest:
-                continue
-            key = rest.split("/", 1)[0] if kind == "triton" else rest
-            units.setdefault((kind, key), []).append(m)
-        for (kind, key), mine in sorted(units.items()):
-            dest = roots[kind] / key
-            if dest.exists() or (kind == "inductor" and not any(m.isfile() for m in mine)):
-                continue
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
-                tar.extractall(tmp, members=mine, filter="data")
-                if kind == "triton" and os.environ.get(KEEP_GROUPS_ENV) != "1":
-                    _repoint_groups(Path(tmp) / kind / key, dest)
-                try:  # atomic: a concurrent reader never sees half an entry
-                    os.replace(Path(tmp) / kind / key, dest)
-                    added += 1
-                except OSError:  # another process installed it first
-                    pass
-    return added
+    keep_ir = os.environ.get(IR_ENV) == "1"
+    repoint = os.environ.get(KEEP_GROUPS_ENV) != "1"
+    data = bundle.read_bytes()
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        units = _units(tar, roots, keep_ir)
+    todo = [(kind, roots[kind] / key, mine) for (kind, key), mine in sorted(units.items())]
+    todo = [t for t in todo if not t[1].exists()]
+    n = threads if threads is not None else install_threads()
+    if n == 1 or len(todo) < 2:
+        return sum(_write_unit(data, kind, dest, mine, repoint) for kind, dest, mine in todo)
+    with ThreadPoolExecutor(min(n, len(todo)), thread_name_prefix="fd-install") as pool:
+        return sum(pool.map(lambda t: _write_unit(data, t[0], t[1], t[2], repoint), todo))
 
 
 def _repoint_groups(entry: Path, dest: Path) -> None:
-    """Point a Triton cache entry's group files at the entry's final place.
+    """Point a Triton cache entry's group files at the entry's final place, listing only the files
+    the entry holds.
 
     Triton finds a compiled kernel through `__grp__<name>.json`, whose `child_paths` are absolute
     paths of the entry's files where they were written: in the build's scratch cache, gone after the
     build. Triton treats a group with a missing child as a miss and compiles the kernel again, into
     the same entry: without this, 9 bundled kernels compiled again at every cold load (next41/next44-h100:
     none with it, and the cold start 8.25 / 8.43 s against 10.33 / 12.39 s on the same machines)."""
+    here = {p.name for p in entry.iterdir()}
     for grp in entry.glob("__grp__*.json"):
         try:
             data = json.loads(grp.read_text())
             children = data["child_paths"]
         except (ValueError, KeyError, TypeError):
             continue  # not a group Triton would read either
-        data["child_paths"] = {name: str(dest / Path(p).name) for name, p in children.items()}
+        data["child_paths"] = {name: str(dest / Path(p).name) for name, p in children.items() if Path(p).name in here}
         grp.write_text(json.dumps(data))

@@ -3,6 +3,7 @@ where Triton and Inductor look them up."""
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError
 from flashdreams.export import kernel_cache
 from flashdreams.export.kernel_cache import (
     bundle_kernels,
@@ -20,13 +22,20 @@ from flashdreams.export.kernel_cache import (
     triton_cache_dir,
 )
 
+IR = ("ttir", "ttgir", "llir", "ptx", "source")
+
 
 def _entry(cache: Path, key: str, name: str) -> None:
+    """A Triton cache entry as Triton writes one: metadata, binary, IR text, and a group file that
+    names every file by absolute path."""
     d = cache / key
     d.mkdir(parents=True)
     (d / f"{name}.json").write_text(json.dumps({"name": name}))
-    (d / f"__grp__{name}.json").write_text("{}")
     (d / f"{name}.cubin").write_bytes(b"\x7fELF" + key.encode())
+    for ext in IR:
+        (d / f"{name}.{ext}").write_text(f"{ext} of {name}")
+    children = {f"{name}.{ext}": str(d / f"{name}.{ext}") for ext in ("json", "cubin", *IR)}
+    (d / f"__grp__{name}.json").write_text(json.dumps({"child_paths": children}))
 
 
 def _best_config(cache: Path, rel: str, value: str) -> None:
@@ -69,8 +78,78 @@ def test_bundle_and_install(tmp_path, monkeypatch):
     assert (here_i / "cd" / "ccd.best_config").read_text() == "mine"
     assert (here_t / "DDD" / "__triton_launcher.so").is_file()
     assert sorted(p.name for p in here_t.iterdir()) == ["AAA", "BBB", "CCC", "DDD"]  # no temp dirs left behind
+    # only what loading reads: no IR text, and the group names just the installed files, where they are now
+    name = "_ring_attention_kernel"
+    installed = sorted(p.name for p in (here_t / "AAA").iterdir())
+    assert installed == [f"__grp__{name}.json", f"{name}.cubin", f"{name}.json"]
+    grp = json.loads((here_t / "AAA" / f"__grp__{name}.json").read_text())["child_paths"]
+    assert grp == {f"{name}.{ext}": str(here_t / "AAA" / f"{name}.{ext}") for ext in ("json", "cubin")}
     assert sorted(p.name for p in (here_i / "ab").iterdir()) == ["cabc.best_config"]
     assert install_kernels(engine / kernel_cache.BUNDLE_FILE) == 0
+
+
+def _bundle_of(tmp_path: Path, n: int) -> Path:
+    scratch, engine = tmp_path / "scratch", tmp_path / "engine"
+    engine.mkdir()
+    for i in range(n):
+        _entry(scratch / "triton", f"K{i:03d}", f"kernel_{i}")
+    _best_config(scratch / "inductor", "ab/cabc.best_config", '{"XBLOCK": 64}')
+    assert bundle_kernels(scratch, engine) == kernel_cache.BUNDLE_FILE
+    return engine / kernel_cache.BUNDLE_FILE
+
+
+def _tree(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("ir", [False, True])
+def test_threads_install_what_one_thread_installs(tmp_path, monkeypatch, ir):
+    """Written by 8 threads or by one, the caches end up byte for byte the same (group files included);
+    FD_BUNDLE_IR=1 installs the IR text too."""
+    bundle = _bundle_of(tmp_path, 24)
+    if ir:
+        monkeypatch.setenv(kernel_cache.IR_ENV, "1")
+    trees = []
+    for threads in (1, 8):
+        here = tmp_path / f"t{threads}"
+        monkeypatch.setenv("TRITON_CACHE_DIR", str(here / "triton"))
+        monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(here / "inductor"))
+        assert install_kernels(bundle, threads=threads) == 25
+        tree = _tree(here)
+        # the groups name this cache's own paths: compare them relative to it
+        trees.append({k: v.replace(str(here).encode(), b"<cache>") for k, v in tree.items()})
+    assert trees[0] == trees[1]
+    files = [k for k in trees[0] if k.startswith("triton/")]
+    assert len(files) == 24 * (3 + (len(IR) if ir else 0))
+    grp = json.loads(trees[0]["triton/K007/__grp__kernel_7.json"])["child_paths"]
+    assert len(grp) == 2 + (len(IR) if ir else 0)
+    assert all(p.startswith("<cache>/triton/K007/") for p in grp.values())
+
+
+def test_install_threads_setting(monkeypatch):
+    monkeypatch.delenv(kernel_cache.THREADS_ENV, raising=False)
+    assert 1 <= kernel_cache.install_threads() <= 8
+    monkeypatch.setenv(kernel_cache.THREADS_ENV, "3")
+    assert kernel_cache.install_threads() == 3
+    for bad in ("0", "-2", "many"):
+        monkeypatch.setenv(kernel_cache.THREADS_ENV, bad)
+        with pytest.raises(InvalidArgumentError, match=kernel_cache.THREADS_ENV):
+            kernel_cache.install_threads()
+
+
+@pytest.mark.parametrize("name", ["triton/../../escape.so", "triton/K1/sub/deep.cubin", "inductor/../x.best_config"])
+def test_a_bundle_member_outside_the_caches_is_refused_before_any_write(tmp_path, monkeypatch, name):
+    bundle = _bundle_of(tmp_path, 2)
+    with tarfile.open(bundle, "a") as tar:
+        info = tarfile.TarInfo(name)
+        info.size = 3
+        tar.addfile(info, io.BytesIO(b"bad"))
+    here = tmp_path / "here"
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(here / "triton"))
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(here / "inductor"))
+    with pytest.raises(EngineIncompatibleError, match="rebuild the engine"):
+        install_kernels(bundle)
+    assert not [f for f in here.rglob("*") if f.is_file()]  # nothing half-installed (Inductor makes its empty dir)
 
 
 def test_nothing_to_bundle_writes_nothing(tmp_path):
@@ -165,9 +244,9 @@ print(json.dumps({"hits": hits}))
 
 def test_installed_triton_entry_is_a_cache_hit_where_the_build_cache_is_gone(tmp_path, monkeypatch):
     """End to end with Triton's own cache lookup: a kernel compiled (for sm_90, by ptxas from the
-    triton wheel) into a scratch cache, bundled, the scratch removed, installed into a fresh cache:
-    compiling it again there must be a hit. Triton's group files name their files by absolute path,
-    so without the install repointing them the second compile is a miss."""
+    triton wheel) into a scratch cache, bundled, the scratch removed, installed into a fresh cache
+    without its IR text: compiling it again there must be a hit. Triton's group files name their
+    files by absolute path, so without the install repointing them the second compile is a miss."""
     import subprocess
     import sys
 
@@ -200,6 +279,9 @@ def test_installed_triton_entry_is_a_cache_hit_where_the_build_cache_is_gone(tmp
     assert install_kernels(engine / kernel_cache.BUNDLE_FILE) >= 1
     grp = json.loads(next(fresh.rglob("__grp__*.json")).read_text())
     assert all(Path(p).parent.parent == fresh and Path(p).exists() for p in grp["child_paths"].values())
+    # the slim entry (metadata and binary, no IR text) is what Triton finds
+    assert {Path(c).suffix for c in grp["child_paths"]} == {".json", ".cubin"}
+    assert not [f for f in fresh.rglob("*") if f.suffix in kernel_cache.IR_SUFFIXES]
     assert compile_once()
     # the bench's switch back to the old install (groups as built): a miss again
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "as-built"))
