@@ -80,6 +80,7 @@ op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU tim
 narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared (bench/narrow_conv_bench.py)
 rows-tests|120|issue 22: on CUDA, the FP8 attention's quantized-rows output (merge_rows_fp8 against merge + the linear's quantization, the Gluon kernel at head dim 128), the fp8-shadow tests and the Gluon kernel's own (test_fp8_attention.py and test_fp8_attention_hopper.py, their rows, shadow and hopper tests)
 ring-tests|300|issue 22: on CUDA, the FP8 attention's quantized-rows output and fp8-shadow tests and the Gluon kernel's (test_fp8_attention.py and test_fp8_attention_hopper.py, their rows, shadow and hopper tests), then tests/kernels/test_ring_attention.py (the bf16 and FP8 ring-attention kernels against their twins, FD_ATTN_SPLITS; narrow-tests ran out of time before most of them in next89)
+ring-split-tests|200|issue 22: on CUDA, tests/kernels/test_ring_attention.py alone (the bf16 and FP8 ring-attention kernels against their twins, their key splits merged through attention_merge._merge_parts; ring-tests without the rows tests)
 narrow-tests|300|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py, tests/test_wan_vae.py: the HD-map encoder forms on cuDNN; tests/kernels/test_bias_act.py, test_upsample_frames.py: TAEHV's passes; tests/kernels/test_ring_attention.py: the bf16 kernel and FD_ATTN_SPLITS)
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
@@ -800,6 +801,10 @@ part_ring-tests() {
   py $(($1 - ($(date +%s) - t0))) -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" \
     "$REPO/tests/kernels/test_ring_attention.py" || rc=$?
   return $rc
+}
+
+part_ring-split-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/kernels/test_ring_attention.py"
 }
 
 part_row-tiles() {
