@@ -20,7 +20,7 @@ import torch
 
 from flashdreams import registry
 from flashdreams.backend import EagerBackend
-from flashdreams.errors import InvalidArgumentError, NotFoundError
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
 from flashdreams.models.family import BlockPlan, InputSpec, LoadOptions
 from flashdreams.models.input_rules import sample_valid
 from flashdreams.session import Session
@@ -258,7 +258,7 @@ def check_batch(batch: Any) -> None:
 
 
 def input_specs(
-    preset: str | Any,
+    preset: str | os.PathLike | Any,
     *,
     height: int | None = None,
     width: int | None = None,
@@ -267,13 +267,37 @@ def input_specs(
 ) -> list[InputSpec] | None:
     """The inputs a session of `preset` at this size takes (what `load(...).input_specs()` returns), known
     without loading a weight, so a host can check a control script before a multi-GB load; None where the
-    preset's family learns its inputs only at load. Bad sizes are refused as `load` refuses them."""
+    preset's family learns its inputs only at load. Bad sizes are refused as `load` refuses them.
+
+    `preset` may also be a built engine's directory: its manifest records them (its size and batch are
+    fixed at build, so none is given here)."""
+    if isinstance(preset, (str, os.PathLike)) and (Path(preset) / "manifest.json").is_file():
+        return _engine_dir_input_specs(Path(preset), height, width, batch)
+    if isinstance(preset, os.PathLike):
+        raise NotFoundError(f"'{preset}' is not an engine directory (no manifest.json there)")
     if isinstance(preset, str):
         preset = registry.get_preset(preset)
     check_batch(batch)
     opts = LoadOptions(height=height, width=width, batch=batch, decoder=decoder)
     specs = registry.family(preset.family).input_specs(preset, opts)
     return None if specs is None else list(specs.values())
+
+
+def _engine_dir_input_specs(path: Path, height: int | None, width: int | None, batch: int) -> list[InputSpec]:
+    """A built engine's inputs from its manifest's plan (read only: the load validates the rest)."""
+    from flashdreams.export.manifest import read_manifest
+
+    given = [n for n, v in (("height", height), ("width", width)) if v is not None] + (["batch"] if batch != 1 else [])
+    if given:
+        fixed = ", ".join(given)
+        raise InvalidArgumentError(f"engine '{path}': its size and batch are fixed at build; give no {fixed}")
+    m = read_manifest(path)
+    try:
+        return list(BlockPlan.from_dict(m["plan"]).inputs.values())
+    except (KeyError, TypeError, ValueError) as exc:
+        raise EngineIncompatibleError(
+            f"engine '{path}': its manifest's plan cannot be read ({type(exc).__name__}: {exc}); rebuild it"
+        ) from None
 
 
 def load(

@@ -10,6 +10,7 @@ from safetensors.torch import load_file
 
 import flashdreams
 from flashdreams.cli.run import main as run_main
+from flashdreams.errors import InvalidArgumentError, NotFoundError
 from flashdreams.models.families.arena import world
 
 
@@ -161,3 +162,32 @@ def test_input_specs_before_the_load_are_the_loaded_plans(preset, size):
     assert flashdreams.input_specs("tiny") is None  # the causal Wan family learns its inputs at load
     with pytest.raises(flashdreams.FlashDreamsError, match="batch"):
         flashdreams.input_specs(preset, batch=0)
+
+
+def _manifest_only_engine(path, preset: str):
+    """An engine directory reduced to what is read before a load: its manifest's preset and plan."""
+    eng = flashdreams.load(preset=preset, device="cpu")
+    path.mkdir()
+    manifest = {"preset": eng.spec.preset.to_dict(), "plan": eng.plan.to_dict()}
+    (path / "manifest.json").write_text(json.dumps(manifest))
+    return eng
+
+
+def test_a_built_engines_inputs_are_read_from_its_manifest_before_the_load(tmp_path, capsys, monkeypatch):
+    """`flashdreams.input_specs(engine_dir)` reads the manifest's plan (no weights, no validation), and fd-run
+    refuses an --actions key such an engine lacks before loading it."""
+    engine_dir = tmp_path / "arena-engine"
+    eng = _manifest_only_engine(engine_dir, "arena")
+    got = flashdreams.input_specs(str(engine_dir))
+    assert [s.to_dict() for s in got] == [s.to_dict() for s in eng.input_specs()]
+    assert [s.to_dict() for s in flashdreams.input_specs(engine_dir)] == [s.to_dict() for s in got]  # a Path too
+    for sizes in ({"height": 64}, {"width": 64}, {"batch": 2}):
+        with pytest.raises(InvalidArgumentError, match="fixed at build"):
+            flashdreams.input_specs(engine_dir, **sizes)
+    with pytest.raises(NotFoundError, match="not an engine directory"):
+        flashdreams.input_specs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(flashdreams, "load", _no_load)
+    argv = ["--checkpoint", str(engine_dir), "--no-progress", "--actions"]
+    assert run_main([*argv, _write(tmp_path / "k.json", [{"keys": ["w"]}, {"keys": ["q"]}])]) == 2
+    assert "frame 1: key 'q' is not one of arena's keys ['w', 's', 'a', 'd']" in capsys.readouterr().err

@@ -519,10 +519,17 @@ def _run(args: argparse.Namespace, outputs: _Outputs) -> int:
 def _check_actions_before_load(actions: list[dict], path: str, kw: dict[str, Any]) -> dict[str, Any] | None:
     """The --actions script's key names and mouse values checked against the preset's inputs where its family
     knows them without weights, so a typo is refused at once, not after a multi-GB load: its control tensors,
-    which `_feeds` then uses as they are. None for a built engine and an unnamed preset, checked after the load."""
+    which `_feeds` then uses as they are; a built engine's manifest records them. None for an unnamed preset and
+    a family that learns its inputs only at load: checked after the load."""
     import flashdreams
 
-    if kw["preset"] is None or is_engine_dir(kw["source"]):
+    if is_engine_dir(kw["source"]):
+        from flashdreams import registry
+        from flashdreams.export.manifest import read_manifest
+
+        name = registry.preset_from_dict(read_manifest(kw["source"])["preset"]).name
+        return action_tensors(actions, flashdreams.input_specs(kw["source"]), name, path)
+    if kw["preset"] is None:
         return None
     size = {"height": kw["height"], "width": kw["width"]}
     specs = flashdreams.input_specs(kw["preset"], **size, decoder=kw["decoder"])
