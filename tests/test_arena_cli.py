@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 import flashdreams
 from flashdreams.cli.run import main as run_main
-from flashdreams.errors import InvalidArgumentError, NotFoundError
+from flashdreams.errors import EngineIncompatibleError, InvalidArgumentError, NotFoundError
 from flashdreams.models.families.arena import world
 
 
@@ -191,3 +191,10 @@ def test_a_built_engines_inputs_are_read_from_its_manifest_before_the_load(tmp_p
     argv = ["--checkpoint", str(engine_dir), "--no-progress", "--actions"]
     assert run_main([*argv, _write(tmp_path / "k.json", [{"keys": ["w"]}, {"keys": ["q"]}])]) == 2
     assert "frame 1: key 'q' is not one of arena's keys ['w', 's', 'a', 'd']" in capsys.readouterr().err
+    broken = tmp_path / "broken-engine"
+    broken.mkdir()
+    (broken / "manifest.json").write_text(json.dumps({"plan": {"inputs": "not a table"}}))
+    with pytest.raises(EngineIncompatibleError, match="plan cannot be read"):
+        flashdreams.input_specs(broken)
+    assert run_main(["--checkpoint", str(broken), "--no-progress", "--actions", str(tmp_path / "k.json")]) == 2
+    assert "plan cannot be read" in capsys.readouterr().err

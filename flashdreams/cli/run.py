@@ -524,11 +524,11 @@ def _check_actions_before_load(actions: list[dict], path: str, kw: dict[str, Any
     import flashdreams
 
     if is_engine_dir(kw["source"]):
-        from flashdreams import registry
         from flashdreams.export.manifest import read_manifest
 
-        name = registry.preset_from_dict(read_manifest(kw["source"])["preset"]).name
-        return action_tensors(actions, flashdreams.input_specs(kw["source"]), name, path)
+        specs = flashdreams.input_specs(kw["source"])  # (a manifest it cannot read is refused by name here)
+        name = (read_manifest(kw["source"]).get("preset") or {}).get("name") or Path(kw["source"]).name
+        return action_tensors(actions, specs, name, path)
     if kw["preset"] is None:
         return None
     size = {"height": kw["height"], "width": kw["width"]}
