@@ -43,7 +43,6 @@ cold|150|cold start from the built engine: process start to first frame, 3 fresh
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
 cold-groups|150|issue 22 target 6: the cold-pyc processes with Triton's group files installed as the build wrote them (FD_BUNDLE_KEEP_GROUPS=1, the behaviour before the install repointed them): run after cold-pyc in one call, the fix's effect on one machine
 cold-full|150|issue 22 target 6: the cold-pyc processes with the kernel install as it was (every file of each Triton entry, IR text included, written by one thread: FD_BUNDLE_IR=1 FD_INSTALL_THREADS=1): run after cold-pyc in one call, the slim threaded install against it on one machine
-cold-noprefetch|150|issue 22 target 6: the cold-pyc processes with the install's imports where the install needs them (FD_PREFETCH_IMPORTS=0, as before the load imported them on a thread while it validates): run beside cold-pyc in one call
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
@@ -476,12 +475,6 @@ part_cold-full() {
   # Triton entry (TTIR, TTGIR, LLVM IR, PTX beside the binary) written by one thread; cold-pyc's figures
   # against these on the same machine are the slim threaded install's effect.
   FD_BUNDLE_IR=1 FD_INSTALL_THREADS=1 cold_runs cold-full "$1"
-}
-
-part_cold-noprefetch() {
-  # The cold-pyc processes with torch._inductor's cache helpers and triton imported by the install itself,
-  # not on a thread during the validation: cold-pyc against these on one machine is the prefetch's effect.
-  FD_PREFETCH_IMPORTS=0 cold_runs cold-noprefetch "$1"
 }
 
 part_cold-warm-up() {

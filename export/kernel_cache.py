@@ -72,9 +72,6 @@ THREADS_ENV = "FD_INSTALL_THREADS"
 # What resolving the two cache directories imports: `torch._inductor` is ~0.9 s of Python the first time
 # (on our CPU machine), and the load needs it anyway.
 CACHE_MODULES = ("triton", "torch._inductor.runtime.cache_dir_utils")
-# FD_PREFETCH_IMPORTS=0 imports them where the install needs them, as before: for the GPU suite's
-# same-machine comparison of cold starts only.
-PREFETCH_ENV = "FD_PREFETCH_IMPORTS"
 
 
 def prefetch_cache_modules(modules: Iterable[str] = CACHE_MODULES) -> Callable[[], None]:
@@ -86,9 +83,6 @@ def prefetch_cache_modules(modules: Iterable[str] = CACHE_MODULES) -> Callable[[
     locks); an import that fails here is left for the caller's own import to raise."""
     import importlib
     import threading
-
-    if os.environ.get(PREFETCH_ENV) == "0":
-        return lambda: None
 
     def run() -> None:
         for name in modules:
