@@ -69,33 +69,6 @@ IR_SUFFIXES = frozenset({".ttir", ".ttgir", ".llir", ".ptx", ".amdgcn", ".source
 THREADS_ENV = "FD_INSTALL_THREADS"
 
 
-# What resolving the two cache directories imports: `torch._inductor` is ~0.9 s of Python the first time
-# (on our CPU machine), and the load needs it anyway.
-CACHE_MODULES = ("triton", "torch._inductor.runtime.cache_dir_utils")
-
-
-def prefetch_cache_modules(modules: Iterable[str] = CACHE_MODULES) -> Callable[[], None]:
-    """Import `modules` on a thread of their own; returns the function that waits for it.
-
-    A load validates the engine first, hashing its files with hashlib, which releases the GIL: the
-    imports `install_kernels` needs run meanwhile. Call the returned function before this process
-    imports anything else (two threads importing one package at once can deadlock on its import
-    locks); an import that fails here is left for the caller's own import to raise."""
-    import importlib
-    import threading
-
-    def run() -> None:
-        for name in modules:
-            try:
-                importlib.import_module(name)
-            except Exception:  # the caller's import raises it, with its own traceback
-                return
-
-    thread = threading.Thread(target=run, name="fd-prefetch-imports", daemon=True)
-    thread.start()
-    return thread.join
-
-
 def triton_cache_dir() -> Path:
     """Where this process's Triton looks up compiled kernels."""
     try:

@@ -144,17 +144,11 @@ def load_engine_dir(
     None gives latents only, another name builds that decoder eagerly (random weights).
     """
     from flashdreams.engine import Engine
-    from flashdreams.export.kernel_cache import BUNDLE_FILE, prefetch_cache_modules
 
     path = Path(path)
     times: dict[str, float] = {}
     t0 = time.perf_counter()
-    # the kernel install's imports run while the validation hashes the engine's files
-    imported = prefetch_cache_modules() if (path / BUNDLE_FILE).is_file() else (lambda: None)
-    try:
-        val = validate_engine(path, device)
-    finally:
-        imported()
+    val = validate_engine(path, device)
     m, dev = val.manifest, _resolve_device(device, val.device)
     for note in val.notes:
         log.info("engine %s: %s", path, note)

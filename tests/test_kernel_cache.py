@@ -288,28 +288,3 @@ def test_installed_triton_entry_is_a_cache_hit_where_the_build_cache_is_gone(tmp
     monkeypatch.setenv(kernel_cache.KEEP_GROUPS_ENV, "1")
     assert install_kernels(engine / kernel_cache.BUNDLE_FILE) >= 1
     assert not compile_once()
-
-
-PREFETCH = """
-import json, sys, time
-from flashdreams.export import kernel_cache
-before = [m for m in kernel_cache.CACHE_MODULES if m in sys.modules]
-wait = kernel_cache.prefetch_cache_modules()
-wait()
-after = [m for m in kernel_cache.CACHE_MODULES if m in sys.modules]
-kernel_cache.prefetch_cache_modules(["flashdreams_no_such_module", "json"])()  # a failed import stays quiet
-print(json.dumps({"before": before, "after": after}))
-"""
-
-
-def test_prefetch_imports_what_the_install_needs_in_a_fresh_process():
-    """A load imports the kernel install's modules on a thread while it validates: in a fresh process they
-    are not imported before and are after waiting; a module that cannot be imported raises nothing there."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("triton")
-    proc = subprocess.run([sys.executable, "-c", PREFETCH], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    got = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert got["before"] == [] and got["after"] == list(kernel_cache.CACHE_MODULES)
