@@ -51,7 +51,8 @@ from ._common import (
     tl,
     triton,
 )
-from .fp8_linear import FP8, Fp8Rows, _round_to, _store_e4m3_rows, quantize_rows_fp8_reference
+from ._rounding import round_to_f32
+from .fp8_linear import FP8, Fp8Rows, _store_e4m3_rows, quantize_rows_fp8_reference
 
 NORM_NONE, NORM_MODULATE, NORM_AFFINE = 0, 1, 2
 # Per-frame vectors loaded once per program where its rows share a frame (see _adaln_kernel);
@@ -123,7 +124,7 @@ def _adaln_kernel(
             h = xhat * sc + sh
         h_ptrs = HO + b * stride_hob + t2 * stride_hot + c[None, :]
         if QUANT:
-            h = tl.where(mask, _round_to(h, X.dtype.element_ty, EMULATE), 0.0)
+            h = tl.where(mask, round_to_f32(h, X.dtype.element_ty, EMULATE), 0.0)
             _store_e4m3_rows(h, h_ptrs, HS + b * stride_hsb + t, mask, t < L, EMULATE)
         else:
             tl.store(h_ptrs, h.to(HO.dtype.element_ty), mask=mask)

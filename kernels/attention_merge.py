@@ -31,7 +31,7 @@ from ._common import (
     tl,
     triton,
 )
-from .fp8_kv import _to_e4m3
+from ._rounding import to_e4m3
 from .fp8_linear import FP8, _e4m3_inv_scale, _launch_quantize_rows, _store_row_scale
 
 
@@ -114,7 +114,7 @@ def _merge_rows_fp8_kernel(
     inv = _e4m3_inv_scale(amax)[:, None, None]
     row = b * Lq + offs_m
     x8_ptrs = X8 + row[:, None, None] * (H * HEAD_DIM) + offs_h[None, :, None] * HEAD_DIM + offs_d[None, None, :]
-    tl.store(x8_ptrs, _to_e4m3(out * inv, EMULATE), mask=mask)
+    tl.store(x8_ptrs, to_e4m3(out * inv, EMULATE), mask=mask)
     _store_row_scale(amax, SX + row, m_ok)
 
 

@@ -19,7 +19,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 
 from ._common import check_tensor, interpreted, launch, new_output, next_pow2, register_op, require_triton, tl, triton
-from .fp8_linear import _round_to
+from ._rounding import round_to_f32
 
 
 @triton.jit
@@ -33,9 +33,9 @@ def _bias_act_kernel(
     mask = (p < P)[:, None] & (c < C)[None, :]
     offs = p[:, None] * C + c[None, :]
     y = tl.load(Y + offs, mask=mask, other=0.0).to(tl.float32)
-    y = _round_to(y + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[None, :], OUT.dtype.element_ty, EMULATE)
+    y = round_to_f32(y + tl.load(B + c, mask=c < C, other=0.0).to(tl.float32)[None, :], OUT.dtype.element_ty, EMULATE)
     if HAS_RES:
-        y = _round_to(y + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32), OUT.dtype.element_ty, EMULATE)
+        y = round_to_f32(y + tl.load(R + offs, mask=mask, other=0.0).to(tl.float32), OUT.dtype.element_ty, EMULATE)
     if RELU:
         y = tl.maximum(y, 0.0)
     tl.store(OUT + offs, y.to(OUT.dtype.element_ty), mask=mask)

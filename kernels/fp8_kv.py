@@ -1,4 +1,4 @@
-"""e4m3 rounding and the K/V pre-pass of the FP8 ring attention: fp8 copies of a bf16 ring's keys and
+"""The K/V pre-pass of the FP8 ring attention: fp8 copies of a bf16 ring's keys and
 values in the layout fp8 wgmma reads, kept up to date as an fp8 shadow of the ring.
 
 Why K and V are quantized by a pre-pass, not inside the attention kernel: each key tile is read by every
@@ -15,10 +15,9 @@ block's own rows), and `ring_attention_fp8.ring_attention_fp8_prequantized` then
 call: 5 forwards x 30 layers of a Self-Forcing block read the ring's history once, not 150 times.
 
 K and V get one scale per key tile (`ring_attention_fp8`'s docstring says why that costs no accuracy).
-The rounding helpers are shared with the FP8 linears (`fp8_linear.py`). Triton's interpreter (CPU tests)
-converts fp32 to fp8 and bf16 with truncation and a broken carry; there (only) values are first rounded to
-the target grid with integer arithmetic (`EMULATE`), after which its conversion is exact. The torch twins
-at the end (`round_e4m3`, `quantize_rows_e4m3`, `quantize_tiles_e4m3`) are what the kernels compute.
+Its roundings are the kernels' shared ones (`_rounding.py`: why the CPU tests round by hand, `EMULATE`).
+The torch twins at the end (`round_e4m3`, `quantize_rows_e4m3`, `quantize_tiles_e4m3`) are what the
+kernels compute.
 """
 
 from __future__ import annotations
@@ -30,6 +29,7 @@ import torch
 from flashdreams.errors import InvalidArgumentError
 
 from ._common import INDEX_DTYPES, check_tensor, interpreted, launch, next_pow2, register_op, tl, triton
+from ._rounding import to_e4m3
 
 E4M3_MAX = 448.0
 # An all-zero row or tile gets this amax (its values quantize to exactly 0). Not much smaller: when a
@@ -40,43 +40,6 @@ AMAX_FLOOR = 1e-16
 
 def fp8_d_pad(d: int) -> int:
     return next_pow2(d, 32)
-
-
-# ----------------------------------------------------------------------------- rounding helpers
-
-
-@triton.jit
-def _round_e4m3(x):
-    """x (fp32) rounded to the nearest e4m3 value, ties to even, saturated at +-448; still fp32."""
-    a = tl.minimum(tl.abs(x), 448.0)
-    bits = a.to(tl.int32, bitcast=True)
-    normal = (((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) << 20).to(tl.float32, bitcast=True)
-    sub = (a + 16384.0) - 16384.0  # below 2^-6 the e4m3 grid is 2^-9: fp32 addition rounds to it
-    r = tl.where(a >= 0.015625, normal, sub)
-    return tl.where(x < 0.0, -r, r)
-
-
-@triton.jit
-def _round_bf16(x):
-    """x (fp32, finite) rounded to the nearest bf16 value, ties to even; still fp32."""
-    a = tl.abs(x)
-    bits = a.to(tl.int32, bitcast=True)
-    r = (((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16) << 16).to(tl.float32, bitcast=True)
-    return tl.where(x < 0.0, -r, r)
-
-
-@triton.jit
-def _to_e4m3(x, EMULATE: tl.constexpr):
-    if EMULATE:
-        x = _round_e4m3(x)
-    return x.to(tl.float8e4nv)  # round to nearest even, saturating (cvt.rn.satfinite on sm_90)
-
-
-@triton.jit
-def _to_out(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    if EMULATE and dtype == tl.bfloat16:
-        x = _round_bf16(x)
-    return x.to(dtype)
 
 
 # ----------------------------------------------------------------------------- K/V pre-pass
@@ -105,7 +68,7 @@ def _quantize_tile(x, EMULATE: tl.constexpr):
     """One-scale e4m3 quantization of an fp32 tile: (x8, scale) with x ~= scale * x8."""
     amax = tl.maximum(tl.max(tl.max(tl.abs(x), 1), 0), 1e-16)
     one = amax * 0.0 + 1.0
-    x8 = _to_e4m3(x * tl.math.div_rn(one * 448.0, amax), EMULATE)
+    x8 = to_e4m3(x * tl.math.div_rn(one * 448.0, amax), EMULATE)
     return x8, tl.math.div_rn(amax, one * 448.0)
 
 

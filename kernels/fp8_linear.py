@@ -46,23 +46,13 @@ from ._common import (
     tl,
     triton,
 )
-from .fp8_kv import _round_bf16, _to_e4m3, quantize_rows_e4m3
+from ._rounding import round_to_f32, to_e4m3
+from .fp8_kv import quantize_rows_e4m3
 
 FP8 = torch.float8_e4m3fn
 
 
 # ----------------------------------------------------------------------------- activation quantization
-
-
-@triton.jit
-def _round_to(x, dtype: tl.constexpr, EMULATE: tl.constexpr):
-    """fp32 x rounded to `dtype` (bf16 / fp16 / fp32) and back to fp32: what a tensor of that dtype
-    would hold; under the interpreter (EMULATE) bf16 is rounded by hand, to nearest-even as the GPU's cast."""
-    if dtype == tl.bfloat16:
-        x = _round_bf16(x) if EMULATE else x.to(tl.bfloat16).to(tl.float32)
-    elif dtype == tl.float16:
-        x = x.to(tl.float16).to(tl.float32)
-    return x
 
 
 @triton.jit
@@ -73,7 +63,7 @@ def _store_e4m3_rows(x, x8_ptrs, s_ptrs, mask, row_mask, EMULATE: tl.constexpr):
     so that they agree bit for bit."""
     amax = tl.max(tl.abs(x), 1)
     inv = _e4m3_inv_scale(amax)
-    tl.store(x8_ptrs, _to_e4m3(x * inv[:, None], EMULATE), mask=mask)
+    tl.store(x8_ptrs, to_e4m3(x * inv[:, None], EMULATE), mask=mask)
     _store_row_scale(amax, s_ptrs, row_mask)
 
 
@@ -115,7 +105,7 @@ def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.const
             x = _gelu_erfc_fit(x)
         else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
             x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
-        x = _round_to(x, dtype, EMULATE)
+        x = round_to_f32(x, dtype, EMULATE)
     return x
 
 
@@ -153,11 +143,11 @@ def _quantize_rows_kernel(
         x2, c2, m2 = _load_gelu_chunk(X, r, stride_x, R, K, C0 + C1, C2, GELU, EMULATE)
         amax = tl.maximum(amax, tl.max(tl.abs(x2), 1))
     inv = _e4m3_inv_scale(amax)[:, None]
-    tl.store(X8 + r[:, None] * K + c0[None, :], _to_e4m3(x0 * inv, EMULATE), mask=m0)
+    tl.store(X8 + r[:, None] * K + c0[None, :], to_e4m3(x0 * inv, EMULATE), mask=m0)
     if C1 > 0:
-        tl.store(X8 + r[:, None] * K + c1[None, :], _to_e4m3(x1 * inv, EMULATE), mask=m1)
+        tl.store(X8 + r[:, None] * K + c1[None, :], to_e4m3(x1 * inv, EMULATE), mask=m1)
     if C2 > 0:
-        tl.store(X8 + r[:, None] * K + c2[None, :], _to_e4m3(x2 * inv, EMULATE), mask=m2)
+        tl.store(X8 + r[:, None] * K + c2[None, :], to_e4m3(x2 * inv, EMULATE), mask=m2)
     _store_row_scale(amax, SX + r, r < R)
 
 

@@ -69,12 +69,11 @@ from ._common import (
     tl,
     triton,
 )
+from ._rounding import to_e4m3, to_out
 from .attention_merge import split_outputs
 from .fp8_kv import (  # noqa: F401 (Fp8KV .. update_fp8_kv: this module's API before the pre-pass moved out)
     E4M3_MAX,
     Fp8KV,
-    _to_e4m3,
-    _to_out,
     empty_fp8_kv,
     fp8_d_pad,
     fp8_kv_shapes,
@@ -248,7 +247,7 @@ def _fp8_attend_tiles(
         l_i = l_i * alpha + tl.sum(p, 1)
         if PV_FP8:
             u_new = tl.load(VT + start // BLOCK_N)
-            p8 = _to_e4m3(p, EMULATE)
+            p8 = to_e4m3(p, EMULATE)
             if USE_TMA:
                 vt = v8_src.load([0, start])
             elif MASK_N:
@@ -269,7 +268,7 @@ def _fp8_attend_tiles(
             else:
                 v = tl.load(v_src + start * stride_vn, mask=d_ok[None, :], other=0.0)
             if EMULATE:  # the interpreter's bf16 dot is wrong: exact fp32 products of bf16 values
-                pb = _to_out(p, v.dtype, EMULATE).to(tl.float32)
+                pb = to_out(p, v.dtype, EMULATE).to(tl.float32)
                 acc = tl.dot(pb, v.to(tl.float32), acc * alpha[:, None], input_precision="ieee")
             else:
                 acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None])
@@ -313,7 +312,7 @@ def _ring_attention_fp8_kernel(
     q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :]
     q = tl.load(q_ptrs, mask=m_ok[:, None] & d_ok[None, :], other=0.0).to(tl.float32)
     q_amax = tl.maximum(tl.max(tl.abs(q), 1), 1e-16)
-    q8 = _to_e4m3(q * tl.math.div_rn(tl.full(q_amax.shape, 448.0, tl.float32), q_amax)[:, None], EMULATE)
+    q8 = to_e4m3(q * tl.math.div_rn(tl.full(q_amax.shape, 448.0, tl.float32), q_amax)[:, None], EMULATE)
     q_fac = q_amax * qk_fac
 
     k_base = K8 + bh * S * D_PAD
@@ -366,7 +365,7 @@ def _ring_attention_fp8_kernel(
         out = acc / l_safe[:, None]
     lse = tl.where(has_keys, (m_i + tl.math.log2(l_safe) - 8.0) * 0.6931471805599453, float("-inf"))
     o_ptrs = Out + pid_s * stride_os + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :]
-    tl.store(o_ptrs, _to_out(out, Out.dtype.element_ty, EMULATE), mask=m_ok[:, None] & d_ok[None, :])
+    tl.store(o_ptrs, to_out(out, Out.dtype.element_ty, EMULATE), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + pid_s * stride_ls + b * stride_lb + h * stride_lh + offs_m, lse, mask=m_ok)
 
 

@@ -27,9 +27,9 @@ import triton.language as tl  # noqa: E402
 from flashdreams.errors import InvalidArgumentError  # noqa: E402
 from flashdreams.kernels import ring_attention_reference, triton_available  # noqa: E402
 from flashdreams.kernels._common import poisoned_outputs  # noqa: E402
+from flashdreams.kernels._rounding import to_e4m3  # noqa: E402
 from flashdreams.kernels.ring_attention_fp8 import (  # noqa: E402
     Fp8AttnConfig,
-    _to_e4m3,
     empty_fp8_kv,
     launch_ring_attention_fp8,
     quantize_kv_fp8,
@@ -73,7 +73,7 @@ def make_case(B, Lq, H, d, S, valid, dtype=torch.bfloat16, seed=0, v_mean=0.0):
 @triton.jit
 def _cast_e4m3(X, Y, N: tl.constexpr):
     r = tl.arange(0, N)
-    tl.store(Y + r, _to_e4m3(tl.load(X + r), True))
+    tl.store(Y + r, to_e4m3(tl.load(X + r), True))
 
 
 @pytest.mark.parametrize("pv_fp8", [True, False], ids=["pv_fp8", "pv_bf16"])
