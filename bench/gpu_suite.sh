@@ -512,7 +512,7 @@ entries = set()
 for m in tarfile.open(sys.argv[1]).getmembers():
     if m.isfile():
         kind, _, rest = m.name.partition("/")
-        entries.add((kind, rest.split("/")[0]))
+        entries.add((kind, rest.split("/")[0] if kind == "triton" else rest))  # (install units: an entry or a file)
         suffix = PurePosixPath(m.name).suffix or "(none)"
         by[(kind, suffix)][0] += 1
         by[(kind, suffix)][1] += m.size
