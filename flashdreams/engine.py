@@ -257,6 +257,12 @@ def check_batch(batch: Any) -> None:
         raise InvalidArgumentError(f"batch must be an integer >= 1, got {batch!r}")
 
 
+def is_engine_dir(source: str | os.PathLike) -> bool:
+    """Whether `source` names a built engine: its manifest.json is there. (`cli.options.is_engine_dir` is the
+    CLI's twin: the CLI checks its flags before it imports torch, which this module imports.)"""
+    return (Path(source) / "manifest.json").is_file()
+
+
 def input_specs(
     preset: str | os.PathLike | Any,
     *,
@@ -271,7 +277,7 @@ def input_specs(
 
     `preset` may also be a built engine's directory: its manifest records them (its size and batch are
     fixed at build, so none is given here)."""
-    if isinstance(preset, (str, os.PathLike)) and (Path(preset) / "manifest.json").is_file():
+    if isinstance(preset, (str, os.PathLike)) and is_engine_dir(preset):
         return _engine_dir_input_specs(Path(preset), height, width, batch)
     if isinstance(preset, os.PathLike):
         raise NotFoundError(f"'{preset}' is not an engine directory (no manifest.json there)")
@@ -337,7 +343,7 @@ def load(
     """
     if source is not None:
         path = Path(source)
-        if (path / "manifest.json").is_file():
+        if is_engine_dir(path):
             from flashdreams.engine_runtime import load_engine_dir
 
             if fp8_keep is not None:

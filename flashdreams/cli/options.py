@@ -154,7 +154,8 @@ def load_kwargs(args: argparse.Namespace, **overrides: Any) -> dict[str, Any]:
 
 
 def is_engine_dir(source: str | None) -> bool:
-    """Whether a --checkpoint names a built engine (its manifest.json there): its shapes and inputs are fixed."""
+    """Whether a --checkpoint names a built engine (its manifest.json there): its shapes and inputs are fixed.
+    (`flashdreams.engine.is_engine_dir` less the None: that module imports torch, which flag checks do not need.)"""
     return source is not None and (Path(source) / "manifest.json").is_file()
 
 
