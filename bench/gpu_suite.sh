@@ -88,6 +88,7 @@ gelu-quantize|60|issue 16: the FP8 activation pass with the exact GELU fused, er
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
+session-tests|150|issue 22 target 6: on CUDA, tests/test_session_gpu.py alone: captured graphs against eager, the steady kind captured behind its eager block (and captured at the next block when the device lacks room), frames before the commit, warm-up, recordings and snapshots under graphs
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 taehv-upsample|90|issues 22, 16: TAEHV's nearest 2x upsampling as torch's NHWC kernel vs a broadcast copy (models/taehv.UPSAMPLE_AS_COPY): steady streaming decode at Self-Forcing's 480x832 and OmniDreams' 704x1280 with either form (alternated, frames bit-equal checked) and the upsampling alone (bench/taehv_upsample_bench.py)
 hdmap-conv-forms|150|issue 16: every conv of OmniDreams' HD-map encode (LightVAE, steady 8-frame chunk, 704x1280, the engine's NDHWC + fused norms) timed as it runs and in other forms (cuDNN search, NDHWC input, 2-D conv over frames, three 2-D convs, time taps folded into channels, padded channels), each checked against its own output; the whole encode profiled by kernel kind (bench/hdmap_conv_forms.py)
@@ -842,6 +843,10 @@ part_worlds-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_palette_snap.py \
     $t/test_session_gpu.py $t/test_batched_worlds.py $t/test_gym_env.py $t/test_snapshot.py
+}
+
+part_session-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/test_session_gpu.py"
 }
 
 part_vae-tests() {

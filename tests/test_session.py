@@ -227,3 +227,15 @@ def test_200_block_rollout_matches_the_reference_cache_with_flat_memory():
     assert k * nf > 20 * (ring.sink + ring.window)  # the ring wrapped many times
     assert state_ptrs == state()
     assert s.buffers["ring_k"].shape[2] == capacity_tokens  # memory stays at sink + window frames
+
+
+def test_a_capture_behind_running_work_needs_room_for_the_cached_blocks_twice_and_a_margin():
+    """The graphs' pool fills while the eager pass's cached blocks stay reserved: capture ahead only with
+    free memory for both and the margin."""
+    from flashdreams.session import CAPTURE_AHEAD_MARGIN, capture_fits_beside
+
+    gib = 1 << 30
+    assert capture_fits_beside(10 * gib, 2 * gib)
+    assert capture_fits_beside(4 * gib + CAPTURE_AHEAD_MARGIN, 2 * gib)
+    assert not capture_fits_beside(4 * gib + CAPTURE_AHEAD_MARGIN - 1, 2 * gib)
+    assert not capture_fits_beside(CAPTURE_AHEAD_MARGIN - 1, 0)
