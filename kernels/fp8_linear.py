@@ -46,6 +46,7 @@ from ._common import (
     tl,
     triton,
 )
+from ._fast_math import exp2_ftz, rcp_ftz
 from ._rounding import round_to_f32, to_e4m3
 from .fp8_kv import quantize_rows_e4m3
 
@@ -82,27 +83,44 @@ def _store_row_scale(amax, s_ptrs, row_mask):
 
 
 @triton.jit
-def _gelu_erfc_fit(x):
+def _gelu_erfc_fit(x, FAST: tl.constexpr, EMULATE: tl.constexpr):
     """Exact GELU, x * Phi(x), with erfc from Abramowitz & Stegun 7.1.26 (|error| <= 1.5e-7, far below the
     bf16 rounding that follows): erfc(a) ~ t (a1 + ... + a5 t^4) exp(-a^2), t = 1 / (1 + p a), a = |x| / sqrt 2,
     the coefficients halved so that h = erfc(a) / 2 = Phi(-|x|). One reciprocal, one exp2 and seven FMAs
     without a branch, where libdevice's erff takes two polynomial paths and a full exp (the pass was
-    issue-bound on it: bench/results/NOTES.md, the fourth session of 2026-12-06)."""
-    t = 1.0 / (1.0 + 0.23164189758 * tl.abs(x))  # p / sqrt 2 = 0.3275911 / 1.41421356
+    issue-bound on it: bench/results/NOTES.md, the fourth session of 2026-12-06). FAST: the reciprocal and
+    exp2 as single MUFU instructions (kernels/_fast_math.py)."""
+    d = 1.0 + 0.23164189758 * tl.abs(x)  # p / sqrt 2 = 0.3275911 / 1.41421356
+    e = x * x * -0.7213475204444817  # exp(-x^2 / 2) = 2^(-x^2 log2(e) / 2)
+    if FAST:
+        t = rcp_ftz(d, EMULATE)
+    else:
+        t = 1.0 / d
     poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
-    h = poly * tl.math.exp2(x * x * -0.7213475204444817)  # exp(-x^2 / 2) = 2^(-x^2 log2(e) / 2)
+    if FAST:
+        h = poly * exp2_ftz(e, EMULATE)
+    else:
+        h = poly * tl.math.exp2(e)
     return x * tl.where(x >= 0.0, 1.0 - h, h)
 
 
+# The tanh GELU as x / (1 + 2^z) with z = -2 log2(e) sqrt(2/pi) (x + 0.044715 x^3) = x (A + B x^2).
+_TANH_A = tl.constexpr(-2.302208198144325)
+_TANH_B = tl.constexpr(-0.1029432395800235)
+
+
 @triton.jit
-def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.constexpr):
+def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
     """GELU(x) (1 exact, 2 tanh form, 3 exact with `_gelu_erfc_fit`; 0 none) of fp32 x, rounded to `dtype`
-    as `F.gelu` would hand it on."""
+    as `F.gelu` would hand it on. FAST: the fit's and the tanh form's exp2 and reciprocal as single MUFU
+    instructions, the tanh form with its constants folded (7 instructions an element instead of ~17)."""
     if GELU != 0:
         if GELU == 1:
             x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
         elif GELU == 3:
-            x = _gelu_erfc_fit(x)
+            x = _gelu_erfc_fit(x, FAST, EMULATE)
+        elif FAST:
+            x = x * rcp_ftz(1.0 + exp2_ftz(x * (_TANH_A + _TANH_B * (x * x)), EMULATE), EMULATE)
         else:  # 0.5 x (1 + tanh(u)) = x * sigmoid(2u), u = sqrt(2/pi) (x + 0.044715 x^3)
             x = x * tl.sigmoid(1.5957691216057308 * (x + 0.044715 * x * x * x))
         x = round_to_f32(x, dtype, EMULATE)
@@ -111,20 +129,21 @@ def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, EMULATE: tl.const
 
 @triton.jit
 def _load_gelu_chunk(
-    X, r, stride_x, R, K, OFF: tl.constexpr, C: tl.constexpr, GELU: tl.constexpr, EMULATE: tl.constexpr,
+    X, r, stride_x, R, K, OFF: tl.constexpr, C: tl.constexpr, GELU: tl.constexpr, FAST: tl.constexpr,
+    EMULATE: tl.constexpr,
 ):  # fmt: skip
     """Columns OFF..OFF+C of BLOCK_R rows as fp32 (0 past K or R), GELU applied where asked."""
     c = OFF + tl.arange(0, C)
     mask = (r < R)[:, None] & (c < K)[None, :]
     x = tl.load(X + r[:, None] * stride_x + c[None, :], mask=mask, other=0.0).to(tl.float32)
-    return _gelu_in_dtype(x, GELU, X.dtype.element_ty, EMULATE), c, mask
+    return _gelu_in_dtype(x, GELU, X.dtype.element_ty, FAST, EMULATE), c, mask
 
 
 @triton.jit
 def _quantize_rows_kernel(
     X, X8, SX, stride_x, R, K,
     C0: tl.constexpr, C1: tl.constexpr, C2: tl.constexpr, BLOCK_R: tl.constexpr, EMULATE: tl.constexpr,
-    GELU: tl.constexpr,
+    GELU: tl.constexpr, FAST: tl.constexpr,
 ):  # fmt: skip
     """BLOCK_R rows: x8 = e4m3(x * 448/amax(|x_row|)), sx = amax/448 (amax floored at 1e-16). With
     GELU (1 exact, 2 tanh form), x is first replaced by GELU(x) rounded to x's dtype: what `F.gelu`
@@ -134,13 +153,13 @@ def _quantize_rows_kernel(
     0: absent) rather than one tile of next_pow2(K): at Self-Forcing's FFN width 8960 that is 8960
     columns of work instead of 16384, and the pass is issue-bound (the GELU), not only HBM-bound."""
     r = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
-    x0, c0, m0 = _load_gelu_chunk(X, r, stride_x, R, K, 0, C0, GELU, EMULATE)
+    x0, c0, m0 = _load_gelu_chunk(X, r, stride_x, R, K, 0, C0, GELU, FAST, EMULATE)
     amax = tl.max(tl.abs(x0), 1)
     if C1 > 0:
-        x1, c1, m1 = _load_gelu_chunk(X, r, stride_x, R, K, C0, C1, GELU, EMULATE)
+        x1, c1, m1 = _load_gelu_chunk(X, r, stride_x, R, K, C0, C1, GELU, FAST, EMULATE)
         amax = tl.maximum(amax, tl.max(tl.abs(x1), 1))
     if C2 > 0:
-        x2, c2, m2 = _load_gelu_chunk(X, r, stride_x, R, K, C0 + C1, C2, GELU, EMULATE)
+        x2, c2, m2 = _load_gelu_chunk(X, r, stride_x, R, K, C0 + C1, C2, GELU, FAST, EMULATE)
         amax = tl.maximum(amax, tl.max(tl.abs(x2), 1))
     inv = _e4m3_inv_scale(amax)[:, None]
     tl.store(X8 + r[:, None] * K + c0[None, :], to_e4m3(x0 * inv, EMULATE), mask=m0)
@@ -188,6 +207,9 @@ GELU_FORMS = {"exact": (1, "none"), "tanh": (2, "tanh")}
 # How the pass computes the exact GELU's erf: "fit" (`_gelu_erfc_fit`) or "libdevice" (tl.math.erf, the form
 # before 2026-12-06; bench/gelu_quantize_bench.py times both in one run).
 EXACT_GELU_ERF = "fit"
+# The GELUs' exp2 and reciprocal as single MUFU instructions (`_gelu_in_dtype`'s FAST); False: the forms before
+# 2026-12-07 (bench/gelu_quantize_bench.py times both in one run).
+GELU_FAST_MATH = True
 
 
 def _check_gelu(gelu: str | None) -> None:
@@ -212,7 +234,8 @@ def _launch_quantize_rows(x: torch.Tensor, gelu: int) -> tuple[torch.Tensor, tor
     launch(
         _quantize_rows_kernel, (triton.cdiv(R, block_r),),
         x, x8, sx, x.stride(0), R, K,
-        C0=c0, C1=c1, C2=c2, BLOCK_R=block_r, EMULATE=interpreted(), GELU=gelu, num_warps=num_warps,
+        C0=c0, C1=c1, C2=c2, BLOCK_R=block_r, EMULATE=interpreted(), GELU=gelu, FAST=GELU_FAST_MATH,
+        num_warps=num_warps,
     )
     # fmt: on
     return x8, sx

@@ -157,6 +157,31 @@ def test_exact_gelu_by_the_erfc_fit_quantizes_as_by_erf(monkeypatch, dtype):
 
 
 @needs_triton
+@pytest.mark.parametrize("form", ["exact", "tanh"])
+def test_the_fast_math_gelus_quantize_as_the_forms_before(monkeypatch, form):
+    """`GELU_FAST_MATH`: the tanh form with its constants folded into x / (1 + 2^z), and on CUDA the exp2 and
+    reciprocal of both GELUs as single MUFU instructions (kernels/_fast_math.py), against the forms before:
+    the same row scales and e4m3 values but for a handful on a rounding boundary, over both tails and
+    Gaussian rows; and the codes torch's GELU would give."""
+    import importlib
+
+    mod = importlib.import_module("flashdreams.kernels.fp8_linear")
+    g = torch.Generator().manual_seed(7)
+    x = torch.cat([torch.linspace(-12, 12, 8192).reshape(2048, 4).t(), torch.randn(12, 2048, generator=g) * 3])
+    x = x.to(torch.bfloat16).to(DEVICE)
+    out = {}
+    for fast in (False, True):
+        monkeypatch.setattr(mod, "GELU_FAST_MATH", fast)
+        out[fast] = quantize_rows_fp8(x, gelu=form)
+    (b8, bs), (f8, fs) = out[False], out[True]
+    assert rel_l2(fs, bs) < 1e-6
+    assert (f8.float() != b8.float()).sum().item() <= 8  # of 32768 (values: -0 and +0 are one)
+    r8, rs = quantize_rows_fp8_reference(x, gelu=form)
+    assert (f8.view(torch.uint8) == r8.view(torch.uint8)).float().mean().item() > 0.97
+    assert rel_l2(f8.float() * fs[:, None], r8.float() * rs[:, None]) < 1e-3
+
+
+@needs_triton
 def test_gelu_forms_differ_where_they_should():
     """On x in [-4, -2.5] the tanh form is off from exact GELU by 10-50% (both are tiny there, and each
     row is scaled to its own amax), so every code of one form's row would be wrong for the other."""
