@@ -591,9 +591,12 @@ class Session:
             return False
         if self._key(self.block + 1) != key:
             return False
+        return capture_fits_beside(*self._device_room())
+
+    def _device_room(self) -> tuple[int, int]:
+        """(free device bytes, bytes the caching allocator holds unused): host-side queries, no sync."""
         free, _ = torch.cuda.mem_get_info(self.device)
-        cached = torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
-        return capture_fits_beside(free, cached)
+        return free, torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def _check_alive(self) -> None:
         if self._failed is not None:

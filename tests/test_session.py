@@ -239,3 +239,37 @@ def test_a_capture_behind_running_work_needs_room_for_the_cached_blocks_twice_an
     assert capture_fits_beside(4 * gib + CAPTURE_AHEAD_MARGIN, 2 * gib)
     assert not capture_fits_beside(4 * gib + CAPTURE_AHEAD_MARGIN - 1, 2 * gib)
     assert not capture_fits_beside(CAPTURE_AHEAD_MARGIN - 1, 0)
+
+
+@pytest.mark.parametrize("room,specialized", [(True, False), (False, False), (True, True)])
+def test_the_steady_kind_is_captured_behind_its_first_eager_block_when_the_device_has_room(
+    monkeypatch, room, specialized
+):
+    """The capture schedule (the capture itself needs CUDA: tests/test_session_gpu.py runs it): block 0's kind
+    is not repeated next, so nothing is captured; block 1 runs the steady kind eagerly and, with room on the
+    device, captures it behind itself; without room nothing is captured until block 2, the usual way. With
+    graphs specialized to the ring's fill level (torch attention), block 2's graphs differ from block 1's, so
+    nothing is captured ahead either."""
+    import flashdreams.session as session_module
+
+    engine = flashdreams.load(device="cpu", dtype="float32")
+    s = engine.session(seed=1)
+    assert s.backend.shape_specialized  # the CPU engine's torch attention
+    if not specialized:  # keyed by kind alone, as with the Triton kernels on CUDA
+        monkeypatch.setattr(s, "_key", engine.plan.kind_of)
+    s.cuda_graphs = True  # the schedule only: `_capture` below records instead of capturing
+    monkeypatch.setattr(session_module, "capture_fits_beside", lambda free, cached: room)
+    monkeypatch.setattr(s, "_device_room", lambda: (0, 0))
+    calls = []
+
+    def capture(ops, behind_running_work=False):
+        calls.append((s.block, behind_running_work))
+        return None
+
+    monkeypatch.setattr(s, "_capture", capture)
+    eager = engine.session(seed=1)
+    for b in range(2):
+        got, want = s.step(), eager.step()
+        assert torch.equal(got.latents, want.latents), f"block {b}"
+        ahead = room and not specialized and b == 1
+        assert calls == ([(1, True)] if ahead else []), f"block {b}"
