@@ -137,6 +137,10 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
+# Capture a repeated block kind behind its eager block (`Session._captures_ahead`); False: at its next block,
+# after a device sync, as before 2026-12-07.
+CAPTURE_AHEAD = True
+
 # A capture behind running work keeps the eager pass's cached blocks reserved while the graphs' pool
 # fills, so it needs that much again free on the device; below this it waits and captures the usual way.
 CAPTURE_AHEAD_MARGIN = 1 << 30
@@ -587,7 +591,7 @@ class Session:
         next block is of the same kind, and the device has room for the graphs' pool beside the memory the
         eager pass left cached (a capture behind running work cannot first hand that back: freeing device
         memory waits for the device)."""
-        if not self.cuda_graphs or self.probe is not None or key in self._captured:
+        if not CAPTURE_AHEAD or not self.cuda_graphs or self.probe is not None or key in self._captured:
             return False
         if self._key(self.block + 1) != key:
             return False

@@ -258,6 +258,7 @@ def test_the_steady_kind_is_captured_behind_its_first_eager_block_when_the_devic
     if not specialized:  # keyed by kind alone, as with the Triton kernels on CUDA
         monkeypatch.setattr(s, "_key", engine.plan.kind_of)
     s.cuda_graphs = True  # the schedule only: `_capture` below records instead of capturing
+    monkeypatch.setattr(session_module, "CAPTURE_AHEAD", True)
     monkeypatch.setattr(session_module, "capture_fits_beside", lambda free, cached: room)
     monkeypatch.setattr(s, "_device_room", lambda: (0, 0))
     calls = []

@@ -169,9 +169,12 @@ def _latents_equal(got, want):
     return (got.latents - want.latents).norm() <= 1e-5 * want.latents.norm()
 
 
-def test_the_steady_kind_is_captured_behind_its_eager_block_so_the_next_block_only_replays():
+def test_the_steady_kind_is_captured_behind_its_eager_block_so_the_next_block_only_replays(monkeypatch):
     """Block 1 runs the steady kind eagerly and captures it before returning (while the device runs it);
     block 2 then replays with no capture of its own; every block equals the eager session's."""
+    import flashdreams.session as session_module
+
+    monkeypatch.setattr(session_module, "CAPTURE_AHEAD", True)
     engine = flashdreams.load(device="cuda", dtype="float32", attention="triton")
     kinds = [engine.plan.kind_of(b) for b in range(4)]
     assert kinds[0] != kinds[1] == kinds[2] == kinds[3]
