@@ -6,9 +6,8 @@ the block program: which graph runs on which buffers, the sampler's updates, whe
 leave, when the cache is committed. The session allocates those buffers once (their
 addresses never change, so captured CUDA graphs stay valid), validates every input against
 its spec before copying it into its buffer, and runs each block's program: eagerly, or on
-CUDA as captured graphs after one eager warm-up of each block kind (captured before that step
-returns, while the device still runs it, when the next block is of the same kind). Nothing reads
-a device value back inside a block.
+CUDA as captured graphs after one eager warm-up of each block kind. Nothing reads a device
+value back inside a block.
 """
 
 from __future__ import annotations
@@ -17,7 +16,6 @@ import gc
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -137,36 +135,6 @@ def to_host(t: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# Capture a repeated block kind behind its eager block (`Session._captures_ahead`); False: at its next block,
-# after a device sync, as before 2026-12-07.
-CAPTURE_AHEAD = True
-
-# A capture behind running work keeps the eager pass's cached blocks reserved while the graphs' pool
-# fills, so it needs that much again free on the device; below this it waits and captures the usual way.
-CAPTURE_AHEAD_MARGIN = 1 << 30
-
-
-def capture_fits_beside(free_bytes: int, cached_bytes: int) -> bool:
-    """Whether a block's graphs can be captured without first releasing the allocator's cached blocks:
-    the device's free memory covers what the eager pass cached (about what its graphs' pool will take),
-    with room to spare."""
-    return free_bytes >= 2 * cached_bytes + CAPTURE_AHEAD_MARGIN
-
-
-@contextmanager
-def _bare_capture(g: torch.cuda.CUDAGraph, pool, stream: torch.cuda.Stream) -> Iterator[None]:
-    """Record into `g` on `stream`, sharing `pool` (None: a new one), with nothing synced or freed first."""
-    with torch.cuda.stream(stream):
-        if pool is None:
-            g.capture_begin()
-        else:
-            g.capture_begin(pool=pool)
-        try:
-            yield
-        finally:
-            g.capture_end()
-
-
 @dataclass
 class _Captured:
     """One block kind captured as CUDA graphs, one per stage, with the stage names."""
@@ -229,7 +197,6 @@ class Session:
         self._warm: set[str] = set()
         self._pool = None
         self._stream = None
-        self._capture_stream = None
         self._outputs: dict[tuple, torch.Tensor] = {}
         self._shelf: dict = {}  # buffers of other shapes (run_ops): kept alive for captured graphs
         self._emitted: tuple[torch.Tensor, torch.Tensor | None] | None = None
@@ -576,31 +543,7 @@ class Session:
             frames,
             self,
         )
-        if captured is None and self._captures_ahead(key):
-            # This block ran eagerly and the next one is of the same kind: capture it now, while the GPU
-            # still runs this block, rather than at the start of the next one (a capture costs the host
-            # 150-230 ms that the device would otherwise sit out: block 2 of a cold Self-Forcing process
-            # took 432 ms against 280 steady, next96-h100).
-            self._replaying = True  # a failed capture leaves the stream's state unknown
-            self._captured[key] = self._capture(plan.programs[kind], behind_running_work=True)
-            self._replaying = False
         return result
-
-    def _captures_ahead(self, key: str) -> bool:
-        """Whether the block just run eagerly (kind `key`) should be captured before this step returns: the
-        next block is of the same kind, and the device has room for the graphs' pool beside the memory the
-        eager pass left cached (a capture behind running work cannot first hand that back: freeing device
-        memory waits for the device)."""
-        if not CAPTURE_AHEAD or not self.cuda_graphs or self.probe is not None or key in self._captured:
-            return False
-        if self._key(self.block + 1) != key:
-            return False
-        return capture_fits_beside(*self._device_room())
-
-    def _device_room(self) -> tuple[int, int]:
-        """(free device bytes, bytes the caching allocator holds unused): host-side queries, no sync."""
-        free, _ = torch.cuda.mem_get_info(self.device)
-        return free, torch.cuda.memory_reserved(self.device) - torch.cuda.memory_allocated(self.device)
 
     def _check_alive(self) -> None:
         if self._failed is not None:
@@ -643,35 +586,21 @@ class Session:
         buf.copy_(value)
         return buf
 
-    def _recording_into(self, g: torch.cuda.CUDAGraph, behind_running_work: bool):
-        """The capture context: `torch.cuda.graph` (device sync, cache release, its shared capture stream),
-        or behind running work the bare capture on the session's own capture stream."""
-        if not behind_running_work:
-            return torch.cuda.graph(g, pool=self._pool)
-        if self._capture_stream is None:
-            self._capture_stream = torch.cuda.Stream(self.device)
-        return _bare_capture(g, self._pool, self._capture_stream)
-
     def _side_stream(self) -> torch.cuda.Stream:
         if self._stream is None:
             self._stream = torch.cuda.Stream(self.device)
         return self._stream
 
     # -- CUDA graphs -----------------------------------------------------------------
-    def _capture(self, ops: list[dict], behind_running_work: bool = False) -> _Captured:
+    def _capture(self, ops: list[dict]) -> _Captured:
         """Capture this block kind as one CUDA graph per stage (split at the program's marks).
 
-        Capture records work without running it; `step` replays it. Every tensor the
+        Capture records work without running it; `step` replays right after. Every tensor the
         graphs touch is a session buffer whose address never changes. The stage that emits the
         frames ends before the commit's stage, so the frames can leave before the commit runs.
-
-        `behind_running_work`: capture while the device still runs the block just launched, on a
-        stream of its own, without `torch.cuda.graph`'s device sync and cache release on entry
-        (the graphs are then replayed on the next step, after that block's work).
         """
         t0 = time.perf_counter()
-        if not behind_running_work:
-            torch.cuda.synchronize(self.device)
+        torch.cuda.synchronize(self.device)
         graphs, names, emit_stage = [], [], -1
         kind = self.plan.kind_of(self.block)
         for i, (name, stage_ops) in enumerate(_split_stages(ops)):
@@ -686,7 +615,7 @@ class Session:
             collecting = gc.isenabled()
             gc.disable()
             try:
-                with self._recording_into(g, behind_running_work):
+                with torch.cuda.graph(g, pool=self._pool):
                     run_ops(
                         stage_ops,
                         self.buffers,

@@ -37,7 +37,7 @@ def test_frames_are_ready_before_a_slow_commit_ends_and_match_eager():
     engine = flashdreams.load(device="cuda", dtype="float32")
     eager = _session(engine, graphs=False)
     graphed = _session(engine, graphs=True)
-    blocks = 5  # block 0 and 1 run eagerly as warm-up (the steady kind captured behind block 1), 2-4 replay
+    blocks = 5  # block 0 and 1 run eagerly as warm-up, 2 is captured, 3-4 replay
     for b in range(blocks):
         want = eager.step()
         got = graphed.step()
@@ -148,7 +148,7 @@ def test_a_restored_session_replays_its_captured_graphs_and_continues_bit_for_bi
     snapshot's world: the same frames as the uninterrupted run, bit for bit, with CUDA graphs."""
     engine = flashdreams.load(device="cuda")
     s = engine.session(seed=6, cuda_graphs=True)
-    for _ in range(4):  # blocks 0-1 eager (the steady kind captured behind block 1), then replayed
+    for _ in range(4):  # blocks 0-1 eager, then captured and replayed
         s.step()
     snap = s.snapshot()
     host = s.snapshot(device="cpu")
@@ -163,48 +163,3 @@ def test_a_restored_session_replays_its_captured_graphs_and_continues_bit_for_bi
         again = [(r.latents.clone(), r.frames.clone()) for r in (s.step() for _ in range(3))]
         for (a, fa), (b, fb) in zip(ahead, again, strict=True):
             assert torch.equal(a, b) and torch.equal(fa, fb)
-
-
-def _latents_equal(got, want):
-    return (got.latents - want.latents).norm() <= 1e-5 * want.latents.norm()
-
-
-def test_the_steady_kind_is_captured_behind_its_eager_block_so_the_next_block_only_replays(monkeypatch):
-    """Block 1 runs the steady kind eagerly and captures it before returning (while the device runs it);
-    block 2 then replays with no capture of its own; every block equals the eager session's."""
-    import flashdreams.session as session_module
-
-    monkeypatch.setattr(session_module, "CAPTURE_AHEAD", True)
-    engine = flashdreams.load(device="cuda", dtype="float32", attention="triton")
-    kinds = [engine.plan.kind_of(b) for b in range(4)]
-    assert kinds[0] != kinds[1] == kinds[2] == kinds[3]
-    eager = engine.session(seed=2, cuda_graphs=False)
-    graphed = engine.session(seed=2)
-    captured_after = []
-    for b in range(4):
-        want, got = eager.step(), graphed.step()
-        captured_after.append((set(graphed._captured), graphed.capture_s))
-        torch.cuda.synchronize()
-        assert _latents_equal(got, want), f"block {b}"
-        assert (got.frames.cpu().int() - want.frames.cpu().int()).abs().max() <= 1, f"block {b}: frames differ"
-    assert captured_after[0][0] == set()  # the first kind is not repeated next: nothing captured
-    assert captured_after[1][0] == {kinds[1]}  # captured behind block 1
-    assert captured_after[3][1] == captured_after[1][1]  # blocks 2 and 3 captured nothing
-
-
-def test_without_room_beside_the_cache_the_steady_kind_is_captured_at_its_next_block(monkeypatch):
-    """When the device lacks room for a capture behind running work, block 1 stays eager only and block 2
-    captures the usual way (device synced first); the blocks equal the eager session's all the same."""
-    import flashdreams.session as session_module
-
-    monkeypatch.setattr(session_module, "capture_fits_beside", lambda free, cached: False)
-    engine = flashdreams.load(device="cuda", dtype="float32", attention="triton")
-    eager = engine.session(seed=2, cuda_graphs=False)
-    graphed = engine.session(seed=2)
-    captured_after = []
-    for b in range(4):
-        want, got = eager.step(), graphed.step()
-        captured_after.append(set(graphed._captured))
-        torch.cuda.synchronize()
-        assert _latents_equal(got, want), f"block {b}"
-    assert captured_after[1] == set() and captured_after[2] == {engine.plan.kind_of(2)}
