@@ -113,7 +113,7 @@ _TANH_B = tl.constexpr(-0.1029432395800235)
 def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
     """GELU(x) (1 exact, 2 tanh form, 3 exact with `_gelu_erfc_fit`; 0 none) of fp32 x, rounded to `dtype`
     as `F.gelu` would hand it on. FAST: the fit's and the tanh form's exp2 and reciprocal as single MUFU
-    instructions, the tanh form with its constants folded (the pass: 32 -> 23 sm_90 SASS instructions an element)."""
+    instructions, the tanh form with its constants folded (its pass: 32 -> 23 sm_90 SASS instructions an element)."""
     if GELU != 0:
         if GELU == 1:
             x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
