@@ -88,19 +88,15 @@ def _gelu_erfc_fit(x, FAST: tl.constexpr, EMULATE: tl.constexpr):
     bf16 rounding that follows): erfc(a) ~ t (a1 + ... + a5 t^4) exp(-a^2), t = 1 / (1 + p a), a = |x| / sqrt 2,
     the coefficients halved so that h = erfc(a) / 2 = Phi(-|x|). One reciprocal, one exp2 and seven FMAs
     without a branch, where libdevice's erff takes two polynomial paths and a full exp (the pass was
-    issue-bound on it: bench/results/NOTES.md, the fourth session of 2026-12-06). FAST: the reciprocal and
-    exp2 as single MUFU instructions (kernels/_fast_math.py)."""
+    issue-bound on it: bench/results/NOTES.md, the fourth session of 2026-12-06). FAST: the reciprocal as one
+    MUFU instruction (kernels/_fast_math.py; the exp2 is one either way)."""
     d = 1.0 + 0.23164189758 * tl.abs(x)  # p / sqrt 2 = 0.3275911 / 1.41421356
-    e = x * x * -0.7213475204444817  # exp(-x^2 / 2) = 2^(-x^2 log2(e) / 2)
     if FAST:
         t = rcp_ftz(d, EMULATE)
     else:
         t = 1.0 / d
     poly = t * (0.127414796 + t * (-0.142248368 + t * (0.7107068705 + t * (-0.7265760135 + t * 0.5307027145))))
-    if FAST:
-        h = poly * exp2_ftz(e, EMULATE)
-    else:
-        h = poly * tl.math.exp2(e)
+    h = poly * exp2_ftz(x * x * -0.7213475204444817, EMULATE)  # exp(-x^2 / 2) = 2^(-x^2 log2(e) / 2)
     return x * tl.where(x >= 0.0, 1.0 - h, h)
 
 
@@ -112,8 +108,9 @@ _TANH_B = tl.constexpr(-0.1029432395800235)
 @triton.jit
 def _gelu_in_dtype(x, GELU: tl.constexpr, dtype: tl.constexpr, FAST: tl.constexpr, EMULATE: tl.constexpr):
     """GELU(x) (1 exact, 2 tanh form, 3 exact with `_gelu_erfc_fit`; 0 none) of fp32 x, rounded to `dtype`
-    as `F.gelu` would hand it on. FAST: the fit's and the tanh form's exp2 and reciprocal as single MUFU
-    instructions, the tanh form with its constants folded (its pass: 32 -> 23 sm_90 SASS instructions an element)."""
+    as `F.gelu` would hand it on. FAST: the fit's reciprocal and the tanh form's exp2 and reciprocal as single
+    MUFU instructions, the tanh form with its constants folded (its pass: 32 -> 23 sm_90 SASS instructions an
+    element)."""
     if GELU != 0:
         if GELU == 1:
             x = 0.5 * x * (1.0 + tl.math.erf(x * 0.7071067811865476))
