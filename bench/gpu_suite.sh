@@ -1477,6 +1477,7 @@ if [ $SMOKE = 1 ]; then
 fi
 LOG=$DEST/suite.log
 STATUS=$WORK/status.tsv
+[ $DRY = 1 ] && STATUS=/dev/null # a dry run writes nothing, not even the work folder
 : >"$STATUS"
 [ $DRY = 1 ] || : >"$LOG"
 echo "gpu_suite: parts ${PARTS[*]}, budget ${BUDGET} s, results in $DEST$([ $SMOKE = 1 ] && echo ' (smoke: CPU)')"

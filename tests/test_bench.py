@@ -289,8 +289,9 @@ def test_gpu_suite_help_lists_every_part_it_defines():
 
 
 def test_gpu_suite_dry_run_prints_the_issue22_commands_and_writes_nothing(tmp_path):
-    out = _suite("--dry-run", "--name", "x", "issue22", env={"FD_SUITE_OUT": str(tmp_path / "o")})
-    assert out.returncode == 0, out.stderr
+    env = {"FD_SUITE_OUT": str(tmp_path / "o"), "FD_SUITE_WORK": str(tmp_path / "w")}
+    out = _suite("--dry-run", "--name", "x", "issue22", env=env)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
     lines = [ln for ln in out.stdout.splitlines() if "[dry-run]" in ln]
     assert any(
         "bench/attention_bench.py" in ln and "--out " + str(tmp_path / "o" / "x" / "attention.json") in ln
@@ -303,7 +304,7 @@ def test_gpu_suite_dry_run_prints_the_issue22_commands_and_writes_nothing(tmp_pa
     # each command's limit stays inside the part's cap and the whole budget
     limits = [int(m) for m in re.findall(r"\(limit (\d+) s\)", out.stdout)]
     assert limits and max(limits) <= 330
-    assert not (tmp_path / "o").exists()
+    assert not (tmp_path / "o").exists() and not (tmp_path / "w").exists()
 
 
 def test_gpu_suite_refuses_unknown_parts_and_odd_names(tmp_path):
