@@ -253,9 +253,10 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
         for form in VARIANTS:
             tag = f"fp8_{form.replace('-', '_')}"
             variants[tag] = lambda kv, vl, rows, f=form: hop(q, shadow, vl, qk_fac, hop_splits, f)
-        for n in sorted({1, 2, 3} - {hop_splits}):  # the default form's key splits (wave quantization vs merge)
-            tag = f"fp8_gluon_psmem_split{n}"
-            variants[tag] = lambda kv, vl, rows, n=n: hop(q, shadow, vl, qk_fac, n, "gluon-psmem")
+        for form in ("gluon-psmem", "gluon-psmem-lsum"):  # key splits (wave quantization vs merge)
+            for n in sorted({1, 2, 3} - {hop_splits}):
+                tag = f"fp8_{form.replace('-', '_')}_split{n}"
+                variants[tag] = lambda kv, vl, rows, n=n, f=form: hop(q, shadow, vl, qk_fac, n, f)
     from flashdreams.kernels.ring_attention_hopper import VARIANTS as BF16_VARIANTS
     from flashdreams.kernels.ring_attention_hopper import hopper_bf16_available, launch_ring_attention_hopper
 
