@@ -40,6 +40,7 @@ import dataclasses  # noqa: E402
 import importlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
+import re  # noqa: E402
 import time  # noqa: E402
 import traceback  # noqa: E402
 from collections.abc import Callable  # noqa: E402
@@ -167,7 +168,11 @@ def peak_part(sh: Shapes, dev: torch.device, ms, rec: Recorder) -> dict:
     return out
 
 
-def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: bool, deadline: float) -> None:
+def attention_parts(
+    sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: bool, deadline: float, only: str | None = None
+) -> None:
+    """Quality, timings per kv and config sweeps; `only` (a regex): just the rows whose name it matches, beside
+    cuDNN, and no sweeps."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # The modules themselves (the pre-pass's PREPASS_* knobs live in fp8_kv): `flashdreams.kernels.
@@ -272,6 +277,11 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
     if fa4_missing is None:  # FlashAttention-4's CuTe-DSL kernel, the third route of issue 22
         variants["fa4"] = lambda kv, vl, rows: ring_attention_fa4(q, kc, vc, vl, scale, return_lse=True)
 
+    if only is not None:
+        pattern = re.compile(only)
+        variants = {k: f for k, f in variants.items() if k == "cudnn" or pattern.search(k)}
+        rec.put("only", {"pattern": only, "rows": list(variants)})
+
     def out_of(x) -> torch.Tensor:
         return (x[0] if isinstance(x, tuple) else x.transpose(1, 2))[:, : sh.check_rows]
 
@@ -341,6 +351,8 @@ def attention_parts(sh: Shapes, dev: torch.device, ms, rec: Recorder, smoke: boo
             kvmod.PREPASS_PAD_V_STORE = before
         rec.put("timings", timings)
 
+    if only is not None:
+        return
     # Sweeps, while the budget lasts: bf16 configs (splits and tiles for the 37 x 12 programs on
     # 132 SMs), fp8 kernel configs on quantized K/V, and the pre-pass's warps.
     if smoke:
@@ -544,6 +556,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--out", required=True, help="JSON path")
     ap.add_argument("--budget-s", type=float, default=200.0, help="wall-clock budget (sweeps stop first)")
+    ap.add_argument(
+        "--only",
+        metavar="REGEX",
+        help="time only the rows whose name matches (cuDNN always), no sweeps: e.g. 'gluon_psmem' for the Gluon "
+        "FP8 forms",
+    )
     args = ap.parse_args(argv)
     t0 = time.time()
     deadline = t0 + args.budget_s
@@ -555,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
     ms = make_timer(args.smoke)
     peak_part(sh, dev, ms, rec)
     try:
-        attention_parts(sh, dev, ms, rec, args.smoke, deadline)
+        attention_parts(sh, dev, ms, rec, args.smoke, deadline, args.only)
     except Exception as e:  # noqa: BLE001 - keep what was measured
         rec.put("error", f"{type(e).__name__}: {e}"[:500])
         rec.put("traceback", traceback.format_exc()[-2000:])
