@@ -84,6 +84,10 @@ class HopperVariant:
     block_m: int = 64  # query rows a CTA; 128 = two consumer warpgroups sharing each K/V tile (8 warps)
     rowsum_mma: bool = False  # the softmax's row sums as P @ ones on the tensor cores (P in shared memory only)
 
+    def __post_init__(self) -> None:
+        if self.rowsum_mma and not self.p_smem:  # the ones' wgmma reads P as the P @ V does: from shared memory
+            raise ValueError("rowsum_mma needs p_smem")
+
 
 # What FD_FP8_ATTN_KERNEL names (kernels/ring_attention_fp8.py): shared memory per CTA must stay under ~113 KB
 # for two CTAs an SM (q 8 KB, each K or V^T buffer 16 KB, P 8 KB a slot).

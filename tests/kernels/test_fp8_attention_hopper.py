@@ -184,3 +184,13 @@ def test_route_rule(monkeypatch):
     monkeypatch.setattr(fp8mod, "hopper_fp8_available", lambda q, block_n: False)
     monkeypatch.delenv("FD_TRITON_OP_INLINE")
     assert fp8mod._hopper_form(q, kv, None, True) is None
+
+
+def test_row_sums_on_the_tensor_cores_need_p_in_shared_memory():
+    """The ones' wgmma takes P from its shared-memory slot; a form with P in registers and that option is refused
+    when it is declared, not when a kernel fails to compile."""
+    from flashdreams.kernels.ring_attention_fp8_hopper import HopperVariant
+
+    assert VARIANTS["gluon-psmem-lsum"].rowsum_mma and VARIANTS["gluon-psmem-lsum"].p_smem
+    with pytest.raises(ValueError, match="p_smem"):
+        HopperVariant(3, 3, True, False, rowsum_mma=True)
