@@ -244,6 +244,18 @@ def attention_parts(
     }
     if prev_fp8 == fp8_cfg:
         del variants["fp8_prev_cfg"]
+    # The bf16 kernel's row sums on the tensor cores (AttnConfig.rowsum_mma: P @ a [block_n, 16] tile of ones
+    # instead of the FADDs), beside the same tiling without: its 4 KB of ones do not fit beside the default's three
+    # 128-key stages (225 KB), so two stages, or three of 64 keys.
+    for tag, base in (
+        ("s2", dataclasses.replace(bf16_cfg, num_stages=2)),
+        ("n64", dataclasses.replace(bf16_cfg, block_n=64)),
+    ):
+        for rs in (False, True):
+            cfg_rs = dataclasses.replace(base, rowsum_mma=rs)
+            variants[f"bf16_{tag}{'_rowsum' if rs else ''}"] = lambda kv, vl, rows, c=cfg_rs: launch_ring_attention(
+                q, kc, vc, vl, scale, c
+            )
     from flashdreams.kernels.ring_attention_fp8_hopper import (
         VARIANTS,
         hopper_fp8_available,
