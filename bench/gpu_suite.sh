@@ -89,7 +89,7 @@ cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in on
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 session-tests|150|issue 22 target 6: on CUDA, tests/test_session_gpu.py alone: captured graphs against eager, frames before the commit, warm-up, recordings and snapshots under graphs (next97-h100: 7 passed in 42 s, with the capture-ahead tried and reverted)
-lsum-tests|150|issue 22 target 1: on an sm_90 GPU, the Gluon FP8 attention with its row sums on the tensor cores (gluon-psmem-lsum) against the Triton FP8 kernel, exact attention (every form at a 28080-key ring), no valid keys, the route
+lsum-tests|200|issue 22 target 1: on an sm_90 GPU, the Gluon FP8 attention with its row sums on the tensor cores (gluon-psmem-lsum) against the Triton FP8 kernel, exact attention (every form at a 28080-key ring), no valid keys, the route; then tests/kernels/test_fp8_attention.py with FD_FP8_ATTN_KERNEL=gluon-psmem-lsum
 attention-lsum|150|issue 22 targets 1, 2: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128, -lsum; key splits 1..3 of psmem and lsum) and of the bf16 Triton kernel with and without its row sums on the tensor cores (2 stages; 64-key tiles) beside the default tiling and cuDNN, no sweeps (bench/attention_bench.py --only)
 sf-fp8-lsum|330|issue 22 targets 1, 3: sf-fp8-gluon for FD_FP8_ATTN_KERNEL=gluon-psmem and gluon-psmem-lsum (own processes, block-5 profiles), then the FP8 quality against bf16 over 7 blocks of gluon-psmem-lsum
 linear-tests|120|issue 22 target 5: on CUDA, tests/kernels/test_fp8_linear.py alone: the FP8 linears and their activation pass, the GELUs' fast-math forms (single MUFU exp2 and reciprocal by inline PTX, which the interpreter cannot run) against the forms before
@@ -854,8 +854,13 @@ part_session-tests() {
 }
 
 part_lsum-tests() {
+  local rc=0
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_fp8_attention_hopper.py" \
-    -k "lsum or quality or no_valid or default_route"
+    -k "lsum or quality or no_valid or default_route" || rc=$?
+  # the FP8 attention tests with the row-sum form on the route (what making it the default would run)
+  FD_FP8_ATTN_KERNEL=gluon-psmem-lsum py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" \
+    "$REPO/tests/kernels/test_fp8_attention.py" || rc=$?
+  return $rc
 }
 
 part_attention-lsum() {
