@@ -244,18 +244,6 @@ def attention_parts(
     }
     if prev_fp8 == fp8_cfg:
         del variants["fp8_prev_cfg"]
-    # The bf16 kernel's row sums on the tensor cores (AttnConfig.rowsum_mma: P @ a [block_n, 16] tile of ones
-    # instead of the FADDs), beside the same tiling without: its 4 KB of ones do not fit beside the default's three
-    # 128-key stages (225 KB), so two stages, or three of 64 keys.
-    for tag, base in (
-        ("s2", dataclasses.replace(bf16_cfg, num_stages=2)),
-        ("n64", dataclasses.replace(bf16_cfg, block_n=64)),
-    ):
-        for rs in (False, True):
-            cfg_rs = dataclasses.replace(base, rowsum_mma=rs)
-            variants[f"bf16_{tag}{'_rowsum' if rs else ''}"] = lambda kv, vl, rows, c=cfg_rs: launch_ring_attention(
-                q, kc, vc, vl, scale, c
-            )
     from flashdreams.kernels.ring_attention_fp8_hopper import (
         VARIANTS,
         hopper_fp8_available,
@@ -270,10 +258,9 @@ def attention_parts(
         for form in VARIANTS:
             tag = f"fp8_{form.replace('-', '_')}"
             variants[tag] = lambda kv, vl, rows, f=form: hop(q, shadow, vl, qk_fac, hop_splits, f)
-        for form in ("gluon-psmem", "gluon-psmem-lsum"):  # key splits (wave quantization vs merge)
-            for n in sorted({1, 2, 3} - {hop_splits}):
-                tag = f"fp8_{form.replace('-', '_')}_split{n}"
-                variants[tag] = lambda kv, vl, rows, n=n, f=form: hop(q, shadow, vl, qk_fac, n, f)
+        for n in sorted({1, 2, 3} - {hop_splits}):  # the default form's key splits (wave quantization vs merge)
+            tag = f"fp8_gluon_psmem_split{n}"
+            variants[tag] = lambda kv, vl, rows, n=n: hop(q, shadow, vl, qk_fac, n, "gluon-psmem")
     from flashdreams.kernels.ring_attention_hopper import VARIANTS as BF16_VARIANTS
     from flashdreams.kernels.ring_attention_hopper import hopper_bf16_available, launch_ring_attention_hopper
 

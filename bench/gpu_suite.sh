@@ -89,9 +89,7 @@ cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in on
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 session-tests|150|issue 22 target 6: on CUDA, tests/test_session_gpu.py alone: captured graphs against eager, frames before the commit, warm-up, recordings and snapshots under graphs (next97-h100: 7 passed in 42 s, with the capture-ahead tried and reverted)
-lsum-tests|200|issue 22 target 1: on an sm_90 GPU, the Gluon FP8 attention with its row sums on the tensor cores (gluon-psmem-lsum) against the Triton FP8 kernel, exact attention (every form at a 28080-key ring), no valid keys, the route; then tests/kernels/test_fp8_attention.py with FD_FP8_ATTN_KERNEL=gluon-psmem-lsum
-attention-lsum|150|issue 22 targets 1, 2: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128, -lsum; key splits 1..3 of psmem and lsum) and of the bf16 Triton kernel with and without its row sums on the tensor cores (2 stages; 64-key tiles) beside the default tiling and cuDNN, no sweeps (bench/attention_bench.py --only)
-sf-fp8-lsum|330|issue 22 targets 1, 3: sf-fp8-gluon for FD_FP8_ATTN_KERNEL=gluon-psmem and gluon-psmem-lsum (own processes, block-5 profiles), then the FP8 quality against bf16 over 7 blocks of gluon-psmem-lsum
+attention-forms|120|issue 22 target 1: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128; the default's key splits 1..3) beside cuDNN and the bf16 default, no sweeps (bench/attention_bench.py --only)
 linear-tests|120|issue 22 target 5: on CUDA, tests/kernels/test_fp8_linear.py alone: the FP8 linears and their activation pass, the GELUs' fast-math forms (single MUFU exp2 and reciprocal by inline PTX, which the interpreter cannot run) against the forms before
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 taehv-upsample|90|issues 22, 16: TAEHV's nearest 2x upsampling as torch's NHWC kernel vs a broadcast copy (models/taehv.UPSAMPLE_AS_COPY): steady streaming decode at Self-Forcing's 480x832 and OmniDreams' 704x1280 with either form (alternated, frames bit-equal checked) and the upsampling alone (bench/taehv_upsample_bench.py)
@@ -853,27 +851,13 @@ part_session-tests() {
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/test_session_gpu.py"
 }
 
-part_lsum-tests() {
-  local rc=0
-  py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" "$REPO/tests/kernels/test_fp8_attention_hopper.py" \
-    -k "lsum or quality or no_valid or default_route" || rc=$?
-  # the FP8 attention tests with the row-sum form on the route (what making it the default would run)
-  FD_FP8_ATTN_KERNEL=gluon-psmem-lsum py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" \
-    "$REPO/tests/kernels/test_fp8_attention.py" || rc=$?
-  return $rc
-}
-
-part_attention-lsum() {
+part_attention-forms() {
   local budget=$(($1 - 20))
   if [ $SMOKE = 1 ]; then
-    py "$1" "$REPO/bench/attention_bench.py" --smoke --only "fp8_kernel" --budget-s "$budget" --out "$DEST/attention-lsum.json"
+    py "$1" "$REPO/bench/attention_bench.py" --smoke --only "fp8_kernel" --budget-s "$budget" --out "$DEST/attention-forms.json"
   else
-    py "$1" "$REPO/bench/attention_bench.py" --only "gluon_psmem|^bf16(_s2|_n64)?(_rowsum)?$" --budget-s "$budget" --out "$DEST/attention-lsum.json"
+    py "$1" "$REPO/bench/attention_bench.py" --only "gluon_psmem|^bf16$" --budget-s "$budget" --out "$DEST/attention-forms.json"
   fi
-}
-
-part_sf-fp8-lsum() {
-  FD_SUITE_FP8_KERNELS="gluon-psmem gluon-psmem-lsum" FD_SUITE_FP8_QUALITY_KERNEL=gluon-psmem-lsum part_sf-fp8-gluon "$1"
 }
 
 part_linear-tests() {

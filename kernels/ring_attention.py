@@ -62,11 +62,9 @@ LOG2E = 1.4426950408889634
 def _attend_tiles(
     acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, hi, valid, qk_scale, offs_n, d_ok,
     MASK_N: tl.constexpr, MASK_D: tl.constexpr, BLOCK_N: tl.constexpr, USE_TMA: tl.constexpr,
-    WARP_SPEC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr, ROWSUM_MMA: tl.constexpr,
+    WARP_SPEC: tl.constexpr, DOT_PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """Fold key tiles [lo, hi) into the running (acc, l_i, m_i); MASK_N masks keys >= valid. ROWSUM_MMA: l_i is
-    [BLOCK_M, 16], the row sums of the P that P @ V takes (in V's dtype) as P @ ones on the tensor cores, every
-    column the same; else [BLOCK_M], the fp32 sums.
+    """Fold key tiles [lo, hi) into the running (acc, l_i, m_i); MASK_N masks keys >= valid.
 
     k_src / v_src are tensor descriptors (USE_TMA: rows past valid arrive as zeros) or
     pointer tiles.
@@ -94,18 +92,12 @@ def _attend_tiles(
         m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if UPCAST:
-            pv = p.to(v.dtype).to(tl.float32)
-            acc = tl.dot(pv, v.to(tl.float32), acc, input_precision=DOT_PRECISION)
+            acc = tl.dot(p.to(v.dtype).to(tl.float32), v.to(tl.float32), acc, input_precision=DOT_PRECISION)
         else:
-            pv = p.to(v.dtype)
-            acc = tl.dot(pv, v, acc, input_precision=DOT_PRECISION)
-        if ROWSUM_MMA:
-            ones = tl.full([BLOCK_N, 16], 1.0, pv.dtype)
-            l_i = tl.dot(pv, ones, l_i * alpha[:, None], input_precision=DOT_PRECISION)
-        else:
-            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -121,7 +113,7 @@ def _ring_attention_kernel(
     Lq, S, H, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr, ROWSUM_MMA: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
     """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
     pid_m = tl.program_id(0)
@@ -163,24 +155,19 @@ def _ring_attention_kernel(
         v_src = v_base + offs_n[:, None] * stride_vn + offs_d[None, :]
 
     acc = tl.zeros([BLOCK_M, D_PAD], dtype=tl.float32)
-    if ROWSUM_MMA:
-        l_i = tl.zeros([BLOCK_M, 16], dtype=tl.float32)
-    else:
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # fmt: off
     acc, l_i, m_i = _attend_tiles(
         acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_hi, valid, qk_scale, offs_n, d_ok,
-        False, HEAD_DIM != D_PAD, BLOCK_N, USE_TMA, WARP_SPEC, DOT_PRECISION, UPCAST, ROWSUM_MMA,
+        False, HEAD_DIM != D_PAD, BLOCK_N, USE_TMA, WARP_SPEC, DOT_PRECISION, UPCAST,
     )
     if full_hi < hi:  # the one partial tile, masked
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, full_hi, hi, valid, qk_scale, offs_n, d_ok,
-            True, True, BLOCK_N, USE_TMA, False, DOT_PRECISION, UPCAST, ROWSUM_MMA,
+            True, True, BLOCK_N, USE_TMA, False, DOT_PRECISION, UPCAST,
         )
     # fmt: on
-    if ROWSUM_MMA:
-        l_i = tl.max(l_i, 1)
 
     # No key at all (valid_len 0, or an empty split): output 0 and LSE -inf.
     has_keys = l_i > 0.0
@@ -274,7 +261,7 @@ def launch_ring_attention(
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
         USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        UPCAST=upcast, ROWSUM_MMA=cfg.rowsum_mma,
+        UPCAST=upcast,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # fmt: on

@@ -33,7 +33,6 @@ class AttnConfig:
     splits: int = 0
     use_tma: bool = False
     warp_specialize: bool = False
-    rowsum_mma: bool = False  # the softmax's row sums as P @ ones on the tensor cores (16 more columns of MMA)
 
 
 # Chosen by head-dim tile (d padded to a power of two) on CUDA. The bench sweeps

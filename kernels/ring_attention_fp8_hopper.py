@@ -28,13 +28,6 @@ Forms (`VARIANTS`, measured on an H100, bench/results/NOTES.md g1..g5-h100, TFLO
   the two waits), and the move of P from the logits' layout to wgmma's A layout (~250 instructions a
   tile, against 32 two-byte stores). 758 against the Triton kernel's 694 in the same run; Self-Forcing's
   FP8 block 5 272.8 against 286.1 ms, quality unchanged (latents 0.0235 against bf16 over 7 blocks).
-* The row sums on the tensor cores (`gluon-psmem-lsum`): `gluon-psmem` with each tile's sums of P taken by
-  one more wgmma beside P @ V (P @ a [BLOCK_N, 8] tile of ones, 1 KB) instead of 64 FADD a thread. The
-  kernel is bound by instruction issue, not by the MUFU or the tensor cores (NOTES.md, next73): in the
-  sm_90 SASS (triton 3.6) a key tile without a mask takes 526 instructions a thread instead of 572,
-  at 255 registers (249) with no spill, the softmax still between the two waits. l is then the sum of
-  the e4m3 P that P @ V weighs V by (so a constant V comes out exactly), not of the fp32 p: the LSE moves
-  by the e4m3 rounding of P averaged over the keys (< 0.01 at 128 keys).
 * P in registers, fresh-register P @ V (`gluon`): ptxas waits for P @ V before the softmax (it does not
   fit), 622-654.
 * P in registers, P @ V accumulated in the tensor cores (`gluon-inplace`): overlapped, 574-602, and the
@@ -82,11 +75,6 @@ class HopperVariant:
     precise_pv: bool  # each tile's P @ V into fresh registers, added in fp32 (else the fp8 accumulator)
     p_smem: bool  # P through shared memory (else a register layout conversion)
     block_m: int = 64  # query rows a CTA; 128 = two consumer warpgroups sharing each K/V tile (8 warps)
-    rowsum_mma: bool = False  # the softmax's row sums as P @ ones on the tensor cores (P in shared memory only)
-
-    def __post_init__(self) -> None:
-        if self.rowsum_mma and not self.p_smem:  # the ones' wgmma reads P as the P @ V does: from shared memory
-            raise ValueError("rowsum_mma needs p_smem")
 
 
 # What FD_FP8_ATTN_KERNEL names (kernels/ring_attention_fp8.py): shared memory per CTA must stay under ~113 KB
@@ -97,7 +85,6 @@ VARIANTS: dict[str, HopperVariant] = {
     "gluon-psmem": HopperVariant(3, 2, True, True),
     "gluon-psmem-k2": HopperVariant(2, 2, True, True),
     "gluon-psmem-m128": HopperVariant(3, 3, True, True, block_m=128),  # 144 KB: one CTA an SM
-    "gluon-psmem-lsum": HopperVariant(3, 2, True, True, rowsum_mma=True),  # + 1 KB of ones
 }
 
 
@@ -122,12 +109,9 @@ if HAVE_GLUON:
             return gl.convert_layout(p.to(gl.float8e4nv), p_layout)
 
     @gluon.jit
-    def _softmax_tile(
-        s, m_i, l_i, q_fac, kt, start, valid, s_layout: gl.constexpr, BLOCK_N: gl.constexpr, ROW_SUM: gl.constexpr
-    ):
+    def _softmax_tile(s, m_i, l_i, q_fac, kt, start, valid, s_layout: gl.constexpr, BLOCK_N: gl.constexpr):
         """One tile's logits s (raw fp8 products) -> (p fp32 = 2^8 exp2(logit - m_new), m_new, l_new,
-        alpha = exp2(m_i - m_new)); keys >= valid masked where the tile crosses it. Without ROW_SUM l_i is
-        returned as it came (the tensor cores sum the rows: `ROWSUM_MMA`)."""
+        alpha = exp2(m_i - m_new)); keys >= valid masked where the tile crosses it."""
         if start + BLOCK_N > valid:
             cols = start + gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
             s = gl.where(gl.expand_dims(cols < valid, 0), s, float("-inf"))
@@ -135,9 +119,8 @@ if HAVE_GLUON:
         m_new = gl.maximum(m_i, gl.max(s, axis=1) * f)
         p = gl.exp2(s * gl.expand_dims(f, 1) - gl.expand_dims(m_new - 8.0, 1))
         alpha = gl.exp2(m_i - m_new)
-        if ROW_SUM:
-            l_i = l_i * alpha + gl.sum(p, axis=1)
-        return p, m_new, l_i, alpha
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_new, alpha
 
     @gluon.jit
     def _ring_attention_fp8_hopper_kernel(
@@ -148,7 +131,7 @@ if HAVE_GLUON:
         Lq, S, H, N_TILES, qk_fac,
         HEAD_DIM: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, SPLITS: gl.constexpr,
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PRECISE_PV: gl.constexpr, P_SMEM: gl.constexpr,
-        ROWSUM_MMA: gl.constexpr, num_warps: gl.constexpr,
+        num_warps: gl.constexpr,
     ):  # fmt: skip
         """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
         pid_m = gl.program_id(0)
@@ -199,19 +182,6 @@ if HAVE_GLUON:
         q8 = (q * gl.expand_dims(gl.div_rn(gl.full_like(q_amax, 448.0), q_amax), 1)).to(gl.float8e4nv)
         q_smem = gl.allocate_shared_memory(gl.float8e4nv, [BLOCK_M, HEAD_DIM], q_smem_layout)
         q_smem.store(q8)
-        # ROWSUM_MMA: each tile's row sums of P come from one more wgmma beside P @ V, P @ ones[BLOCK_N, 8] (all
-        # eight columns the same sum), so the softmax spends no FADD on them (64 a thread a tile); l is then
-        # the sum of the e4m3 P that P @ V weighs V by. Where the FADDs stay, l_t is an unused placeholder.
-        l_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8, 32]
-        )
-        row_l: gl.constexpr = gl.SliceLayout(1, l_layout)
-        ones_smem = gl.allocate_shared_memory(gl.float8e4nv, [8, BLOCK_N], q_smem_layout)
-        l_zero = gl.zeros([BLOCK_M, 8], gl.float32, l_layout)
-        l_t = l_zero
-        alpha_l = gl.zeros([BLOCK_M], gl.float32, row_l)
-        if ROWSUM_MMA:
-            ones_smem.store(gl.full([8, BLOCK_N], 1.0, gl.float32, q_load).to(gl.float8e4nv))
         fence_async_shared()
         q_fac = gl.convert_layout(q_amax * qk_fac, row_s)
 
@@ -229,8 +199,7 @@ if HAVE_GLUON:
             mbarrier.wait(k_bar.index(0), 0)
             s_tok = warpgroup_mma(q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True)
             s = warpgroup_mma_wait(0, deps=(s_tok,))
-            kt0 = gl.load(KT_b + tile0)
-            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, kt0, lo, valid, s_layout, BLOCK_N, not ROWSUM_MMA)
+            p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, gl.load(KT_b + tile0), lo, valid, s_layout, BLOCK_N)
             p8 = _p_operand(p, p_smem, 0, p_layout, P_SMEM)
             u_i = gl.load(VT_b + tile0)
             alpha_o = gl.zeros([BLOCK_M], gl.float32, row_o)  # acc is zero: any factor
@@ -246,33 +215,23 @@ if HAVE_GLUON:
                 vp = (j - 1) % V_STAGES
                 mbarrier.wait(v_bar.index(vp), ((j - 1) // V_STAGES) & 1)
                 a_prev = p_smem.index((j - 1) % 2) if P_SMEM else p8
-                if ROWSUM_MMA:  # before P @ V, so that waiting for S_j takes it too and leaves P @ V in flight
-                    l_tok = warpgroup_mma(a_prev, ones_smem.permute((1, 0)), l_zero, use_acc=False, is_async=True)
                 if PRECISE_PV:
                     pv_tok = warpgroup_mma(a_prev, v_smem.index(vp).permute((1, 0)), acc, use_acc=False, is_async=True)
                 else:
                     acc = acc * gl.expand_dims(alpha_o, 1)
                     pv_tok = warpgroup_mma(a_prev, v_smem.index(vp).permute((1, 0)), acc, is_async=True)
-                if ROWSUM_MMA:
-                    s, l_tile = warpgroup_mma_wait(1, deps=(s_tok, l_tok))
-                    l_t = l_t * gl.expand_dims(alpha_l, 1) + l_tile  # tile j - 1's sums; alpha_l is its alpha
-                else:
-                    s = warpgroup_mma_wait(1, deps=(s_tok,))
+                s = warpgroup_mma_wait(1, deps=(s_tok,))
                 kt = gl.load(KT_b + tile0 + j)
                 u_new = gl.load(VT_b + tile0 + j)
-                p, m_i, l_i, alpha = _softmax_tile(
-                    s, m_i, l_i, q_fac, kt, lo + j * BLOCK_N, valid, s_layout, BLOCK_N, not ROWSUM_MMA
-                )
+                p, m_i, l_i, alpha = _softmax_tile(s, m_i, l_i, q_fac, kt, lo + j * BLOCK_N, valid, s_layout, BLOCK_N)
                 p8_next = _p_operand(p, p_smem, j, p_layout, P_SMEM)
-                # m_i through the wait: the softmax above must run before it (under PV), not be sunk past it.
-                pv, m_i = warpgroup_mma_wait(0, deps=(pv_tok, m_i))
+                # l_i through the wait: the softmax above must run before it (under PV), not be sunk past it.
+                pv, l_i = warpgroup_mma_wait(0, deps=(pv_tok, l_i))
                 if PRECISE_PV:
                     acc = acc * gl.expand_dims(alpha_o, 1) + pv
                 else:
                     acc = pv
                 alpha_o = gl.convert_layout(alpha * gl.div_rn(u_i, u_new), row_o)
-                if ROWSUM_MMA:
-                    alpha_l = gl.convert_layout(alpha, row_l)
                 u_i = u_new
                 if not P_SMEM:
                     p8 = p8_next
@@ -280,10 +239,6 @@ if HAVE_GLUON:
             vl = (n_tiles - 1) % V_STAGES
             mbarrier.wait(v_bar.index(vl), ((n_tiles - 1) // V_STAGES) & 1)
             a_last = p_smem.index((n_tiles - 1) % 2) if P_SMEM else p8
-            if ROWSUM_MMA:
-                l_tok = warpgroup_mma(a_last, ones_smem.permute((1, 0)), l_zero, use_acc=False, is_async=True)
-                l_tile = warpgroup_mma_wait(0, deps=(l_tok,))
-                l_t = l_t * gl.expand_dims(alpha_l, 1) + l_tile
             if PRECISE_PV:
                 pv_tok = warpgroup_mma(a_last, v_smem.index(vl).permute((1, 0)), acc, use_acc=False, is_async=True)
                 pv = warpgroup_mma_wait(0, deps=(pv_tok,))
@@ -296,8 +251,6 @@ if HAVE_GLUON:
         invalidate_ring(k_bar, K_STAGES)
         invalidate_ring(v_bar, V_STAGES)
 
-        if ROWSUM_MMA:
-            l_i = gl.convert_layout(gl.max(l_t, axis=1), row_s)
         has_keys = l_i > 0.0
         l_safe = gl.where(has_keys, l_i, 1.0)
         out = acc * gl.expand_dims(gl.convert_layout(gl.div_rn(u_i + gl.zeros_like(l_safe), l_safe), row_o), 1)
@@ -348,7 +301,7 @@ def launch_hopper(
         Lq, kv.k8.shape[2], H, kv.kt.shape[2], qk_fac,
         HEAD_DIM=HEAD_DIM, BLOCK_M=variant.block_m, BLOCK_N=BLOCK_N, SPLITS=bufs.splits, K_STAGES=variant.k_stages,
         V_STAGES=variant.v_stages, PRECISE_PV=variant.precise_pv, P_SMEM=variant.p_smem,
-        ROWSUM_MMA=variant.rowsum_mma, num_warps=variant.block_m // 16,
+        num_warps=variant.block_m // 16,
     )
     # fmt: on
 
