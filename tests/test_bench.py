@@ -345,6 +345,19 @@ def test_attention_bench_smoke(tmp_path):
     assert "attention TFLOP/s" in proc.stdout and "CHECKS: all passed" in proc.stdout
 
 
+def test_attention_bench_only_times_the_named_rows(tmp_path):
+    """--only REGEX (the suite's attention-forms part): the rows it names beside cuDNN, in the quality check and the
+    timings alike, and no sweeps."""
+    out = tmp_path / "attention.json"
+    proc = _bench_smoke("attention_bench.py", "--only", "^bf16$|fp8_kernel", "--out", str(out))
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    r = json.loads(out.read_text())
+    assert r["only"] == {"pattern": "^bf16$|fp8_kernel", "rows": ["cudnn", "bf16", "fp8_kernel"]}
+    assert {k for k in r["quality"] if isinstance(r["quality"][k], dict)} == {"cudnn", "bf16", "fp8_kernel"}
+    variants = {k for k in r["timings"] if not k.startswith("fp8_prepass") and not k.startswith("fp8_shadow_update")}
+    assert variants == {"cudnn", "bf16", "fp8_kernel"} and "sweeps" not in r
+
+
 def test_a_run_that_breaks_costs_only_itself(tmp_path, capsys, monkeypatch):
     """One run raising (a kernel fault, a compiler error) is recorded under failed_runs and named in the
     table; the other runs are still measured and written, and the exit code says something failed."""
