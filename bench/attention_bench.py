@@ -544,6 +544,15 @@ def check_failures(r: dict) -> list[str]:
     return out
 
 
+def _regex(text: str) -> str:
+    """An --only value: refused by argparse (exit 2, nothing measured) when it does not compile."""
+    try:
+        re.compile(text)
+    except re.error as e:
+        raise argparse.ArgumentTypeError(f"not a regular expression: {text!r} ({e})") from None
+    return text
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under the Triton interpreter")
@@ -558,6 +567,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only",
         metavar="REGEX",
+        type=_regex,
         help="time only the rows whose name matches (cuDNN always), no sweeps: e.g. 'gluon_psmem' for the Gluon "
         "FP8 forms",
     )

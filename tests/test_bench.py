@@ -356,6 +356,8 @@ def test_attention_bench_only_times_the_named_rows(tmp_path):
     assert {k for k in r["quality"] if isinstance(r["quality"][k], dict)} == {"cudnn", "bf16", "fp8_kernel"}
     variants = {k for k in r["timings"] if not k.startswith("fp8_prepass") and not k.startswith("fp8_shadow_update")}
     assert variants == {"cudnn", "bf16", "fp8_kernel"} and "sweeps" not in r
+    bad = _bench_smoke("attention_bench.py", "--only", "fp8_(", "--out", str(tmp_path / "bad.json"))
+    assert bad.returncode == 2 and "not a regular expression" in bad.stderr and not (tmp_path / "bad.json").exists()
 
 
 def test_a_run_that_breaks_costs_only_itself(tmp_path, capsys, monkeypatch):
