@@ -89,7 +89,7 @@ cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in on
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 session-tests|150|issue 22 target 6: on CUDA, tests/test_session_gpu.py alone: captured graphs against eager, frames before the commit, warm-up, recordings and snapshots under graphs (next97-h100: 7 passed in 42 s, with the capture-ahead tried and reverted)
-attention-forms|120|issue 22 target 1: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128; the default's key splits 1..3) beside cuDNN and the bf16 default, no sweeps (bench/attention_bench.py --only)
+attention-forms|120|issue 22 target 1: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128, the persistent and staggered schedules; gluon-psmem's key splits 1..3) beside cuDNN and the bf16 default, no sweeps (bench/attention_bench.py --only)
 linear-tests|120|issue 22 target 5: on CUDA, tests/kernels/test_fp8_linear.py alone: the FP8 linears and their activation pass, the GELUs' fast-math forms (single MUFU exp2 and reciprocal by inline PTX, which the interpreter cannot run) against the forms before
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 taehv-upsample|90|issues 22, 16: TAEHV's nearest 2x upsampling as torch's NHWC kernel vs a broadcast copy (models/taehv.UPSAMPLE_AS_COPY): steady streaming decode at Self-Forcing's 480x832 and OmniDreams' 704x1280 with either form (alternated, frames bit-equal checked) and the upsampling alone (bench/taehv_upsample_bench.py)
@@ -115,7 +115,7 @@ lingbot-fp8-camera|230|issue 15: LingBot-World Fast's camera layers kept in bf16
 lingbot-fp8-fastaccum|270|issue 15: LingBot-World Fast FP8 block 7 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (8 blocks each, block-7 profiles), then the fast-accumulation FP8's quality against bf16 over 7 blocks
 sf-fp8-fastaccum|200|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 GEMMs' fast accumulation (FD_FP8_FAST_ACCUM=1) against the default, own processes on one machine (7 blocks each, block-5 profiles), then its quality against bf16 over 7 blocks
 hopper-attn-tests|200|issues 22, 15: on an sm_90 GPU, the Gluon FP8 ring attention (kernels/ring_attention_fp8_hopper.py, every form) against the Triton FP8 kernel and exact attention, the FD_FP8_ATTN_KERNEL route and the default, then the FP8 attention tests on CUDA (tests/kernels/test_fp8_attention.py, through the default route)
-sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon; FD_SUITE_FP8_KERNELS names others), own processes on one machine (7 blocks each, block-5 profiles), then the FP8 quality against bf16 over 7 blocks of gluon-psmem (or FD_SUITE_FP8_QUALITY_KERNEL)
+sf-fp8-gluon|330|issue 22: Self-Forcing 1.3B FP8 block 5 with the FP8 attention on the Triton kernel and on the Gluon kernel (FD_FP8_ATTN_KERNEL=triton, gluon-psmem, gluon-psmem-persistent-stagger (the route's choice at this grid); FD_SUITE_FP8_KERNELS names others), own processes on one machine (7 blocks each, block-5 profiles), then the FP8 quality against bf16 over 7 blocks of gluon-psmem (or FD_SUITE_FP8_QUALITY_KERNEL)
 lingbot-fp8-gluon|200|issue 15: LingBot-World Fast FP8 block 7 with the FP8 attention on the Gluon kernel (FD_FP8_ATTN_KERNEL=gluon-psmem) and on the Triton kernel, own processes on one machine (8 blocks each, block-7 profiles)
 rolling-fp8-200|200|issue 22 target 4: the bounded cache (sink 1 + window 11) all-FP8 alone, 12 blocks + 200 steady blocks (the bar's 'flat over 200 blocks'), block-11 profile
 hopper-bf16-tests|200|issue 22 target 1: on an sm_90 GPU, the Gluon bf16 ring attention (kernels/ring_attention_hopper.py, every tiling; never run on a GPU before) against our Triton kernel and exact attention, NaN past the ring length, one CUDA graph over changing ring lengths, the FD_RING_ATTN_KERNEL route
@@ -1151,10 +1151,10 @@ part_hopper-attn-tests() {
 }
 
 part_sf-fp8-gluon() {
-  # FD_SUITE_FP8_KERNELS: the FD_FP8_ATTN_KERNEL forms to run (default: triton gluon-psmem gluon);
+  # FD_SUITE_FP8_KERNELS: the FD_FP8_ATTN_KERNEL forms to run (default: triton gluon-psmem gluon-psmem-persistent-stagger);
   # FD_SUITE_FP8_QUALITY_KERNEL: the one whose quality is measured (default gluon-psmem)
   local t0=$(date +%s) rc=0 kernel
-  for kernel in ${FD_SUITE_FP8_KERNELS:-triton gluon-psmem gluon}; do
+  for kernel in ${FD_SUITE_FP8_KERNELS:-triton gluon-psmem gluon-psmem-persistent-stagger}; do
     if [ $SMOKE = 1 ]; then
       FD_FP8_ATTN_KERNEL=$kernel fdb_to sf-fp8-$kernel $(($1 / 4)) --preset tiny --attention triton \
         --precision fp8 --decoder none --blocks 2 --rollouts 1 --quick-ceilings || rc=$?

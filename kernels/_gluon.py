@@ -28,6 +28,7 @@ except ImportError:  # pragma: no cover - depends on the triton build
 __all__ = [
     "HAVE_GLUON",
     "barrier_ring",
+    "init_ring",
     "invalidate_ring",
     "key_range",
     "load_tile",
@@ -71,9 +72,15 @@ if HAVE_GLUON:
     def barrier_ring(STAGES: gl.constexpr):
         """STAGES mbarriers, one per buffer of a TMA ring, each completed by one load's bytes."""
         bar = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        init_ring(bar, STAGES)
+        return bar
+
+    @gluon.jit
+    def init_ring(bar, STAGES: gl.constexpr):
+        """(Re)arm a ring's mbarriers at phase 0: a persistent kernel does this for each run of tiles, after
+        `invalidate_ring`, so that every run counts its phases from its first tile."""
         for i in gl.static_range(STAGES):
             mbarrier.init(bar.index(i), count=1)
-        return bar
 
     @gluon.jit
     def invalidate_ring(bar, STAGES: gl.constexpr):

@@ -49,9 +49,11 @@ def _merge_parts(op, lp, stride_ps, stride_lps, lse_mask, mask, ROW_AXES: tl.con
     den = tl.zeros(lse_mask.shape, dtype=tl.float32)
     for s in tl.static_range(PARTS):
         w = tl.exp(tl.load(lp + s * stride_lps, mask=lse_mask, other=float("-inf")).to(tl.float32) - m_safe)
-        part = tl.load(op + s * stride_ps, mask=mask, other=0.0).to(tl.float32)
         wd = tl.expand_dims(w, ROW_AXES)
-        acc += tl.where(wd > 0.0, part, 0.0) * wd  # a keyless part may hold anything
+        # A keyless part may hold anything, and is not read: rows a kernel ran whole (the persistent FP8
+        # kernel's, a split past the ring's end) cost only their one part's bytes.
+        part = tl.load(op + s * stride_ps, mask=mask & (wd > 0.0), other=0.0).to(tl.float32)
+        acc += part * wd
         den += w
     return acc / tl.expand_dims(tl.where(den > 0.0, den, 1.0), ROW_AXES), den, m_safe
 

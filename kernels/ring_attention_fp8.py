@@ -49,6 +49,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -184,19 +185,34 @@ SPLITS_ENV = "FD_FP8_ATTN_SPLITS"
 KERNEL_ENV = "FD_FP8_ATTN_KERNEL"
 KERNEL_CHOICES = ("triton", *HOPPER_VARIANTS)
 DEFAULT_HOPPER_FORM = "gluon-psmem"
+# Where the grid rule would split the keys to even out a short grid's last wave (fewer than
+# SPLIT_BELOW_PROGRAMS_PER_SM programs an SM) and FD_FP8_ATTN_KERNEL is unset, the persistent form runs instead: its
+# last wave is cut evenly over every CTA (stream-K) and its whole programs start at staggered key tiles. Measured
+# on an H100 at Self-Forcing's shape (bench/results/next102-h100, next103-h100, one process each, the same
+# machine): block 5 258.3 / 257.7 against 260.1 / 259.7 ms, the attention kernel + merge 159.5 / 158.7 against
+# 163.2 / 163.2 ms a profiled block, 777 against 730 TFLOP/s at kv 28080 alone; quality unchanged (latents 0.0235
+# against bf16 over 7 blocks). Without the stagger the persistent form was slower (169.0 ms: its CTAs, starting
+# together, read the same key tiles at once), and so was the stagger on the unpersistent grid (167.5 ms).
+SHORT_GRID_HOPPER_FORM = "gluon-psmem-persistent-stagger"
 
 
 def _kernel_choice() -> str:
     return env_choice(KERNEL_ENV, DEFAULT_HOPPER_FORM, KERNEL_CHOICES)
 
 
-def _hopper_form(q: torch.Tensor, kv: Fp8KV, config: Fp8AttnConfig | None, pv_fp8: bool) -> str | None:
+def _hopper_form(
+    q: torch.Tensor, kv: Fp8KV, config: Fp8AttnConfig | None, pv_fp8: bool, short_grid: bool = False
+) -> str | None:
     """The Gluon form that runs this call, or None for this file's kernel: only the picked config (an
     explicit one is this kernel's, as the bench's sweeps and tests ask), fp8 P @ V, ops left opaque
-    (Inductor can inline Triton kernels, not Gluon ones), and a device and shape the Gluon kernel serves."""
+    (Inductor can inline Triton kernels, not Gluon ones), and a device and shape the Gluon kernel serves.
+    `short_grid`: the grid rule would split this call's keys (no splits asked for): unless FD_FP8_ATTN_KERNEL
+    names a form, SHORT_GRID_HOPPER_FORM."""
     kernel = _kernel_choice()
     if config is not None or not pv_fp8 or inline_into_compilers() or kernel == "triton":
         return None
+    if short_grid and not os.environ.get(KERNEL_ENV):
+        kernel = SHORT_GRID_HOPPER_FORM
     return kernel if hopper_fp8_available(q, kv.block_n) else None
 
 
@@ -401,7 +417,7 @@ def launch_ring_attention_fp8_quantized(
         on_gpu = q.device.type == "cuda"
         programs = triton.cdiv(Lq, cfg.block_m) * B * H
         splits = fp8_splits_for(programs, _sm_count(q.device.index or 0)) if on_gpu else 1
-    form = _hopper_form(q, kv, config, pv_fp8)
+    form = _hopper_form(q, kv, config, pv_fp8, short_grid=not cfg.splits and splits > 1)
     if form is not None:
         return launch_ring_attention_fp8_hopper(q, kv, valid_len, scale * LOG2E / E4M3_MAX, splits, form, rows_fp8)
     bufs = split_outputs(q, splits)
