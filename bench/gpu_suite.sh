@@ -77,11 +77,12 @@ wan22-inductor|560|issue 21: Wan2.2 A14B T2V through an inductor engine built in
 fused-kernels|90|issues 16, 14: on CUDA, the Cosmos q/k norm + rotate-half RoPE + ring-write kernel vs its twin and the DiT path, the short-query action attention, the OmniDreams CUDA-graph stream and its FP8 ring shadow vs per-call quantization
 attn-splits|60|issues 21, 22, 16: ring attention with 1/2/3 key splits at each model's steady shape (SF, Wan2.2 A14B, OmniDreams, LingBot, Matrix-Game) and the FP8 pre-pass with 4/8/16 warps (bench/attention_splits_bench.py)
 op-sources|200|issues 16, 22: which Python lines launch a steady block's GPU time (torch profiler over one eager step, ops by shapes and calling frames): OmniDreams 704x1280 FP8 and Self-Forcing 1.3B FP8 with TAEHV (bench/op_sources.py)
-narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared (bench/narrow_conv_bench.py)
+narrow-convs|120|issue 16: the cuDNN convs with few channels of OmniDreams' frames-out path (TAEHV's 64 -> 3 last conv, the HD-map encoder's 48- and 24-channel convs) as they are and with channels zero-padded, graph-timed, real channels compared; TAEHV's steady decode with each of its switches off and on, the MemBlock join pass included (bench/narrow_conv_bench.py)
 rows-tests|120|issue 22: on CUDA, the FP8 attention's quantized-rows output (merge_rows_fp8 against merge + the linear's quantization, the Gluon kernel at head dim 128), the fp8-shadow tests and the Gluon kernel's own (test_fp8_attention.py and test_fp8_attention_hopper.py, their rows, shadow and hopper tests)
 ring-tests|300|issue 22: on CUDA, the FP8 attention's quantized-rows output and fp8-shadow tests and the Gluon kernel's (test_fp8_attention.py and test_fp8_attention_hopper.py, their rows, shadow and hopper tests), then tests/kernels/test_ring_attention.py (the bf16 and FP8 ring-attention kernels against their twins, FD_ATTN_SPLITS; narrow-tests ran out of time before most of them in next89)
 ring-split-tests|200|issue 22: on CUDA, tests/kernels/test_ring_attention.py alone (the bf16 and FP8 ring-attention kernels against their twins, their key splits merged through attention_merge._merge_parts; ring-tests without the rows tests)
-narrow-tests|300|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py, tests/test_wan_vae.py: the HD-map encoder forms on cuDNN; tests/kernels/test_bias_act.py, test_upsample_frames.py: TAEHV's passes; tests/kernels/test_ring_attention.py: the bf16 kernel and FD_ATTN_SPLITS)
+narrow-tests|300|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN), TAEHV's decode ending in it, the AdaLN tile rule, the FP8 row-chunk rule (tests/kernels/test_narrow_conv.py, tests/test_taehv.py, tests/kernels/test_adaln.py, tests/kernels/test_fp8_linear.py, tests/test_wan_vae.py: the HD-map encoder forms on cuDNN; tests/kernels/test_bias_act.py, test_upsample_frames.py, test_memblock_join.py: TAEHV's passes; tests/kernels/test_ring_attention.py: the bf16 kernel and FD_ATTN_SPLITS)
+taehv-tests|150|issues 22, 14: on CUDA, TAEHV and its Triton passes only (tests/test_taehv.py, tests/kernels/test_memblock_join.py, test_bias_act.py, test_upsample_frames.py, test_narrow_conv.py): the MemBlock input and memory update as one pass against the torch copies, the decode through every switch
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
 gelu-quantize|60|issues 16 and 22: the FP8 activation pass with a GELU fused, erf by libdevice vs the erfc fit, the fit and the tanh form with and without fast math, and no GELU, at OmniDreams' and Self-Forcing's FFN hidden, same tensor (bench/gelu_quantize_bench.py)
@@ -789,7 +790,13 @@ part_narrow-tests() {
   py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/kernels/test_narrow_conv.py" \
     "$REPO/tests/test_taehv.py" "$REPO/tests/kernels/test_adaln.py" "$REPO/tests/kernels/test_fp8_linear.py" \
     "$REPO/tests/test_wan_vae.py" "$REPO/tests/kernels/test_bias_act.py" "$REPO/tests/kernels/test_upsample_frames.py" \
-    "$REPO/tests/kernels/test_ring_attention.py"
+    "$REPO/tests/kernels/test_memblock_join.py" "$REPO/tests/kernels/test_ring_attention.py"
+}
+
+part_taehv-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/test_taehv.py" \
+    "$REPO/tests/kernels/test_memblock_join.py" "$REPO/tests/kernels/test_bias_act.py" \
+    "$REPO/tests/kernels/test_upsample_frames.py" "$REPO/tests/kernels/test_narrow_conv.py"
 }
 
 part_rows-tests() {

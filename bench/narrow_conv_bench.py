@@ -16,8 +16,10 @@ that conv alone (cuDNN's ReLU + conv against the kernel) and TAEHV's steady stre
 Self-Forcing's and OmniDreams' sizes with the switch off and on (alternated rounds, best of each; frames
 compared by rel. L2: the kernel sums in another order), then the same with FUSED_BIAS_ACT off and on
 (MemBlock's bias adds, residual add and ReLUs as one pass after each conv, kernels/bias_act.py; the frames
-should be bit-equal) and with UPSAMPLE_FRAMES_KERNEL off and on (each stage's TGrow 1x1 conv before its
-upsampling, then one Triton copy that splits the frames and repeats the pixels, kernels/upsample_frames.py).
+should be bit-equal), with UPSAMPLE_FRAMES_KERNEL off and on (each stage's TGrow 1x1 conv before its
+upsampling, then one Triton copy that splits the frames and repeats the pixels, kernels/upsample_frames.py)
+and with MEMBLOCK_JOIN_KERNEL off and on (each MemBlock's cat([x, past]) and memory update as one pass,
+kernels/memblock_join.py; bit-equal frames).
 
     python bench/narrow_conv_bench.py --out convs.json            # GPU: ~30 s
     python bench/narrow_conv_bench.py --smoke --out /tmp/c.json   # CPU, tiny shapes
@@ -83,8 +85,9 @@ def last_conv_alone(dev, dtype, ms, smoke: bool) -> dict:
 def decode_on_off(dev, dtype, ms, smoke: bool, switch: str = "NARROW_LAST_CONV") -> dict:
     """TAEHV's steady streaming decode with the module switch `switch` off and on, alternated rounds, best of
     each: NARROW_LAST_CONV (the last conv as our kernel), FUSED_BIAS_ACT (MemBlock's bias, residual and
-    ReLUs as one pass after each conv, kernels/bias_act.py) or UPSAMPLE_FRAMES_KERNEL (each stage's TGrow
-    before its upsampling, then one copy, kernels/upsample_frames.py). (next82-h100's file names the two
+    ReLUs as one pass after each conv, kernels/bias_act.py), UPSAMPLE_FRAMES_KERNEL (each stage's TGrow
+    before its upsampling, then one copy, kernels/upsample_frames.py) or MEMBLOCK_JOIN_KERNEL (each
+    MemBlock's input and memory update as one pass, kernels/memblock_join.py). (next82-h100's file names the two
     times decode_ms_cudnn / decode_ms_kernel: off / on.)"""
 
     def set_switch(on: bool) -> None:
@@ -137,6 +140,7 @@ def main() -> None:
     out["taehv"]["decode"] = decode_on_off(dev, dtype, ms, args.smoke)
     out["taehv"]["decode_fused_bias_act"] = decode_on_off(dev, dtype, ms, args.smoke, "FUSED_BIAS_ACT")
     out["taehv"]["decode_upsample_frames"] = decode_on_off(dev, dtype, ms, args.smoke, "UPSAMPLE_FRAMES_KERNEL")
+    out["taehv"]["decode_memblock_join"] = decode_on_off(dev, dtype, ms, args.smoke, "MEMBLOCK_JOIN_KERNEL")
     write_result(args.out, out)
 
 
