@@ -201,6 +201,7 @@ def attention_parts(
     fp8_cfg = pick_fp8_config(q)
     prev_fp8 = Fp8AttnConfig(128, 128, 8, 3, splits=1, use_tma=True) if not smoke else Fp8AttnConfig(32, 64, 1, 1)
     split2 = dataclasses.replace(bf16_cfg, splits=2)
+    staggered, split2_staggered = (dataclasses.replace(c, stagger=True) for c in (bf16_cfg, split2))
     rec.put(
         "setup",
         {
@@ -235,6 +236,8 @@ def attention_parts(
         "cudnn": lambda kv, vl, rows: cudnn(kv),
         "bf16": lambda kv, vl, rows: launch_ring_attention(q, kc, vc, vl, scale, bf16_cfg),
         "bf16_split2": lambda kv, vl, rows: launch_ring_attention(q, kc, vc, vl, scale, split2),
+        "bf16_stagger": lambda kv, vl, rows: launch_ring_attention(q, kc, vc, vl, scale, staggered),
+        "bf16_split2_stagger": lambda kv, vl, rows: launch_ring_attention(q, kc, vc, vl, scale, split2_staggered),
         "fp8": lambda kv, vl, rows: launch_ring_attention_fp8(q, kc, vc, vl, scale, fp8_cfg, True),
         "fp8_shadow": fp8_shadow,
         "fp8_kernel": lambda kv, vl, rows: launch_ring_attention_fp8_quantized(

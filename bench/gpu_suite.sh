@@ -91,6 +91,8 @@ vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs 
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
 session-tests|150|issue 22 target 6: on CUDA, tests/test_session_gpu.py alone: captured graphs against eager, frames before the commit, warm-up, recordings and snapshots under graphs (next97-h100: 7 passed in 42 s, with the capture-ahead tried and reverted)
 attention-forms|120|issue 22 target 1: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128, the persistent and staggered schedules; gluon-psmem's key splits 1..3) beside cuDNN and the bf16 default, no sweeps (bench/attention_bench.py --only)
+attention-bf16-stagger|120|issue 22 target 1: the bf16 Triton ring attention at q 4680 / kv 4680..32760 with its key runs staggered by query tile (AttnConfig.stagger) and not, whole and in 2 key splits, beside cuDNN, no sweeps (bench/attention_bench.py --only)
+sf-bf16-stagger|200|issue 22 target 2: Self-Forcing 1.3B bf16 block 5 with the bf16 ring attention unstaggered and staggered (FD_ATTN_STAGGER=0, 1), own processes on one machine, 7 blocks each, block-5 profiles
 linear-tests|120|issue 22 target 5: on CUDA, tests/kernels/test_fp8_linear.py alone: the FP8 linears and their activation pass, the GELUs' fast-math forms (single MUFU exp2 and reciprocal by inline PTX, which the interpreter cannot run) against the forms before
 block-fusion|60|issues 21, 22, 14: the Wan block's fused steps (GELU in the GEMM epilogue or FP8 quantization, residual + next norm in one pass) vs their unfused forms at SF, Wan2.2 A14B and Matrix-Game shapes (bench/block_fusion_bench.py)
 taehv-upsample|90|issues 22, 16: TAEHV's nearest 2x upsampling as torch's NHWC kernel vs a broadcast copy (models/taehv.UPSAMPLE_AS_COPY): steady streaming decode at Self-Forcing's 480x832 and OmniDreams' 704x1280 with either form (alternated, frames bit-equal checked) and the upsampling alone (bench/taehv_upsample_bench.py)
@@ -865,6 +867,31 @@ part_attention-forms() {
   else
     py "$1" "$REPO/bench/attention_bench.py" --only "gluon_psmem|^bf16$" --budget-s "$budget" --out "$DEST/attention-forms.json"
   fi
+}
+
+part_attention-bf16-stagger() {
+  local budget=$(($1 - 20))
+  if [ $SMOKE = 1 ]; then
+    py "$1" "$REPO/bench/attention_bench.py" --smoke --only "^bf16(_split2)?(_stagger)?$" --budget-s "$budget" \
+      --out "$DEST/attention-bf16-stagger.json"
+  else
+    py "$1" "$REPO/bench/attention_bench.py" --only "^bf16(_split2)?(_stagger)?$" --budget-s "$budget" \
+      --out "$DEST/attention-bf16-stagger.json"
+  fi
+}
+
+part_sf-bf16-stagger() {
+  local rc=0 on
+  for on in 0 1; do
+    if [ $SMOKE = 1 ]; then
+      FD_ATTN_STAGGER=$on fdb_to sf-bf16-stagger$on $(($1 / 2)) --preset tiny --attention triton \
+        --decoder none --blocks 2 --rollouts 1 --quick-ceilings || rc=$?
+    else
+      FD_ATTN_STAGGER=$on fdb_to sf-bf16-stagger$on $(($1 / 2)) $SF --blocks 7 --rollouts 1 --profile-block 5 \
+        --quick-ceilings || rc=$?
+    fi
+  done
+  return $rc
 }
 
 part_linear-tests() {

@@ -236,15 +236,17 @@ def check_fp8_keep(precision: str, fp8_keep: str | None) -> None:
 
 def check_kernel_environment(precision: str, attention: str) -> None:
     """Refuse a malformed kernel knob by name before anything loads, not in the middle of a first block:
-    FD_RING_ATTN_KERNEL / FD_ATTN_SPLITS where our attention kernels run, FD_FP8_ATTN_KERNEL / FD_FP8_ATTN_SPLITS
-    with precision 'fp8' (benchmark knobs the attention reads per call)."""
+    FD_RING_ATTN_KERNEL / FD_ATTN_SPLITS / FD_ATTN_STAGGER where our attention kernels run, FD_FP8_ATTN_KERNEL /
+    FD_FP8_ATTN_SPLITS with precision 'fp8' (benchmark knobs the attention reads per call)."""
     import importlib
 
     from flashdreams.kernels._common import env_key_splits
 
     if attention in ("triton", "fa4"):
         importlib.import_module("flashdreams.kernels.ring_attention").kernel_choice()
-        env_key_splits(importlib.import_module("flashdreams.kernels.ring_attention_configs").SPLITS_ENV)
+        configs = importlib.import_module("flashdreams.kernels.ring_attention_configs")
+        env_key_splits(configs.SPLITS_ENV)
+        configs.env_stagger()
     if precision == "fp8":
         fp8_attention = importlib.import_module("flashdreams.kernels.ring_attention_fp8")  # the module
         fp8_attention._kernel_choice()

@@ -113,9 +113,10 @@ def _ring_attention_kernel(
     Lq, S, H, qk_scale,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     SPLITS: tl.constexpr, USE_TMA: tl.constexpr, WARP_SPEC: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, STAGGER: tl.constexpr,
 ):  # fmt: skip
-    """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE."""
+    """One (query tile, batch x head, key split): normalised output rows and their natural-log LSE. STAGGER:
+    the whole key tiles are taken from the one set by the query tile on, wrapping around (`AttnConfig.stagger`)."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -158,10 +159,21 @@ def _ring_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # fmt: off
-    acc, l_i, m_i = _attend_tiles(
-        acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_hi, valid, qk_scale, offs_n, d_ok,
-        False, HEAD_DIM != D_PAD, BLOCK_N, USE_TMA, WARP_SPEC, DOT_PRECISION, UPCAST,
-    )
+    if STAGGER:
+        mid = lo + (pid_m * ((full_hi - lo) // BLOCK_N) // tl.num_programs(0)) * BLOCK_N
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, mid, full_hi, valid, qk_scale, offs_n, d_ok,
+            False, HEAD_DIM != D_PAD, BLOCK_N, USE_TMA, WARP_SPEC, DOT_PRECISION, UPCAST,
+        )
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, mid, valid, qk_scale, offs_n, d_ok,
+            False, HEAD_DIM != D_PAD, BLOCK_N, USE_TMA, WARP_SPEC, DOT_PRECISION, UPCAST,
+        )
+    else:
+        acc, l_i, m_i = _attend_tiles(
+            acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, lo, full_hi, valid, qk_scale, offs_n, d_ok,
+            False, HEAD_DIM != D_PAD, BLOCK_N, USE_TMA, WARP_SPEC, DOT_PRECISION, UPCAST,
+        )
     if full_hi < hi:  # the one partial tile, masked
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, full_hi, hi, valid, qk_scale, offs_n, d_ok,
@@ -261,7 +273,7 @@ def launch_ring_attention(
         HEAD_DIM=d, D_PAD=d_pad, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SPLITS=splits,
         USE_TMA=use_tma, WARP_SPEC=cfg.warp_specialize,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 or upcast else "tf32",
-        UPCAST=upcast,
+        UPCAST=upcast, STAGGER=cfg.stagger,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     # fmt: on

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ._common import env_key_splits, next_pow2
+from ._common import env_choice, env_key_splits, next_pow2
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class AttnConfig:
     `splits=0` picks the key split from the grid size; `use_tma` loads K/V through
     device-side tensor descriptors (Hopper's bulk copy engine; falls back to pointer loads
     where the strides do not allow it); `warp_specialize` asks Triton to split the key loop
-    into producer and consumer warps.
+    into producer and consumer warps; `stagger` starts each query tile's run of whole key tiles at a tile set
+    by the query tile (wrapping around), so that the programs of a head running at once read different tiles.
     """
 
     block_m: int = 128
@@ -33,6 +34,7 @@ class AttnConfig:
     splits: int = 0
     use_tma: bool = False
     warp_specialize: bool = False
+    stagger: bool = False
 
 
 # Chosen by head-dim tile (d padded to a power of two) on CUDA. The bench sweeps
@@ -97,12 +99,26 @@ def _sm_count(device: torch.device) -> int:
 SPLITS_ENV = "FD_ATTN_SPLITS"
 
 
+# FD_ATTN_STAGGER=1 staggers the picked config's key runs (AttnConfig.stagger), =0 not: a benchmark knob, so that
+# the bench can weigh the stagger in whole blocks (the persistent FP8 kernel gained from it, the unpersistent one
+# lost: kernels/ring_attention_fp8.py SHORT_GRID_HOPPER_FORM).
+STAGGER_ENV = "FD_ATTN_STAGGER"
+
+
+def env_stagger() -> str:
+    """FD_ATTN_STAGGER: "" (unset: the table's), "0" or "1"; anything else refused by name."""
+    return env_choice(STAGGER_ENV, "", ("", "0", "1"))
+
+
 def pick_config(q: torch.Tensor, capacity: int) -> AttnConfig:
     """The config for these shapes; on CUDA, `splits` evens out the last wave of programs (FD_ATTN_SPLITS,
-    where set, overrides the key splits on every device)."""
+    where set, overrides the key splits on every device; FD_ATTN_STAGGER the stagger)."""
     splits = env_key_splits(SPLITS_ENV)
+    stagger = env_stagger()
     cfg = _table_config(q, capacity)
-    return cfg if splits is None else dataclasses.replace(cfg, splits=splits)
+    if splits is not None:
+        cfg = dataclasses.replace(cfg, splits=splits)
+    return cfg if not stagger else dataclasses.replace(cfg, stagger=stagger == "1")
 
 
 def _table_config(q: torch.Tensor, capacity: int) -> AttnConfig:

@@ -104,6 +104,8 @@ CONFIGS = [
     AttnConfig(32, 16, splits=3),  # split keys, LSE merge
     AttnConfig(16, 32, splits=2, use_tma=True),  # tensor-descriptor loads
     AttnConfig(64, 32, splits=4, use_tma=True, warp_specialize=True),  # more splits than some runs need
+    AttnConfig(16, 16, splits=1, stagger=True),  # each query tile's keys from another tile on, wrapping
+    AttnConfig(16, 16, splits=2, stagger=True, use_tma=True),  # staggered within each split
 ]
 
 
@@ -280,3 +282,29 @@ def test_key_splits_follow_the_last_wave():
     assert choose_splits(1440, 132, 213) == 1
     assert choose_splits(444, 132, 20) == 1
     assert choose_splits(132, 132, 500) == 1  # exactly one full wave: nothing to even out
+
+
+def test_stagger_from_the_environment(monkeypatch):
+    """FD_ATTN_STAGGER=1 / 0 sets the picked config's stagger (the bench's whole-block comparison) and the call
+    still equals the twin; another value is refused by name, in the call and when a model loads."""
+    import flashdreams
+    from flashdreams import registry
+    from flashdreams.kernels.ring_attention_configs import STAGGER_ENV, pick_config
+
+    q, k, v, vl = make_case(1, 50, 2, 64, 150, 140, torch.float32, seed=9)
+    monkeypatch.delenv(STAGGER_ENV, raising=False)
+    base = pick_config(q, k.shape[1])
+    assert not base.stagger
+    monkeypatch.setenv(STAGGER_ENV, "1")
+    picked = pick_config(q, k.shape[1])
+    assert picked.stagger and dataclasses.replace(picked, stagger=False) == base
+    assert rel_l2(ring_attention(q, k, v, vl), ring_attention_reference(q, k, v, vl)) < TOL[torch.float32]
+    monkeypatch.setenv(STAGGER_ENV, "0")
+    assert pick_config(q, k.shape[1]) == base
+    monkeypatch.setenv(STAGGER_ENV, "yes")
+    with pytest.raises(InvalidArgumentError, match=STAGGER_ENV):
+        ring_attention(q, k, v, vl)
+    with monkeypatch.context() as m:
+        m.setattr(registry, "get_preset", lambda *a, **k: pytest.fail("loading started before the check"))
+        with pytest.raises(InvalidArgumentError, match=STAGGER_ENV):
+            flashdreams.load(decoder=None, attention="triton")
