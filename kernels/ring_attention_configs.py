@@ -101,7 +101,9 @@ SPLITS_ENV = "FD_ATTN_SPLITS"
 
 # FD_ATTN_STAGGER=1 staggers the picked config's key runs (AttnConfig.stagger), =0 not: a benchmark knob, so that
 # the bench can weigh the stagger in whole blocks (the persistent FP8 kernel gained from it, the unpersistent one
-# lost: kernels/ring_attention_fp8.py SHORT_GRID_HOPPER_FORM).
+# lost: kernels/ring_attention_fp8.py SHORT_GRID_HOPPER_FORM). On this kernel's plain grid it lost too (H100,
+# bench/results/next106-h100): 471 against 510 TFLOP/s at kv 28080, Self-Forcing's bf16 block 5 392.9 against
+# 355.3 ms (attention 269.4 against 238.5 ms): off by default.
 STAGGER_ENV = "FD_ATTN_STAGGER"
 
 
