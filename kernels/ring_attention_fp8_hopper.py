@@ -169,10 +169,10 @@ if HAVE_GLUON:
         PARTS: gl.constexpr, ROTATE: gl.constexpr,
     ):  # fmt: skip
         """One run of key tiles of one (query tile `pid_m`, batch x head `bh`): `n_tiles` tiles from key `lo`
-        (keys >= valid masked), taken from the run's tile `rot` on, wrapping around (the order does not change the
-        result, only which tiles the CTAs running at once read), its normalised output rows and natural-log LSE
-        written as part `part` of PARTS;
-        the parts from `n_parts` on get LSE -inf for these rows (no run writes them: nothing to merge there).
+        (keys >= valid masked), taken from the run's tile `rot` on, wrapping around (the order changes only the
+        rounding of P and which tiles the CTAs running at once read), its normalised output rows and natural-log
+        LSE written as part `part` of PARTS; the parts from `n_parts` on get LSE -inf for these rows (no run
+        writes them: nothing to merge there).
         The rings' barriers are armed here and invalidated at the end, so that runs can follow one another in
         a persistent CTA, each counting its barrier phases from its first tile."""
         b = bh // H
@@ -367,12 +367,13 @@ if HAVE_GLUON:
         PARTS: gl.constexpr, STAGGER: gl.constexpr, num_warps: gl.constexpr,
     ):  # fmt: skip
         """A grid of as many CTAs as can be resident at once, over the same work as the kernel above (see
-        `persistent_runs`, its twin): whole programs (query tile x batch-head, every key tile) in full waves,
-        every CTA starting them together so that the waves read each key tile from L2 in step as the
-        unpersistent grid does, then the partial last wave's key tiles cut evenly over all CTAs (stream-K), so
-        that no CTA idles through it. A cut program's runs go to parts 0, 1, ... (at most PARTS: a CTA's share
-        of the last wave is at least a (PARTS - 1)-th of a program's tiles); its first run clears the LSEs of
-        the parts no run writes. Programs are numbered query tile fastest: the CTAs of a wave share heads."""
+        `persistent_runs`, its twin): whole programs (query tile x batch-head, every key tile) in full waves
+        (with STAGGER each starting at a key tile set by its query tile: the CTAs of a wave start together, and
+        unstaggered they ask L2 for the same tiles at once, which measured slower than the plain grid), then the
+        partial last wave's key tiles cut evenly over all CTAs (stream-K), so that no CTA idles through it. A
+        cut program's runs go to parts 0, 1, ... (at most PARTS: a CTA's share of the last wave is at least a
+        (PARTS - 1)-th of a program's tiles); its first run clears the LSEs of the parts no run writes. Programs
+        are numbered query tile fastest: the CTAs of a wave share heads."""
         G = gl.num_programs(0)
         pid = gl.program_id(0)
         valid = gl.maximum(gl.minimum(gl.load(VALID).to(gl.int32), S), 0)
