@@ -159,7 +159,7 @@ def _ring_attention_kernel(
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     # fmt: off
-    if STAGGER:
+    if STAGGER:  # its own branch, so that the unstaggered kernel compiles exactly as before (one key loop)
         mid = lo + (pid_m * ((full_hi - lo) // BLOCK_N) // tl.num_programs(0)) * BLOCK_N
         acc, l_i, m_i = _attend_tiles(
             acc, l_i, m_i, q, k_src, v_src, stride_kn, stride_vn, mid, full_hi, valid, qk_scale, offs_n, d_ok,

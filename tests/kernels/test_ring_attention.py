@@ -237,14 +237,24 @@ def test_bad_arguments_name_the_argument():
         ring_attention(*make_case(1, 2, 1, 264, 4, 4, torch.float32)[:3], vl)
 
 
+def _refused_before_load(monkeypatch, name: str) -> None:
+    """With the knob `name` set to a bad value, loading a model with our kernels is refused by that name before
+    anything of the model is looked up."""
+    import flashdreams
+    from flashdreams import registry
+
+    with monkeypatch.context() as m:
+        m.setattr(registry, "get_preset", lambda *a, **k: pytest.fail("loading started before the check"))
+        with pytest.raises(InvalidArgumentError, match=name):
+            flashdreams.load(decoder=None, attention="triton")
+
+
 def test_splits_override_from_the_environment(monkeypatch):
     """FD_ATTN_SPLITS replaces the picked config's key splits (the bench's whole-block comparison): the call
     runs that many splits and still equals the twin; a value that is not a count from 1 to 8 is refused by
     name, in the call and when a model with our kernels loads (before anything is built)."""
     import importlib
 
-    import flashdreams
-    from flashdreams import registry
     from flashdreams.kernels.ring_attention_configs import SPLITS_ENV, pick_config
 
     mod = importlib.import_module("flashdreams.kernels.ring_attention")  # the module, not its function
@@ -266,10 +276,7 @@ def test_splits_override_from_the_environment(monkeypatch):
         monkeypatch.setenv(SPLITS_ENV, bad)
         with pytest.raises(InvalidArgumentError, match=SPLITS_ENV):
             ring_attention(q, k, v, vl)
-    with monkeypatch.context() as m:
-        m.setattr(registry, "get_preset", lambda *a, **k: pytest.fail("loading started before the check"))
-        with pytest.raises(InvalidArgumentError, match=SPLITS_ENV):
-            flashdreams.load(decoder=None, attention="triton")
+    _refused_before_load(monkeypatch, SPLITS_ENV)
 
 
 def test_key_splits_follow_the_last_wave():
@@ -287,8 +294,6 @@ def test_key_splits_follow_the_last_wave():
 def test_stagger_from_the_environment(monkeypatch):
     """FD_ATTN_STAGGER=1 / 0 sets the picked config's stagger (the bench's whole-block comparison) and the call
     still equals the twin; another value is refused by name, in the call and when a model loads."""
-    import flashdreams
-    from flashdreams import registry
     from flashdreams.kernels.ring_attention_configs import STAGGER_ENV, pick_config
 
     q, k, v, vl = make_case(1, 50, 2, 64, 150, 140, torch.float32, seed=9)
@@ -304,7 +309,4 @@ def test_stagger_from_the_environment(monkeypatch):
     monkeypatch.setenv(STAGGER_ENV, "yes")
     with pytest.raises(InvalidArgumentError, match=STAGGER_ENV):
         ring_attention(q, k, v, vl)
-    with monkeypatch.context() as m:
-        m.setattr(registry, "get_preset", lambda *a, **k: pytest.fail("loading started before the check"))
-        with pytest.raises(InvalidArgumentError, match=STAGGER_ENV):
-            flashdreams.load(decoder=None, attention="triton")
+    _refused_before_load(monkeypatch, STAGGER_ENV)
