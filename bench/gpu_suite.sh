@@ -43,6 +43,10 @@ cold|150|cold start from the built engine: process start to first frame, 3 fresh
 cold-pyc|240|the cold part again after byte-compiling the packages a cold start imports (torch, sympy, triton, ...; the lent image ships no .pyc files, a normal pip install writes them)
 cold-groups|150|issue 22 target 6: the cold-pyc processes with Triton's group files installed as the build wrote them (FD_BUNDLE_KEEP_GROUPS=1, the behaviour before the install repointed them): run after cold-pyc in one call, the fix's effect on one machine
 cold-full|150|issue 22 target 6: the cold-pyc processes with the kernel install as it was (every file of each Triton entry, IR text included, written by one thread: FD_BUNDLE_IR=1 FD_INSTALL_THREADS=1): run after cold-pyc in one call, the slim threaded install against it on one machine
+build-fp8|300|fd-build of the full-size engine in FP8 (--precision fp8 --attention triton: FP8 linears, FP8 ring attention, the ring's e4m3 shadow as session state) into its own folder, for engine-fp8 and cold-fp8
+engine-fp8|200|fd-bench Self-Forcing 1.3B FP8 eager (CUDA graphs) against the FP8 engine built by build-fp8, one invocation, 7 blocks, block-5 profiles
+cold-fp8|200|issue 22 target 6 in FP8: the cold-pyc processes (byte-compiled packages, 3 fresh processes with empty compiler caches) from the FP8 engine of build-fp8
+fp8-engine-tests|200|on CUDA, FP8 engines (tests/test_fp8_engine.py): the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
@@ -252,6 +256,7 @@ if ! [[ "$NAME" =~ ^[A-Za-z0-9._-]+$ ]]; then
 fi
 DEST=${FD_SUITE_OUT:-${OUT:-$REPO/bench/results}}/$NAME
 ENGINE=$WORK/engine-work/engine # the full-size engine the engine or build part leaves for later parts
+ENGINE_FP8=$WORK/engine-work/engine-fp8 # the FP8 one of build-fp8
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 
@@ -467,6 +472,47 @@ print('inductor compile_threads', config.compile_threads, 'worker_start', config
 
 part_cold() {
   cold_runs cold "$1"
+}
+
+part_build-fp8() {
+  local ENGINE=$ENGINE_FP8 rc # (bundle_summary reads $ENGINE)
+  if [ -f "$ENGINE/manifest.json" ]; then
+    echo "an FP8 engine is there already: $ENGINE"
+    return 0
+  fi
+  if [ $SMOKE = 1 ]; then
+    py "$1" -m flashdreams.cli.build --device cpu --decoder none --attention triton --precision fp8 --out "$ENGINE"
+  else
+    py "$1" -m flashdreams.cli.build $SF --precision fp8 --out "$ENGINE"
+  fi
+  rc=$?
+  bundle_summary
+  return $rc
+}
+
+part_engine-fp8() {
+  if [ $DRY = 0 ] && [ ! -f "$ENGINE_FP8/manifest.json" ]; then
+    echo "no FP8 engine at $ENGINE_FP8: run the build-fp8 part first"
+    return 3
+  fi
+  if [ $SMOKE = 1 ]; then
+    fdb_to engine-fp8 "$1" --preset tiny --attention triton --precision fp8 --backend eager,engine --engine "$ENGINE_FP8" \
+      --decoder none --blocks 2 --rollouts 1 --profile-block 1 --quick-ceilings
+  else
+    fdb_to engine-fp8 "$1" $SF --precision fp8 --backend eager,engine --engine "$ENGINE_FP8" --blocks 7 --rollouts 1 \
+      --profile-block 5 --quick-ceilings
+  fi
+}
+
+part_cold-fp8() {
+  local ENGINE=$ENGINE_FP8 t0 # (cold_runs and unbundled_kernels read $ENGINE)
+  t0=$(date +%s)
+  byte_compile $(($1 / 3))
+  cold_runs cold-fp8 $(($1 - ($(date +%s) - t0)))
+}
+
+part_fp8-engine-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/test_fp8_engine.py"
 }
 
 part_cold-groups() {

@@ -155,7 +155,8 @@ def build_engine(
     full-size preset with seeded random weights, for speed runs); `seed` picks those
     weights (`weights_seed` of flashdreams.load). `decoder=None` builds an engine without
     a decoder (sessions return latents only); a real checkpoint's decoder needs
-    `decoder_weights`. `fp8_keep` is flashdreams.load's, checked here; precision "fp8" is refused (eager only).
+    `decoder_weights`. `precision` "fp8" builds the FP8 path (with attention "triton": FP8 linears, FP8 ring
+    attention, the ring's e4m3 shadow in the session state); `fp8_keep` is flashdreams.load's, checked here.
     """
     import flashdreams
     from flashdreams.engine import check_fp8_keep, resolve_device_dtype
@@ -164,12 +165,9 @@ def build_engine(
     if batch < 1:
         raise InvalidArgumentError(f"batch must be >= 1, got {batch}")
     check_fp8_keep(precision, fp8_keep)
-    if precision == "fp8":
-        # The FP8 path keeps e4m3 session state (the KV ring's fp8 shadow), which neither the engine manifest
-        # nor the C ABI can describe yet; before this check such a build failed deep in the trace.
+    if precision == "fp8" and attention != "triton":
         raise InvalidArgumentError(
-            "precision 'fp8' runs in eager sessions with CUDA graphs only (flashdreams.load / fd-run / fd-bench "
-            "--backend eager); build engines in bf16"
+            f"precision 'fp8' needs attention 'triton' (our FP8 linears and ring attention), found '{attention}'"
         )
     if attention == "fa4":
         raise InvalidArgumentError(

@@ -64,6 +64,7 @@ DTYPE_NAMES = {
     torch.int32: "int32",
     torch.uint8: "uint8",
     torch.bool: "bool",
+    torch.float8_e4m3fn: "float8_e4m3fn",
 }
 DTYPES_BY_NAME = {v: k for k, v in DTYPE_NAMES.items()}
 

@@ -93,8 +93,10 @@ class Engine:
         decoder=None,
         stand_in_inputs: bool = False,
         model=None,
+        precision: str = "bf16",
     ) -> None:
         self.backend = backend
+        self.precision = precision  # "bf16" (the model's dtype) or "fp8" (FP8 linears and ring attention)
         self.plan = plan
         self.spec = EngineSpec(preset, plan)
         self.decoder = decoder
@@ -176,7 +178,7 @@ class Engine:
         s = self.spec
         return (
             f"Engine({self.preset_name}, backend={self.backend.name}, {s.height}x{s.width}, "
-            f"device={self.device}, dtype={self.backend.dtype})"
+            f"device={self.device}, dtype={self.backend.dtype}{', precision=fp8' if self.precision == 'fp8' else ''})"
         )
 
 
@@ -359,7 +361,7 @@ def load(
                     "with (sdpa or triton); load the checkpoint instead of the engine directory to use fa4"
                 )
 
-            return load_engine_dir(source, device=device, attention=attention, decoder=decoder)
+            return load_engine_dir(source, device=device, attention=attention, decoder=decoder, precision=precision)
         if not path.exists():
             raise NotFoundError(f"checkpoint '{source}' does not exist")
         if looks_like_engine_dir(path):
@@ -393,4 +395,4 @@ def load(
     )
     model = registry.family(preset.family).load(preset, opts)
     stand_in = source is None and (preset.builtin or random_weights)
-    return Engine(EagerBackend(model), model.plan, preset, model.source, model.decoder, stand_in, model)
+    return Engine(EagerBackend(model), model.plan, preset, model.source, model.decoder, stand_in, model, precision)

@@ -135,11 +135,13 @@ def load_engine_dir(
     attention: str | None = "sdpa",
     decoder: str | None = "preset",
     warmup: bool = True,
+    precision: str | None = "bf16",
 ):
     """Load a built engine directory as a `flashdreams.Engine` (see the module docstring).
 
     `attention` is fixed when the engine is built; the default ("sdpa") or None accepts
-    whatever the engine was built with, another value that differs is refused.
+    whatever the engine was built with, another value that differs is refused. `precision` likewise: the
+    default ("bf16") or None accepts the engine's, "fp8" is refused for an engine built in bf16.
     `decoder`: "preset" uses the engine's compiled decoder (if it was built with one),
     None gives latents only, another name builds that decoder eagerly (random weights).
     """
@@ -158,6 +160,12 @@ def load_engine_dir(
         raise InvalidArgumentError(
             f"engine '{path}' was built with attention '{built_attention}'; attention is fixed at build time "
             f"(asked for '{attention}'): rebuild with fd-build --attention {attention}"
+        )
+    built_precision = eng.get("precision", "bf16")  # (engines from before FP8 builds were all bf16)
+    if precision not in (None, "bf16", built_precision):
+        raise InvalidArgumentError(
+            f"engine '{path}' was built with precision '{built_precision}'; precision is fixed at build time "
+            f"(asked for '{precision}'): rebuild with fd-build --precision {precision}"
         )
     plan = BlockPlan.from_dict(m["plan"])
     preset = registry.preset_from_dict(m["preset"])
@@ -211,7 +219,7 @@ def load_engine_dir(
     times["first_call"] = time.perf_counter() - t
 
     cb = CompiledBackend(m["backend"], runners, plan, dtype_from_name(eng["dtype"]), dev)
-    engine = Engine(cb, plan, preset, str(path), None, bool(m.get("stand_in_inputs")))
+    engine = Engine(cb, plan, preset, str(path), None, bool(m.get("stand_in_inputs")), precision=built_precision)
     engine.decoder_name = plan.meta.get("decoder")
     times["total"] = time.perf_counter() - t0
     engine.load_times = {k: round(v, 4) for k, v in times.items()}

@@ -209,6 +209,33 @@ def test_sim_host_plays_a_built_engine(built):
     assert missing.returncode == 1 and "FD_NOT_FOUND" in missing.stderr and "nowhere" in missing.stderr
 
 
+def test_sim_host_plays_an_fp8_engine_and_rewinds_it(built):
+    """An FP8 engine (fd-build --precision fp8: the ring's e4m3 shadow is session state) through the C ABI: sim_host
+    steps it as Python steps the same engine, bit for bit, and rewinds it through a file snapshot (the e4m3 state
+    saved and loaded) to identical ticks."""
+    from flashdreams.export.build import build_engine
+    from flashdreams.kernels import triton_available
+
+    if not triton_available("cpu"):
+        pytest.skip("the FP8 kernels run on a CPU only under TRITON_INTERPRET=1")
+    engine_dir = built["dir"] / "fp8-engine"
+    build_engine(engine_dir, attention="triton", precision="fp8", backend="inductor", device="cpu", decoder=None)
+    lat = built["dir"] / "latents-fp8.npy"
+    _run([built["sim_host"], "--ticks", 3, "--engine", engine_dir, "--latents", lat, "--out", built["dir"] / "f8.npy"])
+    engine = flashdreams.load(engine_dir)
+    assert engine.precision == "fp8"
+    session = engine.session(seed=0)
+    latents = []
+    for tick in range(3):
+        if tick % INPUT_EVERY == 0:
+            session.set_input("prompt_embeds", sim_host_prompt(tick // INPUT_EVERY))
+        latents.append(session.step().latents[0].numpy())
+    assert np.array_equal(np.load(lat), np.stack(latents)), "latents differ from the Python API's"
+    snap = built["dir"] / "fp8-snapshot.safetensors"
+    p = _run([built["sim_host"], "--engine", engine_dir, "--ticks", 3, "--rewind", 1, "--snapshot", snap])
+    assert "rewind: ticks 1..2 again from the file snapshot before tick 1: identical" in p.stdout, p.stdout
+
+
 def python_inputs(session) -> list[dict]:
     """What Python says the session takes: input_specs() (name, shape, dtype, when), or only the
     names from input_names() on a session that predates input_specs()."""

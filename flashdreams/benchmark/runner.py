@@ -122,7 +122,7 @@ def _load(cfg: BenchConfig, backend: str, attention: str) -> tuple[flashdreams.E
         out,
         checkpoint=cfg.source,
         backend=backend,
-        precision=cfg.precision,  # a built engine runs what it was built with (fd-build refuses fp8 by name)
+        precision=cfg.precision,
         fp8_keep=cfg.run_fp8_keep,
         random_weights=cfg.random_weights,
         seed=cfg.weights_seed,
@@ -326,8 +326,9 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
     ]
     out = {
         "backend": backend,
-        "attention": attention,
-        "precision": precision_label(cfg.precision, engine.backend.dtype),  # what ran: fp8, or the dtype
+        # what ran: a built engine's attention is its build's, whatever --attention said
+        "attention": getattr(engine, "manifest", {}).get("engine", {}).get("graph_attention") or attention,
+        "precision": precision_label(engine.precision, engine.backend.dtype),  # what ran (an engine: as built)
         "precision_option": cfg.precision,
         "fp8_keep": cfg.run_fp8_keep,
         "dtype": str(engine.backend.dtype).removeprefix("torch."),

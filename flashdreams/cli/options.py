@@ -171,7 +171,12 @@ def check_load_args(kw: dict[str, Any]) -> None:
         if "fp8" not in (split_list(prec) if isinstance(prec, str) else prec):
             raise InvalidArgumentError("--fp8-keep needs --precision fp8 (it names the linears fp8 leaves in bf16)")
         fp8_exclusion(kw["fp8_keep"])
-    if kw.get("precision") == "fp8" and kw.get("attention") not in ("triton", "fa4"):
+    # (an engine directory's attention and precision were fixed by fd-build; loading it checks them)
+    if (
+        kw.get("precision") == "fp8"
+        and kw.get("attention") not in ("triton", "fa4")
+        and not is_engine_dir(kw.get("source"))
+    ):
         raise InvalidArgumentError(
             "--precision fp8 needs --attention triton or fa4 (the FP8 linears are our kernels; torch has no FP8 "
             "attention)"

@@ -179,6 +179,7 @@ def context_parallel_engine(
         engine.decoder if rank == 0 else None,
         engine.stand_in_inputs,
         engine.model,
+        precision=engine.precision,
         cuda_graphs=cuda_graphs,
     )
 

@@ -130,7 +130,7 @@ def example_inputs(plan, graph: str, dtype: torch.dtype, device: torch.device) -
         elif decl is not None and graph == "decode_first":
             out.append(decl.allocate(device))
         elif decl is not None:
-            out.append(torch.randn(decl.shape, generator=gen, device=device, dtype=decl.torch_dtype()))
+            out.append(torch.randn(decl.shape, generator=gen, device=device).to(decl.torch_dtype()))
         else:  # pragma: no cover - plan.validate catches this
             raise InvalidArgumentError(f"graph '{graph}': no example for input '{arg}'")
     return tuple(out)

@@ -1,0 +1,124 @@
+"""FP8 engines: fd-build --precision fp8 compiles the FP8 path (linears, ring attention, the ring's e4m3 shadow
+as session state) into an engine that runs as the eager FP8 session does, and keeps its precision."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import flashdreams
+from flashdreams.errors import InvalidArgumentError
+from flashdreams.kernels import triton_available
+from flashdreams.numerics import rel_l2
+
+pytestmark = pytest.mark.skipif(
+    not triton_available(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+    reason="Triton kernels need CUDA or TRITON_INTERPRET=1",
+)
+
+BLOCKS = 3
+
+
+@pytest.fixture(scope="module")
+def engines(tmp_path_factory) -> dict[str, Path]:
+    """The tiny model built twice on this device (inductor, no decoder, our kernels): in FP8 and in bf16."""
+    from flashdreams.export.build import build_engine
+
+    root = tmp_path_factory.mktemp("fp8-engines")
+    out = {}
+    for precision in ("fp8", "bf16"):
+        out[precision] = root / precision
+        build_engine(out[precision], attention="triton", precision=precision, decoder=None)
+    return out
+
+
+def _latents(engine: flashdreams.Engine, blocks: int = BLOCKS) -> list[torch.Tensor]:
+    s = engine.session(seed=5)
+    return [s.step().latents.float().cpu() for _ in range(blocks)]
+
+
+def _first_flow(engine: flashdreams.Engine) -> torch.Tensor:
+    """The flow of a session's first DiT call (every input the same in any engine of this model and seed)."""
+    s = engine.session(seed=5)
+    inner, seen = s.backend.call, []
+
+    def call(graph, args, block):
+        out = inner(graph, args, block)
+        if graph == "dit" and not seen:
+            seen.append(out[0].float().cpu())
+        return out
+
+    s.backend.call = call
+    s.step()
+    return seen[0]
+
+
+def test_an_fp8_engine_runs_as_the_eager_fp8_session(engines):
+    """One DiT call of the FP8 engine equals the eager FP8 one's up to the compiler's reorderings (which may move
+    an e4m3 code across a rounding boundary: ~1e-4, against FP8's ~1e-2 from full precision);
+    over blocks the few-step sampler amplifies such flips, so the rollout is held to FP8's quality bound against
+    the bf16 engine, as the eager FP8 session is (test_fp8_session.py). The manifest and the engine say fp8, and
+    the ring's e4m3 shadow is session state that the blocks fill."""
+    manifest = json.loads((engines["fp8"] / "manifest.json").read_text())
+    assert manifest["engine"]["precision"] == "fp8"
+    state = manifest["plan"]["state"]
+    assert state["ring_k8"]["dtype"] == "float8_e4m3fn" and state["ring_v8t"]["dtype"] == "float8_e4m3fn"
+
+    fp8 = flashdreams.load(engines["fp8"])
+    assert fp8.precision == "fp8" and "precision=fp8" in repr(fp8)
+    eager = flashdreams.load(decoder=None, attention="triton", precision="fp8")
+    bf16 = flashdreams.load(engines["bf16"])
+    assert bf16.precision == "bf16" and "fp8" not in repr(bf16)
+
+    got, want, full = _first_flow(fp8), _first_flow(eager), _first_flow(bf16)
+    # (in float32 on a CPU ~1e-7 against ~1e-2; in bf16 on a GPU the compiler's bf16 roundings add ~1e-3)
+    assert rel_l2(got, want) < 0.3 * rel_l2(got, full), (rel_l2(got, want), rel_l2(got, full))
+    assert rel_l2(got, full) > 1e-3
+    errs = [rel_l2(a, b) for a, b in zip(_latents(fp8), _latents(bf16))]
+    assert all(1e-3 < e < 5e-2 for e in errs), errs
+
+    s = fp8.session(seed=5)
+    s.step()
+    k8 = s.buffers["ring_k8"]
+    assert k8.dtype == torch.float8_e4m3fn and k8.float().abs().sum() > 0
+
+
+def test_an_fp8_engine_session_snapshot_restores_bit_for_bit(engines):
+    """A snapshot of an FP8 engine session (its e4m3 shadow included) restores into a fresh session that then
+    takes the same blocks bit for bit."""
+    engine = flashdreams.load(engines["fp8"])
+    s = engine.session(seed=9)
+    s.step()
+    snap = s.snapshot(device="cpu")
+    want = [s.step().latents.clone() for _ in range(2)]
+    t = engine.session(seed=9)
+    t.restore(snap)
+    got = [t.step().latents.clone() for _ in range(2)]
+    assert all(torch.equal(g, w) for g, w in zip(got, want))
+
+
+def test_precision_is_fixed_when_the_engine_is_built(engines, tmp_path):
+    """Asking for fp8 from a bf16 engine is refused by name (the default, or the engine's own, loads); an FP8
+    build with an attention other than ours is refused before anything is written."""
+    from flashdreams.export.build import build_engine
+
+    assert flashdreams.load(engines["fp8"], precision="fp8").precision == "fp8"
+    assert flashdreams.load(engines["fp8"]).precision == "fp8"  # the default takes the engine's
+    with pytest.raises(InvalidArgumentError, match="built with precision 'bf16'.*fd-build --precision fp8"):
+        flashdreams.load(engines["bf16"], precision="fp8")
+    with pytest.raises(InvalidArgumentError, match="precision 'fp8' needs attention 'triton'"):
+        build_engine(tmp_path / "e", attention="sdpa", precision="fp8", decoder=None)
+    assert not (tmp_path / "e").exists()
+
+
+def test_the_cli_leaves_an_engines_precision_to_the_engine(engines):
+    """fd-run's flag check takes --precision fp8 with an FP8 engine directory whatever --attention says (the
+    build fixed both), and still refuses it for a checkpoint without --attention triton."""
+    from flashdreams.cli.options import check_load_args
+
+    check_load_args({"source": str(engines["fp8"]), "precision": "fp8", "attention": "sdpa"})
+    with pytest.raises(InvalidArgumentError, match="--precision fp8 needs --attention triton"):
+        check_load_args({"source": None, "precision": "fp8", "attention": "sdpa"})
