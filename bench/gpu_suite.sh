@@ -46,7 +46,7 @@ cold-full|150|issue 22 target 6: the cold-pyc processes with the kernel install 
 build-fp8|300|fd-build of the full-size engine in FP8 (--precision fp8 --attention triton: FP8 linears, FP8 ring attention, the ring's e4m3 shadow as session state) into its own folder, for engine-fp8 and cold-fp8
 engine-fp8|200|fd-bench Self-Forcing 1.3B FP8 eager (CUDA graphs) against the FP8 engine built by build-fp8, one invocation, 7 blocks, block-5 profiles
 cold-fp8|200|issue 22 target 6 in FP8: the cold-pyc processes (byte-compiled packages, 3 fresh processes with empty compiler caches) from the FP8 engine of build-fp8
-fp8-engine-tests|200|on CUDA, FP8 engines (tests/test_fp8_engine.py): the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit
+engine-gpu-tests|240|on CUDA: FP8 engines (tests/test_fp8_engine.py: the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit) and a TAEHV engine's decode graphs traced and loaded with channels-last conv weights, frames as the eager session's (tests/test_export_engine_gpu.py -k taehv)
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
@@ -487,7 +487,30 @@ part_build-fp8() {
   fi
   rc=$?
   bundle_summary
+  decode_layout
   return $rc
+}
+
+decode_layout() { # the engine's decode graphs: weights taken channels-last, and our ops in the traced graph
+  [ -f "$ENGINE/manifest.json" ] || return 0
+  py 60 - "$ENGINE" <<'EOF'
+import collections, json, sys
+from pathlib import Path
+import importlib, pkgutil
+import torch
+import flashdreams.kernels as k
+for m in pkgutil.iter_modules(k.__path__):  # (registers every op the graphs may call)
+    importlib.import_module(f"{k.__name__}.{m.name}")
+root = Path(sys.argv[1])
+graphs = json.loads((root / "manifest.json").read_text())["graphs"]
+for name in ("decode_first", "decode"):
+    if name not in graphs:
+        continue
+    ep = torch.export.load(str(root / "graphs" / f"{name}.pt2"))
+    ops = collections.Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    ours = {k.split(".")[1]: v for k, v in ops.items() if k.startswith("flashdreams.")}
+    print(f"{name}: {len(graphs[name].get('channels_last', []))} weights channels-last; our ops {ours}")
+EOF
 }
 
 part_engine-fp8() {
@@ -511,8 +534,9 @@ part_cold-fp8() {
   cold_runs cold-fp8 $(($1 - ($(date +%s) - t0)))
 }
 
-part_fp8-engine-tests() {
-  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/test_fp8_engine.py"
+part_engine-gpu-tests() {
+  py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/test_fp8_engine.py" \
+    "$REPO/tests/test_export_engine_gpu.py" -k "fp8 or taehv or precision"
 }
 
 part_cold-groups() {

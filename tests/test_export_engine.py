@@ -333,8 +333,8 @@ def test_cli_usage_errors():
 
 def test_engine_of_a_channels_last_decoder_matches_eager(workdir, monkeypatch):
     """A decoder whose conv weights are NHWC (TAEHV and FlashVSR's TC decoder on CUDA; forced here on the
-    CPU) builds into an engine whose graphs take the contiguous weights weights.safetensors stores, and
-    its sessions equal eager."""
+    CPU) builds into an engine whose decode graphs take those weights channels-last (weights.safetensors stores
+    them contiguous; the load restores the layout), and its sessions equal eager."""
     from flashdreams.models import decoders
 
     wrap = decoders.TAEHVDecoder.__init__
@@ -344,7 +344,8 @@ def test_engine_of_a_channels_last_decoder_matches_eager(workdir, monkeypatch):
         lambda self, model: wrap(self, model.to(memory_format=torch.channels_last)),
     )
     out = workdir / "tiny-taehv-nhwc"
-    build_engine(out, backend="inductor", device="cpu", decoder="taehv")
+    manifest = build_engine(out, backend="inductor", device="cpu", decoder="taehv")
+    assert manifest["graphs"]["decode"].get("channels_last"), "the decode graph traced NCHW copies"
     eager = flashdreams.load(decoder="taehv")
     assert eager.model.decoder.model.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
     a, b = flashdreams.load(out).session(seed=SEED), eager.session(seed=SEED)
@@ -444,3 +445,34 @@ def test_compile_workers_answer_after_warm_up():
     with config.patch(compile_threads=2):
         warm_compile_workers(timeout_s=120)
         assert AsyncCompile.use_process_pool()
+
+
+def test_channels_last_weights_keep_their_layout_through_an_engine(tmp_path):
+    """A graph whose module holds a conv weight channels-last (an NHWC decoder's) is traced with it so, stored
+    contiguous, and loaded back channels-last: the compiled graph asserts its inputs' strides, so a weight fed
+    back contiguous would be refused. The loaded graph gives the module's output."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from flashdreams.export.backends.inductor import InductorBackend, channels_last_weight
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Linear(6, 4)).eval()
+    net[0].to(memory_format=torch.channels_last)
+    assert channels_last_weight(net[0].weight) and not channels_last_weight(net[2].weight)
+    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    prog = SimpleNamespace(name="g", module=net, fresh_inputs=lambda: (x.clone(),))
+    cpu = torch.device("cpu")
+    build = InductorBackend()
+    build.begin_build(tmp_path, cpu)
+    record, _ = build.build_graph(prog, tmp_path, cpu)
+    assert record["channels_last"] == ["g.0.weight"]
+    record["files"] = [{"file": f} for f in record["files"]]  # (as build_engine records them)
+    produced = build.finish_build(tmp_path)
+    load = InductorBackend()
+    load.begin_load(tmp_path, {"engine": {}, "artifacts": {"weights": {"file": produced["weights"]}}}, cpu)
+    fn = load.load_graph(tmp_path, "g", record, cpu)
+    load.end_load()
+    with torch.no_grad():
+        torch.testing.assert_close(fn(x)[0], net(x))

@@ -43,3 +43,21 @@ def test_aoti_engine_on_cuda(tmp_path):
     eager = flashdreams.load(device="cuda", dtype="float32", decoder=None)
     for x, y in zip(_latents(engine), _latents(eager)):
         assert rel_l2(x, y) <= 1e-4
+
+
+def test_a_taehv_engine_decodes_in_nhwc_as_the_eager_decoder_does(tmp_path):
+    """TAEHV holds its conv weights channels-last on CUDA, and its Triton passes are chosen by the activations'
+    layout while the decode graphs are traced: the engine records those weights as channels-last, restores them
+    so at the load, and its frames match the eager session's."""
+    import json
+
+    out = tmp_path / "engine"
+    build_engine(out, backend="inductor", device="cuda", dtype="bfloat16", attention="triton", decoder="taehv")
+    graphs = json.loads((out / "manifest.json").read_text())["graphs"]
+    assert graphs["decode"].get("channels_last"), "the decode graph was traced with NCHW conv weights"
+    engine = flashdreams.load(out)
+    eager = flashdreams.load(device="cuda", dtype="bfloat16", attention="triton", decoder="taehv")
+    a, b = engine.session(seed=5), eager.session(seed=5)
+    for block in range(3):
+        x, y = a.step(), b.step()
+        assert rel_l2(x.frames.float(), y.frames.float()) <= 3e-2, f"block {block}: frames differ"

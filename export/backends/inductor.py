@@ -106,14 +106,19 @@ class WeightsAsInputs(nn.Module):
         return torch.func.functional_call(self.step, dict(zip(self.names, flat[:n])), tuple(flat[n:]))
 
 
-# Contiguous copies of the weights that are not (an NHWC decoder's conv weights), one per weight, so
-# graphs sharing it still share one stored tensor.
+# Contiguous copies of the weights that are neither contiguous nor channels-last, one per weight, so graphs sharing
+# it still share one stored tensor.
 # Keyed by id (tensors compare elementwise), with a weak reference that says the weight is still that one.
 _CONTIGUOUS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
+def channels_last_weight(t: torch.Tensor) -> bool:
+    """A 4-D weight held channels-last (not also contiguous): an NHWC decoder's conv weight."""
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
-    if t.is_contiguous():
+    if t.is_contiguous() or channels_last_weight(t):
         return t.detach()
     key = id(t)
     ref, copy = _CONTIGUOUS.get(key, (None, None))
@@ -124,8 +129,11 @@ def _contiguous(t: torch.Tensor) -> torch.Tensor:
 
 
 def _module_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    """The module's weights as the graphs take them: contiguous, the layout weights.safetensors stores
-    and a load feeds back (a graph traced with channels-last conv weights would assert on their strides)."""
+    """The module's weights as the graphs take them: contiguous, or channels-last where the module holds a conv
+    weight so. The second matters: a decoder in NHWC picks its Triton passes by its activations' layout while it is
+    traced, and NCHW weights traced it into the torch twins (the FP8 engine's TAEHV decode took 8.2 ms against the
+    eager 6.4, bench/results/next109-h100). weights.safetensors stores every weight contiguous; the build records
+    which a graph takes channels-last and the load restores that layout (the graph asserts its inputs' strides)."""
     out = {n: _contiguous(p) for n, p in module.named_parameters()}
     out.update({n: _contiguous(b) for n, b in module.named_buffers()})
     return out
@@ -243,6 +251,7 @@ class InductorBackend(GraphBackend):
         self._mode = self.config.inductor_mode
         self._weights_pool: ThreadPoolExecutor | None = None  # the load's weight read (begin_load)
         self._weights_future = None
+        self._channels_last: dict[str, torch.Tensor] = {}
 
     def begin_build(self, engine_dir: Path, device: torch.device) -> None:
         self._store = _WeightStore()
@@ -286,6 +295,9 @@ class InductorBackend(GraphBackend):
             fn(*prog.fresh_inputs())  # compiles (and on CUDA autotunes) now, into the cache
         del ep
         record = {"files": files, "weights": keys, "compile": {"mode": self._mode, "options": options}}
+        nhwc = sorted({k for k, w in zip(keys, weights) if channels_last_weight(w)})
+        if nhwc:
+            record["channels_last"] = nhwc
         return record, fn
 
     def finish_build(self, engine_dir: Path) -> dict[str, str]:
@@ -326,9 +338,18 @@ class InductorBackend(GraphBackend):
 
         self._weights_pool = ThreadPoolExecutor(1, thread_name_prefix="fd-weights")
         self._weights_future = self._weights_pool.submit(read)
+        self._channels_last: dict[str, torch.Tensor] = {}  # one channels-last copy a weight, shared by its graphs
 
     def _loaded_weights(self) -> dict[str, torch.Tensor]:
         return self._weights_future.result()  # (re-raises the read's error, e.g. a truncated file)
+
+    def _in_layout(self, key: str, t: torch.Tensor, nhwc: set[str]) -> torch.Tensor:
+        """A loaded weight in the layout its graph was traced with (see `_module_tensors`)."""
+        if key not in nhwc:
+            return t
+        if key not in self._channels_last:
+            self._channels_last[key] = t.contiguous(memory_format=torch.channels_last)
+        return self._channels_last[key]
 
     def load_graph(self, engine_dir: Path, name: str, record: dict, device: torch.device) -> GraphFn:
         files = [f["file"] for f in record["files"]]
@@ -348,8 +369,9 @@ class InductorBackend(GraphBackend):
             options = record.get("compile", {}).get("options", {})
             fn = _no_recompile(_compile_saved(engine_dir / files[0], options), name)
         loaded = self._loaded_weights()
+        nhwc = set(record.get("channels_last", ()))
         try:
-            weights = [loaded[k] for k in record["weights"]]
+            weights = [self._in_layout(k, loaded[k], nhwc) for k in record["weights"]]
         except KeyError as exc:
             raise EngineIncompatibleError(
                 f"engine '{engine_dir}': graph '{name}' takes weight {exc} that {WEIGHTS_FILE} lacks; rebuild it"
@@ -361,3 +383,4 @@ class InductorBackend(GraphBackend):
         # got here leaves a finished, idle thread behind: the read ends on its own)
         self._weights_pool.shutdown(wait=True)
         self._weights_future = None
+        self._channels_last = {}
