@@ -187,16 +187,19 @@ def test_an_engine_directory_without_its_manifest_is_named(tmp_path):
         flashdreams.load(tmp_path)
 
 
-def test_graphs_take_weights_contiguous_as_the_engine_stores_them():
-    """An NHWC conv weight (the CUDA TAEHV decoder's) is traced as the contiguous copy weights.safetensors
-    holds, one copy per weight (graphs sharing it share it); contiguous weights are passed as they are."""
-    from flashdreams.export.backends.inductor import _module_tensors
+def test_graphs_take_weights_as_held_unless_neither_contiguous_nor_channels_last():
+    """An NHWC conv weight (the CUDA TAEHV decoder's) is traced as the module holds it (the build records it and
+    the load restores the layout: test_export_engine.py), a contiguous weight likewise; a weight in any other
+    layout (a transposed view) is traced as one contiguous copy, shared by every graph."""
+    from flashdreams.export.backends.inductor import _module_tensors, channels_last_weight
 
-    module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8))
+    module = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3), torch.nn.Linear(8, 8), torch.nn.Linear(8, 6))
     module[0].to(memory_format=torch.channels_last)
-    assert not module[0].weight.is_contiguous()
+    module[2].weight = torch.nn.Parameter(torch.randn(8, 6).t())  # [6, 8], neither layout
+    assert not module[0].weight.is_contiguous() and channels_last_weight(module[0].weight)
     first, second = _module_tensors(module), _module_tensors(module)
-    conv = first["0.weight"]
-    assert conv.is_contiguous() and torch.equal(conv, module[0].weight)
-    assert second["0.weight"] is conv  # the same copy for every graph
+    assert first["0.weight"].data_ptr() == module[0].weight.data_ptr()  # no copy of a channels-last conv weight
     assert first["1.weight"].data_ptr() == module[1].weight.data_ptr()  # no copy of a contiguous weight
+    odd = first["2.weight"]
+    assert odd.is_contiguous() and torch.equal(odd, module[2].weight) and odd.data_ptr() != module[2].weight.data_ptr()
+    assert second["2.weight"] is odd  # the same copy for every graph
