@@ -25,7 +25,8 @@ BLOCKS = 3
 
 @pytest.fixture(scope="module")
 def engines(tmp_path_factory) -> dict[str, Path]:
-    """The tiny model built twice on this device (inductor, no decoder, our kernels): in FP8 and in bf16."""
+    """The tiny model built twice on this device (inductor, no decoder, our kernels): in FP8, and at precision
+    "bf16" (the model's own dtype: float32 on a CPU)."""
     from flashdreams.export.build import build_engine
 
     root = tmp_path_factory.mktemp("fp8-engines")
