@@ -129,6 +129,12 @@ def _resolve_device(device, fallback: torch.device) -> torch.device:
     return dev
 
 
+def built_attention(engine_record: dict) -> str:
+    """The attention a built engine's graphs run: a manifest's "engine" record (older manifests name only
+    "attention")."""
+    return engine_record.get("graph_attention", engine_record.get("attention"))
+
+
 def load_engine_dir(
     path: str | os.PathLike,
     device: str | torch.device | None = None,
@@ -155,10 +161,10 @@ def load_engine_dir(
     for note in val.notes:
         log.info("engine %s: %s", path, note)
     eng = m["engine"]
-    built_attention = eng.get("graph_attention", eng.get("attention"))
-    if attention not in (None, "sdpa", built_attention):
+    built = built_attention(eng)
+    if attention not in (None, "sdpa", built):
         raise InvalidArgumentError(
-            f"engine '{path}' was built with attention '{built_attention}'; attention is fixed at build time "
+            f"engine '{path}' was built with attention '{built}'; attention is fixed at build time "
             f"(asked for '{attention}'): rebuild with fd-build --attention {attention}"
         )
     built_precision = eng.get("precision", "bf16")  # (engines from before FP8 builds were all bf16)

@@ -251,7 +251,7 @@ class InductorBackend(GraphBackend):
         self._mode = self.config.inductor_mode
         self._weights_pool: ThreadPoolExecutor | None = None  # the load's weight read (begin_load)
         self._weights_future = None
-        self._channels_last: dict[str, torch.Tensor] = {}
+        self._channels_last: dict[str, torch.Tensor] = {}  # one channels-last copy a weight, shared by its graphs
 
     def begin_build(self, engine_dir: Path, device: torch.device) -> None:
         self._store = _WeightStore()
@@ -338,7 +338,7 @@ class InductorBackend(GraphBackend):
 
         self._weights_pool = ThreadPoolExecutor(1, thread_name_prefix="fd-weights")
         self._weights_future = self._weights_pool.submit(read)
-        self._channels_last: dict[str, torch.Tensor] = {}  # one channels-last copy a weight, shared by its graphs
+        self._channels_last = {}  # this load's channels-last copies (`_in_layout`)
 
     def _loaded_weights(self) -> dict[str, torch.Tensor]:
         return self._weights_future.result()  # (re-raises the read's error, e.g. a truncated file)

@@ -16,6 +16,7 @@ import torch
 import flashdreams
 from flashdreams.benchmark.environment import NvmlSampler
 from flashdreams.benchmark.report import precision_label, run_tflops
+from flashdreams.engine_runtime import built_attention
 from flashdreams.errors import InvalidArgumentError
 
 if TYPE_CHECKING:
@@ -327,7 +328,7 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
     out = {
         "backend": backend,
         # what ran: a built engine's attention is its build's, whatever --attention said
-        "attention": getattr(engine, "manifest", {}).get("engine", {}).get("graph_attention") or attention,
+        "attention": built_attention(engine.manifest["engine"]) if hasattr(engine, "manifest") else attention,
         "precision": precision_label(engine.precision, engine.backend.dtype),  # what ran (an engine: as built)
         "precision_option": cfg.precision,
         "fp8_keep": cfg.run_fp8_keep,
