@@ -46,6 +46,7 @@ cold-full|150|issue 22 target 6: the cold-pyc processes with the kernel install 
 build-fp8|300|fd-build of the full-size engine in FP8 (--precision fp8 --attention triton: FP8 linears, FP8 ring attention, the ring's e4m3 shadow as session state) into its own folder, for engine-fp8 and cold-fp8; then each decode graph's channels-last weights and the ops of ours it traced
 engine-fp8|200|fd-bench Self-Forcing 1.3B FP8 eager (CUDA graphs) against the FP8 engine built by build-fp8, one invocation, 7 blocks, block-5 profiles
 cold-fp8|200|issue 22 target 6 in FP8: the cold-pyc processes (byte-compiled packages, 3 fresh processes with empty compiler caches) from the FP8 engine of build-fp8
+decode-probe|60|issue 22: where the traced TAEHV decode leaves NHWC: each layout-picked call site (bias/ReLU, MemBlock join, frame split, narrow last conv) eager and under the engine's export, full and tiny width on the device, and the ops of ours the exported decode graph holds (bench/decode_layout_probe.py)
 engine-gpu-tests|240|on CUDA: FP8 engines (tests/test_fp8_engine.py: the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit) and a TAEHV engine's decode graphs traced and loaded with channels-last conv weights, frames as the eager session's (tests/test_export_engine_gpu.py -k taehv)
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
@@ -89,6 +90,7 @@ narrow-tests|300|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN),
 taehv-tests|150|issues 22, 14: on CUDA, TAEHV and its Triton passes only (tests/test_taehv.py, tests/kernels/test_memblock_join.py, test_bias_act.py, test_upsample_frames.py, test_narrow_conv.py): the MemBlock input and memory update as one pass against the torch copies, the decode through every switch
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
+cublaslt-workspace|60|issue 22 targets 3 and 5: the FP8 GEMMs of a Self-Forcing layer (row-wise scales, fast accumulation) in CUDA graphs under cuBLASLt workspace sizes (default, 0, 1 MiB; a process each): time, kernels, and the memset each GEMM adds (~930 a FP8 block) (bench/cublaslt_workspace_bench.py)
 gelu-quantize|60|issues 16 and 22: the FP8 activation pass with a GELU fused, erf by libdevice vs the erfc fit, the fit and the tanh form with and without fast math, and no GELU, at OmniDreams' and Self-Forcing's FFN hidden, same tensor (bench/gelu_quantize_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
@@ -534,6 +536,14 @@ part_cold-fp8() {
   cold_runs cold-fp8 $(($1 - ($(date +%s) - t0)))
 }
 
+part_decode-probe() {
+  if [ $SMOKE = 1 ]; then
+    TRITON_INTERPRET=1 py "$1" "$REPO/bench/decode_layout_probe.py" --device cpu --height 64 --width 64
+  else
+    py "$1" "$REPO/bench/decode_layout_probe.py"
+  fi
+}
+
 part_engine-gpu-tests() {
   py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/test_fp8_engine.py" \
     "$REPO/tests/test_export_engine_gpu.py" -k "fp8 or taehv or precision"
@@ -895,6 +905,14 @@ part_row-tiles() {
 
 part_row-chunks() {
   micro "$1" row_chunks_bench.py row-chunks
+}
+
+part_cublaslt-workspace() {
+  if [ $SMOKE = 1 ]; then
+    echo "cublaslt-workspace: FP8 GEMMs on CUDA only"
+    return 0
+  fi
+  py "$1" "$REPO/bench/cublaslt_workspace_bench.py" --sizes default,0,1024 --out "$DEST/cublaslt-workspace.json"
 }
 
 part_gelu-quantize() {

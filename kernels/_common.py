@@ -256,6 +256,11 @@ def inline_into_compilers() -> bool:
     return os.environ.get("FD_TRITON_OP_INLINE", "0") == "1"
 
 
+# Op name -> the module that registers it: an engine records the modules its graphs' ops come from, so a fresh
+# process imports them before it loads the graphs (export/backends/inductor.py).
+OP_MODULES: dict[str, str] = {}
+
+
 def register_op(name: str, fn: Callable, mutates_args: Iterable[str] = ()) -> None:
     """Register `fn` as `torch.ops.flashdreams.<name>`, once.
 
@@ -264,6 +269,7 @@ def register_op(name: str, fn: Callable, mutates_args: Iterable[str] = ()) -> No
     (see `inline_into_compilers`). Needs triton only to launch; registering on a CPU
     machine without the interpreter is harmless.
     """
+    OP_MODULES.setdefault(name, fn.__module__)
     if not HAS_TRITON or hasattr(torch.ops.flashdreams, name):
         return
     if inline_into_compilers():

@@ -121,7 +121,7 @@ def _conv_relu(conv: nn.Conv2d, x: Tensor, residual: Tensor | None = None) -> Te
         from flashdreams.kernels import bias_act, triton_available
 
         if triton_available(x.device):
-            y = F.conv2d(x, conv.weight, None, conv.stride, conv.padding)
+            y = _conv2d(conv, x, with_bias=False)
             fits = y.is_contiguous(memory_format=torch.channels_last) and (
                 residual is None or residual.is_contiguous(memory_format=torch.channels_last)
             )
@@ -174,8 +174,29 @@ def _memblock_join(x: Tensor, batch: int, memory: Tensor | None) -> Tensor | Non
     return memblock_join.memblock_join(x, batch, memory)
 
 
+class NHWCConv2d(nn.Conv2d):
+    """nn.Conv2d (the same parameters and keys) that keeps NHWC activations NHWC where Triton runs: its output is
+    channels-last by contract there (`kernels.conv_nhwc`), in eager runs and in traced graphs alike, so an engine's
+    decode graph picks the same Triton passes as the eager decoder (a traced cuDNN conv reported NCHW outputs)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return _conv2d(self, x)
+
+
+def _conv2d(conv: nn.Conv2d, x: Tensor, with_bias: bool = True) -> Tensor:
+    """conv(x), without its bias unless `with_bias`: by `kernels.conv_nhwc` on NHWC activations and weights where
+    Triton runs, else by F.conv2d."""
+    bias = conv.bias if with_bias else None
+    if _channels_last(x) and conv.weight.is_contiguous(memory_format=torch.channels_last):
+        from flashdreams.kernels import conv_nhwc, triton_available
+
+        if triton_available(x.device) and conv.groups == 1 and conv.dilation == (1, 1):
+            return conv_nhwc.conv2d_nhwc(x, conv.weight, bias, conv.stride[0], conv.padding[0])
+    return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
+    return NHWCConv2d(n_in, n_out, 3, padding=1, bias=bias)
 
 
 class Clamp(nn.Module):
@@ -232,7 +253,7 @@ class TGrow(nn.Module):
     def __init__(self, n: int, stride: int) -> None:
         super().__init__()
         self.stride = stride
-        self.conv = nn.Conv2d(n, n * stride, 1, bias=False)
+        self.conv = NHWCConv2d(n, n * stride, 1, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         nt, c, h, w = x.shape

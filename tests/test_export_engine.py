@@ -345,14 +345,37 @@ def test_engine_of_a_channels_last_decoder_matches_eager(workdir, monkeypatch):
     )
     out = workdir / "tiny-taehv-nhwc"
     manifest = build_engine(out, backend="inductor", device="cpu", decoder="taehv")
-    assert manifest["graphs"]["decode"].get("channels_last"), "the decode graph traced NCHW copies"
+    decode = manifest["graphs"]["decode"]
+    assert decode.get("channels_last"), "the decode graph traced NCHW copies"
+    ep = torch.export.load(str(out / "graphs" / "decode.pt2"))
+    ops = {str(n.target).split(".")[1] for n in ep.graph.nodes if str(n.target).startswith("flashdreams.")}
+    assert ops == {"conv2d_nhwc", "bias_act", "memblock_join_update", "upsample_frames"}, ops
+    assert "flashdreams.kernels.bias_act" in decode["kernel_modules"]
     eager = flashdreams.load(decoder="taehv")
     assert eager.model.decoder.model.decoder[1].weight.is_contiguous(memory_format=torch.channels_last)
     a, b = flashdreams.load(out).session(seed=SEED), eager.session(seed=SEED)
+    frames = []
     for _ in range(3):
         got, want = a.step(), b.step()
         assert rel_l2(got.latents, want.latents) <= TOL
         assert (got.frames.int() - want.frames.int()).abs().max() <= 1
+        frames.append(got.frames)
+
+    # A fresh process has none of those ops until the load imports the modules the graphs' records name.
+    import subprocess
+    import sys
+
+    from safetensors.torch import load_file
+
+    got_file = workdir / "tiny-taehv-nhwc-frames.safetensors"
+    code = (
+        "import flashdreams; from safetensors.torch import save_file; "
+        f"s = flashdreams.load({str(out)!r}).session(seed={SEED}); "
+        f"save_file({{'frames': s.step().frames.contiguous()}}, {str(got_file)!r})"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert torch.equal(load_file(got_file)["frames"], frames[0])
 
 
 def test_onnx_engine_of_a_channels_last_decoder_traces_the_torch_twins(workdir, monkeypatch):

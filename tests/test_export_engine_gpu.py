@@ -55,6 +55,13 @@ def test_a_taehv_engine_decodes_in_nhwc_as_the_eager_decoder_does(tmp_path):
     build_engine(out, backend="inductor", device="cuda", dtype="bfloat16", attention="triton", decoder="taehv")
     graphs = json.loads((out / "manifest.json").read_text())["graphs"]
     assert graphs["decode"].get("channels_last"), "the decode graph was traced with NCHW conv weights"
+    import flashdreams.kernels.bias_act  # noqa: F401  (registers the op the saved graph calls)
+    import flashdreams.kernels.memblock_join  # noqa: F401
+    import flashdreams.kernels.upsample_frames  # noqa: F401
+
+    ep = torch.export.load(str(out / "graphs" / "decode.pt2"))
+    ops = {str(n.target).split(".")[1] for n in ep.graph.nodes if str(n.target).startswith("flashdreams.")}
+    assert {"bias_act", "memblock_join_update", "upsample_frames"} <= ops, f"the decode graph traced the twins: {ops}"
     engine = flashdreams.load(out)
     eager = flashdreams.load(device="cuda", dtype="bfloat16", attention="triton", decoder="taehv")
     a, b = engine.session(seed=5), eager.session(seed=5)

@@ -26,6 +26,7 @@ engine that starts with no compiler at all. On CUDA the Triton kernels are bundl
 
 from __future__ import annotations
 
+import importlib
 import logging
 import time
 import weakref
@@ -157,6 +158,33 @@ def _export_with_weight_inputs(prog) -> tuple[torch.export.ExportedProgram, list
             return ep, names, weights
         names = keep
     raise EngineIncompatibleError(f"graph '{prog.name}': could not export it with its weights as inputs")
+
+
+def _kernel_modules(ep: torch.export.ExportedProgram) -> list[str]:
+    """The modules that register the flashdreams ops the exported graph calls (TAEHV's NHWC passes, say, which
+    `import flashdreams.kernels` does not bring in)."""
+    from flashdreams.kernels._common import OP_MODULES
+
+    ops = {str(n.target).split(".")[1] for n in ep.graph.nodes if str(n.target).startswith("flashdreams.")}
+    return sorted({OP_MODULES[op] for op in ops if op in OP_MODULES})
+
+
+def _import_kernel_modules(engine_dir: Path, manifest: dict) -> None:
+    """Import what each graph's record names (`_kernel_modules`), so its ops exist before the graph loads."""
+    for name, record in manifest.get("graphs", {}).items():
+        for module in record.get("kernel_modules", ()):
+            if not module.startswith("flashdreams.kernels."):
+                raise EngineIncompatibleError(
+                    f"engine '{engine_dir}': graph '{name}' names kernel module '{module}', which is not one of "
+                    "flashdreams.kernels; rebuild the engine with fd-build"
+                )
+            try:
+                importlib.import_module(module)
+            except ImportError as exc:
+                raise EngineIncompatibleError(
+                    f"engine '{engine_dir}': graph '{name}' calls ops of '{module}', which this flashdreams "
+                    f"lacks ({exc}); rebuild the engine with this version's fd-build"
+                ) from None
 
 
 def _plain_graph_module(ep: torch.export.ExportedProgram) -> torch.fx.GraphModule:
@@ -293,8 +321,11 @@ class InductorBackend(GraphBackend):
         else:
             fn = _bind(_no_recompile(_compile_saved(pt2, options), prog.name), weights)
             fn(*prog.fresh_inputs())  # compiles (and on CUDA autotunes) now, into the cache
+        modules = _kernel_modules(ep)
         del ep
         record = {"files": files, "weights": keys, "compile": {"mode": self._mode, "options": options}}
+        if modules:
+            record["kernel_modules"] = modules
         nhwc = sorted({k for k, w in zip(keys, weights) if channels_last_weight(w)})
         if nhwc:
             record["channels_last"] = nhwc
@@ -322,6 +353,7 @@ class InductorBackend(GraphBackend):
 
         if manifest["engine"].get("graph_attention") == "triton":
             import flashdreams.kernels  # noqa: F401  (registers torch.ops.flashdreams.* the graphs call)
+        _import_kernel_modules(engine_dir, manifest)
         arts = manifest.get("artifacts", {})
         t = time.perf_counter()
         if "inductor_cache" in arts:

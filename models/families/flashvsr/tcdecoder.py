@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from flashdreams.errors import InvalidArgumentError
 from flashdreams.models.checkpoint import validate_and_load
-from flashdreams.models.taehv import TAEHV, Clamp, MemBlock, TAEHVConfig, TGrow
+from flashdreams.models.taehv import TAEHV, Clamp, MemBlock, NHWCConv2d, TAEHVConfig, TGrow
 
 COND_CHANNELS = 3 * 4 * 8 * 8  # one LQ group of 4 frames, 8x8 pixels per latent position
 RELEASED_CHANNELS = (512, 256, 128, 128)
@@ -29,7 +29,7 @@ def tc_config(channels: tuple[int, ...] = RELEASED_CHANNELS) -> TAEHVConfig:
 
 
 def _conv(n_in: int, n_out: int, bias: bool = True) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, 3, padding=1, bias=bias)
+    return NHWCConv2d(n_in, n_out, 3, padding=1, bias=bias)
 
 
 class TCDecoder(TAEHV):
