@@ -24,6 +24,46 @@ TOKENS = 4680
 REPEAT = 30  # GEMMs per graph (a block's 30 layers)
 
 
+def _time(gemm, flops: int, label: str) -> dict:
+    """One CUDA graph of REPEAT calls: the median replay's microseconds a call, and the nodes one call adds."""
+    import torch
+
+    for _ in range(3):
+        gemm()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(REPEAT):
+            gemm()
+    for _ in range(3):
+        graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(5):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / REPEAT * 1e3)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        graph.replay()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    memsets = sum("memset" in nm.lower() for nm in names)
+    kernels = sorted({nm for nm in names if "memset" not in nm.lower()})
+    us = sorted(times)[len(times) // 2]
+    print(f"  {label:14s} {us:7.2f} us ({flops / us / 1e6:6.1f} TFLOP/s), memsets a GEMM {memsets / REPEAT:.2f}, "
+          f"kernels {kernels}", flush=True)  # fmt: skip
+    return {
+        "us_per_gemm": round(us, 2),
+        "tflops": round(flops / us / 1e6, 1),
+        "memsets_per_gemm": memsets / REPEAT,
+        "nodes_per_gemm": len(names) / REPEAT,
+        "kernels": kernels,
+    }
+
+
 def measure() -> dict:
     import torch
 
@@ -38,47 +78,19 @@ def measure() -> dict:
         w = torch.randn(n, k, device=dev, generator=g).to(torch.float8_e4m3fn)
         sx = torch.rand(TOKENS, 1, device=dev) + 0.5
         sw = torch.rand(1, n, device=dev) + 0.5
-
-        def gemm(x=x, w=w, sx=sx, sw=sw):
-            return torch._scaled_mm(x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True)
-
-        for _ in range(3):
-            gemm()
-        torch.cuda.synchronize()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            for _ in range(REPEAT):
-                gemm()
-        for _ in range(3):
-            graph.replay()
-        torch.cuda.synchronize()
-        times = []
-        for _ in range(5):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            graph.replay()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / REPEAT * 1e3)
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-            graph.replay()
-            torch.cuda.synchronize()
-        names = [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-        memsets = sum("memset" in nm.lower() for nm in names)
-        kernels = sorted({nm for nm in names if "memset" not in nm.lower()})
-        flops = 2 * TOKENS * k * n
-        us = sorted(times)[len(times) // 2]
-        out["shapes"][name] = {
-            "us_per_gemm": round(us, 2),
-            "tflops": round(flops / us / 1e6, 1),
-            "memsets_per_gemm": memsets / REPEAT,
-            "nodes_per_gemm": len(names) / REPEAT,
-            "kernels": kernels,
+        xb, wb, bias = x.to(torch.bfloat16), w.to(torch.bfloat16), torch.zeros(n, device=dev, dtype=torch.bfloat16)
+        forms = {
+            "fp8": lambda x=x, w=w, sx=sx, sw=sw: torch._scaled_mm(
+                x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True
+            ),
+            "bf16": lambda xb=xb, wb=wb, bias=bias: torch.nn.functional.linear(xb, wb, bias),
         }
-        print(f"  {name:8s} K {k:5d} N {n:5d}: {us:7.2f} us ({flops / us / 1e6:6.1f} TFLOP/s), "
-              f"memsets a GEMM {memsets / REPEAT:.2f}, kernels {kernels}", flush=True)  # fmt: skip
-    out["total_us_per_layer"] = round(sum(s["us_per_gemm"] for s in out["shapes"].values()), 2)
-    print(f"  the five GEMMs of a layer: {out['total_us_per_layer']} us", flush=True)
+        for form, gemm in forms.items():
+            out["shapes"][f"{name} {form}"] = _time(gemm, 2 * TOKENS * k * n, f"{name} {form}")
+    for form in ("fp8", "bf16"):
+        total = round(sum(v["us_per_gemm"] for key, v in out["shapes"].items() if key.endswith(form)), 2)
+        out[f"{form}_us_per_layer"] = total
+        print(f"  a layer's {form} GEMMs: {total} us", flush=True)
     return out
 
 
