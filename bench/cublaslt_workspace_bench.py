@@ -18,10 +18,20 @@ import os
 import subprocess
 import sys
 
-# Self-Forcing 1.3B at 480x832, one block of 3 latent frames: 4680 tokens; (name, K, N).
-SHAPES = [("qkv", 1536, 4608), ("o", 1536, 1536), ("cross_q", 1536, 1536), ("ffn1", 1536, 8960), ("ffn2", 8960, 1536)]
-TOKENS = 4680
-REPEAT = 30  # GEMMs per graph (a block's 30 layers)
+
+# (model, tokens a call, [(name, K, N)]): Self-Forcing 1.3B at 480x832 (a block of 3 latent frames), Matrix-Game 2.0
+# at 352x640, LingBot-World 14B at 464x832, OmniDreams' Cosmos 2B at 704x1280 (a chunk of 2 latent frames).
+def _layer(tokens: int, dim: int, ffn: int) -> tuple[int, list[tuple[str, int, int]]]:
+    return tokens, [("qkv", dim, 3 * dim), ("o", dim, dim), ("ffn1", dim, ffn), ("ffn2", ffn, dim)]
+
+
+REPEAT = 30  # GEMMs per graph (a block's layers)
+MODELS = {
+    "self-forcing": _layer(4680, 1536, 8960),
+    "matrix-game": _layer(2640, 1536, 8960),
+    "lingbot": _layer(4524, 5120, 13824),
+    "omnidreams": _layer(7040, 2048, 8192),
+}
 
 
 def _time(gemm, flops: int, label: str) -> dict:
@@ -53,7 +63,7 @@ def _time(gemm, flops: int, label: str) -> dict:
     memsets = sum("memset" in nm.lower() for nm in names)
     kernels = sorted({nm for nm in names if "memset" not in nm.lower()})
     us = sorted(times)[len(times) // 2]
-    print(f"  {label:14s} {us:7.2f} us ({flops / us / 1e6:6.1f} TFLOP/s), memsets a GEMM {memsets / REPEAT:.2f}, "
+    print(f"  {label:26s} {us:7.2f} us ({flops / us / 1e6:6.1f} TFLOP/s), memsets a GEMM {memsets / REPEAT:.2f}, "
           f"kernels {kernels}", flush=True)  # fmt: skip
     return {
         "us_per_gemm": round(us, 2),
@@ -72,25 +82,30 @@ def measure() -> dict:
     dev = torch.device("cuda")
     out = {"environment": environment(dev), "workspace_env": os.environ.get("CUBLASLT_WORKSPACE_SIZE", "default")}
     out["shapes"] = {}
-    for name, k, n in SHAPES:
-        g = torch.Generator(device=dev).manual_seed(0)
-        x = torch.randn(TOKENS, k, device=dev, generator=g).to(torch.float8_e4m3fn)
-        w = torch.randn(n, k, device=dev, generator=g).to(torch.float8_e4m3fn)
-        sx = torch.rand(TOKENS, 1, device=dev) + 0.5
-        sw = torch.rand(1, n, device=dev) + 0.5
-        xb, wb, bias = x.to(torch.bfloat16), w.to(torch.bfloat16), torch.zeros(n, device=dev, dtype=torch.bfloat16)
-        forms = {
-            "fp8": lambda x=x, w=w, sx=sx, sw=sw: torch._scaled_mm(
-                x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True
-            ),
-            "bf16": lambda xb=xb, wb=wb, bias=bias: torch.nn.functional.linear(xb, wb, bias),
-        }
-        for form, gemm in forms.items():
-            out["shapes"][f"{name} {form}"] = _time(gemm, 2 * TOKENS * k * n, f"{name} {form}")
-    for form in ("fp8", "bf16"):
-        total = round(sum(v["us_per_gemm"] for key, v in out["shapes"].items() if key.endswith(form)), 2)
-        out[f"{form}_us_per_layer"] = total
-        print(f"  a layer's {form} GEMMs: {total} us", flush=True)
+    for model, (tokens, shapes) in MODELS.items():
+        for name, k, n in shapes:
+            g = torch.Generator(device=dev).manual_seed(0)
+            x = torch.randn(tokens, k, device=dev, generator=g).to(torch.float8_e4m3fn)
+            w = torch.randn(n, k, device=dev, generator=g).to(torch.float8_e4m3fn)
+            sx = torch.rand(tokens, 1, device=dev) + 0.5
+            sw = torch.rand(1, n, device=dev) + 0.5
+            xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
+            bias = torch.zeros(n, device=dev, dtype=torch.bfloat16)
+            forms = {
+                "fp8": lambda x=x, w=w, sx=sx, sw=sw: torch._scaled_mm(
+                    x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True
+                ),
+                "bf16": lambda xb=xb, wb=wb, bias=bias: torch.nn.functional.linear(xb, wb, bias),
+            }
+            for form, gemm in forms.items():
+                label = f"{model} {name} {form}"
+                out["shapes"][label] = _time(gemm, 2 * tokens * k * n, label)
+            del x, w, xb, wb
+        for form in ("fp8", "bf16"):
+            keys = [key for key in out["shapes"] if key.startswith(model + " ") and key.endswith(form)]
+            total = round(sum(out["shapes"][key]["us_per_gemm"] for key in keys), 2)
+            out[f"{model} {form} us_per_layer"] = total
+            print(f"  {model}: a layer's {form} GEMMs {total} us", flush=True)
     return out
 
 

@@ -90,7 +90,7 @@ narrow-tests|300|issue 16: on CUDA, the narrow last conv kernel (bf16 vs cuDNN),
 taehv-tests|150|issues 22, 14: on CUDA, TAEHV and its Triton passes only (tests/test_taehv.py, tests/kernels/test_memblock_join.py, test_bias_act.py, test_upsample_frames.py, test_narrow_conv.py): the MemBlock input and memory update as one pass against the torch copies, the decode through every switch
 row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8 out) under other row tiles (rows a program, warps) at Self-Forcing, OmniDreams and LingBot widths, bit-equal checked, GB/s (bench/row_tiles_bench.py)
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
-cublaslt-workspace|60|issue 22 targets 3 and 5: the FP8 GEMMs of a Self-Forcing layer (row-wise scales, fast accumulation) in CUDA graphs under cuBLASLt workspace sizes (default, 0, 1 MiB; a process each): time, kernels, and the memset each GEMM adds (~930 a FP8 block) (bench/cublaslt_workspace_bench.py)
+cublaslt-workspace|120|issue 22 targets 3 and 5: the GEMMs of a DiT layer (FP8 with row-wise scales and fast accumulation, and bf16) in CUDA graphs under cuBLASLt workspace sizes (default and 0; a process each; Self-Forcing, Matrix-Game, LingBot and OmniDreams shapes, FP8 and bf16): time, kernels, and the memset each GEMM adds (~930 a FP8 block) (bench/cublaslt_workspace_bench.py)
 sf-fp8-workspace|200|issue 22 target 3: Self-Forcing 1.3B FP8 block 5 with torch's cuBLASLt workspace and with CUBLASLT_WORKSPACE_SIZE=${FD_SUITE_WORKSPACE:-0} KiB (no split-K memsets), own processes alternating default / set / default / set on one machine, 7 blocks each, block-5 profiles
 gelu-quantize|60|issues 16 and 22: the FP8 activation pass with a GELU fused, erf by libdevice vs the erfc fit, the fit and the tanh form with and without fast math, and no GELU, at OmniDreams' and Self-Forcing's FFN hidden, same tensor (bench/gelu_quantize_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
@@ -913,7 +913,7 @@ part_cublaslt-workspace() {
     echo "cublaslt-workspace: FP8 GEMMs on CUDA only"
     return 0
   fi
-  py "$1" "$REPO/bench/cublaslt_workspace_bench.py" --sizes default,0,1024 --out "$DEST/cublaslt-workspace.json"
+  py "$1" "$REPO/bench/cublaslt_workspace_bench.py" --sizes default,0 --out "$DEST/cublaslt-workspace.json"
 }
 
 part_gelu-quantize() {

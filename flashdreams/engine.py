@@ -378,6 +378,10 @@ def load(
     if preset is None:
         preset = registry.get_preset("tiny" if source is None else "self-forcing-1.3b")
     check_batch(batch)
+    if precision == "fp8":
+        from flashdreams.kernels.fp8_linear import prefer_workspace_free_gemms
+
+        prefer_workspace_free_gemms()  # before the load's first GEMM (the bias probe of the FP8 linears)
     opts = LoadOptions(
         source=None if source is None else str(source),
         device=dev,

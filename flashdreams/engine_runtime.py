@@ -173,6 +173,10 @@ def load_engine_dir(
             f"engine '{path}' was built with precision '{built_precision}'; precision is fixed at build time "
             f"(asked for '{precision}'): rebuild with fd-build --precision {precision}"
         )
+    if built_precision == "fp8":
+        from flashdreams.kernels.fp8_linear import prefer_workspace_free_gemms
+
+        prefer_workspace_free_gemms()  # before the graphs' first GEMM
     plan = BlockPlan.from_dict(m["plan"])
     preset = registry.preset_from_dict(m["preset"])
     if plan.batch != eng["batch"] or list(plan.latents.shape) != eng["latent_shape"]:

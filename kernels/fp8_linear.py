@@ -553,6 +553,23 @@ def fast_accum_default() -> bool:
     return raw != "0"
 
 
+# cuBLASLt, which runs `_scaled_mm`, takes a workspace for its split-K / stream-K kernels and zeroes part of it with
+# a memset before each such GEMM (~930 memsets in a Self-Forcing FP8 block). Without workspace it runs the same tiles
+# in variants that need none: Self-Forcing's layer of FP8 GEMMs 284.4 against 310.9 us, its bf16 GEMMs 498.6
+# against 495.5 us, FP8 block 5 256.1 / 257.0 against 260.2 / 261.7 ms (H100, own processes; bench/results/
+# next112-h100, next113-h100). So an FP8 load asks for none, unless the process says otherwise.
+WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"
+
+
+def prefer_workspace_free_gemms() -> bool:
+    """Set CUBLASLT_WORKSPACE_SIZE=0 (KiB) unless it is set already; True if this call set it. torch reads the
+    variable once, at the process's first cuBLASLt GEMM, so it acts only when no GEMM ran before it."""
+    if WORKSPACE_ENV in os.environ:
+        return False
+    os.environ[WORKSPACE_ENV] = "0"
+    return True
+
+
 _DIT_FP8 = re.compile(r"(^|\.)blocks\.\d+\.(self_attn\.(q|k|v|o)|cross_attn\.(q|o)|ffn\.(0|2))$")
 
 

@@ -145,3 +145,25 @@ def test_the_other_families_with_a_ring_shadow_build_fp8_engines(tmp_path, prese
     assert engine.precision == "fp8"
     eager = flashdreams.load(preset=preset, attention="triton", precision="fp8", decoder=None)
     assert rel_l2(_first_flow(engine), _first_flow(eager)) < 1e-3
+
+
+def test_fp8_loads_ask_cublaslt_for_no_workspace_unless_the_process_set_one(engines, monkeypatch):
+    """An FP8 load, eager or of a built engine, sets CUBLASLT_WORKSPACE_SIZE=0 before its first GEMM (cuBLASLt then
+    runs its FP8 GEMMs without the memset each one paid); a size the process set stays; bf16 loads leave it."""
+    import os
+
+    monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "unset")  # (so that monkeypatch restores the original)
+    for load in (
+        lambda: flashdreams.load(attention="triton", precision="fp8"),
+        lambda: flashdreams.load(engines["fp8"]),
+    ):
+        monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
+        load()
+        assert os.environ.get("CUBLASLT_WORKSPACE_SIZE") == "0"
+        monkeypatch.setenv("CUBLASLT_WORKSPACE_SIZE", "4096")
+        load()
+        assert os.environ["CUBLASLT_WORKSPACE_SIZE"] == "4096"
+    monkeypatch.delenv("CUBLASLT_WORKSPACE_SIZE")
+    flashdreams.load(attention="triton")
+    flashdreams.load(engines["bf16"])
+    assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ
