@@ -91,3 +91,5 @@ def test_taehv_convs_run_through_it_on_nhwc_activations_only(monkeypatch):
     assert calls == [x.shape]
     assert got.is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(got, want)
+    uneven = taehv.NHWCConv2d(16, 8, 3, padding=(1, 0)).to(DEVICE, DTYPE).to(memory_format=torch.channels_last)
+    assert uneven(x).shape == (2, 8, 6, 4) and calls == [x.shape]  # (the op takes one stride and padding: F.conv2d)
