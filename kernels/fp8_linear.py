@@ -557,14 +557,20 @@ def fast_accum_default() -> bool:
 # a memset before each such GEMM (~930 memsets in a Self-Forcing FP8 block). Without workspace it runs the same tiles
 # in variants that need none: Self-Forcing's layer of FP8 GEMMs 284.4 against 310.9 us, its bf16 GEMMs 498.6
 # against 495.5 us, FP8 block 5 256.1 / 257.0 against 260.2 / 261.7 ms (H100, own processes; bench/results/
-# next112-h100, next113-h100). So an FP8 load asks for none, unless the process says otherwise.
+# next112-h100, next113-h100). So an FP8 load asks for none, unless the process says otherwise: it set
+# CUBLASLT_WORKSPACE_SIZE itself, or FD_FP8_WORKSPACE_FREE=0 (torch's default, for comparisons).
 WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"
+WORKSPACE_FREE_ENV = "FD_FP8_WORKSPACE_FREE"
 
 
 def prefer_workspace_free_gemms() -> bool:
-    """Set CUBLASLT_WORKSPACE_SIZE=0 (KiB) unless it is set already; True if this call set it. torch reads the
-    variable once, at the process's first cuBLASLt GEMM, so it acts only when no GEMM ran before it."""
-    if WORKSPACE_ENV in os.environ:
+    """Set CUBLASLT_WORKSPACE_SIZE=0 (KiB) unless it is set already or FD_FP8_WORKSPACE_FREE is "0" (unset, "" or
+    "1": set it; anything else is refused by name); True if this call set it. torch reads the variable once, at the
+    process's first cuBLASLt GEMM, so it acts only when no GEMM ran before it."""
+    raw = os.environ.get(WORKSPACE_FREE_ENV, "")
+    if raw not in ("", "0", "1"):
+        raise InvalidArgumentError(f"{WORKSPACE_FREE_ENV}: expected 0 or 1, found {raw!r}")
+    if raw == "0" or WORKSPACE_ENV in os.environ:
         return False
     os.environ[WORKSPACE_ENV] = "0"
     return True

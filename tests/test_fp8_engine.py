@@ -167,3 +167,9 @@ def test_fp8_loads_ask_cublaslt_for_no_workspace_unless_the_process_set_one(engi
     flashdreams.load(attention="triton")
     flashdreams.load(engines["bf16"])
     assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ
+    monkeypatch.setenv("FD_FP8_WORKSPACE_FREE", "0")  # torch's default kept, for comparisons
+    flashdreams.load(engines["fp8"])
+    assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ
+    monkeypatch.setenv("FD_FP8_WORKSPACE_FREE", "yes")
+    with pytest.raises(InvalidArgumentError, match="FD_FP8_WORKSPACE_FREE: expected 0 or 1"):
+        flashdreams.load(attention="triton", precision="fp8")
