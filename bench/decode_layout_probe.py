@@ -81,8 +81,7 @@ def probe(label: str, decoder, height: int, width: int) -> None:
                 )
                 ep, names, weights = ib._export_with_weight_inputs(prog)
                 n_cl = sum(ib.channels_last_weight(w) for w in weights)
-                ops = collections.Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
-                ours = {k: v for k, v in ops.items() if k.startswith("flashdreams.")}
+                ours = dict(ib.graph_ops(ep))
                 print(f"   export: {len(weights)} weight inputs, {n_cl} channels-last; our ops {ours}")
         finally:
             for s, f in originals.items():

@@ -497,11 +497,12 @@ part_build-fp8() {
 decode_layout() { # the engine's decode graphs: weights taken channels-last, and our ops in the traced graph
   [ -f "$ENGINE/manifest.json" ] || return 0
   py 60 - "$ENGINE" <<'EOF'
-import collections, json, sys
+import json, sys
 from pathlib import Path
 import importlib, pkgutil
 import torch
 import flashdreams.kernels as k
+from flashdreams.export.backends.inductor import graph_ops
 for m in pkgutil.iter_modules(k.__path__):  # (registers every op the graphs may call)
     importlib.import_module(f"{k.__name__}.{m.name}")
 root = Path(sys.argv[1])
@@ -510,8 +511,7 @@ for name in ("decode_first", "decode"):
     if name not in graphs:
         continue
     ep = torch.export.load(str(root / "graphs" / f"{name}.pt2"))
-    ops = collections.Counter(str(n.target) for n in ep.graph.nodes if n.op == "call_function")
-    ours = {k.split(".")[1]: v for k, v in ops.items() if k.startswith("flashdreams.")}
+    ours = dict(graph_ops(ep))
     print(f"{name}: {len(graphs[name].get('channels_last', []))} weights channels-last; our ops {ours}")
 EOF
 }

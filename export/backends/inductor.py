@@ -26,6 +26,7 @@ engine that starts with no compiler at all. On CUDA the Triton kernels are bundl
 
 from __future__ import annotations
 
+import collections
 import importlib
 import logging
 import time
@@ -160,13 +161,19 @@ def _export_with_weight_inputs(prog) -> tuple[torch.export.ExportedProgram, list
     raise EngineIncompatibleError(f"graph '{prog.name}': could not export it with its weights as inputs")
 
 
+def graph_ops(ep: torch.export.ExportedProgram) -> collections.Counter[str]:
+    """The flashdreams ops an exported graph calls, by name (`conv2d_nhwc`, not `flashdreams.conv2d_nhwc.default`),
+    with how often."""
+    targets = (str(n.target) for n in ep.graph.nodes if n.op == "call_function")
+    return collections.Counter(t.split(".")[1] for t in targets if t.startswith("flashdreams."))
+
+
 def _kernel_modules(ep: torch.export.ExportedProgram) -> list[str]:
     """The modules that register the flashdreams ops the exported graph calls (TAEHV's NHWC passes, say, which
     `import flashdreams.kernels` does not bring in)."""
     from flashdreams.kernels._common import OP_MODULES
 
-    ops = {str(n.target).split(".")[1] for n in ep.graph.nodes if str(n.target).startswith("flashdreams.")}
-    return sorted({OP_MODULES[op] for op in ops if op in OP_MODULES})
+    return sorted({OP_MODULES[op] for op in graph_ops(ep) if op in OP_MODULES})
 
 
 def _import_kernel_modules(engine_dir: Path, manifest: dict) -> None:
