@@ -92,6 +92,7 @@ row-tiles|90|issue 22 target 5: the AdaLN row passes (fused residual + norm, FP8
 row-chunks|60|issues 22, 15: the FP8 linears' activation pass (GELU fused) with rows held as power-of-two chunks vs one next_pow2 tile, at SF, LingBot and Matrix-Game widths, same tensors, bit-equal checked (bench/row_chunks_bench.py)
 cublaslt-workspace|120|issue 22 targets 3 and 5: the GEMMs of a DiT layer (FP8 with row-wise scales and fast accumulation, and bf16) in CUDA graphs under cuBLASLt workspace sizes (default and 0; a process each; Self-Forcing, Matrix-Game, LingBot and OmniDreams shapes, FP8 and bf16): time, kernels, and the memset each GEMM adds (~930 a FP8 block) (bench/cublaslt_workspace_bench.py)
 sf-fp8-workspace|200|issue 22 target 3: Self-Forcing 1.3B FP8 block 5 with torch's cuBLASLt workspace (FD_FP8_WORKSPACE_FREE=0) and with CUBLASLT_WORKSPACE_SIZE=${FD_SUITE_WORKSPACE:-0} KiB (0: no split-K memsets, an FP8 load's default since next113), own processes alternating torch's / set / torch's / set on one machine, 7 blocks each, block-5 profiles
+lingbot-fp8-workspace|240|issue 15, issue 22 target 3: LingBot-World Fast stream FP8 (every default) with torch's cuBLASLt workspace (FD_FP8_WORKSPACE_FREE=0) against the FP8 load's default (no workspace, no memset per FP8 GEMM), own processes on one machine, 6 blocks each, block-5 profiles
 gelu-quantize|60|issues 16 and 22: the FP8 activation pass with a GELU fused, erf by libdevice vs the erfc fit, the fit and the tanh form with and without fast math, and no GELU, at OmniDreams' and Self-Forcing's FFN hidden, same tensor (bench/gelu_quantize_bench.py)
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
@@ -998,6 +999,22 @@ part_sf-fp8-workspace() {
         --profile-block 5 --quick-ceilings || rc=$?
     fi
   done
+  return $rc
+}
+
+part_lingbot-fp8-workspace() {
+  local rc=0
+  if [ $SMOKE = 1 ]; then
+    FD_FP8_WORKSPACE_FREE=0 fdb_to lingbot-fp8-ws-default $(($1 / 2)) --preset lingbot-world-fast-tiny --attention triton \
+      --precision fp8 --blocks 2 --rollouts 1 --quick-ceilings || rc=$?
+    fdb_to lingbot-fp8-ws0 $(($1 / 2)) --preset lingbot-world-fast-tiny --attention triton --precision fp8 --blocks 2 \
+      --rollouts 1 --quick-ceilings || rc=$?
+  else
+    FD_FP8_WORKSPACE_FREE=0 fdb_to lingbot-fp8-ws-default $(($1 / 2)) --preset lingbot-world-fast-stream --random-weights \
+      --attention triton --precision fp8 --blocks 6 --rollouts 1 --profile-block 5 --quick-ceilings || rc=$?
+    fdb_to lingbot-fp8-ws0 $(($1 / 2)) --preset lingbot-world-fast-stream --random-weights --attention triton \
+      --precision fp8 --blocks 6 --rollouts 1 --profile-block 5 --quick-ceilings || rc=$?
+  fi
   return $rc
 }
 

@@ -332,6 +332,9 @@ def _summarise(cfg, backend, attention, engine, cold, per_block, steady, warm_ff
         "precision": precision_label(engine.precision, engine.backend.dtype),  # what ran (an engine: as built)
         "precision_option": cfg.precision,
         "fp8_keep": cfg.run_fp8_keep,
+        # read after the load: an FP8 load sets it (kernels.fp8_linear.prefer_workspace_free_gemms), and the
+        # environment's record is taken before any load (None: torch's default)
+        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
         "dtype": str(engine.backend.dtype).removeprefix("torch."),
         "engine": repr(engine),
         "cold_start": cold,
