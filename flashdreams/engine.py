@@ -378,10 +378,11 @@ def load(
     if preset is None:
         preset = registry.get_preset("tiny" if source is None else "self-forcing-1.3b")
     check_batch(batch)
+    set_workspace = False
     if precision == "fp8":
         from flashdreams.kernels.fp8_linear import prefer_workspace_free_gemms
 
-        prefer_workspace_free_gemms()  # before the load's first GEMM (the bias probe of the FP8 linears)
+        set_workspace = prefer_workspace_free_gemms()  # before the load's first GEMM (the FP8 linears' bias probe)
     opts = LoadOptions(
         source=None if source is None else str(source),
         device=dev,
@@ -397,6 +398,13 @@ def load(
         decoder=decoder,
         decoder_weights=None if decoder_weights is None else str(decoder_weights),
     )
-    model = registry.family(preset.family).load(preset, opts)
+    try:
+        model = registry.family(preset.family).load(preset, opts)
+    except BaseException:
+        if set_workspace:  # a refused load leaves the process as it found it
+            from flashdreams.kernels.fp8_linear import WORKSPACE_ENV
+
+            os.environ.pop(WORKSPACE_ENV, None)
+        raise
     stand_in = source is None and (preset.builtin or random_weights)
     return Engine(EagerBackend(model), model.plan, preset, model.source, model.decoder, stand_in, model, precision)

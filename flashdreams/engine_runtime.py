@@ -173,10 +173,6 @@ def load_engine_dir(
             f"engine '{path}' was built with precision '{built_precision}'; precision is fixed at build time "
             f"(asked for '{precision}'): rebuild with fd-build --precision {precision}"
         )
-    if built_precision == "fp8":
-        from flashdreams.kernels.fp8_linear import prefer_workspace_free_gemms
-
-        prefer_workspace_free_gemms()  # before the graphs' first GEMM
     plan = BlockPlan.from_dict(m["plan"])
     preset = registry.preset_from_dict(m["preset"])
     if plan.batch != eng["batch"] or list(plan.latents.shape) != eng["latent_shape"]:
@@ -197,6 +193,10 @@ def load_engine_dir(
     if decoder in (None, "none"):
         plan = plan.without_decoder()
     graphs = {n: r for n, r in m["graphs"].items() if n in plan.graphs}
+    if built_precision == "fp8":  # after every check above, so that a refused load changes nothing
+        from flashdreams.kernels.fp8_linear import prefer_workspace_free_gemms
+
+        prefer_workspace_free_gemms()  # before the graphs' first GEMM
 
     backend = get_backend(m["backend"], BuildConfig.from_env(m["backend"]))  # FD_AOTI_FORCE=1: try a blocked load
     kernels = m.get("artifacts", {}).get("kernels")

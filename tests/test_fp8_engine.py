@@ -173,3 +173,9 @@ def test_fp8_loads_ask_cublaslt_for_no_workspace_unless_the_process_set_one(engi
     monkeypatch.setenv("FD_FP8_WORKSPACE_FREE", "yes")
     with pytest.raises(InvalidArgumentError, match="FD_FP8_WORKSPACE_FREE: expected 0 or 1"):
         flashdreams.load(attention="triton", precision="fp8")
+    monkeypatch.delenv("FD_FP8_WORKSPACE_FREE")
+    with pytest.raises(InvalidArgumentError, match="height and width must be positive multiples of 16"):
+        flashdreams.load(attention="triton", precision="fp8", height=7)  # refused inside the family's load
+    with pytest.raises(InvalidArgumentError, match="was built with decoder"):
+        flashdreams.load(engines["fp8"], decoder="wan-vae")
+    assert "CUBLASLT_WORKSPACE_SIZE" not in os.environ  # a refused load leaves the process as it found it
