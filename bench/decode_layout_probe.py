@@ -6,7 +6,8 @@ them all; this prints, for the decoder at the full and the tiny width on the dev
 (shape, strides, NHWC or not, whether Triton runs there, whether the pass was taken) in an eager call and while
 `export/backends/inductor.py` exports the `decode` graph with the weights as inputs, then the flashdreams ops
 the exported graph holds. First, what a fake convolution reports on the device for NHWC tensors (the cause: on
-the H100 the traced convs came out NCHW; TAEHV's convs are now `kernels.conv_nhwc`, channels-last by contract).
+the H100 the traced convs came out NCHW; TAEHV's convs are now `kernels.conv_nhwc`, channels-last by contract),
+and the same for a 3-D convolution in NDHWC (the OmniDreams HD-map encoder's layout).
 
     python bench/decode_layout_probe.py [--device cuda] [--height 480 --width 832]
 """
@@ -113,6 +114,26 @@ def fake_conv(device: str, dtype: torch.dtype) -> None:
             print(f"  backend: {type(exc).__name__}: {exc}")
 
 
+def fake_conv3d(device: str, dtype: torch.dtype) -> None:
+    """The same for a 3-D convolution of NDHWC (channels_last_3d) input and weight, as the OmniDreams HD-map
+    encoder's Wan VAE runs eagerly on CUDA: whether a trace of it would keep NDHWC."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    cl3 = torch.channels_last_3d
+    x = torch.randn(1, 96, 3, 88, 160, device=device, dtype=dtype).contiguous(memory_format=cl3)
+    w = torch.randn(96, 96, 3, 3, 3, device=device, dtype=dtype).contiguous(memory_format=cl3)
+
+    def describe(t: torch.Tensor) -> str:
+        ndhwc = t.is_contiguous(memory_format=cl3) and not t.is_contiguous()
+        return f"{type(t).__name__}{list(t.shape)} strides {list(t.stride())} {'NDHWC' if ndhwc else 'not-NDHWC'}"
+
+    print(f"real conv3d: {describe(torch.nn.functional.conv3d(x, w, None, 1, 1))}")
+    mode = FakeTensorMode()
+    fx, fw = mode.from_tensor(x), mode.from_tensor(w)
+    with mode:
+        print(f"fake conv3d: {describe(torch.nn.functional.conv3d(fx, fw, None, 1, 1))}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -122,6 +143,7 @@ def main() -> None:
     dt = torch.bfloat16 if args.device == "cuda" else torch.float32
     print(f"torch {torch.__version__}, device {args.device}")
     fake_conv(args.device, dt)
+    fake_conv3d(args.device, dt)
     for label, config in (("full width", None), ("tiny width", TINY_CONFIGS["taehv"])):
         decoder = random_decoder("taehv", device=args.device, dtype=dt, config=config)
         if args.device == "cpu":  # as on CUDA (TAEHVDecoder makes it NHWC only there)

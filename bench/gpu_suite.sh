@@ -47,7 +47,7 @@ build-fp8|300|fd-build of the full-size engine in FP8 (--precision fp8 --attenti
 engine-fp8|200|fd-bench Self-Forcing 1.3B FP8 eager (CUDA graphs) against the FP8 engine built by build-fp8, one invocation, 7 blocks, block-5 profiles
 cold-fp8|200|issue 22 target 6 in FP8: the cold-pyc processes (byte-compiled packages, 3 fresh processes with empty compiler caches) from the FP8 engine of build-fp8
 decode-probe|60|issue 22: where the traced TAEHV decode leaves NHWC: each layout-picked call site (bias/ReLU, MemBlock join, frame split, narrow last conv) eager and under the engine's export, full and tiny width on the device, and the ops of ours the exported decode graph holds (bench/decode_layout_probe.py)
-engine-gpu-tests|240|on CUDA: FP8 engines (tests/test_fp8_engine.py: the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit) and a TAEHV engine's decode graphs traced and loaded with channels-last conv weights, frames as the eager session's (tests/test_export_engine_gpu.py -k taehv)
+engine-gpu-tests|240|on CUDA: FP8 engines (tests/test_fp8_engine.py: the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit) and a TAEHV engine's decode graphs traced and loaded with channels-last conv weights, frames as the eager session's, and an OmniDreams engine's HD-map encoder graphs with their NDHWC 3-D conv weights, latents as the eager session's (tests/test_export_engine_gpu.py -k "taehv or omnidreams")
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
@@ -548,7 +548,7 @@ part_decode-probe() {
 
 part_engine-gpu-tests() {
   py "$1" -m pytest -q -p no:cacheprovider -rfs --rootdir "$REPO" "$REPO/tests/test_fp8_engine.py" \
-    "$REPO/tests/test_export_engine_gpu.py" -k "fp8 or taehv or precision"
+    "$REPO/tests/test_export_engine_gpu.py" -k "fp8 or taehv or precision or omnidreams"
 }
 
 part_cold-groups() {

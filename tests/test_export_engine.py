@@ -472,10 +472,12 @@ def test_compile_workers_answer_after_warm_up():
         assert AsyncCompile.use_process_pool()
 
 
-def test_channels_last_weights_keep_their_layout_through_an_engine(tmp_path):
-    """A graph whose module holds a conv weight channels-last (an NHWC decoder's) is traced with it so, stored
-    contiguous, and loaded back channels-last: the compiled graph asserts its inputs' strides, so a weight fed
-    back contiguous would be refused. The loaded graph gives the module's output."""
+@pytest.mark.parametrize("dims", [2, 3])
+def test_channels_last_weights_keep_their_layout_through_an_engine(tmp_path, dims):
+    """A graph whose module holds a conv weight channels-last (an NHWC decoder's 2-D one, the NDHWC HD-map
+    encoder's 3-D one) is traced with it so, stored contiguous, and loaded back channels-last: the compiled graph
+    asserts its inputs' strides, so a weight fed back contiguous would be refused. The loaded graph gives the
+    module's output."""
     from types import SimpleNamespace
 
     from torch import nn
@@ -483,10 +485,11 @@ def test_channels_last_weights_keep_their_layout_through_an_engine(tmp_path):
     from flashdreams.export.backends.inductor import InductorBackend, channels_last_weight
 
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.Linear(6, 4)).eval()
-    net[0].to(memory_format=torch.channels_last)
+    conv, fmt = (nn.Conv2d, torch.channels_last) if dims == 2 else (nn.Conv3d, torch.channels_last_3d)
+    net = nn.Sequential(conv(8, 8, 3, padding=1), nn.ReLU(), nn.Linear(6, 4)).eval()
+    net[0].weight.data = net[0].weight.data.contiguous(memory_format=fmt)
     assert channels_last_weight(net[0].weight) and not channels_last_weight(net[2].weight)
-    x = torch.randn(1, 8, 6, 6).contiguous(memory_format=torch.channels_last)
+    x = torch.randn(1, 8, *(4,) * (dims - 1), 6).contiguous(memory_format=fmt)
     prog = SimpleNamespace(name="g", module=net, fresh_inputs=lambda: (x.clone(),))
     cpu = torch.device("cpu")
     build = InductorBackend()

@@ -69,3 +69,33 @@ def test_a_taehv_engine_decodes_in_nhwc_as_the_eager_decoder_does(tmp_path):
     for block in range(3):
         x, y = a.step(), b.step()
         assert rel_l2(x.frames.float(), y.frames.float()) <= 3e-2, f"block {block}: frames differ"
+
+
+def test_an_omnidreams_engine_encodes_the_hdmap_in_ndhwc_as_the_eager_encoder_does(tmp_path):
+    """The HD-map encoder's Wan VAE holds its 3-D conv weights channels_last_3d on CUDA: the engine's encoder
+    graphs record them so (rather than tracing contiguous copies) and restore them at the load, and the engine's
+    latents match the eager session's over three chunks, each with a new HD-map video."""
+    import json
+
+    out = tmp_path / "engine"
+    kw = dict(preset="omnidreams-sv-tiny", dtype="bfloat16", attention="triton", decoder=None)
+    build_engine(out, backend="inductor", device="cuda", **kw)
+    graphs = json.loads((out / "manifest.json").read_text())["graphs"]
+    for name in ("encode_hdmap_first", "encode_hdmap"):
+        assert graphs[name].get("channels_last"), f"{name} traced contiguous copies of the NDHWC conv weights"
+    engine = flashdreams.load(out)
+    eager = flashdreams.load(device="cuda", **kw)
+    spec = engine.plan.inputs["hdmap_video"]
+    g = torch.Generator().manual_seed(0)
+    inputs = {
+        n: torch.randn(s.shape, generator=g) for n, s in engine.plan.inputs.items() if s.required and n != "hdmap_video"
+    }
+    videos = [torch.rand(spec.shape, generator=g) for _ in range(3)]
+    a = engine.session(inputs={**inputs, "hdmap_video": videos[0]}, seed=5)
+    b = eager.session(inputs={**inputs, "hdmap_video": videos[0]}, seed=5)
+    for chunk, video in enumerate(videos):
+        if chunk:
+            a.set_input("hdmap_video", video)
+            b.set_input("hdmap_video", video)
+        x, y = a.step().latents.float(), b.step().latents.float()
+        assert rel_l2(x, y) <= 3e-2, f"chunk {chunk}: rel. L2 {rel_l2(x, y):.3g}"

@@ -114,9 +114,15 @@ class WeightsAsInputs(nn.Module):
 _CONTIGUOUS: dict[int, tuple[weakref.ref, torch.Tensor]] = {}
 
 
+# The channels-last memory format of a conv weight, by its number of dims.
+_CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def channels_last_weight(t: torch.Tensor) -> bool:
-    """A 4-D weight held channels-last (not also contiguous): an NHWC decoder's conv weight."""
-    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    """A 4-D or 5-D weight held channels-last (not also contiguous): an NHWC decoder's 2-D conv weight, or an NDHWC
+    Wan VAE's 3-D one (the OmniDreams HD-map encoder on CUDA)."""
+    fmt = _CHANNELS_LAST.get(t.dim())
+    return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
 
 
 def _contiguous(t: torch.Tensor) -> torch.Tensor:
@@ -387,7 +393,7 @@ class InductorBackend(GraphBackend):
         if key not in nhwc:
             return t
         if key not in self._channels_last:
-            self._channels_last[key] = t.contiguous(memory_format=torch.channels_last)
+            self._channels_last[key] = t.contiguous(memory_format=_CHANNELS_LAST[t.dim()])
         return self._channels_last[key]
 
     def load_graph(self, engine_dir: Path, name: str, record: dict, device: torch.device) -> GraphFn:
