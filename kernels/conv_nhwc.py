@@ -1,4 +1,4 @@
-"""A 2-D convolution whose output is channels-last by contract, for decoders that run in NHWC.
+"""2-D and 3-D convolutions whose outputs are channels-last by contract, for decoders and encoders that run so.
 
 TAEHV picks its Triton passes (kernels/bias_act.py, memblock_join.py, upsample_frames.py, narrow_conv.py) by its
 activations' layout. Run eagerly on CUDA, cuDNN returns a channels-last output for channels-last inputs and
@@ -7,6 +7,9 @@ reported contiguous NCHW outputs for the same inputs (bench/results/next111-h100
 the engine's decode graphs held the torch sequences instead, and the engine decoded a Self-Forcing block in 8.3
 against the eager 6.4 ms. As a custom op, the convolution's output layout is what its fake implementation says,
 the same in eager runs, traces and compiled graphs; the real one is cuDNN's convolution, unchanged.
+
+The 3-D form serves the channels_last_3d Wan VAE (the OmniDreams HD-map encoder on CUDA, `WanVAE.use_channels_last`)
+for the same reason: traced for an engine on an H100 (next114), its activations came out NCDHW.
 """
 
 from __future__ import annotations
@@ -44,3 +47,38 @@ def conv2d_nhwc(
         raise InvalidArgumentError(f"conv2d_nhwc: bias must be [{weight.shape[0]}], found {list(bias.shape)}")
     require_triton(x.device)  # (the op is registered with our others)
     return torch.ops.flashdreams.conv2d_nhwc(x, weight, bias, int(stride), int(padding))
+
+
+def _conv3d_ndhwc_op(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: list[int], padding: list[int]
+) -> torch.Tensor:
+    # As the 2-D op: also the fake implementation, the layout from the explicit copy.
+    cl3 = torch.channels_last_3d
+    return F.conv3d(x.contiguous(memory_format=cl3), weight, bias, stride, padding).contiguous(memory_format=cl3)
+
+
+register_op("conv3d_ndhwc", _conv3d_ndhwc_op)
+
+
+def conv3d_ndhwc(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    stride: tuple[int, int, int] = (1, 1, 1),
+    padding: tuple[int, int, int] = (0, 0, 0),
+) -> torch.Tensor:
+    """F.conv3d(x, weight, bias, stride, padding) for x [N, C, T, H, W] and weight [O, C, kt, kh, kw] (groups 1,
+    no dilation; stride and padding per dim), returned in channels_last_3d memory, traced as such."""
+    if x.dim() != 5 or weight.dim() != 5 or x.shape[1] != weight.shape[1]:
+        raise InvalidArgumentError(
+            f"conv3d_ndhwc: x [N, C, T, H, W] and weight [O, C, kt, kh, kw] with one C expected, found x "
+            f"{list(x.shape)}, weight {list(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise InvalidArgumentError(f"conv3d_ndhwc: bias must be [{weight.shape[0]}], found {list(bias.shape)}")
+    if len(stride) != 3 or len(padding) != 3:
+        raise InvalidArgumentError(
+            f"conv3d_ndhwc: stride and padding of 3 dims expected, found {list(stride)}, {list(padding)}"
+        )
+    require_triton(x.device)  # (the op is registered with our others)
+    return torch.ops.flashdreams.conv3d_ndhwc(x, weight, bias, [int(v) for v in stride], [int(v) for v in padding])

@@ -193,9 +193,27 @@ class CausalConv3d(nn.Conv3d):
     def causal(self) -> bool:
         return self.kernel_size[0] > 1
 
+    def ndhwc_weight(self) -> bool:
+        """Whether the weight is held channels_last_3d (`WanVAE.use_channels_last`): then the conv's output is NDHWC
+        by contract where Triton runs (`kernels.conv_nhwc.conv3d_ndhwc`), and its cache takes the NDHWC form. Both
+        follow the weight rather than the activations, whose layout a trace on CUDA does not keep (next114: an
+        OmniDreams engine's encoder traced NCDHW activations and NCDHW first caches against its NDHWC state)."""
+        w = self.weight
+        return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last_3d)
+
+    def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+        if self.ndhwc_weight() and self.groups == 1 and self.dilation == (1, 1, 1):
+            from flashdreams.kernels import triton_available
+
+            if triton_available(x.device):
+                from flashdreams.kernels.conv_nhwc import conv3d_ndhwc
+
+                return conv3d_ndhwc(x, weight, bias, self.stride, self.padding)
+        return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
+
     def forward(self, x: Tensor, caches: Caches | None = None) -> Tensor:
         if not self.causal:
-            return super().forward(x)
+            return self._conv(x, self.weight, self.bias)
         cache = None
         if caches is not None:
             cache = caches[self.slot]
@@ -219,22 +237,22 @@ class CausalConv3d(nn.Conv3d):
             # The cache is always the last 2 frames of this conv's own input stream (zeros before it).
             cache.copy_(x[:, : self.in_channels, -CACHE_T:])
         if self.narrow_form == "pad":
-            return F.conv3d(x, self._padded_weight(), None, self.stride, self.padding)
+            return self._conv(x, self._padded_weight(), None)
         if self.narrow_form == "fold":
             return self._folded(x)
-        return super().forward(x)
+        return self._conv(x, self.weight, self.bias)
 
     def _new_cache(self, x: Tensor) -> Tensor:
-        """Zeros for a stream's first call, in the layout of the conv's input: [B, C, 2, H, W] for NCDHW
-        activations; for NDHWC ones [B, 2, H, W, C] (a "pad" conv: [B, 2, H, W, padded]), the input's
-        frames as they lie in memory. Such a cache is copied to and from the input buffer as one
-        contiguous block, where an NCDHW cache meets NDHWC activations in a transposing copy (12 of
+        """Zeros for a stream's first call, in the layout of the conv's activations: [B, C, 2, H, W] for NCDHW
+        ones; for NDHWC ones (the weight held so: `ndhwc_weight`) [B, 2, H, W, C] (a "pad" conv, always:
+        [B, 2, H, W, padded]), the input's frames as they lie in memory. Such a cache is copied to and from the
+        input buffer as one contiguous block, where an NCDHW cache meets NDHWC activations in a transposing copy (12 of
         them took 4.6 ms of the HD-map encode, next68-h100)."""
         b, c, _, h, w = x.shape
         shape = None
         if self.narrow_form == "pad":
             shape = _ndhwc_cache_shape(x, padded_channels(c))
-        elif x.is_contiguous(memory_format=torch.channels_last_3d) and c > 1:
+        elif self.ndhwc_weight() and c > 1:
             shape = _ndhwc_cache_shape(x, c)
         return x.new_zeros(shape or (b, c, CACHE_T, h, w))
 
@@ -269,7 +287,19 @@ class CausalConv3d(nn.Conv3d):
         weight = F.pad(weight, (0, 0, 0, 0, 0, FOLD_CHANNELS - weight.shape[1]))
         weight = weight.contiguous(memory_format=torch.channels_last)
         images = stacked.view(b * t, h, w, FOLD_CHANNELS).permute(0, 3, 1, 2)
-        return images_as_frames(F.conv2d(images, weight, None, padding=self.padding[1:]), b)
+        return images_as_frames(self._conv2d_nhwc(images, weight), b)
+
+    def _conv2d_nhwc(self, images: Tensor, weight: Tensor) -> Tensor:
+        """The fold's 2-D conv of NHWC frames: by `kernels.conv_nhwc` where Triton runs (NHWC by contract, traced
+        so too), else F.conv2d."""
+        from flashdreams.kernels import triton_available
+
+        ph, pw = self.padding[1:]
+        if ph == pw and triton_available(images.device):
+            from flashdreams.kernels.conv_nhwc import conv2d_nhwc
+
+            return conv2d_nhwc(images, weight, None, 1, ph)
+        return F.conv2d(images, weight, None, padding=self.padding[1:])
 
 
 def _ndhwc_cache_shape(x: Tensor, channels: int) -> tuple[int, ...] | None:

@@ -320,26 +320,32 @@ def test_narrow_forms_on_cuda_compute_the_same_stream(dim: int) -> None:
 
 
 @pytest.mark.parametrize("form", [None, "pad"])
-def test_a_causal_conv_keeps_its_cache_in_its_input_layout(form) -> None:
-    """NDHWC inputs get an NDHWC cache ([B, 2, H, W, C], or the padded [B, 2, H, W, 32] of a "pad" conv),
-    copied to and from the input buffer as one block; NCDHW inputs keep [B, C, 2, H, W]. Streamed chunk by
-    chunk, every layout computes what one whole-stream call computes."""
+def test_a_causal_conv_keeps_its_cache_in_its_weights_layout(form) -> None:
+    """A conv whose weight is held channels_last_3d (`WanVAE.use_channels_last`) gets an NDHWC cache ([B, 2, H, W, C],
+    or the padded [B, 2, H, W, 32] of a "pad" conv, always), copied to and from the input buffer as one block; a
+    contiguous weight keeps [B, C, 2, H, W]. The rule follows the weight, not the activations (whose layout a CUDA
+    trace did not keep), so a traced graph makes the caches its eager templates have. Streamed chunk by chunk in
+    either input layout, every form computes what one whole-stream call computes."""
     torch.manual_seed(0)
     conv = CausalConv3d(6, 5, 3, spatial_pad=1).eval()
     conv.narrow_form = form
     chunks = [torch.randn(1, 6, n, 4, 5) for n in (1, 3, 2)]
     with torch.no_grad():
         whole = conv(torch.cat(chunks, dim=2))
-        for channels_last in (False, True):
-            caches: list = [None]
-            conv.slot = 0
-            outs = []
-            for x in chunks:
-                x = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
-                outs.append(conv(x, caches))
-            want = (1, 2, 4, 5, 32 if form else 6) if channels_last or form else (1, 6, 2, 4, 5)
-            assert caches[0].shape == want and caches[0].is_contiguous()
-            assert rel_l2(torch.cat(outs, dim=2), whole) < 1e-6
+        for ndhwc_weight in (False, True):
+            held = conv.weight.data.contiguous()
+            conv.weight.data = held.contiguous(memory_format=torch.channels_last_3d) if ndhwc_weight else held
+            assert conv.ndhwc_weight() == ndhwc_weight
+            for channels_last in (False, True):
+                caches: list = [None]
+                conv.slot = 0
+                outs = []
+                for x in chunks:
+                    x = x.contiguous(memory_format=torch.channels_last_3d) if channels_last else x
+                    outs.append(conv(x, caches))
+                want = (1, 2, 4, 5, 32 if form else 6) if ndhwc_weight or form else (1, 6, 2, 4, 5)
+                assert caches[0].shape == want and caches[0].is_contiguous()
+                assert rel_l2(torch.cat(outs, dim=2), whole) < 1e-6
 
 
 def test_cat_frames_padded_zeroes_only_the_added_channels() -> None:

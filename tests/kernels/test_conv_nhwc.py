@@ -93,3 +93,64 @@ def test_taehv_convs_run_through_it_on_nhwc_activations_only(monkeypatch):
     torch.testing.assert_close(got, want)
     uneven = taehv.NHWCConv2d(16, 8, 3, padding=(1, 0)).to(DEVICE, DTYPE).to(memory_format=torch.channels_last)
     assert uneven(x).shape == (2, 8, 6, 4) and calls == [x.shape]  # (the op takes one stride and padding: F.conv2d)
+
+
+def _ndhwc(*shape: int, seed: int) -> torch.Tensor:
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
+    return x.to(DEVICE, DTYPE).contiguous(memory_format=torch.channels_last_3d)
+
+
+@pytest.mark.parametrize(("stride", "padding", "bias"), [((1, 1, 1), (0, 1, 1), True), ((2, 1, 1), (0, 0, 0), False)])
+def test_the_3d_form_equals_the_convolution_and_stays_ndhwc(stride, padding, bias):
+    x = _ndhwc(1, 8, 5, 6, 7, seed=11)
+    w = _ndhwc(12, 8, 3, 3, 3, seed=12)
+    b = torch.randn(12, generator=torch.Generator().manual_seed(13)).to(DEVICE, DTYPE) if bias else None
+    got = conv_nhwc.conv3d_ndhwc(x.contiguous(), w, b, stride, padding)  # (an NCDHW input is made NDHWC)
+    want = F.conv3d(x, w, b, stride, padding)
+    assert got.is_contiguous(memory_format=torch.channels_last_3d) and not got.is_contiguous()
+    torch.testing.assert_close(got, want)
+
+
+def test_the_3d_form_comes_out_ndhwc_on_fake_tensors_and_refuses_bad_shapes():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    mode = FakeTensorMode()
+    x = mode.from_tensor(_ndhwc(1, 8, 4, 6, 6, seed=14).contiguous())
+    w = mode.from_tensor(_ndhwc(16, 8, 3, 3, 3, seed=15))
+    with mode:
+        y = conv_nhwc.conv3d_ndhwc(x, w, None, (1, 1, 1), (0, 1, 1))
+    assert y.shape == (1, 16, 2, 6, 6)
+    assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    x, w = torch.zeros(1, 8, 4, 6, 6, device=DEVICE), torch.zeros(16, 8, 3, 3, 3, device=DEVICE)
+    with pytest.raises(InvalidArgumentError, match="one C expected"):
+        conv_nhwc.conv3d_ndhwc(x[:, :4], w)
+    with pytest.raises(InvalidArgumentError, match="bias must be \\[16\\]"):
+        conv_nhwc.conv3d_ndhwc(x, w, torch.zeros(8, device=DEVICE))
+    with pytest.raises(InvalidArgumentError, match="stride and padding of 3 dims"):
+        conv_nhwc.conv3d_ndhwc(x, w, None, (1, 1), (0, 1, 1))
+
+
+@pytest.mark.parametrize("form", [None, "pad", "fold"])
+def test_wan_vae_causal_convs_run_through_it_when_their_weights_are_ndhwc(form, monkeypatch):
+    """A CausalConv3d whose weight is held channels_last_3d calls the 3-D op, with the numbers of F.conv3d; with a
+    contiguous weight it does not. The "fold" form's 2-D conv over NHWC frames (its weight made channels-last by the
+    fold itself) calls the 2-D op either way."""
+    from flashdreams.models.wan_vae_blocks import CausalConv3d
+
+    calls = []
+    real3, real2 = conv_nhwc.conv3d_ndhwc, conv_nhwc.conv2d_nhwc
+    monkeypatch.setattr(conv_nhwc, "conv3d_ndhwc", lambda *a: calls.append(3) or real3(*a))
+    monkeypatch.setattr(conv_nhwc, "conv2d_nhwc", lambda *a: calls.append(2) or real2(*a))
+    torch.manual_seed(0)
+    conv = CausalConv3d(3, 8, 3, spatial_pad=1).to(DEVICE, DTYPE).eval()
+    conv.narrow_form, conv.slot = form, 0
+    x = _ndhwc(1, 3, 4, 6, 6, seed=16)
+    with torch.no_grad():
+        want = conv(x, [None])
+        assert calls == ([2] if form == "fold" else [])
+        calls.clear()
+        conv.weight.data = conv.weight.data.contiguous(memory_format=torch.channels_last_3d)
+        got = conv(x, [None])
+    assert calls == [2 if form == "fold" else 3]
+    assert got.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, want)
