@@ -22,6 +22,18 @@ from flashdreams.errors import InvalidArgumentError
 from ._common import register_op, require_triton
 
 
+def _check_conv(
+    name: str, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, dims: int, expected: str
+) -> None:
+    """x and weight of `dims` dims (as `expected` says, for the error), one C; bias None or [O]."""
+    if x.dim() != dims or weight.dim() != dims or x.shape[1] != weight.shape[1]:
+        raise InvalidArgumentError(
+            f"{name}: {expected} with one C expected, found x {list(x.shape)}, weight {list(weight.shape)}"
+        )
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise InvalidArgumentError(f"{name}: bias must be [{weight.shape[0]}], found {list(bias.shape)}")
+
+
 def _conv2d_nhwc_op(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, stride: int, padding: int
 ) -> torch.Tensor:
@@ -38,13 +50,7 @@ def conv2d_nhwc(
 ) -> torch.Tensor:
     """F.conv2d(x, weight, bias, stride, padding) for x [N, C, H, W] and weight [O, C, kh, kw] (groups 1, no
     dilation), returned in channels_last memory, traced as such."""
-    if x.dim() != 4 or weight.dim() != 4 or x.shape[1] != weight.shape[1]:
-        raise InvalidArgumentError(
-            f"conv2d_nhwc: x [N, C, H, W] and weight [O, C, kh, kw] with one C expected, found x {list(x.shape)}, "
-            f"weight {list(weight.shape)}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise InvalidArgumentError(f"conv2d_nhwc: bias must be [{weight.shape[0]}], found {list(bias.shape)}")
+    _check_conv("conv2d_nhwc", x, weight, bias, 4, "x [N, C, H, W] and weight [O, C, kh, kw]")
     require_triton(x.device)  # (the op is registered with our others)
     return torch.ops.flashdreams.conv2d_nhwc(x, weight, bias, int(stride), int(padding))
 
@@ -69,13 +75,7 @@ def conv3d_ndhwc(
 ) -> torch.Tensor:
     """F.conv3d(x, weight, bias, stride, padding) for x [N, C, T, H, W] and weight [O, C, kt, kh, kw] (groups 1,
     no dilation; stride and padding per dim), returned in channels_last_3d memory, traced as such."""
-    if x.dim() != 5 or weight.dim() != 5 or x.shape[1] != weight.shape[1]:
-        raise InvalidArgumentError(
-            f"conv3d_ndhwc: x [N, C, T, H, W] and weight [O, C, kt, kh, kw] with one C expected, found x "
-            f"{list(x.shape)}, weight {list(weight.shape)}"
-        )
-    if bias is not None and bias.shape != (weight.shape[0],):
-        raise InvalidArgumentError(f"conv3d_ndhwc: bias must be [{weight.shape[0]}], found {list(bias.shape)}")
+    _check_conv("conv3d_ndhwc", x, weight, bias, 5, "x [N, C, T, H, W] and weight [O, C, kt, kh, kw]")
     if len(stride) != 3 or len(padding) != 3:
         raise InvalidArgumentError(
             f"conv3d_ndhwc: stride and padding of 3 dims expected, found {list(stride)}, {list(padding)}"
