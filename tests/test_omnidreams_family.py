@@ -288,3 +288,42 @@ def test_fp8_norms_quantize_for_their_linears_with_the_same_numbers(monkeypatch,
     unfused = flashdreams.load(**opts).session(inputs=inputs, seed=1).step().latents
     assert blocks and not passes
     assert torch.equal(fused, unfused)
+
+
+@pytest.mark.slow
+def test_an_engine_of_the_ndhwc_encoder_builds_though_its_trace_loses_the_layout(tmp_path, monkeypatch):
+    """The HD-map encoder as CUDA runs it (channels_last_3d weights, narrow forms), built into an engine while the
+    trace's 3-D convolutions report NCDHW outputs, as torch 2.11's export did on an H100 (next114): the encoder's
+    caches take their form from the weights, so the first graph's caches fit the session state made eagerly, and
+    the engine streams as eager does. (Its caches followed the activations before, and this build failed with
+    `expand: attempting to expand a dimension`.)"""
+    import torch.nn.functional as F
+    from torch._subclasses.fake_tensor import is_fake
+
+    from flashdreams.export.build import build_engine
+
+    build = type(FAMILY).build_hdmap_encoder
+    monkeypatch.setattr(
+        type(FAMILY),
+        "build_hdmap_encoder",
+        lambda self, *a, **k: build(self, *a, **k).use_channels_last().use_narrow_forms(),
+    )
+    conv3d = F.conv3d
+
+    def traced_as_on_cuda(*args, **kwargs):  # cuDNN's NDHWC outputs when run, NCDHW ones when traced
+        y = conv3d(*args, **kwargs)
+        return y.contiguous() if is_fake(y) else y.contiguous(memory_format=torch.channels_last_3d)
+
+    monkeypatch.setattr(F, "conv3d", traced_as_on_cuda)
+    kw = dict(preset="omnidreams-sv-tiny", dtype="float32", decoder=None)
+    build_engine(tmp_path / "e", backend="inductor", device="cpu", **kw)
+    engine, eager = flashdreams.load(tmp_path / "e"), flashdreams.load(device="cpu", **kw)
+    assert eager.model.graphs["encode_hdmap"].vae.conv1.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    inp = {k: v for k, v in _inputs().items() if k != "hdmap"}
+    a = engine.session(inputs={**inp, "hdmap_video": _video(0)}, seed=5)
+    b = eager.session(inputs={**inp, "hdmap_video": _video(0)}, seed=5)
+    for chunk in range(3):
+        if chunk:
+            a.set_input("hdmap_video", _video(chunk))
+            b.set_input("hdmap_video", _video(chunk))
+        assert rel_l2(a.step().latents, b.step().latents) < 1e-5, f"chunk {chunk}"
