@@ -45,6 +45,8 @@ cold-groups|150|issue 22 target 6: the cold-pyc processes with Triton's group fi
 cold-full|150|issue 22 target 6: the cold-pyc processes with the kernel install as it was (every file of each Triton entry, IR text included, written by one thread: FD_BUNDLE_IR=1 FD_INSTALL_THREADS=1): run after cold-pyc in one call, the slim threaded install against it on one machine
 build-fp8|300|fd-build of the full-size engine in FP8 (--precision fp8 --attention triton: FP8 linears, FP8 ring attention, the ring's e4m3 shadow as session state) into its own folder, for engine-fp8 and cold-fp8; then each decode graph's channels-last weights and the ops of ours it traced
 engine-fp8|200|fd-bench Self-Forcing 1.3B FP8 eager (CUDA graphs) against the FP8 engine built by build-fp8, one invocation, 7 blocks, block-5 profiles
+omni-build|540|issue 16: fd-build of the full-size OmniDreams single-view engine (704x1280, random weights, Triton, the pixel HD-map encoder in its CUDA forms, LightTAE) into its own folder, for omni-engine; the encoder graphs' NDHWC weights and ops of ours listed
+omni-engine|300|issue 16: fd-bench OmniDreams 704x1280 eager (CUDA graphs) against the engine built by omni-build, one invocation, 6 chunks, chunk-4 profiles
 cold-fp8|200|issue 22 target 6 in FP8: the cold-pyc processes (byte-compiled packages, 3 fresh processes with empty compiler caches) from the FP8 engine of build-fp8
 decode-probe|60|issue 22: where the traced TAEHV decode leaves NHWC: each layout-picked call site (bias/ReLU, MemBlock join, frame split, narrow last conv) eager and under the engine's export, full and tiny width on the device, and the ops of ours the exported decode graph holds (bench/decode_layout_probe.py)
 engine-gpu-tests|240|on CUDA: FP8 engines (tests/test_fp8_engine.py: the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit) and a TAEHV engine's decode graphs traced and loaded with channels-last conv weights, frames as the eager session's, and an OmniDreams engine's HD-map encoder graphs with their NDHWC 3-D conv weights, latents as the eager session's (tests/test_export_engine_gpu.py, its taehv and omnidreams tests)
@@ -261,6 +263,7 @@ fi
 DEST=${FD_SUITE_OUT:-${OUT:-$REPO/bench/results}}/$NAME
 ENGINE=$WORK/engine-work/engine # the full-size engine the engine or build part leaves for later parts
 ENGINE_FP8=$WORK/engine-work/engine-fp8 # the FP8 one of build-fp8
+ENGINE_OMNI=$WORK/engine-work/engine-omni # the OmniDreams one of omni-build
 T0=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - T0))); }
 
@@ -528,6 +531,47 @@ part_engine-fp8() {
   else
     fdb_to engine-fp8 "$1" $SF --precision fp8 --backend eager,engine --engine "$ENGINE_FP8" --blocks 7 --rollouts 1 \
       --profile-block 5 --quick-ceilings
+  fi
+}
+
+OMNI="--preset omnidreams-sv --random-weights --attention triton"
+
+part_omni-build() {
+  local ENGINE=$ENGINE_OMNI rc # (bundle_summary reads $ENGINE)
+  if [ -f "$ENGINE/manifest.json" ]; then
+    echo "an engine is there already: $ENGINE"
+    return 0
+  fi
+  if [ $SMOKE = 1 ]; then
+    py "$1" -m flashdreams.cli.build --preset omnidreams-sv-tiny --device cpu --decoder none --out "$ENGINE"
+  else
+    py "$1" -m flashdreams.cli.build $OMNI --out "$ENGINE"
+  fi
+  rc=$?
+  bundle_summary
+  [ $rc = 0 ] && py 60 -c "import json, sys, torch
+from flashdreams.export.backends.inductor import graph_ops
+import flashdreams.kernels.conv_nhwc  # noqa: F401  (the ops the encoder graphs call)
+m = json.load(open(sys.argv[1] + '/manifest.json'))
+for name in ('encode_hdmap_first', 'encode_hdmap'):
+    if name in m['graphs']:
+        ep = torch.export.load(sys.argv[1] + '/graphs/' + name + '.pt2')
+        print(name + ':', len(m['graphs'][name].get('channels_last', [])), 'weights channels-last; our ops',
+              dict(graph_ops(ep)))" "$ENGINE"
+  return $rc
+}
+
+part_omni-engine() {
+  if [ $DRY = 0 ] && [ ! -f "$ENGINE_OMNI/manifest.json" ]; then
+    echo "no OmniDreams engine at $ENGINE_OMNI: run the omni-build part first"
+    return 3
+  fi
+  if [ $SMOKE = 1 ]; then
+    fdb_to omni-engine "$1" --preset omnidreams-sv-tiny --backend eager,engine --engine "$ENGINE_OMNI" --decoder none \
+      --blocks 2 --rollouts 1 --profile-block 1 --quick-ceilings
+  else
+    fdb_to omni-engine "$1" $OMNI --backend eager,engine --engine "$ENGINE_OMNI" --blocks 6 --rollouts 1 \
+      --profile-block 4 --quick-ceilings
   fi
 }
 
