@@ -448,11 +448,12 @@ part_engine() {
   fi
 }
 
+built_already() { # built_already DIR: true (and says so) if an engine is built at DIR
+  [ -f "$1/manifest.json" ] && echo "an engine is there already: $1"
+}
+
 part_build() {
-  if [ -f "$ENGINE/manifest.json" ]; then
-    echo "an engine is there already: $ENGINE"
-    return 0
-  fi
+  built_already "$ENGINE" && return 0
   if [ $SMOKE = 1 ]; then
     py "$1" -m flashdreams.cli.build --device cpu --decoder none --out "$ENGINE" && bundle_summary
   else
@@ -483,10 +484,7 @@ part_cold() {
 
 part_build-fp8() {
   local ENGINE=$ENGINE_FP8 rc # (bundle_summary reads $ENGINE)
-  if [ -f "$ENGINE/manifest.json" ]; then
-    echo "an FP8 engine is there already: $ENGINE"
-    return 0
-  fi
+  built_already "$ENGINE" && return 0
   if [ $SMOKE = 1 ]; then
     py "$1" -m flashdreams.cli.build --device cpu --decoder none --attention triton --precision fp8 --out "$ENGINE"
   else
@@ -538,10 +536,7 @@ OMNI="--preset omnidreams-sv --random-weights --attention triton"
 
 part_omni-build() {
   local ENGINE=$ENGINE_OMNI rc # (bundle_summary reads $ENGINE)
-  if [ -f "$ENGINE/manifest.json" ]; then
-    echo "an engine is there already: $ENGINE"
-    return 0
-  fi
+  built_already "$ENGINE" && return 0
   if [ $SMOKE = 1 ]; then
     py "$1" -m flashdreams.cli.build --preset omnidreams-sv-tiny --device cpu --decoder none --out "$ENGINE"
   else
