@@ -3,9 +3,9 @@
 An FP8 block-5 profile (next110/next111) holds ~930 `Memset` nodes, about one per `_scaled_mm`: each costs a graph
 node's launch gap beside its own ~0.7 us. cuBLASLt zeroes workspace for its split-K / stream-K kernels; with less
 workspace (torch reads CUBLASLT_WORKSPACE_SIZE, KiB, once per process) it picks kernels that need none. This
-times the block's six FP8 GEMM shapes (row-wise scales, fast accumulation, bf16 out, as `kernels.fp8_linear`
-calls them) in one CUDA graph per shape, and counts the kernels and memsets one replay launches; `--sizes`
-runs each workspace size in a process of its own.
+times the block's six FP8 GEMM shapes (row-wise scales, fast accumulation, the bias fused, bf16 out, as
+`kernels.fp8_linear` calls them) in one CUDA graph per shape, and counts the kernels and memsets one replay
+launches; `--sizes` runs each workspace size in a process of its own.
 
     python bench/cublaslt_workspace_bench.py --sizes default,0,1024 [--out FILE.json]
 """
@@ -91,9 +91,12 @@ def measure() -> dict:
             sw = torch.rand(1, n, device=dev) + 0.5
             xb, wb = x.to(torch.bfloat16), w.to(torch.bfloat16)
             bias = torch.zeros(n, device=dev, dtype=torch.bfloat16)
+            # With the bias fused, as `kernels.fp8_linear` calls it where torch takes one (the model's kernels are the
+            # `_bias_` variants; next114 timed these without it and overstated the gain: LingBot's layer -10% here,
+            # its block's GEMMs -0.7%).
             forms = {
-                "fp8": lambda x=x, w=w, sx=sx, sw=sw: torch._scaled_mm(
-                    x, w.t(), scale_a=sx, scale_b=sw, out_dtype=torch.bfloat16, use_fast_accum=True
+                "fp8": lambda x=x, w=w, sx=sx, sw=sw, bias=bias: torch._scaled_mm(
+                    x, w.t(), scale_a=sx, scale_b=sw, bias=bias, out_dtype=torch.bfloat16, use_fast_accum=True
                 ),
                 "bf16": lambda xb=xb, wb=wb, bias=bias: torch.nn.functional.linear(xb, wb, bias),
             }
