@@ -2,8 +2,9 @@
 
 TAEHV picks its Triton passes (kernels/bias_act.py, memblock_join.py, upsample_frames.py, narrow_conv.py) by its
 activations' layout. Run eagerly on CUDA, cuDNN returns a channels-last output for channels-last inputs and
-weights, so those passes run. Traced for an engine (torch.export, torch 2.11 on an H100), the fake convolution
-reported contiguous NCHW outputs for the same inputs (bench/results/next111-h100: every call site saw NCHW), so
+weights, so those passes run. Traced for an engine (torch.export, torch 2.11 on an H100), the convolution
+reported contiguous NCHW outputs for the same inputs (bench/results/next111-h100: every call site saw NCHW; a plain
+FakeTensorMode convolution on the same device keeps NHWC, next114, so the export's own tracing loses it), so
 the engine's decode graphs held the torch sequences instead, and the engine decoded a Self-Forcing block in 8.3
 against the eager 6.4 ms. As a custom op, the convolution's output layout is what its fake implementation says,
 the same in eager runs, traces and compiled graphs; the real one is cuDNN's convolution, unchanged.
