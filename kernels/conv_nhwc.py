@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from flashdreams.errors import InvalidArgumentError
 
-from ._common import register_op, require_triton
+from ._common import register_op, require_triton, triton_available
 
 
 def _check_conv(
@@ -83,3 +83,26 @@ def conv3d_ndhwc(
         )
     require_triton(x.device)  # (the op is registered with our others)
     return torch.ops.flashdreams.conv3d_ndhwc(x, weight, bias, [int(v) for v in stride], [int(v) for v in padding])
+
+
+def conv_pinned_where_it_runs(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    stride: tuple[int, ...],
+    padding: tuple[int, ...] | str,
+    dilation: tuple[int, ...],
+    groups: int,
+) -> torch.Tensor:
+    """The 2-D or 3-D convolution (by the weight's dims) through `conv2d_nhwc` / `conv3d_ndhwc` where they apply
+    (Triton runs on x's device, groups 1, no dilation; the 2-D op: one stride and one padding for both dims), else
+    through F.conv2d / F.conv3d: the same numbers, the output channels-last by contract only in the first case.
+    Whether the layout should be pinned at all (the activations' or the weight's layout) is the caller's rule."""
+    conv = F.conv2d if weight.dim() == 4 else F.conv3d
+    plain = isinstance(padding, tuple) and groups == 1 and all(d == 1 for d in dilation)
+    if plain and triton_available(x.device):
+        if weight.dim() == 5:
+            return conv3d_ndhwc(x, weight, bias, stride, padding)
+        if len({*padding}) == 1 and len({*stride}) == 1:
+            return conv2d_nhwc(x, weight, bias, stride[0], padding[0])
+    return conv(x, weight, bias, stride, padding, dilation, groups)

@@ -188,11 +188,11 @@ def _conv2d(conv: nn.Conv2d, x: Tensor, with_bias: bool = True) -> Tensor:
     Triton runs, else by F.conv2d."""
     bias = conv.bias if with_bias else None
     if _channels_last(x) and conv.weight.is_contiguous(memory_format=torch.channels_last):
-        from flashdreams.kernels import conv_nhwc, triton_available
+        from flashdreams.kernels import conv_nhwc
 
-        square = isinstance(conv.padding, tuple) and len({*conv.padding}) == 1 and len({*conv.stride}) == 1
-        if triton_available(x.device) and square and conv.groups == 1 and conv.dilation == (1, 1):
-            return conv_nhwc.conv2d_nhwc(x, conv.weight, bias, conv.stride[0], conv.padding[0])
+        return conv_nhwc.conv_pinned_where_it_runs(
+            x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups
+        )
     return F.conv2d(x, conv.weight, bias, conv.stride, conv.padding, conv.dilation, conv.groups)
 
 

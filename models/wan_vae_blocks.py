@@ -202,13 +202,12 @@ class CausalConv3d(nn.Conv3d):
         return not w.is_contiguous() and w.is_contiguous(memory_format=torch.channels_last_3d)
 
     def _conv(self, x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
-        if self.ndhwc_weight() and self.groups == 1 and self.dilation == (1, 1, 1):
-            from flashdreams.kernels import triton_available
+        if self.ndhwc_weight():
+            from flashdreams.kernels import conv_nhwc
 
-            if triton_available(x.device):
-                from flashdreams.kernels.conv_nhwc import conv3d_ndhwc
-
-                return conv3d_ndhwc(x, weight, bias, self.stride, self.padding)
+            return conv_nhwc.conv_pinned_where_it_runs(
+                x, weight, bias, self.stride, self.padding, self.dilation, self.groups
+            )
         return F.conv3d(x, weight, bias, self.stride, self.padding, self.dilation, self.groups)
 
     def forward(self, x: Tensor, caches: Caches | None = None) -> Tensor:
@@ -287,19 +286,10 @@ class CausalConv3d(nn.Conv3d):
         weight = F.pad(weight, (0, 0, 0, 0, 0, FOLD_CHANNELS - weight.shape[1]))
         weight = weight.contiguous(memory_format=torch.channels_last)
         images = stacked.view(b * t, h, w, FOLD_CHANNELS).permute(0, 3, 1, 2)
-        return images_as_frames(self._conv2d_nhwc(images, weight), b)
+        from flashdreams.kernels import conv_nhwc  # (NHWC frames: their layout pinned where Triton runs, traced so too)
 
-    def _conv2d_nhwc(self, images: Tensor, weight: Tensor) -> Tensor:
-        """The fold's 2-D conv of NHWC frames: by `kernels.conv_nhwc` where Triton runs (NHWC by contract, traced
-        so too), else F.conv2d."""
-        from flashdreams.kernels import triton_available
-
-        ph, pw = self.padding[1:]
-        if ph == pw and triton_available(images.device):
-            from flashdreams.kernels.conv_nhwc import conv2d_nhwc
-
-            return conv2d_nhwc(images, weight, None, 1, ph)
-        return F.conv2d(images, weight, None, padding=self.padding[1:])
+        y = conv_nhwc.conv_pinned_where_it_runs(images, weight, None, (1, 1), self.padding[1:], (1, 1), 1)
+        return images_as_frames(y, b)
 
 
 def _ndhwc_cache_shape(x: Tensor, channels: int) -> tuple[int, ...] | None:
