@@ -32,8 +32,12 @@ SITES = ("_conv_relu", "_memblock_join", "_upsample_then_tgrow", "_narrow_last_c
 def _describe(t) -> str:
     if not isinstance(t, torch.Tensor):
         return repr(t)
-    nhwc = t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last)
-    return f"{type(t).__name__}{list(t.shape)} strides {list(t.stride())} {'NHWC' if nhwc else 'not-NHWC'}"
+    if t.dim() == 5:
+        ndhwc = t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+        layout = "NDHWC" if ndhwc else "not-NDHWC"
+    else:
+        layout = "NHWC" if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else "not-NHWC"
+    return f"{type(t).__name__}{list(t.shape)} strides {list(t.stride())} {layout}"
 
 
 def _spy(log: list[str], name: str, fn):
@@ -122,16 +126,11 @@ def fake_conv3d(device: str, dtype: torch.dtype) -> None:
     cl3 = torch.channels_last_3d
     x = torch.randn(1, 96, 3, 88, 160, device=device, dtype=dtype).contiguous(memory_format=cl3)
     w = torch.randn(96, 96, 3, 3, 3, device=device, dtype=dtype).contiguous(memory_format=cl3)
-
-    def describe(t: torch.Tensor) -> str:
-        ndhwc = t.is_contiguous(memory_format=cl3) and not t.is_contiguous()
-        return f"{type(t).__name__}{list(t.shape)} strides {list(t.stride())} {'NDHWC' if ndhwc else 'not-NDHWC'}"
-
-    print(f"real conv3d: {describe(torch.nn.functional.conv3d(x, w, None, 1, 1))}")
+    print(f"real conv3d: {_describe(torch.nn.functional.conv3d(x, w, None, 1, 1))}")
     mode = FakeTensorMode()
     fx, fw = mode.from_tensor(x), mode.from_tensor(w)
     with mode:
-        print(f"fake conv3d: {describe(torch.nn.functional.conv3d(fx, fw, None, 1, 1))}")
+        print(f"fake conv3d: {_describe(torch.nn.functional.conv3d(fx, fw, None, 1, 1))}")
 
 
 def main() -> None:

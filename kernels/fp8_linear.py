@@ -555,10 +555,10 @@ def fast_accum_default() -> bool:
 
 # cuBLASLt, which runs `_scaled_mm`, takes a workspace for its split-K / stream-K kernels and zeroes part of it with
 # a memset before each such GEMM (~930 memsets in a Self-Forcing FP8 block). Without workspace it runs the same tiles
-# in variants that need none: Self-Forcing's layer of FP8 GEMMs 284.4 against 310.9 us, its bf16 GEMMs 498.6
-# against 495.5 us, FP8 block 5 256.1 / 257.0 against 260.2 / 261.7 ms (H100, own processes; bench/results/
-# next112-h100, next113-h100). So an FP8 load asks for none, unless the process says otherwise: it set
-# CUBLASLT_WORKSPACE_SIZE itself, or FD_FP8_WORKSPACE_FREE=0 (torch's default, for comparisons).
+# in variants that need none: Self-Forcing's FP8 block 5 256.1 / 257.0 against 260.2 / 261.7 ms, LingBot-World
+# Fast's 1319.4 against 1325.5 (H100, own processes; bench/results/next113-h100, next114-h100). So an FP8 load asks
+# for none, unless the process says otherwise: it set CUBLASLT_WORKSPACE_SIZE itself, or FD_FP8_WORKSPACE_FREE=0
+# (torch's default, for comparisons).
 WORKSPACE_ENV = "CUBLASLT_WORKSPACE_SIZE"
 WORKSPACE_FREE_ENV = "FD_FP8_WORKSPACE_FREE"
 

@@ -39,7 +39,8 @@ def environment(device: torch.device) -> dict:
         # The FD_* switches a run was made under (FD_FP8_ATTN_SPLITS, FD_FP8_FAST_ACCUM, ...): they change
         # what the numbers mean.
         "fd_env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("FD_")},
-        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),  # (None: torch's default)
+        # as the process started (None: unset); an FP8 load may set it later, and each run records what its load left
+        "cublaslt_workspace_kib": os.environ.get("CUBLASLT_WORKSPACE_SIZE"),
     }
     try:
         import triton
