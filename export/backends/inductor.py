@@ -120,7 +120,7 @@ _CHANNELS_LAST = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 def channels_last_weight(t: torch.Tensor) -> bool:
     """A 4-D or 5-D weight held channels-last (not also contiguous): an NHWC decoder's 2-D conv weight, or an NDHWC
-    Wan VAE's 3-D one (the OmniDreams HD-map encoder on CUDA)."""
+    video VAE's 3-D one."""
     fmt = _CHANNELS_LAST.get(t.dim())
     return fmt is not None and not t.is_contiguous() and t.is_contiguous(memory_format=fmt)
 
