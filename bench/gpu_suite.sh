@@ -99,6 +99,7 @@ gelu-quantize|60|issues 16 and 22: the FP8 activation pass with a GELU fused, er
 cudnn-bm|260|issues 14, 16: cuDNN's convolution algorithm search off vs on in one fd-bench run each: Matrix-Game 352x640 with the Wan VAE, OmniDreams 704x1280 chunk (HD-map encoder + VAE decode) in bf16 and FP8
 vae-tests|60|issues 14, 16: on CUDA, the channels-last and narrow-form Wan VAEs against the NCDHW one (decode stream, encode), the norm kernel's padded form, the HD-map encoder's stream, the OmniDreams CUDA-graph stream, the GELU epilogue route
 worlds-tests|240|issue 19: on CUDA, the palette-snap kernel against its twin and in the arena step, pinned host frames, the batched worlds and the Gymnasium env, snapshots restored under captured CUDA graphs
+serve-spares|150|fd-serve: a new player's open and first blocks on a parked session renewed for it (its captured graphs kept) against a new session, Self-Forcing 1.3B bf16, alternated in one process, frames compared (bench/serve_spares_bench.py)
 session-tests|150|issue 22 target 6: on CUDA, tests/test_session_gpu.py alone: captured graphs against eager, frames before the commit, warm-up, recordings and snapshots under graphs (~45 s on an H100)
 attention-forms|120|issue 22 target 1: attention TFLOP/s at q 4680 / kv 4680..32760 of the Gluon FP8 forms through shared memory (gluon-psmem, -k2, -m128, the persistent and staggered schedules; gluon-psmem's key splits 1..3) beside cuDNN and the bf16 default, no sweeps (bench/attention_bench.py --only)
 attention-bf16-stagger|120|issue 22 target 1: the bf16 Triton ring attention at q 4680 / kv 4680..32760 with its key runs staggered by query tile (AttnConfig.stagger) and not, whole and in 2 key splits, beside cuDNN, no sweeps (bench/attention_bench.py --only)
@@ -983,6 +984,10 @@ part_worlds-tests() {
   local t="$REPO/tests"
   py "$1" -m pytest -q -p no:cacheprovider -rs --rootdir "$REPO" $t/kernels/test_palette_snap.py \
     $t/test_session_gpu.py $t/test_batched_worlds.py $t/test_gym_env.py $t/test_snapshot.py
+}
+
+part_serve-spares() {
+  micro "$1" serve_spares_bench.py serve-spares
 }
 
 part_session-tests() {

@@ -153,12 +153,19 @@ class Engine:
         `cuda_graphs` (default: on with CUDA) replays each block as captured graphs after
         one eager warm-up of its kind.
         """
+        return Session(self, self.session_inputs(inputs, prompt_embeds), seed, cuda_graphs=cuda_graphs)
+
+    def session_inputs(
+        self, inputs: dict[str, torch.Tensor] | None = None, prompt_embeds: torch.Tensor | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The inputs a new session starts with: `inputs`, `prompt_embeds`, and (an engine with seeded
+        random weights) stand-ins for the required ones not given."""
         given = dict(inputs or {})
         if prompt_embeds is not None:
             given["prompt_embeds"] = prompt_embeds
         if self.stand_in_inputs:
             given = {**{k: v for k, v in self.default_inputs().items() if k not in given}, **given}
-        return Session(self, given, seed, cuda_graphs=cuda_graphs)
+        return given
 
     def worlds(
         self,

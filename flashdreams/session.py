@@ -215,6 +215,11 @@ class Session:
                 + "; ".join(plan.inputs[n].describe() for n in missing)
             )
 
+    @property
+    def failed(self) -> str | None:
+        """Why the session refuses calls until reset() (a failure inside a replayed graph), or None."""
+        return self._failed
+
     # -- inputs ------------------------------------------------------------------
     def input_specs(self) -> list[InputSpec]:
         """The named inputs this session takes (shape, dtype, units, range, meaning)."""
@@ -323,6 +328,35 @@ class Session:
         self._failed = None
         if self.recording is not None:
             self.recording.reset(new_seed)
+
+    def renew(self, seed: int = 0, inputs: dict[str, torch.Tensor] | None = None) -> None:
+        """Become the session `engine.session(seed=seed, inputs=inputs)` would make, on these buffers:
+        every input this session was given is dropped (back to zeros, its derived state with it), the
+        new ones are set, and the rollout starts at block 0. The CUDA graphs it captured stay valid, so
+        its first blocks replay them at steady speed where a new session runs eagerly and captures
+        (fd-serve hands a closed player's session to the next one this way). Every input is checked
+        before anything changes; a recording or probe attached to it is dropped."""
+        given = self.engine.session_inputs(inputs)
+        seed = _check_seed(seed)
+        checked = {n: self.check_input(n, v) for n, v in given.items()}
+        missing = [n for n, s in self.plan.inputs.items() if s.required and n not in checked]
+        if missing:
+            raise InvalidArgumentError(
+                f"engine '{self.engine.source}': a session needs the inputs {missing}; "
+                + "; ".join(self.plan.inputs[n].describe() for n in missing)
+            )
+        self.recording, self.probe, self.timing = None, None, False
+        self._failed = None
+        for name in self.plan.inputs:
+            self.buffers[name].zero_()
+        self._given.clear()
+        try:
+            for name, x in checked.items():
+                self.set_input(name, x)
+        except BaseException as exc:
+            self._failed = f"renew() failed setting its inputs: {exc}"  # half its inputs set: refuse until reset
+            raise
+        self.reset(seed=seed)
 
     # -- snapshots -------------------------------------------------------------------
     def _snapshot_targets(self) -> dict[str, torch.Tensor]:

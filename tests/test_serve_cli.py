@@ -64,6 +64,7 @@ def test_help_and_default_world():
     [
         (["--port", "70000"], "--port must be in"),
         (["--max-sessions", "0"], "--max-sessions must be at least 1"),
+        (["--spare-sessions", "-1"], "--spare-sessions must be >= 0"),
         (["--idle-timeout", "0"], "--idle-timeout must be positive"),
         (["--save-limit-mb", "-1"], "--save-limit-mb must be >= 0"),
         (["--saves-budget-mb", "nan"], "--saves-budget-mb must be >= 0"),

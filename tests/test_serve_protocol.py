@@ -322,7 +322,7 @@ def test_admission_from_measured_memory_refuses_over_the_limit_and_frees_on_clos
         deadline = time.monotonic() + 20
         while len(srv.manager.stepper.sessions) > 1 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert len(srv.manager.stepper.sessions) == 1  # the closed session's world was freed
+        assert len(srv.manager.stepper.sessions) == 1  # the closed session's world is no longer live
         with Client(srv.url) as c:
             assert c.next_frame(timeout=30).index == 0
         frames_go_on(b)

@@ -100,6 +100,49 @@ def test_a_failing_warm_up_leaves_the_session_at_block_0(monkeypatch):
     assert torch.equal(s.step().latents, want[0])
 
 
+def _mg_inputs(eng, seed: int, keys: bool) -> dict:
+    """Matrix-Game tiny's start image, with keys held (or none: the optional inputs left at zero)."""
+    inputs = eng.default_inputs(seed)
+    if keys:
+        keyboard = torch.zeros(eng.plan.inputs["keyboard"].shape)
+        keyboard[..., 0] = 1.0
+        inputs |= {"keyboard": keyboard, "mouse": torch.full(eng.plan.inputs["mouse"].shape, 0.1)}
+    return inputs
+
+
+def test_a_renewed_session_rolls_out_as_a_new_one_in_its_own_buffers():
+    """renew() after another player's rollout (its keys, mouse, image and seed) gives a new session's
+    rollout bit for bit: the keys and mouse it does not give are back at zero, the image is the new one."""
+    eng = flashdreams.load(preset="matrix-game-2-tiny", device="cpu", dtype="float32", decoder=None)
+    fresh = eng.session(seed=2, inputs=_mg_inputs(eng, 1, keys=False))
+    want = [fresh.step().latents.clone() for _ in range(3)]
+    used = eng.session(seed=9, inputs=_mg_inputs(eng, 7, keys=True))
+    for _ in range(4):
+        used.step()
+    ptrs = {n: t.data_ptr() for n, t in used.buffers.items()}
+    used.renew(seed=2, inputs=_mg_inputs(eng, 1, keys=False))
+    assert used.block == 0
+    got = [used.step().latents.clone() for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert all(used.buffers[n].data_ptr() == p for n, p in ptrs.items())
+
+
+def test_renew_checks_every_input_before_it_changes_anything():
+    eng = flashdreams.load(preset="matrix-game-2-tiny", device="cpu", dtype="float32", decoder=None)
+    s = eng.session(seed=3, inputs=_mg_inputs(eng, 4, keys=True))
+    s.step()
+    before = {n: t.clone() for n, t in s.buffers.items()}
+    bad_mouse = _mg_inputs(eng, 5, keys=True) | {"mouse": torch.full(eng.plan.inputs["mouse"].shape, float("nan"))}
+    with pytest.raises(InvalidArgumentError, match="non-finite"):
+        s.renew(seed=1, inputs=bad_mouse)
+    with pytest.raises(InvalidArgumentError, match="unknown"):
+        s.renew(seed=1, inputs={"wheel": torch.zeros(1)})
+    with pytest.raises(InvalidArgumentError, match="seed"):
+        s.renew(seed=-1)
+    assert s.block == 1
+    assert all(torch.equal(s.buffers[n], t) for n, t in before.items())
+
+
 def test_prompt_switch_changes_the_following_blocks_only():
     eng = _engine()
     p0, p1 = eng.default_prompt(seed=0), eng.default_prompt(seed=1)

@@ -163,3 +163,21 @@ def test_a_restored_session_replays_its_captured_graphs_and_continues_bit_for_bi
         again = [(r.latents.clone(), r.frames.clone()) for r in (s.step() for _ in range(3))]
         for (a, fa), (b, fb) in zip(ahead, again, strict=True):
             assert torch.equal(a, b) and torch.equal(fa, fb)
+
+
+def test_a_renewed_session_replays_the_graphs_it_captured_and_rolls_out_as_a_new_one():
+    """renew() after another rollout (another seed and prompt) keeps the captured graphs: the new rollout's
+    blocks replay them (nothing is captured) and equal a fresh session's."""
+    engine = flashdreams.load(device="cuda", dtype="float32", decoder="taehv", attention="triton")
+    fresh = engine.session(seed=4)
+    want = [fresh.step().latents.clone() for _ in range(4)]
+    used = engine.session(seed=9, inputs={"prompt_embeds": engine.default_inputs(seed=3)["prompt_embeds"]})
+    for _ in range(4):
+        used.step()
+    captured, capture_s = set(used._captured), used.capture_s
+    assert captured == {engine.plan.kind_of(b) for b in range(4)}
+    used.renew(seed=4)
+    got = [used.step().latents.clone() for _ in range(4)]
+    assert used.capture_s == capture_s and set(used._captured) == captured
+    for a, b in zip(got, want, strict=True):
+        assert (a - b).norm() <= 1e-5 * b.norm()

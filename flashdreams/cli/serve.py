@@ -70,6 +70,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="memory for sessions (default: the GPU's free memory less a reserve; half the host's on a CPU)",
     )
     ses.add_argument(
+        "--spare-sessions",
+        type=int,
+        metavar="N",
+        help="closed sessions kept (with their memory and captured CUDA graphs) for the next players, so a "
+        "new player's first blocks replay at steady speed instead of running eagerly and capturing while "
+        "everyone else waits; the first one is warmed up at start (default: every closed one, within "
+        "--max-sessions and the memory budget; 0 frees each closed session's memory at once)",
+    )
+    ses.add_argument(
         "--min-fps",
         type=float,
         default=0.0,
@@ -154,6 +163,8 @@ def check_args(args: argparse.Namespace) -> None:
         raise InvalidArgumentError(f"--port must be in [0, 65535], got {args.port}")
     if args.max_sessions is not None and args.max_sessions < 1:
         raise InvalidArgumentError(f"--max-sessions must be at least 1, got {args.max_sessions}")
+    if args.spare_sessions is not None and args.spare_sessions < 0:
+        raise InvalidArgumentError(f"--spare-sessions must be >= 0 (0: none kept), got {args.spare_sessions}")
     if args.memory_budget is not None and not args.memory_budget > 0:
         raise InvalidArgumentError(f"--memory-budget must be a positive number of GiB, got {args.memory_budget}")
     if not args.min_fps >= 0:
@@ -229,7 +240,7 @@ def build_manager(args: argparse.Namespace, engine=None):
 
         stepper = WorldsStepper(engine, cap, defaults)
     else:
-        stepper = SessionStepper(engine, defaults)
+        stepper = SessionStepper(engine, defaults, spares=args.spare_sessions)
     if args.drive:
         from flashdreams.serve.drive import DriveStepper
 

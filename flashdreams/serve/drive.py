@@ -89,3 +89,6 @@ class DriveStepper(Stepper):
 
     def session_bytes(self) -> int:
         return self.inner.session_bytes()
+
+    def parked(self) -> int:
+        return self.inner.parked()

@@ -129,13 +129,16 @@ class SessionManager:
 
     def _capacity(self) -> int:
         budget = self.limits.memory_budget
-        if budget is None:
+        if budget is not None:  # the sessions' memory, parked ones included
+            n = max(0, budget // self.per_session_bytes)
+        else:
             if self.engine.device.type == "cuda":
                 free, total = torch.cuda.mem_get_info(self.engine.device)
                 budget = free - max(1 << 30, total // 10)  # keep a reserve for the allocator and the decoder
             else:
                 budget = memory_available_bytes() // 2
-        n = max(0, budget // self.per_session_bytes)
+            # Free memory is measured with the parked sessions already in place: they count on top.
+            n = max(0, budget // self.per_session_bytes) + self.stepper.parked()
         if self.limits.max_sessions is not None:
             n = min(n, self.limits.max_sessions)
         return int(n)
@@ -441,6 +444,7 @@ class SessionManager:
             "save_limit_bytes": self.limits.save_limit_bytes if self.stepper.can_save else 0,
             "sessions": len(self.sessions),
             "max_sessions": self.max_sessions,
+            "spare_sessions": self.stepper.parked(),
         }
 
 

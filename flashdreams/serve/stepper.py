@@ -76,6 +76,11 @@ class Stepper(ABC):
     def session_bytes(self) -> int:
         """Memory one more session takes on the engine's device (measured)."""
 
+    def parked(self) -> int:
+        """Sessions held ready for the next players (their memory is taken already, so the server's
+        capacity counts them on top of what its free memory holds)."""
+        return 0
+
     # Snapshots (flashdreams.snapshot), in host memory. A stepper whose worlds carry state outside their
     # buffers (the demo drive's ego pose) keeps these refusals and `can_save` False.
     can_save = False
@@ -104,28 +109,60 @@ def check_save_size(nbytes: int, limit_bytes: int) -> None:
 
 
 class SessionStepper(Stepper):
-    """One `Session` per id, stepped one after another (the batched stepper steps them together)."""
+    """One `Session` per id, stepped one after another (the batched stepper steps them together).
+
+    A closed session is parked, not freed (up to `spares` of them; None: no cap), and the next player
+    gets it renewed (`Session.renew`): its buffers and captured CUDA graphs are kept, so that player's
+    first blocks replay at steady speed instead of running eagerly and capturing on the worker thread,
+    which would hold up every other player's round. The session that measures the memory at start is
+    warmed up (every block kind captured) and parked as the first spare."""
 
     can_save = True
 
-    def __init__(self, engine, defaults: dict[str, torch.Tensor] | None = None) -> None:
+    def __init__(self, engine, defaults: dict[str, torch.Tensor] | None = None, spares: int | None = None) -> None:
+        if spares is not None and spares < 0:
+            raise InvalidArgumentError(f"spares must be >= 0 (0: free each closed session); got {spares}")
         self.engine = engine
         self.defaults = dict(defaults or {})  # inputs every new session starts with (e.g. fd-serve --prompt-embeds)
         self.sessions: dict = {}
+        self.max_spares = spares
+        self.spares: list = []  # closed sessions kept for the next players, newest last
+        self.renewed = 0  # players who got a parked session (fd-serve's /info)
         self._impulses: dict[str, set[str]] = {}
         self._units = {s.name: s.units for s in engine.input_specs()}
 
     def open(self, sid: str, seed: int, inputs: dict | None = None) -> None:
         if sid in self.sessions:
             raise InvalidArgumentError(f"session '{sid}' is already open")
-        self.sessions[sid] = self.engine.session(seed=seed, inputs={**self.defaults, **(inputs or {})})
+        given = {**self.defaults, **(inputs or {})}
+        if self.spares:
+            session = self.spares.pop()
+            try:
+                session.renew(seed, given)
+            except BaseException:
+                if session.failed is None:  # refused before anything changed: still a good spare
+                    self.spares.append(session)
+                raise
+            self.renewed += 1
+        else:
+            session = self.engine.session(seed=seed, inputs=given)
+        self.sessions[sid] = session
         self._impulses[sid] = set()
 
     def close(self, sid: str) -> None:
-        self.sessions.pop(sid, None)
+        session = self.sessions.pop(sid, None)
         self._impulses.pop(sid, None)
-        if self.engine.device.type == "cuda":
+        if session is not None and self._room_for_a_spare():
+            self.spares.append(session)
+        elif self.engine.device.type == "cuda":
+            del session
             torch.cuda.empty_cache()  # give the freed buffers back so the memory budget stays true
+
+    def _room_for_a_spare(self) -> bool:
+        return self.max_spares is None or len(self.spares) < self.max_spares
+
+    def parked(self) -> int:
+        return len(self.spares)
 
     def check_input(self, sid: str, name: str, value: torch.Tensor) -> torch.Tensor:
         """`value` validated by the input's spec (shape, dtype, finite, range) without setting it."""
@@ -171,22 +208,27 @@ class SessionStepper(Stepper):
         return out
 
     def session_bytes(self) -> int:
-        """One probe session: on CUDA the allocator's growth over its creation and first block (buffers,
-        captured graphs' pool, the step's peak temporaries); on a CPU the bytes of its buffers."""
+        """One probe session: on CUDA the allocator's growth over its creation and warm-up (buffers, every
+        block kind's captured graphs and their pool, the eager blocks' peak temporaries); on a CPU the
+        bytes of its buffers after a block. The probe is then parked as the first spare (unless spares
+        are off), so the first player starts on captured graphs too."""
         eng = self.engine
         if eng.device.type == "cuda":
             torch.cuda.synchronize(eng.device)
             torch.cuda.reset_peak_memory_stats(eng.device)
             before = torch.cuda.memory_allocated(eng.device)
             probe = eng.session(seed=0, inputs=self.defaults)
-            probe.step()
-            probe.step()  # the second block replays captured graphs: their pool is counted
+            probe.warm_up()  # each block kind run eagerly, then captured
             torch.cuda.synchronize(eng.device)
-            used = torch.cuda.max_memory_allocated(eng.device) - before
+            used = int(torch.cuda.max_memory_allocated(eng.device) - before)
+        else:
+            probe = eng.session(seed=0, inputs=self.defaults)
+            probe.step()
+            tensors = list(probe.buffers.values()) + list(probe._outputs.values())
+            used = int(sum(t.numel() * t.element_size() for t in tensors))
+        if self._room_for_a_spare():
+            self.spares.append(probe)
+        elif eng.device.type == "cuda":
             del probe
             torch.cuda.empty_cache()
-            return int(used)
-        probe = eng.session(seed=0, inputs=self.defaults)
-        probe.step()
-        tensors = list(probe.buffers.values()) + list(probe._outputs.values())
-        return int(sum(t.numel() * t.element_size() for t in tensors))
+        return used
