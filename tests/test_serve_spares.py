@@ -70,3 +70,32 @@ def test_a_refused_open_leaves_the_spare_parked_and_untouched():
     assert all(torch.equal(spare.buffers[n], t) for n, t in before.items())
     st.open("b", 3)
     assert all(np.array_equal(g, w) for g, w in zip(_frames(st, "b", 3), _fresh(engine, 3, 3), strict=True))
+
+
+@pytest.mark.parametrize("argv, cap", [([], None), (["--spare-sessions", "2"], 2), (["--spare-sessions", "0"], 0)])
+def test_fd_serve_spare_sessions_option(argv, cap):
+    from flashdreams.cli.serve import build_manager, build_parser
+
+    args = build_parser().parse_args(["--preset", "tiny", "--device", "cpu", *argv])
+    stepper = build_manager(args).stepper
+    assert isinstance(stepper, SessionStepper) and stepper.max_spares == cap
+
+
+@pytest.mark.parametrize("spares, want", [(None, 4), (0, 3)])
+def test_capacity_counts_a_parked_session_on_top_of_free_memory_but_not_of_a_given_budget(monkeypatch, spares, want):
+    """Free memory is measured with the parked probe already in place, so it counts on top; a --memory-budget
+    is the sessions' memory, parked ones included."""
+    pytest.importorskip("aiohttp", reason="fd-serve needs aiohttp")
+    import flashdreams
+    from flashdreams.serve import manager as mgr
+    from flashdreams.serve.protocol import FrameCodec
+
+    stepper = SessionStepper(flashdreams.load(preset="arena", device="cpu"), spares=spares)
+    per = stepper.session_bytes()
+    monkeypatch.setattr(mgr, "memory_available_bytes", lambda: 2 * 3 * per)  # half of it is the budget
+    m = mgr.SessionManager(stepper, mgr.Limits(), FrameCodec.choose("raw"))
+    m.per_session_bytes = per
+    assert m._capacity() == want
+    m = mgr.SessionManager(stepper, mgr.Limits(memory_budget=3 * per), FrameCodec.choose("raw"))
+    m.per_session_bytes = per
+    assert m._capacity() == 3
