@@ -52,6 +52,11 @@ def test_spares_stay_within_their_cap_and_zero_keeps_none():
     for sid in ("a", "b", "c"):
         one.close(sid)
     assert one.parked() == 1
+    one.open("d", 1)
+    one.sessions["d"]._failed = "an illegal memory access inside a replayed graph"  # as Session._run_block sets it
+    one.spares.clear()
+    one.close("d")
+    assert one.parked() == 0  # a session that failed in a replayed graph is freed, not handed on
     with pytest.raises(InvalidArgumentError, match="spares must be >= 0"):
         SessionStepper(engine, spares=-1)
 

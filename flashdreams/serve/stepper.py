@@ -127,7 +127,7 @@ class SessionStepper(Stepper):
         self.sessions: dict = {}
         self.max_spares = spares
         self.spares: list = []  # closed sessions kept for the next players, newest last
-        self.renewed = 0  # players who got a parked session (fd-serve's /info)
+        self.renewed = 0  # players who got a parked session
         self._impulses: dict[str, set[str]] = {}
         self._units = {s.name: s.units for s in engine.input_specs()}
 
@@ -152,7 +152,7 @@ class SessionStepper(Stepper):
     def close(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
         self._impulses.pop(sid, None)
-        if session is not None and self._room_for_a_spare():
+        if session is not None and session.failed is None and self._room_for_a_spare():
             self.spares.append(session)
         elif self.engine.device.type == "cuda":
             del session
