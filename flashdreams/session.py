@@ -208,11 +208,16 @@ class Session:
         self.recording = None  # a flashdreams.recording.Recording while one is made
         for name, value in (inputs or {}).items():
             self.set_input(name, value)
-        missing = [n for n, s in plan.inputs.items() if s.required and n not in self._given]
-        if missing and _buffers is None:
+        if _buffers is None:
+            self._check_required(self._given)
+
+    def _check_required(self, given) -> None:
+        """Refuse a session without every required input (`given`: the names it has)."""
+        missing = [n for n, s in self.plan.inputs.items() if s.required and n not in given]
+        if missing:
             raise InvalidArgumentError(
-                f"engine '{engine.source}': a session needs the inputs {missing}; "
-                + "; ".join(plan.inputs[n].describe() for n in missing)
+                f"engine '{self.engine.source}': a session needs the inputs {missing}; "
+                + "; ".join(self.plan.inputs[n].describe() for n in missing)
             )
 
     @property
@@ -339,12 +344,7 @@ class Session:
         given = self.engine.session_inputs(inputs)
         seed = _check_seed(seed)
         checked = {n: self.check_input(n, v) for n, v in given.items()}
-        missing = [n for n, s in self.plan.inputs.items() if s.required and n not in checked]
-        if missing:
-            raise InvalidArgumentError(
-                f"engine '{self.engine.source}': a session needs the inputs {missing}; "
-                + "; ".join(self.plan.inputs[n].describe() for n in missing)
-            )
+        self._check_required(checked)
         self.recording, self.probe, self.timing = None, None, False
         self._failed = None
         for name in self.plan.inputs:

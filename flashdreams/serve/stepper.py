@@ -152,14 +152,17 @@ class SessionStepper(Stepper):
     def close(self, sid: str) -> None:
         session = self.sessions.pop(sid, None)
         self._impulses.pop(sid, None)
-        if session is not None and session.failed is None and self._room_for_a_spare():
+        if session is not None:
+            self._park_or_free(session)
+
+    def _park_or_free(self, session) -> None:
+        """Keep `session` for the next player while there is room (and it did not fail in a replayed graph),
+        else free its memory."""
+        if session.failed is None and (self.max_spares is None or len(self.spares) < self.max_spares):
             self.spares.append(session)
         elif self.engine.device.type == "cuda":
             del session
             torch.cuda.empty_cache()  # give the freed buffers back so the memory budget stays true
-
-    def _room_for_a_spare(self) -> bool:
-        return self.max_spares is None or len(self.spares) < self.max_spares
 
     def parked(self) -> int:
         return len(self.spares)
@@ -226,9 +229,5 @@ class SessionStepper(Stepper):
             probe.step()
             tensors = list(probe.buffers.values()) + list(probe._outputs.values())
             used = int(sum(t.numel() * t.element_size() for t in tensors))
-        if self._room_for_a_spare():
-            self.spares.append(probe)
-        elif eng.device.type == "cuda":
-            del probe
-            torch.cuda.empty_cache()
+        self._park_or_free(probe)
         return used
