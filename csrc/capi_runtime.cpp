@@ -110,6 +110,10 @@ def create_session(engine, seed, prompt):
     return engine.session(prompt_embeds=prompt, seed=seed)
 
 
+def renew_session(session, seed, prompt):
+    session.renew(seed=seed, inputs=None if prompt is None else {"prompt_embeds": prompt})
+
+
 FD_DTYPE_CODES = {"float32": 1, "float16": 2, "bfloat16": 3, "uint8": 4, "int32": 5, "int64": 6}
 
 

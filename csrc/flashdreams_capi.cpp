@@ -186,6 +186,40 @@ FD_API fd_status fd_engine_destroy(fd_engine* engine) {
     });
 }
 
+namespace {
+
+// fd_session_create's and fd_session_renew's options: the fields the host's struct has (its struct_size
+// says which), checked before anything is made or changed: one prompt source at most, a well-formed view.
+fd_status read_session_options(const char* fn, const fd_session_options* opts, fd_session_options& o) {
+    o = FD_SESSION_OPTIONS_INIT;
+    if (opts != nullptr) {
+        fd_status st = check_struct_size(fn, "fd_session_options", "FD_SESSION_OPTIONS_INIT", opts->struct_size,
+                                         sizeof(fd_session_options));
+        if (st != FD_OK) return st;
+        if (FD_HAS_FIELD(opts, fd_session_options, seed)) o.seed = opts->seed;
+        if (FD_HAS_FIELD(opts, fd_session_options, prompt_embeds)) o.prompt_embeds = opts->prompt_embeds;
+        if (FD_HAS_FIELD(opts, fd_session_options, prompt_embeds_file)) {
+            o.prompt_embeds_file = opts->prompt_embeds_file;
+        }
+    }
+    if (o.prompt_embeds_file != nullptr && *o.prompt_embeds_file == '\0') o.prompt_embeds_file = nullptr;
+    if (o.prompt_embeds != nullptr && o.prompt_embeds_file != nullptr) {
+        return fail(FD_INVALID_ARGUMENT,
+                    std::string(fn) + ": both prompt_embeds and prompt_embeds_file are set; pass one");
+    }
+    if (o.prompt_embeds != nullptr) return check_view(fn, "prompt_embeds", o.prompt_embeds);
+    return FD_OK;
+}
+
+// The prompt the options give, as a tensor, or None (the engine's default); call holding the interpreter.
+py::object options_prompt(const fd_session_options& o) {
+    if (o.prompt_embeds != nullptr) return view_to_tensor(o.prompt_embeds);
+    if (o.prompt_embeds_file != nullptr) return glue("load_prompt_file")(o.prompt_embeds_file);
+    return py::none();
+}
+
+}  // namespace
+
 FD_API fd_status fd_session_create(fd_engine* engine, const fd_session_options* opts, fd_session** out) {
     static const char* fn = "fd_session_create";
     return guarded([&]() -> fd_status {
@@ -194,38 +228,33 @@ FD_API fd_status fd_session_create(fd_engine* engine, const fd_session_options* 
         std::shared_ptr<EngineImpl> eng;
         fd_status found = get_engine(fn, engine, eng);
         if (found != FD_OK) return found;
-        fd_session_options o = FD_SESSION_OPTIONS_INIT;
-        if (opts != nullptr) {
-            fd_status st = check_struct_size(fn, "fd_session_options", "FD_SESSION_OPTIONS_INIT", opts->struct_size,
-                                             sizeof(fd_session_options));
-            if (st != FD_OK) return st;
-            if (FD_HAS_FIELD(opts, fd_session_options, seed)) o.seed = opts->seed;
-            if (FD_HAS_FIELD(opts, fd_session_options, prompt_embeds)) o.prompt_embeds = opts->prompt_embeds;
-            if (FD_HAS_FIELD(opts, fd_session_options, prompt_embeds_file)) {
-                o.prompt_embeds_file = opts->prompt_embeds_file;
-            }
-        }
-        const bool has_file = o.prompt_embeds_file != nullptr && *o.prompt_embeds_file != '\0';
-        if (o.prompt_embeds != nullptr && has_file) {
-            return fail(FD_INVALID_ARGUMENT, "fd_session_create: both prompt_embeds and prompt_embeds_file are set; "
-                                             "pass one");
-        }
-        if (o.prompt_embeds != nullptr) {
-            fd_status st = check_view(fn, "prompt_embeds", o.prompt_embeds);
-            if (st != FD_OK) return st;
-        }
+        fd_session_options o;
+        fd_status st = read_session_options(fn, opts, o);
+        if (st != FD_OK) return st;
         auto impl = std::make_shared<SessionImpl>();
         impl->engine = eng;
-        fd_status st = with_python([&] {
-            py::object prompt = py::none();
-            if (o.prompt_embeds != nullptr) prompt = view_to_tensor(o.prompt_embeds);
-            if (has_file) prompt = glue("load_prompt_file")(o.prompt_embeds_file);
-            impl->session = glue("create_session")(eng->engine, py::int_(o.seed), prompt);
+        st = with_python([&] {
+            impl->session = glue("create_session")(eng->engine, py::int_(o.seed), options_prompt(o));
             impl->last = py::none();
             return FD_OK;
         });
         if (st == FD_OK) *out = register_session(std::move(impl));
         return st;
+    });
+}
+
+FD_API fd_status fd_session_renew(fd_session* session, const fd_session_options* opts) {
+    static const char* fn = "fd_session_renew";
+    return guarded([&]() -> fd_status {
+        fd_session_options o;
+        fd_status st = read_session_options(fn, opts, o);
+        if (st != FD_OK) return st;
+        return in_session(fn, session, [&](SessionImpl& s) {
+            // Python checks every input before it changes anything, so a refusal keeps the last block too.
+            glue("renew_session")(s.session, py::int_(o.seed), options_prompt(o));
+            s.last = py::none();
+            return FD_OK;
+        });
     });
 }
 
@@ -361,8 +390,8 @@ FD_API fd_status fd_session_reset(fd_session* session, uint64_t seed) {
 FD_API fd_status fd_session_warm_up(fd_session* session, double* seconds) {
     return guarded([&] {
         return in_session("fd_session_warm_up", session, [&](SessionImpl& s) {
+            double took = s.session.attr("warm_up")().cast<double>();  // refused past block 0: the block stays
             s.last = py::none();
-            double took = s.session.attr("warm_up")().cast<double>();
             if (seconds != nullptr) *seconds = took;
             return FD_OK;
         });

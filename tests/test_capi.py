@@ -153,6 +153,37 @@ def test_sim_host_rewinds_through_a_snapshot(built):
     assert "rewind: ticks 1..3 again from the in-memory snapshot before tick 1: identical" in p.stdout, p.stdout
 
 
+@pytest.mark.slow
+def test_sim_host_renews_its_session_for_the_next_user(built):
+    """sim_host --renew 1 --renew-seed 5: after tick 0 with its own prompt, fd_session_renew hands the session
+    to a next user; ticks 1..3 must be those of a session created with seed 5 (the model's default prompt until
+    the schedule sets one at tick 2), bit for bit: the first user's prompt and seed are gone."""
+    lat, out = built["dir"] / "renew-latents.npy", built["dir"] / "renew-frames.npy"
+    p = _run(
+        [built["sim_host"], "--ticks", 4, "--renew", 1, "--renew-seed", 5, "--latents", lat, "--out", out],
+        cwd=built["dir"],
+    )
+    assert "renew: before tick 1, seed 5" in p.stdout, p.stdout
+    engine = flashdreams.load()
+    first, nxt = engine.session(seed=0), engine.session(seed=5)
+    first.set_input("prompt_embeds", sim_host_prompt(0))
+    results = [first.step()]
+    for tick in range(1, 4):
+        if tick % INPUT_EVERY == 0:
+            nxt.set_input("prompt_embeds", sim_host_prompt(tick // INPUT_EVERY))
+        results.append(nxt.step())
+    want = np.stack([r.latents[0].cpu().numpy() for r in results])
+    got = np.load(lat)
+    assert np.array_equal(got, want), "the renewed session's latents differ from a new session's"
+    # The test can fail: had the first user's prompt stayed, tick 1 would differ from the new session's.
+    stale = engine.session(seed=5)
+    stale.set_input("prompt_embeds", sim_host_prompt(0))
+    assert not np.array_equal(stale.step().latents[0].cpu().numpy(), want[1])
+    if results[0].frames is not None:
+        frames = np.concatenate([r.frames_cpu()[0].numpy() for r in results])
+        assert np.array_equal(np.load(out), frames), "the renewed session's frames differ from a new session's"
+
+
 @pytest.mark.parametrize("preset", ["arena", "matrix-game-2-tiny"])
 def test_the_same_calls_drive_a_keyboard_world(built, preset):
     """sim_host --input keyboard: the calls that steer the prompt model steer a keyboard world (the arena,
@@ -298,6 +329,9 @@ ERROR_CASES = {
     "frame_info_before_step": BAD, "step_null": BAD, "step": OK, "frame_info": OK, "frame_info_null_out": BAD,
     "read_frames_null_dst": BAD, "read_frames_too_small": BAD, "read_frames_bad_memory": BAD, "read_frames": OK,
     "latent_info": OK, "read_latents_too_small": BAD, "read_latents": OK, "warm_up_past_block_0": BAD,
+    "renew_null": BAD, "renew_struct_size_zero": BAD, "renew_prompt_and_file": BAD, "renew_prompt_wrong_dim": BAD,
+    "renew_missing_prompt_file": MISSING, "renew_refused_keeps_last_block": OK, "renew": OK,
+    "latent_info_after_renew": BAD, "renew_null_options": OK, "step_after_renew": OK,
     "reset_null": BAD, "reset": OK, "latent_info_after_reset": BAD, "warm_up_null": BAD, "warm_up": OK,
     "warm_up_took_time": OK,
     "save_null": BAD, "save_null_path": BAD, "save_empty_path": BAD, "save": OK, "load_missing": MISSING,

@@ -104,10 +104,11 @@ FD_API const char* fd_status_name(fd_status status);
 
 /* The API this header describes. Same major: compatible; a newer minor only adds. */
 #define FD_API_VERSION_MAJOR 1
-#define FD_API_VERSION_MINOR 4 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
+#define FD_API_VERSION_MINOR 5 /* 1.1: fd_session_input_count, fd_session_input_info, fd_session_input_find;
                                   1.2: fd_session_warm_up; 1.3: fd_worlds_* (many worlds, one batch);
                                   1.4: snapshots: fd_session_save/_load, fd_worlds_save/_load (files);
-                                  fd_session_snapshot/_restore, fd_worlds_snapshot/_restore, fd_snapshot_* */
+                                  fd_session_snapshot/_restore, fd_worlds_snapshot/_restore, fd_snapshot_*;
+                                  1.5: fd_session_renew */
 #define FD_API_VERSION ((uint32_t)((FD_API_VERSION_MAJOR << 16) | FD_API_VERSION_MINOR))
 
 /* The API version of the loaded library, (major << 16) | minor. */
@@ -283,6 +284,16 @@ FD_API FD_MUST_USE fd_status fd_session_read_latents(fd_session* session, void* 
 
 /* Back to block 0 with a new seed: caches cleared, inputs kept, buffers reused. */
 FD_API FD_MUST_USE fd_status fd_session_reset(fd_session* session, uint64_t seed);
+
+/* Make the session the one fd_session_create(its engine, opts) would make, on the same buffers:
+ * every input set so far is dropped (back to zeros), the prompt of `opts` (or the model's default;
+ * opts may be NULL) and its seed are taken, and the rollout starts at block 0. On a GPU the CUDA
+ * graphs the session captured stay valid, so its first steps replay them at steady speed where a new
+ * session runs its first blocks eagerly: a host that hands its world to the next user (a new episode,
+ * a new player) renews instead of destroying and creating. Everything is checked first (the options
+ * as fd_session_create checks them, the prompt's shape, dtype and values); a refused renew changes
+ * nothing, the last block stays readable. Since 1.5. */
+FD_API FD_MUST_USE fd_status fd_session_renew(fd_session* session, const fd_session_options* opts);
 
 /* Run every kind of block once (on a GPU a second time, capturing it as CUDA graphs) and go
  * back to block 0 with the same seed and inputs, so the first fd_session_step calls already

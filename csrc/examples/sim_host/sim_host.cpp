@@ -1,7 +1,7 @@
 // sim_host: a small C++ "simulator" that drives a FlashDreams session through the C ABI.
 //
 //   sim_host [--ticks N] [--seed S] [--preset NAME] [--input NAME] [--out FRAMES.npy] [--latents LATENTS.npy]
-//            [--rewind K [--snapshot FILE | --in-memory]]
+//            [--rewind K [--snapshot FILE | --in-memory]] [--renew K [--renew-seed S]]
 //
 // It checks the API version, opens a built-in model (--preset; default the tiny causal Wan),
 // creates a session, prints the inputs the session takes (one line each: "input I: NAME
@@ -20,6 +20,9 @@
 // session before tick K (fd_session_save, to --snapshot FILE), and after the last tick loads
 // it back (fd_session_load) and runs ticks K.. again, checking that their frames and latents
 // are the ones of the first run; with --in-memory through fd_session_snapshot / fd_session_restore.
+// --renew K hands the world to a next user before tick K: fd_session_renew with seed S (default
+// seed + 1) and the model's default prompt, after which ticks K.. are those a session created with
+// seed S makes (the input schedule goes on by tick number).
 #include <flashdreams.h>
 
 #include <chrono>
@@ -117,7 +120,9 @@ bool write_npy(const std::string& path, const char* descr, const std::vector<int
 int main(int argc, char** argv) {
     int ticks = 6;
     uint64_t seed = 0;
-    int rewind = -1;
+    int rewind = -1, renew = -1;
+    uint64_t renew_seed = 0;
+    bool renew_seed_given = false;
     bool in_memory = false;
     std::string out = "sim_host_frames.npy", latents_out, preset, engine_dir, input = "prompt_embeds";
     std::string snapshot = "sim_host_snapshot.safetensors";
@@ -142,12 +147,18 @@ int main(int argc, char** argv) {
             rewind = std::atoi(argv[++i]);
         } else if (a == "--snapshot" && has_value) {
             snapshot = argv[++i];
+        } else if (a == "--renew" && has_value) {
+            renew = std::atoi(argv[++i]);
+        } else if (a == "--renew-seed" && has_value) {
+            renew_seed = std::strtoull(argv[++i], nullptr, 10);
+            renew_seed_given = true;
         } else if (a == "--in-memory") {
             in_memory = true;
         } else {
             std::fprintf(stderr,
                          "usage: sim_host [--ticks N] [--seed S] [--preset NAME | --engine DIR] [--input NAME] "
-                         "[--out FILE.npy] [--latents FILE.npy] [--rewind K [--snapshot FILE | --in-memory]]\n");
+                         "[--out FILE.npy] [--latents FILE.npy] [--rewind K [--snapshot FILE | --in-memory]] "
+                         "[--renew K [--renew-seed S]]\n");
             return 2;
         }
     }
@@ -247,6 +258,13 @@ int main(int argc, char** argv) {
                                               "fd_session_snapshot")
                                          : ok(fd_session_save(session.get(), snapshot.c_str()), "fd_session_save");
             if (!saved) return 1;
+        }
+        if (tick == renew) {
+            // The next user: this session's buffers and captured graphs, a fresh world.
+            fd_session_options next = FD_SESSION_OPTIONS_INIT;
+            next.seed = renew_seed_given ? renew_seed : seed + 1;
+            if (!ok(fd_session_renew(session.get(), &next), "fd_session_renew")) return 1;
+            std::printf("renew: before tick %d, seed %llu\n", tick, static_cast<unsigned long long>(next.seed));
         }
         auto t_tick = std::chrono::steady_clock::now();
         bool change = false;
