@@ -140,8 +140,9 @@ class SessionStepper(Stepper):
             try:
                 session.renew(seed, given)
             except BaseException:
-                if session.failed is None:  # refused before anything changed: still a good spare
-                    self.spares.append(session)
+                # Refused before anything changed: still a good spare. Failed part-way through its inputs:
+                # freed, its memory given back at once.
+                self._park_or_free(session)
                 raise
             self.renewed += 1
         else:
