@@ -164,6 +164,10 @@ def test_sim_host_renews_its_session_for_the_next_user(built):
         cwd=built["dir"],
     )
     assert "renew: before tick 1, seed 5" in p.stdout, p.stdout
+    both = subprocess.run(
+        [str(built["sim_host"]), "--renew", "1", "--rewind", "1"], cwd=built["dir"], capture_output=True, text=True
+    )
+    assert both.returncode == 2 and "--renew and --rewind" in both.stderr, both.stderr
     engine = flashdreams.load()
     first, nxt = engine.session(seed=0), engine.session(seed=5)
     first.set_input("prompt_embeds", sim_host_prompt(0))

@@ -163,6 +163,11 @@ int main(int argc, char** argv) {
         }
     }
 
+    if (renew >= 0 && rewind >= 0) {
+        // The rewind replays ticks with the session it has then; a renew inside them would not be replayed.
+        std::fprintf(stderr, "sim_host: --renew and --rewind do not combine; pass one\n");
+        return 2;
+    }
     if (!ok(fd_check_version(FD_API_VERSION), "fd_check_version")) return 1;
     const uint32_t v = fd_api_version();
     std::printf("libflashdreams API %u.%u\n", v >> 16, v & 0xffff);
