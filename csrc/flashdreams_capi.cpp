@@ -250,8 +250,14 @@ FD_API fd_status fd_session_renew(fd_session* session, const fd_session_options*
         fd_status st = read_session_options(fn, opts, o);
         if (st != FD_OK) return st;
         return in_session(fn, session, [&](SessionImpl& s) {
-            // Python checks every input before it changes anything, so a refusal keeps the last block too.
-            glue("renew_session")(s.session, py::int_(o.seed), options_prompt(o));
+            // Python checks every input before it changes anything, so a refusal keeps the last block too; a
+            // renew that failed part-way (the session refuses to step until reset) leaves no block to read.
+            try {
+                glue("renew_session")(s.session, py::int_(o.seed), options_prompt(o));
+            } catch (...) {
+                if (!s.session.attr("failed").is_none()) s.last = py::none();
+                throw;
+            }
             s.last = py::none();
             return FD_OK;
         });
