@@ -143,6 +143,25 @@ def test_warm_up_captures_every_kind_so_the_first_blocks_replay():
         assert (a - b).norm() <= 1e-5 * b.norm()
 
 
+def test_warm_up_returns_once_its_gpu_work_is_done():
+    """warm_up() waits for the device: the next block's time is its own, not the warm-up's tail (a
+    GPU sleep queued after every warm-up step must be over when it returns)."""
+    engine = flashdreams.load(device="cuda")
+    s = engine.session(seed=2)
+    plain_step = s.step
+
+    def step_then_sleep(*args, **kwargs):
+        out = plain_step(*args, **kwargs)
+        torch.cuda._sleep(SLEEP_CYCLES)  # enqueued behind the block: only a device sync waits for it
+        return out
+
+    s.step = step_then_sleep  # warm_up calls self.step
+    s.warm_up()
+    assert torch.cuda.current_stream(s.device).query(), "warm_up() returned with GPU work still queued"
+    del s.step
+    assert s.block == 0 and len(s._captured) > 0
+
+
 def test_a_restored_session_replays_its_captured_graphs_and_continues_bit_for_bit():
     """restore() copies into the buffers the captured graphs read, so after it the graphs replay the
     snapshot's world: the same frames as the uninterrupted run, bit for bit, with CUDA graphs."""
@@ -172,6 +191,7 @@ def test_a_renewed_session_replays_the_graphs_it_captured_and_rolls_out_as_a_new
     fresh = engine.session(seed=4)
     want = [fresh.step().latents.clone() for _ in range(4)]
     used = engine.session(seed=9, inputs={"prompt_embeds": engine.default_inputs(seed=3)["prompt_embeds"]})
+    used.warm_up()  # each block kind runs eager once, then is captured (a plain rollout leaves "first" eager)
     for _ in range(4):
         used.step()
     captured, capture_s = set(used._captured), used.capture_s
