@@ -51,6 +51,7 @@ cold-fp8|200|issue 22 target 6 in FP8: the cold-pyc processes (byte-compiled pac
 decode-probe|60|issue 22: where the traced TAEHV decode leaves NHWC: each layout-picked call site (bias/ReLU, MemBlock join, frame split, narrow last conv) eager and under the engine's export, full and tiny width on the device, and the ops of ours the exported decode graph holds (bench/decode_layout_probe.py)
 engine-gpu-tests|240|on CUDA: FP8 engines (tests/test_fp8_engine.py: the tiny model built in FP8 and bf16 on the GPU, one DiT call of the FP8 engine against the eager FP8 session's, the rollout inside FP8's bound, precision fixed at build time, a snapshot restored bit for bit) and a TAEHV engine's decode graphs traced and loaded with channels-last conv weights, frames as the eager session's, and an OmniDreams engine's HD-map encoder graphs with their NDHWC 3-D conv weights, latents as the eager session's (tests/test_export_engine_gpu.py, its taehv and omnidreams tests)
 cold-warm-up|150|issue 22: the cold start again with fd-bench --warm-up (block kinds run and captured before block 0): process start to first frame including it, and the first rollout's blocks at steady speed
+warm-up-eager|90|issue 22 target 6: Self-Forcing 1.3B eager (no build) in a fresh process with --warm-up: the first rollout's blocks after the warm-up against the steady ones (block 0 must not carry the warm-up's tail)
 cold-profile|120|issue 22 target 6: after byte-compiling (as cold-pyc), one cold process under cProfile: where the load's seconds go (top functions by cumulative and own time, who compiled Triton kernels) and which kernels the load compiled that the engine's bundle lacked (next33-h100 also ran three cold processes with TORCHINDUCTOR_COMPILE_THREADS=1 here: 12.08 s against 11.68 s)
 eager-vs-engine|300|fd-bench eager vs the built engine in one process, profile of block 5 (rounds 4, 5, 10)
 rolling|300|bounded cache (sink 1 + window 11) over 200 blocks, eager vs an engine built in-process, profile of block 11 (rounds 6, 8, 9, 10, 11)
@@ -61,6 +62,8 @@ worlds-arena-profile|60|issue 19: the arena at N = 1 and 64 with one profiled st
 worlds-arena-long|180|issue 19: the arena at N = 1 and 64, 1000 blocks each, in three fresh processes (the bar's ratio with a steady N = 1 baseline)
 worlds-arena-fp32|45|issue 19: the arena in float32 at N = 1 and 64 (comparison)
 worlds-mg|170|issue 19: Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton), lockstep N = 1..16
+worlds-mg-fp8|150|issue 19 bar 2 within one precision: Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton) in FP8, lockstep N = 1 and 8
+mg-fp8|240|issue 14: fd-bench Matrix-Game 2.0 universal 352x640 (random weights, TAEHV, Triton) in bf16 and FP8 in one invocation, 8 blocks, block-5 profiles, then FP8 vs bf16 quality over 7 blocks (latents rel. L2, decoded PSNR)
 mg-taehv|100|issue 14: fd-bench Matrix-Game 2.0 universal 352x640 single session, TAEHV, Triton, 8 blocks, block-5 profile
 mg-wanvae|110|issue 14: the same with the Wan VAE decoder (the preset's)
 mg-splits|330|issues 14, 22: Matrix-Game 2.0 universal 352x640 (TAEHV, Triton) blocks with the bf16 ring attention at its picked key splits, at FD_ATTN_SPLITS=2, then picked again (three fd-bench processes on one machine: the kernel alone ran 2 splits 13% faster, next59)
@@ -611,6 +614,16 @@ part_cold-warm-up() {
   cold_runs cold-warm-up "$1" --warm-up
 }
 
+part_warm-up-eager() {
+  # No engine needed: the eager backend's first rollout after --warm-up shows whether block 0 runs at its
+  # steady speed (next117: 308 ms against 162 while warm_up returned before its GPU work was done).
+  if [ $SMOKE = 1 ]; then
+    fdb_to warm-up-eager "$1" --preset tiny --attention triton --decoder none --blocks 3 --rollouts 1 --warm-up --quick-ceilings
+  else
+    fdb_to warm-up-eager "$1" $SF --blocks 4 --rollouts 2 --warm-up --quick-ceilings
+  fi
+}
+
 part_cold-pyc() {
   # The lent image ships its Python packages without bytecode (a normal pip install writes it), so a
   # fresh process there compiles torch's and sympy's source first (6.4 s of 20 on the H100). Byte-compile
@@ -827,6 +840,34 @@ part_worlds-mg() {
   else
     rows_to worlds-matrixgame "$1" $MG --decoder taehv --sessions 1,2,4,8,16 --blocks 6
   fi
+}
+
+part_worlds-mg-fp8() {
+  if [ $SMOKE = 1 ]; then
+    rows_to worlds-matrixgame-fp8 "$1" --preset matrix-game-2-tiny --decoder taehv --attention triton --sessions 1,2 --blocks 2 --precision fp8
+  else
+    rows_to worlds-matrixgame-fp8 "$1" $MG --decoder taehv --sessions 1,8 --blocks 6 --precision fp8
+  fi
+}
+
+part_mg-fp8() {
+  local t0 rc
+  t0=$(date +%s)
+  if [ $SMOKE = 1 ]; then
+    fdb_to mg-fp8 $(($1 / 2)) --preset matrix-game-2-tiny --decoder taehv --attention triton --precision bf16,fp8 \
+      --blocks 2 --rollouts 1 --quick-ceilings
+  else
+    fdb_to mg-fp8 $(($1 * 2 / 3)) $MG --decoder taehv --precision bf16,fp8 --blocks 8 --rollouts 2 --profile-block 5
+  fi
+  rc=$?
+  local rest=$(($1 - ($(date +%s) - t0)))
+  if [ $SMOKE = 1 ]; then
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset matrix-game-2-tiny --blocks 2 --out "$DEST/mg-fp8-quality.json" || rc=$?
+  else
+    py "$rest" "$REPO/bench/fp8_quality.py" --preset matrix-game-2-universal --height 352 --width 640 --blocks 7 \
+      --out "$DEST/mg-fp8-quality.json" || rc=$?
+  fi
+  return $rc
 }
 
 part_mg-taehv() {

@@ -86,6 +86,7 @@ class MatrixGameDiT(WanDiT):
         mouse_win: torch.Tensor | None,
         valid_len_host: int | None = None,
         trace: dict | None = None,
+        fp8_shadow: tuple | None = None,
     ) -> torch.Tensor:
         """One causal forward of a block against all caches (denoising call or cache write).
 
@@ -93,7 +94,8 @@ class MatrixGameDiT(WanDiT):
         0..Nc-1 (frames past Nc-1 reuse the last one); ring_k/v as WanDiT.forward_step;
         keyboard_k/v [n_action, B, L, A, hd] and mouse_k/v [n_action, B, S, L, A, hd] (one
         entry per action block, or lists), written in place at `slots`; keyboard_win
-        [B, T, W, K] and mouse_win [B, T, W, 2]: each latent frame's action window.
+        [B, T, W, K] and mouse_win [B, T, W, 2]: each latent frame's action window. `fp8_shadow`: the
+        ring's fp8 shadow with its key tile (FP8 attention; WanDiT.forward_step).
         Returns the flow [B, 16, T, h, w] float32.
         """
         nc = cond.shape[2]
@@ -141,4 +143,5 @@ class MatrixGameDiT(WanDiT):
             valid_len,
             valid_len_host,
             after_cross=act,
+            fp8_shadow=fp8_shadow,
         )

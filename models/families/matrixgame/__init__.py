@@ -38,6 +38,7 @@ from flashdreams.models.family import (
     ring_length_hints,
     weights_source,
 )
+from flashdreams.models.fp8_ring_shadow import shadow_block_n
 from flashdreams.models.matrixgame_dit import MatrixGameDiT
 from flashdreams.models.random_init import seeded_module
 from flashdreams.models.wan_vae import WanVAE, WanVAEConfig
@@ -76,8 +77,9 @@ class MatrixGameFamily(Family):
             model = seeded_module(model, opts.weights_seed, opts.device, opts.dtype, preset.builtin)
         model.fuse_projections_()
         model.set_attention(opts.attention)
-        if opts.precision != "bf16":
-            raise InvalidArgumentError("Matrix-Game runs in the model dtype only (precision 'bf16'); fp8 is not wired")
+        # FP8 as for the causal Wan DiT it extends: the blocks' per-token linears and the ring attention; the
+        # action modules, embeddings and head stay in the model's dtype.
+        model.set_precision(opts.precision, opts.fp8_keep)
         return model
 
     def _encoder_weights(self, preset: Preset, opts: LoadOptions):
@@ -148,10 +150,11 @@ class MatrixGameFamily(Family):
         )
         nf = preset.num_frame_per_block
         dec = decoder_graphs(decoder, opts.batch, *latent_hw, nf) if decoder is not None else None
-        plan = build_plan(preset, opts.batch, latent_hw, dtype_name(opts.dtype), dec, conditioning)
+        block_n = shadow_block_n(model, opts.device, opts.dtype)
+        plan = build_plan(preset, opts.batch, latent_hw, dtype_name(opts.dtype), dec, conditioning, block_n)
         act = preset.action
         graphs = {
-            "dit": DiTStep(model),
+            "dit": DiTStep(model, block_n),
             "actions": ActionWindowStep(nf, act.vae_time_compression_ratio, act.window, act.enable_mouse).to(
                 opts.device
             ),

@@ -35,6 +35,7 @@ from flashdreams.models.families.matrixgame.steps import (
     dit_sig,
 )
 from flashdreams.models.family import BlockPlan, InputSpec, RingRule, TensorDecl, call, lincomb, ring_tables
+from flashdreams.models.fp8_ring_shadow import add_shadow_args, shadow_state, with_fp8_shadow
 from flashdreams.models.scheduler import FlowSchedule
 from flashdreams.models.wan_flops import dit_forward_flops
 from flashdreams.models.wan_i2v import MASK_CHANNELS
@@ -79,8 +80,10 @@ def build_plan(
     dtype: str,
     decoder: DecoderGraphs | None,
     conditioning: str = "image",
+    fp8_block_n: int | None = None,
 ) -> BlockPlan:
-    """The plan for `batch` sessions of `preset` at latent size `latent_hw`.
+    """The plan for `batch` sessions of `preset` at latent size `latent_hw`. `fp8_block_n` (FP8 attention):
+    the session also keeps the ring's fp8 shadow in key tiles of that many rows (models/fp8_ring_shadow.py).
 
     `conditioning` "image": the start image is an input and `encode_image` makes the CLIP tokens
     and cond_concat; "tensors": `visual_context` and `cond_concat` are inputs themselves (parity,
@@ -136,6 +139,8 @@ def build_plan(
         state["mouse_hist"] = TensorDecl(
             "mouse_hist", (b, w, 2), "float32", "the last video frames' mouse deltas (action windows)", rollback=True
         )
+    if fp8_block_n is not None:
+        state.update(shadow_state(layers, b, window * fs, heads, hd, fp8_block_n))
     if decoder is not None:
         state.update(decoder.state)
     encode_context = call(
@@ -228,6 +233,9 @@ def build_plan(
             *commit,
         ]
     graphs = {"dit": dit_sig(mouse), "actions": actions_sig(mouse), "encode_context": ENCODE_CONTEXT_SIG}
+    if fp8_block_n is not None:
+        graphs["dit"] = with_fp8_shadow(graphs["dit"])
+        add_shadow_args(programs, ("dit",))
     if conditioning == "image":
         graphs["encode_image"] = ENCODE_IMAGE_SIG
     if decoder is not None:

@@ -46,12 +46,16 @@ ENCODE_IMAGE_SIG = GraphSig("encode_image", ("image",), ("visual_context", "cond
 class DiTStep(nn.Module):
     """The `dit` graph: MatrixGameDiT.step with the plan's argument order (see `dit_sig`)."""
 
-    def __init__(self, model: MatrixGameDiT) -> None:
+    def __init__(self, model: MatrixGameDiT, fp8_block_n: int | None = None) -> None:
         super().__init__()
         self.model = model
         self.mouse = model.action_cfg.enable_mouse
+        self.fp8_block_n = fp8_block_n  # key tile of the ring's fp8 shadow; None: no shadow (its args absent)
 
     def forward(self, x, t, cond_concat, cross_k, cross_v, ring_k, ring_v, keyboard_k, keyboard_v, *rest, **hints):
+        shadow = None
+        if self.fp8_block_n is not None:  # the shadow's four tensors come last (fp8_ring_shadow.with_fp8_shadow)
+            rest, shadow = rest[:-4], (*rest[-4:], self.fp8_block_n)
         if self.mouse:
             mouse_k, mouse_v, frame_positions, slots, valid_len, keyboard_win, mouse_win = rest
         else:
@@ -74,6 +78,7 @@ class DiTStep(nn.Module):
             keyboard_win,
             mouse_win,
             valid_len_host=hints.get("valid_len_host"),
+            fp8_shadow=shadow,
         )
 
 
