@@ -131,10 +131,11 @@ def test_the_cli_leaves_an_engines_precision_to_the_engine(engines):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("preset", ["lingbot-world-fast-tiny", "omnidreams-sv-tiny"])
+@pytest.mark.parametrize("preset", ["lingbot-world-fast-tiny", "omnidreams-sv-tiny", "matrix-game-2-tiny"])
 def test_the_other_families_with_a_ring_shadow_build_fp8_engines(tmp_path, preset):
-    """LingBot-World and OmniDreams keep the ring's fp8 shadow too: each builds an FP8 engine whose state declares
-    it in e4m3 and whose first DiT call equals the eager FP8 session's up to the compiler's reorderings."""
+    """LingBot-World, OmniDreams and Matrix-Game keep the ring's fp8 shadow too: each builds an FP8 engine whose
+    state declares it in e4m3 and whose first DiT call equals the eager FP8 session's up to the compiler's
+    reorderings."""
     from flashdreams.export.build import build_engine
 
     if torch.cuda.is_available():  # (engines there build in bf16, whose roundings blur the comparison)
