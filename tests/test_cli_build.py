@@ -27,10 +27,10 @@ def engine(tmp_path_factory) -> Path:
     stale = root / f".tiny.building-{proc.pid}-0123abcd"  # what a build killed with SIGKILL leaves
     (stale / "graphs").mkdir(parents=True)
     out = root / "tiny"
-    log = io.StringIO()  # stderr as in a CI log: not a terminal
-    with contextlib.redirect_stderr(log):
+    log, summary = io.StringIO(), io.StringIO()  # stderr as in a CI log: not a terminal
+    with contextlib.redirect_stderr(log), contextlib.redirect_stdout(summary):
         assert fd_build(["--out", str(out), "--device", "cpu", "--decoder", "none"]) == 0
-    BUILD_LOG["stderr"] = log.getvalue()
+    BUILD_LOG["stderr"], BUILD_LOG["stdout"] = log.getvalue(), summary.getvalue()
     assert not stale.exists()
     assert sorted(p.name for p in root.iterdir()) == ["tiny"]
     return out
@@ -161,3 +161,16 @@ def test_a_real_build_logs_one_plain_line_per_phase(engine):
     assert steps[0].group(3) == "load model" and steps[0].group(2) == "?"
     assert {m.group(2) for m in steps[1:]} == {str(len(steps))}
     assert re.fullmatch(r"fd-build: done in \d+\.\d s", lines[-1])
+
+
+def test_the_summary_names_each_graphs_worst_output_against_eager(engine):
+    """A graph with several outputs (the DiT: its flow and the ring it writes) prints its check's worst
+    rel. L2 and the output that gave it."""
+    graphs = json.loads((engine / "manifest.json").read_text())["graphs"]
+    several = {n: g["build_check"]["rel_l2"] for n, g in graphs.items() if len(g["build_check"].get("rel_l2", {})) > 1}
+    assert several, "the tiny model's DiT graph checks its flow and its state"
+    lines = BUILD_LOG["stdout"].splitlines()
+    for name, errs in several.items():
+        worst = max(errs, key=errs.get)
+        line = next(ln for ln in lines if ln.split()[:1] == [name])
+        assert line.endswith(f"{errs[worst]:.2e} ({worst})"), line

@@ -168,6 +168,9 @@ def _summary(m: dict, out: str) -> None:
         mib = sum(f["bytes"] for f in g["files"]) / 2**20
         chk = g["build_check"]
         err = f"{chk['max_rel_l2']:.2e}" if "max_rel_l2" in chk else chk.get("skipped", "-")
+        per_output = chk.get("rel_l2") or {}
+        if len(per_output) > 1:  # which output it is (a flow, or the state a graph writes) says where to look
+            err += f" ({max(per_output, key=per_output.get)})"
         secs = m["build"]["phases"].get(f"compile {name}", 0.0)
         print(f"  {name:<14}{mib:>9.1f}  {secs:>8.1f}  {err}")
     for name, a in m["artifacts"].items():
