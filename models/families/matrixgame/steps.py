@@ -8,6 +8,7 @@ from torch import nn
 
 from flashdreams.models.action_module import block_window_index
 from flashdreams.models.family import GraphSig
+from flashdreams.models.fp8_ring_shadow import FP8_SHADOW
 from flashdreams.models.matrixgame_dit import MatrixGameDiT
 from flashdreams.models.wan_i2v import EncodeImageStep  # noqa: F401  (the family's encode_image graph)
 
@@ -54,8 +55,9 @@ class DiTStep(nn.Module):
 
     def forward(self, x, t, cond_concat, cross_k, cross_v, ring_k, ring_v, keyboard_k, keyboard_v, *rest, **hints):
         shadow = None
-        if self.fp8_block_n is not None:  # the shadow's four tensors come last (fp8_ring_shadow.with_fp8_shadow)
-            rest, shadow = rest[:-4], (*rest[-4:], self.fp8_block_n)
+        if self.fp8_block_n is not None:  # the shadow's tensors come last (fp8_ring_shadow.with_fp8_shadow)
+            n = len(FP8_SHADOW)
+            rest, shadow = rest[:-n], (*rest[-n:], self.fp8_block_n)
         if self.mouse:
             mouse_k, mouse_v, frame_positions, slots, valid_len, keyboard_win, mouse_win = rest
         else:
